@@ -1,0 +1,47 @@
+// meldkit._C: the compiled core's Python module. Only m.def lines live here.
+#include <pybind11/pybind11.h>
+
+#include "meldkit/status.h"
+#include "meldkit/weighted_sum.h"
+#include "ops.h"
+
+namespace py = pybind11;
+namespace mb = meldkit::bind;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "meldkit's compiled kernels. Use meldkit.ops; these bindings take DLPack tensors.";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const meldkit::Error& e) {
+      switch (e.kind()) {
+        case meldkit::ErrorKind::kValue:
+          PyErr_SetString(PyExc_ValueError, e.what());
+          break;
+        case meldkit::ErrorKind::kType:
+          PyErr_SetString(PyExc_TypeError, e.what());
+          break;
+        case meldkit::ErrorKind::kRuntime:
+          PyErr_SetString(PyExc_RuntimeError, e.what());
+          break;
+      }
+    }
+  });
+
+  m.def("has_cuda", &mb::has_cuda, "Whether the CUDA kernels were compiled.");
+  m.def("build_info", &mb::build_info, "Compiler, OpenMP, CUDA runtime and archs of this build.");
+  m.def("cuda_device_count", &mb::cuda_device_count,
+        "(count, reason): usable CUDA devices, and why there are none when count is 0.");
+
+  m.def("weighted_sum", &mb::weighted_sum,
+        "out[:] = sum_i weights[i] * tensors[i]; all contiguous, same shape and device.",
+        py::arg("tensors"), py::arg("weights"), py::arg("out"), py::arg("workspace") = py::none(),
+        py::arg("stream") = 0);
+  m.def("weighted_sum_native_dtypes", &mb::weighted_sum_native_dtypes,
+        "{device: [dtype names]} the native kernels accept.");
+  m.def("weighted_sum_workspace_numel", &mb::weighted_sum_workspace_numel,
+        "float32 workspace elements a call needs on `device` ('cpu' or 'cuda').",
+        py::arg("num_inputs"), py::arg("numel"), py::arg("device"));
+  m.attr("WEIGHTED_SUM_MAX_INPUTS_PER_LAUNCH") = meldkit::kWeightedSumMaxInputsPerLaunch;
+}

@@ -1,0 +1,254 @@
+// DLPack import and the shared argument checks.
+#include "tensor.h"
+
+#include <cmath>
+#include <sstream>
+
+#include "dlpack_abi.h"
+#include "meldkit/status.h"
+
+namespace meldkit::bind {
+
+namespace {
+
+std::string type_name(py::handle obj) { return py::str(py::type::of(obj).attr("__qualname__")); }
+
+std::string dl_dtype_name(const dlpack::DataType& t) {
+  std::string base;
+  switch (t.code) {
+    case dlpack::kDLInt:
+      base = "int";
+      break;
+    case dlpack::kDLUInt:
+      base = "uint";
+      break;
+    case dlpack::kDLFloat:
+      base = "float";
+      break;
+    case dlpack::kDLBfloat:
+      base = "bfloat";
+      break;
+    case dlpack::kDLComplex:
+      base = "complex";
+      break;
+    case dlpack::kDLBool:
+      return "bool";
+    default:
+      base = "code" + std::to_string(t.code) + "_";
+  }
+  std::string name = base + std::to_string(t.bits);
+  if (t.lanes != 1) name += "x" + std::to_string(t.lanes);
+  return name;
+}
+
+bool to_dtype(const dlpack::DataType& t, DType* out) {
+  if (t.lanes != 1) return false;
+  if (t.code == dlpack::kDLFloat && t.bits == 32) *out = DType::kFloat32;
+  else if (t.code == dlpack::kDLFloat && t.bits == 16) *out = DType::kFloat16;
+  else if (t.code == dlpack::kDLBfloat && t.bits == 16) *out = DType::kBFloat16;
+  else if (t.code == dlpack::kDLFloat && t.bits == 64) *out = DType::kFloat64;
+  else return false;
+  return true;
+}
+
+// Calls obj.__dlpack__, asking for a versioned capsule first and falling back to the legacy one
+// for producers that predate DLPack 1.0 (they reject the max_version keyword).
+py::object export_capsule(py::handle obj, const ArgName& name, py::object stream) {
+  py::object fn = obj.attr("__dlpack__");
+  try {
+    return fn(py::arg("stream") = stream, py::arg("max_version") = py::make_tuple(1, 0));
+  } catch (py::error_already_set& e) {
+    if (!e.matches(PyExc_TypeError)) {
+      throw_type_error(name.prefix() + ": cannot be exported through DLPack: " + e.what());
+    }
+  }
+  try {
+    return fn(py::arg("stream") = stream);
+  } catch (py::error_already_set& e) {
+    throw_type_error(name.prefix() + ": cannot be exported through DLPack: " + e.what());
+  }
+}
+
+}  // namespace
+
+int64_t TensorArg::numel() const {
+  int64_t n = 1;
+  for (int64_t s : shape) n *= s;
+  return n;
+}
+
+bool TensorArg::is_contiguous() const {
+  int64_t expected = 1;
+  for (size_t d = shape.size(); d-- > 0;) {
+    if (shape[d] != 1 && strides[d] != expected) return false;
+    expected *= shape[d];
+  }
+  return true;
+}
+
+std::string TensorArg::device_str() const {
+  return device == DeviceKind::kCPU ? "cpu" : "cuda:" + std::to_string(device_id);
+}
+
+std::string TensorArg::shape_str() const {
+  std::ostringstream os;
+  os << "[";
+  for (size_t d = 0; d < shape.size(); ++d) os << (d ? ", " : "") << shape[d];
+  os << "]";
+  return os.str();
+}
+
+TensorArg import_tensor(py::handle obj, ArgName name, int64_t stream) {
+  if (obj.is_none() || !py::hasattr(obj, "__dlpack__") || !py::hasattr(obj, "__dlpack_device__")) {
+    throw_type_error(name.prefix() + ": expected a tensor (an object with __dlpack__), got " +
+                     type_name(obj));
+  }
+  int32_t dev_type = 0;
+  try {
+    py::tuple dev = obj.attr("__dlpack_device__")();
+    dev_type = dev[0].cast<int32_t>();
+  } catch (py::error_already_set& e) {
+    throw_type_error(name.prefix() + ": __dlpack_device__ failed: " + e.what());
+  }
+  // DLPack reserves stream 0 for "no stream"; the legacy default stream is 1.
+  py::object stream_arg = py::none();
+  if (dev_type == dlpack::kDLCUDA || dev_type == dlpack::kDLCUDAManaged) {
+    stream_arg = py::int_(stream == 0 ? 1 : stream);
+  }
+
+  TensorArg t{name};
+  t.capsule = export_capsule(obj, name, stream_arg);
+  PyObject* cap = t.capsule.ptr();
+  const dlpack::Tensor* dl = nullptr;
+  if (PyCapsule_IsValid(cap, dlpack::kVersionedCapsule)) {
+    auto* m = static_cast<dlpack::ManagedTensorVersioned*>(
+        PyCapsule_GetPointer(cap, dlpack::kVersionedCapsule));
+    if (m->version.major != dlpack::kMajorVersion) {
+      // Unknown layout: only the deleter may be touched, which the capsule's destructor does.
+      throw_type_error(name.prefix() + ": DLPack major version " +
+                       std::to_string(m->version.major) + " is not supported (expected 1)");
+    }
+    dl = &m->dl_tensor;
+    t.read_only = (m->flags & dlpack::kFlagReadOnly) != 0;
+  } else if (PyCapsule_IsValid(cap, dlpack::kLegacyCapsule)) {
+    dl = &static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(cap, dlpack::kLegacyCapsule))
+              ->dl_tensor;
+  } else {
+    throw_type_error(name.prefix() + ": __dlpack__ did not return a DLPack capsule");
+  }
+
+  if (!to_dtype(dl->dtype, &t.dtype)) {
+    throw_type_error(name.prefix() + ": dtype " + dl_dtype_name(dl->dtype) +
+                     " is not supported (expected float32, bfloat16, float16 or float64)");
+  }
+  switch (dl->device.device_type) {
+    case dlpack::kDLCPU:
+    case dlpack::kDLCUDAHost:
+      t.device = DeviceKind::kCPU;
+      break;
+    case dlpack::kDLCUDA:
+    case dlpack::kDLCUDAManaged:
+      t.device = DeviceKind::kCUDA;
+      t.device_id = dl->device.device_id;
+      break;
+    default:
+      throw_type_error(name.prefix() + ": DLPack device type " +
+                       std::to_string(dl->device.device_type) +
+                       " is not supported (expected a CPU or CUDA tensor)");
+  }
+  t.shape.assign(dl->shape, dl->shape + dl->ndim);
+  if (dl->strides != nullptr) {
+    t.strides.assign(dl->strides, dl->strides + dl->ndim);
+  } else {
+    t.strides.resize(dl->ndim);
+    int64_t s = 1;
+    for (int d = dl->ndim; d-- > 0;) {
+      t.strides[d] = s;
+      s *= dl->shape[d];
+    }
+  }
+  t.data = static_cast<char*>(dl->data) + dl->byte_offset;
+  return t;
+}
+
+void check_contiguous(const TensorArg& t) {
+  if (!t.is_contiguous()) {
+    std::ostringstream os;
+    os << t.name.prefix() << ": must be contiguous (shape " << t.shape_str() << ", strides [";
+    for (size_t d = 0; d < t.strides.size(); ++d) os << (d ? ", " : "") << t.strides[d];
+    os << "]); call .contiguous() first";
+    throw_value_error(os.str());
+  }
+}
+
+void check_writable(const TensorArg& t) {
+  if (t.read_only) throw_value_error(t.name.prefix() + ": is read-only");
+}
+
+void check_same_shape(const TensorArg& t, const TensorArg& ref) {
+  if (t.shape != ref.shape) {
+    throw_value_error(t.name.prefix() + ": shape " + t.shape_str() + " does not match '" +
+                      ref.name.arg + "' " + ref.shape_str());
+  }
+}
+
+void check_same_device(const TensorArg& t, const TensorArg& ref) {
+  if (t.device != ref.device || t.device_id != ref.device_id) {
+    throw_type_error(t.name.prefix() + ": is on " + t.device_str() + " but '" + ref.name.arg +
+                     "' is on " + ref.device_str());
+  }
+}
+
+void check_dtype_in(const TensorArg& t, const DType* begin, const DType* end,
+                    const std::string& device) {
+  std::string supported;
+  for (const DType* d = begin; d != end; ++d) {
+    if (*d == t.dtype) return;
+    supported += (supported.empty() ? "" : ", ") + std::string(dtype_name(*d));
+  }
+  throw_type_error(t.name.prefix() + ": dtype " + dtype_name(t.dtype) + " has no " + device +
+                   " kernel (supported: " + supported + ")");
+}
+
+void check_no_partial_overlap(const TensorArg& out, const std::vector<TensorArg>& inputs) {
+  const auto* o = static_cast<const char*>(out.data);
+  const int64_t on = out.nbytes();
+  for (const TensorArg& in : inputs) {
+    const auto* i = static_cast<const char*>(in.data);
+    const int64_t in_n = in.nbytes();
+    if (on == 0 || in_n == 0 || in.device != out.device) continue;
+    const bool overlap = o < i + in_n && i < o + on;
+    const bool identical = o == i && on == in_n && out.dtype == in.dtype;
+    if (overlap && !identical) {
+      throw_value_error(out.name.prefix() + ": overlaps '" + in.name.arg +
+                        "' partially; it may be exactly one of the inputs or separate memory");
+    }
+  }
+}
+
+std::vector<float> import_weights(py::handle obj, ArgName name, size_t expected) {
+  if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj)) {
+    throw_type_error(name.prefix() + ": expected a sequence of floats, got " + type_name(obj));
+  }
+  auto seq = py::reinterpret_borrow<py::sequence>(obj);
+  if (seq.size() != expected) {
+    throw_value_error(name.prefix() + ": has " + std::to_string(seq.size()) +
+                      " entries but there are " + std::to_string(expected) + " tensors");
+  }
+  std::vector<float> w(expected);
+  for (size_t i = 0; i < expected; ++i) {
+    py::handle item = seq[i];
+    if (!py::isinstance<py::float_>(item) && !py::isinstance<py::int_>(item)) {
+      throw_type_error(name.prefix() + "[" + std::to_string(i) + "]: expected a float, got " +
+                       type_name(item));
+    }
+    w[i] = static_cast<float>(item.cast<double>());
+    if (!std::isfinite(w[i])) {
+      throw_value_error(name.prefix() + "[" + std::to_string(i) +
+                        "]: must be finite in float32, got " + py::str(item).cast<std::string>());
+    }
+  }
+  return w;
+}
+
+}  // namespace meldkit::bind

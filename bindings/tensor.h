@@ -1,0 +1,60 @@
+// Tensors arriving through DLPack, and the argument checks every binding shares. Each failure
+// raises meldkit::Error naming the op and the argument; module.cpp maps it to a Python exception.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "meldkit/dtype.h"
+
+namespace meldkit::bind {
+
+namespace py = pybind11;
+
+enum class DeviceKind { kCPU, kCUDA };
+
+// Names an argument in error messages: "weighted_sum: argument 'tensors[2]'".
+struct ArgName {
+  const char* op;
+  std::string arg;
+  std::string prefix() const { return std::string(op) + ": argument '" + arg + "'"; }
+};
+
+// A borrowed view of a producer's tensor; valid while this object (and its capsule) lives.
+struct TensorArg {
+  ArgName name;
+  py::object capsule;  // the DLPack capsule: keeps the producer's memory alive
+  void* data = nullptr;
+  DType dtype = DType::kFloat32;
+  DeviceKind device = DeviceKind::kCPU;
+  int device_id = 0;
+  std::vector<int64_t> shape;
+  std::vector<int64_t> strides;
+  bool read_only = false;
+
+  int64_t numel() const;
+  bool is_contiguous() const;
+  std::string device_str() const;
+  std::string shape_str() const;
+  int64_t nbytes() const { return numel() * dtype_size(dtype); }
+};
+
+// The stream argument every CUDA binding takes: the cudaStream_t (as an integer) the caller
+// enqueues work on, 0 for the legacy default stream.
+TensorArg import_tensor(py::handle obj, ArgName name, int64_t stream);
+
+void check_contiguous(const TensorArg& t);
+void check_writable(const TensorArg& t);
+void check_same_shape(const TensorArg& t, const TensorArg& ref);
+void check_same_device(const TensorArg& t, const TensorArg& ref);
+void check_dtype_in(const TensorArg& t, const DType* begin, const DType* end,
+                    const std::string& device);
+// `out` may be exactly one of the inputs (same memory), never a partial overlap.
+void check_no_partial_overlap(const TensorArg& out, const std::vector<TensorArg>& inputs);
+
+std::vector<float> import_weights(py::handle obj, ArgName name, size_t expected);
+
+}  // namespace meldkit::bind

@@ -1,0 +1,203 @@
+// Storage dtypes, their conversions to and from float, and the switch that turns a runtime dtype
+// into a template parameter.
+//
+// bf16 and fp16 are plain 16-bit storage structs here rather than CUDA's __nv_bfloat16/__half so
+// the CPU code needs no CUDA headers. The conversions are __host__ __device__ and round to nearest
+// even, exactly as torch's casts do, so CPU and CUDA kernels store bit-identical values.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+#include "meldkit/macros.h"
+#include "meldkit/status.h"
+
+namespace meldkit {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+inline const char* dtype_name(DType d) {
+  switch (d) {
+    case DType::kFloat32:
+      return "float32";
+    case DType::kFloat16:
+      return "float16";
+    case DType::kBFloat16:
+      return "bfloat16";
+    case DType::kFloat64:
+      return "float64";
+  }
+  return "unknown";
+}
+
+inline int dtype_size(DType d) {
+  switch (d) {
+    case DType::kFloat32:
+      return 4;
+    case DType::kFloat16:
+    case DType::kBFloat16:
+      return 2;
+    case DType::kFloat64:
+      return 8;
+  }
+  return 0;
+}
+
+struct bf16_t {
+  uint16_t bits;
+};
+struct f16_t {
+  uint16_t bits;
+};
+
+MELDKIT_INLINE uint32_t float_as_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+#endif
+}
+
+MELDKIT_INLINE float bits_as_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
+// bf16 is the top half of a float.
+MELDKIT_INLINE float bf16_to_float(bf16_t h) { return bits_as_float(uint32_t(h.bits) << 16); }
+
+MELDKIT_INLINE bf16_t float_to_bf16(float f) {
+  uint32_t u = float_as_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{uint16_t((u >> 16) | 0x40u)};  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
+  return bf16_t{uint16_t(u >> 16)};
+}
+
+// Shifting the half's exponent+mantissa into a float's and multiplying by 2^112 rebases the
+// exponent (bias 15 -> 127); it is exact for normals and subnormals alike and vectorises.
+MELDKIT_INLINE float f16_to_float(f16_t h) {
+  const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16;
+  const uint32_t em = h.bits & 0x7fffu;
+  uint32_t u = float_as_bits(bits_as_float(em << 13) * 5.192296858534828e33f /* 2^112 */);
+  if (em >= 0x7c00u) u = 0x7f800000u | (em << 13);  // inf / NaN keep their payload
+  return bits_as_float(u | sign);
+}
+
+MELDKIT_INLINE f16_t float_to_f16(float f) {
+  uint32_t u = float_as_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  u &= 0x7fffffffu;
+  uint16_t out;
+  if (u >= 0x47800000u) {  // |f| >= 65536: overflow to inf, or NaN
+    out = u > 0x7f800000u ? uint16_t(0x7e00u) : uint16_t(0x7c00u);
+  } else if (u < 0x38800000u) {
+    // Result is subnormal or zero: adding 0.5 (as float) aligns the mantissa so the FPU's own
+    // round-to-nearest-even produces the half's subnormal bits in the low mantissa.
+    const float aligned = bits_as_float(u) + 0.5f;
+    out = uint16_t(float_as_bits(aligned) - 0x3f000000u);
+  } else {
+    const uint32_t odd = (u >> 13) & 1u;
+    u += 0xc8000fffu + odd;  // rebias exponent (127 -> 15) and round to nearest even
+    out = uint16_t(u >> 13);
+  }
+  return f16_t{uint16_t(out | sign)};
+}
+
+// widen(x): a storage value in its accumulation type (float, or double for float64 storage).
+// Store<T>::from(acc): an accumulator rounded back to storage type T.
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccType<T>::type;
+
+MELDKIT_INLINE float widen(float x) { return x; }
+MELDKIT_INLINE double widen(double x) { return x; }
+MELDKIT_INLINE float widen(bf16_t x) { return bf16_to_float(x); }
+MELDKIT_INLINE float widen(f16_t x) { return f16_to_float(x); }
+
+template <typename T>
+struct Store;
+template <>
+struct Store<float> {
+  template <typename A>
+  MELDKIT_HD static float from(A x) {
+    return static_cast<float>(x);
+  }
+};
+template <>
+struct Store<double> {
+  template <typename A>
+  MELDKIT_HD static double from(A x) {
+    return static_cast<double>(x);
+  }
+};
+template <>
+struct Store<bf16_t> {
+  template <typename A>
+  MELDKIT_HD static bf16_t from(A x) {
+    return float_to_bf16(static_cast<float>(x));
+  }
+};
+template <>
+struct Store<f16_t> {
+  template <typename A>
+  MELDKIT_HD static f16_t from(A x) {
+    return float_to_f16(static_cast<float>(x));
+  }
+};
+
+// The dtype sets the two dispatch switches below cover; bindings advertise and check them.
+constexpr DType kFloatDtypes[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16};
+constexpr DType kFloatAndDoubleDtypes[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16,
+                                           DType::kFloat64};
+
+// Runtime dtype -> compile-time type. `OP` names the op in the error when a dtype has no kernel.
+// Usage: MELDKIT_DISPATCH_FLOAT(dtype, "weighted_sum", "tensors", T, { run<T>(); });
+#define MELDKIT_DTYPE_CASE(ENUM, CTYPE, TNAME, ...) \
+  case ::meldkit::DType::ENUM: {                    \
+    using TNAME = CTYPE;                            \
+    __VA_ARGS__;                                    \
+    break;                                          \
+  }
+
+#define MELDKIT_DTYPE_UNSUPPORTED(DTYPE, OP, ARG)                                           \
+  ::meldkit::throw_type_error(std::string(OP) + ": argument '" + ARG +                      \
+                              "': no kernel for dtype " + ::meldkit::dtype_name(DTYPE) + \
+                              " on this device")
+
+// float32, bfloat16, float16: what every op supports on every device.
+#define MELDKIT_DISPATCH_FLOAT(DTYPE, OP, ARG, TNAME, ...)             \
+  switch (DTYPE) {                                                     \
+    MELDKIT_DTYPE_CASE(kFloat32, float, TNAME, __VA_ARGS__)            \
+    MELDKIT_DTYPE_CASE(kBFloat16, ::meldkit::bf16_t, TNAME, __VA_ARGS__) \
+    MELDKIT_DTYPE_CASE(kFloat16, ::meldkit::f16_t, TNAME, __VA_ARGS__) \
+    default:                                                           \
+      MELDKIT_DTYPE_UNSUPPORTED(DTYPE, OP, ARG);                       \
+  }
+
+// The same plus float64, for CPU kernels (gradcheck runs in float64).
+#define MELDKIT_DISPATCH_FLOAT_AND_DOUBLE(DTYPE, OP, ARG, TNAME, ...)  \
+  switch (DTYPE) {                                                     \
+    MELDKIT_DTYPE_CASE(kFloat32, float, TNAME, __VA_ARGS__)            \
+    MELDKIT_DTYPE_CASE(kBFloat16, ::meldkit::bf16_t, TNAME, __VA_ARGS__) \
+    MELDKIT_DTYPE_CASE(kFloat16, ::meldkit::f16_t, TNAME, __VA_ARGS__) \
+    MELDKIT_DTYPE_CASE(kFloat64, double, TNAME, __VA_ARGS__)           \
+    default:                                                           \
+      MELDKIT_DTYPE_UNSUPPORTED(DTYPE, OP, ARG);                       \
+  }
+
+}  // namespace meldkit

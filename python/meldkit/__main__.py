@@ -1,0 +1,3 @@
+from meldkit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Which implementation runs an op: the compiled kernel of meldkit._C, or the pure-PyTorch reference.
+
+Every op asks :func:`unavailable` before calling ``_C``. It returns every reason the native kernel
+cannot run for the given device and dtypes (an empty list when it can). When there are reasons, the
+op runs its reference instead and :func:`warn_fallback` says why, once per (op, device, dtypes).
+``MELDKIT_BACKEND`` overrides the choice:
+
+==============  ========================================================================
+``auto``        native kernel where one exists, else the reference with a warning (default)
+``reference``   always the reference (debugging, benchmarks); no warning
+``native``      always the native kernel; raise instead of falling back (for CI and GPU checks)
+==============  ========================================================================
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+try:
+    from meldkit import _C
+
+    IMPORT_ERROR: str | None = None
+except ImportError as exc:  # not built, or built for another Python
+    _C = None
+    IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+BACKENDS = ("auto", "reference", "native")
+
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float64: "float64",
+}
+
+_warned: set[tuple] = set()
+
+
+class MeldkitFallbackWarning(UserWarning):
+    """An op ran its pure-PyTorch reference because its native kernel could not run."""
+
+
+def backend() -> str:
+    """The value of ``MELDKIT_BACKEND`` (``auto`` when unset), validated."""
+    value = os.environ.get("MELDKIT_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"MELDKIT_BACKEND={value!r} is not one of {', '.join(BACKENDS)}")
+    return value
+
+
+def native_dtypes(op: str) -> dict[str, list[str]]:
+    """``{device_type: [dtype names]}`` that the compiled kernels of ``op`` accept."""
+    if _C is None:
+        return {}
+    return dict(getattr(_C, f"{op}_native_dtypes")())
+
+
+def cuda_usable() -> tuple[bool, str]:
+    """Whether the compiled CUDA kernels can run here, and why not."""
+    if _C is None:
+        return False, f"meldkit._C could not be imported ({IMPORT_ERROR})"
+    if not _C.has_cuda():
+        return False, "meldkit was built without CUDA (no nvcc at build time, or MELDKIT_CUDA=0)"
+    count, reason = _C.cuda_device_count()
+    return (count > 0), reason
+
+
+def unavailable(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> list[str]:
+    """Every reason the native kernel of ``op`` cannot run on ``device`` for ``dtypes``.
+
+    Raises
+    ------
+    RuntimeError
+        When ``MELDKIT_BACKEND=native`` and there is a reason.
+    """
+    mode = backend()
+    if mode == "reference":
+        return ["MELDKIT_BACKEND=reference"]
+    reasons = []
+    if _C is None:
+        reasons.append(f"meldkit._C could not be imported ({IMPORT_ERROR})")
+    else:
+        supported = native_dtypes(op).get(device.type)
+        if supported is None:
+            if device.type == "cuda" and not _C.has_cuda():
+                reasons.append("meldkit was built without CUDA (no nvcc, or MELDKIT_CUDA=0)")
+            else:
+                reasons.append(f"no native kernel for device type {device.type!r}")
+        else:
+            for dt in dict.fromkeys(dtypes):
+                name = _DTYPE_NAMES.get(dt, str(dt).removeprefix("torch."))
+                if name not in supported:
+                    reasons.append(
+                        f"dtype {name} has no native {device.type} kernel "
+                        f"(native: {', '.join(supported)})"
+                    )
+    if reasons and mode == "native":
+        raise RuntimeError(f"meldkit.{op}: MELDKIT_BACKEND=native but " + "; ".join(reasons))
+    return reasons
+
+
+def warn_fallback(op: str, device: torch.device, dtypes: tuple, reasons: list[str]) -> None:
+    """Warn, once per (op, device type, dtypes, reasons), that ``op`` runs its reference."""
+    if reasons == ["MELDKIT_BACKEND=reference"]:
+        return  # asked for explicitly
+    names = tuple(_DTYPE_NAMES.get(dt, str(dt)) for dt in dtypes)
+    key = (op, device.type, names, tuple(reasons))
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(
+        f"meldkit.{op}: running the pure-PyTorch reference on {device.type} for dtype "
+        f"{'/'.join(dict.fromkeys(names))}: " + "; ".join(reasons),
+        MeldkitFallbackWarning,
+        stacklevel=4,
+    )
+
+
+def stream_of(device: torch.device) -> int:
+    """The raw ``cudaStream_t`` torch's current stream on ``device`` uses (0 on the CPU)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.current_stream(device).cuda_stream

@@ -1,0 +1,100 @@
+"""Argument checks shared by the public ops: clear exceptions that name the op and the argument,
+raised before any dispatch so the reference and the native kernels fail the same way."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def tensor_list(op: str, name: str, tensors: object) -> list[torch.Tensor]:
+    """``tensors`` as a non-empty list of floating tensors of one shape, dtype and device."""
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
+        raise TypeError(
+            f"meldkit.{op}: argument '{name}': expected a list of tensors, "
+            f"got {type(tensors).__name__}"
+        )
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError(f"meldkit.{op}: argument '{name}': is empty")
+    first = tensors[0]
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"meldkit.{op}: argument '{name}[{i}]': expected a tensor, got {type(t).__name__}"
+            )
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"meldkit.{op}: argument '{name}[{i}]': dtype {t.dtype} is not supported "
+                "(float32, bfloat16, float16 or float64)"
+            )
+        if t.device != first.device:
+            raise TypeError(
+                f"meldkit.{op}: argument '{name}[{i}]': is on {t.device} but "
+                f"'{name}[0]' is on {first.device}"
+            )
+        if t.shape != first.shape:
+            raise ValueError(
+                f"meldkit.{op}: argument '{name}[{i}]': shape {list(t.shape)} does not match "
+                f"'{name}[0]' {list(first.shape)}"
+            )
+        if t.dtype != first.dtype:
+            raise TypeError(
+                f"meldkit.{op}: argument '{name}[{i}]': dtype {t.dtype} differs from "
+                f"'{name}[0]' {first.dtype}"
+            )
+    return tensors
+
+
+def float_list(op: str, name: str, values: object, expected: int) -> list[float]:
+    """``values`` (a sequence of numbers or a 1-D tensor) as ``expected`` finite floats."""
+    if isinstance(values, torch.Tensor):
+        if values.dim() != 1:
+            raise ValueError(
+                f"meldkit.{op}: argument '{name}': expected a 1-D tensor, got shape "
+                f"{list(values.shape)}"
+            )
+        values = values.detach().cpu().tolist()
+    if not isinstance(values, Sequence) or isinstance(values, str):
+        raise TypeError(
+            f"meldkit.{op}: argument '{name}': expected a sequence of floats, "
+            f"got {type(values).__name__}"
+        )
+    if len(values) != expected:
+        raise ValueError(
+            f"meldkit.{op}: argument '{name}': has {len(values)} entries for {expected} tensors"
+        )
+    out = []
+    for i, v in enumerate(values):
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"meldkit.{op}: argument '{name}[{i}]': expected a float, got {type(v).__name__}"
+            ) from None
+        if not math.isfinite(f) or abs(f) > torch.finfo(torch.float32).max:
+            raise ValueError(f"meldkit.{op}: argument '{name}[{i}]': must be finite, got {f}")
+        out.append(f)
+    return out
+
+
+def out_tensor(op: str, out: object, like: torch.Tensor) -> torch.Tensor:
+    """``out`` checked against the tensor whose shape and device it must have."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"meldkit.{op}: argument 'out': expected a tensor, got {type(out).__name__}")
+    if out.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"meldkit.{op}: argument 'out': dtype {out.dtype} is not supported")
+    if out.device != like.device:
+        raise TypeError(
+            f"meldkit.{op}: argument 'out': is on {out.device} but the inputs are on {like.device}"
+        )
+    if out.shape != like.shape:
+        raise ValueError(
+            f"meldkit.{op}: argument 'out': shape {list(out.shape)} does not match the inputs' "
+            f"{list(like.shape)}"
+        )
+    return out
