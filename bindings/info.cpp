@@ -25,8 +25,8 @@ py::dict build_info() {
   d["cuda"] = has_cuda();
 #ifdef MELDKIT_WITH_CUDA
   d["cuda_archs"] = std::string(MELDKIT_CUDA_ARCHS);
-  d["cuda_runtime"] = std::to_string(CUDART_VERSION / 1000) + "." +
-                      std::to_string(CUDART_VERSION % 1000 / 10);
+  d["cuda_runtime"] =
+      std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
 #else
   d["cuda_archs"] = std::string();
   d["cuda_runtime"] = std::string();

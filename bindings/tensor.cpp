@@ -43,11 +43,16 @@ std::string dl_dtype_name(const dlpack::DataType& t) {
 
 bool to_dtype(const dlpack::DataType& t, DType* out) {
   if (t.lanes != 1) return false;
-  if (t.code == dlpack::kDLFloat && t.bits == 32) *out = DType::kFloat32;
-  else if (t.code == dlpack::kDLFloat && t.bits == 16) *out = DType::kFloat16;
-  else if (t.code == dlpack::kDLBfloat && t.bits == 16) *out = DType::kBFloat16;
-  else if (t.code == dlpack::kDLFloat && t.bits == 64) *out = DType::kFloat64;
-  else return false;
+  if (t.code == dlpack::kDLFloat && t.bits == 32)
+    *out = DType::kFloat32;
+  else if (t.code == dlpack::kDLFloat && t.bits == 16)
+    *out = DType::kFloat16;
+  else if (t.code == dlpack::kDLBfloat && t.bits == 16)
+    *out = DType::kBFloat16;
+  else if (t.code == dlpack::kDLFloat && t.bits == 64)
+    *out = DType::kFloat64;
+  else
+    return false;
   return true;
 }
 
@@ -78,6 +83,7 @@ int64_t TensorArg::numel() const {
 }
 
 bool TensorArg::is_contiguous() const {
+  if (numel() == 0) return true;  // nothing to address, as torch treats it
   int64_t expected = 1;
   for (size_t d = shape.size(); d-- > 0;) {
     if (shape[d] != 1 && strides[d] != expected) return false;

@@ -1,8 +1,9 @@
 // Binding of weighted_sum: validate, pick the device and stream, release the GIL, launch.
+#include "meldkit/weighted_sum.h"
+
 #include <string>
 #include <vector>
 
-#include "meldkit/weighted_sum.h"
 #include "ops.h"
 #include "tensor.h"
 
@@ -77,7 +78,8 @@ void weighted_sum(py::handle tensors, py::handle weights, py::handle out, py::ha
   check_same_shape(o, ins[0]);
   check_contiguous(o);
   check_writable(o);
-  check_dtype_in(o, cuda ? kCudaBegin : kCpuBegin, cuda ? kCudaEnd : kCpuEnd, cuda ? "CUDA" : "CPU");
+  check_dtype_in(o, cuda ? kCudaBegin : kCpuBegin, cuda ? kCudaEnd : kCpuEnd,
+                 cuda ? "CUDA" : "CPU");
   check_no_partial_overlap(o, ins);
 
   WeightedSumParams p;

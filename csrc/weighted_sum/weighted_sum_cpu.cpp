@@ -9,7 +9,7 @@
 namespace meldkit {
 namespace {
 
-constexpr int64_t kTile = 2048;             // elements per tile: 8 KB of fp32 accumulators
+constexpr int64_t kTile = 2048;                 // elements per tile: 8 KB of fp32 accumulators
 constexpr int64_t kParallelMinNumel = 1 << 15;  // below this, threading costs more than it saves
 
 template <typename TIn, typename TOut>

@@ -84,11 +84,11 @@ void launch(const WeightedSumChunk& chunk, int64_t numel, const float* carry, TD
   const int64_t work = std::max<int64_t>(numel / VEC, 1);
   const int blocks = int(std::min<int64_t>((work + kThreads - 1) / kThreads, kMaxBlocks));
   if (carry != nullptr) {
-    WeightedSumKernel<TIn, TDst, VEC, true><<<blocks, kThreads, 0, stream>>>(chunk, numel, carry,
-                                                                             dst);
+    WeightedSumKernel<TIn, TDst, VEC, true>
+        <<<blocks, kThreads, 0, stream>>>(chunk, numel, carry, dst);
   } else {
-    WeightedSumKernel<TIn, TDst, VEC, false><<<blocks, kThreads, 0, stream>>>(chunk, numel,
-                                                                              nullptr, dst);
+    WeightedSumKernel<TIn, TDst, VEC, false>
+        <<<blocks, kThreads, 0, stream>>>(chunk, numel, nullptr, dst);
   }
   cuda_check(cudaGetLastError(), "weighted_sum", "kernel launch");
 }
@@ -98,7 +98,8 @@ template <typename TIn, typename TDst>
 void launch_chunk(const WeightedSumChunk& chunk, int64_t numel, const float* carry, TDst* dst,
                   cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(TIn);
-  bool vec_ok = aligned(dst, int(sizeof(TDst)) * VEC) && (carry == nullptr || aligned(carry, 4 * VEC));
+  bool vec_ok =
+      aligned(dst, int(sizeof(TDst)) * VEC) && (carry == nullptr || aligned(carry, 4 * VEC));
   for (int i = 0; i < chunk.num_inputs; ++i) vec_ok = vec_ok && aligned(chunk.inputs[i], 16);
   if (vec_ok) {
     launch<TIn, TDst, VEC>(chunk, numel, carry, dst, stream);

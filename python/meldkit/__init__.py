@@ -3,9 +3,9 @@
 Ops live in :mod:`meldkit.ops`; :func:`info` reports what this build can run natively.
 """
 
+from meldkit import ops
 from meldkit._native import MeldkitFallbackWarning
 from meldkit._version import __version__
-from meldkit import ops
 from meldkit.info import info
 
 __all__ = ["MeldkitFallbackWarning", "__version__", "info", "ops"]

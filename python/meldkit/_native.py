@@ -1,4 +1,4 @@
-"""Which implementation runs an op: the compiled kernel of meldkit._C, or the pure-PyTorch reference.
+"""Which implementation runs an op: a compiled kernel of meldkit._C, or the PyTorch reference.
 
 Every op asks :func:`unavailable` before calling ``_C``. It returns every reason the native kernel
 cannot run for the given device and dtypes (an empty list when it can). When there are reasons, the

@@ -25,7 +25,7 @@ def _demo_weighted_sum(device: torch.device) -> bool:
         bound = 4 * torch.finfo(dtype).eps
         status = "ok" if err <= bound else "FAILED"
         ok &= err <= bound
-        print(f"  weighted_sum {str(dtype):<15} 4 x [1000, 1003]  rel. error {err:.2e}  {status}")
+        print(f"  weighted_sum {dtype!s:<15} 4 x [1000, 1003]  rel. error {err:.2e}  {status}")
     return ok
 
 

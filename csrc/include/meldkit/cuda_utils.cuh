@@ -11,8 +11,8 @@ namespace meldkit {
 
 inline void cuda_check(cudaError_t err, const char* op, const char* what) {
   if (err != cudaSuccess) {
-    throw_runtime_error(std::string(op) + ": CUDA error in " + what + ": " +
-                        cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+    throw_runtime_error(std::string(op) + ": CUDA error in " + what + ": " + cudaGetErrorName(err) +
+                        " (" + cudaGetErrorString(err) + ")");
   }
 }
 

@@ -174,30 +174,29 @@ constexpr DType kFloatAndDoubleDtypes[] = {DType::kFloat32, DType::kBFloat16, DT
     break;                                          \
   }
 
-#define MELDKIT_DTYPE_UNSUPPORTED(DTYPE, OP, ARG)                                           \
-  ::meldkit::throw_type_error(std::string(OP) + ": argument '" + ARG +                      \
-                              "': no kernel for dtype " + ::meldkit::dtype_name(DTYPE) + \
-                              " on this device")
+#define MELDKIT_DTYPE_UNSUPPORTED(DTYPE, OP, ARG)                                                  \
+  ::meldkit::throw_type_error(std::string(OP) + ": argument '" + ARG + "': no kernel for dtype " + \
+                              ::meldkit::dtype_name(DTYPE) + " on this device")
 
 // float32, bfloat16, float16: what every op supports on every device.
-#define MELDKIT_DISPATCH_FLOAT(DTYPE, OP, ARG, TNAME, ...)             \
-  switch (DTYPE) {                                                     \
-    MELDKIT_DTYPE_CASE(kFloat32, float, TNAME, __VA_ARGS__)            \
+#define MELDKIT_DISPATCH_FLOAT(DTYPE, OP, ARG, TNAME, ...)               \
+  switch (DTYPE) {                                                       \
+    MELDKIT_DTYPE_CASE(kFloat32, float, TNAME, __VA_ARGS__)              \
     MELDKIT_DTYPE_CASE(kBFloat16, ::meldkit::bf16_t, TNAME, __VA_ARGS__) \
-    MELDKIT_DTYPE_CASE(kFloat16, ::meldkit::f16_t, TNAME, __VA_ARGS__) \
-    default:                                                           \
-      MELDKIT_DTYPE_UNSUPPORTED(DTYPE, OP, ARG);                       \
+    MELDKIT_DTYPE_CASE(kFloat16, ::meldkit::f16_t, TNAME, __VA_ARGS__)   \
+    default:                                                             \
+      MELDKIT_DTYPE_UNSUPPORTED(DTYPE, OP, ARG);                         \
   }
 
 // The same plus float64, for CPU kernels (gradcheck runs in float64).
-#define MELDKIT_DISPATCH_FLOAT_AND_DOUBLE(DTYPE, OP, ARG, TNAME, ...)  \
-  switch (DTYPE) {                                                     \
-    MELDKIT_DTYPE_CASE(kFloat32, float, TNAME, __VA_ARGS__)            \
+#define MELDKIT_DISPATCH_FLOAT_AND_DOUBLE(DTYPE, OP, ARG, TNAME, ...)    \
+  switch (DTYPE) {                                                       \
+    MELDKIT_DTYPE_CASE(kFloat32, float, TNAME, __VA_ARGS__)              \
     MELDKIT_DTYPE_CASE(kBFloat16, ::meldkit::bf16_t, TNAME, __VA_ARGS__) \
-    MELDKIT_DTYPE_CASE(kFloat16, ::meldkit::f16_t, TNAME, __VA_ARGS__) \
-    MELDKIT_DTYPE_CASE(kFloat64, double, TNAME, __VA_ARGS__)           \
-    default:                                                           \
-      MELDKIT_DTYPE_UNSUPPORTED(DTYPE, OP, ARG);                       \
+    MELDKIT_DTYPE_CASE(kFloat16, ::meldkit::f16_t, TNAME, __VA_ARGS__)   \
+    MELDKIT_DTYPE_CASE(kFloat64, double, TNAME, __VA_ARGS__)             \
+    default:                                                             \
+      MELDKIT_DTYPE_UNSUPPORTED(DTYPE, OP, ARG);                         \
   }
 
 }  // namespace meldkit

@@ -11,8 +11,8 @@
 namespace meldkit {
 
 struct WeightedSumParams {
-  int64_t numel = 0;              // elements per tensor; every tensor is contiguous
-  int num_inputs = 0;             // N >= 1
+  int64_t numel = 0;                    // elements per tensor; every tensor is contiguous
+  int num_inputs = 0;                   // N >= 1
   const void* const* inputs = nullptr;  // [N] host array of data pointers, each [numel] of in_dtype
   const float* weights = nullptr;       // [N] host array of weights
   DType in_dtype = DType::kFloat32;

@@ -85,7 +85,9 @@ def float_list(op: str, name: str, values: object, expected: int) -> list[float]
 def out_tensor(op: str, out: object, like: torch.Tensor) -> torch.Tensor:
     """``out`` checked against the tensor whose shape and device it must have."""
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"meldkit.{op}: argument 'out': expected a tensor, got {type(out).__name__}")
+        raise TypeError(
+            f"meldkit.{op}: argument 'out': expected a tensor, got {type(out).__name__}"
+        )
     if out.dtype not in FLOAT_DTYPES:
         raise TypeError(f"meldkit.{op}: argument 'out': dtype {out.dtype} is not supported")
     if out.device != like.device:

@@ -28,7 +28,9 @@ def _run_into(tensors: list[torch.Tensor], weights: list[float], out: torch.Tens
         _native.warn_fallback(_OP, out.device, dtypes, reasons)
         out.copy_(weighted_sum_ref(tensors, weights, out.dtype))
         return
-    target = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    target = (
+        out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    )
     inputs = [t.detach().contiguous() for t in tensors]
     ws_numel = _native._C.weighted_sum_workspace_numel(len(inputs), out.numel(), out.device.type)
     workspace = torch.empty(ws_numel, dtype=torch.float32, device=out.device) if ws_numel else None
@@ -44,14 +46,14 @@ def _run_into(tensors: list[torch.Tensor], weights: list[float], out: torch.Tens
 
 @torch.library.custom_op("meldkit::weighted_sum", mutates_args=())
 def _weighted_sum(
-    tensors: list[torch.Tensor], weights: list[float], out_dtype: torch.dtype | None = None
+    tensors: list[torch.Tensor], weights: list[float], out_dtype: torch.dtype | None
 ) -> torch.Tensor:
     return weighted_sum_ref(tensors, weights, out_dtype)
 
 
 @_weighted_sum.register_kernel(["cpu", "cuda"])
 def _weighted_sum_native(
-    tensors: list[torch.Tensor], weights: list[float], out_dtype: torch.dtype | None = None
+    tensors: list[torch.Tensor], weights: list[float], out_dtype: torch.dtype | None
 ) -> torch.Tensor:
     out = torch.empty(
         tensors[0].shape, dtype=out_dtype or tensors[0].dtype, device=tensors[0].device
@@ -62,7 +64,7 @@ def _weighted_sum_native(
 
 @_weighted_sum.register_fake
 def _weighted_sum_fake(
-    tensors: list[torch.Tensor], weights: list[float], out_dtype: torch.dtype | None = None
+    tensors: list[torch.Tensor], weights: list[float], out_dtype: torch.dtype | None
 ) -> torch.Tensor:
     torch._check(len(tensors) > 0, lambda: "meldkit.weighted_sum: argument 'tensors': is empty")
     return tensors[0].new_empty(tensors[0].shape, dtype=out_dtype or tensors[0].dtype)

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Build meldkit on a bare GPU machine and run everything that needs the GPU, in one call:
+#   scripts/gpu_check.sh OUTDIR
+# Uses what the machine already has (torch, pybind11, cmake, ninja, pytest; nothing is downloaded):
+# builds with `pip install --no-build-isolation -e .`, runs the whole test suite with CUDA present
+# (MELDKIT_BACKEND=native, so a silent fallback to the reference fails), then the CUDA tests under
+# compute-sanitizer memcheck, then the GPU benchmarks. Logs, JUnit XML and benchmark JSON go to
+# OUTDIR (8 files: what a device call brings back); a summary table is printed last. Budget: under
+# 8 minutes on an H100 box.
+set -uo pipefail
+OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+SUMMARY=()
+
+# step NAME TIMEOUT_S CMD...: run CMD with a time limit, log to OUTDIR/NAME.log, record the result.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local t=$(date +%s)
+  echo "== $name (limit ${limit}s): $*"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  local took=$(($(date +%s) - t))
+  tail -n 4 "$OUT/$name.log" | sed 's/^/   /'
+  SUMMARY+=("$(printf '%-10s %-6s %5ss' "$name" "$([ $rc -eq 0 ] && echo ok || echo "rc=$rc")" "$took")")
+  return $rc
+}
+
+{
+  date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+uncommitted changes)')"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+  $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1
+  nvcc --version 2>&1 | tail -n 1
+} | tee "$OUT/summary.txt"
+
+# -v keeps ptxas's register/spill warnings in the log.
+if step build 240 env CMAKE_ARGS="-DMELDKIT_CUDA_RESOURCE_USAGE=ON" \
+  $PY -m pip install -v --no-build-isolation --no-deps -e .; then
+  step info 60 $PY -m meldkit info --json
+  step tests 180 env MELDKIT_BACKEND=native $PY -m pytest tests -q -rs -p no:cacheprovider \
+    --junitxml="$OUT/junit.xml"
+  if command -v compute-sanitizer >/dev/null; then
+    step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
+      $PY -m pytest tests/ops -q -m cuda -k "not compile and not graph" -p no:cacheprovider
+  else
+    SUMMARY+=("memcheck   skipped (no compute-sanitizer)")
+  fi
+  step bench 150 $PY -m meldkit bench --device cuda --json "$OUT/bench.json"
+fi
+
+echo
+echo "== summary ($(($(date +%s) - T0))s total; logs in $OUT)"
+printf '%s\n' "${SUMMARY[@]}" | tee -a "$OUT/summary.txt"
+tail -n 25 "$OUT/bench.log" 2>/dev/null
+! grep -q "rc=" "$OUT/summary.txt"

@@ -1,0 +1,252 @@
+"""Property test: every binding of meldkit._C turns bad arguments into a clean Python exception.
+
+Hypothesis builds a valid call, then corrupts one argument (wrong dtype, mismatched shape, mixed
+devices, non-contiguous, empty, read-only, aliased, not a tensor at all, ...). Each corrupted call
+must raise TypeError or ValueError naming the op — never crash, hang, or write into its inputs.
+A later op adds its binding by adding a `BindingSpec` to `BINDINGS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meldkit import _native
+
+pytestmark = pytest.mark.skipif(_native._C is None, reason="meldkit._C is not built")
+
+_C = _native._C
+BAD_DTYPES = [torch.int32, torch.int64, torch.bool, torch.uint8, torch.complex64]
+
+
+@dataclasses.dataclass
+class BindingSpec:
+    """A binding, a builder of valid arguments, and the corruptions that apply to it."""
+
+    name: str
+    call: Callable[[dict], None]
+    valid: Callable[[st.DrawFn, str], dict]
+    corruptions: dict[str, Callable[[st.DrawFn, dict, str], dict]]
+
+
+# ---- weighted_sum ------------------------------------------------------------------------------
+
+
+def _ws_valid(draw, device):
+    n = draw(st.integers(1, 5))
+    shape = tuple(draw(st.lists(st.integers(1, 9), min_size=1, max_size=3)))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    tensors = [torch.randn(shape).to(device, dtype) for _ in range(n)]
+    weights = [draw(st.floats(-4, 4)) for _ in range(n)]
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return {"tensors": tensors, "weights": weights, "out": out, "workspace": None, "stream": 0}
+
+
+def _ws_call(a):
+    _C.weighted_sum(a["tensors"], a["weights"], a["out"], a["workspace"], a["stream"])
+
+
+def _replace_input(draw, a, make):
+    i = draw(st.integers(0, len(a["tensors"]) - 1))
+    a["tensors"] = [make(t) if j == i else t for j, t in enumerate(a["tensors"])]
+    return a
+
+
+def _other_device(t):
+    # Without a GPU the meta device plays the other device: it exports no DLPack at all.
+    return (
+        t.to("cpu")
+        if t.device.type == "cuda"
+        else t.to("cuda" if torch.cuda.is_available() else "meta")
+    )
+
+
+def _at_least_2x3(a):
+    # Size-1 dims make any stride contiguous: give the call a shape where layout matters.
+    t = a["tensors"][0]
+    a["tensors"] = [torch.randn(2, 3).to(t) for _ in a["tensors"]]
+    a["out"] = torch.empty(2, 3, dtype=a["out"].dtype, device=a["out"].device)
+
+
+def _ws_corruptions():
+    def wrong_dtype(draw, a, device):
+        dtype = draw(st.sampled_from(BAD_DTYPES))
+        return _replace_input(draw, a, lambda t: torch.ones(t.shape, dtype=dtype, device=t.device))
+
+    def mixed_dtypes(draw, a, device):
+        a["tensors"] = [*a["tensors"], a["tensors"][0].to(torch.float64)]
+        a["weights"] = [*a["weights"], 1.0]
+        return a
+
+    def mismatched_shape(draw, a, device):
+        return _replace_input(draw, a, lambda t: torch.randn(t.numel() + 1).to(t))
+
+    def mixed_devices(draw, a, device):
+        return _replace_input(draw, a, _other_device)
+
+    def non_contiguous(draw, a, device):
+        _at_least_2x3(a)
+        return _replace_input(draw, a, lambda t: t.t().contiguous().t())
+
+    def empty_list(draw, a, device):
+        a["tensors"], a["weights"] = [], []
+        return a
+
+    def not_a_tensor(draw, a, device):
+        bad = draw(st.sampled_from([None, 3, "tensor", [1.0, 2.0], object()]))
+        return _replace_input(draw, a, lambda t: bad)
+
+    def tensors_not_a_list(draw, a, device):
+        a["tensors"] = draw(st.sampled_from([None, 1.5, "abc", a["tensors"][0]]))
+        return a
+
+    def weight_count(draw, a, device):
+        a["weights"] = a["weights"] + [1.0] if draw(st.booleans()) else a["weights"][:-1]
+        return a
+
+    def weight_not_finite(draw, a, device):
+        i = draw(st.integers(0, len(a["weights"]) - 1))
+        a["weights"][i] = draw(st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e300]))
+        return a
+
+    def weight_not_a_number(draw, a, device):
+        a["weights"] = draw(st.sampled_from([None, "1,2", [object()] * len(a["tensors"])]))
+        return a
+
+    def out_wrong_shape(draw, a, device):
+        a["out"] = torch.empty(a["out"].numel() + 2, dtype=a["out"].dtype, device=a["out"].device)
+        return a
+
+    def out_wrong_dtype(draw, a, device):
+        a["out"] = torch.empty(
+            a["out"].shape, dtype=draw(st.sampled_from(BAD_DTYPES)), device=device
+        )
+        return a
+
+    def out_other_device(draw, a, device):
+        a["out"] = _other_device(a["out"])
+        return a
+
+    def out_non_contiguous(draw, a, device):
+        _at_least_2x3(a)
+        a["out"] = a["out"].t().contiguous().t()
+        return a
+
+    def out_read_only(draw, a, device):
+        arr = np.zeros(a["out"].shape, dtype=np.float32)
+        arr.setflags(write=False)
+        a["tensors"] = [t.cpu().float() for t in a["tensors"]]
+        a["out"] = arr
+        return a
+
+    def out_overlaps_input(draw, a, device):
+        _at_least_2x3(a)
+        t = a["tensors"][0]
+        flat = torch.randn(2 * t.numel() + 1).to(t)
+        a["tensors"] = [flat[: t.numel()].view(t.shape) for _ in a["tensors"]]
+        a["out"] = flat[1 : t.numel() + 1].view(t.shape)
+        return a
+
+    def out_none(draw, a, device):
+        a["out"] = None
+        return a
+
+    def bad_workspace(draw, a, device):
+        if device != "cuda":
+            # No workspace is needed on the CPU; a bad stream value is this case's corruption.
+            a["stream"] = "default"
+            return a
+        n = _C.WEIGHTED_SUM_MAX_INPUTS_PER_LAUNCH + 1
+        a["tensors"] = [a["tensors"][0]] * n
+        a["weights"] = [1.0] * n
+        a["workspace"] = draw(
+            st.sampled_from(
+                [
+                    None,
+                    torch.empty(1, device=device),
+                    torch.empty(a["out"].shape, dtype=torch.float16, device=device),
+                ]
+            )
+        )
+        return a
+
+    return {
+        f.__name__: f
+        for f in (
+            wrong_dtype,
+            mixed_dtypes,
+            mismatched_shape,
+            mixed_devices,
+            non_contiguous,
+            empty_list,
+            not_a_tensor,
+            tensors_not_a_list,
+            weight_count,
+            weight_not_finite,
+            weight_not_a_number,
+            out_wrong_shape,
+            out_wrong_dtype,
+            out_other_device,
+            out_non_contiguous,
+            out_read_only,
+            out_overlaps_input,
+            out_none,
+            bad_workspace,
+        )
+    }
+
+
+BINDINGS = [BindingSpec("weighted_sum", _ws_call, _ws_valid, _ws_corruptions())]
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _C.has_cuda() else [])
+CASES = [(spec, kind) for spec in BINDINGS for kind in spec.corruptions]
+
+
+@st.composite
+def corrupted_call(draw, spec, kind, device):
+    return spec.corruptions[kind](draw, spec.valid(draw, device), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("spec", "kind"), CASES, ids=[f"{s.name}-{k}" for s, k in CASES])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_bad_input_raises_cleanly(device, spec, kind, data):
+    args = data.draw(corrupted_call(spec, kind, device))
+    listed = args["tensors"] if isinstance(args["tensors"], list) else []
+    tensors = [t for t in listed if isinstance(t, torch.Tensor)]
+    before = [t.clone() if t.device.type != "meta" else t for t in tensors]
+    with pytest.raises((TypeError, ValueError)) as info:
+        spec.call(args)
+    assert spec.name in str(info.value), str(info.value)
+    for t, b in zip(tensors, before, strict=True):
+        if t.device.type != "meta":
+            assert torch.equal(t, b), "a failed call wrote into its inputs"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec", BINDINGS, ids=lambda s: s.name)
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_valid_input_runs(device, spec, data):
+    # The other half of the property: the valid builder really is valid.
+    spec.call(spec.valid(data.draw, device))
+
+
+def test_zero_size_tensors_are_valid():
+    ts = [torch.empty(3, 0) for _ in range(2)]
+    _C.weighted_sum(ts, [1.0, 2.0], torch.empty(3, 0))
+
+
+def test_numpy_arrays_work_through_dlpack():
+    # Any DLPack producer is accepted, not only torch.
+    a = np.arange(10, dtype=np.float32)
+    out = np.empty(10, dtype=np.float32)
+    _C.weighted_sum([a, a], [1.0, 2.0], out)
+    np.testing.assert_array_equal(out, 3 * a)
