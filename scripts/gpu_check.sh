@@ -33,7 +33,8 @@ step() {
 
 {
   date -u +"date: %Y-%m-%dT%H:%M:%SZ"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+uncommitted changes)')"
+  # A device machine gets the working tree without .git: the caller can pass MELDKIT_COMMIT.
+  echo "commit: ${MELDKIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
   $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1
   nvcc --version 2>&1 | tail -n 1

@@ -162,6 +162,7 @@ def _ws_corruptions():
             # No workspace is needed on the CPU; a bad stream value is this case's corruption.
             a["stream"] = "default"
             return a
+        _at_least_2x3(a)  # so that a one-element workspace is too small
         n = _C.WEIGHTED_SUM_MAX_INPUTS_PER_LAUNCH + 1
         a["tensors"] = [a["tensors"][0]] * n
         a["weights"] = [1.0] * n

@@ -340,7 +340,8 @@ def device_name(device: str) -> str:
 
 
 def run_metadata() -> dict[str, Any]:
-    """Metadata added to every row: date, versions, commit, host and ``MELDKIT_BACKEND`` mode."""
+    """Metadata added to every row: date, versions, commit (and whether the checkout has
+    uncommitted changes), host and the ``MELDKIT_BACKEND`` mode."""
     from meldkit import _native
 
     try:
@@ -349,11 +350,13 @@ def run_metadata() -> dict[str, Any]:
         from meldkit._version import __version__ as meldkit_version
     except ImportError:
         meldkit_version = None
+    commit, dirty = _git_commit()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
         "meldkit_version": meldkit_version,
-        "git_commit": _git_commit(),
+        "git_commit": commit,
+        "git_dirty": dirty,
         "host": platform.node(),
         "backend": _native.backend(),
     }
@@ -371,12 +374,12 @@ def ours_path(case: Case) -> tuple[str, list[str]]:
     return ("reference", reasons) if reasons else ("native", [])
 
 
-def _git_commit() -> str | None:
-    # Ask from this file's folder: the commit of the meldkit checkout being measured, not of
-    # whatever repository the command was started in; None for an installed wheel.
+def _git(*args: str) -> subprocess.CompletedProcess[str] | None:
+    # Run from this file's folder: the checkout being measured, not whatever repository the
+    # command was started in; None where git is missing or hangs.
     try:
-        result = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+        return subprocess.run(
+            ["git", *args],
             cwd=Path(__file__).resolve().parent,
             capture_output=True,
             text=True,
@@ -385,9 +388,19 @@ def _git_commit() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    if result.returncode != 0:
-        return None
-    return result.stdout.strip() or None
+
+
+def _git_commit() -> tuple[str | None, bool | None]:
+    """Short commit of the meldkit checkout and whether tracked files differ from it.
+
+    Both are None for an installed wheel (no repository around the package).
+    """
+    head = _git("rev-parse", "--short", "HEAD")
+    if head is None or head.returncode != 0 or not head.stdout.strip():
+        return None, None
+    diff = _git("diff", "--quiet", "HEAD", "--")
+    dirty = None if diff is None or diff.returncode not in (0, 1) else diff.returncode == 1
+    return head.stdout.strip(), dirty
 
 
 def load_cases(op: str, device: str, quick: bool) -> list[Case]:
@@ -593,6 +606,42 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(rendered)
 
 
+def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """Render rows as the Markdown table of ``bench/RESULTS.md``, header included.
+
+    Columns: date, device, commit, op, case, dtype, ours, baseline, baseline time, ratio, GB/s and
+    % of ceiling; a commit with uncommitted changes is marked ``+dirty``.
+    """
+    lines = [
+        "| date | device | commit | op | case | dtype | ours | baseline | baseline time | ratio "
+        "| GB/s | % of ceiling |",
+        "|---|---|---|---|---|---|--:|---|--:|--:|--:|--:|",
+    ]
+    for row in rows:
+        commit = row.get("git_commit") or "?"
+        if row.get("git_dirty"):
+            commit += "+dirty"
+        ours = format_seconds(row["median_s"])
+        if row.get("ours_path", "native") != "native":
+            ours += " (reference)"
+        cells = (
+            row["date"][:10],
+            f"{row['device']}: {row['device_name']}",
+            commit,
+            row["op"],
+            row["case"],
+            row["dtype"],
+            ours,
+            row["baseline"],
+            format_seconds(row["baseline_median_s"]),
+            f"{row['ratio']:.2f}x",
+            f"{row['gbps']:.1f}",
+            f"{100 * row['fraction_of_ceiling']:.0f}%",
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_rows(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> None:
     """Append rows to a JSON Lines file atomically.
 
@@ -641,6 +690,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--json", metavar="PATH", help="append one JSON row per (case, baseline) to PATH"
+    )
+    parser.add_argument(
+        "--markdown",
+        action="store_true",
+        help="also print the rows as the Markdown table of bench/RESULTS.md",
     )
     parser.add_argument(
         "--repeats",
@@ -716,12 +770,17 @@ def run(args: argparse.Namespace) -> int:
             except Exception as error:  # report and go on: one broken op must not hide the rest
                 print(f"\nmeldkit bench: {op} on {device} failed: {error!r}", file=sys.stderr)
                 status = 1
+    if not rows and status == 0:
+        print("meldkit bench: no case matches the selected ops and dtypes", file=sys.stderr)
     if rows:
         print(format_table(rows))
         print(
             "ratio = baseline time / ours (> 1: meldkit is faster); GB/s and % ceiling are ours,"
             " against a device copy measured in this run."
         )
+    if args.markdown and rows:
+        print()
+        print(format_markdown(rows))
     if args.json and rows:
         write_rows(args.json, rows)
         print(f"wrote {len(rows)} rows to {args.json}", file=sys.stderr)
@@ -750,6 +809,7 @@ __all__ = [
     "cache_flusher",
     "device_name",
     "dtype_name",
+    "format_markdown",
     "format_seconds",
     "format_table",
     "load_cases",
