@@ -52,7 +52,7 @@ if step build 240 env CMAKE_ARGS="-DMELDKIT_CUDA_RESOURCE_USAGE=ON" \
   else
     SUMMARY+=("memcheck   skipped (no compute-sanitizer)")
   fi
-  step bench 150 $PY -m meldkit bench --device cuda --json "$OUT/bench.json"
+  step bench 150 env MELDKIT_BACKEND=native $PY -m meldkit bench --device cuda --json "$OUT/bench.json"
 fi
 
 echo

@@ -41,5 +41,6 @@ def run_demo(device: str | None = None) -> int:
     print(f"\ncorrectness against the float64 reference on {dev}:")
     ok = _demo_weighted_sum(dev)
     print(f"\nbenchmark (quick) on {dev}:")
-    bench.run_op("weighted_sum", device=dev.type, quick=True)
+    rows = bench.run_op("weighted_sum", device=dev.type, quick=True)
+    print(bench.format_table(rows))
     return 0 if ok else 1

@@ -74,11 +74,19 @@ MELDKIT_INLINE float bits_as_float(uint32_t u) {
 // bf16 is the top half of a float.
 MELDKIT_INLINE float bf16_to_float(bf16_t h) { return bits_as_float(uint32_t(h.bits) << 16); }
 
+// Every conversion below computes each candidate result and picks one with a bit mask instead
+// of branching, so that CPU loops over them vectorise (and CUDA threads do not diverge).
+MELDKIT_INLINE uint32_t select_bits(uint32_t mask, uint32_t if_set, uint32_t if_clear) {
+  return (if_set & mask) | (if_clear & ~mask);
+}
+MELDKIT_INLINE uint32_t mask_if(bool cond) { return 0u - uint32_t(cond); }
+
 MELDKIT_INLINE bf16_t float_to_bf16(float f) {
-  uint32_t u = float_as_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{uint16_t((u >> 16) | 0x40u)};  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
-  return bf16_t{uint16_t(u >> 16)};
+  const uint32_t u = float_as_bits(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // nearest, ties to even
+  const uint32_t quiet_nan = (u >> 16) | 0x40u;
+  return bf16_t{
+      uint16_t(select_bits(mask_if((u & 0x7fffffffu) > 0x7f800000u), quiet_nan, rounded))};
 }
 
 // Shifting the half's exponent+mantissa into a float's and multiplying by 2^112 rebases the
@@ -86,29 +94,28 @@ MELDKIT_INLINE bf16_t float_to_bf16(float f) {
 MELDKIT_INLINE float f16_to_float(f16_t h) {
   const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16;
   const uint32_t em = h.bits & 0x7fffu;
-  uint32_t u = float_as_bits(bits_as_float(em << 13) * 5.192296858534828e33f /* 2^112 */);
-  if (em >= 0x7c00u) u = 0x7f800000u | (em << 13);  // inf / NaN keep their payload
+  const uint32_t scaled =
+      float_as_bits(bits_as_float(em << 13) * 5.192296858534828e33f /* 2^112 */);
+  // inf / NaN keep their payload. A mask rather than a branch, so CPU loops vectorise.
+  const uint32_t special = 0u - uint32_t(em >= 0x7c00u);
+  const uint32_t u = (scaled & ~special) | ((0x7f800000u | (em << 13)) & special);
   return bits_as_float(u | sign);
 }
 
 MELDKIT_INLINE f16_t float_to_f16(float f) {
-  uint32_t u = float_as_bits(f);
+  const uint32_t u = float_as_bits(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
-  u &= 0x7fffffffu;
-  uint16_t out;
-  if (u >= 0x47800000u) {  // |f| >= 65536: overflow to inf, or NaN
-    out = u > 0x7f800000u ? uint16_t(0x7e00u) : uint16_t(0x7c00u);
-  } else if (u < 0x38800000u) {
-    // Result is subnormal or zero: adding 0.5 (as float) aligns the mantissa so the FPU's own
-    // round-to-nearest-even produces the half's subnormal bits in the low mantissa.
-    const float aligned = bits_as_float(u) + 0.5f;
-    out = uint16_t(float_as_bits(aligned) - 0x3f000000u);
-  } else {
-    const uint32_t odd = (u >> 13) & 1u;
-    u += 0xc8000fffu + odd;  // rebias exponent (127 -> 15) and round to nearest even
-    out = uint16_t(u >> 13);
-  }
-  return f16_t{uint16_t(out | sign)};
+  const uint32_t a = u & 0x7fffffffu;
+  // |f| >= 65536 (or inf, NaN): overflow to inf, NaN to the quiet NaN.
+  const uint32_t big = select_bits(mask_if(a > 0x7f800000u), 0x7e00u, 0x7c00u);
+  // Subnormal or zero result: adding 0.5 (as float) aligns the mantissa so the FPU's own
+  // round-to-nearest-even leaves the half's subnormal bits at the bottom.
+  const uint32_t tiny = float_as_bits(bits_as_float(a) + 0.5f) - 0x3f000000u;
+  // Normal result: rebias the exponent (127 -> 15) and round to nearest even.
+  const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;
+  const uint32_t h = select_bits(mask_if(a >= 0x47800000u), big,
+                                 select_bits(mask_if(a < 0x38800000u), tiny, normal));
+  return f16_t{uint16_t(h | sign)};
 }
 
 // widen(x): a storage value in its accumulation type (float, or double for float64 storage).

@@ -393,11 +393,13 @@ def _git(*args: str) -> subprocess.CompletedProcess[str] | None:
 def _git_commit() -> tuple[str | None, bool | None]:
     """Short commit of the meldkit checkout and whether tracked files differ from it.
 
-    Both are None for an installed wheel (no repository around the package).
+    Without a repository around the package (an installed wheel, or a working tree copied to a
+    GPU machine without ``.git``) the commit is ``MELDKIT_COMMIT`` as set by
+    ``scripts/gpu_check.sh``'s caller, else None; cleanliness is then unknown (None).
     """
     head = _git("rev-parse", "--short", "HEAD")
     if head is None or head.returncode != 0 or not head.stdout.strip():
-        return None, None
+        return os.environ.get("MELDKIT_COMMIT") or None, None
     diff = _git("diff", "--quiet", "HEAD", "--")
     dirty = None if diff is None or diff.returncode not in (0, 1) else diff.returncode == 1
     return head.stdout.strip(), dirty

@@ -20,14 +20,16 @@ from meldkit.ops.weighted_sum_ref import weighted_sum_ref
 _OP = "weighted_sum"
 
 
-def _run_into(tensors: list[torch.Tensor], weights: list[float], out: torch.Tensor) -> None:
-    """Writes ``Σ w_i t_i`` into ``out`` with the native kernel, or the reference as a fallback."""
-    dtypes = (tensors[0].dtype, out.dtype)
-    reasons = _native.unavailable(_OP, out.device, dtypes)
+def _use_reference(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """True when the native kernel cannot run (after warning why, once)."""
+    reasons = _native.unavailable(_OP, device, dtypes)
     if reasons:
-        _native.warn_fallback(_OP, out.device, dtypes, reasons)
-        out.copy_(weighted_sum_ref(tensors, weights, out.dtype))
-        return
+        _native.warn_fallback(_OP, device, dtypes, reasons)
+    return bool(reasons)
+
+
+def _launch(tensors: list[torch.Tensor], weights: list[float], out: torch.Tensor) -> None:
+    """Writes ``Σ w_i t_i`` into ``out`` with the native kernel."""
     target = (
         out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
     )
@@ -55,10 +57,11 @@ def _weighted_sum(
 def _weighted_sum_native(
     tensors: list[torch.Tensor], weights: list[float], out_dtype: torch.dtype | None
 ) -> torch.Tensor:
-    out = torch.empty(
-        tensors[0].shape, dtype=out_dtype or tensors[0].dtype, device=tensors[0].device
-    )
-    _run_into(tensors, weights, out)
+    out_dtype = out_dtype or tensors[0].dtype
+    if _use_reference(tensors[0].device, (tensors[0].dtype, out_dtype)):
+        return weighted_sum_ref(tensors, weights, out_dtype)
+    out = torch.empty(tensors[0].shape, dtype=out_dtype, device=tensors[0].device)
+    _launch(tensors, weights, out)
     return out
 
 
@@ -98,7 +101,10 @@ def _weighted_sum_out(tensors: list[torch.Tensor], weights: list[float], out: to
 def _weighted_sum_out_native(
     tensors: list[torch.Tensor], weights: list[float], out: torch.Tensor
 ) -> None:
-    _run_into(tensors, weights, out)
+    if _use_reference(out.device, (tensors[0].dtype, out.dtype)):
+        out.copy_(weighted_sum_ref(tensors, weights, out.dtype))
+    else:
+        _launch(tensors, weights, out)
 
 
 @_weighted_sum_out.register_fake
