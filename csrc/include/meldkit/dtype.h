@@ -13,6 +13,11 @@
 #include "meldkit/macros.h"
 #include "meldkit/status.h"
 
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
 namespace meldkit {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
@@ -74,35 +79,45 @@ MELDKIT_INLINE float bits_as_float(uint32_t u) {
 // bf16 is the top half of a float.
 MELDKIT_INLINE float bf16_to_float(bf16_t h) { return bits_as_float(uint32_t(h.bits) << 16); }
 
-// Every conversion below computes each candidate result and picks one with a bit mask instead
-// of branching, so that CPU loops over them vectorise (and CUDA threads do not diverge).
+// On the host, every conversion below computes each candidate result and picks one with a bit
+// mask instead of branching, so that CPU loops over them vectorise. On the device the hardware
+// converts (cvt.rn), which rounds identically; only NaN payloads may differ.
 MELDKIT_INLINE uint32_t select_bits(uint32_t mask, uint32_t if_set, uint32_t if_clear) {
   return (if_set & mask) | (if_clear & ~mask);
 }
 MELDKIT_INLINE uint32_t mask_if(bool cond) { return 0u - uint32_t(cond); }
 
 MELDKIT_INLINE bf16_t float_to_bf16(float f) {
+#if defined(__CUDA_ARCH__)
+  return bf16_t{__bfloat16_as_ushort(__float2bfloat16_rn(f))};
+#else
   const uint32_t u = float_as_bits(f);
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // nearest, ties to even
   const uint32_t quiet_nan = (u >> 16) | 0x40u;
   return bf16_t{
       uint16_t(select_bits(mask_if((u & 0x7fffffffu) > 0x7f800000u), quiet_nan, rounded))};
+#endif
 }
 
 // Shifting the half's exponent+mantissa into a float's and multiplying by 2^112 rebases the
 // exponent (bias 15 -> 127); it is exact for normals and subnormals alike and vectorises.
 MELDKIT_INLINE float f16_to_float(f16_t h) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(h.bits));
+#else
   const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16;
   const uint32_t em = h.bits & 0x7fffu;
   const uint32_t scaled =
       float_as_bits(bits_as_float(em << 13) * 5.192296858534828e33f /* 2^112 */);
-  // inf / NaN keep their payload. A mask rather than a branch, so CPU loops vectorise.
-  const uint32_t special = 0u - uint32_t(em >= 0x7c00u);
-  const uint32_t u = (scaled & ~special) | ((0x7f800000u | (em << 13)) & special);
-  return bits_as_float(u | sign);
+  const uint32_t special = 0x7f800000u | (em << 13);  // inf / NaN keep their payload
+  return bits_as_float(select_bits(mask_if(em >= 0x7c00u), special, scaled) | sign);
+#endif
 }
 
 MELDKIT_INLINE f16_t float_to_f16(float f) {
+#if defined(__CUDA_ARCH__)
+  return f16_t{__half_as_ushort(__float2half_rn(f))};
+#else
   const uint32_t u = float_as_bits(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t a = u & 0x7fffffffu;
@@ -116,6 +131,7 @@ MELDKIT_INLINE f16_t float_to_f16(float f) {
   const uint32_t h = select_bits(mask_if(a >= 0x47800000u), big,
                                  select_bits(mask_if(a < 0x38800000u), tiny, normal));
   return f16_t{uint16_t(h | sign)};
+#endif
 }
 
 // widen(x): a storage value in its accumulation type (float, or double for float64 storage).
