@@ -487,7 +487,8 @@ def relative_errors(impls: dict[str, Impl]) -> dict[str, float]:
     A wrong kernel is not worth timing; the error is reported next to each time so that a fast but
     wrong result, or a baseline that loses precision in low-precision storage, is visible.
     """
-    reference = impls[REFERENCE]().float()
+    # A copy: in ``out=`` cases every impl returns one buffer, which the next call overwrites.
+    reference = impls[REFERENCE]().float().clone()
     scale = reference.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
     errors = {}
     for impl, fn in impls.items():

@@ -55,28 +55,43 @@ def cases(device: str, quick: bool) -> list[Case]:
         ``"cpu"`` or ``"cuda"``.
     quick : bool
         N=4 over 1024x1024 in fp32 and bf16 if True; else N in {2, 8}, the shapes of
-        :data:`FULL_SHAPES` for the device, in fp32, bf16 and fp16.
+        :data:`FULL_SHAPES` for the device, in fp32, bf16 and fp16, each both allocating its
+        output and writing into a preallocated one (case names ending in ``_out``).
     """
     if quick:
-        configs = [(n, shape, dtype) for n, shape in QUICK_CONFIGS for dtype in QUICK_DTYPES]
+        configs = [(n, shape, dtype, False) for n, shape in QUICK_CONFIGS for dtype in QUICK_DTYPES]
     else:
         shapes = FULL_SHAPES[torch.device(device).type]
-        configs = [(n, shape, dtype) for shape in shapes for n in FULL_N for dtype in FULL_DTYPES]
-    return [make_case(n, shape, dtype, device) for n, shape, dtype in configs]
+        configs = [
+            (n, shape, dtype, into_out)
+            for shape in shapes
+            for n in FULL_N
+            for dtype in FULL_DTYPES
+            for into_out in (False, True)
+        ]
+    return [make_case(*config, device=device) for config in configs]
 
 
-def make_case(n: int, shape: tuple[int, ...], dtype: torch.dtype, device: str) -> Case:
-    """One case: ``n`` random tensors of ``shape`` and ``dtype`` on ``device``; output ``dtype``."""
+def make_case(
+    n: int, shape: tuple[int, ...], dtype: torch.dtype, into_out: bool = False, *, device: str
+) -> Case:
+    """One case: ``n`` random tensors of ``shape`` and ``dtype`` on ``device``; output ``dtype``.
+
+    With ``into_out`` every implementation writes into one preallocated output (``out=``), as a
+    merge loop that reuses its buffer does; without it each call allocates its output. On the CPU
+    a fresh large output costs a page fault per 4 KB page on first touch, often more than the
+    arithmetic; the ``_out`` cases show the kernels without it.
+    """
     itemsize = torch.empty((), dtype=dtype).element_size()
     return Case(
         op=OP,
-        name=f"n{n}_{'x'.join(map(str, shape))}",
+        name=f"n{n}_{'x'.join(map(str, shape))}" + ("_out" if into_out else ""),
         shape=tuple(shape),
         n_inputs=n,
         dtype=dtype,
         device=device,
         bytes_moved=(n + 1) * math.prod(shape) * itemsize,
-        build=functools.partial(build, n, tuple(shape), dtype, device),
+        build=functools.partial(build, n, tuple(shape), dtype, device, into_out),
     )
 
 
@@ -135,7 +150,19 @@ def add_loop(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     return out
 
 
-def build(n: int, shape: tuple[int, ...], dtype: torch.dtype, device: str) -> dict[str, Impl]:
+def add_loop_into(
+    tensors: list[torch.Tensor], weights: list[float], out: torch.Tensor
+) -> torch.Tensor:
+    """:func:`add_loop` writing into a preallocated ``out``; returns ``out``."""
+    torch.mul(tensors[0], weights[0], out=out)
+    for tensor, weight in zip(tensors[1:], weights[1:], strict=True):
+        out.add_(tensor, alpha=weight)
+    return out
+
+
+def build(
+    n: int, shape: tuple[int, ...], dtype: torch.dtype, device: str, into_out: bool = False
+) -> dict[str, Impl]:
     """Allocate one case's inputs and return its implementations, keyed by impl name."""
     # Imported here, not at module level, so that the harness (and `--help`) works even where the
     # op cannot be imported; the failure then names this op only.
@@ -144,6 +171,13 @@ def build(n: int, shape: tuple[int, ...], dtype: torch.dtype, device: str) -> di
     tensors, weights = make_inputs(n, shape, dtype, device)
     # Users build the weight tensor once, outside the hot loop: do the same.
     weight_tensor = torch.tensor(weights, dtype=dtype, device=device)
+    if into_out:
+        out = torch.empty(shape, dtype=dtype, device=device)
+        return {
+            OURS: lambda: ops.weighted_sum(tensors, weights, out=out),
+            "add_loop": lambda: add_loop_into(tensors, weights, out),
+            REFERENCE: lambda: out.copy_(ops.weighted_sum_ref(tensors, weights)),
+        }
     return {
         OURS: lambda: ops.weighted_sum(tensors, weights),
         "stack_mul_sum": lambda: stack_mul_sum(tensors, weight_tensor),
@@ -152,4 +186,13 @@ def build(n: int, shape: tuple[int, ...], dtype: torch.dtype, device: str) -> di
     }
 
 
-__all__ = ["OP", "add_loop", "build", "cases", "make_case", "make_inputs", "stack_mul_sum"]
+__all__ = [
+    "OP",
+    "add_loop",
+    "add_loop_into",
+    "build",
+    "cases",
+    "make_case",
+    "make_inputs",
+    "stack_mul_sum",
+]
