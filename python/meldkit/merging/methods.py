@@ -1,0 +1,166 @@
+"""Merge methods as data: every method is a named configuration of the generalized routine
+(:func:`meldkit.ops.merge_ref.generalized_merge_ref`), or one of the few methods with their own
+formula (linear, model_stock, slerp), each with the paper it comes from and mergekit's defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeMethod:
+    """One merge method.
+
+    Attributes
+    ----------
+    name : str
+        The ``merge_method`` value of a mergekit-style config.
+    kind : str
+        ``"generalized"`` (sparsify → weight → consensus → disjoint merge), or ``"linear"``,
+        ``"model_stock"``, ``"slerp"`` for the methods with a formula of their own.
+    sparsify : str
+        Mask of each task vector: ``none``, ``magnitude`` (TIES trim), ``random`` (DARE),
+        ``breadcrumbs``, ``della``.
+    consensus : str
+        Sign election: ``none``, ``sum`` (by mass), ``count``.
+    normalize : bool
+        Default of the ``normalize`` parameter (divide by the (agreeing) weights' sum).
+    rescale : str
+        Default rescaling of the sparsified vectors: ``none``, ``inverse_density`` or ``l1``.
+    needs_base : bool
+        Whether ``base_model`` is required.
+    model_params : tuple of str
+        Per-model parameters the method reads (besides ``weight``).
+    global_params : tuple of str
+        Top-level parameters it accepts.
+    paper : str
+        Where the method comes from.
+    """
+
+    name: str
+    kind: str
+    sparsify: str = "none"
+    consensus: str = "none"
+    normalize: bool = False
+    rescale: str = "none"
+    needs_base: bool = True
+    model_params: tuple[str, ...] = ("weight",)
+    global_params: tuple[str, ...] = ("normalize", "lambda")
+    paper: str = ""
+
+
+_TA = "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023, arXiv:2212.04089"
+_TIES = (
+    "Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023, "
+    "arXiv:2306.01708"
+)
+_DARE = "Yu et al., Language Models are Super Mario (DARE), ICML 2024, arXiv:2311.03099"
+_CRUMBS = "Davari & Belilovsky, Model Breadcrumbs, arXiv:2312.06795"
+_DELLA = "Deep et al., DELLA-Merging: Magnitude-Based Sampling, arXiv:2406.11617"
+
+METHODS: dict[str, MergeMethod] = {
+    m.name: m
+    for m in (
+        MergeMethod("task_arithmetic", "generalized", paper=_TA),
+        MergeMethod(
+            "ties",
+            "generalized",
+            sparsify="magnitude",
+            consensus="sum",
+            normalize=True,
+            model_params=("weight", "density"),
+            global_params=("normalize", "lambda", "rescale", "int8_mask"),
+            paper=_TIES,
+        ),
+        MergeMethod(
+            "dare_linear",
+            "generalized",
+            sparsify="random",
+            rescale="l1",
+            model_params=("weight", "density"),
+            global_params=("normalize", "lambda", "rescale", "int8_mask"),
+            paper=_DARE,
+        ),
+        MergeMethod(
+            "dare_ties",
+            "generalized",
+            sparsify="random",
+            consensus="sum",
+            rescale="l1",
+            model_params=("weight", "density"),
+            global_params=("normalize", "lambda", "rescale", "int8_mask"),
+            paper=_DARE,
+        ),
+        MergeMethod(
+            "breadcrumbs",
+            "generalized",
+            sparsify="breadcrumbs",
+            model_params=("weight", "density", "gamma"),
+            paper=_CRUMBS,
+        ),
+        MergeMethod(
+            "breadcrumbs_ties",
+            "generalized",
+            sparsify="breadcrumbs",
+            consensus="sum",
+            model_params=("weight", "density", "gamma"),
+            global_params=("normalize", "lambda", "int8_mask"),
+            paper=_CRUMBS,
+        ),
+        MergeMethod(
+            "della",
+            "generalized",
+            sparsify="della",
+            consensus="sum",
+            normalize=True,
+            rescale="l1",
+            model_params=("weight", "density", "epsilon"),
+            global_params=("normalize", "lambda", "rescale", "int8_mask"),
+            paper=_DELLA,
+        ),
+        MergeMethod(
+            "della_linear",
+            "generalized",
+            sparsify="della",
+            rescale="l1",
+            model_params=("weight", "density", "epsilon"),
+            global_params=("normalize", "lambda", "rescale"),
+            paper=_DELLA,
+        ),
+        MergeMethod(
+            "linear",
+            "linear",
+            normalize=True,
+            needs_base=False,
+            global_params=("normalize",),
+            paper="Wortsman et al., Model soups, ICML 2022, arXiv:2203.05482",
+        ),
+        MergeMethod(
+            "model_stock",
+            "model_stock",
+            model_params=(),
+            global_params=("filter_wise",),
+            paper="Jang et al., Model Stock: All we need is just a few fine-tuned models, "
+            "arXiv:2403.19522",
+        ),
+        MergeMethod(
+            "slerp",
+            "slerp",
+            model_params=(),
+            global_params=("t",),
+            paper="Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985 "
+            "(as mergekit applies it: Goddard et al., arXiv:2403.13257)",
+        ),
+    )
+}
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method called ``name``; ValueError listing the known ones otherwise."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown merge_method {name!r}; known: {', '.join(sorted(METHODS))}"
+        ) from None

@@ -1,0 +1,325 @@
+"""Pure-PyTorch reference of the merge family: the executable spec of every sparsifier, sign
+election, disjoint merge and merge method (``../shared/spec/merging.md`` §2).
+
+Readable and float64-capable, slow on purpose. Every function works on one tensor position of a
+model: ``base`` is θ₀ of some shape ``S`` and ``tensors`` the N fine-tuned θ_t of shape ``S``
+(or the N task vectors τ_t = θ_t − θ₀). Native kernels must reproduce these results: exactly for
+the discrete choices (which entries are kept, which sign wins), to the accumulation dtype's
+rounding for the arithmetic.
+
+Tie rules (the spec leaves them to the implementation; these are meldkit's):
+
+- ``magnitude`` with ``tie="keep_ties"``: k = ``int(numel·density)``; threshold = the k-th largest
+  ``|τ|`` (``kthvalue(|τ|, numel − k + 1)``); keep ``|τ| ≥ threshold``: exactly k entries when the
+  magnitudes are distinct, and every entry tied at the threshold. (The original TIES code takes
+  ``kthvalue(numel − k)`` and so keeps k + 1 entries; meldkit keeps the k that ``density`` says.)
+- ``magnitude`` with ``tie="exact_k"`` (mergekit's count): keep exactly ``int(numel·density)``
+  entries, the largest magnitudes, equal magnitudes ordered by lower flat index first.
+- ranks (breadcrumbs, DELLA): ascending ``|τ|``, equal magnitudes ordered by flat index.
+- sign election: ``+1`` where the vote is ``≥ 0`` (mergekit: a zero vote goes to +1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from meldkit.ops.random_ref import bernoulli_mask_ref
+
+TIE_RULES = ("keep_ties", "exact_k")
+RESCALES = ("none", "inverse_density", "l1")
+CONSENSUS = ("none", "sum", "count")
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _stable_order(absval: torch.Tensor, descending: bool) -> torch.Tensor:
+    """Flat indices ordering ``absval`` by value, equal values by lower index first."""
+    return torch.sort(absval.flatten(), descending=descending, stable=True).indices
+
+
+# ---- sparsifiers: τ (one tensor) -> keep mask -----------------------------------------------
+
+
+def magnitude_threshold_ref(absval: torch.Tensor, density: float) -> torch.Tensor:
+    """The magnitude at which ``tie="keep_ties"`` trimming cuts: ``|τ| ≥ threshold`` is kept.
+
+    The k-th largest of ``absval`` with k = ``int(numel·density)``, i.e.
+    ``kthvalue(absval, numel − k + 1)``; ``+inf`` (keep nothing) when k = 0, ``-inf`` (keep
+    everything) when k ≥ numel. ``absval`` may be a concatenation of many tensors (the global scope
+    of the TIES paper).
+    """
+    flat = absval.flatten()
+    n = flat.numel()
+    keep = int(n * density)
+    if keep <= 0:
+        return torch.tensor(math.inf, dtype=absval.dtype)
+    if keep >= n:
+        return torch.tensor(-math.inf, dtype=absval.dtype)
+    return flat.kthvalue(n - keep + 1).values
+
+
+def magnitude_mask_ref(tau: torch.Tensor, density: float, tie: str = "keep_ties") -> torch.Tensor:
+    """Keep mask of magnitude trimming: the top ``density`` fraction of ``|τ|`` (TIES, mergekit)."""
+    if tie not in TIE_RULES:
+        raise ValueError(f"tie must be one of {TIE_RULES}, got {tie!r}")
+    absval = tau.abs()
+    if tie == "keep_ties":
+        return absval >= magnitude_threshold_ref(absval, density)
+    k = min(int(tau.numel() * density), tau.numel())
+    mask = torch.zeros(tau.numel(), dtype=torch.bool, device=tau.device)
+    mask[_stable_order(absval, descending=True)[:k]] = True
+    return mask.view(tau.shape)
+
+
+def random_mask_ref(tau: torch.Tensor, density: float, seed: int, tensor_index: int):
+    """DARE's keep mask: each entry independently with probability ``density`` (seeded)."""
+    return bernoulli_mask_ref(tau.shape, density, seed, tensor_index, device=tau.device)
+
+
+def breadcrumbs_mask_ref(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs: drop the ``gamma`` fraction of largest magnitudes (outliers) and the
+    smallest ones, keeping ``density`` of the entries (mergekit's counts).
+
+    ``n_top = int(gamma·N)``, ``n_bot = N − int(density·N) − n_top`` (if negative, ``n_top`` absorbs
+    it and ``n_bot = 0``); keep ascending ranks ``[n_bot, N − n_top)``. Unlike mergekit's slice
+    ``[n_bot:-n_top]``, ``n_top = 0`` keeps ranks ``[n_bot, N)`` instead of dropping everything.
+    """
+    n = tau.numel()
+    n_top = int(gamma * n)
+    n_bot = n - int(density * n) - n_top
+    if n_bot < 0:
+        n_top += n_bot
+        n_bot = 0
+    mask = torch.zeros(n, dtype=torch.bool, device=tau.device)
+    mask[_stable_order(tau.abs(), descending=False)[n_bot : n - n_top]] = True
+    return mask.view(tau.shape)
+
+
+def della_keep_prob_ref(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's MagPrune keep probabilities, per row (a 1-D tensor is one row).
+
+    Ascending magnitude rank r ∈ [0, n−1] within the row, ``p = (density − ε) + 2ε·r/(n−1)``
+    (``r/(n−1)`` taken as 0 for a one-element row). Requires ``0 < density − ε`` and
+    ``density + ε ≤ 1``.
+    """
+    if not (0 < density - epsilon and density + epsilon <= 1):
+        raise ValueError(
+            f"della needs 0 < density - epsilon and density + epsilon <= 1 "
+            f"(density={density}, epsilon={epsilon})"
+        )
+    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(-1, tau.shape[-1])
+    n = rows.shape[1]
+    ranks = torch.empty_like(rows, dtype=torch.float64)
+    for i, row in enumerate(rows):
+        ranks[i, _stable_order(row.abs(), descending=False)] = torch.arange(
+            n, dtype=torch.float64, device=tau.device
+        )
+    norm = ranks / (n - 1) if n > 1 else torch.zeros_like(ranks)
+    return ((density - epsilon) + 2 * epsilon * norm).to(torch.float32).view(tau.shape)
+
+
+def rescale_ref(
+    tau: torch.Tensor, kept: torch.Tensor, mask: torch.Tensor, mode: str, keep_prob=None
+) -> torch.Tensor:
+    """Rescale the sparsified ``kept = mask·τ``.
+
+    ``inverse_density``: divide by the keep probability (the DARE paper; ``keep_prob`` a float or
+    per-element tensor). ``l1``: multiply by ``‖τ‖₁ / ‖kept‖₁`` (mergekit since its PR #245; left
+    unscaled when nothing was kept). ``none``: as is.
+    """
+    if mode == "none":
+        return kept
+    if mode == "inverse_density":
+        return kept / keep_prob
+    if mode == "l1":
+        kept_norm = kept.abs().sum()
+        if kept_norm == 0:
+            return kept
+        return kept * (tau.abs().sum() / kept_norm)
+    raise ValueError(f"rescale must be one of {RESCALES}, got {mode!r}")
+
+
+# ---- consensus -------------------------------------------------------------------------------
+
+
+def elect_sign_ref(weighted: torch.Tensor, method: str = "sum") -> torch.Tensor:
+    """Elected sign per entry from the N weighted sparse task vectors ``weighted [N, *S]``.
+
+    ``sum`` (TIES "mass"): sign of Σ_t W_t; ``count``: sign of Σ_t sgn(W_t). A vote of 0 gives +1.
+    """
+    if method == "sum":
+        vote = weighted.sum(0)
+    elif method == "count":
+        vote = weighted.sign().sum(0)
+    else:
+        raise ValueError(f"consensus must be one of {CONSENSUS[1:]}, got {method!r}")
+    return torch.where(vote >= 0, 1.0, -1.0).to(weighted.dtype)
+
+
+# ---- the generalized routine -----------------------------------------------------------------
+
+
+def generalized_merge_ref(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    *,
+    weights: Sequence[float],
+    densities: Sequence[float] | None = None,
+    sparsify: str = "none",
+    consensus: str = "none",
+    normalize: bool = False,
+    rescale: str = "none",
+    lam: float = 1.0,
+    tie: str = "keep_ties",
+    gammas: Sequence[float] | None = None,
+    epsilons: Sequence[float] | None = None,
+    seed: int = 0,
+    tensor_index: int = 0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """mergekit's generalized task arithmetic, one tensor position (spec §2.2–2.6).
+
+    For each model t: τ_t = θ_t − θ₀; τ̂_t = rescale(mask_t ⊙ τ_t) with the ``sparsify`` mask at
+    density d_t; W_t = w_t·τ̂_t (weights before election, so they sway the vote). Then
+
+    - ``consensus="none"``: Δ = Σ_t W_t, divided by Σ_t w_t when ``normalize``;
+    - ``consensus="sum"|"count"``: s = elected sign, m_t = [sgn(W_t) = s] (zeros never agree),
+      Δ = Σ_t m_t W_t, divided by Σ_t m_t w_t (0 → 1) when ``normalize``.
+
+    Result θ₀ + λ·Δ in ``out_dtype`` (default: the base's dtype). Random masks (DARE, DELLA) of
+    model t at tensor position i draw from the counter-based stream ``i·N + t`` of ``seed``.
+
+    Parameters
+    ----------
+    base : Tensor
+        θ₀, shape ``S``.
+    tensors : sequence of Tensor
+        The N fine-tuned θ_t, shape ``S``.
+    sparsify : {"none", "magnitude", "random", "breadcrumbs", "della"}
+        Which mask: TIES trimming, DARE, Model Breadcrumbs, DELLA's MagPrune.
+    """
+    n = len(tensors)
+    dt = _compute_dtype(base)
+    theta0 = base.to(dt)
+    densities = list(densities) if densities is not None else [1.0] * n
+    w = torch.tensor([float(x) for x in weights], dtype=dt, device=base.device)
+    w_view = w.view(-1, *([1] * base.dim()))
+    sparse = []
+    for t, theta in enumerate(tensors):
+        tau = theta.to(dt) - theta0
+        d = float(densities[t])
+        keep_prob = d
+        if sparsify == "none" or (d >= 1.0 and sparsify in ("magnitude", "random")):
+            mask = torch.ones_like(tau, dtype=torch.bool)
+            keep_prob = 1.0
+        elif sparsify == "magnitude":
+            mask = magnitude_mask_ref(tau, d, tie)
+        elif sparsify == "random":
+            mask = random_mask_ref(tau, d, seed, tensor_index * n + t)
+        elif sparsify == "breadcrumbs":
+            mask = breadcrumbs_mask_ref(tau, d, float(gammas[t]))
+        elif sparsify == "della":
+            keep_prob = della_keep_prob_ref(tau, d, float(epsilons[t])).to(dt)
+            mask = bernoulli_mask_ref(
+                tau.shape, keep_prob, seed, tensor_index * n + t, device=tau.device
+            )
+        else:
+            raise ValueError(f"unknown sparsify {sparsify!r}")
+        kept = torch.where(mask, tau, torch.zeros((), dtype=dt, device=tau.device))
+        sparse.append(rescale_ref(tau, kept, mask, rescale, keep_prob))
+    weighted = torch.stack(sparse) * w_view
+    if consensus == "none":
+        delta = weighted.sum(0)
+        if normalize:
+            delta = delta / w.sum()
+    else:
+        sign = elect_sign_ref(weighted, consensus)
+        agree = (weighted.sign() == sign) & (weighted != 0)
+        delta = (weighted * agree).sum(0)
+        if normalize:
+            divisor = (agree * w_view).sum(0)
+            delta = delta / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    return (theta0 + lam * delta).to(out_dtype or base.dtype)
+
+
+def linear_ref(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    normalize: bool = True,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Weighted average Σ w_t θ_t / Σ w_t (model soups; mergekit ``linear``, no base)."""
+    dt = _compute_dtype(tensors[0])
+    acc = sum(float(w) * t.to(dt) for t, w in zip(tensors, weights, strict=True))
+    if normalize:
+        acc = acc / sum(float(w) for w in weights)
+    return acc.to(out_dtype or tensors[0].dtype)
+
+
+def model_stock_ref(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    filter_wise: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Model Stock (spec §2.7): θ = t·mean_i θ_i + (1 − t)·θ₀ with t = N·cos / (1 + (N − 1)·cos),
+    cos the mean pairwise cosine of the task vectors (clamped to [−1, 1], norms ≥ 1e-6), per tensor
+    or, with ``filter_wise``, per row."""
+    n = len(tensors)
+    if n < 2:
+        raise ValueError("model_stock needs at least 2 fine-tuned models besides the base")
+    dt = _compute_dtype(base)
+    theta0 = base.to(dt)
+    taus = [t.to(dt) - theta0 for t in tensors]
+    if filter_wise and base.dim() >= 2:
+        flat = [x.reshape(x.shape[0], -1) for x in taus]
+    else:
+        flat = [x.reshape(1, -1) for x in taus]
+    cos_sum = torch.zeros(flat[0].shape[0], dtype=dt, device=base.device)
+    pairs = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            ni = flat[i].norm(dim=1).clamp_min(1e-6)
+            nj = flat[j].norm(dim=1).clamp_min(1e-6)
+            cos_sum += ((flat[i] * flat[j]).sum(1) / (ni * nj)).clamp(-1, 1)
+            pairs += 1
+    cos = cos_sum / pairs
+    t = (n * cos) / (1 + (n - 1) * cos)
+    t = t.view(-1, *([1] * (base.dim() - 1))) if filter_wise and base.dim() >= 2 else t.view(())
+    mean = sum(x.to(dt) for x in tensors) / n
+    return (t * mean + (1 - t) * theta0).to(out_dtype or base.dtype)
+
+
+def slerp_ref(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    t: float,
+    dot_threshold: float = 0.9995,
+    eps: float = 1e-8,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Spherical interpolation from ``a`` (t = 0) to ``b`` (t = 1), as mergekit's ``slerp``.
+
+    The angle comes from the normalised tensors (a norm ≤ eps leaves a tensor unnormalised); when
+    ``|cos| > dot_threshold`` the tensors are nearly colinear and it falls back to linear
+    interpolation. The result combines the unnormalised tensors:
+    ``sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b``.
+    """
+    dt = _compute_dtype(a)
+    v0, v1 = a.to(dt), b.to(dt)
+    n0, n1 = v0.norm(), v1.norm()
+    u0 = v0 / n0 if n0 > eps else v0
+    u1 = v1 / n1 if n1 > eps else v1
+    dot = (u0 * u1).sum()
+    if dot.abs() > dot_threshold:
+        res = (1 - t) * v0 + t * v1
+    else:
+        omega = torch.arccos(dot)
+        sin_omega = torch.sin(omega)
+        res = torch.sin((1 - t) * omega) / sin_omega * v0 + torch.sin(t * omega) / sin_omega * v1
+    return res.to(out_dtype or a.dtype)
