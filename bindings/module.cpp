@@ -1,6 +1,8 @@
 // meldkit._C: the compiled core's Python module. Only m.def lines live here.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include "meldkit/merge.h"
 #include "meldkit/status.h"
 #include "meldkit/weighted_sum.h"
 #include "ops.h"
@@ -44,4 +46,25 @@ PYBIND11_MODULE(_C, m) {
         "float32 workspace elements a call needs on `device` ('cpu' or 'cuda').",
         py::arg("num_inputs"), py::arg("numel"), py::arg("device"));
   m.attr("WEIGHTED_SUM_MAX_INPUTS_PER_LAUNCH") = meldkit::kWeightedSumMaxInputsPerLaunch;
+
+  m.def("task_merge", &mb::task_merge,
+        "out[:] = base + lam * delta, the fused task-vector merge of one tensor (see merge.h).",
+        py::arg("base"), py::arg("models"), py::arg("out"), py::arg("weights"), py::arg("scales"),
+        py::arg("thresholds"), py::arg("densities"), py::arg("seed"), py::arg("streams"),
+        py::arg("sparsify"), py::arg("consensus"), py::arg("normalize"), py::arg("lam"),
+        py::arg("stream") = 0);
+  m.def("task_l1", &mb::task_l1,
+        "[sum |tau_t|, sum over kept |tau_t|] per model, flattened (float64).", py::arg("base"),
+        py::arg("models"), py::arg("thresholds"), py::arg("densities"), py::arg("seed"),
+        py::arg("streams"), py::arg("sparsify"), py::arg("workspace") = py::none(),
+        py::arg("stream") = 0);
+  m.def("task_l1_workspace_numel", &mb::task_l1_workspace_numel,
+        "float64 workspace elements task_l1 needs on CUDA.", py::arg("num_models"));
+  m.def("magnitude_select", &mb::magnitude_select,
+        "The k-th largest |a - b| over lists of tensors, exactly (radix selection).", py::arg("a"),
+        py::arg("b"), py::arg("k"), py::arg("workspace") = py::none(), py::arg("stream") = 0);
+  m.def("merge_native_dtypes", &mb::merge_native_dtypes,
+        "{device: [dtype names]} the native merge kernels accept.");
+  m.attr("MERGE_MAX_MODELS") = meldkit::kMergeMaxModels;
+  m.attr("MAGNITUDE_SELECT_CUDA_WORKSPACE") = meldkit::kMagnitudeSelectCudaWorkspace;
 }

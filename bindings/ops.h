@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace meldkit::bind {
 
@@ -15,6 +16,18 @@ void weighted_sum(py::handle tensors, py::handle weights, py::handle out, py::ha
                   int64_t stream);
 py::dict weighted_sum_native_dtypes();
 int64_t weighted_sum_workspace_numel(int64_t num_inputs, int64_t numel, const std::string& device);
+
+// merge.cpp
+void task_merge(py::handle base, py::handle models, py::handle out, py::handle weights,
+                py::handle scales, py::handle thresholds, py::handle densities, uint64_t seed,
+                py::handle streams, const std::string& sparsify, const std::string& consensus,
+                bool normalize, float lam, int64_t stream);
+std::vector<double> task_l1(py::handle base, py::handle models, py::handle thresholds,
+                            py::handle densities, uint64_t seed, py::handle streams,
+                            const std::string& sparsify, py::handle workspace, int64_t stream);
+int64_t task_l1_workspace_numel(int64_t num_models);
+float magnitude_select(py::handle a, py::handle b, int64_t k, py::handle workspace, int64_t stream);
+py::dict merge_native_dtypes();
 
 // info.cpp
 py::dict build_info();

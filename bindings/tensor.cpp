@@ -232,7 +232,7 @@ void check_no_partial_overlap(const TensorArg& out, const std::vector<TensorArg>
   }
 }
 
-std::vector<float> import_weights(py::handle obj, ArgName name, size_t expected) {
+std::vector<float> import_floats(py::handle obj, ArgName name, size_t expected, bool allow_inf) {
   if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj)) {
     throw_type_error(name.prefix() + ": expected a sequence of floats, got " + type_name(obj));
   }
@@ -249,7 +249,7 @@ std::vector<float> import_weights(py::handle obj, ArgName name, size_t expected)
                        type_name(item));
     }
     w[i] = static_cast<float>(item.cast<double>());
-    if (!std::isfinite(w[i])) {
+    if (std::isnan(w[i]) || (!allow_inf && !std::isfinite(w[i]))) {
       throw_value_error(name.prefix() + "[" + std::to_string(i) +
                         "]: must be finite in float32, got " + py::str(item).cast<std::string>());
     }

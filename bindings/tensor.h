@@ -55,6 +55,8 @@ void check_dtype_in(const TensorArg& t, const DType* begin, const DType* end,
 // `out` may be exactly one of the inputs (same memory), never a partial overlap.
 void check_no_partial_overlap(const TensorArg& out, const std::vector<TensorArg>& inputs);
 
-std::vector<float> import_weights(py::handle obj, ArgName name, size_t expected);
+// A sequence of `expected` numbers as float32; non-finite values are refused (NaN always).
+std::vector<float> import_floats(py::handle obj, ArgName name, size_t expected,
+                                 bool allow_inf = false);
 
 }  // namespace meldkit::bind

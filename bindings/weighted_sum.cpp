@@ -71,7 +71,7 @@ void weighted_sum(py::handle tensors, py::handle weights, py::handle out, py::ha
     check_dtype_in(ins[0], kCpuBegin, kCpuEnd, "CPU");
   }
 
-  std::vector<float> w = import_weights(weights, {kOp, "weights"}, n);
+  std::vector<float> w = import_floats(weights, {kOp, "weights"}, n);
 
   TensorArg o = import_tensor(out, {kOp, "out"}, stream);
   check_same_device(o, ins[0]);

@@ -128,23 +128,43 @@ def rescale_ref(
 ) -> torch.Tensor:
     """Rescale the sparsified ``kept = mask·τ``.
 
-    ``inverse_density``: divide by the keep probability (the DARE paper; ``keep_prob`` a float or
-    per-element tensor). ``l1``: multiply by ``‖τ‖₁ / ‖kept‖₁`` (mergekit since its PR #245; left
-    unscaled when nothing was kept). ``none``: as is.
+    ``inverse_density``: divide by the keep probability (the DARE paper), as a multiplication by
+    its reciprocal (in float32) for a scalar probability, a division for DELLA's per-element
+    ones. ``l1``: multiply by ``‖τ‖₁ / ‖kept‖₁`` (mergekit since its PR #245), the norms summed
+    in float64 and the ratio rounded once to the compute dtype; left unscaled when nothing was
+    kept. ``none``: as is.
     """
     if mode == "none":
         return kept
     if mode == "inverse_density":
-        return kept / keep_prob
+        if isinstance(keep_prob, torch.Tensor):
+            return kept / keep_prob
+        return kept * (1.0 / keep_prob)
     if mode == "l1":
-        kept_norm = kept.abs().sum()
+        kept_norm = kept.abs().double().sum()
         if kept_norm == 0:
             return kept
-        return kept * (tau.abs().sum() / kept_norm)
+        factor = (tau.abs().double().sum() / kept_norm).to(kept.dtype)
+        return kept * factor
     raise ValueError(f"rescale must be one of {RESCALES}, got {mode!r}")
 
 
 # ---- consensus -------------------------------------------------------------------------------
+
+
+def signed_parts_ref(weighted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ_t max(W_t, 0), Σ_t min(W_t, 0))`` over ``weighted [N, *S]``, summed in model order.
+
+    Every sum over models is taken as its positive part plus its negative part, which is how the
+    kernels accumulate (one pass, O(1) state per element); the reference sums the same way so
+    that discrete choices (the elected sign) agree exactly.
+    """
+    pos = torch.zeros_like(weighted[0])
+    neg = torch.zeros_like(weighted[0])
+    for w in weighted:
+        pos = pos + w.clamp(min=0)
+        neg = neg + w.clamp(max=0)
+    return pos, neg
 
 
 def elect_sign_ref(weighted: torch.Tensor, method: str = "sum") -> torch.Tensor:
@@ -153,7 +173,8 @@ def elect_sign_ref(weighted: torch.Tensor, method: str = "sum") -> torch.Tensor:
     ``sum`` (TIES "mass"): sign of Σ_t W_t; ``count``: sign of Σ_t sgn(W_t). A vote of 0 gives +1.
     """
     if method == "sum":
-        vote = weighted.sum(0)
+        pos, neg = signed_parts_ref(weighted)
+        vote = pos + neg
     elif method == "count":
         vote = weighted.sign().sum(0)
     else:
@@ -180,6 +201,7 @@ def generalized_merge_ref(
     epsilons: Sequence[float] | None = None,
     seed: int = 0,
     tensor_index: int = 0,
+    thresholds: Sequence[float] | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """mergekit's generalized task arithmetic, one tensor position (spec §2.2–2.6).
@@ -202,6 +224,9 @@ def generalized_merge_ref(
         The N fine-tuned θ_t, shape ``S``.
     sparsify : {"none", "magnitude", "random", "breadcrumbs", "della"}
         Which mask: TIES trimming, DARE, Model Breadcrumbs, DELLA's MagPrune.
+    thresholds : sequence of float, optional
+        With ``magnitude``: keep ``|τ_t| ≥ thresholds[t]`` instead of selecting per tensor (the
+        thresholds of a global, whole-model selection).
     """
     n = len(tensors)
     dt = _compute_dtype(base)
@@ -217,6 +242,8 @@ def generalized_merge_ref(
         if sparsify == "none" or (d >= 1.0 and sparsify in ("magnitude", "random")):
             mask = torch.ones_like(tau, dtype=torch.bool)
             keep_prob = 1.0
+        elif sparsify == "magnitude" and thresholds is not None:
+            mask = tau.abs() >= float(thresholds[t])
         elif sparsify == "magnitude":
             mask = magnitude_mask_ref(tau, d, tie)
         elif sparsify == "random":
@@ -233,16 +260,26 @@ def generalized_merge_ref(
         kept = torch.where(mask, tau, torch.zeros((), dtype=dt, device=tau.device))
         sparse.append(rescale_ref(tau, kept, mask, rescale, keep_prob))
     weighted = torch.stack(sparse) * w_view
+    pos, neg = signed_parts_ref(weighted)
     if consensus == "none":
-        delta = weighted.sum(0)
+        delta = pos + neg
         if normalize:
-            delta = delta / w.sum()
+            total = w[0]
+            for x in w[1:]:
+                total = total + x  # in model order, as the kernels add
+            delta = delta / (total if total != 0 else 1.0)
     else:
-        sign = elect_sign_ref(weighted, consensus)
-        agree = (weighted.sign() == sign) & (weighted != 0)
-        delta = (weighted * agree).sum(0)
+        positive = elect_sign_ref(weighted, consensus) > 0
+        # The agreeing entries are the positive ones where +1 won, the negative ones elsewhere.
+        delta = torch.where(positive, pos, neg)
         if normalize:
-            divisor = (agree * w_view).sum(0)
+            # Σ of the agreeing models' weights, in model order.
+            w_pos = torch.zeros_like(pos)
+            w_neg = torch.zeros_like(neg)
+            for wt, wi in zip(weighted, w, strict=True):
+                w_pos = w_pos + (wt > 0) * wi
+                w_neg = w_neg + (wt < 0) * wi
+            divisor = torch.where(positive, w_pos, w_neg)
             delta = delta / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
     return (theta0 + lam * delta).to(out_dtype or base.dtype)
 

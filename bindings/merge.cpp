@@ -1,0 +1,335 @@
+// Bindings of the merge family: task_merge, task_l1 and magnitude_select. Validate, pick the
+// device and stream, release the GIL, launch.
+#include "meldkit/merge.h"
+
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "ops.h"
+#include "tensor.h"
+
+namespace meldkit::bind {
+
+namespace {
+
+const DType* const kBegin = std::begin(kFloatDtypes);
+const DType* const kEnd = std::end(kFloatDtypes);
+
+// The tensors of one merge call: base, then the N models, all alike (shape, dtype, device).
+struct MergeInputs {
+  TensorArg base;
+  std::vector<TensorArg> models;
+  std::vector<const void*> ptrs;
+  bool cuda = false;
+};
+
+MergeInputs import_merge_inputs(const char* op, py::handle base, py::handle models,
+                                int64_t stream) {
+  MergeInputs in;
+  in.base = import_tensor(base, {op, "base"}, stream);
+  check_contiguous(in.base);
+  in.cuda = in.base.device == DeviceKind::kCUDA;
+  if (in.cuda && !has_cuda()) {
+    throw_type_error(std::string(op) +
+                     ": argument 'base': is on CUDA but meldkit was built "
+                     "without CUDA");
+  }
+  check_dtype_in(in.base, kBegin, kEnd, in.cuda ? "CUDA" : "CPU");
+  if (!py::isinstance<py::sequence>(models) || py::hasattr(models, "__dlpack__")) {
+    throw_type_error(std::string(op) + ": argument 'models': expected a list of tensors");
+  }
+  auto seq = py::reinterpret_borrow<py::sequence>(models);
+  if (seq.size() == 0) throw_value_error(std::string(op) + ": argument 'models': is empty");
+  if (seq.size() > size_t(kMergeMaxModels)) {
+    throw_value_error(std::string(op) + ": argument 'models': at most " +
+                      std::to_string(kMergeMaxModels) + " per call, got " +
+                      std::to_string(seq.size()));
+  }
+  for (size_t i = 0; i < seq.size(); ++i) {
+    in.models.push_back(import_tensor(seq[i], {op, "models[" + std::to_string(i) + "]"}, stream));
+    const TensorArg& t = in.models.back();
+    check_same_device(t, in.base);
+    check_same_shape(t, in.base);
+    if (t.dtype != in.base.dtype) {
+      throw_type_error(t.name.prefix() + ": dtype " + dtype_name(t.dtype) + " differs from " +
+                       "'base' " + dtype_name(in.base.dtype));
+    }
+    check_contiguous(t);
+    in.ptrs.push_back(t.data);
+  }
+  return in;
+}
+
+std::vector<float> optional_floats(py::handle obj, const char* op, const char* name, size_t n,
+                                   bool required, bool allow_inf = false) {
+  if (obj.is_none()) {
+    if (required) throw_value_error(std::string(op) + ": argument '" + name + "': is required");
+    return {};
+  }
+  return import_floats(obj, {op, name}, n, allow_inf);
+}
+
+Sparsify parse_sparsify(const std::string& s) {
+  if (s == "none") return Sparsify::kNone;
+  if (s == "magnitude") return Sparsify::kMagnitude;
+  if (s == "random") return Sparsify::kRandom;
+  throw_value_error("task_merge: argument 'sparsify': must be none, magnitude or random, got '" +
+                    s + "'");
+}
+
+Consensus parse_consensus(const std::string& s) {
+  if (s == "none") return Consensus::kNone;
+  if (s == "sum") return Consensus::kSum;
+  if (s == "count") return Consensus::kCount;
+  throw_value_error("task_merge: argument 'consensus': must be none, sum or count, got '" + s +
+                    "'");
+}
+
+// Fills the per-model parts of TaskMergeParams that task_merge and task_l1 share.
+struct SparsifyArgs {
+  std::vector<float> thresholds, densities;
+  std::vector<uint32_t> streams;
+};
+
+SparsifyArgs import_sparsify(const char* op, Sparsify sparsify, size_t n, py::handle thresholds,
+                             py::handle densities, py::handle streams, TaskMergeParams& p) {
+  SparsifyArgs s;
+  // +-inf are valid thresholds (keep nothing / everything); NaN is not.
+  s.thresholds = optional_floats(thresholds, op, "thresholds", n, sparsify == Sparsify::kMagnitude,
+                                 /*allow_inf=*/true);
+  s.densities = optional_floats(densities, op, "densities", n, sparsify == Sparsify::kRandom);
+  if (sparsify == Sparsify::kRandom) {
+    for (size_t t = 0; t < n; ++t) {
+      if (!(s.densities[t] >= 0.f && s.densities[t] <= 1.f)) {
+        throw_value_error(std::string(op) + ": argument 'densities[" + std::to_string(t) +
+                          "]': must be in [0, 1]");
+      }
+    }
+    if (streams.is_none()) {
+      throw_value_error(std::string(op) + ": argument 'streams': is required for random masks");
+    }
+    s.streams = streams.cast<std::vector<uint32_t>>();
+    if (s.streams.size() != n) {
+      throw_value_error(std::string(op) + ": argument 'streams': has " +
+                        std::to_string(s.streams.size()) + " entries for " + std::to_string(n) +
+                        " models");
+    }
+  }
+  p.sparsify = sparsify;
+  p.thresholds = s.thresholds.empty() ? nullptr : s.thresholds.data();
+  p.densities = s.densities.empty() ? nullptr : s.densities.data();
+  p.streams = s.streams.empty() ? nullptr : s.streams.data();
+  return s;
+}
+
+}  // namespace
+
+py::dict merge_native_dtypes() {
+  py::dict d;
+  py::list names;
+  for (const DType* t = kBegin; t != kEnd; ++t) names.append(dtype_name(*t));
+  d["cpu"] = names;
+  if (has_cuda()) d["cuda"] = names;
+  return d;
+}
+
+void task_merge(py::handle base, py::handle models, py::handle out, py::handle weights,
+                py::handle scales, py::handle thresholds, py::handle densities, uint64_t seed,
+                py::handle streams, const std::string& sparsify, const std::string& consensus,
+                bool normalize, float lam, int64_t stream) {
+  constexpr const char* kOp = "task_merge";
+  MergeInputs in = import_merge_inputs(kOp, base, models, stream);
+  const size_t n = in.models.size();
+  TaskMergeParams p;
+  std::vector<float> w = import_floats(weights, {kOp, "weights"}, n);
+  std::vector<float> sc = import_floats(scales, {kOp, "scales"}, n);
+  const SparsifyArgs storage =
+      import_sparsify(kOp, parse_sparsify(sparsify), n, thresholds, densities, streams, p);
+  if (!std::isfinite(lam)) throw_value_error("task_merge: argument 'lam': must be finite");
+
+  TensorArg o = import_tensor(out, {kOp, "out"}, stream);
+  check_same_device(o, in.base);
+  check_same_shape(o, in.base);
+  check_contiguous(o);
+  check_writable(o);
+  check_dtype_in(o, kBegin, kEnd, in.cuda ? "CUDA" : "CPU");
+  std::vector<TensorArg> all = in.models;
+  check_no_partial_overlap(o, all);  // out may not be a model (models are read after base)
+  for (const TensorArg& m : in.models) {
+    if (m.data == o.data && o.nbytes() > 0) {
+      throw_value_error(o.name.prefix() + ": may be 'base' but not one of the models");
+    }
+  }
+  all.push_back(in.base);
+  check_no_partial_overlap(o, all);
+
+  p.numel = in.base.numel();
+  p.num_models = int(n);
+  p.base = in.base.data;
+  p.models = in.ptrs.data();
+  p.in_dtype = in.base.dtype;
+  p.out = o.data;
+  p.out_dtype = o.dtype;
+  p.consensus = parse_consensus(consensus);
+  p.normalize = normalize;
+  p.lambda = lam;
+  p.weights = w.data();
+  p.scales = sc.data();
+  p.seed = seed;
+  if (p.numel == 0) return;
+  if (in.cuda) {
+#ifdef MELDKIT_WITH_CUDA
+    py::gil_scoped_release release;
+    task_merge_cuda(p, in.base.device_id, reinterpret_cast<void*>(stream));
+#endif
+  } else {
+    py::gil_scoped_release release;
+    task_merge_cpu(p);
+  }
+}
+
+std::vector<double> task_l1(py::handle base, py::handle models, py::handle thresholds,
+                            py::handle densities, uint64_t seed, py::handle streams,
+                            const std::string& sparsify, py::handle workspace, int64_t stream) {
+  constexpr const char* kOp = "task_l1";
+  MergeInputs in = import_merge_inputs(kOp, base, models, stream);
+  const size_t n = in.models.size();
+  TaskMergeParams p;
+  const SparsifyArgs storage =
+      import_sparsify(kOp, parse_sparsify(sparsify), n, thresholds, densities, streams, p);
+  p.numel = in.base.numel();
+  p.num_models = int(n);
+  p.base = in.base.data;
+  p.models = in.ptrs.data();
+  p.in_dtype = in.base.dtype;
+  p.seed = seed;
+  std::vector<double> norms(2 * n, 0.0);
+  if (in.cuda) {
+#ifdef MELDKIT_WITH_CUDA
+    if (workspace.is_none()) {
+      throw_value_error("task_l1: argument 'workspace': CUDA needs a float64 workspace of " +
+                        std::to_string(task_l1_workspace_numel(int64_t(n))) + " elements");
+    }
+    TensorArg ws = import_tensor(workspace, {kOp, "workspace"}, stream);
+    check_same_device(ws, in.base);
+    check_contiguous(ws);
+    check_writable(ws);
+    if (ws.dtype != DType::kFloat64 || ws.numel() < task_l1_workspace_numel(int64_t(n))) {
+      throw_value_error(ws.name.prefix() + ": must be float64 with at least " +
+                        std::to_string(task_l1_workspace_numel(int64_t(n))) + " elements");
+    }
+    py::gil_scoped_release release;
+    task_l1_cuda(p, static_cast<double*>(ws.data), norms.data(), in.base.device_id,
+                 reinterpret_cast<void*>(stream));
+#endif
+  } else {
+    py::gil_scoped_release release;
+    task_l1_cpu(p, norms.data());
+  }
+  return norms;
+}
+
+int64_t task_l1_workspace_numel(int64_t num_models) {
+  return int64_t(kTaskL1Blocks) * 2 * num_models;
+}
+
+float magnitude_select(py::handle a, py::handle b, int64_t k, py::handle workspace,
+                       int64_t stream) {
+  constexpr const char* kOp = "magnitude_select";
+  if (!py::isinstance<py::sequence>(a) || py::hasattr(a, "__dlpack__")) {
+    throw_type_error(std::string(kOp) + ": argument 'a': expected a list of tensors");
+  }
+  auto sa = py::reinterpret_borrow<py::sequence>(a);
+  if (sa.size() == 0) throw_value_error(std::string(kOp) + ": argument 'a': is empty");
+  const bool has_b = !b.is_none();
+  py::sequence sb;
+  if (has_b) {
+    if (!py::isinstance<py::sequence>(b) || py::hasattr(b, "__dlpack__")) {
+      throw_type_error(std::string(kOp) + ": argument 'b': expected a list of tensors or None");
+    }
+    sb = py::reinterpret_borrow<py::sequence>(b);
+    if (sb.size() != sa.size()) {
+      throw_value_error(std::string(kOp) + ": argument 'b': has " + std::to_string(sb.size()) +
+                        " tensors for " + std::to_string(sa.size()) + " in 'a'");
+    }
+  }
+  std::vector<TensorArg> ta, tb;
+  std::vector<const void*> pa, pb;
+  std::vector<int64_t> numels;
+  int64_t total = 0;
+  for (size_t i = 0; i < sa.size(); ++i) {
+    ta.push_back(import_tensor(sa[i], {kOp, "a[" + std::to_string(i) + "]"}, stream));
+    check_contiguous(ta.back());
+    if (i > 0) {
+      check_same_device(ta.back(), ta[0]);
+      if (ta.back().dtype != ta[0].dtype) {
+        throw_type_error(ta.back().name.prefix() + ": dtype differs from 'a[0]'");
+      }
+    }
+    if (has_b) {
+      tb.push_back(import_tensor(sb[i], {kOp, "b[" + std::to_string(i) + "]"}, stream));
+      check_same_device(tb.back(), ta[0]);
+      check_same_shape(tb.back(), ta.back());
+      check_contiguous(tb.back());
+      if (tb.back().dtype != ta[0].dtype) {
+        throw_type_error(tb.back().name.prefix() + ": dtype differs from 'a[0]'");
+      }
+      pb.push_back(tb.back().data);
+    }
+    pa.push_back(ta.back().data);
+    numels.push_back(ta.back().numel());
+    total += numels.back();
+  }
+  const bool cuda = ta[0].device == DeviceKind::kCUDA;
+  if (cuda && !has_cuda()) {
+    throw_type_error(std::string(kOp) +
+                     ": argument 'a': is on CUDA but meldkit was built "
+                     "without CUDA");
+  }
+  check_dtype_in(ta[0], kBegin, kEnd, cuda ? "CUDA" : "CPU");
+  if (k < 1 || k > total) {
+    throw_value_error(std::string(kOp) + ": argument 'k': must be in [1, " + std::to_string(total) +
+                      "], got " + std::to_string(k));
+  }
+  MagnitudeSelectParams p;
+  p.num_tensors = int(ta.size());
+  p.a = pa.data();
+  p.b = has_b ? pb.data() : nullptr;
+  p.numels = numels.data();
+  p.dtype = ta[0].dtype;
+  p.k = k;
+  uint32_t bits = 0;
+  if (cuda) {
+#ifdef MELDKIT_WITH_CUDA
+    if (workspace.is_none()) {
+      throw_value_error(std::string(kOp) +
+                        ": argument 'workspace': CUDA needs a float64 "
+                        "workspace (used as counters) of " +
+                        std::to_string(kMagnitudeSelectCudaWorkspace) + " elements");
+    }
+    TensorArg ws = import_tensor(workspace, {kOp, "workspace"}, stream);
+    check_same_device(ws, ta[0]);
+    check_contiguous(ws);
+    check_writable(ws);
+    if (ws.dtype != DType::kFloat64 || ws.numel() < kMagnitudeSelectCudaWorkspace) {
+      throw_value_error(ws.name.prefix() + ": must be float64 with at least " +
+                        std::to_string(kMagnitudeSelectCudaWorkspace) + " elements");
+    }
+    py::gil_scoped_release release;
+    bits = magnitude_select_cuda(p, static_cast<unsigned long long*>(ws.data), ta[0].device_id,
+                                 reinterpret_cast<void*>(stream));
+#endif
+  } else {
+    py::gil_scoped_release release;
+    bits = magnitude_select_cpu(p);
+  }
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+}  // namespace meldkit::bind

@@ -1,0 +1,177 @@
+// The merge family: magnitude thresholds by radix selection, and the fused task-vector merge.
+//
+// task_merge computes, for one tensor position of a model, out = base + lambda * delta from N
+// fine-tuned tensors (mergekit's generalized task arithmetic, spec: merging.md section 2):
+//   tau_t = model_t - base                                   (in float32)
+//   keep_t: sparsify none | magnitude (|tau_t| >= threshold_t) | random (u(seed, stream_t, e) <
+//   d_t) W_t   = weight_t * (scale_t * tau_t) if kept, else 0     (scale_t: rescale factor, 1 if
+//   none) consensus none:      delta = sum_t W_t                   / sum_t weight_t        if
+//   normalize consensus sum|count: s = +1 if vote >= 0 else -1 (vote: sum of W_t | of sign(W_t)),
+//                        delta = sum_{sign W_t = s} W_t      / sum_{agreeing} weight_t (0 -> 1)
+// One pass, O(1) state per element whatever N: positive and negative parts are summed separately.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "meldkit/dtype.h"
+#include "meldkit/macros.h"
+#include "meldkit/random.h"
+
+namespace meldkit {
+
+enum class Sparsify : int { kNone = 0, kMagnitude = 1, kRandom = 2 };
+enum class Consensus : int { kNone = 0, kSum = 1, kCount = 2 };
+
+// Models one task_merge call takes; their parameters travel by value to the CUDA kernel.
+constexpr int kMergeMaxModels = 32;
+
+struct TaskMergeParams {
+  int64_t numel = 0;
+  int num_models = 0;
+  const void* base = nullptr;           // [numel] of in_dtype
+  const void* const* models = nullptr;  // [N] host array of [numel] of in_dtype
+  DType in_dtype = DType::kFloat32;
+  void* out = nullptr;  // [numel] of out_dtype; may be exactly `base`
+  DType out_dtype = DType::kFloat32;
+  Sparsify sparsify = Sparsify::kNone;
+  Consensus consensus = Consensus::kNone;
+  bool normalize = false;
+  float lambda = 1.0f;
+  const float* weights = nullptr;     // [N]
+  const float* scales = nullptr;      // [N] rescale factors applied to kept entries
+  const float* thresholds = nullptr;  // [N] magnitude: keep |tau| >= threshold
+  const float* densities = nullptr;   // [N] random: keep u < density
+  uint64_t seed = 0;
+  const uint32_t* streams = nullptr;  // [N] random: counter-based stream of each model
+};
+
+// Running sums of one element; positive and negative parts apart so the elected sign can pick.
+struct MergeAcc {
+  float pos = 0.f, neg = 0.f;    // sum of positive / negative W_t
+  float wpos = 0.f, wneg = 0.f;  // weights of the models with positive / negative W_t
+  float wall = 0.f;              // all weights (normalize without consensus)
+  int npos = 0, nneg = 0;
+};
+
+MELDKIT_INLINE bool merge_keep(Sparsify s, float tau, float threshold, float density, uint32_t key,
+                               uint64_t e) {
+  switch (s) {
+    case Sparsify::kMagnitude:
+      return fabsf(tau) >= threshold;
+    case Sparsify::kRandom:
+      return uniform01(key, e) < density;
+    default:
+      return true;
+  }
+}
+
+// Products and sums rounded one by one (no fused multiply-add), on the device as on the host,
+// so CPU, CUDA and the reference agree bit for bit. (The CPU build uses -ffp-contract=off.)
+MELDKIT_INLINE float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+MELDKIT_INLINE float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// One model's contribution: W = weight * (scale * tau) if kept.
+MELDKIT_INLINE void merge_add(MergeAcc& a, float weight, float scale, float tau, bool keep) {
+  a.wall = add_rn(a.wall, weight);
+  if (!keep) return;
+  const float w = mul_rn(weight, mul_rn(scale, tau));
+  if (w > 0.f) {
+    a.pos = add_rn(a.pos, w);
+    a.wpos = add_rn(a.wpos, weight);
+    a.npos += 1;
+  } else if (w < 0.f) {
+    a.neg = add_rn(a.neg, w);
+    a.wneg = add_rn(a.wneg, weight);
+    a.nneg += 1;
+  }
+}
+
+MELDKIT_INLINE float merge_delta(const MergeAcc& a, Consensus c, bool normalize) {
+  if (c == Consensus::kNone) {
+    const float delta = add_rn(a.pos, a.neg);
+    return normalize ? delta / (a.wall == 0.f ? 1.f : a.wall) : delta;
+  }
+  const bool positive = c == Consensus::kSum ? add_rn(a.pos, a.neg) >= 0.f : (a.npos - a.nneg) >= 0;
+  const float delta = positive ? a.pos : a.neg;
+  if (!normalize) return delta;
+  const float divisor = positive ? a.wpos : a.wneg;
+  return delta / (divisor == 0.f ? 1.f : divisor);
+}
+
+// base + lambda * delta, rounded as the reference rounds it.
+MELDKIT_INLINE float merge_finish(float base, float lambda, float delta) {
+  return add_rn(base, mul_rn(lambda, delta));
+}
+
+void task_merge_cpu(const TaskMergeParams& p);
+void task_merge_cuda(const TaskMergeParams& p, int device, void* stream);
+
+// L1 norms for mergekit's rescaling: norms[2t] = sum |tau_t|, norms[2t+1] = sum of |tau_t| over
+// the kept entries (same masks as task_merge; weights, scales and consensus unused). Summed in
+// double, in a fixed order, so repeated calls agree bit for bit.
+void task_l1_cpu(const TaskMergeParams& p, double* norms);
+// `partials` is device memory of kTaskL1Blocks * 2 * num_models doubles; synchronises `stream`.
+constexpr int kTaskL1Blocks = 512;
+void task_l1_cuda(const TaskMergeParams& p, double* partials, double* norms, int device,
+                  void* stream);
+
+// ---- magnitude selection ----------------------------------------------------------------------
+// The k-th largest |a - b| (b optional) over a list of tensors, exactly (the value torch.kthvalue
+// gives for k' = n - k + 1), by radix selection on the float32 bit patterns of |a - b|: for
+// non-negative floats, bit order is value order. Two 16-bit digits: a histogram of the high half,
+// then of the low half among the elements whose high half is the selected one.
+
+struct MagnitudeSelectParams {
+  int num_tensors = 0;
+  const void* const* a = nullptr;   // [num_tensors] host array of data pointers
+  const void* const* b = nullptr;   // [num_tensors] or nullptr: select on |a|
+  const int64_t* numels = nullptr;  // [num_tensors]
+  DType dtype = DType::kFloat32;
+  int64_t k = 1;  // 1 <= k <= total elements
+};
+
+constexpr int kRadixBins = 1 << 16;
+
+// Bits of |a - b| (|a| when b is null), computed in float32 as the reference does.
+MELDKIT_INLINE uint32_t magnitude_bits(float a, float b) { return float_as_bits(fabsf(a - b)); }
+
+// Given a histogram of digits (descending scan), find the digit holding the k-th largest and
+// the rank of the k-th largest within that digit. Returns false if k exceeds the count.
+template <typename Count>
+inline bool radix_pick(const Count* hist, int bins, int64_t k, uint32_t* digit, int64_t* k_within) {
+  int64_t above = 0;
+  for (int d = bins - 1; d >= 0; --d) {
+    if (above + int64_t(hist[d]) >= k) {
+      *digit = uint32_t(d);
+      *k_within = k - above;
+      return true;
+    }
+    above += int64_t(hist[d]);
+  }
+  return false;
+}
+
+// Returns the threshold's float32 bits; throws ValueError on NaN (NaN has no magnitude order).
+uint32_t magnitude_select_cpu(const MagnitudeSelectParams& p);
+
+// The CUDA version counts three digits of 11, 11 and 10 bits (its histograms fit in shared
+// memory). `workspace` is device memory of kMagnitudeSelectCudaWorkspace uint64 counters. It reads
+// each histogram back to the host, so it synchronises `stream` (not capturable in a CUDA graph).
+constexpr int kMagnitudeSelectCudaWorkspace = 2048 + 1;
+uint32_t magnitude_select_cuda(const MagnitudeSelectParams& p, unsigned long long* workspace,
+                               int device, void* stream);
+
+}  // namespace meldkit

@@ -1,0 +1,37 @@
+// The counter-based random numbers of stochastic ops (DARE, DELLA): a value is a pure function of
+// (seed, stream, element), so a mask is the same on every backend and thread layout. The same
+// arithmetic is written in python/meldkit/ops/random_ref.py; tests pin values on both sides.
+#pragma once
+
+#include <cstdint>
+
+#include "meldkit/macros.h"
+
+namespace meldkit {
+
+// Chris Wellons' lowbias32 integer hash.
+MELDKIT_INLINE uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21f0aaadu;
+  x ^= x >> 15;
+  x *= 0x735a2d97u;
+  x ^= x >> 15;
+  return x;
+}
+
+// The key of one stream (one tensor of one model), computed once per launch.
+MELDKIT_INLINE uint32_t stream_key(uint64_t seed, uint32_t stream) {
+  uint32_t h = mix32(stream ^ 0x9e3779b9u);
+  h = mix32(uint32_t(seed >> 32) ^ h);
+  return mix32(uint32_t(seed) ^ h);
+}
+
+// Uniform in [0, 1), a multiple of 2^-24 (exact in float32), for element `e` of a stream.
+MELDKIT_INLINE float uniform01(uint32_t key, uint64_t e) {
+  uint32_t h = mix32(uint32_t(e >> 32) ^ 0x85ebca6bu);
+  h = mix32(uint32_t(e) ^ h);
+  h = mix32(key ^ h);
+  return float(h >> 8) * 5.9604644775390625e-08f;  // 2^-24
+}
+
+}  // namespace meldkit

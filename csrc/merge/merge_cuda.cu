@@ -1,0 +1,261 @@
+// CUDA merge kernels: the fused task merge (16-byte loads of every model, one pass) and magnitude
+// selection (three radix passes with shared-memory histograms).
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "meldkit/cuda_utils.cuh"
+#include "meldkit/merge.h"
+
+namespace meldkit {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 8192;
+
+// Everything per model travels by value: pointers, weights, scales, thresholds, densities, keys.
+struct TaskMergeArgs {
+  const void* models[kMergeMaxModels];
+  float weights[kMergeMaxModels];
+  float scales[kMergeMaxModels];
+  float thresholds[kMergeMaxModels];
+  float densities[kMergeMaxModels];
+  uint32_t keys[kMergeMaxModels];
+  const void* base;
+  void* out;
+  int64_t numel;
+  int num_models;
+  Sparsify sparsify;
+  Consensus consensus;
+  bool normalize;
+  float lambda;
+};
+
+template <typename TIn, typename TOut, int VEC>
+__device__ __forceinline__ void merge_elements(const TaskMergeArgs& a, int64_t e0) {
+  using In = Packed<TIn, VEC>;
+  const In b = *reinterpret_cast<const In*>(static_cast<const TIn*>(a.base) + e0);
+  float bf[VEC];
+  MergeAcc acc[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) bf[k] = widen(b.v[k]);
+  for (int t = 0; t < a.num_models; ++t) {
+    const In x = *reinterpret_cast<const In*>(static_cast<const TIn*>(a.models[t]) + e0);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float tau = widen(x.v[k]) - bf[k];
+      const bool keep =
+          merge_keep(a.sparsify, tau, a.thresholds[t], a.densities[t], a.keys[t], uint64_t(e0 + k));
+      merge_add(acc[k], a.weights[t], a.scales[t], tau, keep);
+    }
+  }
+  Packed<TOut, VEC> o;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    o.v[k] = Store<TOut>::from(
+        merge_finish(bf[k], a.lambda, merge_delta(acc[k], a.consensus, a.normalize)));
+  }
+  *reinterpret_cast<Packed<TOut, VEC>*>(static_cast<TOut*>(a.out) + e0) = o;
+}
+
+template <typename TIn, typename TOut, int VEC>
+__global__ void __launch_bounds__(kThreads) TaskMergeKernel(TaskMergeArgs a) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t vec_end = a.numel / VEC * VEC;
+  for (int64_t e = tid * VEC; e < vec_end; e += stride * VEC) merge_elements<TIn, TOut, VEC>(a, e);
+  if constexpr (VEC > 1) {
+    for (int64_t e = vec_end + tid; e < a.numel; e += stride) merge_elements<TIn, TOut, 1>(a, e);
+  }
+}
+
+bool aligned(const void* p, int bytes) { return reinterpret_cast<std::uintptr_t>(p) % bytes == 0; }
+
+template <typename TIn, typename TOut>
+void task_merge_typed(const TaskMergeArgs& a, cudaStream_t stream) {
+  constexpr int VEC = 16 / sizeof(TIn);
+  bool vec_ok = aligned(a.base, 16) && aligned(a.out, int(sizeof(TOut)) * VEC);
+  for (int t = 0; t < a.num_models; ++t) vec_ok = vec_ok && aligned(a.models[t], 16);
+  const int vec = vec_ok ? VEC : 1;
+  const int64_t work = std::max<int64_t>(a.numel / vec, 1);
+  const int blocks = int(std::min<int64_t>((work + kThreads - 1) / kThreads, kMaxBlocks));
+  if (vec_ok) {
+    TaskMergeKernel<TIn, TOut, VEC><<<blocks, kThreads, 0, stream>>>(a);
+  } else {
+    TaskMergeKernel<TIn, TOut, 1><<<blocks, kThreads, 0, stream>>>(a);
+  }
+  cuda_check(cudaGetLastError(), "task_merge", "kernel launch");
+}
+
+// ---- L1 norms for rescaling ---------------------------------------------------------------------
+
+// One block per partial: block b sums its grid-stride share of every model and writes
+// partials[(b * N + t) * 2 + {0, 1}]; the host adds the partials in block order (deterministic).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) TaskL1Kernel(TaskMergeArgs a, double* partials) {
+  __shared__ double red[2][kThreads];
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const T* base = static_cast<const T*>(a.base);
+  for (int t = 0; t < a.num_models; ++t) {
+    const T* x = static_cast<const T*>(a.models[t]);
+    double all = 0.0, kept = 0.0;
+    for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < a.numel; e += stride) {
+      const float tau = widen(x[e]) - widen(base[e]);
+      const bool keep =
+          merge_keep(a.sparsify, tau, a.thresholds[t], a.densities[t], a.keys[t], uint64_t(e));
+      all += fabsf(tau);
+      kept += keep ? fabsf(tau) : 0.f;
+    }
+    red[0][threadIdx.x] = all;
+    red[1][threadIdx.x] = kept;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+      if (threadIdx.x < s) {
+        red[0][threadIdx.x] += red[0][threadIdx.x + s];
+        red[1][threadIdx.x] += red[1][threadIdx.x + s];
+      }
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+      partials[(int64_t(blockIdx.x) * a.num_models + t) * 2] = red[0][0];
+      partials[(int64_t(blockIdx.x) * a.num_models + t) * 2 + 1] = red[1][0];
+    }
+    __syncthreads();
+  }
+}
+
+// ---- magnitude selection ----------------------------------------------------------------------
+
+constexpr int kDigitBits[3] = {11, 11, 10};
+constexpr int kDigitShift[3] = {21, 10, 0};
+constexpr int kHistBins = 2048;
+
+// Histogram of the digit at `shift` among elements whose bits match `prefix` under `mask`; the
+// first pass also counts NaNs into counters[kHistBins].
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    RadixHistogramKernel(const T* a, const T* b, int64_t n, int shift, uint32_t digit_mask,
+                         uint32_t prefix, uint32_t prefix_mask, bool count_nans,
+                         unsigned long long* counters) {
+  __shared__ unsigned int hist[kHistBins];
+  __shared__ unsigned int nans;
+  for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) hist[i] = 0;
+  if (threadIdx.x == 0) nans = 0;
+  __syncthreads();
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
+    const uint32_t bits = magnitude_bits(widen(a[e]), b ? widen(b[e]) : 0.f);
+    if (count_nans && bits > 0x7f800000u) atomicAdd(&nans, 1u);
+    if ((bits & prefix_mask) == prefix) atomicAdd(&hist[(bits >> shift) & digit_mask], 1u);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) {
+    if (hist[i]) atomicAdd(&counters[i], (unsigned long long)hist[i]);
+  }
+  if (threadIdx.x == 0 && nans) atomicAdd(&counters[kHistBins], (unsigned long long)nans);
+}
+
+template <typename T>
+uint32_t magnitude_select_typed(const MagnitudeSelectParams& p, unsigned long long* counters,
+                                cudaStream_t stream) {
+  unsigned long long host[kHistBins + 1];
+  uint32_t prefix = 0, prefix_mask = 0;
+  int64_t k = p.k;
+  for (int pass = 0; pass < 3; ++pass) {
+    const int bins = 1 << kDigitBits[pass];
+    cuda_check(cudaMemsetAsync(counters, 0, sizeof(host), stream), "magnitude_select", "memset");
+    for (int i = 0; i < p.num_tensors; ++i) {
+      const int64_t n = p.numels[i];
+      if (n == 0) continue;
+      const int blocks = int(std::min<int64_t>((n + kThreads - 1) / kThreads, 1024));
+      RadixHistogramKernel<T><<<blocks, kThreads, 0, stream>>>(
+          static_cast<const T*>(p.a[i]), p.b ? static_cast<const T*>(p.b[i]) : nullptr, n,
+          kDigitShift[pass], uint32_t(bins - 1), prefix, prefix_mask, pass == 0, counters);
+      cuda_check(cudaGetLastError(), "magnitude_select", "kernel launch");
+    }
+    cuda_check(cudaMemcpyAsync(host, counters, sizeof(host), cudaMemcpyDeviceToHost, stream),
+               "magnitude_select", "histogram read-back");
+    cuda_check(cudaStreamSynchronize(stream), "magnitude_select", "stream synchronize");
+    if (pass == 0 && host[kHistBins] > 0) {
+      throw_value_error("magnitude_select: the task vectors contain NaN");
+    }
+    uint32_t digit = 0;
+    if (!radix_pick(host, bins, k, &digit, &k)) {
+      throw_value_error("magnitude_select: k = " + std::to_string(p.k) +
+                        " exceeds the element count");
+    }
+    prefix |= digit << kDigitShift[pass];
+    prefix_mask |= uint32_t(bins - 1) << kDigitShift[pass];
+  }
+  return prefix;
+}
+
+TaskMergeArgs make_args(const TaskMergeParams& p) {
+  if (p.num_models > kMergeMaxModels) {
+    throw_value_error("task_merge: at most " + std::to_string(kMergeMaxModels) + " models");
+  }
+  TaskMergeArgs a{};
+  for (int t = 0; t < p.num_models; ++t) {
+    a.models[t] = p.models[t];
+    a.weights[t] = p.weights ? p.weights[t] : 1.f;
+    a.scales[t] = p.scales ? p.scales[t] : 1.f;
+    a.thresholds[t] = p.thresholds ? p.thresholds[t] : 0.f;
+    a.densities[t] = p.densities ? p.densities[t] : 1.f;
+    a.keys[t] = p.streams ? stream_key(p.seed, p.streams[t]) : 0u;
+  }
+  a.base = p.base;
+  a.out = p.out;
+  a.numel = p.numel;
+  a.num_models = p.num_models;
+  a.sparsify = p.sparsify;
+  a.consensus = p.consensus;
+  a.normalize = p.normalize;
+  a.lambda = p.lambda;
+  return a;
+}
+
+}  // namespace
+
+void task_merge_cuda(const TaskMergeParams& p, int device, void* stream) {
+  if (p.numel == 0) return;
+  const TaskMergeArgs a = make_args(p);
+  CudaDeviceGuard guard(device, "task_merge");
+  const auto s = static_cast<cudaStream_t>(stream);
+  MELDKIT_DISPATCH_FLOAT(p.in_dtype, "task_merge", "models", TIn, {
+    MELDKIT_DISPATCH_FLOAT(p.out_dtype, "task_merge", "out", TOut,
+                           { task_merge_typed<TIn, TOut>(a, s); });
+  });
+}
+
+void task_l1_cuda(const TaskMergeParams& p, double* partials, double* norms, int device,
+                  void* stream) {
+  const TaskMergeArgs a = make_args(p);
+  std::fill(norms, norms + 2 * p.num_models, 0.0);
+  if (p.numel == 0) return;
+  CudaDeviceGuard guard(device, "task_l1");
+  const auto s = static_cast<cudaStream_t>(stream);
+  MELDKIT_DISPATCH_FLOAT(p.in_dtype, "task_l1", "models", T,
+                         { TaskL1Kernel<T><<<kTaskL1Blocks, kThreads, 0, s>>>(a, partials); });
+  cuda_check(cudaGetLastError(), "task_l1", "kernel launch");
+  std::vector<double> host(size_t(kTaskL1Blocks) * 2 * p.num_models);
+  cuda_check(cudaMemcpyAsync(host.data(), partials, host.size() * sizeof(double),
+                             cudaMemcpyDeviceToHost, s),
+             "task_l1", "read-back");
+  cuda_check(cudaStreamSynchronize(s), "task_l1", "stream synchronize");
+  for (int b = 0; b < kTaskL1Blocks; ++b) {
+    for (int i = 0; i < 2 * p.num_models; ++i) norms[i] += host[size_t(b) * 2 * p.num_models + i];
+  }
+}
+
+uint32_t magnitude_select_cuda(const MagnitudeSelectParams& p, unsigned long long* workspace,
+                               int device, void* stream) {
+  CudaDeviceGuard guard(device, "magnitude_select");
+  uint32_t bits = 0;
+  MELDKIT_DISPATCH_FLOAT(p.dtype, "magnitude_select", "a", T, {
+    bits = magnitude_select_typed<T>(p, workspace, static_cast<cudaStream_t>(stream));
+  });
+  return bits;
+}
+
+}  // namespace meldkit

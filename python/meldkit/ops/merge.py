@@ -1,0 +1,435 @@
+"""The merge family's public ops: exact magnitude thresholds and the fused task-vector merge.
+
+``meldkit::merge_tensors`` is a torch.library custom op whose default implementation is the
+reference (:func:`meldkit.ops.merge_ref.generalized_merge_ref` and friends). Its CPU and CUDA
+implementations run the native pipeline for the sparsifiers the kernels implement (none,
+magnitude with ``tie="keep_ties"``, random): radix-select thresholds → L1 norms when rescaling by
+L1 → one fused pass that masks, weighs, elects signs and merges. Breadcrumbs, DELLA and
+``tie="exact_k"`` run the reference (with a one-time warning naming the reason); ``linear`` runs
+on :func:`meldkit.ops.weighted_sum`; ``model_stock`` and ``slerp`` are a few reductions in PyTorch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from meldkit import _native
+from meldkit.merging.methods import get_method
+from meldkit.ops import _checks
+from meldkit.ops import merge_ref as ref
+
+_OP = "merge"
+_NATIVE_SPARSIFY = ("none", "magnitude", "random")
+
+
+def _stream(device: torch.device) -> int:
+    return _native.stream_of(device)
+
+
+def magnitude_threshold(
+    tensors: Sequence[torch.Tensor],
+    density: float,
+    base: Sequence[torch.Tensor] | torch.Tensor | None = None,
+) -> float:
+    """The magnitude that keeps the top ``density`` fraction of ``|tensors − base|``, exactly.
+
+    The k-th largest magnitude over all elements of all ``tensors`` (k = ``int(numel·density)``),
+    the value ``torch.kthvalue(|τ|, numel − k + 1)`` gives, found by radix selection (two or three
+    histogram passes) instead of a sort: keep ``|τ| ≥ threshold``. A list of many tensors gives the
+    global (whole-model) threshold of the TIES paper; one tensor, mergekit's per-tensor one.
+
+    Parameters
+    ----------
+    tensors : sequence of Tensor
+        Fine-tuned tensors θ (or task vectors τ when ``base`` is None), any shapes, one dtype
+        (float32, bfloat16, float16) and device.
+    density : float
+        Fraction kept, in [0, 1].
+    base : Tensor or sequence of Tensor, optional
+        θ₀ for each tensor (same shapes): the magnitudes are ``|θ − θ₀|`` computed in float32,
+        without materialising the task vectors.
+
+    Returns
+    -------
+    float
+        ``+inf`` when nothing is kept (k = 0), ``-inf`` when everything is (k = numel).
+
+    Raises
+    ------
+    ValueError
+        If the task vectors contain NaN, or ``density`` is outside [0, 1].
+    """
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("meldkit.magnitude_threshold: argument 'tensors': is empty")
+    if not 0.0 <= float(density) <= 1.0:
+        raise ValueError(
+            f"meldkit.magnitude_threshold: argument 'density': {density} not in [0, 1]"
+        )
+    bases = None
+    if base is not None:
+        bases = [base] * len(tensors) if isinstance(base, torch.Tensor) else list(base)
+        if len(bases) != len(tensors):
+            raise ValueError(
+                "meldkit.magnitude_threshold: argument 'base': "
+                f"{len(bases)} tensors for {len(tensors)}"
+            )
+    numel = sum(t.numel() for t in tensors)
+    k = int(numel * float(density))
+    if k <= 0:
+        return float("inf")
+    if k >= numel:
+        return float("-inf")
+    device, dtype = tensors[0].device, tensors[0].dtype
+    reasons = _native.unavailable(_OP, device, (dtype,))
+    if reasons:
+        _native.warn_fallback(_OP, device, (dtype,), reasons)
+        taus = [
+            (t.float() - (b.float() if bases else 0)).abs().flatten()
+            for t, b in zip(tensors, bases or tensors, strict=True)
+        ]
+        return float(ref.magnitude_threshold_ref(torch.cat(taus), density))
+    a = [t.detach().contiguous() for t in tensors]
+    b = [x.detach().contiguous() for x in bases] if bases else None
+    workspace = None
+    if device.type == "cuda":
+        n = _native._C.MAGNITUDE_SELECT_CUDA_WORKSPACE
+        workspace = torch.empty(n, dtype=torch.float64, device=device)
+    return _native._C.magnitude_select(a, b, k, workspace, _stream(device))
+
+
+def _merge_native(
+    base: torch.Tensor,
+    models: list[torch.Tensor],
+    out: torch.Tensor,
+    *,
+    sparsify: str,
+    consensus: str,
+    normalize: bool,
+    rescale: str,
+    weights: list[float],
+    densities: list[float],
+    lam: float,
+    seed: int,
+    tensor_index: int,
+    thresholds: list[float] | None,
+) -> None:
+    device = base.device
+    base_c = base.detach().contiguous()
+    models_c = [m.detach().contiguous() for m in models]
+    n = len(models)
+    if sparsify == "magnitude" and thresholds is None:
+        thresholds = [
+            magnitude_threshold([m], d, base_c) for m, d in zip(models_c, densities, strict=True)
+        ]
+    streams = [tensor_index * n + t for t in range(n)] if sparsify == "random" else None
+    dens = densities if sparsify == "random" else None
+    thr = thresholds if sparsify == "magnitude" else None
+    if rescale == "none" or sparsify == "none":
+        scales = [1.0] * n
+    elif rescale == "inverse_density":
+        scales = [1.0 / d if d > 0 else 1.0 for d in densities]
+    else:  # l1: ‖τ‖₁ / ‖kept‖₁ per model, from one native reduction
+        workspace = None
+        if device.type == "cuda":
+            workspace = torch.empty(
+                _native._C.task_l1_workspace_numel(n), dtype=torch.float64, device=device
+            )
+        norms = _native._C.task_l1(
+            base_c, models_c, thr, dens, seed, streams, sparsify, workspace, _stream(device)
+        )
+        scales = [
+            norms[2 * t] / norms[2 * t + 1] if norms[2 * t + 1] > 0 else 1.0 for t in range(n)
+        ]
+    target = (
+        out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    )
+    _native._C.task_merge(
+        base_c,
+        models_c,
+        target.detach(),
+        weights,
+        scales,
+        thr,
+        dens,
+        seed,
+        streams,
+        sparsify,
+        consensus,
+        normalize,
+        lam,
+        _stream(device),
+    )
+    if target is not out:
+        out.copy_(target)
+
+
+def _merge_reference(
+    base,
+    models,
+    method,
+    weights,
+    densities,
+    gammas,
+    epsilons,
+    lam,
+    normalize,
+    rescale,
+    tie,
+    seed,
+    tensor_index,
+    thresholds,
+    out_dtype,
+) -> torch.Tensor:
+    m = get_method(method)
+    return ref.generalized_merge_ref(
+        base,
+        models,
+        weights=weights,
+        densities=densities,
+        sparsify=m.sparsify,
+        consensus=m.consensus,
+        normalize=normalize,
+        rescale=rescale,
+        lam=lam,
+        tie=tie,
+        gammas=gammas,
+        epsilons=epsilons,
+        seed=seed,
+        tensor_index=tensor_index,
+        thresholds=thresholds,
+        out_dtype=out_dtype,
+    )
+
+
+@torch.library.custom_op("meldkit::merge_tensors", mutates_args=())
+def _merge_tensors(
+    base: torch.Tensor,
+    models: list[torch.Tensor],
+    method: str,
+    weights: list[float],
+    densities: list[float],
+    gammas: list[float],
+    epsilons: list[float],
+    lam: float,
+    normalize: bool,
+    rescale: str,
+    tie: str,
+    seed: int,
+    tensor_index: int,
+    thresholds: list[float] | None,
+    out_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    return _merge_reference(
+        base,
+        models,
+        method,
+        weights,
+        densities,
+        gammas,
+        epsilons,
+        lam,
+        normalize,
+        rescale,
+        tie,
+        seed,
+        tensor_index,
+        thresholds,
+        out_dtype,
+    )
+
+
+@_merge_tensors.register_kernel(["cpu", "cuda"])
+def _merge_tensors_native(
+    base,
+    models,
+    method,
+    weights,
+    densities,
+    gammas,
+    epsilons,
+    lam,
+    normalize,
+    rescale,
+    tie,
+    seed,
+    tensor_index,
+    thresholds,
+    out_dtype,
+):
+    m = get_method(method)
+    out_dtype = out_dtype or base.dtype
+    dtypes = (base.dtype, out_dtype)
+    reasons = _native.unavailable(_OP, base.device, dtypes)
+    if not reasons and m.sparsify not in _NATIVE_SPARSIFY:
+        reasons = [f"no native kernel for {m.sparsify} masks yet"]
+    if not reasons and m.sparsify == "magnitude" and tie != "keep_ties" and thresholds is None:
+        reasons = [f"the native magnitude selection implements tie='keep_ties', not {tie!r}"]
+    if reasons:
+        _native.warn_fallback(f"merge_tensors[{method}]", base.device, dtypes, reasons)
+        return _merge_reference(
+            base,
+            models,
+            method,
+            weights,
+            densities,
+            gammas,
+            epsilons,
+            lam,
+            normalize,
+            rescale,
+            tie,
+            seed,
+            tensor_index,
+            thresholds,
+            out_dtype,
+        )
+    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    _merge_native(
+        base,
+        models,
+        out,
+        sparsify=m.sparsify,
+        consensus=m.consensus,
+        normalize=normalize,
+        rescale=rescale,
+        weights=weights,
+        densities=densities,
+        lam=lam,
+        seed=seed,
+        tensor_index=tensor_index,
+        thresholds=thresholds,
+    )
+    return out
+
+
+@_merge_tensors.register_fake
+def _merge_tensors_fake(base, models, method, *args):
+    out_dtype = args[-1]
+    return base.new_empty(base.shape, dtype=out_dtype or base.dtype)
+
+
+def merge_tensors(
+    base: torch.Tensor | None,
+    models: Sequence[torch.Tensor],
+    method: str = "ties",
+    *,
+    weights: Sequence[float] | None = None,
+    densities: Sequence[float] | float | None = None,
+    gammas: Sequence[float] | float | None = None,
+    epsilons: Sequence[float] | float | None = None,
+    lam: float = 1.0,
+    normalize: bool | None = None,
+    rescale: str | bool | None = None,
+    tie: str = "keep_ties",
+    seed: int = 0,
+    tensor_index: int = 0,
+    thresholds: Sequence[float] | None = None,
+    t: float = 0.5,
+    filter_wise: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Merge one tensor position of N fine-tuned models with a registered method.
+
+    ``θ = θ₀ + λ·Δ`` for the task-vector methods (task_arithmetic, ties, dare_linear, dare_ties,
+    breadcrumbs, breadcrumbs_ties, della, della_linear), with mergekit's semantics and defaults
+    (see :mod:`meldkit.ops.merge_ref` for the formulas and tie rules); ``linear`` (weighted
+    average, no base), ``model_stock`` and ``slerp`` (``t``, two tensors: base and one model).
+
+    Parameters
+    ----------
+    base : Tensor or None
+        θ₀, shape ``S``; None only for ``linear``.
+    models : sequence of Tensor
+        The N fine-tuned tensors, shape ``S``, same dtype and device as ``base``.
+    method : str
+        A name of :data:`meldkit.merging.METHODS`.
+    weights : sequence of float, optional
+        Per model; default 1 each.
+    densities, gammas, epsilons : float or sequence of float, optional
+        Per-model density (kept fraction, default 1), breadcrumbs' γ (default 0.01), DELLA's ε
+        (default 0.15); a float applies to every model.
+    lam : float
+        λ, the final scale of Δ.
+    normalize, rescale : optional
+        Override the method's defaults (``rescale``: ``"none"``, ``"inverse_density"``, ``"l1"``,
+        or a bool as in mergekit: True means the method's own rescaling).
+    seed, tensor_index : int
+        Key of the random masks (DARE, DELLA): same seed and index, same mask on every backend.
+    thresholds : sequence of float, optional
+        Precomputed magnitude thresholds per model (global trimming: see
+        :func:`magnitude_threshold` over all of a model's tensors).
+
+    Returns
+    -------
+    Tensor
+        Shape ``S``, dtype ``out_dtype`` (default: the inputs').
+    """
+    m = get_method(method)
+    models = _checks.tensor_list(method, "models", models)
+    n = len(models)
+    if base is None:
+        if m.needs_base:
+            raise ValueError(f"meldkit.merge_tensors: method {method!r} needs a base tensor")
+    else:
+        _checks.tensor_list(method, "base", [base, *models])
+    weights = _checks.float_list(method, "weights", [1.0] * n if weights is None else weights, n)
+
+    def per_model(name, value, default):
+        value = default if value is None else value
+        if isinstance(value, (int, float)):
+            value = [float(value)] * n
+        return _checks.float_list(method, name, value, n)
+
+    densities = per_model("densities", densities, 1.0)
+    if any(not 0.0 <= d <= 1.0 for d in densities):
+        raise ValueError(f"meldkit.merge_tensors: densities must be in [0, 1], got {densities}")
+    gammas = per_model("gammas", gammas, 0.01)
+    epsilons = per_model("epsilons", epsilons, 0.15)
+    if m.kind == "linear":
+        from meldkit.ops.weighted_sum import weighted_sum
+
+        do_norm = m.normalize if normalize is None else normalize
+        total = sum(weights) if do_norm else 1.0
+        return weighted_sum(models, [w / total for w in weights], out_dtype=out_dtype)
+    if m.kind == "model_stock":
+        return ref.model_stock_ref(base, models, filter_wise=filter_wise, out_dtype=out_dtype)
+    if m.kind == "slerp":
+        if n != 1:
+            raise ValueError(
+                "meldkit.merge_tensors: slerp takes exactly one model besides the base"
+            )
+        return ref.slerp_ref(base, models[0], t, out_dtype=out_dtype)
+    # mergekit's `rescale: true` is its L1 matching; None keeps the method's default.
+    rescale = {None: m.rescale, True: "l1", False: "none"}.get(rescale, rescale)
+    if rescale not in ref.RESCALES:
+        raise ValueError(f"meldkit.merge_tensors: rescale must be one of {ref.RESCALES}")
+    if thresholds is not None:
+        thresholds = [float(x) for x in thresholds]
+        if len(thresholds) != n or any(x != x for x in thresholds):
+            raise ValueError(
+                f"meldkit.merge_tensors: thresholds must be {n} numbers (±inf allowed, no NaN)"
+            )
+    if tie not in ref.TIE_RULES:
+        raise ValueError(f"meldkit.merge_tensors: tie must be one of {ref.TIE_RULES}")
+    if not 0 <= int(seed) < 2**63:
+        raise ValueError(f"meldkit.merge_tensors: seed must be in [0, 2**63), got {seed}")
+    return _merge_tensors(
+        base,
+        models,
+        method,
+        weights,
+        densities,
+        gammas,
+        epsilons,
+        float(lam),
+        m.normalize if normalize is None else bool(normalize),
+        rescale,
+        tie,
+        int(seed),
+        int(tensor_index),
+        thresholds,
+        out_dtype,
+    )
