@@ -48,7 +48,10 @@ from typing import Any
 
 import torch
 
-OPS: dict[str, str] = {"weighted_sum": "meldkit.bench.weighted_sum"}
+OPS: dict[str, str] = {
+    "weighted_sum": "meldkit.bench.weighted_sum",
+    "merge": "meldkit.bench.merge",
+}
 """Registry of benchmarked ops: op name -> module providing ``cases(device, quick) -> list[Case]``.
 
 Modules are imported only when their op is run, so a missing op cannot break the others."""

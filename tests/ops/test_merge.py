@@ -1,0 +1,239 @@
+"""The native merge family against its reference (meldkit/ops/merge_ref.py): exact magnitude
+thresholds, counter-based masks bit for bit, and merges that equal the reference exactly (the
+kernels round every product and sum as the reference does)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import meldkit
+from meldkit import _native
+from meldkit.merging import get_method
+from meldkit.ops import magnitude_threshold, merge_tensors
+from meldkit.ops import merge_ref as mr
+from tests.helpers import DEVICES, DTYPES, ODD_SIZES, poison
+
+SHAPES = [(n,) for n in ODD_SIZES] + [(300, 301)]
+
+
+def models_like(shape, dtype, device, n=3, seed=0, scale=0.01):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g, dtype=torch.float64)
+    models = [base + scale * torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(n)]
+    return base.to(device, dtype), [m.to(device, dtype) for m in models]
+
+
+# ---- magnitude selection ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.5, 0.99])
+def test_threshold_is_exactly_the_kth_largest(device, dtype, shape, density):
+    base, models = models_like(shape, dtype, device, n=1, seed=len(shape))
+    tau = (models[0].float() - base.float()).abs().cpu()
+    expected = mr.magnitude_threshold_ref(tau, density).item()
+    assert magnitude_threshold(models, density, base) == expected
+    assert magnitude_threshold([tau.to(device)], density) == expected
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_threshold_with_many_ties(device):
+    # bf16 has 8 mantissa bits: 100k values collapse onto a few hundred, so ties are everywhere.
+    x = torch.randn(100_003, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    for density in (0.1, 0.37, 0.9):
+        expected = mr.magnitude_threshold_ref(x.float().abs(), density).item()
+        assert magnitude_threshold([x.to(device)], density) == expected
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_global_threshold_over_a_list(device):
+    g = torch.Generator().manual_seed(2)
+    tensors = [torch.randn(s, generator=g) for s in [(7,), (33, 65), (1,), (4099,)]]
+    bases = [torch.randn(t.shape, generator=g) for t in tensors]
+    flat = torch.cat([(t - b).abs().flatten() for t, b in zip(tensors, bases, strict=True)])
+    expected = mr.magnitude_threshold_ref(flat, 0.3).item()
+    got = magnitude_threshold([t.to(device) for t in tensors], 0.3, [b.to(device) for b in bases])
+    assert got == expected
+
+
+def test_threshold_edges_and_errors():
+    x = torch.randn(10)
+    assert magnitude_threshold([x], 0.0) == float("inf")
+    assert magnitude_threshold([x], 1.0) == float("-inf")
+    assert magnitude_threshold([x], 0.1) == x.abs().max().item()
+    with pytest.raises(ValueError, match="NaN"):
+        magnitude_threshold([torch.tensor([1.0, float("nan"), 3.0])], 0.5)
+    with pytest.raises(ValueError, match="'density'"):
+        magnitude_threshold([x], 1.5)
+    inf = torch.tensor([float("inf"), 1.0, -float("inf"), 2.0])
+    assert magnitude_threshold([inf], 0.5) == float("inf")
+
+
+# ---- the fused merge -------------------------------------------------------------------------
+
+CASES = [
+    ("task_arithmetic", dict(lam=0.7, weights=[0.5, 1.0, 2.0])),
+    ("task_arithmetic", dict(normalize=True, weights=[0.5, -1.0, 2.0])),
+    ("ties", dict(densities=0.2)),
+    ("ties", dict(densities=[0.3, 0.5, 0.9], rescale=True, normalize=False, lam=1.3)),
+    ("ties", dict(densities=0.5, weights=[1.0, 3.0, -0.5])),
+    ("dare_linear", dict(densities=0.4, seed=3)),
+    ("dare_linear", dict(densities=0.4, seed=3, rescale="inverse_density", normalize=True)),
+    ("dare_ties", dict(densities=[0.2, 0.4, 0.6], seed=11, tensor_index=5)),
+    ("dare_ties", dict(densities=0.4, seed=3, rescale="none", normalize=True)),
+]
+
+
+def reference(base, models, method, kw, out_dtype):
+    m = get_method(method)
+    n = len(models)
+    d = kw.get("densities", 1.0)
+    rescale = {None: m.rescale, True: "l1", False: "none"}.get(kw.get("rescale"), kw.get("rescale"))
+    return mr.generalized_merge_ref(
+        base,
+        models,
+        weights=kw.get("weights", [1.0] * n),
+        densities=d if isinstance(d, list) else [d] * n,
+        sparsify=m.sparsify,
+        consensus=m.consensus,
+        normalize=kw.get("normalize", m.normalize),
+        rescale=rescale,
+        lam=kw.get("lam", 1.0),
+        seed=kw.get("seed", 0),
+        tensor_index=kw.get("tensor_index", 0),
+        out_dtype=out_dtype,
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7,), (4099,), (300, 301)], ids=str)
+@pytest.mark.parametrize(
+    ("method", "kw"), CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)]
+)
+def test_merge_equals_reference_bit_for_bit(device, dtype, shape, method, kw):
+    base, models = models_like(shape, dtype, device, seed=len(shape) + len(method))
+    for out_dtype in (torch.float32, dtype):
+        got = merge_tensors(base, models, method, out_dtype=out_dtype, **kw)
+        expected = reference(base.cpu(), [m.cpu() for m in models], method, kw, out_dtype)
+        assert got.dtype == out_dtype and got.device.type == device
+        assert torch.equal(got.cpu(), expected), (got.cpu() - expected).abs().max()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dare_keeps_density_and_seed_changes_mask(device):
+    base, models = models_like((512, 512), torch.float32, device, n=1)
+    a = merge_tensors(base, models, "dare_linear", densities=0.3, seed=1, rescale="none")
+    assert abs((a != base).float().mean().item() - 0.3) < 0.005
+    b = merge_tensors(base, models, "dare_linear", densities=0.3, seed=2, rescale="none")
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_global_thresholds_are_used(device):
+    base, models = models_like((99, 7), torch.float32, device)
+    thresholds = [magnitude_threshold([m], 0.25, base) for m in models]
+    a = merge_tensors(base, models, "ties", densities=0.25)
+    b = merge_tensors(base, models, "ties", densities=0.9, thresholds=thresholds)
+    assert torch.equal(a, b)  # the thresholds decide, not the densities
+
+
+def test_linear_model_stock_slerp_through_the_public_op():
+    base, models = models_like((33, 17), torch.float32, "cpu", n=3)
+    torch.testing.assert_close(
+        merge_tensors(None, models, "linear", weights=[1.0, 1.0, 2.0]),
+        (models[0] + models[1] + 2 * models[2]) / 4,
+    )
+    torch.testing.assert_close(
+        merge_tensors(base, models, "model_stock"), mr.model_stock_ref(base, models)
+    )
+    torch.testing.assert_close(
+        merge_tensors(base, models[:1], "slerp", t=0.3), mr.slerp_ref(base, models[0], 0.3)
+    )
+
+
+def test_methods_without_native_masks_fall_back_with_a_warning(monkeypatch):
+    monkeypatch.setenv("MELDKIT_BACKEND", "auto")
+    monkeypatch.setattr(_native, "_warned", set())
+    base, models = models_like((50,), torch.float32, "cpu")
+    with pytest.warns(meldkit.MeldkitFallbackWarning, match="no native kernel for breadcrumbs"):
+        got = merge_tensors(base, models, "breadcrumbs", densities=0.8, gammas=0.05)
+    expected = mr.generalized_merge_ref(
+        base,
+        models,
+        weights=[1.0] * 3,
+        densities=[0.8] * 3,
+        sparsify="breadcrumbs",
+        gammas=[0.05] * 3,
+    )
+    assert torch.equal(got, expected)
+
+
+def test_merge_bad_arguments():
+    base, models = models_like((5,), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="unknown merge_method"):
+        merge_tensors(base, models, "tiez")
+    with pytest.raises(ValueError, match="needs a base"):
+        merge_tensors(None, models, "ties")
+    with pytest.raises(ValueError, match="densities must be in"):
+        merge_tensors(base, models, "ties", densities=1.5)
+    with pytest.raises(ValueError, match="'weights': has 2 entries"):
+        merge_tensors(base, models, "ties", weights=[1.0, 1.0])
+    with pytest.raises(ValueError, match="shape"):
+        merge_tensors(base, [*models, torch.randn(6)], "ties")
+    with pytest.raises(ValueError, match="rescale must be one of"):
+        merge_tensors(base, models, "ties", rescale="l2")
+
+
+def test_out_may_not_alias_a_model_but_may_alias_base():
+    base, models = models_like((4099,), torch.float32, "cpu")
+    C = _native._C
+    expected = merge_tensors(base, models, "task_arithmetic")
+    b = base.clone()
+    C.task_merge(
+        b, models, b, [1.0] * 3, [1.0] * 3, None, None, 0, None, "none", "none", False, 1.0
+    )
+    assert torch.equal(b, expected)
+    with pytest.raises(ValueError, match="not one of the models"):
+        C.task_merge(
+            base,
+            models,
+            models[1],
+            [1.0] * 3,
+            [1.0] * 3,
+            None,
+            None,
+            0,
+            None,
+            "none",
+            "none",
+            False,
+            1.0,
+        )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_equals_cpu_for_every_native_method(dtype):
+    base, models = models_like((1000, 333), dtype, "cpu", seed=9)
+    for method, kw in CASES:
+        cpu = merge_tensors(base, models, method, **kw)
+        cuda = merge_tensors(base.cuda(), [m.cuda() for m in models], method, **kw)
+        assert torch.equal(cuda.cpu(), cpu), method
+
+
+@pytest.mark.cuda
+def test_cuda_merge_writes_every_element_of_unaligned_views():
+    base, models = models_like((4101,), torch.bfloat16, "cuda", seed=4)
+    views = [m[1:] for m in models]
+    got = merge_tensors(base[1:], views, "ties", densities=0.3)
+    expected = merge_tensors(base[1:].cpu(), [v.cpu() for v in views], "ties", densities=0.3)
+    assert torch.equal(got.cpu(), expected)
+    out = poison(torch.empty(4100, device="cuda"))
+    _native._C.task_merge(
+        base[1:], views, out, [1.0] * 3, [1.0] * 3, None, None, 0, None, "none", "none", False, 1.0
+    )
+    assert not out.isnan().any()
