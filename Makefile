@@ -42,7 +42,7 @@ $(VENV)/.deps: $(VENV)/.torch pyproject.toml Makefile
 
 # --no-build-isolation: build against the tools above instead of downloading them per build.
 $(VENV)/.built: $(VENV)/.deps $(NATIVE_SOURCES)
-	$(PIP) install --no-build-isolation --no-deps -e .
+	$(PIP) install --no-build-isolation -e .
 	@touch $@
 
 install: $(VENV)/.built

@@ -23,6 +23,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench.run(args)
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from meldkit.merging import ConfigError, MergeError, merge
+    from meldkit.merging.checkpoint import CheckpointError
+
+    try:
+        out = merge(
+            args.config,
+            args.out_dir,
+            device=args.device,
+            out_shard_size=args.out_shard_size,
+            seed=args.seed,
+            allow_pickle=args.allow_pickle,
+            progress=not args.no_progress,
+        )
+    except (ConfigError, MergeError, CheckpointError) as exc:
+        print(f"meldkit merge: {exc}", file=sys.stderr)
+        return 2
+    print(f"merged model written to {out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from meldkit.demo import run_demo
 
@@ -47,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench.add_arguments(p)
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("merge", help="merge models from a mergekit-style YAML config")
+    p.add_argument("config", help="YAML: merge_method, base_model, models, parameters, dtype, ...")
+    p.add_argument("out_dir", help="output folder (must not exist or be empty)")
+    p.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu or cuda")
+    p.add_argument("--out-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument("--seed", type=int, default=0, help="seed of DARE/DELLA masks (default 0)")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) checkpoints")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("demo", help="run each op on random data against its reference")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when usable)")

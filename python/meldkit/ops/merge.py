@@ -124,7 +124,9 @@ def _merge_native(
         thresholds = [
             magnitude_threshold([m], d, base_c) for m, d in zip(models_c, densities, strict=True)
         ]
-    streams = [tensor_index * n + t for t in range(n)] if sparsify == "random" else None
+    streams = (
+        [ref.stream_of(tensor_index, n, t) for t in range(n)] if sparsify == "random" else None
+    )
     dens = densities if sparsify == "random" else None
     thr = thresholds if sparsify == "magnitude" else None
     if rescale == "none" or sparsify == "none":
@@ -414,6 +416,10 @@ def merge_tensors(
             )
     if tie not in ref.TIE_RULES:
         raise ValueError(f"meldkit.merge_tensors: tie must be one of {ref.TIE_RULES}")
+    if not 0 <= int(tensor_index) < 2**32:
+        raise ValueError(
+            f"meldkit.merge_tensors: tensor_index must be in [0, 2**32), got {tensor_index}"
+        )
     if not 0 <= int(seed) < 2**63:
         raise ValueError(f"meldkit.merge_tensors: seed must be in [0, 2**63), got {seed}")
     return _merge_tensors(

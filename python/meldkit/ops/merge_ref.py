@@ -33,6 +33,12 @@ RESCALES = ("none", "inverse_density", "l1")
 CONSENSUS = ("none", "sum", "count")
 
 
+def stream_of(tensor_index: int, num_models: int, model: int) -> int:
+    """The counter-based stream of model ``model`` at tensor position ``tensor_index``:
+    ``(tensor_index·N + model) mod 2³²``."""
+    return (tensor_index * num_models + model) % 2**32
+
+
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -214,7 +220,8 @@ def generalized_merge_ref(
       Δ = Σ_t m_t W_t, divided by Σ_t m_t w_t (0 → 1) when ``normalize``.
 
     Result θ₀ + λ·Δ in ``out_dtype`` (default: the base's dtype). Random masks (DARE, DELLA) of
-    model t at tensor position i draw from the counter-based stream ``i·N + t`` of ``seed``.
+    model t at tensor position i draw from the counter-based stream :func:`stream_of` ``(i, N, t)``
+    of ``seed``.
 
     Parameters
     ----------
@@ -247,13 +254,13 @@ def generalized_merge_ref(
         elif sparsify == "magnitude":
             mask = magnitude_mask_ref(tau, d, tie)
         elif sparsify == "random":
-            mask = random_mask_ref(tau, d, seed, tensor_index * n + t)
+            mask = random_mask_ref(tau, d, seed, stream_of(tensor_index, n, t))
         elif sparsify == "breadcrumbs":
             mask = breadcrumbs_mask_ref(tau, d, float(gammas[t]))
         elif sparsify == "della":
             keep_prob = della_keep_prob_ref(tau, d, float(epsilons[t])).to(dt)
             mask = bernoulli_mask_ref(
-                tau.shape, keep_prob, seed, tensor_index * n + t, device=tau.device
+                tau.shape, keep_prob, seed, stream_of(tensor_index, n, t), device=tau.device
             )
         else:
             raise ValueError(f"unknown sparsify {sparsify!r}")

@@ -1,0 +1,250 @@
+"""Reading and writing checkpoints tensor by tensor.
+
+:class:`Checkpoint` indexes a Hugging Face model folder (``model.safetensors``, or shards listed in
+``model.safetensors.index.json``) from the safetensors headers alone and loads one tensor at a time
+(``safe_open``), so merging never holds a whole model. Pickle checkpoints (``*.bin``) are refused
+unless the caller opts in. :class:`ShardedWriter` writes the output as safetensors shards plus an
+index, into a temporary folder that replaces the destination only once everything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+# Files of a model folder that are not weights and travel with the merged model.
+AUX_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as asked (missing, truncated, pickle not allowed, ...)."""
+
+
+class Checkpoint:
+    """A model folder's tensors: names, shapes and dtypes up front, data on demand.
+
+    Parameters
+    ----------
+    path : path-like
+        A folder with ``model.safetensors`` or a sharded ``model.safetensors.index.json`` (or a
+        single ``.safetensors`` file).
+    allow_pickle : bool
+        Read ``pytorch_model.bin`` (pickle) when there is no safetensors file. Off by default:
+        unpickling runs code from the file (loaded with ``weights_only=True`` even so).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False) -> None:
+        self.path = Path(path)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self._file_of: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+        self._pickled: dict[str, torch.Tensor] | None = None
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: no such model folder or file")
+        files = self._safetensors_files()
+        if files:
+            for f in files:
+                self._index_file(f)
+        else:
+            self._load_pickle(allow_pickle)
+
+    def _safetensors_files(self) -> list[Path]:
+        if self.path.is_file():
+            return [self.path] if self.path.suffix == ".safetensors" else []
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise CheckpointError(f"{index}: not a safetensors index ({exc})") from None
+            files = sorted({self.path / f for f in weight_map.values()})
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index}: shards missing: {', '.join(missing)}")
+            return files
+        single = self.path / "model.safetensors"
+        if single.is_file():
+            return [single]
+        return sorted(self.path.glob("*.safetensors"))
+
+    def _index_file(self, f: Path) -> None:
+        from safetensors import safe_open
+
+        try:
+            handle = safe_open(str(f), framework="pt")
+            for name in handle.keys():
+                sl = handle.get_slice(name)
+                dtype = SAFETENSORS_DTYPES.get(sl.get_dtype())
+                if dtype is None:
+                    raise CheckpointError(
+                        f"{f}: tensor {name}: dtype {sl.get_dtype()} not supported"
+                    )
+                self._shapes[name] = tuple(sl.get_shape())
+                self._dtypes[name] = dtype
+                self._file_of[name] = f
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for broken files
+            raise CheckpointError(f"{f}: not a readable safetensors file ({exc})") from None
+        self._handles[f] = handle
+
+    def _load_pickle(self, allow_pickle: bool) -> None:
+        bins = sorted(self.path.glob("*.bin")) if self.path.is_dir() else []
+        if not bins:
+            raise CheckpointError(f"{self.path}: no .safetensors (or .bin) weights found")
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{self.path}: only pickle checkpoints ({bins[0].name}); convert it to "
+                "safetensors or pass --allow-pickle (allow_pickle=True)"
+            )
+        self._pickled = {}
+        for f in bins:
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            self._pickled.update(state)
+        for name, t in self._pickled.items():
+            self._shapes[name] = tuple(t.shape)
+            self._dtypes[name] = t.dtype
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names, in file order."""
+        return list(self._shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtypes[name]
+
+    def nbytes(self, name: str) -> int:
+        numel = 1
+        for s in self._shapes[name]:
+            numel *= s
+        return numel * torch.empty((), dtype=self._dtypes[name]).element_size()
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor (CPU)."""
+        if self._pickled is not None:
+            return self._pickled[name]
+        try:
+            return self._handles[self._file_of[name]].get_tensor(name)
+        except Exception as exc:
+            raise CheckpointError(f"{self._file_of[name]}: cannot read {name} ({exc})") from None
+
+    def aux_folder(self) -> Path:
+        return self.path if self.path.is_dir() else self.path.parent
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes of a size like ``5GB``, ``500M``, ``1e9`` or an int (mergekit's --out-shard-size)."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().removesuffix("B")
+    units = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    try:
+        if s and s[-1] in units:
+            return int(float(s[:-1]) * units[s[-1]])
+        return int(float(s))
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (examples: 5GB, 500M, 1000000000)") from None
+
+
+class ShardedWriter:
+    """Writes tensors as safetensors shards into a temporary folder beside ``out_dir``;
+    :meth:`commit` adds the index and auxiliary files and renames it into place.
+
+    The shard plan (which tensor goes to which file) is fixed up front from the tensors' sizes, so
+    shard names (``model-00001-of-00003.safetensors``) are final as soon as a shard is full.
+    """
+
+    def __init__(
+        self, out_dir: str | os.PathLike, plan: Iterable[tuple[str, int]], shard_size: int
+    ):
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and any(self.out_dir.iterdir()):
+            raise CheckpointError(f"{self.out_dir}: exists and is not empty")
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
+        shards: list[list[str]] = [[]]
+        size = 0
+        self.total_size = 0
+        for name, nbytes in plan:
+            if shards[-1] and size + nbytes > shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+            self.total_size += nbytes
+        n = len(shards)
+        self.file_of: dict[str, str] = {}
+        self._shard_of: dict[str, int] = {}
+        self._pending: list[dict[str, torch.Tensor]] = [{} for _ in shards]
+        self._shards = shards
+        for i, names in enumerate(shards):
+            fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            for name in names:
+                self.file_of[name] = fname
+                self._shard_of[name] = i
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Buffer one tensor; its shard is written as soon as it is complete."""
+        i = self._shard_of[name]
+        self._pending[i][name] = tensor.contiguous()
+        if len(self._pending[i]) == len(self._shards[i]):
+            from safetensors.torch import save_file
+
+            path = self.tmp / self.file_of[name]
+            save_file(self._pending[i], str(path), metadata={"format": "pt"})
+            self._pending[i] = {}
+
+    def commit(self, aux_from: Path | None) -> Path:
+        """Write the index and auxiliary files, then move the folder into place."""
+        unwritten = [n for p in self._pending for n in p]
+        if unwritten:
+            raise RuntimeError(f"tensors never completed their shard: {unwritten[:5]}")
+        if len(self._shards) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.file_of}
+            (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        if aux_from is not None:
+            for name in AUX_FILES:
+                src = aux_from / name
+                if src.is_file():
+                    shutil.copy2(src, self.tmp / name)
+        if self.out_dir.exists():
+            self.out_dir.rmdir()  # empty (checked in __init__)
+        os.replace(self.tmp, self.out_dir)
+        return self.out_dir
+
+    def abort(self) -> None:
+        """Remove the temporary folder (an interrupted merge leaves nothing behind)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)

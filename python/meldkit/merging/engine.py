@@ -1,0 +1,220 @@
+"""The streaming merge engine behind ``meldkit merge`` and :func:`merge`.
+
+Everything is checked before any tensor is merged (the config, every model folder, every tensor's
+presence, shape and dtype), so a bad merge fails in the first second. Then tensors are loaded one
+at a time, merged by :func:`meldkit.ops.merge_tensors` on the chosen device, and written into
+safetensors shards in a temporary folder that becomes ``out_dir`` only when complete: peak memory
+stays near (N + 2) × the largest tensor plus one output shard.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from meldkit.merging.checkpoint import Checkpoint, CheckpointError, ShardedWriter, parse_size
+from meldkit.merging.config import ConfigError, MergeConfig, parse_config
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class MergeError(ValueError):
+    """Models that cannot be merged as configured (missing tensors, shape mismatches, ...)."""
+
+
+def tensor_key(name: str) -> int:
+    """The ``tensor_index`` of a named tensor: CRC-32 of its name."""
+    return zlib.crc32(name.encode())
+
+
+def _validate(cfg: MergeConfig, base: Checkpoint | None, models: list[Checkpoint]) -> list[str]:
+    """Names to merge, in the reference model's order; raises MergeError listing the problems."""
+    reference = base if base is not None else models[0]
+    names = reference.names
+    problems = []
+    for m in [*models] if base is not None else models[1:]:
+        missing = [n for n in names if n not in m._shapes]
+        if missing:
+            problems.append(
+                f"{m.path}: missing {len(missing)} tensors of {reference.path} "
+                f"(first: {', '.join(missing[:3])})"
+            )
+            continue
+        for n in names:
+            if m.shape(n) != reference.shape(n):
+                problems.append(
+                    f"{m.path}: {n} has shape {list(m.shape(n))}, "
+                    f"{reference.path} has {list(reference.shape(n))}"
+                )
+                break
+    if problems:
+        raise MergeError("models do not match:\n  " + "\n  ".join(problems))
+    return names
+
+
+def _tensor_params(cfg: MergeConfig) -> dict[str, Any]:
+    p = cfg.params
+    kw: dict[str, Any] = {"weights": cfg.model_param("weight", 1.0)}
+    method = cfg.method
+    if "density" in method.model_params:
+        kw["densities"] = cfg.model_param("density", 1.0)
+    if "gamma" in method.model_params:
+        kw["gammas"] = cfg.model_param("gamma", 0.01)
+    if "epsilon" in method.model_params:
+        kw["epsilons"] = cfg.model_param("epsilon", 0.15)
+    if "lambda" in p:
+        kw["lam"] = float(p["lambda"])
+    if "normalize" in p:
+        kw["normalize"] = bool(p["normalize"])
+    if "rescale" in p:
+        kw["rescale"] = bool(p["rescale"])
+    if "t" in p:
+        kw["t"] = float(p["t"])
+    if "filter_wise" in p:
+        kw["filter_wise"] = bool(p["filter_wise"])
+    return kw
+
+
+def merge(
+    config: MergeConfig | Mapping[str, Any] | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    out_shard_size: str | int = "5GB",
+    seed: int = 0,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Merge the models of a mergekit-style ``config`` into ``out_dir``.
+
+    Parameters
+    ----------
+    config : MergeConfig, mapping or path
+        See :mod:`meldkit.merging.config`.
+    out_dir : path-like
+        Destination folder (must not exist, or be empty). Written atomically: a temporary folder
+        beside it is renamed into place at the end, and removed if the merge fails.
+    device : str
+        Where the arithmetic runs (``cpu`` or ``cuda``); tensors stream from disk either way.
+    out_shard_size : str or int
+        Largest output shard, in bytes (``5GB``, ``500M``, ...).
+    seed : int
+        Seed of the random masks (DARE, DELLA): the same seed gives the same merge on every
+        device. Masks are keyed by each tensor's name (:func:`tensor_key`), so they do not
+        depend on file order or sharding.
+    allow_pickle : bool
+        Accept pickle (``.bin``) checkpoints.
+    progress : bool
+        Show a progress bar (tensors and bytes) on stderr.
+
+    Returns
+    -------
+    Path
+        ``out_dir``.
+    """
+    cfg = config if isinstance(config, MergeConfig) else parse_config(config)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError("device cuda requested but torch sees no CUDA device")
+    try:
+        base = Checkpoint(cfg.base, allow_pickle=allow_pickle) if cfg.base is not None else None
+        models = [Checkpoint(m.path, allow_pickle=allow_pickle) for m in cfg.models]
+    except CheckpointError as exc:
+        raise MergeError(str(exc)) from None
+    names = _validate(cfg, base, models)
+    reference = base if base is not None else models[0]
+    out_dtype_of = {
+        n: (cfg.out_dtype or cfg.dtype or reference.dtype(n))
+        if reference.dtype(n) in FLOAT_DTYPES
+        else reference.dtype(n)
+        for n in names
+    }
+    elem = {n: torch.empty((), dtype=out_dtype_of[n]).element_size() for n in names}
+    plan = [(n, reference.nbytes(n) // reference.dtype(n).itemsize * elem[n]) for n in names]
+    writer = ShardedWriter(out_dir, plan, parse_size(out_shard_size))
+    params = _tensor_params(cfg)
+
+    from meldkit.ops import merge_tensors
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=writer.total_size, unit="B", unit_scale=True, desc="merge", file=sys.stderr
+        )
+    try:
+        for i, name in enumerate(names):
+            b = reference.get(name) if base is not None else None
+            ms = [m.get(name) for m in models]
+            if reference.dtype(name) not in FLOAT_DTYPES:
+                merged = (b if b is not None else ms[0]).clone()  # integer buffers: the base's
+            else:
+                dt = cfg.dtype or reference.dtype(name)
+                b = b.to(device, dt) if b is not None else None
+                ms = [m.to(device, dt) for m in ms]
+                merged = merge_tensors(
+                    b,
+                    ms,
+                    cfg.method.name,
+                    seed=seed,
+                    tensor_index=tensor_key(name),
+                    out_dtype=out_dtype_of[name],
+                    **params,
+                ).cpu()
+            writer.add(name, merged)
+            if bar is not None:
+                bar.update(plan[i][1])
+                bar.set_postfix_str(f"{i + 1}/{len(names)} tensors", refresh=False)
+        return writer.commit(aux_from=(cfg.base or cfg.models[0].path))
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def merge_state_dicts(
+    base: Mapping[str, torch.Tensor] | None,
+    models: list[Mapping[str, torch.Tensor]],
+    method: str,
+    *,
+    seed: int = 0,
+    **params: Any,
+) -> dict[str, torch.Tensor]:
+    """Merge in-memory state dicts tensor by tensor with :func:`meldkit.ops.merge_tensors`.
+
+    ``params`` are :func:`~meldkit.ops.merge_tensors`'s keyword arguments (``weights``,
+    ``densities``, ``lam``, ...). Non-floating tensors are taken from the base (or first model).
+    Random masks are keyed by tensor name, as in :func:`merge`, so both give the same result.
+    """
+    from meldkit.ops import merge_tensors
+
+    reference = base if base is not None else models[0]
+    out = {}
+    for name, ref_t in reference.items():
+        missing = [j for j, m in enumerate(models) if name not in m]
+        if missing:
+            raise MergeError(f"{name}: missing from models {missing}")
+        if not ref_t.is_floating_point():
+            out[name] = ref_t.clone()
+            continue
+        out[name] = merge_tensors(
+            base[name] if base is not None else None,
+            [m[name] for m in models],
+            method,
+            seed=seed,
+            tensor_index=tensor_key(name),
+            **params,
+        )
+    return out
+
+
+__all__ = ["ConfigError", "MergeError", "merge", "merge_state_dicts"]

@@ -1,0 +1,319 @@
+"""`meldkit merge` and meldkit.merging.merge on real safetensors checkpoints written here: a tiny
+Llama-shaped base and fine-tunes made by sparse perturbation (one of them sharded)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+import meldkit
+from meldkit.merging import (
+    Checkpoint,
+    CheckpointError,
+    ConfigError,
+    MergeError,
+    merge,
+    merge_state_dicts,
+    parse_config,
+)
+from meldkit.ops import merge_tensors
+
+HIDDEN, VOCAB, LAYERS = 16, 64, 2
+
+
+def llama_state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    state = {"model.embed_tokens.weight": torch.randn(VOCAB, HIDDEN, generator=g)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        for name, shape in [
+            ("self_attn.q_proj.weight", (HIDDEN, HIDDEN)),
+            ("self_attn.k_proj.weight", (HIDDEN // 2, HIDDEN)),
+            ("mlp.up_proj.weight", (3 * HIDDEN, HIDDEN)),
+            ("mlp.down_proj.weight", (HIDDEN, 3 * HIDDEN)),
+            ("input_layernorm.weight", (HIDDEN,)),
+        ]:
+            state[p + name] = torch.randn(shape, generator=g)
+    state["model.norm.weight"] = torch.ones(HIDDEN)
+    state["lm_head.weight"] = torch.randn(VOCAB, HIDDEN, generator=g)
+    state["model.position_ids"] = torch.arange(8)  # an integer buffer: copied, never merged
+    return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def finetune(base: dict[str, torch.Tensor], seed: int, fraction=0.3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in base.items():
+        if not v.is_floating_point():
+            out[k] = v.clone()
+            continue
+        mask = torch.rand(v.shape, generator=g) < fraction
+        out[k] = (v.float() + mask * 0.05 * torch.randn(v.shape, generator=g)).to(v.dtype)
+    return out
+
+
+def write_model(folder: Path, state: dict[str, torch.Tensor], shards: int = 1) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": HIDDEN}))
+    (folder / "tokenizer_config.json").write_text("{}")
+    if shards == 1:
+        save_file(state, str(folder / "model.safetensors"))
+        return folder
+    names = list(state)
+    weight_map = {}
+    for i in range(shards):
+        part = names[i::shards]
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: state[n] for n in part}, str(folder / fname))
+        weight_map.update({n: fname for n in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+@pytest.fixture
+def zoo(tmp_path):
+    base = llama_state(0)
+    tunes = [finetune(base, s) for s in (1, 2, 3)]
+    paths = {"base": write_model(tmp_path / "base", base)}
+    for i, t in enumerate(tunes):
+        paths[f"ft{i}"] = write_model(tmp_path / f"ft{i}", t, shards=2 if i == 1 else 1)
+    return tmp_path, base, tunes, paths
+
+
+def config_for(method, paths, n=3, **params):
+    per_model = {
+        "ties": {"weight": 0.5, "density": 0.4},
+        "dare_ties": {"weight": 0.7, "density": 0.5},
+        "dare_linear": {"weight": 0.7, "density": 0.5},
+        "task_arithmetic": {"weight": 0.6},
+        "breadcrumbs": {"weight": 1.0, "density": 0.8, "gamma": 0.05},
+        "linear": {"weight": 1.0},
+        "model_stock": {},
+        "slerp": {},
+    }[method]
+    cfg = {
+        "merge_method": method,
+        "base_model": str(paths["base"]),
+        "models": [
+            {"model": str(paths[f"ft{i}"]), "parameters": dict(per_model)} for i in range(n)
+        ],
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    }
+    if params:
+        cfg["parameters"] = params
+    return cfg
+
+
+def read(folder: Path) -> dict[str, torch.Tensor]:
+    ck = Checkpoint(folder)
+    return {n: ck.get(n) for n in ck.names}
+
+
+@pytest.mark.parametrize(
+    ("method", "n", "params"),
+    [
+        ("ties", 3, {"normalize": True}),
+        ("dare_ties", 3, {"lambda": 0.9}),
+        ("dare_linear", 2, {}),
+        ("task_arithmetic", 3, {"lambda": 0.5}),
+        ("breadcrumbs", 2, {}),
+        ("linear", 3, {}),
+        ("model_stock", 3, {}),
+        ("slerp", 1, {"t": 0.3}),
+    ],
+)
+def test_merge_matches_in_memory_merge(zoo, method, n, params, monkeypatch):
+    tmp, base, tunes, paths = zoo
+    cfg = config_for(method, paths, n=n, **params)
+    if method == "breadcrumbs":  # no native breadcrumbs masks yet: the reference runs, and says so
+        monkeypatch.setattr(meldkit._native, "_warned", set())
+        with pytest.warns(meldkit.MeldkitFallbackWarning, match="breadcrumbs"):
+            out = merge(cfg, tmp / "out", seed=7, progress=False)
+    else:
+        out = merge(cfg, tmp / "out", seed=7, progress=False)
+    merged = read(out)
+    parsed = parse_config(cfg)
+    kw = {"weights": parsed.model_param("weight", 1.0)}
+    if "density" in parsed.method.model_params:
+        kw["densities"] = parsed.model_param("density", 1.0)
+    if "gamma" in parsed.method.model_params:
+        kw["gammas"] = parsed.model_param("gamma", 0.01)
+    kw.update({"lam" if k == "lambda" else k: v for k, v in params.items()})
+
+    def f32(d):
+        return {k: v.float() if v.is_floating_point() else v for k, v in d.items()}
+
+    expected = merge_state_dicts(
+        f32(base), [f32(t) for t in tunes[:n]], method, seed=7, out_dtype=torch.bfloat16, **kw
+    )
+    assert set(merged) == set(base)
+    for name, tensor in expected.items():
+        assert merged[name].dtype == tensor.dtype, name
+        assert torch.equal(merged[name], tensor), name
+    assert torch.equal(merged["model.position_ids"], base["model.position_ids"])
+    assert (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file()
+    assert not list(tmp.glob(".out.*")), "temporary folder left behind"
+
+
+def test_sharded_output_and_index(zoo):
+    tmp, base, _, paths = zoo
+    out = merge(config_for("ties", paths), tmp / "out", out_shard_size="4KB", progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) > 3 and all((out / f).is_file() for f in files)
+    assert set(index["weight_map"]) == set(base)
+    single = merge(config_for("ties", paths), tmp / "out1", progress=False)
+    a, b = read(out), read(single)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dare_is_reproducible_by_seed(zoo):
+    tmp, _, _, paths = zoo
+    cfg = config_for("dare_ties", paths)
+    a = read(merge(cfg, tmp / "a", seed=1, progress=False))
+    b = read(merge(cfg, tmp / "b", seed=1, progress=False))
+    c = read(merge(cfg, tmp / "c", seed=2, progress=False))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+def test_config_errors_name_the_key(zoo, tmp_path):
+    _, _, _, paths = zoo
+    good = config_for("ties", paths)
+    cases = [
+        ({**good, "merge_method": "tiez"}, "unknown merge_method 'tiez'"),
+        ({**good, "slices": []}, "not supported yet: slices"),
+        ({**good, "bogus": 1}, "unknown keys: bogus"),
+        ({**good, "parameters": {"gamma": 0.1}}, "parameters: gamma not accepted by ties"),
+        ({**good, "dtype": "float8"}, "dtype: 'float8'"),
+        ({k: v for k, v in good.items() if k != "base_model"}, "needs base_model"),
+        (
+            {**good, "models": [{"model": str(paths["ft0"]), "parameters": {"density": 2}}]},
+            "density: 2 is not in [0, 1]",
+        ),
+        (
+            {**good, "models": [{"model": str(paths["ft0"]), "parameters": {"density": [1, 0.5]}}]},
+            "gradient and filtered parameter values",
+        ),
+        (
+            {**good, "models": [{"model": str(paths["ft0"]), "parameters": {"epsilon": 0.1}}]},
+            "epsilon not accepted by ties",
+        ),
+    ]
+    for cfg, text in cases:
+        with pytest.raises(ConfigError) as info:
+            parse_config(cfg)
+        assert text in str(info.value), (text, str(info.value))
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("merge_method: [ties\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_config(bad_yaml)
+
+
+def test_model_errors_fail_before_merging(zoo):
+    tmp, base, _, paths = zoo
+    cfg = config_for("ties", paths)
+    cfg["models"][0]["model"] = str(tmp / "nope")
+    with pytest.raises(MergeError, match="no such model folder"):
+        merge(cfg, tmp / "out", progress=False)
+    wrong = dict(base)
+    wrong["model.norm.weight"] = torch.ones(HIDDEN + 1, dtype=torch.bfloat16)
+    write_model(tmp / "wrong", wrong)
+    cfg = config_for("ties", paths)
+    cfg["models"][2]["model"] = str(tmp / "wrong")
+    with pytest.raises(MergeError, match=r"model.norm.weight has shape \[17\]"):
+        merge(cfg, tmp / "out", progress=False)
+    partial = {k: v for k, v in base.items() if "lm_head" not in k}
+    write_model(tmp / "partial", partial)
+    cfg["models"][2]["model"] = str(tmp / "partial")
+    with pytest.raises(MergeError, match="missing 1 tensors"):
+        merge(cfg, tmp / "out", progress=False)
+    assert not (tmp / "out").exists()
+
+
+def test_truncated_file_and_pickle_policy(zoo):
+    tmp, base, _, _ = zoo
+    broken = write_model(tmp / "broken", base)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="broken"):
+        ck = Checkpoint(broken)
+        for n in ck.names:
+            ck.get(n)
+    pickled = tmp / "pickled"
+    pickled.mkdir()
+    torch.save(base, pickled / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="--allow-pickle"):
+        Checkpoint(pickled)
+    ck = Checkpoint(pickled, allow_pickle=True)
+    assert torch.equal(ck.get("lm_head.weight"), base["lm_head.weight"])
+
+
+def test_interrupted_merge_leaves_nothing_and_rerun_succeeds(zoo, monkeypatch):
+    tmp, _, _, paths = zoo
+    import meldkit.ops
+
+    calls = {"n": 0}
+    real = meldkit.ops.merge_tensors
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(meldkit.ops, "merge_tensors", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        merge(config_for("ties", paths), tmp / "out", progress=False)
+    assert not (tmp / "out").exists() and not list(tmp.glob(".out.*"))
+    monkeypatch.setattr(meldkit.ops, "merge_tensors", real)
+    assert merge(config_for("ties", paths), tmp / "out", progress=False).is_dir()
+    with pytest.raises(CheckpointError, match="not empty"):
+        merge(config_for("ties", paths), tmp / "out", progress=False)
+
+
+def test_cli(zoo):
+    tmp, _, _, paths = zoo
+    cfg_path = tmp / "ties.yaml"
+    cfg_path.write_text(yaml.safe_dump(config_for("ties", paths)))
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meldkit",
+            "merge",
+            str(cfg_path),
+            str(tmp / "cli_out"),
+            "--no-progress",
+            "--out-shard-size",
+            "1GB",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert (tmp / "cli_out" / "model.safetensors").is_file()
+    bad = tmp / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**config_for("ties", paths), "merge_method": "nope"}))
+    res = subprocess.run(
+        [sys.executable, "-m", "meldkit", "merge", str(bad), str(tmp / "x")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 2 and "unknown merge_method 'nope'" in res.stderr
+
+
+def test_merge_tensors_used_by_engine_is_the_public_op():
+    # The engine goes through meldkit.ops.merge_tensors (so backends and fallbacks apply).
+    base = torch.randn(5)
+    assert torch.equal(merge_tensors(base, [base + 1], "task_arithmetic", lam=0.5), base + 0.5)
