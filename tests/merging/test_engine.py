@@ -23,7 +23,6 @@ from meldkit.merging import (
     merge_state_dicts,
     parse_config,
 )
-from meldkit.ops import merge_tensors
 
 HIDDEN, VOCAB, LAYERS = 16, 64, 2
 
@@ -311,9 +310,3 @@ def test_cli(zoo):
         timeout=300,
     )
     assert res.returncode == 2 and "unknown merge_method 'nope'" in res.stderr
-
-
-def test_merge_tensors_used_by_engine_is_the_public_op():
-    # The engine goes through meldkit.ops.merge_tensors (so backends and fallbacks apply).
-    base = torch.randn(5)
-    assert torch.equal(merge_tensors(base, [base + 1], "task_arithmetic", lam=0.5), base + 0.5)
