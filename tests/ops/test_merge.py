@@ -237,3 +237,44 @@ def test_cuda_merge_writes_every_element_of_unaligned_views():
         base[1:], views, out, [1.0] * 3, [1.0] * 3, None, None, 0, None, "none", "none", False, 1.0
     )
     assert not out.isnan().any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    base, models = models_like((33, 7), torch.float32, device)
+    args = (
+        base,
+        models,
+        "ties",
+        [1.0] * 3,
+        [0.5] * 3,
+        [0.01] * 3,
+        [0.15] * 3,
+        1.0,
+        True,
+        "none",
+        "keep_ties",
+        0,
+        0,
+        None,
+        None,
+    )
+    torch.library.opcheck(torch.ops.meldkit.merge_tensors.default, args)
+    args = (
+        base,
+        models,
+        "dare_ties",
+        [1.0] * 3,
+        [0.5] * 3,
+        [0.01] * 3,
+        [0.15] * 3,
+        1.0,
+        False,
+        "l1",
+        "keep_ties",
+        3,
+        5,
+        None,
+        torch.bfloat16,
+    )
+    torch.library.opcheck(torch.ops.meldkit.merge_tensors.default, args)
