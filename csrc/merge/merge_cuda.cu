@@ -11,8 +11,8 @@
 namespace meldkit {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 8192;
+constexpr int kThreads = kElementwiseThreads;
+constexpr int64_t kMaxBlocks = kElementwiseMaxBlocks;
 
 // Everything per model travels by value: pointers, weights, scales, thresholds, densities, keys.
 struct TaskMergeArgs {
@@ -70,13 +70,11 @@ __global__ void __launch_bounds__(kThreads) TaskMergeKernel(TaskMergeArgs a) {
   }
 }
 
-bool aligned(const void* p, int bytes) { return reinterpret_cast<std::uintptr_t>(p) % bytes == 0; }
-
 template <typename TIn, typename TOut>
 void task_merge_typed(const TaskMergeArgs& a, cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(TIn);
-  bool vec_ok = aligned(a.base, 16) && aligned(a.out, int(sizeof(TOut)) * VEC);
-  for (int t = 0; t < a.num_models; ++t) vec_ok = vec_ok && aligned(a.models[t], 16);
+  bool vec_ok = is_aligned(a.base, 16) && is_aligned(a.out, int(sizeof(TOut)) * VEC);
+  for (int t = 0; t < a.num_models; ++t) vec_ok = vec_ok && is_aligned(a.models[t], 16);
   const int vec = vec_ok ? VEC : 1;
   const int64_t work = std::max<int64_t>(a.numel / vec, 1);
   const int blocks = int(std::min<int64_t>((work + kThreads - 1) / kThreads, kMaxBlocks));

@@ -11,9 +11,8 @@
 namespace meldkit {
 namespace {
 
-constexpr int kThreads = 256;
-// Enough blocks to fill any current GPU several times over; the grid-stride loop covers the rest.
-constexpr int64_t kMaxBlocks = 8192;
+constexpr int kThreads = kElementwiseThreads;
+constexpr int64_t kMaxBlocks = kElementwiseMaxBlocks;
 
 struct WeightedSumChunk {
   const void* inputs[kWeightedSumMaxInputsPerLaunch];
@@ -76,8 +75,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-bool aligned(const void* p, int bytes) { return reinterpret_cast<std::uintptr_t>(p) % bytes == 0; }
-
 template <typename TIn, typename TDst, int VEC>
 void launch(const WeightedSumChunk& chunk, int64_t numel, const float* carry, TDst* dst,
             cudaStream_t stream) {
@@ -99,8 +96,8 @@ void launch_chunk(const WeightedSumChunk& chunk, int64_t numel, const float* car
                   cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(TIn);
   bool vec_ok =
-      aligned(dst, int(sizeof(TDst)) * VEC) && (carry == nullptr || aligned(carry, 4 * VEC));
-  for (int i = 0; i < chunk.num_inputs; ++i) vec_ok = vec_ok && aligned(chunk.inputs[i], 16);
+      is_aligned(dst, int(sizeof(TDst)) * VEC) && (carry == nullptr || is_aligned(carry, 4 * VEC));
+  for (int i = 0; i < chunk.num_inputs; ++i) vec_ok = vec_ok && is_aligned(chunk.inputs[i], 16);
   if (vec_ok) {
     launch<TIn, TDst, VEC>(chunk, numel, carry, dst, stream);
   } else {

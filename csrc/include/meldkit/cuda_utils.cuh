@@ -3,6 +3,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <string>
 
 #include "meldkit/status.h"
@@ -34,6 +35,16 @@ class CudaDeviceGuard {
  private:
   int previous_ = 0;
 };
+
+// Threads per block of the elementwise kernels, and a grid cap: enough blocks to fill any current
+// GPU several times over; grid-stride loops cover the rest.
+constexpr int kElementwiseThreads = 256;
+constexpr int64_t kElementwiseMaxBlocks = 8192;
+
+// Whether `p` allows `bytes`-wide vector accesses.
+inline bool is_aligned(const void* p, int bytes) {
+  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
+}
 
 // A fixed-size array of T loaded and stored as one aligned access (16 bytes for fp32 x 4).
 template <typename T, int N>

@@ -21,3 +21,21 @@
 #else
 #define MELDKIT_CPU_CLONES
 #endif
+
+// Products and sums rounded one by one, never fused into a multiply-add: on the device with the
+// _rn intrinsics, on the host by compiling with -ffp-contract=off. Kernels that promise CPU = CUDA
+// = reference bit for bit do their arithmetic with these.
+MELDKIT_INLINE float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+MELDKIT_INLINE float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}

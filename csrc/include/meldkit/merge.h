@@ -66,23 +66,6 @@ MELDKIT_INLINE bool merge_keep(Sparsify s, float tau, float threshold, float den
   }
 }
 
-// Products and sums rounded one by one (no fused multiply-add), on the device as on the host,
-// so CPU, CUDA and the reference agree bit for bit. (The CPU build uses -ffp-contract=off.)
-MELDKIT_INLINE float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-MELDKIT_INLINE float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-
 // One model's contribution: W = weight * (scale * tau) if kept.
 MELDKIT_INLINE void merge_add(MergeAcc& a, float weight, float scale, float tau, bool keep) {
   a.wall = add_rn(a.wall, weight);

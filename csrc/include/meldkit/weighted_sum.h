@@ -33,23 +33,13 @@ inline int64_t weighted_sum_cuda_workspace_numel(int num_inputs, int64_t numel) 
 // The per-element arithmetic both backends run: acc <- acc + w * x, rounded after the product
 // and after the sum (no fused multiply-add), so CPU and CUDA results agree bit for bit.
 MELDKIT_INLINE float weighted_sum_step(float acc, float w, float x) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(acc, __fmul_rn(w, x));
-#else
-  return acc + w * x;  // the CPU build uses -ffp-contract=off
-#endif
+  return add_rn(acc, mul_rn(w, x));
 }
 MELDKIT_INLINE double weighted_sum_step(double acc, float w, double x) {
   return acc + static_cast<double>(w) * x;
 }
 // The first term starts the sum without adding zero, which would turn -0 into +0.
-MELDKIT_INLINE float weighted_sum_first(float w, float x) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(w, x);
-#else
-  return w * x;
-#endif
-}
+MELDKIT_INLINE float weighted_sum_first(float w, float x) { return mul_rn(w, x); }
 MELDKIT_INLINE double weighted_sum_first(float w, double x) { return static_cast<double>(w) * x; }
 
 void weighted_sum_cpu(const WeightedSumParams& p);
