@@ -36,6 +36,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             seed=args.seed,
             allow_pickle=args.allow_pickle,
             progress=not args.no_progress,
+            trim_scope=args.trim_scope,
         )
     except (ConfigError, MergeError, CheckpointError) as exc:
         print(f"meldkit merge: {exc}", file=sys.stderr)
@@ -77,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of DARE/DELLA masks (default 0)")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--trim-scope",
+        choices=["tensor", "model"],
+        default="tensor",
+        help="magnitude trimming per tensor (mergekit) or over the whole model (TIES paper)",
+    )
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("demo", help="run each op on random data against its reference")

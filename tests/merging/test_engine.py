@@ -310,3 +310,39 @@ def test_cli(zoo):
         timeout=300,
     )
     assert res.returncode == 2 and "unknown merge_method 'nope'" in res.stderr
+
+
+def test_model_scope_trimming_uses_whole_model_thresholds(zoo):
+    from meldkit.ops import merge_ref
+    from meldkit.ops.merge import merge_tensors
+
+    tmp, base, tunes, paths = zoo
+    cfg = config_for("ties", paths)
+    for m in cfg[
+        "models"
+    ]:  # below the 30 % of entries the fine-tunes perturbed: ties at 0 stay out
+        m["parameters"]["density"] = 0.2
+    out = read(merge(cfg, tmp / "out", progress=False, trim_scope="model"))
+    floats = [k for k, v in base.items() if v.is_floating_point()]
+    densities = parse_config(cfg).model_param("density", 1.0)
+    thresholds = []
+    for t, tune in enumerate(tunes):
+        flat = torch.cat([(tune[k].float() - base[k].float()).abs().flatten() for k in floats])
+        thresholds.append(merge_ref.magnitude_threshold_ref(flat, densities[t]).item())
+    kept = 0
+    for k in floats:
+        expected = merge_tensors(
+            base[k].float(),
+            [t[k].float() for t in tunes],
+            "ties",
+            weights=[0.5] * 3,
+            densities=densities,
+            thresholds=thresholds,
+            out_dtype=torch.bfloat16,
+        )
+        assert torch.equal(out[k], expected), k
+        kept += int(((tunes[0][k].float() - base[k].float()).abs() >= thresholds[0]).sum())
+    total = sum(base[k].numel() for k in floats)
+    assert kept == int(total * densities[0])  # the whole model keeps exactly its density
+    with pytest.raises(MergeError, match="trim_scope='model' applies to magnitude trimming"):
+        merge(config_for("task_arithmetic", paths), tmp / "x", trim_scope="model")

@@ -90,6 +90,7 @@ def merge(
     seed: int = 0,
     allow_pickle: bool = False,
     progress: bool = True,
+    trim_scope: str = "tensor",
 ) -> Path:
     """Merge the models of a mergekit-style ``config`` into ``out_dir``.
 
@@ -112,6 +113,10 @@ def merge(
         Accept pickle (``.bin``) checkpoints.
     progress : bool
         Show a progress bar (tensors and bytes) on stderr.
+    trim_scope : {"tensor", "model"}
+        Scope of magnitude trimming (ties, dare is unaffected): per tensor as mergekit does, or
+        over the whole model as the original TIES paper does. ``"model"`` costs two extra
+        streaming passes over the checkpoints (:mod:`meldkit.merging.global_trim`).
 
     Returns
     -------
@@ -119,6 +124,12 @@ def merge(
         ``out_dir``.
     """
     cfg = config if isinstance(config, MergeConfig) else parse_config(config)
+    if trim_scope not in ("tensor", "model"):
+        raise MergeError(f"trim_scope must be 'tensor' or 'model', got {trim_scope!r}")
+    if trim_scope == "model" and cfg.method.sparsify != "magnitude":
+        raise MergeError(
+            f"trim_scope='model' applies to magnitude trimming (ties); {cfg.method.name} has none"
+        )
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MergeError("device cuda requested but torch sees no CUDA device")
@@ -149,7 +160,21 @@ def merge(
         bar = tqdm(
             total=writer.total_size, unit="B", unit_scale=True, desc="merge", file=sys.stderr
         )
+    float_names = [n for n in names if reference.dtype(n) in FLOAT_DTYPES]
     try:
+        if trim_scope == "model":
+            from meldkit.merging.global_trim import global_thresholds
+
+            params = {
+                **params,
+                "thresholds": global_thresholds(
+                    float_names,
+                    # Converted as the merge converts them, so the magnitudes are the same.
+                    lambda n: reference.get(n).to(cfg.dtype or reference.dtype(n)),
+                    lambda n: [m.get(n).to(cfg.dtype or reference.dtype(n)) for m in models],
+                    params["densities"],
+                ),
+            }
         for i, name in enumerate(names):
             b = reference.get(name) if base is not None else None
             ms = [m.get(name) for m in models]
