@@ -329,7 +329,7 @@ def test_model_scope_trimming_uses_whole_model_thresholds(zoo):
     for t, tune in enumerate(tunes):
         flat = torch.cat([(tune[k].float() - base[k].float()).abs().flatten() for k in floats])
         thresholds.append(merge_ref.magnitude_threshold_ref(flat, densities[t]).item())
-    kept = 0
+    kept = above = 0
     for k in floats:
         expected = merge_tensors(
             base[k].float(),
@@ -341,8 +341,12 @@ def test_model_scope_trimming_uses_whole_model_thresholds(zoo):
             out_dtype=torch.bfloat16,
         )
         assert torch.equal(out[k], expected), k
-        kept += int(((tunes[0][k].float() - base[k].float()).abs() >= thresholds[0]).sum())
-    total = sum(base[k].numel() for k in floats)
-    assert kept == int(total * densities[0])  # the whole model keeps exactly its density
+        mag = (tunes[0][k].float() - base[k].float()).abs()
+        kept += int((mag >= thresholds[0]).sum())
+        above += int((mag > thresholds[0]).sum())
+    # The whole model keeps its density: fewer entries lie strictly above the threshold, and the
+    # kept ones (ties at the threshold included) reach it.
+    k_model = int(sum(base[k].numel() for k in floats) * densities[0])
+    assert above < k_model <= kept
     with pytest.raises(MergeError, match="trim_scope='model' applies to magnitude trimming"):
         merge(config_for("task_arithmetic", paths), tmp / "x", trim_scope="model")
