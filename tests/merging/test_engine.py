@@ -199,8 +199,27 @@ def test_config_errors_name_the_key(zoo, tmp_path):
             "density: 2 is not in [0, 1]",
         ),
         (
-            {**good, "models": [{"model": str(paths["ft0"]), "parameters": {"density": [1, 0.5]}}]},
-            "gradient and filtered parameter values",
+            {
+                **good,
+                "models": [{"model": str(paths["ft0"]), "parameters": {"density": [0.5, 1.5]}}],
+            },
+            "density: 1.5 is not in [0, 1]",
+        ),
+        (
+            {
+                **good,
+                "models": [
+                    {
+                        "model": str(paths["ft0"]),
+                        "parameters": {"weight": [{"filtr": "mlp", "value": 1}]},
+                    }
+                ],
+            },
+            "weight[0]: unknown keys: filtr",
+        ),
+        (
+            {**good, "parameters": {"normalize": [True, False]}},
+            "parameters.normalize: expected one value",
         ),
         (
             {**good, "models": [{"model": str(paths["ft0"]), "parameters": {"epsilon": 0.1}}]},
@@ -350,3 +369,36 @@ def test_model_scope_trimming_uses_whole_model_thresholds(zoo):
     assert above < k_model <= kept
     with pytest.raises(MergeError, match="trim_scope='model' applies to magnitude trimming"):
         merge(config_for("task_arithmetic", paths), tmp / "x", trim_scope="model")
+
+
+def test_gradient_and_filtered_parameters(zoo):
+    from meldkit.merging.engine import layer_positions
+    from meldkit.ops.merge import merge_tensors
+
+    tmp, base, tunes, paths = zoo
+    cfg = config_for("ties", paths)
+    for m in cfg["models"]:
+        m["parameters"] = {
+            "density": [0.2, 0.8],
+            "weight": [{"filter": "mlp", "value": [2.0, 1.0]}, {"filter": "*", "value": 0.5}],
+        }
+    out = read(merge(cfg, tmp / "out", progress=False))
+    positions = layer_positions(list(base))
+    assert positions["model.embed_tokens.weight"] == 0.0
+    assert positions["model.layers.0.mlp.up_proj.weight"] == 0.0
+    assert positions["model.layers.1.mlp.up_proj.weight"] == 1.0
+    for name, tensor in base.items():
+        if not tensor.is_floating_point():
+            continue
+        t = positions[name]
+        density = 0.2 + 0.6 * t
+        weight = (2.0 - t) if "mlp" in name else 0.5
+        expected = merge_tensors(
+            tensor.float(),
+            [tune[name].float() for tune in tunes],
+            "ties",
+            weights=[weight] * 3,
+            densities=[density] * 3,
+            out_dtype=torch.bfloat16,
+        )
+        assert torch.equal(out[name], expected), name

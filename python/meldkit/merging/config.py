@@ -15,6 +15,15 @@ Accepted (the ``models`` form of mergekit's YAML)::
     out_dtype: bfloat16               # storage dtype of the result (default: dtype)
 
 Per-model parameters may also appear at the top level, as defaults for every model.
+
+A per-model parameter is a number, or, as in mergekit:
+
+- a **gradient**, a list of numbers interpolated over the layers: layer i of L gets
+  ``t = i / (L − 1)``, and the value at position ``t·(len − 1)`` of the list, linearly between
+  neighbours; tensors outside the layers (embeddings, final norm, head) get ``t = 0``;
+- **filtered** values, a list of ``{filter: SUBSTRING, value: V}`` entries tried in order: the
+  first whose ``filter`` occurs in the tensor's name (or that has no filter, or ``*``) gives V,
+  itself a number or a gradient.
 """
 
 from __future__ import annotations
@@ -63,13 +72,21 @@ class MergeConfig:
     method: MergeMethod
     base: Path | None
     models: tuple[ModelSpec, ...]
-    params: dict[str, Any]
+    params: dict[str, Any]  # top-level parameters (per-model defaults may be settings)
     dtype: torch.dtype | None
     out_dtype: torch.dtype | None
 
-    def model_param(self, name: str, default: float) -> list[float]:
-        """Per-model values of ``name`` (weight, density, gamma, epsilon), with defaults."""
-        return [float(m.params.get(name, default)) for m in self.models]
+    def model_param(
+        self, name: str, default: float, tensor_name: str = "", t: float = 0.0
+    ) -> list[float]:
+        """Per-model values of ``name`` (weight, density, gamma, epsilon) for one tensor
+        (``tensor_name`` at layer position ``t``: gradients and filters resolved), with
+        ``default`` where a model gives none (or no filter matches)."""
+        out = []
+        for m in self.models:
+            value = evaluate_setting(m.params.get(name, default), tensor_name, t)
+            out.append(float(default if value is None else value))
+        return out
 
 
 def _dtype(value: Any, key: str) -> torch.dtype | None:
@@ -82,15 +99,57 @@ def _dtype(value: Any, key: str) -> torch.dtype | None:
 
 def _scalar(value: Any, where: str) -> Any:
     if isinstance(value, (list, tuple, dict)):
-        raise ConfigError(
-            f"{where}: gradient and filtered parameter values (lists) are not supported yet; "
-            "give one number"
-        )
+        raise ConfigError(f"{where}: expected one value here, not a list (no gradient)")
     if isinstance(value, bool) or value is None:
         return value
     if not isinstance(value, (int, float)):
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     return value
+
+
+def _setting(value: Any, where: str) -> Any:
+    """A per-model parameter: a number, a gradient (list of numbers), or filtered values."""
+    if isinstance(value, Mapping):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        return _scalar(value, where)
+    if not value:
+        raise ConfigError(f"{where}: empty list")
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return [float(v) for v in value]
+    entries = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, Mapping) or "value" not in entry:
+            raise ConfigError(
+                f"{where}[{i}]: expected a number (gradient) or {{filter: NAME, value: V}}"
+            )
+        extra = [k for k in entry if k not in ("filter", "value")]
+        if extra:
+            raise ConfigError(f"{where}[{i}]: unknown keys: {', '.join(map(str, extra))}")
+        flt = entry.get("filter")
+        if flt is not None and not isinstance(flt, str):
+            raise ConfigError(f"{where}[{i}].filter: expected a string, got {flt!r}")
+        inner = _setting(entry["value"], f"{where}[{i}].value")
+        if isinstance(inner, dict):
+            raise ConfigError(f"{where}[{i}].value: filters cannot nest")
+        entries.append((flt, inner))
+    return {"filters": entries}
+
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
+    """The value of a per-model parameter for one tensor at layer position ``t`` in [0, 1]."""
+    if isinstance(setting, dict):
+        for flt, value in setting["filters"]:
+            if flt is None or flt == "*" or flt in tensor_name:
+                return evaluate_setting(value, tensor_name, t)
+        return None
+    if isinstance(setting, list):
+        pos = t * (len(setting) - 1)
+        i0 = int(pos)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = pos - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    return setting
 
 
 def parse_config(
@@ -154,7 +213,12 @@ def parse_config(
             f"parameters: {', '.join(bad)} not accepted by {method.name} "
             f"(accepted: {', '.join(sorted(allowed_global)) or 'none'})"
         )
-    params = {k: _scalar(v, f"parameters.{k}") for k, v in top.items()}
+    params = {
+        k: _setting(v, f"parameters.{k}")
+        if k in method.model_params
+        else _scalar(v, f"parameters.{k}")
+        for k, v in top.items()
+    }
     defaults = {k: v for k, v in params.items() if k in method.model_params}
 
     entries = raw.get("models") or []
@@ -176,7 +240,7 @@ def parse_config(
             )
         merged = {
             **defaults,
-            **{k: _scalar(v, f"models[{i}].parameters.{k}") for k, v in p.items()},
+            **{k: _setting(v, f"models[{i}].parameters.{k}") for k, v in p.items()},
         }
         path = resolve(entry["model"], f"models[{i}].model")
         if base is not None and path.resolve() == base.resolve():
@@ -188,8 +252,17 @@ def parse_config(
         raise ConfigError("model_stock needs at least two fine-tuned models besides the base")
     for i, m in enumerate(models):
         d = m.params.get("density")
-        if d is not None and not 0 <= d <= 1:
-            raise ConfigError(f"models[{i}].parameters.density: {d} is not in [0, 1]")
+        values = (
+            d
+            if isinstance(d, list)
+            else [v for _, v in d["filters"]]
+            if isinstance(d, dict)
+            else [d]
+        )
+        flat = [x for v in values for x in (v if isinstance(v, list) else [v])]
+        bad = [x for x in flat if x is not None and not 0 <= x <= 1]
+        if bad:
+            raise ConfigError(f"models[{i}].parameters.density: {bad[0]} is not in [0, 1]")
     return MergeConfig(
         method=method,
         base=base,

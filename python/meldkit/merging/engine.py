@@ -10,6 +10,7 @@ stays near (N + 2) × the largest tensor plus one output shard.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import zlib
 from collections.abc import Mapping
@@ -58,16 +59,27 @@ def _validate(cfg: MergeConfig, base: Checkpoint | None, models: list[Checkpoint
     return names
 
 
-def _tensor_params(cfg: MergeConfig) -> dict[str, Any]:
+_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def layer_positions(names: list[str]) -> dict[str, float]:
+    """``t`` of every tensor for gradient parameters: ``i / (L − 1)`` for layer i of L (1 when
+    L = 1), 0 for tensors outside the numbered layers, as mergekit positions them."""
+    index = {n: int(m.group(1)) for n in names if (m := _LAYER.search(n))}
+    count = max(index.values(), default=-1) + 1
+    return {n: (index[n] / (count - 1) if count > 1 else 1.0) if n in index else 0.0 for n in names}
+
+
+def _tensor_params(cfg: MergeConfig, tensor_name: str = "", t: float = 0.0) -> dict[str, Any]:
     p = cfg.params
-    kw: dict[str, Any] = {"weights": cfg.model_param("weight", 1.0)}
+    kw: dict[str, Any] = {"weights": cfg.model_param("weight", 1.0, tensor_name, t)}
     method = cfg.method
     if "density" in method.model_params:
-        kw["densities"] = cfg.model_param("density", 1.0)
+        kw["densities"] = cfg.model_param("density", 1.0, tensor_name, t)
     if "gamma" in method.model_params:
-        kw["gammas"] = cfg.model_param("gamma", 0.01)
+        kw["gammas"] = cfg.model_param("gamma", 0.01, tensor_name, t)
     if "epsilon" in method.model_params:
-        kw["epsilons"] = cfg.model_param("epsilon", 0.15)
+        kw["epsilons"] = cfg.model_param("epsilon", 0.15, tensor_name, t)
     if "lambda" in p:
         kw["lam"] = float(p["lambda"])
     if "normalize" in p:
@@ -149,7 +161,7 @@ def merge(
     elem = {n: torch.empty((), dtype=out_dtype_of[n]).element_size() for n in names}
     plan = [(n, reference.nbytes(n) // reference.dtype(n).itemsize * elem[n]) for n in names]
     writer = ShardedWriter(out_dir, plan, parse_size(out_shard_size))
-    params = _tensor_params(cfg)
+    positions = layer_positions(names)
 
     from meldkit.ops import merge_tensors
 
@@ -162,19 +174,19 @@ def merge(
         )
     float_names = [n for n in names if reference.dtype(n) in FLOAT_DTYPES]
     try:
+        thresholds = None
         if trim_scope == "model":
             from meldkit.merging.global_trim import global_thresholds
 
-            params = {
-                **params,
-                "thresholds": global_thresholds(
-                    float_names,
-                    # Converted as the merge converts them, so the magnitudes are the same.
-                    lambda n: reference.get(n).to(cfg.dtype or reference.dtype(n)),
-                    lambda n: [m.get(n).to(cfg.dtype or reference.dtype(n)) for m in models],
-                    params["densities"],
-                ),
-            }
+            if any(isinstance(m.params.get("density"), (list, dict)) for m in cfg.models):
+                raise MergeError("trim_scope='model' needs one density per model, not a gradient")
+            thresholds = global_thresholds(
+                float_names,
+                # Converted as the merge converts them, so the magnitudes are the same.
+                lambda n: reference.get(n).to(cfg.dtype or reference.dtype(n)),
+                lambda n: [m.get(n).to(cfg.dtype or reference.dtype(n)) for m in models],
+                cfg.model_param("density", 1.0),
+            )
         for i, name in enumerate(names):
             b = reference.get(name) if base is not None else None
             ms = [m.get(name) for m in models]
@@ -184,6 +196,9 @@ def merge(
                 dt = cfg.dtype or reference.dtype(name)
                 b = b.to(device, dt) if b is not None else None
                 ms = [m.to(device, dt) for m in ms]
+                params = _tensor_params(cfg, name, positions[name])
+                if thresholds is not None:
+                    params["thresholds"] = thresholds
                 merged = merge_tensors(
                     b,
                     ms,
