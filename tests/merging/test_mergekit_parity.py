@@ -92,6 +92,14 @@ METHODS = {
     "breadcrumbs": ({"weight": 0.8, "density": 0.7, "gamma": 0.1}, {}),
     "breadcrumbs_ties": ({"weight": 0.8, "density": 0.7, "gamma": 0.1}, {}),
     "model_stock": ({}, {}),
+    # Gradient (interpolated over layers) and filtered values, resolved per tensor.
+    "ties_gradient": (
+        {
+            "density": [0.3, 0.7],
+            "weight": [{"filter": "mlp", "value": [1.0, 0.4]}, {"value": 0.6}],
+        },
+        {"normalize": True},
+    ),
 }
 
 
@@ -101,7 +109,7 @@ def test_same_result_as_mergekit(checkpoints, method):
     root, paths = checkpoints
     per_model, params = METHODS[method]
     cfg = {
-        "merge_method": method,
+        "merge_method": method.removesuffix("_gradient"),
         "base_model": paths["base"],
         "models": [{"model": paths[f"ft{i}"], "parameters": dict(per_model)} for i in range(3)],
         "dtype": "float32",
