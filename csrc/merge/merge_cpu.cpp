@@ -23,11 +23,12 @@ constexpr int64_t kTile = 256;  // elements whose running sums stay in L1 while 
 // that each variant vectorises (selects instead of branches). Same arithmetic, in the same model
 // order, as merge_add: the result is bit-identical to the scalar definition.
 template <typename TIn, Sparsify S>
-inline void accumulate_tile(const TIn* __restrict x, const float* __restrict b, int64_t n,
-                            int64_t e0, float weight, float scale, float threshold, float density,
-                            uint32_t key, float* __restrict pos, float* __restrict neg,
-                            float* __restrict wpos, float* __restrict wneg, float* __restrict npos,
-                            float* __restrict nneg) {
+MELDKIT_ALWAYS_INLINE void accumulate_tile(const TIn* __restrict x, const float* __restrict b,
+                                           int64_t n, int64_t e0, float weight, float scale,
+                                           float threshold, float density, uint32_t key,
+                                           float* __restrict pos, float* __restrict neg,
+                                           float* __restrict wpos, float* __restrict wneg,
+                                           float* __restrict npos, float* __restrict nneg) {
   for (int64_t j = 0; j < n; ++j) {
     const float tau = widen(x[j]) - b[j];
     bool keep = true;
@@ -47,11 +48,12 @@ inline void accumulate_tile(const TIn* __restrict x, const float* __restrict b, 
 // The tile's results: merge_delta and merge_finish with the consensus and normalize choices
 // hoisted out of the loop (selects, no branches), so the loop vectorises. Same arithmetic.
 template <Consensus C, bool kNormalize>
-inline void finish_tile_as(const float* __restrict b, const float* __restrict pos,
-                           const float* __restrict neg, const float* __restrict wpos,
-                           const float* __restrict wneg, const float* __restrict npos,
-                           const float* __restrict nneg, float wall, float lambda, int64_t n,
-                           float* __restrict out) {
+MELDKIT_ALWAYS_INLINE void finish_tile_as(const float* __restrict b, const float* __restrict pos,
+                                          const float* __restrict neg, const float* __restrict wpos,
+                                          const float* __restrict wneg,
+                                          const float* __restrict npos,
+                                          const float* __restrict nneg, float wall, float lambda,
+                                          int64_t n, float* __restrict out) {
   for (int64_t j = 0; j < n; ++j) {
     float delta, divisor;
     if constexpr (C == Consensus::kNone) {
@@ -69,9 +71,10 @@ inline void finish_tile_as(const float* __restrict b, const float* __restrict po
 }
 
 template <typename TOut>
-inline void finish_tile(const TaskMergeParams& p, const float* b, const float* pos,
-                        const float* neg, const float* wpos, const float* wneg, const float* npos,
-                        const float* nneg, float wall, int64_t n, TOut* out) {
+MELDKIT_ALWAYS_INLINE void finish_tile(const TaskMergeParams& p, const float* b, const float* pos,
+                                       const float* neg, const float* wpos, const float* wneg,
+                                       const float* npos, const float* nneg, float wall, int64_t n,
+                                       TOut* out) {
   // In float first, then rounded to TOut in a loop of its own: fused into one loop, GCC did not
   // vectorise the conversion to bf16/fp16 (measured 5x slower for a bf16 output).
   float res[kTile];
@@ -156,8 +159,9 @@ void task_merge_typed(const TaskMergeParams& p) {
 constexpr int kLanes = 8;
 
 template <typename T, Sparsify S>
-inline void l1_model(const T* x, const T* base, int64_t begin, int64_t end, float threshold,
-                     float density, uint32_t key, double* all_out, double* kept_out) {
+MELDKIT_ALWAYS_INLINE void l1_model(const T* x, const T* base, int64_t begin, int64_t end,
+                                    float threshold, float density, uint32_t key, double* all_out,
+                                    double* kept_out) {
   double all[kLanes] = {}, kept[kLanes] = {};
   auto visit = [&](int64_t e, int lane) {
     const float tau = widen(x[e]) - widen(base[e]);
