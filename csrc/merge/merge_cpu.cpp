@@ -29,11 +29,15 @@ MELDKIT_ALWAYS_INLINE void accumulate_tile(const TIn* __restrict x, const float*
                                            float* __restrict pos, float* __restrict neg,
                                            float* __restrict wpos, float* __restrict wneg,
                                            float* __restrict npos, float* __restrict nneg) {
+  const uint32_t high = uniform01_high(uint64_t(e0));
   for (int64_t j = 0; j < n; ++j) {
     const float tau = widen(x[j]) - b[j];
     bool keep = true;
     if constexpr (S == Sparsify::kMagnitude) keep = fabsf(tau) >= threshold;
-    if constexpr (S == Sparsify::kRandom) keep = uniform01(key, uint64_t(e0 + j)) < density;
+    // e0 is a multiple of the tile size, so a tile never crosses a multiple of 2^32.
+    if constexpr (S == Sparsify::kRandom) {
+      keep = uniform01_from_high(key, high, uint64_t(e0 + j)) < density;
+    }
     const float w = keep ? weight * (scale * tau) : 0.f;
     const bool p = w > 0.f, q = w < 0.f;
     pos[j] += p ? w : 0.f;
@@ -163,11 +167,14 @@ MELDKIT_ALWAYS_INLINE void l1_model(const T* x, const T* base, int64_t begin, in
                                     float threshold, float density, uint32_t key, double* all_out,
                                     double* kept_out) {
   double all[kLanes] = {}, kept[kLanes] = {};
+  const uint32_t high = uniform01_high(uint64_t(begin));
   auto visit = [&](int64_t e, int lane) {
     const float tau = widen(x[e]) - widen(base[e]);
     bool keep = true;
     if constexpr (S == Sparsify::kMagnitude) keep = fabsf(tau) >= threshold;
-    if constexpr (S == Sparsify::kRandom) keep = uniform01(key, uint64_t(e)) < density;
+    // Chunks start at multiples of kChunk, so one never crosses a multiple of 2^32.
+    if constexpr (S == Sparsify::kRandom)
+      keep = uniform01_from_high(key, high, uint64_t(e)) < density;
     all[lane] += fabsf(tau);
     kept[lane] += keep ? fabsf(tau) : 0.f;
   };

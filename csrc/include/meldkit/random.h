@@ -26,12 +26,20 @@ MELDKIT_INLINE uint32_t stream_key(uint64_t seed, uint32_t stream) {
   return mix32(uint32_t(seed) ^ h);
 }
 
+// The part of uniform01 that depends only on the high 32 bits of the element index: loops over
+// blocks that never cross a multiple of 2^32 compute it once per block.
+MELDKIT_INLINE uint32_t uniform01_high(uint64_t e) {
+  return mix32(uint32_t(e >> 32) ^ 0x85ebca6bu);
+}
+
+MELDKIT_INLINE float uniform01_from_high(uint32_t key, uint32_t high, uint64_t e) {
+  const uint32_t h = mix32(key ^ mix32(uint32_t(e) ^ high));
+  return float(h >> 8) * 5.9604644775390625e-08f;  // 2^-24
+}
+
 // Uniform in [0, 1), a multiple of 2^-24 (exact in float32), for element `e` of a stream.
 MELDKIT_INLINE float uniform01(uint32_t key, uint64_t e) {
-  uint32_t h = mix32(uint32_t(e >> 32) ^ 0x85ebca6bu);
-  h = mix32(uint32_t(e) ^ h);
-  h = mix32(key ^ h);
-  return float(h >> 8) * 5.9604644775390625e-08f;  // 2^-24
+  return uniform01_from_high(key, uniform01_high(e), e);
 }
 
 }  // namespace meldkit
