@@ -33,74 +33,32 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from meldkit.merging import merge
+from meldkit.merging.synthetic import (
+    llama_config,
+    llama_shapes,
+    random_state,
+    sparse_finetune,
+    write_checkpoint,
+)
 
 
-def llama_shapes(layers: int, hidden: int) -> dict[str, tuple[int, ...]]:
-    inter, vocab = int(hidden * 2.75), 8192
-    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            shapes[p + f"self_attn.{n}.weight"] = (hidden, hidden)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
-        shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
-    shapes["model.norm.weight"] = (hidden,)
-    shapes["lm_head.weight"] = (vocab, hidden)
-    return shapes
-
-
-def llama_config(layers: int, hidden: int) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": int(hidden * 2.75),
-        "num_attention_heads": hidden // 64,
-        "num_key_value_heads": hidden // 64,
-        "num_hidden_layers": layers,
-        "vocab_size": 8192,
-        "rms_norm_eps": 1e-6,
-        "max_position_embeddings": 512,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-    }
+def shapes_for(layers: int, hidden: int) -> dict[str, tuple]:
+    return llama_shapes(layers, hidden, int(hidden * 2.75), 8192)
 
 
 def write_models(root: Path, n: int, layers: int, hidden: int) -> dict[str, str]:
-    g = torch.Generator().manual_seed(0)
-    shapes = llama_shapes(layers, hidden)
-    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
-    paths = {}
-    for name in ["base"] + [f"ft{i}" for i in range(n)]:
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        if name == "base":
-            state = base
-        else:
-            state = {
-                k: v
-                + (torch.rand(v.shape, generator=g) < 0.3)
-                * 0.01
-                * torch.randn(v.shape, generator=g)
-                for k, v in base.items()
-            }
-        names = list(state)
-        half = len(names) // 2 or 1
-        weight_map = {}
-        for s, part in enumerate([names[:half], names[half:]]):
-            fname = f"model-{s + 1:05d}-of-00002.safetensors"
-            save_file(
-                {k: state[k].to(torch.bfloat16) for k in part},
-                str(folder / fname),
-                metadata={"format": "pt"},
-            )
-            weight_map.update({k: fname for k in part})
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-        (folder / "config.json").write_text(json.dumps(llama_config(layers, hidden)))
-        paths[name] = str(folder)
+    base = random_state(shapes_for(layers, hidden), seed=0)
+    config = llama_config(layers, hidden, int(hidden * 2.75), 8192, heads=hidden // 64)
+    paths = {
+        "base": str(
+            write_checkpoint(root / "base", base, shards=2, config=config, dtype=torch.bfloat16)
+        )
+    }
+    for i in range(n):
+        tune = sparse_finetune(base, seed=i + 1, scale=0.01)
+        paths[f"ft{i}"] = str(
+            write_checkpoint(root / f"ft{i}", tune, shards=2, config=config, dtype=torch.bfloat16)
+        )
     return paths
 
 
@@ -171,7 +129,7 @@ def main(argv=None) -> int:
     t_merge = best_of(run_merge)
     t_mk = best_of(run_mergekit) if mergekit else None
     shutil.rmtree(scratch, ignore_errors=True)
-    numel = sum(math.prod(s) for s in llama_shapes(args.layers, args.hidden).values())
+    numel = sum(math.prod(s) for s in shapes_for(args.layers, args.hidden).values())
     gb_in = (args.models + 1) * numel * 2 / 1e9
     row = {
         "op": "merge_e2e",

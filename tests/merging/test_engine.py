@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
 import meldkit
 from meldkit.merging import (
@@ -23,6 +22,7 @@ from meldkit.merging import (
     merge_state_dicts,
     parse_config,
 )
+from meldkit.merging.synthetic import sparse_finetune, write_checkpoint
 
 HIDDEN, VOCAB, LAYERS = 16, 64, 2
 
@@ -46,34 +46,13 @@ def llama_state(seed: int) -> dict[str, torch.Tensor]:
     return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
 
 
-def finetune(base: dict[str, torch.Tensor], seed: int, fraction=0.3) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, v in base.items():
-        if not v.is_floating_point():
-            out[k] = v.clone()
-            continue
-        mask = torch.rand(v.shape, generator=g) < fraction
-        out[k] = (v.float() + mask * 0.05 * torch.randn(v.shape, generator=g)).to(v.dtype)
-    return out
+def finetune(base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    return sparse_finetune(base, seed, fraction=0.3, scale=0.05)
 
 
 def write_model(folder: Path, state: dict[str, torch.Tensor], shards: int = 1) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": HIDDEN}))
-    (folder / "tokenizer_config.json").write_text("{}")
-    if shards == 1:
-        save_file(state, str(folder / "model.safetensors"))
-        return folder
-    names = list(state)
-    weight_map = {}
-    for i in range(shards):
-        part = names[i::shards]
-        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        save_file({n: state[n] for n in part}, str(folder / fname))
-        weight_map.update({n: fname for n in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return folder
+    config = {"model_type": "llama", "hidden_size": HIDDEN}
+    return write_checkpoint(folder, state, shards=shards, config=config)
 
 
 @pytest.fixture

@@ -8,16 +8,21 @@ different random generators and are compared by their properties elsewhere.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from meldkit.merging import Checkpoint, merge
+from meldkit.merging.synthetic import (
+    llama_config,
+    llama_shapes,
+    random_state,
+    sparse_finetune,
+    write_checkpoint,
+)
 
 MERGEKIT = shutil.which("mergekit-yaml")
 pytestmark = [
@@ -26,62 +31,17 @@ pytestmark = [
 ]
 
 HIDDEN, INTER, VOCAB, LAYERS, HEADS = 16, 48, 64, 2, 2
-CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": HIDDEN,
-    "intermediate_size": INTER,
-    "num_attention_heads": HEADS,
-    "num_key_value_heads": HEADS,
-    "num_hidden_layers": LAYERS,
-    "vocab_size": VOCAB,
-    "rms_norm_eps": 1e-6,
-    "max_position_embeddings": 64,
-    "tie_word_embeddings": False,
-    "torch_dtype": "float32",
-}
-
-
-def tiny_llama(seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    shapes = {
-        "model.embed_tokens.weight": (VOCAB, HIDDEN),
-        "model.norm.weight": (HIDDEN,),
-        "lm_head.weight": (VOCAB, HIDDEN),
-    }
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            shapes[p + f"self_attn.{n}.weight"] = (HIDDEN, HIDDEN)
-        shapes[p + "mlp.gate_proj.weight"] = (INTER, HIDDEN)
-        shapes[p + "mlp.up_proj.weight"] = (INTER, HIDDEN)
-        shapes[p + "mlp.down_proj.weight"] = (HIDDEN, INTER)
-        shapes[p + "input_layernorm.weight"] = (HIDDEN,)
-        shapes[p + "post_attention_layernorm.weight"] = (HIDDEN,)
-    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
-
-
-def sparse_finetune(base, seed, fraction=0.4):
-    g = torch.Generator().manual_seed(seed)
-    return {
-        k: v
-        + (torch.rand(v.shape, generator=g) < fraction) * 0.05 * torch.randn(v.shape, generator=g)
-        for k, v in base.items()
-    }
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("mk")
-    base = tiny_llama(0)
-    paths = {}
-    for name, state in [("base", base)] + [
-        (f"ft{i}", sparse_finetune(base, 10 + i)) for i in range(3)
-    ]:
-        (root / name).mkdir()
-        save_file(state, str(root / name / "model.safetensors"), metadata={"format": "pt"})
-        (root / name / "config.json").write_text(json.dumps(CONFIG))
-        paths[name] = str(root / name)
+    config = llama_config(LAYERS, HIDDEN, INTER, VOCAB, HEADS)
+    base = random_state(llama_shapes(LAYERS, HIDDEN, INTER, VOCAB), seed=0)
+    paths = {"base": str(write_checkpoint(root / "base", base, config=config))}
+    for i in range(3):
+        tune = sparse_finetune(base, seed=10 + i, fraction=0.4)
+        paths[f"ft{i}"] = str(write_checkpoint(root / f"ft{i}", tune, config=config))
     return root, paths
 
 
