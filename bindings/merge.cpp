@@ -157,13 +157,13 @@ void task_merge(py::handle base, py::handle models, py::handle out, py::handle w
   check_contiguous(o);
   check_writable(o);
   check_dtype_in(o, kBegin, kEnd, in.cuda ? "CUDA" : "CPU");
-  std::vector<TensorArg> all = in.models;
-  check_no_partial_overlap(o, all);  // out may not be a model (models are read after base)
+  // out may be `base` (read first, per element) but not a model.
   for (const TensorArg& m : in.models) {
     if (m.data == o.data && o.nbytes() > 0) {
       throw_value_error(o.name.prefix() + ": may be 'base' but not one of the models");
     }
   }
+  std::vector<TensorArg> all = in.models;
   all.push_back(in.base);
   check_no_partial_overlap(o, all);
 

@@ -35,9 +35,8 @@ def _demo_merge(device: torch.device) -> bool:
     import tempfile
     from pathlib import Path
 
-    from safetensors.torch import save_file
-
     from meldkit.merging import Checkpoint, merge
+    from meldkit.merging.synthetic import write_checkpoint
     from meldkit.ops import merge_ref
 
     gen = torch.Generator().manual_seed(0)
@@ -55,11 +54,8 @@ def _demo_merge(device: torch.device) -> bool:
     ]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        paths = []
-        for name, state in [("base", base)] + [(f"ft{i}", t) for i, t in enumerate(tunes)]:
-            (root / name).mkdir()
-            save_file(state, str(root / name / "model.safetensors"))
-            paths.append(str(root / name))
+        states = [("base", base)] + [(f"ft{i}", t) for i, t in enumerate(tunes)]
+        paths = [str(write_checkpoint(root / name, state)) for name, state in states]
         config = {
             "merge_method": "ties",
             "base_model": paths[0],

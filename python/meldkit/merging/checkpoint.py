@@ -10,6 +10,7 @@ index, into a temporary folder that replaces the destination only once everythin
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -146,11 +147,11 @@ class Checkpoint:
     def dtype(self, name: str) -> torch.dtype:
         return self._dtypes[name]
 
-    def nbytes(self, name: str) -> int:
-        numel = 1
-        for s in self._shapes[name]:
-            numel *= s
-        return numel * torch.empty((), dtype=self._dtypes[name]).element_size()
+    def __contains__(self, name: str) -> bool:
+        return name in self._shapes
+
+    def numel(self, name: str) -> int:
+        return math.prod(self._shapes[name])
 
     def get(self, name: str) -> torch.Tensor:
         """Load one tensor (CPU)."""

@@ -34,13 +34,13 @@ def tensor_key(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-def _validate(cfg: MergeConfig, base: Checkpoint | None, models: list[Checkpoint]) -> list[str]:
+def _validate(base: Checkpoint | None, models: list[Checkpoint]) -> list[str]:
     """Names to merge, in the reference model's order; raises MergeError listing the problems."""
     reference = base if base is not None else models[0]
     names = reference.names
     problems = []
-    for m in [*models] if base is not None else models[1:]:
-        missing = [n for n in names if n not in m._shapes]
+    for m in models if base is not None else models[1:]:
+        missing = [n for n in names if n not in m]
         if missing:
             problems.append(
                 f"{m.path}: missing {len(missing)} tensors of {reference.path} "
@@ -150,7 +150,7 @@ def merge(
         models = [Checkpoint(m.path, allow_pickle=allow_pickle) for m in cfg.models]
     except CheckpointError as exc:
         raise MergeError(str(exc)) from None
-    names = _validate(cfg, base, models)
+    names = _validate(base, models)
     reference = base if base is not None else models[0]
     out_dtype_of = {
         n: (cfg.out_dtype or cfg.dtype or reference.dtype(n))
@@ -158,8 +158,7 @@ def merge(
         else reference.dtype(n)
         for n in names
     }
-    elem = {n: torch.empty((), dtype=out_dtype_of[n]).element_size() for n in names}
-    plan = [(n, reference.nbytes(n) // reference.dtype(n).itemsize * elem[n]) for n in names]
+    plan = [(n, reference.numel(n) * out_dtype_of[n].itemsize) for n in names]
     writer = ShardedWriter(out_dir, plan, parse_size(out_shard_size))
     positions = layer_positions(names)
 

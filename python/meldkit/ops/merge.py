@@ -24,10 +24,6 @@ _OP = "merge"
 _NATIVE_SPARSIFY = ("none", "magnitude", "random")
 
 
-def _stream(device: torch.device) -> int:
-    return _native.stream_of(device)
-
-
 def magnitude_threshold(
     tensors: Sequence[torch.Tensor],
     density: float,
@@ -97,7 +93,7 @@ def magnitude_threshold(
     if device.type == "cuda":
         n = _native._C.MAGNITUDE_SELECT_CUDA_WORKSPACE
         workspace = torch.empty(n, dtype=torch.float64, device=device)
-    return _native._C.magnitude_select(a, b, k, workspace, _stream(device))
+    return _native._C.magnitude_select(a, b, k, workspace, _native.stream_of(device))
 
 
 def _merge_native(
@@ -140,7 +136,15 @@ def _merge_native(
                 _native._C.task_l1_workspace_numel(n), dtype=torch.float64, device=device
             )
         norms = _native._C.task_l1(
-            base_c, models_c, thr, dens, seed, streams, sparsify, workspace, _stream(device)
+            base_c,
+            models_c,
+            thr,
+            dens,
+            seed,
+            streams,
+            sparsify,
+            workspace,
+            _native.stream_of(device),
         )
         scales = [
             norms[2 * t] / norms[2 * t + 1] if norms[2 * t + 1] > 0 else 1.0 for t in range(n)
@@ -162,7 +166,7 @@ def _merge_native(
         consensus,
         normalize,
         lam,
-        _stream(device),
+        _native.stream_of(device),
     )
     if target is not out:
         out.copy_(target)
