@@ -1,9 +1,11 @@
-// Bindings of the merge family: task_merge, task_l1 and magnitude_select. Validate, pick the
+// Bindings of the merge family: task_merge (one fused pass), merge_many (the whole pipeline over
+// a list of tensors) and magnitude_select. Validate, pick the
 // device and stream, release the GIL, launch.
 #include "meldkit/merge.h"
 
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -64,6 +66,26 @@ MergeInputs import_merge_inputs(const char* op, py::handle base, py::handle mode
   return in;
 }
 
+// The output of one merge: like base (shape, device, contiguous), any float dtype; it may be
+// exactly `base` (read first, per element) but not a model, nor overlap one partially.
+TensorArg import_merge_out(const char* op, py::handle out, const MergeInputs& in, int64_t stream) {
+  TensorArg o = import_tensor(out, {op, "out"}, stream);
+  check_same_device(o, in.base);
+  check_same_shape(o, in.base);
+  check_contiguous(o);
+  check_writable(o);
+  check_dtype_in(o, kBegin, kEnd, in.cuda ? "CUDA" : "CPU");
+  for (const TensorArg& m : in.models) {
+    if (m.data == o.data && o.nbytes() > 0) {
+      throw_value_error(o.name.prefix() + ": may be 'base' but not one of the models");
+    }
+  }
+  std::vector<TensorArg> all = in.models;
+  all.push_back(in.base);
+  check_no_partial_overlap(o, all);
+  return o;
+}
+
 std::vector<float> optional_floats(py::handle obj, const char* op, const char* name, size_t n,
                                    bool required, bool allow_inf = false) {
   if (obj.is_none()) {
@@ -89,7 +111,7 @@ Consensus parse_consensus(const std::string& s) {
                     "'");
 }
 
-// Fills the per-model parts of TaskMergeParams that task_merge and task_l1 share.
+// Fills the per-model mask parts of TaskMergeParams for task_merge.
 struct SparsifyArgs {
   std::vector<float> thresholds, densities;
   std::vector<uint32_t> streams;
@@ -151,21 +173,7 @@ void task_merge(py::handle base, py::handle models, py::handle out, py::handle w
       import_sparsify(kOp, parse_sparsify(sparsify), n, thresholds, densities, streams, p);
   if (!std::isfinite(lam)) throw_value_error("task_merge: argument 'lam': must be finite");
 
-  TensorArg o = import_tensor(out, {kOp, "out"}, stream);
-  check_same_device(o, in.base);
-  check_same_shape(o, in.base);
-  check_contiguous(o);
-  check_writable(o);
-  check_dtype_in(o, kBegin, kEnd, in.cuda ? "CUDA" : "CPU");
-  // out may be `base` (read first, per element) but not a model.
-  for (const TensorArg& m : in.models) {
-    if (m.data == o.data && o.nbytes() > 0) {
-      throw_value_error(o.name.prefix() + ": may be 'base' but not one of the models");
-    }
-  }
-  std::vector<TensorArg> all = in.models;
-  all.push_back(in.base);
-  check_no_partial_overlap(o, all);
+  TensorArg o = import_merge_out(kOp, out, in, stream);
 
   p.numel = in.base.numel();
   p.num_models = int(n);
@@ -192,49 +200,186 @@ void task_merge(py::handle base, py::handle models, py::handle out, py::handle w
   }
 }
 
-std::vector<double> task_l1(py::handle base, py::handle models, py::handle thresholds,
-                            py::handle densities, uint64_t seed, py::handle streams,
-                            const std::string& sparsify, py::handle workspace, int64_t stream) {
-  constexpr const char* kOp = "task_l1";
-  MergeInputs in = import_merge_inputs(kOp, base, models, stream);
-  const size_t n = in.models.size();
-  TaskMergeParams p;
-  const SparsifyArgs storage =
-      import_sparsify(kOp, parse_sparsify(sparsify), n, thresholds, densities, streams, p);
-  p.numel = in.base.numel();
-  p.num_models = int(n);
-  p.base = in.base.data;
-  p.models = in.ptrs.data();
-  p.in_dtype = in.base.dtype;
-  p.seed = seed;
-  std::vector<double> norms(2 * n, 0.0);
-  if (in.cuda) {
-#ifdef MELDKIT_WITH_CUDA
-    if (workspace.is_none()) {
-      throw_value_error("task_l1: argument 'workspace': CUDA needs a float64 workspace of " +
-                        std::to_string(task_l1_workspace_numel(int64_t(n))) + " elements");
-    }
-    TensorArg ws = import_tensor(workspace, {kOp, "workspace"}, stream);
-    check_same_device(ws, in.base);
-    check_contiguous(ws);
-    check_writable(ws);
-    if (ws.dtype != DType::kFloat64 || ws.numel() < task_l1_workspace_numel(int64_t(n))) {
-      throw_value_error(ws.name.prefix() + ": must be float64 with at least " +
-                        std::to_string(task_l1_workspace_numel(int64_t(n))) + " elements");
-    }
-    py::gil_scoped_release release;
-    task_l1_cuda(p, static_cast<double*>(ws.data), norms.data(), in.base.device_id,
-                 reinterpret_cast<void*>(stream));
-#endif
-  } else {
-    py::gil_scoped_release release;
-    task_l1_cpu(p, norms.data());
-  }
-  return norms;
+int64_t merge_many_workspace_numel(int64_t num_models) {
+  return std::max<int64_t>(int64_t(kTaskL1Blocks) * 2 * num_models, kMagnitudeSelectCudaWorkspace);
 }
 
-int64_t task_l1_workspace_numel(int64_t num_models) {
-  return int64_t(kTaskL1Blocks) * 2 * num_models;
+void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle weights,
+                py::handle densities, py::handle thresholds, const std::string& sparsify,
+                const std::string& consensus, bool normalize, const std::string& rescale, float lam,
+                uint64_t seed, py::handle tensor_indices, py::handle workspace, int64_t stream) {
+  constexpr const char* kOp = "merge_many";
+  auto as_list = [](py::handle obj, const char* name) {
+    if (!py::isinstance<py::sequence>(obj) || py::hasattr(obj, "__dlpack__")) {
+      throw_type_error(std::string(kOp) + ": argument '" + name + "': expected a list");
+    }
+    return py::reinterpret_borrow<py::sequence>(obj);
+  };
+  py::sequence sb = as_list(bases, "bases"), sm = as_list(models, "models"),
+               so = as_list(outs, "outs");
+  const size_t num_tensors = sb.size();
+  if (num_tensors == 0) throw_value_error(std::string(kOp) + ": argument 'bases': is empty");
+  if (sm.size() == 0) throw_value_error(std::string(kOp) + ": argument 'models': is empty");
+  if (sm.size() > size_t(kMergeMaxModels)) {
+    throw_value_error(std::string(kOp) + ": argument 'models': at most " +
+                      std::to_string(kMergeMaxModels) + " models, got " +
+                      std::to_string(sm.size()));
+  }
+  const size_t n = sm.size();
+  std::vector<py::sequence> per_model;
+  for (size_t t = 0; t < n; ++t) {
+    per_model.push_back(as_list(sm[t], "models[t]"));
+    if (per_model.back().size() != num_tensors) {
+      throw_value_error(std::string(kOp) + ": argument 'models[" + std::to_string(t) + "]': has " +
+                        std::to_string(per_model.back().size()) + " tensors for " +
+                        std::to_string(num_tensors) + " bases");
+    }
+  }
+  if (so.size() != num_tensors) {
+    throw_value_error(std::string(kOp) + ": argument 'outs': has " + std::to_string(so.size()) +
+                      " tensors for " + std::to_string(num_tensors) + " bases");
+  }
+  const std::vector<uint32_t> indices = tensor_indices.cast<std::vector<uint32_t>>();
+  if (indices.size() != num_tensors) {
+    throw_value_error(std::string(kOp) + ": argument 'tensor_indices': has " +
+                      std::to_string(indices.size()) + " entries for " +
+                      std::to_string(num_tensors) + " bases");
+  }
+  const Sparsify sp = parse_sparsify(sparsify);
+  if (rescale != "none" && rescale != "inverse_density" && rescale != "l1") {
+    throw_value_error(std::string(kOp) +
+                      ": argument 'rescale': must be none, inverse_density or l1, got '" + rescale +
+                      "'");
+  }
+  const std::vector<float> w = import_floats(weights, {kOp, "weights"}, n);
+  // Densities stay double: k = int(numel * density) must truncate as Python's does.
+  const std::vector<double> dens = densities.cast<std::vector<double>>();
+  if (dens.size() != n) throw_value_error(std::string(kOp) + ": argument 'densities': wrong count");
+  for (size_t t = 0; t < n; ++t) {
+    if (!(dens[t] >= 0.0 && dens[t] <= 1.0)) {
+      throw_value_error(std::string(kOp) + ": argument 'densities[" + std::to_string(t) +
+                        "]': must be in [0, 1]");
+    }
+  }
+  std::vector<float> dens_f(dens.begin(), dens.end());
+  // Precomputed (global) thresholds apply to every tensor; otherwise each tensor selects its own.
+  const std::vector<float> given_thr =
+      optional_floats(thresholds, kOp, "thresholds", n, false, /*allow_inf=*/true);
+  if (!std::isfinite(lam)) throw_value_error(std::string(kOp) + ": argument 'lam': must be finite");
+
+  std::vector<MergeInputs> inputs;
+  std::vector<TensorArg> out_args;
+  for (size_t j = 0; j < num_tensors; ++j) {
+    py::list column;
+    for (size_t t = 0; t < n; ++t) column.append(per_model[t][j]);
+    inputs.push_back(import_merge_inputs(kOp, sb[j], column, stream));
+    out_args.push_back(import_merge_out(kOp, so[j], inputs.back(), stream));
+    if (j > 0) check_same_device(inputs.back().base, inputs[0].base);
+  }
+  const bool cuda = inputs[0].cuda;
+  TensorArg ws;
+  if (cuda) {
+    if (workspace.is_none()) {
+      throw_value_error(std::string(kOp) + ": argument 'workspace': CUDA needs a float64 " +
+                        "workspace of " + std::to_string(merge_many_workspace_numel(int64_t(n))) +
+                        " elements");
+    }
+    ws = import_tensor(workspace, {kOp, "workspace"}, stream);
+    check_same_device(ws, inputs[0].base);
+    check_contiguous(ws);
+    check_writable(ws);
+    if (ws.dtype != DType::kFloat64 || ws.numel() < merge_many_workspace_numel(int64_t(n))) {
+      throw_value_error(ws.name.prefix() + ": must be float64 with at least " +
+                        std::to_string(merge_many_workspace_numel(int64_t(n))) + " elements");
+    }
+  }
+  const Consensus cs = parse_consensus(consensus);
+
+  py::gil_scoped_release release;
+  std::vector<float> thr(n), scales(n);
+  std::vector<uint32_t> streams(n);
+  std::vector<double> norms(2 * n);
+  for (size_t j = 0; j < num_tensors; ++j) {
+    const MergeInputs& in = inputs[j];
+    TaskMergeParams p;
+    p.numel = in.base.numel();
+    p.num_models = int(n);
+    p.base = in.base.data;
+    p.models = in.ptrs.data();
+    p.in_dtype = in.base.dtype;
+    p.out = out_args[j].data;
+    p.out_dtype = out_args[j].dtype;
+    p.sparsify = sp;
+    p.consensus = cs;
+    p.normalize = normalize;
+    p.lambda = lam;
+    p.weights = w.data();
+    p.seed = seed;
+    if (p.numel == 0) continue;
+    if (sp == Sparsify::kMagnitude) {
+      for (size_t t = 0; t < n; ++t) {
+        if (!given_thr.empty()) {
+          thr[t] = given_thr[t];
+          continue;
+        }
+        const int64_t k = int64_t(double(p.numel) * dens[t]);
+        if (k <= 0) {
+          thr[t] = INFINITY;
+        } else if (k >= p.numel) {
+          thr[t] = -INFINITY;
+        } else {
+          MagnitudeSelectParams ms;
+          ms.num_tensors = 1;
+          ms.a = &in.ptrs[t];
+          ms.b = &p.base;
+          ms.numels = &p.numel;
+          ms.dtype = p.in_dtype;
+          ms.k = k;
+          uint32_t bits = 0;
+          if (cuda) {
+#ifdef MELDKIT_WITH_CUDA
+            bits = magnitude_select_cuda(ms, static_cast<unsigned long long*>(ws.data),
+                                         in.base.device_id, reinterpret_cast<void*>(stream));
+#endif
+          } else {
+            bits = magnitude_select_cpu(ms);
+          }
+          std::memcpy(&thr[t], &bits, sizeof(float));
+        }
+      }
+      p.thresholds = thr.data();
+    } else if (sp == Sparsify::kRandom) {
+      for (size_t t = 0; t < n; ++t) {
+        streams[t] = uint32_t(uint64_t(indices[j]) * n + t);  // merge_ref.stream_of
+      }
+      p.densities = dens_f.data();
+      p.streams = streams.data();
+    }
+    for (size_t t = 0; t < n; ++t) scales[t] = 1.f;
+    if (sp != Sparsify::kNone && rescale == "inverse_density") {
+      for (size_t t = 0; t < n; ++t) scales[t] = dens[t] > 0 ? float(1.0 / dens[t]) : 1.f;
+    } else if (sp != Sparsify::kNone && rescale == "l1") {
+      if (cuda) {
+#ifdef MELDKIT_WITH_CUDA
+        task_l1_cuda(p, static_cast<double*>(ws.data), norms.data(), in.base.device_id,
+                     reinterpret_cast<void*>(stream));
+#endif
+      } else {
+        task_l1_cpu(p, norms.data());
+      }
+      for (size_t t = 0; t < n; ++t) {
+        scales[t] = norms[2 * t + 1] > 0 ? float(norms[2 * t] / norms[2 * t + 1]) : 1.f;
+      }
+    }
+    p.scales = scales.data();
+    if (cuda) {
+#ifdef MELDKIT_WITH_CUDA
+      task_merge_cuda(p, in.base.device_id, reinterpret_cast<void*>(stream));
+#endif
+    } else {
+      task_merge_cpu(p);
+    }
+  }
 }
 
 float magnitude_select(py::handle a, py::handle b, int64_t k, py::handle workspace,

@@ -53,13 +53,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("thresholds"), py::arg("densities"), py::arg("seed"), py::arg("streams"),
         py::arg("sparsify"), py::arg("consensus"), py::arg("normalize"), py::arg("lam"),
         py::arg("stream") = 0);
-  m.def("task_l1", &mb::task_l1,
-        "[sum |tau_t|, sum over kept |tau_t|] per model, flattened (float64).", py::arg("base"),
-        py::arg("models"), py::arg("thresholds"), py::arg("densities"), py::arg("seed"),
-        py::arg("streams"), py::arg("sparsify"), py::arg("workspace") = py::none(),
-        py::arg("stream") = 0);
-  m.def("task_l1_workspace_numel", &mb::task_l1_workspace_numel,
-        "float64 workspace elements task_l1 needs on CUDA.", py::arg("num_models"));
+  m.def("merge_many", &mb::merge_many,
+        "The native merge pipeline over J tensor positions: per-tensor magnitude thresholds\n"
+        "(unless `thresholds` gives global ones), L1 rescaling, then task_merge into outs[j].\n"
+        "models[t][j] is model t's tensor j.",
+        py::arg("bases"), py::arg("models"), py::arg("outs"), py::arg("weights"),
+        py::arg("densities"), py::arg("thresholds"), py::arg("sparsify"), py::arg("consensus"),
+        py::arg("normalize"), py::arg("rescale"), py::arg("lam"), py::arg("seed"),
+        py::arg("tensor_indices"), py::arg("workspace") = py::none(), py::arg("stream") = 0);
+  m.def("merge_many_workspace_numel", &mb::merge_many_workspace_numel,
+        "float64 workspace elements merge_many needs on CUDA.", py::arg("num_models"));
   m.def("magnitude_select", &mb::magnitude_select,
         "The k-th largest |a - b| over lists of tensors, exactly (radix selection).", py::arg("a"),
         py::arg("b"), py::arg("k"), py::arg("workspace") = py::none(), py::arg("stream") = 0);

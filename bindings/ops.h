@@ -22,10 +22,11 @@ void task_merge(py::handle base, py::handle models, py::handle out, py::handle w
                 py::handle scales, py::handle thresholds, py::handle densities, uint64_t seed,
                 py::handle streams, const std::string& sparsify, const std::string& consensus,
                 bool normalize, float lam, int64_t stream);
-std::vector<double> task_l1(py::handle base, py::handle models, py::handle thresholds,
-                            py::handle densities, uint64_t seed, py::handle streams,
-                            const std::string& sparsify, py::handle workspace, int64_t stream);
-int64_t task_l1_workspace_numel(int64_t num_models);
+void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle weights,
+                py::handle densities, py::handle thresholds, const std::string& sparsify,
+                const std::string& consensus, bool normalize, const std::string& rescale, float lam,
+                uint64_t seed, py::handle tensor_indices, py::handle workspace, int64_t stream);
+int64_t merge_many_workspace_numel(int64_t num_models);
 float magnitude_select(py::handle a, py::handle b, int64_t k, py::handle workspace, int64_t stream);
 py::dict merge_native_dtypes();
 

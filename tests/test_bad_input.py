@@ -324,6 +324,120 @@ def _tm_corruptions():
     }
 
 
+def _mm_valid(draw, device):
+    n = draw(st.integers(1, 3))
+    j = draw(st.integers(1, 3))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    shapes = [tuple(draw(st.lists(st.integers(1, 9), min_size=1, max_size=2))) for _ in range(j)]
+    return {
+        "bases": [torch.randn(s).to(device, dtype) for s in shapes],
+        "models": [[torch.randn(s).to(device, dtype) for s in shapes] for _ in range(n)],
+        "outs": [torch.empty(s, dtype=dtype, device=device) for s in shapes],
+        "weights": [1.0] * n,
+        "densities": [0.5] * n,
+        "thresholds": None,
+        "sparsify": draw(st.sampled_from(["none", "magnitude", "random"])),
+        "consensus": draw(st.sampled_from(["none", "sum", "count"])),
+        "normalize": draw(st.booleans()),
+        "rescale": draw(st.sampled_from(["none", "inverse_density", "l1"])),
+        "lam": 1.0,
+        "seed": draw(st.integers(0, 2**63)),
+        "tensor_indices": list(range(j)),
+        "workspace": None,
+    }
+
+
+def _mm_call(a):
+    ws = a["workspace"]
+    if ws is None and a["bases"] and isinstance(a["bases"][0], torch.Tensor):
+        if a["bases"][0].device.type == "cuda":
+            numel = _C.merge_many_workspace_numel(len(a["models"]))
+            ws = torch.empty(numel, dtype=torch.float64, device="cuda")
+    _C.merge_many(
+        a["bases"],
+        a["models"],
+        a["outs"],
+        a["weights"],
+        a["densities"],
+        a["thresholds"],
+        a["sparsify"],
+        a["consensus"],
+        a["normalize"],
+        a["rescale"],
+        a["lam"],
+        a["seed"],
+        a["tensor_indices"],
+        ws,
+    )
+
+
+def _mm_corruptions():
+    def model_count_per_position(draw, a, device):
+        a["models"][0] = a["models"][0][:-1]
+        return a
+
+    def model_shape(draw, a, device):
+        a["models"][-1][0] = torch.randn(a["bases"][0].numel() + 1).to(a["bases"][0])
+        return a
+
+    def model_dtype(draw, a, device):
+        a["models"][0][-1] = a["models"][0][-1].to(torch.float64)
+        return a
+
+    def mixed_devices(draw, a, device):
+        a["bases"] = [*a["bases"], _other_device(a["bases"][0])]
+        a["models"] = [[*ms, _other_device(ms[0])] for ms in a["models"]]
+        a["outs"] = [*a["outs"], _other_device(a["outs"][0])]
+        a["tensor_indices"] = list(range(len(a["bases"])))
+        return a
+
+    def no_bases(draw, a, device):
+        a["bases"], a["outs"], a["tensor_indices"] = [], [], []
+        a["models"] = [[] for _ in a["models"]]
+        return a
+
+    def out_is_a_model(draw, a, device):
+        a["outs"][0] = a["models"][0][0]
+        return a
+
+    def out_count(draw, a, device):
+        a["outs"] = a["outs"][1:]
+        return a
+
+    def index_count(draw, a, device):
+        a["tensor_indices"] = [*a["tensor_indices"], 0]
+        return a
+
+    def bad_density(draw, a, device):
+        a["densities"][0] = draw(st.sampled_from([-0.1, 1.5, float("nan")]))
+        return a
+
+    def bad_rescale(draw, a, device):
+        a["rescale"] = "l2"
+        return a
+
+    def nan_threshold(draw, a, device):
+        a["thresholds"] = [float("nan")] * len(a["models"])
+        return a
+
+    return {
+        f.__name__: f
+        for f in (
+            model_count_per_position,
+            model_shape,
+            model_dtype,
+            mixed_devices,
+            no_bases,
+            out_is_a_model,
+            out_count,
+            index_count,
+            bad_density,
+            bad_rescale,
+            nan_threshold,
+        )
+    }
+
+
 def _ms_valid(draw, device):
     n = draw(st.integers(1, 3))
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
@@ -389,6 +503,7 @@ BINDINGS = [
     BindingSpec("weighted_sum", _ws_call, _ws_valid, _ws_corruptions()),
     BindingSpec("task_merge", _tm_call, _tm_valid, _tm_corruptions()),
     BindingSpec("magnitude_select", _ms_call, _ms_valid, _ms_corruptions()),
+    BindingSpec("merge_many", _mm_call, _mm_valid, _mm_corruptions()),
 ]
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _C.has_cuda() else [])

@@ -53,9 +53,10 @@ def backend() -> str:
 
 def native_dtypes(op: str) -> dict[str, list[str]]:
     """``{device_type: [dtype names]}`` that the compiled kernels of ``op`` accept."""
-    if _C is None:
+    query = getattr(_C, f"{op}_native_dtypes", None)
+    if query is None:  # not built, or an op whose kernels have not landed in this build
         return {}
-    return dict(getattr(_C, f"{op}_native_dtypes")())
+    return dict(query())
 
 
 def cuda_usable() -> tuple[bool, str]:

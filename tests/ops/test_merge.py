@@ -10,7 +10,7 @@ import torch
 import meldkit
 from meldkit import _native
 from meldkit.merging import get_method
-from meldkit.ops import magnitude_threshold, merge_tensors
+from meldkit.ops import magnitude_threshold, merge_tensor_list, merge_tensors
 from meldkit.ops import merge_ref as mr
 from tests.helpers import DEVICES, DTYPES, ODD_SIZES, poison
 
@@ -139,6 +139,44 @@ def test_global_thresholds_are_used(device):
     a = merge_tensors(base, models, "ties", densities=0.25)
     b = merge_tensors(base, models, "ties", densities=0.9, thresholds=thresholds)
     assert torch.equal(a, b)  # the thresholds decide, not the densities
+
+
+LIST_SHAPES = [(7,), (300, 301), (1,), (0,), (4099,)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("method", "kw"), CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)]
+)
+def test_list_merge_equals_one_tensor_at_a_time(device, dtype, method, kw):
+    # One native call over positions of different shapes (empty included) gives, position by
+    # position, exactly what merge_tensors gives with that position's tensor_index.
+    pairs = [models_like(s, dtype, device, seed=j) for j, s in enumerate(LIST_SHAPES)]
+    bases = [b for b, _ in pairs]
+    models = [[ms[t] for _, ms in pairs] for t in range(3)]
+    kw = {k: v for k, v in kw.items() if k != "tensor_index"}
+    indices = [5, 0, 9, 2, 77]
+    got = merge_tensor_list(bases, models, method, tensor_indices=indices, **kw)
+    assert len(got) == len(bases)
+    for j, base in enumerate(bases):
+        one = merge_tensors(base, [ms[j] for ms in models], method, tensor_index=indices[j], **kw)
+        assert got[j].shape == base.shape and torch.equal(got[j], one), j
+
+
+def test_list_merge_methods_without_native_kernels_and_bad_arguments():
+    pairs = [models_like(s, torch.float32, "cpu", seed=j) for j, s in enumerate([(5,), (3, 4)])]
+    bases = [b for b, _ in pairs]
+    models = [[ms[t] for _, ms in pairs] for t in range(3)]
+    got = merge_tensor_list(bases, models, "model_stock")
+    for j, base in enumerate(bases):
+        assert torch.equal(got[j], merge_tensors(base, [ms[j] for ms in models], "model_stock"))
+    with pytest.raises(ValueError, match=r"'models\[1\]': has 1 tensors for 2 bases"):
+        merge_tensor_list(bases, [models[0], models[1][:1], models[2]], "ties")
+    with pytest.raises(ValueError, match="tensor_indices"):
+        merge_tensor_list(bases, models, "ties", tensor_indices=[0])
+    with pytest.raises(ValueError, match="shape"):
+        merge_tensor_list(bases, [models[0], models[1][::-1], models[2]], "ties")
 
 
 def test_linear_model_stock_slerp_through_the_public_op():

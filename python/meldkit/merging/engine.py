@@ -228,32 +228,43 @@ def merge_state_dicts(
     seed: int = 0,
     **params: Any,
 ) -> dict[str, torch.Tensor]:
-    """Merge in-memory state dicts tensor by tensor with :func:`meldkit.ops.merge_tensors`.
+    """Merge in-memory state dicts with :func:`meldkit.ops.merge_tensor_list`.
 
     ``params`` are :func:`~meldkit.ops.merge_tensors`'s keyword arguments (``weights``,
     ``densities``, ``lam``, ...). Non-floating tensors are taken from the base (or first model).
-    Random masks are keyed by tensor name, as in :func:`merge`, so both give the same result.
+    The floating tensors of one dtype and device are merged in one call. Random masks are keyed
+    by tensor name, as in :func:`merge`, so both give the same result.
     """
-    from meldkit.ops import merge_tensors
+    from meldkit.ops import merge_tensor_list
 
     reference = base if base is not None else models[0]
-    out = {}
+    out: dict[str, torch.Tensor] = {}
+    groups: dict[tuple, list[str]] = {}
     for name, ref_t in reference.items():
         missing = [j for j, m in enumerate(models) if name not in m]
         if missing:
             raise MergeError(f"{name}: missing from models {missing}")
+        bad = [j for j, m in enumerate(models) if m[name].shape != ref_t.shape]
+        if bad:
+            raise MergeError(
+                f"{name}: shape {list(models[bad[0]][name].shape)} in model {bad[0]} does not "
+                f"match {list(ref_t.shape)}"
+            )
         if not ref_t.is_floating_point():
             out[name] = ref_t.clone()
             continue
-        out[name] = merge_tensors(
-            base[name] if base is not None else None,
-            [m[name] for m in models],
+        groups.setdefault((ref_t.dtype, ref_t.device), []).append(name)
+    for names in groups.values():
+        merged = merge_tensor_list(
+            [base[n] for n in names] if base is not None else None,
+            [[m[n] for n in names] for m in models],
             method,
             seed=seed,
-            tensor_index=tensor_key(name),
+            tensor_indices=[tensor_key(n) for n in names],
             **params,
         )
-    return out
+        out.update(zip(names, merged, strict=True))
+    return {name: out[name] for name in reference}
 
 
 __all__ = ["ConfigError", "MergeError", "merge", "merge_state_dicts"]

@@ -1,11 +1,18 @@
 """meldkit's public ops: torch.library custom ops with native CPU/CUDA kernels, each backed by a
 pure-PyTorch reference (``<op>_ref``) that is always available and defines its semantics."""
 
-from meldkit.ops.merge import magnitude_threshold, merge_tensors
+from meldkit.ops.merge import magnitude_threshold, merge_tensor_list, merge_tensors
 from meldkit.ops.weighted_sum import weighted_sum
 from meldkit.ops.weighted_sum_ref import weighted_sum_ref
 
 # Every op family with native kernels, by the stem its files share (csrc/<op>, bindings/<op>.cpp).
 NATIVE_OPS = ("weighted_sum", "merge")
 
-__all__ = ["NATIVE_OPS", "magnitude_threshold", "merge_tensors", "weighted_sum", "weighted_sum_ref"]
+__all__ = [
+    "NATIVE_OPS",
+    "magnitude_threshold",
+    "merge_tensor_list",
+    "merge_tensors",
+    "weighted_sum",
+    "weighted_sum_ref",
+]

@@ -11,8 +11,11 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def tensor_list(op: str, name: str, tensors: object) -> list[torch.Tensor]:
-    """``tensors`` as a non-empty list of floating tensors of one shape, dtype and device."""
+def tensor_list(
+    op: str, name: str, tensors: object, *, same_shape: bool = True
+) -> list[torch.Tensor]:
+    """``tensors`` as a non-empty list of floating tensors of one dtype and device (and one shape
+    unless ``same_shape`` is False)."""
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
         raise TypeError(
             f"meldkit.{op}: argument '{name}': expected a list of tensors, "
@@ -37,7 +40,7 @@ def tensor_list(op: str, name: str, tensors: object) -> list[torch.Tensor]:
                 f"meldkit.{op}: argument '{name}[{i}]': is on {t.device} but "
                 f"'{name}[0]' is on {first.device}"
             )
-        if t.shape != first.shape:
+        if same_shape and t.shape != first.shape:
             raise ValueError(
                 f"meldkit.{op}: argument '{name}[{i}]': shape {list(t.shape)} does not match "
                 f"'{name}[0]' {list(first.shape)}"

@@ -12,6 +12,7 @@ on :func:`meldkit.ops.weighted_sum`; ``model_stock`` and ``slerp`` are a few red
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -22,6 +23,7 @@ from meldkit.ops import merge_ref as ref
 
 _OP = "merge"
 _NATIVE_SPARSIFY = ("none", "magnitude", "random")
+_MAX_MODELS_PER_CALL = 32  # meldkit._C.MERGE_MAX_MODELS
 
 
 def magnitude_threshold(
@@ -97,9 +99,9 @@ def magnitude_threshold(
 
 
 def _merge_native(
-    base: torch.Tensor,
-    models: list[torch.Tensor],
-    out: torch.Tensor,
+    bases: list[torch.Tensor],
+    models: list[list[torch.Tensor]],
+    outs: list[torch.Tensor],
     *,
     sparsify: str,
     consensus: str,
@@ -109,67 +111,40 @@ def _merge_native(
     densities: list[float],
     lam: float,
     seed: int,
-    tensor_index: int,
+    tensor_indices: list[int],
     thresholds: list[float] | None,
 ) -> None:
-    device = base.device
-    base_c = base.detach().contiguous()
-    models_c = [m.detach().contiguous() for m in models]
-    n = len(models)
-    if sparsify == "magnitude" and thresholds is None:
-        thresholds = [
-            magnitude_threshold([m], d, base_c) for m, d in zip(models_c, densities, strict=True)
-        ]
-    streams = (
-        [ref.stream_of(tensor_index, n, t) for t in range(n)] if sparsify == "random" else None
-    )
-    dens = densities if sparsify == "random" else None
-    thr = thresholds if sparsify == "magnitude" else None
-    if rescale == "none" or sparsify == "none":
-        scales = [1.0] * n
-    elif rescale == "inverse_density":
-        scales = [1.0 / d if d > 0 else 1.0 for d in densities]
-    else:  # l1: ‖τ‖₁ / ‖kept‖₁ per model, from one native reduction
-        workspace = None
-        if device.type == "cuda":
-            workspace = torch.empty(
-                _native._C.task_l1_workspace_numel(n), dtype=torch.float64, device=device
-            )
-        norms = _native._C.task_l1(
-            base_c,
-            models_c,
-            thr,
-            dens,
-            seed,
-            streams,
-            sparsify,
-            workspace,
-            _native.stream_of(device),
+    """One native call over J tensor positions (``models[t][j]``): thresholds, norms, merge."""
+    device = bases[0].device
+    targets = [
+        o if o.is_contiguous() else torch.empty_like(o, memory_format=torch.contiguous_format)
+        for o in outs
+    ]
+    workspace = None
+    if device.type == "cuda":
+        workspace = torch.empty(
+            _native._C.merge_many_workspace_numel(len(models)), dtype=torch.float64, device=device
         )
-        scales = [
-            norms[2 * t] / norms[2 * t + 1] if norms[2 * t + 1] > 0 else 1.0 for t in range(n)
-        ]
-    target = (
-        out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
-    )
-    _native._C.task_merge(
-        base_c,
-        models_c,
-        target.detach(),
+    _native._C.merge_many(
+        [b.detach().contiguous() for b in bases],
+        [[m.detach().contiguous() for m in ms] for ms in models],
+        [t.detach() for t in targets],
         weights,
-        scales,
-        thr,
-        dens,
-        seed,
-        streams,
+        densities,
+        thresholds if sparsify == "magnitude" else None,
         sparsify,
         consensus,
         normalize,
+        rescale,
         lam,
+        seed,
+        tensor_indices,
+        workspace,
         _native.stream_of(device),
     )
-    if target is not out:
-        out.copy_(target)
+    for t, o in zip(targets, outs, strict=True):
+        if t is not o:
+            o.copy_(t)
 
 
 def _merge_reference(
@@ -294,9 +269,9 @@ def _merge_tensors_native(
         )
     out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
     _merge_native(
-        base,
-        models,
-        out,
+        [base],
+        [[x] for x in models],
+        [out],
         sparsify=m.sparsify,
         consensus=m.consensus,
         normalize=normalize,
@@ -305,7 +280,7 @@ def _merge_tensors_native(
         densities=densities,
         lam=lam,
         seed=seed,
-        tensor_index=tensor_index,
+        tensor_indices=[tensor_index],
         thresholds=thresholds,
     )
     return out
@@ -315,6 +290,52 @@ def _merge_tensors_native(
 def _merge_tensors_fake(base, models, method, *args):
     out_dtype = args[-1]
     return base.new_empty(base.shape, dtype=out_dtype or base.dtype)
+
+
+class _MergeArgs(NamedTuple):
+    weights: list[float]
+    densities: list[float]
+    gammas: list[float]
+    epsilons: list[float]
+    normalize: bool
+    rescale: str
+    thresholds: list[float] | None
+
+
+def _merge_args(
+    m, n, weights, densities, gammas, epsilons, normalize, rescale, tie, seed, thresholds
+) -> _MergeArgs:
+    """Validates the per-model parameters of a merge and fills in the method's defaults."""
+    method = m.name
+    weights = _checks.float_list(method, "weights", [1.0] * n if weights is None else weights, n)
+
+    def per_model(name, value, default):
+        value = default if value is None else value
+        if isinstance(value, (int, float)):
+            value = [float(value)] * n
+        return _checks.float_list(method, name, value, n)
+
+    densities = per_model("densities", densities, 1.0)
+    if any(not 0.0 <= d <= 1.0 for d in densities):
+        raise ValueError(f"meldkit.merge_tensors: densities must be in [0, 1], got {densities}")
+    gammas = per_model("gammas", gammas, 0.01)
+    epsilons = per_model("epsilons", epsilons, 0.15)
+    # mergekit's `rescale: true` is its L1 matching; None keeps the method's default.
+    rescale = {None: m.rescale, True: "l1", False: "none"}.get(rescale, rescale)
+    if rescale not in ref.RESCALES:
+        raise ValueError(f"meldkit.merge_tensors: rescale must be one of {ref.RESCALES}")
+    if thresholds is not None:
+        thresholds = [float(x) for x in thresholds]
+        if len(thresholds) != n or any(x != x for x in thresholds):
+            raise ValueError(
+                f"meldkit.merge_tensors: thresholds must be {n} numbers (±inf allowed, no NaN)"
+            )
+    if tie not in ref.TIE_RULES:
+        raise ValueError(f"meldkit.merge_tensors: tie must be one of {ref.TIE_RULES}")
+    if not 0 <= int(seed) < 2**63:
+        raise ValueError(f"meldkit.merge_tensors: seed must be in [0, 2**63), got {seed}")
+    normalize = m.normalize if normalize is None else bool(normalize)
+    return _MergeArgs(weights, densities, gammas, epsilons, normalize, rescale, thresholds)
 
 
 def merge_tensors(
@@ -381,25 +402,18 @@ def merge_tensors(
             raise ValueError(f"meldkit.merge_tensors: method {method!r} needs a base tensor")
     else:
         _checks.tensor_list(method, "base", [base, *models])
-    weights = _checks.float_list(method, "weights", [1.0] * n if weights is None else weights, n)
-
-    def per_model(name, value, default):
-        value = default if value is None else value
-        if isinstance(value, (int, float)):
-            value = [float(value)] * n
-        return _checks.float_list(method, name, value, n)
-
-    densities = per_model("densities", densities, 1.0)
-    if any(not 0.0 <= d <= 1.0 for d in densities):
-        raise ValueError(f"meldkit.merge_tensors: densities must be in [0, 1], got {densities}")
-    gammas = per_model("gammas", gammas, 0.01)
-    epsilons = per_model("epsilons", epsilons, 0.15)
+    a = _merge_args(
+        m, n, weights, densities, gammas, epsilons, normalize, rescale, tie, seed, thresholds
+    )
+    if not 0 <= int(tensor_index) < 2**32:
+        raise ValueError(
+            f"meldkit.merge_tensors: tensor_index must be in [0, 2**32), got {tensor_index}"
+        )
     if m.kind == "linear":
         from meldkit.ops.weighted_sum import weighted_sum
 
-        do_norm = m.normalize if normalize is None else normalize
-        total = sum(weights) if do_norm else 1.0
-        return weighted_sum(models, [w / total for w in weights], out_dtype=out_dtype)
+        total = sum(a.weights) if a.normalize else 1.0
+        return weighted_sum(models, [w / total for w in a.weights], out_dtype=out_dtype)
     if m.kind == "model_stock":
         return ref.model_stock_ref(base, models, filter_wise=filter_wise, out_dtype=out_dtype)
     if m.kind == "slerp":
@@ -408,38 +422,157 @@ def merge_tensors(
                 "meldkit.merge_tensors: slerp takes exactly one model besides the base"
             )
         return ref.slerp_ref(base, models[0], t, out_dtype=out_dtype)
-    # mergekit's `rescale: true` is its L1 matching; None keeps the method's default.
-    rescale = {None: m.rescale, True: "l1", False: "none"}.get(rescale, rescale)
-    if rescale not in ref.RESCALES:
-        raise ValueError(f"meldkit.merge_tensors: rescale must be one of {ref.RESCALES}")
-    if thresholds is not None:
-        thresholds = [float(x) for x in thresholds]
-        if len(thresholds) != n or any(x != x for x in thresholds):
-            raise ValueError(
-                f"meldkit.merge_tensors: thresholds must be {n} numbers (±inf allowed, no NaN)"
-            )
-    if tie not in ref.TIE_RULES:
-        raise ValueError(f"meldkit.merge_tensors: tie must be one of {ref.TIE_RULES}")
-    if not 0 <= int(tensor_index) < 2**32:
-        raise ValueError(
-            f"meldkit.merge_tensors: tensor_index must be in [0, 2**32), got {tensor_index}"
-        )
-    if not 0 <= int(seed) < 2**63:
-        raise ValueError(f"meldkit.merge_tensors: seed must be in [0, 2**63), got {seed}")
     return _merge_tensors(
         base,
         models,
         method,
-        weights,
-        densities,
-        gammas,
-        epsilons,
+        a.weights,
+        a.densities,
+        a.gammas,
+        a.epsilons,
         float(lam),
-        m.normalize if normalize is None else bool(normalize),
-        rescale,
+        a.normalize,
+        a.rescale,
         tie,
         int(seed),
         int(tensor_index),
-        thresholds,
+        a.thresholds,
         out_dtype,
     )
+
+
+def merge_tensor_list(
+    bases: Sequence[torch.Tensor] | None,
+    models: Sequence[Sequence[torch.Tensor]],
+    method: str = "ties",
+    *,
+    weights: Sequence[float] | None = None,
+    densities: Sequence[float] | float | None = None,
+    gammas: Sequence[float] | float | None = None,
+    epsilons: Sequence[float] | float | None = None,
+    lam: float = 1.0,
+    normalize: bool | None = None,
+    rescale: str | bool | None = None,
+    tie: str = "keep_ties",
+    seed: int = 0,
+    tensor_indices: Sequence[int] | None = None,
+    thresholds: Sequence[float] | None = None,
+    t: float = 0.5,
+    filter_wise: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """Merge J tensor positions of N fine-tuned models in one call: :func:`merge_tensors` over a
+    list, with one native call for the whole list (no Python loop per tensor).
+
+    Parameters
+    ----------
+    bases : sequence of Tensor or None
+        θ₀ of each position j; shapes may differ between positions; one dtype and device. None
+        only for ``linear``.
+    models : sequence of sequences of Tensor
+        ``models[t][j]``: model t's tensor at position j, shaped like ``bases[j]``.
+    method, weights, densities, gammas, epsilons, lam, normalize, rescale, tie, seed, t, \
+filter_wise :
+        As for :func:`merge_tensors`; per-model values apply to every position.
+    tensor_indices : sequence of int, optional
+        The random-mask key of each position (default ``0 .. J-1``): position j merges exactly as
+        ``merge_tensors(..., tensor_index=tensor_indices[j])`` does.
+    thresholds : sequence of float, optional
+        Per-model magnitude thresholds applied to every position (a whole-model selection, see
+        :func:`magnitude_threshold`); by default each position selects its own, as mergekit.
+
+    Returns
+    -------
+    list of Tensor
+        J merged tensors, ``out[j]`` shaped like ``bases[j]``, dtype ``out_dtype`` (default: the
+        inputs').
+
+    Notes
+    -----
+    The task-vector methods whose masks the kernels implement (task_arithmetic, ties,
+    dare_linear, dare_ties) run natively as one call; the others (linear, model_stock, slerp,
+    breadcrumbs, della, ``tie="exact_k"``) and the reference backend merge position by position.
+    No autograd: merging produces new weights.
+    """
+    m = get_method(method)
+    models = [list(ms) for ms in models]
+    if not models:
+        raise ValueError(f"meldkit.{method}: argument 'models': is empty")
+    no_base = bases is None
+    if no_base:
+        if m.needs_base:
+            raise ValueError(f"meldkit.merge_tensor_list: method {method!r} needs base tensors")
+        bases = models[0]
+    bases = _checks.tensor_list(method, "bases", bases, same_shape=False)
+    for i, ms in enumerate(models):
+        if len(ms) != len(bases):
+            raise ValueError(
+                f"meldkit.{method}: argument 'models[{i}]': has {len(ms)} tensors "
+                f"for {len(bases)} bases"
+            )
+    indices = list(range(len(bases))) if tensor_indices is None else list(tensor_indices)
+    if len(indices) != len(bases) or any(not 0 <= int(i) < 2**32 for i in indices):
+        raise ValueError(
+            f"meldkit.{method}: argument 'tensor_indices': needs {len(bases)} integers in "
+            "[0, 2**32)"
+        )
+    n = len(models)
+    a = _merge_args(
+        m, n, weights, densities, gammas, epsilons, normalize, rescale, tie, seed, thresholds
+    )
+    for j, base in enumerate(bases):
+        _checks.tensor_list(method, f"models[*][{j}]", [base, *(ms[j] for ms in models)])
+    device, dtype = bases[0].device, bases[0].dtype
+    out_dtype = out_dtype or dtype
+    needs_grad = torch.is_grad_enabled() and any(
+        x.requires_grad for x in (*bases, *(y for ms in models for y in ms))
+    )
+    native = (
+        m.kind == "generalized"
+        and m.sparsify in _NATIVE_SPARSIFY
+        and (m.sparsify != "magnitude" or tie == "keep_ties" or a.thresholds is not None)
+        and n <= _MAX_MODELS_PER_CALL
+        and not needs_grad
+    )
+    if native:
+        reasons = _native.unavailable(_OP, device, (dtype, out_dtype))
+        if not reasons:
+            outs = [torch.empty(b.shape, dtype=out_dtype, device=device) for b in bases]
+            _merge_native(
+                bases,
+                models,
+                outs,
+                sparsify=m.sparsify,
+                consensus=m.consensus,
+                normalize=a.normalize,
+                rescale=a.rescale,
+                weights=a.weights,
+                densities=a.densities,
+                lam=float(lam),
+                seed=int(seed),
+                tensor_indices=[int(i) for i in indices],
+                thresholds=a.thresholds,
+            )
+            return outs
+    return [
+        merge_tensors(
+            None if no_base else base,
+            [ms[j] for ms in models],
+            method,
+            weights=a.weights,
+            densities=a.densities,
+            gammas=a.gammas,
+            epsilons=a.epsilons,
+            lam=lam,
+            normalize=a.normalize,
+            rescale=a.rescale,
+            tie=tie,
+            seed=seed,
+            tensor_index=int(indices[j]),
+            thresholds=a.thresholds,
+            t=t,
+            filter_wise=filter_wise,
+            out_dtype=out_dtype,
+        )
+        for j, base in enumerate(bases)
+    ]
