@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include "meldkit/merge.h"
+#include "meldkit/routed_lora.h"
 #include "meldkit/status.h"
 #include "meldkit/weighted_sum.h"
 #include "ops.h"
@@ -70,4 +71,21 @@ PYBIND11_MODULE(_C, m) {
         "{device: [dtype names]} the native merge kernels accept.");
   m.attr("MERGE_MAX_MODELS") = meldkit::kMergeMaxModels;
   m.attr("MAGNITUDE_SELECT_CUDA_WORKSPACE") = meldkit::kMagnitudeSelectCudaWorkspace;
+
+  m.def("routed_lora_forward", &mb::routed_lora_forward,
+        "Fused routed low-rank experts forward (see routed_lora.h): writes y, probs (router\n"
+        "mode), the applied weights and the shrink activations h.",
+        py::arg("x"), py::arg("lora_a"), py::arg("lora_b"), py::arg("scaling"),
+        py::arg("router_weight"), py::arg("gates"), py::arg("top_k"), py::arg("dropout"),
+        py::arg("seed"), py::arg("y"), py::arg("probs"), py::arg("weights"), py::arg("h"),
+        py::arg("stream") = 0);
+  m.def("routed_lora_backward", &mb::routed_lora_backward,
+        "Fused routed low-rank experts backward: writes each gradient that is not None.",
+        py::arg("dy"), py::arg("x"), py::arg("lora_a"), py::arg("lora_b"), py::arg("scaling"),
+        py::arg("router_weight"), py::arg("weights"), py::arg("probs"), py::arg("dprobs"),
+        py::arg("h"), py::arg("top_k"), py::arg("dropout"), py::arg("seed"), py::arg("dx"),
+        py::arg("da"), py::arg("db"), py::arg("drouter"), py::arg("dgates"), py::arg("stream") = 0);
+  m.def("routed_lora_native_dtypes", &mb::routed_lora_native_dtypes,
+        "{device: [dtype names]} the native routed_lora kernels accept.");
+  m.attr("ROUTED_LORA_MAX_EXPERTS") = meldkit::kRoutedLoraMaxExperts;
 }

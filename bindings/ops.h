@@ -30,6 +30,18 @@ int64_t merge_many_workspace_numel(int64_t num_models);
 float magnitude_select(py::handle a, py::handle b, int64_t k, py::handle workspace, int64_t stream);
 py::dict merge_native_dtypes();
 
+// routed_lora.cpp
+void routed_lora_forward(py::handle x, py::handle lora_a, py::handle lora_b, py::handle scaling,
+                         py::handle router_weight, py::handle gates, int64_t top_k, double dropout,
+                         uint64_t seed, py::handle y, py::handle probs, py::handle weights,
+                         py::handle h, int64_t stream);
+void routed_lora_backward(py::handle dy, py::handle x, py::handle lora_a, py::handle lora_b,
+                          py::handle scaling, py::handle router_weight, py::handle weights,
+                          py::handle probs, py::handle dprobs, py::handle h, int64_t top_k,
+                          double dropout, uint64_t seed, py::handle dx, py::handle da,
+                          py::handle db, py::handle drouter, py::handle dgates, int64_t stream);
+py::dict routed_lora_native_dtypes();
+
 // info.cpp
 py::dict build_info();
 py::tuple cuda_device_count();

@@ -5,8 +5,13 @@
 # builds with `pip install --no-build-isolation -e .`, runs the whole test suite with CUDA present
 # (MELDKIT_BACKEND=native, so a silent fallback to the reference fails), then the CUDA tests under
 # compute-sanitizer memcheck, then the GPU benchmarks. Logs, JUnit XML and benchmark JSON go to
-# OUTDIR (8 files: what a device call brings back); a summary table is printed last. Budget: under
-# 8 minutes on an H100 box.
+# OUTDIR (one log per step, JUnit XML, one JSON per benchmarked op); a summary table is printed
+# last. Budget: under 8 minutes on an H100 box.
+# Narrow a short device session with (defaults in brackets):
+#   GPU_TESTS   pytest arguments of the tests step [tests]
+#   GPU_MEMCHECK  pytest arguments run under memcheck [tests/ops -m cuda -k "not compile and not graph"]
+#   BENCH_OPS   ops benchmarked, one step (and JSON file) each [weighted_sum routed_lora merge]
+#   BENCH_ARGS  extra `meldkit bench` arguments, e.g. --quick []
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR [STEP...]}
 shift
@@ -23,7 +28,9 @@ SUMMARY=()
 step() {
   local name=$1 limit=$2
   shift 2
-  if [[ "$STEPS" != *" $name "* ]]; then
+  local key=$name
+  [[ $name == bench-* ]] && key=bench
+  if [[ "$STEPS" != *" $key "* ]]; then
     SUMMARY+=("$(printf '%-10s %-6s' "$name" skipped)")
     return 0
   fi
@@ -50,19 +57,25 @@ step() {
 if step build 240 env CMAKE_ARGS="-DMELDKIT_CUDA_RESOURCE_USAGE=ON" \
   $PY -m pip install -v --no-build-isolation --no-deps -e .; then
   step info 60 $PY -m meldkit info --json
-  step tests 180 env MELDKIT_BACKEND=native $PY -m pytest tests -q -rs -p no:cacheprovider \
-    --junitxml="$OUT/junit.xml"
+  read -r -a TEST_ARGS <<<"${GPU_TESTS:-tests}"
+  step tests 180 env MELDKIT_BACKEND=native $PY -m pytest "${TEST_ARGS[@]}" -q -rs \
+    -p no:cacheprovider --junitxml="$OUT/junit.xml"
   if command -v compute-sanitizer >/dev/null; then
-    step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
-      $PY -m pytest tests/ops -q -m cuda -k "not compile and not graph" -p no:cacheprovider
+    MEMCHECK=${GPU_MEMCHECK:-tests/ops -m cuda -k "not compile and not graph"}
+    step memcheck 120 bash -c "compute-sanitizer --tool memcheck --error-exitcode 9 \
+      $PY -m pytest $MEMCHECK -q -p no:cacheprovider"
   else
     SUMMARY+=("memcheck   skipped (no compute-sanitizer)")
   fi
-  step bench 150 env MELDKIT_BACKEND=native $PY -m meldkit bench --device cuda --json "$OUT/bench.json"
+  read -r -a EXTRA <<<"${BENCH_ARGS:-}"
+  for op in ${BENCH_OPS:-weighted_sum routed_lora merge}; do
+    step "bench-$op" 150 env MELDKIT_BACKEND=native $PY -m meldkit bench --op "$op" --device cuda \
+      "${EXTRA[@]}" --json "$OUT/bench-$op.json"
+  done
 fi
 
 echo
 echo "== summary ($(($(date +%s) - T0))s total; logs in $OUT)"
 printf '%s\n' "${SUMMARY[@]}" | tee -a "$OUT/summary.txt"
-tail -n 25 "$OUT/bench.log" 2>/dev/null
+for log in "$OUT"/bench-*.log; do [ -f "$log" ] && tail -n 12 "$log"; done
 ! grep -q "rc=" "$OUT/summary.txt"

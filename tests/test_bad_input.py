@@ -438,6 +438,133 @@ def _mm_corruptions():
     }
 
 
+# ---- routed_lora forward and backward -----------------------------------------------------------
+
+
+def _rl_valid(draw, device):
+    n, din, dout = draw(st.integers(0, 6)), draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    e, r = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    router = draw(st.booleans())
+    f32 = dict(dtype=torch.float32, device=device)
+    return {
+        "x": torch.randn(n, din).to(device, dtype),
+        "lora_a": torch.randn(e, r, din).to(device, dtype),
+        "lora_b": torch.randn(e, dout, r).to(device, dtype),
+        "scaling": torch.ones(e, **f32),
+        "router_weight": torch.randn(e, din).to(device, dtype) if router else None,
+        "gates": None if router else torch.rand(n, e).to(device, dtype),
+        "top_k": draw(st.integers(1, e)) if router else 0,
+        "dropout": draw(st.sampled_from([0.0, 0.1])),
+        "seed": draw(st.integers(0, 2**63)),
+        "y": torch.empty(n, dout, dtype=dtype, device=device),
+        "probs": torch.empty(n, e, **f32) if router else None,
+        "weights": torch.empty(n, e, **f32),
+        "h": torch.empty(n, e * r, **f32),
+        "backward": draw(st.booleans()),
+    }
+
+
+def _rl_call(a):
+    if not a["backward"]:
+        _C.routed_lora_forward(
+            a["x"], a["lora_a"], a["lora_b"], a["scaling"], a["router_weight"], a["gates"],
+            a["top_k"], a["dropout"], a["seed"], a["y"], a["probs"], a["weights"], a["h"],
+        )  # fmt: skip
+        return
+    x, la, lb, rw = a["x"], a["lora_a"], a["lora_b"], a["router_weight"]
+    empty = lambda t: torch.empty_like(t) if isinstance(t, torch.Tensor) else None  # noqa: E731
+    g = a["gates"]
+    _C.routed_lora_backward(
+        a["y"], x, la, lb, a["scaling"], rw, a["weights"], a["probs"], None, a["h"], a["top_k"],
+        a["dropout"], a["seed"], empty(x), empty(la), empty(lb), empty(rw),
+        empty(g),
+    )  # fmt: skip
+
+
+def _rl_corruptions():
+    def wrong_dtype(draw, a, device):
+        name = draw(st.sampled_from(["x", "lora_a", "lora_b"]))
+        a[name] = a[name].to(draw(st.sampled_from([torch.int32, torch.float64])))
+        return a
+
+    def rank_mismatch(draw, a, device):
+        e, dout, r = a["lora_b"].shape
+        a["lora_b"] = torch.randn(e, dout, r + 1).to(a["lora_b"])
+        return a
+
+    def d_in_mismatch(draw, a, device):
+        e, r, din = a["lora_a"].shape
+        a["lora_a"] = torch.randn(e, r, din + 1).to(a["lora_a"])
+        return a
+
+    def both_modes(draw, a, device):
+        n, e = a["weights"].shape
+        a["router_weight"] = torch.randn(e, a["x"].shape[1]).to(a["x"])
+        a["gates"] = torch.rand(n, e).to(a["x"])
+        return a
+
+    def top_k_out_of_range(draw, a, device):
+        e = a["lora_a"].shape[0]
+        a["top_k"] = draw(st.sampled_from([-1, e + 1])) if a["router_weight"] is not None else 1
+        return a
+
+    def bad_dropout(draw, a, device):
+        a["dropout"] = draw(st.sampled_from([-0.1, 1.0, float("nan")]))
+        return a
+
+    def scaling_shape(draw, a, device):
+        a["scaling"] = torch.ones(a["lora_a"].shape[0] + 1, device=a["x"].device)
+        return a
+
+    def output_shape(draw, a, device):
+        a["h"] = torch.empty(a["h"].shape[0], a["h"].shape[1] + 1, device=a["h"].device)
+        return a
+
+    def outputs_overlap(draw, a, device):
+        n, er = a["h"].shape
+        e = a["weights"].shape[1]
+        if n == 0:  # nothing to overlap: a wrong shape instead
+            a["h"] = torch.empty(1, 1, device=a["h"].device)
+            return a
+        a["backward"] = False  # h and weights are forward outputs (backward only reads them)
+        buf = torch.empty(n * er + n * e, device=a["h"].device)
+        a["h"] = buf[: n * er].view(n, er)
+        a["weights"] = buf[n * er - 1 : n * er - 1 + n * e].view(n, e)  # shares h's last element
+        return a
+
+    def x_on_other_device(draw, a, device):
+        a["x"] = _other_device(a["x"])
+        return a
+
+    def non_contiguous_x(draw, a, device):
+        n, din = a["x"].shape
+        a["x"] = torch.randn(max(n, 2), din, 2).to(a["x"])[..., 0]  # row stride 2·din
+        return a
+
+    def not_a_tensor(draw, a, device):
+        a["lora_b"] = a["lora_b"].tolist()
+        return a
+
+    return {
+        f.__name__: f
+        for f in (
+            wrong_dtype,
+            rank_mismatch,
+            d_in_mismatch,
+            both_modes,
+            top_k_out_of_range,
+            bad_dropout,
+            scaling_shape,
+            output_shape,
+            outputs_overlap,
+            x_on_other_device,
+            non_contiguous_x,
+            not_a_tensor,
+        )
+    }
+
+
 def _ms_valid(draw, device):
     n = draw(st.integers(1, 3))
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
@@ -504,6 +631,7 @@ BINDINGS = [
     BindingSpec("task_merge", _tm_call, _tm_valid, _tm_corruptions()),
     BindingSpec("magnitude_select", _ms_call, _ms_valid, _ms_corruptions()),
     BindingSpec("merge_many", _mm_call, _mm_valid, _mm_corruptions()),
+    BindingSpec("routed_lora", _rl_call, _rl_valid, _rl_corruptions()),
 ]
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _C.has_cuda() else [])

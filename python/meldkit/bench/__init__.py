@@ -51,6 +51,7 @@ import torch
 OPS: dict[str, str] = {
     "weighted_sum": "meldkit.bench.weighted_sum",
     "merge": "meldkit.bench.merge",
+    "routed_lora": "meldkit.bench.routed_lora",
 }
 """Registry of benchmarked ops: op name -> module providing ``cases(device, quick) -> list[Case]``.
 

@@ -2,6 +2,8 @@
 pure-PyTorch reference (``<op>_ref``) that is always available and defines its semantics."""
 
 from meldkit.ops.merge import magnitude_threshold, merge_tensor_list, merge_tensors
+from meldkit.ops.routed_lora import routed_lora
+from meldkit.ops.routed_lora_ref import routed_lora_ref
 from meldkit.ops.weighted_sum import weighted_sum
 from meldkit.ops.weighted_sum_ref import weighted_sum_ref
 
@@ -13,6 +15,8 @@ __all__ = [
     "magnitude_threshold",
     "merge_tensor_list",
     "merge_tensors",
+    "routed_lora",
+    "routed_lora_ref",
     "weighted_sum",
     "weighted_sum_ref",
 ]

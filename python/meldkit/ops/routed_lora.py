@@ -1,0 +1,546 @@
+"""``routed_lora``: a mixture of LoRA experts behind a top-k router (GOAT), forward and backward.
+
+Two torch.library custom ops, joined by ``register_autograd``:
+
+* ``meldkit::routed_lora(x, lora_a, lora_b, scaling, router_weight, gates, top_k, dropout, seed)
+  -> (y, probs, weights, h)``
+* ``meldkit::routed_lora_backward(dy, x, lora_a, lora_b, scaling, router_weight, weights, probs,
+  dprobs, h, top_k, dropout, seed, needs, gates_dtype) -> (dx, da, db, drouter, dgates)``
+
+Their default implementation (any device) is the dense reference of :mod:`routed_lora_ref`; the
+CPU and CUDA implementations call ``meldkit._C.routed_lora_forward`` / ``routed_lora_backward``
+and fall back to the reference, with a warning naming the reason, when the native kernel cannot
+run (see :mod:`meldkit._native`). The forward saves the routing weights and the expert
+activations ``h`` (``[N, E·r]``, small) for the backward; dropout masks are regenerated from the
+seed, never stored. Fake kernels make both ops traceable by ``torch.compile``.
+
+Custom ops cannot return None: ``probs`` is an empty ``[0]`` tensor in gate mode, and each
+gradient the backward was not asked for (``needs`` = which of dx, dA, dB, dW_z, dgates) is an
+empty ``[0]`` tensor. ``scaling`` reaches the ops as an ``[E]`` tensor; ``probs``, ``weights``,
+``h`` and ``dprobs`` are in the compute dtype (float32, or float64 when x, the LoRA weights and
+the router weights or gates are all float64), and so is the ``scaling`` handed to ``_C``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from meldkit import _native
+from meldkit.ops import _checks
+from meldkit.ops.routed_lora_ref import (
+    compute_dtype,
+    routed_lora_backward_ref,
+    routed_lora_forward_ref,
+)
+
+_OP = "routed_lora"
+
+
+def _dtypes(*tensors: torch.Tensor | None) -> tuple[torch.dtype, ...]:
+    """The distinct dtypes of the given tensors, in order: what the native kernel must accept."""
+    return tuple(dict.fromkeys(t.dtype for t in tensors if t is not None))
+
+
+def _use_reference(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """True when the native kernel cannot run (after warning why, once)."""
+    reasons = _native.unavailable(_OP, device, dtypes)
+    if reasons:
+        _native.warn_fallback(_OP, device, dtypes, reasons)
+    return bool(reasons)
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().contiguous()
+
+
+# ---- forward op ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("meldkit::routed_lora", mutates_args=())
+def _routed_lora(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    router_weight: torch.Tensor | None,
+    gates: torch.Tensor | None,
+    top_k: int,
+    dropout: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return routed_lora_forward_ref(
+        x, lora_a, lora_b, scaling, router_weight, gates, top_k, dropout, seed
+    )
+
+
+@_routed_lora.register_kernel(["cpu", "cuda"])
+def _routed_lora_native(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    router_weight: torch.Tensor | None,
+    gates: torch.Tensor | None,
+    top_k: int,
+    dropout: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    route = router_weight if gates is None else gates
+    if _use_reference(x.device, _dtypes(x, lora_a, lora_b, route)):
+        return routed_lora_forward_ref(
+            x, lora_a, lora_b, scaling, router_weight, gates, top_k, dropout, seed
+        )
+    acc = compute_dtype(x, lora_a, lora_b, route)
+    n_tokens, n_experts, rank = x.shape[0], lora_a.shape[0], lora_a.shape[1]
+    device = x.device
+    y = torch.empty(n_tokens, lora_b.shape[1], dtype=x.dtype, device=device)
+    probs = None
+    if router_weight is not None:
+        probs = torch.empty(n_tokens, n_experts, dtype=acc, device=device)
+    weights = torch.empty(n_tokens, n_experts, dtype=acc, device=device)
+    h = torch.empty(n_tokens, n_experts * rank, dtype=acc, device=device)
+    _native._C.routed_lora_forward(
+        _contiguous(x),
+        _contiguous(lora_a),
+        _contiguous(lora_b),
+        scaling.detach().to(acc).contiguous(),
+        _contiguous(router_weight),
+        _contiguous(gates),
+        top_k,
+        dropout,
+        seed,
+        y,
+        probs,
+        weights,
+        h,
+        _native.stream_of(device),
+    )
+    return y, (h.new_empty(0) if probs is None else probs), weights, h
+
+
+@_routed_lora.register_fake
+def _routed_lora_fake(x, lora_a, lora_b, scaling, router_weight, gates, top_k, dropout, seed):
+    acc = compute_dtype(x, lora_a, lora_b, router_weight if gates is None else gates)
+    n_tokens, n_experts, rank = x.shape[0], lora_a.shape[0], lora_a.shape[1]
+    y = x.new_empty(n_tokens, lora_b.shape[1])
+    probs_shape = (n_tokens, n_experts) if router_weight is not None else (0,)
+    probs = x.new_empty(probs_shape, dtype=acc)
+    weights = x.new_empty(n_tokens, n_experts, dtype=acc)
+    h = x.new_empty(n_tokens, n_experts * rank, dtype=acc)
+    return y, probs, weights, h
+
+
+# ---- backward op ---------------------------------------------------------------------------
+
+
+def _backward_reference(*args) -> tuple[torch.Tensor, ...]:
+    """:func:`routed_lora_backward_ref`, with an empty ``[0]`` tensor for each unneeded gradient."""
+    grads = routed_lora_backward_ref(*args)
+    h = args[9]
+    return tuple(h.new_empty(0) if g is None else g for g in grads)
+
+
+@torch.library.custom_op("meldkit::routed_lora_backward", mutates_args=())
+def _routed_lora_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    router_weight: torch.Tensor | None,
+    weights: torch.Tensor,
+    probs: torch.Tensor | None,
+    dprobs: torch.Tensor | None,
+    h: torch.Tensor,
+    top_k: int,
+    dropout: float,
+    seed: int,
+    needs: list[bool],
+    gates_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_reference(
+        dy,
+        x,
+        lora_a,
+        lora_b,
+        scaling,
+        router_weight,
+        weights,
+        probs,
+        dprobs,
+        h,
+        top_k,
+        dropout,
+        seed,
+        tuple(needs),
+        gates_dtype,
+    )
+
+
+def _grad_buffers(x, lora_a, lora_b, router_weight, needs, gates_dtype, new):
+    """The five gradients' tensors (``new(shape, dtype)``), or None where not needed."""
+    n_tokens, n_experts = x.shape[0], lora_a.shape[0]
+    specs = [
+        (x.shape, x.dtype),
+        (lora_a.shape, lora_a.dtype),
+        (lora_b.shape, lora_b.dtype),
+        None if router_weight is None else (router_weight.shape, router_weight.dtype),
+        None if gates_dtype is None else ((n_tokens, n_experts), gates_dtype),
+    ]
+    return [
+        new(spec[0], spec[1]) if need and spec is not None else None
+        for need, spec in zip(needs, specs, strict=True)
+    ]
+
+
+@_routed_lora_backward.register_kernel(["cpu", "cuda"])
+def _routed_lora_backward_native(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    router_weight: torch.Tensor | None,
+    weights: torch.Tensor,
+    probs: torch.Tensor | None,
+    dprobs: torch.Tensor | None,
+    h: torch.Tensor,
+    top_k: int,
+    dropout: float,
+    seed: int,
+    needs: list[bool],
+    gates_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    route_dtype = router_weight.dtype if router_weight is not None else gates_dtype
+    dtypes = tuple(dict.fromkeys(d for d in (x.dtype, lora_a.dtype, lora_b.dtype, route_dtype)))
+    if _use_reference(x.device, dtypes):
+        return _backward_reference(
+            dy,
+            x,
+            lora_a,
+            lora_b,
+            scaling,
+            router_weight,
+            weights,
+            probs,
+            dprobs,
+            h,
+            top_k,
+            dropout,
+            seed,
+            tuple(needs),
+            gates_dtype,
+        )
+    grads = _grad_buffers(
+        x,
+        lora_a,
+        lora_b,
+        router_weight,
+        needs,
+        gates_dtype,
+        lambda shape, dtype: torch.empty(shape, dtype=dtype, device=x.device),
+    )
+    _native._C.routed_lora_backward(
+        _contiguous(dy.to(x.dtype)),
+        _contiguous(x),
+        _contiguous(lora_a),
+        _contiguous(lora_b),
+        scaling.detach().to(h.dtype).contiguous(),
+        _contiguous(router_weight),
+        _contiguous(weights),
+        _contiguous(probs),
+        None if dprobs is None else dprobs.detach().to(h.dtype).contiguous(),
+        _contiguous(h),
+        top_k,
+        dropout,
+        seed,
+        *grads,
+        _native.stream_of(x.device),
+    )
+    return tuple(h.new_empty(0) if g is None else g for g in grads)
+
+
+@_routed_lora_backward.register_fake
+def _routed_lora_backward_fake(
+    dy,
+    x,
+    lora_a,
+    lora_b,
+    scaling,
+    router_weight,
+    weights,
+    probs,
+    dprobs,
+    h,
+    top_k,
+    dropout,
+    seed,
+    needs,
+    gates_dtype,
+):
+    grads = _grad_buffers(
+        x,
+        lora_a,
+        lora_b,
+        router_weight,
+        needs,
+        gates_dtype,
+        lambda shape, dtype: x.new_empty(shape, dtype=dtype),
+    )
+    return tuple(h.new_empty(0) if g is None else g for g in grads)
+
+
+# ---- autograd ------------------------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, lora_a, lora_b, scaling, router_weight, gates, top_k, dropout, seed = inputs
+    _, probs, weights, h = output
+    ctx.mark_non_differentiable(weights, h)  # internal: saved for the backward only
+    ctx.save_for_backward(
+        x,
+        lora_a,
+        lora_b,
+        scaling,
+        router_weight,
+        weights,
+        probs if router_weight is not None else None,
+        h,
+    )
+    ctx.top_k, ctx.dropout, ctx.seed = top_k, dropout, seed
+    ctx.gates_dtype = None if gates is None else gates.dtype
+
+
+def _backward(ctx, dy, dprobs, _dweights, _dh):
+    x, lora_a, lora_b, scaling, router_weight, weights, probs, h = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    # (dx, dA, dB, dW_z, dgates); scaling is a constant.
+    needs = [need[0], need[1], need[2], need[4], need[5]]
+    if not any(needs):
+        return (None,) * 9
+    if dy is None:  # only probs reached the loss
+        dy = x.new_zeros(x.shape[0], lora_b.shape[1])
+    if probs is None:
+        dprobs = None
+    grads = _routed_lora_backward(
+        dy,
+        x,
+        lora_a,
+        lora_b,
+        scaling,
+        router_weight,
+        weights,
+        probs,
+        dprobs,
+        h,
+        ctx.top_k,
+        ctx.dropout,
+        ctx.seed,
+        needs,
+        ctx.gates_dtype,
+    )
+    dx, da, db, dw, dgates = (g if n else None for g, n in zip(grads, needs, strict=True))
+    return dx, da, db, None, dw, dgates, None, None, None
+
+
+_routed_lora.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public API ----------------------------------------------------------------------------
+
+
+def _error(exc: type[Exception], name: str, message: str) -> Exception:
+    return exc(f"meldkit.{_OP}: argument '{name}': {message}")
+
+
+def _check_tensor(name: str, t: object, dim: int, device: torch.device | None) -> torch.Tensor:
+    """``t`` as a floating tensor of ``dim`` dimensions (any when -1) on ``device``."""
+    if not isinstance(t, torch.Tensor):
+        raise _error(TypeError, name, f"expected a tensor, got {type(t).__name__}")
+    if t.dtype not in _checks.FLOAT_DTYPES:
+        raise _error(
+            TypeError,
+            name,
+            f"dtype {t.dtype} is not supported (float32, bfloat16, float16 or float64)",
+        )
+    if dim >= 0 and t.dim() != dim:
+        raise _error(ValueError, name, f"expected {dim} dimensions, got shape {list(t.shape)}")
+    if device is not None and t.device != device:
+        raise _error(TypeError, name, f"is on {t.device} but 'x' is on {device}")
+    return t
+
+
+def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
+    if tuple(t.shape) != expected:
+        raise _error(
+            ValueError, name, f"shape {list(t.shape)} does not match {list(expected)} ({meaning})"
+        )
+
+
+def _scaling_tensor(scaling: object, n_experts: int, dtype, device) -> torch.Tensor:
+    """``scaling`` as a constant ``[E]`` tensor of ``dtype`` on ``device`` (no host sync)."""
+    if isinstance(scaling, torch.Tensor):
+        _check_tensor("scaling", scaling, 1, None)
+        if scaling.device not in (device, torch.device("cpu")):
+            raise _error(TypeError, "scaling", f"is on {scaling.device} but 'x' is on {device}")
+        if scaling.requires_grad:
+            raise _error(
+                ValueError, "scaling", "is a constant and must not require grad (detach it)"
+            )
+        _check_shape("scaling", scaling, (n_experts,), "[E]")
+        return scaling.to(device=device, dtype=dtype, copy=True)
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise _error(
+            TypeError, "scaling", f"expected a float or a tensor, got {type(scaling).__name__}"
+        )
+    if not math.isfinite(float(scaling)):
+        raise _error(ValueError, "scaling", f"must be finite, got {scaling}")
+    return torch.full((n_experts,), float(scaling), dtype=dtype, device=device)
+
+
+def routed_lora(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float | torch.Tensor,
+    *,
+    router_weight: torch.Tensor | None = None,
+    gates: torch.Tensor | None = None,
+    top_k: int | None = None,
+    dropout: float = 0.0,
+    seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mixture of LoRA experts (GOAT's layer without its frozen base): routed, scaled, summed.
+
+    With x flattened to N tokens, E experts of rank r, A_e = ``lora_a[e]``, B_e = ``lora_b[e]``,
+    s_e the scaling and q the dropout probability::
+
+        y = Σ_e g_e · s_e · (dropout_e(x) A_eᵀ) B_eᵀ
+
+    Router mode (``router_weight`` W_z and ``top_k`` k): ``p = softmax(x W_zᵀ)`` in float32,
+    the k largest p_e are kept (ties go to the lower expert index) and renormalised,
+    ``g_e = p_e / Σ_{j∈Ω} p_j``, and ``probs = p`` is returned for the load-balancing loss.
+    Gate mode (``gates``): g is the caller's, dense or sparse, and ``probs`` is None.
+    Dropout masks are independent per expert and reproducible from ``seed`` (see
+    :mod:`meldkit.ops.routed_lora_ref`, which spells out every formula, forward and backward).
+
+    Parameters
+    ----------
+    x : Tensor
+        ``[..., n]``: float32, bfloat16, float16 or float64; its dtype may differ from the
+        weights' (bf16 activations with fp32 LoRA weights). NaN and inf propagate.
+    lora_a : Tensor
+        A ``[E, r, n]``, E ≥ 1, r ≥ 1; same device as ``x``.
+    lora_b : Tensor
+        B ``[E, m, r]``, same dtype as ``lora_a``.
+    scaling : float or Tensor
+        s: one float for every expert, or ``[E]`` (GOAT-s). A constant: a tensor must not
+        require grad. Used in the compute dtype (float32 unless everything is float64).
+    router_weight : Tensor, optional
+        W_z ``[E, n]``, same dtype as ``lora_a``. Exactly one of ``router_weight`` and
+        ``gates``.
+    gates : Tensor, optional
+        g ``[..., E]`` with the leading dims of ``x``, any floating dtype; receives a gradient
+        ``s_e ⟨h_e, U_e⟩`` in every entry (zeros included) when it requires grad.
+    top_k : int, optional
+        k in 1 … E; required with ``router_weight``, not allowed with ``gates``.
+    dropout : float
+        q in [0, 1), applied to x independently per expert (0: no dropout).
+    seed : int, optional
+        Key of the dropout masks, 0 ≤ seed < 2⁶³; required when ``dropout > 0``, ignored
+        otherwise. Same seed, same masks on every device and backend.
+
+    Returns
+    -------
+    y : Tensor
+        ``[..., m]`` in ``x.dtype``: the adapter contribution only (add the base layer's
+        output yourself).
+    probs : Tensor or None
+        ``[N, E]`` (N = prod of the leading dims) full softmax probabilities in float32
+        (float64 when every input is float64); gradients flow through it. None in gate mode.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On a bad argument, naming it (dtype, shape mismatch between E, r, n and m, device
+        mismatch, both or neither of ``router_weight``/``gates``, ``top_k`` out of range,
+        ``dropout`` outside [0, 1), missing or out-of-range ``seed``).
+
+    Notes
+    -----
+    Arithmetic in float32 (float64 when x, the LoRA weights and the router weights or gates
+    are all float64); gradients come back in each input's own dtype. The backward regenerates
+    the dropout masks from ``seed`` and recomputes the selected experts from the saved
+    ``probs``: it stores only ``[N, E]`` routing weights and ``[N, E·r]`` expert activations.
+    Double backward is not supported.
+    """
+    x = _check_tensor("x", x, -1, None)
+    if x.dim() < 1:
+        raise _error(ValueError, "x", "expected at least 1 dimension [..., n], got a scalar")
+    device = x.device
+    lora_a = _check_tensor("lora_a", lora_a, 3, device)
+    lora_b = _check_tensor("lora_b", lora_b, 3, device)
+    n_experts, rank, d_in = lora_a.shape
+    if n_experts < 1 or rank < 1 or d_in < 1:
+        raise _error(ValueError, "lora_a", f"shape {list(lora_a.shape)} has a zero dimension")
+    if x.shape[-1] != d_in:
+        raise _error(
+            ValueError, "x", f"last dimension {x.shape[-1]} does not match lora_a's n = {d_in}"
+        )
+    if lora_b.shape[0] != n_experts or lora_b.shape[2] != rank or lora_b.shape[1] < 1:
+        raise _error(
+            ValueError,
+            "lora_b",
+            f"shape {list(lora_b.shape)} does not match [E, m, r] = [{n_experts}, m, {rank}] "
+            "(E and r from lora_a, m ≥ 1)",
+        )
+    if lora_b.dtype != lora_a.dtype:
+        raise _error(TypeError, "lora_b", f"dtype {lora_b.dtype} differs from lora_a's")
+
+    lead = tuple(x.shape[:-1])
+    if (router_weight is None) == (gates is None):
+        raise _error(ValueError, "router_weight", "give exactly one of router_weight and gates")
+    if router_weight is not None:
+        router_weight = _check_tensor("router_weight", router_weight, 2, device)
+        _check_shape("router_weight", router_weight, (n_experts, d_in), "[E, n]")
+        if router_weight.dtype != lora_a.dtype:
+            raise _error(
+                TypeError, "router_weight", f"dtype {router_weight.dtype} differs from lora_a's"
+            )
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+            raise _error(TypeError, "top_k", f"expected an int with router_weight, got {top_k!r}")
+        if not 1 <= int(top_k) <= n_experts:
+            raise _error(ValueError, "top_k", f"{top_k} is not in 1 … E = {n_experts}")
+        top_k = int(top_k)
+    else:
+        gates = _check_tensor("gates", gates, -1, device)
+        _check_shape("gates", gates, (*lead, n_experts), "x's leading dims and E")
+        if top_k is not None:
+            raise _error(ValueError, "top_k", "only goes with router_weight, not gates")
+        top_k = 0
+
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+        raise _error(TypeError, "dropout", f"expected a float, got {type(dropout).__name__}")
+    dropout = float(dropout)
+    if not 0.0 <= dropout < 1.0:
+        raise _error(ValueError, "dropout", f"{dropout} is not in [0, 1)")
+    if dropout == 0.0:
+        seed = 0
+    else:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise _error(TypeError, "seed", f"an int is required when dropout > 0, got {seed!r}")
+        if not 0 <= int(seed) < 2**63:
+            raise _error(ValueError, "seed", f"{seed} is not in [0, 2**63)")
+        seed = int(seed)
+
+    acc = compute_dtype(x, lora_a, lora_b, router_weight if gates is None else gates)
+    scale = _scaling_tensor(scaling, n_experts, acc, device)
+    x2 = x.reshape(-1, d_in)
+    gates2 = None if gates is None else gates.reshape(-1, n_experts)
+    y, probs, _, _ = _routed_lora(
+        x2, lora_a, lora_b, scale, router_weight, gates2, top_k, dropout, seed
+    )
+    return y.reshape(*lead, lora_b.shape[1]), (probs if router_weight is not None else None)

@@ -1,0 +1,621 @@
+"""routed_lora against the float64 per-expert loop reference: forward and every gradient on odd
+sizes, router and gate modes, skewed routing, ties, leading dims, mixed dtypes, dropout masks,
+empty input, NaN, bad arguments, opcheck and gradcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from meldkit.ops import routed_lora, routed_lora_ref
+from meldkit.ops.random_ref import bernoulli_mask_ref
+from meldkit.ops.routed_lora_ref import (
+    compute_dtype,
+    dropout_factor_ref,
+    dropout_keep_scale,
+    route_ref,
+    routed_lora_backward_ref,
+    routed_lora_forward_ref,
+)
+from tests.helpers import DEVICES, DTYPES, randn
+
+# (N, n, m, E, r, top_k, dropout): every N in {1, 7, 37}, E in {1, 3, 8}, r in {1, 4},
+# top_k in {1, 2, E}, odd n and m.
+CASES = [
+    (1, 5, 3, 1, 1, 1, 0.0),
+    (7, 13, 9, 3, 4, 1, 0.25),
+    (37, 7, 11, 3, 1, 2, 0.0),
+    (7, 9, 5, 3, 4, 3, 0.1),
+    (37, 17, 13, 8, 4, 2, 0.25),
+    (1, 11, 7, 8, 1, 8, 0.5),
+    (37, 5, 3, 8, 1, 1, 0.1),
+    (7, 3, 17, 8, 4, 8, 0.0),
+]
+SCALINGS = [0.75, 2.0]  # dyadic: the same value in every dtype
+
+
+# ---- the one tolerance rule --------------------------------------------------------------------
+
+
+def assert_close(actual, expected64, magnitude64, n_terms, compute):
+    """``|actual − ref| ≤ 2·eps(actual.dtype)·|ref| + 2·n_terms·eps(compute)·magnitude``.
+
+    The op rounds each result once to its storage dtype (first term) after float32 (float64)
+    arithmetic along chains of at most ``n_terms`` operations, each exact to eps relative to
+    the magnitude of what it combines: ``magnitude64`` is the same computation on absolute
+    values (:func:`magnitudes`), the forward error bound of summation with a factor 2 of slack.
+    """
+    assert actual.shape == expected64.shape, (actual.shape, expected64.shape)
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected64.detach().to("cpu", torch.float64)
+    bound = 2 * torch.finfo(actual.dtype).eps * e.abs()
+    bound += 2 * n_terms * torch.finfo(compute).eps * magnitude64.detach().cpu()
+    bad = ~((a - e).abs() <= bound)
+    if bad.any():
+        i = int(bad.flatten().nonzero()[0])
+        raise AssertionError(
+            f"{int(bad.sum())} of {a.numel()} elements off (dtype {actual.dtype}); first at flat "
+            f"index {i}: got {a.flatten()[i].item()!r}, expected {e.flatten()[i].item()!r}, "
+            f"bound {bound.flatten()[i].item():.3g}"
+        )
+
+
+def magnitudes(x, lora_a, lora_b, s, router_weight, gates, top_k, dropout, seed, dy, dprobs):
+    """Float64 bounds of |every term| behind each output: the formulas on absolute values.
+
+    Routing error: an error δz in the logits moves each probability and routing weight by at
+    most ``2·max|δz|`` relative, and ``|δz| ≤ n·eps·Σ|x||W_z|``; so router-mode weights enter
+    as ``|g|·(1 + 2·zabs)`` with ``zabs = max_e Σ_j |x_j||W_z[e, j]|`` per token.
+    """
+    n_tokens, d_in = x.shape
+    n_experts = lora_a.shape[0]
+    factors = [
+        dropout_factor_ref((n_tokens, d_in), dropout, seed, e, device="cpu", dtype=x.dtype)
+        for e in range(n_experts)
+    ]
+    xt = torch.stack([x.abs() if f is None else x.abs() * f for f in factors], 1)  # [N, E, n]
+    a, b, s = lora_a.abs(), lora_b.abs(), s.abs()
+    if router_weight is not None:
+        probs, selected, g_sel = route_ref(x, router_weight, top_k)
+        zabs = (x.abs() @ router_weight.abs().T).amax(-1, keepdim=True)
+        grow = 1 + 2 * zabs
+        g = torch.zeros_like(probs).scatter(1, selected, g_sel) * grow
+        sel = torch.zeros_like(probs, dtype=torch.bool).scatter(1, selected, True)
+        p = probs * grow
+        p_sum = torch.where(sel, probs, 0).sum(-1, keepdim=True)
+    else:
+        g = gates.abs()
+    h = torch.einsum("nej,erj->ner", xt, a)
+    u = torch.einsum("nm,emr->ner", dy.abs(), b)
+    dh = (s * g)[:, :, None] * u
+    dg = s * (h * u).sum(-1)
+    dx = sum((dh[:, e] @ a[e]) * (1 if f is None else f) for e, f in enumerate(factors))  # [N, n]
+    mags = {
+        "y": torch.einsum("ner,emr->nm", h * (g * s)[:, :, None], b),
+        "lora_a": torch.einsum("ner,nej->erj", dh, xt),
+        "lora_b": torch.einsum("ne,nm,ner->emr", g * s, dy.abs(), h),
+        "x": dx,
+    }
+    if router_weight is not None:
+        dp = torch.where(sel, (dg + (g * dg).sum(-1, keepdim=True)) / p_sum, 0) * grow
+        dp += dprobs.abs()
+        dz = p * (dp + (p * dp).sum(-1, keepdim=True))
+        mags["router_weight"] = dz.T @ x.abs()
+        mags["x"] += dz @ router_weight.abs()
+        mags["probs"] = p
+    else:
+        mags["gates"] = dg
+    return mags
+
+
+# ---- one check of forward and every gradient ---------------------------------------------------
+
+
+def check_against_loop_reference(x, lora_a, lora_b, scaling, seed_gen=0, **kw):
+    """Runs the op and the float64 loop reference on the same values; compares y, probs and the
+    gradients of every input that requires grad, with :func:`assert_close`."""
+    gen = torch.Generator().manual_seed(seed_gen)
+    router_weight, gates = kw.get("router_weight"), kw.get("gates")
+    named = {"x": x, "lora_a": lora_a, "lora_b": lora_b, "router_weight": router_weight}
+    named["gates"] = gates
+    named = {k: v for k, v in named.items() if v is not None and v.requires_grad}
+
+    y, probs = routed_lora(x, lora_a, lora_b, scaling, **kw)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], lora_b.shape[1])
+    compute = compute_dtype(x, lora_a, lora_b, router_weight if gates is None else gates)
+    n_tokens = x[..., 0].numel()
+    if router_weight is None:
+        assert probs is None
+    else:
+        assert probs.dtype == compute and probs.shape == (n_tokens, lora_a.shape[0])
+    dy = randn(y.shape, y.dtype, x.device, gen)
+    dprobs = None if probs is None else randn(probs.shape, probs.dtype, x.device, gen)
+    outs = [y] if probs is None else [y, probs]
+    grads = torch.autograd.grad(outs, list(named.values()), [dy, dprobs][: len(outs)])
+
+    def to64(t):
+        return None if t is None else t.detach().cpu().double().requires_grad_(t.requires_grad)
+
+    x64, a64, b64 = to64(x), to64(lora_a), to64(lora_b)
+    w64, g64 = to64(router_weight), to64(gates)
+    s64 = scaling.double().cpu() if isinstance(scaling, torch.Tensor) else scaling
+    kw64 = {**kw, "router_weight": w64, "gates": g64}
+    y64, p64 = routed_lora_ref(x64, a64, b64, s64, **kw64)
+    named64 = {"x": x64, "lora_a": a64, "lora_b": b64, "router_weight": w64, "gates": g64}
+    dy64 = dy.double().cpu()
+    dprobs64 = None if dprobs is None else dprobs.double().cpu()
+    outs64 = [y64] if p64 is None else [y64, p64]
+    grads64 = torch.autograd.grad(
+        outs64, [named64[k] for k in named], [dy64, dprobs64][: len(outs64)]
+    )
+
+    n_experts, rank, d_in = lora_a.shape
+    s_vec = torch.as_tensor(s64, dtype=torch.float64).expand(n_experts)
+    mags = magnitudes(
+        x64.detach().reshape(-1, d_in),
+        a64.detach(),
+        b64.detach(),
+        s_vec,
+        None if w64 is None else w64.detach(),
+        None if g64 is None else g64.detach().reshape(-1, n_experts),
+        kw.get("top_k"),
+        kw.get("dropout", 0.0),
+        kw.get("seed") or 0,
+        dy64.reshape(n_tokens, -1),
+        dprobs64,
+    )
+    # Longest chain of float32 operations behind any output, forward and backward.
+    n_terms = d_in + lora_b.shape[1] + n_experts * rank + n_tokens + n_experts
+    assert_close(y, y64, mags["y"].reshape(y64.shape), n_terms, compute)
+    if probs is not None:
+        assert_close(probs, p64, mags["probs"], n_terms, compute)
+    for (name, t), grad, grad64 in zip(named.items(), grads, grads64, strict=True):
+        assert grad.dtype == t.dtype and grad.device == t.device, name
+        assert_close(grad, grad64, mags[name].reshape(grad64.shape), n_terms, compute)
+    return y, probs
+
+
+def make_case(n, d_in, d_out, n_experts, rank, dtype, device, gen, weight_dtype=None):
+    """Random x ``[n, d_in]``, A, B and W_z (in ``weight_dtype``, default ``dtype``)."""
+    wd = weight_dtype or dtype
+    x = randn((n, d_in), dtype, device, gen).requires_grad_()
+    a = (randn((n_experts, rank, d_in), wd, device, gen) / d_in**0.5).requires_grad_()
+    b = randn((n_experts, d_out, rank), wd, device, gen).requires_grad_()
+    w = randn((n_experts, d_in), wd, device, gen).requires_grad_()
+    return x, a, b, w
+
+
+def well_separated(x, router_weight, top_k):
+    """No near-tie at the top-k boundary (a float32 rounding could not flip the selection)."""
+    if top_k == router_weight.shape[0]:
+        return True
+    probs = torch.softmax(x.detach().double().cpu() @ router_weight.detach().double().cpu().T, -1)
+    top = probs.sort(-1, descending=True).values
+    return bool((top[:, top_k - 1] - top[:, top_k] > 1e-3 * top[:, top_k - 1]).all())
+
+
+def router_case(case, dtype, device, seed, weight_dtype=None):
+    n, d_in, d_out, n_experts, rank, top_k, _ = case
+    for attempt in range(20):
+        gen = torch.Generator().manual_seed(seed * 100 + attempt)
+        x, a, b, w = make_case(n, d_in, d_out, n_experts, rank, dtype, device, gen, weight_dtype)
+        if well_separated(x, w, top_k):
+            return x, a, b, w
+    raise AssertionError("no well-separated inputs")
+
+
+# ---- router mode -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_router_mode_matches_loop_reference(device, dtype, case):
+    i = CASES.index(case)
+    x, a, b, w = router_case(case, dtype, device, seed=i)
+    n_experts, top_k, dropout = case[3], case[5], case[6]
+    # Alternate a float scaling and a per-expert tensor (GOAT-s).
+    scaling = SCALINGS[i % 2] if i % 3 else torch.arange(1, n_experts + 1, device=device) * 0.5
+    check_against_loop_reference(
+        x, a, b, scaling, router_weight=w, top_k=top_k, dropout=dropout, seed=1000 + i
+    )
+
+
+@pytest.mark.parametrize("case", CASES[1:6], ids=str)
+def test_float64(case):
+    i = CASES.index(case)
+    x, a, b, w = router_case(case, torch.float64, "cpu", seed=i)
+    n_experts, top_k, dropout = case[3], case[5], case[6]
+    check_against_loop_reference(
+        x, a, b, 0.75, router_weight=w, top_k=top_k, dropout=dropout, seed=7
+    )
+    gates = randn((case[0], n_experts), torch.float64, "cpu", torch.Generator().manual_seed(i))
+    check_against_loop_reference(
+        x, a, b, 0.75, gates=gates.requires_grad_(), dropout=dropout, seed=7
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_skewed_routing_sends_every_token_to_one_expert(device, dtype, top_k):
+    gen = torch.Generator().manual_seed(5)
+    n, d_in, n_experts, hot = 37, 9, 8, 5
+    x, a, b, w = make_case(n, d_in, 7, n_experts, 4, dtype, device, gen)
+    with torch.no_grad():
+        x[:, 0] = 4.0  # a constant feature that only expert `hot` listens to
+        w[:, 0] = 0.0
+        w[hot, 0] = 8.0
+    assert well_separated(x, w, top_k)
+    _, probs = check_against_loop_reference(
+        x, a, b, 2.0, router_weight=w, top_k=top_k, dropout=0.1, seed=3
+    )
+    assert (probs.argmax(-1) == hot).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ties_go_to_the_lower_expert_index(device, dtype):
+    gen = torch.Generator().manual_seed(9)
+    n, d_in, d_out, n_experts, rank = 7, 5, 3, 4, 2
+    x, a, b, w = make_case(n, d_in, d_out, n_experts, rank, dtype, device, gen)
+    x64, a64, b64 = (t.detach().double().cpu() for t in (x, a, b))
+    h = torch.einsum("nj,erj->ner", x64, a64)
+    expert_out = torch.einsum("ner,emr->nem", h, b64)  # B_e A_e x, [N, E, m]
+
+    # All logits equal: every expert ties; top-k takes experts 0 … k−1, each with g = 1/k.
+    zero_w = torch.zeros_like(w, requires_grad=True)
+    for top_k in (1, 2, 3):
+        y, probs = routed_lora(x, a, b, 1.0, router_weight=zero_w, top_k=top_k)
+        expected = expert_out[:, :top_k].sum(1) / top_k
+        assert_close(y, expected, expert_out.abs().sum(1), d_in + n_experts * rank, torch.float32)
+        assert torch.equal(probs, torch.full_like(probs, 1 / n_experts))
+
+    # Identical rows 1, 2, 3 beat row 0 for positive x: with k = 2, experts 1 and 2 win.
+    with torch.no_grad():
+        x.abs_()
+        w[0] = -w[1].abs()
+        w[1:] = w[1].abs()
+    check_against_loop_reference(x, a, b, 1.0, router_weight=w, top_k=2)
+    y, probs = routed_lora(x, a, b, 1.0, router_weight=w, top_k=2)
+    assert torch.equal(probs[:, 1], probs[:, 2]) and torch.equal(probs[:, 2], probs[:, 3])
+    h = torch.einsum("nj,erj->ner", x.detach().double().cpu(), a64)
+    expert_out = torch.einsum("ner,emr->nem", h, b64)
+    expected = (expert_out[:, 1] + expert_out[:, 2]) / 2
+    assert_close(y, expected, expert_out.abs().sum(1), d_in + n_experts * rank, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_only_probs_reach_the_loss(device):
+    # The load-balancing loss alone: no gradient arrives at y.
+    x, a, b, w = router_case(CASES[4], torch.float32, device, seed=4)
+    _, probs = routed_lora(x, a, b, 1.0, router_weight=w, top_k=2)
+    dw, dx = torch.autograd.grad(probs.square().sum(), [w, x])
+    p64 = torch.softmax(x.detach().double() @ w.detach().double().T, -1).requires_grad_()
+    dz = torch.autograd.grad(p64.square().sum(), p64)[0]
+    dz = p64 * (dz - (p64 * dz).sum(-1, keepdim=True))
+    dz_mag = p64 * (2 * p64 + (2 * p64 * p64).sum(-1, keepdim=True))
+    n_terms = 2 * x.shape[1] + x.shape[0]
+    assert_close(
+        dw, dz.T @ x.detach().double(), dz_mag.T @ x.detach().double().abs(), n_terms, torch.float32
+    )
+    assert_close(
+        dx, dz @ w.detach().double(), dz_mag @ w.detach().double().abs(), n_terms, torch.float32
+    )
+
+
+# ---- gate mode ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_gate_mode_matches_loop_reference(device, dtype, sparse):
+    gen = torch.Generator().manual_seed(13)
+    n, d_in, d_out, n_experts, rank = 37, 11, 7, 8, 4
+    x, a, b, _ = make_case(n, d_in, d_out, n_experts, rank, dtype, device, gen)
+    gates = randn((n, n_experts), dtype, device, gen).abs()
+    if sparse:  # the caller's own top-2: zeros elsewhere, which still receive gradients
+        keep = torch.zeros_like(gates, dtype=torch.bool)
+        keep.scatter_(1, gates.topk(2, -1).indices, True)
+        gates = torch.where(keep, gates, 0)
+    gates.requires_grad_()
+    check_against_loop_reference(x, a, b, 0.75, gates=gates, dropout=0.1, seed=11)
+
+
+# ---- shapes and dtypes -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_leading_dims(device, dtype):
+    gen = torch.Generator().manual_seed(17)
+    x, a, b, w = make_case(6, 9, 5, 3, 4, dtype, device, gen)
+    x3 = x.detach().reshape(2, 3, 9).requires_grad_()
+    y, probs = check_against_loop_reference(x3, a, b, 2.0, router_weight=w, top_k=2)
+    assert y.shape == (2, 3, 5) and probs.shape == (6, 3)
+    y2, probs2 = routed_lora(x3.detach().reshape(6, 9), a, b, 2.0, router_weight=w, top_k=2)
+    assert torch.equal(y.reshape(6, 5), y2) and torch.equal(probs, probs2)
+    gates = randn((2, 3, 3), dtype, device, gen).requires_grad_()
+    y, probs = check_against_loop_reference(x3, a, b, 2.0, gates=gates, dropout=0.25, seed=5)
+    assert y.shape == (2, 3, 5) and probs is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "x_dtype, weight_dtype, gates_dtype",
+    [
+        (torch.bfloat16, torch.float32, torch.float32),  # GOAT: fp32 master weights, bf16 acts
+        (torch.float16, torch.float32, torch.float16),
+        (torch.float32, torch.bfloat16, torch.float32),
+    ],
+    ids=str,
+)
+def test_mixed_dtypes(device, x_dtype, weight_dtype, gates_dtype):
+    x, a, b, w = router_case(CASES[4], x_dtype, device, seed=21, weight_dtype=weight_dtype)
+    check_against_loop_reference(x, a, b, 0.75, router_weight=w, top_k=2, dropout=0.1, seed=2)
+    gen = torch.Generator().manual_seed(22)
+    gates = randn((x.shape[0], a.shape[0]), gates_dtype, device, gen).requires_grad_()
+    check_against_loop_reference(x, a, b, 0.75, gates=gates)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_inputs(device):
+    gen = torch.Generator().manual_seed(23)
+    x, a, b, w = make_case(7, 9, 5, 3, 4, torch.float32, device, gen)
+    xt = x.detach().T.contiguous().T.requires_grad_()  # column-major
+    bt = b.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    check_against_loop_reference(xt, a, bt, 2.0, router_weight=w, top_k=2, dropout=0.1, seed=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=str)
+def test_no_tokens(device, lead):
+    gen = torch.Generator().manual_seed(25)
+    _, a, b, w = make_case(1, 9, 5, 3, 4, torch.float32, device, gen)
+    x = torch.empty(*lead, 9, device=device, requires_grad=True)
+    y, probs = routed_lora(x, a, b, 2.0, router_weight=w, top_k=2, dropout=0.1, seed=1)
+    assert y.shape == (*lead, 5) and probs.shape == (0, 3)
+    dx, da, db, dw = torch.autograd.grad((y.sum() + probs.sum()), [x, a, b, w])
+    assert dx.shape == x.shape
+    for g in (da, db, dw):
+        assert torch.equal(g, torch.zeros_like(g))
+    gates = torch.empty(*lead, 3, device=device, requires_grad=True)
+    y, probs = routed_lora(x, a, b, 2.0, gates=gates)
+    assert y.shape == (*lead, 5) and probs is None
+    dgates, da = torch.autograd.grad(y.sum(), [gates, a])
+    assert dgates.shape == gates.shape and torch.equal(da, torch.zeros_like(da))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_in_x_propagates_to_its_token_only(device):
+    gen = torch.Generator().manual_seed(27)
+    x, a, b, w = make_case(7, 9, 5, 3, 4, torch.float32, device, gen)
+    x = x.detach().clone()
+    x[3, 4] = float("nan")
+    y, probs = routed_lora(x, a, b, 1.0, router_weight=w, top_k=2)
+    assert y[3].isnan().all() and probs[3].isnan().all()
+    rest = torch.cat([y[:3], y[4:]])
+    assert rest.isfinite().all() and torch.cat([probs[:3], probs[4:]]).isfinite().all()
+    # Dropout multiplies a dropped element by 0, so NaN survives even where it is dropped.
+    gates = torch.ones(7, 3, device=device)
+    y, _ = routed_lora(x, a, b, 1.0, gates=gates, dropout=0.5, seed=3)
+    assert y[3].isnan().all() and torch.cat([y[:3], y[4:]]).isfinite().all()
+
+
+# ---- dropout -----------------------------------------------------------------------------------
+
+
+def identity_experts(width, n_experts, device):
+    """A_e = B_e = I: expert e's output is dropout_e(x) itself."""
+    eye = torch.eye(width, device=device).expand(n_experts, width, width)
+    return eye.clone(), eye.clone()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dropout", [0.1, 0.5])
+def test_dropout_mask_is_the_counter_based_one(device, dropout):
+    n, width, seed = 256, 64, 12345
+    a, b = identity_experts(width, 2, device)
+    x = torch.ones(n, width, device=device)
+    keep, scale = dropout_keep_scale(dropout)
+    masks = []
+    for e in range(2):
+        gates = torch.nn.functional.one_hot(torch.full((n,), e), 2).float().to(device)
+        y, _ = routed_lora(x, a, b, 1.0, gates=gates, dropout=dropout, seed=seed)
+        mask = bernoulli_mask_ref((n, width), keep, seed, e, device=device)
+        assert torch.equal(y, mask.float() * scale)  # kept values are exactly float32(1/(1−q))
+        assert abs(mask.float().mean().item() - (1 - dropout)) < 0.01
+        masks.append(mask)
+    assert not torch.equal(masks[0], masks[1])  # independent per expert
+    assert scale == torch.tensor(1 / (1 - dropout), dtype=torch.float32).item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_regenerates_the_forward_mask(device):
+    n, width, seed, dropout = 37, 17, 99, 0.3
+    gen = torch.Generator().manual_seed(29)
+    a, b = identity_experts(width, 2, device)
+    x = randn((n, width), torch.float32, device, gen).requires_grad_()
+    gates = torch.tensor([[0.0, 1.0]], device=device).expand(n, 2)
+    y, _ = routed_lora(x, a, b, 1.0, gates=gates, dropout=dropout, seed=seed)  # x ⊙ M_1 · c
+    dy = randn(y.shape, torch.float32, device, gen)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    factor = dropout_factor_ref((n, width), dropout, seed, 1, device=device, dtype=torch.float32)
+    assert torch.equal(y, x.detach() * factor)
+    assert torch.equal(dx, dy * factor)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_is_reproducible_from_the_seed(device):
+    x, a, b, w = router_case(CASES[4], torch.bfloat16, device, seed=31)
+    kw = {"router_weight": w, "top_k": 2, "dropout": 0.25}
+    y1, _ = routed_lora(x, a, b, 1.0, seed=5, **kw)
+    y2, _ = routed_lora(x, a, b, 1.0, seed=5, **kw)
+    y3, _ = routed_lora(x, a, b, 1.0, seed=6, **kw)
+    assert torch.equal(y1, y2)
+    assert not torch.equal(y1, y3)
+    # dropout = 0: the seed is ignored.
+    y4, _ = routed_lora(x, a, b, 1.0, router_weight=w, top_k=2, seed=5)
+    y5, _ = routed_lora(x, a, b, 1.0, router_weight=w, top_k=2)
+    assert torch.equal(y4, y5)
+
+
+# ---- the reference kernels ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["router", "gates"])
+def test_reference_backward_equals_autograd_through_the_loop(mode):
+    """The explicit backward formulas (routed_lora_backward_ref) against torch.autograd through
+    the per-expert loop, in float64, whichever kernel the op runs."""
+    n, d_in, d_out, n_experts, rank, top_k = 37, 9, 7, 8, 4, 2
+    x, a, b, w = router_case((n, d_in, d_out, n_experts, rank, top_k, 0), torch.float64, "cpu", 3)
+    gen = torch.Generator().manual_seed(33)
+    gates = randn((n, n_experts), torch.float64, "cpu", gen).requires_grad_()
+    s = torch.arange(1, n_experts + 1, dtype=torch.float64) / 4
+    route = {"router_weight": w, "top_k": top_k} if mode == "router" else {"gates": gates}
+    y, probs = routed_lora_ref(x, a, b, s, dropout=0.2, seed=4, **route)
+    dy = randn(y.shape, torch.float64, "cpu", gen)
+    inputs = [x, a, b, w] if mode == "router" else [x, a, b, gates]
+    if mode == "router":
+        dprobs = randn(probs.shape, torch.float64, "cpu", gen)
+        expected = torch.autograd.grad([y, probs], inputs, [dy, dprobs])
+    else:
+        dprobs = None
+        expected = torch.autograd.grad(y, inputs, dy)
+    with torch.no_grad():
+        wr, gt = (w, None) if mode == "router" else (None, gates)
+        y2, probs2, weights, h = routed_lora_forward_ref(
+            x, a, b, s, wr, gt, top_k if mode == "router" else 0, 0.2, 4
+        )
+        got = routed_lora_backward_ref(
+            dy,
+            x,
+            a,
+            b,
+            s,
+            wr,
+            weights,
+            probs2 if mode == "router" else None,
+            dprobs,
+            h,
+            top_k,
+            0.2,
+            4,
+            (True, True, True, mode == "router", mode == "gates"),
+            gates.dtype,
+        )
+    torch.testing.assert_close(y2, y, rtol=1e-12, atol=1e-12)
+    got = [g for g in got if g is not None]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+# ---- torch.library checks and gradcheck --------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(device, dtype):
+    x, a, b, w = router_case(CASES[3], dtype, device, seed=37)
+    s = torch.full((3,), 0.75, device=device)
+    gates = randn((7, 3), dtype, device, torch.Generator().manual_seed(1)).requires_grad_()
+    fwd = torch.ops.meldkit.routed_lora.default
+    torch.library.opcheck(fwd, (x, a, b, s, w, None, 2, 0.25, 7))
+    torch.library.opcheck(fwd, (x, a, b, s, None, gates, 0, 0.0, 0))
+    column_major = gates.detach().T.contiguous().T.requires_grad_()
+    torch.library.opcheck(fwd, (x, a, b, s, None, column_major, 0, 0.1, 3))
+    _, probs, weights, h = (t.detach() for t in fwd(x, a, b, s, w, None, 2, 0.25, 7))
+    dy = randn((7, 5), dtype, device, torch.Generator().manual_seed(2))
+    dprobs = torch.randn_like(probs)
+    xd, ad, bd, wd = (t.detach() for t in (x, a, b, w))
+    bwd = torch.ops.meldkit.routed_lora_backward.default
+    args = (dy, xd, ad, bd, s, wd, weights, probs, dprobs, h, 2, 0.25, 7)
+    torch.library.opcheck(bwd, (*args, [True, True, True, True, False], None))
+    torch.library.opcheck(bwd, (*args, [False, True, False, False, False], None))
+    _, _, weights, h = (t.detach() for t in fwd(x, a, b, s, None, gates, 0, 0.0, 0))
+    args = (dy, xd, ad, bd, s, None, weights, None, None, h, 0, 0.0, 0)
+    torch.library.opcheck(bwd, (*args, [True, False, True, False, True], dtype))
+
+
+def test_gradcheck_float64():
+    x, a, b, w = router_case((5, 4, 3, 3, 2, 2, 0), torch.float64, "cpu", seed=41)
+    s = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda *t: routed_lora(*t[:3], s, router_weight=t[3], top_k=2, dropout=0.2, seed=3),
+        (x, a, b, w),
+    )
+    gates = torch.rand(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(43))
+    gates.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda *t: routed_lora(*t[:3], 0.75, gates=t[3], dropout=0.2, seed=3)[0],
+        (x, a, b, gates),
+    )
+
+
+def test_double_backward_is_refused():
+    x, a, b, w = router_case((5, 4, 3, 3, 2, 2, 0), torch.float64, "cpu", seed=41)
+    y, _ = routed_lora(x, a, b, 1.0, router_weight=w, top_k=2)
+    (dx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="routed_lora_backward"):
+        dx.sum().backward()
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+def test_bad_arguments_name_themselves():
+    x, a, b, w = (t.detach() for t in router_case(CASES[3], torch.float32, "cpu", seed=45))
+    g = torch.rand(7, 3)
+    ok = {"router_weight": w, "top_k": 2}
+
+    def call(*args, **kw):
+        return lambda: routed_lora(*args, **kw)
+
+    cases = [
+        (call("x", a, b, 1.0, **ok), TypeError, "'x': expected a tensor"),
+        (call(x.int(), a, b, 1.0, **ok), TypeError, "'x': dtype torch.int32"),
+        (call(torch.tensor(1.0), a, b, 1.0, **ok), ValueError, "'x'"),
+        (call(x[:, :4], a, b, 1.0, **ok), ValueError, "'x': last dimension 4"),
+        (call(x, a[0], b, 1.0, **ok), ValueError, "'lora_a': expected 3 dimensions"),
+        (call(x, a, b[:2], 1.0, **ok), ValueError, "'lora_b': shape [2, 5, 4]"),
+        (call(x, a, b[:, :, :3], 1.0, **ok), ValueError, "'lora_b': shape"),
+        (call(x, a, b.double(), 1.0, **ok), TypeError, "'lora_b': dtype torch.float64"),
+        (call(x, a, b, "s", **ok), TypeError, "'scaling': expected a float"),
+        (call(x, a, b, float("inf"), **ok), ValueError, "'scaling': must be finite"),
+        (call(x, a, b, torch.ones(4), **ok), ValueError, "'scaling': shape [4]"),
+        (call(x, a, b, torch.ones(3, 1), **ok), ValueError, "'scaling': expected 1 dim"),
+        (
+            call(x, a, b, torch.ones(3, requires_grad=True), **ok),
+            ValueError,
+            "'scaling': is a constant",
+        ),
+        (call(x, a, b, 1.0), ValueError, "give exactly one of router_weight and gates"),
+        (call(x, a, b, 1.0, gates=g, **ok), ValueError, "give exactly one"),
+        (call(x, a, b, 1.0, router_weight=w[:2], top_k=1), ValueError, "'router_weight': shape"),
+        (call(x, a, b, 1.0, router_weight=w.half(), top_k=1), TypeError, "'router_weight': dt"),
+        (call(x, a, b, 1.0, router_weight=w), TypeError, "'top_k': expected an int"),
+        (call(x, a, b, 1.0, router_weight=w, top_k=2.0), TypeError, "'top_k'"),
+        (call(x, a, b, 1.0, router_weight=w, top_k=0), ValueError, "'top_k': 0 is not in 1"),
+        (call(x, a, b, 1.0, router_weight=w, top_k=4), ValueError, "'top_k': 4 is not in 1"),
+        (call(x, a, b, 1.0, gates=g, top_k=2), ValueError, "'top_k': only goes with"),
+        (call(x, a, b, 1.0, gates=g[:, :2]), ValueError, "'gates': shape [7, 2]"),
+        (call(x, a, b, 1.0, gates=g.long()), TypeError, "'gates': dtype torch.int64"),
+        (call(x, a, b, 1.0, dropout=1.0, seed=1, **ok), ValueError, "'dropout': 1.0 is not in"),
+        (call(x, a, b, 1.0, dropout=-0.1, seed=1, **ok), ValueError, "'dropout'"),
+        (call(x, a, b, 1.0, dropout=float("nan"), seed=1, **ok), ValueError, "'dropout'"),
+        (call(x, a, b, 1.0, dropout="0.1", seed=1, **ok), TypeError, "'dropout'"),
+        (call(x, a, b, 1.0, dropout=0.1, **ok), TypeError, "'seed': an int is required"),
+        (call(x, a, b, 1.0, dropout=0.1, seed=-1, **ok), ValueError, "'seed': -1 is not in"),
+        (call(x, a, b, 1.0, dropout=0.1, seed=2**63, **ok), ValueError, "'seed'"),
+    ]
+    if torch.cuda.is_available():
+        cases += [
+            (call(x, a.cuda(), b, 1.0, **ok), TypeError, "'lora_a': is on cuda:0 but 'x'"),
+            (call(x, a, b, 1.0, gates=g.cuda()), TypeError, "'gates': is on cuda"),
+        ]
+    for fn, exc, text in cases:
+        with pytest.raises(exc) as info:
+            fn()
+        assert text in str(info.value), (text, str(info.value))
+        assert "meldkit.routed_lora: argument '" in str(info.value)
