@@ -397,10 +397,12 @@ def _git(*args: str) -> subprocess.CompletedProcess[str] | None:
 def _git_commit() -> tuple[str | None, bool | None]:
     """Short commit of the meldkit checkout and whether tracked files differ from it.
 
-    Without a repository around the package (an installed wheel, or a working tree copied to a
-    GPU machine without ``.git``) the commit is ``MELDKIT_COMMIT`` as set by
-    ``scripts/gpu_check.sh``'s caller, else None; cleanliness is then unknown (None).
+    ``MELDKIT_COMMIT``, when set (by ``scripts/gpu_check.sh``'s caller), wins: a working tree
+    copied to a GPU machine may sit in a stale repository, or in none (an installed wheel);
+    cleanliness is then unknown (None).
     """
+    if os.environ.get("MELDKIT_COMMIT"):
+        return os.environ["MELDKIT_COMMIT"], None
     head = _git("rev-parse", "--short", "HEAD")
     if head is None or head.returncode != 0 or not head.stdout.strip():
         return os.environ.get("MELDKIT_COMMIT") or None, None
