@@ -2,6 +2,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "meldkit/logit_fusion.h"
 #include "meldkit/merge.h"
 #include "meldkit/routed_lora.h"
 #include "meldkit/status.h"
@@ -88,4 +89,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("routed_lora_native_dtypes", &mb::routed_lora_native_dtypes,
         "{device: [dtype names]} the native routed_lora kernels accept.");
   m.attr("ROUTED_LORA_MAX_EXPERTS") = meldkit::kRoutedLoraMaxExperts;
+
+  m.def("logit_fusion", &mb::logit_fusion,
+        "Dynamic Logit Fusion's per-row solver (see logit_fusion.h): losses of every (expert,\n"
+        "alpha) candidate, the chosen alpha and expert, and optionally the fused logits.",
+        py::arg("large"), py::arg("small_base"), py::arg("experts"), py::arg("alphas"),
+        py::arg("loss"), py::arg("alpha"), py::arg("expert"), py::arg("logits"),
+        py::arg("stream") = 0);
+  m.def("logit_fusion_native_dtypes", &mb::logit_fusion_native_dtypes,
+        "{device: [dtype names]} the native logit_fusion kernels accept.");
+  m.attr("LOGIT_FUSION_MAX_ALPHAS") = meldkit::kLogitFusionMaxAlphas;
+  m.attr("LOGIT_FUSION_MAX_EXPERTS") = meldkit::kLogitFusionMaxExperts;
 }

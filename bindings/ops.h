@@ -42,6 +42,12 @@ void routed_lora_backward(py::handle dy, py::handle x, py::handle lora_a, py::ha
                           py::handle db, py::handle drouter, py::handle dgates, int64_t stream);
 py::dict routed_lora_native_dtypes();
 
+// logit_fusion.cpp
+void logit_fusion(py::handle large, py::handle small_base, py::handle experts, py::handle alphas,
+                  py::handle loss, py::handle alpha, py::handle expert, py::handle logits,
+                  int64_t stream);
+py::dict logit_fusion_native_dtypes();
+
 // info.cpp
 py::dict build_info();
 py::tuple cuda_device_count();

@@ -51,6 +51,8 @@ bool to_dtype(const dlpack::DataType& t, DType* out) {
     *out = DType::kBFloat16;
   else if (t.code == dlpack::kDLFloat && t.bits == 64)
     *out = DType::kFloat64;
+  else if (t.code == dlpack::kDLInt && t.bits == 64)
+    *out = DType::kInt64;
   else
     return false;
   return true;

@@ -565,6 +565,104 @@ def _rl_corruptions():
     }
 
 
+# ---- logit_fusion ------------------------------------------------------------------------------
+
+
+def _lf_valid(draw, device):
+    b, v, t = draw(st.integers(0, 4)), draw(st.integers(1, 40)), draw(st.integers(1, 3))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    n = draw(st.integers(1, 5))
+    f32 = dict(dtype=torch.float32, device=device)
+    return {
+        "large": torch.randn(b, v).to(device, dtype),
+        "small_base": torch.randn(b, v).to(device, dtype),
+        "experts": torch.randn(t, b, v).to(device, dtype),
+        "alphas": [0.1 * i for i in range(n)],
+        "loss": torch.empty(b, t, n, **f32),
+        "alpha": torch.empty(b, **f32),
+        "expert": torch.empty(b, dtype=torch.int64, device=device),
+        "logits": torch.empty(b, v, **f32) if draw(st.booleans()) else None,
+    }
+
+
+def _lf_call(a):
+    _C.logit_fusion(
+        a["large"], a["small_base"], a["experts"], a["alphas"], a["loss"], a["alpha"],
+        a["expert"], a["logits"],
+    )  # fmt: skip
+
+
+def _lf_corruptions():
+    def wrong_dtype(draw, a, device):
+        name = draw(st.sampled_from(["large", "small_base", "experts"]))
+        a[name] = a[name].to(draw(st.sampled_from([torch.int32, torch.int64, torch.float64])))
+        return a
+
+    def vocab_mismatch(draw, a, device):
+        b, v = a["large"].shape
+        a["small_base"] = torch.randn(b, v + 1).to(a["large"])
+        return a
+
+    def experts_2d(draw, a, device):
+        a["experts"] = a["experts"][0]
+        return a
+
+    def empty_grid(draw, a, device):
+        a["alphas"] = []
+        return a
+
+    def non_finite_alpha(draw, a, device):
+        a["alphas"] = [float(draw(st.sampled_from(["nan", "inf"])))]
+        return a
+
+    def expert_not_int64(draw, a, device):
+        a["expert"] = a["expert"].to(torch.int32)
+        return a
+
+    def loss_shape(draw, a, device):
+        a["loss"] = torch.empty(1, 1, 1, 2, device=a["loss"].device)
+        return a
+
+    def output_dtype(draw, a, device):
+        a["alpha"] = a["alpha"].to(torch.float16)
+        return a
+
+    def other_device(draw, a, device):
+        a["experts"] = _other_device(a["experts"])
+        return a
+
+    def non_contiguous(draw, a, device):
+        b, v = a["large"].shape
+        a["large"] = torch.randn(max(b, 2), v, 2).to(a["large"])[..., 0]
+        return a
+
+    def empty_vocab(draw, a, device):
+        b = a["large"].shape[0]
+        for name in ("large", "small_base"):
+            a[name] = a[name][:, :0]
+        a["experts"] = a["experts"][:, :, :0]
+        a["logits"] = None if a["logits"] is None else a["logits"][:, :0]
+        a["large"] = a["large"].reshape(b, 0)
+        return a
+
+    return {
+        f.__name__: f
+        for f in (
+            wrong_dtype,
+            vocab_mismatch,
+            experts_2d,
+            empty_grid,
+            non_finite_alpha,
+            expert_not_int64,
+            loss_shape,
+            output_dtype,
+            other_device,
+            non_contiguous,
+            empty_vocab,
+        )
+    }
+
+
 def _ms_valid(draw, device):
     n = draw(st.integers(1, 3))
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
@@ -632,6 +730,7 @@ BINDINGS = [
     BindingSpec("magnitude_select", _ms_call, _ms_valid, _ms_corruptions()),
     BindingSpec("merge_many", _mm_call, _mm_valid, _mm_corruptions()),
     BindingSpec("routed_lora", _rl_call, _rl_valid, _rl_corruptions()),
+    BindingSpec("logit_fusion", _lf_call, _lf_valid, _lf_corruptions()),
 ]
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _C.has_cuda() else [])

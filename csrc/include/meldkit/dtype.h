@@ -20,7 +20,8 @@
 
 namespace meldkit {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+// kInt64 only travels through bindings (index outputs); no kernel dispatches on it.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3, kInt64 = 4 };
 
 inline const char* dtype_name(DType d) {
   switch (d) {
@@ -32,6 +33,8 @@ inline const char* dtype_name(DType d) {
       return "bfloat16";
     case DType::kFloat64:
       return "float64";
+    case DType::kInt64:
+      return "int64";
   }
   return "unknown";
 }
@@ -44,6 +47,7 @@ inline int dtype_size(DType d) {
     case DType::kBFloat16:
       return 2;
     case DType::kFloat64:
+    case DType::kInt64:
       return 8;
   }
   return 0;

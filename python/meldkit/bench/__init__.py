@@ -52,6 +52,7 @@ OPS: dict[str, str] = {
     "weighted_sum": "meldkit.bench.weighted_sum",
     "merge": "meldkit.bench.merge",
     "routed_lora": "meldkit.bench.routed_lora",
+    "logit_fusion": "meldkit.bench.logit_fusion",
 }
 """Registry of benchmarked ops: op name -> module providing ``cases(device, quick) -> list[Case]``.
 

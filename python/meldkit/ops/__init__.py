@@ -1,6 +1,8 @@
 """meldkit's public ops: torch.library custom ops with native CPU/CUDA kernels, each backed by a
 pure-PyTorch reference (``<op>_ref``) that is always available and defines its semantics."""
 
+from meldkit.ops.logit_fusion import LogitFusionResult, logit_fusion
+from meldkit.ops.logit_fusion_ref import logit_fusion_ref
 from meldkit.ops.merge import magnitude_threshold, merge_tensor_list, merge_tensors
 from meldkit.ops.routed_lora import routed_lora
 from meldkit.ops.routed_lora_ref import routed_lora_ref
@@ -12,6 +14,9 @@ NATIVE_OPS = ("weighted_sum", "merge")
 
 __all__ = [
     "NATIVE_OPS",
+    "LogitFusionResult",
+    "logit_fusion",
+    "logit_fusion_ref",
     "magnitude_threshold",
     "merge_tensor_list",
     "merge_tensors",

@@ -1,0 +1,143 @@
+// Binding of the logit fusion solver: validate, pick the device and stream, release the GIL,
+// launch.
+#include "meldkit/logit_fusion.h"
+
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "ops.h"
+#include "tensor.h"
+
+namespace meldkit::bind {
+
+namespace {
+
+constexpr const char* kOp = "logit_fusion";
+const DType* const kBegin = std::begin(kFloatDtypes);
+const DType* const kEnd = std::end(kFloatDtypes);
+
+void check_output(const TensorArg& t, const TensorArg& ref, const std::vector<int64_t>& shape,
+                  DType dtype) {
+  check_same_device(t, ref);
+  check_contiguous(t);
+  check_writable(t);
+  if (t.shape != shape || t.dtype != dtype) {
+    std::string want = "[";
+    for (size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + std::to_string(shape[i]);
+    throw_value_error(t.name.prefix() + ": expected shape " + want + "] and dtype " +
+                      dtype_name(dtype) + ", got " + t.shape_str() + " " + dtype_name(t.dtype));
+  }
+}
+
+}  // namespace
+
+py::dict logit_fusion_native_dtypes() {
+  py::dict d;
+  py::list cpu, cuda;
+  for (const DType* t = kBegin; t != kEnd; ++t) {
+    cpu.append(dtype_name(*t));
+    cuda.append(dtype_name(*t));
+  }
+  cpu.append(dtype_name(DType::kFloat64));
+  d["cpu"] = cpu;
+  if (has_cuda()) d["cuda"] = cuda;
+  return d;
+}
+
+void logit_fusion(py::handle large, py::handle small_base, py::handle experts, py::handle alphas,
+                  py::handle loss, py::handle alpha, py::handle expert, py::handle logits,
+                  int64_t stream) {
+  TensorArg l = import_tensor(large, {kOp, "large"}, stream);
+  TensorArg s = import_tensor(small_base, {kOp, "small_base"}, stream);
+  TensorArg x = import_tensor(experts, {kOp, "experts"}, stream);
+  const bool cuda = l.device == DeviceKind::kCUDA;
+  if (cuda && !has_cuda()) {
+    throw_type_error(l.name.prefix() + ": is on CUDA but meldkit was built without CUDA");
+  }
+  if (l.dtype == DType::kFloat64 && !cuda) {
+    // float64 runs on the CPU (tests, gradcheck-style comparisons).
+  } else {
+    check_dtype_in(l, kBegin, kEnd, cuda ? "CUDA" : "CPU");
+  }
+  for (const TensorArg* t : {&l, &s, &x}) {
+    check_contiguous(*t);
+    check_same_device(*t, l);
+    if (t->dtype != l.dtype) {
+      throw_type_error(t->name.prefix() + ": dtype " + dtype_name(t->dtype) + " differs from " +
+                       "'large' " + dtype_name(l.dtype));
+    }
+  }
+  if (l.shape.size() != 2) throw_value_error(l.name.prefix() + ": must be 2-D [B, V]");
+  const int64_t B = l.shape[0], V = l.shape[1];
+  if (V < 1) throw_value_error(l.name.prefix() + ": the vocabulary is empty");
+  check_same_shape(s, l);
+  if (x.shape.size() != 3 || x.shape[1] != B || x.shape[2] != V) {
+    throw_value_error(x.name.prefix() + ": shape " + x.shape_str() + ", expected [T, " +
+                      std::to_string(B) + ", " + std::to_string(V) + "]");
+  }
+  const int64_t T = x.shape[0];
+  if (T < 1 || T > kLogitFusionMaxExperts) {
+    throw_value_error(x.name.prefix() + ": needs 1 to " + std::to_string(kLogitFusionMaxExperts) +
+                      " experts, got " + std::to_string(T));
+  }
+  const std::vector<double> grid = alphas.cast<std::vector<double>>();
+  if (grid.empty() || grid.size() > size_t(kLogitFusionMaxAlphas)) {
+    throw_value_error(std::string(kOp) + ": argument 'alphas': needs 1 to " +
+                      std::to_string(kLogitFusionMaxAlphas) + " values, got " +
+                      std::to_string(grid.size()));
+  }
+  for (double a : grid) {
+    if (!std::isfinite(a)) throw_value_error(std::string(kOp) + ": argument 'alphas': not finite");
+  }
+  const int64_t n = int64_t(grid.size());
+  const DType acc = l.dtype == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
+  TensorArg tl = import_tensor(loss, {kOp, "loss"}, stream);
+  check_output(tl, l, {B, T, n}, acc);
+  TensorArg ta = import_tensor(alpha, {kOp, "alpha"}, stream);
+  check_output(ta, l, {B}, acc);
+  TensorArg te = import_tensor(expert, {kOp, "expert"}, stream);
+  check_same_device(te, l);
+  check_contiguous(te);
+  check_writable(te);
+  if (te.shape != std::vector<int64_t>{B} || te.dtype != DType::kInt64) {
+    throw_value_error(te.name.prefix() + ": expected int64 of shape [" + std::to_string(B) + "]");
+  }
+  std::vector<TensorArg> inputs = {l, s, x};
+  std::vector<const TensorArg*> outs = {&tl, &ta, &te};
+  TensorArg tg;
+  if (!logits.is_none()) {
+    tg = import_tensor(logits, {kOp, "logits"}, stream);
+    check_output(tg, l, {B, V}, acc);
+    outs.push_back(&tg);
+  }
+  for (const TensorArg* o : outs) check_no_partial_overlap(*o, inputs);
+  LogitFusionParams p;
+  p.rows = B;
+  p.vocab = V;
+  p.num_experts = int(T);
+  p.num_alphas = int(n);
+  p.dtype = l.dtype;
+  p.large = l.data;
+  p.small = s.data;
+  p.experts = x.data;
+  for (int64_t j = 0; j < n; ++j) p.alphas[j] = grid[size_t(j)];
+  p.loss = tl.data;
+  p.alpha = ta.data;
+  p.expert = static_cast<int64_t*>(te.data);
+  p.logits = logits.is_none() ? nullptr : tg.data;
+  if (B == 0) return;
+  if (cuda) {
+#ifdef MELDKIT_WITH_CUDA
+    py::gil_scoped_release release;
+    logit_fusion_cuda(p, l.device_id, reinterpret_cast<void*>(stream));
+#endif
+  } else {
+    py::gil_scoped_release release;
+    logit_fusion_cpu(p);
+  }
+}
+
+}  // namespace meldkit::bind

@@ -1,0 +1,415 @@
+"""The DLF decoding loop: :func:`generate` and its fixed-α form :func:`proxy_tuning`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from meldkit.dlf.fusion import check_mode, fuse_logits
+from meldkit.dlf.streams import (
+    BASE_ADAPTER,
+    Ensemble,
+    Member,
+    common_vocab_size,
+    is_peft_model,
+    pad_token_id,
+    tokenize,
+)
+
+# An expert: a full model, or the name of an adapter of a PeftModel small base.
+Expert = nn.Module | str
+# A per-expert prompt prefix, or a function from the prompt to the expert's prompt (chat template).
+ExpertPrompt = str | Callable[[str], str] | None
+
+
+@dataclass
+class DLFOutput:
+    """What :func:`generate` returns. B = number of prompts, S = decoding steps run.
+
+    Attributes
+    ----------
+    texts : list[str]
+        Per prompt, the generated continuation (special tokens skipped), cut before the first stop
+        string when one ended the row.
+    token_ids : list[list[int]]
+        Per prompt, the generated token ids, including the EOS token or the token that completed a
+        stop string.
+    sequences : torch.Tensor
+        ``[B, S]`` int64 generated ids, padded with the tokenizer's pad id after a row ended.
+    alphas : torch.Tensor
+        ``[B, S]`` float32 α used at every step; NaN after a row ended.
+    experts : torch.Tensor
+        ``[B, S]`` int64 expert chosen at every step (dynamic mode; static mode: 0 when T = 1, −1
+        = all experts when T > 1); −1 after a row ended.
+    finish_reasons : list[str]
+        Per prompt: ``"eos"``, ``"stop"`` (a stop string) or ``"length"`` (max_new_tokens).
+    logits : torch.Tensor or None
+        ``[B, S, V]`` float32 fused logits of every step (NaN after a row ended) when
+        ``return_logits=True``.
+    """
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    sequences: torch.Tensor
+    alphas: torch.Tensor
+    experts: torch.Tensor
+    finish_reasons: list[str]
+    logits: torch.Tensor | None = None
+
+
+def _as_list(x, kind) -> list:
+    if isinstance(x, kind):
+        return [x]
+    return list(x)
+
+
+def fusion_members(small_base: nn.Module, experts: Sequence[Expert]) -> list[Member]:
+    """The small base and expert members (in that order) for the given expert specs.
+
+    A ``PeftModel`` small base stands for its base model (adapters disabled); a string expert names
+    one of its adapters; an expert that *is* the small base object is the small base again (used
+    with an expert prompt: the paper's in-context-learning expert).
+    """
+    peft = is_peft_model(small_base)
+    base = Member(small_base, BASE_ADAPTER if peft else None)
+    members = [base]
+    for t, e in enumerate(experts):
+        if isinstance(e, str):
+            if not peft:
+                raise ValueError(
+                    f"dlf: expert {t} is the adapter name {e!r}, which needs small_base to be a "
+                    f"peft.PeftModel holding it (got {type(small_base).__name__})"
+                )
+            members.append(Member(small_base, e))
+        elif e is small_base:
+            members.append(base)
+        elif isinstance(e, nn.Module):
+            inner = e.get_base_model() if is_peft_model(e) else None
+            if inner is small_base or (peft and e is small_base.get_base_model()):
+                # PEFT injects LoRA layers into the wrapped model in place, so the "base" would
+                # silently run with an adapter.
+                raise ValueError(
+                    f"dlf: expert {t} and small_base share one model object with LoRA layers in "
+                    "it; pass the PeftModel as small_base and its adapter names as experts"
+                )
+            members.append(Member(e, None))
+        else:
+            raise TypeError(f"dlf: expert {t} must be a model or an adapter name, got {type(e)}")
+    return members
+
+
+def expert_texts(prompts: list[str], expert_prompts, n_experts: int) -> list[list[str] | None]:
+    """Per expert, its prompt texts (``None``: the plain prompts)."""
+    if expert_prompts is None:
+        return [None] * n_experts
+    expert_prompts = list(expert_prompts)
+    if len(expert_prompts) != n_experts:
+        raise ValueError(f"dlf: {len(expert_prompts)} expert_prompts for {n_experts} experts")
+    out: list[list[str] | None] = []
+    for p in expert_prompts:
+        if p is None:
+            out.append(None)
+        elif isinstance(p, str):
+            out.append([p + x for x in prompts])
+        elif callable(p):
+            out.append([p(x) for x in prompts])
+        else:
+            raise TypeError(f"dlf: an expert prompt must be a str, callable or None, not {type(p)}")
+    return out
+
+
+def alpha_list(alphas) -> list[float] | None:
+    """The α grid as host floats (a device tensor would cost a synchronisation every step)."""
+    if alphas is None:
+        return None
+    if isinstance(alphas, torch.Tensor):
+        return [float(a) for a in alphas.detach().cpu().reshape(-1).tolist()]
+    return [float(a) for a in alphas]
+
+
+def _eos_ids(tokenizer, large: nn.Module, eos_token_id) -> set[int]:
+    if eos_token_id is not None:
+        return set(_as_list(eos_token_id, int))
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(large, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    if extra is not None:
+        ids |= set(_as_list(extra, int))
+    return ids
+
+
+def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering (as transformers' ``TopPLogitsWarper``): keep the smallest set of top
+    tokens whose probability reaches ``top_p``; set the rest to −inf."""
+    sorted_scores, order = torch.sort(scores, descending=False)
+    cumulative = sorted_scores.softmax(-1).cumsum(-1)
+    remove = cumulative <= (1 - top_p)
+    remove[..., -1:] = False
+    return scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+
+
+def next_tokens(
+    logits: torch.Tensor,
+    *,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Pick the next token of every row from fused logits ``[B, V]``: argmax, or a sample from
+    softmax(logits / temperature) restricted to the top-p nucleus. Returns ``[B]`` int64."""
+    if not do_sample:
+        return logits.argmax(-1)
+    scores = logits / temperature
+    if top_p < 1.0:
+        scores = _top_p_filter(scores, top_p)
+    probs = scores.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _check_sampling(do_sample, temperature, top_p, generator, seed) -> None:
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"dlf: top_p must be in (0, 1], got {top_p}")
+    if do_sample and not temperature > 0.0:
+        raise ValueError(f"dlf: temperature must be > 0 when sampling, got {temperature}")
+    if generator is not None and seed is not None:
+        raise ValueError("dlf: give a generator or a seed, not both")
+
+
+@torch.no_grad()
+def generate(
+    large: nn.Module,
+    small_base: nn.Module,
+    experts: Expert | Sequence[Expert],
+    tokenizer,
+    prompts: str | Sequence[str],
+    *,
+    max_new_tokens: int,
+    mode: str = "dynamic",
+    alpha: float = 1.0,
+    alphas: torch.Tensor | Sequence[float] | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    expert_prompts: Sequence[ExpertPrompt] | None = None,
+    adapter_batching: bool = True,
+    use_cache: bool = True,
+    return_logits: bool = False,
+) -> DLFOutput:
+    """Weak-to-strong decoding by dynamic logit fusion (DLF) or fixed-α proxy-tuning.
+
+    Every step fuses the large model's raw logits M_L with the shift M_t − M_S that fine-tuning
+    gave a small model: P̃ = softmax(M_L + α·(M_t − M_S)). ``mode="dynamic"`` picks, per row and
+    step, the expert t and α on a grid that best match the KL shifts of the small models (Fan et
+    al. 2024, solved by :func:`meldkit.ops.logit_fusion`); ``mode="static"`` uses the fixed
+    ``alpha`` and sums the shifts of all experts (``alpha=1`` with one expert is proxy-tuning).
+    Temperature and top-p act only after fusion, when sampling.
+
+    Every model is prefilled once and keeps its own KV cache; each step feeds only the new token.
+    Prompts are batched with left padding and per-model attention masks and position ids. The
+    small base and its LoRA experts (adapters of one ``PeftModel``) run as one mixed adapter batch
+    per step. Models may sit on different devices; logits are moved to the large model's logits
+    device for fusion.
+
+    Parameters
+    ----------
+    large : torch.nn.Module
+        Large causal LM (Hugging Face ``*ForCausalLM``), the model being steered.
+    small_base : torch.nn.Module
+        Small base causal LM, or a ``peft.PeftModel`` whose adapters are the experts (its base
+        model, adapters disabled, is then the small base).
+    experts : torch.nn.Module or str, or a sequence of them
+        T ≥ 1 small experts: full models, or adapter names of a ``PeftModel`` ``small_base``. The
+        ``small_base`` object itself is allowed as an expert with an ``expert_prompts`` entry (the
+        in-context-learning expert: the base model with a task prompt).
+    tokenizer
+        The one tokenizer all models share (a ``transformers`` tokenizer). The fusion runs over
+        ``len(tokenizer)`` tokens; models with more logits (padded embedding rows) are sliced.
+    prompts : str or sequence of str
+        B prompts (special tokens such as BOS are added by the tokenizer).
+    max_new_tokens : int
+        Most tokens generated per prompt (≥ 1).
+    mode : {"dynamic", "static"}
+        DLF (per-step α and expert) or fixed α.
+    alpha : float
+        α of ``static`` mode (1.0: proxy-tuning; 0.0: the large model alone).
+    alphas : torch.Tensor or sequence of float, optional
+        ``[n]`` α search grid of ``dynamic`` mode; default 0.0, 0.1, …, 2.0 (the paper's).
+    do_sample : bool
+        Sample instead of greedy argmax (the paper decodes greedily).
+    temperature, top_p : float
+        Sampling temperature and nucleus mass, applied to the fused logits only.
+    generator : torch.Generator, optional
+        Random generator on the large model's logits device, for reproducible sampling.
+    seed : int, optional
+        Seed of a fresh generator (instead of ``generator``).
+    stop : str or sequence of str, optional
+        Stop strings: a row ends once its decoded continuation contains one.
+    eos_token_id : int or sequence of int, optional
+        Ids that end a row; default the tokenizer's EOS plus the large model's
+        ``generation_config.eos_token_id``.
+    expert_prompts : sequence of (str, callable or None), optional
+        Per expert: a prefix put before every prompt (task instructions or few-shot
+        demonstrations), a function prompt → expert prompt (e.g. a chat template), or None. Each
+        expert then reads its own prompt and keeps its own cache rows; generated tokens are appended
+        to every model's sequence.
+    adapter_batching : bool
+        Run the small base and its PEFT adapters (and several prompts of one model) as one batched
+        forward per step; ``False`` runs them one by one with ``disable_adapter()`` /
+        ``set_adapter()`` (for adapter types without mixed-batch support).
+    use_cache : bool
+        ``False`` recomputes the full sequences every step (slow; for checking the cache).
+    return_logits : bool
+        Also return every step's fused logits.
+
+    Returns
+    -------
+    DLFOutput
+        Texts, generated ids and the per-step (α, expert) trace.
+
+    Raises
+    ------
+    ValueError
+        On a model whose vocabulary is smaller than the tokenizer's, unknown adapters, expert
+        prompts not matching the experts, or invalid sampling arguments.
+    """
+    check_mode(mode, alpha, alphas)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"dlf: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    prompts = _as_list(prompts, str)
+    if not prompts:
+        raise ValueError("dlf: no prompts")
+    experts = _as_list(experts, (nn.Module, str))
+    if not experts:
+        raise ValueError("dlf: at least one expert is needed")
+    stops = _as_list(stop, str) if stop is not None else []
+    if any(not s for s in stops):
+        raise ValueError("dlf: empty stop string")
+    _check_sampling(do_sample, temperature, top_p, generator, seed)
+    alphas = alpha_list(alphas)
+
+    members = [Member(large, None), *fusion_members(small_base, experts)]
+    models = {"large": large, "small_base": small_base}
+    models.update({f"expert {t}": m.model for t, m in enumerate(members[2:])})
+    vocab = common_vocab_size(tokenizer, models)
+    texts_per_member = [prompts, prompts, *expert_texts(prompts, expert_prompts, len(experts))]
+    texts_per_member = [t if t is not None else prompts for t in texts_per_member]
+
+    ensemble = Ensemble(
+        members,
+        vocab_size=vocab,
+        adapter_batching=adapter_batching,
+        use_cache=use_cache,
+    )
+    logits = _prefill(ensemble, tokenizer, texts_per_member)
+    device = logits[0].device
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    eos = _eos_ids(tokenizer, large, eos_token_id)
+    pad = pad_token_id(tokenizer)
+    rows = len(prompts)
+    finished = [False] * rows
+    reasons = ["length"] * rows
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    trace_tokens, trace_alpha, trace_expert, trace_logits = [], [], [], []
+    for step in range(max_new_tokens):
+        fused, a, e = fuse_logits(
+            logits[0], logits[1], torch.stack(logits[2:]), mode=mode, alpha=alpha, alphas=alphas
+        )
+        tokens = next_tokens(
+            fused, do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator
+        ).cpu()
+        done = torch.tensor(finished)
+        tokens = tokens.masked_fill(done, pad)
+        trace_tokens.append(tokens)
+        trace_alpha.append(a.float().cpu().masked_fill(done, float("nan")))
+        trace_expert.append(e.long().cpu().masked_fill(done, -1))
+        if return_logits:
+            trace_logits.append(fused.cpu().masked_fill(done[:, None], float("nan")))
+        for r in range(rows):
+            if finished[r]:
+                continue
+            tok = int(tokens[r])
+            generated[r].append(tok)
+            if tok in eos:
+                finished[r], reasons[r] = True, "eos"
+            elif stops and any(
+                s in tokenizer.decode(generated[r], skip_special_tokens=True) for s in stops
+            ):
+                finished[r], reasons[r] = True, "stop"
+        if all(finished) or step == max_new_tokens - 1:
+            break
+        logits = ensemble.step(tokens)
+
+    texts = []
+    for r in range(rows):
+        text = tokenizer.decode(generated[r], skip_special_tokens=True)
+        if reasons[r] == "stop":
+            text = text[: min(text.find(s) for s in stops if s in text)]
+        texts.append(text)
+    return DLFOutput(
+        texts=texts,
+        token_ids=generated,
+        sequences=torch.stack(trace_tokens, dim=1),
+        alphas=torch.stack(trace_alpha, dim=1),
+        experts=torch.stack(trace_expert, dim=1),
+        finish_reasons=reasons,
+        logits=torch.stack(trace_logits, dim=1) if return_logits else None,
+    )
+
+
+def _prefill(ensemble: Ensemble, tokenizer, texts_per_member) -> list[torch.Tensor]:
+    """Tokenize every member's prompts and prefill; gather logits on the large model's device.
+
+    Fusion happens where the large model's logits come out, which is only known after its first
+    forward (``device_map`` and accelerate hooks decide it); every stream sends its logits there
+    from then on.
+    """
+    encoded = [tokenize(tokenizer, texts) for texts in texts_per_member]
+    logits = ensemble.prefill(encoded)
+    device = logits[0].device
+    ensemble.send_to(device)
+    return [x.to(device) for x in logits]
+
+
+def proxy_tuning(
+    large: nn.Module,
+    small_base: nn.Module,
+    experts: Expert | Sequence[Expert],
+    tokenizer,
+    prompts: str | Sequence[str],
+    *,
+    max_new_tokens: int,
+    alpha: float = 1.0,
+    **kwargs,
+) -> DLFOutput:
+    """Proxy-tuning (Liu et al., COLM 2024, arXiv 2401.08565): fixed-α logit arithmetic.
+
+    P̃ = softmax(M_L + alpha·Σ_t (M_t − M_S)); ``alpha = 1`` with one expert is the paper's
+    method (and DLF's fixed-α baseline); several experts add their shifts (DExperts-style). The
+    same as ``generate(..., mode="static", alpha=alpha)``; ``kwargs`` are :func:`generate`'s
+    (sampling, stop strings, expert prompts, ...).
+    """
+    if "mode" in kwargs or "alphas" in kwargs:
+        raise TypeError("dlf: proxy_tuning is static: it takes alpha, not mode or alphas")
+    return generate(
+        large,
+        small_base,
+        experts,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        mode="static",
+        alpha=alpha,
+        **kwargs,
+    )

@@ -1,0 +1,203 @@
+"""DLF as a ``transformers`` ``LogitsProcessor``, for callers of ``large.generate(...)``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from meldkit.dlf.fusion import check_mode, fuse_logits
+from meldkit.dlf.generate import Expert, ExpertPrompt, alpha_list, expert_texts, fusion_members
+from meldkit.dlf.streams import Ensemble, common_vocab_size, tokenize
+
+try:
+    from transformers import LogitsProcessor as _LogitsProcessor
+except ImportError:  # the processor is only useful with transformers; keep meldkit.dlf importable
+    _LogitsProcessor = object
+
+_DECODING_HINT = (
+    "DynamicLogitFusionProcessor keeps KV caches of the small models that follow the rows of "
+    "one greedy or sampled generation: use it with num_beams=1, num_return_sequences=1, no "
+    "assistant_model / prompt_lookup_num_tokens, and a fresh processor (or reset()) per "
+    "generate() call"
+)
+
+
+class DynamicLogitFusionProcessor(_LogitsProcessor):
+    """Replace the large model's next-token scores with DLF (or fixed-α) fused logits.
+
+    Tier-1 integration: ``large.generate(**inputs, logits_processor=LogitsProcessorList([proc]))``.
+    The processor owns the small base and expert models and one KV cache per model (a PEFT small
+    base and its adapters share one mixed-batch forward). On its first call it prefills them with
+    the prompt; on every later call it feeds only the newest token, reads their logits and returns
+    M_L + α·(M_t − M_S), with M_L the incoming scores (after any processors that ran before it;
+    temperature and top-p warpers run after it, so they act on the fused logits, as DLF requires).
+    The per-step (α, expert) trace is kept in :attr:`alphas` and :attr:`experts`.
+
+    Parameters
+    ----------
+    small_base, experts, tokenizer
+        As in :func:`meldkit.dlf.generate`.
+    attention_mask : torch.Tensor, optional
+        ``[B, L]`` attention mask of the prompt batch passed to ``generate`` (left padding).
+        Without it the prompt is taken as unpadded, and a batch expanded by beam search or
+        ``num_return_sequences`` cannot be caught before its first step.
+    mode, alpha, alphas, adapter_batching
+        As in :func:`meldkit.dlf.generate`.
+    prompts : sequence of str, optional
+        The B prompt texts; needed only with ``expert_prompts``.
+    expert_prompts : sequence of (str, callable or None), optional
+        Per-expert prompts, as in :func:`meldkit.dlf.generate`.
+
+    Notes
+    -----
+    Only greedy search and sampling with ``num_beams=1`` work: beam search reorders rows and
+    assisted decoding verifies several tokens and rolls back, and the processor's caches cannot
+    follow either. Every call checks that the rows are the previous call's rows plus one token and
+    raises ``ValueError`` otherwise; with ``attention_mask`` given, a batch of the wrong size is
+    refused on the first call. Use one processor per ``generate`` call, or call :meth:`reset`.
+    For speed (the large and small forwards batched and fused with sampling), prefer
+    :func:`meldkit.dlf.generate`.
+    """
+
+    def __init__(
+        self,
+        small_base: nn.Module,
+        experts: Expert | Sequence[Expert],
+        tokenizer,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        mode: str = "dynamic",
+        alpha: float = 1.0,
+        alphas: torch.Tensor | Sequence[float] | None = None,
+        prompts: Sequence[str] | None = None,
+        expert_prompts: Sequence[ExpertPrompt] | None = None,
+        adapter_batching: bool = True,
+    ) -> None:
+        check_mode(mode, alpha, alphas)
+        experts = [experts] if isinstance(experts, (nn.Module, str)) else list(experts)
+        if not experts:
+            raise ValueError("dlf: at least one expert is needed")
+        self._members = fusion_members(small_base, experts)
+        models = {"small_base": small_base}
+        models.update({f"expert {t}": m.model for t, m in enumerate(self._members[1:])})
+        self.vocab_size = common_vocab_size(tokenizer, models)
+        if expert_prompts is not None and prompts is None:
+            raise ValueError("dlf: expert_prompts needs prompts= (the texts of the prompt batch)")
+        self._prompts = list(prompts) if prompts is not None else None
+        self._expert_texts = (
+            expert_texts(self._prompts, expert_prompts, len(experts))
+            if self._prompts is not None
+            else [None] * len(experts)
+        )
+        self.tokenizer = tokenizer
+        self.attention_mask = attention_mask
+        self.mode, self.alpha = mode, alpha
+        self._alphas_grid = alpha_list(alphas)
+        self.adapter_batching = adapter_batching
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the caches and the trace, to serve another ``generate`` call."""
+        self._ensemble: Ensemble | None = None
+        self._prev: torch.Tensor | None = None
+        self._trace_alpha: list[torch.Tensor] = []
+        self._trace_expert: list[torch.Tensor] = []
+
+    @property
+    def alphas(self) -> torch.Tensor:
+        """``[B, steps]`` float32: α chosen at every call so far (rows past EOS included)."""
+        return _stack(self._trace_alpha, torch.float32)
+
+    @property
+    def experts(self) -> torch.Tensor:
+        """``[B, steps]`` int64: expert chosen at every call so far (see ``DLFOutput.experts``)."""
+        return _stack(self._trace_expert, torch.long)
+
+    def _start(self, input_ids: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+        rows, length = input_ids.shape
+        mask = self.attention_mask
+        if mask is None:
+            mask = torch.ones_like(input_ids)
+        elif mask.shape[0] != rows:
+            raise ValueError(
+                f"dlf: generate() runs {rows} rows but attention_mask has {mask.shape[0]}: "
+                f"{_DECODING_HINT}"
+            )
+        elif mask.shape[1] != length:
+            raise ValueError(
+                f"dlf: attention_mask has length {mask.shape[1]} but the prompt has {length} "
+                "tokens; pass the attention mask of the inputs given to generate()"
+            )
+        if self._prompts is not None and len(self._prompts) != rows:
+            raise ValueError(
+                f"dlf: generate() runs {rows} rows but {len(self._prompts)} prompts were given: "
+                f"{_DECODING_HINT}"
+            )
+        plain = (input_ids, mask.to(input_ids.device))
+        prompts = [plain]
+        for texts in self._expert_texts:
+            prompts.append(plain if texts is None else tokenize(self.tokenizer, texts))
+        self._ensemble = Ensemble(
+            self._members,
+            vocab_size=self.vocab_size,
+            out_device=device,
+            adapter_batching=self.adapter_batching,
+        )
+        return self._ensemble.prefill(prompts)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        """Fuse one step.
+
+        Parameters
+        ----------
+        input_ids : torch.LongTensor
+            ``[B, L]`` the prompt and the tokens generated so far.
+        scores : torch.Tensor
+            ``[B, V_large]`` the large model's next-token scores (V_large ≥ ``len(tokenizer)``).
+
+        Returns
+        -------
+        torch.Tensor
+            ``[B, V_large]`` fused logits in ``scores``' dtype; columns past ``len(tokenizer)``
+            (padded embedding rows) are −inf.
+        """
+        if scores.shape[-1] < self.vocab_size:
+            raise ValueError(
+                f"dlf: the large model has vocabulary size {scores.shape[-1]} but the tokenizer "
+                f"has {self.vocab_size} tokens; the models must share one tokenizer"
+            )
+        if self._prev is None:
+            small = self._start(input_ids, scores.device)
+        else:
+            prev = self._prev
+            if input_ids.shape != (prev.shape[0], prev.shape[1] + 1) or not torch.equal(
+                input_ids[:, :-1], prev
+            ):
+                raise ValueError(
+                    f"dlf: the rows are not the previous call's rows plus one token (shape "
+                    f"{tuple(prev.shape)} then {tuple(input_ids.shape)}): {_DECODING_HINT}"
+                )
+            small = self._ensemble.step(input_ids[:, -1])
+        self._prev = input_ids.clone()
+        fused, a, e = fuse_logits(
+            scores[:, : self.vocab_size],
+            small[0],
+            torch.stack(small[1:]),
+            mode=self.mode,
+            alpha=self.alpha,
+            alphas=self._alphas_grid,
+        )
+        self._trace_alpha.append(a)
+        self._trace_expert.append(e)
+        out = torch.full_like(scores, float("-inf"))
+        out[:, : self.vocab_size] = fused.to(scores.dtype)
+        return out
+
+
+def _stack(steps: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    if not steps:
+        return torch.empty((0, 0), dtype=dtype)
+    return torch.stack([s.cpu() for s in steps], dim=1).to(dtype)

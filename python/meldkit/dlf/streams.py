@@ -1,0 +1,396 @@
+"""Cached incremental forwards of the models that take part in a logit fusion.
+
+A *member* is one role in the fusion (the large model, the small base, one expert): a model, the
+adapter it runs with, and the prompt rows it reads. Members that share one model object are run as
+one *stream* (one forward and one KV cache over the rows of all of them), so that a small base
+and its LoRA experts cost one batched forward per step (PEFT's mixed adapter batches,
+``adapter_names=``) instead of T + 1. Every stream prefills its prompt once and then feeds only
+the newest token.
+
+Everything here talks to Hugging Face models through ``forward`` alone, with explicit attention
+masks, position ids and cache objects, so that nothing depends on ``generate``'s private helpers
+(whose cache arguments changed name between transformers 4.x and 5.x).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# PEFT's name for "no adapter" inside a mixed adapter batch.
+BASE_ADAPTER = "__base__"
+
+
+def is_peft_model(model: object) -> bool:
+    """Whether ``model`` is a ``peft.PeftModel`` (False when PEFT is not installed)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model under ``model``: itself, or the base model of a ``PeftModel``."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def logits_width(model: nn.Module) -> int:
+    """Width of ``model``'s logits: the rows of its output embedding, else ``config.vocab_size``."""
+    inner = hf_model(model)
+    get_out = getattr(inner, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    weight = getattr(out, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return int(weight.shape[0])
+    config = getattr(inner, "config", None)
+    if getattr(config, "vocab_size", None) is None:
+        raise ValueError(f"cannot tell the vocabulary size of {type(model).__name__}")
+    return int(config.vocab_size)
+
+
+def common_vocab_size(tokenizer, models: dict[str, nn.Module]) -> int:
+    """The vocabulary every model is fused over: ``len(tokenizer)``.
+
+    Models may have more logits than the tokenizer has tokens (embedding rows padded to a multiple
+    of 64 or 128, as CodeLlama's 32016 vs Llama-2's 32000): those trailing rows are sliced off.
+
+    Parameters
+    ----------
+    tokenizer
+        The one tokenizer all models share.
+    models : dict[str, torch.nn.Module]
+        The models by role name (used in the error message).
+
+    Returns
+    -------
+    int
+        ``len(tokenizer)``.
+
+    Raises
+    ------
+    ValueError
+        If a model has fewer logits than the tokenizer has tokens: it cannot share this tokenizer.
+    """
+    vocab = len(tokenizer)
+    for name, model in models.items():
+        width = logits_width(model)
+        if width < vocab:
+            raise ValueError(
+                f"dlf: {name} has vocabulary size {width} but the tokenizer has {vocab} tokens; "
+                "logit fusion needs models that share one tokenizer (only extra padded rows at "
+                "the end of an embedding are tolerated)"
+            )
+    return vocab
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """The device ``model``'s input ids must be on (that of its input embedding)."""
+    get_in = getattr(hf_model(model), "get_input_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    weight = getattr(emb, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device
+    return next(model.parameters()).device
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into ``(input_ids [R, L] int64, attention_mask [R, L] int64)``."""
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("dlf: a prompt tokenized to zero tokens; give every prompt some text")
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r) :] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, length - len(r) :] = 1
+    return ids, mask
+
+
+def tokenize(tokenizer, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize ``texts`` (special tokens added as the tokenizer does) and left-pad them."""
+    rows = tokenizer(list(texts))["input_ids"]
+    return left_pad(rows, pad_token_id(tokenizer))
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id used for padding: the pad token, else EOS, else 0 (masked out either way)."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def unpad(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """Inverse of :func:`left_pad`: the masked-in ids of every row."""
+    return [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu(), strict=True)]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One role in the fusion.
+
+    Attributes
+    ----------
+    model : torch.nn.Module
+        A Hugging Face causal LM, or a ``peft.PeftModel`` around one.
+    adapter : str or None
+        ``None``: run ``model`` as it is. For a ``PeftModel`` only: :data:`BASE_ADAPTER` runs it
+        with its adapters disabled; any other string runs that adapter.
+    """
+
+    model: nn.Module
+    adapter: str | None = None
+
+
+@contextlib.contextmanager
+def _adapter_active(model: nn.Module, adapter: str | None) -> Iterator[None]:
+    """Run the body with ``adapter`` of a PeftModel active; restore the previous state after.
+
+    ``set_adapter`` also marks the adapter trainable, so every ``requires_grad`` flag is restored.
+    """
+    if adapter is None:
+        yield
+        return
+    if adapter == BASE_ADAPTER:
+        with model.disable_adapter():
+            yield
+        return
+    previous = list(model.active_adapters)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.set_adapter(adapter)
+        yield
+    finally:
+        if len(previous) == 1:
+            model.set_adapter(previous[0])
+        else:
+            model.base_model.set_adapter(previous)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class ModelStream:
+    """One model's decoding state over one or more row blocks: KV cache, attention mask, positions.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A Hugging Face causal LM or a ``peft.PeftModel``.
+    adapters : list[str or None]
+        One entry per block of B rows (see :class:`Member`). Several blocks of a ``PeftModel`` run
+        as one mixed adapter batch (``adapter_names=``); a single block with an adapter runs with
+        ``disable_adapter()`` / ``set_adapter()``.
+    vocab_size : int
+        Logit columns kept (trailing padded rows are sliced off).
+    out_device : torch.device, optional
+        Where the logits go (the large model's logits device, where fusion happens); ``None``
+        leaves them where the model puts them.
+    use_cache : bool
+        ``False`` recomputes the full sequences every step (for tests and debugging).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapters: list[str | None],
+        *,
+        vocab_size: int,
+        out_device: torch.device | None = None,
+        use_cache: bool = True,
+    ) -> None:
+        self.model = model
+        self.adapters = adapters
+        self.vocab_size = vocab_size
+        self.out_device = out_device
+        self.use_cache = use_cache
+        self.device = input_device(model)
+        inner = hf_model(model)
+        params = inspect.signature(inner.forward).parameters
+        # transformers 5.x renamed past_key_values to cache; 4.x Llama called logits_to_keep
+        # num_logits_to_keep.
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_kw = next(
+            (k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None
+        )
+        self._config = getattr(inner, "config", None)
+        mixed = len(adapters) > 1 and any(a is not None for a in adapters)
+        if mixed and not all(a is not None for a in adapters):
+            raise ValueError("dlf: a mixed adapter batch cannot include the model as-is")
+        self._row_adapters = adapters if mixed else None
+        self._context_adapter = adapters[0] if (len(adapters) == 1) else None
+        self._cache = None
+        self._ids: torch.Tensor | None = None  # full sequences, only without a cache
+        self._mask: torch.Tensor | None = None
+        self._pos: torch.Tensor | None = None
+        self._rows_per_block = 0
+
+    def _new_cache(self):
+        try:
+            from transformers import DynamicCache
+        except ImportError:  # pragma: no cover - transformers is needed to have a model at all
+            return None
+        try:
+            return DynamicCache(config=self._config)
+        except TypeError:  # transformers 4.x: DynamicCache() takes no config
+            return DynamicCache()
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        kwargs["use_cache"] = self.use_cache
+        if self.use_cache:
+            kwargs[self._cache_kw] = self._cache
+        if self._keep_kw is not None:
+            kwargs[self._keep_kw] = 1
+        if self._row_adapters is not None:
+            b = self._rows_per_block
+            kwargs["adapter_names"] = [a for a in self._row_adapters for _ in range(b)]
+        with _adapter_active(self.model, self._context_adapter):
+            out = self.model(**kwargs)
+        if self.use_cache:
+            for key in ("cache", "past_key_values"):
+                returned = out.get(key) if hasattr(out, "get") else None
+                if returned is not None and not isinstance(returned, tuple):
+                    self._cache = returned
+                    break
+        logits = out.logits[:, -1, : self.vocab_size]
+        return logits if self.out_device is None else logits.to(self.out_device)
+
+    def _split(self, logits: torch.Tensor) -> list[torch.Tensor]:
+        return list(logits.view(len(self.adapters), self._rows_per_block, logits.shape[-1]))
+
+    def prefill(self, blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Run the prompts; return the next-token logits of every block.
+
+        Parameters
+        ----------
+        blocks : list[tuple[torch.Tensor, torch.Tensor]]
+            Per block, ``(input_ids [B, L_k] int64, attention_mask [B, L_k])``, left-padded. Blocks
+            of different lengths are left-padded to a common length.
+
+        Returns
+        -------
+        list[torch.Tensor]
+            Per block, logits ``[B, vocab_size]`` on ``out_device``, in the model's dtype.
+        """
+        if len(blocks) != len(self.adapters):
+            raise ValueError(f"dlf: {len(blocks)} prompt blocks for {len(self.adapters)} adapters")
+        self._rows_per_block = blocks[0][0].shape[0]
+        length = max(ids.shape[1] for ids, _ in blocks)
+        ids = torch.cat([nn.functional.pad(i, (length - i.shape[1], 0)) for i, _ in blocks])
+        mask = torch.cat([nn.functional.pad(m, (length - m.shape[1], 0)) for _, m in blocks])
+        ids, mask = ids.to(self.device), mask.to(self.device).long()
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        self._mask, self._pos = mask, pos
+        self._cache = self._new_cache() if self.use_cache else None
+        if not self.use_cache:
+            self._ids = ids
+        return self._split(self._forward(ids, mask, pos))
+
+    def step(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Append ``tokens`` ([B] int64, the same token to every block's row) and run one step.
+
+        Returns
+        -------
+        list[torch.Tensor]
+            Per block, the logits ``[B, vocab_size]`` for the position after ``tokens``.
+        """
+        if self._mask is None:
+            raise RuntimeError("dlf: step() before prefill()")
+        new = tokens.to(self.device).view(1, -1, 1).expand(len(self.adapters), -1, 1)
+        new = new.reshape(-1, 1)
+        ones = torch.ones_like(new)
+        self._mask = torch.cat([self._mask, ones], dim=1)
+        self._pos = torch.cat([self._pos, self._pos[:, -1:] + 1], dim=1)
+        if self.use_cache:
+            return self._split(self._forward(new, self._mask, self._pos[:, -1:]))
+        self._ids = torch.cat([self._ids, new], dim=1)
+        return self._split(self._forward(self._ids, self._mask, self._pos))
+
+
+class Ensemble:
+    """All members of a fusion, grouped into streams (one per model object where possible).
+
+    Parameters
+    ----------
+    members : list[Member]
+        The roles, in the order their logits are returned.
+    vocab_size : int
+        Common vocabulary (logit columns kept).
+    out_device : torch.device, optional
+        Where all logits are gathered (see :class:`ModelStream`).
+    adapter_batching : bool
+        Run members that share one model in one forward: a ``PeftModel``'s base and adapters as a
+        mixed adapter batch, or a plain model's several prompts as one batch. ``False`` runs every
+        member separately (``disable_adapter()`` / ``set_adapter()`` for PEFT adapters).
+    use_cache : bool
+        See :class:`ModelStream`.
+    """
+
+    def __init__(
+        self,
+        members: list[Member],
+        *,
+        vocab_size: int,
+        out_device: torch.device | None = None,
+        adapter_batching: bool = True,
+        use_cache: bool = True,
+    ) -> None:
+        groups: dict[object, list[int]] = {}
+        for i, m in enumerate(members):
+            peft = is_peft_model(m.model)
+            if m.adapter is not None and not peft:
+                raise ValueError(
+                    f"dlf: adapter {m.adapter!r} given for a {type(m.model).__name__}, which is "
+                    "not a peft.PeftModel"
+                )
+            named = m.adapter not in (None, BASE_ADAPTER)
+            if peft and named and m.adapter not in m.model.peft_config:
+                raise ValueError(
+                    f"dlf: the PeftModel has no adapter {m.adapter!r} "
+                    f"(it has {sorted(m.model.peft_config)})"
+                )
+            # A PeftModel "as is" (its active adapter) cannot join a mixed batch.
+            batchable = adapter_batching and (peft == (m.adapter is not None))
+            key = id(m.model) if batchable else ("alone", i)
+            groups.setdefault(key, []).append(i)
+        self.members = members
+        self.streams: list[ModelStream] = []
+        self._where: list[tuple[int, int]] = [(0, 0)] * len(members)
+        for idx in groups.values():
+            for block, i in enumerate(idx):
+                self._where[i] = (len(self.streams), block)
+            self.streams.append(
+                ModelStream(
+                    members[idx[0]].model,
+                    [members[i].adapter for i in idx],
+                    vocab_size=vocab_size,
+                    out_device=out_device,
+                    use_cache=use_cache,
+                )
+            )
+        self._groups = list(groups.values())
+
+    def send_to(self, device: torch.device | None) -> None:
+        """Gather every member's logits on ``device`` from now on."""
+        for stream in self.streams:
+            stream.out_device = device
+
+    def prefill(self, prompts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Prefill every stream; ``prompts[i]`` is member i's ``(input_ids, attention_mask)``.
+
+        Returns member i's logits ``[B, V]`` at index i.
+        """
+        pairs = zip(self.streams, self._groups, strict=True)
+        outs = [s.prefill([prompts[i] for i in idx]) for s, idx in pairs]
+        return [outs[s][b] for s, b in self._where]
+
+    def step(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Feed ``tokens`` [B] to every stream; return member i's logits ``[B, V]`` at index i."""
+        outs = [s.step(tokens) for s in self.streams]
+        return [outs[s][b] for s, b in self._where]

@@ -1,0 +1,334 @@
+"""``logit_fusion``: Dynamic Logit Fusion (weak-to-strong), the per-step α and expert search.
+
+One torch.library custom op::
+
+    meldkit::logit_fusion(Tensor large, Tensor small_base, Tensor experts, float[] alphas,
+                          bool return_logits) -> (Tensor alpha, Tensor expert, Tensor logits,
+                                                  Tensor loss)
+
+Its default implementation (any device) is :func:`logit_fusion_forward_ref` (float64, straight
+from the softmaxes); the CPU and CUDA implementations call ``meldkit._C.logit_fusion`` and fall
+back to the reference, with a warning naming the reason, when the native kernel cannot run (see
+:mod:`meldkit._native`). The native calling convention::
+
+    _C.logit_fusion(large, small_base, experts, alphas, loss, alpha, expert, logits, stream)
+
+with ``large``, ``small_base`` ``[B, V]`` and ``experts`` ``[T, B, V]`` contiguous, of one dtype;
+``alphas`` a list of n ≥ 1 Python floats (the binding copies them, rounded to the accumulation
+dtype); outputs written: ``loss`` ``[B, T, n]`` and ``alpha`` ``[B]`` in the accumulation dtype
+(float32, or float64 for float64 inputs), ``expert`` ``[B]`` int64, ``logits`` ``[B, V]`` in the
+accumulation dtype or None (not written). The op never calls it with B = 0.
+
+Custom ops cannot return None: ``logits`` is an empty ``[0]`` tensor when ``return_logits`` is
+False. There is no autograd formula (the selection is piecewise constant); the public wrapper
+detaches its inputs. A fake kernel makes the op traceable by ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+
+from meldkit import _native
+from meldkit.ops import _checks
+from meldkit.ops.logit_fusion_ref import (
+    DEFAULT_ALPHAS,
+    LogitFusionResult,
+    accumulation_dtype,
+    logit_fusion_forward_ref,
+)
+
+_OP = "logit_fusion"
+
+
+def _use_reference(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """True when the native kernel cannot run (after warning why, once)."""
+    reasons = _native.unavailable(_OP, device, dtypes)
+    if reasons:
+        _native.warn_fallback(_OP, device, dtypes, reasons)
+    return bool(reasons)
+
+
+# ---- the op --------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("meldkit::logit_fusion", mutates_args=())
+def _logit_fusion(
+    large: torch.Tensor,
+    small_base: torch.Tensor,
+    experts: torch.Tensor,
+    alphas: list[float],
+    return_logits: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return logit_fusion_forward_ref(large, small_base, experts, alphas, return_logits)
+
+
+@_logit_fusion.register_kernel(["cpu", "cuda"])
+def _logit_fusion_native(
+    large: torch.Tensor,
+    small_base: torch.Tensor,
+    experts: torch.Tensor,
+    alphas: list[float],
+    return_logits: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_reference(large.device, (large.dtype,)):
+        return logit_fusion_forward_ref(large, small_base, experts, alphas, return_logits)
+    acc = accumulation_dtype(large.dtype)
+    n_rows, vocab = large.shape
+    device = large.device
+    loss = torch.empty(n_rows, experts.shape[0], len(alphas), dtype=acc, device=device)
+    alpha = torch.empty(n_rows, dtype=acc, device=device)
+    expert = torch.empty(n_rows, dtype=torch.int64, device=device)
+    logits = torch.empty(n_rows, vocab, dtype=acc, device=device) if return_logits else None
+    if n_rows:
+        _native._C.logit_fusion(
+            large.detach().contiguous(),
+            small_base.detach().contiguous(),
+            experts.detach().contiguous(),
+            [float(a) for a in alphas],
+            loss,
+            alpha,
+            expert,
+            logits,
+            _native.stream_of(device),
+        )
+    return alpha, expert, (loss.new_empty(0) if logits is None else logits), loss
+
+
+@_logit_fusion.register_fake
+def _logit_fusion_fake(large, small_base, experts, alphas, return_logits):
+    acc = accumulation_dtype(large.dtype)
+    n_rows, vocab = large.shape
+    alpha = large.new_empty(n_rows, dtype=acc)
+    expert = large.new_empty(n_rows, dtype=torch.int64)
+    logits = large.new_empty((n_rows, vocab) if return_logits else (0,), dtype=acc)
+    loss = large.new_empty(n_rows, experts.shape[0], len(alphas), dtype=acc)
+    return alpha, expert, logits, loss
+
+
+# ---- public API ----------------------------------------------------------------------------
+
+
+def _error(exc: type[Exception], name: str, message: str) -> Exception:
+    return exc(f"meldkit.{_OP}: argument '{name}': {message}")
+
+
+def _check_logits(name: str, t: object, like: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """``t`` as a floating tensor of ``dim`` dimensions, with the dtype and device of ``like``."""
+    if not isinstance(t, torch.Tensor):
+        raise _error(TypeError, name, f"expected a tensor, got {type(t).__name__}")
+    if t.dtype not in _checks.FLOAT_DTYPES:
+        raise _error(
+            TypeError,
+            name,
+            f"dtype {t.dtype} is not supported (float32, bfloat16, float16 or float64)",
+        )
+    if t.dim() != dim:
+        raise _error(ValueError, name, f"expected {dim} dimensions, got shape {list(t.shape)}")
+    if like is not None:
+        if t.dtype != like.dtype:
+            raise _error(TypeError, name, f"dtype {t.dtype} differs from 'large' ({like.dtype})")
+        if t.device != like.device:
+            raise _error(TypeError, name, f"is on {t.device} but 'large' is on {like.device}")
+    return t
+
+
+def _experts_tensor(experts: object, large: torch.Tensor) -> torch.Tensor:
+    """``experts`` as one ``[T, B, V]`` tensor (a sequence of ``[B, V]`` tensors is stacked)."""
+    if isinstance(experts, torch.Tensor):
+        if experts.dim() == 2:
+            raise _error(
+                ValueError,
+                "experts",
+                f"expected [T, B, V], got shape {list(experts.shape)} (for one expert pass "
+                "experts[None] or a list)",
+            )
+        experts = _check_logits("experts", experts, large, 3)
+    elif isinstance(experts, Sequence) and not isinstance(experts, str):
+        if not experts:
+            raise _error(ValueError, "experts", "is empty (T ≥ 1 experts are needed)")
+        for i, t in enumerate(experts):
+            _check_logits(f"experts[{i}]", t, large, 2)
+            if t.shape != large.shape:
+                raise _error(
+                    ValueError,
+                    f"experts[{i}]",
+                    f"shape {list(t.shape)} does not match 'large' {list(large.shape)}",
+                )
+        experts = torch.stack([t.detach() for t in experts])
+    else:
+        raise _error(
+            TypeError,
+            "experts",
+            "expected a [T, B, V] tensor or a list of [B, V] tensors, "
+            f"got {type(experts).__name__}",
+        )
+    if experts.shape[0] < 1:
+        raise _error(ValueError, "experts", "has T = 0 experts (T ≥ 1 are needed)")
+    if experts.shape[1:] != large.shape:
+        raise _error(
+            ValueError,
+            "experts",
+            f"shape {list(experts.shape)} does not match [T, B, V] = [T, {large.shape[0]}, "
+            f"{large.shape[1]}] (B and V from 'large')",
+        )
+    return experts
+
+
+def _alpha_list(alphas: object) -> list[float]:
+    """``alphas`` as a non-empty list of finite floats (a 1-D tensor is copied to the host)."""
+    if alphas is None:
+        return list(DEFAULT_ALPHAS)
+    if isinstance(alphas, torch.Tensor):
+        if alphas.dim() != 1:
+            raise _error(
+                ValueError, "alphas", f"expected a 1-D tensor, got shape {list(alphas.shape)}"
+            )
+        if alphas.dtype == torch.bool or alphas.is_complex():
+            raise _error(TypeError, "alphas", f"dtype {alphas.dtype} is not a real dtype")
+        alphas = alphas.detach().cpu().tolist()
+    if not isinstance(alphas, Sequence) or isinstance(alphas, str):
+        raise _error(
+            TypeError,
+            "alphas",
+            f"expected a sequence of floats or a 1-D tensor, got {type(alphas).__name__}",
+        )
+    if not alphas:
+        raise _error(ValueError, "alphas", "is empty (the grid needs at least one point)")
+    out = []
+    for i, a in enumerate(alphas):
+        if isinstance(a, bool) or not isinstance(a, numbers.Real):
+            raise _error(TypeError, f"alphas[{i}]", f"expected a float, got {type(a).__name__}")
+        a = float(a)
+        if not math.isfinite(a) or abs(a) > torch.finfo(torch.float32).max:
+            raise _error(ValueError, f"alphas[{i}]", f"must be finite, got {a}")
+        out.append(a)
+    return out
+
+
+def _check_values(large: torch.Tensor, small_base: torch.Tensor, experts: torch.Tensor) -> None:
+    """Raise on NaN or +inf in any input (one host synchronisation for all of them)."""
+    names = ["large", "small_base", *(f"experts[{t}]" for t in range(experts.shape[0]))]
+    tensors = [large, small_base, *experts.unbind(0)]
+    nan = torch.stack([torch.isnan(t).any() for t in tensors])
+    posinf = torch.stack([torch.isposinf(t).any() for t in tensors])
+    flags = torch.stack([nan, posinf]).tolist()
+    for what, row in zip(("contains NaN", "contains +inf"), flags, strict=True):
+        for name, bad in zip(names, row, strict=True):
+            if bad:
+                raise _error(ValueError, name, f"{what} (only −inf logits are allowed: masked)")
+
+
+def logit_fusion(
+    large: torch.Tensor,
+    small_base: torch.Tensor,
+    experts: torch.Tensor | Sequence[torch.Tensor],
+    alphas: Sequence[float] | torch.Tensor | None = None,
+    *,
+    return_logits: bool = True,
+) -> LogitFusionResult:
+    """Dynamic Logit Fusion: per row, the expert and α that make the large model move like the
+    small one, and the fused logits.
+
+    Fan et al., "On Giant's Shoulders: Effortless Weak to Strong by Dynamic Logits Fusion"
+    (NeurIPS 2024, arXiv 2406.15480), one decoding step. For each row b, with the raw logits
+    M_L = ``large[b]``, M_S = ``small_base[b]``, M_t = ``experts[t, b]``, P = softmax(M_L),
+    Q = softmax(M_S), Q_t = softmax(M_t), and each candidate (expert t, grid point α_j)::
+
+        P̃_{t,j}       = softmax(M_L + α_j·(M_t − M_S))
+        loss[b, t, j] = (KL(P̃_{t,j}‖P) − mean_t KL(Q_t‖Q))² + (KL(P‖P̃_{t,j}) − mean_t KL(Q‖Q_t))²
+        (α*, t*)      = the candidate with the smallest loss
+        logits[b]     = M_L + α*·(M_{t*} − M_S)
+
+    For T = 1 this is the paper's single-task objective (Eq. 3); for T > 1 its multi-task
+    objective with one active expert per step, the paper's own search (the sum over experts
+    reduces exactly to the two mean targets). Logits are fused raw: no log-softmax, no
+    temperature (apply sampling settings afterwards).
+
+    Parameters
+    ----------
+    large : Tensor
+        M_L ``[B, V]``, the large base model's logits: float32, bfloat16, float16 or float64.
+        V ≥ 1; B = 0 gives empty results.
+    small_base : Tensor
+        M_S ``[B, V]``, the small base model's logits; same dtype and device as ``large``.
+    experts : Tensor or sequence of Tensor
+        M_t ``[T, B, V]`` (T ≥ 1), the small fine-tuned experts' logits, or a sequence of T
+        ``[B, V]`` tensors (stacked, one copy); same dtype and device.
+    alphas : sequence of float or 1-D Tensor, optional
+        The grid of α, n ≥ 1 finite values, in any order, duplicates and negative values
+        allowed. Default: the paper's 0.0, 0.1, …, 2.0 (21 points). Each value is rounded to
+        the accumulation dtype (so 0.1 is float32(0.1) for non-float64 inputs). A CUDA tensor
+        here costs a device synchronisation.
+    return_logits : bool
+        Whether to compute the fused logits (False: ``logits`` is None and not computed).
+
+    Returns
+    -------
+    LogitFusionResult
+        A named tuple; "acc" is float32, or float64 when the inputs are float64.
+
+        * ``alpha`` ``[B]`` acc: α* (a grid point; 0 for a fully masked row).
+        * ``expert`` ``[B]`` int64: t*.
+        * ``logits`` ``[B, V]`` acc or None: ``M_L + α*·(M_{t*} − M_S)``, −inf at masked
+          positions.
+        * ``loss`` ``[B, T, n]`` acc: the objective of every candidate, grid in the order given.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On a bad argument, naming it: not a tensor, unsupported or mismatched dtype, another
+        device, wrong number of dimensions or mismatched B, V, T = 0, V = 0, an empty grid, a
+        non-finite or non-real grid value; ValueError when an input contains NaN or +inf.
+
+    Notes
+    -----
+    *Ties.* ``(alpha, expert)`` is the argmin of the returned ``loss``; among exactly equal
+    losses the smaller α value wins (equal α: the earlier grid point), then the lower expert
+    index. This is the paper's rule (it scans its ascending grid and keeps the first strict
+    minimum) made independent of the order of the grid. A row whose experts all equal the
+    small base has loss 0 for every candidate, hence gets the smallest α of the grid (0 for the
+    default grid): plain large-model decoding.
+
+    *Masking.* A position where any of the T + 2 inputs is −inf (vocabulary padding,
+    constrained decoding) is left out of every softmax and KL (probability 0 everywhere) and
+    its fused logit is −inf; −inf never produces NaN. A row with every position masked gets
+    α = 0, expert 0, loss 0 and logits all −inf.
+
+    *Checks.* NaN and +inf in the inputs are refused; finding them costs one pass over the
+    inputs and one host synchronisation per call (so the call graph-breaks under
+    ``torch.compile``; the custom op ``torch.ops.meldkit.logit_fusion`` itself does not check
+    and traces). Very large finite logits whose fusion overflows are not guarded.
+
+    *Precision.* The native kernels make one streaming pass over V with the log-partition
+    identities of the reference (``logit_fusion_loss_cgf_ref`` in
+    :mod:`meldkit.ops.logit_fusion_ref`), accumulating in float32 (float64 for float64
+    inputs): candidates whose losses differ by less than that rounding may be chosen either
+    way. The reference (used when no native kernel can run) computes in float64.
+
+    *Autograd.* None: the outputs do not require grad; inputs that require grad are detached.
+    """
+    large = _check_logits("large", large, None, 2)
+    if large.shape[1] == 0:
+        raise _error(ValueError, "large", f"shape {list(large.shape)}: V = 0 (V ≥ 1 is needed)")
+    large = large.detach()
+    small_base = _check_logits("small_base", small_base, large, 2).detach()
+    if small_base.shape != large.shape:
+        raise _error(
+            ValueError,
+            "small_base",
+            f"shape {list(small_base.shape)} does not match 'large' {list(large.shape)}",
+        )
+    experts = _experts_tensor(experts, large).detach()
+    alphas = _alpha_list(alphas)
+    if not isinstance(return_logits, bool):
+        raise _error(
+            TypeError, "return_logits", f"expected a bool, got {type(return_logits).__name__}"
+        )
+    if large.shape[0]:
+        _check_values(large, small_base, experts)
+    alpha, expert, logits, loss = _logit_fusion(large, small_base, experts, alphas, return_logits)
+    return LogitFusionResult(alpha, expert, logits if return_logits else None, loss)

@@ -1,0 +1,269 @@
+"""meldkit.dlf.generate: greedy DLF, proxy-tuning, caches, padding, stopping, sampling."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from meldkit import dlf, ops
+from meldkit.ops.logit_fusion_ref import DEFAULT_ALPHAS
+from tests.dlf.tiny import EOS, PAD, llama, perturbed, tokenizer
+
+PROMPTS = ["w01 w02 w03 w04 w05", "w10", "w20 w21 w22"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer()
+
+
+@pytest.fixture(scope="module")
+def models():
+    """(large, small base, two experts): the experts are perturbed copies of the small base."""
+    large = llama(0, hidden=48)
+    small = llama(1)
+    return large, small, [perturbed(small, 2), perturbed(small, 3)]
+
+
+def hand_loop(large, small, experts, tok, prompt, steps, alpha, expert_prefixes=None):
+    """Proxy-tuning written out: no cache, full sequences every step, one prompt, float64:
+    argmax of M_L + alpha·Σ_t (M_t − M_S)."""
+    prefixes = expert_prefixes or [""] * len(experts)
+    ids = {"large": tok(prompt)["input_ids"]}
+    ids["small"] = list(ids["large"])
+    for t, p in enumerate(prefixes):
+        ids[t] = tok(p + prompt)["input_ids"]
+    out = []
+
+    def last(model, seq):
+        return model(torch.tensor([seq])).logits[0, -1, : len(tok)]
+
+    with torch.no_grad():
+        for _ in range(steps):
+            fused = last(large, ids["large"])
+            base = last(small, ids["small"])
+            for t, e in enumerate(experts):
+                fused = fused + alpha * (last(e, ids[t]) - base)
+            nxt = int(fused.argmax())
+            out.append(nxt)
+            for seq in ids.values():
+                seq.append(nxt)
+    return out
+
+
+def test_greedy_dynamic_shapes_and_trace(models, tok):
+    large, small, experts = models
+    res = dlf.generate(large, small, experts, tok, PROMPTS, max_new_tokens=6, eos_token_id=[])
+    b = len(PROMPTS)
+    assert res.sequences.shape == (b, 6) and res.sequences.dtype == torch.long
+    assert res.alphas.shape == (b, 6) and res.alphas.dtype == torch.float32
+    assert res.experts.shape == (b, 6) and res.experts.dtype == torch.long
+    assert res.finish_reasons == ["length"] * b
+    assert [len(t) for t in res.token_ids] == [6] * b
+    assert res.sequences.tolist() == res.token_ids
+    assert res.texts == [tok.decode(t, skip_special_tokens=True) for t in res.token_ids]
+    grid = torch.tensor(DEFAULT_ALPHAS, dtype=torch.float32)
+    assert torch.isin(res.alphas, grid).all()
+    assert set(res.experts.unique().tolist()) <= {0, 1}
+    # The experts really differ from the small base: DLF moves away from α = 0 somewhere.
+    assert (res.alphas > 0).any()
+    assert res.logits is None
+
+
+def test_static_alpha0_is_large_model_greedy(models, tok):
+    large, small, experts = models
+    enc = tok(PROMPTS, padding=True, return_tensors="pt")
+    ref = large.generate(**enc, do_sample=False, max_new_tokens=10, pad_token_id=PAD)
+    ref = ref[:, enc["input_ids"].shape[1] :]
+    res = dlf.generate(
+        large, small, experts, tok, PROMPTS, max_new_tokens=10, mode="static", alpha=0.0
+    )
+    assert torch.equal(res.sequences, ref)
+
+
+def test_static_alpha1_is_proxy_tuning(models, tok):
+    large, small, experts = models
+    res = dlf.proxy_tuning(large, small, experts[0], tok, PROMPTS[:2], max_new_tokens=6)
+    for r, prompt in enumerate(PROMPTS[:2]):
+        assert res.token_ids[r] == hand_loop(large, small, experts[:1], tok, prompt, 6, 1.0)
+    assert (res.alphas == 1.0).all() and (res.experts == 0).all()
+
+
+def test_static_several_experts_sum_their_shifts(models, tok):
+    large, small, experts = models
+    res = dlf.generate(
+        large, small, experts, tok, PROMPTS[1], max_new_tokens=5, mode="static", alpha=0.5
+    )
+    assert res.token_ids[0] == hand_loop(large, small, experts, tok, PROMPTS[1], 5, 0.5)
+    assert (res.experts == -1).all()
+
+
+def test_expert_prompts_give_the_expert_its_own_prompt(models, tok):
+    """In-context-learning expert: the small base itself, with a task prefix, as the expert."""
+    large, small, _ = models
+    prefix = "w30 w31 w32 "
+    res = dlf.proxy_tuning(
+        large, small, small, tok, PROMPTS[:2], max_new_tokens=5, expert_prompts=[prefix]
+    )
+    for r, prompt in enumerate(PROMPTS[:2]):
+        ref = hand_loop(large, small, [small], tok, prompt, 5, 1.0, expert_prefixes=[prefix])
+        assert res.token_ids[r] == ref
+    # A callable expert prompt (a chat template) is the same thing.
+    res2 = dlf.proxy_tuning(
+        large, small, small, tok, PROMPTS[:2], max_new_tokens=5, expert_prompts=[prefix.__add__]
+    )
+    assert res2.token_ids == res.token_ids
+
+
+def test_cache_equals_recompute(models, tok):
+    large, small, experts = models
+    kw = dict(max_new_tokens=5, eos_token_id=[], return_logits=True)
+    cached = dlf.generate(large, small, experts, tok, PROMPTS, **kw)
+    full = dlf.generate(large, small, experts, tok, PROMPTS, use_cache=False, **kw)
+    assert cached.logits.shape == (len(PROMPTS), 5, len(tok))
+    torch.testing.assert_close(cached.logits, full.logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(cached.sequences, full.sequences)
+    assert torch.equal(cached.alphas, full.alphas)
+
+
+def test_left_padded_batch_equals_prompts_alone(models, tok):
+    large, small, experts = models
+    batch = dlf.generate(large, small, experts, tok, PROMPTS, max_new_tokens=6, eos_token_id=[])
+    for r, prompt in enumerate(PROMPTS):
+        alone = dlf.generate(large, small, experts, tok, prompt, max_new_tokens=6, eos_token_id=[])
+        assert alone.token_ids[0] == batch.token_ids[r]
+        assert torch.equal(alone.alphas[0], batch.alphas[r])
+        assert torch.equal(alone.experts[0], batch.experts[r])
+
+
+def test_stops_per_row_on_eos(models, tok):
+    large, small, experts = models
+    free = dlf.generate(large, small, experts, tok, PROMPTS, max_new_tokens=8, eos_token_id=[])
+    eos = free.token_ids[0][2]  # make a token that row 0 produces at step 2 the "EOS"
+    res = dlf.generate(large, small, experts, tok, PROMPTS, max_new_tokens=8, eos_token_id=eos)
+    for r, seq in enumerate(free.token_ids):
+        end = seq.index(eos) + 1 if eos in seq else len(seq)
+        assert res.token_ids[r] == seq[:end]
+        assert res.finish_reasons[r] == ("eos" if eos in seq else "length")
+        assert (res.sequences[r, end:] == PAD).all()
+        assert res.alphas[r, end:].isnan().all() and (res.experts[r, end:] == -1).all()
+        assert not res.alphas[r, :end].isnan().any()
+    assert res.sequences.shape[1] == max(len(t) for t in res.token_ids)
+    assert res.finish_reasons[0] == "eos" and len(res.token_ids[0]) <= 3
+
+
+def test_default_eos_is_tokenizer_and_generation_config(models, tok):
+    large, small, experts = models
+    res = dlf.generate(large, small, experts, tok, PROMPTS, max_new_tokens=12)
+    for r, seq in enumerate(res.token_ids):
+        assert EOS not in seq[:-1]
+        assert res.finish_reasons[r] == ("eos" if seq[-1] == EOS else "length")
+
+
+def test_stops_per_row_on_stop_strings(models, tok):
+    large, small, experts = models
+    free = dlf.generate(large, small, experts, tok, PROMPTS, max_new_tokens=8, eos_token_id=[])
+    word = tok.decode([free.token_ids[1][3]])
+    res = dlf.generate(
+        large, small, experts, tok, PROMPTS, max_new_tokens=8, eos_token_id=[], stop=[word, "w99"]
+    )
+    for r, seq in enumerate(free.token_ids):
+        words = [tok.decode([t]) for t in seq]
+        end = words.index(word) + 1 if word in words else len(seq)
+        assert res.token_ids[r] == seq[:end]
+        if word in words:
+            assert res.finish_reasons[r] == "stop"
+            text = tok.decode(seq[:end], skip_special_tokens=True)
+            assert res.texts[r] == text[: text.index(word)]  # cut before the stop string
+        else:
+            assert res.finish_reasons[r] == "length"
+    assert res.finish_reasons[1] == "stop"
+
+
+def test_sampling_is_reproducible_and_fused_first(models, tok):
+    large, small, experts = models
+    kw = dict(max_new_tokens=6, eos_token_id=[], do_sample=True)
+    a = dlf.generate(large, small, experts, tok, PROMPTS, seed=7, **kw)
+    b = dlf.generate(
+        large, small, experts, tok, PROMPTS, generator=torch.Generator().manual_seed(7), **kw
+    )
+    assert torch.equal(a.sequences, b.sequences)
+    # Temperature → 0, or a tiny nucleus, on the *fused* logits is greedy DLF.
+    greedy = dlf.generate(large, small, experts, tok, PROMPTS, max_new_tokens=6, eos_token_id=[])
+    cold = dlf.generate(large, small, experts, tok, PROMPTS, seed=1, temperature=1e-4, **kw)
+    nucleus = dlf.generate(large, small, experts, tok, PROMPTS, seed=1, top_p=1e-6, **kw)
+    assert torch.equal(cold.sequences, greedy.sequences)
+    assert torch.equal(nucleus.sequences, greedy.sequences)
+
+
+def test_custom_alpha_grid(models, tok):
+    large, small, experts = models
+    res = dlf.generate(
+        large, small, experts, tok, PROMPTS, max_new_tokens=4, alphas=[0.0, 0.5], eos_token_id=[]
+    )
+    assert set(res.alphas.unique().tolist()) <= {0.0, 0.5}
+    only_zero = dlf.generate(
+        large, small, experts, tok, PROMPTS, max_new_tokens=4, alphas=[0.0], eos_token_id=[]
+    )
+    kw = dict(max_new_tokens=4, mode="static", alpha=0.0, eos_token_id=[])
+    large_alone = dlf.generate(large, small, experts, tok, PROMPTS, **kw)
+    assert torch.equal(only_zero.sequences, large_alone.sequences)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(mode="joint"), "mode"),
+        (dict(mode="static", alphas=[0.5]), "alphas"),
+        (dict(alpha=math.nan, mode="static"), "alpha"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(expert_prompts=["x", "y", "z"]), "expert_prompts"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(do_sample=True, temperature=0.0), "temperature"),
+        (dict(seed=1, generator=torch.Generator()), "seed"),
+        (dict(stop=""), "stop"),
+    ],
+)
+def test_bad_arguments(models, tok, kwargs, match):
+    large, small, experts = models
+    kwargs = {"max_new_tokens": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        dlf.generate(large, small, experts, tok, PROMPTS, **kwargs)
+
+
+def test_adapter_name_needs_a_peft_small_base(models, tok):
+    large, small, _ = models
+    with pytest.raises(ValueError, match="PeftModel"):
+        dlf.generate(large, small, "gsm8k", tok, PROMPTS, max_new_tokens=2)
+
+
+def test_fuse_logits_static_and_dynamic():
+    gen = torch.Generator().manual_seed(0)
+    large, small = torch.randn(3, 11, generator=gen), torch.randn(3, 11, generator=gen)
+    experts = torch.randn(2, 3, 11, generator=gen)
+    large[0, 4] = small[1, 5] = experts[1, 2, 6] = -math.inf
+    fused, alpha, expert = dlf.fuse_logits(large, small, experts, mode="static", alpha=0.5)
+    want = large + 0.5 * (experts - small).sum(0)
+    masked = torch.zeros(3, 11, dtype=torch.bool)
+    masked[0, 4] = masked[1, 5] = masked[2, 6] = True
+    assert fused[masked].isneginf().all()
+    torch.testing.assert_close(fused[~masked], want[~masked])
+    assert (alpha == 0.5).all() and (expert == -1).all()
+    fused, alpha, expert = dlf.fuse_logits(large, small, experts, alphas=[0.0, 0.3, 1.0])
+    ref = ops.logit_fusion(large, small, experts, [0.0, 0.3, 1.0])
+    assert torch.equal(fused, ref.logits) and torch.equal(alpha, ref.alpha)
+    assert torch.equal(expert, ref.expert)
+
+
+def test_models_in_different_dtypes(models, tok):
+    """A float32 large model with float64 small models: logits are fused in float32."""
+    large, small, experts = models
+    large32 = copy.deepcopy(large).float()
+    res = dlf.generate(large32, small, experts, tok, PROMPTS, max_new_tokens=4, return_logits=True)
+    assert res.logits.dtype == torch.float32
+    assert res.sequences.shape[0] == len(PROMPTS)

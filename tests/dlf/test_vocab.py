@@ -1,0 +1,97 @@
+"""Vocabulary policy: padded embedding rows are sliced off; a smaller vocabulary is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from meldkit import dlf  # noqa: E402
+from tests.dlf.tiny import PAD, VOCAB, llama, perturbed, tokenizer  # noqa: E402
+
+PROMPTS = ["w01 w02 w03", "w10"]
+
+
+def padded(model, extra: int, seed: int):
+    """``model`` with ``extra`` rows appended to its embeddings; the new lm_head rows are large,
+    so that any padded logit left in the fusion would win the argmax."""
+    out = llama(seed, hidden=model.config.hidden_size, vocab=VOCAB + extra)
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, p in out.state_dict().items():
+            if p.shape == state[name].shape:
+                p.copy_(state[name])
+            else:
+                p[:VOCAB].copy_(state[name])
+                p[VOCAB:].mul_(30.0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = tokenizer()
+    large = llama(0, hidden=48)
+    small = llama(1)
+    return tok, large, small, perturbed(small, 2)
+
+
+def test_padded_rows_are_sliced(setup):
+    tok, large, small, expert = setup
+    ref = dlf.generate(large, small, expert, tok, PROMPTS, max_new_tokens=6, return_logits=True)
+    got = dlf.generate(
+        padded(large, 8, 10),
+        padded(small, 64, 11),
+        padded(expert, 3, 12),
+        tok,
+        PROMPTS,
+        max_new_tokens=6,
+        return_logits=True,
+    )
+    assert got.logits.shape[-1] == len(tok) == VOCAB
+    assert torch.equal(got.sequences, ref.sequences)
+    assert torch.equal(got.alphas, ref.alphas)
+
+
+def test_padded_rows_in_the_processor(setup):
+    tok, large, small, expert = setup
+    big = padded(large, 8, 10)
+    enc = tok(PROMPTS, padding=True, return_tensors="pt")
+    proc = dlf.DynamicLogitFusionProcessor(
+        padded(small, 5, 11), expert, tok, attention_mask=enc["attention_mask"]
+    )
+    out = big.generate(
+        **enc,
+        logits_processor=transformers.LogitsProcessorList([proc]),
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=PAD,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    ref = dlf.generate(large, small, expert, tok, PROMPTS, max_new_tokens=6)
+    assert torch.equal(out.sequences[:, enc["input_ids"].shape[1] :], ref.sequences)
+    for scores in out.scores:
+        assert scores.shape[-1] == VOCAB + 8
+        assert scores[:, VOCAB:].isneginf().all()
+
+
+def test_smaller_vocabulary_is_refused(setup):
+    tok, large, small, expert = setup
+    short = llama(4, vocab=VOCAB - 4)
+    with pytest.raises(ValueError, match=rf"expert 0 has vocabulary size {VOCAB - 4}.*{VOCAB}"):
+        dlf.generate(large, small, short, tok, PROMPTS, max_new_tokens=2)
+    with pytest.raises(ValueError, match=rf"large has vocabulary size {VOCAB - 4}.*{VOCAB}"):
+        dlf.generate(short, small, expert, tok, PROMPTS, max_new_tokens=2)
+    with pytest.raises(ValueError, match=rf"small_base has vocabulary size {VOCAB - 4}"):
+        dlf.DynamicLogitFusionProcessor(short, expert, tok)
+    # The large model of a processor is only seen through its scores.
+    enc = tok(PROMPTS, padding=True, return_tensors="pt")
+    proc = dlf.DynamicLogitFusionProcessor(small, expert, tok, attention_mask=enc.attention_mask)
+    with pytest.raises(ValueError, match=rf"vocabulary size {VOCAB - 4}.*{VOCAB}"):
+        short.generate(
+            **enc,
+            logits_processor=transformers.LogitsProcessorList([proc]),
+            max_new_tokens=2,
+            pad_token_id=PAD,
+        )
