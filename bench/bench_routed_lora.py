@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     print(f"{'impl':<14} {'median':>10} {'x base':>8} {'added':>10}")
     for name, t in timings.items():
         added = t.median_s - base
-        print(f"{name:<14} {t.median_s * 1e3:8.2f} ms {t.median_s / base:7.3f}x {added * 1e3:8.2f} ms")
+        ratio = t.median_s / base
+        print(f"{name:<14} {t.median_s * 1e3:8.2f} ms {ratio:7.3f}x {added * 1e3:8.2f} ms")
         rows.append(
             {
                 "bench": "routed_lora_layer",

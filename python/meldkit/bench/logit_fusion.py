@@ -25,7 +25,7 @@ from meldkit.bench import OURS, REFERENCE, Case, Impl
 
 OP = "logit_fusion"
 
-# (rows B, vocabulary V, experts T): decode batches of LLaMA-2 (32k) and Llama-3 (128k) vocabularies.
+# (rows B, vocabulary V, experts T): decode batches, LLaMA-2 (32k) and Llama-3 (128k) vocabularies.
 QUICK = ((4, 32000, 1),)
 FULL = {
     "cuda": ((1, 128256, 1), (16, 32000, 1), (64, 32000, 4), (256, 32000, 1)),
