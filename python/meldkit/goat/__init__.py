@@ -1,0 +1,62 @@
+"""GOAT: SVD-structured mixture-of-LoRA-experts fine-tuning ("Make LoRA Great Again", Fan et al.,
+ICML 2025; spec in ``spec/goat.md``).
+
+Every adapted ``nn.Linear`` (weight W0 ∈ R^{m×n}) becomes a :class:`GoatLinear`::
+
+    y = W̃0 x + b + Σ_{e∈Ω(x)} w_e(x) · s · B_e A_e dropout_e(x)
+
+with E experts of rank d = r/E (A_e ∈ R^{d×n}, B_e ∈ R^{m×d}), a bias-free router
+z = W_z x, p = softmax(z), Ω = the top k of p (ties to the lower index) and w = p renormalised
+over Ω. The experts start from E segments spread over the whole singular spectrum of W0, scaled
+so that s·B_e A_e = (1/ρ)·U_e Σ_e V_eᵀ, and the frozen base becomes
+W̃0 = W0 − (s/E) Σ_e B_e A_e, so the layer equals W0 x in expectation over routing
+(:mod:`meldkit.goat.init`). The experts run through the fused op :func:`meldkit.ops.routed_lora`.
+
+Usage::
+
+    import meldkit.goat as goat
+
+    model = goat.wrap(model, goat.GoatConfig(rank=32, target_modules=["q_proj", "v_proj"]))
+    loss = task_loss(model(batch)) + goat.aux_loss(model)      # aux_loss: coef · Σ layers
+    ...
+    goat.save_adapter(model, "adapter.safetensors")
+    fresh = goat.load_adapter(load_base_model(), "adapter.safetensors")   # bit-exact
+    base = goat.unwrap(fresh)                                  # original nn.Linear layers back
+
+**The scaling factor s: paper vs released code.** The paper (Theorem 3.5) derives
+``s = √(3·n·η / d)``, n = in_features, d = the per-expert rank, η = (full fine-tuning lr) / (LoRA
+lr): the s that makes a low-rank expert's equivalent gradient match a full-rank expert's. It
+therefore depends on the layer's input size (for RoBERTa-large, n = 1024, d = 4, η = 1: s ≈ 27.7;
+55.4 for the 4096-wide down-projection). The released code's ``goat`` init instead uses
+``s = α / d`` with the scripts' α = 2r, i.e. s = 2E = 16 for every layer and every setting.
+``GoatConfig(scaling="paper")`` (the default) uses the formula, ``scaling="official"`` reproduces
+the released scripts (``alpha`` defaults to 2·rank), and a number sets s directly. The SVD init
+divides the singular values by s·ρ, so at initialisation s·B A is the same either way; s
+changes the effective learning rate of the experts (the equivalent gradient is proportional to
+s), which is why the two presets train differently.
+
+Training: only the experts and routers are trainable (fp32 master weights whatever the base
+dtype; the model's other parameters are frozen). In training mode each layer draws a fresh
+dropout seed from torch's default CPU generator on every forward, so ``torch.manual_seed``
+reproduces a run. Everything a layer holds is an ordinary parameter or a constant, so DDP and
+FSDP replicate it like any module (each replica computes its own aux loss from its own tokens).
+"""
+
+from meldkit.goat.config import GoatConfig
+from meldkit.goat.io import AdapterError, load_adapter, read_adapter, save_adapter
+from meldkit.goat.layer import GoatLinear
+from meldkit.goat.model import aux_loss, config_of, goat_layers, unwrap, wrap
+
+__all__ = [
+    "AdapterError",
+    "GoatConfig",
+    "GoatLinear",
+    "aux_loss",
+    "config_of",
+    "goat_layers",
+    "load_adapter",
+    "read_adapter",
+    "save_adapter",
+    "unwrap",
+    "wrap",
+]

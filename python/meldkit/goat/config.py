@@ -1,0 +1,186 @@
+"""The GOAT adapter configuration: every field validated on construction, serialisable as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+SCALING_PRESETS = ("paper", "official")
+INITS = ("goat", "lora", "pissa", "milora")
+ALL_LINEAR = "all-linear"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class GoatConfig:
+    """How :func:`meldkit.goat.wrap` turns ``nn.Linear`` layers into GOAT layers.
+
+    Parameters
+    ----------
+    num_experts : int
+        E, the number of low-rank experts per layer (≥ 1).
+    top_k : int
+        k, experts each token is routed to (1 ≤ k ≤ E). The paper's default is "2in8".
+    rank : int
+        r, the *total* LoRA rank of a layer, shared evenly by the experts: each expert has rank
+        ``r_e = rank // num_experts``. Must be a positive multiple of ``num_experts``.
+    alpha : float or None
+        LoRA α, used only by ``scaling="official"`` (``s = α / r_e``). ``None`` means ``2·rank``,
+        the value of every released GOAT script (giving s = 2E = 16 for E = 8).
+    rho : float
+        ρ > 0, the SVD init's damping: expert j starts at ``s·B_j A_j = (1/ρ) U_j Σ_j V_jᵀ``.
+        The official code hard-codes 10.
+    scaling : {"paper", "official"} or float
+        The factor s multiplying every expert's output (see the module docs of
+        :mod:`meldkit.goat`):
+
+        - ``"paper"``: ``s = √(3·n·η / r_e)``, n = the layer's ``in_features`` (Theorem 3.5 of the
+          paper; s therefore differs between layer shapes);
+        - ``"official"``: ``s = α / r_e``, what the released code's ``goat`` init runs;
+        - a positive float: that s for every layer.
+    eta : float
+        η > 0, the ratio (full fine-tuning learning rate) / (LoRA learning rate) in the paper's
+        scaling formula; used only by ``scaling="paper"``. The paper uses 1 for ViT and RoBERTa,
+        0.1 for LLaMA at lr 1e-4.
+    init : {"goat", "lora", "pissa", "milora"}
+        Expert initialisation (:mod:`meldkit.goat.init`): ``"goat"`` spreads the experts over
+        the whole spectrum of the pretrained weight, ``"pissa"`` gives them its principal
+        singular triplets, ``"milora"`` its minor ones (the three subtract their expected
+        contribution from the frozen base), ``"lora"`` is plain LoRA (A Kaiming-uniform, B = 0,
+        base untouched).
+    target_modules : "all-linear" or sequence of str
+        Which ``nn.Linear`` layers to adapt: module-name suffixes matched as PEFT does (``"q_proj"``
+        matches ``model.layers.0.self_attn.q_proj``; a full name matches itself), or
+        ``"all-linear"``: every ``nn.Linear`` except the output head of a Hugging Face model
+        (``get_output_embeddings()``) and a classification head named ``score`` or
+        ``classifier``.
+    dropout : float
+        Dropout probability on the experts' input, an independent mask per expert (training
+        mode only); 0 ≤ dropout < 1.
+    aux_loss_coef : float
+        Coefficient of the load-balancing loss returned by :func:`meldkit.goat.aux_loss`
+        (≥ 0; the paper's 1e-3).
+
+    Raises
+    ------
+    ValueError
+        Naming the first field whose value is invalid.
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    rank: int = 32
+    alpha: float | None = None
+    rho: float = 10.0
+    scaling: str | float = "paper"
+    eta: float = 1.0
+    init: str = "goat"
+    target_modules: str | tuple[str, ...] = ALL_LINEAR
+    dropout: float = 0.05
+    aux_loss_coef: float = 1e-3
+
+    def __post_init__(self) -> None:
+        e = self.num_experts
+        if not _is_int(e) or e < 1:
+            raise ValueError(f"GoatConfig.num_experts: must be an int ≥ 1, got {e!r}")
+        if not _is_int(self.top_k) or not 1 <= self.top_k <= e:
+            raise ValueError(
+                f"GoatConfig.top_k: must be an int with 1 ≤ top_k ≤ num_experts = {e}, "
+                f"got {self.top_k!r}"
+            )
+        if not _is_int(self.rank) or self.rank < e or self.rank % e:
+            raise ValueError(
+                f"GoatConfig.rank: the total rank must be an int ≥ num_experts = {e} and "
+                f"divisible by it (each expert gets rank // num_experts), got {self.rank!r}"
+            )
+        if self.alpha is not None and not (_is_real(self.alpha) and self.alpha > 0):
+            raise ValueError(
+                f"GoatConfig.alpha: must be a finite number > 0 or None, got {self.alpha!r}"
+            )
+        if not (_is_real(self.rho) and self.rho > 0):
+            raise ValueError(f"GoatConfig.rho: must be a finite number > 0, got {self.rho!r}")
+        if isinstance(self.scaling, str):
+            if self.scaling not in SCALING_PRESETS:
+                raise ValueError(
+                    f"GoatConfig.scaling: must be one of {SCALING_PRESETS} or a number > 0, "
+                    f"got {self.scaling!r}"
+                )
+        elif not (_is_real(self.scaling) and self.scaling > 0):
+            raise ValueError(
+                f"GoatConfig.scaling: must be one of {SCALING_PRESETS} or a finite number > 0, "
+                f"got {self.scaling!r}"
+            )
+        if not (_is_real(self.eta) and self.eta > 0):
+            raise ValueError(f"GoatConfig.eta: must be a finite number > 0, got {self.eta!r}")
+        if self.init not in INITS:
+            raise ValueError(f"GoatConfig.init: must be one of {INITS}, got {self.init!r}")
+        object.__setattr__(self, "target_modules", _check_targets(self.target_modules))
+        if not (_is_real(self.dropout) and 0 <= self.dropout < 1):
+            raise ValueError(f"GoatConfig.dropout: must be in [0, 1), got {self.dropout!r}")
+        if not (_is_real(self.aux_loss_coef) and self.aux_loss_coef >= 0):
+            raise ValueError(
+                f"GoatConfig.aux_loss_coef: must be a finite number ≥ 0, got {self.aux_loss_coef!r}"
+            )
+
+    @property
+    def expert_rank(self) -> int:
+        """r_e = rank // num_experts, the rank of each expert."""
+        return self.rank // self.num_experts
+
+    def scaling_for(self, in_features: int) -> float:
+        """The factor s of a layer with ``in_features`` inputs (see ``scaling``)."""
+        if self.scaling == "paper":
+            return math.sqrt(3.0 * in_features * self.eta / self.expert_rank)
+        if self.scaling == "official":
+            alpha = 2.0 * self.rank if self.alpha is None else float(self.alpha)
+            return alpha / self.expert_rank
+        return float(self.scaling)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(d["target_modules"], tuple):
+            d["target_modules"] = list(d["target_modules"])
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GoatConfig:
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"GoatConfig: unknown fields {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> GoatConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def _check_targets(targets: Any) -> str | tuple[str, ...]:
+    if isinstance(targets, str):
+        if targets == ALL_LINEAR:
+            return targets
+        raise ValueError(
+            f"GoatConfig.target_modules: a string must be {ALL_LINEAR!r}; give module-name "
+            f"suffixes as a list, e.g. [{targets!r}]"
+        )
+    if not isinstance(targets, Sequence) or not targets:
+        raise ValueError(
+            f"GoatConfig.target_modules: must be {ALL_LINEAR!r} or a non-empty list of module-name "
+            f"suffixes, got {targets!r}"
+        )
+    bad = [t for t in targets if not isinstance(t, str) or not t or t.startswith(".")]
+    if bad:
+        raise ValueError(f"GoatConfig.target_modules: not module-name suffixes: {bad!r}")
+    return tuple(targets)

@@ -1,0 +1,164 @@
+"""``GoatLinear``: a frozen ``nn.Linear`` plus E routed low-rank experts (GOAT paper Eq. 9–12)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from meldkit.goat.config import GoatConfig
+from meldkit.ops.routed_lora import routed_lora
+from meldkit.ops.routed_lora_ref import top_k_ref
+
+# Dropout seeds are drawn from [0, SEED_BOUND) of torch's default CPU generator.
+SEED_BOUND = 2**62
+
+
+class GoatLinear(nn.Module):
+    """A GOAT layer: ``y = W̃0 x + b + Σ_e w_e(x) · s · B_e A_e dropout_e(x)``.
+
+    Built by :func:`meldkit.goat.wrap`; holds the original ``nn.Linear`` as ``base_layer``
+    (frozen, its weight adjusted to W̃0 by the SVD inits) and the trainable fp32 expert and
+    router weights. The experts run through :func:`meldkit.ops.routed_lora`: router logits
+    z = W_z x, p = softmax(z) in fp32, the top-k experts (ties to the lower index) weighted by
+    p renormalised over the k.
+
+    Parameters
+    ----------
+    base_layer : nn.Linear
+        The layer to adapt, weight W̃0 ``[m, n]``, optional bias ``[m]``.
+    config : GoatConfig
+        Gives s (``config.scaling_for(n)``), k, the dropout and the aux-loss coefficient.
+    lora_a : Tensor [E, d, n]
+        A_1 … A_E (copied into a parameter of the same dtype, normally fp32).
+    lora_b : Tensor [E, m, d]
+        B_1 … B_E.
+    router_weight : Tensor [E, n]
+        W_z, the bias-free router.
+
+    Attributes
+    ----------
+    lora_a, lora_b : nn.Parameter
+        ``[E, d, n]`` and ``[E, m, d]``.
+    router : nn.Linear
+        ``nn.Linear(n, E, bias=False)``.
+    scaling : float
+        s, applied to every expert.
+    alignment : tuple of (Tensor [r, n], Tensor [m, r]) or None
+        ``(delta_a, delta_b)`` with ``W̃0 = W0 − delta_b @ delta_a`` (fp32, CPU), the factors
+        the SVD inits subtracted from the base; None when the base is untouched.
+    original_weight : Tensor or None
+        A CPU copy of W0 kept for a bit-exact :func:`meldkit.goat.unwrap`, or None.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        config: GoatConfig,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        router_weight: torch.Tensor,
+    ) -> None:
+        super().__init__()
+        n_experts, rank, d_in = lora_a.shape
+        d_out = base_layer.out_features
+        if d_in != base_layer.in_features or tuple(lora_b.shape) != (n_experts, d_out, rank):
+            raise ValueError(
+                f"GoatLinear: expert shapes A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)} do "
+                f"not fit nn.Linear({base_layer.in_features}, {d_out})"
+            )
+        if tuple(router_weight.shape) != (n_experts, d_in):
+            raise ValueError(
+                f"GoatLinear: router weight {tuple(router_weight.shape)}, expected "
+                f"{(n_experts, d_in)}"
+            )
+        self.base_layer = base_layer
+        self.lora_a = nn.Parameter(lora_a.detach().clone())
+        self.lora_b = nn.Parameter(lora_b.detach().clone())
+        self.router = nn.utils.skip_init(  # no init: no draw from the generator
+            nn.Linear,
+            d_in,
+            n_experts,
+            bias=False,
+            device=router_weight.device,
+            dtype=router_weight.dtype,
+        )
+        with torch.no_grad():
+            self.router.weight.copy_(router_weight)
+        self.config = config
+        self.scaling = config.scaling_for(d_in)
+        self.top_k = config.top_k
+        self.dropout = config.dropout
+        # Restored by unwrap (wrap freezes the base).
+        self.base_requires_grad = {n: p.requires_grad for n, p in base_layer.named_parameters()}
+        self.alignment: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.original_weight: torch.Tensor | None = None
+        self._last_probs: torch.Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.lora_a.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[..., n]`` → ``[..., m]`` in ``x.dtype``.
+
+        The experts see ``x`` cast to the expert weights' dtype (fp32, as the official code
+        casts them); their output is added to the base layer's before one rounding back to
+        ``x.dtype``. In training mode with dropout > 0 every call draws a fresh mask seed from
+        torch's default CPU generator, so ``torch.manual_seed`` makes training reproducible.
+        """
+        y = self.base_layer(x)
+        training_dropout = self.training and self.dropout > 0
+        seed = int(torch.randint(0, SEED_BOUND, (1,))) if training_dropout else None
+        delta, probs = routed_lora(
+            x.to(self.lora_a.dtype),
+            self.lora_a,
+            self.lora_b,
+            self.scaling,
+            router_weight=self.router.weight,
+            top_k=self.top_k,
+            dropout=self.dropout if training_dropout else 0.0,
+            seed=seed,
+        )
+        self._last_probs = probs
+        return (y + delta).to(x.dtype)
+
+    def balance_loss(self) -> torch.Tensor:
+        """Load-balancing loss of the last forward, official normalisation (spec §3.2)::
+
+            L = E · Σ_i (c_i / T) · (Σ_t p_i(t) / T)
+
+        with T the tokens of the last forward (padding included), c_i how many of them selected
+        expert i among their top k (same rule as the router: ties to the lower index; not
+        differentiable) and p(t) the router's full softmax (differentiable). This is k times
+        the paper's Σ_i f_i P_i. A scalar fp32 tensor; 0 when the last forward had no token.
+
+        Raises
+        ------
+        RuntimeError
+            Before the first forward.
+        """
+        probs = self._last_probs
+        if probs is None:
+            raise RuntimeError("GoatLinear.balance_loss: no forward pass has run yet")
+        n_tokens, n_experts = probs.shape
+        if n_tokens == 0:
+            return probs.sum()
+        selected = top_k_ref(probs.detach(), self.top_k)
+        # one_hot + sum rather than bincount: deterministic on CUDA as well.
+        counts = nn.functional.one_hot(selected, n_experts).sum((0, 1)).to(probs.dtype)
+        return n_experts * torch.sum(counts / n_tokens * probs.sum(0) / n_tokens)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"num_experts={self.num_experts}, expert_rank={self.lora_a.shape[1]}, "
+            f"top_k={self.top_k}, scaling={self.scaling:.4g}, dropout={self.dropout}"
+        )

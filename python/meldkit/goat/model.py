@@ -1,0 +1,310 @@
+"""Putting GOAT layers into a model and taking them out: ``wrap``, ``unwrap``, ``aux_loss``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from meldkit.goat.config import ALL_LINEAR, GoatConfig
+from meldkit.goat.init import alignment_factors, base_delta, lora_experts, svd_experts
+from meldkit.goat.layer import GoatLinear
+
+# Names of classification heads that "all-linear" leaves alone (PEFT's SEQ_CLS_HEAD_NAMES).
+HEAD_NAMES = ("score", "classifier")
+
+
+def goat_layers(model: nn.Module) -> Iterator[tuple[str, GoatLinear]]:
+    """``(qualified name, layer)`` of every GOAT layer of ``model``, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, GoatLinear):
+            yield name, module
+
+
+def _matches(name: str, targets: tuple[str, ...]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _excluded_heads(model: nn.Module) -> list[str]:
+    """Module-name prefixes that "all-linear" skips: the output embedding and classifier heads."""
+    heads: list[nn.Module] = []
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        out = get_out()
+        if isinstance(out, nn.Module):
+            heads.append(out)
+    heads += [m for n in HEAD_NAMES if isinstance(m := getattr(model, n, None), nn.Module)]
+    return [name for name, module in model.named_modules() if any(module is h for h in heads)]
+
+
+def find_targets(model: nn.Module, target_modules: str | tuple[str, ...]) -> list[str]:
+    """Qualified names of the ``nn.Linear`` layers that ``target_modules`` selects.
+
+    Raises
+    ------
+    ValueError
+        When a selected module is not an ``nn.Linear`` (or is used by ``nn.MultiheadAttention``,
+        which reads its weight directly), is shared under two names, or when nothing matches.
+    """
+    shared: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        shared.setdefault(id(module), []).append(name)
+    inside_mha = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    excluded = _excluded_heads(model) if target_modules == ALL_LINEAR else []
+    found = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if target_modules == ALL_LINEAR:
+            if not isinstance(module, nn.Linear) or id(module) in inside_mha:
+                continue
+            if any(name == h or name.startswith(h + ".") for h in excluded):
+                continue
+        elif not _matches(name, target_modules):
+            continue
+        elif not isinstance(module, nn.Linear) or id(module) in inside_mha:
+            raise ValueError(
+                f"meldkit.goat.wrap: target {name!r} is a {type(module).__name__}; GOAT adapts "
+                "nn.Linear layers only (check target_modules)"
+            )
+        if len(shared[id(module)]) > 1:
+            raise ValueError(
+                f"meldkit.goat.wrap: target {name!r} is shared as {shared[id(module)]}; "
+                "untie it or leave it out of target_modules"
+            )
+        found.append(name)
+    if not found:
+        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
+        raise ValueError(
+            f"meldkit.goat.wrap: target_modules={target_modules!r} matches no nn.Linear of the "
+            f"model (some of its linear layers: {linear})"
+        )
+    return found
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _check_weight(name: str, linear: nn.Linear) -> None:
+    if not linear.weight.is_floating_point():
+        raise ValueError(
+            f"meldkit.goat.wrap: {name!r}: weight dtype {linear.weight.dtype} is not floating "
+            "point (quantized layers are not supported)"
+        )
+    if linear.weight.device.type == "meta":
+        raise ValueError(f"meldkit.goat.wrap: {name!r}: weight is on the meta device (not loaded)")
+
+
+def _shift_base(weight: torch.Tensor, delta_a: torch.Tensor, delta_b: torch.Tensor, sign: int):
+    """``weight ← weight + sign · delta_b @ delta_a`` in fp32 (fp64 for an fp64 weight), rounded
+    once to the weight's dtype; the product is :func:`base_delta`'s fixed-order one."""
+    delta = base_delta(delta_a.to(weight.device), delta_b.to(weight.device))
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    with torch.no_grad():
+        weight.copy_(weight.to(acc) + sign * delta.to(acc))
+
+
+def adjust_base(layer: GoatLinear, delta_a: torch.Tensor, delta_b: torch.Tensor) -> None:
+    """Set the base weight to ``W0 − delta_b @ delta_a`` and remember the factors in
+    ``layer.alignment`` (fp32, CPU)."""
+    _shift_base(layer.base_layer.weight, delta_a, delta_b, -1)
+    layer.alignment = (delta_a.detach().cpu(), delta_b.detach().cpu())
+
+
+def build_layer(
+    linear: nn.Linear,
+    config: GoatConfig,
+    *,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    router_weight: torch.Tensor,
+    alignment: tuple[torch.Tensor, torch.Tensor] | None,
+    keep_original: bool,
+) -> GoatLinear:
+    """A :class:`GoatLinear` around ``linear`` with the given weights; applies ``alignment`` to
+    the base, keeping a CPU copy of W0 first when ``keep_original`` (an unadjusted base needs
+    none)."""
+    layer = GoatLinear(linear, config, lora_a, lora_b, router_weight)
+    if alignment is not None:
+        if keep_original:
+            layer.original_weight = linear.weight.detach().to("cpu", copy=True)
+        adjust_base(layer, *alignment)
+    return layer
+
+
+def freeze_base(model: nn.Module) -> None:
+    """``requires_grad = False`` on every parameter but the GOAT experts and routers."""
+    trainable: set[int] = set()
+    for _, layer in goat_layers(model):
+        trainable |= {id(layer.lora_a), id(layer.lora_b), id(layer.router.weight)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+
+
+def wrap(model: nn.Module, config: GoatConfig, *, keep_original: bool = True) -> nn.Module:
+    """Replace the targeted ``nn.Linear`` layers of ``model`` by GOAT layers, in place.
+
+    For each target W0 ``[m, n]`` (n = in_features) with s = ``config.scaling_for(n)``:
+
+    - experts A ``[E, d, n]``, B ``[E, m, d]`` (fp32, on the weight's device) from
+      ``config.init`` (:mod:`meldkit.goat.init`); for the SVD inits the base weight becomes
+      ``W̃0 = W0 − (s/E) Σ_j B_j A_j`` (fp32 arithmetic, rounded once to the base dtype);
+    - a router ``nn.Linear(n, E, bias=False)`` in fp32 with PyTorch's default init
+      (Kaiming-uniform, a = √5), drawn from the default generator;
+    - every parameter of the model except the experts and routers is frozen.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any PyTorch or Hugging Face model; modified in place.
+    config : GoatConfig
+        Which layers and how (see :class:`GoatConfig`).
+    keep_original : bool
+        Keep a CPU copy of every W0 that the init adjusts (SVD inits) so that :func:`unwrap`
+        restores it bit-exactly.
+        This costs host memory (not accelerator memory) equal to the adapted weights, about the
+        model's size for ``"all-linear"``. Without it, :func:`unwrap` adds the stored
+        adjustment back: within the rounding errors of W̃0 and of that sum in the base dtype,
+        not bit-exact.
+
+    Returns
+    -------
+    nn.Module
+        ``model``.
+
+    Raises
+    ------
+    TypeError
+        ``config`` is not a :class:`GoatConfig`.
+    ValueError
+        Nothing matches ``config.target_modules``, a target is not a floating-point
+        ``nn.Linear``, a layer is too small for an SVD init (min(m, n) < rank), or the model
+        already has GOAT layers.
+    """
+    if not isinstance(config, GoatConfig):
+        raise TypeError(f"meldkit.goat.wrap: config must be a GoatConfig, got {type(config)}")
+    if any(True for _ in goat_layers(model)):
+        raise ValueError("meldkit.goat.wrap: the model already has GOAT layers (unwrap it first)")
+    names = find_targets(model, config.target_modules)
+    e, d = config.num_experts, config.expert_rank
+    for name in names:
+        linear = model.get_submodule(name)
+        _check_weight(name, linear)
+        if config.init != "lora" and min(linear.weight.shape) < config.rank:
+            raise ValueError(
+                f"meldkit.goat.wrap: {name!r}: init {config.init!r} needs min(out_features, "
+                f"in_features) ≥ rank = {config.rank}, got nn.Linear({linear.in_features}, "
+                f"{linear.out_features})"
+            )
+    for name in names:
+        linear = model.get_submodule(name)
+        device = linear.weight.device
+        s = config.scaling_for(linear.in_features)
+        if config.init == "lora":
+            lora_a, lora_b = lora_experts(
+                linear.in_features,
+                linear.out_features,
+                num_experts=e,
+                expert_rank=d,
+                device=device,
+            )
+            alignment = None
+        else:
+            lora_a, lora_b = svd_experts(
+                linear.weight,
+                init=config.init,
+                num_experts=e,
+                expert_rank=d,
+                scaling=s,
+                rho=config.rho,
+            )
+            alignment = alignment_factors(lora_a, lora_b, s / e)
+        router = nn.Linear(linear.in_features, e, bias=False, device=device)
+        layer = build_layer(
+            linear,
+            config,
+            lora_a=lora_a,
+            lora_b=lora_b,
+            router_weight=router.weight.detach(),
+            alignment=alignment,
+            keep_original=keep_original,
+        )
+        replace_module(model, name, layer)
+    freeze_base(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Put the original ``nn.Linear`` layers back, in place, with their original weights.
+
+    Bit-exact when the model was wrapped (or loaded) with ``keep_original=True``; otherwise W0
+    is recomputed as ``W̃0 + delta_b @ delta_a`` in fp32 and rounded once to the base dtype
+    (close to, not exactly, the original).
+    The base layers' ``requires_grad`` flags are restored to what they were before wrapping; the
+    rest of the model stays frozen.
+
+    Returns
+    -------
+    nn.Module
+        ``model``, without GOAT layers.
+    """
+    layers = list(goat_layers(model))
+    if not layers:
+        raise ValueError("meldkit.goat.unwrap: the model has no GOAT layers")
+    for name, layer in layers:
+        base = layer.base_layer
+        if layer.original_weight is not None:
+            with torch.no_grad():
+                base.weight.copy_(layer.original_weight)
+        elif layer.alignment is not None:
+            _shift_base(base.weight, *layer.alignment, +1)
+        for pname, p in base.named_parameters():
+            p.requires_grad_(layer.base_requires_grad.get(pname, True))
+        replace_module(model, name, base)
+    return model
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """``aux_loss_coef · Σ_layers L_layer``, the load-balancing loss of the last forward.
+
+    Each layer's ``L = E · Σ_i (c_i/T) · (Σ_t p_i(t)/T)`` is the official code's normalisation
+    (k times the paper's Switch-style Σ_i f_i P_i; see :meth:`GoatLinear.balance_loss`);
+    gradients flow through the router probabilities p only. Add it to the task loss before
+    ``backward()``.
+
+    Returns
+    -------
+    Tensor
+        A scalar fp32 tensor.
+
+    Raises
+    ------
+    ValueError
+        The model has no GOAT layers.
+    RuntimeError
+        No forward pass has run since wrapping.
+    """
+    layers = [layer for _, layer in goat_layers(model)]
+    if not layers:
+        raise ValueError("meldkit.goat.aux_loss: the model has no GOAT layers")
+    return sum(layer.config.aux_loss_coef * layer.balance_loss() for layer in layers)
+
+
+def config_of(model: nn.Module) -> GoatConfig:
+    """The :class:`GoatConfig` the model's GOAT layers were built with.
+
+    Raises
+    ------
+    ValueError
+        The model has no GOAT layers, or layers built with different configurations.
+    """
+    configs = {layer.config for _, layer in goat_layers(model)}
+    if not configs:
+        raise ValueError("meldkit.goat: the model has no GOAT layers")
+    if len(configs) > 1:
+        raise ValueError(f"meldkit.goat: the model's GOAT layers have {len(configs)} configs")
+    return configs.pop()

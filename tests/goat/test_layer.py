@@ -1,0 +1,267 @@
+"""GoatLinear behaviour (dropout seeds, dtypes, the balance loss) and adapter files, unwrap and
+DDP on a plain PyTorch model."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import meldkit.goat as goat
+from meldkit.goat import layer as goat_layer
+from meldkit.ops import routed_lora
+from tests.goat.tiny_models import mlp
+
+E, RANK = 4, 8
+
+
+def config(**kw) -> goat.GoatConfig:
+    return goat.GoatConfig(**{"num_experts": E, "top_k": 2, "rank": RANK, **kw})
+
+
+def train(model: nn.Module, steps: int = 3, seed: int = 5) -> None:
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, target = torch.randn(16, 40), torch.randn(16, 36)
+    model.train()
+    for _ in range(steps):
+        out = model(x.to(model[0].base_layer.weight.dtype))
+        loss = (out.float() - target).pow(2).mean() + goat.aux_loss(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+# ---- the layer -----------------------------------------------------------------------------
+
+
+def test_dropout_seed_per_call_from_the_default_generator(monkeypatch):
+    seeds = []
+
+    def spy(*args, **kwargs):
+        seeds.append(kwargs["seed"])
+        return routed_lora(*args, **kwargs)
+
+    monkeypatch.setattr(goat_layer, "routed_lora", spy)
+    model = goat.wrap(mlp(), config(dropout=0.3)).train()
+    x = torch.randn(6, 40)
+    torch.manual_seed(1)
+    y1 = model(x)
+    torch.manual_seed(1)
+    y2 = model(x)
+    y3 = model(x)
+    assert torch.equal(y1, y2) and not torch.equal(y1, y3)
+    assert seeds[:2] == seeds[2:4] and len(set(seeds[:2] + seeds[4:])) == 4
+    assert all(0 <= s < 2**62 for s in seeds)
+
+    seeds.clear()
+    model.eval()
+    state = torch.get_rng_state()
+    y_eval = model(x)
+    assert seeds == [None, None]  # no dropout and no draw in eval mode
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(y_eval, y1)
+
+
+def test_reduced_precision_base():
+    base = mlp(dtype=torch.bfloat16)
+    model = goat.wrap(copy.deepcopy(base), config())
+    layer = model[0]
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    x = torch.randn(5, 40, dtype=torch.bfloat16, requires_grad=True)
+    model.eval()
+    h = layer(x)
+    delta, _ = routed_lora(
+        x.float(),
+        layer.lora_a,
+        layer.lora_b,
+        layer.scaling,
+        router_weight=layer.router.weight,
+        top_k=2,
+    )
+    assert h.dtype == torch.bfloat16
+    assert torch.equal(h, (layer.base_layer(x) + delta).to(torch.bfloat16))
+    model(x).float().sum().backward()
+    assert x.grad is not None and layer.lora_a.grad.dtype == torch.float32
+
+
+def test_balance_loss_formula():
+    model = goat.wrap(mlp(), config(aux_loss_coef=0.5, dropout=0.0))
+    with pytest.raises(RuntimeError, match="no forward"):
+        goat.aux_loss(model)
+    x = torch.randn(3, 7, 40)
+    model(x)
+    layer = model[0]
+    probs = torch.softmax(x.reshape(-1, 40) @ layer.router.weight.T, dim=-1)
+    counts = torch.zeros(E).index_add_(0, probs.topk(2).indices.flatten(), torch.ones(42))
+    expected = E * (counts / 21 * probs.sum(0) / 21).sum()  # official: k × the paper's f·P
+    torch.testing.assert_close(layer.balance_loss(), expected)
+    total = model[0].balance_loss() + model[2].balance_loss()
+    loss = goat.aux_loss(model)
+    torch.testing.assert_close(loss, 0.5 * total)
+    assert loss > 0
+    loss.backward()
+    assert layer.router.weight.grad.abs().sum() > 0  # flows through p only
+    last = model[2].lora_a.grad  # the last layer's experts do not feed any router
+    assert last is None or not last.any()
+    with pytest.raises(ValueError, match="no GOAT layers"):
+        goat.aux_loss(mlp())
+
+
+def test_only_experts_and_routers_train():
+    model = goat.wrap(mlp(), config())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{i}.{p}" for i in (0, 2) for p in ("lora_a", "lora_b", "router.weight")}
+
+
+# ---- save, load, unwrap ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("init", ["goat", "lora"])
+def test_save_load_round_trip_is_exact(tmp_path, dtype, init):
+    model = goat.wrap(mlp(dtype=dtype), config(init=init))
+    train(model)
+    path = goat.save_adapter(model, tmp_path / "adapter.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter.safetensors"]  # no temp file left
+    cfg, layers, _ = goat.read_adapter(path)
+    assert cfg == config(init=init) and list(layers) == ["0", "2"]
+
+    fresh = goat.load_adapter(mlp(dtype=dtype), path).eval()
+    assert_same_state(fresh, model)
+    x = torch.randn(4, 40, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
+    # Loading into a model wrapped with the same config replaces its adapter, exactly.
+    again = goat.load_adapter(goat.wrap(mlp(dtype=dtype), config(init=init)), path)
+    assert_same_state(again, model)
+    # Saving over an existing file replaces it.
+    goat.save_adapter(fresh, path)
+    assert_same_state(goat.load_adapter(mlp(dtype=dtype), path), model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unwrap_restores_the_original_weights(dtype):
+    base = mlp(dtype=dtype)
+    base[0].bias.requires_grad_(False)
+    model = goat.wrap(copy.deepcopy(base), config())
+    train(model)
+    goat.unwrap(model)
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+    assert_same_state(model, base)
+    assert [p.requires_grad for p in model[0].parameters()] == [True, False]
+
+    # Without the kept copy, W0 comes back up to the roundings of W̃0 and of the sum.
+    model = goat.wrap(copy.deepcopy(base), config(), keep_original=False)
+    adjusted = [layer.base_layer.weight.detach().clone() for _, layer in goat.goat_layers(model)]
+    goat.unwrap(model)
+    for i, adj in zip((0, 2), adjusted, strict=True):
+        got, want = model[i].weight.double(), base[i].weight.double()
+        assert not torch.equal(adj.double(), want)
+        bound = torch.finfo(dtype).eps * (want.abs() + adj.double().abs())
+        assert ((got - want).abs() <= bound).all()
+    with pytest.raises(ValueError, match="no GOAT layers"):
+        goat.unwrap(model)
+
+
+def test_mismatched_adapters_are_refused(tmp_path):
+    path = goat.save_adapter(goat.wrap(mlp(), config()), tmp_path / "a.safetensors")
+
+    narrow = nn.Sequential(nn.Linear(40, 20), nn.GELU(), nn.Linear(20, 36))
+    with pytest.raises(goat.AdapterError, match=r"'0' is nn.Linear\(40, 20\)"):
+        goat.load_adapter(narrow, path)
+    assert not list(goat.goat_layers(narrow))  # untouched
+
+    with pytest.raises(goat.AdapterError, match="'2' not found"):
+        goat.load_adapter(nn.Sequential(nn.Linear(40, 24)), path)
+
+    deeper = nn.Sequential(*mlp(), nn.Linear(36, 36))
+    with pytest.raises(goat.AdapterError, match="selects other layers"):
+        goat.load_adapter(deeper, path)
+
+    with pytest.raises(goat.AdapterError, match="differs from the model's GOAT config"):
+        goat.load_adapter(goat.wrap(mlp(), config(rho=5.0)), path)
+
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(goat.AdapterError, match="not a GOAT adapter"):
+        goat.load_adapter(mlp(), tmp_path / "other.safetensors")
+    with pytest.raises(goat.AdapterError, match="not a readable"):
+        goat.load_adapter(mlp(), tmp_path / "missing.safetensors")
+
+
+# ---- data parallel -----------------------------------------------------------------------
+
+
+DATA_PARALLEL = """
+import datetime, sys
+import torch
+import torch.distributed as dist
+import meldkit.goat as goat
+from tests.goat.tiny_models import mlp
+
+dist.init_process_group(
+    "gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=datetime.timedelta(seconds=60)
+)
+model = goat.wrap(mlp(), goat.GoatConfig(num_experts=4, top_k=2, rank=8))
+if sys.argv[1] == "ddp":
+    from torch.nn.parallel import DistributedDataParallel
+
+    parallel = DistributedDataParallel(model)
+else:
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # public from torch 2.6
+        print("skip: this torch has no torch.distributed.fsdp.fully_shard")
+        sys.exit(0)
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    parallel = fully_shard(model)
+loss = parallel(torch.randn(8, 40)).pow(2).mean() + goat.aux_loss(parallel)
+loss.backward()
+for name, p in model.named_parameters():
+    assert (p.grad is not None) == p.requires_grad, name
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_data_parallel(wrapper):
+    """One gloo rank on the CPU. In a child process, so that the process group (global state)
+    and a stuck collective cannot affect the other tests."""
+    root = Path(__file__).resolve().parents[2]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", DATA_PARALLEL, wrapper],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    if result.stdout.startswith("skip: "):
+        pytest.skip(result.stdout.strip().removeprefix("skip: "))
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

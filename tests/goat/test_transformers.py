@@ -1,0 +1,110 @@
+"""GOAT on tiny Hugging Face models built from configs: Llama (causal LM, chosen targets) and
+RoBERTa (sequence classification, "all-linear")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import meldkit.goat as goat
+from tests.goat.tiny_models import tiny_llama, tiny_roberta
+
+pytest.importorskip("transformers")
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def llama_config(**kw) -> goat.GoatConfig:
+    return goat.GoatConfig(
+        **{"num_experts": 4, "top_k": 2, "rank": 8, "target_modules": LLAMA_TARGETS, **kw}
+    )
+
+
+def batch(vocab: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (2, 12), generator=g)
+
+
+def test_llama_trains():
+    model = goat.wrap(tiny_llama(), llama_config())
+    names = [name for name, _ in goat.goat_layers(model)]
+    assert len(names) == 2 * len(LLAMA_TARGETS)
+    assert all(name.rsplit(".", 1)[1] in LLAMA_TARGETS for name in names)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 3 * len(names)
+    assert all(n.endswith(("lora_a", "lora_b", "router.weight")) for n in trainable)
+
+    ids = batch(model.config.vocab_size)
+    with torch.no_grad():
+        before = model(ids, labels=ids).loss
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    torch.manual_seed(0)
+    model.train()
+    for step in range(6):
+        out = model(ids, labels=ids)
+        aux = goat.aux_loss(model)
+        if step == 0:
+            assert aux > 0 and aux.requires_grad
+        opt.zero_grad()
+        (out.loss + aux).backward()
+        if step == 0:
+            assert all(
+                p.grad is not None and p.grad.abs().sum() > 0
+                for n, p in model.named_parameters()
+                if p.requires_grad
+            )
+            assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = model(ids, labels=ids).loss
+    assert after < before - 0.1
+
+
+def test_llama_adapter_round_trip(tmp_path):
+    model = goat.wrap(tiny_llama(), llama_config())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = batch(model.config.vocab_size)
+    model.train()
+    for _ in range(2):
+        loss = model(ids, labels=ids).loss + goat.aux_loss(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    path = goat.save_adapter(model, tmp_path / "llama.safetensors")
+
+    fresh = goat.load_adapter(tiny_llama(), path).eval()  # the base, loaded anew
+    sa, sb = model.state_dict(), fresh.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, fresh(ids).logits)
+
+    base = tiny_llama()
+    goat.unwrap(fresh)
+    assert not list(goat.goat_layers(fresh))
+    sa, sb = base.state_dict(), fresh.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    with pytest.raises(goat.AdapterError, match="not found in the model"):
+        goat.load_adapter(tiny_roberta(), path)
+
+
+def test_roberta_all_linear():
+    model = tiny_roberta()
+    model = goat.wrap(model, goat.GoatConfig(num_experts=4, top_k=2, rank=8))
+    names = [name for name, _ in goat.goat_layers(model)]
+    # q, k, v, attention output, intermediate, output per layer; the classifier head is left out.
+    assert len(names) == 12
+    assert not any(name.startswith("classifier") for name in names)
+    assert isinstance(model.classifier.dense, nn.Linear)
+    ids = batch(model.config.vocab_size)
+    labels = torch.tensor([0, 2])
+    model.train()
+    out = model(ids, labels=labels)
+    (out.loss + goat.aux_loss(model)).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert len(grads) == 36 and all(g is not None for g in grads)
