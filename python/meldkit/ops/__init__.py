@@ -10,7 +10,7 @@ from meldkit.ops.weighted_sum import weighted_sum
 from meldkit.ops.weighted_sum_ref import weighted_sum_ref
 
 # Every op family with native kernels, by the stem its files share (csrc/<op>, bindings/<op>.cpp).
-NATIVE_OPS = ("weighted_sum", "merge")
+NATIVE_OPS = ("weighted_sum", "merge", "routed_lora", "logit_fusion")
 
 __all__ = [
     "NATIVE_OPS",
