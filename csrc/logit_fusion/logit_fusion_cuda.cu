@@ -406,31 +406,6 @@ __global__ void __launch_bounds__(kThreads) FusedLogitsKernel(Args a) {
 // ---- host --------------------------------------------------------------------------------------
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t align_up(int64_t bytes) { return (bytes + 255) / 256 * 256; }
-
-// Stream-ordered scratch: freed on the stream when the call ends, also when it throws.
-class AsyncScratch {
- public:
-  AsyncScratch(int64_t bytes, cudaStream_t stream) : stream_(stream) {
-    if (bytes > 0)
-      cuda_check(cudaMallocAsync(&ptr_, size_t(bytes), stream), kOp, "cudaMallocAsync");
-  }
-  ~AsyncScratch() {
-    if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);  // error path only; errors already raised
-  }
-  char* get() const { return static_cast<char*>(ptr_); }
-  void release() {
-    void* p = ptr_;
-    ptr_ = nullptr;
-    if (p != nullptr) cuda_check(cudaFreeAsync(p, stream_), kOp, "cudaFreeAsync");
-  }
-  AsyncScratch(const AsyncScratch&) = delete;
-  AsyncScratch& operator=(const AsyncScratch&) = delete;
-
- private:
-  void* ptr_ = nullptr;
-  cudaStream_t stream_;
-};
 
 int elementwise_blocks(int64_t total) {
   return int(std::min<int64_t>(ceil_div(total, kThreads), kElementwiseMaxBlocks));
@@ -497,7 +472,7 @@ void logit_fusion_cuda(const LogitFusionParams& p, int device, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   const int64_t mask_bytes = align_up(B * V);
   const int64_t partial_bytes = align_up(B * a.num_chunks * a.state_size * int64_t(sizeof(float)));
-  AsyncScratch scratch(mask_bytes + partial_bytes, s);
+  AsyncScratch scratch(mask_bytes + partial_bytes, s, kOp);
   a.mask = reinterpret_cast<uint8_t*>(scratch.get());
   a.partial = reinterpret_cast<float*>(scratch.get() + mask_bytes);
   MELDKIT_DISPATCH_FLOAT(p.dtype, kOp, "large", TIn, { run<TIn>(a, s); });

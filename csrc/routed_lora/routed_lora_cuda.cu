@@ -631,34 +631,6 @@ int column_splits(int64_t num_tokens, int64_t threads) {
   return int(std::clamp<int64_t>(std::min(by_threads, by_tokens), 1, kMaxSplits));
 }
 
-int64_t align_up(int64_t bytes) { return (bytes + 255) / 256 * 256; }
-
-// Stream-ordered scratch: freed on the stream when the call ends, also when it throws.
-class AsyncScratch {
- public:
-  AsyncScratch(int64_t bytes, cudaStream_t stream, const char* op) : stream_(stream), op_(op) {
-    if (bytes > 0) {
-      cuda_check(cudaMallocAsync(&ptr_, size_t(bytes), stream), op, "cudaMallocAsync");
-    }
-  }
-  ~AsyncScratch() {
-    if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);  // error path only; errors already raised
-  }
-  char* get() const { return static_cast<char*>(ptr_); }
-  void release() {
-    void* p = ptr_;
-    ptr_ = nullptr;
-    if (p != nullptr) cuda_check(cudaFreeAsync(p, stream_), op_, "cudaFreeAsync");
-  }
-  AsyncScratch(const AsyncScratch&) = delete;
-  AsyncScratch& operator=(const AsyncScratch&) = delete;
-
- private:
-  void* ptr_ = nullptr;
-  cudaStream_t stream_;
-  const char* op_;
-};
-
 // One column-kernel launch (and its fold when split). `rows`/`z` targets get their partials
 // pointers here.
 struct ColumnPlan {

@@ -46,6 +46,53 @@ inline bool is_aligned(const void* p, int bytes) {
   return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
 }
 
+inline int64_t align_up(int64_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// Stream-ordered scratch memory from the device's default memory pool (cudaMallocAsync): no host
+// synchronisation, so calls that use it can be captured in CUDA graphs. It is freed on the stream
+// when the call ends, and also when a launch check throws. The first use on a device raises the
+// default pool's release threshold: by default the pool hands its memory back to the driver at
+// every synchronisation, and each call would then map it again (tens to hundreds of
+// microseconds); kept, a call's scratch is a pointer bump.
+class AsyncScratch {
+ public:
+  AsyncScratch(int64_t bytes, cudaStream_t stream, const char* op) : stream_(stream), op_(op) {
+    if (bytes <= 0) return;
+    retain_pool(op);
+    cuda_check(cudaMallocAsync(&ptr_, size_t(bytes), stream), op, "cudaMallocAsync");
+  }
+  ~AsyncScratch() {
+    if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);  // error path only; errors already raised
+  }
+  char* get() const { return static_cast<char*>(ptr_); }
+  void release() {
+    void* p = ptr_;
+    ptr_ = nullptr;
+    if (p != nullptr) cuda_check(cudaFreeAsync(p, stream_), op_, "cudaFreeAsync");
+  }
+  AsyncScratch(const AsyncScratch&) = delete;
+  AsyncScratch& operator=(const AsyncScratch&) = delete;
+
+ private:
+  static void retain_pool(const char* op) {
+    constexpr int kMaxDevices = 64;
+    static bool retained[kMaxDevices] = {};
+    int device = 0;
+    cuda_check(cudaGetDevice(&device), op, "cudaGetDevice");
+    if (device < 0 || device >= kMaxDevices || retained[device]) return;
+    cudaMemPool_t pool;
+    cuda_check(cudaDeviceGetDefaultMemPool(&pool, device), op, "cudaDeviceGetDefaultMemPool");
+    uint64_t keep = UINT64_MAX;
+    cuda_check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), op,
+               "cudaMemPoolSetAttribute");
+    retained[device] = true;
+  }
+
+  void* ptr_ = nullptr;
+  cudaStream_t stream_;
+  const char* op_;
+};
+
 // A fixed-size array of T loaded and stored as one aligned access (16 bytes for fp32 x 4).
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Packed {

@@ -38,8 +38,12 @@ s), which is why the two presets train differently.
 Training: only the experts and routers are trainable (fp32 master weights whatever the base
 dtype; the model's other parameters are frozen). In training mode each layer draws a fresh
 dropout seed from torch's default CPU generator on every forward, so ``torch.manual_seed``
-reproduces a run. Everything a layer holds is an ordinary parameter or a constant, so DDP and
-FSDP replicate it like any module (each replica computes its own aux loss from its own tokens).
+reproduces a run; activation checkpointing (``torch.utils.checkpoint``, whose default
+``preserve_rng_state=True`` restores that generator before recomputing) replays the same masks.
+Checkpoint with ``use_reentrant=False``: the reentrant variant runs the forward without autograd,
+so :func:`aux_loss` could not reach the routers and raises. Everything a layer holds is an
+ordinary parameter or a constant, so DDP and FSDP replicate it like any module (each replica
+computes its own aux loss from its own tokens).
 """
 
 from meldkit.goat.config import GoatConfig

@@ -143,11 +143,26 @@ class GoatLinear(nn.Module):
         Raises
         ------
         RuntimeError
-            Before the first forward.
+            Before the first forward; or when grad mode is on, the router trains and the last
+            forward ran in training mode without autograd (under ``torch.no_grad``, or as the
+            first pass of reentrant activation checkpointing, which recomputes the layer only
+            during the backward): the loss would silently give the router no gradient.
         """
         probs = self._last_probs
         if probs is None:
             raise RuntimeError("GoatLinear.balance_loss: no forward pass has run yet")
+        if (
+            self.training
+            and torch.is_grad_enabled()
+            and self.router.weight.requires_grad
+            and not probs.requires_grad
+        ):
+            raise RuntimeError(
+                "GoatLinear.balance_loss: the last forward ran without autograd (torch.no_grad, "
+                "or reentrant activation checkpointing), so the aux loss would give the router "
+                "no gradient; checkpoint with use_reentrant=False (Hugging Face: "
+                "gradient_checkpointing_kwargs={'use_reentrant': False})"
+            )
         n_tokens, n_experts = probs.shape
         if n_tokens == 0:
             return probs.sum()

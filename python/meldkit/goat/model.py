@@ -286,7 +286,9 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     ValueError
         The model has no GOAT layers.
     RuntimeError
-        No forward pass has run since wrapping.
+        No forward pass has run since wrapping, or the last training-mode forward ran without
+        autograd while grad mode is on now (reentrant activation checkpointing; see
+        :meth:`GoatLinear.balance_loss`).
     """
     layers = [layer for _, layer in goat_layers(model)]
     if not layers:
