@@ -19,33 +19,9 @@ constexpr const char* kOp = "logit_fusion";
 const DType* const kBegin = std::begin(kFloatDtypes);
 const DType* const kEnd = std::end(kFloatDtypes);
 
-void check_output(const TensorArg& t, const TensorArg& ref, const std::vector<int64_t>& shape,
-                  DType dtype) {
-  check_same_device(t, ref);
-  check_contiguous(t);
-  check_writable(t);
-  if (t.shape != shape || t.dtype != dtype) {
-    std::string want = "[";
-    for (size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + std::to_string(shape[i]);
-    throw_value_error(t.name.prefix() + ": expected shape " + want + "] and dtype " +
-                      dtype_name(dtype) + ", got " + t.shape_str() + " " + dtype_name(t.dtype));
-  }
-}
-
 }  // namespace
 
-py::dict logit_fusion_native_dtypes() {
-  py::dict d;
-  py::list cpu, cuda;
-  for (const DType* t = kBegin; t != kEnd; ++t) {
-    cpu.append(dtype_name(*t));
-    cuda.append(dtype_name(*t));
-  }
-  cpu.append(dtype_name(DType::kFloat64));
-  d["cpu"] = cpu;
-  if (has_cuda()) d["cuda"] = cuda;
-  return d;
-}
+py::dict logit_fusion_native_dtypes() { return float_dtype_table(/*cpu_float64=*/true); }
 
 void logit_fusion(py::handle large, py::handle small_base, py::handle experts, py::handle alphas,
                   py::handle loss, py::handle alpha, py::handle expert, py::handle logits,
@@ -95,22 +71,17 @@ void logit_fusion(py::handle large, py::handle small_base, py::handle experts, p
   const int64_t n = int64_t(grid.size());
   const DType acc = l.dtype == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
   TensorArg tl = import_tensor(loss, {kOp, "loss"}, stream);
-  check_output(tl, l, {B, T, n}, acc);
+  check_fixed(tl, l, {B, T, n}, acc, true);
   TensorArg ta = import_tensor(alpha, {kOp, "alpha"}, stream);
-  check_output(ta, l, {B}, acc);
+  check_fixed(ta, l, {B}, acc, true);
   TensorArg te = import_tensor(expert, {kOp, "expert"}, stream);
-  check_same_device(te, l);
-  check_contiguous(te);
-  check_writable(te);
-  if (te.shape != std::vector<int64_t>{B} || te.dtype != DType::kInt64) {
-    throw_value_error(te.name.prefix() + ": expected int64 of shape [" + std::to_string(B) + "]");
-  }
+  check_fixed(te, l, {B}, DType::kInt64, true);
   std::vector<TensorArg> inputs = {l, s, x};
   std::vector<const TensorArg*> outs = {&tl, &ta, &te};
   TensorArg tg;
   if (!logits.is_none()) {
     tg = import_tensor(logits, {kOp, "logits"}, stream);
-    check_output(tg, l, {B, V}, acc);
+    check_fixed(tg, l, {B, V}, acc, true);
     outs.push_back(&tg);
   }
   for (const TensorArg* o : outs) check_no_partial_overlap(*o, inputs);

@@ -161,31 +161,13 @@ void import_common(const char* op, bool forward, Call& c, py::handle x, py::hand
 TensorArg import_fixed(py::handle obj, ArgName name, int64_t stream, const Call& c,
                        const std::vector<int64_t>& shape, DType dtype, bool writable) {
   TensorArg t = import_tensor(obj, std::move(name), stream);
-  check_same_device(t, c.x);
-  check_contiguous(t);
-  if (writable) check_writable(t);
-  check_shape(t, shape, "");
-  if (t.dtype != dtype) {
-    throw_type_error(t.name.prefix() + ": dtype " + dtype_name(t.dtype) + ", expected " +
-                     dtype_name(dtype));
-  }
+  check_fixed(t, c.x, shape, dtype, writable);
   return t;
 }
 
 }  // namespace
 
-py::dict routed_lora_native_dtypes() {
-  py::dict d;
-  py::list cpu, cuda;
-  for (const DType* t = kBegin; t != kEnd; ++t) {
-    cpu.append(dtype_name(*t));
-    cuda.append(dtype_name(*t));
-  }
-  cpu.append(dtype_name(DType::kFloat64));
-  d["cpu"] = cpu;
-  if (has_cuda()) d["cuda"] = cuda;
-  return d;
-}
+py::dict routed_lora_native_dtypes() { return float_dtype_table(/*cpu_float64=*/true); }
 
 void routed_lora_forward(py::handle x, py::handle lora_a, py::handle lora_b, py::handle scaling,
                          py::handle router_weight, py::handle gates, int64_t top_k, double dropout,

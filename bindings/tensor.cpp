@@ -6,6 +6,7 @@
 
 #include "dlpack_abi.h"
 #include "meldkit/status.h"
+#include "ops.h"
 
 namespace meldkit::bind {
 
@@ -257,6 +258,35 @@ std::vector<float> import_floats(py::handle obj, ArgName name, size_t expected, 
     }
   }
   return w;
+}
+
+void check_fixed(const TensorArg& t, const TensorArg& ref, const std::vector<int64_t>& shape,
+                 DType dtype, bool writable) {
+  check_same_device(t, ref);
+  check_contiguous(t);
+  if (writable) check_writable(t);
+  if (t.shape != shape) {
+    std::string want = "[";
+    for (size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + std::to_string(shape[i]);
+    throw_value_error(t.name.prefix() + ": shape " + t.shape_str() + ", expected " + want + "]");
+  }
+  if (t.dtype != dtype) {
+    throw_type_error(t.name.prefix() + ": dtype " + dtype_name(t.dtype) + ", expected " +
+                     dtype_name(dtype));
+  }
+}
+
+py::dict float_dtype_table(bool cpu_float64) {
+  py::list cpu, cuda;
+  for (DType t : kFloatDtypes) {
+    cpu.append(dtype_name(t));
+    cuda.append(dtype_name(t));
+  }
+  if (cpu_float64) cpu.append(dtype_name(DType::kFloat64));
+  py::dict d;
+  d["cpu"] = cpu;
+  if (has_cuda()) d["cuda"] = cuda;
+  return d;
 }
 
 }  // namespace meldkit::bind

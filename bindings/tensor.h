@@ -55,6 +55,15 @@ void check_dtype_in(const TensorArg& t, const DType* begin, const DType* end,
 // `out` may be exactly one of the inputs (same memory), never a partial overlap.
 void check_no_partial_overlap(const TensorArg& out, const std::vector<TensorArg>& inputs);
 
+// An output (or an input a previous pass wrote) of one exact shape and dtype, on ref's device,
+// contiguous; writable when `writable`.
+void check_fixed(const TensorArg& t, const TensorArg& ref, const std::vector<int64_t>& shape,
+                 DType dtype, bool writable);
+
+// {"cpu": [...], "cuda": [...]} of an op whose kernels take float32, bfloat16 and float16 (plus
+// float64 on the CPU when `cpu_float64`); "cuda" only in a CUDA build.
+py::dict float_dtype_table(bool cpu_float64);
+
 // A sequence of `expected` numbers as float32; non-finite values are refused (NaN always).
 std::vector<float> import_floats(py::handle obj, ArgName name, size_t expected,
                                  bool allow_inf = false);

@@ -16,43 +16,6 @@ constexpr int64_t kTokensPerChunk = 16;
 constexpr int kColumnBlock = 256;
 constexpr int64_t kParallelMinWork = 1 << 15;  // tokens x features below which one thread runs
 
-template <typename Acc>
-Acc load_as(const void* data, DType dtype, int64_t i) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return Acc(static_cast<const float*>(data)[i]);
-    case DType::kBFloat16:
-      return Acc(widen(static_cast<const bf16_t*>(data)[i]));
-    case DType::kFloat16:
-      return Acc(widen(static_cast<const f16_t*>(data)[i]));
-    case DType::kFloat64:
-      return Acc(static_cast<const double*>(data)[i]);
-    case DType::kInt64:  // never a routed_lora dtype (the binding checks)
-      break;
-  }
-  return Acc(0);
-}
-
-template <typename Acc>
-void store_as(void* data, DType dtype, int64_t i, Acc v) {
-  switch (dtype) {
-    case DType::kFloat32:
-      static_cast<float*>(data)[i] = float(v);
-      break;
-    case DType::kBFloat16:
-      static_cast<bf16_t*>(data)[i] = Store<bf16_t>::from(v);
-      break;
-    case DType::kFloat16:
-      static_cast<f16_t*>(data)[i] = Store<f16_t>::from(v);
-      break;
-    case DType::kFloat64:
-      static_cast<double*>(data)[i] = double(v);
-      break;
-    case DType::kInt64:  // never a routed_lora dtype (the binding checks)
-      break;
-  }
-}
-
 template <typename T, typename Acc>
 MELDKIT_ALWAYS_INLINE void load_row(const T* src, int n, Acc* dst) {
   for (int j = 0; j < n; ++j) dst[j] = Acc(widen(src[j]));

@@ -95,31 +95,6 @@ __device__ __forceinline__ void with_weights(DType dtype, const void* data, F&& 
   }
 }
 
-__device__ __forceinline__ float load_as(const void* data, DType dtype, int64_t i) {
-  switch (dtype) {
-    case DType::kBFloat16:
-      return widen(static_cast<const bf16_t*>(data)[i]);
-    case DType::kFloat16:
-      return widen(static_cast<const f16_t*>(data)[i]);
-    default:
-      return static_cast<const float*>(data)[i];
-  }
-}
-
-__device__ __forceinline__ void store_as(void* data, DType dtype, int64_t i, float v) {
-  switch (dtype) {
-    case DType::kBFloat16:
-      static_cast<bf16_t*>(data)[i] = Store<bf16_t>::from(v);
-      break;
-    case DType::kFloat16:
-      static_cast<f16_t*>(data)[i] = Store<f16_t>::from(v);
-      break;
-    default:
-      static_cast<float*>(data)[i] = v;
-      break;
-  }
-}
-
 // A kept element is multiplied by the dropout scale, a dropped one by 0 (so NaN and inf in x
 // still propagate, as the header's xd = x * keep * scale and the reference say).
 __device__ __forceinline__ float dropout_factor(uint32_t key, uint64_t element, float keep,
@@ -271,7 +246,7 @@ __global__ void __launch_bounds__(kTokenThreads) TokenForwardKernel(Args a) {
     } else {
       chosen = all_experts(E);
       for (int e = lane; e < E; e += kWarp) {
-        const float g = load_as(a.gates, a.gates_dtype, t * E + e);
+        const float g = load_as<float>(a.gates, a.gates_dtype, t * E + e);
         a.weights[t * E + e] = g;
         sc[e] = g * a.scaling[e];
       }

@@ -187,6 +187,40 @@ struct Store<f16_t> {
   }
 };
 
+// One element of a tensor whose dtype is known only at run time, read as / written from Acc: for
+// the few small per-call arrays (gates, weight gradients) that do not justify a template switch.
+template <typename Acc>
+MELDKIT_INLINE Acc load_as(const void* data, DType dtype, int64_t i) {
+  switch (dtype) {
+    case DType::kBFloat16:
+      return Acc(widen(static_cast<const bf16_t*>(data)[i]));
+    case DType::kFloat16:
+      return Acc(widen(static_cast<const f16_t*>(data)[i]));
+    case DType::kFloat64:
+      return Acc(static_cast<const double*>(data)[i]);
+    default:
+      return Acc(static_cast<const float*>(data)[i]);
+  }
+}
+
+template <typename Acc>
+MELDKIT_INLINE void store_as(void* data, DType dtype, int64_t i, Acc v) {
+  switch (dtype) {
+    case DType::kBFloat16:
+      static_cast<bf16_t*>(data)[i] = Store<bf16_t>::from(v);
+      break;
+    case DType::kFloat16:
+      static_cast<f16_t*>(data)[i] = Store<f16_t>::from(v);
+      break;
+    case DType::kFloat64:
+      static_cast<double*>(data)[i] = double(v);
+      break;
+    default:
+      static_cast<float*>(data)[i] = float(v);
+      break;
+  }
+}
+
 // The dtype sets the two dispatch switches below cover; bindings advertise and check them.
 constexpr DType kFloatDtypes[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16};
 constexpr DType kFloatAndDoubleDtypes[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16,
