@@ -53,6 +53,25 @@ def tensor_list(
     return tensors
 
 
+def float_tensor(op: str, name: str, t: object, dim: int = -1) -> torch.Tensor:
+    """``t`` as a floating tensor (float32, bfloat16, float16, float64) of ``dim`` dimensions
+    (any when -1)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(
+            f"meldkit.{op}: argument '{name}': expected a tensor, got {type(t).__name__}"
+        )
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"meldkit.{op}: argument '{name}': dtype {t.dtype} is not supported "
+            "(float32, bfloat16, float16 or float64)"
+        )
+    if dim >= 0 and t.dim() != dim:
+        raise ValueError(
+            f"meldkit.{op}: argument '{name}': expected {dim} dimensions, got shape {list(t.shape)}"
+        )
+    return t
+
+
 def float_list(op: str, name: str, values: object, expected: int) -> list[float]:
     """``values`` (a sequence of numbers or a 1-D tensor) as ``expected`` finite floats."""
     if isinstance(values, torch.Tensor):

@@ -118,16 +118,7 @@ def _error(exc: type[Exception], name: str, message: str) -> Exception:
 
 def _check_logits(name: str, t: object, like: torch.Tensor | None, dim: int) -> torch.Tensor:
     """``t`` as a floating tensor of ``dim`` dimensions, with the dtype and device of ``like``."""
-    if not isinstance(t, torch.Tensor):
-        raise _error(TypeError, name, f"expected a tensor, got {type(t).__name__}")
-    if t.dtype not in _checks.FLOAT_DTYPES:
-        raise _error(
-            TypeError,
-            name,
-            f"dtype {t.dtype} is not supported (float32, bfloat16, float16 or float64)",
-        )
-    if t.dim() != dim:
-        raise _error(ValueError, name, f"expected {dim} dimensions, got shape {list(t.shape)}")
+    _checks.float_tensor(_OP, name, t, dim)
     if like is not None:
         if t.dtype != like.dtype:
             raise _error(TypeError, name, f"dtype {t.dtype} differs from 'large' ({like.dtype})")

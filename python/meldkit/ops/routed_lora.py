@@ -358,16 +358,7 @@ def _error(exc: type[Exception], name: str, message: str) -> Exception:
 
 def _check_tensor(name: str, t: object, dim: int, device: torch.device | None) -> torch.Tensor:
     """``t`` as a floating tensor of ``dim`` dimensions (any when -1) on ``device``."""
-    if not isinstance(t, torch.Tensor):
-        raise _error(TypeError, name, f"expected a tensor, got {type(t).__name__}")
-    if t.dtype not in _checks.FLOAT_DTYPES:
-        raise _error(
-            TypeError,
-            name,
-            f"dtype {t.dtype} is not supported (float32, bfloat16, float16 or float64)",
-        )
-    if dim >= 0 and t.dim() != dim:
-        raise _error(ValueError, name, f"expected {dim} dimensions, got shape {list(t.shape)}")
+    _checks.float_tensor(_OP, name, t, dim)
     if device is not None and t.device != device:
         raise _error(TypeError, name, f"is on {t.device} but 'x' is on {device}")
     return t
