@@ -177,6 +177,9 @@ def run_demo(device: str | None = None) -> int:
     ok &= _demo_merge(dev)
     print(f"\nGOAT fine-tuning (routed LoRA experts, adapter files) on {dev}:")
     ok &= _demo_goat(dev)
+    from meldkit.dlf.demo import run_demo as dlf_demo
+
+    ok &= dlf_demo(print_fn=print)
     print(f"\nbenchmark (quick) on {dev}:")
     rows = bench.run_op("weighted_sum", device=dev.type, quick=True)
     rows += bench.run_op("merge", device=dev.type, quick=True)

@@ -1,0 +1,456 @@
+"""GOAT inside the training stacks it must work with: the Hugging Face Trainer (aux loss added),
+torch.compile, bf16 autocast, activation checkpointing, DDP and FSDP on two gloo ranks, and,
+with one expert, PEFT's own LoRA layer."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import meldkit.goat as goat
+from meldkit.goat import layer as goat_layer
+from meldkit.ops import routed_lora
+from tests.goat.tiny_models import mlp, tiny_llama
+from tests.helpers import tolerance
+
+ROOT = Path(__file__).resolve().parents[2]
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def llama_config(**kw) -> goat.GoatConfig:
+    return goat.GoatConfig(
+        **{"num_experts": 4, "top_k": 2, "rank": 8, "target_modules": LLAMA_TARGETS, **kw}
+    )
+
+
+def token_batch(vocab: int, rows: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (rows, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in trainable(model).items()}
+
+
+def child_env() -> dict[str, str]:
+    """Child processes import this checkout and use one thread each (the CPU may be shared)."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+# ---- Hugging Face Trainer ------------------------------------------------------------------
+
+
+def test_hf_trainer_with_aux_loss(tmp_path):
+    transformers = pytest.importorskip("transformers")
+
+    class GoatTrainer(transformers.Trainer):
+        """The task loss plus GOAT's load-balancing loss, as the official scripts train."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.aux_losses: list[float] = []
+
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            outputs = model(**inputs)
+            aux = goat.aux_loss(model)
+            self.aux_losses.append(aux.item())
+            loss = outputs.loss + aux
+            return (loss, outputs) if return_outputs else loss
+
+    model = goat.wrap(tiny_llama(), llama_config())
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    routers = {n: p.detach().clone() for n, p in trainable(model).items() if "router" in n}
+    ids = token_batch(model.config.vocab_size, rows=8)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    with torch.no_grad():
+        before = model(ids, labels=ids).loss.item()
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        per_device_train_batch_size=4,
+        max_steps=12,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    trainer = GoatTrainer(model=model, args=args, train_dataset=data)
+    result = trainer.train()
+
+    assert result.global_step == 12
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 12 and all(torch.isfinite(torch.tensor(logged)))
+    assert len(trainer.aux_losses) == 12 and all(0 < a < 1 for a in trainer.aux_losses)
+    model.eval()
+    with torch.no_grad():
+        after = model(ids, labels=ids).loss.item()
+    assert after < before - 0.1, (before, after)
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], p) for n, p in frozen.items())  # only GOAT trained
+    assert all(not torch.equal(params[n], p) for n, p in routers.items())
+
+
+# ---- torch.compile -------------------------------------------------------------------------
+
+
+def require_inductor_compiler() -> None:
+    from torch._inductor import exc
+
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch layout: let torch.compile itself say what is missing
+        return
+    try:
+        get_cpp_compiler()
+    except exc.InvalidCxxCompiler as err:
+        pytest.skip(f"torch.compile unusable on this CPU: inductor finds no C++ compiler ({err})")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_torch_compile_matches_eager(dropout):
+    """Forward + backward (aux loss included) of the compiled model equal eager's. With dropout,
+    inductor's own random numbers would draw other seeds than eager's; ``fallback_random`` makes
+    it draw from torch's generator, so the masks, and hence the results, are the same."""
+    require_inductor_compiler()
+    import torch._inductor.config as inductor_config
+
+    eager = goat.wrap(mlp(), goat.GoatConfig(num_experts=4, top_k=2, rank=8, dropout=dropout))
+    eager.train()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model)
+    gen = torch.Generator().manual_seed(3)
+    x, target = torch.randn(6, 40, generator=gen), torch.randn(6, 36, generator=gen)
+
+    def step(run, model):
+        torch.manual_seed(11)
+        loss = (run(x) - target).pow(2).mean() + goat.aux_loss(model)
+        loss.backward()
+        return loss.detach()
+
+    try:
+        with inductor_config.patch(fallback_random=True):
+            got = step(compiled, compiled_model)
+        expected = step(eager, eager)
+        torch.testing.assert_close(got, expected)
+        g_eager, g_compiled = grads(eager), grads(compiled_model)
+        for name, g in g_eager.items():
+            torch.testing.assert_close(g_compiled[name], g, msg=name)
+    finally:
+        torch._dynamo.reset()
+
+
+# ---- bf16 autocast -------------------------------------------------------------------------
+
+
+def test_bf16_autocast():
+    """Under CPU bf16 autocast the experts stay fp32 parameters with fp32 gradients; the loss,
+    logits and every gradient are within bf16's rounding (2·eps, the one rule's relative term,
+    norm-wise) of the fp32 run."""
+    model = goat.wrap(tiny_llama(), llama_config(dropout=0.0)).train()
+    ids = token_batch(model.config.vocab_size)
+
+    def run(autocast: bool):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(ids, labels=ids)
+            loss = out.loss + goat.aux_loss(model)
+        loss.backward()
+        return loss.detach(), out.logits.detach().float(), grads(model)
+
+    loss32, logits32, grads32 = run(False)
+    loss16, logits16, grads16 = run(True)
+    rtol = tolerance(torch.bfloat16)[0]
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert torch.isfinite(loss16) and rel(loss16, loss32) <= rtol
+    assert rel(logits16, logits32) <= rtol
+    for name, g in grads16.items():
+        assert g.dtype == torch.float32 and torch.isfinite(g).all(), name
+        assert rel(g, grads32[name]) <= rtol, (name, rel(g, grads32[name]))
+
+
+# ---- activation checkpointing --------------------------------------------------------------
+
+
+def enable_checkpointing(model, use_reentrant: bool) -> None:
+    kwargs = {"use_reentrant": use_reentrant}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # the newer name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing(monkeypatch, use_reentrant):
+    """With dropout, the recomputed forward must draw the same seeds as the first: the layers
+    draw them from torch's CPU generator, which ``torch.utils.checkpoint`` restores before
+    recomputing (``preserve_rng_state=True``). The gradients then equal those of a run without
+    checkpointing. Reentrant checkpointing runs the first forward without autograd, so the aux
+    loss cannot reach the routers: ``aux_loss`` says so instead of dropping their gradient."""
+    calls: list[tuple[int, int | None]] = []  # (id of the layer's lora_a, seed)
+
+    def spy(*args, **kwargs):
+        calls.append((id(args[1]), kwargs["seed"]))
+        return routed_lora(*args, **kwargs)
+
+    monkeypatch.setattr(goat_layer, "routed_lora", spy)
+
+    def run(checkpointing: bool, with_aux: bool):
+        model = goat.wrap(tiny_llama(), llama_config(dropout=0.3)).train()
+        if checkpointing:
+            enable_checkpointing(model, use_reentrant)
+        ids = token_batch(model.config.vocab_size)
+        calls.clear()
+        torch.manual_seed(3)
+        loss = model(ids, labels=ids, use_cache=False).loss
+        if with_aux:
+            loss = loss + goat.aux_loss(model)
+        loss.backward()
+        names = {id(layer.lora_a): name for name, layer in goat.goat_layers(model)}
+        seeds: dict[str, list[int | None]] = {}
+        for key, seed in calls:
+            seeds.setdefault(names[key], []).append(seed)
+        return loss.detach(), grads(model), seeds
+
+    with_aux = not use_reentrant
+    loss0, grads0, seeds0 = run(False, with_aux)
+    loss1, grads1, seeds1 = run(True, with_aux)
+    n_layers = 2 * len(LLAMA_TARGETS)
+    assert len(seeds0) == n_layers and len({s for (s,) in seeds0.values()}) == n_layers
+    # Every layer ran again in the backward, with the seed of its first run.
+    assert seeds1 == {name: [s, s] for name, (s,) in seeds0.items()}
+    assert torch.equal(loss1, loss0)
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=0, atol=0, msg=name)
+
+    if use_reentrant:
+        model = goat.wrap(tiny_llama(), llama_config(dropout=0.3)).train()
+        enable_checkpointing(model, use_reentrant)
+        ids = token_batch(model.config.vocab_size)
+        model(ids, labels=ids, use_cache=False)
+        with pytest.raises(RuntimeError, match="use_reentrant=False"):
+            goat.aux_loss(model)
+        with torch.no_grad():  # for logging, no gradient wanted: fine
+            assert goat.aux_loss(model) > 0
+
+
+# ---- DDP and FSDP: two gloo ranks on the CPU -----------------------------------------------
+
+
+DATA_PARALLEL = """
+import datetime, sys
+import torch
+import torch.distributed as dist
+import meldkit.goat as goat
+from tests.goat.tiny_models import mlp
+
+mode, rank, world, store = sys.argv[1], int(sys.argv[2]), 2, sys.argv[3]
+if mode == "fsdp":
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # public from torch 2.6
+        print("skip: this torch has no torch.distributed.fsdp.fully_shard")
+        sys.exit(0)
+dist.init_process_group(
+    "gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
+    timeout=datetime.timedelta(seconds=60),
+)
+config = goat.GoatConfig(num_experts=4, top_k=2, rank=8, dropout=0.1)
+gen = torch.Generator().manual_seed(100 + rank)  # each rank its own batch
+x, target = torch.randn(8, 40, generator=gen), torch.randn(8, 36, generator=gen)
+
+
+def loss_of(model):
+    torch.manual_seed(7)  # the same dropout seeds in the reference and the parallel run
+    return (model(x) - target).pow(2).mean() + goat.aux_loss(model)
+
+
+def trainable(model):
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def gather(t):
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
+def full(t):  # FSDP holds shards (DTensors)
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# Reference: this rank's own gradient, averaged over the ranks (what data parallel computes).
+ref = goat.wrap(mlp(), config).train()  # mlp() seeds itself: the same model on every rank
+loss_of(ref).backward()
+for name, p in trainable(ref):
+    mine = gather(p.grad)
+    assert not torch.equal(mine[0], mine[1]), name  # the batches differ
+    p.grad = sum(mine) / world
+
+model = goat.wrap(mlp(), config).train()
+if mode == "ddp":
+    from torch.nn.parallel import DistributedDataParallel
+
+    parallel = DistributedDataParallel(model)
+else:
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    parallel = fully_shard(model)
+loss_of(parallel).backward()
+for (name, p), (_, r) in zip(trainable(model), trainable(ref), strict=True):
+    g = full(p.grad)
+    copies = gather(g)
+    assert torch.equal(copies[0], copies[1]), name  # reduced: the same on every rank
+    torch.testing.assert_close(g, r.grad, msg=name)
+for name, p in model.named_parameters():
+    assert (p.grad is not None) == p.requires_grad, name
+
+# One step keeps the replicas identical (and equal to the reference's step).
+for m in (model, ref):
+    torch.optim.SGD([p for _, p in trainable(m)], lr=0.5).step()
+for (name, p), (_, r) in zip(trainable(model), trainable(ref), strict=True):
+    w = full(p.detach())
+    copies = gather(w)
+    assert torch.equal(copies[0], copies[1]), name
+    torch.testing.assert_close(w, r.detach(), msg=name)
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_data_parallel_two_ranks(tmp_path, wrapper):
+    """Two gloo processes, each with its own batch (and GOAT dropout): the reduced expert and
+    router gradients equal the mean of the ranks' own gradients on every rank, and an optimizer
+    step leaves the replicas identical. Child processes with a deadline, so that a stuck
+    collective fails the test instead of stalling it."""
+    store = tmp_path / "store"  # a FileStore: rendezvous without picking a free port
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", DATA_PARALLEL, wrapper, str(rank), str(store)],
+            cwd=ROOT,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    deadline = time.monotonic() + 180
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic())))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{wrapper}: the two ranks did not finish within 180 s")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    if all(out.startswith("skip: ") for out, _ in outputs):
+        pytest.skip(outputs[0][0].strip().removeprefix("skip: "))
+    for rank, (proc, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
+        assert proc.returncode == 0 and out.strip() == "ok", f"rank {rank}:\n{err[-3000:]}"
+
+
+# ---- one expert is plain LoRA: against PEFT ------------------------------------------------
+
+
+def test_one_expert_equals_peft_lora():
+    """E = 1, k = 1, init "lora": the router gives every token the gate 1 and the layer is
+    ``W0 x + b + s·B A x``, PEFT's LoRA with s = lora_alpha / r. Outputs and the gradients of x,
+    A and B agree with PEFT's layer holding the same weights, each within the fp32 rule of the
+    exact value (float64, ``tests.helpers.tolerance`` with the chain's magnitudes)."""
+    peft = pytest.importorskip("peft")
+    n, m, r, alpha = 24, 16, 4, 8
+    holder = nn.Module()
+    torch.manual_seed(0)
+    holder.proj = nn.Linear(n, m)
+    ours = goat.wrap(
+        copy.deepcopy(holder),
+        goat.GoatConfig(
+            num_experts=1,
+            top_k=1,
+            rank=r,
+            init="lora",
+            dropout=0.0,
+            scaling=alpha / r,
+            target_modules=["proj"],
+        ),
+    ).proj
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["proj"])
+    theirs = peft.get_peft_model(copy.deepcopy(holder), config).base_model.model.proj
+    assert ours.scaling == theirs.scaling["default"] == alpha / r
+
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(r, n, generator=gen) * n**-0.5, torch.randn(m, r, generator=gen)
+    with torch.no_grad():
+        ours.lora_a.copy_(a[None])
+        ours.lora_b.copy_(b[None])
+        theirs.lora_A["default"].weight.copy_(a)
+        theirs.lora_B["default"].weight.copy_(b)
+    x = torch.randn(3, 5, n, generator=gen)
+    dy = torch.randn(3, 5, m, generator=gen)
+
+    def forward_backward(layer, params):
+        xg = x.clone().requires_grad_(True)
+        y = layer(xg)
+        y.backward(dy)
+        return [y.detach(), xg.grad, *(p.grad for p in params)]
+
+    got = forward_backward(ours, [ours.lora_a, ours.lora_b])
+    got[2], got[3] = got[2][0], got[3][0]
+    peft_a, peft_b = theirs.lora_A["default"].weight, theirs.lora_B["default"].weight
+    expected = forward_backward(theirs, [peft_a, peft_b])
+    assert ours.router.weight.grad is None or not ours.router.weight.grad.any()  # softmax of one
+
+    # The exact values and their magnitudes: the same chain in float64, on |values| for the latter.
+    w0, bias = holder.proj.weight.detach(), holder.proj.bias.detach()
+
+    def exact(x_, w_, bias_, a_, b_, dy_):
+        leaves = [t.double().requires_grad_(True) for t in (x_, a_, b_)]
+        y = (
+            leaves[0] @ w_.double().T
+            + bias_.double()
+            + alpha / r * (leaves[0] @ leaves[1].T) @ leaves[2].T
+        )
+        y.backward(dy_.double())
+        return [y.detach(), *(t.grad for t in leaves)]
+
+    reference = exact(x, w0, bias, a, b, dy)
+    magnitude = exact(x.abs(), w0.abs(), bias.abs(), a.abs(), b.abs(), dy.abs())
+    rtol, mtol = tolerance(torch.float32, n_terms=n + m + r + x.shape[0] * x.shape[1])
+    names = ["y", "dx", "dA", "dB"]
+    for name, ours_t, peft_t, ref, mag in zip(
+        names, got, expected, reference, magnitude, strict=True
+    ):
+        bound = rtol * ref.abs() + mtol * mag
+        for who, t in (("meldkit", ours_t), ("peft", peft_t)):
+            err = (t.double() - ref).abs()
+            assert (err <= bound).all(), (name, who, (err - bound).max().item())
+        # So the two agree within twice the rule.
+        assert ((ours_t.double() - peft_t.double()).abs() <= 2 * bound).all(), name
