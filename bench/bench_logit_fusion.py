@@ -288,51 +288,6 @@ def bench_op(args, flush, meta) -> tuple[list[dict], dict]:
 # ---- part 2: the decode step ------------------------------------------------------------------
 
 
-def _word_tokenizer(vocab: int):
-    import tokenizers
-    import transformers
-
-    special = ["<pad>", "<s>", "</s>", "<unk>"]
-    words = [f"w{i}" for i in range(vocab - len(special))]
-    tok = tokenizers.Tokenizer(
-        tokenizers.models.WordLevel(
-            {w: i for i, w in enumerate(special + words)}, unk_token="<unk>"
-        )
-    )
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = tokenizers.processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", 1)]
-    )
-    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        padding_side="left",
-    )
-
-
-def _tiny_llama(seed: int, hidden: int, layers: int, vocab: int, device: str):
-    import transformers
-
-    config = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).to(device).eval()
-
-
 def decode_setup(args):
     """(label, large, small base, experts, tokenizer, prompts, expert_prompts) or None."""
     import importlib.util
@@ -340,6 +295,7 @@ def decode_setup(args):
     if importlib.util.find_spec("transformers") is None:
         return None
     n_prompts, n_experts = args.decode_prompts, args.decode_experts
+    from meldkit.dlf._tiny import SPECIAL, tiny_llama, word_tokenizer
     from meldkit.dlf.demo import load_smollm2, smollm2_gguf
 
     if smollm2_gguf() is not None and not args.tiny:
@@ -380,10 +336,25 @@ def decode_setup(args):
         )
         return label, model, model, [model] * n_experts, tok, prompts, expert_prompts
     v = args.vocab
-    tok = _word_tokenizer(v)
-    large = _tiny_llama(0, 256, 4, v, args.device)
-    small = _tiny_llama(1, 128, 2, v, args.device)
-    experts = [_tiny_llama(2 + i, 128, 2, v, args.device) for i in range(n_experts)]
+    tok = word_tokenizer([f"w{i}" for i in range(v - len(SPECIAL))])
+
+    def llama(seed, hidden, layers):  # float32, HF's default initializer_range
+        return tiny_llama(
+            seed,
+            vocab=v,
+            hidden=hidden,
+            layers=layers,
+            intermediate=4 * hidden,
+            max_positions=256,
+            initializer_range=0.02,
+            dtype=torch.float32,
+            device=args.device,
+            fork_rng=False,
+        )
+
+    large = llama(0, 256, 4)
+    small = llama(1, 128, 2)
+    experts = [llama(2 + i, 128, 2) for i in range(n_experts)]
     gen = torch.Generator().manual_seed(0)
     prompts = [
         " ".join(f"w{int(i)}" for i in torch.randint(0, v - 4, (12,), generator=gen))

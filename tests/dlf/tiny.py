@@ -5,57 +5,32 @@ from __future__ import annotations
 import pytest
 import torch
 
+from meldkit.dlf._tiny import BOS, EOS, PAD, SPECIAL  # noqa: F401  (re-exported for the tests)
+
 # Zero-padded words: no word is a substring of another, so a stop string matches whole words.
 WORDS = [f"w{i:02d}" for i in range(60)]
-SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 VOCAB = len(SPECIAL) + len(WORDS)  # 64
-PAD, BOS, EOS = 0, 1, 2
 
 
 def tokenizer():
     """A word-level fast tokenizer: ``<s>`` prepended, whitespace-split words, left padding."""
-    transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = tokenizers.processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", BOS)]
-    )
-    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        padding_side="left",
-    )
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from meldkit.dlf._tiny import word_tokenizer
+
+    return word_tokenizer(WORDS)
 
 
 def llama(seed: int, *, hidden: int = 32, vocab: int = VOCAB, dtype=torch.float64):
     """A 2-layer LlamaForCausalLM with peaked random logits (initializer_range 0.3), in eval mode.
 
     float64 by default, so that paths which differ only in rounding (padding, batching, merged vs
-    unmerged LoRA) give the same argmax and the same α.
+    unmerged LoRA) give the same argmax and the same α. Seeds torch's global generator.
     """
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.3,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).to(dtype).eval()
+    pytest.importorskip("transformers")
+    from meldkit.dlf._tiny import tiny_llama
+
+    return tiny_llama(seed, vocab=vocab, hidden=hidden, dtype=dtype, fork_rng=False)
 
 
 def perturbed(model, seed: int, scale: float = 0.3):

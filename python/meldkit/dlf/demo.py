@@ -128,52 +128,14 @@ def load_smollm2(path: str | os.PathLike[str] | None = None):
 # ---- tiny random models (no download) -----------------------------------------------------------
 
 _WORDS = [f"w{i:02d}" for i in range(60)]
-_SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
-
-
-def _tiny_tokenizer():
-    import tokenizers
-    import transformers
-
-    vocab = {w: i for i, w in enumerate(_SPECIAL + _WORDS)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = tokenizers.processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", 1)]
-    )
-    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        padding_side="left",
-    )
 
 
 def _tiny_llama(seed: int, hidden: int, source=None, noise: float = 0.0):
     """A 2-layer float64 Llama with peaked random logits; with ``source``, a copy of it with
     every weight moved by ``noise``·N(0, σ²) (a stand-in for a fine-tuned expert)."""
-    import transformers
+    from meldkit.dlf._tiny import SPECIAL, tiny_llama
 
-    config = transformers.LlamaConfig(
-        vocab_size=len(_SPECIAL) + len(_WORDS),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.3,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
-        torch.manual_seed(seed)
-        model = transformers.LlamaForCausalLM(config).to(torch.float64).eval()
+    model = tiny_llama(seed, vocab=len(SPECIAL) + len(_WORDS), hidden=hidden)
     if source is not None:
         model.load_state_dict(source.state_dict())
         gen = torch.Generator().manual_seed(seed)
@@ -221,7 +183,9 @@ def _real_setup():
 
 
 def _tiny_setup():
-    tok = _tiny_tokenizer()
+    from meldkit.dlf._tiny import word_tokenizer
+
+    tok = word_tokenizer(_WORDS)
     large = _tiny_llama(0, hidden=48)
     small = _tiny_llama(1, hidden=32)
     experts = [_tiny_llama(s, hidden=32, source=small, noise=0.3) for s in (2, 3)]
