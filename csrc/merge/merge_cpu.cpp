@@ -1,6 +1,8 @@
 // CPU merge kernels: the fused task merge (OpenMP over chunks, each element in one pass over the
-// N models) and magnitude selection (per-thread radix histograms, merged).
+// N models) and magnitude selection (a sampled bracket and one or two counting passes, or
+// per-thread radix histograms, merged).
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -259,8 +261,185 @@ uint64_t radix_histogram(const MagnitudeSelectParams& p, int shift, int64_t pref
   return nans;
 }
 
+// Bracketed selection (the fast path for large inputs). A strided sample of the magnitudes gives
+// a bit range [lo, hi] that holds the k-th largest with overwhelming probability. One pass counts,
+// in blocks that vectorise, the elements above hi, equal to hi and equal to lo (sparse task
+// vectors put most elements in one tie group, often 0, at an end of the bracket) and keeps the
+// bits of those strictly inside (1.5 % of the elements for large inputs, up to twice the expected
+// count): the k-th
+// largest is then hi, lo, or picked from the kept bits. One pass at memory speed instead of the
+// radix path's two scattering ones, and exact (counts, not estimates). An unrepresentative
+// sample (the k-th largest outside [lo, hi], or too many elements inside) falls back to the
+// radix path.
+constexpr int64_t kBracketMinNumel = int64_t(1) << 20;
+constexpr int64_t kMaxSample = int64_t(1) << 16;
+constexpr int64_t kMinSample = int64_t(1) << 12;
+
+// Sample size: one element in 256 (so the sample touches a small fraction of the cache lines),
+// between 4096 and 65536.
+inline int64_t sample_size(int64_t total) {
+  return std::max(kMinSample, std::min(kMaxSample, total / 256));
+}
+
+// Half-width of the bracket in sample ranks: 4 standard deviations of the sample quantile.
+inline double bracket_delta(int64_t m, double f) {
+  return 4.0 * std::sqrt(double(m) * f * (1.0 - f)) + 8.0;
+}
+constexpr int64_t kBracketBlock = 1024;
+
+struct BracketCounts {
+  uint64_t above = 0;  // bits > hi
+  uint64_t at_hi = 0;  // bits == hi
+  uint64_t at_lo = 0;  // bits == lo < hi
+  uint64_t nans = 0;
+  bool overflow = false;       // more inside values than the buffer holds
+  std::vector<uint32_t> kept;  // the bits with lo < bits < hi
+};
+
+// Bits of |a - b| for a block into `out` and the block's counts (vectorises).
+template <typename T, bool kHasBase>
+MELDKIT_ALWAYS_INLINE uint32_t bracket_block(const T* __restrict a, const T* __restrict b,
+                                             int64_t m, uint32_t lo, uint32_t hi, uint32_t inner,
+                                             uint32_t* __restrict out, uint64_t counts[4]) {
+  uint32_t above = 0, at_hi = 0, at_lo = 0, inside = 0, nans = 0;
+  const uint32_t distinct = lo != hi;
+  for (int64_t j = 0; j < m; ++j) {
+    const uint32_t bits = magnitude_bits(widen(a[j]), kHasBase ? widen(b[j]) : 0.f);
+    out[j] = bits;
+    nans += bits > 0x7f800000u;
+    above += bits > hi;
+    at_hi += bits == hi;
+    at_lo += (bits == lo) & distinct;
+    inside += (bits - lo - 1u) < inner;  // lo < bits < hi
+  }
+  counts[0] += above;
+  counts[1] += at_hi;
+  counts[2] += at_lo;
+  counts[3] += nans;
+  return inside;
+}
+
+template <typename T>
+BracketCounts bracket_pass(const MagnitudeSelectParams& p, uint32_t lo, uint32_t hi,
+                           int64_t keep_cap) {
+  const uint32_t inner = hi - lo >= 2u ? hi - lo - 1u : 0u;  // lo+1 … hi-1
+  BracketCounts out;
+  uint64_t above = 0, at_hi = 0, at_lo = 0, nans = 0;
+  int overflow = 0;
+#pragma omp parallel reduction(+ : above, at_hi, at_lo, nans, overflow)
+  {
+    // Each thread may keep up to the cap (interior elements can cluster in one thread's range);
+    // a buffer only grows to what its thread finds.
+    const size_t cap = size_t(keep_cap);
+    std::vector<uint32_t> kept;
+    alignas(64) uint32_t block[kBracketBlock];
+    uint64_t counts[4] = {0, 0, 0, 0};
+    for (int i = 0; i < p.num_tensors; ++i) {
+      const T* a = static_cast<const T*>(p.a[i]);
+      const T* b = p.b ? static_cast<const T*>(p.b[i]) : nullptr;
+      const int64_t n = p.numels[i];
+      const int64_t num_blocks = (n + kBracketBlock - 1) / kBracketBlock;
+#pragma omp for schedule(static) nowait
+      for (int64_t blk = 0; blk < num_blocks; ++blk) {
+        const int64_t e0 = blk * kBracketBlock;
+        const int64_t m = std::min(kBracketBlock, n - e0);
+        const uint32_t inside =
+            b ? bracket_block<T, true>(a + e0, b + e0, m, lo, hi, inner, block, counts)
+              : bracket_block<T, false>(a + e0, nullptr, m, lo, hi, inner, block, counts);
+        if (inside == 0 || overflow) continue;
+        if (kept.size() + inside > cap) {
+          overflow = 1;
+          continue;
+        }
+        for (int64_t j = 0; j < m; ++j) {
+          if (block[j] - lo - 1u < inner) kept.push_back(block[j]);
+        }
+      }
+    }
+    above += counts[0];
+    at_hi += counts[1];
+    at_lo += counts[2];
+    nans += counts[3];
+#pragma omp critical
+    out.kept.insert(out.kept.end(), kept.begin(), kept.end());
+  }
+  out.above = above;
+  out.at_hi = at_hi;
+  out.at_lo = at_lo;
+  out.nans = nans;
+  out.overflow = overflow != 0;
+  return out;
+}
+
+// The bracket [lo, hi] from a strided sample, +-4 standard deviations of the sample quantile.
+template <typename T>
+bool sample_bracket(const MagnitudeSelectParams& p, int64_t total, uint32_t* lo, uint32_t* hi) {
+  const int64_t m = sample_size(total);
+  std::vector<uint32_t> sample(static_cast<size_t>(m));
+  int tensor = 0;
+  int64_t start = 0;  // global index of tensor's first element
+  for (int64_t j = 0; j < m; ++j) {
+    const int64_t g = int64_t((double(j) + 0.5) * double(total) / double(m));
+    while (g >= start + p.numels[tensor]) start += p.numels[tensor++];
+    const int64_t e = g - start;
+    const T* a = static_cast<const T*>(p.a[tensor]);
+    const T* b = p.b ? static_cast<const T*>(p.b[tensor]) : nullptr;
+    sample[size_t(j)] = magnitude_bits(widen(a[e]), b ? widen(b[e]) : 0.f);
+    if (sample[size_t(j)] > 0x7f800000u) return false;  // NaN: the radix path reports it
+  }
+  const double f = double(p.k) / double(total);
+  const double centre = f * double(m);  // rank of the k-th largest, descending
+  const double delta = bracket_delta(m, f);
+  const int64_t hi_rank = int64_t(std::floor(centre - delta));  // descending ranks
+  const int64_t lo_rank = int64_t(std::ceil(centre + delta));
+  auto desc = [&](int64_t r) {  // the r-th largest sample (0-based)
+    auto it = sample.begin() + (m - 1 - r);
+    std::nth_element(sample.begin(), it, sample.end());
+    return *it;
+  };
+  *hi = hi_rank < 0 ? 0xffffffffu : desc(hi_rank);
+  *lo = lo_rank >= m ? 0u : desc(lo_rank);
+  return true;
+}
+
+template <typename T>
+bool magnitude_select_bracketed(const MagnitudeSelectParams& p, int64_t total, uint32_t* bits) {
+  uint32_t lo = 0, hi = 0;
+  if (!sample_bracket<T>(p, total, &lo, &hi)) return false;
+  // The buffer holds twice the expected count inside the bracket (2·delta of m sample ranks).
+  const int64_t m = sample_size(total);
+  const double f = double(p.k) / double(total);
+  const int64_t cap = int64_t(double(total) * 4.0 * bracket_delta(m, f) / double(m)) + 4096;
+  BracketCounts c = bracket_pass<T>(p, lo, hi, cap);
+  if (c.nans > 0) throw_value_error("magnitude_select: the task vectors contain NaN");
+  if (c.overflow) return false;
+  int64_t r = p.k - int64_t(c.above);  // rank among the elements <= hi
+  if (r <= 0) return false;
+  if (r <= int64_t(c.at_hi)) {
+    *bits = hi;
+    return true;
+  }
+  r -= int64_t(c.at_hi);
+  const int64_t inside = int64_t(c.kept.size());
+  if (r <= inside) {  // the r-th largest inside
+    auto it = c.kept.end() - r;
+    std::nth_element(c.kept.begin(), it, c.kept.end());
+    *bits = *it;
+    return true;
+  }
+  if (r - inside > int64_t(c.at_lo)) return false;
+  *bits = lo;
+  return true;
+}
+
 template <typename T>
 uint32_t magnitude_select_typed(const MagnitudeSelectParams& p) {
+  int64_t total = 0;
+  for (int i = 0; i < p.num_tensors; ++i) total += p.numels[i];
+  uint32_t bits = 0;
+  if (total >= kBracketMinNumel && p.k <= total && magnitude_select_bracketed<T>(p, total, &bits)) {
+    return bits;
+  }
   std::vector<uint64_t> hist(kRadixBins);
   // NaN has no magnitude order: refuse it rather than keep or drop it silently.
   if (radix_histogram<T>(p, 16, -1, hist) > 0) {

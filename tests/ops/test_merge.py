@@ -59,6 +59,78 @@ def test_global_threshold_over_a_list(device):
     assert got == expected
 
 
+def _large_cases():
+    """Inputs of ≥ 2^20 elements, where the CPU kernel selects within a sampled bracket:
+    (name, tensors, bases) covering each of its exits."""
+    g = torch.Generator().manual_seed(5)
+    n = 1 << 20
+    base = torch.randn(n + 17, generator=g)
+    fine = base + 0.01 * torch.randn(n + 17, generator=g)
+    yield "fp32, kept values", [fine], [base]
+    # bf16 differences collapse onto few values: large tie groups at the bracket's ends.
+    yield "bf16 ties", [fine.bfloat16()], [base.bfloat16()]
+    # A tie group of 20 % at 1.0, 0.3 % each at the next two floats, the rest uniform in [0, 3):
+    # at density 0.534 the k-th largest is 1.0 + 1 ulp, just above the tie group.
+    m = 1 << 21
+    up = torch.tensor(2.0)
+    ties = [torch.tensor(1.0)]
+    for _ in range(2):
+        ties.append(torch.nextafter(ties[-1], up))
+    z = 3.0 * torch.rand(m, generator=g)
+    z[: m // 5] = ties[0]
+    step = 3 * m // 1000
+    z[m // 5 : m // 5 + step] = ties[1]
+    z[m // 5 + step : m // 5 + 2 * step] = ties[2]
+    yield "tie group", [z[torch.randperm(m, generator=g)]], None
+    # A list with an empty tensor and a tiny one: the sample walks across tensors.
+    parts = [torch.randn(s, generator=g) for s in [(0,), (3,), (700, 1000), (1, 400_001)]]
+    yield "list", parts, None
+    # Every sampled position holds 0, all the others are large: the bracket misses and the
+    # radix path answers. (The kernel samples m = clamp(numel / 256, 4096, 65536) elements, at
+    # (j + 0.5)·numel/m: here every 256th, from 128.)
+    x = torch.randn(1 << 22, generator=g).abs() + 1.0
+    x[128::256] = 0.0
+    yield "sample misses", [x], None
+    # The sampled positions alternate 0 and 5, the others are uniform in [1, 2): the bracket
+    # [0, 5] holds nearly everything, more than the kept buffer, and the radix path answers.
+    w = torch.rand(1 << 22, generator=g) + 1.0
+    w[128::512] = 0.0
+    w[384::512] = 5.0
+    yield "sample straddles", [w], None
+    # +-inf and zeros mixed in.
+    y = torch.randn(1 << 20, generator=g)
+    y[::97] = float("inf")
+    y[1::89] = -float("inf")
+    y[2::3] = 0.0
+    yield "inf and zeros", [y], None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("density", [1e-6, 0.003, 0.1, 0.5, 0.534, 0.9, 0.999999])
+def test_threshold_large_inputs(device, density):
+    for name, tensors, bases in _large_cases():
+        flat = torch.cat(
+            [
+                (t.float() - (b.float() if bases else 0.0)).abs().flatten()
+                for t, b in zip(tensors, bases or tensors, strict=True)
+            ]
+        )
+        expected = mr.magnitude_threshold_ref(flat, density).item()
+        got = magnitude_threshold(
+            [t.to(device) for t in tensors],
+            density,
+            [b.to(device) for b in bases] if bases else None,
+        )
+        assert got == expected, name
+
+
+def test_threshold_large_input_with_nan_off_the_sample():
+    x = torch.randn((1 << 20) + 5, generator=torch.Generator().manual_seed(6))
+    x[12345] = float("nan")  # not a sampled position
+    with pytest.raises(ValueError, match="NaN"):
+        magnitude_threshold([x], 0.3)
+
+
 def test_threshold_edges_and_errors():
     x = torch.randn(10)
     assert magnitude_threshold([x], 0.0) == float("inf")

@@ -148,6 +148,8 @@ inline bool radix_pick(const Count* hist, int bins, int64_t k, uint32_t* digit, 
 }
 
 // Returns the threshold's float32 bits; throws ValueError on NaN (NaN has no magnitude order).
+// From 2^20 elements: one counting pass inside a sampled bracket (merge_cpu.cpp), falling back
+// to two radix-histogram passes (16 + 16 bits) when the sample misses; below, the radix passes.
 uint32_t magnitude_select_cpu(const MagnitudeSelectParams& p);
 
 // The CUDA version counts three digits of 11, 11 and 10 bits (its histograms fit in shared

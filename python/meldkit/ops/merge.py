@@ -34,8 +34,11 @@ def magnitude_threshold(
     """The magnitude that keeps the top ``density`` fraction of ``|tensors − base|``, exactly.
 
     The k-th largest magnitude over all elements of all ``tensors`` (k = ``int(numel·density)``),
-    the value ``torch.kthvalue(|τ|, numel − k + 1)`` gives, found by radix selection (two or three
-    histogram passes) instead of a sort: keep ``|τ| ≥ threshold``. A list of many tensors gives the
+    the value ``torch.kthvalue(|τ|, numel − k + 1)`` gives, found without sorting: keep
+    ``|τ| ≥ threshold``. On the CPU, inputs of 2^20 elements or more take one counting pass
+    inside a bracket given by a strided sample of 65536 magnitudes (rarely two; a sample that
+    misses falls back to the radix path), smaller ones two radix-histogram passes; CUDA uses
+    three radix-histogram passes. A list of many tensors gives the
     global (whole-model) threshold of the TIES paper; one tensor, mergekit's per-tensor one.
 
     Parameters
