@@ -1,0 +1,384 @@
+"""Twin-Merging, knowledge disentanglement: a shared expert and compressed exclusive knowledge.
+
+Lu et al., "Twin-Merging: Dynamic Integration of Modular Expertise in Model Merging"
+(NeurIPS 2024, arXiv 2406.15479). From a base model θ_0 and T fine-tuned experts θ_t:
+
+* the shared expert θ_s is an ordinary merge of the experts (task arithmetic with λ = 0.29 by
+  default, the paper's: θ_s = θ_0 + 0.29·Σ_t (θ_t − θ_0)), by any method of
+  :mod:`meldkit.merging`;
+* the exclusive knowledge of task t is v_t = θ_t − θ_s, per tensor. Each 2-D tensor is compressed
+  by truncated SVD to rank r = max(1, ⌊rank_ratio·min(m, n)⌋) (or the given ``rank``) and kept as
+  its factors ``a_t = U_r·S_r`` ``[m, r]`` and ``b_t = V_r`` ``[n, r]`` (v_t ≈ a_t·b_tᵀ), never as a
+  dense rebuild; 1-D tensors are kept dense. The reference code rounds 1×n matrices down to rank 0
+  and silently zeroes them: here the rank is at least 1.
+* excluded tensors (by default every name matching ``classifier`` or ``bias``, the paper's filter)
+  are never merged: each task keeps its own (its head, its biases), and the shared model keeps the
+  base's. Tensors that only the experts have (classification heads over a bare base) are task
+  specific too.
+
+The SVD runs in float32 on ``device`` (a CUDA device when given), falling back to the CPU when the
+GPU solver fails to converge (Twin-Merging issue #8).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_EXCLUDE = (r"classifier", r"bias")
+
+
+class TwinError(ValueError):
+    """Experts that do not fit the base (or each other), or an unusable Twin-Merging setting."""
+
+
+# ---- tensor sources: modules, state dicts and checkpoint folders behind one interface ---------
+
+
+class _DictSource:
+    """A module's parameters or a state dict, with the interface of ``merging.Checkpoint``."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], label: str) -> None:
+        self._tensors = dict(tensors)
+        self.label = label
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._tensors[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name].detach()
+
+
+def _source(obj: Any, label: str):
+    if isinstance(obj, nn.Module):
+        return _DictSource(dict(obj.named_parameters()), label)
+    if isinstance(obj, Mapping):
+        bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise TypeError(f"meldkit.twin.build: {label}: {bad[0]!r} is not a tensor")
+        return _DictSource(obj, label)
+    if isinstance(obj, (str, os.PathLike)):
+        from meldkit.merging.checkpoint import Checkpoint
+
+        src = Checkpoint(obj)
+        src.label = f"{label} ({obj})"
+        return src
+    raise TypeError(
+        f"meldkit.twin.build: {label}: expected an nn.Module, a state dict or a checkpoint "
+        f"folder, got {type(obj).__name__}"
+    )
+
+
+# ---- the result ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TwinExperts:
+    """What :func:`build` produces: everything Twin-Merging needs besides the base model.
+
+    Attributes
+    ----------
+    tasks : list of str
+        Task names, in expert order (T of them).
+    shared : dict of str to Tensor
+        θ_s for every merged tensor (the base's value for excluded ones it has).
+    factors : dict of str to (Tensor, Tensor)
+        For each 2-D merged tensor ``[m, n]``: ``(a [T, m, r], b [T, n, r])`` with
+        v_t ≈ ``a[t] @ b[t].T``.
+    dense : dict of str to Tensor
+        For each merged tensor of another rank: the exclusive parts ``[T, *shape]``, uncompressed.
+    specific : dict of str to list of Tensor
+        Excluded (task-specific) tensors: each task's own, in task order (shapes may differ, e.g.
+        heads with different label counts).
+    errors : dict of str to list of float
+        Relative Frobenius error ‖v_t − a_t b_tᵀ‖ / ‖v_t‖ of each compressed tensor, per task (0
+        where v_t = 0).
+    config : dict
+        The settings :func:`build` ran with (JSON-serialisable).
+    """
+
+    tasks: list[str]
+    shared: dict[str, torch.Tensor]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    dense: dict[str, torch.Tensor]
+    specific: dict[str, list[torch.Tensor]]
+    errors: dict[str, list[float]] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def rank(self, name: str) -> int:
+        """The kept rank of a compressed tensor."""
+        return int(self.factors[name][0].shape[-1])
+
+    def exclusive(self, name: str, task: int) -> torch.Tensor:
+        """v_t of one merged tensor as a dense tensor (rebuilt from its factors when 2-D)."""
+        if name in self.factors:
+            a, b = self.factors[name]
+            return (a[task].float() @ b[task].float().T).to(a.dtype)
+        return self.dense[name][task]
+
+    def storage(self) -> dict[str, int]:
+        """Bytes: ``twin`` (factors, dense exclusive parts, task-specific tensors, shared),
+        ``experts`` (T dense experts of the merged and task-specific tensors) and ``shared``."""
+
+        def nbytes(t: torch.Tensor) -> int:
+            return t.numel() * t.element_size()
+
+        shared = sum(nbytes(t) for t in self.shared.values())
+        exclusive = sum(nbytes(a) + nbytes(b) for a, b in self.factors.values())
+        exclusive += sum(nbytes(t) for t in self.dense.values())
+        specific = sum(nbytes(t) for ts in self.specific.values() for t in ts)
+        merged_names = set(self.factors) | set(self.dense)
+        per_expert = sum(nbytes(self.shared[n]) for n in merged_names)
+        return {
+            "shared": shared,
+            "exclusive": exclusive,
+            "specific": specific,
+            "twin": shared + exclusive + specific,
+            "experts": self.num_tasks * per_expert + specific,
+        }
+
+
+# ---- SVD -------------------------------------------------------------------------------------
+
+
+def _svd(v: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Thin SVD of ``v`` in float32 on ``device``; on the CPU if the GPU solver fails."""
+    x = v.to(device=device, dtype=torch.float32)
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except RuntimeError as exc:  # torch.linalg.LinAlgError is a RuntimeError
+        if x.device.type == "cpu":
+            raise TwinError(f"SVD failed on the CPU too: {exc}") from None
+        return tuple(t.to(device) for t in torch.linalg.svd(x.cpu(), full_matrices=False))
+
+
+def compress(v: torch.Tensor, rank: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``(a [m, r], b [n, r], relative error)`` with ``a·bᵀ`` the best rank-``rank``
+    approximation of the 2-D ``v`` (float32)."""
+    u, s, vh = _svd(v, device)
+    r = min(rank, s.numel())
+    a = u[:, :r] * s[:r]
+    b = vh[:r].T
+    total = float(s.square().sum())
+    err = math.sqrt(max(total - float(s[:r].square().sum()), 0.0) / total) if total > 0 else 0.0
+    return a, b, err
+
+
+def tensor_rank(shape: Sequence[int], rank_ratio: float, rank: int | None) -> int:
+    """The kept rank of an ``[m, n]`` tensor: ``rank`` (capped at min(m, n)) or
+    max(1, ⌊rank_ratio·min(m, n)⌋)."""
+    full = min(shape)
+    if rank is not None:
+        return min(rank, full)
+    return max(1, min(full, int(rank_ratio * full)))
+
+
+# ---- build -----------------------------------------------------------------------------------
+
+
+def _compile(patterns: Iterable[str] | str | None) -> list[re.Pattern]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out = []
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"meldkit.twin.build: 'exclude': {p!r} is not a regex string")
+        out.append(re.compile(p))
+    return out
+
+
+def _shared_params(shared_params: Mapping[str, Any] | None, n: int) -> dict[str, Any]:
+    params = dict(shared_params or {})
+    if "lambda" in params:  # mergekit's name
+        params["lam"] = params.pop("lambda")
+    for key in ("weight", "density"):  # a scalar for every expert
+        if key in params:
+            value = params.pop(key)
+            params[key + "s"] = [float(value)] * n if not isinstance(value, Sequence) else value
+    return params
+
+
+def build(
+    base: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
+    experts: Sequence[nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike]
+    | Mapping[str, nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike],
+    *,
+    shared: str = "task_arithmetic",
+    shared_params: Mapping[str, Any] | None = None,
+    rank_ratio: float = 0.1,
+    rank: int | None = None,
+    exclude: Iterable[str] | str | None = DEFAULT_EXCLUDE,
+    device: str | torch.device | None = None,
+    factor_dtype: torch.dtype | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> TwinExperts:
+    """Build Twin-Merging's shared expert and compressed exclusive knowledge.
+
+    Parameters
+    ----------
+    base : nn.Module, state dict or path
+        θ_0: a model (its parameters), a state dict, or a checkpoint folder (safetensors, read one
+        tensor at a time, as ``meldkit merge`` reads).
+    experts : sequence or mapping of the same
+        The T fine-tuned experts θ_t; a mapping names the tasks (else ``"task0"``, …).
+    shared : str
+        The merge method for θ_s (any name of :func:`meldkit.merging.get_method` that
+        :func:`meldkit.merging.merge_state_dicts` runs); default task arithmetic.
+    shared_params : mapping, optional
+        Its parameters, mergekit's names accepted (``lambda``, ``weight``, ``density``, …);
+        default ``{"lambda": 0.29}`` for task arithmetic (the paper's), else none.
+    rank_ratio : float
+        Kept rank of each ``[m, n]`` exclusive part: max(1, ⌊rank_ratio·min(m, n)⌋); default 0.1
+        (the paper's 90 % "mask rate"). 1.0 keeps everything (exact reconstruction).
+    rank : int, optional
+        A fixed rank instead (capped at min(m, n)).
+    exclude : regex or regexes
+        Names (``re.search``) that are never merged; each task keeps its own. Default: heads and
+        biases, ``("classifier", "bias")``. ``None`` or ``()`` merges everything.
+    device : str or torch.device, optional
+        Where the SVDs run; default the CPU. Results are stored on the CPU.
+    factor_dtype : torch.dtype, optional
+        Storage dtype of the factors and dense parts; default each tensor's dtype.
+    seed : int
+        Seed of the shared merge's random masks (DARE-based methods).
+    progress : bool
+        Show a progress bar (tqdm) over the tensors.
+
+    Returns
+    -------
+    TwinExperts
+
+    Raises
+    ------
+    TwinError
+        No experts, an expert that lacks a tensor of the base or has it in another shape, bad
+        ``rank_ratio``/``rank``.
+    """
+    from meldkit.merging import merge_state_dicts
+
+    if isinstance(experts, Mapping):
+        tasks = [str(k) for k in experts]
+        expert_list = list(experts.values())
+    else:
+        expert_list = list(experts)
+        tasks = [f"task{i}" for i in range(len(expert_list))]
+    if not expert_list:
+        raise TwinError("meldkit.twin.build: 'experts' is empty")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise TwinError(f"meldkit.twin.build: 'rank' must be an int ≥ 1, got {rank!r}")
+    if not 0.0 < float(rank_ratio) <= 1.0:
+        raise TwinError(f"meldkit.twin.build: 'rank_ratio' must be in (0, 1], got {rank_ratio}")
+    if shared_params is None:
+        shared_params = {"lambda": 0.29} if shared == "task_arithmetic" else {}
+    params = _shared_params(shared_params, len(expert_list))
+    patterns = _compile(exclude)
+    svd_device = torch.device(device) if device is not None else torch.device("cpu")
+
+    base_src = _source(base, "base")
+    srcs = [_source(e, f"expert {tasks[i]!r}") for i, e in enumerate(expert_list)]
+    # Merged: floating tensors of the base that no pattern excludes; everything else the experts
+    # have is task specific.
+    merged, specific_names = [], []
+    for name in base_src.names:
+        if not base_src.dtype(name).is_floating_point:
+            continue
+        (specific_names if any(p.search(name) for p in patterns) else merged).append(name)
+    for name in merged:
+        for src in srcs:
+            if name not in src:
+                raise TwinError(f"meldkit.twin.build: {src.label} has no tensor {name!r}")
+            if src.shape(name) != base_src.shape(name):
+                raise TwinError(
+                    f"meldkit.twin.build: {name!r}: shape {list(src.shape(name))} in {src.label} "
+                    f"does not match the base's {list(base_src.shape(name))}"
+                )
+    extra = [n for n in srcs[0].names if n not in base_src and srcs[0].dtype(n).is_floating_point]
+    for name in specific_names + extra:
+        missing = [s.label for s in srcs if name not in s]
+        if missing:
+            raise TwinError(f"meldkit.twin.build: {name!r} is missing from {missing[0]}")
+    specific_names += extra
+
+    out = TwinExperts(
+        tasks=tasks,
+        shared={},
+        factors={},
+        dense={},
+        specific={},
+        config={
+            "shared": shared,
+            "shared_params": {k: v for k, v in dict(shared_params).items()},
+            "rank_ratio": float(rank_ratio),
+            "rank": rank,
+            "exclude": [p.pattern for p in patterns],
+            "seed": int(seed),
+        },
+    )
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(merged) + len(specific_names), desc="twin build", unit="tensor")
+    try:
+        for name in merged:
+            base_t = base_src.get(name)
+            thetas = [src.get(name) for src in srcs]
+            theta_s = merge_state_dicts(
+                {name: base_t}, [{name: t} for t in thetas], shared, seed=seed, **params
+            )[name]
+            out.shared[name] = theta_s.cpu()
+            store = factor_dtype or base_t.dtype
+            if base_t.dim() == 2:
+                r = tensor_rank(base_t.shape, rank_ratio, rank)
+                a_all, b_all, errs = [], [], []
+                for theta in thetas:
+                    v = theta.float() - theta_s.float()
+                    a, b, err = compress(v, r, svd_device)
+                    a_all.append(a.cpu().to(store))
+                    b_all.append(b.cpu().to(store))
+                    errs.append(err)
+                out.factors[name] = (torch.stack(a_all), torch.stack(b_all))
+                out.errors[name] = errs
+            else:
+                out.dense[name] = torch.stack(
+                    [(t.float() - theta_s.float()).to(store).cpu() for t in thetas]
+                )
+            if bar is not None:
+                bar.update(1)
+        for name in specific_names:
+            out.specific[name] = [src.get(name).clone().cpu() for src in srcs]
+            if name in base_src:
+                out.shared[name] = base_src.get(name).clone().cpu()
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
+__all__ = ["DEFAULT_EXCLUDE", "TwinError", "TwinExperts", "build", "compress", "tensor_rank"]

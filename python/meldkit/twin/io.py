@@ -1,0 +1,139 @@
+"""Save and load Twin-Merging: one safetensors file and a small JSON beside it.
+
+The file holds the shared weights, the exclusive factors and dense parts, each task's specific
+tensors and the router; the JSON the task names, the build settings and the router's shape.
+Loading needs only the base model's architecture. Both files are written atomically (temporary
+name, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from meldkit.twin.build import TwinError, TwinExperts
+from meldkit.twin.model import TwinModel, TwinRouter
+
+FORMAT = "meldkit.twin/1"
+WEIGHTS = "twin.safetensors"
+CONFIG = "twin.json"
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save(twin: TwinModel, path: str | os.PathLike) -> Path:
+    """Write ``twin`` into the folder ``path`` (created if needed): ``twin.safetensors`` and
+    ``twin.json``. Returns the folder."""
+    from safetensors.torch import save_file
+
+    if not isinstance(twin, TwinModel):
+        raise TypeError(f"meldkit.twin.save: expected a TwinModel, got {type(twin).__name__}")
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    ex = twin.experts
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in ex.shared.items():
+        tensors[f"shared/{name}"] = t
+    for name, (a, b) in ex.factors.items():
+        tensors[f"factor_a/{name}"] = a
+        tensors[f"factor_b/{name}"] = b
+    for name, t in ex.dense.items():
+        tensors[f"dense/{name}"] = t
+    for name, values in ex.specific.items():
+        for i, t in enumerate(values):
+            tensors[f"specific/{i}/{name}"] = t
+    for name, t in twin.router.state_dict().items():
+        tensors[f"router/{name}"] = t
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "tasks": ex.tasks,
+        "build": ex.config,
+        "errors": ex.errors,
+        "top_k": twin.top_k,
+        "router": {
+            "in_features": twin.router.in_features,
+            "hidden": twin.router.hidden,
+            "dropout": twin.router.dropout,
+        },
+    }
+    _atomic_write(folder / WEIGHTS, lambda p: save_file(tensors, str(p), {"format": FORMAT}))
+    _atomic_write(folder / CONFIG, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    return folder
+
+
+def load(path: str | os.PathLike, model: nn.Module, *, copy: bool = True, **kwargs: Any):
+    """A :class:`TwinModel` over ``model`` (the base architecture) from a folder written by
+    :func:`save`. ``kwargs`` go to :class:`TwinModel` (``features``, ``top_k`` overrides).
+
+    Raises
+    ------
+    TwinError
+        Missing or foreign files, or a model whose parameters do not match the saved ones.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    cfg_path, w_path = folder / CONFIG, folder / WEIGHTS
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise TwinError(f"meldkit.twin.load: {folder} has no {CONFIG} and {WEIGHTS}")
+    meta = json.loads(cfg_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise TwinError(f"meldkit.twin.load: {cfg_path} is not a {FORMAT} file")
+    tensors = load_file(str(w_path))
+    tasks = list(meta["tasks"])
+    shared, factors_a, factors_b, dense, router = {}, {}, {}, {}, {}
+    specific: dict[str, list[torch.Tensor | None]] = {}
+    for key, t in tensors.items():
+        kind, _, rest = key.partition("/")
+        if kind == "shared":
+            shared[rest] = t
+        elif kind == "factor_a":
+            factors_a[rest] = t
+        elif kind == "factor_b":
+            factors_b[rest] = t
+        elif kind == "dense":
+            dense[rest] = t
+        elif kind == "specific":
+            i, _, name = rest.partition("/")
+            specific.setdefault(name, [None] * len(tasks))[int(i)] = t
+        elif kind == "router":
+            router[rest] = t
+        else:
+            raise TwinError(f"meldkit.twin.load: {w_path}: unexpected tensor {key!r}")
+    if set(factors_a) != set(factors_b):
+        raise TwinError(f"meldkit.twin.load: {w_path}: factor pairs are incomplete")
+    incomplete = [n for n, v in specific.items() if any(t is None for t in v)]
+    if incomplete:
+        raise TwinError(f"meldkit.twin.load: {w_path}: {incomplete[0]!r} lacks a task's tensor")
+    experts = TwinExperts(
+        tasks=tasks,
+        shared=shared,
+        factors={n: (factors_a[n], factors_b[n]) for n in factors_a},
+        dense=dense,
+        specific=specific,  # type: ignore[arg-type]
+        errors={k: list(v) for k, v in meta.get("errors", {}).items()},
+        config=meta.get("build", {}),
+    )
+    r = meta["router"]
+    twin_router = TwinRouter(r["in_features"], len(tasks), r["hidden"], r["dropout"])
+    twin_router.load_state_dict(router)
+    twin_router.eval()
+    kwargs.setdefault("top_k", meta.get("top_k"))
+    return TwinModel(model, experts, router=twin_router, copy=copy, **kwargs)
+
+
+__all__ = ["load", "save"]

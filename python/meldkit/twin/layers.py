@@ -1,0 +1,353 @@
+"""Twin-Merging's layers: the shared weights plus each sample's mix of exclusive knowledge, computed
+on activations (``meldkit.ops.routed_lora`` in gate mode), never by rebuilding dense weights.
+
+Each layer subclasses the layer it replaces and keeps its parameters under the same names
+(``weight``, ``bias``), so a :class:`TwinModel`'s ``state_dict`` and ``torch.func.functional_call``
+see the original model. The exclusive factors are non-persistent buffers. In ``"plain"`` routing
+mode (router features, and the per-sample rebuild of ``materialize=True``) a layer is exactly the
+layer it replaces.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meldkit.ops import routed_lora
+
+
+class Routing:
+    """The current forward's routing, shared by every twin layer of one model.
+
+    ``weights [B, T]`` (float32) mixes the exclusive parts per sample; ``task [B]`` (int64) picks
+    the task-specific tensors (heads, biases); ``mode`` is ``"twin"`` or ``"plain"``.
+    """
+
+    def __init__(self) -> None:
+        self.mode = "plain"
+        self.weights: torch.Tensor | None = None
+        self.task: torch.Tensor | None = None
+
+    def batch(self, layer: str, lead: int) -> int:
+        assert self.weights is not None
+        b = self.weights.shape[0]
+        if lead not in (b, 1):
+            raise RuntimeError(
+                f"meldkit.twin: layer {layer!r} got an input whose first dimension {lead} is not "
+                f"the batch size {b}: per-sample routing needs [B, ...] inputs"
+            )
+        return b
+
+
+def _per_sample(values: torch.Tensor, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
+    """Σ_t w_bt·values[t] ``[B, *shape]`` for dense exclusive parts ``values [T, *shape]``."""
+    w = routing.weights.to(torch.float32)
+    return (w @ values.flatten(1).float()).view(w.shape[0], *values.shape[1:]).to(dtype)
+
+
+def _broadcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``[B, d]`` → ``[B, 1, …, 1, d]`` with ``ndim`` dimensions."""
+    return v.view(v.shape[0], *([1] * (ndim - 2)), v.shape[-1])
+
+
+class _Specific:
+    """Task-specific values of one parameter, stacked ``[T, *max shape]`` (zero-padded; bias rows
+    past a task's own size are -inf so padded logits never win)."""
+
+    @staticmethod
+    def stack(values: list[torch.Tensor], pad: float) -> torch.Tensor:
+        shape = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
+        out = torch.full((len(values), *shape), pad, dtype=values[0].dtype)
+        for t, v in enumerate(values):
+            out[(t, *(slice(0, s) for s in v.shape))] = v
+        return out
+
+
+class TwinLinear(nn.Linear):
+    """``y = x·θ_sᵀ + Σ_t w_t·(x·b_t)·a_tᵀ + bias`` per sample; task-specific weight or bias taken
+    from each sample's task."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        name: str,
+        routing: Routing,
+        *,
+        factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+        dense_bias: torch.Tensor | None = None,
+        specific_weight: list[torch.Tensor] | None = None,
+        specific_bias: list[torch.Tensor] | None = None,
+    ) -> None:
+        nn.Module.__init__(self)  # keep the layer's own parameters, do not re-initialise
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.name, self.routing = name, routing
+        device = linear.weight.device
+        if factors is not None:  # lora_a [T, r, n] = b_tᵀ, lora_b [T, m, r] = a_t
+            a, b = factors
+            self.register_buffer("lora_a", b.transpose(1, 2).contiguous().to(device), False)
+            self.register_buffer("lora_b", a.contiguous().to(device), False)
+        else:
+            self.lora_a = self.lora_b = None
+        self.register_buffer(
+            "dense_bias", None if dense_bias is None else dense_bias.to(device), False
+        )
+        self.register_buffer(
+            "specific_weight",
+            None if specific_weight is None else _Specific.stack(specific_weight, 0.0).to(device),
+            False,
+        )
+        self.register_buffer(
+            "specific_bias",
+            None
+            if specific_bias is None
+            else _Specific.stack(specific_bias, float("-inf")).to(device),
+            False,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.routing
+        if r.mode == "plain":
+            return F.linear(x, self.weight, self.bias)
+        squeeze = x.dim() == 1
+        if squeeze:
+            x = x.unsqueeze(0)
+        b = r.batch(self.name, x.shape[0])
+        if x.shape[0] != b:
+            x = x.expand(b, *x.shape[1:])
+        if self.specific_weight is not None:
+            w = self.specific_weight[r.task].to(x.dtype)  # [B, m, n]
+            y = torch.einsum("b...n,bmn->b...m", x, w)
+        else:
+            y = F.linear(x, self.weight)
+        if self.lora_a is not None:
+            gates = _broadcast(r.weights, x.dim()).expand(*x.shape[:-1], r.weights.shape[1])
+            delta, _ = routed_lora(
+                x.to(self.lora_a.dtype), self.lora_a, self.lora_b, 1.0, gates=gates
+            )
+            y = y + delta.to(y.dtype)
+        if self.specific_bias is not None:
+            y = y + _broadcast(self.specific_bias[r.task].to(y.dtype), y.dim())
+        elif self.bias is not None:
+            y = y + self.bias
+            if self.dense_bias is not None:
+                y = y + _broadcast(_per_sample(self.dense_bias, r, y.dtype), y.dim())
+        return y.squeeze(0) if squeeze else y
+
+
+class TwinEmbedding(nn.Embedding):
+    """``E[ids] + Σ_t w_t·a_t[ids]·b_tᵀ`` per sample."""
+
+    def __init__(
+        self,
+        embedding: nn.Embedding,
+        name: str,
+        routing: Routing,
+        *,
+        factors: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        nn.Module.__init__(self)
+        for attr in (
+            "num_embeddings",
+            "embedding_dim",
+            "padding_idx",
+            "max_norm",
+            "norm_type",
+            "scale_grad_by_freq",
+            "sparse",
+        ):
+            setattr(self, attr, getattr(embedding, attr))
+        self.weight = embedding.weight
+        self.name, self.routing = name, routing
+        a, b = factors
+        self.register_buffer("factor_a", a.to(embedding.weight.device), False)  # [T, V, r]
+        self.register_buffer("factor_b", b.to(embedding.weight.device), False)  # [T, d, r]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = super().forward(ids)
+        r = self.routing
+        if r.mode == "plain":
+            return y
+        if ids.dim() < 2:
+            raise RuntimeError(f"meldkit.twin: embedding {self.name!r} needs [B, ...] ids")
+        b = r.batch(self.name, ids.shape[0])
+        ids = ids.expand(b, *ids.shape[1:])
+        rows = self.factor_a[:, ids].float()  # a_t[ids]: [T, B, ..., r]
+        # Σ_t w_bt·a_t[ids]·b_tᵀ
+        delta = torch.einsum("tb...r,tdr,bt->b...d", rows, self.factor_b.float(), r.weights.float())
+        return (y.expand(*delta.shape) + delta.to(y.dtype)).contiguous()
+
+
+class TwinLayerNorm(nn.LayerNorm):
+    """LayerNorm whose scale and shift are mixed (exclusive parts) or chosen (task-specific) per
+    sample."""
+
+    def __init__(
+        self,
+        norm: nn.LayerNorm,
+        name: str,
+        routing: Routing,
+        *,
+        dense: dict[str, torch.Tensor],
+        specific: dict[str, list[torch.Tensor]],
+    ) -> None:
+        nn.Module.__init__(self)
+        self.normalized_shape = norm.normalized_shape
+        self.eps = norm.eps
+        self.elementwise_affine = norm.elementwise_affine
+        self.weight, self.bias = norm.weight, norm.bias
+        if len(self.normalized_shape) != 1:
+            raise NotImplementedError(
+                f"meldkit.twin: LayerNorm {name!r} over {len(self.normalized_shape)} dimensions"
+            )
+        self.name, self.routing = name, routing
+        dev = norm.weight.device
+        for attr in ("weight", "bias"):
+            d = dense.get(attr)
+            s = specific.get(attr)
+            self.register_buffer(f"dense_{attr}", None if d is None else d.to(dev), False)
+            self.register_buffer(
+                f"specific_{attr}", None if s is None else torch.stack(s).to(dev), False
+            )
+
+    def _param(self, attr: str, dtype: torch.dtype) -> torch.Tensor | None:
+        r = self.routing
+        specific = getattr(self, f"specific_{attr}")
+        if specific is not None:
+            return specific[r.task].to(dtype)
+        own = getattr(self, attr)
+        if own is None:
+            return None
+        dense = getattr(self, f"dense_{attr}")
+        out = own.to(dtype).expand(r.weights.shape[0], -1)
+        return out if dense is None else out + _per_sample(dense, r, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.routing
+        if r.mode == "plain":
+            return super().forward(x)
+        b = r.batch(self.name, x.shape[0])
+        y = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        if y.shape[0] != b:
+            y = y.expand(b, *y.shape[1:])
+        w = self._param("weight", y.dtype)
+        if w is not None:
+            y = y * _broadcast(w, y.dim())
+        bias = self._param("bias", y.dtype)
+        if bias is not None:
+            y = y + _broadcast(bias, y.dim())
+        return y
+
+
+def slice_sample(v: Any, i: int, b: int) -> Any:
+    """Sample ``i`` of a batch-first tensor (kept 4-D etc.); other values unchanged."""
+    if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == b:
+        return v[i : i + 1]
+    return v
+
+
+def cat_samples(outs: list[Any]) -> Any:
+    """Concatenate per-sample outputs along dim 0 (tensors, tuples, dicts, ModelOutputs); a last
+    dimension that differs (heads with different label counts) is padded with -inf."""
+    first = outs[0]
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor):
+        if first.dim() == 0:
+            return torch.stack(outs)
+        width = max(o.shape[-1] for o in outs)
+        outs = [F.pad(o, (0, width - o.shape[-1]), value=float("-inf")) for o in outs]
+        return torch.cat(outs)
+    if isinstance(first, Mapping):
+        items = {k: cat_samples([o[k] for o in outs]) for k in first}
+        try:
+            return type(first)(**items)
+        except TypeError:
+            return items
+    if isinstance(first, (tuple, list)):
+        return type(first)(cat_samples(list(parts)) for parts in zip(*outs, strict=True))
+    return outs
+
+
+class TwinPerSample:
+    """Any other module with routed parameters (RMSNorm scales, Conv1D weights, …) runs once per
+    sample with that sample's merged parameters (``torch.func.functional_call``), through a
+    forward hook: the module stays where it is, under its own name.
+
+    Correct for any module; cheap for 1-D parameters (norm scales). 2-D parameters are rebuilt
+    densely per sample (the reference's cost), with a warning.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        name: str,
+        routing: Routing,
+        *,
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        dense: dict[str, torch.Tensor],
+        specific: dict[str, list[torch.Tensor]],
+    ) -> None:
+        self.name, self.routing = name, routing
+        self.factors, self.dense, self.specific = factors, dense, specific
+        if factors:
+            warnings.warn(
+                f"meldkit.twin: {type(module).__name__} {name!r} has 2-D exclusive parts "
+                f"({', '.join(factors)}): they are rebuilt densely per sample",
+                stacklevel=3,
+            )
+        self.active = False
+        self.handle = module.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _params(self, module: nn.Module, w: torch.Tensor, task: int) -> dict[str, torch.Tensor]:
+        own = dict(module.named_parameters(recurse=False))
+        w = w.float()
+        out = {}
+        for k, (fa, fb) in self.factors.items():
+            p = own[k]
+            delta = torch.einsum("t,tmr,tnr->mn", w.cpu(), fa.float(), fb.float())
+            out[k] = p + delta.to(p.device, p.dtype)
+        for k, v in self.dense.items():
+            p = own[k]
+            out[k] = p + (w.cpu() @ v.flatten(1).float()).view(v.shape[1:]).to(p.device, p.dtype)
+        for k, v in self.specific.items():
+            out[k] = v[task].to(own[k].device)
+        return out
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        r = self.routing
+        if r.mode != "twin" or self.active:
+            return None
+        weights, task = r.weights, r.task
+        b = weights.shape[0]
+        outs = []
+        # Run the module again for each sample, with the routing narrowed to that sample (for
+        # twin layers inside it) and this hook switched off.
+        self.active = True
+        try:
+            for i in range(b):
+                r.weights, r.task = weights[i : i + 1], task[i : i + 1]
+                params = self._params(module, weights[i], int(task[i]))
+                a_i = tuple(slice_sample(a, i, b) for a in args)
+                k_i = {k: slice_sample(v, i, b) for k, v in kwargs.items()}
+                outs.append(torch.func.functional_call(module, params, a_i, k_i))
+        finally:
+            self.active = False
+            r.weights, r.task = weights, task
+        return cat_samples(outs)
+
+
+__all__ = [
+    "Routing",
+    "TwinEmbedding",
+    "TwinLayerNorm",
+    "TwinLinear",
+    "TwinPerSample",
+    "cat_samples",
+    "slice_sample",
+]

@@ -1,0 +1,505 @@
+"""Twin-Merging, dynamic merging: a router and the per-sample model θ_s + Σ_t w_t(x)·v_t."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meldkit.twin.build import TwinError, TwinExperts
+from meldkit.twin.layers import (
+    Routing,
+    TwinEmbedding,
+    TwinLayerNorm,
+    TwinLinear,
+    TwinPerSample,
+    cat_samples,
+    slice_sample,
+)
+
+
+class TwinRouter(nn.Module):
+    """The paper's router: Linear(d → h) · BatchNorm · LeakyReLU · Dropout(0.5) ·
+    Linear(h → h) · BatchNorm · LeakyReLU · Dropout(0.5) · Linear(h → T), h = 2·d by default.
+    Returns logits ``[B, T]``."""
+
+    def __init__(
+        self, in_features: int, num_tasks: int, hidden: int | None = None, dropout: float = 0.5
+    ) -> None:
+        super().__init__()
+        h = 2 * in_features if hidden is None else hidden
+        self.in_features, self.num_tasks, self.hidden, self.dropout = (
+            in_features,
+            num_tasks,
+            h,
+            dropout,
+        )
+        self.net = nn.Sequential(
+            nn.Linear(in_features, h),
+            nn.BatchNorm1d(h),
+            nn.LeakyReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(h, h),
+            nn.BatchNorm1d(h),
+            nn.LeakyReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(h, num_tasks),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+
+def _hidden_size(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for key in ("hidden_size", "d_model", "n_embd", "dim"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def mean_pooled_last_hidden(model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The router input of the paper: the last hidden state averaged over the sequence, padding
+    left out (``attention_mask``), ``[B, d]`` float32. For Hugging Face models."""
+    out = model(*args, output_hidden_states=True, **kwargs)
+    hidden = out.hidden_states[-1].float()
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        return hidden.mean(1)
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def _batch_size(args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
+    for v in [*args, *kwargs.values()]:
+        if isinstance(v, torch.Tensor) and v.dim() >= 1:
+            return v.shape[0]
+    raise TwinError("meldkit.twin: no tensor input to take the batch size from")
+
+
+class TwinModel(nn.Module):
+    """A model that merges per input: θ*(x) = θ_s + Σ_t w_t(x)·v_t (Twin-Merging's inference).
+
+    For each batch the router reads the shared model's features (by default the last hidden
+    state averaged over the tokens, :func:`mean_pooled_last_hidden`) and gives softmax weights
+    ``w [B, T]`` (optionally only the top k, renormalised). Every adapted ``nn.Linear`` then
+    computes ``θ_s·x + Σ_t w_t·a_t·(b_tᵀ·x)`` per sample through :func:`meldkit.ops.routed_lora`
+    in gate mode (no dense weight is rebuilt per sample), embeddings add ``Σ_t w_t a_t[ids]·b_tᵀ``,
+    LayerNorm scales and 1-D exclusive parts are mixed per sample. Task-specific tensors (heads,
+    biases) come from each sample's task: the given ``task``, else the router's top task.
+
+    ``materialize=True`` instead rebuilds the dense merged weights for each sample and runs the
+    original model with them (``torch.func.functional_call``), as the reference code does: for
+    parity checks and for layers the activation path does not handle.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The base model's architecture (its weights are replaced by θ_s; copied unless
+        ``copy=False``). Its parameter names must match the experts'.
+    experts : TwinExperts
+        From :func:`meldkit.twin.build`.
+    router : TwinRouter, optional
+        Default: a new one over the model's hidden size (``config.hidden_size``), to train with
+        :func:`train_router`.
+    top_k : int, optional
+        Mix only the k most likely tasks (renormalised); default all (the paper's).
+    features : callable, optional
+        ``features(model, *args, **kwargs) -> [B, d]``: the router input, computed with the shared
+        weights; default :func:`mean_pooled_last_hidden`.
+    copy : bool
+        Deep-copy ``model`` first (default) rather than modify it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        experts: TwinExperts,
+        *,
+        router: TwinRouter | None = None,
+        top_k: int | None = None,
+        features: Callable[..., torch.Tensor] | None = None,
+        copy: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(experts, TwinExperts):
+            raise TypeError(f"TwinModel: 'experts' must be TwinExperts, got {type(experts)}")
+        if top_k is not None and not 1 <= int(top_k) <= experts.num_tasks:
+            raise TwinError(f"TwinModel: 'top_k' {top_k} is not in 1 … {experts.num_tasks}")
+        self.model = _copy(model) if copy else model
+        self.tasks = list(experts.tasks)
+        self.top_k = top_k
+        self.features_fn = features or mean_pooled_last_hidden
+        self.experts = experts
+        self.routing = Routing()
+        self._load_shared()
+        self.per_sample_modules = self._install()
+        if router is None:
+            d = _hidden_size(self.model)
+            if d is None:
+                raise TwinError(
+                    "TwinModel: cannot tell the model's hidden size (no config.hidden_size): "
+                    "pass router=TwinRouter(d, T)"
+                )
+            router = TwinRouter(d, experts.num_tasks)
+        if router.num_tasks != experts.num_tasks:
+            raise TwinError(
+                f"TwinModel: the router has {router.num_tasks} outputs for "
+                f"{experts.num_tasks} tasks"
+            )
+        device = next(self.model.parameters()).device
+        self.router = router.to(device)
+
+    # ---- setup --------------------------------------------------------------------------------
+
+    def _load_shared(self) -> None:
+        params = dict(self.model.named_parameters())
+        ex = self.experts
+        names = set(ex.factors) | set(ex.dense) | set(ex.specific)
+        missing = sorted(n for n in names if n not in params)
+        if missing:
+            raise TwinError(
+                f"TwinModel: the model has no parameter {missing[0]!r} (of {len(missing)} "
+                "missing): the experts were built for another architecture"
+            )
+        with torch.no_grad():
+            for name, value in ex.shared.items():
+                p = params[name]
+                if p.shape != value.shape:
+                    raise TwinError(
+                        f"TwinModel: {name!r}: the model's shape {list(p.shape)} does not match "
+                        f"the experts' {list(value.shape)}"
+                    )
+                p.copy_(value)
+
+    def _install(self) -> list[str]:
+        """Replace every module with routed parameters; returns the names of the modules that
+        run per sample (:class:`TwinPerSample`)."""
+        ex = self.experts
+        routed = set(ex.factors) | set(ex.dense) | set(ex.specific)
+        per_sample = []
+        for mod_name, module in list(self.model.named_modules()):
+            full = {
+                n: f"{mod_name}.{n}" if mod_name else n
+                for n, _ in module.named_parameters(recurse=False)
+            }
+            if not any(f in routed for f in full.values()):
+                continue
+            w, b = full.get("weight"), full.get("bias")
+            if type(module) is nn.Linear:
+                layer = TwinLinear(
+                    module,
+                    mod_name,
+                    self.routing,
+                    factors=ex.factors.get(w),
+                    dense_bias=ex.dense.get(b) if b else None,
+                    specific_weight=ex.specific.get(w),
+                    specific_bias=ex.specific.get(b) if b else None,
+                )
+            elif type(module) is nn.Embedding and set(full.values()) <= set(ex.factors):
+                layer = TwinEmbedding(module, mod_name, self.routing, factors=ex.factors[w])
+            elif type(module) is nn.LayerNorm and not any(f in ex.factors for f in full.values()):
+                layer = TwinLayerNorm(
+                    module,
+                    mod_name,
+                    self.routing,
+                    dense={k: ex.dense[f] for k, f in full.items() if f in ex.dense},
+                    specific={k: ex.specific[f] for k, f in full.items() if f in ex.specific},
+                )
+            else:
+                TwinPerSample(
+                    module,
+                    mod_name,
+                    self.routing,
+                    factors={k: ex.factors[f] for k, f in full.items() if f in ex.factors},
+                    dense={k: ex.dense[f] for k, f in full.items() if f in ex.dense},
+                    specific={k: ex.specific[f] for k, f in full.items() if f in ex.specific},
+                )
+                per_sample.append(mod_name)
+                continue
+            _replace(self.model, mod_name, layer)
+        return per_sample
+
+    # ---- routing ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The router input ``[B, d]`` under the shared weights (base values for excluded ones)."""
+        self.routing.mode = "plain"
+        return self.features_fn(self.model, *args, **kwargs).float()
+
+    @torch.no_grad()
+    def route(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Softmax router weights ``[B, T]`` (top-k renormalised when ``top_k``)."""
+        was = self.router.training
+        self.router.eval()
+        try:
+            logits = self.router(self.features(*args, **kwargs))
+        finally:
+            self.router.train(was)
+        return self._weights(logits)
+
+    def _weights(self, logits: torch.Tensor) -> torch.Tensor:
+        w = torch.softmax(logits.float(), -1)
+        if self.top_k is not None and self.top_k < w.shape[-1]:
+            top = w.topk(self.top_k, -1)
+            w = torch.zeros_like(w).scatter_(-1, top.indices, top.values)
+            w = w / w.sum(-1, keepdim=True)
+        return w
+
+    def _check_weights(self, weights: Any, b: int, device) -> torch.Tensor:
+        w = torch.as_tensor(weights, dtype=torch.float32, device=device)
+        if w.shape != (b, len(self.tasks)):
+            raise TwinError(
+                f"TwinModel: 'weights' has shape {list(w.shape)}, expected "
+                f"[{b}, {len(self.tasks)}] (batch, tasks)"
+            )
+        if not torch.isfinite(w).all():
+            raise TwinError("TwinModel: 'weights' contains NaN or inf")
+        return w
+
+    def _check_task(self, task: Any, b: int, device) -> torch.Tensor:
+        if isinstance(task, str) or (isinstance(task, int) and not isinstance(task, bool)):
+            task = [task] * b
+        if isinstance(task, Sequence) and task and isinstance(task[0], str):
+            unknown = [t for t in task if t not in self.tasks]
+            if unknown:
+                raise TwinError(f"TwinModel: unknown task {unknown[0]!r} (tasks: {self.tasks})")
+            task = [self.tasks.index(t) for t in task]
+        t = torch.as_tensor(task, dtype=torch.int64, device=device).reshape(-1)
+        if t.numel() != b or (t.numel() and (t.min() < 0 or t.max() >= len(self.tasks))):
+            raise TwinError(
+                f"TwinModel: 'task' must give one task in 0 … {len(self.tasks) - 1} per sample "
+                f"({b}), got {task!r}"
+            )
+        return t
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        *args: Any,
+        weights: torch.Tensor | None = None,
+        task: Any = None,
+        materialize: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the model with each sample's merged weights.
+
+        ``weights [B, T]`` replaces the router (e.g. one-hot for an oracle); ``task`` (an index,
+        a name, or one per sample) picks the task-specific tensors, by default the top task of
+        ``weights``. Other arguments go to the wrapped model. Returns its output.
+        """
+        device = next(self.model.parameters()).device
+        b = _batch_size(args, kwargs)
+        if weights is None:
+            weights = self.route(*args, **kwargs)
+        weights = self._check_weights(weights, b, device)
+        task = weights.argmax(-1) if task is None else self._check_task(task, b, device)
+        if materialize:
+            return self._materialized(weights, task, args, kwargs)
+        r = self.routing
+        r.mode, r.weights, r.task = "twin", weights, task
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            r.mode, r.weights, r.task = "plain", None, None
+
+    def merged_state(self, weights: torch.Tensor, task: int) -> dict[str, torch.Tensor]:
+        """Dense θ_s + Σ_t w_t·v_t for one sample's ``weights [T]``, task-specific tensors of
+        ``task`` (the reference code's per-sample rebuild)."""
+        ex = self.experts
+        params = dict(self.model.named_parameters())
+        out = {}
+        for name in list(ex.factors) + list(ex.dense):
+            p = params[name]
+            acc = ex.shared[name].to(p.device, torch.float32).clone()
+            for t in range(ex.num_tasks):
+                if float(weights[t]) != 0.0:
+                    acc += float(weights[t]) * ex.exclusive(name, t).to(p.device, torch.float32)
+            out[name] = acc.to(p.dtype)
+        for name, values in ex.specific.items():
+            out[name] = values[task].to(params[name].device)
+        return out
+
+    @torch.no_grad()
+    def _materialized(self, weights, task, args, kwargs) -> Any:
+        self.routing.mode = "plain"
+        b = weights.shape[0]
+        outs = []
+        for i in range(b):
+            params = self.merged_state(weights[i], int(task[i]))
+            a_i = [slice_sample(a, i, b) for a in args]
+            k_i = {k: slice_sample(v, i, b) for k, v in kwargs.items()}
+            outs.append(torch.func.functional_call(self.model, params, tuple(a_i), k_i))
+        return cat_samples(outs)
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+# ---- router training ----------------------------------------------------------------------------
+
+
+@dataclass
+class RouterTraining:
+    """What :func:`train_router` did: per-epoch losses and held-out accuracies, and the epoch
+    whose router was kept (the best held-out accuracy)."""
+
+    train_loss: list[float]
+    val_accuracy: list[float]
+    best_epoch: int
+    best_val_accuracy: float
+
+
+@torch.no_grad()
+def text_features(
+    twin: TwinModel,
+    texts: Sequence[str],
+    tokenizer: Any,
+    *,
+    batch_size: int = 64,
+    max_length: int = 128,
+) -> torch.Tensor:
+    """Router features ``[N, d]`` of ``texts`` (tokenised with padding and truncation)."""
+    device = next(twin.model.parameters()).device
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            list(texts[i : i + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        ).to(device)
+        out.append(twin.features(**enc).cpu())
+    return torch.cat(out) if out else torch.empty(0, twin.router.in_features)
+
+
+def _features_by_task(twin, data, tokenizer, batch_size, max_length, what) -> list[torch.Tensor]:
+    if not isinstance(data, Mapping):
+        raise TypeError(f"train_router: '{what}' must map task names to examples")
+    unknown = [k for k in data if k not in twin.tasks]
+    if unknown:
+        raise TwinError(f"train_router: '{what}' has unknown task {unknown[0]!r}")
+    missing = [t for t in twin.tasks if t not in data or len(data[t]) == 0]
+    if missing:
+        raise TwinError(f"train_router: '{what}' has no examples of task {missing[0]!r}")
+    feats = []
+    for t in twin.tasks:
+        v = data[t]
+        if isinstance(v, torch.Tensor):
+            feats.append(v.float().cpu())
+        else:
+            if tokenizer is None:
+                raise TwinError(f"train_router: '{what}' holds texts: pass a tokenizer")
+            feats.append(text_features(twin, v, tokenizer, batch_size=64, max_length=max_length))
+    return feats
+
+
+def train_router(
+    twin: TwinModel,
+    train: Mapping[str, Sequence[str] | torch.Tensor],
+    val: Mapping[str, Sequence[str] | torch.Tensor],
+    *,
+    tokenizer: Any = None,
+    epochs: int = 50,
+    lr: float = 5e-4,
+    batch_size: int = 256,
+    patience: int | None = 10,
+    max_length: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+) -> RouterTraining:
+    """Train ``twin.router`` by cross-entropy on the task id, keeping the epoch with the best
+    accuracy on ``val``.
+
+    ``train`` and ``val`` map each task name to its texts (with ``tokenizer``) or to precomputed
+    features ``[N, d]`` (:func:`text_features`). The features come from the shared model, once.
+    ``val`` must be held-out examples, not the test set (the reference code selects its router
+    on the test set: that leaks). Adam, ``lr`` 5e-4 and 50 epochs as the paper; stops after
+    ``patience`` epochs without improvement. The router is left in eval mode.
+    """
+    train_x = _features_by_task(twin, train, tokenizer, batch_size, max_length, "train")
+    val_x = _features_by_task(twin, val, tokenizer, batch_size, max_length, "val")
+    x = torch.cat(train_x)
+    y = torch.cat([torch.full((len(f),), t, dtype=torch.int64) for t, f in enumerate(train_x)])
+    vx = torch.cat(val_x)
+    vy = torch.cat([torch.full((len(f),), t, dtype=torch.int64) for t, f in enumerate(val_x)])
+    router = twin.router
+    device = next(router.parameters()).device
+    x, y, vx, vy = x.to(device), y.to(device), vx.to(device), vy.to(device)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # dropout masks
+        opt = torch.optim.Adam(router.parameters(), lr=lr)
+        best_state, best_acc, best_epoch, since = None, -1.0, -1, 0
+        losses, accs = [], []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=epochs, desc="twin router", unit="epoch")
+        try:
+            for epoch in range(epochs):
+                router.train()
+                order = torch.randperm(len(x), generator=gen).to(device)
+                total, count = 0.0, 0
+                for i in range(0, len(x), batch_size):
+                    idx = order[i : i + batch_size]
+                    if len(idx) < 2:  # BatchNorm needs two samples
+                        continue
+                    loss = F.cross_entropy(router(x[idx]), y[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    total += float(loss) * len(idx)
+                    count += len(idx)
+                router.eval()
+                with torch.no_grad():
+                    acc = float((router(vx).argmax(-1) == vy).float().mean())
+                losses.append(total / max(count, 1))
+                accs.append(acc)
+                if acc > best_acc:
+                    best_acc, best_epoch, since = acc, epoch, 0
+                    best_state = {k: v.detach().clone() for k, v in router.state_dict().items()}
+                else:
+                    since += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}", val_acc=f"{acc:.3f}")
+                if patience is not None and since >= patience:
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+    if best_state is not None:
+        router.load_state_dict(best_state)
+    router.eval()
+    if not math.isfinite(losses[-1] if losses else 0.0):
+        raise TwinError("train_router: the loss is not finite")
+    return RouterTraining(losses, accs, best_epoch, best_acc)
+
+
+__all__ = [
+    "RouterTraining",
+    "TwinModel",
+    "TwinRouter",
+    "mean_pooled_last_hidden",
+    "text_features",
+    "train_router",
+]
