@@ -214,10 +214,11 @@ def _shared_params(shared_params: Mapping[str, Any] | None, n: int) -> dict[str,
     params = dict(shared_params or {})
     if "lambda" in params:  # mergekit's name
         params["lam"] = params.pop("lambda")
-    for key in ("weight", "density"):  # a scalar for every expert
+    plural = {"weight": "weights", "density": "densities", "gamma": "gammas", "epsilon": "epsilons"}
+    for key, many in plural.items():  # mergekit's per-model names: a scalar for every expert
         if key in params:
             value = params.pop(key)
-            params[key + "s"] = [float(value)] * n if not isinstance(value, Sequence) else value
+            params[many] = [float(value)] * n if not isinstance(value, Sequence) else value
     return params
 
 

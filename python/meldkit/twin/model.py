@@ -115,7 +115,7 @@ class TwinModel(nn.Module):
         ``features(model, *args, **kwargs) -> [B, d]``: the router input, computed with the shared
         weights; default :func:`mean_pooled_last_hidden`.
     copy : bool
-        Deep-copy ``model`` first (default) rather than modify it.
+        Deep-copy ``model`` first (default) rather than modify it. Its parameters are frozen.
     """
 
     def __init__(
@@ -134,6 +134,7 @@ class TwinModel(nn.Module):
         if top_k is not None and not 1 <= int(top_k) <= experts.num_tasks:
             raise TwinError(f"TwinModel: 'top_k' {top_k} is not in 1 … {experts.num_tasks}")
         self.model = _copy(model) if copy else model
+        self.model.requires_grad_(False)  # merged inference: only the router trains
         self.tasks = list(experts.tasks)
         self.top_k = top_k
         self.features_fn = features or mean_pooled_last_hidden

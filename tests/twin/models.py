@@ -1,0 +1,68 @@
+"""Tiny models for the Twin-Merging tests: a base and experts made by perturbing it (random
+weights from configs, nothing downloaded)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+
+def perturbed(model: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
+    """A copy of ``model`` with every parameter moved by ``scale``·N(0, 1): an "expert"."""
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype))
+    return out
+
+
+def roberta(seed: int = 0, num_labels: int = 3):
+    """A 2-layer RobertaForSequenceClassification, hidden 48 (embeddings, LayerNorms, heads)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.RobertaConfig(
+        vocab_size=96,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=40,
+        num_labels=num_labels,
+    )
+    torch.manual_seed(seed)
+    return transformers.RobertaForSequenceClassification(config).eval()
+
+
+def roberta_experts(n: int = 3, labels=(3, 3, 3)):
+    """A base and ``n`` experts; expert t's head has ``labels[t]`` classes."""
+    base = roberta(0)
+    experts = {}
+    for t in range(n):
+        e = perturbed(base, seed=t + 1)
+        if labels[t] != base.num_labels:
+            e.classifier.out_proj = nn.Linear(48, labels[t])
+            torch.manual_seed(100 + t)
+            nn.init.normal_(e.classifier.out_proj.weight)
+            e.config.num_labels = labels[t]
+        experts[f"task{t}"] = e.eval()
+    return base, experts
+
+
+def batch(b: int = 4, length: int = 7, seed: int = 0):
+    """input_ids and an attention mask with left and right padding."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 96, (b, length), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    if b > 1:
+        mask[1, -3:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def one_hot(b: int, t: int, n: int) -> torch.Tensor:
+    w = torch.zeros(b, n)
+    w[:, t] = 1.0
+    return w

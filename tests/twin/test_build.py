@@ -1,0 +1,145 @@
+"""meldkit.twin.build: the shared expert, exact factors at full rank, the rank rule, exclusion,
+checkpoint folders, and its errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from meldkit import twin
+from meldkit.twin.build import tensor_rank
+from tests.twin.models import roberta_experts
+
+pytest.importorskip("transformers")
+
+
+def params(model):
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def test_shared_is_task_arithmetic_and_full_rank_is_exact():
+    base, experts = roberta_experts()
+    ex = twin.build(base, experts, rank_ratio=1.0, progress=False)
+    assert ex.tasks == list(experts)
+    b = params(base)
+    e = [params(m) for m in experts.values()]
+    for name in ex.factors:
+        shared = b[name] + 0.29 * sum(p[name] - b[name] for p in e)  # θ_0 + λ Σ τ_t
+        torch.testing.assert_close(ex.shared[name], shared, rtol=1e-5, atol=1e-6)
+        for t in range(len(e)):
+            torch.testing.assert_close(
+                ex.exclusive(name, t), e[t][name] - ex.shared[name], rtol=1e-4, atol=2e-6
+            )
+        assert max(ex.errors[name]) < 1e-5
+    for name, parts in ex.dense.items():  # 1-D: LayerNorm weights, kept dense
+        assert parts.shape == (3, *b[name].shape)
+        for t in range(3):
+            torch.testing.assert_close(parts[t], e[t][name] - ex.shared[name])
+
+
+def test_default_exclusion_keeps_heads_and_biases_per_task():
+    base, experts = roberta_experts()
+    ex = twin.build(base, experts, progress=False)
+    names = set(params(base))
+    assert {n for n in names if "classifier" in n or "bias" in n} == set(ex.specific)
+    e = [params(m) for m in experts.values()]
+    for name, values in ex.specific.items():
+        for t, v in enumerate(values):
+            assert torch.equal(v, e[t][name])
+        assert torch.equal(ex.shared[name], params(base)[name])  # the shared model: the base's
+    everything = twin.build(base, experts, exclude=None, progress=False)
+    assert not everything.specific
+
+
+def test_rank_rule_and_compression_error():
+    assert tensor_rank((768, 3072), 0.1, None) == 76
+    assert tensor_rank((1, 768), 0.1, None) == 1  # the reference rounds to 0 and zeroes it
+    assert tensor_rank((10, 20), 0.1, 50) == 10
+    base, experts = roberta_experts()
+    ex = twin.build(base, experts, rank_ratio=0.1, progress=False)
+    e = [params(m) for m in experts.values()]
+    for name, (a, b) in ex.factors.items():
+        m, n = ex.shared[name].shape
+        r = max(1, int(0.1 * min(m, n)))
+        assert a.shape == (3, m, r) and b.shape == (3, n, r)
+        for t in range(3):
+            v = e[t][name] - ex.shared[name]
+            err = float((v - a[t] @ b[t].T).norm() / v.norm())
+            assert math.isclose(err, ex.errors[name][t], rel_tol=1e-3, abs_tol=1e-6)
+            # the best rank-r approximation: the tail of the singular values
+            s = torch.linalg.svdvals(v)
+            best = float(s[r:].square().sum().sqrt() / s.square().sum().sqrt())
+            assert math.isclose(err, best, rel_tol=1e-3, abs_tol=1e-6)
+    fixed = twin.build(base, experts, rank=2, progress=False)
+    assert all(fixed.rank(n) == min(2, *fixed.shared[n].shape) for n in fixed.factors)
+
+
+def test_storage_counts_factors_not_dense_experts():
+    base, experts = roberta_experts()
+    ex = twin.build(base, experts, rank_ratio=0.1, progress=False)
+    s = ex.storage()
+    assert s["twin"] == s["shared"] + s["exclusive"] + s["specific"]
+    dense = sum(ex.shared[n].numel() * 4 for n in list(ex.factors) + list(ex.dense))
+    assert s["experts"] == 3 * dense + s["specific"]
+    assert s["exclusive"] < 3 * dense * 0.5
+
+
+def test_other_shared_methods_and_state_dicts():
+    base, experts = roberta_experts()
+    sds = {k: m.state_dict() for k, m in experts.items()}
+    ex = twin.build(
+        base.state_dict(),
+        sds,
+        shared="ties",
+        shared_params={"density": 0.5, "lambda": 1.0},
+        rank_ratio=1.0,
+        progress=False,
+    )
+    assert ex.config["shared"] == "ties"
+    name = next(iter(ex.factors))
+    e = [sd[name] for sd in sds.values()]
+    torch.testing.assert_close(ex.exclusive(name, 1), e[1] - ex.shared[name], rtol=1e-4, atol=2e-6)
+
+
+def test_checkpoint_folders_equal_in_memory(tmp_path):
+    from safetensors.torch import save_file
+
+    base, experts = roberta_experts()
+
+    def save(model, name):
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file(
+            {k: v.contiguous() for k, v in params(model).items()}, folder / "model.safetensors"
+        )
+        return folder
+
+    paths = {k: save(m, k) for k, m in experts.items()}
+    a = twin.build(save(base, "base"), paths, progress=False)
+    b = twin.build(base, experts, progress=False)
+    assert a.factors.keys() == b.factors.keys()
+    for name in b.factors:
+        assert torch.equal(a.shared[name], b.shared[name])
+        assert torch.equal(a.factors[name][0], b.factors[name][0])
+
+
+def test_errors_name_the_problem():
+    base, experts = roberta_experts()
+    with pytest.raises(twin.TwinError, match="'experts' is empty"):
+        twin.build(base, [], progress=False)
+    with pytest.raises(twin.TwinError, match="rank_ratio"):
+        twin.build(base, experts, rank_ratio=0.0, progress=False)
+    with pytest.raises(twin.TwinError, match="'rank'"):
+        twin.build(base, experts, rank=0, progress=False)
+    sd = dict(experts["task1"].state_dict())
+    name = "roberta.encoder.layer.0.attention.self.query.weight"
+    sd[name] = sd[name][:, :10]
+    with pytest.raises(twin.TwinError, match=r"query\.weight.*shape"):
+        twin.build(base, [experts["task0"].state_dict(), sd], progress=False)
+    del sd[name]
+    with pytest.raises(twin.TwinError, match=r"has no tensor.*query\.weight"):
+        twin.build(base, [experts["task0"].state_dict(), sd], progress=False)
+    with pytest.raises(TypeError, match=r"expected an nn\.Module"):
+        twin.build(base, [42], progress=False)

@@ -1,0 +1,47 @@
+"""meldkit.twin.save / load: a round trip gives the same outputs; broken or foreign files fail
+with a clear error; nothing temporary is left behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from meldkit import twin
+from tests.twin.models import batch, roberta, roberta_experts
+
+pytest.importorskip("transformers")
+
+
+def test_round_trip(tmp_path):
+    base, experts = roberta_experts(labels=(3, 4, 3))
+    ex = twin.build(base, experts, rank_ratio=0.25, progress=False)
+    model = twin.TwinModel(base, ex, top_k=2).eval()
+    with torch.no_grad():
+        for p in model.router.parameters():
+            p.normal_()
+    folder = twin.save(model, tmp_path / "twin")
+    assert sorted(p.name for p in folder.iterdir()) == ["twin.json", "twin.safetensors"]
+    loaded = twin.load(folder, roberta(5))  # any weights: only the architecture is used
+    assert loaded.tasks == model.tasks and loaded.top_k == 2
+    x = batch()
+    torch.testing.assert_close(loaded(**x).logits, model(**x).logits, rtol=0, atol=0)
+    assert loaded.experts.errors.keys() == ex.errors.keys()
+    for name, errs in ex.errors.items():
+        assert loaded.experts.errors[name] == pytest.approx(errs)
+
+
+def test_load_errors(tmp_path):
+    base, experts = roberta_experts()
+    model = twin.TwinModel(base, twin.build(base, experts, progress=False))
+    with pytest.raises(twin.TwinError, match=r"has no twin\.json"):
+        twin.load(tmp_path, base)
+    folder = twin.save(model, tmp_path / "t")
+    meta = json.loads((folder / "twin.json").read_text())
+    meta["format"] = "something else"
+    (folder / "twin.json").write_text(json.dumps(meta))
+    with pytest.raises(twin.TwinError, match=r"not a meldkit\.twin/1 file"):
+        twin.load(folder, base)
+    with pytest.raises(TypeError, match="expected a TwinModel"):
+        twin.save(base, tmp_path / "x")

@@ -1,0 +1,188 @@
+"""TwinModel: a one-hot router gives each expert's own outputs (exactly at full rank, within the
+measured compression error below it), the activation path equals the reference's per-sample
+rebuild (``materialize=True``), heads and biases follow each sample's task, routing, router
+training with held-out selection, and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from meldkit import twin
+from tests.twin.models import batch, one_hot, perturbed, roberta_experts
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def full_rank():
+    base, experts = roberta_experts()
+    ex = twin.build(base, experts, rank_ratio=1.0, progress=False)
+    return base, experts, twin.TwinModel(base, ex).eval()
+
+
+@pytest.fixture(scope="module")
+def compressed():
+    base, experts = roberta_experts()
+    ex = twin.build(base, experts, rank_ratio=0.1, progress=False)
+    return base, experts, twin.TwinModel(base, ex).eval()
+
+
+def test_one_hot_router_gives_each_expert_at_full_rank(full_rank):
+    _, experts, model = full_rank
+    x = batch()
+    assert model.per_sample_modules == []  # every routed module has a batched twin layer
+    for t, expert in enumerate(experts.values()):
+        got = model(**x, weights=one_hot(4, t, 3)).logits
+        torch.testing.assert_close(got, expert(**x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_one_hot_router_below_full_rank_is_within_the_compression_error(compressed):
+    _, experts, model = compressed
+    x = batch()
+    errors = []
+    for t, expert in enumerate(experts.values()):
+        got = model(**x, weights=one_hot(4, t, 3)).logits
+        want = expert(**x).logits
+        errors.append(float((got - want).detach().norm() / want.detach().norm()))
+        # the same merged weights, rebuilt densely: the activation path's only error is rounding
+        mat = model(**x, weights=one_hot(4, t, 3), materialize=True).logits
+        torch.testing.assert_close(got, mat, rtol=1e-5, atol=1e-5)
+    # rank 10 % of a model whose experts differ by random (full-rank) noise: a large error, and
+    # not zero; reported, not hidden
+    assert all(0.0 < e < 1.0 for e in errors)
+
+
+@pytest.mark.parametrize("rank_ratio", [1.0, 0.25])
+def test_activation_path_equals_materialize(rank_ratio):
+    base, experts = roberta_experts()
+    ex = twin.build(base, experts, rank_ratio=rank_ratio, progress=False)
+    model = twin.TwinModel(base, ex).eval()
+    x = batch(b=5, seed=3)
+    w = torch.softmax(torch.randn(5, 3, generator=torch.Generator().manual_seed(1)), -1)
+    task = torch.tensor([0, 2, 1, 1, 0])
+    got = model(**x, weights=w, task=task).logits
+    want = model(**x, weights=w, task=task, materialize=True).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_heads_follow_the_task_and_pad_with_minus_inf():
+    base, experts = roberta_experts(labels=(3, 5, 2))
+    ex = twin.build(base, experts, rank_ratio=1.0, progress=False)
+    model = twin.TwinModel(base, ex).eval()
+    x = batch()
+    w = torch.full((4, 3), 1 / 3)
+    logits = model(**x, weights=w, task=["task1", "task2", "task0", "task1"]).logits
+    assert logits.shape == (4, 5)
+    assert torch.isinf(logits[1, 2:]).all() and torch.isfinite(logits[1, :2]).all()
+    assert torch.isinf(logits[2, 3:]).all() and torch.isfinite(logits[0]).all()
+    mat = model(**x, weights=w, task=[1, 2, 0, 1], materialize=True).logits
+    torch.testing.assert_close(logits, mat, rtol=1e-5, atol=1e-5)
+    # one-hot on task 1 with its own head: expert 1 exactly
+    got = model(**x, weights=one_hot(4, 1, 3)).logits
+    torch.testing.assert_close(got, experts["task1"](**x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_router_weights_and_top_k(full_rank):
+    base, _, model = full_rank
+    x = batch()
+    w = model.route(**x)
+    assert w.shape == (4, 3)
+    torch.testing.assert_close(w.sum(-1), torch.ones(4))
+    ex = model.experts
+    top1 = twin.TwinModel(base, ex, router=model.router, top_k=1).eval()
+    w1 = top1.route(**x)
+    assert ((w1 > 0).sum(-1) == 1).all() and torch.equal(w1.argmax(-1), w.argmax(-1))
+    # the default forward routes by itself and equals giving it the router's weights
+    torch.testing.assert_close(model(**x).logits, model(**x, weights=w).logits)
+
+
+def test_train_router_selects_on_held_out_data(full_rank):
+    _, _, model = full_rank
+    gen = torch.Generator().manual_seed(0)
+    d = model.router.in_features
+    centres = 3.0 * torch.randn(3, d, generator=gen)
+
+    def split(n):
+        return {f"task{t}": centres[t] + torch.randn(n, d, generator=gen) for t in range(3)}
+
+    result = twin.train_router(
+        model, split(64), split(32), epochs=15, batch_size=32, progress=False
+    )
+    assert result.best_val_accuracy == max(result.val_accuracy) > 0.9
+    assert len(result.train_loss) == len(result.val_accuracy) <= 15
+    assert not model.router.training
+    val = split(16)
+    with torch.no_grad():
+        pred = model.router(torch.cat(list(val.values()))).argmax(-1)
+    assert float((pred == torch.arange(3).repeat_interleave(16)).float().mean()) > 0.9
+    with pytest.raises(twin.TwinError, match="no examples of task 'task2'"):
+        twin.train_router(model, {"task0": val["task0"], "task1": val["task1"]}, val)
+    with pytest.raises(twin.TwinError, match="pass a tokenizer"):
+        twin.train_router(model, {t: ["a text"] * 4 for t in model.tasks}, val)
+
+
+def test_llama_rmsnorm_runs_per_sample():
+    from meldkit.dlf._tiny import tiny_llama
+
+    base = tiny_llama(0, vocab=64, hidden=32, dtype=torch.float32)
+    experts = [perturbed(base, seed=s) for s in (1, 2)]
+    ex = twin.build(base, experts, rank_ratio=1.0, progress=False)
+    model = twin.TwinModel(base, ex).eval()
+    assert model.per_sample_modules and all("norm" in n for n in model.per_sample_modules)
+    ids = torch.randint(3, 64, (3, 5), generator=torch.Generator().manual_seed(0))
+    for t in range(2):
+        got = model(input_ids=ids, weights=one_hot(3, t, 2)).logits
+        torch.testing.assert_close(got, experts[t](input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    w = torch.tensor([[0.3, 0.7], [1.0, 0.0], [0.5, 0.5]])
+    got = model(input_ids=ids, weights=w).logits
+    torch.testing.assert_close(got, model(input_ids=ids, weights=w, materialize=True).logits)
+
+
+def test_plain_pytorch_model_with_a_feature_function():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 4))
+    experts = [perturbed(base, seed=s, scale=0.2) for s in (1, 2, 3)]
+    ex = twin.build(base, experts, rank_ratio=1.0, exclude=None, progress=False)
+
+    def features(model, x):
+        return model[1](model[0](x))  # the normalised hidden layer, under the shared weights
+
+    model = twin.TwinModel(base, ex, router=twin.TwinRouter(8, 3), features=features).eval()
+    x = torch.randn(5, 6)
+    for t in range(3):
+        torch.testing.assert_close(model(x, weights=one_hot(5, t, 3)), experts[t](x))
+    assert model(x).shape == (5, 4)
+    with pytest.raises(twin.TwinError, match="hidden size"):
+        twin.TwinModel(base, ex)
+
+
+def test_errors(full_rank):
+    base, _, model = full_rank
+    x = batch()
+    with pytest.raises(twin.TwinError, match="'weights' has shape"):
+        model(**x, weights=torch.ones(3, 3))
+    with pytest.raises(twin.TwinError, match="NaN"):
+        model(**x, weights=torch.full((4, 3), float("nan")))
+    with pytest.raises(twin.TwinError, match="unknown task 'nope'"):
+        model(**x, weights=torch.ones(4, 3) / 3, task="nope")
+    with pytest.raises(twin.TwinError, match="'task'"):
+        model(**x, weights=torch.ones(4, 3) / 3, task=[0, 1])
+    with pytest.raises(twin.TwinError, match="'top_k'"):
+        twin.TwinModel(base, model.experts, top_k=4)
+    other = transformers.BertForSequenceClassification(
+        transformers.BertConfig(
+            vocab_size=96,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+        )
+    )
+    with pytest.raises(twin.TwinError, match="has no parameter"):
+        twin.TwinModel(other, model.experts)
+    # routing state is cleared after a failing forward
+    with pytest.raises(IndexError):  # token ids past the vocabulary
+        model(input_ids=torch.full((4, 7), 10_000), weights=torch.ones(4, 3) / 3)
+    assert model.routing.mode == "plain" and model.routing.weights is None
