@@ -468,7 +468,7 @@ def train_router(
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
-                    total += float(loss) * len(idx)
+                    total += float(loss.detach()) * len(idx)
                     count += len(idx)
                 router.eval()
                 with torch.no_grad():
