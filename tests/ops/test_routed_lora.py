@@ -323,6 +323,24 @@ def test_gate_mode_matches_loop_reference(device, dtype, sparse):
     check_against_loop_reference(x, a, b, 0.75, gates=gates, dropout=0.1, seed=11)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_gate_mode_many_tokens_without_dropout(device, dtype, sparse):
+    """Gate mode without dropout from 64 tokens (the CPU's two-GEMM path): same outputs and
+    gradients as the loop reference."""
+    gen = torch.Generator().manual_seed(14)
+    n, d_in, d_out, n_experts, rank = 301, 24, 17, 3, 5
+    x, a, b, _ = make_case(n, d_in, d_out, n_experts, rank, dtype, device, gen)
+    gates = randn((n, n_experts), dtype, device, gen).abs()
+    if sparse:
+        gates = torch.where(gates > gates.median(), gates, 0)
+    gates.requires_grad_()
+    check_against_loop_reference(x, a, b, torch.tensor([0.5, 1.0, 2.0]), gates=gates)
+    mixed = torch.rand((n, n_experts), generator=gen).to(device)  # fp32 gates, any storage
+    check_against_loop_reference(x, a, b, 1.5, gates=mixed)
+
+
 # ---- shapes and dtypes -------------------------------------------------------------------------
 
 

@@ -76,6 +76,27 @@ def _routed_lora(
     )
 
 
+# Gate mode without dropout on the CPU, from this many tokens: every token uses every expert, so
+# the shrink and the expand are two GEMMs over the concatenated experts (the spec's recommended
+# strategy; BLAS blocks them for the cache), about 3x faster than the per-token kernel.
+_GEMM_TOKENS = 64
+
+
+def _dense_gates_gemm(x, lora_a, lora_b, scaling, gates, acc):
+    """``(y, [0], gates, h)``: ``h = x·[A_1; …; A_E]ᵀ``, ``y = (h ⊙ (g·s ⊗ 1_r))·[B_1 … B_E]ᵀ``,
+    in ``acc`` (the kernel's outputs, the same arithmetic up to summation order)."""
+    n_tokens = x.shape[0]
+    n_experts, rank, d_in = lora_a.shape
+    weights = gates.to(acc, copy=True)  # an output: never an alias of the input
+    h = x.to(acc) @ lora_a.to(acc).reshape(n_experts * rank, d_in).T
+    u = (h.view(n_tokens, n_experts, rank) * (weights * scaling.to(acc)).unsqueeze(-1)).view(
+        n_tokens, n_experts * rank
+    )
+    b_cat = lora_b.to(acc).permute(1, 0, 2).reshape(lora_b.shape[1], n_experts * rank)
+    y = (u @ b_cat.T).to(x.dtype)
+    return y, h.new_empty(0), weights, h
+
+
 @_routed_lora.register_kernel(["cpu", "cuda"])
 def _routed_lora_native(
     x: torch.Tensor,
@@ -96,6 +117,8 @@ def _routed_lora_native(
     acc = compute_dtype(x, lora_a, lora_b, route)
     n_tokens, n_experts, rank = x.shape[0], lora_a.shape[0], lora_a.shape[1]
     device = x.device
+    if gates is not None and dropout == 0.0 and device.type == "cpu" and n_tokens >= _GEMM_TOKENS:
+        return _dense_gates_gemm(x, lora_a, lora_b, scaling, gates, acc)
     y = torch.empty(n_tokens, lora_b.shape[1], dtype=x.dtype, device=device)
     probs = None
     if router_weight is not None:
