@@ -358,11 +358,13 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 @dataclass
 class RouterTraining:
-    """What :func:`train_router` did: per-epoch losses and held-out accuracies, and the epoch
-    whose router was kept (the best held-out accuracy)."""
+    """What :func:`train_router` did: per-epoch training losses, held-out accuracies and losses,
+    and the epoch whose router was kept (the best held-out accuracy; among equal accuracies the
+    lowest held-out loss)."""
 
     train_loss: list[float]
     val_accuracy: list[float]
+    val_loss: list[float]
     best_epoch: int
     best_val_accuracy: float
 
@@ -432,8 +434,9 @@ def train_router(
     ``train`` and ``val`` map each task name to its texts (with ``tokenizer``) or to precomputed
     features ``[N, d]`` (:func:`text_features`). The features come from the shared model, once.
     ``val`` must be held-out examples, not the test set (the reference code selects its router
-    on the test set: that leaks). Adam, ``lr`` 5e-4 and 50 epochs as the paper; stops after
-    ``patience`` epochs without improvement. The router is left in eval mode.
+    on the test set: that leaks). The kept epoch has the best held-out accuracy, ties broken by
+    the held-out loss. Adam, ``lr`` 5e-4 and 50 epochs as the paper; stops after ``patience``
+    epochs without improvement. The router is left in eval mode.
     """
     train_x = _features_by_task(twin, train, tokenizer, batch_size, max_length, "train")
     val_x = _features_by_task(twin, val, tokenizer, batch_size, max_length, "val")
@@ -448,8 +451,8 @@ def train_router(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # dropout masks
         opt = torch.optim.Adam(router.parameters(), lr=lr)
-        best_state, best_acc, best_epoch, since = None, -1.0, -1, 0
-        losses, accs = [], []
+        best_state, best_acc, best_loss, best_epoch, since = None, -1.0, math.inf, -1, 0
+        losses, accs, val_losses = [], [], []
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -472,11 +475,14 @@ def train_router(
                     count += len(idx)
                 router.eval()
                 with torch.no_grad():
-                    acc = float((router(vx).argmax(-1) == vy).float().mean())
+                    val_logits = router(vx)
+                    acc = float((val_logits.argmax(-1) == vy).float().mean())
+                    val_loss = float(F.cross_entropy(val_logits, vy))
                 losses.append(total / max(count, 1))
                 accs.append(acc)
-                if acc > best_acc:
-                    best_acc, best_epoch, since = acc, epoch, 0
+                val_losses.append(val_loss)
+                if acc > best_acc or (acc == best_acc and val_loss < best_loss):
+                    best_acc, best_loss, best_epoch, since = acc, val_loss, epoch, 0
                     best_state = {k: v.detach().clone() for k, v in router.state_dict().items()}
                 else:
                     since += 1
@@ -493,7 +499,7 @@ def train_router(
     router.eval()
     if not math.isfinite(losses[-1] if losses else 0.0):
         raise TwinError("train_router: the loss is not finite")
-    return RouterTraining(losses, accs, best_epoch, best_acc)
+    return RouterTraining(losses, accs, val_losses, best_epoch, best_acc)
 
 
 __all__ = [
