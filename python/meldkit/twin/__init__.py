@@ -11,12 +11,21 @@ task, and a router that merges them per input.
     logits = model(**batch).logits
     twin.save(model, "out/")  ;  model = twin.load("out/", base)
 
-See :func:`build` for the disentanglement and :class:`TwinModel` for inference.
+See :func:`build` for the disentanglement and :class:`TwinModel` for inference. The generative
+variant over LoRA adapters of a causal LM: :func:`build_lora` and :class:`TwinLoraModel`.
 """
 
 from meldkit.twin.build import DEFAULT_EXCLUDE, TwinError, TwinExperts, build
 from meldkit.twin.io import load, save
 from meldkit.twin.layers import TwinEmbedding, TwinLayerNorm, TwinLinear
+from meldkit.twin.lora import (
+    TwinLoraExperts,
+    TwinLoraLinear,
+    TwinLoraModel,
+    build_lora,
+    last_token_hidden,
+    read_adapter,
+)
 from meldkit.twin.model import (
     RouterTraining,
     TwinModel,
@@ -34,11 +43,17 @@ __all__ = [
     "TwinExperts",
     "TwinLayerNorm",
     "TwinLinear",
+    "TwinLoraExperts",
+    "TwinLoraLinear",
+    "TwinLoraModel",
     "TwinModel",
     "TwinRouter",
     "build",
+    "build_lora",
+    "last_token_hidden",
     "load",
     "mean_pooled_last_hidden",
+    "read_adapter",
     "save",
     "text_features",
     "train_router",

@@ -84,7 +84,67 @@ def _batch_size(args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
     raise TwinError("meldkit.twin: no tensor input to take the batch size from")
 
 
-class TwinModel(nn.Module):
+class RoutedMixin:
+    """The router side shared by :class:`TwinModel` and :class:`meldkit.twin.TwinLoraModel`
+    (``self.model``, ``self.router``, ``self.routing``, ``self.features_fn``, ``self.tasks``,
+    ``self.top_k``)."""
+
+    # ---- routing ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The router input ``[B, d]`` under the shared weights (base values for excluded ones)."""
+        self.routing.mode = "plain"
+        return self.features_fn(self.model, *args, **kwargs).float()
+
+    @torch.no_grad()
+    def route(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Softmax router weights ``[B, T]`` (top-k renormalised when ``top_k``)."""
+        was = self.router.training
+        self.router.eval()
+        try:
+            logits = self.router(self.features(*args, **kwargs))
+        finally:
+            self.router.train(was)
+        return self._weights(logits)
+
+    def _weights(self, logits: torch.Tensor) -> torch.Tensor:
+        w = torch.softmax(logits.float(), -1)
+        if self.top_k is not None and self.top_k < w.shape[-1]:
+            top = w.topk(self.top_k, -1)
+            w = torch.zeros_like(w).scatter_(-1, top.indices, top.values)
+            w = w / w.sum(-1, keepdim=True)
+        return w
+
+    def _check_weights(self, weights: Any, b: int, device) -> torch.Tensor:
+        w = torch.as_tensor(weights, dtype=torch.float32, device=device)
+        if w.shape != (b, len(self.tasks)):
+            raise TwinError(
+                f"TwinModel: 'weights' has shape {list(w.shape)}, expected "
+                f"[{b}, {len(self.tasks)}] (batch, tasks)"
+            )
+        if not torch.isfinite(w).all():
+            raise TwinError("TwinModel: 'weights' contains NaN or inf")
+        return w
+
+    def _check_task(self, task: Any, b: int, device) -> torch.Tensor:
+        if isinstance(task, str) or (isinstance(task, int) and not isinstance(task, bool)):
+            task = [task] * b
+        if isinstance(task, Sequence) and task and isinstance(task[0], str):
+            unknown = [t for t in task if t not in self.tasks]
+            if unknown:
+                raise TwinError(f"TwinModel: unknown task {unknown[0]!r} (tasks: {self.tasks})")
+            task = [self.tasks.index(t) for t in task]
+        t = torch.as_tensor(task, dtype=torch.int64, device=device).reshape(-1)
+        if t.numel() != b or (t.numel() and (t.min() < 0 or t.max() >= len(self.tasks))):
+            raise TwinError(
+                f"TwinModel: 'task' must give one task in 0 … {len(self.tasks) - 1} per sample "
+                f"({b}), got {task!r}"
+            )
+        return t
+
+
+class TwinModel(RoutedMixin, nn.Module):
     """A model that merges per input: θ*(x) = θ_s + Σ_t w_t(x)·v_t (Twin-Merging's inference).
 
     For each batch the router reads the shared model's features (by default the last hidden
@@ -227,60 +287,6 @@ class TwinModel(nn.Module):
                 continue
             _replace(self.model, mod_name, layer)
         return per_sample
-
-    # ---- routing ------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The router input ``[B, d]`` under the shared weights (base values for excluded ones)."""
-        self.routing.mode = "plain"
-        return self.features_fn(self.model, *args, **kwargs).float()
-
-    @torch.no_grad()
-    def route(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Softmax router weights ``[B, T]`` (top-k renormalised when ``top_k``)."""
-        was = self.router.training
-        self.router.eval()
-        try:
-            logits = self.router(self.features(*args, **kwargs))
-        finally:
-            self.router.train(was)
-        return self._weights(logits)
-
-    def _weights(self, logits: torch.Tensor) -> torch.Tensor:
-        w = torch.softmax(logits.float(), -1)
-        if self.top_k is not None and self.top_k < w.shape[-1]:
-            top = w.topk(self.top_k, -1)
-            w = torch.zeros_like(w).scatter_(-1, top.indices, top.values)
-            w = w / w.sum(-1, keepdim=True)
-        return w
-
-    def _check_weights(self, weights: Any, b: int, device) -> torch.Tensor:
-        w = torch.as_tensor(weights, dtype=torch.float32, device=device)
-        if w.shape != (b, len(self.tasks)):
-            raise TwinError(
-                f"TwinModel: 'weights' has shape {list(w.shape)}, expected "
-                f"[{b}, {len(self.tasks)}] (batch, tasks)"
-            )
-        if not torch.isfinite(w).all():
-            raise TwinError("TwinModel: 'weights' contains NaN or inf")
-        return w
-
-    def _check_task(self, task: Any, b: int, device) -> torch.Tensor:
-        if isinstance(task, str) or (isinstance(task, int) and not isinstance(task, bool)):
-            task = [task] * b
-        if isinstance(task, Sequence) and task and isinstance(task[0], str):
-            unknown = [t for t in task if t not in self.tasks]
-            if unknown:
-                raise TwinError(f"TwinModel: unknown task {unknown[0]!r} (tasks: {self.tasks})")
-            task = [self.tasks.index(t) for t in task]
-        t = torch.as_tensor(task, dtype=torch.int64, device=device).reshape(-1)
-        if t.numel() != b or (t.numel() and (t.min() < 0 or t.max() >= len(self.tasks))):
-            raise TwinError(
-                f"TwinModel: 'task' must give one task in 0 … {len(self.tasks) - 1} per sample "
-                f"({b}), got {task!r}"
-            )
-        return t
 
     # ---- forward ------------------------------------------------------------------------------
 

@@ -1,0 +1,378 @@
+"""Twin-Merging's generative variant: LoRA experts (PEFT format) over one causal LM.
+
+As the released code does it (spec §1.3): the merge works on the LoRA factors themselves, not on
+B·A. For every adapted module, with T adapters (A_t ``[r, n]``, B_t ``[m, r]``):
+
+* shared: A_s = λ·Σ_t A_t and B_s = λ·Σ_t B_t (task arithmetic on the factors, λ = 0.3);
+* exclusive: A_t − A_s and B_t − B_s, each compressed by truncated SVD to rank ``rank`` (8 of the
+  experts' 32 in the reference) and kept as factors;
+* inference: per sequence, router weights w (softmax; the router reads the shared model's hidden
+  state of the prompt's last token) give A* = A_s + Σ_t w_t·ΔA_t and B* = B_s + Σ_t w_t·ΔB_t, and
+  the layer computes W·x + s·B*·(A*·x), s the adapters' ``lora_alpha / r``. Both sums run on the
+  activations through :func:`meldkit.ops.routed_lora` in gate mode: h = A_s·x + Σ_t w_t·ΔA_t·x,
+  then B_s·h + Σ_t w_t·ΔB_t·h; no adapter is rebuilt per request (the reference writes A* and B*
+  into the PEFT model and serves one request at a time).
+
+:meth:`TwinLoraModel.generate` routes each prompt once and keeps its weights for every new token.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meldkit.ops import routed_lora
+from meldkit.twin.build import TwinError, compress
+from meldkit.twin.layers import Routing, _broadcast
+from meldkit.twin.model import RoutedMixin, TwinRouter, _batch_size, _hidden_size, _replace
+
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$"
+)
+
+
+@dataclass
+class LoraAdapter:
+    """One LoRA adapter as plain tensors: ``a[module] [r, n]``, ``b[module] [m, r]``, scaling."""
+
+    a: dict[str, torch.Tensor]
+    b: dict[str, torch.Tensor]
+    scaling: dict[str, float]
+
+
+def read_adapter(adapter: Any, adapter_name: str = "default") -> LoraAdapter:
+    """A PEFT LoRA adapter from a folder (``adapter_config.json`` + ``adapter_model.safetensors``)
+    or a ``PeftModel`` (its ``adapter_name``). Module names are the base model's."""
+    if isinstance(adapter, LoraAdapter):
+        return adapter
+    if isinstance(adapter, (str, os.PathLike)):
+        from safetensors.torch import load_file
+
+        folder = Path(adapter)
+        cfg_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+        if not cfg_file.is_file() or not weights.is_file():
+            raise TwinError(
+                f"meldkit.twin: {folder} is not a PEFT adapter folder (needs adapter_config.json "
+                "and adapter_model.safetensors)"
+            )
+        config = json.loads(cfg_file.read_text())
+        state = load_file(str(weights))
+    elif hasattr(adapter, "peft_config"):
+        from peft.utils import get_peft_model_state_dict
+
+        config = adapter.peft_config[adapter_name].to_dict()
+        state = get_peft_model_state_dict(adapter, adapter_name=adapter_name)
+    else:
+        raise TypeError(
+            "meldkit.twin: an adapter must be a PEFT adapter folder or a PeftModel, got "
+            f"{type(adapter).__name__}"
+        )
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise TwinError(f"meldkit.twin: adapter type {config.get('peft_type')} is not LoRA")
+    r, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
+    if config.get("use_rslora"):
+        base_scale = alpha / r**0.5
+    else:
+        base_scale = alpha / r
+    a, b = {}, {}
+    for key, t in state.items():
+        m = _KEY.match(key)
+        if m is None:
+            continue
+        (a if m["which"] == "A" else b)[m["module"]] = t.detach().float().cpu()
+    if not a or a.keys() != b.keys():
+        raise TwinError("meldkit.twin: the adapter has no complete lora_A / lora_B pairs")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise TwinError("meldkit.twin: adapters with rank_pattern/alpha_pattern are not supported")
+    return LoraAdapter(a, b, {name: base_scale for name in a})
+
+
+@dataclass
+class TwinLoraExperts:
+    """Shared LoRA factors and compressed exclusive parts (see the module docstring)."""
+
+    tasks: list[str]
+    scaling: dict[str, float]
+    shared_a: dict[str, torch.Tensor]
+    shared_b: dict[str, torch.Tensor]
+    delta_a: dict[
+        str, tuple[torch.Tensor, torch.Tensor]
+    ]  # ΔA_t ≈ u[t] @ v[t].T: [T, r, k], [T, n, k]
+    delta_b: dict[
+        str, tuple[torch.Tensor, torch.Tensor]
+    ]  # ΔB_t ≈ u[t] @ v[t].T: [T, m, k], [T, r, k]
+    errors: dict[str, list[float]] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def storage(self) -> dict[str, int]:
+        """Bytes: ``twin`` (shared and exclusive factors) and ``experts`` (T adapters)."""
+
+        def nbytes(*ts: torch.Tensor) -> int:
+            return sum(t.numel() * t.element_size() for t in ts)
+
+        shared = sum(nbytes(self.shared_a[m], self.shared_b[m]) for m in self.shared_a)
+        exclusive = sum(nbytes(*self.delta_a[m], *self.delta_b[m]) for m in self.delta_a)
+        return {
+            "shared": shared,
+            "exclusive": exclusive,
+            "twin": shared + exclusive,
+            "experts": self.num_tasks * shared,
+        }
+
+
+def build_lora(
+    adapters: Sequence[Any] | Mapping[str, Any],
+    *,
+    lam: float = 0.3,
+    rank: int = 8,
+    device: str | torch.device | None = None,
+    adapter_name: str = "default",
+) -> TwinLoraExperts:
+    """Twin-Merging over LoRA adapters of one base model (the released generative pipeline).
+
+    Parameters
+    ----------
+    adapters : sequence or mapping of adapters
+        PEFT adapter folders or ``PeftModel`` objects (their ``adapter_name``), all over the same
+        base and modules with the same rank and scaling; a mapping names the tasks.
+    lam : float
+        λ of the shared factors A_s = λ·ΣA_t, B_s = λ·ΣB_t (0.3, the reference's).
+    rank : int
+        Rank kept of each exclusive factor difference (8, the reference's), capped at its size.
+    device : str or torch.device, optional
+        Where the SVDs run (default the CPU).
+    """
+    if isinstance(adapters, Mapping):
+        tasks, items = [str(k) for k in adapters], list(adapters.values())
+    else:
+        items = list(adapters)
+        tasks = [f"task{i}" for i in range(len(items))]
+    if not items:
+        raise TwinError("meldkit.twin.build_lora: 'adapters' is empty")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise TwinError(f"meldkit.twin.build_lora: 'rank' must be an int ≥ 1, got {rank!r}")
+    read = [read_adapter(a, adapter_name) for a in items]
+    modules = list(read[0].a)
+    for t, ad in enumerate(read[1:], 1):
+        if list(ad.a) != modules and set(ad.a) != set(modules):
+            raise TwinError(
+                f"meldkit.twin.build_lora: adapter {tasks[t]!r} adapts other modules than "
+                f"{tasks[0]!r}"
+            )
+        for m in modules:
+            if ad.a[m].shape != read[0].a[m].shape or ad.b[m].shape != read[0].b[m].shape:
+                raise TwinError(
+                    f"meldkit.twin.build_lora: {m}: adapter {tasks[t]!r} has factors of shapes "
+                    f"{list(ad.a[m].shape)}, {list(ad.b[m].shape)}, {tasks[0]!r} "
+                    f"{list(read[0].a[m].shape)}, {list(read[0].b[m].shape)}"
+                )
+            if ad.scaling[m] != read[0].scaling[m]:
+                raise TwinError(f"meldkit.twin.build_lora: {m}: the adapters' scalings differ")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    out = TwinLoraExperts(
+        tasks=tasks,
+        scaling=dict(read[0].scaling),
+        shared_a={},
+        shared_b={},
+        delta_a={},
+        delta_b={},
+        config={"lam": float(lam), "rank": rank},
+    )
+    for m in modules:
+        for which, store_s, store_d in (
+            ("a", out.shared_a, out.delta_a),
+            ("b", out.shared_b, out.delta_b),
+        ):
+            mats = [getattr(ad, which)[m] for ad in read]
+            shared = float(lam) * torch.stack(mats).sum(0)
+            us, vs, errs = [], [], []
+            for mat in mats:
+                u, v, err = compress(mat - shared, rank, dev)
+                us.append(u.cpu())
+                vs.append(v.cpu())
+                errs.append(err)
+            store_s[m] = shared
+            store_d[m] = (torch.stack(us), torch.stack(vs))
+            out.errors[f"{m}.lora_{which.upper()}"] = errs
+    return out
+
+
+class TwinLoraLinear(nn.Linear):
+    """``W·x + b + s·B*(A*·x)`` with A*, B* mixed per sequence from the shared and exclusive
+    LoRA factors; the base layer's parameters keep their names."""
+
+    def __init__(self, linear: nn.Linear, name: str, routing: Routing, ex: TwinLoraExperts) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.name, self.routing, self.scaling = name, routing, ex.scaling[name]
+        dev = linear.weight.device
+        ua, va = ex.delta_a[name]
+        ub, vb = ex.delta_b[name]
+        buffers = {
+            "shared_a": ex.shared_a[name],  # [r, n]
+            "shared_b": ex.shared_b[name],  # [m, r]
+            "da_in": va.transpose(1, 2).contiguous(),  # [T, k, n]
+            "da_out": ua.contiguous(),  # [T, r, k]
+            "db_in": vb.transpose(1, 2).contiguous(),  # [T, k, r]
+            "db_out": ub.contiguous(),  # [T, m, k]
+        }
+        for key, t in buffers.items():
+            self.register_buffer(key, t.to(dev), False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        xa = x.to(self.shared_a.dtype)
+        h = F.linear(xa, self.shared_a)
+        r = self.routing
+        gates = None
+        if r.mode == "twin":
+            b = r.batch(self.name, x.shape[0])
+            if xa.shape[0] != b:
+                xa = xa.expand(b, *xa.shape[1:])
+                h = h.expand(b, *h.shape[1:])
+            gates = _broadcast(r.weights, xa.dim()).expand(*xa.shape[:-1], r.weights.shape[1])
+            h = h + routed_lora(xa, self.da_in, self.da_out, 1.0, gates=gates)[0]
+        out = F.linear(h, self.shared_b)
+        if gates is not None:
+            out = out + routed_lora(h, self.db_in, self.db_out, 1.0, gates=gates)[0]
+        return y + (self.scaling * out).to(y.dtype)
+
+
+def last_token_hidden(model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The router input of the generative variant: the last layer's hidden state at each
+    sequence's last real token (left or right padding), ``[B, d]`` float32."""
+    out = model(*args, output_hidden_states=True, **kwargs)
+    hidden = out.hidden_states[-1].float()
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        return hidden[:, -1]
+    length = mask.shape[1]
+    # the last position whose mask is 1
+    last = (mask.long() * torch.arange(1, length + 1, device=mask.device)).argmax(-1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+class TwinLoraModel(RoutedMixin, nn.Module):
+    """A causal LM with Twin-Merged LoRA experts, routed per sequence (see the module docstring).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The base model (the adapters' base; copied unless ``copy=False``, frozen).
+    experts : TwinLoraExperts
+        From :func:`build_lora`.
+    router : TwinRouter, optional
+        Default: a new one over ``config.hidden_size``, for :func:`meldkit.twin.train_router`.
+    top_k : int, optional
+        Mix only the k most likely tasks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        experts: TwinLoraExperts,
+        *,
+        router: TwinRouter | None = None,
+        top_k: int | None = None,
+        copy: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(experts, TwinLoraExperts):
+            raise TypeError(
+                f"TwinLoraModel: 'experts' must be TwinLoraExperts, got {type(experts)}"
+            )
+        if top_k is not None and not 1 <= int(top_k) <= experts.num_tasks:
+            raise TwinError(f"TwinLoraModel: 'top_k' {top_k} is not in 1 … {experts.num_tasks}")
+        self.model = _deepcopy(model) if copy else model
+        self.model.requires_grad_(False)
+        self.tasks, self.top_k, self.experts = list(experts.tasks), top_k, experts
+        self.routing = Routing()
+        self.features_fn = last_token_hidden
+        for name in experts.shared_a:
+            try:
+                module = self.model.get_submodule(name)
+            except AttributeError:
+                raise TwinError(
+                    f"TwinLoraModel: the model has no module {name!r} that the adapters adapt"
+                ) from None
+            if type(module) is not nn.Linear:
+                raise TwinError(
+                    f"TwinLoraModel: {name!r} is a {type(module).__name__}, not nn.Linear"
+                )
+            if experts.shared_a[name].shape[1] != module.in_features or (
+                experts.shared_b[name].shape[0] != module.out_features
+            ):
+                raise TwinError(f"TwinLoraModel: {name!r}: the adapters do not fit its shape")
+            _replace(self.model, name, TwinLoraLinear(module, name, self.routing, experts))
+        if router is None:
+            d = _hidden_size(self.model)
+            if d is None:
+                raise TwinError(
+                    "TwinLoraModel: no config.hidden_size: pass router=TwinRouter(d, T)"
+                )
+            router = TwinRouter(d, experts.num_tasks)
+        self.router = router.to(next(self.model.parameters()).device)
+
+    def _routed(self, args, kwargs, weights):
+        device = next(self.model.parameters()).device
+        b = _batch_size(args, kwargs)
+        if weights is None:
+            weights = self.route(*args, **kwargs)
+        return self._check_weights(weights, b, device)
+
+    def forward(self, *args: Any, weights: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """The model's forward with each sequence's merged adapters (``weights [B, T]`` or the
+        router's)."""
+        w = self._routed(args, kwargs, weights)
+        r = self.routing
+        r.mode, r.weights, r.task = "twin", w, w.argmax(-1)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            r.mode, r.weights, r.task = "plain", None, None
+
+    @torch.no_grad()
+    def generate(self, *args: Any, weights: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """``model.generate`` with each prompt routed once (its weights kept for every new token).
+        Beam search and several sequences per prompt are refused: they change the batch."""
+        for key in ("num_beams", "num_return_sequences"):
+            if int(kwargs.get(key, 1) or 1) != 1:
+                raise TwinError(f"TwinLoraModel.generate: {key} > 1 is not supported")
+        route_kwargs = {k: v for k, v in kwargs.items() if k in ("input_ids", "attention_mask")}
+        w = self._routed(args, route_kwargs, weights)
+        r = self.routing
+        r.mode, r.weights, r.task = "twin", w, w.argmax(-1)
+        try:
+            return self.model.generate(*args, **kwargs)
+        finally:
+            r.mode, r.weights, r.task = "plain", None, None
+
+
+def _deepcopy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+__all__ = [
+    "LoraAdapter",
+    "TwinLoraExperts",
+    "TwinLoraLinear",
+    "TwinLoraModel",
+    "build_lora",
+    "last_token_hidden",
+    "read_adapter",
+]

@@ -1,0 +1,116 @@
+"""The generative variant: Twin-Merging over PEFT LoRA adapters of a causal LM."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from meldkit import twin
+from tests.twin.models import one_hot
+
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    from meldkit.dlf._tiny import tiny_llama
+
+    base = tiny_llama(0, vocab=64, hidden=32, dtype=torch.float32)
+    folders = {}
+    for t in range(3):
+        torch.manual_seed(10 + t)
+        config = peft.LoraConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            init_lora_weights=False,  # random B as well: a trained adapter's shape
+        )
+        model = peft.get_peft_model(copy.deepcopy(base), config)
+        folder = tmp_path_factory.mktemp(f"adapter{t}")
+        model.save_pretrained(folder)
+        folders[f"task{t}"] = folder
+    return base, folders
+
+
+def peft_model(base, folder):
+    return peft.PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+
+
+def inputs():
+    ids = torch.randint(3, 64, (3, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_shared_factors_and_full_rank(adapters):
+    _, folders = adapters
+    ex = twin.build_lora(folders, lam=0.3, rank=8)
+    read = [twin.read_adapter(f) for f in folders.values()]
+    name = "model.layers.0.self_attn.q_proj"
+    torch.testing.assert_close(ex.shared_a[name], 0.3 * sum(r.a[name] for r in read))
+    torch.testing.assert_close(ex.shared_b[name], 0.3 * sum(r.b[name] for r in read))
+    assert ex.scaling[name] == 2.0  # lora_alpha / r
+    assert max(max(e) for e in ex.errors.values()) < 1e-5  # rank 8 of 8: exact
+    s = ex.storage()
+    assert s["experts"] == 3 * s["shared"]
+
+
+def test_one_hot_weights_give_each_adapter(adapters):
+    base, folders = adapters
+    model = twin.TwinLoraModel(base, twin.build_lora(folders, rank=8)).eval()
+    x = inputs()
+    for t, folder in enumerate(folders.values()):
+        with torch.no_grad():
+            got = model(**x, weights=one_hot(3, t, 3)).logits
+            want = peft_model(base, folder)(**x).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_follows_the_routed_adapter(adapters):
+    base, folders = adapters
+    model = twin.TwinLoraModel(base, twin.build_lora(folders, rank=8)).eval()
+    x = inputs()
+    kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    for t, folder in enumerate(folders.values()):
+        got = model.generate(**x, weights=one_hot(3, t, 3), **kw)
+        with torch.no_grad():
+            want = peft_model(base, folder).generate(**x, **kw)
+        assert torch.equal(got, want)
+    with pytest.raises(twin.TwinError, match="num_beams"):
+        model.generate(**x, num_beams=2, **kw)
+
+
+def test_low_rank_mix_and_router(adapters):
+    base, folders = adapters
+    ex = twin.build_lora(folders, rank=2)
+    assert all(0 < e < 1 for errs in ex.errors.values() for e in errs)
+    model = twin.TwinLoraModel(base, ex, top_k=2).eval()
+    x = inputs()
+    w = model.route(**x)
+    assert w.shape == (3, 3) and ((w > 0).sum(-1) <= 2).all()
+    with torch.no_grad():
+        y = model(**x).logits
+    assert torch.isfinite(y).all()
+    # router features: the last real token's state, whatever the padding side
+    feats = model.features(**x)
+    right = {"input_ids": x["input_ids"][1:], "attention_mask": x["attention_mask"][1:]}
+    torch.testing.assert_close(model.features(**right), feats[1:])
+
+
+def test_errors(adapters, tmp_path):
+    _, folders = adapters
+    with pytest.raises(twin.TwinError, match="not a PEFT adapter folder"):
+        twin.build_lora([tmp_path])
+    with pytest.raises(twin.TwinError, match="'rank'"):
+        twin.build_lora(folders, rank=0)
+    with pytest.raises(twin.TwinError, match="'adapters' is empty"):
+        twin.build_lora([])
+    from meldkit.dlf._tiny import tiny_llama
+
+    other = tiny_llama(0, vocab=64, hidden=48, dtype=torch.float32)
+    with pytest.raises(twin.TwinError, match="do not fit"):
+        twin.TwinLoraModel(other, twin.build_lora(folders))
