@@ -114,3 +114,16 @@ def test_errors(adapters, tmp_path):
     other = tiny_llama(0, vocab=64, hidden=48, dtype=torch.float32)
     with pytest.raises(twin.TwinError, match="do not fit"):
         twin.TwinLoraModel(other, twin.build_lora(folders))
+
+
+def test_save_load_round_trip(adapters, tmp_path):
+    base, folders = adapters
+    model = twin.TwinLoraModel(base, twin.build_lora(folders, rank=4), top_k=2).eval()
+    with torch.no_grad():
+        for p in model.router.parameters():
+            p.normal_()
+    loaded = twin.load(twin.save(model, tmp_path / "t"), base)
+    assert isinstance(loaded, twin.TwinLoraModel) and loaded.top_k == 2
+    x = inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).logits, model(**x).logits)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from meldkit.twin.build import TwinError, TwinExperts
+from meldkit.twin.lora import TwinLoraExperts, TwinLoraModel
 from meldkit.twin.model import TwinModel, TwinRouter
 
 FORMAT = "meldkit.twin/1"
@@ -34,32 +35,40 @@ def _atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
-def save(twin: TwinModel, path: str | os.PathLike) -> Path:
-    """Write ``twin`` into the folder ``path`` (created if needed): ``twin.safetensors`` and
-    ``twin.json``. Returns the folder."""
+def _lora_tensors(ex: TwinLoraExperts) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for name in ex.shared_a:
+        tensors[f"shared_a/{name}"] = ex.shared_a[name]
+        tensors[f"shared_b/{name}"] = ex.shared_b[name]
+        tensors[f"delta_a_u/{name}"], tensors[f"delta_a_v/{name}"] = ex.delta_a[name]
+        tensors[f"delta_b_u/{name}"], tensors[f"delta_b_v/{name}"] = ex.delta_b[name]
+    return tensors
+
+
+def save(twin: TwinModel | TwinLoraModel, path: str | os.PathLike) -> Path:
+    """Write ``twin`` (a :class:`TwinModel` or :class:`TwinLoraModel`) into the folder ``path``
+    (created if needed): ``twin.safetensors`` and ``twin.json``. Returns the folder."""
     from safetensors.torch import save_file
 
-    if not isinstance(twin, TwinModel):
-        raise TypeError(f"meldkit.twin.save: expected a TwinModel, got {type(twin).__name__}")
+    if not isinstance(twin, (TwinModel, TwinLoraModel)):
+        raise TypeError(
+            f"meldkit.twin.save: expected a TwinModel or TwinLoraModel, got {type(twin).__name__}"
+        )
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     ex = twin.experts
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in ex.shared.items():
-        tensors[f"shared/{name}"] = t
-    for name, (a, b) in ex.factors.items():
-        tensors[f"factor_a/{name}"] = a
-        tensors[f"factor_b/{name}"] = b
-    for name, t in ex.dense.items():
-        tensors[f"dense/{name}"] = t
-    for name, values in ex.specific.items():
-        for i, t in enumerate(values):
-            tensors[f"specific/{i}/{name}"] = t
+    if isinstance(twin, TwinLoraModel):
+        tensors = _lora_tensors(ex)
+        extra: dict[str, Any] = {"kind": "lora", "scaling": ex.scaling}
+    else:
+        tensors = _full_tensors(ex)
+        extra = {"kind": "full"}
     for name, t in twin.router.state_dict().items():
         tensors[f"router/{name}"] = t
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta: dict[str, Any] = {
         "format": FORMAT,
+        **extra,
         "tasks": ex.tasks,
         "build": ex.config,
         "errors": ex.errors,
@@ -75,9 +84,25 @@ def save(twin: TwinModel, path: str | os.PathLike) -> Path:
     return folder
 
 
+def _full_tensors(ex: TwinExperts) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in ex.shared.items():
+        tensors[f"shared/{name}"] = t
+    for name, (a, b) in ex.factors.items():
+        tensors[f"factor_a/{name}"] = a
+        tensors[f"factor_b/{name}"] = b
+    for name, t in ex.dense.items():
+        tensors[f"dense/{name}"] = t
+    for name, values in ex.specific.items():
+        for i, t in enumerate(values):
+            tensors[f"specific/{i}/{name}"] = t
+    return tensors
+
+
 def load(path: str | os.PathLike, model: nn.Module, *, copy: bool = True, **kwargs: Any):
-    """A :class:`TwinModel` over ``model`` (the base architecture) from a folder written by
-    :func:`save`. ``kwargs`` go to :class:`TwinModel` (``features``, ``top_k`` overrides).
+    """A :class:`TwinModel` (or :class:`TwinLoraModel`) over ``model`` (the base architecture)
+    from a folder written by :func:`save`. ``kwargs`` go to the class (``top_k``, and
+    ``features`` for :class:`TwinModel`).
 
     Raises
     ------
@@ -95,7 +120,17 @@ def load(path: str | os.PathLike, model: nn.Module, *, copy: bool = True, **kwar
         raise TwinError(f"meldkit.twin.load: {cfg_path} is not a {FORMAT} file")
     tensors = load_file(str(w_path))
     tasks = list(meta["tasks"])
-    shared, factors_a, factors_b, dense, router = {}, {}, {}, {}, {}
+    router = {k.partition("/")[2]: t for k, t in tensors.items() if k.startswith("router/")}
+    r = meta["router"]
+    twin_router = TwinRouter(r["in_features"], len(tasks), r["hidden"], r["dropout"])
+    twin_router.load_state_dict(router)
+    twin_router.eval()
+    kwargs.setdefault("top_k", meta.get("top_k"))
+    if meta.get("kind", "full") == "lora":
+        return TwinLoraModel(
+            model, _lora_experts(meta, tensors, w_path), router=twin_router, copy=copy, **kwargs
+        )
+    shared, factors_a, factors_b, dense = {}, {}, {}, {}
     specific: dict[str, list[torch.Tensor | None]] = {}
     for key, t in tensors.items():
         kind, _, rest = key.partition("/")
@@ -111,7 +146,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, copy: bool = True, **kwar
             i, _, name = rest.partition("/")
             specific.setdefault(name, [None] * len(tasks))[int(i)] = t
         elif kind == "router":
-            router[rest] = t
+            continue
         else:
             raise TwinError(f"meldkit.twin.load: {w_path}: unexpected tensor {key!r}")
     if set(factors_a) != set(factors_b):
@@ -128,12 +163,29 @@ def load(path: str | os.PathLike, model: nn.Module, *, copy: bool = True, **kwar
         errors={k: list(v) for k, v in meta.get("errors", {}).items()},
         config=meta.get("build", {}),
     )
-    r = meta["router"]
-    twin_router = TwinRouter(r["in_features"], len(tasks), r["hidden"], r["dropout"])
-    twin_router.load_state_dict(router)
-    twin_router.eval()
-    kwargs.setdefault("top_k", meta.get("top_k"))
     return TwinModel(model, experts, router=twin_router, copy=copy, **kwargs)
+
+
+def _lora_experts(meta: dict, tensors: dict[str, torch.Tensor], w_path: Path) -> TwinLoraExperts:
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        kind, _, name = key.partition("/")
+        if kind != "router":
+            parts.setdefault(kind, {})[name] = t
+    kinds = ("shared_a", "shared_b", "delta_a_u", "delta_a_v", "delta_b_u", "delta_b_v")
+    names = set(parts.get("shared_a", {}))
+    if set(parts) != set(kinds) or any(set(parts[k]) != names for k in kinds):
+        raise TwinError(f"meldkit.twin.load: {w_path}: incomplete LoRA factors")
+    return TwinLoraExperts(
+        tasks=list(meta["tasks"]),
+        scaling={k: float(v) for k, v in meta["scaling"].items()},
+        shared_a=parts["shared_a"],
+        shared_b=parts["shared_b"],
+        delta_a={n: (parts["delta_a_u"][n], parts["delta_a_v"][n]) for n in names},
+        delta_b={n: (parts["delta_b_u"][n], parts["delta_b_v"][n]) for n in names},
+        errors={k: list(v) for k, v in meta.get("errors", {}).items()},
+        config=meta.get("build", {}),
+    )
 
 
 __all__ = ["load", "save"]
