@@ -162,6 +162,11 @@ class TwinExperts:
 # ---- SVD -------------------------------------------------------------------------------------
 
 
+def default_svd_device() -> torch.device:
+    """A CUDA device when torch sees one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _svd(v: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Thin SVD of ``v`` in float32 on ``device``; on the CPU if the GPU solver fails."""
     x = v.to(device=device, dtype=torch.float32)
@@ -261,7 +266,8 @@ def build(
         Names (``re.search``) that are never merged; each task keeps its own. Default: heads and
         biases, ``("classifier", "bias")``. ``None`` or ``()`` merges everything.
     device : str or torch.device, optional
-        Where the SVDs run; default the CPU. Results are stored on the CPU.
+        Where the SVDs run: default the GPU when there is one (falling back to the CPU for a
+        matrix whose GPU solve fails), else the CPU. Results are stored on the CPU.
     factor_dtype : torch.dtype, optional
         Storage dtype of the factors and dense parts; default each tensor's dtype.
     seed : int
@@ -297,7 +303,7 @@ def build(
         shared_params = {"lambda": 0.29} if shared == "task_arithmetic" else {}
     params = _shared_params(shared_params, len(expert_list))
     patterns = _compile(exclude)
-    svd_device = torch.device(device) if device is not None else torch.device("cpu")
+    svd_device = torch.device(device) if device is not None else default_svd_device()
 
     base_src = _source(base, "base")
     srcs = [_source(e, f"expert {tasks[i]!r}") for i, e in enumerate(expert_list)]
@@ -382,4 +388,12 @@ def build(
     return out
 
 
-__all__ = ["DEFAULT_EXCLUDE", "TwinError", "TwinExperts", "build", "compress", "tensor_rank"]
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "TwinError",
+    "TwinExperts",
+    "build",
+    "compress",
+    "default_svd_device",
+    "tensor_rank",
+]

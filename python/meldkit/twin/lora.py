@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meldkit.ops import routed_lora
-from meldkit.twin.build import TwinError, compress
+from meldkit.twin.build import TwinError, compress, default_svd_device
 from meldkit.twin.layers import Routing, _broadcast
 from meldkit.twin.model import RoutedMixin, TwinRouter, _batch_size, _hidden_size, _replace
 
@@ -154,7 +154,7 @@ def build_lora(
     rank : int
         Rank kept of each exclusive factor difference (8, the reference's), capped at its size.
     device : str or torch.device, optional
-        Where the SVDs run (default the CPU).
+        Where the SVDs run (default the GPU when there is one, else the CPU).
     """
     if isinstance(adapters, Mapping):
         tasks, items = [str(k) for k in adapters], list(adapters.values())
@@ -182,7 +182,7 @@ def build_lora(
                 )
             if ad.scaling[m] != read[0].scaling[m]:
                 raise TwinError(f"meldkit.twin.build_lora: {m}: the adapters' scalings differ")
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = torch.device(device) if device is not None else default_svd_device()
     out = TwinLoraExperts(
         tasks=tasks,
         scaling=dict(read[0].scaling),
