@@ -71,6 +71,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("merge_native_dtypes", &mb::merge_native_dtypes,
         "{device: [dtype names]} the native merge kernels accept.");
   m.attr("MERGE_MAX_MODELS") = meldkit::kMergeMaxModels;
+
+  m.def("blend", &mb::blend,
+        "outs[i][:] = bases[i] + taus[i] * g, g from the float32 table by the two regenerated\n"
+        "DARE masks (or g_dense for dense tensors): ExDe's per-step blend (see blend.h).",
+        py::arg("outs"), py::arg("bases"), py::arg("taus"), py::arg("dense"), py::arg("g_table"),
+        py::arg("g_dense"), py::arg("keep1"), py::arg("keep2"), py::arg("draw1"), py::arg("draw2"),
+        py::arg("seed"), py::arg("streams1"), py::arg("streams2"), py::arg("stream") = 0);
+  m.def("blend_native_dtypes", &mb::blend_native_dtypes,
+        "{device: [dtype names]} the native blend kernels accept.");
   m.attr("MAGNITUDE_SELECT_CUDA_WORKSPACE") = meldkit::kMagnitudeSelectCudaWorkspace;
 
   m.def("routed_lora_forward", &mb::routed_lora_forward,
