@@ -724,6 +724,106 @@ def _ms_corruptions():
     }
 
 
+# ---- blend -------------------------------------------------------------------------------------
+
+
+def _bl_valid(draw, device):
+    n = draw(st.integers(1, 4))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    shapes = [tuple(draw(st.lists(st.integers(1, 9), min_size=1, max_size=3))) for _ in range(n)]
+    bases = [torch.randn(s).to(device, dtype) for s in shapes]
+    return {
+        "outs": [torch.empty_like(b) for b in bases],
+        "bases": bases,
+        "taus": [torch.randn(b.shape).to(b) for b in bases],
+        "dense": [b.dim() == 1 for b in bases],
+        "g_table": [0.0, -0.5, 0.8, 0.3],
+        "g_dense": 0.1,
+        "keep1": draw(st.floats(0, 1)),
+        "keep2": draw(st.floats(0, 1)),
+        "seed": draw(st.integers(0, 2**64 - 1)),
+        "streams1": [2 * i for i in range(n)],
+        "streams2": [2 * i + 1 for i in range(n)],
+    }
+
+
+def _bl_call(a):
+    _C.blend(
+        a["outs"],
+        a["bases"],
+        a["taus"],
+        a["dense"],
+        a["g_table"],
+        a["g_dense"],
+        a["keep1"],
+        a["keep2"],
+        True,
+        True,
+        a["seed"],
+        a["streams1"],
+        a["streams2"],
+    )
+
+
+def _bl_corruptions():
+    def wrong_dtype(draw, a, device):
+        a["bases"][0] = a["bases"][0].to(torch.int64)
+        return a
+
+    def tau_shape(draw, a, device):
+        a["taus"][-1] = torch.randn(a["taus"][-1].numel() + 1).to(a["taus"][-1])
+        return a
+
+    def tau_dtype(draw, a, device):
+        t = a["taus"][0]
+        a["taus"][0] = t.to(torch.float16 if t.dtype != torch.float16 else torch.float32)
+        return a
+
+    def lengths(draw, a, device):
+        key = draw(st.sampled_from(["outs", "taus", "dense", "streams1", "streams2"]))
+        a[key] = a[key][:-1] if draw(st.booleans()) else [*a[key], a[key][0]]
+        return a
+
+    def non_finite(draw, a, device):
+        a["g_dense"] = draw(st.sampled_from([float("nan"), float("inf")]))
+        return a
+
+    def out_is_tau(draw, a, device):
+        a["outs"][0] = a["taus"][0]
+        return a
+
+    def mixed_devices(draw, a, device):
+        a["taus"][0] = _other_device(a["taus"][0])
+        return a
+
+    def non_contiguous(draw, a, device):
+        b = a["bases"][0]
+        a["bases"][0] = torch.randn(2, 4).to(b).t()  # [4, 2], strides (1, 4)
+        a["taus"][0] = torch.randn(4, 2).to(b)
+        a["outs"][0] = torch.empty(4, 2).to(b)
+        return a
+
+    def empty(draw, a, device):
+        for key in ("outs", "bases", "taus", "dense", "streams1", "streams2"):
+            a[key] = []
+        return a
+
+    return {
+        f.__name__: f
+        for f in (
+            wrong_dtype,
+            tau_shape,
+            tau_dtype,
+            lengths,
+            non_finite,
+            out_is_tau,
+            mixed_devices,
+            non_contiguous,
+            empty,
+        )
+    }
+
+
 BINDINGS = [
     BindingSpec("weighted_sum", _ws_call, _ws_valid, _ws_corruptions()),
     BindingSpec("task_merge", _tm_call, _tm_valid, _tm_corruptions()),
@@ -731,6 +831,7 @@ BINDINGS = [
     BindingSpec("merge_many", _mm_call, _mm_valid, _mm_corruptions()),
     BindingSpec("routed_lora", _rl_call, _rl_valid, _rl_corruptions()),
     BindingSpec("logit_fusion", _lf_call, _lf_valid, _lf_corruptions()),
+    BindingSpec("blend", _bl_call, _bl_valid, _bl_corruptions()),
 ]
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _C.has_cuda() else [])

@@ -33,11 +33,10 @@ __global__ void __launch_bounds__(kThreads) blend_kernel(BlendArgs a) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < a.numel; e += stride) {
     float g = a.g_dense;
-    if (!a.dense) {
-      int sel = 0;
-      if (a.draw1) sel |= uniform01(a.key1, uint64_t(e)) < a.keep1 ? 1 : 0;
-      if (a.draw2) sel |= uniform01(a.key2, uint64_t(e)) < a.keep2 ? 2 : 0;
-      g = a.g_table[sel];
+    if (!a.dense) {  // selects, not an indexed table: the table stays in registers
+      const bool m1 = a.draw1 && uniform01(a.key1, uint64_t(e)) < a.keep1;
+      const bool m2 = a.draw2 && uniform01(a.key2, uint64_t(e)) < a.keep2;
+      g = m1 ? (m2 ? a.g_table[3] : a.g_table[1]) : (m2 ? a.g_table[2] : a.g_table[0]);
     }
     const float prod = __fmul_rn(widen(tau[e]), g);
     out[e] = Store<T>::from(__fadd_rn(widen(base[e]), prod));

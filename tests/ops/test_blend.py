@@ -1,0 +1,116 @@
+"""blend_tensors against its reference (meldkit/ops/blend_ref.py): bit for bit on every device and
+dtype, masks that are the merge family's DARE masks, independent of tensor order, unbiased, and
+clear errors."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from meldkit.ops import blend_ref, blend_tensors
+from meldkit.ops.merge_ref import stream_of
+from meldkit.ops.random_ref import bernoulli_mask_ref
+from tests.helpers import DEVICES, DTYPES
+
+SHAPES = [(7,), (1,), (33, 65), (4, 0), (2, 3, 5), (4099, 3)]
+COEFFS = [(0.0, -0.625, 0.0), (1.0, 0.0, 0.8333), (0.25, -0.3, 0.7), (1.0, 0.0, 0.0)]
+
+
+def tensors(dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bases = [torch.randn(s, generator=g).to(device, dtype) for s in SHAPES]
+    taus = [(0.05 * torch.randn(s, generator=g)).to(device, dtype) for s in SHAPES]
+    keys = [zlib.crc32(f"layer.{i}.weight".encode()) for i in range(len(SHAPES))]
+    return bases, taus, keys
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("coeffs", COEFFS, ids=str)
+def test_equals_reference_bit_for_bit(device, dtype, coeffs):
+    bases, taus, keys = tensors(dtype, device)
+    outs = [torch.full_like(b, float("nan")) for b in bases]
+    blend_tensors(outs, bases, taus, coeffs, keep=(0.3, 0.45), seed=11, tensor_keys=keys)
+    for o, b, t, k in zip(outs, bases, taus, keys, strict=True):
+        want = blend_ref(b.cpu(), t.cpu(), coeffs, keep=(0.3, 0.45), seed=11, tensor_key=k)
+        assert torch.equal(o.cpu(), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masks_are_dare_masks_and_order_free(device):
+    bases, taus, keys = tensors(torch.float32, device, seed=1)
+    keep = 0.3
+    outs = [torch.empty_like(b) for b in bases]
+    # out = τ·m₁/keep (a = c = 0, base 0): DARE(τ) with the merge engine's stream of model 0
+    zeros = [torch.zeros_like(b) for b in bases]
+    blend_tensors(
+        outs, zeros, taus, (0.0, 1 / keep, 0.0), keep=(keep, 1.0), seed=5, tensor_keys=keys
+    )
+    for o, t, k in zip(outs, taus, keys, strict=True):
+        if t.dim() <= 1:  # dense: τ·(1/keep)·keep
+            torch.testing.assert_close(o, t * ((1 / keep) * keep))
+            continue
+        mask = bernoulli_mask_ref(t.shape, keep, 5, stream_of(k, 2, 0), device=t.device)
+        assert torch.equal(o != 0, mask & (t != 0))
+    # any order of the tensors: the same outputs (masks keyed by name, not position)
+    order = list(reversed(range(len(bases))))
+    again = [torch.empty_like(bases[i]) for i in order]
+    blend_tensors(
+        again,
+        [zeros[i] for i in order],
+        [taus[i] for i in order],
+        (0.0, 1 / keep, 0.0),
+        keep=(keep, 1.0),
+        seed=5,
+        tensor_keys=[keys[i] for i in order],
+    )
+    for j, i in enumerate(order):
+        assert torch.equal(again[j], outs[i])
+
+
+def test_statistics_and_in_place():
+    g = torch.Generator().manual_seed(2)
+    base = torch.zeros(400, 1000)
+    tau = torch.ones(400, 1000)
+    out = torch.empty_like(base)
+    blend_tensors([out], [base], [tau], (0.0, 1.0, 0.0), keep=(0.3, 1.0), seed=3, tensor_keys=[9])
+    assert abs(float(out.mean()) - 0.3) < 0.003  # keep rate
+    blend_tensors(
+        [out], [base], [tau], (0.0, 1 / 0.3, 0.0), keep=(0.3, 1.0), seed=3, tensor_keys=[9]
+    )
+    assert abs(float(out.mean()) - 1.0) < 0.01  # DARE is unbiased
+    # out may be the base itself (read, then written, per element)
+    x = torch.randn(50, 20, generator=g)
+    t = torch.randn(50, 20, generator=g)
+    want = blend_ref(x, t, (0.5, -0.2, 0.1), keep=(0.4, 0.6), seed=1, tensor_key=2)
+    blend_tensors([x], [x], [t], (0.5, -0.2, 0.1), keep=(0.4, 0.6), seed=1, tensor_keys=[2])
+    assert torch.equal(x, want)
+    # a non-contiguous output (a parameter view) is written through
+    big = torch.zeros(50, 20)
+    view = big.t()  # [20, 50], strides (1, 20)
+    blend_tensors(
+        [view], [x.t().contiguous()], [t.t().contiguous()], (1.0, 0.0, 0.0), tensor_keys=[0]
+    )
+    torch.testing.assert_close(big, x + t)
+
+
+def test_errors():
+    b = [torch.randn(3, 4)]
+    t = [torch.randn(3, 4)]
+    o = [torch.empty(3, 4)]
+    with pytest.raises(ValueError, match="'bases': is empty"):
+        blend_tensors([], [], [], (1, 0, 0), tensor_keys=[])
+    with pytest.raises(ValueError, match="'tensor_keys'"):
+        blend_tensors(o, b, t, (1, 0, 0), tensor_keys=[])
+    with pytest.raises(ValueError, match=r"'keep\[1\]'"):
+        blend_tensors(o, b, t, (1, 0, 0), keep=(0.5, 1.5), tensor_keys=[0])
+    with pytest.raises(ValueError, match=r"'coeffs\[1\]'.*finite"):
+        blend_tensors(o, b, t, (1, float("nan"), 0), tensor_keys=[0])
+    with pytest.raises(ValueError, match="'seed'"):
+        blend_tensors(o, b, t, (1, 0, 0), seed=-1, tensor_keys=[0])
+    with pytest.raises(ValueError, match="may not be the task vector"):
+        blend_tensors(t, b, t, (1, 0, 0), tensor_keys=[0])
+    with pytest.raises((TypeError, ValueError), match="taus"):
+        blend_tensors(o, b, [torch.randn(4, 3)], (1, 0, 0), tensor_keys=[0])
