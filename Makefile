@@ -13,7 +13,8 @@ TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
 BUILD_DEPS := "setuptools>=64" wheel "pybind11>=2.12" "cmake>=3.24" ninja numpy
-TEST_DEPS := "pytest>=8" "hypothesis>=6" "pytest-benchmark>=4" "transformers>=4.44" "peft>=0.14"
+TEST_DEPS := "pytest>=8" "hypothesis>=6" "pytest-benchmark>=4" "transformers>=4.44" "peft>=0.14" \
+             "diffusers>=0.30"
 LINT_DEPS := ruff==0.17.6 clang-format==23.1.5
 NATIVE_SOURCES := $(shell find csrc bindings -type f) CMakeLists.txt setup.py pyproject.toml
 CXX_FORMAT_FILES := $(shell find csrc bindings -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu')

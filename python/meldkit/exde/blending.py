@@ -1,0 +1,451 @@
+"""ExDe stages 2 and 3 as parameter operations: extrapolation, decoupling, per-step blending.
+
+Tian et al., "Extrapolating and Decoupling Image-to-Video Generation Models: Motion Modeling is
+Easier Than You Think" (CVPR 2025), as its released code does it (spec i2v.md §2-3), with the
+task vector τ = θ_ft − θ_base of a fine-tuned denoiser:
+
+* extrapolation: θ = θ_base − α·τ (α = 0.25): *away* from the fine-tune, which lowered the
+  motion degree; a negative α goes the other way;
+* decoupling: τ_deg = DARE(−α·τ) and τ_ctl = DARE(τ) with independent seeded masks (drop 0.7,
+  rescaled by 1/0.3; 1-D tensors never dropped), θ_dyn = θ_base + 0.75·τ_deg and
+  θ_con = θ_ft + 0.25·τ_ctl;
+* injection over denoising time: θ(step) = θ_base + c_τ·τ + c_dyn·τ_deg + c_con·τ_ctl with the
+  coefficients of a :class:`Schedule` (the release: θ_dyn for the high-noise first half, then
+  θ_con).
+
+Every blend runs :func:`meldkit.ops.blend_tensors`: one native call over all tensors, the masks
+regenerated from ``(seed, CRC-32 of the tensor name)``, never stored. Only θ_base and τ are kept.
+Only parameters are touched, never buffers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from meldkit.merging.engine import tensor_key
+from meldkit.ops import blend_tensors
+
+
+class ExDeError(ValueError):
+    """Models that do not match, or an unusable ExDe setting."""
+
+
+# ---- selecting and pairing parameters ------------------------------------------------------------
+
+
+def _patterns(value: Iterable[str] | str | None) -> list[re.Pattern]:
+    if value is None:
+        return []
+    return [re.compile(p) for p in ([value] if isinstance(value, str) else value)]
+
+
+def _params(obj: nn.Module | Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, nn.Module):
+        return dict(obj.named_parameters())
+    if isinstance(obj, Mapping):
+        return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    raise TypeError(f"meldkit.exde: '{what}' must be an nn.Module or a state dict, got {type(obj)}")
+
+
+def paired(
+    base: nn.Module | Mapping[str, torch.Tensor],
+    finetuned: nn.Module | Mapping[str, torch.Tensor],
+    include: Iterable[str] | str | None = None,
+    exclude: Iterable[str] | str | None = None,
+) -> list[str]:
+    """Names of the floating parameters of ``base`` selected by the name filters (``re.search``:
+    any ``include`` must match, no ``exclude`` may), checked against ``finetuned``."""
+    b, f = _params(base, "base"), _params(finetuned, "finetuned")
+    inc, exc = _patterns(include), _patterns(exclude)
+    names = []
+    for name, t in b.items():
+        if not t.is_floating_point():
+            continue
+        if inc and not any(p.search(name) for p in inc):
+            continue
+        if any(p.search(name) for p in exc):
+            continue
+        if name not in f:
+            raise ExDeError(f"meldkit.exde: the fine-tuned model has no parameter {name!r}")
+        if f[name].shape != t.shape:
+            raise ExDeError(
+                f"meldkit.exde: {name!r}: shape {list(f[name].shape)} in the fine-tuned model, "
+                f"{list(t.shape)} in the base"
+            )
+        names.append(name)
+    if not names:
+        raise ExDeError("meldkit.exde: no parameter is selected (check include/exclude)")
+    return names
+
+
+def _finite(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ExDeError(f"meldkit.exde: '{name}' must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _apply(
+    base: nn.Module | Mapping[str, torch.Tensor],
+    names: list[str],
+    compute: Callable[[list[torch.Tensor], list[str]], None],
+) -> nn.Module | dict[str, torch.Tensor]:
+    """A copy of ``base`` (module or dict) whose ``names`` ``compute(outs, names)`` rewrites."""
+    if isinstance(base, nn.Module):
+        out = copy.deepcopy(base)
+        params = dict(out.named_parameters())
+        with torch.no_grad():
+            compute([params[n].data for n in names], names)
+        return out
+    out_dict = {k: v.clone() for k, v in base.items()}
+    compute([out_dict[n] for n in names], names)
+    return out_dict
+
+
+# ---- stage 2: extrapolation ----------------------------------------------------------------------
+
+
+def extrapolate(
+    base: nn.Module | Mapping[str, torch.Tensor],
+    finetuned: nn.Module | Mapping[str, torch.Tensor],
+    alpha: float = 0.25,
+    *,
+    include: Iterable[str] | str | None = None,
+    exclude: Iterable[str] | str | None = None,
+) -> nn.Module | dict[str, torch.Tensor]:
+    """θ = θ_base − α·(θ_ft − θ_base): extrapolate *away* from the fine-tune (the release's sign;
+    its fine-tune lowered the motion degree). A negative ``alpha`` extrapolates past the fine-tune
+    instead. Parameters only (buffers are copied from ``base``); ``include``/``exclude`` are name
+    regexes. Returns a copy of ``base`` (a module or a state dict, as given)."""
+    alpha = _finite("alpha", alpha)
+    names = paired(base, finetuned, include, exclude)
+    b, f = _params(base, "base"), _params(finetuned, "finetuned")
+
+    def compute(outs, names):
+        blend_tensors(
+            outs,
+            [b[n].detach() for n in names],
+            [(f[n].detach().to(b[n]) - b[n].detach()) for n in names],
+            (-alpha, 0.0, 0.0),
+            tensor_keys=[tensor_key(n) for n in names],
+        )
+
+    return _apply(base, names, compute)
+
+
+# ---- stage 3: decoupling -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecoupleConfig:
+    """ExDe's decoupling constants (the release's defaults): α of the degree vector, the DARE
+    drop rate, the scales of θ_dyn's and θ_con's vectors, and the mask seed."""
+
+    alpha: float = 0.25
+    drop: float = 0.7
+    dyn_scale: float = 0.75
+    con_scale: float = 0.25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("alpha", "dyn_scale", "con_scale"):
+            _finite(key, getattr(self, key))
+        if not 0.0 <= _finite("drop", self.drop) < 1.0:
+            raise ExDeError(f"meldkit.exde: 'drop' must be in [0, 1), got {self.drop}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ExDeError(f"meldkit.exde: 'seed' must be an int ≥ 0, got {self.seed!r}")
+
+    @property
+    def keep(self) -> float:
+        return 1.0 - self.drop
+
+    def blend_coeffs(self, c_tau: float, c_dyn: float, c_con: float) -> tuple[float, float, float]:
+        """``(a, b, c)`` of :func:`meldkit.ops.blend_tensors` for θ_base + c_τ·τ + c_dyn·τ_deg +
+        c_con·τ_ctl, with τ_deg = DARE(−α·τ) on mask 1 and τ_ctl = DARE(τ) on mask 2."""
+        return (c_tau, -self.alpha * c_dyn / self.keep, c_con / self.keep)
+
+
+def decouple(
+    base: nn.Module | Mapping[str, torch.Tensor],
+    finetuned: nn.Module | Mapping[str, torch.Tensor],
+    *,
+    alpha: float = 0.25,
+    drop: float = 0.7,
+    dyn_scale: float = 0.75,
+    con_scale: float = 0.25,
+    seed: int = 0,
+    include: Iterable[str] | str | None = None,
+    exclude: Iterable[str] | str | None = None,
+) -> tuple[nn.Module | dict[str, torch.Tensor], nn.Module | dict[str, torch.Tensor]]:
+    """``(θ_dyn, θ_con)``: θ_dyn = θ_base + dyn_scale·DARE(−α·τ), θ_con = θ_ft + con_scale·DARE(τ).
+
+    DARE drops each entry with probability ``drop`` and rescales the rest by 1/(1 − drop); the
+    two masks are independent and reproducible from ``seed`` (keyed by tensor name, so the result
+    does not depend on the order of the parameters or the device); 1-D tensors are never dropped.
+    Returns copies of ``base`` (modules or state dicts, as given). The same masks drive
+    :func:`attach`, so ``attach`` with the :func:`switch` schedule runs exactly these two models.
+    """
+    cfg = DecoupleConfig(alpha, drop, dyn_scale, con_scale, seed)
+    names = paired(base, finetuned, include, exclude)
+    b, f = _params(base, "base"), _params(finetuned, "finetuned")
+    taus = [(f[n].detach().to(b[n]) - b[n].detach()) for n in names]
+    keys = [tensor_key(n) for n in names]
+
+    def run(coeffs):
+        def compute(outs, names):
+            blend_tensors(
+                outs,
+                [b[n].detach() for n in names],
+                taus,
+                cfg.blend_coeffs(*coeffs),
+                keep=(cfg.keep, cfg.keep),
+                seed=seed,
+                tensor_keys=keys,
+            )
+
+        return _apply(base, names, compute)
+
+    return run((0.0, cfg.dyn_scale, 0.0)), run((1.0, 0.0, cfg.con_scale))
+
+
+# ---- schedules -----------------------------------------------------------------------------------
+
+
+Coefficients = tuple[float, float, float]
+
+
+class Schedule:
+    """Maps a denoising step to ``(c_τ, c_dyn, c_con)``: θ = θ_base + c_τ·τ + c_dyn·dyn_scale·τ_deg
+    + c_con·con_scale·τ_ctl. Call it as ``schedule(step, num_steps, timestep, sigma)``.
+
+    ``step`` counts from 0 (the first, noisiest step); ``sigma`` is None for schedulers without
+    sigmas. θ_dyn is ``(0, 1, 0)`` and θ_con ``(1, 0, 1)``.
+    """
+
+    def __call__(
+        self, step: int, num_steps: int, timestep: float, sigma: float | None
+    ) -> Coefficients:
+        raise NotImplementedError
+
+
+DYN: Coefficients = (0.0, 1.0, 0.0)
+CON: Coefficients = (1.0, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class switch(Schedule):
+    """θ_dyn while ``step < at·num_steps`` (the high-noise part), then θ_con: the release's hard
+    switch (``at=0.5``: with 50 steps, 25 and 25, as its "t > 500" rule gives)."""
+
+    at: float = 0.5
+
+    def __call__(self, step, num_steps, timestep, sigma):
+        return DYN if step < self.at * num_steps else CON
+
+
+def _mix(w: float) -> Coefficients:
+    return (w, 1.0 - w, w)
+
+
+@dataclass(frozen=True)
+class linear(Schedule):
+    """From θ_dyn at the first step to θ_con at the last, linearly in the step index."""
+
+    def __call__(self, step, num_steps, timestep, sigma):
+        return _mix(step / max(num_steps - 1, 1))
+
+
+@dataclass(frozen=True)
+class cosine(Schedule):
+    """From θ_dyn to θ_con along a half cosine: slow at both ends."""
+
+    def __call__(self, step, num_steps, timestep, sigma):
+        return _mix(0.5 - 0.5 * math.cos(math.pi * step / max(num_steps - 1, 1)))
+
+
+def _as_schedule(schedule: Schedule | Callable[..., Coefficients]) -> Callable[..., Coefficients]:
+    if not callable(schedule):
+        raise TypeError(f"meldkit.exde: 'schedule' must be callable, got {type(schedule)}")
+    return schedule
+
+
+# ---- the per-step hook ---------------------------------------------------------------------------
+
+
+def _denoiser(pipe: Any) -> nn.Module:
+    for attr in ("unet", "transformer"):
+        module = getattr(pipe, attr, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ExDeError("meldkit.exde.attach: the pipeline has no 'unet' or 'transformer' module")
+
+
+def step_of(timesteps: torch.Tensor, timestep: Any) -> int:
+    """The index of ``timestep`` in the scheduler's ``timesteps`` (the nearest value): works for
+    integer DDPM timesteps and for continuous ones (Stable Video Diffusion's 0.25·ln σ)."""
+    t = torch.as_tensor(timestep).detach().float().flatten()
+    if t.numel() == 0:
+        raise ExDeError("meldkit.exde: the denoiser was called without a timestep")
+    ts = timesteps.detach().float().cpu()
+    return int((ts - float(t[0].cpu())).abs().argmin())
+
+
+class Blender:
+    """θ_base and τ of a denoiser's selected parameters, and the blend into its live weights."""
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        base: nn.Module | Mapping[str, torch.Tensor],
+        finetuned: nn.Module | Mapping[str, torch.Tensor],
+        config: DecoupleConfig,
+        include=None,
+        exclude=None,
+    ) -> None:
+        self.config = config
+        self.names = paired(base, finetuned, include, exclude)
+        live = dict(denoiser.named_parameters())
+        missing = [n for n in self.names if n not in live]
+        if missing:
+            raise ExDeError(
+                f"meldkit.exde: the pipeline's denoiser has no parameter {missing[0]!r}"
+            )
+        b, f = _params(base, "base_unet"), _params(finetuned, "finetuned_unet")
+        self.live = [live[n] for n in self.names]
+        with torch.no_grad():
+            self.base = [
+                b[n].detach().to(p.device, p.dtype).clone()
+                for n, p in zip(self.names, self.live, strict=True)
+            ]
+            self.tau = [
+                f[n].detach().to(p.device, p.dtype) - bt
+                for n, p, bt in zip(self.names, self.live, self.base, strict=True)
+            ]
+        self.keys = [tensor_key(n) for n in self.names]
+        self.current: Coefficients | None = None
+        self.blends = 0
+
+    def apply(self, coeffs: Coefficients) -> None:
+        coeffs = tuple(float(c) for c in coeffs)
+        if len(coeffs) != 3 or not all(math.isfinite(c) for c in coeffs):
+            raise ExDeError(f"meldkit.exde: a schedule returned {coeffs!r}, not 3 finite numbers")
+        if coeffs == self.current:
+            return
+        c_tau, c_dyn, c_con = coeffs
+        cfg = self.config
+        blend_tensors(
+            [p.data for p in self.live],
+            self.base,
+            self.tau,
+            cfg.blend_coeffs(c_tau, c_dyn * cfg.dyn_scale, c_con * cfg.con_scale),
+            keep=(cfg.keep, cfg.keep),
+            seed=cfg.seed,
+            tensor_keys=self.keys,
+        )
+        self.current = coeffs
+        self.blends += 1
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, b in zip(self.live, self.base, strict=True):
+                p.data.copy_(b)
+        self.current = None
+
+
+@contextlib.contextmanager
+def attach(
+    pipe: Any,
+    base_unet: nn.Module | Mapping[str, torch.Tensor] | None,
+    finetuned_unet: nn.Module | Mapping[str, torch.Tensor],
+    *,
+    schedule: Schedule | Callable[..., Coefficients] | None = None,
+    alpha: float = 0.25,
+    drop: float = 0.7,
+    dyn_scale: float = 0.75,
+    con_scale: float = 0.25,
+    seed: int = 0,
+    include: Iterable[str] | str | None = None,
+    exclude: Iterable[str] | str | None = None,
+) -> Iterator[Blender]:
+    """Blend ``pipe``'s denoiser per denoising step while the ``with`` block runs.
+
+    A forward pre-hook on ``pipe.unet`` (or ``pipe.transformer``) reads the call's timestep, finds
+    its step in ``pipe.scheduler.timesteps`` (so continuous timesteps such as Stable Video
+    Diffusion's 0.25·ln σ work as well as integer ones), asks ``schedule`` for the coefficients and
+    re-blends the weights only when they change (CFG's extra calls and the steps of one phase cost
+    nothing). Step 0 is blended before the first call. On exit, normally or by an exception, the
+    hook is removed and the base weights are restored exactly.
+
+    Parameters
+    ----------
+    pipe : diffusers pipeline
+        Any pipeline whose denoiser is ``pipe.unet`` or ``pipe.transformer`` and whose scheduler
+        has ``timesteps`` (set by the pipeline at each call).
+    base_unet : nn.Module or state dict or None
+        θ_base; None: the denoiser's current weights.
+    finetuned_unet : nn.Module or state dict
+        θ_ft (only τ = θ_ft − θ_base is kept; the caller may free it afterwards).
+    schedule : Schedule or callable
+        ``(step, num_steps, timestep, sigma) -> (c_τ, c_dyn, c_con)``; default :class:`switch`.
+    alpha, drop, dyn_scale, con_scale, seed
+        As :func:`decouple`.
+    include, exclude : regexes
+        Which parameters blend (e.g. ``include="temporal"``); default all.
+
+    Yields
+    ------
+    Blender
+        Its ``blends`` counts the re-blends; ``current`` holds the coefficients in use.
+    """
+    denoiser = _denoiser(pipe)
+    cfg = DecoupleConfig(alpha, drop, dyn_scale, con_scale, seed)
+    sched = _as_schedule(schedule if schedule is not None else switch())
+    base = base_unet if base_unet is not None else denoiser
+    blender = Blender(denoiser, base, finetuned_unet, cfg, include, exclude)
+
+    def hook(module, args, kwargs):
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if timestep is None:
+            raise ExDeError("meldkit.exde.attach: the denoiser was called without a timestep")
+        timesteps = getattr(pipe.scheduler, "timesteps", None)
+        if timesteps is None or len(timesteps) == 0:
+            raise ExDeError("meldkit.exde.attach: the scheduler has no timesteps set")
+        step = step_of(timesteps, timestep)
+        sigmas = getattr(pipe.scheduler, "sigmas", None)
+        sigma = float(sigmas[step]) if sigmas is not None and len(sigmas) > step else None
+        t = float(torch.as_tensor(timestep).flatten()[0])
+        blender.apply(sched(step, len(timesteps), t, sigma))
+        return None
+
+    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield blender
+    finally:
+        handle.remove()
+        blender.restore()
+
+
+__all__ = [
+    "CON",
+    "DYN",
+    "Blender",
+    "DecoupleConfig",
+    "ExDeError",
+    "Schedule",
+    "attach",
+    "cosine",
+    "decouple",
+    "extrapolate",
+    "linear",
+    "paired",
+    "step_of",
+    "switch",
+]
