@@ -9,9 +9,19 @@
     with exde.attach(pipe, base_unet, finetuned_unet, schedule=exde.switch(0.5), seed=0):
         frames = pipe(image).frames                                          # blended per step
 
-See :mod:`meldkit.exde.blending`.
+    adapter = exde.add_text_adapter(pipe.unet, text_dim=1024)               # stage 1
+    exde.motion_degree(frames)                                               # check the effect
+
+See :mod:`meldkit.exde.blending`, :mod:`meldkit.exde.adapter` and :mod:`meldkit.exde.motion`.
 """
 
+from meldkit.exde.adapter import (
+    TemporalTextAdapter,
+    adapter_parameters,
+    add_text_adapter,
+    remove_text_adapter,
+    training_step,
+)
 from meldkit.exde.blending import (
     CON,
     DYN,
@@ -28,6 +38,7 @@ from meldkit.exde.blending import (
     step_of,
     switch,
 )
+from meldkit.exde.motion import MotionDegree, motion_degree
 
 __all__ = [
     "CON",
@@ -35,13 +46,20 @@ __all__ = [
     "Blender",
     "DecoupleConfig",
     "ExDeError",
+    "MotionDegree",
     "Schedule",
+    "TemporalTextAdapter",
+    "adapter_parameters",
+    "add_text_adapter",
     "attach",
     "cosine",
     "decouple",
     "extrapolate",
     "linear",
+    "motion_degree",
     "paired",
+    "remove_text_adapter",
     "step_of",
     "switch",
+    "training_step",
 ]

@@ -1,0 +1,68 @@
+"""How much a video moves: to check that extrapolation moves motion the intended way."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class MotionDegree:
+    """``value``: the mean motion between consecutive frames; ``method``: ``"farneback"`` (mean
+    optical-flow magnitude in pixels per frame, OpenCV) or ``"frame_difference"`` (root mean
+    square of the grey-level change between frames, in [0, 1] units)."""
+
+    value: float
+    method: str
+
+
+def _frames(frames) -> torch.Tensor:
+    """``[F, H, W]`` grey levels in [0, 1] from ``[F, C, H, W]`` / ``[F, H, W, C]`` tensors or
+    arrays, or a list of PIL images (diffusers' outputs)."""
+    if isinstance(frames, (list, tuple)):
+        import numpy as np
+
+        frames = torch.from_numpy(np.stack([np.asarray(f, dtype=np.float32) for f in frames]))
+        if frames.max() > 1.5:
+            frames = frames / 255.0
+    x = torch.as_tensor(frames).detach().float().cpu()
+    if x.dim() == 5 and x.shape[0] == 1:
+        x = x[0]
+    if x.dim() == 4 and x.shape[1] in (1, 3, 4) and x.shape[-1] not in (1, 3, 4):
+        x = x.permute(0, 2, 3, 1)
+    if x.dim() == 4:
+        x = x[..., :3].mean(-1) if x.shape[-1] >= 3 else x[..., 0]
+    if x.dim() != 3 or x.shape[0] < 2:
+        raise ValueError(f"motion_degree: expected at least 2 frames, got shape {list(x.shape)}")
+    return x
+
+
+def motion_degree(frames, *, method: str = "auto") -> MotionDegree:
+    """The motion degree of a video: mean Farnebäck optical-flow magnitude when OpenCV is
+    installed (``method="auto"`` or ``"farneback"``), else the frame-difference energy
+    (``"frame_difference"``); the result names which."""
+    x = _frames(frames)
+    if method not in ("auto", "farneback", "frame_difference"):
+        raise ValueError(f"motion_degree: unknown method {method!r}")
+    if method in ("auto", "farneback"):
+        try:
+            import cv2
+        except ImportError:
+            if method == "farneback":
+                raise ImportError("motion_degree: method='farneback' needs opencv-python") from None
+        else:
+            import numpy as np
+
+            grey = (x.clamp(0, 1) * 255).to(torch.uint8).numpy()
+            mags = []
+            for a, b in itertools.pairwise(grey):
+                flow = cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+                mags.append(float(np.linalg.norm(flow, axis=-1).mean()))
+            return MotionDegree(sum(mags) / len(mags), "farneback")
+    diff = (x[1:] - x[:-1]).square().mean().sqrt()
+    return MotionDegree(float(diff), "frame_difference")
+
+
+__all__ = ["MotionDegree", "motion_degree"]

@@ -1,0 +1,112 @@
+"""ExDe stage 1 (the temporal text adapter on a tiny SVD UNet) and the motion measure."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from meldkit import exde
+
+pytest.importorskip("diffusers")
+
+
+def unet_inputs(b=2, f=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(b, f, 8, 16, 16, generator=g),
+        torch.tensor([0.5, -0.3][:b]),
+        {
+            "encoder_hidden_states": torch.randn(b, 1, 32, generator=g),
+            "added_time_ids": torch.tensor([[6.0, 127.0, 0.02]] * b),
+            "return_dict": False,
+        },
+    )
+
+
+@pytest.fixture
+def unet():
+    from tests.exde import tiny_svd
+
+    return tiny_svd.unet()
+
+
+def test_adapter_starts_as_the_identity(unet):
+    base = copy.deepcopy(unet)
+    adapter = exde.add_text_adapter(unet, text_dim=16, num_frames=4, num_heads=4)
+    assert len(adapter.projections) == 6  # every temporal transformer block of the tiny UNet
+    x, t, kw = unet_inputs()
+    with torch.no_grad():
+        want = base(x, t, **kw)[0]
+        with adapter.text(torch.randn(2, 5, 16)):
+            got = unet(x, t, **kw)[0]
+        plain = unet(x, t, **kw)[0]  # outside `text`: no adapter at all
+    assert torch.equal(got, want) and torch.equal(plain, want)
+
+
+def test_training_step_trains_every_adapter_parameter(unet):
+    adapter = exde.add_text_adapter(unet, text_dim=16, num_frames=4, num_heads=4)
+    params = exde.adapter_parameters(unet, adapter)
+    names = {id(p) for p in adapter.parameters()}
+    assert names <= {id(p) for p in params}  # queries and cross-attention included
+    assert len(params) > len(names)  # and the UNet's temporal layers
+    before = {k: v.detach().clone() for k, v in adapter.named_parameters()}
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    x, t, kw = unet_inputs()
+    text = torch.randn(2, 5, 16)
+    batch = {
+        "latents": torch.randn(2, 2, 4, 16, 16),
+        "image_latents": torch.randn(2, 4, 16, 16),
+        "image_embeddings": kw["encoder_hidden_states"],
+        "added_time_ids": kw["added_time_ids"],
+        "text": text,
+    }
+    g = torch.Generator().manual_seed(0)
+    losses = [exde.training_step(unet, adapter, opt, batch, generator=g) for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    for name, p in adapter.named_parameters():
+        assert not torch.equal(p, before[name]), name
+    with torch.no_grad():
+        with adapter.text(text):
+            a = unet(x, t, **kw)[0]
+        with adapter.text(torch.randn(2, 5, 16)):
+            b = unet(x, t, **kw)[0]
+    assert (a - b).abs().max() > 0  # the text now steers the temporal layers
+    exde.remove_text_adapter(adapter)
+    with torch.no_grad(), adapter.text(text):
+        assert torch.equal(unet(x, t, **kw)[0], unet(x, t, **kw)[0])
+
+
+def test_adapter_errors(unet):
+    adapter = exde.add_text_adapter(unet, text_dim=16, num_frames=1, num_heads=4)
+    with pytest.raises(exde.ExDeError, match=r"\[B, L, 16\]"):
+        with adapter.text(torch.randn(2, 5, 8)):
+            pass
+    x, t, kw = unet_inputs()
+    with pytest.raises(exde.ExDeError, match="2 frames but 1 queries"):
+        with adapter.text(torch.randn(2, 5, 16)):
+            unet(x, t, **kw)
+    with pytest.raises(exde.ExDeError, match="not a multiple"):
+        exde.add_text_adapter(unet, text_dim=10, num_heads=4)
+
+
+def test_motion_degree():
+    still = torch.rand(1, 3, 32, 32).expand(4, -1, -1, -1)
+    assert exde.motion_degree(still, method="frame_difference").value == 0.0
+    moving = torch.zeros(4, 3, 32, 32)
+    for f in range(4):
+        moving[f, :, 8:16, 4 + 5 * f : 12 + 5 * f] = 1.0
+    faster = torch.zeros(4, 3, 32, 32)
+    for f in range(4):
+        faster[f, :, 8:16, 8 * f : 8 * f + 8] = 1.0
+    slow, fast = exde.motion_degree(moving), exde.motion_degree(faster)
+    assert slow.method in ("farneback", "frame_difference")
+    assert fast.value > slow.value > 0
+    # diffusers' PIL output and [1, F, C, H, W] tensors
+    pil = pytest.importorskip("PIL.Image")
+    frames = [pil.fromarray((m.permute(1, 2, 0).numpy() * 255).astype("uint8")) for m in moving]
+    assert exde.motion_degree(frames).value == pytest.approx(slow.value, rel=1e-2)
+    assert exde.motion_degree(moving[None]).value == slow.value
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        exde.motion_degree(torch.rand(1, 3, 8, 8))
