@@ -11,7 +11,7 @@
 #   GPU_TESTS   pytest arguments of the tests step [tests]
 #   GPU_MEMCHECK  pytest arguments run under memcheck [tests/ops -m cuda -k "not compile and not graph"]
 #   BENCH_OPS   ops benchmarked, one step (and JSON file) each [weighted_sum routed_lora
-#               logit_fusion merge routed_lora_layer twin]
+#               logit_fusion merge routed_lora_layer twin exde]
 #   BENCH_ARGS  extra `meldkit bench` arguments, e.g. --quick []
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR [STEP...]}
@@ -69,7 +69,12 @@ if step build 240 env CMAKE_ARGS="-DMELDKIT_CUDA_RESOURCE_USAGE=ON" \
     SUMMARY+=("memcheck   skipped (no compute-sanitizer)")
   fi
   read -r -a EXTRA <<<"${BENCH_ARGS:-}"
-  for op in ${BENCH_OPS:-weighted_sum routed_lora logit_fusion merge routed_lora_layer twin}; do
+  for op in ${BENCH_OPS:-weighted_sum routed_lora logit_fusion merge routed_lora_layer twin exde}; do
+    if [ "$op" = exde ]; then  # ExDe's per-step blend vs a per-tensor loop (issue 7)
+      step "bench-$op" 120 env MELDKIT_BACKEND=native $PY bench/bench_exde.py --device cuda \
+        --json "$OUT/bench-$op.json"
+      continue
+    fi
     if [ "$op" = twin ]; then  # TwinModel vs the per-sample rebuild and the shared model (issue 6)
       step "bench-$op" 120 env MELDKIT_BACKEND=native $PY bench/bench_twin.py --device cuda \
         --rebuild-samples 32 --json "$OUT/bench-$op.json"
