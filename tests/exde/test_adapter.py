@@ -9,8 +9,6 @@ import torch
 
 from meldkit import exde
 
-pytest.importorskip("diffusers")
-
 
 def unet_inputs(b=2, f=2, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -27,7 +25,8 @@ def unet_inputs(b=2, f=2, seed=0):
 
 @pytest.fixture
 def unet():
-    from tests.exde import tiny_svd
+    pytest.importorskip("diffusers")
+    from meldkit.exde import _tiny as tiny_svd
 
     return tiny_svd.unet()
 

@@ -143,7 +143,8 @@ def test_schedules_and_step_mapping():
 
 @pytest.fixture(scope="module")
 def svd():
-    from tests.exde import tiny_svd
+    pytest.importorskip("diffusers")
+    from meldkit.exde import _tiny as tiny_svd
 
     pipe = tiny_svd.pipeline()
     base = copy.deepcopy(pipe.unet)

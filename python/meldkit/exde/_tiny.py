@@ -1,16 +1,17 @@
 """A tiny random Stable Video Diffusion pipeline built from configs (nothing downloaded): the
-component sizes of diffusers' own fast test."""
+component sizes of diffusers' own fast test. Used by ``meldkit demo``, the ExDe tests and the
+examples; needs ``diffusers`` and ``transformers``."""
 
 from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 
 
 def unet(seed: int = 0):
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
+
     torch.manual_seed(seed)
     return diffusers.UNetSpatioTemporalConditionModel(
         block_out_channels=(32, 64),
@@ -42,8 +43,9 @@ def finetuned(base, seed: int = 1, scale: float = 0.05):
 
 
 def pipeline(seed: int = 0):
-    diffusers = pytest.importorskip("diffusers")
-    transformers = pytest.importorskip("transformers")
+    import diffusers
+    import transformers
+
     torch.manual_seed(seed)
     scheduler = diffusers.EulerDiscreteScheduler(
         beta_start=0.00085,
