@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "meldkit/blend.h"
+#include "meldkit/macros.h"
 #include "meldkit/random.h"
 #include "meldkit/status.h"
 
@@ -14,7 +15,7 @@ namespace {
 constexpr int64_t kChunk = 1 << 14;  // elements per work item; never crosses a multiple of 2^32
 
 template <typename T, bool kDraw1, bool kDraw2>
-void blend_range(const BlendParams& p, int i, int64_t begin, int64_t end) {
+MELDKIT_CPU_CLONES void blend_range(const BlendParams& p, int i, int64_t begin, int64_t end) {
   T* out = static_cast<T*>(p.outs[i]);
   const T* base = static_cast<const T*>(p.bases[i]);
   const T* tau = static_cast<const T*>(p.taus[i]);
@@ -28,11 +29,13 @@ void blend_range(const BlendParams& p, int i, int64_t begin, int64_t end) {
   }
   const uint32_t k1 = p.keys1[i], k2 = p.keys2[i];
   const uint32_t high = uniform01_high(uint64_t(begin));
-  for (int64_t e = begin; e < end; ++e) {
-    int sel = 0;
-    if constexpr (kDraw1) sel |= uniform01_from_high(k1, high, uint64_t(e)) < p.keep1 ? 1 : 0;
-    if constexpr (kDraw2) sel |= uniform01_from_high(k2, high, uint64_t(e)) < p.keep2 ? 2 : 0;
-    const float prod = widen(tau[e]) * p.g_table[sel];
+  const float keep1 = p.keep1, keep2 = p.keep2;
+  const float t0 = p.g_table[0], t1 = p.g_table[1], t2 = p.g_table[2], t3 = p.g_table[3];
+  for (int64_t e = begin; e < end; ++e) {  // selects, not an indexed table: vectorises
+    const bool m1 = kDraw1 && uniform01_from_high(k1, high, uint64_t(e)) < keep1;
+    const bool m2 = kDraw2 && uniform01_from_high(k2, high, uint64_t(e)) < keep2;
+    const float g = m1 ? (m2 ? t3 : t1) : (m2 ? t2 : t0);
+    const float prod = widen(tau[e]) * g;
     out[e] = Store<T>::from(widen(base[e]) + prod);
   }
 }
