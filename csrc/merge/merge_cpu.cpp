@@ -298,9 +298,9 @@ struct BracketCounts {
 
 // Bits of |a - b| for a block into `out` and the block's counts (vectorises).
 template <typename T, bool kHasBase>
-MELDKIT_ALWAYS_INLINE uint32_t bracket_block(const T* __restrict a, const T* __restrict b,
-                                             int64_t m, uint32_t lo, uint32_t hi, uint32_t inner,
-                                             uint32_t* __restrict out, uint64_t counts[4]) {
+MELDKIT_CPU_CLONES uint32_t bracket_block(const T* __restrict a, const T* __restrict b, int64_t m,
+                                          uint32_t lo, uint32_t hi, uint32_t inner,
+                                          uint32_t* __restrict out, uint64_t counts[4]) {
   uint32_t above = 0, at_hi = 0, at_lo = 0, inside = 0, nans = 0;
   const uint32_t distinct = lo != hi;
   for (int64_t j = 0; j < m; ++j) {
