@@ -26,20 +26,18 @@ constexpr int64_t kTile = 256;  // elements whose running sums stay in L1 while 
 // order, as merge_add: the result is bit-identical to the scalar definition.
 template <typename TIn, Sparsify S>
 MELDKIT_ALWAYS_INLINE void accumulate_tile(const TIn* __restrict x, const float* __restrict b,
-                                           int64_t n, int64_t e0, float weight, float scale,
-                                           float threshold, float density, uint32_t key,
-                                           float* __restrict pos, float* __restrict neg,
-                                           float* __restrict wpos, float* __restrict wneg,
-                                           float* __restrict npos, float* __restrict nneg) {
-  const uint32_t high = uniform01_high(uint64_t(e0));
+                                           const uint32_t* __restrict inner, int64_t n,
+                                           float weight, float scale, float threshold,
+                                           float density, uint32_t key, float* __restrict pos,
+                                           float* __restrict neg, float* __restrict wpos,
+                                           float* __restrict wneg, float* __restrict npos,
+                                           float* __restrict nneg) {
   for (int64_t j = 0; j < n; ++j) {
     const float tau = widen(x[j]) - b[j];
     bool keep = true;
     if constexpr (S == Sparsify::kMagnitude) keep = fabsf(tau) >= threshold;
-    // e0 is a multiple of the tile size, so a tile never crosses a multiple of 2^32.
-    if constexpr (S == Sparsify::kRandom) {
-      keep = uniform01_from_high(key, high, uint64_t(e0 + j)) < density;
-    }
+    // inner[j]: the element's stream-independent hash, computed once for all models.
+    if constexpr (S == Sparsify::kRandom) keep = uniform01_from_inner(key, inner[j]) < density;
     const float w = keep ? weight * (scale * tau) : 0.f;
     const bool p = w > 0.f, q = w < 0.f;
     pos[j] += p ? w : 0.f;
@@ -115,12 +113,18 @@ MELDKIT_CPU_CLONES void task_merge_range(const TaskMergeParams& p, const uint32_
   const auto* base = static_cast<const TIn*>(p.base);
   auto* out = static_cast<TOut*>(p.out);
   float b[kTile], pos[kTile], neg[kTile], wpos[kTile], wneg[kTile], npos[kTile], nneg[kTile];
+  uint32_t inner[kTile];
   for (int64_t e0 = begin; e0 < end; e0 += kTile) {
     const int64_t n = std::min(kTile, end - e0);
     float wall = 0.f;
     for (int64_t j = 0; j < n; ++j) {
       b[j] = widen(base[e0 + j]);
       pos[j] = neg[j] = wpos[j] = wneg[j] = npos[j] = nneg[j] = 0.f;
+    }
+    if (p.sparsify == Sparsify::kRandom) {
+      // e0 is a multiple of the tile size, so a tile never crosses a multiple of 2^32.
+      const uint32_t high = uniform01_high(uint64_t(e0));
+      for (int64_t j = 0; j < n; ++j) inner[j] = uniform01_inner(high, uint64_t(e0 + j));
     }
     for (int t = 0; t < p.num_models; ++t) {
       const TIn* x = static_cast<const TIn*>(p.models[t]) + e0;
@@ -130,16 +134,16 @@ MELDKIT_CPU_CLONES void task_merge_range(const TaskMergeParams& p, const uint32_
       wall += w;
       switch (p.sparsify) {
         case Sparsify::kMagnitude:
-          accumulate_tile<TIn, Sparsify::kMagnitude>(x, b, n, e0, w, sc, thr, d, keys[t], pos, neg,
-                                                     wpos, wneg, npos, nneg);
+          accumulate_tile<TIn, Sparsify::kMagnitude>(x, b, inner, n, w, sc, thr, d, keys[t], pos,
+                                                     neg, wpos, wneg, npos, nneg);
           break;
         case Sparsify::kRandom:
-          accumulate_tile<TIn, Sparsify::kRandom>(x, b, n, e0, w, sc, thr, d, keys[t], pos, neg,
+          accumulate_tile<TIn, Sparsify::kRandom>(x, b, inner, n, w, sc, thr, d, keys[t], pos, neg,
                                                   wpos, wneg, npos, nneg);
           break;
         default:
-          accumulate_tile<TIn, Sparsify::kNone>(x, b, n, e0, w, sc, thr, d, keys[t], pos, neg, wpos,
-                                                wneg, npos, nneg);
+          accumulate_tile<TIn, Sparsify::kNone>(x, b, inner, n, w, sc, thr, d, keys[t], pos, neg,
+                                                wpos, wneg, npos, nneg);
       }
     }
     // `out` may be `base`: every read of this tile is done.
@@ -191,10 +195,55 @@ MELDKIT_ALWAYS_INLINE void l1_model(const T* x, const T* base, int64_t begin, in
   }
 }
 
+// l1_model for random masks over all models at once, tile by tile: each element's
+// stream-independent hash is computed once for every model. Lane (e - begin) % kLanes and the
+// order of the sums are l1_model's, so the norms are bit-identical.
+template <typename T>
+MELDKIT_ALWAYS_INLINE void l1_random_models(const TaskMergeParams& p, const uint32_t* keys,
+                                            const T* base, int64_t begin, int64_t end,
+                                            double* sums) {
+  double all[kMergeMaxModels][kLanes] = {}, kept[kMergeMaxModels][kLanes] = {};
+  uint32_t inner[kTile];
+  for (int64_t e0 = begin; e0 < end; e0 += kTile) {  // kTile is a multiple of kLanes
+    const int64_t n = std::min(kTile, end - e0);
+    const uint32_t high = uniform01_high(uint64_t(e0));
+    for (int64_t j = 0; j < n; ++j) inner[j] = uniform01_inner(high, uint64_t(e0 + j));
+    for (int t = 0; t < p.num_models; ++t) {
+      const T* x = static_cast<const T*>(p.models[t]) + e0;
+      const T* b = base + e0;
+      const float d = p.densities ? p.densities[t] : 1.f;
+      const uint32_t key = keys[t];
+      double* at = all[t];
+      double* kt = kept[t];
+      auto visit = [&](int64_t j, int lane) {
+        const float tau = widen(x[j]) - widen(b[j]);
+        const bool keep = uniform01_from_inner(key, inner[j]) < d;
+        at[lane] += fabsf(tau);
+        kt[lane] += keep ? fabsf(tau) : 0.f;
+      };
+      int64_t j = 0;
+      for (; j + kLanes <= n; j += kLanes) {
+        for (int k = 0; k < kLanes; ++k) visit(j + k, k);
+      }
+      for (int k = 0; j < n; ++j, ++k) visit(j, k);
+    }
+  }
+  for (int t = 0; t < p.num_models; ++t) {
+    for (int k = 0; k < kLanes; ++k) {
+      sums[2 * t] += all[t][k];
+      sums[2 * t + 1] += kept[t][k];
+    }
+  }
+}
+
 template <typename T>
 MELDKIT_CPU_CLONES void task_l1_range(const TaskMergeParams& p, const uint32_t* keys, int64_t begin,
                                       int64_t end, double* sums) {
   const auto* base = static_cast<const T*>(p.base);
+  if (p.sparsify == Sparsify::kRandom) {
+    l1_random_models<T>(p, keys, base, begin, end, sums);
+    return;
+  }
   for (int t = 0; t < p.num_models; ++t) {
     const T* x = static_cast<const T*>(p.models[t]);
     const float thr = p.thresholds ? p.thresholds[t] : 0.f;
@@ -203,9 +252,6 @@ MELDKIT_CPU_CLONES void task_l1_range(const TaskMergeParams& p, const uint32_t* 
     switch (p.sparsify) {
       case Sparsify::kMagnitude:
         l1_model<T, Sparsify::kMagnitude>(x, base, begin, end, thr, d, keys[t], s, s + 1);
-        break;
-      case Sparsify::kRandom:
-        l1_model<T, Sparsify::kRandom>(x, base, begin, end, thr, d, keys[t], s, s + 1);
         break;
       default:
         l1_model<T, Sparsify::kNone>(x, base, begin, end, thr, d, keys[t], s, s + 1);

@@ -32,9 +32,18 @@ MELDKIT_INLINE uint32_t uniform01_high(uint64_t e) {
   return mix32(uint32_t(e >> 32) ^ 0x85ebca6bu);
 }
 
+// The part that depends only on the element index (not on the stream): streams that draw for the
+// same elements (the N models of a merge, the two masks of a blend) compute it once.
+MELDKIT_INLINE uint32_t uniform01_inner(uint32_t high, uint64_t e) {
+  return mix32(uint32_t(e) ^ high);
+}
+
+MELDKIT_INLINE float uniform01_from_inner(uint32_t key, uint32_t inner) {
+  return float(mix32(key ^ inner) >> 8) * 5.9604644775390625e-08f;  // 2^-24
+}
+
 MELDKIT_INLINE float uniform01_from_high(uint32_t key, uint32_t high, uint64_t e) {
-  const uint32_t h = mix32(key ^ mix32(uint32_t(e) ^ high));
-  return float(h >> 8) * 5.9604644775390625e-08f;  // 2^-24
+  return uniform01_from_inner(key, uniform01_inner(high, e));
 }
 
 // Uniform in [0, 1), a multiple of 2^-24 (exact in float32), for element `e` of a stream.
