@@ -191,3 +191,60 @@ def test_attach_restores_on_error_and_blends_each_step(svd):
     assert all("temporal" in n for n in blender.names)
     for name, p in pipe.unet.named_parameters():
         assert torch.equal(p, params(base)[name])
+
+
+def test_attach_with_integer_timesteps():
+    """A DDIM pipeline (integer DDPM timesteps, no step callback): the hook finds the steps from
+    the timesteps; the reference swaps the weight sets after the scheduler's step."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    ).eval()
+    pipe = diffusers.DDIMPipeline(
+        unet=unet, scheduler=diffusers.DDIMScheduler(num_train_timesteps=1000)
+    )
+    pipe.set_progress_bar_config(disable=True)
+    base = copy.deepcopy(unet)
+    ft = copy.deepcopy(unet)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    dyn, con = exde.decouple(base, ft, seed=2)
+    steps = 8
+
+    def run():
+        return pipe(
+            num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="np"
+        ).images
+
+    real_step = pipe.scheduler.step
+    calls = []
+
+    def step_and_swap(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == steps // 2:  # after the high-noise half: θ_con for the rest
+            pipe.unet.load_state_dict(con.state_dict())
+        return out
+
+    pipe.unet.load_state_dict(dyn.state_dict())
+    pipe.scheduler.step = step_and_swap
+    want = run()
+    pipe.scheduler.step = real_step
+    pipe.unet.load_state_dict(base.state_dict())
+    with exde.attach(pipe, base, ft, seed=2) as blender:
+        got = run()
+        assert blender.blends == 2
+    assert abs(got - want).max() <= 1e-5
+    assert all(
+        torch.equal(p, q) for p, q in zip(pipe.unet.parameters(), base.parameters(), strict=True)
+    )
