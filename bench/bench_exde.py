@@ -22,7 +22,6 @@ release's switch.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -34,6 +33,7 @@ from meldkit.bench import (
     measure_ceiling,
     run_metadata,
     time_impls,
+    write_rows,
 )
 from meldkit.ops import blend_tensors
 
@@ -123,9 +123,10 @@ def main(argv=None) -> int:
         f"{args.steps} steps"
     )
     if args.json:
-        with open(args.json, "a") as f:
-            for name, t in times.items():
-                row = {
+        write_rows(
+            args.json,
+            [
+                {
                     **meta,
                     "bench": "exde_blend",
                     "impl": name,
@@ -137,7 +138,9 @@ def main(argv=None) -> int:
                     "gb_s": moved / t.median_s / 1e9,
                     "ceiling_gb_s": ceiling,
                 }
-                f.write(json.dumps(row) + "\n")
+                for name, t in times.items()
+            ],
+        )
     return 0
 
 

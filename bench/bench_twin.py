@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 
 import torch
 
-from meldkit.bench import cache_flusher, run_metadata, time_impls
+from meldkit.bench import cache_flusher, run_metadata, time_impls, write_rows
 
 
 def build(args):
@@ -148,9 +147,10 @@ def main(argv=None) -> int:
             f"{times['twin+router'].median_s / base_s:.2f}x"
         )
         if args.json:
-            with open(args.json, "a") as f:
-                for name, t in times.items():
-                    row = {
+            write_rows(
+                args.json,
+                [
+                    {
                         **meta,
                         "bench": "twin",
                         "batch": b,
@@ -161,7 +161,9 @@ def main(argv=None) -> int:
                         "median_s": t.median_s * scale.get(name, 1.0),
                         "device": args.device,
                     }
-                    f.write(json.dumps(row) + "\n")
+                    for name, t in times.items()
+                ],
+            )
     return 0
 
 

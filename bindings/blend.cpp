@@ -27,14 +27,7 @@ py::sequence as_list(py::handle obj, const char* name) {
 }
 }  // namespace
 
-py::dict blend_native_dtypes() {
-  py::dict d;
-  py::list names;
-  for (const DType* t = kBegin; t != kEnd; ++t) names.append(dtype_name(*t));
-  d["cpu"] = names;
-  if (has_cuda()) d["cuda"] = names;
-  return d;
-}
+py::dict blend_native_dtypes() { return float_dtype_table(/*cpu_float64=*/false); }
 
 void blend(py::handle outs, py::handle bases, py::handle taus, py::handle dense, py::handle g_table,
            float g_dense, float keep1, float keep2, bool draw1, bool draw2, uint64_t seed,

@@ -150,14 +150,7 @@ SparsifyArgs import_sparsify(const char* op, Sparsify sparsify, size_t n, py::ha
 
 }  // namespace
 
-py::dict merge_native_dtypes() {
-  py::dict d;
-  py::list names;
-  for (const DType* t = kBegin; t != kEnd; ++t) names.append(dtype_name(*t));
-  d["cpu"] = names;
-  if (has_cuda()) d["cuda"] = names;
-  return d;
-}
+py::dict merge_native_dtypes() { return float_dtype_table(/*cpu_float64=*/false); }
 
 void task_merge(py::handle base, py::handle models, py::handle out, py::handle weights,
                 py::handle scales, py::handle thresholds, py::handle densities, uint64_t seed,

@@ -168,19 +168,17 @@ void task_merge_typed(const TaskMergeParams& p) {
 // on the thread count), which lets the loop vectorise: one running sum would serialise on it.
 constexpr int kLanes = 8;
 
+// One model's |tau| sums over [begin, end), all and kept (magnitude masks, or none); random masks
+// go through l1_random_models, which shares the hashing across models.
 template <typename T, Sparsify S>
 MELDKIT_ALWAYS_INLINE void l1_model(const T* x, const T* base, int64_t begin, int64_t end,
-                                    float threshold, float density, uint32_t key, double* all_out,
-                                    double* kept_out) {
+                                    float threshold, double* all_out, double* kept_out) {
+  static_assert(S != Sparsify::kRandom, "random masks: l1_random_models");
   double all[kLanes] = {}, kept[kLanes] = {};
-  const uint32_t high = uniform01_high(uint64_t(begin));
   auto visit = [&](int64_t e, int lane) {
     const float tau = widen(x[e]) - widen(base[e]);
     bool keep = true;
     if constexpr (S == Sparsify::kMagnitude) keep = fabsf(tau) >= threshold;
-    // Chunks start at multiples of kChunk, so one never crosses a multiple of 2^32.
-    if constexpr (S == Sparsify::kRandom)
-      keep = uniform01_from_high(key, high, uint64_t(e)) < density;
     all[lane] += fabsf(tau);
     kept[lane] += keep ? fabsf(tau) : 0.f;
   };
@@ -247,14 +245,11 @@ MELDKIT_CPU_CLONES void task_l1_range(const TaskMergeParams& p, const uint32_t* 
   for (int t = 0; t < p.num_models; ++t) {
     const T* x = static_cast<const T*>(p.models[t]);
     const float thr = p.thresholds ? p.thresholds[t] : 0.f;
-    const float d = p.densities ? p.densities[t] : 1.f;
     double* s = sums + 2 * t;
-    switch (p.sparsify) {
-      case Sparsify::kMagnitude:
-        l1_model<T, Sparsify::kMagnitude>(x, base, begin, end, thr, d, keys[t], s, s + 1);
-        break;
-      default:
-        l1_model<T, Sparsify::kNone>(x, base, begin, end, thr, d, keys[t], s, s + 1);
+    if (p.sparsify == Sparsify::kMagnitude) {
+      l1_model<T, Sparsify::kMagnitude>(x, base, begin, end, thr, s, s + 1);
+    } else {
+      l1_model<T, Sparsify::kNone>(x, base, begin, end, thr, s, s + 1);
     }
   }
 }

@@ -30,8 +30,8 @@ def tiny_llama(seed: int = 0):
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def tiny_roberta(seed: int = 0):
-    """A 2-layer RobertaForSequenceClassification, hidden 48, 3 labels."""
+def tiny_roberta(seed: int = 0, num_labels: int = 3):
+    """A 2-layer RobertaForSequenceClassification, hidden 48, ``num_labels`` labels."""
     transformers = pytest.importorskip("transformers")
     config = transformers.RobertaConfig(
         vocab_size=96,
@@ -40,7 +40,7 @@ def tiny_roberta(seed: int = 0):
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=40,
-        num_labels=3,
+        num_labels=num_labels,
     )
     torch.manual_seed(seed)
     return transformers.RobertaForSequenceClassification(config).eval()

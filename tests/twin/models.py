@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 from torch import nn
+
+from tests.goat.tiny_models import tiny_roberta
 
 
 def perturbed(model: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
@@ -22,18 +23,7 @@ def perturbed(model: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
 
 def roberta(seed: int = 0, num_labels: int = 3):
     """A 2-layer RobertaForSequenceClassification, hidden 48 (embeddings, LayerNorms, heads)."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.RobertaConfig(
-        vocab_size=96,
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=40,
-        num_labels=num_labels,
-    )
-    torch.manual_seed(seed)
-    return transformers.RobertaForSequenceClassification(config).eval()
+    return tiny_roberta(seed, num_labels)
 
 
 def roberta_experts(n: int = 3, labels=(3, 3, 3)):

@@ -55,17 +55,14 @@ def _broadcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.view(v.shape[0], *([1] * (ndim - 2)), v.shape[-1])
 
 
-class _Specific:
-    """Task-specific values of one parameter, stacked ``[T, *max shape]`` (zero-padded; bias rows
-    past a task's own size are -inf so padded logits never win)."""
-
-    @staticmethod
-    def stack(values: list[torch.Tensor], pad: float) -> torch.Tensor:
-        shape = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
-        out = torch.full((len(values), *shape), pad, dtype=values[0].dtype)
-        for t, v in enumerate(values):
-            out[(t, *(slice(0, s) for s in v.shape))] = v
-        return out
+def _stack_padded(values: list[torch.Tensor], pad: float) -> torch.Tensor:
+    """Task-specific values of one parameter, stacked ``[T, *max shape]`` and padded with ``pad``
+    (0 for weights; -inf for bias rows past a task's own size, so padded logits never win)."""
+    shape = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
+    out = torch.full((len(values), *shape), pad, dtype=values[0].dtype)
+    for t, v in enumerate(values):
+        out[(t, *(slice(0, s) for s in v.shape))] = v
+    return out
 
 
 class TwinLinear(nn.Linear):
@@ -99,14 +96,14 @@ class TwinLinear(nn.Linear):
         )
         self.register_buffer(
             "specific_weight",
-            None if specific_weight is None else _Specific.stack(specific_weight, 0.0).to(device),
+            None if specific_weight is None else _stack_padded(specific_weight, 0.0).to(device),
             False,
         )
         self.register_buffer(
             "specific_bias",
             None
             if specific_bias is None
-            else _Specific.stack(specific_bias, float("-inf")).to(device),
+            else _stack_padded(specific_bias, float("-inf")).to(device),
             False,
         )
 

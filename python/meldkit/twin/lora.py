@@ -18,7 +18,6 @@ B·A. For every adapted module, with T adapters (A_t ``[r, n]``, B_t ``[m, r]``)
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -31,10 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meldkit.goat.model import replace_module
 from meldkit.ops import routed_lora
 from meldkit.twin.build import TwinError, compress, default_svd_device
 from meldkit.twin.layers import Routing, _broadcast
-from meldkit.twin.model import RoutedMixin, TwinRouter, _batch_size, _hidden_size, _replace
+from meldkit.twin.model import (
+    RoutedMixin,
+    TwinRouter,
+    _batch_size,
+    _copy,
+    _hidden_size,
+)
 
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$"
@@ -298,7 +304,7 @@ class TwinLoraModel(RoutedMixin, nn.Module):
             )
         if top_k is not None and not 1 <= int(top_k) <= experts.num_tasks:
             raise TwinError(f"TwinLoraModel: 'top_k' {top_k} is not in 1 … {experts.num_tasks}")
-        self.model = _deepcopy(model) if copy else model
+        self.model = _copy(model) if copy else model
         self.model.requires_grad_(False)
         self.tasks, self.top_k, self.experts = list(experts.tasks), top_k, experts
         self.routing = Routing()
@@ -318,7 +324,7 @@ class TwinLoraModel(RoutedMixin, nn.Module):
                 experts.shared_b[name].shape[0] != module.out_features
             ):
                 raise TwinError(f"TwinLoraModel: {name!r}: the adapters do not fit its shape")
-            _replace(self.model, name, TwinLoraLinear(module, name, self.routing, experts))
+            replace_module(self.model, name, TwinLoraLinear(module, name, self.routing, experts))
         if router is None:
             d = _hidden_size(self.model)
             if d is None:
@@ -361,10 +367,6 @@ class TwinLoraModel(RoutedMixin, nn.Module):
             return self.model.generate(*args, **kwargs)
         finally:
             r.mode, r.weights, r.task = "plain", None, None
-
-
-def _deepcopy(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)
 
 
 __all__ = [

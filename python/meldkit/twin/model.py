@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meldkit.goat.model import replace_module
 from meldkit.twin.build import TwinError, TwinExperts
 from meldkit.twin.layers import (
     Routing,
@@ -285,7 +286,7 @@ class TwinModel(RoutedMixin, nn.Module):
                 )
                 per_sample.append(mod_name)
                 continue
-            _replace(self.model, mod_name, layer)
+            replace_module(self.model, mod_name, layer)
         return per_sample
 
     # ---- forward ------------------------------------------------------------------------------
@@ -351,12 +352,6 @@ class TwinModel(RoutedMixin, nn.Module):
 
 def _copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 # ---- router training ----------------------------------------------------------------------------
