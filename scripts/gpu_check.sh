@@ -59,7 +59,7 @@ if step build 240 env CMAKE_ARGS="-DMELDKIT_CUDA_RESOURCE_USAGE=ON" \
   $PY -m pip install -v --no-build-isolation --no-deps -e .; then
   step info 60 $PY -m meldkit info --json
   read -r -a TEST_ARGS <<<"${GPU_TESTS:-tests}"
-  step tests 180 env MELDKIT_BACKEND=native $PY -m pytest "${TEST_ARGS[@]}" -q -rs \
+  step tests 300 env MELDKIT_BACKEND=native $PY -m pytest "${TEST_ARGS[@]}" -q -rs \
     -p no:cacheprovider --junitxml="$OUT/junit.xml"
   if command -v compute-sanitizer >/dev/null; then
     MEMCHECK=${GPU_MEMCHECK:-tests/ops -m cuda -k "not compile and not graph"}

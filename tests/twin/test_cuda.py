@@ -25,9 +25,11 @@ def test_build_on_the_gpu_matches_the_cpu():
     gpu = twin.build(base, experts, rank_ratio=0.25, device="cuda", progress=False)
     for name in cpu.factors:
         for t in range(3):
-            torch.testing.assert_close(
-                gpu.exclusive(name, t), cpu.exclusive(name, t), rtol=1e-4, atol=1e-5
-            )
+            # The two solvers round differently: the truncations agree to float32 rounding
+            # relative to the matrix, not element by element.
+            g, c = gpu.exclusive(name, t), cpu.exclusive(name, t)
+            assert float((g - c).norm() / c.norm().clamp_min(1e-12)) < 1e-4, name
+            assert gpu.errors[name][t] == pytest.approx(cpu.errors[name][t], abs=1e-5)
 
 
 def test_gpu_svd_failure_falls_back_to_the_cpu(monkeypatch):
