@@ -327,8 +327,8 @@ def test_gate_mode_matches_loop_reference(device, dtype, sparse):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 def test_gate_mode_many_tokens_without_dropout(device, dtype, sparse):
-    """Gate mode without dropout from 64 tokens (the CPU's two-GEMM path): same outputs and
-    gradients as the loop reference."""
+    """Gate mode without dropout from 64 tokens (the GEMM path of the CPU and CUDA kernels):
+    same outputs and gradients as the loop reference."""
     gen = torch.Generator().manual_seed(14)
     n, d_in, d_out, n_experts, rank = 301, 24, 17, 3, 5
     x, a, b, _ = make_case(n, d_in, d_out, n_experts, rank, dtype, device, gen)
@@ -339,6 +339,52 @@ def test_gate_mode_many_tokens_without_dropout(device, dtype, sparse):
     check_against_loop_reference(x, a, b, torch.tensor([0.5, 1.0, 2.0]), gates=gates)
     mixed = torch.rand((n, n_experts), generator=gen).to(device)  # fp32 gates, any storage
     check_against_loop_reference(x, a, b, 1.5, gates=mixed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_experts, top_k", [(1, 1), (3, 2), (8, 1), (8, 2), (8, 8)])
+def test_router_mode_many_tokens_without_dropout(device, dtype, n_experts, top_k):
+    """Router mode without dropout from 64 tokens (the GEMM path: one shrink GEMM over the
+    experts and the router, one expand; the backward's concatenated GEMMs): same outputs,
+    probs and gradients as the loop reference, also when only probs reach the loss."""
+    case = (203, 19, 11, n_experts, 3, top_k, 0.0)
+    x, a, b, w = router_case(case, dtype, device, seed=31 + n_experts + top_k)
+    check_against_loop_reference(x, a, b, 0.75, router_weight=w, top_k=top_k)
+    s = torch.linspace(0.5, 2.0, n_experts, dtype=torch.float32)
+    check_against_loop_reference(x, a, b, s, router_weight=w, top_k=top_k)
+    _, probs = routed_lora(x, a, b, 1.0, router_weight=w, top_k=top_k)
+    dw, dx = torch.autograd.grad(probs.square().sum(), [w, x])
+    p64 = torch.softmax(x.detach().double().cpu() @ w.detach().double().cpu().T, -1)
+    dz = p64 * (2 * p64 - (2 * p64 * p64).sum(-1, keepdim=True))
+    dz_mag = p64 * (2 * p64 + (2 * p64 * p64).sum(-1, keepdim=True))
+    n_terms = 2 * x.shape[1] + x.shape[0]
+    x64 = x.detach().double().cpu()
+    assert_close(dw, dz.T @ x64, dz_mag.T @ x64.abs(), n_terms, torch.float32)
+    w64 = w.detach().double().cpu()
+    assert_close(dx, dz @ w64, dz_mag @ w64.abs(), n_terms, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_router_ties_many_tokens(device):
+    """The GEMM path keeps the tie rule: equal logits select experts 0 … k−1, a NaN row
+    selects them too (NaN last), and NaN stays in its own row."""
+    gen = torch.Generator().manual_seed(41)
+    n, d_in, d_out, n_experts, rank = 97, 6, 5, 4, 2
+    x, a, b, w = make_case(n, d_in, d_out, n_experts, rank, torch.float32, device, gen)
+    x64, a64, b64 = (t.detach().double().cpu() for t in (x, a, b))
+    expert_out = torch.einsum("ner,emr->nem", torch.einsum("nj,erj->ner", x64, a64), b64)
+    zero_w = torch.zeros_like(w)
+    for top_k in (1, 2, 3):
+        y, probs = routed_lora(x, a, b, 1.0, router_weight=zero_w, top_k=top_k)
+        expected = expert_out[:, :top_k].sum(1) / top_k
+        assert_close(y, expected, expert_out.abs().sum(1), d_in + n_experts * rank, torch.float32)
+        assert torch.equal(probs, torch.full_like(probs, 1 / n_experts))
+    xn = x.detach().clone()
+    xn[5, 0] = float("nan")
+    y, probs = routed_lora(xn, a, b, 1.0, router_weight=w, top_k=2)
+    assert y[5].isnan().all() and probs[5].isnan().all()
+    assert not y[torch.arange(n) != 5].isnan().any()
 
 
 # ---- shapes and dtypes -------------------------------------------------------------------------
