@@ -1,4 +1,4 @@
-"""ExDe's per-step blend: ``meldkit.ops.blend_tensors`` against a per-tensor PyTorch loop.
+"""ExDe's per-step blend: ``meldkit.ops.BlendPlan`` against a per-tensor PyTorch loop.
 
     python bench/bench_exde.py [--device cpu|cuda] [--dtype bf16|fp16|fp32] [--scale 0.05]
                                [--steps 25] [--json rows.jsonl]
@@ -9,7 +9,11 @@ in 1428 tensors), every one scaled down by ``--scale`` in its first dimension (d
 CPU, 1.0 on CUDA) so that a run fits the machine. Both sides compute θ = θ₀ + τ·(a + b·m₁ + c·m₂)
 for every tensor with two DARE masks (keep 0.3), 1-D tensors dense:
 
-* ``meldkit``: one :func:`meldkit.ops.blend_tensors` call, masks regenerated in the kernel;
+* ``meldkit``: one call of a :class:`meldkit.ops.BlendPlan` made beforehand (what ExDe's
+  ``attach`` does: the plan is made once, each schedule change is one call), masks regenerated
+  in the kernel;
+* ``meldkit_oneshot``: :func:`meldkit.ops.blend_tensors`, a plan made and used once (its
+  validation of every tensor included);
 * ``torch_loop``: for each tensor, two ``torch.rand(...) < keep`` masks, then the arithmetic in
   float32, then a copy into the parameter (what a straightforward implementation does).
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import torch
 
@@ -35,7 +40,7 @@ from meldkit.bench import (
     time_impls,
     write_rows,
 )
-from meldkit.ops import blend_tensors
+from meldkit.ops import BlendPlan, blend_tensors
 
 
 def svd_shapes(scale: float) -> tuple[list[tuple[int, ...]], str]:
@@ -85,7 +90,14 @@ def main(argv=None) -> int:
     moved = 3 * numel * bases[0].element_size()
     tgen = torch.Generator(device=dev).manual_seed(1)
 
+    start = time.perf_counter()
+    plan = BlendPlan(outs, bases, taus, tensor_keys=keys)
+    plan_s = time.perf_counter() - start
+
     def ours():
+        plan(coeffs, keep=(keep, keep), seed=1)
+
+    def oneshot():
         blend_tensors(outs, bases, taus, coeffs, keep=(keep, keep), seed=1, tensor_keys=keys)
 
     @torch.no_grad()
@@ -103,7 +115,10 @@ def main(argv=None) -> int:
     flush = cache_flusher(dev)
     ceiling = measure_ceiling(dev, flush=flush)
     times = time_impls(
-        {"meldkit": ours, "torch_loop": torch_loop}, dev, flush=flush, repeats=args.repeats
+        {"meldkit": ours, "meldkit_oneshot": oneshot, "torch_loop": torch_loop},
+        dev,
+        flush=flush,
+        repeats=args.repeats,
     )
     meta = run_metadata()
     print(
@@ -114,9 +129,10 @@ def main(argv=None) -> int:
     for name, t in times.items():
         gbs = moved / t.median_s / 1e9
         print(
-            f"  {name:<11} {t.median_s * 1e3:9.2f} ms  {gbs:7.1f} GB/s  "
+            f"  {name:<15} {t.median_s * 1e3:9.2f} ms  {gbs:7.1f} GB/s  "
             f"{100 * gbs / ceiling:5.1f}% of the ceiling  {t.median_s / ours_s:6.2f}x meldkit"
         )
+    print(f"  making the plan (once): {plan_s * 1e3:.2f} ms")
     print(
         f"  added per denoising step: {ours_s * 1e3:.2f} ms with a per-step schedule (linear, "
         f"cosine); {2 * ours_s / args.steps * 1e3:.3f} ms averaged with the switch over "

@@ -1,14 +1,18 @@
-// Binding of blend: validate every (out, base, tau) triple, precompute the stream keys, release
-// the GIL, launch (see blend.h).
+// Binding of blend in two steps (see blend.h): blend_plan validates every (out, base, tau) triple
+// once and returns the plan's rows (addresses, sizes, chunk offsets, mask streams); blend_run
+// takes those rows as an int64 [N, 8] tensor on the tensors' device and blends, releasing the
+// GIL, with no per-tensor work. blend_run trusts its table: meldkit.ops.BlendPlan builds it from
+// blend_plan and keeps the tensors it points to alive.
 #include "meldkit/blend.h"
 
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
-#include "meldkit/random.h"
 #include "ops.h"
 #include "tensor.h"
 
@@ -29,12 +33,14 @@ py::sequence as_list(py::handle obj, const char* name) {
 
 py::dict blend_native_dtypes() { return float_dtype_table(/*cpu_float64=*/false); }
 
-void blend(py::handle outs, py::handle bases, py::handle taus, py::handle dense, py::handle g_table,
-           float g_dense, float keep1, float keep2, bool draw1, bool draw2, uint64_t seed,
-           py::handle streams1, py::handle streams2, int64_t stream) {
+py::tuple blend_plan(py::handle outs, py::handle bases, py::handle taus, py::handle dense,
+                     py::handle streams1, py::handle streams2) {
   py::sequence so = as_list(outs, "outs"), sb = as_list(bases, "bases"), st = as_list(taus, "taus");
   const size_t n = sb.size();
   if (n == 0) throw_value_error(std::string(kOp) + ": argument 'bases': is empty");
+  if (n > size_t(std::numeric_limits<int>::max())) {
+    throw_value_error(std::string(kOp) + ": argument 'bases': too many tensors");
+  }
   if (so.size() != n || st.size() != n) {
     throw_value_error(std::string(kOp) + ": arguments 'outs', 'bases' and 'taus' differ in length");
   }
@@ -45,21 +51,17 @@ void blend(py::handle outs, py::handle bases, py::handle taus, py::handle dense,
     throw_value_error(std::string(kOp) +
                       ": arguments 'dense', 'streams1' and 'streams2' need one entry per tensor");
   }
-  const std::vector<float> table = import_floats(g_table, {kOp, "g_table"}, 4);
-  for (float v : {g_dense, keep1, keep2}) {
-    if (!std::isfinite(v)) throw_value_error(std::string(kOp) + ": coefficients must be finite");
-  }
-
-  std::vector<TensorArg> o_args, b_args, t_args;
-  o_args.reserve(n);
+  std::vector<TensorArg> b_args;
   b_args.reserve(n);
-  t_args.reserve(n);
+  std::vector<int64_t> rows;
+  rows.reserve(n * kBlendRowWords);
+  int64_t chunks = 0;
   for (size_t i = 0; i < n; ++i) {
     const std::string k = "[" + std::to_string(i) + "]";
-    b_args.push_back(import_tensor(sb[i], {kOp, "bases" + k}, stream));
-    t_args.push_back(import_tensor(st[i], {kOp, "taus" + k}, stream));
-    o_args.push_back(import_tensor(so[i], {kOp, "outs" + k}, stream));
-    const TensorArg &b = b_args.back(), &t = t_args.back(), &o = o_args.back();
+    b_args.push_back(import_tensor(sb[i], {kOp, "bases" + k}, 0));
+    const TensorArg t = import_tensor(st[i], {kOp, "taus" + k}, 0);
+    const TensorArg o = import_tensor(so[i], {kOp, "outs" + k}, 0);
+    const TensorArg& b = b_args.back();
     check_same_device(b, b_args[0]);
     check_dtype_in(b, kBegin, kEnd, b.device == DeviceKind::kCUDA ? "CUDA" : "CPU");
     if (b.dtype != b_args[0].dtype) {
@@ -82,48 +84,61 @@ void blend(py::handle outs, py::handle bases, py::handle taus, py::handle dense,
     if (o.data == t.data && o.nbytes() > 0) {
       throw_value_error(o.name.prefix() + ": may not be the task vector 'taus" + k + "'");
     }
+    const int64_t numel = b.numel();
+    rows.insert(rows.end(), {int64_t(reinterpret_cast<intptr_t>(o.data)),
+                             int64_t(reinterpret_cast<intptr_t>(b.data)),
+                             int64_t(reinterpret_cast<intptr_t>(t.data)), numel, chunks,
+                             int64_t(s1[i]), int64_t(s2[i]), dense_flags[i] ? 1 : 0});
+    chunks += (numel + kBlendChunk - 1) / kBlendChunk;
   }
-  const bool cuda = b_args[0].device == DeviceKind::kCUDA;
+  if (b_args[0].device == DeviceKind::kCUDA && !has_cuda()) {
+    throw_type_error(std::string(kOp) +
+                     ": the tensors are on CUDA but meldkit was built without "
+                     "CUDA");
+  }
+  return py::make_tuple(py::cast(rows), chunks);
+}
+
+void blend_run(py::handle table, int64_t num_chunks, py::handle like, py::handle g_table,
+               float g_dense, float keep1, float keep2, bool draw1, bool draw2, uint64_t seed,
+               int64_t stream) {
+  const TensorArg l = import_tensor(like, {kOp, "like"}, stream);
+  const TensorArg t = import_tensor(table, {kOp, "table"}, stream);
+  check_same_device(t, l);
+  check_dtype_in(l, kBegin, kEnd, l.device == DeviceKind::kCUDA ? "CUDA" : "CPU");
+  if (t.dtype != DType::kInt64 || t.shape.size() != 2 || t.shape[1] != kBlendRowWords ||
+      t.shape[0] < 1 || t.shape[0] > std::numeric_limits<int>::max()) {
+    throw_value_error(t.name.prefix() + ": expected the int64 [N, 8] table of blend_plan, got " +
+                      dtype_name(t.dtype) + " " + t.shape_str());
+  }
+  check_contiguous(t);
+  if (num_chunks < 0) throw_value_error(std::string(kOp) + ": argument 'num_chunks' < 0");
+  const std::vector<float> gt = import_floats(g_table, {kOp, "g_table"}, 4);
+  for (float v : {g_dense, keep1, keep2}) {
+    if (!std::isfinite(v)) throw_value_error(std::string(kOp) + ": coefficients must be finite");
+  }
+  const bool cuda = l.device == DeviceKind::kCUDA;
   if (cuda && !has_cuda()) {
     throw_type_error(std::string(kOp) +
                      ": the tensors are on CUDA but meldkit was built without "
                      "CUDA");
   }
-
-  std::vector<void*> out_ptrs(n);
-  std::vector<const void*> base_ptrs(n), tau_ptrs(n);
-  std::vector<int64_t> numels(n);
-  std::vector<uint32_t> keys1(n), keys2(n);
-  std::vector<uint8_t> dense_u8(n);
-  for (size_t i = 0; i < n; ++i) {
-    out_ptrs[i] = o_args[i].data;
-    base_ptrs[i] = b_args[i].data;
-    tau_ptrs[i] = t_args[i].data;
-    numels[i] = b_args[i].numel();
-    keys1[i] = stream_key(seed, s1[i]);
-    keys2[i] = stream_key(seed, s2[i]);
-    dense_u8[i] = dense_flags[i] ? 1 : 0;
-  }
   BlendParams p;
-  p.num_tensors = int(n);
-  p.outs = out_ptrs.data();
-  p.bases = base_ptrs.data();
-  p.taus = tau_ptrs.data();
-  p.numels = numels.data();
-  p.keys1 = keys1.data();
-  p.keys2 = keys2.data();
-  p.dense = dense_u8.data();
-  p.dtype = b_args[0].dtype;
-  for (int k = 0; k < 4; ++k) p.g_table[k] = table[size_t(k)];
+  p.rows = static_cast<const BlendRow*>(t.data);
+  p.num_tensors = int(t.shape[0]);
+  p.num_chunks = num_chunks;
+  p.dtype = l.dtype;
+  for (int k = 0; k < 4; ++k) p.g_table[k] = gt[size_t(k)];
   p.g_dense = g_dense;
   p.keep1 = keep1;
   p.keep2 = keep2;
   p.draw1 = draw1;
   p.draw2 = draw2;
+  p.seed = seed;
   py::gil_scoped_release release;
   if (cuda) {
 #ifdef MELDKIT_WITH_CUDA
-    blend_cuda(p, b_args[0].device_id, reinterpret_cast<void*>(stream));
+    blend_cuda(p, l.device_id, reinterpret_cast<void*>(stream));
 #endif
   } else {
     blend_cpu(p);

@@ -72,12 +72,19 @@ PYBIND11_MODULE(_C, m) {
         "{device: [dtype names]} the native merge kernels accept.");
   m.attr("MERGE_MAX_MODELS") = meldkit::kMergeMaxModels;
 
-  m.def("blend", &mb::blend,
-        "outs[i][:] = bases[i] + taus[i] * g, g from the float32 table by the two regenerated\n"
-        "DARE masks (or g_dense for dense tensors): ExDe's per-step blend (see blend.h).",
-        py::arg("outs"), py::arg("bases"), py::arg("taus"), py::arg("dense"), py::arg("g_table"),
+  m.def("blend_plan", &mb::blend_plan,
+        "Validates outs[i], bases[i], taus[i] and returns (rows, num_chunks): the blend plan's\n"
+        "int64 rows (8 per tensor: addresses, numel, first chunk, mask streams, dense; see\n"
+        "blend.h), to be put in a [N, 8] tensor on the tensors' device for blend_run.",
+        py::arg("outs"), py::arg("bases"), py::arg("taus"), py::arg("dense"), py::arg("streams1"),
+        py::arg("streams2"));
+  m.def("blend_run", &mb::blend_run,
+        "outs[i][:] = bases[i] + taus[i] * g over a plan's table, g from the float32 table by the\n"
+        "two regenerated DARE masks (or g_dense for dense tensors): ExDe's per-step blend, one\n"
+        "kernel launch on CUDA. `like` is any tensor of the plan (dtype and device).",
+        py::arg("table"), py::arg("num_chunks"), py::arg("like"), py::arg("g_table"),
         py::arg("g_dense"), py::arg("keep1"), py::arg("keep2"), py::arg("draw1"), py::arg("draw2"),
-        py::arg("seed"), py::arg("streams1"), py::arg("streams2"), py::arg("stream") = 0);
+        py::arg("seed"), py::arg("stream") = 0);
   m.def("blend_native_dtypes", &mb::blend_native_dtypes,
         "{device: [dtype names]} the native blend kernels accept.");
   m.attr("MAGNITUDE_SELECT_CUDA_WORKSPACE") = meldkit::kMagnitudeSelectCudaWorkspace;

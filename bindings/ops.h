@@ -49,9 +49,11 @@ void logit_fusion(py::handle large, py::handle small_base, py::handle experts, p
 py::dict logit_fusion_native_dtypes();
 
 // blend.cpp
-void blend(py::handle outs, py::handle bases, py::handle taus, py::handle dense, py::handle g_table,
-           float g_dense, float keep1, float keep2, bool draw1, bool draw2, uint64_t seed,
-           py::handle streams1, py::handle streams2, int64_t stream);
+py::tuple blend_plan(py::handle outs, py::handle bases, py::handle taus, py::handle dense,
+                     py::handle streams1, py::handle streams2);
+void blend_run(py::handle table, int64_t num_chunks, py::handle like, py::handle g_table,
+               float g_dense, float keep1, float keep2, bool draw1, bool draw2, uint64_t seed,
+               int64_t stream);
 py::dict blend_native_dtypes();
 
 // info.cpp

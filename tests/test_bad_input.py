@@ -748,11 +748,18 @@ def _bl_valid(draw, device):
 
 
 def _bl_call(a):
-    _C.blend(
-        a["outs"],
-        a["bases"],
-        a["taus"],
-        a["dense"],
+    rows, num_chunks = _C.blend_plan(
+        a["outs"], a["bases"], a["taus"], a["dense"], a["streams1"], a["streams2"]
+    )
+    table = torch.tensor(rows, dtype=torch.int64).view(-1, 8).to(a["bases"][0].device)
+    if a.get("bad_table") == "dtype":
+        table = table.double()
+    elif a.get("bad_table") == "shape":
+        table = table[:, :7].contiguous()
+    _C.blend_run(
+        table,
+        num_chunks,
+        a["bases"][0],
         a["g_table"],
         a["g_dense"],
         a["keep1"],
@@ -760,8 +767,6 @@ def _bl_call(a):
         True,
         True,
         a["seed"],
-        a["streams1"],
-        a["streams2"],
     )
 
 
@@ -792,6 +797,10 @@ def _bl_corruptions():
         a["outs"][0] = a["taus"][0]
         return a
 
+    def bad_table(draw, a, device):
+        a["bad_table"] = draw(st.sampled_from(["dtype", "shape"]))
+        return a
+
     def mixed_devices(draw, a, device):
         a["taus"][0] = _other_device(a["taus"][0])
         return a
@@ -817,6 +826,7 @@ def _bl_corruptions():
             lengths,
             non_finite,
             out_is_tau,
+            bad_table,
             mixed_devices,
             non_contiguous,
             empty,

@@ -1,8 +1,6 @@
-// CPU blend (algorithm: blend.h): OpenMP over fixed chunks of each tensor; the mask choice is
-// hoisted out of the element loop so that it vectorises.
+// CPU blend (algorithm: blend.h): OpenMP over the plan's chunks; the mask choice is hoisted out
+// of the element loop so that it vectorises.
 #include <algorithm>
-#include <utility>
-#include <vector>
 
 #include "meldkit/blend.h"
 #include "meldkit/macros.h"
@@ -12,14 +10,13 @@
 namespace meldkit {
 namespace {
 
-constexpr int64_t kChunk = 1 << 14;  // elements per work item; never crosses a multiple of 2^32
-
 template <typename T, bool kDraw1, bool kDraw2>
-MELDKIT_CPU_CLONES void blend_range(const BlendParams& p, int i, int64_t begin, int64_t end) {
-  T* out = static_cast<T*>(p.outs[i]);
-  const T* base = static_cast<const T*>(p.bases[i]);
-  const T* tau = static_cast<const T*>(p.taus[i]);
-  if (p.dense[i]) {
+MELDKIT_CPU_CLONES void blend_range(const BlendParams& p, const BlendRow& r, int64_t begin,
+                                    int64_t end) {
+  T* out = reinterpret_cast<T*>(r.out);
+  const T* base = reinterpret_cast<const T*>(r.base);
+  const T* tau = reinterpret_cast<const T*>(r.tau);
+  if (r.dense) {
     const float g = p.g_dense;
     for (int64_t e = begin; e < end; ++e) {
       const float prod = widen(tau[e]) * g;
@@ -27,7 +24,8 @@ MELDKIT_CPU_CLONES void blend_range(const BlendParams& p, int i, int64_t begin, 
     }
     return;
   }
-  const uint32_t k1 = p.keys1[i], k2 = p.keys2[i];
+  const uint32_t k1 = stream_key(p.seed, uint32_t(r.stream1));
+  const uint32_t k2 = stream_key(p.seed, uint32_t(r.stream2));
   const uint32_t high = uniform01_high(uint64_t(begin));
   const float keep1 = p.keep1, keep2 = p.keep2;
   const float t0 = p.g_table[0], t1 = p.g_table[1], t2 = p.g_table[2], t3 = p.g_table[3];
@@ -42,25 +40,21 @@ MELDKIT_CPU_CLONES void blend_range(const BlendParams& p, int i, int64_t begin, 
 
 template <typename T>
 void blend_typed(const BlendParams& p) {
-  // Work items: (tensor, chunk) pairs, so that many small tensors and one large one both spread.
-  std::vector<std::pair<int, int64_t>> items;
-  for (int i = 0; i < p.num_tensors; ++i) {
-    for (int64_t c = 0; c < p.numels[i]; c += kChunk) items.emplace_back(i, c);
-  }
-  const int64_t n_items = int64_t(items.size());
-#pragma omp parallel for schedule(static) if (n_items > 1)
-  for (int64_t w = 0; w < n_items; ++w) {
-    const int i = items[size_t(w)].first;
-    const int64_t begin = items[size_t(w)].second;
-    const int64_t end = std::min(p.numels[i], begin + kChunk);
+  // Work items are the plan's chunks, so that many small tensors and one large one both spread.
+  const int64_t n_chunks = p.num_chunks;
+#pragma omp parallel for schedule(static) if (n_chunks > 1)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const BlendRow& r = p.rows[blend_find_row(p.rows, p.num_tensors, c)];
+    const int64_t begin = (c - r.first_chunk) * kBlendChunk;
+    const int64_t end = std::min(r.numel, begin + kBlendChunk);
     if (p.draw1 && p.draw2) {
-      blend_range<T, true, true>(p, i, begin, end);
+      blend_range<T, true, true>(p, r, begin, end);
     } else if (p.draw1) {
-      blend_range<T, true, false>(p, i, begin, end);
+      blend_range<T, true, false>(p, r, begin, end);
     } else if (p.draw2) {
-      blend_range<T, false, true>(p, i, begin, end);
+      blend_range<T, false, true>(p, r, begin, end);
     } else {
-      blend_range<T, false, false>(p, i, begin, end);
+      blend_range<T, false, false>(p, r, begin, end);
     }
   }
 }

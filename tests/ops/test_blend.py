@@ -1,6 +1,6 @@
-"""blend_tensors against its reference (meldkit/ops/blend_ref.py): bit for bit on every device and
-dtype, masks that are the merge family's DARE masks, independent of tensor order, unbiased, and
-clear errors."""
+"""blend_tensors and BlendPlan against their reference (meldkit/ops/blend_ref.py): bit for bit on
+every device and dtype, masks that are the merge family's DARE masks, independent of tensor
+order, unbiased, a plan reused across calls, and clear errors."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import zlib
 import pytest
 import torch
 
-from meldkit.ops import blend_ref, blend_tensors
+from meldkit.ops import BlendPlan, blend_ref, blend_tensors
 from meldkit.ops.merge_ref import stream_of
 from meldkit.ops.random_ref import bernoulli_mask_ref
 from tests.helpers import DEVICES, DTYPES
 
-SHAPES = [(7,), (1,), (33, 65), (4, 0), (2, 3, 5), (4099, 3)]
+# Empty tensors first, inside and last; one tensor of several 2^14-element chunks.
+SHAPES = [(0, 5), (7,), (1,), (33, 65), (4, 0), (2, 3, 5), (4099, 3), (129, 300), (0,)]
 COEFFS = [(0.0, -0.625, 0.0), (1.0, 0.0, 0.8333), (0.25, -0.3, 0.7), (1.0, 0.0, 0.0)]
 
 
@@ -114,3 +115,37 @@ def test_errors():
         blend_tensors(t, b, t, (1, 0, 0), tensor_keys=[0])
     with pytest.raises((TypeError, ValueError), match="taus"):
         blend_tensors(o, b, [torch.randn(4, 3)], (1, 0, 0), tensor_keys=[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plan_reused(device, dtype):
+    """One plan, many calls (ExDe's per-step re-blend): each call equals the reference for its
+    own coefficients, keeps and seed; in-place changes of a base are seen; parameters (which
+    require grad) are written through."""
+    bases, taus, keys = tensors(dtype, device, seed=3)
+    outs = [torch.nn.Parameter(torch.full_like(b, float("nan"))) for b in bases]
+    plan = BlendPlan(outs, bases, taus, tensor_keys=keys)
+    assert plan.num_tensors == len(SHAPES)
+    calls = [(c, (0.3 + 0.1 * i, 0.9 - 0.2 * i), 7 * i + 1) for i, c in enumerate(COEFFS)]
+    calls.append((COEFFS[2], (0.3, 0.45), 2**64 - 1))
+    for step, (coeffs, keep, seed) in enumerate(calls):
+        if step == 2:
+            with torch.no_grad():
+                bases[3].mul_(-2)  # seen by the next call: the plan reads the bases each time
+        plan(coeffs, keep=keep, seed=seed)
+        for o, b, t, k in zip(outs, bases, taus, keys, strict=True):
+            want = blend_ref(b.cpu(), t.cpu(), coeffs, keep=keep, seed=seed, tensor_key=k)
+            assert torch.equal(o.detach().cpu(), want), (step, o.shape)
+
+
+def test_plan_refuses_moved_outputs():
+    bases, taus, keys = tensors(torch.float32, "cpu")
+    outs = [torch.nn.Parameter(torch.empty_like(b)) for b in bases]
+    plan = BlendPlan(outs, bases, taus, tensor_keys=keys)
+    plan((1.0, 0.0, 0.0))
+    outs[3].data = torch.empty_like(bases[3])  # what model.to(...) does to every parameter
+    with pytest.raises(ValueError, match=r"'outs\[3\]'.*new plan"):
+        plan((1.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match=r"'keep\[0\]'"):
+        plan((1.0, 0.0, 0.0), keep=(-0.1, 1.0))

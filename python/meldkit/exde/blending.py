@@ -13,7 +13,8 @@ task vector τ = θ_ft − θ_base of a fine-tuned denoiser:
   coefficients of a :class:`Schedule` (the release: θ_dyn for the high-noise first half, then
   θ_con).
 
-Every blend runs :func:`meldkit.ops.blend_tensors`: one native call over all tensors, the masks
+Every blend is one native call over all tensors (:func:`meldkit.ops.blend_tensors`; ``attach``
+keeps a :class:`meldkit.ops.BlendPlan`, so a re-blend does no per-tensor host work), the masks
 regenerated from ``(seed, CRC-32 of the tensor name)``, never stored. Only θ_base and τ are kept.
 Only parameters are touched, never buffers.
 """
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from meldkit.merging.engine import tensor_key
-from meldkit.ops import blend_tensors
+from meldkit.ops import BlendPlan, blend_tensors
 
 
 class ExDeError(ValueError):
@@ -330,6 +331,8 @@ class Blender:
                 for n, p, bt in zip(self.names, self.live, self.base, strict=True)
             ]
         self.keys = [tensor_key(n) for n in self.names]
+        # Validated and laid out once: each blend is then one native call (one CUDA launch).
+        self.plan = BlendPlan(self.live, self.base, self.tau, tensor_keys=self.keys)
         self.current: Coefficients | None = None
         self.blends = 0
 
@@ -341,14 +344,10 @@ class Blender:
             return
         c_tau, c_dyn, c_con = coeffs
         cfg = self.config
-        blend_tensors(
-            [p.data for p in self.live],
-            self.base,
-            self.tau,
+        self.plan(
             cfg.blend_coeffs(c_tau, c_dyn * cfg.dyn_scale, c_con * cfg.con_scale),
             keep=(cfg.keep, cfg.keep),
             seed=cfg.seed,
-            tensor_keys=self.keys,
         )
         self.current = coeffs
         self.blends += 1

@@ -1,7 +1,7 @@
 """meldkit's public ops: torch.library custom ops with native CPU/CUDA kernels, each backed by a
 pure-PyTorch reference (``<op>_ref``) that is always available and defines its semantics."""
 
-from meldkit.ops.blend import blend_tensors
+from meldkit.ops.blend import BlendPlan, blend_tensors
 from meldkit.ops.blend_ref import blend_ref
 from meldkit.ops.logit_fusion import LogitFusionResult, logit_fusion
 from meldkit.ops.logit_fusion_ref import logit_fusion_ref
@@ -16,6 +16,7 @@ NATIVE_OPS = ("weighted_sum", "merge", "routed_lora", "logit_fusion", "blend")
 
 __all__ = [
     "NATIVE_OPS",
+    "BlendPlan",
     "LogitFusionResult",
     "blend_ref",
     "blend_tensors",

@@ -2,6 +2,15 @@
 
 ``out = θ₀ + τ·(a + b·m₁ + c·m₂)`` per element, the two DARE masks regenerated from the seed
 inside the kernel (never stored), 1-D tensors dense; semantics in :mod:`meldkit.ops.blend_ref`.
+
+Two entry points:
+
+* :class:`BlendPlan`: the tensors are validated and laid out once (their addresses, sizes and
+  mask streams in a small ``[N, 8]`` table on their device); each call then blends with new
+  coefficients, keep probabilities and seed in one native call (one kernel launch on CUDA),
+  with no per-tensor work on the host. ExDe re-blends a denoiser's thousands of tensors at
+  every schedule change: this is the form it uses.
+* :func:`blend_tensors`: one blend, a plan made and used once.
 """
 
 from __future__ import annotations
@@ -33,6 +42,159 @@ def _real(name: str, value: object, low: float | None = None, high: float | None
     return v
 
 
+class BlendPlan:
+    """A blend over a fixed set of tensors, prepared once and run many times.
+
+    Each call writes ``bases[i] + taus[i]·g`` into ``outs[i]`` for every tensor, with
+    ``g = a + b·m₁ + c·m₂`` and the two DARE keep masks regenerated from the seed.
+
+    Parameters
+    ----------
+    outs : sequence of Tensor
+        Written in place at each call (e.g. a model's parameters; ones that require grad are
+        written through ``.detach()``); each like its base (shape, dtype, device).
+    bases, taus : sequence of Tensor
+        θ₀ and τ = θ_ft − θ₀ of each tensor; one float dtype (float32, bfloat16, float16) and
+        device for all. The plan reads them at every call (it keeps references: in-place
+        changes are seen); non-contiguous ones are copied once, here.
+    tensor_keys : sequence of int
+        Each tensor's key (``meldkit.merging.engine.tensor_key(name)``: the CRC-32 of its name), so
+        the masks do not depend on the order of the tensors.
+    dense : sequence of bool, optional
+        Tensors that are never masked (g = a + b·k₁ + c·k₂); default: the 1-D ones.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Mismatched lists, shapes, dtypes or devices, an output that is one of the task vectors;
+        at a call, non-finite coefficients, a keep outside [0, 1], a bad seed, or an output
+        whose storage moved since the plan was made (``param.data = …``, ``model.to(…)``):
+        make a new plan then.
+    """
+
+    def __init__(
+        self,
+        outs: Sequence[torch.Tensor],
+        bases: Sequence[torch.Tensor],
+        taus: Sequence[torch.Tensor],
+        *,
+        tensor_keys: Sequence[int],
+        dense: Sequence[bool] | None = None,
+    ) -> None:
+        outs, bases, taus = list(outs), list(bases), list(taus)
+        if not bases:
+            raise _error(ValueError, "bases", "is empty")
+        if not len(outs) == len(bases) == len(taus):
+            raise _error(ValueError, "outs", "outs, bases and taus must have the same length")
+        keys = [int(k) for k in tensor_keys]
+        if len(keys) != len(bases) or any(not 0 <= k < 2**32 for k in keys):
+            raise _error(ValueError, "tensor_keys", "needs one key in [0, 2**32) per tensor")
+        for name, ts in (("bases", bases), ("taus", taus), ("outs", outs)):
+            for i, t in enumerate(ts):
+                if not isinstance(t, torch.Tensor):
+                    raise _error(TypeError, f"{name}[{i}]", f"expected a tensor, got {type(t)}")
+        flags = [t.dim() <= 1 for t in bases] if dense is None else [bool(d) for d in dense]
+        if len(flags) != len(bases):
+            raise _error(ValueError, "dense", "needs one flag per tensor")
+        self.device, self.dtype = bases[0].device, bases[0].dtype
+        self.num_tensors = len(bases)
+        self._outs, self._keys, self._flags = outs, keys, flags
+        self._out_ptrs = [o.data_ptr() for o in outs]
+        reasons = _native.unavailable(_OP, self.device, (self.dtype,))
+        self._native = not reasons
+        if reasons:
+            _native.warn_fallback(_OP, self.device, (self.dtype,), reasons)
+            for i, (o, bt, tt) in enumerate(zip(outs, bases, taus, strict=True)):
+                if bt.shape != tt.shape or bt.shape != o.shape:
+                    raise _error(ValueError, f"taus[{i}]", "shape differs from its base or output")
+            self._bases, self._taus = bases, taus
+            return
+        # Non-contiguous outputs are blended into a contiguous temporary, then copied.
+        self._targets = [
+            o.detach()
+            if o.is_contiguous()
+            else torch.empty_like(o, memory_format=torch.contiguous_format)
+            for o in outs
+        ]
+        self._bases = [t.detach().contiguous() for t in bases]
+        self._taus = [t.detach().contiguous() for t in taus]
+        rows, self._num_chunks = _native._C.blend_plan(
+            self._targets,
+            self._bases,
+            self._taus,
+            flags,
+            [stream_of(k, 2, 0) for k in keys],
+            [stream_of(k, 2, 1) for k in keys],
+        )
+        table = torch.tensor(rows, dtype=torch.int64).view(len(bases), 8)
+        self._table = table.to(self.device)
+        self._copies = [
+            (t, o) for t, o in zip(self._targets, outs, strict=True) if not o.is_contiguous()
+        ]
+
+    def _check_outs(self) -> None:
+        ptrs = [o.data_ptr() for o in self._outs]
+        if ptrs != self._out_ptrs:
+            i = next(i for i, (a, b) in enumerate(zip(ptrs, self._out_ptrs, strict=True)) if a != b)
+            raise _error(
+                ValueError,
+                f"outs[{i}]",
+                "its storage moved since the BlendPlan was made (param.data = …, model.to(…)?): "
+                "make a new plan",
+            )
+
+    def __call__(
+        self,
+        coeffs: tuple[float, float, float],
+        *,
+        keep: tuple[float, float] = (1.0, 1.0),
+        seed: int = 0,
+    ) -> None:
+        """Blend with ``coeffs = (a, b, c)``, keep probabilities ``keep = (k₁, k₂)`` (DARE's
+        1 − p, in [0, 1]) and the masks' ``seed`` (0 ≤ seed < 2⁶⁴)."""
+        if len(coeffs) != 3:
+            raise _error(ValueError, "coeffs", f"expected (a, b, c), got {coeffs!r}")
+        if len(keep) != 2:
+            raise _error(ValueError, "keep", f"expected (keep1, keep2), got {keep!r}")
+        a, b, c = (_real(f"coeffs[{i}]", v) for i, v in enumerate(coeffs))
+        k1, k2 = (_real(f"keep[{i}]", v, 0.0, 1.0) for i, v in enumerate(keep))
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise _error(ValueError, "seed", f"must be an int in [0, 2**64), got {seed!r}")
+        self._check_outs()
+        if not self._native:
+            for i, (o, bt, tt) in enumerate(zip(self._outs, self._bases, self._taus, strict=True)):
+                with torch.no_grad():
+                    o.copy_(
+                        blend_ref(
+                            bt,
+                            tt,
+                            (a, b, c),
+                            keep=(k1, k2),
+                            seed=seed,
+                            tensor_key=self._keys[i],
+                            dense=self._flags[i],
+                        )
+                    )
+            return
+        table, g_dense = blend_coefficients(a, b, c, k1, k2)
+        _native._C.blend_run(
+            self._table,
+            self._num_chunks,
+            self._bases[0],
+            table,
+            g_dense,
+            k1,
+            k2,
+            table[1] != table[0] or table[3] != table[2],
+            table[2] != table[0] or table[3] != table[1],
+            seed,
+            _native.stream_of(self.device),
+        )
+        for t, o in self._copies:
+            with torch.no_grad():
+                o.copy_(t)
+
+
 def blend_tensors(
     outs: Sequence[torch.Tensor],
     bases: Sequence[torch.Tensor],
@@ -45,6 +207,9 @@ def blend_tensors(
     dense: Sequence[bool] | None = None,
 ) -> None:
     """Write ``bases[i] + taus[i]·g`` into ``outs[i]`` for every tensor, in one native call.
+
+    A :class:`BlendPlan` made and run once; to blend the same tensors again with other
+    coefficients, make the plan yourself and call it (no per-tensor host work per call).
 
     Parameters
     ----------
@@ -71,74 +236,18 @@ def blend_tensors(
         Mismatched lists, shapes, dtypes or devices, non-finite coefficients, a keep outside
         [0, 1], an output that is one of the task vectors.
     """
-    outs, bases, taus = list(outs), list(bases), list(taus)
-    if not bases:
-        raise _error(ValueError, "bases", "is empty")
-    if not len(outs) == len(bases) == len(taus):
-        raise _error(ValueError, "outs", "outs, bases and taus must have the same length")
-    keys = [int(k) for k in tensor_keys]
-    if len(keys) != len(bases) or any(not 0 <= k < 2**32 for k in keys):
-        raise _error(ValueError, "tensor_keys", "needs one key in [0, 2**32) per tensor")
+    # The call's own arguments first: fail before any tensor work.
     if len(coeffs) != 3:
         raise _error(ValueError, "coeffs", f"expected (a, b, c), got {coeffs!r}")
     if len(keep) != 2:
         raise _error(ValueError, "keep", f"expected (keep1, keep2), got {keep!r}")
-    a, b, c = (_real(f"coeffs[{i}]", v) for i, v in enumerate(coeffs))
-    k1, k2 = (_real(f"keep[{i}]", v, 0.0, 1.0) for i, v in enumerate(keep))
+    for i, v in enumerate(coeffs):
+        _real(f"coeffs[{i}]", v)
+    for i, v in enumerate(keep):
+        _real(f"keep[{i}]", v, 0.0, 1.0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise _error(ValueError, "seed", f"must be an int in [0, 2**64), got {seed!r}")
-    flags = [t.dim() <= 1 for t in bases] if dense is None else [bool(d) for d in dense]
-    if len(flags) != len(bases):
-        raise _error(ValueError, "dense", "needs one flag per tensor")
-    for name, ts in (("bases", bases), ("taus", taus), ("outs", outs)):
-        for i, t in enumerate(ts):
-            if not isinstance(t, torch.Tensor):
-                raise _error(TypeError, f"{name}[{i}]", f"expected a tensor, got {type(t)}")
-    device, dtype = bases[0].device, bases[0].dtype
-    reasons = _native.unavailable(_OP, device, (dtype,))
-    if reasons:
-        _native.warn_fallback(_OP, device, (dtype,), reasons)
-        for i, (o, bt, tt) in enumerate(zip(outs, bases, taus, strict=True)):
-            if bt.shape != tt.shape or bt.shape != o.shape:
-                raise _error(ValueError, f"taus[{i}]", "shape differs from its base or output")
-            with torch.no_grad():
-                o.copy_(
-                    blend_ref(
-                        bt,
-                        tt,
-                        (a, b, c),
-                        keep=(k1, k2),
-                        seed=seed,
-                        tensor_key=keys[i],
-                        dense=flags[i],
-                    )
-                )
-        return
-    table, g_dense = blend_coefficients(a, b, c, k1, k2)
-    targets = [
-        o if o.is_contiguous() else torch.empty_like(o, memory_format=torch.contiguous_format)
-        for o in outs
-    ]
-    _native._C.blend(
-        [t.detach() for t in targets],
-        [t.detach().contiguous() for t in bases],
-        [t.detach().contiguous() for t in taus],
-        flags,
-        table,
-        g_dense,
-        k1,
-        k2,
-        table[1] != table[0] or table[3] != table[2],
-        table[2] != table[0] or table[3] != table[1],
-        seed,
-        [stream_of(k, 2, 0) for k in keys],
-        [stream_of(k, 2, 1) for k in keys],
-        _native.stream_of(device),
-    )
-    for t, o in zip(targets, outs, strict=True):
-        if t is not o:
-            with torch.no_grad():
-                o.copy_(t)
+    BlendPlan(outs, bases, taus, tensor_keys=tensor_keys, dense=dense)(coeffs, keep=keep, seed=seed)
 
 
-__all__ = ["blend_tensors"]
+__all__ = ["BlendPlan", "blend_tensors"]
