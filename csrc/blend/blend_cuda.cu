@@ -1,7 +1,9 @@
 // CUDA blend (algorithm: blend.h): one launch over the plan's chunks on the caller's stream,
 // whatever the number of tensors; each block walks chunks (grid-stride), finds the chunk's tensor
 // by binary search in the device-side plan, derives the two mask keys from the seed and blends
-// the chunk. Products and sums use _rn intrinsics (no FMA), so the bits equal the CPU kernel's.
+// the chunk with 16-byte accesses when the tensor's three buffers allow (scalar otherwise and for
+// the tail). The element hash that does not depend on the stream is computed once for both
+// masks. Products and sums use _rn intrinsics (no FMA), so the bits equal the CPU kernel's.
 #include <algorithm>
 #include <cstdint>
 
@@ -26,8 +28,36 @@ struct BlendArgs {
   uint64_t seed;
 };
 
+// One 16-byte store (the compiler would split a union's store into pieces).
+__device__ __forceinline__ void store16(void* p, uint4 w) {
+  asm volatile("st.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w)
+               : "memory");
+}
+
+// One element: g from the masks (inner = the element's stream-independent hash, shared by both
+// masks), then base + tau * g in float32 with _rn intrinsics.
+template <typename T>
+__device__ __forceinline__ T blend_one(const BlendArgs& a, bool dense, uint32_t key1, uint32_t key2,
+                                       uint32_t high, uint64_t e, T base, T tau) {
+  float g = a.g_dense;
+  if (!dense) {  // selects, not an indexed table: the table stays in registers
+    const uint32_t inner = uniform01_inner(high, e);
+    const bool m1 = a.draw1 && uniform01_from_inner(key1, inner) < a.keep1;
+    const bool m2 = a.draw2 && uniform01_from_inner(key2, inner) < a.keep2;
+    g = m1 ? (m2 ? a.g_table[3] : a.g_table[1]) : (m2 ? a.g_table[2] : a.g_table[0]);
+  }
+  const float prod = __fmul_rn(widen(tau), g);
+  return Store<T>::from(__fadd_rn(widen(base), prod));
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) blend_kernel(BlendArgs a) {
+  constexpr int kVec = 16 / int(sizeof(T));  // elements per 16-byte access
+  union Vec {  // 16 bytes: moved as one uint4 (vector load and store), used as kVec values
+    uint4 raw;
+    T v[kVec];
+  };
+  static_assert(kBlendChunk % kVec == 0, "chunks start on a vector boundary");
   for (int64_t c = blockIdx.x; c < a.num_chunks; c += gridDim.x) {
     const BlendRow r = a.rows[blend_find_row(a.rows, a.num_rows, c)];  // same for the block
     T* out = reinterpret_cast<T*>(r.out);
@@ -38,15 +68,24 @@ __global__ void __launch_bounds__(kThreads) blend_kernel(BlendArgs a) {
     const bool dense = r.dense != 0;
     const uint32_t key1 = stream_key(a.seed, uint32_t(r.stream1));
     const uint32_t key2 = stream_key(a.seed, uint32_t(r.stream2));
-    for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) {
-      float g = a.g_dense;
-      if (!dense) {  // selects, not an indexed table: the table stays in registers
-        const bool m1 = a.draw1 && uniform01(key1, uint64_t(e)) < a.keep1;
-        const bool m2 = a.draw2 && uniform01(key2, uint64_t(e)) < a.keep2;
-        g = m1 ? (m2 ? a.g_table[3] : a.g_table[1]) : (m2 ? a.g_table[2] : a.g_table[0]);
+    const uint32_t high = uniform01_high(uint64_t(begin));  // a chunk never crosses 2^32
+    int64_t scalar_from = begin;
+    if (((r.out | r.base | r.tau) & 15) == 0) {  // 16-byte aligned: vector accesses
+      const int64_t vend = begin + (end - begin) / kVec * kVec;
+      for (int64_t v = begin + int64_t(threadIdx.x) * kVec; v < vend; v += kThreads * kVec) {
+        Vec b, t, o;
+        b.raw = *reinterpret_cast<const uint4*>(base + v);
+        t.raw = *reinterpret_cast<const uint4*>(tau + v);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          o.v[j] = blend_one<T>(a, dense, key1, key2, high, uint64_t(v + j), b.v[j], t.v[j]);
+        }
+        store16(out + v, o.raw);
       }
-      const float prod = __fmul_rn(widen(tau[e]), g);
-      out[e] = Store<T>::from(__fadd_rn(widen(base[e]), prod));
+      scalar_from = vend;
+    }
+    for (int64_t e = scalar_from + threadIdx.x; e < end; e += kThreads) {
+      out[e] = blend_one<T>(a, dense, key1, key2, high, uint64_t(e), base[e], tau[e]);
     }
   }
 }
