@@ -30,8 +30,9 @@ MELDKIT_CPU_CLONES void blend_range(const BlendParams& p, const BlendRow& r, int
   const float keep1 = p.keep1, keep2 = p.keep2;
   const float t0 = p.g_table[0], t1 = p.g_table[1], t2 = p.g_table[2], t3 = p.g_table[3];
   for (int64_t e = begin; e < end; ++e) {  // selects, not an indexed table: vectorises
-    const bool m1 = kDraw1 && uniform01_from_high(k1, high, uint64_t(e)) < keep1;
-    const bool m2 = kDraw2 && uniform01_from_high(k2, high, uint64_t(e)) < keep2;
+    const uint32_t inner = uniform01_inner(high, uint64_t(e));  // shared by both masks
+    const bool m1 = kDraw1 && uniform01_from_inner(k1, inner) < keep1;
+    const bool m2 = kDraw2 && uniform01_from_inner(k2, inner) < keep2;
     const float g = m1 ? (m2 ? t3 : t1) : (m2 ? t2 : t0);
     const float prod = widen(tau[e]) * g;
     out[e] = Store<T>::from(widen(base[e]) + prod);
