@@ -12,7 +12,6 @@ import pytest
 import torch
 import yaml
 
-import meldkit
 from meldkit.merging import (
     Checkpoint,
     CheckpointError,
@@ -111,12 +110,7 @@ def read(folder: Path) -> dict[str, torch.Tensor]:
 def test_merge_matches_in_memory_merge(zoo, method, n, params, monkeypatch):
     tmp, base, tunes, paths = zoo
     cfg = config_for(method, paths, n=n, **params)
-    if method == "breadcrumbs":  # no native breadcrumbs masks yet: the reference runs, and says so
-        monkeypatch.setattr(meldkit._native, "_warned", set())
-        with pytest.warns(meldkit.MeldkitFallbackWarning, match="breadcrumbs"):
-            out = merge(cfg, tmp / "out", seed=7, progress=False)
-    else:
-        out = merge(cfg, tmp / "out", seed=7, progress=False)
+    out = merge(cfg, tmp / "out", seed=7, progress=False)
     merged = read(out)
     parsed = parse_config(cfg)
     kw = {"weights": parsed.model_param("weight", 1.0)}

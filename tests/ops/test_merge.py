@@ -269,17 +269,83 @@ def test_methods_without_native_masks_fall_back_with_a_warning(monkeypatch):
     monkeypatch.setenv("MELDKIT_BACKEND", "auto")
     monkeypatch.setattr(_native, "_warned", set())
     base, models = models_like((50,), torch.float32, "cpu")
-    with pytest.warns(meldkit.MeldkitFallbackWarning, match="no native kernel for breadcrumbs"):
-        got = merge_tensors(base, models, "breadcrumbs", densities=0.8, gammas=0.05)
+    with pytest.warns(meldkit.MeldkitFallbackWarning, match="no native kernel for della"):
+        got = merge_tensors(base, models, "della", densities=0.8, epsilons=0.1, seed=3)
     expected = mr.generalized_merge_ref(
         base,
         models,
         weights=[1.0] * 3,
         densities=[0.8] * 3,
-        sparsify="breadcrumbs",
-        gammas=[0.05] * 3,
+        sparsify="della",
+        consensus="sum",
+        normalize=True,
+        rescale="l1",
+        epsilons=[0.1] * 3,
+        seed=3,
     )
     assert torch.equal(got, expected)
+
+
+def _crumbs_cases(dtype, device):
+    """(name, base, models): plain, bf16-style tie groups at the band's ends, sparse task
+    vectors (most |τ| = 0), and one tie group that holds both ends."""
+    base, models = models_like((97, 41), dtype, device, n=3, seed=9)
+    yield "random", base, models
+    g = torch.Generator().manual_seed(10)
+    steps = torch.randint(-6, 7, (3, 97, 41), generator=g).to(torch.float64) / 64
+    yield "ties", base, [(base.double().cpu() + s).to(device, dtype) for s in steps]
+    sparse = [m.clone() for m in models]
+    for i, m in enumerate(sparse):
+        keep = torch.rand(m.shape, generator=g) < 0.1 + 0.1 * i
+        m.copy_(torch.where(keep.to(device), m, base))
+    yield "sparse", base, sparse
+    flat = base.double().cpu() + 0.125
+    flat.view(-1)[::7] += 0.25
+    yield "one group", base, [flat.to(device, dtype)] * 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs_native_equals_reference(device, dtype, method):
+    """Breadcrumbs without its sort (two exact selections, ties at the boundary values by index)
+    merges exactly as the reference, over densities and γ that cover every band: the usual one,
+    γ = 0 (nothing cut at the top), n_bot < 0 (γ absorbs it), everything kept, nothing kept."""
+    m = get_method(method)
+    params = [(0.8, 0.05), (0.5, 0.0), (0.97, 0.1), (1.0, 0.0), (0.0, 0.0), (0.3, 0.3)]
+    for name, base, models in _crumbs_cases(dtype, device):
+        n = len(models)
+        for density, gamma in params:
+            got = merge_tensors(
+                base, models, method, densities=density, gammas=gamma, weights=[0.7, 1.3, 1.0][:n]
+            )
+            expected = mr.generalized_merge_ref(
+                base.cpu(),
+                [x.cpu() for x in models],
+                weights=[0.7, 1.3, 1.0][:n],
+                densities=[density] * n,
+                sparsify="breadcrumbs",
+                consensus=m.consensus,
+                normalize=m.normalize,
+                gammas=[gamma] * n,
+            )
+            assert torch.equal(got.cpu(), expected), (name, density, gamma)
+        listed = merge_tensor_list(
+            [base, base[:5]], [[x, x[:5]] for x in models], method, densities=0.6, gammas=0.02
+        )
+        for j, b in enumerate((base, base[:5])):
+            one = merge_tensors(
+                b, [x if j == 0 else x[:5] for x in models], method, densities=0.6, gammas=0.02
+            )
+            assert torch.equal(listed[j], one), name
+
+
+def test_breadcrumbs_native_runs_without_warning(monkeypatch, recwarn):
+    monkeypatch.setenv("MELDKIT_BACKEND", "auto")
+    monkeypatch.setattr(_native, "_warned", set())
+    base, models = models_like((50,), torch.float32, "cpu")
+    merge_tensors(base, models, "breadcrumbs", densities=0.8, gammas=0.05)
+    assert not [w for w in recwarn if issubclass(w.category, meldkit.MeldkitFallbackWarning)]
 
 
 def test_merge_bad_arguments():

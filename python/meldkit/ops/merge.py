@@ -4,8 +4,10 @@
 reference (:func:`meldkit.ops.merge_ref.generalized_merge_ref` and friends). Its CPU and CUDA
 implementations run the native pipeline for the sparsifiers the kernels implement (none,
 magnitude with ``tie="keep_ties"``, random): radix-select thresholds → L1 norms when rescaling by
-L1 → one fused pass that masks, weighs, elects signs and merges. Breadcrumbs, DELLA and
-``tie="exact_k"`` run the reference (with a one-time warning naming the reason); ``linear`` runs
+L1 → one fused pass that masks, weighs, elects signs and merges. Breadcrumbs (without
+rescaling, its definition) selects its two boundary magnitudes exactly, resolves ties at them by
+index, and merges the masked models without masks. DELLA and ``tie="exact_k"`` run the
+reference (with a one-time warning naming the reason); ``linear`` runs
 on :func:`meldkit.ops.weighted_sum`; ``model_stock`` and ``slerp`` are a few reductions in PyTorch.
 """
 
@@ -99,6 +101,82 @@ def magnitude_threshold(
         n = _native._C.MAGNITUDE_SELECT_CUDA_WORKSPACE
         workspace = torch.empty(n, dtype=torch.float64, device=device)
     return _native._C.magnitude_select(a, b, k, workspace, _native.stream_of(device))
+
+
+def _kth_largest(theta: torch.Tensor, base: torch.Tensor, k: int) -> float:
+    """The exact k-th largest ``|θ − θ₀|`` (float32), 1 ≤ k ≤ numel, by the native selection."""
+    device = theta.device
+    workspace = None
+    if device.type == "cuda":
+        n = _native._C.MAGNITUDE_SELECT_CUDA_WORKSPACE
+        workspace = torch.empty(n, dtype=torch.float64, device=device)
+    return _native._C.magnitude_select(
+        [theta.detach().contiguous()],
+        [base.detach().contiguous()],
+        k,
+        workspace,
+        _native.stream_of(device),
+    )
+
+
+def _breadcrumbs_band(numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """The ascending ranks ``[start, stop)`` Model Breadcrumbs keeps (mergekit's counts; see
+    :func:`merge_ref.breadcrumbs_mask_ref`)."""
+    n_top = int(gamma * numel)
+    n_bot = numel - int(density * numel) - n_top
+    if n_bot < 0:
+        n_top += n_bot
+        n_bot = 0
+    return n_bot, numel - n_top
+
+
+def _breadcrumbs_model(
+    base: torch.Tensor, theta: torch.Tensor, density: float, gamma: float
+) -> torch.Tensor:
+    """θ with the entries Breadcrumbs drops set back to θ₀, so that a merge without masks of
+    the result equals the Breadcrumbs merge of θ (no rescaling).
+
+    The kept entries are the ascending ranks ``[start, stop)`` of ``|θ − θ₀|`` (float32), equal
+    magnitudes ordered by index, as :func:`merge_ref.breadcrumbs_mask_ref` sorts them. Instead
+    of a sort: the magnitudes at the two boundary ranks by exact selection (two native
+    selections), everything strictly between kept, and only the entries equal to a boundary
+    value ordered by index. Entries with ``|τ| = 0`` are left as they are whatever their rank:
+    kept or dropped, they add nothing to the merge.
+    """
+    n = theta.numel()
+    start, stop = _breadcrumbs_band(n, density, gamma)
+    if start == 0 and stop == n:
+        return theta
+    if start >= stop:
+        return base.clone()
+    a = theta.float().flatten()  # a copy for float32 inputs too: worked on in place
+    if a.data_ptr() == theta.data_ptr():
+        a = a.clone()
+    a.sub_(base.flatten()).abs_()  # float32 τ, as the kernels and the reference compute it
+    lo = _kth_largest(theta, base, n - start) if start > 0 else None  # value at rank start
+    hi = _kth_largest(theta, base, n - stop + 1) if stop < n else None  # at rank stop − 1
+    keep = (a > lo) if lo is not None else torch.ones_like(a, dtype=torch.bool)
+    if hi is not None:
+        keep &= a < hi
+    keep |= a == 0  # |τ| = 0: θ already equals θ₀ (up to the sign of a zero)
+
+    def keep_ties(value: float, first: int, last: int) -> None:
+        """Of the entries equal to ``value`` (in index order, ascending ranks c, c+1, …), keep
+        those whose rank lies in [first, last)."""
+        if value == 0:
+            return
+        idx = (a == value).nonzero().flatten()
+        c = int(torch.count_nonzero(a < value))
+        keep[idx[max(first - c, 0) : max(last - c, 0)]] = True
+
+    if lo is not None and hi is not None and lo == hi:
+        keep_ties(lo, start, stop)
+    else:
+        if lo is not None:
+            keep_ties(lo, start, n)  # below hi: all of them rank before stop
+        if hi is not None:
+            keep_ties(hi, 0, stop)  # above lo: all of them rank at or after start
+    return torch.where(keep.view(theta.shape), theta, base)
 
 
 def _merge_native(
@@ -247,7 +325,14 @@ def _merge_tensors_native(
     out_dtype = out_dtype or base.dtype
     dtypes = (base.dtype, out_dtype)
     reasons = _native.unavailable(_OP, base.device, dtypes)
-    if not reasons and m.sparsify not in _NATIVE_SPARSIFY:
+    sparsify = m.sparsify
+    if not reasons and sparsify == "breadcrumbs" and rescale == "none":
+        models = [
+            _breadcrumbs_model(base, x, d, g)
+            for x, d, g in zip(models, densities, gammas, strict=True)
+        ]
+        sparsify = "none"
+    if not reasons and sparsify not in _NATIVE_SPARSIFY:
         reasons = [f"no native kernel for {m.sparsify} masks yet"]
     if not reasons and m.sparsify == "magnitude" and tie != "keep_ties" and thresholds is None:
         reasons = [f"the native magnitude selection implements tie='keep_ties', not {tie!r}"]
@@ -275,7 +360,7 @@ def _merge_tensors_native(
         [base],
         [[x] for x in models],
         [out],
-        sparsify=m.sparsify,
+        sparsify=sparsify,
         consensus=m.consensus,
         normalize=normalize,
         rescale=rescale,
@@ -493,9 +578,10 @@ filter_wise :
     Notes
     -----
     The task-vector methods whose masks the kernels implement (task_arithmetic, ties,
-    dare_linear, dare_ties) run natively as one call; the others (linear, model_stock, slerp,
-    breadcrumbs, della, ``tie="exact_k"``) and the reference backend merge position by position.
-    No autograd: merging produces new weights.
+    dare_linear, dare_ties) and breadcrumbs (no rescale) run natively as one call;
+    breadcrumbs holds one masked copy of each model's tensors during the call. The others
+    (linear, model_stock, slerp, della, breadcrumbs with a rescale, ``tie="exact_k"``) and the
+    reference backend merge position by position. No autograd: merging produces new weights.
     """
     m = get_method(method)
     models = [list(ms) for ms in models]
@@ -530,9 +616,10 @@ filter_wise :
     needs_grad = torch.is_grad_enabled() and any(
         x.requires_grad for x in (*bases, *(y for ms in models for y in ms))
     )
+    crumbs = m.sparsify == "breadcrumbs" and a.rescale == "none"
     native = (
         m.kind == "generalized"
-        and m.sparsify in _NATIVE_SPARSIFY
+        and (m.sparsify in _NATIVE_SPARSIFY or crumbs)
         and (m.sparsify != "magnitude" or tie == "keep_ties" or a.thresholds is not None)
         and n <= _MAX_MODELS_PER_CALL
         and not needs_grad
@@ -540,12 +627,19 @@ filter_wise :
     if native:
         reasons = _native.unavailable(_OP, device, (dtype, out_dtype))
         if not reasons:
+            sparsify = m.sparsify
+            if crumbs:  # masks by selection, then a merge without masks (one masked copy each)
+                models = [
+                    [_breadcrumbs_model(b, x, d, g) for b, x in zip(bases, ms, strict=True)]
+                    for ms, d, g in zip(models, a.densities, a.gammas, strict=True)
+                ]
+                sparsify = "none"
             outs = [torch.empty(b.shape, dtype=out_dtype, device=device) for b in bases]
             _merge_native(
                 bases,
                 models,
                 outs,
-                sparsify=m.sparsify,
+                sparsify=sparsify,
                 consensus=m.consensus,
                 normalize=a.normalize,
                 rescale=a.rescale,
