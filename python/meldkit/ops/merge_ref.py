@@ -120,11 +120,11 @@ def della_keep_prob_ref(tau: torch.Tensor, density: float, epsilon: float) -> to
         )
     rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(-1, tau.shape[-1])
     n = rows.shape[1]
-    ranks = torch.empty_like(rows, dtype=torch.float64)
-    for i, row in enumerate(rows):
-        ranks[i, _stable_order(row.abs(), descending=False)] = torch.arange(
-            n, dtype=torch.float64, device=tau.device
-        )
+    # Every row at once: a stable ascending sort (equal magnitudes by index), rank r at each
+    # element's place.
+    order = torch.sort(rows.abs(), dim=-1, stable=True).indices
+    arange = torch.arange(n, dtype=torch.float64, device=tau.device).expand_as(order)
+    ranks = torch.empty_like(rows, dtype=torch.float64).scatter_(1, order, arange)
     norm = ranks / (n - 1) if n > 1 else torch.zeros_like(ranks)
     return ((density - epsilon) + 2 * epsilon * norm).to(torch.float32).view(tau.shape)
 
