@@ -11,6 +11,8 @@ made by perturbing every weight. Per batch size, timed with :func:`meldkit.bench
 * ``shared``: the shared model's forward alone (θ_s, one static model);
 * ``twin``: ``TwinModel`` with given router weights: θ_s·x plus each sample's mix of the rank-r
   exclusive parts on the activations (``meldkit.ops.routed_lora``, gate mode);
+* ``twin_top1``: ``twin`` with top-1 routing weights (``TwinModel(top_k=1)``): on the CPU each
+  expert then runs only on the samples routed to it;
 * ``twin+router``: the same plus the router (the shared model's features, then the MLP): what a
   call without ``weights`` costs;
 * ``rebuild``: the reference code's way, ``materialize=True``: for every sample the dense merged
@@ -59,7 +61,8 @@ def build(args):
 
 
 def make_impls(model, ids, mask, w, n_rebuild):
-    """The timed calls of one batch: (shared, twin, twin+router) and the rebuild."""
+    """The timed calls of one batch: (shared, twin, twin_top1, twin+router) and the rebuild."""
+    w1 = torch.zeros_like(w).scatter_(1, w.argmax(-1, keepdim=True), 1.0)
 
     @torch.no_grad()
     def shared():
@@ -69,6 +72,10 @@ def make_impls(model, ids, mask, w, n_rebuild):
     @torch.no_grad()
     def twin_given():
         model(input_ids=ids, attention_mask=mask, weights=w)
+
+    @torch.no_grad()
+    def twin_top1():
+        model(input_ids=ids, attention_mask=mask, weights=w1)
 
     @torch.no_grad()
     def twin_routed():
@@ -83,7 +90,8 @@ def make_impls(model, ids, mask, w, n_rebuild):
             materialize=True,
         )
 
-    return {"shared": shared, "twin": twin_given, "twin+router": twin_routed}, rebuild
+    impls = {"shared": shared, "twin": twin_given, "twin_top1": twin_top1}
+    return {**impls, "twin+router": twin_routed}, rebuild
 
 
 def main(argv=None) -> int:
@@ -143,7 +151,8 @@ def main(argv=None) -> int:
         rebuild_s = times["rebuild"].median_s * scale["rebuild"]
         print(
             f"  twin vs rebuild: {rebuild_s / twin_s:.1f}x faster (target ≥ 10x); twin / shared "
-            f"{twin_s / base_s:.2f}x (target ≤ 1.3x); with the router "
+            f"{twin_s / base_s:.2f}x (target ≤ 1.3x); top-1 routing "
+            f"{times['twin_top1'].median_s / base_s:.2f}x; with the router "
             f"{times['twin+router'].median_s / base_s:.2f}x"
         )
         if args.json:

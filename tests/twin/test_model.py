@@ -55,12 +55,17 @@ def test_one_hot_router_below_full_rank_is_within_the_compression_error(compress
 
 
 @pytest.mark.parametrize("rank_ratio", [1.0, 0.25])
-def test_activation_path_equals_materialize(rank_ratio):
+@pytest.mark.parametrize("routing", ["dense", "sparse"])
+def test_activation_path_equals_materialize(rank_ratio, routing):
+    """Dense weights run the gate-mode op; weights with zeros (top-k) run each expert on its own
+    samples only (an expert used by every sample, by some, by none)."""
     base, experts = roberta_experts()
     ex = twin.build(base, experts, rank_ratio=rank_ratio, progress=False)
     model = twin.TwinModel(base, ex).eval()
     x = batch(b=5, seed=3)
     w = torch.softmax(torch.randn(5, 3, generator=torch.Generator().manual_seed(1)), -1)
+    if routing == "sparse":
+        w = w * torch.tensor([[1, 0, 1], [1, 1, 0], [1, 0, 0], [1, 0, 1], [1, 0, 1.0]])
     task = torch.tensor([0, 2, 1, 1, 0])
     got = model(**x, weights=w, task=task).logits
     want = model(**x, weights=w, task=task, materialize=True).logits

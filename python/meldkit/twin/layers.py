@@ -65,6 +65,43 @@ def _stack_padded(values: list[torch.Tensor], pad: float) -> torch.Tensor:
     return out
 
 
+def _add_sparse_experts(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+) -> torch.Tensor:
+    """``y + Σ_t w_bt·(x_b·A_tᵀ)·B_tᵀ`` computing each expert only on the samples that use it.
+
+    For sparse routing (``top_k``, or one-hot weights given by the caller): with k of T experts
+    per sample the exclusive parts cost k/T of the dense path's multiply-adds. The same sums as
+    the dense path (``routed_lora`` in gate mode) up to their order. CPU only: picking the
+    samples reads the weights on the host.
+    """
+    b = weights.shape[0]
+    x3 = x.reshape(b, -1, x.shape[-1]).to(lora_a.dtype)
+    in_place = y.dtype == lora_a.dtype and not (torch.is_grad_enabled() and y.requires_grad)
+    if in_place:  # y is the fresh output of this layer's base GEMM: accumulate into it
+        acc = y.view(b, x3.shape[1], lora_b.shape[1])
+    else:
+        acc = torch.zeros(b, x3.shape[1], lora_b.shape[1], dtype=lora_a.dtype, device=x.device)
+    for t in range(weights.shape[1]):
+        sel = weights[:, t].nonzero().flatten()
+        if sel.numel() == 0:
+            continue
+        whole = sel.numel() == b
+        xs = x3 if whole else x3.index_select(0, sel)
+        h = xs @ lora_a[t].T  # [b_t, L, r]
+        h *= weights[sel, t].to(h.dtype).view(-1, 1, 1)
+        part = h @ lora_b[t].T  # [b_t, L, m]
+        if whole:
+            acc += part
+        else:
+            acc.index_add_(0, sel, part)
+    return y if in_place else y + acc.view(*y.shape).to(y.dtype)
+
+
 class TwinLinear(nn.Linear):
     """``y = x·θ_sᵀ + Σ_t w_t·(x·b_t)·a_tᵀ + bias`` per sample; task-specific weight or bias taken
     from each sample's task."""
@@ -117,23 +154,29 @@ class TwinLinear(nn.Linear):
         b = r.batch(self.name, x.shape[0])
         if x.shape[0] != b:
             x = x.expand(b, *x.shape[1:])
+        # The shared bias goes into the base GEMM (one pass less) unless a task-specific one
+        # replaces it.
+        bias = self.bias if self.specific_bias is None else None
         if self.specific_weight is not None:
             w = self.specific_weight[r.task].to(x.dtype)  # [B, m, n]
             y = torch.einsum("b...n,bmn->b...m", x, w)
+            if bias is not None:
+                y = y + bias
         else:
-            y = F.linear(x, self.weight)
+            y = F.linear(x, self.weight, bias)
         if self.lora_a is not None:
-            gates = _broadcast(r.weights, x.dim()).expand(*x.shape[:-1], r.weights.shape[1])
-            delta, _ = routed_lora(
-                x.to(self.lora_a.dtype), self.lora_a, self.lora_b, 1.0, gates=gates
-            )
-            y = y + delta.to(y.dtype)
+            if x.device.type == "cpu" and bool((r.weights == 0).any()):
+                y = _add_sparse_experts(y, x, r.weights, self.lora_a, self.lora_b)
+            else:
+                gates = _broadcast(r.weights, x.dim()).expand(*x.shape[:-1], r.weights.shape[1])
+                delta, _ = routed_lora(
+                    x.to(self.lora_a.dtype), self.lora_a, self.lora_b, 1.0, gates=gates
+                )
+                y = y + delta.to(y.dtype)
         if self.specific_bias is not None:
             y = y + _broadcast(self.specific_bias[r.task].to(y.dtype), y.dim())
-        elif self.bias is not None:
-            y = y + self.bias
-            if self.dense_bias is not None:
-                y = y + _broadcast(_per_sample(self.dense_bias, r, y.dtype), y.dim())
+        elif self.bias is not None and self.dense_bias is not None:
+            y = y + _broadcast(_per_sample(self.dense_bias, r, y.dtype), y.dim())
         return y.squeeze(0) if squeeze else y
 
 
