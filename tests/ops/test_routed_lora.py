@@ -683,3 +683,27 @@ def test_bad_arguments_name_themselves():
             fn()
         assert text in str(info.value), (text, str(info.value))
         assert "meldkit.routed_lora: argument '" in str(info.value)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n_tokens", [37, 301], ids=["kernel", "gemm"])
+@pytest.mark.parametrize("mode", ["router", "gates"])
+def test_cuda_no_host_synchronisation(n_tokens, mode):
+    """Forward and backward never wait for the GPU (the issue: capturable in a CUDA graph), on
+    the per-token kernels (few tokens) and on the GEMM path (many tokens, no dropout)."""
+    gen = torch.Generator().manual_seed(51)
+    x, a, b, w = make_case(n_tokens, 24, 17, 8, 4, torch.bfloat16, "cuda", gen, torch.float32)
+    kw = {"router_weight": w, "top_k": 2}
+    if mode == "gates":
+        kw = {"gates": torch.rand(n_tokens, 8, generator=gen).cuda().requires_grad_()}
+    dy = torch.randn(n_tokens, 17, generator=gen).cuda().bfloat16()
+    routed_lora(x, a, b, 0.5, **kw)[0].backward(dy)  # warm-up: first-call allocations
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, probs = routed_lora(x, a, b, 0.5, **kw)
+        loss_grad = [dy] if probs is None else [dy, torch.ones_like(probs)]
+        torch.autograd.backward([y] if probs is None else [y, probs], loss_grad)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
