@@ -14,7 +14,8 @@ repository), then times, each twice and keeping the faster:
   includes its own start-up, a few seconds, so use models large enough for that not to matter).
 
 The issue's targets: meldkit within 1.5x of the I/O floor, and at least 10x faster than mergekit
-on the CPU for TIES and DARE-TIES. The op-level benchmarks are ``meldkit bench --op merge``.
+on the CPU for TIES and DARE-TIES. ``--method breadcrumbs`` / ``breadcrumbs_ties`` use density 0.9
+and γ 0.01. The op-level benchmarks are ``meldkit bench --op merge``.
 """
 
 from __future__ import annotations
@@ -88,7 +89,11 @@ def main(argv=None) -> int:
     ap.add_argument("--models", type=int, default=3)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--method", default="ties", choices=["ties", "dare_ties", "task_arithmetic"])
+    ap.add_argument(
+        "--method",
+        default="ties",
+        choices=["ties", "dare_ties", "task_arithmetic", "breadcrumbs", "breadcrumbs_ties"],
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="append a JSON row here")
     args = ap.parse_args(argv)
@@ -97,7 +102,9 @@ def main(argv=None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     paths = write_models(root, args.models, args.layers, args.hidden)
     per_model = {"weight": 1.0 / args.models}
-    if args.method != "task_arithmetic":
+    if args.method.startswith("breadcrumbs"):  # the Breadcrumbs paper's kind of setting
+        per_model.update(density=0.9, gamma=0.01)
+    elif args.method != "task_arithmetic":
         per_model["density"] = 0.3
     cfg = {
         "merge_method": args.method,
