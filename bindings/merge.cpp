@@ -470,4 +470,59 @@ float magnitude_select(py::handle a, py::handle b, int64_t k, py::handle workspa
   return value;
 }
 
+void band_select(py::handle theta, py::handle base, py::handle out, py::handle lo, py::handle hi,
+                 int64_t start, int64_t stop) {
+  constexpr const char* kOp = "band_select";
+  const TensorArg t = import_tensor(theta, {kOp, "theta"}, 0);
+  const TensorArg b = import_tensor(base, {kOp, "base"}, 0);
+  const TensorArg o = import_tensor(out, {kOp, "out"}, 0);
+  if (t.device != DeviceKind::kCPU) {
+    throw_type_error(t.name.prefix() + ": the band selection kernel runs on the CPU; " +
+                     "meldkit.ops uses PyTorch ops on " + t.device_str());
+  }
+  check_dtype_in(t, kBegin, kEnd, "CPU");
+  for (const TensorArg* x : {&b, &o}) {
+    check_same_device(*x, t);
+    check_same_shape(*x, t);
+    if (x->dtype != t.dtype) {
+      throw_type_error(x->name.prefix() + ": dtype " + dtype_name(x->dtype) + " differs from " +
+                       "'theta' " + dtype_name(t.dtype));
+    }
+  }
+  check_contiguous(t);
+  check_contiguous(b);
+  check_contiguous(o);
+  check_writable(o);
+  if (o.nbytes() > 0 && (o.data == t.data || o.data == b.data)) {
+    throw_value_error(o.name.prefix() + ": may not be 'theta' or 'base'");
+  }
+  BandSelectParams p;
+  p.theta = t.data;
+  p.base = b.data;
+  p.out = o.data;
+  p.numel = t.numel();
+  p.dtype = t.dtype;
+  p.has_lo = !lo.is_none();
+  p.has_hi = !hi.is_none();
+  if (p.has_lo) p.lo = lo.cast<float>();
+  if (p.has_hi) p.hi = hi.cast<float>();
+  if ((p.has_lo && !(p.lo >= 0.f && std::isfinite(p.lo))) ||
+      (p.has_hi && !(p.hi >= 0.f && std::isfinite(p.hi)))) {
+    throw_value_error(std::string(kOp) + ": arguments 'lo' and 'hi' must be finite magnitudes");
+  }
+  if (p.has_lo && p.has_hi && p.lo > p.hi) {
+    throw_value_error(std::string(kOp) + ": argument 'lo' is above 'hi'");
+  }
+  if (!(0 <= start && start < stop && stop <= p.numel) || p.has_lo != (start > 0) ||
+      p.has_hi != (stop < p.numel)) {
+    throw_value_error(std::string(kOp) +
+                      ": arguments 'start' and 'stop' must satisfy 0 <= start < stop <= numel, "
+                      "with 'lo' given exactly when start > 0 and 'hi' exactly when stop < numel");
+  }
+  p.start = start;
+  p.stop = stop;
+  py::gil_scoped_release release;
+  band_select_cpu(p);
+}
+
 }  // namespace meldkit::bind

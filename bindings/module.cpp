@@ -68,6 +68,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("magnitude_select", &mb::magnitude_select,
         "The k-th largest |a - b| over lists of tensors, exactly (radix selection).", py::arg("a"),
         py::arg("b"), py::arg("k"), py::arg("workspace") = py::none(), py::arg("stream") = 0);
+  m.def("band_select", &mb::band_select,
+        "Model Breadcrumbs on the CPU: out = theta where the ascending rank of |theta - base|\n"
+        "(equal magnitudes by index) is in [start, stop), base elsewhere; lo and hi are the\n"
+        "magnitudes at ranks start and stop - 1 (None when start == 0 / stop == numel).",
+        py::arg("theta"), py::arg("base"), py::arg("out"), py::arg("lo"), py::arg("hi"),
+        py::arg("start"), py::arg("stop"));
   m.def("merge_native_dtypes", &mb::merge_native_dtypes,
         "{device: [dtype names]} the native merge kernels accept.");
   m.attr("MERGE_MAX_MODELS") = meldkit::kMergeMaxModels;

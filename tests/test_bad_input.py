@@ -834,6 +834,62 @@ def _bl_corruptions():
     }
 
 
+# ---- band_select (CPU only: the CUDA path of Breadcrumbs is PyTorch ops) ----------------------
+
+
+def _bs_valid(draw, device):
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    n = draw(st.integers(2, 60))
+    base = torch.randn(n).to(dtype)
+    theta = (base.float() + torch.randn(n)).to(dtype)
+    start = draw(st.integers(0, n - 1))
+    stop = draw(st.integers(start + 1, n))
+    a = (theta.float() - base.float()).abs().sort().values
+    return {
+        "theta": theta,
+        "base": base,
+        "out": torch.empty_like(theta),
+        "lo": float(a[start]) if start > 0 else None,
+        "hi": float(a[stop - 1]) if stop < n else None,
+        "start": start,
+        "stop": stop,
+    }
+
+
+def _bs_call(a):
+    _C.band_select(a["theta"], a["base"], a["out"], a["lo"], a["hi"], a["start"], a["stop"])
+
+
+def _bs_corruptions():
+    def wrong_dtype(draw, a, device):
+        a[draw(st.sampled_from(["base", "out"]))] = a["theta"].to(torch.int64)
+        return a
+
+    def shape_mismatch(draw, a, device):
+        a["out"] = torch.empty(a["theta"].numel() + 1).to(a["theta"])
+        return a
+
+    def out_aliases(draw, a, device):
+        a["out"] = a[draw(st.sampled_from(["theta", "base"]))]
+        return a
+
+    def bad_range(draw, a, device):
+        n = a["theta"].numel()
+        a["start"], a["stop"] = draw(st.sampled_from([(-1, n), (3, 2), (0, n + 1), (1, n)]))
+        if a["start"] == 1:
+            a["lo"] = None  # start > 0 needs lo
+        return a
+
+    def bad_bounds(draw, a, device):
+        a["lo"], a["hi"] = draw(st.sampled_from([(2.0, 1.0), (float("nan"), 1.0), (-1.0, 1.0)]))
+        a["start"], a["stop"] = 1, a["theta"].numel() - 1
+        return a
+
+    return {
+        f.__name__: f for f in (wrong_dtype, shape_mismatch, out_aliases, bad_range, bad_bounds)
+    }
+
+
 BINDINGS = [
     BindingSpec("weighted_sum", _ws_call, _ws_valid, _ws_corruptions()),
     BindingSpec("task_merge", _tm_call, _tm_valid, _tm_corruptions()),
@@ -842,6 +898,7 @@ BINDINGS = [
     BindingSpec("routed_lora", _rl_call, _rl_valid, _rl_corruptions()),
     BindingSpec("logit_fusion", _lf_call, _lf_valid, _lf_corruptions()),
     BindingSpec("blend", _bl_call, _bl_valid, _bl_corruptions()),
+    BindingSpec("band_select", _bs_call, _bs_valid, _bs_corruptions()),
 ]
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _C.has_cuda() else [])

@@ -454,3 +454,25 @@ def test_opcheck(device):
         torch.bfloat16,
     )
     torch.library.opcheck(torch.ops.meldkit.merge_tensors.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_breadcrumbs_masks_across_blocks(device, dtype):
+    """The band selection on 200k elements (the CPU kernel's blocks are 2^15): tie groups of tens
+    of thousands at both boundaries, their kept ranks straddling blocks, against the
+    reference's sorted mask; also with both boundaries in one tie group."""
+    from meldkit.ops.merge import _breadcrumbs_model
+
+    g = torch.Generator().manual_seed(12)
+    n = 200_003
+    base = torch.randn(n, generator=g, dtype=torch.float64)
+    steps = torch.randint(-8, 9, (n,), generator=g).to(torch.float64) / 32
+    theta = (base + steps).to(dtype)
+    base = base.to(dtype)
+    tau = theta.double() - base.double()
+    for density, gamma in [(0.8, 0.05), (0.37, 0.21), (0.95, 0.0), (0.02, 0.5)]:
+        mask = mr.breadcrumbs_mask_ref(tau.float(), density, gamma)
+        want = torch.where(mask | (tau == 0), theta, base)
+        got = _breadcrumbs_model(base.to(device), theta.to(device), density, gamma)
+        assert torch.equal(got.cpu(), want), (density, gamma)

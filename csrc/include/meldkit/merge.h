@@ -159,4 +159,25 @@ constexpr int kMagnitudeSelectCudaWorkspace = 2048 + 1;
 uint32_t magnitude_select_cuda(const MagnitudeSelectParams& p, unsigned long long* workspace,
                                int device, void* stream);
 
+// ---- band selection (Model Breadcrumbs) -------------------------------------------------------
+// out = theta where the ascending rank of |theta - base| (float32; equal magnitudes ordered by
+// index) lies in [start, stop), base elsewhere. lo and hi are the magnitudes at ranks start and
+// stop - 1 (exact selections, above); has_lo = start > 0, has_hi = stop < numel. One pass keeps
+// everything strictly between lo and hi and counts the elements below each; the few elements
+// equal to a (nonzero) boundary value are collected in index order and kept by rank afterwards.
+// Elements with |theta - base| = 0 are written as theta: kept or dropped, they equal base.
+
+struct BandSelectParams {
+  const void* theta = nullptr;  // [numel] of dtype
+  const void* base = nullptr;
+  void* out = nullptr;
+  int64_t numel = 0;
+  DType dtype = DType::kFloat32;
+  bool has_lo = false, has_hi = false;
+  float lo = 0.f, hi = 0.f;
+  int64_t start = 0, stop = 0;
+};
+
+void band_select_cpu(const BandSelectParams& p);
+
 }  // namespace meldkit

@@ -141,7 +141,8 @@ def _breadcrumbs_model(
     of a sort: the magnitudes at the two boundary ranks by exact selection (two native
     selections), everything strictly between kept, and only the entries equal to a boundary
     value ordered by index. Entries with ``|τ| = 0`` are left as they are whatever their rank:
-    kept or dropped, they add nothing to the merge.
+    kept or dropped, they add nothing to the merge. On the CPU one native pass
+    (``_C.band_select``) writes the result; elsewhere PyTorch ops do the same steps.
     """
     n = theta.numel()
     start, stop = _breadcrumbs_band(n, density, gamma)
@@ -149,12 +150,18 @@ def _breadcrumbs_model(
         return theta
     if start >= stop:
         return base.clone()
+    lo = _kth_largest(theta, base, n - start) if start > 0 else None  # value at rank start
+    hi = _kth_largest(theta, base, n - stop + 1) if stop < n else None  # at rank stop − 1
+    if theta.device.type == "cpu":
+        out = torch.empty_like(theta, memory_format=torch.contiguous_format)
+        _native._C.band_select(
+            theta.detach().contiguous(), base.detach().contiguous(), out, lo, hi, start, stop
+        )
+        return out
     a = theta.float().flatten()  # a copy for float32 inputs too: worked on in place
     if a.data_ptr() == theta.data_ptr():
         a = a.clone()
     a.sub_(base.flatten()).abs_()  # float32 τ, as the kernels and the reference compute it
-    lo = _kth_largest(theta, base, n - start) if start > 0 else None  # value at rank start
-    hi = _kth_largest(theta, base, n - stop + 1) if stop < n else None  # at rank stop − 1
     keep = (a > lo) if lo is not None else torch.ones_like(a, dtype=torch.bool)
     if hi is not None:
         keep &= a < hi
