@@ -15,7 +15,8 @@ repository), then times, each twice and keeping the faster:
 
 The issue's targets: meldkit within 1.5x of the I/O floor, and at least 10x faster than mergekit
 on the CPU for TIES and DARE-TIES. ``--method breadcrumbs`` / ``breadcrumbs_ties`` use density 0.9
-and γ 0.01. The op-level benchmarks are ``meldkit bench --op merge``.
+and γ 0.01; ``della`` / ``della_linear`` density 0.3 and ε 0.1. The op-level benchmarks are
+``meldkit bench --op merge``.
 """
 
 from __future__ import annotations
@@ -92,7 +93,15 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--method",
         default="ties",
-        choices=["ties", "dare_ties", "task_arithmetic", "breadcrumbs", "breadcrumbs_ties"],
+        choices=[
+            "ties",
+            "dare_ties",
+            "task_arithmetic",
+            "breadcrumbs",
+            "breadcrumbs_ties",
+            "della",
+            "della_linear",
+        ],
     )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="append a JSON row here")
@@ -104,6 +113,8 @@ def main(argv=None) -> int:
     per_model = {"weight": 1.0 / args.models}
     if args.method.startswith("breadcrumbs"):  # the Breadcrumbs paper's kind of setting
         per_model.update(density=0.9, gamma=0.01)
+    elif args.method.startswith("della"):
+        per_model.update(density=0.3, epsilon=0.1)
     elif args.method != "task_arithmetic":
         per_model["density"] = 0.3
     cfg = {

@@ -525,4 +525,61 @@ void band_select(py::handle theta, py::handle base, py::handle out, py::handle l
   band_select_cpu(p);
 }
 
+py::tuple della_select(py::handle theta, py::handle base, py::handle out, int64_t row_len,
+                       double density, double epsilon, uint64_t seed, uint32_t stream_id) {
+  constexpr const char* kOp = "della_select";
+  const TensorArg t = import_tensor(theta, {kOp, "theta"}, 0);
+  const TensorArg b = import_tensor(base, {kOp, "base"}, 0);
+  const TensorArg o = import_tensor(out, {kOp, "out"}, 0);
+  if (t.device != DeviceKind::kCPU) {
+    throw_type_error(t.name.prefix() + ": the DELLA selection kernel runs on the CPU; " +
+                     "meldkit.ops uses the reference on " + t.device_str());
+  }
+  check_dtype_in(t, kBegin, kEnd, "CPU");
+  for (const TensorArg* x : {&b, &o}) {
+    check_same_device(*x, t);
+    check_same_shape(*x, t);
+    if (x->dtype != t.dtype) {
+      throw_type_error(x->name.prefix() + ": dtype " + dtype_name(x->dtype) + " differs from " +
+                       "'theta' " + dtype_name(t.dtype));
+    }
+  }
+  check_contiguous(t);
+  check_contiguous(b);
+  check_contiguous(o);
+  check_writable(o);
+  if (o.nbytes() > 0 && (o.data == t.data || o.data == b.data)) {
+    throw_value_error(o.name.prefix() + ": may not be 'theta' or 'base'");
+  }
+  const int64_t numel = t.numel();
+  if (row_len < 1 || row_len > int64_t(UINT32_MAX) || numel % row_len != 0) {
+    throw_value_error(std::string(kOp) + ": argument 'row_len': " + std::to_string(row_len) +
+                      " must be in [1, 2**32) and divide the " + std::to_string(numel) +
+                      " elements");
+  }
+  if (!(density - epsilon > 0.0 && density + epsilon <= 1.0 && epsilon >= 0.0)) {
+    throw_value_error(std::string(kOp) +
+                      ": arguments 'density' and 'epsilon' need 0 < density - epsilon and "
+                      "density + epsilon <= 1");
+  }
+  DellaSelectParams p;
+  p.theta = t.data;
+  p.base = b.data;
+  p.out = o.data;
+  p.numel = numel;
+  p.row_len = row_len;
+  p.dtype = t.dtype;
+  p.density = density;
+  p.epsilon = epsilon;
+  p.seed = seed;
+  p.stream = stream_id;
+  double l1[2] = {0.0, 0.0};
+  p.l1 = l1;
+  {
+    py::gil_scoped_release release;
+    della_select_cpu(p);
+  }
+  return py::make_tuple(l1[0], l1[1]);
+}
+
 }  // namespace meldkit::bind

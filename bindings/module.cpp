@@ -74,6 +74,13 @@ PYBIND11_MODULE(_C, m) {
         "magnitudes at ranks start and stop - 1 (None when start == 0 / stop == numel).",
         py::arg("theta"), py::arg("base"), py::arg("out"), py::arg("lo"), py::arg("hi"),
         py::arg("start"), py::arg("stop"));
+  m.def("della_select", &mb::della_select,
+        "DELLA's MagPrune on the CPU: out = theta where the counter-based draw of element e\n"
+        "(seed, stream_id) falls below its keep probability (d - eps) + 2 eps r / (n - 1), r the\n"
+        "ascending rank of |theta - base| in its row of row_len elements; base elsewhere.\n"
+        "Returns (sum |tau|, sum of the kept |tau|) in float64 for the L1 rescale.",
+        py::arg("theta"), py::arg("base"), py::arg("out"), py::arg("row_len"), py::arg("density"),
+        py::arg("epsilon"), py::arg("seed"), py::arg("stream_id"));
   m.def("merge_native_dtypes", &mb::merge_native_dtypes,
         "{device: [dtype names]} the native merge kernels accept.");
   m.attr("MERGE_MAX_MODELS") = meldkit::kMergeMaxModels;

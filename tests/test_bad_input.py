@@ -890,6 +890,66 @@ def _bs_corruptions():
     }
 
 
+# ---- della_select (CPU only: DELLA elsewhere runs the reference) -------------------------------
+
+
+def _ds_valid(draw, device):
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    rows, row_len = draw(st.integers(1, 4)), draw(st.integers(1, 30))
+    base = torch.randn(rows, row_len).to(dtype)
+    eps = draw(st.floats(0.0, 0.2))
+    return {
+        "theta": (base.float() + torch.randn(rows, row_len)).to(dtype),
+        "base": base,
+        "out": torch.empty_like(base),
+        "row_len": row_len,
+        "density": draw(st.floats(eps + 0.01, 1.0 - eps)),
+        "epsilon": eps,
+        "seed": draw(st.integers(0, 2**64 - 1)),
+        "stream_id": draw(st.integers(0, 2**32 - 1)),
+    }
+
+
+def _ds_call(a):
+    _C.della_select(
+        a["theta"],
+        a["base"],
+        a["out"],
+        a["row_len"],
+        a["density"],
+        a["epsilon"],
+        a["seed"],
+        a["stream_id"],
+    )
+
+
+def _ds_corruptions():
+    def wrong_dtype(draw, a, device):
+        a[draw(st.sampled_from(["base", "out"]))] = a["theta"].to(torch.int64)
+        return a
+
+    def shape_mismatch(draw, a, device):
+        a["out"] = torch.empty(a["theta"].numel() + 1).to(a["theta"])
+        return a
+
+    def out_aliases(draw, a, device):
+        a["out"] = a[draw(st.sampled_from(["theta", "base"]))]
+        return a
+
+    def bad_row_len(draw, a, device):
+        a["row_len"] = draw(st.sampled_from([0, -3, a["theta"].numel() + 1]))
+        return a
+
+    def bad_probabilities(draw, a, device):
+        a["density"], a["epsilon"] = draw(st.sampled_from([(0.1, 0.2), (0.95, 0.1), (0.5, -0.1)]))
+        return a
+
+    return {
+        f.__name__: f
+        for f in (wrong_dtype, shape_mismatch, out_aliases, bad_row_len, bad_probabilities)
+    }
+
+
 BINDINGS = [
     BindingSpec("weighted_sum", _ws_call, _ws_valid, _ws_corruptions()),
     BindingSpec("task_merge", _tm_call, _tm_valid, _tm_corruptions()),
@@ -899,6 +959,7 @@ BINDINGS = [
     BindingSpec("logit_fusion", _lf_call, _lf_valid, _lf_corruptions()),
     BindingSpec("blend", _bl_call, _bl_valid, _bl_corruptions()),
     BindingSpec("band_select", _bs_call, _bs_valid, _bs_corruptions()),
+    BindingSpec("della_select", _ds_call, _ds_valid, _ds_corruptions()),
 ]
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _C.has_cuda() else [])

@@ -269,8 +269,9 @@ def test_methods_without_native_masks_fall_back_with_a_warning(monkeypatch):
     monkeypatch.setenv("MELDKIT_BACKEND", "auto")
     monkeypatch.setattr(_native, "_warned", set())
     base, models = models_like((50,), torch.float32, "cpu")
-    with pytest.warns(meldkit.MeldkitFallbackWarning, match="no native kernel for della"):
-        got = merge_tensors(base, models, "della", densities=0.8, epsilons=0.1, seed=3)
+    kw = {"densities": 0.8, "epsilons": 0.1, "seed": 3, "rescale": "inverse_density"}
+    with pytest.warns(meldkit.MeldkitFallbackWarning, match="native DELLA path"):
+        got = merge_tensors(base, models, "della", **kw)
     expected = mr.generalized_merge_ref(
         base,
         models,
@@ -279,11 +280,52 @@ def test_methods_without_native_masks_fall_back_with_a_warning(monkeypatch):
         sparsify="della",
         consensus="sum",
         normalize=True,
-        rescale="l1",
+        rescale="inverse_density",
         epsilons=[0.1] * 3,
         seed=3,
     )
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+@pytest.mark.parametrize("shape", [(37,), (1,), (97, 41), (3, 5, 7), (6, 3001)], ids=str)
+def test_della_native_equals_reference(dtype, method, shape):
+    """DELLA on the CPU (native ranks by radix sort, native draws, the fused merge with each
+    model's L1 factor) merges exactly as the reference: rows with ties (bf16 task vectors,
+    rows of 3001 that use all three radix digits), 1-D tensors as one row, both rescales."""
+    m = get_method(method)
+    base, models = models_like(shape, dtype, "cpu", n=3, seed=len(shape))
+    w = [0.5, 1.0, 0.25]
+    for (d, e), rescale in [((0.5, 0.1), "l1"), ((0.9, 0.1), "none"), ((0.3, 0.0), "l1")]:
+        got = merge_tensors(
+            base,
+            models,
+            method,
+            densities=d,
+            epsilons=e,
+            seed=7,
+            weights=w,
+            rescale=rescale,
+            tensor_index=3,
+        )
+        expected = mr.generalized_merge_ref(
+            base,
+            models,
+            weights=w,
+            densities=[d] * 3,
+            sparsify="della",
+            consensus=m.consensus,
+            normalize=m.normalize,
+            rescale=rescale,
+            epsilons=[e] * 3,
+            seed=7,
+            tensor_index=3,
+        )
+        assert torch.equal(got, expected), (d, e, rescale)
+    listed = merge_tensor_list([base], [[x] for x in models], method, densities=0.5, seed=7)
+    one = merge_tensors(base, models, method, densities=0.5, seed=7)
+    assert torch.equal(listed[0], one)
 
 
 def _crumbs_cases(dtype, device):

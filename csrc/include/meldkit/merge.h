@@ -180,4 +180,27 @@ struct BandSelectParams {
 
 void band_select_cpu(const BandSelectParams& p);
 
+// ---- DELLA's MagPrune (CPU) --------------------------------------------------------------------
+// out = theta where uniform01(stream_key(seed, stream), e) < p_e, base elsewhere, with
+// p_e = float32((density - epsilon) + (2 epsilon) * (r / (n - 1))) (r / (n - 1) = 0 when n = 1),
+// r the ascending rank of |theta_e - base_e| (float32; equal magnitudes by index) within its row
+// of n = row_len elements (a 1-D tensor is one row). Ranks by a stable radix sort of the magnitude
+// bits per row; OpenMP over rows.
+
+struct DellaSelectParams {
+  const void* theta = nullptr;  // [numel] of dtype
+  const void* base = nullptr;
+  void* out = nullptr;
+  int64_t numel = 0;
+  int64_t row_len = 1;  // divides numel
+  DType dtype = DType::kFloat32;
+  double density = 1.0, epsilon = 0.0;
+  uint64_t seed = 0;
+  uint32_t stream = 0;
+  double* l1 = nullptr;  // optional [2]: sum |tau| and sum over kept |tau| (float64; rows in
+                         // order, each row in index order)
+};
+
+void della_select_cpu(const DellaSelectParams& p);
+
 }  // namespace meldkit

@@ -6,8 +6,10 @@ implementations run the native pipeline for the sparsifiers the kernels implemen
 magnitude with ``tie="keep_ties"``, random): radix-select thresholds → L1 norms when rescaling by
 L1 → one fused pass that masks, weighs, elects signs and merges. Breadcrumbs (without
 rescaling, its definition) selects its two boundary magnitudes exactly, resolves ties at them by
-index, and merges the masked models without masks. DELLA and ``tie="exact_k"`` run the
-reference (with a one-time warning naming the reason); ``linear`` runs
+index (one native pass on the CPU), and merges the masked models without masks. DELLA (rescale
+``l1`` or none, on the CPU) ranks each row by a native radix sort, draws its masks natively and
+merges the masked models with each model's L1 factor. DELLA elsewhere and ``tie="exact_k"`` run
+the reference (with a one-time warning naming the reason); ``linear`` runs
 on :func:`meldkit.ops.weighted_sum`; ``model_stock`` and ``slerp`` are a few reductions in PyTorch.
 """
 
@@ -186,6 +188,84 @@ def _breadcrumbs_model(
     return torch.where(keep.view(theta.shape), theta, base)
 
 
+def _della_model(
+    base: torch.Tensor, theta: torch.Tensor, density: float, epsilon: float, seed: int, stream: int
+) -> tuple[torch.Tensor, float]:
+    """θ with the entries DELLA's MagPrune drops set back to θ₀ (CPU, one native call): per row,
+    the magnitude ranks, each entry's keep probability from its rank, the seeded draw — the
+    mask of :func:`merge_ref.della_keep_prob_ref` and :func:`random_ref.bernoulli_mask_ref`.
+    Also returns the L1 factor ``‖τ‖₁ / ‖kept τ‖₁`` of :func:`merge_ref.rescale_ref` (1 when
+    nothing is kept): float64 sums (in index order, where the reference lets PyTorch choose the
+    order, as the native DARE path does), the ratio rounded once to float32."""
+    if not (0 < density - epsilon and density + epsilon <= 1):
+        raise ValueError(
+            f"della needs 0 < density - epsilon and density + epsilon <= 1 "
+            f"(density={density}, epsilon={epsilon})"
+        )
+    out = torch.empty_like(theta, memory_format=torch.contiguous_format)
+    if theta.numel() == 0:
+        return out, 1.0
+    row_len = theta.shape[-1] if theta.dim() >= 2 else theta.numel()
+    tau_l1, kept_l1 = _native._C.della_select(
+        theta.detach().contiguous(),
+        base.detach().contiguous(),
+        out,
+        row_len,
+        density,
+        epsilon,
+        seed,
+        stream,
+    )
+    if kept_l1 == 0:
+        return out, 1.0
+    return out, float(torch.tensor(tau_l1 / kept_l1, dtype=torch.float64).to(torch.float32))
+
+
+def _della_merge_cpu(
+    base,
+    models,
+    m,
+    weights,
+    densities,
+    epsilons,
+    lam,
+    normalize,
+    rescale,
+    seed,
+    tensor_index,
+    out_dtype,
+) -> torch.Tensor:
+    """DELLA / DELLA-linear of one position on the CPU: native MagPrune per model, then the fused
+    native merge of the masked models with each model's rescale factor (L1 ratio or 1)."""
+    n = len(models)
+    masked, ratios = zip(
+        *(
+            _della_model(base, x, d, e, seed, ref.stream_of(tensor_index, n, t))
+            for t, (x, d, e) in enumerate(zip(models, densities, epsilons, strict=True))
+        ),
+        strict=True,
+    )
+    masked = list(masked)
+    scales = list(ratios) if rescale == "l1" else [1.0] * n
+    out = torch.empty(base.shape, dtype=out_dtype or base.dtype, device=base.device)
+    _native._C.task_merge(
+        base.detach().contiguous(),
+        masked,
+        out,
+        weights,
+        scales,
+        None,
+        None,
+        seed,
+        None,
+        "none",
+        m.consensus,
+        normalize,
+        float(lam),
+    )
+    return out
+
+
 def _merge_native(
     bases: list[torch.Tensor],
     models: list[list[torch.Tensor]],
@@ -333,14 +413,39 @@ def _merge_tensors_native(
     dtypes = (base.dtype, out_dtype)
     reasons = _native.unavailable(_OP, base.device, dtypes)
     sparsify = m.sparsify
+    if (
+        not reasons
+        and sparsify == "della"
+        and rescale in ("l1", "none")
+        and base.device.type == "cpu"
+    ):
+        return _della_merge_cpu(
+            base,
+            models,
+            m,
+            weights,
+            densities,
+            epsilons,
+            lam,
+            normalize,
+            rescale,
+            seed,
+            tensor_index,
+            out_dtype,
+        )
     if not reasons and sparsify == "breadcrumbs" and rescale == "none":
         models = [
             _breadcrumbs_model(base, x, d, g)
             for x, d, g in zip(models, densities, gammas, strict=True)
         ]
         sparsify = "none"
-    if not reasons and sparsify not in _NATIVE_SPARSIFY:
-        reasons = [f"no native kernel for {m.sparsify} masks yet"]
+    if not reasons and sparsify == "della":
+        reasons = [
+            "the native DELLA path runs on the CPU with rescale 'l1' or 'none', "
+            f"not on {base.device.type} with {rescale!r}"
+        ]
+    elif not reasons and sparsify not in _NATIVE_SPARSIFY:
+        reasons = [f"no native kernel for {m.sparsify} masks with rescale {rescale!r}"]
     if not reasons and m.sparsify == "magnitude" and tie != "keep_ties" and thresholds is None:
         reasons = [f"the native magnitude selection implements tie='keep_ties', not {tie!r}"]
     if reasons:

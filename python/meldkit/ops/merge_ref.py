@@ -147,10 +147,10 @@ def rescale_ref(
             return kept / keep_prob
         return kept * (1.0 / keep_prob)
     if mode == "l1":
-        kept_norm = kept.abs().double().sum()
+        kept_norm = torch.sum(kept.abs(), dtype=torch.float64)
         if kept_norm == 0:
             return kept
-        factor = (tau.abs().double().sum() / kept_norm).to(kept.dtype)
+        factor = (torch.sum(tau.abs(), dtype=torch.float64) / kept_norm).to(kept.dtype)
         return kept * factor
     raise ValueError(f"rescale must be one of {RESCALES}, got {mode!r}")
 
