@@ -471,7 +471,7 @@ float magnitude_select(py::handle a, py::handle b, int64_t k, py::handle workspa
 }
 
 void band_select(py::handle theta, py::handle base, py::handle out, py::handle lo, py::handle hi,
-                 int64_t start, int64_t stop) {
+                 int64_t start, int64_t stop, bool lo_ties_first) {
   constexpr const char* kOp = "band_select";
   const TensorArg t = import_tensor(theta, {kOp, "theta"}, 0);
   const TensorArg b = import_tensor(base, {kOp, "base"}, 0);
@@ -519,8 +519,13 @@ void band_select(py::handle theta, py::handle base, py::handle out, py::handle l
                       ": arguments 'start' and 'stop' must satisfy 0 <= start < stop <= numel, "
                       "with 'lo' given exactly when start > 0 and 'hi' exactly when stop < numel");
   }
+  if (lo_ties_first && p.has_hi) {
+    throw_value_error(std::string(kOp) +
+                      ": argument 'lo_ties_first': only without an upper cut (stop == numel)");
+  }
   p.start = start;
   p.stop = stop;
+  p.lo_ties_first = lo_ties_first;
   py::gil_scoped_release release;
   band_select_cpu(p);
 }

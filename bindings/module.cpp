@@ -71,9 +71,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("band_select", &mb::band_select,
         "Model Breadcrumbs on the CPU: out = theta where the ascending rank of |theta - base|\n"
         "(equal magnitudes by index) is in [start, stop), base elsewhere; lo and hi are the\n"
-        "magnitudes at ranks start and stop - 1 (None when start == 0 / stop == numel).",
+        "magnitudes at ranks start and stop - 1 (None when start == 0 / stop == numel).\n"
+        "lo_ties_first (no upper cut): keep the first ties at lo in index order instead of the\n"
+        "last (the top ranks of a descending stable order: TIES with tie='exact_k').",
         py::arg("theta"), py::arg("base"), py::arg("out"), py::arg("lo"), py::arg("hi"),
-        py::arg("start"), py::arg("stop"));
+        py::arg("start"), py::arg("stop"), py::arg("lo_ties_first") = false);
   m.def("della_select", &mb::della_select,
         "DELLA's MagPrune on the CPU: out = theta where the counter-based draw of element e\n"
         "(seed, stream_id) falls below its keep probability (d - eps) + 2 eps r / (n - 1), r the\n"

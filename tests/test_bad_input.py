@@ -857,7 +857,16 @@ def _bs_valid(draw, device):
 
 
 def _bs_call(a):
-    _C.band_select(a["theta"], a["base"], a["out"], a["lo"], a["hi"], a["start"], a["stop"])
+    _C.band_select(
+        a["theta"],
+        a["base"],
+        a["out"],
+        a["lo"],
+        a["hi"],
+        a["start"],
+        a["stop"],
+        a.get("lo_ties_first", False),
+    )
 
 
 def _bs_corruptions():
@@ -885,8 +894,23 @@ def _bs_corruptions():
         a["start"], a["stop"] = 1, a["theta"].numel() - 1
         return a
 
+    def first_ties_with_hi(draw, a, device):
+        n = a["theta"].numel()
+        mags = (a["theta"].float() - a["base"].float()).abs().sort().values
+        a["start"], a["stop"], a["lo"], a["hi"] = 0, n - 1, None, float(mags[n - 2])
+        a["lo_ties_first"] = True  # only without an upper cut
+        return a
+
     return {
-        f.__name__: f for f in (wrong_dtype, shape_mismatch, out_aliases, bad_range, bad_bounds)
+        f.__name__: f
+        for f in (
+            wrong_dtype,
+            shape_mismatch,
+            out_aliases,
+            bad_range,
+            bad_bounds,
+            first_ties_with_hi,
+        )
     }
 
 

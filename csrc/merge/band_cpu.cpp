@@ -128,8 +128,12 @@ void band_select_typed(const BandSelectParams& p) {
   }
   // The equal elements hold ascending ranks below, below + 1, ...: the kept window of tie
   // ranks. Ties at lo all rank below stop when lo < hi; ties at hi all rank at or after start.
-  const int64_t lo_from = std::clamp<int64_t>(p.start - below_lo, 0, at_lo);
-  const int64_t lo_to = same ? std::clamp<int64_t>(p.stop - below_lo, 0, at_lo) : at_lo;
+  int64_t lo_from = std::clamp<int64_t>(p.start - below_lo, 0, at_lo);
+  int64_t lo_to = same ? std::clamp<int64_t>(p.stop - below_lo, 0, at_lo) : at_lo;
+  if (p.lo_ties_first && !p.has_hi) {  // as many ties, the first ones in index order
+    lo_to -= lo_from;
+    lo_from = 0;
+  }
   const int64_t hi_to = std::clamp<int64_t>(p.stop - below_hi, 0, at_hi);
 #pragma omp parallel for schedule(dynamic, 4) if (num_blocks > 1)
   for (int64_t b = 0; b < num_blocks; ++b) {

@@ -518,3 +518,34 @@ def test_breadcrumbs_masks_across_blocks(device, dtype):
         want = torch.where(mask | (tau == 0), theta, base)
         got = _breadcrumbs_model(base.to(device), theta.to(device), density, gamma)
         assert torch.equal(got.cpu(), want), (density, gamma)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", ["ties", "ties_like_sum"])
+def test_exact_k_native_equals_reference(dtype, method):
+    """TIES with tie="exact_k" on the CPU (one selection, the band pass keeping the first ties by
+    index) merges exactly as the reference: tie-heavy task vectors (200k elements, several of
+    the band pass's blocks), sparse ones, and densities 0, 1 and in between."""
+    kw = {"normalize": False, "lam": 1.3} if method == "ties_like_sum" else {}
+    g = torch.Generator().manual_seed(21)
+    n = 200_003
+    base64 = torch.randn(n, generator=g, dtype=torch.float64)
+    steps = torch.randint(-8, 9, (3, n), generator=g).to(torch.float64) / 32
+    steps[2] *= torch.rand(n, generator=g) < 0.2  # a sparse fine-tune: most |τ| = 0
+    base = base64.to(dtype)
+    models = [(base64 + s).to(dtype) for s in steps]
+    m = get_method("ties")
+    for density in (0.0, 0.07, 0.5, 0.93, 1.0):
+        got = merge_tensors(base, models, "ties", densities=density, tie="exact_k", **kw)
+        expected = mr.generalized_merge_ref(
+            base,
+            models,
+            weights=[1.0] * 3,
+            densities=[density] * 3,
+            sparsify="magnitude",
+            consensus=m.consensus,
+            normalize=kw.get("normalize", m.normalize),
+            lam=kw.get("lam", 1.0),
+            tie="exact_k",
+        )
+        assert torch.equal(got, expected), density

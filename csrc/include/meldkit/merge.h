@@ -176,6 +176,9 @@ struct BandSelectParams {
   bool has_lo = false, has_hi = false;
   float lo = 0.f, hi = 0.f;
   int64_t start = 0, stop = 0;
+  // Without an upper cut: keep the ties at lo that come *first* in index order (a descending
+  // stable order's top ranks: TIES with tie="exact_k") instead of the last ones.
+  bool lo_ties_first = false;
 };
 
 void band_select_cpu(const BandSelectParams& p);

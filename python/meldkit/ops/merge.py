@@ -8,8 +8,9 @@ L1 → one fused pass that masks, weighs, elects signs and merges. Breadcrumbs (
 rescaling, its definition) selects its two boundary magnitudes exactly, resolves ties at them by
 index (one native pass on the CPU), and merges the masked models without masks. DELLA (rescale
 ``l1`` or none, on the CPU) ranks each row by a native radix sort, draws its masks natively and
-merges the masked models with each model's L1 factor. DELLA elsewhere and ``tie="exact_k"`` run
-the reference (with a one-time warning naming the reason); ``linear`` runs
+merges the masked models with each model's L1 factor. TIES with ``tie="exact_k"`` (on the CPU,
+without rescaling) keeps the top k by one selection and the same band pass. DELLA elsewhere and
+``exact_k`` elsewhere run the reference (with a one-time warning naming the reason); ``linear`` runs
 on :func:`meldkit.ops.weighted_sum`; ``model_stock`` and ``slerp`` are a few reductions in PyTorch.
 """
 
@@ -186,6 +187,24 @@ def _breadcrumbs_model(
         if hi is not None:
             keep_ties(hi, 0, stop)  # above lo: all of them rank at or after start
     return torch.where(keep.view(theta.shape), theta, base)
+
+
+def _exact_k_model(base: torch.Tensor, theta: torch.Tensor, density: float) -> torch.Tensor:
+    """θ with all but the top ``k = int(numel·density)`` magnitudes set back to θ₀, equal
+    magnitudes ranked by index (lower first): :func:`merge_ref.magnitude_mask_ref` with
+    ``tie="exact_k"``, by one exact selection and the native band pass (CPU)."""
+    n = theta.numel()
+    k = min(int(n * density), n)
+    if k >= n:
+        return theta
+    if k <= 0:
+        return base.clone()
+    lo = _kth_largest(theta, base, k)
+    out = torch.empty_like(theta, memory_format=torch.contiguous_format)
+    _native._C.band_select(
+        theta.detach().contiguous(), base.detach().contiguous(), out, lo, None, n - k, n, True
+    )
+    return out
 
 
 def _della_model(
@@ -439,6 +458,10 @@ def _merge_tensors_native(
             for x, d, g in zip(models, densities, gammas, strict=True)
         ]
         sparsify = "none"
+    exact_k = sparsify == "magnitude" and tie == "exact_k" and thresholds is None
+    if not reasons and exact_k and rescale == "none" and base.device.type == "cpu":
+        models = [_exact_k_model(base, x, d) for x, d in zip(models, densities, strict=True)]
+        sparsify = "none"
     if not reasons and sparsify == "della":
         reasons = [
             "the native DELLA path runs on the CPU with rescale 'l1' or 'none', "
@@ -446,8 +469,11 @@ def _merge_tensors_native(
         ]
     elif not reasons and sparsify not in _NATIVE_SPARSIFY:
         reasons = [f"no native kernel for {m.sparsify} masks with rescale {rescale!r}"]
-    if not reasons and m.sparsify == "magnitude" and tie != "keep_ties" and thresholds is None:
-        reasons = [f"the native magnitude selection implements tie='keep_ties', not {tie!r}"]
+    if not reasons and sparsify == "magnitude" and tie != "keep_ties" and thresholds is None:
+        reasons = [
+            f"tie={tie!r} runs natively on the CPU without rescaling, not on "
+            f"{base.device.type} with rescale {rescale!r}"
+        ]
     if reasons:
         _native.warn_fallback(f"merge_tensors[{method}]", base.device, dtypes, reasons)
         return _merge_reference(
