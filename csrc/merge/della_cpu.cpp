@@ -55,30 +55,48 @@ uint32_t* radix_order(uint32_t* key, uint32_t* idx, uint32_t* key2, uint32_t* id
   return src_i;
 }
 
-// One row's draws and writes, in index order (vectorises): element j is kept when its draw falls
-// below the keep probability of its rank. Adds the row's sums of |tau| and of the kept |tau|
-// (float64, index order) to sums[0], sums[1].
+// One row's draws and writes, in index order: element j is kept when its draw falls below
+// prob[rank[j]]. Adds the row's sums of |tau| and of the kept |tau| (float64, kLanes interleaved
+// sums: a fixed order) to sums[0], sums[1].
 template <typename T>
 MELDKIT_CPU_CLONES void della_write(const DellaSelectParams& p, int64_t r0, int64_t n,
-                                    const uint32_t* rank, uint32_t key, double* sums) {
+                                    const uint32_t* rank, const float* prob, uint32_t key,
+                                    uint8_t* kept_flags, double* sums) {
   const T* theta = static_cast<const T*>(p.theta);
   const T* base = static_cast<const T*>(p.base);
   T* out = static_cast<T*>(p.out);
-  const double low = p.density - p.epsilon;  // as the reference: (d - eps) + (2 eps) * (r / (n-1))
-  const double span = 2.0 * p.epsilon;
-  const double denom = double(n - 1);
-  double all = 0.0, kept = 0.0;
-  for (int64_t j = 0; j < n; ++j) {
-    const double norm = n > 1 ? double(rank[j]) / denom : 0.0;
-    const float prob = float(low + span * norm);
-    const bool keep = uniform01(key, uint64_t(r0 + j)) < prob;
-    out[r0 + j] = keep ? theta[r0 + j] : base[r0 + j];
-    const double a = double(std::fabs(widen(theta[r0 + j]) - widen(base[r0 + j])));
-    all += a;
-    kept += keep ? a : 0.0;
+  // The draws' high-word hash once per row when the row stays within one 2^32 block of
+  // elements (always, short of 4-billion-element tensors); per element otherwise.
+  if ((uint64_t(r0) >> 32) == (uint64_t(r0 + n - 1) >> 32)) {
+    const uint32_t high = uniform01_high(uint64_t(r0));
+    for (int64_t j = 0; j < n; ++j) {
+      kept_flags[j] = uniform01_from_high(key, high, uint64_t(r0 + j)) < prob[rank[j]] ? 1 : 0;
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      kept_flags[j] = uniform01(key, uint64_t(r0 + j)) < prob[rank[j]] ? 1 : 0;
+    }
   }
-  sums[0] = all;
-  sums[1] = kept;
+  constexpr int kLanes = 8;
+  double all[kLanes] = {}, kept[kLanes] = {};
+  auto visit = [&](int64_t j, int lane) {
+    const float a = std::fabs(widen(theta[r0 + j]) - widen(base[r0 + j]));
+    out[r0 + j] = kept_flags[j] ? theta[r0 + j] : base[r0 + j];
+    all[lane] += a;
+    kept[lane] += kept_flags[j] ? a : 0.f;
+  };
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int k = 0; k < kLanes; ++k) visit(j + k, k);
+  }
+  for (int k = 0; j < n; ++j, ++k) visit(j, k);
+  double total = 0.0, total_kept = 0.0;
+  for (int k = 0; k < kLanes; ++k) {
+    total += all[k];
+    total_kept += kept[k];
+  }
+  sums[0] = total;
+  sums[1] = total_kept;
 }
 
 template <typename T>
@@ -88,12 +106,20 @@ void della_typed(const DellaSelectParams& p) {
   const int64_t n = p.row_len;
   const int64_t rows = n > 0 ? p.numel / n : 0;
   const uint32_t key = stream_key(p.seed, p.stream);
+  // The keep probability of each rank, as the reference computes it:
+  // float32((d - eps) + (2 eps) * (r / (n - 1))), r / (n - 1) = 0 for one-element rows.
+  std::vector<float> prob(size_t(std::max<int64_t>(n, 0)));
+  const double low = p.density - p.epsilon, span = 2.0 * p.epsilon, denom = double(n - 1);
+  for (int64_t r = 0; r < n; ++r) {
+    prob[size_t(r)] = float(low + span * (n > 1 ? double(r) / denom : 0.0));
+  }
   std::vector<double> row_sums(size_t(2 * rows), 0.0);
 #pragma omp parallel
   {
     const size_t m = size_t(std::max<int64_t>(n, 0));
     std::vector<uint32_t> keys(m), order(m), keys2(m), order2(m), rank(m);
     std::vector<uint32_t> hist(4 * kDigitBins);
+    std::vector<uint8_t> kept_flags(m);
 #pragma omp for schedule(dynamic, 4)
     for (int64_t row = 0; row < rows; ++row) {
       const int64_t r0 = row * n;
@@ -103,7 +129,8 @@ void della_typed(const DellaSelectParams& p) {
       const uint32_t* sorted =
           radix_order(keys.data(), order.data(), keys2.data(), order2.data(), n, hist.data());
       for (int64_t r = 0; r < n; ++r) rank[sorted[r]] = uint32_t(r);  // rank, in index order
-      della_write<T>(p, r0, n, rank.data(), key, &row_sums[size_t(2 * row)]);
+      della_write<T>(p, r0, n, rank.data(), prob.data(), key, kept_flags.data(),
+                     &row_sums[size_t(2 * row)]);
     }
   }
   // Rows in order: the sums do not depend on the thread count.
