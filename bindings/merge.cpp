@@ -292,6 +292,14 @@ void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle
   std::vector<float> thr(n), scales(n);
   std::vector<uint32_t> streams(n);
   std::vector<double> norms(2 * n);
+  // DARE with L1 rescaling on the CPU: the L1 pass keeps its mask bits for the merge pass (one
+  // byte per element of the largest tensor) instead of both passes drawing every mask.
+  std::vector<uint8_t> mask_bits;
+  if (!cuda && sp == Sparsify::kRandom && rescale == "l1" && n <= size_t(kMaskBitsMaxModels)) {
+    int64_t largest = 0;
+    for (const MergeInputs& in : inputs) largest = std::max(largest, in.base.numel());
+    mask_bits.resize(size_t(largest));
+  }
   for (size_t j = 0; j < num_tensors; ++j) {
     const MergeInputs& in = inputs[j];
     TaskMergeParams p;
@@ -358,6 +366,7 @@ void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle
                      reinterpret_cast<void*>(stream));
 #endif
       } else {
+        p.mask_bits = mask_bits.empty() ? nullptr : mask_bits.data();
         task_l1_cpu(p, norms.data());
       }
       for (size_t t = 0; t < n; ++t) {

@@ -24,21 +24,30 @@ constexpr int64_t kTile = 256;  // elements whose running sums stay in L1 while 
 // Model t's contribution to a tile, with the sparsify choice hoisted out of the element loop so
 // that each variant vectorises (selects instead of branches). Same arithmetic, in the same model
 // order, as merge_add: the result is bit-identical to the scalar definition.
-template <typename TIn, Sparsify S>
-MELDKIT_ALWAYS_INLINE void accumulate_tile(const TIn* __restrict x, const float* __restrict b,
-                                           const uint32_t* __restrict inner, int64_t n,
-                                           float weight, float scale, float threshold,
-                                           float density, uint32_t key, float* __restrict pos,
-                                           float* __restrict neg, float* __restrict wpos,
-                                           float* __restrict wneg, float* __restrict npos,
-                                           float* __restrict nneg) {
+// kCached (random masks): the keep decisions are the L1 pass's mask bits (`flag` of bits[j])
+// instead of fresh draws.
+template <typename TIn, Sparsify S, bool kCached = false>
+MELDKIT_ALWAYS_INLINE void accumulate_tile(
+    const TIn* __restrict x, const float* __restrict b, const uint32_t* __restrict inner, int64_t n,
+    float weight, float scale, float threshold, float density, uint32_t key, float* __restrict pos,
+    float* __restrict neg, float* __restrict wpos, float* __restrict wneg, float* __restrict npos,
+    float* __restrict nneg, const uint32_t* __restrict bits = nullptr, uint32_t flag = 0) {
   for (int64_t j = 0; j < n; ++j) {
     const float tau = widen(x[j]) - b[j];
     bool keep = true;
     if constexpr (S == Sparsify::kMagnitude) keep = fabsf(tau) >= threshold;
     // inner[j]: the element's stream-independent hash, computed once for all models.
-    if constexpr (S == Sparsify::kRandom) keep = uniform01_from_inner(key, inner[j]) < density;
-    const float w = keep ? weight * (scale * tau) : 0.f;
+    if constexpr (S == Sparsify::kRandom && !kCached) {
+      keep = uniform01_from_inner(key, inner[j]) < density;
+    }
+    float w;
+    if constexpr (S == Sparsify::kRandom && kCached) {
+      // The product or +0 by a bit mask: with the decision in memory GCC would branch on it.
+      const uint32_t mask = 0u - uint32_t((bits[j] & flag) != 0u);
+      w = bits_as_float(float_as_bits(weight * (scale * tau)) & mask);
+    } else {
+      w = keep ? weight * (scale * tau) : 0.f;
+    }
     const bool p = w > 0.f, q = w < 0.f;
     pos[j] += p ? w : 0.f;
     neg[j] += q ? w : 0.f;
@@ -113,7 +122,7 @@ MELDKIT_CPU_CLONES void task_merge_range(const TaskMergeParams& p, const uint32_
   const auto* base = static_cast<const TIn*>(p.base);
   auto* out = static_cast<TOut*>(p.out);
   float b[kTile], pos[kTile], neg[kTile], wpos[kTile], wneg[kTile], npos[kTile], nneg[kTile];
-  uint32_t inner[kTile];
+  uint32_t inner[kTile], bits[kTile];
   for (int64_t e0 = begin; e0 < end; e0 += kTile) {
     const int64_t n = std::min(kTile, end - e0);
     float wall = 0.f;
@@ -121,7 +130,11 @@ MELDKIT_CPU_CLONES void task_merge_range(const TaskMergeParams& p, const uint32_
       b[j] = widen(base[e0 + j]);
       pos[j] = neg[j] = wpos[j] = wneg[j] = npos[j] = nneg[j] = 0.f;
     }
-    if (p.sparsify == Sparsify::kRandom) {
+    const bool cached = p.sparsify == Sparsify::kRandom && p.mask_bits != nullptr;
+    if (cached) {  // widened once per tile: the model loops then test 32-bit lanes
+      const uint8_t* __restrict mb = p.mask_bits + e0;
+      for (int64_t j = 0; j < n; ++j) bits[j] = mb[j];
+    } else if (p.sparsify == Sparsify::kRandom) {
       // e0 is a multiple of the tile size, so a tile never crosses a multiple of 2^32.
       const uint32_t high = uniform01_high(uint64_t(e0));
       for (int64_t j = 0; j < n; ++j) inner[j] = uniform01_inner(high, uint64_t(e0 + j));
@@ -138,8 +151,14 @@ MELDKIT_CPU_CLONES void task_merge_range(const TaskMergeParams& p, const uint32_
                                                      neg, wpos, wneg, npos, nneg);
           break;
         case Sparsify::kRandom:
-          accumulate_tile<TIn, Sparsify::kRandom>(x, b, inner, n, w, sc, thr, d, keys[t], pos, neg,
-                                                  wpos, wneg, npos, nneg);
+          if (cached) {
+            accumulate_tile<TIn, Sparsify::kRandom, true>(x, b, inner, n, w, sc, thr, d, keys[t],
+                                                          pos, neg, wpos, wneg, npos, nneg, bits,
+                                                          1u << t);
+          } else {
+            accumulate_tile<TIn, Sparsify::kRandom>(x, b, inner, n, w, sc, thr, d, keys[t], pos,
+                                                    neg, wpos, wneg, npos, nneg);
+          }
           break;
         default:
           accumulate_tile<TIn, Sparsify::kNone>(x, b, inner, n, w, sc, thr, d, keys[t], pos, neg,
@@ -201,11 +220,15 @@ MELDKIT_ALWAYS_INLINE void l1_random_models(const TaskMergeParams& p, const uint
                                             const T* base, int64_t begin, int64_t end,
                                             double* sums) {
   double all[kMergeMaxModels][kLanes] = {}, kept[kMergeMaxModels][kLanes] = {};
-  uint32_t inner[kTile];
+  uint32_t inner[kTile], bits[kTile], keep32[kTile];
+  uint8_t* __restrict mask_bits = p.mask_bits;
   for (int64_t e0 = begin; e0 < end; e0 += kTile) {  // kTile is a multiple of kLanes
     const int64_t n = std::min(kTile, end - e0);
     const uint32_t high = uniform01_high(uint64_t(e0));
-    for (int64_t j = 0; j < n; ++j) inner[j] = uniform01_inner(high, uint64_t(e0 + j));
+    for (int64_t j = 0; j < n; ++j) {
+      inner[j] = uniform01_inner(high, uint64_t(e0 + j));
+      bits[j] = 0u;
+    }
     for (int t = 0; t < p.num_models; ++t) {
       const T* x = static_cast<const T*>(p.models[t]) + e0;
       const T* b = base + e0;
@@ -213,17 +236,26 @@ MELDKIT_ALWAYS_INLINE void l1_random_models(const TaskMergeParams& p, const uint
       const uint32_t key = keys[t];
       double* at = all[t];
       double* kt = kept[t];
+      // The draws in a loop of their own (32-bit lanes: it vectorises), kept for the sums below
+      // and, as bit t, for the merge pass.
+      for (int64_t j = 0; j < n; ++j) {
+        keep32[j] = uniform01_from_inner(key, inner[j]) < d ? 1u : 0u;
+        bits[j] |= keep32[j] << t;
+      }
       auto visit = [&](int64_t j, int lane) {
-        const float tau = widen(x[j]) - widen(b[j]);
-        const bool keep = uniform01_from_inner(key, inner[j]) < d;
-        at[lane] += fabsf(tau);
-        kt[lane] += keep ? fabsf(tau) : 0.f;
+        const float a = fabsf(widen(x[j]) - widen(b[j]));
+        at[lane] += a;
+        // a or +0 by a bit mask: with the draw in memory GCC would branch here, on random bits
+        kt[lane] += bits_as_float(float_as_bits(a) & (0u - keep32[j]));
       };
       int64_t j = 0;
       for (; j + kLanes <= n; j += kLanes) {
         for (int k = 0; k < kLanes; ++k) visit(j + k, k);
       }
       for (int k = 0; j < n; ++j, ++k) visit(j, k);
+    }
+    if (mask_bits != nullptr) {
+      for (int64_t j = 0; j < n; ++j) mask_bits[e0 + j] = uint8_t(bits[j]);
     }
   }
   for (int t = 0; t < p.num_models; ++t) {

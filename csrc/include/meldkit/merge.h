@@ -44,7 +44,11 @@ struct TaskMergeParams {
   const float* densities = nullptr;   // [N] random: keep u < density
   uint64_t seed = 0;
   const uint32_t* streams = nullptr;  // [N] random: counter-based stream of each model
+  // CPU, random masks, N <= kMaskBitsMaxModels: [numel] bytes, bit t = model t's keep. The L1
+  // pass writes them; the merge pass then reads them instead of drawing again (same bits).
+  uint8_t* mask_bits = nullptr;
 };
+constexpr int kMaskBitsMaxModels = 8;
 
 // Running sums of one element; positive and negative parts apart so the elected sign can pick.
 struct MergeAcc {
