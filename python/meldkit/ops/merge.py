@@ -717,7 +717,9 @@ filter_wise :
     -----
     The task-vector methods whose masks the kernels implement (task_arithmetic, ties,
     dare_linear, dare_ties) and breadcrumbs (no rescale) run natively as one call;
-    breadcrumbs holds one masked copy of each model's tensors during the call. The others
+    breadcrumbs holds one masked copy of each model's tensors during the call, and DARE with L1
+    rescaling on the CPU one byte per element of the largest tensor (its masks, kept between
+    the L1 pass and the merge pass). The others
     (linear, model_stock, slerp, della, breadcrumbs with a rescale, ``tie="exact_k"``) and the
     reference backend merge position by position. No autograd: merging produces new weights.
     """
