@@ -716,10 +716,10 @@ filter_wise :
     Notes
     -----
     The task-vector methods whose masks the kernels implement (task_arithmetic, ties,
-    dare_linear, dare_ties) and breadcrumbs (no rescale) run natively as one call;
-    breadcrumbs holds one masked copy of each model's tensors during the call, and DARE with L1
-    rescaling on the CPU one byte per element of the largest tensor (its masks, kept between
-    the L1 pass and the merge pass). The others
+    dare_linear, dare_ties) run natively as one call, breadcrumbs (no rescale) natively position
+    by position; breadcrumbs holds one masked copy of one position's tensors at a time, and DARE
+    with L1 rescaling on the CPU one byte per element of the largest tensor (its masks, kept
+    between the L1 pass and the merge pass). The others
     (linear, model_stock, slerp, della, breadcrumbs with a rescale, ``tie="exact_k"``) and the
     reference backend merge position by position. No autograd: merging produces new weights.
     """
@@ -767,19 +767,8 @@ filter_wise :
     if native:
         reasons = _native.unavailable(_OP, device, (dtype, out_dtype))
         if not reasons:
-            sparsify = m.sparsify
-            if crumbs:  # masks by selection, then a merge without masks (one masked copy each)
-                models = [
-                    [_breadcrumbs_model(b, x, d, g) for b, x in zip(bases, ms, strict=True)]
-                    for ms, d, g in zip(models, a.densities, a.gammas, strict=True)
-                ]
-                sparsify = "none"
             outs = [torch.empty(b.shape, dtype=out_dtype, device=device) for b in bases]
-            _merge_native(
-                bases,
-                models,
-                outs,
-                sparsify=sparsify,
+            common = dict(
                 consensus=m.consensus,
                 normalize=a.normalize,
                 rescale=a.rescale,
@@ -787,8 +776,32 @@ filter_wise :
                 densities=a.densities,
                 lam=float(lam),
                 seed=int(seed),
-                tensor_indices=[int(i) for i in indices],
                 thresholds=a.thresholds,
+            )
+            if crumbs:
+                # Masks by selection, then a merge without masks, position by position: one
+                # masked copy of one position's tensors at a time, not of whole models.
+                for j, b in enumerate(bases):
+                    masked = [
+                        [_breadcrumbs_model(b, ms[j], d, g)]
+                        for ms, d, g in zip(models, a.densities, a.gammas, strict=True)
+                    ]
+                    _merge_native(
+                        [b],
+                        masked,
+                        [outs[j]],
+                        sparsify="none",
+                        tensor_indices=[int(indices[j])],
+                        **common,
+                    )
+                return outs
+            _merge_native(
+                bases,
+                models,
+                outs,
+                sparsify=m.sparsify,
+                tensor_indices=[int(i) for i in indices],
+                **common,
             )
             return outs
     return [
