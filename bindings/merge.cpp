@@ -479,15 +479,22 @@ float magnitude_select(py::handle a, py::handle b, int64_t k, py::handle workspa
   return value;
 }
 
-void band_select(py::handle theta, py::handle base, py::handle out, py::handle lo, py::handle hi,
-                 int64_t start, int64_t stop, bool lo_ties_first) {
-  constexpr const char* kOp = "band_select";
-  const TensorArg t = import_tensor(theta, {kOp, "theta"}, 0);
-  const TensorArg b = import_tensor(base, {kOp, "base"}, 0);
-  const TensorArg o = import_tensor(out, {kOp, "out"}, 0);
+namespace {
+
+// theta, base and out of the CPU-only selections (band_select, della_select): CPU, one float
+// dtype and shape, contiguous, out writable and distinct from both inputs.
+struct SelectTensors {
+  TensorArg theta, base, out;
+};
+
+SelectTensors import_select_tensors(const char* op, py::handle theta, py::handle base,
+                                    py::handle out, const char* kernel, const char* elsewhere) {
+  SelectTensors in{import_tensor(theta, {op, "theta"}, 0), import_tensor(base, {op, "base"}, 0),
+                   import_tensor(out, {op, "out"}, 0)};
+  const TensorArg &t = in.theta, &b = in.base, &o = in.out;
   if (t.device != DeviceKind::kCPU) {
-    throw_type_error(t.name.prefix() + ": the band selection kernel runs on the CPU; " +
-                     "meldkit.ops uses PyTorch ops on " + t.device_str());
+    throw_type_error(t.name.prefix() + ": " + kernel + " runs on the CPU; meldkit.ops uses " +
+                     elsewhere + " on " + t.device_str());
   }
   check_dtype_in(t, kBegin, kEnd, "CPU");
   for (const TensorArg* x : {&b, &o}) {
@@ -505,6 +512,17 @@ void band_select(py::handle theta, py::handle base, py::handle out, py::handle l
   if (o.nbytes() > 0 && (o.data == t.data || o.data == b.data)) {
     throw_value_error(o.name.prefix() + ": may not be 'theta' or 'base'");
   }
+  return in;
+}
+
+}  // namespace
+
+void band_select(py::handle theta, py::handle base, py::handle out, py::handle lo, py::handle hi,
+                 int64_t start, int64_t stop, bool lo_ties_first) {
+  constexpr const char* kOp = "band_select";
+  const SelectTensors in =
+      import_select_tensors(kOp, theta, base, out, "the band selection kernel", "PyTorch ops");
+  const TensorArg &t = in.theta, &b = in.base, &o = in.out;
   BandSelectParams p;
   p.theta = t.data;
   p.base = b.data;
@@ -542,29 +560,9 @@ void band_select(py::handle theta, py::handle base, py::handle out, py::handle l
 py::tuple della_select(py::handle theta, py::handle base, py::handle out, int64_t row_len,
                        double density, double epsilon, uint64_t seed, uint32_t stream_id) {
   constexpr const char* kOp = "della_select";
-  const TensorArg t = import_tensor(theta, {kOp, "theta"}, 0);
-  const TensorArg b = import_tensor(base, {kOp, "base"}, 0);
-  const TensorArg o = import_tensor(out, {kOp, "out"}, 0);
-  if (t.device != DeviceKind::kCPU) {
-    throw_type_error(t.name.prefix() + ": the DELLA selection kernel runs on the CPU; " +
-                     "meldkit.ops uses the reference on " + t.device_str());
-  }
-  check_dtype_in(t, kBegin, kEnd, "CPU");
-  for (const TensorArg* x : {&b, &o}) {
-    check_same_device(*x, t);
-    check_same_shape(*x, t);
-    if (x->dtype != t.dtype) {
-      throw_type_error(x->name.prefix() + ": dtype " + dtype_name(x->dtype) + " differs from " +
-                       "'theta' " + dtype_name(t.dtype));
-    }
-  }
-  check_contiguous(t);
-  check_contiguous(b);
-  check_contiguous(o);
-  check_writable(o);
-  if (o.nbytes() > 0 && (o.data == t.data || o.data == b.data)) {
-    throw_value_error(o.name.prefix() + ": may not be 'theta' or 'base'");
-  }
+  const SelectTensors in =
+      import_select_tensors(kOp, theta, base, out, "the DELLA selection kernel", "the reference");
+  const TensorArg &t = in.theta, &b = in.base, &o = in.out;
   const int64_t numel = t.numel();
   if (row_len < 1 || row_len > int64_t(UINT32_MAX) || numel % row_len != 0) {
     throw_value_error(std::string(kOp) + ": argument 'row_len': " + std::to_string(row_len) +

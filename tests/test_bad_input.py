@@ -869,7 +869,9 @@ def _bs_call(a):
     )
 
 
-def _bs_corruptions():
+def _select_tensor_corruptions():
+    """The corruptions of theta, base and out that both CPU-only selections share."""
+
     def wrong_dtype(draw, a, device):
         a[draw(st.sampled_from(["base", "out"]))] = a["theta"].to(torch.int64)
         return a
@@ -882,6 +884,10 @@ def _bs_corruptions():
         a["out"] = a[draw(st.sampled_from(["theta", "base"]))]
         return a
 
+    return [wrong_dtype, shape_mismatch, out_aliases]
+
+
+def _bs_corruptions():
     def bad_range(draw, a, device):
         n = a["theta"].numel()
         a["start"], a["stop"] = draw(st.sampled_from([(-1, n), (3, 2), (0, n + 1), (1, n)]))
@@ -904,9 +910,7 @@ def _bs_corruptions():
     return {
         f.__name__: f
         for f in (
-            wrong_dtype,
-            shape_mismatch,
-            out_aliases,
+            *_select_tensor_corruptions(),
             bad_range,
             bad_bounds,
             first_ties_with_hi,
@@ -948,18 +952,6 @@ def _ds_call(a):
 
 
 def _ds_corruptions():
-    def wrong_dtype(draw, a, device):
-        a[draw(st.sampled_from(["base", "out"]))] = a["theta"].to(torch.int64)
-        return a
-
-    def shape_mismatch(draw, a, device):
-        a["out"] = torch.empty(a["theta"].numel() + 1).to(a["theta"])
-        return a
-
-    def out_aliases(draw, a, device):
-        a["out"] = a[draw(st.sampled_from(["theta", "base"]))]
-        return a
-
     def bad_row_len(draw, a, device):
         a["row_len"] = draw(st.sampled_from([0, -3, a["theta"].numel() + 1]))
         return a
@@ -968,10 +960,7 @@ def _ds_corruptions():
         a["density"], a["epsilon"] = draw(st.sampled_from([(0.1, 0.2), (0.95, 0.1), (0.5, -0.1)]))
         return a
 
-    return {
-        f.__name__: f
-        for f in (wrong_dtype, shape_mismatch, out_aliases, bad_row_len, bad_probabilities)
-    }
+    return {f.__name__: f for f in (*_select_tensor_corruptions(), bad_row_len, bad_probabilities)}
 
 
 BINDINGS = [

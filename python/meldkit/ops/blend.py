@@ -42,6 +42,21 @@ def _real(name: str, value: object, low: float | None = None, high: float | None
     return v
 
 
+def _call_args(
+    coeffs: tuple[float, float, float], keep: tuple[float, float], seed: object
+) -> tuple[tuple[float, float, float], tuple[float, float]]:
+    """A blend's ``(a, b, c)`` and ``(keep1, keep2)`` as floats, checked with ``seed``."""
+    if len(coeffs) != 3:
+        raise _error(ValueError, "coeffs", f"expected (a, b, c), got {coeffs!r}")
+    if len(keep) != 2:
+        raise _error(ValueError, "keep", f"expected (keep1, keep2), got {keep!r}")
+    abc = tuple(_real(f"coeffs[{i}]", v) for i, v in enumerate(coeffs))
+    keeps = tuple(_real(f"keep[{i}]", v, 0.0, 1.0) for i, v in enumerate(keep))
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise _error(ValueError, "seed", f"must be an int in [0, 2**64), got {seed!r}")
+    return abc, keeps
+
+
 class BlendPlan:
     """A blend over a fixed set of tensors, prepared once and run many times.
 
@@ -152,14 +167,7 @@ class BlendPlan:
     ) -> None:
         """Blend with ``coeffs = (a, b, c)``, keep probabilities ``keep = (k₁, k₂)`` (DARE's
         1 − p, in [0, 1]) and the masks' ``seed`` (0 ≤ seed < 2⁶⁴)."""
-        if len(coeffs) != 3:
-            raise _error(ValueError, "coeffs", f"expected (a, b, c), got {coeffs!r}")
-        if len(keep) != 2:
-            raise _error(ValueError, "keep", f"expected (keep1, keep2), got {keep!r}")
-        a, b, c = (_real(f"coeffs[{i}]", v) for i, v in enumerate(coeffs))
-        k1, k2 = (_real(f"keep[{i}]", v, 0.0, 1.0) for i, v in enumerate(keep))
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-            raise _error(ValueError, "seed", f"must be an int in [0, 2**64), got {seed!r}")
+        (a, b, c), (k1, k2) = _call_args(coeffs, keep, seed)
         self._check_outs()
         if not self._native:
             for i, (o, bt, tt) in enumerate(zip(self._outs, self._bases, self._taus, strict=True)):
@@ -236,17 +244,7 @@ def blend_tensors(
         Mismatched lists, shapes, dtypes or devices, non-finite coefficients, a keep outside
         [0, 1], an output that is one of the task vectors.
     """
-    # The call's own arguments first: fail before any tensor work.
-    if len(coeffs) != 3:
-        raise _error(ValueError, "coeffs", f"expected (a, b, c), got {coeffs!r}")
-    if len(keep) != 2:
-        raise _error(ValueError, "keep", f"expected (keep1, keep2), got {keep!r}")
-    for i, v in enumerate(coeffs):
-        _real(f"coeffs[{i}]", v)
-    for i, v in enumerate(keep):
-        _real(f"keep[{i}]", v, 0.0, 1.0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise _error(ValueError, "seed", f"must be an int in [0, 2**64), got {seed!r}")
+    _call_args(coeffs, keep, seed)  # the call's own arguments first: fail before tensor work
     BlendPlan(outs, bases, taus, tensor_keys=tensor_keys, dense=dense)(coeffs, keep=keep, seed=seed)
 
 

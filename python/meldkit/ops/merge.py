@@ -216,11 +216,7 @@ def _della_model(
     Also returns the L1 factor ``‖τ‖₁ / ‖kept τ‖₁`` of :func:`merge_ref.rescale_ref` (1 when
     nothing is kept): float64 sums (in index order, where the reference lets PyTorch choose the
     order, as the native DARE path does), the ratio rounded once to float32."""
-    if not (0 < density - epsilon and density + epsilon <= 1):
-        raise ValueError(
-            f"della needs 0 < density - epsilon and density + epsilon <= 1 "
-            f"(density={density}, epsilon={epsilon})"
-        )
+    ref.check_della(density, epsilon)
     out = torch.empty_like(theta, memory_format=torch.contiguous_format)
     if theta.numel() == 0:
         return out, 1.0

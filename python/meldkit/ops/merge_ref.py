@@ -106,6 +106,16 @@ def breadcrumbs_mask_ref(tau: torch.Tensor, density: float, gamma: float) -> tor
     return mask.view(tau.shape)
 
 
+def check_della(density: float, epsilon: float) -> None:
+    """DELLA's keep probabilities lie in (0, 1] only when ``0 < density − ε`` and
+    ``density + ε ≤ 1``; raises ValueError otherwise."""
+    if not (0 < density - epsilon and density + epsilon <= 1):
+        raise ValueError(
+            f"della needs 0 < density - epsilon and density + epsilon <= 1 "
+            f"(density={density}, epsilon={epsilon})"
+        )
+
+
 def della_keep_prob_ref(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA's MagPrune keep probabilities, per row (a 1-D tensor is one row).
 
@@ -113,11 +123,7 @@ def della_keep_prob_ref(tau: torch.Tensor, density: float, epsilon: float) -> to
     (``r/(n−1)`` taken as 0 for a one-element row). Requires ``0 < density − ε`` and
     ``density + ε ≤ 1``.
     """
-    if not (0 < density - epsilon and density + epsilon <= 1):
-        raise ValueError(
-            f"della needs 0 < density - epsilon and density + epsilon <= 1 "
-            f"(density={density}, epsilon={epsilon})"
-        )
+    check_della(density, epsilon)
     rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(-1, tau.shape[-1])
     n = rows.shape[1]
     # Every row at once: a stable ascending sort (equal magnitudes by index), rank r at each
