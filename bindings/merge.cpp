@@ -318,6 +318,10 @@ void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle
     p.seed = seed;
     if (p.numel == 0) continue;
     if (sp == Sparsify::kMagnitude) {
+      // The CPU selects for every model in one call (one fused pass reads the base once).
+      std::vector<const void*> sel_ptrs;
+      std::vector<int64_t> sel_ks;
+      std::vector<size_t> sel_models;
       for (size_t t = 0; t < n; ++t) {
         if (!given_thr.empty()) {
           thr[t] = given_thr[t];
@@ -328,6 +332,10 @@ void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle
           thr[t] = INFINITY;
         } else if (k >= p.numel) {
           thr[t] = -INFINITY;
+        } else if (!cuda) {
+          sel_ptrs.push_back(in.ptrs[t]);
+          sel_ks.push_back(k);
+          sel_models.push_back(t);
         } else {
           MagnitudeSelectParams ms;
           ms.num_tensors = 1;
@@ -337,15 +345,19 @@ void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle
           ms.dtype = p.in_dtype;
           ms.k = k;
           uint32_t bits = 0;
-          if (cuda) {
 #ifdef MELDKIT_WITH_CUDA
-            bits = magnitude_select_cuda(ms, static_cast<unsigned long long*>(ws.data),
-                                         in.base.device_id, reinterpret_cast<void*>(stream));
+          bits = magnitude_select_cuda(ms, static_cast<unsigned long long*>(ws.data),
+                                       in.base.device_id, reinterpret_cast<void*>(stream));
 #endif
-          } else {
-            bits = magnitude_select_cpu(ms);
-          }
           std::memcpy(&thr[t], &bits, sizeof(float));
+        }
+      }
+      if (!sel_models.empty()) {
+        std::vector<uint32_t> bits(sel_models.size());
+        magnitude_select_models_cpu(p.base, sel_ptrs.data(), int(sel_models.size()), p.numel,
+                                    p.in_dtype, sel_ks.data(), bits.data());
+        for (size_t i = 0; i < sel_models.size(); ++i) {
+          std::memcpy(&thr[sel_models[i]], &bits[i], sizeof(float));
         }
       }
       p.thresholds = thr.data();

@@ -3,6 +3,7 @@
 // per-thread radix histograms, merged).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -26,7 +27,17 @@ constexpr int64_t kTile = 256;  // elements whose running sums stay in L1 while 
 // order, as merge_add: the result is bit-identical to the scalar definition.
 // kCached (random masks): the keep decisions are the L1 pass's mask bits (`flag` of bits[j])
 // instead of fresh draws.
-template <typename TIn, Sparsify S, bool kCached = false>
+// The running sums a tile needs: pos and neg always (the delta, and the election by mass), the
+// agreeing weights to normalise with an election, the counts to elect by count. Only those are
+// kept: each is a load and a store per element and model.
+enum class Acc { kSums, kWeights, kCounts };
+
+inline Acc acc_for(Consensus c, bool normalize) {
+  if (c == Consensus::kCount) return Acc::kCounts;
+  return c == Consensus::kSum && normalize ? Acc::kWeights : Acc::kSums;
+}
+
+template <typename TIn, Sparsify S, Acc A, bool kCached = false>
 MELDKIT_ALWAYS_INLINE void accumulate_tile(
     const TIn* __restrict x, const float* __restrict b, const uint32_t* __restrict inner, int64_t n,
     float weight, float scale, float threshold, float density, uint32_t key, float* __restrict pos,
@@ -51,10 +62,14 @@ MELDKIT_ALWAYS_INLINE void accumulate_tile(
     const bool p = w > 0.f, q = w < 0.f;
     pos[j] += p ? w : 0.f;
     neg[j] += q ? w : 0.f;
-    wpos[j] += p ? weight : 0.f;
-    wneg[j] += q ? weight : 0.f;
-    npos[j] += p ? 1.f : 0.f;
-    nneg[j] += q ? 1.f : 0.f;
+    if constexpr (A != Acc::kSums) {
+      wpos[j] += p ? weight : 0.f;
+      wneg[j] += q ? weight : 0.f;
+    }
+    if constexpr (A == Acc::kCounts) {
+      npos[j] += p ? 1.f : 0.f;
+      nneg[j] += q ? 1.f : 0.f;
+    }
   }
 }
 
@@ -68,43 +83,50 @@ MELDKIT_ALWAYS_INLINE void finish_tile_as(const float* __restrict b, const float
                                           const float* __restrict nneg, float wall, float lambda,
                                           int64_t n, float* __restrict out) {
   for (int64_t j = 0; j < n; ++j) {
-    float delta, divisor;
+    float delta, divisor = wall;
     if constexpr (C == Consensus::kNone) {
       delta = pos[j] + neg[j];
-      divisor = wall;
     } else {
-      const bool positive =
-          C == Consensus::kSum ? (pos[j] + neg[j]) >= 0.f : (npos[j] - nneg[j]) >= 0.f;
+      bool positive;
+      if constexpr (C == Consensus::kSum) {
+        positive = (pos[j] + neg[j]) >= 0.f;
+      } else {
+        positive = (npos[j] - nneg[j]) >= 0.f;
+      }
       delta = positive ? pos[j] : neg[j];
-      divisor = positive ? wpos[j] : wneg[j];
+      if constexpr (kNormalize) divisor = positive ? wpos[j] : wneg[j];
     }
     if constexpr (kNormalize) delta = delta / (divisor == 0.f ? 1.f : divisor);
     out[j] = merge_finish(b[j], lambda, delta);
   }
 }
 
-template <typename TOut>
+template <typename TOut, Acc A>
 MELDKIT_ALWAYS_INLINE void finish_tile(const TaskMergeParams& p, const float* b, const float* pos,
                                        const float* neg, const float* wpos, const float* wneg,
                                        const float* npos, const float* nneg, float wall, int64_t n,
                                        TOut* out) {
   // In float first, then rounded to TOut in a loop of its own: fused into one loop, GCC did not
   // vectorise the conversion to bf16/fp16 (measured 5x slower for a bf16 output).
+  // Only the (consensus, normalize) pairs whose sums A keeps (acc_for) are compiled.
   float res[kTile];
 #define MELDKIT_FINISH(C, NORM) \
   finish_tile_as<C, NORM>(b, pos, neg, wpos, wneg, npos, nneg, wall, p.lambda, n, res)
   switch (p.consensus) {
     case Consensus::kSum:
-      if (p.normalize)
-        MELDKIT_FINISH(Consensus::kSum, true);
-      else
+      if constexpr (A == Acc::kSums) {
         MELDKIT_FINISH(Consensus::kSum, false);
+      } else {
+        MELDKIT_FINISH(Consensus::kSum, true);
+      }
       break;
     case Consensus::kCount:
-      if (p.normalize)
-        MELDKIT_FINISH(Consensus::kCount, true);
-      else
-        MELDKIT_FINISH(Consensus::kCount, false);
+      if constexpr (A == Acc::kCounts) {
+        if (p.normalize)
+          MELDKIT_FINISH(Consensus::kCount, true);
+        else
+          MELDKIT_FINISH(Consensus::kCount, false);
+      }
       break;
     default:
       if (p.normalize)
@@ -116,7 +138,7 @@ MELDKIT_ALWAYS_INLINE void finish_tile(const TaskMergeParams& p, const float* b,
   for (int64_t j = 0; j < n; ++j) out[j] = Store<TOut>::from(res[j]);
 }
 
-template <typename TIn, typename TOut>
+template <typename TIn, typename TOut, Acc A>
 MELDKIT_CPU_CLONES void task_merge_range(const TaskMergeParams& p, const uint32_t* keys,
                                          int64_t begin, int64_t end) {
   const auto* base = static_cast<const TIn*>(p.base);
@@ -128,7 +150,9 @@ MELDKIT_CPU_CLONES void task_merge_range(const TaskMergeParams& p, const uint32_
     float wall = 0.f;
     for (int64_t j = 0; j < n; ++j) {
       b[j] = widen(base[e0 + j]);
-      pos[j] = neg[j] = wpos[j] = wneg[j] = npos[j] = nneg[j] = 0.f;
+      pos[j] = neg[j] = 0.f;
+      if constexpr (A != Acc::kSums) wpos[j] = wneg[j] = 0.f;
+      if constexpr (A == Acc::kCounts) npos[j] = nneg[j] = 0.f;
     }
     const bool cached = p.sparsify == Sparsify::kRandom && p.mask_bits != nullptr;
     if (cached) {  // widened once per tile: the model loops then test 32-bit lanes
@@ -147,26 +171,26 @@ MELDKIT_CPU_CLONES void task_merge_range(const TaskMergeParams& p, const uint32_
       wall += w;
       switch (p.sparsify) {
         case Sparsify::kMagnitude:
-          accumulate_tile<TIn, Sparsify::kMagnitude>(x, b, inner, n, w, sc, thr, d, keys[t], pos,
-                                                     neg, wpos, wneg, npos, nneg);
+          accumulate_tile<TIn, Sparsify::kMagnitude, A>(x, b, inner, n, w, sc, thr, d, keys[t], pos,
+                                                        neg, wpos, wneg, npos, nneg);
           break;
         case Sparsify::kRandom:
           if (cached) {
-            accumulate_tile<TIn, Sparsify::kRandom, true>(x, b, inner, n, w, sc, thr, d, keys[t],
-                                                          pos, neg, wpos, wneg, npos, nneg, bits,
-                                                          1u << t);
+            accumulate_tile<TIn, Sparsify::kRandom, A, true>(x, b, inner, n, w, sc, thr, d, keys[t],
+                                                             pos, neg, wpos, wneg, npos, nneg, bits,
+                                                             1u << t);
           } else {
-            accumulate_tile<TIn, Sparsify::kRandom>(x, b, inner, n, w, sc, thr, d, keys[t], pos,
-                                                    neg, wpos, wneg, npos, nneg);
+            accumulate_tile<TIn, Sparsify::kRandom, A>(x, b, inner, n, w, sc, thr, d, keys[t], pos,
+                                                       neg, wpos, wneg, npos, nneg);
           }
           break;
         default:
-          accumulate_tile<TIn, Sparsify::kNone>(x, b, inner, n, w, sc, thr, d, keys[t], pos, neg,
-                                                wpos, wneg, npos, nneg);
+          accumulate_tile<TIn, Sparsify::kNone, A>(x, b, inner, n, w, sc, thr, d, keys[t], pos, neg,
+                                                   wpos, wneg, npos, nneg);
       }
     }
     // `out` may be `base`: every read of this tile is done.
-    finish_tile<TOut>(p, b, pos, neg, wpos, wneg, npos, nneg, wall, n, out + e0);
+    finish_tile<TOut, A>(p, b, pos, neg, wpos, wneg, npos, nneg, wall, n, out + e0);
   }
 }
 
@@ -177,9 +201,22 @@ void task_merge_typed(const TaskMergeParams& p) {
     keys[t] = p.streams ? stream_key(p.seed, p.streams[t]) : 0u;
   }
   const int64_t num_chunks = (p.numel + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static) if (p.numel >= kParallelMinNumel)
+  const Acc acc = acc_for(p.consensus, p.normalize);
+  // Dynamic: chunks go to whichever thread is free, so a core taken by other work (the merge
+  // engine's writer thread) does not leave the others waiting at the end.
+#pragma omp parallel for schedule(dynamic) if (p.numel >= kParallelMinNumel)
   for (int64_t c = 0; c < num_chunks; ++c) {
-    task_merge_range<TIn, TOut>(p, keys, c * kChunk, std::min(p.numel, (c + 1) * kChunk));
+    const int64_t begin = c * kChunk, end = std::min(p.numel, (c + 1) * kChunk);
+    switch (acc) {
+      case Acc::kSums:
+        task_merge_range<TIn, TOut, Acc::kSums>(p, keys, begin, end);
+        break;
+      case Acc::kWeights:
+        task_merge_range<TIn, TOut, Acc::kWeights>(p, keys, begin, end);
+        break;
+      default:
+        task_merge_range<TIn, TOut, Acc::kCounts>(p, keys, begin, end);
+    }
   }
 }
 
@@ -295,7 +332,7 @@ void task_l1_typed(const TaskMergeParams& p, double* norms) {
   // Fixed chunks summed in chunk order: the result does not depend on the thread count.
   const int64_t num_chunks = (p.numel + kChunk - 1) / kChunk;
   std::vector<double> chunk_sums(size_t(num_chunks) * 2 * p.num_models, 0.0);
-#pragma omp parallel for schedule(static) if (p.numel >= kParallelMinNumel)
+#pragma omp parallel for schedule(dynamic) if (p.numel >= kParallelMinNumel)
   for (int64_t c = 0; c < num_chunks; ++c) {
     task_l1_range<T>(p, keys, c * kChunk, std::min(p.numel, (c + 1) * kChunk),
                      chunk_sums.data() + c * 2 * p.num_models);
@@ -369,21 +406,31 @@ struct BracketCounts {
   std::vector<uint32_t> kept;  // the bits with lo < bits < hi
 };
 
-// Bits of |a - b| for a block into `out` and the block's counts (vectorises).
-template <typename T, bool kHasBase>
-MELDKIT_CPU_CLONES uint32_t bracket_block(const T* __restrict a, const T* __restrict b, int64_t m,
-                                          uint32_t lo, uint32_t hi, uint32_t inner,
-                                          uint32_t* __restrict out, uint64_t counts[4]) {
+// One selection's bracket: the sample's ends and the keep buffer's size per thread.
+struct Bracket {
+  uint32_t lo = 0, hi = 0, inner = 0;  // inner: the count of values lo+1 … hi-1
+  size_t cap = 0;
+};
+
+// Bits of |a - b| for a block into `out` and the block's counts (vectorises); `flags[j]` is 1
+// where lo < bits < hi, else 0, so the keep loop can skip 8 elements at a time. The base `b` is
+// the storage type, or float when a fused pass widened it once for several models.
+template <typename T, typename TB, bool kHasBase>
+MELDKIT_CPU_CLONES uint32_t bracket_block(const T* __restrict a, const TB* __restrict b, int64_t m,
+                                          const Bracket& br, uint32_t* __restrict out,
+                                          uint8_t* __restrict flags, uint64_t counts[4]) {
   uint32_t above = 0, at_hi = 0, at_lo = 0, inside = 0, nans = 0;
-  const uint32_t distinct = lo != hi;
+  const uint32_t lo = br.lo, hi = br.hi, inner = br.inner, distinct = lo != hi;
   for (int64_t j = 0; j < m; ++j) {
-    const uint32_t bits = magnitude_bits(widen(a[j]), kHasBase ? widen(b[j]) : 0.f);
+    const uint32_t bits = magnitude_bits(widen(a[j]), kHasBase ? float(widen(b[j])) : 0.f);
     out[j] = bits;
     nans += bits > 0x7f800000u;
     above += bits > hi;
     at_hi += bits == hi;
     at_lo += (bits == lo) & distinct;
-    inside += (bits - lo - 1u) < inner;  // lo < bits < hi
+    const uint32_t in = (bits - lo - 1u) < inner;  // lo < bits < hi
+    inside += in;
+    flags[j] = uint8_t(in);
   }
   counts[0] += above;
   counts[1] += at_hi;
@@ -392,61 +439,116 @@ MELDKIT_CPU_CLONES uint32_t bracket_block(const T* __restrict a, const T* __rest
   return inside;
 }
 
+// One thread's share of one selection's bracket pass.
+struct BracketLocal {
+  uint64_t counts[4] = {0, 0, 0, 0};
+  bool overflow = false;
+  std::vector<uint32_t> kept;
+
+  // Keeps the `inside` flagged values of a block that bracket_block filled. Each thread may keep
+  // up to the cap (interior elements can cluster in one thread's range); a buffer only grows to
+  // what its thread finds.
+  void keep(const uint32_t* block, uint8_t* flags, int64_t m, uint32_t inside, size_t cap) {
+    if (inside == 0 || overflow) return;
+    if (kept.size() + inside > cap) {
+      overflow = true;
+      return;
+    }
+    // The inside elements are sparse (1.5 %): test the flags 8 at a time, then take each set
+    // byte's element (its lowest bit is the flag) by its position. A short last block first
+    // clears the flags after it, up to the next multiple of 8 (kBracketBlock is one).
+    std::fill(flags + m, flags + ((m + 7) & ~int64_t(7)), uint8_t(0));
+    for (int64_t w = 0; w < m; w += 8) {
+      uint64_t word;
+      std::memcpy(&word, flags + w, sizeof(word));
+      while (word != 0) {
+        kept.push_back(block[w + (__builtin_ctzll(word) >> 3)]);
+        word &= word - 1;
+      }
+    }
+  }
+
+  // Adds this thread's share to `out` (inside an omp critical section).
+  void add_to(BracketCounts& out) const {
+    out.above += counts[0];
+    out.at_hi += counts[1];
+    out.at_lo += counts[2];
+    out.nans += counts[3];
+    out.overflow = out.overflow || overflow;
+    out.kept.insert(out.kept.end(), kept.begin(), kept.end());
+  }
+};
+
+// One selection over a list of tensors (a whole-model selection, or one tensor).
 template <typename T>
-BracketCounts bracket_pass(const MagnitudeSelectParams& p, uint32_t lo, uint32_t hi,
-                           int64_t keep_cap) {
-  const uint32_t inner = hi - lo >= 2u ? hi - lo - 1u : 0u;  // lo+1 … hi-1
+BracketCounts bracket_pass(const MagnitudeSelectParams& p, const Bracket& br) {
   BracketCounts out;
-  uint64_t above = 0, at_hi = 0, at_lo = 0, nans = 0;
-  int overflow = 0;
-#pragma omp parallel reduction(+ : above, at_hi, at_lo, nans, overflow)
+#pragma omp parallel
   {
-    // Each thread may keep up to the cap (interior elements can cluster in one thread's range);
-    // a buffer only grows to what its thread finds.
-    const size_t cap = size_t(keep_cap);
-    std::vector<uint32_t> kept;
+    BracketLocal local;
     alignas(64) uint32_t block[kBracketBlock];
-    uint64_t counts[4] = {0, 0, 0, 0};
+    alignas(64) uint8_t flags[kBracketBlock];
     for (int i = 0; i < p.num_tensors; ++i) {
       const T* a = static_cast<const T*>(p.a[i]);
       const T* b = p.b ? static_cast<const T*>(p.b[i]) : nullptr;
       const int64_t n = p.numels[i];
       const int64_t num_blocks = (n + kBracketBlock - 1) / kBracketBlock;
-#pragma omp for schedule(static) nowait
+      // Dynamic, as the merge pass: a core taken by other work does not stall the others.
+#pragma omp for schedule(dynamic, 16) nowait
       for (int64_t blk = 0; blk < num_blocks; ++blk) {
         const int64_t e0 = blk * kBracketBlock;
         const int64_t m = std::min(kBracketBlock, n - e0);
         const uint32_t inside =
-            b ? bracket_block<T, true>(a + e0, b + e0, m, lo, hi, inner, block, counts)
-              : bracket_block<T, false>(a + e0, nullptr, m, lo, hi, inner, block, counts);
-        if (inside == 0 || overflow) continue;
-        if (kept.size() + inside > cap) {
-          overflow = 1;
-          continue;
-        }
-        for (int64_t j = 0; j < m; ++j) {
-          if (block[j] - lo - 1u < inner) kept.push_back(block[j]);
-        }
+            b ? bracket_block<T, T, true>(a + e0, b + e0, m, br, block, flags, local.counts)
+              : bracket_block<T, T, false>(a + e0, nullptr, m, br, block, flags, local.counts);
+        local.keep(block, flags, m, inside, br.cap);
       }
     }
-    above += counts[0];
-    at_hi += counts[1];
-    at_lo += counts[2];
-    nans += counts[3];
 #pragma omp critical
-    out.kept.insert(out.kept.end(), kept.begin(), kept.end());
+    local.add_to(out);
   }
-  out.above = above;
-  out.at_hi = at_hi;
-  out.at_lo = at_lo;
-  out.nans = nans;
-  out.overflow = overflow != 0;
   return out;
 }
 
-// The bracket [lo, hi] from a strided sample, +-4 standard deviations of the sample quantile.
+// The per-tensor selections of several models against one base in one pass: each block of the
+// base is read and widened once, then every model's block is bracketed against it, so the base
+// streams from memory once instead of once per model.
 template <typename T>
-bool sample_bracket(const MagnitudeSelectParams& p, int64_t total, uint32_t* lo, uint32_t* hi) {
+std::vector<BracketCounts> bracket_pass_models(const T* base, const T* const* models,
+                                               const std::vector<int>& which,
+                                               const Bracket* brackets, int64_t n) {
+  const int count = int(which.size());
+  std::vector<BracketCounts> out(static_cast<size_t>(count));
+  const int64_t num_blocks = (n + kBracketBlock - 1) / kBracketBlock;
+#pragma omp parallel
+  {
+    std::vector<BracketLocal> local(static_cast<size_t>(count));
+    alignas(64) float bw[kBracketBlock];
+    alignas(64) uint32_t block[kBracketBlock];
+    alignas(64) uint8_t flags[kBracketBlock];
+#pragma omp for schedule(dynamic, 16) nowait
+    for (int64_t blk = 0; blk < num_blocks; ++blk) {
+      const int64_t e0 = blk * kBracketBlock;
+      const int64_t m = std::min(kBracketBlock, n - e0);
+      for (int64_t j = 0; j < m; ++j) bw[j] = float(widen(base[e0 + j]));
+      for (int i = 0; i < count; ++i) {
+        const Bracket& br = brackets[which[size_t(i)]];
+        BracketLocal& l = local[size_t(i)];
+        const uint32_t inside = bracket_block<T, float, true>(models[which[size_t(i)]] + e0, bw, m,
+                                                              br, block, flags, l.counts);
+        l.keep(block, flags, m, inside, br.cap);
+      }
+    }
+#pragma omp critical
+    for (int i = 0; i < count; ++i) local[size_t(i)].add_to(out[size_t(i)]);
+  }
+  return out;
+}
+
+// The bracket [lo, hi] from a strided sample, +-4 standard deviations of the sample quantile,
+// and the keep buffer's size: twice the expected count inside (2·delta of m sample ranks).
+template <typename T>
+bool sample_bracket(const MagnitudeSelectParams& p, int64_t total, Bracket* br) {
   const int64_t m = sample_size(total);
   std::vector<uint32_t> sample(static_cast<size_t>(m));
   int tensor = 0;
@@ -470,26 +572,22 @@ bool sample_bracket(const MagnitudeSelectParams& p, int64_t total, uint32_t* lo,
     std::nth_element(sample.begin(), it, sample.end());
     return *it;
   };
-  *hi = hi_rank < 0 ? 0xffffffffu : desc(hi_rank);
-  *lo = lo_rank >= m ? 0u : desc(lo_rank);
+  br->hi = hi_rank < 0 ? 0xffffffffu : desc(hi_rank);
+  br->lo = lo_rank >= m ? 0u : desc(lo_rank);
+  br->inner = br->hi - br->lo >= 2u ? br->hi - br->lo - 1u : 0u;
+  br->cap = size_t(double(total) * 4.0 * delta / double(m)) + 4096;
   return true;
 }
 
-template <typename T>
-bool magnitude_select_bracketed(const MagnitudeSelectParams& p, int64_t total, uint32_t* bits) {
-  uint32_t lo = 0, hi = 0;
-  if (!sample_bracket<T>(p, total, &lo, &hi)) return false;
-  // The buffer holds twice the expected count inside the bracket (2·delta of m sample ranks).
-  const int64_t m = sample_size(total);
-  const double f = double(p.k) / double(total);
-  const int64_t cap = int64_t(double(total) * 4.0 * bracket_delta(m, f) / double(m)) + 4096;
-  BracketCounts c = bracket_pass<T>(p, lo, hi, cap);
+// The k-th largest from a bracket pass's counts; false when the bracket missed it (or its buffer
+// overflowed): the caller then takes the radix path.
+inline bool bracket_resolve(BracketCounts& c, const Bracket& br, int64_t k, uint32_t* bits) {
   if (c.nans > 0) throw_value_error("magnitude_select: the task vectors contain NaN");
   if (c.overflow) return false;
-  int64_t r = p.k - int64_t(c.above);  // rank among the elements <= hi
+  int64_t r = k - int64_t(c.above);  // rank among the elements <= hi
   if (r <= 0) return false;
   if (r <= int64_t(c.at_hi)) {
-    *bits = hi;
+    *bits = br.hi;
     return true;
   }
   r -= int64_t(c.at_hi);
@@ -501,9 +599,20 @@ bool magnitude_select_bracketed(const MagnitudeSelectParams& p, int64_t total, u
     return true;
   }
   if (r - inside > int64_t(c.at_lo)) return false;
-  *bits = lo;
+  *bits = br.lo;
   return true;
 }
+
+template <typename T>
+bool magnitude_select_bracketed(const MagnitudeSelectParams& p, int64_t total, uint32_t* bits) {
+  Bracket br;
+  if (!sample_bracket<T>(p, total, &br)) return false;
+  BracketCounts c = bracket_pass<T>(p, br);
+  return bracket_resolve(c, br, p.k, bits);
+}
+
+template <typename T>
+uint32_t magnitude_select_radix(const MagnitudeSelectParams& p);
 
 template <typename T>
 uint32_t magnitude_select_typed(const MagnitudeSelectParams& p) {
@@ -513,6 +622,12 @@ uint32_t magnitude_select_typed(const MagnitudeSelectParams& p) {
   if (total >= kBracketMinNumel && p.k <= total && magnitude_select_bracketed<T>(p, total, &bits)) {
     return bits;
   }
+  return magnitude_select_radix<T>(p);
+}
+
+// Two radix-histogram passes: the path for small inputs, and when a bracket misses.
+template <typename T>
+uint32_t magnitude_select_radix(const MagnitudeSelectParams& p) {
   std::vector<uint64_t> hist(kRadixBins);
   // NaN has no magnitude order: refuse it rather than keep or drop it silently.
   if (radix_histogram<T>(p, 16, -1, hist) > 0) {
@@ -527,6 +642,47 @@ uint32_t magnitude_select_typed(const MagnitudeSelectParams& p) {
   radix_histogram<T>(p, 0, int64_t(high), hist);
   radix_pick(hist.data(), kRadixBins, k_within, &low, &k_within);
   return (high << 16) | low;
+}
+
+// Per-tensor selections of several models against one base: samples per model, one fused
+// bracket pass for all whose sample is usable, then the single-selection path for the others
+// and for any bracket that missed.
+template <typename T>
+void magnitude_select_models_typed(const void* base, const void* const* models, int num_models,
+                                   int64_t numel, DType dtype, const int64_t* ks, uint32_t* bits) {
+  std::vector<MagnitudeSelectParams> single(static_cast<size_t>(num_models));
+  std::vector<Bracket> brackets(static_cast<size_t>(num_models));
+  std::vector<int> fused;
+  for (int t = 0; t < num_models; ++t) {
+    MagnitudeSelectParams& q = single[size_t(t)];
+    q.num_tensors = 1;
+    q.a = &models[t];
+    q.b = &base;
+    q.numels = &numel;
+    q.dtype = dtype;
+    q.k = ks[t];
+    if (numel >= kBracketMinNumel && ks[t] <= numel &&
+        sample_bracket<T>(q, numel, &brackets[size_t(t)])) {
+      fused.push_back(t);
+    }
+  }
+  std::vector<bool> done(static_cast<size_t>(num_models), false);
+  if (!fused.empty()) {
+    std::vector<const T*> typed(static_cast<size_t>(num_models));
+    for (int t = 0; t < num_models; ++t) typed[size_t(t)] = static_cast<const T*>(models[t]);
+    std::vector<BracketCounts> counts = bracket_pass_models<T>(
+        static_cast<const T*>(base), typed.data(), fused, brackets.data(), numel);
+    for (size_t i = 0; i < fused.size(); ++i) {
+      const int t = fused[i];
+      done[size_t(t)] = bracket_resolve(counts[i], brackets[size_t(t)], ks[t], &bits[size_t(t)]);
+    }
+  }
+  for (int t = 0; t < num_models; ++t) {
+    if (done[size_t(t)]) continue;
+    const bool sampled = std::find(fused.begin(), fused.end(), t) != fused.end();
+    bits[t] = sampled ? magnitude_select_radix<T>(single[size_t(t)])  // the bracket missed
+                      : magnitude_select_typed<T>(single[size_t(t)]);
+  }
 }
 
 }  // namespace
@@ -548,6 +704,13 @@ uint32_t magnitude_select_cpu(const MagnitudeSelectParams& p) {
   MELDKIT_DISPATCH_FLOAT(p.dtype, "magnitude_select", "a", T,
                          { bits = magnitude_select_typed<T>(p); });
   return bits;
+}
+
+void magnitude_select_models_cpu(const void* base, const void* const* models, int num_models,
+                                 int64_t numel, DType dtype, const int64_t* ks, uint32_t* bits) {
+  MELDKIT_DISPATCH_FLOAT(dtype, "magnitude_select", "a", T, {
+    magnitude_select_models_typed<T>(base, models, num_models, numel, dtype, ks, bits);
+  });
 }
 
 }  // namespace meldkit

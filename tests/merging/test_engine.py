@@ -135,9 +135,16 @@ def test_merge_matches_in_memory_merge(zoo, method, n, params, monkeypatch):
     assert not list(tmp.glob(".out.*")), "temporary folder left behind"
 
 
-def test_sharded_output_and_index(zoo):
+@pytest.mark.parametrize("background", [True, False])
+def test_sharded_output_and_index(zoo, background):
     tmp, base, _, paths = zoo
-    out = merge(config_for("ties", paths), tmp / "out", out_shard_size="4KB", progress=False)
+    out = merge(
+        config_for("ties", paths),
+        tmp / "out",
+        out_shard_size="4KB",
+        progress=False,
+        background_write=background,
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = set(index["weight_map"].values())
     assert len(files) > 3 and all((out / f).is_file() for f in files)
@@ -375,3 +382,81 @@ def test_gradient_and_filtered_parameters(zoo):
             out_dtype=torch.bfloat16,
         )
         assert torch.equal(out[name], expected), name
+
+
+def _writer_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {
+        "a.weight": torch.randn(40, 30, generator=g).bfloat16(),
+        "b.scalar": torch.tensor(2.5),
+        "c.empty": torch.empty(0, 7, dtype=torch.float16),
+        "d.ids": torch.arange(11),
+        "e.mask": torch.rand(5, 3, generator=g) > 0.5,
+        "f.wide": torch.randn(300, generator=g, dtype=torch.float64),
+    }
+
+
+@pytest.mark.parametrize("background", [True, False])
+@pytest.mark.parametrize("shard_size", [10**9, 2000])
+def test_writer_streams_valid_safetensors(tmp_path, background, shard_size):
+    from safetensors import safe_open
+
+    from meldkit.merging.checkpoint import ShardedWriter
+
+    tensors = _writer_tensors()
+    plan = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    writer = ShardedWriter(tmp_path / "out", plan, shard_size, background=background)
+    for name in reversed(list(tensors)):  # any order: every tensor has its place already
+        writer.add(name, tensors[name])
+    out = writer.commit(aux_from=None)
+    files = sorted(out.glob("*.safetensors"))
+    assert (len(files) > 1) == (shard_size == 2000)
+    assert (out / "model.safetensors.index.json").is_file() == (len(files) > 1)
+    got = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            assert h.metadata() == {"format": "pt"}
+            got.update({k: h.get_tensor(k) for k in h.keys()})
+    assert set(got) == set(tensors)
+    for name, t in tensors.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+
+
+def test_writer_refuses_what_its_plan_does_not_hold(tmp_path):
+    from meldkit.merging.checkpoint import ShardedWriter
+
+    tensors = _writer_tensors()
+    plan = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    writer = ShardedWriter(tmp_path / "out", plan, 10**9)
+    with pytest.raises(KeyError, match="not in the writer's plan"):
+        writer.add("z.unknown", torch.zeros(1))
+    with pytest.raises(ValueError, match=r"planned as torch\.bfloat16"):
+        writer.add("a.weight", torch.zeros(40, 30))
+    with pytest.raises(ValueError, match=r"\[40, 30\], got torch.bfloat16 \[30, 40\]"):
+        writer.add("a.weight", torch.zeros(30, 40, dtype=torch.bfloat16))
+    writer.add("a.weight", tensors["a.weight"])
+    with pytest.raises(ValueError, match="written twice"):
+        writer.add("a.weight", tensors["a.weight"])
+    with pytest.raises(RuntimeError, match="never written"):
+        writer.commit(aux_from=None)
+    writer.abort()
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_failed_background_write_fails_the_merge(zoo, monkeypatch):
+    import meldkit.merging.checkpoint as ckpt
+
+    tmp, _, _, paths = zoo
+    calls = {"n": 0}
+    real = ckpt.os.pwrite
+
+    def full_disk(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(28, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(ckpt.os, "pwrite", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        merge(config_for("ties", paths), tmp / "out", progress=False, background_write=True)
+    assert not (tmp / "out").exists() and not list(tmp.glob(".out.*"))

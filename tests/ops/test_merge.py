@@ -124,6 +124,40 @@ def test_threshold_large_inputs(device, density):
         assert got == expected, name
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_tensor_selection_of_several_models_in_one_pass(dtype):
+    # merge_tensors selects every model's threshold against the shared base in one fused pass
+    # on the CPU; models whose bracket misses, or whose sample is unusable, take the single
+    # path. Each must equal the threshold magnitude_threshold gives alone (tested against the
+    # reference above), whatever the others do: here the cases of _large_cases side by side.
+    g = torch.Generator().manual_seed(8)
+    n = 1 << 22
+    base = torch.randn(n, generator=g).to(dtype)
+    fine = (base.float() + 0.01 * torch.randn(n, generator=g)).to(dtype)
+    misses = torch.randn(n, generator=g).abs() + 1.0
+    misses[128::256] = 0.0
+    straddles = torch.rand(n, generator=g) + 1.0
+    straddles[128::512] = 0.0
+    straddles[384::512] = 5.0
+    models = [fine, (base.float() + misses).to(dtype), (base.float() + straddles).to(dtype), base]
+    for densities in ([0.3, 0.3, 0.3, 0.3], [0.05, 0.9, 0.0, 1.0], [0.534, 1e-6, 0.5, 0.2]):
+        thresholds = [
+            magnitude_threshold([m], d, [base]) for m, d in zip(models, densities, strict=True)
+        ]
+        for t, d in enumerate(densities):  # density 0 keeps nothing, 1 everything
+            if d == 0.0:
+                thresholds[t] = float("inf")
+            elif d == 1.0:
+                thresholds[t] = -float("inf")
+        fused = merge_tensors(base, models, "ties", densities=densities)
+        given = merge_tensors(base, models, "ties", densities=densities, thresholds=thresholds)
+        assert torch.equal(fused, given), densities
+    bad = fine.clone()
+    bad[12345] = float("nan")  # not a sampled position: the fused pass finds it
+    with pytest.raises(ValueError, match="NaN"):
+        merge_tensors(base, [fine, bad], "ties", densities=0.3)
+
+
 def test_threshold_large_input_with_nan_off_the_sample():
     x = torch.randn((1 << 20) + 5, generator=torch.Generator().manual_seed(6))
     x[12345] = float("nan")  # not a sampled position
@@ -404,6 +438,52 @@ def test_merge_bad_arguments():
         merge_tensors(base, [*models, torch.randn(6)], "ties")
     with pytest.raises(ValueError, match="rescale must be one of"):
         merge_tensors(base, models, "ties", rescale="l2")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("ties", {"densities": 0.3}),
+        ("dare_ties", {"densities": 0.5, "seed": 3}),
+        ("dare_linear", {"densities": 0.5, "rescale": "l1"}),
+        ("task_arithmetic", {"lam": 0.7}),
+        ("breadcrumbs", {"densities": 0.8, "gammas": 0.05}),
+        ("della", {"densities": 0.4}),
+        ("ties", {"densities": 0.3, "tie": "exact_k"}),
+        ("linear", {}),
+        ("model_stock", {}),
+    ],
+)
+def test_merge_into_out(dtype, method, params):
+    # out= writes into the caller's buffer (the streaming engine reuses one): same values as a
+    # fresh result, in the buffer's dtype, for the native paths and the copied ones alike.
+    base, models = models_like((37, 129), dtype, "cpu")
+    for out_dtype in (dtype, torch.float32):
+        expected = merge_tensors(base, models, method, out_dtype=out_dtype, **params)
+        out = torch.full(base.shape, 7.0, dtype=out_dtype)
+        got = merge_tensors(base, models, method, out=out, **params)
+        assert got is out and torch.equal(out, expected), out_dtype
+
+
+def test_merge_into_bad_out():
+    base, models = models_like((5, 8), torch.float32, "cpu")
+    bad = [
+        (torch.empty(8, 5), "shape \\[8, 5\\], the inputs have \\[5, 8\\]"),
+        (torch.empty(8, 5).t(), "must be contiguous"),
+        (torch.empty(5, 8, dtype=torch.int32), "dtype torch.int32 is not a floating dtype"),
+        (base, "shares memory with an input"),
+        (models[2], "shares memory with an input"),
+        (torch.empty(5, 8, device="meta"), "on meta, the inputs on cpu"),
+        (torch.empty(5, 8, requires_grad=True), "requires grad"),
+    ]
+    for out, message in bad:
+        with pytest.raises(ValueError, match="argument 'out': " + message):
+            merge_tensors(base, models, "ties", densities=0.5, out=out)
+    with pytest.raises(ValueError, match=r"dtype torch\.float32, but out_dtype=torch\.float16"):
+        merge_tensors(base, models, "ties", out=torch.empty(5, 8), out_dtype=torch.float16)
+    with pytest.raises(TypeError, match="expected a Tensor"):
+        merge_tensors(base, models, "ties", out=[0.0] * 40)
 
 
 def test_out_may_not_alias_a_model_but_may_alias_base():

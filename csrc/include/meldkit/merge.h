@@ -155,6 +155,12 @@ inline bool radix_pick(const Count* hist, int bins, int64_t k, uint32_t* digit, 
 // From 2^20 elements: one counting pass inside a sampled bracket (merge_cpu.cpp), falling back
 // to two radix-histogram passes (16 + 16 bits) when the sample misses; below, the radix passes.
 uint32_t magnitude_select_cpu(const MagnitudeSelectParams& p);
+// The per-tensor selections of num_models models against one base (mergekit's TIES): bits[t]
+// is the ks[t]-th largest |models[t] - base| (1 <= ks[t] <= numel), exactly what
+// magnitude_select_cpu gives each, but large tensors take one fused pass that reads the base
+// once for all models.
+void magnitude_select_models_cpu(const void* base, const void* const* models, int num_models,
+                                 int64_t numel, DType dtype, const int64_t* ks, uint32_t* bits);
 
 // The CUDA version counts three digits of 11, 11 and 10 bits (its histograms fit in shared
 // memory). `workspace` is device memory of kMagnitudeSelectCudaWorkspace uint64 counters. It reads

@@ -13,8 +13,10 @@ import json
 import math
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -180,60 +182,148 @@ def parse_size(text: str | int) -> int:
         raise ValueError(f"not a size: {text!r} (examples: 5GB, 500M, 1000000000)") from None
 
 
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def _safetensors_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> bytes:
+    """The header of a safetensors file holding ``entries`` (name, dtype, shape) back to back in
+    that order: the little-endian u64 length, then the JSON, padded with spaces to 8 bytes."""
+    meta: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in entries:
+        nbytes = math.prod(shape) * dtype.itemsize
+        meta[name] = {
+            "dtype": SAFETENSORS_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(meta, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
 class ShardedWriter:
     """Writes tensors as safetensors shards into a temporary folder beside ``out_dir``;
     :meth:`commit` adds the index and auxiliary files and renames it into place.
 
-    The shard plan (which tensor goes to which file) is fixed up front from the tensors' sizes, so
-    shard names (``model-00001-of-00003.safetensors``) are final as soon as a shard is full.
+    The shard plan (which tensor goes to which file, at which offset) is fixed up front from the
+    tensors' names, dtypes and shapes, so each shard's header is written when the shard is
+    opened and each tensor's bytes go straight to their place as soon as it is added. Nothing
+    is buffered: the writer holds no shard in memory. With ``background=True`` the writes run on
+    one worker thread, overlapping the caller's work; :meth:`add` returns a future that is done
+    when the tensor's bytes are in the file (the caller may then reuse its memory).
     """
 
     def __init__(
-        self, out_dir: str | os.PathLike, plan: Iterable[tuple[str, int]], shard_size: int
+        self,
+        out_dir: str | os.PathLike,
+        plan: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+        shard_size: int,
+        *,
+        background: bool = True,
     ):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and any(self.out_dir.iterdir()):
             raise CheckpointError(f"{self.out_dir}: exists and is not empty")
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
-        shards: list[list[str]] = [[]]
+        shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
         size = 0
         self.total_size = 0
-        for name, nbytes in plan:
+        for name, dtype, shape in plan:
+            if dtype not in SAFETENSORS_NAMES:
+                raise CheckpointError(f"{name}: dtype {dtype} cannot be saved as safetensors")
+            nbytes = math.prod(shape) * dtype.itemsize
             if shards[-1] and size + nbytes > shard_size:
                 shards.append([])
                 size = 0
-            shards[-1].append(name)
+            shards[-1].append((name, dtype, tuple(shape)))
             size += nbytes
             self.total_size += nbytes
         n = len(shards)
         self.file_of: dict[str, str] = {}
-        self._shard_of: dict[str, int] = {}
-        self._pending: list[dict[str, torch.Tensor]] = [{} for _ in shards]
-        self._shards = shards
-        for i, names in enumerate(shards):
+        # name -> (shard, dtype, shape, file offset of its bytes)
+        self._slot: dict[str, tuple[int, torch.dtype, tuple[int, ...], int]] = {}
+        self._headers: list[bytes] = []
+        self._left: list[int] = []  # tensors of each shard not yet written
+        self._fds: dict[int, int] = {}
+        self._added: set[str] = set()
+        for i, entries in enumerate(shards):
             fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            for name in names:
+            header = _safetensors_header(entries)
+            self._headers.append(header)
+            self._left.append(len(entries))
+            offset = len(header)
+            for name, dtype, shape in entries:
                 self.file_of[name] = fname
-                self._shard_of[name] = i
+                self._slot[name] = (i, dtype, shape, offset)
+                offset += math.prod(shape) * dtype.itemsize
+        self._fnames = [self.file_of[e[0][0]] if e else "model.safetensors" for e in shards]
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
+        self._pool = (
+            ThreadPoolExecutor(1, thread_name_prefix="meldkit-writer") if background else None
+        )
+        self._futures: list[Future] = []
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Buffer one tensor; its shard is written as soon as it is complete."""
-        i = self._shard_of[name]
-        self._pending[i][name] = tensor.contiguous()
-        if len(self._pending[i]) == len(self._shards[i]):
-            from safetensors.torch import save_file
+    def add(self, name: str, tensor: torch.Tensor) -> Future:
+        """Write one tensor (of the planned dtype and shape) into its shard.
 
-            path = self.tmp / self.file_of[name]
-            save_file(self._pending[i], str(path), metadata={"format": "pt"})
-            self._pending[i] = {}
+        Returns a future, done once the bytes are written; the tensor must not change until
+        then. A failed earlier write is raised here (or by :meth:`commit`).
+        """
+        if name not in self._slot:
+            raise KeyError(f"{name}: not in the writer's plan")
+        if name in self._added:
+            raise ValueError(f"{name}: written twice")
+        _, dtype, shape, _ = self._slot[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"{name}: planned as {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}"
+            )
+        for f in [f for f in self._futures if f.done()]:
+            self._futures.remove(f)
+            f.result()  # raises a failed write's error
+        self._added.add(name)
+        tensor = tensor.detach().cpu().contiguous()
+        if self._pool is None:
+            future: Future = Future()
+            future.set_result(self._write(name, tensor))
+        else:
+            future = self._pool.submit(self._write, name, tensor)
+            self._futures.append(future)
+        return future
+
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
+        shard, _, _, offset = self._slot[name]
+        fd = self._fds.get(shard)
+        if fd is None:
+            path = self.tmp / self._fnames[shard]
+            fd = self._fds[shard] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            _pwrite_all(fd, memoryview(self._headers[shard]), 0)
+        if tensor.numel():
+            data = tensor.reshape(-1).view(torch.uint8).numpy()
+            _pwrite_all(fd, memoryview(data).cast("B"), offset)
+        self._left[shard] -= 1
+        if self._left[shard] == 0:
+            os.close(self._fds.pop(shard))
+
+    def _drain(self) -> None:
+        """Wait for every write; raise the first failure."""
+        futures, self._futures = self._futures, []
+        errors = [f.exception() for f in futures]
+        for e in errors:
+            if e is not None:
+                raise e
 
     def commit(self, aux_from: Path | None) -> Path:
-        """Write the index and auxiliary files, then move the folder into place."""
-        unwritten = [n for p in self._pending for n in p]
+        """Wait for the writes, write the index and auxiliary files, then move the folder into
+        place."""
+        self._drain()
+        unwritten = [n for n in self._slot if n not in self._added]
         if unwritten:
-            raise RuntimeError(f"tensors never completed their shard: {unwritten[:5]}")
-        if len(self._shards) > 1:
+            raise RuntimeError(f"tensors never written: {unwritten[:5]}")
+        self._close()
+        if len(self._headers) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.file_of}
             (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         if aux_from is not None:
@@ -246,6 +336,22 @@ class ShardedWriter:
         os.replace(self.tmp, self.out_dir)
         return self.out_dir
 
+    def _close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
     def abort(self) -> None:
-        """Remove the temporary folder (an interrupted merge leaves nothing behind)."""
+        """Stop writing and remove the temporary folder (an interrupted merge leaves nothing
+        behind)."""
+        self._close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """``os.pwrite`` until every byte is written (one call writes at most about 2 GiB)."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)

@@ -3,17 +3,21 @@
 Everything is checked before any tensor is merged (the config, every model folder, every tensor's
 presence, shape and dtype), so a bad merge fails in the first second. Then tensors are loaded one
 at a time, merged by :func:`meldkit.ops.merge_tensors` on the chosen device, and written into
-safetensors shards in a temporary folder that becomes ``out_dir`` only when complete: peak memory
-stays near (N + 2) × the largest tensor plus one output shard.
+safetensors shards in a temporary folder that becomes ``out_dir`` only when complete. Inputs are
+memory-mapped; each tensor is merged into one of two reused output buffers, which a writer thread
+writes to its place in the shard while the next tensor merges. Peak memory stays near (N + 3) ×
+the largest tensor; no shard is held in memory.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
 import zlib
 from collections.abc import Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +97,34 @@ def _tensor_params(cfg: MergeConfig, tensor_name: str = "", t: float = 0.0) -> d
     return kw
 
 
+class _OutputBuffers:
+    """Two host buffers of the largest output, used in turn: a merge fills one while the writer
+    thread drains the other, so no output is allocated per tensor (page faults and zeroing of
+    fresh memory cost about as much as a merge pass)."""
+
+    def __init__(self, nbytes: int, *, pin: bool) -> None:
+        self._nbytes, self._pin = nbytes, pin
+        self._bufs: list[torch.Tensor | None] = [None, None]
+        self._busy: list[Future | None] = [None, None]
+        self._next = 0
+
+    def take(self, dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+        """A buffer viewed as ``dtype`` and ``shape``, once its last write is done."""
+        slot, self._next = self._next, self._next ^ 1
+        if self._busy[slot] is not None:
+            self._busy[slot].result()
+            self._busy[slot] = None
+        if self._bufs[slot] is None:
+            self._bufs[slot] = torch.empty(self._nbytes, dtype=torch.uint8, pin_memory=self._pin)
+        numel = math.prod(shape)
+        view = self._bufs[slot][: numel * dtype.itemsize].view(dtype).view(shape)
+        return view, slot
+
+    def hold(self, slot: int, future: Future) -> None:
+        """Keep ``slot`` until ``future`` (its write) is done."""
+        self._busy[slot] = future
+
+
 def merge(
     config: MergeConfig | Mapping[str, Any] | str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -103,6 +135,7 @@ def merge(
     allow_pickle: bool = False,
     progress: bool = True,
     trim_scope: str = "tensor",
+    background_write: bool | None = None,
 ) -> Path:
     """Merge the models of a mergekit-style ``config`` into ``out_dir``.
 
@@ -129,6 +162,10 @@ def merge(
         Scope of magnitude trimming (ties, dare is unaffected): per tensor as mergekit does, or
         over the whole model as the original TIES paper does. ``"model"`` costs two extra
         streaming passes over the checkpoints (:mod:`meldkit.merging.global_trim`).
+    background_write : bool, optional
+        Write each merged tensor on a writer thread while the next one merges. Default: when
+        the machine has more cores than torch's thread count (else the thread competes with
+        the merge for a core and costs more than it saves).
 
     Returns
     -------
@@ -158,8 +195,15 @@ def merge(
         else reference.dtype(n)
         for n in names
     }
-    plan = [(n, reference.numel(n) * out_dtype_of[n].itemsize) for n in names]
-    writer = ShardedWriter(out_dir, plan, parse_size(out_shard_size))
+    plan = [(n, out_dtype_of[n], reference.shape(n)) for n in names]
+    if background_write is None:
+        # A writer thread overlaps the writes with the merge when a core is free for it; on a
+        # machine whose every core runs the merge it only slows the merge (measured on 2 cores).
+        background_write = (os.cpu_count() or 1) > torch.get_num_threads()
+    writer = ShardedWriter(
+        out_dir, plan, parse_size(out_shard_size), background=bool(background_write)
+    )
+    nbytes = {n: reference.numel(n) * out_dtype_of[n].itemsize for n in names}
     positions = layer_positions(names)
 
     from meldkit.ops import merge_tensors
@@ -172,6 +216,9 @@ def merge(
             total=writer.total_size, unit="B", unit_scale=True, desc="merge", file=sys.stderr
         )
     float_names = [n for n in names if reference.dtype(n) in FLOAT_DTYPES]
+    buffers = _OutputBuffers(
+        max((nbytes[n] for n in float_names), default=0), pin=device.type == "cuda"
+    )
     try:
         thresholds = None
         if trim_scope == "model":
@@ -190,7 +237,7 @@ def merge(
             b = reference.get(name) if base is not None else None
             ms = [m.get(name) for m in models]
             if reference.dtype(name) not in FLOAT_DTYPES:
-                merged = (b if b is not None else ms[0]).clone()  # integer buffers: the base's
+                writer.add(name, b if b is not None else ms[0])  # integer buffers: the base's
             else:
                 dt = cfg.dtype or reference.dtype(name)
                 b = b.to(device, dt) if b is not None else None
@@ -198,18 +245,20 @@ def merge(
                 params = _tensor_params(cfg, name, positions[name])
                 if thresholds is not None:
                     params["thresholds"] = thresholds
-                merged = merge_tensors(
-                    b,
-                    ms,
-                    cfg.method.name,
-                    seed=seed,
-                    tensor_index=tensor_key(name),
-                    out_dtype=out_dtype_of[name],
-                    **params,
-                ).cpu()
-            writer.add(name, merged)
+                # Merged straight into a reused host buffer (CPU) or copied there (CUDA); the
+                # writer thread writes it to the shard while the next tensor merges.
+                host, slot = buffers.take(out_dtype_of[name], reference.shape(name))
+                kwargs = dict(seed=seed, tensor_index=tensor_key(name), **params)
+                if device.type == "cpu":
+                    merge_tensors(b, ms, cfg.method.name, out=host, **kwargs)
+                else:
+                    merged = merge_tensors(
+                        b, ms, cfg.method.name, out_dtype=out_dtype_of[name], **kwargs
+                    )
+                    host.copy_(merged)
+                buffers.hold(slot, writer.add(name, host))
             if bar is not None:
-                bar.update(plan[i][1])
+                bar.update(nbytes[name])
                 bar.set_postfix_str(f"{i + 1}/{len(names)} tensors", refresh=False)
         return writer.commit(aux_from=(cfg.base or cfg.models[0].path))
     except BaseException:

@@ -249,6 +249,7 @@ def _della_merge_cpu(
     seed,
     tensor_index,
     out_dtype,
+    out=None,
 ) -> torch.Tensor:
     """DELLA / DELLA-linear of one position on the CPU: native MagPrune per model, then the fused
     native merge of the masked models with each model's rescale factor (L1 ratio or 1)."""
@@ -262,7 +263,8 @@ def _della_merge_cpu(
     )
     masked = list(masked)
     scales = list(ratios) if rescale == "l1" else [1.0] * n
-    out = torch.empty(base.shape, dtype=out_dtype or base.dtype, device=base.device)
+    if out is None:
+        out = torch.empty(base.shape, dtype=out_dtype or base.dtype, device=base.device)
     _native._C.task_merge(
         base.detach().contiguous(),
         masked,
@@ -406,7 +408,12 @@ def _merge_tensors(
 
 
 @_merge_tensors.register_kernel(["cpu", "cuda"])
-def _merge_tensors_native(
+def _merge_tensors_native(*args):
+    return _merge_into(None, *args)
+
+
+def _merge_into(
+    out,
     base,
     models,
     method,
@@ -423,6 +430,8 @@ def _merge_tensors_native(
     thresholds,
     out_dtype,
 ):
+    """The op's CPU/CUDA kernel, writing into ``out`` (contiguous, of the result's shape, dtype
+    and device: the caller checks) when given, else into a new tensor; returns the result."""
     m = get_method(method)
     out_dtype = out_dtype or base.dtype
     dtypes = (base.dtype, out_dtype)
@@ -447,6 +456,7 @@ def _merge_tensors_native(
             seed,
             tensor_index,
             out_dtype,
+            out,
         )
     if not reasons and sparsify == "breadcrumbs" and rescale == "none":
         models = [
@@ -472,7 +482,7 @@ def _merge_tensors_native(
         ]
     if reasons:
         _native.warn_fallback(f"merge_tensors[{method}]", base.device, dtypes, reasons)
-        return _merge_reference(
+        res = _merge_reference(
             base,
             models,
             method,
@@ -489,7 +499,9 @@ def _merge_tensors_native(
             thresholds,
             out_dtype,
         )
-    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
+        return res if out is None else out.copy_(res)
+    if out is None:
+        out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
     _merge_native(
         [base],
         [[x] for x in models],
@@ -579,6 +591,7 @@ def merge_tensors(
     t: float = 0.5,
     filter_wise: bool = False,
     out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge one tensor position of N fine-tuned models with a registered method.
 
@@ -610,11 +623,18 @@ def merge_tensors(
     thresholds : sequence of float, optional
         Precomputed magnitude thresholds per model (global trimming: see
         :func:`magnitude_threshold` over all of a model's tensors).
+    out_dtype : torch.dtype, optional
+        Dtype of the result (default: ``out``'s, else the inputs').
+    out : Tensor, optional
+        Write the result here: contiguous, shape ``S``, on the inputs' device. The native
+        kernels write into it directly (a streaming merge reuses one buffer instead of
+        allocating each result); the other paths compute the result, then copy it. Runs
+        eagerly, without autograd.
 
     Returns
     -------
     Tensor
-        Shape ``S``, dtype ``out_dtype`` (default: the inputs').
+        Shape ``S``, dtype ``out_dtype`` (default: the inputs'); ``out`` when given.
     """
     m = get_method(method)
     models = _checks.tensor_list(method, "models", models)
@@ -631,36 +651,73 @@ def merge_tensors(
         raise ValueError(
             f"meldkit.merge_tensors: tensor_index must be in [0, 2**32), got {tensor_index}"
         )
+    if out is not None:
+        inputs = models if base is None else [base, *models]
+        out_dtype = _check_out(out, models[0], out_dtype, inputs)
     if m.kind == "linear":
         from meldkit.ops.weighted_sum import weighted_sum
 
         total = sum(a.weights) if a.normalize else 1.0
-        return weighted_sum(models, [w / total for w in a.weights], out_dtype=out_dtype)
-    if m.kind == "model_stock":
-        return ref.model_stock_ref(base, models, filter_wise=filter_wise, out_dtype=out_dtype)
-    if m.kind == "slerp":
+        res = weighted_sum(models, [w / total for w in a.weights], out_dtype=out_dtype)
+    elif m.kind == "model_stock":
+        res = ref.model_stock_ref(base, models, filter_wise=filter_wise, out_dtype=out_dtype)
+    elif m.kind == "slerp":
         if n != 1:
             raise ValueError(
                 "meldkit.merge_tensors: slerp takes exactly one model besides the base"
             )
-        return ref.slerp_ref(base, models[0], t, out_dtype=out_dtype)
-    return _merge_tensors(
-        base,
-        models,
-        method,
-        a.weights,
-        a.densities,
-        a.gammas,
-        a.epsilons,
-        float(lam),
-        a.normalize,
-        a.rescale,
-        tie,
-        int(seed),
-        int(tensor_index),
-        a.thresholds,
-        out_dtype,
-    )
+        res = ref.slerp_ref(base, models[0], t, out_dtype=out_dtype)
+    else:
+        args = (
+            base,
+            models,
+            method,
+            a.weights,
+            a.densities,
+            a.gammas,
+            a.epsilons,
+            float(lam),
+            a.normalize,
+            a.rescale,
+            tie,
+            int(seed),
+            int(tensor_index),
+            a.thresholds,
+            out_dtype,
+        )
+        if out is None:
+            return _merge_tensors(*args)
+        with torch.no_grad():
+            return _merge_into(out, *args)
+    if out is None:
+        return res
+    with torch.no_grad():
+        return out.copy_(res)
+
+
+def _check_out(
+    out: torch.Tensor, like: torch.Tensor, out_dtype: torch.dtype | None, inputs
+) -> torch.dtype:
+    """Validates merge_tensors' ``out`` against the inputs; returns the result dtype."""
+    where = "meldkit.merge_tensors: argument 'out'"
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{where}: expected a Tensor, got {type(out).__name__}")
+    if out.shape != like.shape:
+        raise ValueError(f"{where}: shape {list(out.shape)}, the inputs have {list(like.shape)}")
+    if out.device != like.device:
+        raise ValueError(f"{where}: on {out.device}, the inputs on {like.device}")
+    if out_dtype is not None and out.dtype != out_dtype:
+        raise ValueError(f"{where}: dtype {out.dtype}, but out_dtype={out_dtype}")
+    if out.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise ValueError(f"{where}: dtype {out.dtype} is not a floating dtype")
+    if not out.is_contiguous():
+        raise ValueError(f"{where}: must be contiguous")
+    if out.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{where}: requires grad; merging into it runs without autograd")
+    if any(out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for x in inputs):
+        # The kernels read each element before writing it, but the reference paths do not.
+        raise ValueError(f"{where}: shares memory with an input")
+    return out.dtype
 
 
 def merge_tensor_list(
