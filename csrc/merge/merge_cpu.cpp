@@ -257,7 +257,8 @@ MELDKIT_ALWAYS_INLINE void l1_random_models(const TaskMergeParams& p, const uint
                                             const T* base, int64_t begin, int64_t end,
                                             double* sums) {
   double all[kMergeMaxModels][kLanes] = {}, kept[kMergeMaxModels][kLanes] = {};
-  uint32_t inner[kTile], bits[kTile], keep32[kTile];
+  uint32_t inner[kTile], bits[kTile];
+  float abs_tau[kTile], abs_kept[kTile];
   uint8_t* __restrict mask_bits = p.mask_bits;
   for (int64_t e0 = begin; e0 < end; e0 += kTile) {  // kTile is a multiple of kLanes
     const int64_t n = std::min(kTile, end - e0);
@@ -273,17 +274,20 @@ MELDKIT_ALWAYS_INLINE void l1_random_models(const TaskMergeParams& p, const uint
       const uint32_t key = keys[t];
       double* at = all[t];
       double* kt = kept[t];
-      // The draws in a loop of their own (32-bit lanes: it vectorises), kept for the sums below
-      // and, as bit t, for the merge pass.
+      // The draws, |tau| and its kept part in a loop of their own (contiguous 32-bit lanes: it
+      // vectorises); the draws also go, as bit t, to the merge pass. Summed into the double
+      // lanes below: fused with the sums, GCC assembled each vector element by element.
       for (int64_t j = 0; j < n; ++j) {
-        keep32[j] = uniform01_from_inner(key, inner[j]) < d ? 1u : 0u;
-        bits[j] |= keep32[j] << t;
+        const uint32_t keep = uniform01_from_inner(key, inner[j]) < d ? 1u : 0u;
+        bits[j] |= keep << t;
+        const float a = fabsf(widen(x[j]) - widen(b[j]));
+        abs_tau[j] = a;
+        // a or +0 by a bit mask: with the draw in memory GCC would branch here, on random bits
+        abs_kept[j] = bits_as_float(float_as_bits(a) & (0u - keep));
       }
       auto visit = [&](int64_t j, int lane) {
-        const float a = fabsf(widen(x[j]) - widen(b[j]));
-        at[lane] += a;
-        // a or +0 by a bit mask: with the draw in memory GCC would branch here, on random bits
-        kt[lane] += bits_as_float(float_as_bits(a) & (0u - keep32[j]));
+        at[lane] += abs_tau[j];
+        kt[lane] += abs_kept[j];
       };
       int64_t j = 0;
       for (; j + kLanes <= n; j += kLanes) {
