@@ -529,6 +529,47 @@ SelectTensors import_select_tensors(const char* op, py::handle theta, py::handle
 
 }  // namespace
 
+int64_t magnitude_histogram(py::handle theta, py::handle base, py::handle hist, int64_t prefix) {
+  constexpr const char* kOp = "magnitude_histogram";
+  const TensorArg t = import_tensor(theta, {kOp, "theta"}, 0);
+  const TensorArg b = import_tensor(base, {kOp, "base"}, 0);
+  const TensorArg h = import_tensor(hist, {kOp, "hist"}, 0);
+  for (const TensorArg* x : {&t, &h}) {
+    if (x->device != DeviceKind::kCPU) {
+      throw_type_error(x->name.prefix() + ": the histogram kernel runs on the CPU, not on " +
+                       x->device_str());
+    }
+  }
+  check_dtype_in(t, kBegin, kEnd, "CPU");
+  check_same_device(b, t);
+  check_same_shape(b, t);
+  if (b.dtype != t.dtype) {
+    throw_type_error(b.name.prefix() + ": dtype " + dtype_name(b.dtype) + " differs from " +
+                     "'theta' " + dtype_name(t.dtype));
+  }
+  if (h.dtype != DType::kInt64 || h.numel() != kRadixBins) {
+    throw_type_error(h.name.prefix() + ": expected " + std::to_string(kRadixBins) +
+                     " int64 counts, got " + std::to_string(h.numel()) + " " + dtype_name(h.dtype));
+  }
+  check_contiguous(t);
+  check_contiguous(b);
+  check_contiguous(h);
+  check_writable(h);
+  if (prefix < -1 || prefix >= kRadixBins) {
+    throw_value_error(std::string(kOp) + ": argument 'prefix': " + std::to_string(prefix) +
+                      " is not -1 (high digits) or a digit in [0, 65536)");
+  }
+  MagnitudeSelectParams p;
+  const int64_t numel = t.numel();
+  p.num_tensors = 1;
+  p.a = &t.data;
+  p.b = &b.data;
+  p.numels = &numel;
+  p.dtype = t.dtype;
+  py::gil_scoped_release release;
+  return int64_t(magnitude_histogram_cpu(p, prefix, static_cast<uint64_t*>(h.data)));
+}
+
 void band_select(py::handle theta, py::handle base, py::handle out, py::handle lo, py::handle hi,
                  int64_t start, int64_t stop, bool lo_ties_first) {
   constexpr const char* kOp = "band_select";

@@ -68,6 +68,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("magnitude_select", &mb::magnitude_select,
         "The k-th largest |a - b| over lists of tensors, exactly (radix selection).", py::arg("a"),
         py::arg("b"), py::arg("k"), py::arg("workspace") = py::none(), py::arg("stream") = 0);
+  m.def("magnitude_histogram", &mb::magnitude_histogram,
+        "Adds to hist (65536 int64 counts) the histogram of one 16-bit digit of the float32 bits\n"
+        "of |theta - base| on the CPU: the high digit of every element (prefix -1), or the low\n"
+        "digit of the elements whose high digit is prefix. Returns the NaN count.",
+        py::arg("theta"), py::arg("base"), py::arg("hist"), py::arg("prefix"));
   m.def("band_select", &mb::band_select,
         "Model Breadcrumbs on the CPU: out = theta where the ascending rank of |theta - base|\n"
         "(equal magnitudes by index) is in [start, stop), base elsewhere; lo and hi are the\n"

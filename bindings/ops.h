@@ -28,6 +28,7 @@ void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle
                 uint64_t seed, py::handle tensor_indices, py::handle workspace, int64_t stream);
 int64_t merge_many_workspace_numel(int64_t num_models);
 float magnitude_select(py::handle a, py::handle b, int64_t k, py::handle workspace, int64_t stream);
+int64_t magnitude_histogram(py::handle theta, py::handle base, py::handle hist, int64_t prefix);
 void band_select(py::handle theta, py::handle base, py::handle out, py::handle lo, py::handle hi,
                  int64_t start, int64_t stop, bool lo_ties_first);
 py::tuple della_select(py::handle theta, py::handle base, py::handle out, int64_t row_len,

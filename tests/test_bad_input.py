@@ -834,6 +834,60 @@ def _bl_corruptions():
     }
 
 
+# ---- magnitude_histogram (CPU only: whole-model TIES's streamed selection) --------------------
+
+
+def _mh_valid(draw, device):
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    n = draw(st.integers(0, 60))
+    base = torch.randn(n).to(dtype)
+    return {
+        "theta": (base.float() + torch.randn(n)).to(dtype),
+        "base": base,
+        "hist": torch.zeros(1 << 16, dtype=torch.int64),
+        "prefix": draw(st.integers(-1, (1 << 16) - 1)),
+    }
+
+
+def _mh_call(a):
+    _C.magnitude_histogram(a["theta"], a["base"], a["hist"], a["prefix"])
+
+
+def _mh_corruptions():
+    def wrong_dtype(draw, a, device):
+        key = draw(st.sampled_from(["theta", "base"]))
+        a[key] = a[key].to(draw(st.sampled_from([torch.int64, torch.float64])))
+        return a
+
+    def shape_mismatch(draw, a, device):
+        a["base"] = torch.zeros(a["theta"].numel() + 1).to(a["theta"])
+        return a
+
+    def bad_hist(draw, a, device):
+        a["hist"] = draw(
+            st.sampled_from(
+                [
+                    torch.zeros(1 << 16, dtype=torch.int32),
+                    torch.zeros(1 << 15, dtype=torch.int64),
+                    torch.zeros(2, 1 << 16, dtype=torch.int64)[:, 0],
+                ]
+            )
+        )
+        return a
+
+    def bad_prefix(draw, a, device):
+        a["prefix"] = draw(st.sampled_from([-2, 1 << 16, -(1 << 40)]))
+        return a
+
+    def not_a_tensor(draw, a, device):
+        a[draw(st.sampled_from(["theta", "base", "hist"]))] = [0.0, 1.0]
+        return a
+
+    return {
+        f.__name__: f for f in (wrong_dtype, shape_mismatch, bad_hist, bad_prefix, not_a_tensor)
+    }
+
+
 # ---- band_select (CPU only: the CUDA path of Breadcrumbs is PyTorch ops) ----------------------
 
 
@@ -971,6 +1025,7 @@ BINDINGS = [
     BindingSpec("routed_lora", _rl_call, _rl_valid, _rl_corruptions()),
     BindingSpec("logit_fusion", _lf_call, _lf_valid, _lf_corruptions()),
     BindingSpec("blend", _bl_call, _bl_valid, _bl_corruptions()),
+    BindingSpec("magnitude_histogram", _mh_call, _mh_valid, _mh_corruptions()),
     BindingSpec("band_select", _bs_call, _bs_valid, _bs_corruptions()),
     BindingSpec("della_select", _ds_call, _ds_valid, _ds_corruptions()),
 ]

@@ -347,31 +347,81 @@ void task_l1_typed(const TaskMergeParams& p, double* norms) {
   }
 }
 
+constexpr int64_t kDigitBlock = 1024;
+
+// The digits of a block for radix_histogram (vectorises): digit[j] is the 16-bit digit at
+// `shift` of |a - b|'s bits, flags[j] is 1 where it is to be counted (the high digit equals
+// `prefix`, or any when match_all) and the magnitude is not an exact zero; those zeros (most of
+// a sparse task vector) and NaNs are only counted, in counts[0] and counts[1].
+template <typename T, bool kHasBase>
+MELDKIT_CPU_CLONES void digit_block(const T* __restrict a, const T* __restrict b, int64_t m,
+                                    int shift, bool match_all, uint32_t prefix,
+                                    uint32_t* __restrict digit, uint8_t* __restrict flags,
+                                    uint64_t counts[2]) {
+  uint32_t zeros = 0, nans = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    const uint32_t bits = magnitude_bits(widen(a[j]), kHasBase ? widen(b[j]) : 0.f);
+    nans += bits > 0x7f800000u;
+    const uint32_t match = match_all | ((bits >> 16) == prefix);
+    const uint32_t zero = bits == 0u;
+    zeros += match & zero;
+    flags[j] = uint8_t(match & (zero ^ 1u));
+    digit[j] = (bits >> shift) & 0xffffu;
+  }
+  counts[0] += zeros;
+  counts[1] += nans;
+}
+
 // Histogram of one 16-bit digit of |a - b| over every tensor, among the elements whose high
 // digit equals `prefix` (pass 2) or all elements (pass 1: prefix < 0). Returns the NaN count.
+// Blocks are bracketed by digit_block; only the flagged elements are scattered into the
+// histogram, 8 flags tested at a time (pass 2 keeps few). Exact zeros are counted, not
+// scattered: one counter incremented per element would chain every increment on the previous
+// one through memory.
 template <typename T>
 uint64_t radix_histogram(const MagnitudeSelectParams& p, int shift, int64_t prefix,
                          std::vector<uint64_t>& hist) {
   std::fill(hist.begin(), hist.end(), 0);
-  uint64_t nans = 0;
-#pragma omp parallel reduction(+ : nans)
+  const bool match_all = prefix < 0;
+  const uint32_t pre = match_all ? 0u : uint32_t(prefix);
+  uint64_t nans = 0, zeros = 0;
+#pragma omp parallel reduction(+ : nans, zeros)
   {
     std::vector<uint64_t> local(kRadixBins, 0);
+    alignas(64) uint32_t digit[kDigitBlock];
+    alignas(64) uint8_t flags[kDigitBlock];
+    uint64_t counts[2] = {0, 0};
     for (int i = 0; i < p.num_tensors; ++i) {
       const T* a = static_cast<const T*>(p.a[i]);
       const T* b = p.b ? static_cast<const T*>(p.b[i]) : nullptr;
       const int64_t n = p.numels[i];
-#pragma omp for schedule(static) nowait
-      for (int64_t e = 0; e < n; ++e) {
-        const uint32_t bits = magnitude_bits(widen(a[e]), b ? widen(b[e]) : 0.f);
-        nans += bits > 0x7f800000u;
-        if (prefix >= 0 && int64_t(bits >> 16) != prefix) continue;
-        ++local[(bits >> shift) & 0xffffu];
+      const int64_t num_blocks = (n + kDigitBlock - 1) / kDigitBlock;
+#pragma omp for schedule(dynamic, 16) nowait
+      for (int64_t blk = 0; blk < num_blocks; ++blk) {
+        const int64_t e0 = blk * kDigitBlock;
+        const int64_t m = std::min(kDigitBlock, n - e0);
+        if (b) {
+          digit_block<T, true>(a + e0, b + e0, m, shift, match_all, pre, digit, flags, counts);
+        } else {
+          digit_block<T, false>(a + e0, nullptr, m, shift, match_all, pre, digit, flags, counts);
+        }
+        std::fill(flags + m, flags + ((m + 7) & ~int64_t(7)), uint8_t(0));
+        for (int64_t w = 0; w < m; w += 8) {
+          uint64_t word;
+          std::memcpy(&word, flags + w, sizeof(word));
+          while (word != 0) {
+            ++local[digit[w + (__builtin_ctzll(word) >> 3)]];
+            word &= word - 1;
+          }
+        }
       }
     }
+    zeros += counts[0];
+    nans += counts[1];
 #pragma omp critical
     for (int d = 0; d < kRadixBins; ++d) hist[d] += local[d];
   }
+  hist[0] += zeros;  // an exact zero's digits are 0 at either shift
   return nans;
 }
 
@@ -708,6 +758,15 @@ uint32_t magnitude_select_cpu(const MagnitudeSelectParams& p) {
   MELDKIT_DISPATCH_FLOAT(p.dtype, "magnitude_select", "a", T,
                          { bits = magnitude_select_typed<T>(p); });
   return bits;
+}
+
+uint64_t magnitude_histogram_cpu(const MagnitudeSelectParams& p, int64_t prefix, uint64_t* hist) {
+  std::vector<uint64_t> h(kRadixBins);
+  uint64_t nans = 0;
+  MELDKIT_DISPATCH_FLOAT(p.dtype, "magnitude_histogram", "theta", T,
+                         { nans = radix_histogram<T>(p, prefix < 0 ? 16 : 0, prefix, h); });
+  for (int d = 0; d < kRadixBins; ++d) hist[d] += h[size_t(d)];
+  return nans;
 }
 
 void magnitude_select_models_cpu(const void* base, const void* const* models, int num_models,

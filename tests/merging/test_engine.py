@@ -4,6 +4,7 @@ Llama-shaped base and fine-tunes made by sparse perturbation (one of them sharde
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -460,3 +461,42 @@ def test_a_failed_background_write_fails_the_merge(zoo, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         merge(config_for("ties", paths), tmp / "out", progress=False, background_write=True)
     assert not (tmp / "out").exists() and not list(tmp.glob(".out.*"))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_global_thresholds_exact_with_huge_tie_groups(monkeypatch, backend, dtype):
+    # Whole-model thresholds by two streamed histograms (native on the CPU, bincount with
+    # MELDKIT_BACKEND=reference) equal the k-th largest over the concatenation, also where a tie
+    # group holds most elements: exact zeros of a sparse fine-tune, and bf16's collapsed values.
+    from meldkit.merging.global_trim import global_thresholds
+    from meldkit.ops import merge_ref
+
+    monkeypatch.setenv("MELDKIT_BACKEND", backend)
+    g = torch.Generator().manual_seed(4)
+    shapes = {"a": (300, 70), "b": (5,), "c": (1 << 17,), "d": (0, 3)}
+    base = {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}
+    sparse = {
+        k: (v.float() + (torch.rand(v.shape, generator=g) < 0.2) * torch.randn(v.shape)).to(dtype)
+        for k, v in base.items()
+    }
+    dense = {
+        k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in base.items()
+    }
+    models = [sparse, dense, base]  # the last: every magnitude 0
+    names = list(shapes)
+    for densities in ([0.1, 0.3, 0.5], [0.5, 0.9, 0.01], [0.0, 1.0, 0.2], [0.19, 0.999, 1.0]):
+        got = global_thresholds(
+            names, lambda n: base[n], lambda n: [m[n] for m in models], densities
+        )
+        for t, (m, d) in enumerate(zip(models, densities, strict=True)):
+            flat = torch.cat([(m[n].float() - base[n].float()).abs().flatten() for n in names])
+            k = int(flat.numel() * d)
+            if k <= 0 or k >= flat.numel():
+                assert got[t] == (math.inf if k <= 0 else -math.inf)
+            else:
+                assert got[t] == merge_ref.magnitude_threshold_ref(flat, d).item(), (t, d)
+    bad = {k: v.clone() for k, v in dense.items()}
+    bad["c"][777] = float("nan")
+    with pytest.raises(ValueError, match="c: the task vector of model 1 contains NaN"):
+        global_thresholds(names, lambda n: base[n], lambda n: [sparse[n], bad[n]], [0.3, 0.3])

@@ -158,6 +158,29 @@ def test_per_tensor_selection_of_several_models_in_one_pass(dtype):
         merge_tensors(base, [fine, bad], "ties", densities=0.3)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_magnitude_histogram_counts_digits(dtype):
+    # _C.magnitude_histogram (whole-model TIES's streamed selection) against bincount: the high
+    # digit of every |theta - base|, then the low digit within one high digit; exact zeros and
+    # NaN (counted, never scattered) included, and the counts add up over calls.
+    g = torch.Generator().manual_seed(9)
+    n = 50_003
+    base = torch.randn(n, generator=g).to(dtype)
+    theta = (base.float() + (torch.rand(n, generator=g) < 0.3) * torch.randn(n)).to(dtype)
+    theta[17] = float("nan")
+    bits = (theta.float() - base.float()).abs().view(torch.int32).to(torch.int64)
+    hist = torch.zeros(1 << 16, dtype=torch.int64)
+    assert _native._C.magnitude_histogram(theta, base, hist, -1) == 1
+    assert torch.equal(hist, torch.bincount(bits >> 16, minlength=1 << 16))
+    assert _native._C.magnitude_histogram(theta, base, hist, -1) == 1
+    assert torch.equal(hist, 2 * torch.bincount(bits >> 16, minlength=1 << 16))
+    for prefix in (0, int(bits[100] >> 16)):
+        hist.zero_()
+        _native._C.magnitude_histogram(theta, base, hist, prefix)
+        low = bits[(bits >> 16) == prefix] & 0xFFFF
+        assert torch.equal(hist, torch.bincount(low, minlength=1 << 16)), prefix
+
+
 def test_threshold_large_input_with_nan_off_the_sample():
     x = torch.randn((1 << 20) + 5, generator=torch.Generator().manual_seed(6))
     x[12345] = float("nan")  # not a sampled position

@@ -155,6 +155,11 @@ inline bool radix_pick(const Count* hist, int bins, int64_t k, uint32_t* digit, 
 // From 2^20 elements: one counting pass inside a sampled bracket (merge_cpu.cpp), falling back
 // to two radix-histogram passes (16 + 16 bits) when the sample misses; below, the radix passes.
 uint32_t magnitude_select_cpu(const MagnitudeSelectParams& p);
+// Adds to hist (kRadixBins counts) a histogram of one 16-bit digit of the bits of |a - b| over
+// p's tensors (p.k unused): the high digit of every element when prefix < 0, else the low digit
+// of the elements whose high digit is prefix. Two calls per tensor give an exact selection over
+// more tensors than fit in memory at once (whole-model TIES). Returns the NaN count.
+uint64_t magnitude_histogram_cpu(const MagnitudeSelectParams& p, int64_t prefix, uint64_t* hist);
 // The per-tensor selections of num_models models against one base (mergekit's TIES): bits[t]
 // is the ks[t]-th largest |models[t] - base| (1 <= ks[t] <= numel), exactly what
 // magnitude_select_cpu gives each, but large tensors take one fused pass that reads the base
