@@ -104,6 +104,12 @@ def main(argv=None) -> int:
         ],
     )
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--trim-scope",
+        default="tensor",
+        choices=["tensor", "model"],
+        help="model: the TIES paper's whole-model trimming (mergekit has none: not timed)",
+    )
     ap.add_argument("--json", help="append a JSON row here")
     args = ap.parse_args(argv)
 
@@ -130,9 +136,9 @@ def main(argv=None) -> int:
 
     def run_merge():
         shutil.rmtree(scratch / "out", ignore_errors=True)
-        merge(cfg, scratch / "out", device=args.device, progress=False)
+        merge(cfg, scratch / "out", device=args.device, progress=False, trim_scope=args.trim_scope)
 
-    mergekit = shutil.which("mergekit-yaml")
+    mergekit = shutil.which("mergekit-yaml") if args.trim_scope == "tensor" else None
     cfg_path = scratch / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
 
@@ -152,6 +158,7 @@ def main(argv=None) -> int:
     row = {
         "op": "merge_e2e",
         "method": args.method,
+        "trim_scope": args.trim_scope,
         "models": args.models,
         "layers": args.layers,
         "hidden": args.hidden,
@@ -167,8 +174,9 @@ def main(argv=None) -> int:
     }
     vs_mk = f", mergekit {t_mk:.2f} s ({t_mk / t_merge:.1f}x slower)" if t_mk else ""
     print(
-        f"{args.method} of {args.models} models + base, Llama-shaped {args.layers} layers x "
-        f"{args.hidden} ({gb_in:.2f} GB bf16 in) on {args.device}: io floor {t_io:.2f} s, "
+        f"{args.method} ({args.trim_scope} trimming) of {args.models} models + base, "
+        f"Llama-shaped {args.layers} layers x {args.hidden} ({gb_in:.2f} GB bf16 in) "
+        f"on {args.device}: io floor {t_io:.2f} s, "
         f"meldkit {t_merge:.2f} s ({t_merge / t_io:.2f}x the floor){vs_mk}"
     )
     if args.json:
