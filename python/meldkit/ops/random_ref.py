@@ -93,5 +93,8 @@ def bernoulli_mask_ref(
     for s in shape:
         numel *= int(s)
     u = uniform_ref(numel, seed, tensor_index, device=device).view(shape)
-    p = keep_prob if isinstance(keep_prob, torch.Tensor) else torch.tensor(keep_prob)
-    return u < p.to(device=device, dtype=torch.float32)
+    if not isinstance(keep_prob, torch.Tensor):
+        # A Python float is rounded to float32 by the comparison, like a float32 tensor would
+        # be, without copying a tensor to the device (a host synchronisation on CUDA).
+        return u < float(keep_prob)
+    return u < keep_prob.to(device=device, dtype=torch.float32)
