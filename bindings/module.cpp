@@ -122,6 +122,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("router_weight"), py::arg("weights"), py::arg("probs"), py::arg("dprobs"),
         py::arg("h"), py::arg("top_k"), py::arg("dropout"), py::arg("seed"), py::arg("dx"),
         py::arg("da"), py::arg("db"), py::arg("drouter"), py::arg("dgates"), py::arg("stream") = 0);
+  m.def("routed_lora_dropout", &mb::routed_lora_dropout,
+        "out = src * expert's dropout mask / (1 - dropout), src [rows, cols] float32 or\n"
+        "float64: element (t, j) is kept when uniform01(stream_key(seed, expert), t * cols + j)\n"
+        "< 1 - dropout (the per-token kernels' masks). out may be src.",
+        py::arg("src"), py::arg("out"), py::arg("dropout"), py::arg("seed"), py::arg("expert"),
+        py::arg("stream") = 0);
   m.def("routed_lora_native_dtypes", &mb::routed_lora_native_dtypes,
         "{device: [dtype names]} the native routed_lora kernels accept.");
   m.attr("ROUTED_LORA_MAX_EXPERTS") = meldkit::kRoutedLoraMaxExperts;

@@ -46,6 +46,8 @@ void routed_lora_backward(py::handle dy, py::handle x, py::handle lora_a, py::ha
                           double dropout, uint64_t seed, py::handle dx, py::handle da,
                           py::handle db, py::handle drouter, py::handle dgates, int64_t stream);
 py::dict routed_lora_native_dtypes();
+void routed_lora_dropout(py::handle src, py::handle out, double dropout, uint64_t seed,
+                         int64_t expert, int64_t stream);
 
 // logit_fusion.cpp
 void logit_fusion(py::handle large, py::handle small_base, py::handle experts, py::handle alphas,

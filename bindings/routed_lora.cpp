@@ -298,4 +298,53 @@ void routed_lora_backward(py::handle dy, py::handle x, py::handle lora_a, py::ha
   }
 }
 
+void routed_lora_dropout(py::handle src, py::handle out, double dropout, uint64_t seed,
+                         int64_t expert, int64_t stream) {
+  constexpr const char* kOp = "routed_lora_dropout";
+  const TensorArg ts = import_tensor(src, {kOp, "src"}, stream);
+  const TensorArg to = import_tensor(out, {kOp, "out"}, stream);
+  if (ts.shape.size() != 2) {
+    throw_value_error(ts.name.prefix() + ": expected 2 dims [rows, cols], got shape " +
+                      ts.shape_str());
+  }
+  if (ts.dtype != DType::kFloat32 && ts.dtype != DType::kFloat64) {
+    throw_type_error(ts.name.prefix() + ": dtype " + dtype_name(ts.dtype) +
+                     " is not a compute dtype (float32 or float64)");
+  }
+  check_same_device(to, ts);
+  check_same_shape(to, ts);
+  if (to.dtype != ts.dtype) {
+    throw_type_error(to.name.prefix() + ": dtype " + dtype_name(to.dtype) + " differs from " +
+                     "'src' " + dtype_name(ts.dtype));
+  }
+  check_contiguous(ts);
+  check_contiguous(to);
+  check_writable(to);
+  if (!(dropout > 0.0 && dropout < 1.0)) {
+    throw_value_error(std::string(kOp) + ": argument 'dropout': " + std::to_string(dropout) +
+                      " is not in (0, 1)");
+  }
+  if (expert < 0 || expert > int64_t(UINT32_MAX)) {
+    throw_value_error(std::string(kOp) + ": argument 'expert': " + std::to_string(expert) +
+                      " is not in [0, 2**32)");
+  }
+  DropoutApplyParams p;
+  p.src = ts.data;
+  p.out = to.data;
+  p.rows = ts.shape[0];
+  p.cols = ts.shape[1];
+  p.dtype = ts.dtype;
+  p.dropout = dropout;
+  p.seed = seed;
+  p.expert = uint32_t(expert);
+  py::gil_scoped_release release;
+  if (ts.device == DeviceKind::kCUDA) {
+#ifdef MELDKIT_WITH_CUDA
+    dropout_apply_cuda(p, ts.device_id, reinterpret_cast<void*>(stream));
+#endif
+  } else {
+    dropout_apply_cpu(p);
+  }
+}
+
 }  // namespace meldkit::bind

@@ -834,6 +834,80 @@ def _bl_corruptions():
     }
 
 
+# ---- routed_lora_dropout (the GEMM path's dropout masks) --------------------------------------
+
+
+def _rd_valid(draw, device):
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    src = torch.randn(draw(st.integers(0, 9)), draw(st.integers(1, 20)), dtype=dtype, device=device)
+    return {
+        "src": src,
+        "out": torch.empty_like(src) if draw(st.booleans()) else src,
+        "dropout": draw(st.floats(0.01, 0.99)),
+        "seed": draw(st.integers(0, 2**64 - 1)),
+        "expert": draw(st.integers(0, 2**32 - 1)),
+    }
+
+
+def _rd_call(a):
+    _C.routed_lora_dropout(
+        a["src"], a["out"], a["dropout"], a["seed"], a["expert"], _native.stream_of(a["src"].device)
+    )
+
+
+def _rd_corruptions():
+    def not_compute_dtype(draw, a, device):
+        dtype = draw(st.sampled_from([torch.bfloat16, torch.float16, torch.int64]))
+        a["src"] = a["src"].to(dtype)
+        a["out"] = torch.empty_like(a["src"])
+        return a
+
+    def out_mismatch(draw, a, device):
+        src = a["src"]
+        a["out"] = draw(
+            st.sampled_from(
+                [
+                    torch.empty(src.shape[0] + 1, src.shape[1], dtype=src.dtype, device=device),
+                    torch.empty_like(
+                        src, dtype=torch.float64 if src.dtype == torch.float32 else torch.float32
+                    ),
+                    _other_device(torch.empty_like(src)),
+                ]
+            )
+        )
+        return a
+
+    def not_two_dims(draw, a, device):
+        a["src"] = a["src"].reshape(-1)
+        a["out"] = torch.empty_like(a["src"])
+        return a
+
+    def non_contiguous(draw, a, device):
+        a["src"] = torch.randn(6, 4, dtype=a["src"].dtype, device=device).t()
+        a["out"] = torch.empty(4, 6, dtype=a["src"].dtype, device=device)
+        return a
+
+    def bad_dropout(draw, a, device):
+        a["dropout"] = draw(st.sampled_from([0.0, 1.0, -0.5, 2.0, float("nan")]))
+        return a
+
+    def bad_expert(draw, a, device):
+        a["expert"] = draw(st.sampled_from([-1, 2**32]))
+        return a
+
+    return {
+        f.__name__: f
+        for f in (
+            not_compute_dtype,
+            out_mismatch,
+            not_two_dims,
+            non_contiguous,
+            bad_dropout,
+            bad_expert,
+        )
+    }
+
+
 # ---- magnitude_histogram (CPU only: whole-model TIES's streamed selection) --------------------
 
 
@@ -1025,6 +1099,7 @@ BINDINGS = [
     BindingSpec("routed_lora", _rl_call, _rl_valid, _rl_corruptions()),
     BindingSpec("logit_fusion", _lf_call, _lf_valid, _lf_corruptions()),
     BindingSpec("blend", _bl_call, _bl_valid, _bl_corruptions()),
+    BindingSpec("routed_lora_dropout", _rd_call, _rd_valid, _rd_corruptions()),
     BindingSpec("magnitude_histogram", _mh_call, _mh_valid, _mh_corruptions()),
     BindingSpec("band_select", _bs_call, _bs_valid, _bs_corruptions()),
     BindingSpec("della_select", _ds_call, _ds_valid, _ds_corruptions()),

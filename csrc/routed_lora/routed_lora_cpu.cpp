@@ -424,4 +424,40 @@ void routed_lora_backward_cpu(const RoutedLoraParams& p) {
                                     { backward<TX, acc_t<TX>>(p); });
 }
 
+namespace {
+
+template <typename T>
+MELDKIT_CPU_CLONES void dropout_apply_rows(const DropoutApplyParams& p, uint32_t key,
+                                           const DropoutRule& rule, int64_t r0, int64_t r1) {
+  const T* src = static_cast<const T*>(p.src);
+  T* out = static_cast<T*>(p.out);
+  const int64_t cols = p.cols;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint64_t first = uint64_t(r) * uint64_t(cols);
+    const T* s = src + r * cols;
+    T* o = out + r * cols;
+    for (int64_t j = 0; j < cols; ++j)
+      o[j] = s[j] * T(dropout_factor(key, first + uint64_t(j), rule));
+  }
+}
+
+}  // namespace
+
+void dropout_apply_cpu(const DropoutApplyParams& p) {
+  const DropoutRule rule = dropout_rule(p.dropout);
+  const uint32_t key = stream_key(p.seed, p.expert);
+  const int64_t rows_per_item =
+      std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, p.cols));
+  const int64_t items = (p.rows + rows_per_item - 1) / rows_per_item;
+#pragma omp parallel for schedule(static) if (p.rows * p.cols >= (int64_t(1) << 15))
+  for (int64_t i = 0; i < items; ++i) {
+    const int64_t r0 = i * rows_per_item, r1 = std::min(p.rows, r0 + rows_per_item);
+    if (p.dtype == DType::kFloat64) {
+      dropout_apply_rows<double>(p, key, rule, r0, r1);
+    } else {
+      dropout_apply_rows<float>(p, key, rule, r0, r1);
+    }
+  }
+}
+
 }  // namespace meldkit

@@ -544,6 +544,17 @@ __global__ void __launch_bounds__(kElementwiseThreads)
   }
 }
 
+// out = src * expert e's dropout factor, elementwise (dropout_apply_cuda).
+// Element (t, j) of the mask is uniform01(key, t * cols + j): the flat index, row-major.
+template <typename T>
+__global__ void __launch_bounds__(kElementwiseThreads)
+    DropoutApplyKernel(const T* src, T* out, int64_t numel, uint32_t key, DropoutRule rule) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
+    out[i] = src[i] * T(dropout_factor(key, uint64_t(i), rule));
+  }
+}
+
 // ---- host side ---------------------------------------------------------------------------------
 
 void check_params(const RoutedLoraParams& p, const char* op) {
@@ -759,6 +770,26 @@ void routed_lora_backward_cuda(const RoutedLoraParams& p, int device, void* stre
   }
   const Args a = make_args(p);
   MELDKIT_DISPATCH_FLOAT(p.x_dtype, kOp, "x", TX, { backward_typed<TX>(p, a, s); });
+}
+
+void dropout_apply_cuda(const DropoutApplyParams& p, int device, void* stream) {
+  constexpr const char* kOp = "routed_lora_dropout";
+  const int64_t numel = p.rows * p.cols;
+  if (numel == 0) return;
+  CudaDeviceGuard guard(device, kOp);
+  const auto s = static_cast<cudaStream_t>(stream);
+  const DropoutRule rule = dropout_rule(p.dropout);
+  const uint32_t key = stream_key(p.seed, p.expert);
+  const int blocks = int(std::min<int64_t>((numel + kElementwiseThreads - 1) / kElementwiseThreads,
+                                           kElementwiseMaxBlocks));
+  if (p.dtype == DType::kFloat64) {
+    DropoutApplyKernel<double><<<blocks, kElementwiseThreads, 0, s>>>(
+        static_cast<const double*>(p.src), static_cast<double*>(p.out), numel, key, rule);
+  } else {
+    DropoutApplyKernel<float><<<blocks, kElementwiseThreads, 0, s>>>(
+        static_cast<const float*>(p.src), static_cast<float*>(p.out), numel, key, rule);
+  }
+  cuda_check(cudaGetLastError(), kOp, "kernel launch");
 }
 
 }  // namespace meldkit

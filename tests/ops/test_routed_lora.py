@@ -7,12 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from meldkit import _native
 from meldkit.ops import routed_lora, routed_lora_ref
 from meldkit.ops.random_ref import bernoulli_mask_ref
 from meldkit.ops.routed_lora_ref import (
     compute_dtype,
     dropout_factor_ref,
     dropout_keep_scale,
+    dropout_ref,
     route_ref,
     routed_lora_backward_ref,
     routed_lora_forward_ref,
@@ -366,6 +368,54 @@ def test_router_mode_many_tokens_without_dropout(device, dtype, n_experts, top_k
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_experts, top_k", [(1, 1), (3, 2), (8, 2)])
+def test_many_tokens_with_dropout_by_gemms(monkeypatch, device, dtype, n_experts, top_k):
+    """With dropout, from 64 tokens, CUDA runs one GEMM per expert over x ⊙ M_e·c (masks drawn
+    by _C.routed_lora_dropout from the seed, again in the backward). The CPU keeps its per-token
+    kernels there; here the GEMM path is forced on it too, so the code CUDA runs is checked on
+    every machine: outputs, probs and gradients against the loop reference, both modes."""
+    import importlib
+
+    rl = importlib.import_module("meldkit.ops.routed_lora")  # the module, not the function
+    taken = []
+
+    def use_gemm(n_tokens, dropout, dev, dense):
+        taken.append(dropout)
+        return n_tokens >= rl._GEMM_TOKENS
+
+    monkeypatch.setattr(rl, "_use_gemm", use_gemm)
+    case = (131, 13, 9, n_experts, 3, top_k, 0.2)
+    x, a, b, w = router_case(case, dtype, device, seed=53 + n_experts)
+    check_against_loop_reference(x, a, b, 0.75, router_weight=w, top_k=top_k, dropout=0.2, seed=9)
+    gen = torch.Generator().manual_seed(8)
+    gates = randn((131, n_experts), dtype, device, gen).abs().requires_grad_()
+    s = torch.linspace(0.5, 2.0, n_experts, dtype=torch.float32)
+    check_against_loop_reference(x, a, b, s, gates=gates, dropout=0.3, seed=2**40 + 1)
+    assert taken and all(d > 0 for d in taken)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dropout_binding_draws_the_reference_masks(device, dtype):
+    """_C.routed_lora_dropout (the GEMM path's masks) equals the reference's x ⊙ M_e·c bit for
+    bit, in place too; inf in a dropped feature gives NaN, as x * mask does."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(37, 129, generator=gen, dtype=dtype).to(device)
+    x[3, 4] = float("inf")
+    for seed, expert in [(0, 0), (2**63 + 5, 7), (12345, 2**32 - 1)]:
+        expected = dropout_ref(x.cpu(), 0.3, seed, expert)
+        out = torch.empty_like(x)
+        _native._C.routed_lora_dropout(x, out, 0.3, seed, expert, _native.stream_of(x.device))
+        assert torch.equal(out.cpu().nan_to_num(7.0), expected.nan_to_num(7.0))
+        inplace = x.clone()
+        _native._C.routed_lora_dropout(
+            inplace, inplace, 0.3, seed, expert, _native.stream_of(x.device)
+        )
+        assert torch.equal(inplace.nan_to_num(7.0), out.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_router_ties_many_tokens(device):
     """The GEMM path keeps the tie rule: equal logits select experts 0 … k−1, a NaN row
     selects them too (NaN last), and NaN stays in its own row."""
@@ -691,8 +741,8 @@ def test_bad_arguments_name_themselves():
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_cuda_no_host_synchronisation(n_tokens, mode, dropout):
     """Forward and backward never wait for the GPU (the issue: capturable in a CUDA graph), on
-    the per-token kernels (few tokens, or dropout) and on the GEMM path (many tokens, no
-    dropout)."""
+    the per-token kernels (few tokens) and on the GEMM path (many tokens), with and without
+    dropout."""
     gen = torch.Generator().manual_seed(51)
     x, a, b, w = make_case(n_tokens, 24, 17, 8, 4, torch.bfloat16, "cuda", gen, torch.float32)
     kw = {"router_weight": w, "top_k": 2}

@@ -91,6 +91,22 @@ MELDKIT_INLINE float dropout_factor(uint32_t key, uint64_t element, const Dropou
   return dropout_keep(key, element, rule.keep) ? rule.scale : 0.f;
 }
 
+// out = src * dropout_factor(stream_key(seed, expert), t * cols + j) for src [rows, cols] in
+// float32 or float64 (dtype), elementwise: expert `expert`'s dropout mask times 1/(1 - dropout),
+// the per-token kernels' and the reference's masks. The GEMM path of routed_lora applies it to x
+// (the shrink's input) and to the backward's dx contributions. out may be src.
+struct DropoutApplyParams {
+  const void* src = nullptr;
+  void* out = nullptr;
+  int64_t rows = 0, cols = 0;
+  DType dtype = DType::kFloat32;
+  double dropout = 0.0;
+  uint64_t seed = 0;
+  uint32_t expert = 0;
+};
+void dropout_apply_cpu(const DropoutApplyParams& p);
+void dropout_apply_cuda(const DropoutApplyParams& p, int device, void* stream);
+
 void routed_lora_forward_cpu(const RoutedLoraParams& p);
 void routed_lora_backward_cpu(const RoutedLoraParams& p);
 void routed_lora_forward_cuda(const RoutedLoraParams& p, int device, void* stream);

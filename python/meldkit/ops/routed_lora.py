@@ -10,8 +10,9 @@ Two torch.library custom ops, joined by ``register_autograd``:
 Their default implementation (any device) is the dense reference of :mod:`routed_lora_ref`; the
 CPU and CUDA implementations call ``meldkit._C.routed_lora_forward`` / ``routed_lora_backward``
 and fall back to the reference, with a warning naming the reason, when the native kernel cannot
-run (see :mod:`meldkit._native`). Without dropout, from 64 tokens, both run as a few GEMMs over
-the concatenated experts and router instead (see ``_GEMM_TOKENS``). The forward saves the
+run (see :mod:`meldkit._native`). From 64 tokens, both run as a few GEMMs over the concatenated
+experts and router instead (see ``_GEMM_TOKENS``; with dropout on CUDA only, one GEMM per expert
+over its masked input). The forward saves the
 routing weights and the expert activations ``h`` (``[N, E·r]``, small) for the backward; dropout
 masks are regenerated from the seed, never stored. Fake kernels make both ops traceable by
 ``torch.compile``.
@@ -79,17 +80,32 @@ def _routed_lora(
     )
 
 
-# Without dropout, from this many tokens, the forward and the backward are a handful of GEMMs over
-# the concatenated experts (and router): the spec's recommended strategy ("one concatenated shrink
+# From this many tokens, the forward and the backward are a handful of GEMMs over the
+# concatenated experts (and router): the spec's recommended strategy ("one concatenated shrink
 # over experts and router, routing applied as a per-token mask, one expand"), with the GEMMs left
-# to the BLAS (MKL/oneDNN on the CPU, cuBLAS on CUDA). About 3x faster than the per-token kernels
-# on the CPU; those stay for small batches and for dropout, whose per-expert masks make the
-# shrink a different matrix per expert.
+# to the BLAS (MKL/oneDNN on the CPU, cuBLAS on CUDA); without dropout about 3x faster than the
+# per-token kernels on the CPU. Dropout gives each expert its own mask, so its shrink becomes one
+# GEMM per expert over x ⊙ M_e·c (the masks drawn by ``_C.routed_lora_dropout``, the kernels'
+# own generator), over every expert, not only the k selected. On the CPU that pays only where
+# every expert runs anyway (gate mode, or top_k = E): the per-token kernels draw the masks inline
+# and touch only the selected experts (see RESULTS: T 2048, d 1024, 8 experts, top-2, rank 32,
+# dropout 0.05: per-token 55 ms, GEMMs 86 ms; gate mode with 3 experts: 66 ms against 39 ms).
+# CUDA, where the per-token kernels were the bottleneck, takes the GEMMs.
 _GEMM_TOKENS = 64
 
 
-def _use_gemm(n_tokens: int, dropout: float) -> bool:
-    return dropout == 0.0 and n_tokens >= _GEMM_TOKENS
+def _use_gemm(n_tokens: int, dropout: float, device: torch.device, dense: bool) -> bool:
+    """``dense``: every expert has work for every token (gate mode, or top_k = E)."""
+    return n_tokens >= _GEMM_TOKENS and (dropout == 0.0 or device.type == "cuda" or dense)
+
+
+def _dropped(src: torch.Tensor, out: torch.Tensor, dropout: float, seed: int, expert: int):
+    """``out = src ⊙ M_e·c`` (expert ``expert``'s dropout mask, ``[N, n]`` in the compute dtype;
+    ``out`` may be ``src``)."""
+    _native._C.routed_lora_dropout(
+        src.detach(), out.detach(), dropout, seed, expert, _native.stream_of(src.device)
+    )
+    return out
 
 
 def _cat_a(lora_a: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -109,24 +125,36 @@ def _selected_mask(probs: torch.Tensor, top_k: int) -> torch.Tensor:
     return torch.zeros_like(probs, dtype=torch.bool).scatter_(1, top_k_ref(probs, top_k), True)
 
 
-def _gemm_forward(x, lora_a, lora_b, scaling, router_weight, gates, top_k, acc):
+def _gemm_forward(x, lora_a, lora_b, scaling, router_weight, gates, top_k, acc, dropout, seed):
     """``(y, probs, weights, h)`` as the native forward returns them, in ``acc``, by GEMMs:
     ``[h | z] = x·[A_1; …; A_E; W_z]ᵀ`` (one pass over x), softmax → top-k → renormalise on
     the small ``[N, E]`` logits (gate mode: the caller's gates), then
-    ``y = (h ⊙ (g·s ⊗ 1_r))·[B_1 … B_E]ᵀ``. The same arithmetic as the kernels up to summation
-    order."""
+    ``y = (h ⊙ (g·s ⊗ 1_r))·[B_1 … B_E]ᵀ``. With dropout, ``h_e = (x ⊙ M_e·c)·A_eᵀ``, one GEMM
+    per expert, and the router sees the raw x. The same arithmetic as the kernels up to
+    summation order."""
     n_tokens = x.shape[0]
     n_experts, rank, _ = lora_a.shape
     er = n_experts * rank
-    xa = x.to(acc)
-    if router_weight is None:
+    xa = x.to(acc).contiguous()
+    z = None
+    if dropout > 0.0:
+        buf = torch.empty_like(xa)
+        h = torch.cat(
+            [_dropped(xa, buf, dropout, seed, e) @ lora_a[e].to(acc).T for e in range(n_experts)],
+            dim=1,
+        )
+        if router_weight is not None:
+            z = xa @ router_weight.to(acc).T
+    elif router_weight is None:
         h = xa @ _cat_a(lora_a, acc).T
+    else:
+        zh = xa @ torch.cat([_cat_a(lora_a, acc), router_weight.to(acc)]).T
+        h, z = zh[:, :er].contiguous(), zh[:, er:]
+    if router_weight is None:
         weights = gates.to(acc, copy=True)  # an output: never an alias of the input
         probs = h.new_empty(0)
     else:
-        zh = xa @ torch.cat([_cat_a(lora_a, acc), router_weight.to(acc)]).T
-        h = zh[:, :er].contiguous()
-        probs = torch.softmax(zh[:, er:], dim=-1)
+        probs = torch.softmax(z, dim=-1)
         selected = top_k_ref(probs, top_k)
         p_sel = probs.gather(1, selected)
         weights = torch.zeros_like(probs).scatter_(1, selected, p_sel / p_sel.sum(-1, keepdim=True))
@@ -151,11 +179,15 @@ def _gemm_backward(
     top_k,
     needs,
     gates_dtype,
+    dropout,
+    seed,
 ):
-    """The five gradients of :func:`routed_lora_backward_ref` (no dropout) by GEMMs over the
-    concatenated experts: ``U = dy·[B_1 … B_E]``, ``dB = dyᵀ·(h ⊙ g·s)``, and, with
-    ``dH = U ⊙ g·s`` and the router's ``dz``, ``dx = [dH | dz]·[A; W_z]`` and
-    ``[dA; dW_z] = [dH | dz]ᵀ·x``. Unneeded gradients are empty ``[0]`` tensors."""
+    """The five gradients of :func:`routed_lora_backward_ref` by GEMMs over the concatenated
+    experts: ``U = dy·[B_1 … B_E]``, ``dB = dyᵀ·(h ⊙ g·s)``, and, with ``dH = U ⊙ g·s`` and the
+    router's ``dz``, ``dx = [dH | dz]·[A; W_z]`` and ``[dA; dW_z] = [dH | dz]ᵀ·x``. With dropout
+    the experts' parts are one GEMM pair per expert, through its regenerated mask:
+    ``dx = Σ_e (dH_e·A_e) ⊙ M_e·c + dz·W_z`` and ``dA_e = dH_eᵀ·(x ⊙ M_e·c)``. Unneeded gradients
+    are empty ``[0]`` tensors."""
     need_dx, need_da, need_db, need_dw, need_dg = needs
     acc = h.dtype
     n_tokens = x.shape[0]
@@ -184,7 +216,30 @@ def _gemm_backward(
             if dprobs is not None:
                 dp = dp + dprobs.to(acc)
             dz = probs * (dp - (probs * dp).sum(-1, keepdim=True))
-    if need_dx or need_da or need_dw:
+    if dropout > 0.0 and (need_dx or need_da or need_dw):
+        dh = (u3 * gs).view(n_tokens, er)
+        xa = x.to(acc).contiguous()
+        dxc = torch.zeros(n_tokens, d_in, dtype=acc, device=x.device) if need_dx else None
+        da_acc = torch.empty(n_experts, rank, d_in, dtype=acc, device=x.device) if need_da else None
+        buf = torch.empty_like(xa) if need_da else None
+        if need_dx or need_da:
+            for e in range(n_experts):
+                dh_e = dh[:, e * rank : (e + 1) * rank]
+                if need_da:
+                    da_acc[e] = dh_e.T @ _dropped(xa, buf, dropout, seed, e)
+                if need_dx:
+                    part = dh_e @ lora_a[e].to(acc)
+                    dxc += _dropped(part, part, dropout, seed, e)
+        if dz is not None:  # the router sees the raw x
+            if need_dw:
+                dw = (dz.T @ xa).to(router_weight.dtype).contiguous()
+            if need_dx:
+                dxc += dz @ router_weight.to(acc)
+        if need_dx:
+            dx = dxc.to(x.dtype)
+        if need_da:
+            da = da_acc.to(lora_a.dtype).contiguous()
+    elif need_dx or need_da or need_dw:
         dh = (u3 * gs).view(n_tokens, er)
         left = dh if dz is None else torch.cat([dh, dz], dim=1)  # [N, E·r (+ E)]
         if need_dx:
@@ -228,8 +283,10 @@ def _routed_lora_native(
     acc = compute_dtype(x, lora_a, lora_b, route)
     n_tokens, n_experts, rank = x.shape[0], lora_a.shape[0], lora_a.shape[1]
     device = x.device
-    if _use_gemm(n_tokens, dropout):
-        return _gemm_forward(x, lora_a, lora_b, scaling, router_weight, gates, top_k, acc)
+    if _use_gemm(n_tokens, dropout, device, router_weight is None or top_k == n_experts):
+        return _gemm_forward(
+            x, lora_a, lora_b, scaling, router_weight, gates, top_k, acc, dropout, seed
+        )
     y = torch.empty(n_tokens, lora_b.shape[1], dtype=x.dtype, device=device)
     probs = None
     if router_weight is not None:
@@ -368,7 +425,8 @@ def _routed_lora_backward_native(
             tuple(needs),
             gates_dtype,
         )
-    if _use_gemm(x.shape[0], dropout):
+    dense = router_weight is None or top_k == lora_a.shape[0]
+    if _use_gemm(x.shape[0], dropout, x.device, dense):
         return _gemm_backward(
             dy,
             x,
@@ -383,6 +441,8 @@ def _routed_lora_backward_native(
             top_k,
             tuple(needs),
             gates_dtype,
+            dropout,
+            seed,
         )
     grads = _grad_buffers(
         x,
