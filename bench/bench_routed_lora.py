@@ -3,13 +3,15 @@ per-expert loop, and PEFT's LoRA of the same total rank.
 
     python bench/bench_routed_lora.py [--device cpu|cuda] [--tokens 2048] [--dim 1024]
                                       [--experts 8] [--top-k 2] [--rank 32] [--dtype fp32|bf16]
-                                      [--json rows.jsonl]
+                                      [--dropout 0.05] [--json rows.jsonl]
 
 Each implementation is a layer ``y = W₀x + adapter(x)`` with a frozen ``nn.Linear`` base; a
 timed call runs the forward and the backward from a fixed ``dy`` (gradients of x and of the
 adapter's parameters, as in training). All calls go through :func:`meldkit.bench.time_impls`
 (interleaved rounds, cache flush before every call, CUDA events on GPUs), so the rows compare
-like with like. Dropout is off (the loop and PEFT draw their masks from torch's generator).
+like with like. Dropout is off by default; ``--dropout P`` applies it in all three (GOAT's
+training default is 0.05; the loop and PEFT draw their masks from torch's generator, meldkit
+from its counter-based one).
 
 The issue's targets: the GOAT layer's forward+backward within 1.15x of the base linear's alone,
 and the adapter's added time (layer minus base) at least 5x smaller than the official loop's.
@@ -33,6 +35,7 @@ from meldkit.ops import routed_lora
 def build(args) -> tuple[dict, dict]:
     device, dtype = args.device, DTYPES[args.dtype]
     d, e, k, r = args.dim, args.experts, args.top_k, args.rank // args.experts
+    p = args.dropout
     gen = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape, scale=1.0, dt=torch.float32, grad=True):
@@ -57,11 +60,13 @@ def build(args) -> tuple[dict, dict]:
         return call
 
     def goat():
-        y, _ = routed_lora(x, lora_a, lora_b, 2.0, router_weight=router, top_k=k)
+        y, _ = routed_lora(
+            x, lora_a, lora_b, 2.0, router_weight=router, top_k=k, dropout=p, seed=1 if p else None
+        )
         return base(x) + y
 
     def loop():
-        return base(x) + official_loop(x, lora_a, lora_b, 2.0, router, k)[0]
+        return base(x) + official_loop(x, lora_a, lora_b, 2.0, router, k, dropout=p)[0]
 
     impls = {
         "base_linear": step(lambda: base(x)),
@@ -73,7 +78,9 @@ def build(args) -> tuple[dict, dict]:
 
         holder = torch.nn.Module()
         holder.proj = base
-        config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["proj"])
+        config = LoraConfig(
+            r=args.rank, lora_alpha=2 * args.rank, target_modules=["proj"], lora_dropout=p
+        )
         lora = get_peft_model(holder, config).base_model.model.proj
         with torch.no_grad():
             lora.lora_A["default"].weight.copy_(peft_a)
@@ -82,7 +89,7 @@ def build(args) -> tuple[dict, dict]:
         impls["peft_lora"] = step(lambda: lora(x))
     except ImportError:
         print("peft is not installed: no PEFT LoRA row", file=sys.stderr)
-    shape = dict(tokens=args.tokens, dim=d, experts=e, top_k=k, rank=args.rank)
+    shape = dict(tokens=args.tokens, dim=d, experts=e, top_k=k, rank=args.rank, dropout=p)
     return impls, shape
 
 
@@ -95,6 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--rank", type=int, default=32, help="total rank (per expert: rank/E)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="in all three (GOAT: 0.05)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--json", help="append one JSON row per implementation to this file")
     args = parser.parse_args(argv)

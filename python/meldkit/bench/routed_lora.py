@@ -65,8 +65,9 @@ def make_case(config, dtype: torch.dtype, device: str) -> Case:
     )
 
 
-def official_loop(x, lora_a, lora_b, scaling: float, router_weight, top_k: int):
-    """GOAT's official MoE forward (spec §7): per-expert ``torch.where`` and gathered matmuls."""
+def official_loop(x, lora_a, lora_b, scaling: float, router_weight, top_k: int, dropout=0.0):
+    """GOAT's official MoE forward (spec §7): per-expert ``torch.where`` and gathered matmuls
+    (``dropout``: torch's dropout on each expert's gathered rows, its own generator)."""
     probs = torch.softmax(x.float() @ router_weight.float().t(), dim=-1)
     top, selected = torch.topk(probs, top_k, dim=-1)
     top = top / top.sum(dim=-1, keepdim=True)
@@ -75,7 +76,10 @@ def official_loop(x, lora_a, lora_b, scaling: float, router_weight, top_k: int):
         rows, slot = torch.where(selected == e)
         if rows.numel() == 0:
             continue
-        h = x[rows].float() @ lora_a[e].float().t()
+        xe = x[rows].float()
+        if dropout > 0.0:
+            xe = torch.nn.functional.dropout(xe, dropout)
+        h = xe @ lora_a[e].float().t()
         out = (h @ lora_b[e].float().t()) * scaling * top[rows, slot, None]
         y = y.index_add(0, rows, out)
     return y.to(x.dtype), probs
