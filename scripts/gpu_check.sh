@@ -83,6 +83,10 @@ if step build 240 env CMAKE_ARGS="-DMELDKIT_CUDA_RESOURCE_USAGE=ON" \
     if [ "$op" = routed_lora_layer ]; then  # the GOAT layer against the base linear (issue 4)
       step "bench-$op" 120 env MELDKIT_BACKEND=native $PY bench/bench_routed_lora.py \
         --device cuda --dtype bf16 --tokens 8192 --dim 4096 --json "$OUT/bench-$op.json"
+      # and at GOAT's training dropout (0.05), which takes the GEMM path with dropout on CUDA
+      step "bench-$op-dropout" 120 env MELDKIT_BACKEND=native $PY bench/bench_routed_lora.py \
+        --device cuda --dtype bf16 --tokens 8192 --dim 4096 --dropout 0.05 \
+        --json "$OUT/bench-$op-dropout.json"
       continue
     fi
     step "bench-$op" 150 env MELDKIT_BACKEND=native $PY -m meldkit bench --op "$op" --device cuda \
