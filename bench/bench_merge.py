@@ -13,6 +13,11 @@ repository), then times, each twice and keeping the faster:
 - ``mergekit``: the ``mergekit-yaml`` command on the same YAML, when it is on PATH (its time
   includes its own start-up, a few seconds, so use models large enough for that not to matter).
 
+It also reports meldkit's input GB/s and the peak resident memory of one more meldkit merge and
+one more mergekit merge, each run alone in a child process: its resident high-water mark (which
+includes the pages of the memory-mapped inputs a process touches) and its largest anonymous
+(own) memory.
+
 The issue's targets: meldkit within 1.5x of the I/O floor, and at least 10x faster than mergekit
 on the CPU for TIES and DARE-TIES. ``--method breadcrumbs`` / ``breadcrumbs_ties`` use density 0.9
 and γ 0.01; ``della`` / ``della_linear`` density 0.3 and ε 0.1. The op-level benchmarks are
@@ -26,6 +31,7 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,6 +79,29 @@ def io_floor(paths: dict[str, str], out: Path) -> None:
         merged = state
     out.mkdir(parents=True, exist_ok=True)
     save_file(merged, str(out / "model.safetensors"))
+
+
+def peak_rss_of(cmd: list[str]) -> tuple[float, float]:
+    """Peak memory (GB) of ``cmd`` run as a child process, from ``/proc/PID/status`` read every
+    10 ms while it runs: the resident high-water mark ``VmHWM`` (which counts the pages of
+    memory-mapped inputs the process touched: page cache, reclaimable) and the largest
+    ``RssAnon`` seen (the process's own memory). Not ``ru_maxrss``: that keeps the forked copy
+    of this big benchmark process from before the child's exec."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = {"VmHWM:": 0, "RssAnon:": 0}
+    status = Path(f"/proc/{proc.pid}/status")
+    while proc.poll() is None:
+        try:
+            for line in status.read_text().splitlines():
+                key = line.split(":")[0] + ":"
+                if key in peak:
+                    peak[key] = max(peak[key], int(line.split()[1]))
+        except (OSError, ValueError, IndexError):
+            pass  # exiting
+        time.sleep(0.01)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed: {proc.stderr.read().decode()[-2000:]}")
+    return peak["VmHWM:"] * 1024 / 1e9, peak["RssAnon:"] * 1024 / 1e9
 
 
 def best_of(fn, repeats: int = 2) -> float:
@@ -152,6 +181,23 @@ def main(argv=None) -> int:
     t_io = best_of(run_io)
     t_merge = best_of(run_merge)
     t_mk = best_of(run_mergekit) if mergekit else None
+    rss_merge = peak_rss_of(
+        [
+            sys.executable,
+            "-c",
+            "import sys, yaml; from meldkit.merging import merge; "
+            "merge(yaml.safe_load(open(sys.argv[1])), sys.argv[2], device=sys.argv[3], "
+            "progress=False, trim_scope=sys.argv[4])",
+            str(cfg_path),
+            str(scratch / "rss"),
+            args.device,
+            args.trim_scope,
+        ]
+    )
+    rss_mk = None
+    if mergekit:
+        shutil.rmtree(scratch / "mk", ignore_errors=True)
+        rss_mk = peak_rss_of([mergekit, str(cfg_path), str(scratch / "mk"), "--random-seed", "0"])
     shutil.rmtree(scratch, ignore_errors=True)
     numel = sum(math.prod(s) for s in shapes_for(args.layers, args.hidden).values())
     gb_in = (args.models + 1) * numel * 2 / 1e9
@@ -166,18 +212,29 @@ def main(argv=None) -> int:
         "input_gb": gb_in,
         "io_floor_s": t_io,
         "meldkit_s": t_merge,
+        "meldkit_gb_per_s": gb_in / t_merge,
+        "meldkit_peak_rss_gb": rss_merge[0],
+        "meldkit_peak_anon_gb": rss_merge[1],
+        "mergekit_peak_rss_gb": rss_mk[0] if rss_mk else None,
+        "mergekit_peak_anon_gb": rss_mk[1] if rss_mk else None,
         "ratio_to_io_floor": t_merge / t_io,
         "mergekit_s": t_mk,
         "speedup_vs_mergekit": (t_mk / t_merge) if t_mk else None,
         "cpu_threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d"),
     }
-    vs_mk = f", mergekit {t_mk:.2f} s ({t_mk / t_merge:.1f}x slower)" if t_mk else ""
+    vs_mk = (
+        f", mergekit {t_mk:.2f} s ({t_mk / t_merge:.1f}x slower, peak RSS {rss_mk[0]:.2f} GB, "
+        f"anonymous {rss_mk[1]:.2f} GB)"
+        if t_mk
+        else ""
+    )
     print(
         f"{args.method} ({args.trim_scope} trimming) of {args.models} models + base, "
         f"Llama-shaped {args.layers} layers x {args.hidden} ({gb_in:.2f} GB bf16 in) "
         f"on {args.device}: io floor {t_io:.2f} s, "
-        f"meldkit {t_merge:.2f} s ({t_merge / t_io:.2f}x the floor){vs_mk}"
+        f"meldkit {t_merge:.2f} s ({t_merge / t_io:.2f}x the floor, {gb_in / t_merge:.2f} GB/s of "
+        f"input, peak RSS {rss_merge[0]:.2f} GB, anonymous {rss_merge[1]:.2f} GB){vs_mk}"
     )
     if args.json:
         with open(args.json, "a") as f:
