@@ -209,12 +209,6 @@ def merge(
     from meldkit.ops import merge_tensors
 
     bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=writer.total_size, unit="B", unit_scale=True, desc="merge", file=sys.stderr
-        )
     float_names = [n for n in names if reference.dtype(n) in FLOAT_DTYPES]
     buffers = _OutputBuffers(
         max((nbytes[n] for n in float_names), default=0), pin=device.type == "cuda"
@@ -226,12 +220,33 @@ def merge(
 
             if any(isinstance(m.params.get("density"), (list, dict)) for m in cfg.models):
                 raise MergeError("trim_scope='model' needs one density per model, not a gradient")
-            thresholds = global_thresholds(
-                float_names,
-                # Converted as the merge converts them, so the magnitudes are the same.
-                lambda n: reference.get(n).to(cfg.dtype or reference.dtype(n)),
-                lambda n: [m.get(n).to(cfg.dtype or reference.dtype(n)) for m in models],
-                cfg.model_param("density", 1.0),
+            trim_bar = None
+            if progress:  # two streaming passes over every model before the first tensor merges
+                from tqdm.auto import tqdm
+
+                trim_bar = tqdm(
+                    total=2 * len(float_names),
+                    unit="tensor",
+                    desc="whole-model thresholds",
+                    file=sys.stderr,
+                )
+            try:
+                thresholds = global_thresholds(
+                    float_names,
+                    # Converted as the merge converts them, so the magnitudes are the same.
+                    lambda n: reference.get(n).to(cfg.dtype or reference.dtype(n)),
+                    lambda n: [m.get(n).to(cfg.dtype or reference.dtype(n)) for m in models],
+                    cfg.model_param("density", 1.0),
+                    progress=trim_bar.update if trim_bar is not None else None,
+                )
+            finally:
+                if trim_bar is not None:
+                    trim_bar.close()
+        if progress:  # created here, so its rate starts with the merge, not the trimming passes
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=writer.total_size, unit="B", unit_scale=True, desc="merge", file=sys.stderr
             )
         for i, name in enumerate(names):
             b = reference.get(name) if base is not None else None
