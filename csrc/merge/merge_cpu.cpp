@@ -605,17 +605,23 @@ template <typename T>
 bool sample_bracket(const MagnitudeSelectParams& p, int64_t total, Bracket* br) {
   const int64_t m = sample_size(total);
   std::vector<uint32_t> sample(static_cast<size_t>(m));
-  int tensor = 0;
-  int64_t start = 0;  // global index of tensor's first element
+  std::vector<int64_t> starts(size_t(p.num_tensors) + 1, 0);  // global index of each first element
+  for (int i = 0; i < p.num_tensors; ++i) starts[size_t(i) + 1] = starts[size_t(i)] + p.numels[i];
+  // In parallel: the sample touches every page of the inputs once (a page fault each on a fresh
+  // memory map) and misses the cache at every element, which one thread paid alone before.
+  int nan_found = 0;
+#pragma omp parallel for schedule(static) reduction(| : nan_found) if (m >= 8192)
   for (int64_t j = 0; j < m; ++j) {
     const int64_t g = int64_t((double(j) + 0.5) * double(total) / double(m));
-    while (g >= start + p.numels[tensor]) start += p.numels[tensor++];
-    const int64_t e = g - start;
+    // The last tensor starting at or before g (empty tensors share their start with the next).
+    const int tensor = int(std::upper_bound(starts.begin(), starts.end(), g) - starts.begin()) - 1;
+    const int64_t e = g - starts[size_t(tensor)];
     const T* a = static_cast<const T*>(p.a[tensor]);
     const T* b = p.b ? static_cast<const T*>(p.b[tensor]) : nullptr;
     sample[size_t(j)] = magnitude_bits(widen(a[e]), b ? widen(b[e]) : 0.f);
-    if (sample[size_t(j)] > 0x7f800000u) return false;  // NaN: the radix path reports it
+    nan_found |= int(sample[size_t(j)] > 0x7f800000u);
   }
+  if (nan_found) return false;  // NaN: the radix path reports it
   const double f = double(p.k) / double(total);
   const double centre = f * double(m);  // rank of the k-th largest, descending
   const double delta = bracket_delta(m, f);
