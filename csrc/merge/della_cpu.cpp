@@ -56,7 +56,7 @@ uint32_t* radix_order(uint32_t* key, uint32_t* idx, uint32_t* key2, uint32_t* id
 }
 
 // One row's draws and writes, in index order: element j is kept when its draw falls below
-// prob[rank[j]]. Adds the row's sums of |tau| and of the kept |tau| (float64, kLanes interleaved
+// prob[rank[j]]. Adds the row's sums of |tau| and of the kept |tau| (float64, kL1Lanes interleaved
 // sums: a fixed order) to sums[0], sums[1].
 template <typename T>
 MELDKIT_CPU_CLONES void della_write(const DellaSelectParams& p, int64_t r0, int64_t n,
@@ -87,19 +87,10 @@ MELDKIT_CPU_CLONES void della_write(const DellaSelectParams& p, int64_t r0, int6
     abs_tau[j] = a;
     abs_kept[j] = kept_flags[j] ? a : 0.f;
   }
-  constexpr int kLanes = 8;
-  double all[kLanes] = {}, kept[kLanes] = {};
-  auto visit = [&](int64_t j, int lane) {
-    all[lane] += abs_tau[j];
-    kept[lane] += abs_kept[j];
-  };
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int k = 0; k < kLanes; ++k) visit(j + k, k);
-  }
-  for (int k = 0; j < n; ++j, ++k) visit(j, k);
+  double all[kL1Lanes] = {}, kept[kL1Lanes] = {};
+  add_lane_sums(abs_tau, abs_kept, n, all, kept);
   double total = 0.0, total_kept = 0.0;
-  for (int k = 0; k < kLanes; ++k) {
+  for (int k = 0; k < kL1Lanes; ++k) {
     total += all[k];
     total_kept += kept[k];
   }

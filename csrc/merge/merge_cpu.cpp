@@ -222,7 +222,7 @@ void task_merge_typed(const TaskMergeParams& p) {
 
 // Sums in kLanes interleaved double accumulators (a fixed order, so the result does not depend
 // on the thread count), which lets the loop vectorise: one running sum would serialise on it.
-constexpr int kLanes = 8;
+constexpr int kLanes = kL1Lanes;  // merge.h's add_lane_sums uses the same lanes
 
 // One model's |tau| sums over [begin, end), all and kept (magnitude masks, or none); random masks
 // go through l1_random_models, which shares the hashing across models.
@@ -285,15 +285,7 @@ MELDKIT_ALWAYS_INLINE void l1_random_models(const TaskMergeParams& p, const uint
         // a or +0 by a bit mask: with the draw in memory GCC would branch here, on random bits
         abs_kept[j] = bits_as_float(float_as_bits(a) & (0u - keep));
       }
-      auto visit = [&](int64_t j, int lane) {
-        at[lane] += abs_tau[j];
-        kt[lane] += abs_kept[j];
-      };
-      int64_t j = 0;
-      for (; j + kLanes <= n; j += kLanes) {
-        for (int k = 0; k < kLanes; ++k) visit(j + k, k);
-      }
-      for (int k = 0; j < n; ++j, ++k) visit(j, k);
+      add_lane_sums(abs_tau, abs_kept, n, at, kt);
     }
     if (mask_bits != nullptr) {
       for (int64_t j = 0; j < n; ++j) mask_bits[e0 + j] = uint8_t(bits[j]);
@@ -344,6 +336,23 @@ void task_l1_typed(const TaskMergeParams& p, double* norms) {
   std::fill(norms, norms + 2 * p.num_models, 0.0);
   for (int64_t c = 0; c < num_chunks; ++c) {
     for (int i = 0; i < 2 * p.num_models; ++i) norms[i] += chunk_sums[c * 2 * p.num_models + i];
+  }
+}
+
+// Calls f(j) for each j < m whose flag (0 or 1, one byte each) is set, testing 8 flags at a time
+// and taking each set byte by its position: for sparse flags, most words are skipped. Flags
+// [m, the next multiple of 8) are cleared first (a short last block leaves old ones there), so
+// the buffer must hold a multiple of 8 bytes past m.
+template <typename F>
+MELDKIT_ALWAYS_INLINE void for_each_flagged(uint8_t* flags, int64_t m, F&& f) {
+  std::fill(flags + m, flags + ((m + 7) & ~int64_t(7)), uint8_t(0));
+  for (int64_t w = 0; w < m; w += 8) {
+    uint64_t word;
+    std::memcpy(&word, flags + w, sizeof(word));
+    while (word != 0) {
+      f(w + (__builtin_ctzll(word) >> 3));
+      word &= word - 1;
+    }
   }
 }
 
@@ -405,15 +414,7 @@ uint64_t radix_histogram(const MagnitudeSelectParams& p, int shift, int64_t pref
         } else {
           digit_block<T, false>(a + e0, nullptr, m, shift, match_all, pre, digit, flags, counts);
         }
-        std::fill(flags + m, flags + ((m + 7) & ~int64_t(7)), uint8_t(0));
-        for (int64_t w = 0; w < m; w += 8) {
-          uint64_t word;
-          std::memcpy(&word, flags + w, sizeof(word));
-          while (word != 0) {
-            ++local[digit[w + (__builtin_ctzll(word) >> 3)]];
-            word &= word - 1;
-          }
-        }
+        for_each_flagged(flags, m, [&](int64_t j) { ++local[digit[j]]; });
       }
     }
     zeros += counts[0];
@@ -508,18 +509,8 @@ struct BracketLocal {
       overflow = true;
       return;
     }
-    // The inside elements are sparse (1.5 %): test the flags 8 at a time, then take each set
-    // byte's element (its lowest bit is the flag) by its position. A short last block first
-    // clears the flags after it, up to the next multiple of 8 (kBracketBlock is one).
-    std::fill(flags + m, flags + ((m + 7) & ~int64_t(7)), uint8_t(0));
-    for (int64_t w = 0; w < m; w += 8) {
-      uint64_t word;
-      std::memcpy(&word, flags + w, sizeof(word));
-      while (word != 0) {
-        kept.push_back(block[w + (__builtin_ctzll(word) >> 3)]);
-        word &= word - 1;
-      }
-    }
+    // The inside elements are sparse (1.5 %).
+    for_each_flagged(flags, m, [&](int64_t j) { kept.push_back(block[j]); });
   }
 
   // Adds this thread's share to `out` (inside an omp critical section).

@@ -135,6 +135,24 @@ constexpr int kRadixBins = 1 << 16;
 // Bits of |a - b| (|a| when b is null), computed in float32 as the reference does.
 MELDKIT_INLINE uint32_t magnitude_bits(float a, float b) { return float_as_bits(fabsf(a - b)); }
 
+// L1 sums in kL1Lanes interleaved double accumulators, a fixed order (the result does not depend
+// on the thread count) that vectorises: adds a[j] to all[j % kL1Lanes] and k[j] to kept[the same
+// lane] for j < n, a tail after the last full group starting again at lane 0.
+constexpr int kL1Lanes = 8;
+inline void add_lane_sums(const float* a, const float* k, int64_t n, double* all, double* kept) {
+  int64_t j = 0;
+  for (; j + kL1Lanes <= n; j += kL1Lanes) {
+    for (int l = 0; l < kL1Lanes; ++l) {
+      all[l] += a[j + l];
+      kept[l] += k[j + l];
+    }
+  }
+  for (int l = 0; j < n; ++j, ++l) {
+    all[l] += a[j];
+    kept[l] += k[j];
+  }
+}
+
 // Given a histogram of digits (descending scan), find the digit holding the k-th largest and
 // the rank of the k-th largest within that digit. Returns false if k exceeds the count.
 template <typename Count>

@@ -244,6 +244,7 @@ class ShardedWriter:
         # name -> (shard, dtype, shape, file offset of its bytes)
         self._slot: dict[str, tuple[int, torch.dtype, tuple[int, ...], int]] = {}
         self._headers: list[bytes] = []
+        self._fnames: list[str] = []
         self._left: list[int] = []  # tensors of each shard not yet written
         self._fds: dict[int, int] = {}
         self._added: set[str] = set()
@@ -251,13 +252,13 @@ class ShardedWriter:
             fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             header = _safetensors_header(entries)
             self._headers.append(header)
+            self._fnames.append(fname)
             self._left.append(len(entries))
             offset = len(header)
             for name, dtype, shape in entries:
                 self.file_of[name] = fname
                 self._slot[name] = (i, dtype, shape, offset)
                 offset += math.prod(shape) * dtype.itemsize
-        self._fnames = [self.file_of[e[0][0]] if e else "model.safetensors" for e in shards]
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
         self._pool = (
