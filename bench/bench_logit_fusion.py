@@ -15,13 +15,15 @@ events on GPUs) against
   peak; :func:`meldkit.bench.logit_fusion.torch_grid`). When that peak does not fit in free
   memory, the grid is evaluated in chunks of α (same arithmetic) and the output says so;
 * two floors: reading the T + 2 inputs once at the device's copy bandwidth
-  (:func:`meldkit.bench.measure_ceiling`), and evaluating the B·V·(T + 2 + 21·T) exponentials
-  the single-pass algorithm needs (spec §2.2: T + 2 log-sum-exps and 21·T candidates per
-  position) at the device's exp rate, measured in the same run by timing ``torch.exp`` on a large
-  float32 tensor. On GPUs that ``torch.exp`` is bound by memory (8 bytes per exp), so it
-  understates the exp units' rate; where ``torch.compile`` works (CUDA by default), a
-  compute-bound rate (one read, 32 chained exps, one write per element) is measured too and its
-  floor printed next to it.
+  (:func:`meldkit.bench.measure_ceiling`), and evaluating the exponentials the kernel needs at
+  the device's exp rate, measured in the same run by timing ``torch.exp`` on a large float32
+  tensor. The CUDA kernel takes B·V·(T + 2 + 21·T) exps (spec §2.2: T + 2 log-sum-exps and
+  21·T candidates per position). The CPU kernel computes most candidates of a uniform grid as
+  products exp(h·d) of the previous one (:func:`exps_needed`): B·V·(T + 2 + 3·T) on the
+  paper's grid, when every tile allows full runs, as at these inputs. On GPUs that
+  ``torch.exp`` is bound by memory (8 bytes per exp), so it understates the exp units' rate;
+  where ``torch.compile`` works (CUDA by default), a compute-bound rate (one read, 32 chained
+  exps, one write per element) is measured too and its floor printed next to it.
 
 ``meldkit`` is the public call (it checks the inputs for NaN and +inf: one more pass and a host
 synchronisation); ``meldkit_op`` is the custom op ``torch.ops.meldkit.logit_fusion`` without the
@@ -112,6 +114,32 @@ def free_memory_bytes(device: str) -> int:
     return 8 << 30
 
 
+def exps_needed(device: str, b: int, v: int, t: int, alphas, dtype: torch.dtype) -> int:
+    """Exponentials the ``device`` kernel evaluates for one call (the cheap per-tile rescales
+    aside). CUDA: the T + 2 log-sum-exps and every candidate per position. CPU with float32
+    accumulation: each candidate that continues a uniform step of the grid is a product, at most
+    ``_C.LOGIT_FUSION_CPU_MAX_RUN`` in a row, plus one exp(h·d) per expert and position for the
+    step factor (the best case: runs shortened by a tile's large |d| need more)."""
+    n = len(alphas)
+    if device == "cuda" or dtype == torch.float64 or n < 2:
+        return b * v * (t + 2 + n * t)
+    from meldkit import _C
+
+    grid = torch.tensor(list(alphas), dtype=torch.float32)
+    steps = grid[1:] - grid[:-1]
+    tol = 4 * torch.finfo(torch.float32).eps * grid.abs().max().item()
+    cont = [False] + [abs(h - steps[0].item()) <= tol for h in steps.tolist()]
+    if steps[0].item() == 0.0:
+        cont = [False] * n
+    direct, run = 0, 0
+    for c in cont:
+        if c and run < _C.LOGIT_FUSION_CPU_MAX_RUN:
+            run += 1
+        else:
+            direct, run = direct + 1, 0
+    return b * v * (t + 2 + t * (direct + (1 if any(cont) else 0)))
+
+
 def exp_rate(device: str, flush) -> float:
     """Exps per second of ``torch.exp(x, out=y)`` on a large float32 tensor (memory-bound on
     GPUs: it reads and writes 8 bytes per exp)."""
@@ -197,7 +225,7 @@ def bench_op(args, flush, meta) -> tuple[list[dict], dict]:
 
     itemsize = torch.empty((), dtype=dtype).element_size()
     in_bytes = (t + 2) * b * v * itemsize
-    exps = b * v * (t + 2 + n * t)
+    exps = exps_needed(device, b, v, t, alphas, dtype)
     floor_bw = in_bytes / (ceiling * 1e9)
     floor_exp = exps / rate
     floor_exp_c = exps / rate_c if rate_c else None
@@ -218,7 +246,8 @@ def bench_op(args, flush, meta) -> tuple[list[dict], dict]:
         f"{format_seconds(floor_bw)}"
     )
     print(
-        f"floor, exps: B·V·(T+2+n·T) = {exps / 1e9:.3f} G exps at {rate / 1e9:.2f} G exp/s "
+        f"floor, exps ({'B·V·(T+2+n·T)' if exps == b * v * (t + 2 + n * t) else 'product runs'})"
+        f": {exps / 1e9:.3f} G exps at {rate / 1e9:.2f} G exp/s "
         f"(torch.exp, large fp32 tensor) = {format_seconds(floor_exp)}"
     )
     if floor_exp_c is not None:

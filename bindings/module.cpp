@@ -141,5 +141,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("logit_fusion_native_dtypes", &mb::logit_fusion_native_dtypes,
         "{device: [dtype names]} the native logit_fusion kernels accept.");
   m.attr("LOGIT_FUSION_MAX_ALPHAS") = meldkit::kLogitFusionMaxAlphas;
+  m.attr("LOGIT_FUSION_CPU_MAX_RUN") = meldkit::kLogitFusionCpuMaxRun;
   m.attr("LOGIT_FUSION_MAX_EXPERTS") = meldkit::kLogitFusionMaxExperts;
 }

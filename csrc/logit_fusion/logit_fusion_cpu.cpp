@@ -3,9 +3,23 @@
 // first, then its exp sums against that max, merged into the running state with one rescale), and
 // the per-row epilogue merges the chunks' states in chunk order, so the result does not depend on
 // the number of threads. The exp of float32 rows is a polynomial that vectorises.
+//
+// Most candidates need no exp at all (float32 rows, a grid with a uniform step h: the paper's
+// 0, 0.1, ..., 2). Within a tile, exp(z_L + a_j d - rho) = exp(z_L + a_{j-1} d - rho) * exp(h d),
+// so after an anchor candidate (its tile max rho, one exp per position as above) the next ones
+// are one product per position with r = exp(h d), computed once per tile and expert, against the
+// anchor's rho kept as the state's reference (merge_state needs a reference, not the exact max).
+// A run of such steps is at most kMaxRun long, and only as long as run * h * max|d| <= kRunSpan:
+// the values then stay within e^(+-kRunSpan) of the anchor's scale (no overflow); a position
+// that underflowed at the anchor stays below e^(2 kRunSpan - 87) of the tile's largest term
+// (negligible); the products' rounding (each step multiplies in r's error of about 2 ulp) stays
+// below the exponent-argument rounding that the direct exp already carries (the tests' bound).
+// A tile whose d holds an inf or a NaN, and float64 rows, take the direct exp everywhere.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "meldkit/logit_fusion.h"
@@ -15,8 +29,13 @@ namespace {
 
 constexpr int kTile = 256;
 constexpr int64_t kChunk = 8192;
+// Candidates computed by products after each anchor candidate (see the top of the file), and the
+// most the exponent may move over such a run, run * |h| * max|d|.
+constexpr int kMaxRun = kLogitFusionCpuMaxRun;
+constexpr float kRunSpan = kLogitFusionCpuRunSpan;
 
 // exp(x) for x <= 0 (arguments are s - max), within 2 ulp of expf; 0 below -87.3 and for -inf.
+// Also exact to 2 ulp for 0 < x <= 80 (the step factors exp(h d) of the product runs).
 // Cody-Waite reduction x = n ln2 + r, a degree-6 polynomial for e^r (Cephes' expf), then 2^n
 // from the exponent bits. Plain arithmetic and selects only, so loops over it vectorise.
 MELDKIT_ALWAYS_INLINE float exp_nonpositive(float x) {
@@ -110,6 +129,95 @@ MELDKIT_ALWAYS_INLINE void tile_group(const Acc* s, int len, const Acc* const* w
   merge_state(state, m, sum8(e, len), wsum, k);
 }
 
+// A product-run candidate: e holds exp(s_prev - ref) for the previous candidate of the run; it
+// becomes exp(s - ref) = e * r, and its sums (one weight row w) merge into the state with the
+// anchor's reference `ref`.
+template <typename Acc>
+MELDKIT_ALWAYS_INLINE void run_group(Acc* e, const Acc* r, const Acc* w, int len, Acc* state,
+                                     Acc ref) {
+  for (int v = 0; v < len; ++v) e[v] *= r[v];
+  const Acc wsum = dot8(e, w, len);
+  merge_state(state, ref, sum8(e, len), &wsum, 1);
+}
+
+// float32 (the only type that takes runs): one pass with eight-lane vectors, the same sums in
+// the same order as sum8 and dot8. GCC does not vectorise the fused loop written with arrays (it
+// fell back to permutes and scalar sums, 3x slower), hence its vector extension.
+#if defined(__GNUC__) || defined(__clang__)
+MELDKIT_ALWAYS_INLINE void run_group(float* e, const float* r, const float* w, int len,
+                                     float* state, float ref) {
+  typedef float v8f __attribute__((vector_size(32)));
+  v8f s = {0, 0, 0, 0, 0, 0, 0, 0};
+  v8f ws = {0, 0, 0, 0, 0, 0, 0, 0};
+  int v = 0;
+  for (; v + 8 <= len; v += 8) {
+    v8f x, rv, wv;
+    std::memcpy(&x, e + v, sizeof(x));
+    std::memcpy(&rv, r + v, sizeof(rv));
+    std::memcpy(&wv, w + v, sizeof(wv));
+    x = x * rv;
+    std::memcpy(e + v, &x, sizeof(x));
+    s += x;
+    ws += x * wv;
+  }
+  float ts = 0.f, tw = 0.f;
+  for (; v < len; ++v) {
+    const float x = e[v] * r[v];
+    e[v] = x;
+    ts += x;
+    tw += x * w[v];
+  }
+  const float sum = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + ts;
+  const float wsum = ((ws[0] + ws[1]) + (ws[2] + ws[3])) + ((ws[4] + ws[5]) + (ws[6] + ws[7])) + tw;
+  merge_state(state, ref, sum, &wsum, 1);
+}
+#endif
+
+// The largest |x| of a tile; +inf if any element is an inf or a NaN.
+template <typename Acc>
+MELDKIT_ALWAYS_INLINE Acc tile_absmax(const Acc* x, int len) {
+  Acc m[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int v = 0;
+  for (; v + 8 <= len; v += 8) {
+    for (int l = 0; l < 8; ++l) {
+      const Acc a = std::abs(x[v + l]);
+      m[l] = !(a <= m[l]) ? a : m[l];  // a NaN wins and stays
+    }
+  }
+  Acc out = 0;
+  for (; v < len; ++v) {
+    const Acc a = std::abs(x[v]);
+    out = !(a <= out) ? a : out;
+  }
+  for (int l = 0; l < 8; ++l) out = !(m[l] <= out) ? m[l] : out;
+  return out == out ? out : std::numeric_limits<Acc>::infinity();
+}
+
+// Which grid points may follow their predecessor by a product (see the top of the file): those
+// whose step from it equals the grid's first step h, up to the rounding of the grid to float.
+struct GridRuns {
+  bool any = false;
+  float step = 0.f;
+  bool cont[kLogitFusionMaxAlphas] = {};
+};
+
+template <typename Acc>
+GridRuns grid_runs(const LogitFusionParams& p) {
+  GridRuns g;
+  if (!std::is_same<Acc, float>::value || p.num_alphas < 2) return g;
+  float amax = 0.f;
+  for (int j = 0; j < p.num_alphas; ++j) amax = std::max(amax, std::abs(float(p.alphas[j])));
+  g.step = float(p.alphas[1]) - float(p.alphas[0]);
+  if (!(g.step != 0.f) || !std::isfinite(g.step)) return g;
+  const float tol = 4.f * std::numeric_limits<float>::epsilon() * amax;
+  for (int j = 1; j < p.num_alphas; ++j) {
+    const float h = float(p.alphas[j]) - float(p.alphas[j - 1]);
+    g.cont[j] = std::abs(h - g.step) <= tol;
+    g.any = g.any || g.cont[j];
+  }
+  return g;
+}
+
 // State layout of one row (or one chunk of it):
 //   L: [max, sum, E_P-sums of d_t for each t]            2 + T
 //   S: [max, sum, E_Q-sums of d_t for each t]            2 + T
@@ -125,8 +233,9 @@ struct Layout {
 };
 
 template <typename TIn, typename Acc>
-MELDKIT_CPU_CLONES void chunk_states(const LogitFusionParams& p, const Layout& lay, int64_t row,
-                                     int64_t v0, int64_t v1, Acc* state, Acc* buf) {
+MELDKIT_CPU_CLONES void chunk_states(const LogitFusionParams& p, const Layout& lay,
+                                     const GridRuns& runs, int64_t row, int64_t v0, int64_t v1,
+                                     Acc* state, Acc* buf) {
   const int T = p.num_experts, n = p.num_alphas;
   const int64_t V = p.vocab, B = p.rows;
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
@@ -136,13 +245,15 @@ MELDKIT_CPU_CLONES void chunk_states(const LogitFusionParams& p, const Layout& l
     state[lay.t(t)] = neg_inf;
     for (int j = 0; j < n; ++j) state[lay.c(t, j)] = neg_inf;
   }
-  // Tile buffers: zl, zs, e, cand, then T rows of z_t and T rows of d_t (S's weights are d_t
-  // too; B_t negates their sum).
+  // Tile buffers: zl, zs, e, cand, the run's exps and step factors, then T rows of z_t and T rows
+  // of d_t (S's weights are d_t too; B_t negates their sum).
   Acc* zl = buf;
   Acc* zs = zl + kTile;
   Acc* e = zs + kTile;
   Acc* cand = e + kTile;
-  Acc* zt = cand + kTile;
+  Acc* run_e = cand + kTile;
+  Acc* run_r = run_e + kTile;
+  Acc* zt = run_r + kTile;
   Acc* d = zt + T * kTile;
   const Acc* dw[kLogitFusionMaxExperts];
   for (int t = 0; t < T; ++t) dw[t] = d + t * kTile;
@@ -182,11 +293,43 @@ MELDKIT_CPU_CLONES void chunk_states(const LogitFusionParams& p, const Layout& l
     tile_group(zs, len, dw, T, state + lay.s(), e);
     for (int t = 0; t < T; ++t) {
       tile_group(zt + t * kTile, len, dw + t, 1, state + lay.t(t), e);
+      const Acc* dt = d + t * kTile;
+      // How many candidates may follow an anchor by products in this tile (0: none).
+      int cap = 0;
+      if (runs.any) {
+        const Acc span = Acc(std::abs(runs.step)) * tile_absmax(dt, len);
+        cap = !(span <= Acc(kRunSpan))               ? 0
+              : span * Acc(kMaxRun) <= Acc(kRunSpan) ? kMaxRun
+                                                     : int(Acc(kRunSpan) / span);
+      }
+      bool have_r = false;
+      int run = 0;
+      Acc ref = neg_inf;
       for (int j = 0; j < n; ++j) {
+        if (runs.cont[j] && run < cap) {
+          ++run;
+          if (ref == neg_inf) continue;  // the anchor's tile was all -inf: so is this one
+          if (!have_r) {
+            const Acc h = Acc(runs.step);
+            for (int v = 0; v < len; ++v) run_r[v] = exp_nonpositive(h * dt[v]);
+            have_r = true;
+          }
+          run_group(run_e, run_r, dt, len, state + lay.c(t, j), ref);
+          continue;
+        }
+        run = 0;
         const Acc a = Acc(p.alphas[j]);
-        const Acc* dt = d + t * kTile;
         for (int v = 0; v < len; ++v) cand[v] = zl[v] + a * dt[v];
-        tile_group(cand, len, dw + t, 1, state + lay.c(t, j), e);
+        if (cap == 0) {
+          tile_group(cand, len, dw + t, 1, state + lay.c(t, j), e);
+          continue;
+        }
+        // An anchor: the direct exps, kept for the run that follows.
+        ref = tile_max(cand, len);
+        if (ref == neg_inf) continue;
+        for (int v = 0; v < len; ++v) run_e[v] = exp_nonpositive(cand[v] - ref);
+        const Acc wsum = dot8(run_e, dt, len);
+        merge_state(state + lay.c(t, j), ref, sum8(run_e, len), &wsum, 1);
       }
     }
   }
@@ -291,7 +434,8 @@ void run(const LogitFusionParams& p) {
   const int64_t num_chunks = (V + kChunk - 1) / kChunk;
   const int64_t items = B * num_chunks;
   std::vector<Acc> partial(size_t(items * lay.size()));
-  const size_t buf_size = size_t(kTile) * size_t(4 + 2 * p.num_experts);
+  const size_t buf_size = size_t(kTile) * size_t(6 + 2 * p.num_experts);
+  const GridRuns runs = grid_runs<Acc>(p);
   const bool parallel = B * V >= (1 << 14);
 #pragma omp parallel if (parallel)
   {
@@ -299,7 +443,7 @@ void run(const LogitFusionParams& p) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t row = it / num_chunks, c = it % num_chunks;
-      chunk_states<TIn, Acc>(p, lay, row, c * kChunk, std::min(V, (c + 1) * kChunk),
+      chunk_states<TIn, Acc>(p, lay, runs, row, c * kChunk, std::min(V, (c + 1) * kChunk),
                              partial.data() + it * lay.size(), buf.data());
     }
   }

@@ -185,6 +185,40 @@ def test_custom_grids(device, dtype, grid):
     assert set(res.alpha.tolist()) <= set(alpha_grid(GRIDS[grid], dtype).tolist())
 
 
+UNIFORM_GRIDS = {
+    "papers": None,
+    "long": [0.05 * i for i in range(64)],  # runs cut by the run length, not the span
+    "negative": [-1.0 + 0.25 * i for i in range(13)],
+    "descending": [2.0 - 0.1 * i for i in range(21)],
+    "piecewise": [0.0, 0.1, 0.2, 0.3, 1.0, 1.1, 1.2, 3.0, 2.9, 2.8],
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grid", UNIFORM_GRIDS, ids=str)
+def test_uniform_grids_by_product_runs(device, dtype, grid):
+    # The CPU kernel computes most candidates of a uniform grid as products exp(h·d) of the
+    # previous one, in runs whose length depends on max|d| per 256-position tile. Rows whose
+    # experts sit 0.01 to 60 logits from the small base take every run length from the longest
+    # down to none (the direct exp everywhere); one row mixes both within the row, and -inf
+    # masks cut through runs.
+    gen = torch.Generator().manual_seed(40)
+    rows, vocab, n_experts = 6, 3000, 2
+    small = 3 * torch.randn(rows, vocab, generator=gen, dtype=torch.float64)
+    large = small + torch.randn(rows, vocab, generator=gen, dtype=torch.float64)
+    spread = torch.tensor([0.01, 0.3, 1.0, 4.0, 60.0, 1.0], dtype=torch.float64)[:, None]
+    spread = spread.expand(rows, vocab).clone()
+    spread[5, 1500:] = 40.0
+    noise = torch.randn(n_experts, rows, vocab, generator=gen, dtype=torch.float64)
+    experts = small + spread * noise
+    masks = torch.rand(n_experts + 2, rows, vocab, generator=gen) < 0.05
+    large = large.masked_fill(masks[0], NEG_INF)
+    experts = experts.masked_fill(masks[2:], NEG_INF)
+    inputs = [t.to(device=device, dtype=dtype) for t in (large, small, experts)]
+    check_against_reference(*inputs, UNIFORM_GRIDS[grid])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_grid_as_tensor(device):
     large, small, experts = make_logits(3, 7, 3, torch.float32, device, seed=21)

@@ -24,6 +24,11 @@ namespace meldkit {
 // Grid points one call takes (their values travel by value to the CUDA kernels).
 constexpr int kLogitFusionMaxAlphas = 64;
 constexpr int kLogitFusionMaxExperts = 16;
+// The CPU kernel's product runs over a uniform grid (logit_fusion_cpu.cpp): at most this many
+// candidates follow each directly computed one, and only while run * |step| * max|d| over a
+// 256-position tile stays within the span.
+constexpr int kLogitFusionCpuMaxRun = 10;
+constexpr float kLogitFusionCpuRunSpan = 16.f;
 
 struct LogitFusionParams {
   int64_t rows = 0, vocab = 0;
