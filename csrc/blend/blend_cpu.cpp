@@ -11,8 +11,8 @@ namespace meldkit {
 namespace {
 
 template <typename T, bool kDraw1, bool kDraw2>
-MELDKIT_CPU_CLONES void blend_range(const BlendParams& p, const BlendRow& r, int64_t begin,
-                                    int64_t end) {
+MELDKIT_CPU_CLONES_AVX512 void blend_range(const BlendParams& p, const BlendRow& r, int64_t begin,
+                                           int64_t end) {
   T* out = reinterpret_cast<T*>(r.out);
   const T* base = reinterpret_cast<const T*>(r.base);
   const T* tau = reinterpret_cast<const T*>(r.tau);

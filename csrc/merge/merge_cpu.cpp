@@ -139,8 +139,8 @@ MELDKIT_ALWAYS_INLINE void finish_tile(const TaskMergeParams& p, const float* b,
 }
 
 template <typename TIn, typename TOut, Acc A>
-MELDKIT_CPU_CLONES void task_merge_range(const TaskMergeParams& p, const uint32_t* keys,
-                                         int64_t begin, int64_t end) {
+MELDKIT_CPU_CLONES_AVX512 void task_merge_range(const TaskMergeParams& p, const uint32_t* keys,
+                                                int64_t begin, int64_t end) {
   const auto* base = static_cast<const TIn*>(p.base);
   auto* out = static_cast<TOut*>(p.out);
   float b[kTile], pos[kTile], neg[kTile], wpos[kTile], wneg[kTile], npos[kTile], nneg[kTile];
@@ -300,8 +300,8 @@ MELDKIT_ALWAYS_INLINE void l1_random_models(const TaskMergeParams& p, const uint
 }
 
 template <typename T>
-MELDKIT_CPU_CLONES void task_l1_range(const TaskMergeParams& p, const uint32_t* keys, int64_t begin,
-                                      int64_t end, double* sums) {
+MELDKIT_CPU_CLONES_AVX512 void task_l1_range(const TaskMergeParams& p, const uint32_t* keys,
+                                             int64_t begin, int64_t end, double* sums) {
   const auto* base = static_cast<const T*>(p.base);
   if (p.sparsify == Sparsify::kRandom) {
     l1_random_models<T>(p, keys, base, begin, end, sums);
@@ -363,10 +363,10 @@ constexpr int64_t kDigitBlock = 1024;
 // `prefix`, or any when match_all) and the magnitude is not an exact zero; those zeros (most of
 // a sparse task vector) and NaNs are only counted, in counts[0] and counts[1].
 template <typename T, bool kHasBase>
-MELDKIT_CPU_CLONES void digit_block(const T* __restrict a, const T* __restrict b, int64_t m,
-                                    int shift, bool match_all, uint32_t prefix,
-                                    uint32_t* __restrict digit, uint8_t* __restrict flags,
-                                    uint64_t counts[2]) {
+MELDKIT_CPU_CLONES_AVX512 void digit_block(const T* __restrict a, const T* __restrict b, int64_t m,
+                                           int shift, bool match_all, uint32_t prefix,
+                                           uint32_t* __restrict digit, uint8_t* __restrict flags,
+                                           uint64_t counts[2]) {
   uint32_t zeros = 0, nans = 0;
   for (int64_t j = 0; j < m; ++j) {
     const uint32_t bits = magnitude_bits(widen(a[j]), kHasBase ? widen(b[j]) : 0.f);
@@ -471,9 +471,10 @@ struct Bracket {
 // where lo < bits < hi, else 0, so the keep loop can skip 8 elements at a time. The base `b` is
 // the storage type, or float when a fused pass widened it once for several models.
 template <typename T, typename TB, bool kHasBase>
-MELDKIT_CPU_CLONES uint32_t bracket_block(const T* __restrict a, const TB* __restrict b, int64_t m,
-                                          const Bracket& br, uint32_t* __restrict out,
-                                          uint8_t* __restrict flags, uint64_t counts[4]) {
+MELDKIT_CPU_CLONES_AVX512 uint32_t bracket_block(const T* __restrict a, const TB* __restrict b,
+                                                 int64_t m, const Bracket& br,
+                                                 uint32_t* __restrict out,
+                                                 uint8_t* __restrict flags, uint64_t counts[4]) {
   uint32_t above = 0, at_hi = 0, at_lo = 0, inside = 0, nans = 0;
   const uint32_t lo = br.lo, hi = br.hi, inner = br.inner, distinct = lo != hi;
   for (int64_t j = 0; j < m; ++j) {

@@ -23,11 +23,20 @@
 // baseline ISA, and the loader picks one for the running CPU (GCC/Clang target_clones). The
 // default build targets SSE2 only; the wider vectors roughly double the speed of loops that
 // convert fp16 by hand.
+//
+// MELDKIT_CPU_CLONES_AVX512 adds a third clone for x86-64-v4 (AVX-512 F/BW/DQ/VL), for the kernels
+// where it was measured to help: the hash-bound loops of the blend and the merge family (DARE
+// draws, per-element keeps). Elsewhere (logit fusion, routed_lora) it was slower or the same on
+// an AMD Zen 4, so those stay at two clones. The clones compute the same bits: IEEE arithmetic
+// without contraction (-ffp-contract=off) in every one.
 #if !defined(__CUDACC__) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
     defined(__linux__)
 #define MELDKIT_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#define MELDKIT_CPU_CLONES_AVX512 \
+  __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define MELDKIT_CPU_CLONES
+#define MELDKIT_CPU_CLONES_AVX512
 #endif
 
 // Products and sums rounded one by one, never fused into a multiply-add: on the device with the
