@@ -27,15 +27,22 @@ MELDKIT_CPU_CLONES_AVX512 void blend_range(const BlendParams& p, const BlendRow&
   const uint32_t k1 = stream_key(p.seed, uint32_t(r.stream1));
   const uint32_t k2 = stream_key(p.seed, uint32_t(r.stream2));
   const uint32_t high = uniform01_high(uint64_t(begin));
-  const float keep1 = p.keep1, keep2 = p.keep2;
+  const int32_t thr1 = uniform01_threshold(p.keep1), thr2 = uniform01_threshold(p.keep2);
   const float t0 = p.g_table[0], t1 = p.g_table[1], t2 = p.g_table[2], t3 = p.g_table[3];
-  for (int64_t e = begin; e < end; ++e) {  // selects, not an indexed table: vectorises
-    const uint32_t inner = uniform01_inner(high, uint64_t(e));  // shared by both masks
-    const bool m1 = kDraw1 && uniform01_from_inner(k1, inner) < keep1;
-    const bool m2 = kDraw2 && uniform01_from_inner(k2, inner) < keep2;
+  // A chunk never crosses a multiple of 2^32, so the element index's low word is a 32-bit
+  // counter from the chunk's first element (32-bit lanes vectorise; 64-bit ones need shuffles).
+  const uint32_t lo = uint32_t(uint64_t(begin));
+  const int n = int(end - begin);
+  const T* tb = tau + begin;
+  const T* bb = base + begin;
+  T* ob = out + begin;
+  for (int i = 0; i < n; ++i) {  // selects, not an indexed table: vectorises
+    const uint32_t inner = mix32((lo + uint32_t(i)) ^ high);  // uniform01_inner: both masks
+    const bool m1 = kDraw1 && uniform01_below(k1, inner, thr1);
+    const bool m2 = kDraw2 && uniform01_below(k2, inner, thr2);
     const float g = m1 ? (m2 ? t3 : t1) : (m2 ? t2 : t0);
-    const float prod = widen(tau[e]) * g;
-    out[e] = Store<T>::from(widen(base[e]) + prod);
+    const float prod = widen(tb[i]) * g;
+    ob[i] = Store<T>::from(widen(bb[i]) + prod);
   }
 }
 

@@ -40,16 +40,17 @@ inline Acc acc_for(Consensus c, bool normalize) {
 template <typename TIn, Sparsify S, Acc A, bool kCached = false>
 MELDKIT_ALWAYS_INLINE void accumulate_tile(
     const TIn* __restrict x, const float* __restrict b, const uint32_t* __restrict inner, int64_t n,
-    float weight, float scale, float threshold, float density, uint32_t key, float* __restrict pos,
-    float* __restrict neg, float* __restrict wpos, float* __restrict wneg, float* __restrict npos,
-    float* __restrict nneg, const uint32_t* __restrict bits = nullptr, uint32_t flag = 0) {
+    float weight, float scale, float threshold, int32_t keep_below, uint32_t key,
+    float* __restrict pos, float* __restrict neg, float* __restrict wpos, float* __restrict wneg,
+    float* __restrict npos, float* __restrict nneg, const uint32_t* __restrict bits = nullptr,
+    uint32_t flag = 0) {
   for (int64_t j = 0; j < n; ++j) {
     const float tau = widen(x[j]) - b[j];
     bool keep = true;
     if constexpr (S == Sparsify::kMagnitude) keep = fabsf(tau) >= threshold;
     // inner[j]: the element's stream-independent hash, computed once for all models.
     if constexpr (S == Sparsify::kRandom && !kCached) {
-      keep = uniform01_from_inner(key, inner[j]) < density;
+      keep = uniform01_below(key, inner[j], keep_below);  // u < density
     }
     float w;
     if constexpr (S == Sparsify::kRandom && kCached) {
@@ -167,7 +168,7 @@ MELDKIT_CPU_CLONES_AVX512 void task_merge_range(const TaskMergeParams& p, const 
       const TIn* x = static_cast<const TIn*>(p.models[t]) + e0;
       const float w = p.weights[t], sc = p.scales[t];
       const float thr = p.thresholds ? p.thresholds[t] : 0.f;
-      const float d = p.densities ? p.densities[t] : 1.f;
+      const int32_t d = uniform01_threshold(p.densities ? p.densities[t] : 1.f);
       wall += w;
       switch (p.sparsify) {
         case Sparsify::kMagnitude:
@@ -270,7 +271,7 @@ MELDKIT_ALWAYS_INLINE void l1_random_models(const TaskMergeParams& p, const uint
     for (int t = 0; t < p.num_models; ++t) {
       const T* x = static_cast<const T*>(p.models[t]) + e0;
       const T* b = base + e0;
-      const float d = p.densities ? p.densities[t] : 1.f;
+      const int32_t d = uniform01_threshold(p.densities ? p.densities[t] : 1.f);
       const uint32_t key = keys[t];
       double* at = all[t];
       double* kt = kept[t];
@@ -278,7 +279,7 @@ MELDKIT_ALWAYS_INLINE void l1_random_models(const TaskMergeParams& p, const uint
       // vectorises); the draws also go, as bit t, to the merge pass. Summed into the double
       // lanes below: fused with the sums, GCC assembled each vector element by element.
       for (int64_t j = 0; j < n; ++j) {
-        const uint32_t keep = uniform01_from_inner(key, inner[j]) < d ? 1u : 0u;
+        const uint32_t keep = uniform01_below(key, inner[j], d) ? 1u : 0u;  // u < density
         bits[j] |= keep << t;
         const float a = fabsf(widen(x[j]) - widen(b[j]));
         abs_tau[j] = a;

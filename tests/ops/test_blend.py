@@ -40,6 +40,25 @@ def test_equals_reference_bit_for_bit(device, dtype, coeffs):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_masks_at_the_draw_boundaries(device):
+    # keeps exactly at, one float32 step above and one below draws that occur (kept when u < keep)
+    from tests.ops.test_merge import draw_boundary_keeps
+
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(50, 41, generator=g).to(device)
+    tau = (0.05 * torch.randn(50, 41, generator=g)).to(device)
+    key = 12345
+    keeps1 = draw_boundary_keeps(base.numel(), 2, stream_of(key, 2, 0))
+    keeps2 = draw_boundary_keeps(base.numel(), 2, stream_of(key, 2, 1))
+    for k1, k2 in zip(keeps1, reversed(keeps2), strict=True):
+        out = torch.empty_like(base)
+        coeffs = (0.5, -0.7, 0.9)
+        blend_tensors([out], [base], [tau], coeffs, keep=(k1, k2), seed=2, tensor_keys=[key])
+        want = blend_ref(base.cpu(), tau.cpu(), coeffs, keep=(k1, k2), seed=2, tensor_key=key)
+        assert torch.equal(out.cpu(), want), (k1, k2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_masks_are_dare_masks_and_order_free(device):
     bases, taus, keys = tensors(torch.float32, device, seed=1)
     keep = 0.3

@@ -252,6 +252,36 @@ def test_merge_equals_reference_bit_for_bit(device, dtype, shape, method, kw):
         assert torch.equal(got.cpu(), expected), (got.cpu() - expected).abs().max()
 
 
+def draw_boundary_keeps(numel: int, seed: int, tensor_index: int) -> list[float]:
+    """Keep probabilities exactly at, one float32 step above and one below draws that do occur
+    (element e is kept when u_e < keep): the native kernels decide u < keep on the draw's
+    integer, so these are the values where an off-by-one would show."""
+    from meldkit.ops.random_ref import uniform_ref
+
+    u = uniform_ref(numel, seed, tensor_index)
+    keeps = [1.0, 0.0, 2.0**-24, 1.0 - 2.0**-24]
+    # Below 0.5 a float32 step is finer than the draws' 2^-24 grid, so "one step above a draw"
+    # falls between two draws there: those are the cases a rounding slip would get wrong.
+    near = [int((u - x).abs().argmin()) for x in (0.0, 0.01, 0.3, 0.7)]
+    for i in near:
+        at = float(u[i])
+        up = float(torch.nextafter(u[i : i + 1], torch.ones(1))[0])
+        down = float(torch.nextafter(u[i : i + 1], torch.zeros(1))[0])
+        keeps += [k for k in (at, up, down) if 0.0 <= k <= 1.0]
+    return keeps
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dare_masks_at_the_draw_boundaries(device):
+    base, models = models_like((64, 65), torch.float32, device, n=1)
+    stream = mr.stream_of(7, 1, 0)
+    for density in draw_boundary_keeps(64 * 65, 3, stream):
+        kw = dict(densities=density, seed=3, tensor_index=7, rescale="none")
+        got = merge_tensors(base, models, "dare_linear", **kw)
+        expected = reference(base.cpu(), [models[0].cpu()], "dare_linear", kw, torch.float32)
+        assert torch.equal(got.cpu(), expected), density
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_dare_keeps_density_and_seed_changes_mask(device):
     base, models = models_like((512, 512), torch.float32, device, n=1)

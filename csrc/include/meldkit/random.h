@@ -3,6 +3,7 @@
 // arithmetic is written in python/meldkit/ops/random_ref.py; tests pin values on both sides.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "meldkit/macros.h"
@@ -44,6 +45,20 @@ MELDKIT_INLINE float uniform01_from_inner(uint32_t key, uint32_t inner) {
 
 MELDKIT_INLINE float uniform01_from_high(uint32_t key, uint32_t high, uint64_t e) {
   return uniform01_from_inner(key, uniform01_inner(high, e));
+}
+
+// The draw `uniform01_from_inner(key, inner) < keep` decided on the integer, for loops that make
+// many draws against one keep: u = (h >> 8) * 2^-24 is below keep exactly when h >> 8 is below
+// ceil(keep * 2^24) (keep * 2^24 is exact in float32), so the int-to-float conversion and the
+// float compare become one signed integer compare (both sides are below 2^31). Same bits.
+inline int32_t uniform01_threshold(float keep) {
+  if (!(keep > 0.f)) return 0;               // never (also for NaN, as u < NaN is false)
+  if (keep >= 1.f) return int32_t(1) << 24;  // always
+  return int32_t(std::ceil(keep * 16777216.f));
+}
+
+MELDKIT_INLINE bool uniform01_below(uint32_t key, uint32_t inner, int32_t threshold) {
+  return int32_t(mix32(key ^ inner) >> 8) < threshold;
 }
 
 // Uniform in [0, 1), a multiple of 2^-24 (exact in float32), for element `e` of a stream.
