@@ -46,6 +46,18 @@ py::dict build_info() {
   d["compiler"] = std::string("unknown");
 #endif
   d["build_type"] = std::string(MELDKIT_BUILD_TYPE);
+  // Which of the CPU kernels' clones (macros.h, MELDKIT_CPU_CLONES[_AVX512]) this CPU runs.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2");
+  const bool v4 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  d["cpu_vectors"] = std::string(v4     ? "AVX-512 (merge, blend), AVX2 (others)"
+                                 : avx2 ? "AVX2"
+                                        : "SSE2 (baseline)");
+#else
+  d["cpu_vectors"] = std::string("compiler default");
+#endif
   return d;
 }
 

@@ -26,6 +26,13 @@ def test_info_reports_build_gpu_torch_and_ops(capsys):
     if facts["extension"]:
         assert "float32" in facts["ops"]["weighted_sum"]["cpu"]
         assert isinstance(facts["build"]["cuda"], bool)
+        vectors = facts["build"]["cpu_vectors"]
+        assert vectors in printed and vectors.split(" ")[0] in (
+            "AVX-512",
+            "AVX2",
+            "SSE2",
+            "compiler",
+        )
 
 
 def test_python_m_meldkit_info_json():

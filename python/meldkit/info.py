@@ -60,6 +60,8 @@ def info(file: TextIO | None = None) -> dict:
     else:
         omp = f"OpenMP, {build['openmp_max_threads']} threads" if build["openmp"] else "no OpenMP"
         lines.append(f"compiled core: CPU ({omp}; {build['compiler']}; {build['build_type']})")
+        if build.get("cpu_vectors"):
+            lines.append(f"               CPU kernels run with {build['cpu_vectors']}")
         if build["cuda"]:
             lines.append(
                 f"               CUDA {build['cuda_runtime']} (archs {build['cuda_archs']}, "
