@@ -557,6 +557,14 @@ BracketCounts bracket_pass(const MagnitudeSelectParams& p, const Bracket& br) {
   return out;
 }
 
+// A block of the base widened to float32, in a clone of its own: written inline in the
+// (uncloned) pass below it compiled for the baseline ISA only.
+template <typename T>
+MELDKIT_CPU_CLONES_AVX512 void widen_block(const T* __restrict src, int64_t m,
+                                           float* __restrict dst) {
+  for (int64_t j = 0; j < m; ++j) dst[j] = float(widen(src[j]));
+}
+
 // The per-tensor selections of several models against one base in one pass: each block of the
 // base is read and widened once, then every model's block is bracketed against it, so the base
 // streams from memory once instead of once per model.
@@ -577,7 +585,7 @@ std::vector<BracketCounts> bracket_pass_models(const T* base, const T* const* mo
     for (int64_t blk = 0; blk < num_blocks; ++blk) {
       const int64_t e0 = blk * kBracketBlock;
       const int64_t m = std::min(kBracketBlock, n - e0);
-      for (int64_t j = 0; j < m; ++j) bw[j] = float(widen(base[e0 + j]));
+      widen_block(base + e0, m, bw);
       for (int i = 0; i < count; ++i) {
         const Bracket& br = brackets[which[size_t(i)]];
         BracketLocal& l = local[size_t(i)];
