@@ -1,6 +1,7 @@
 // What the build contains: compiled backends, CUDA archs, OpenMP, and whether a GPU is usable.
 #include <string>
 
+#include "meldkit/macros.h"
 #include "ops.h"
 
 #ifdef _OPENMP
@@ -50,8 +51,12 @@ py::dict build_info() {
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2");
+#ifndef MELDKIT_HAS_AVX512_CLONES
+  const bool v4 = false;  // macros.h: this compiler builds no AVX-512 clones
+#else
   const bool v4 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                   __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#endif
   d["cpu_vectors"] = std::string(v4     ? "AVX-512 (merge, blend), AVX2 (others)"
                                  : avx2 ? "AVX2"
                                         : "SSE2 (baseline)");

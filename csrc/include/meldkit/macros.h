@@ -32,8 +32,15 @@
 #if !defined(__CUDACC__) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
     defined(__linux__)
 #define MELDKIT_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+// target_clones("arch=x86-64-v4") is a GCC 12 feature (older GCCs and clang reject or mis-dispatch
+// it): elsewhere the AVX-512 kernels get the two clones.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define MELDKIT_CPU_CLONES_AVX512 \
   __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#define MELDKIT_HAS_AVX512_CLONES 1
+#else
+#define MELDKIT_CPU_CLONES_AVX512 MELDKIT_CPU_CLONES
+#endif
 #else
 #define MELDKIT_CPU_CLONES
 #define MELDKIT_CPU_CLONES_AVX512
