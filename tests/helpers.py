@@ -79,3 +79,22 @@ def assert_written(t: torch.Tensor) -> None:
     """Every element of ``t`` was written (none is still the NaN of :func:`poison`)."""
     nan = torch.isnan(t)
     assert not nan.any(), f"{int(nan.sum())} of {t.numel()} elements never written"
+
+
+def draw_boundary_keeps(numel: int, seed: int, tensor_index: int) -> list[float]:
+    """Keep probabilities exactly at, one float32 step above and one below draws that do occur
+    (element e is kept when u_e < keep): the native kernels decide u < keep on the draw's
+    integer, so these are the values where an off-by-one would show."""
+    from meldkit.ops.random_ref import uniform_ref
+
+    u = uniform_ref(numel, seed, tensor_index)
+    keeps = [1.0, 0.0, 2.0**-24, 1.0 - 2.0**-24]
+    # Below 0.5 a float32 step is finer than the draws' 2^-24 grid, so "one step above a draw"
+    # falls between two draws there: those are the cases a rounding slip would get wrong.
+    near = [int((u - x).abs().argmin()) for x in (0.0, 0.01, 0.3, 0.7)]
+    for i in near:
+        at = float(u[i])
+        up = float(torch.nextafter(u[i : i + 1], torch.ones(1))[0])
+        down = float(torch.nextafter(u[i : i + 1], torch.zeros(1))[0])
+        keeps += [k for k in (at, up, down) if 0.0 <= k <= 1.0]
+    return keeps

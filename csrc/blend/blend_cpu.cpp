@@ -37,7 +37,7 @@ MELDKIT_CPU_CLONES_AVX512 void blend_range(const BlendParams& p, const BlendRow&
   const T* bb = base + begin;
   T* ob = out + begin;
   for (int i = 0; i < n; ++i) {  // selects, not an indexed table: vectorises
-    const uint32_t inner = mix32((lo + uint32_t(i)) ^ high);  // uniform01_inner: both masks
+    const uint32_t inner = uniform01_inner(high, lo + uint32_t(i));  // shared by both masks
     const bool m1 = kDraw1 && uniform01_below(k1, inner, thr1);
     const bool m2 = kDraw2 && uniform01_below(k2, inner, thr2);
     const float g = m1 ? (m2 ? t3 : t1) : (m2 ? t2 : t0);

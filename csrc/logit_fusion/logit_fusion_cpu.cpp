@@ -119,14 +119,15 @@ MELDKIT_ALWAYS_INLINE void merge_state(Acc* state, Acc m, Acc sum, const Acc* ws
 
 // One tile of one distribution with values s and k weight rows: its max, exp sums, then merge.
 template <typename Acc>
-MELDKIT_ALWAYS_INLINE void tile_group(const Acc* s, int len, const Acc* const* w, int k, Acc* state,
-                                      Acc* e) {
+MELDKIT_ALWAYS_INLINE Acc tile_group(const Acc* s, int len, const Acc* const* w, int k, Acc* state,
+                                     Acc* e) {
   const Acc m = tile_max(s, len);
-  if (m == -std::numeric_limits<Acc>::infinity()) return;
+  if (m == -std::numeric_limits<Acc>::infinity()) return m;  // e is left as it was
   for (int v = 0; v < len; ++v) e[v] = exp_nonpositive(s[v] - m);
   Acc wsum[kLogitFusionMaxExperts];
   for (int i = 0; i < k; ++i) wsum[i] = dot8(e, w[i], len);
   merge_state(state, m, sum8(e, len), wsum, k);
+  return m;
 }
 
 // A product-run candidate: e holds exp(s_prev - ref) for the previous candidate of the run; it
@@ -317,19 +318,11 @@ MELDKIT_CPU_CLONES void chunk_states(const LogitFusionParams& p, const Layout& l
           run_group(run_e, run_r, dt, len, state + lay.c(t, j), ref);
           continue;
         }
+        // Directly: its tile max and exps, which a run after it continues from.
         run = 0;
         const Acc a = Acc(p.alphas[j]);
         for (int v = 0; v < len; ++v) cand[v] = zl[v] + a * dt[v];
-        if (cap == 0) {
-          tile_group(cand, len, dw + t, 1, state + lay.c(t, j), e);
-          continue;
-        }
-        // An anchor: the direct exps, kept for the run that follows.
-        ref = tile_max(cand, len);
-        if (ref == neg_inf) continue;
-        for (int v = 0; v < len; ++v) run_e[v] = exp_nonpositive(cand[v] - ref);
-        const Acc wsum = dot8(run_e, dt, len);
-        merge_state(state + lay.c(t, j), ref, sum8(run_e, len), &wsum, 1);
+        ref = tile_group(cand, len, dw + t, 1, state + lay.c(t, j), run_e);
       }
     }
   }

@@ -12,7 +12,7 @@ import torch
 from meldkit.ops import BlendPlan, blend_ref, blend_tensors
 from meldkit.ops.merge_ref import stream_of
 from meldkit.ops.random_ref import bernoulli_mask_ref
-from tests.helpers import DEVICES, DTYPES
+from tests.helpers import DEVICES, DTYPES, draw_boundary_keeps
 
 # Empty tensors first, inside and last; one tensor of several 2^14-element chunks.
 SHAPES = [(0, 5), (7,), (1,), (33, 65), (4, 0), (2, 3, 5), (4099, 3), (129, 300), (0,)]
@@ -42,8 +42,6 @@ def test_equals_reference_bit_for_bit(device, dtype, coeffs):
 @pytest.mark.parametrize("device", DEVICES)
 def test_masks_at_the_draw_boundaries(device):
     # keeps exactly at, one float32 step above and one below draws that occur (kept when u < keep)
-    from tests.ops.test_merge import draw_boundary_keeps
-
     g = torch.Generator().manual_seed(4)
     base = torch.randn(50, 41, generator=g).to(device)
     tau = (0.05 * torch.randn(50, 41, generator=g)).to(device)

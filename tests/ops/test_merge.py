@@ -12,7 +12,7 @@ from meldkit import _native
 from meldkit.merging import get_method
 from meldkit.ops import magnitude_threshold, merge_tensor_list, merge_tensors
 from meldkit.ops import merge_ref as mr
-from tests.helpers import DEVICES, DTYPES, ODD_SIZES, poison
+from tests.helpers import DEVICES, DTYPES, ODD_SIZES, draw_boundary_keeps, poison
 
 SHAPES = [(n,) for n in ODD_SIZES] + [(300, 301)]
 
@@ -250,25 +250,6 @@ def test_merge_equals_reference_bit_for_bit(device, dtype, shape, method, kw):
         expected = reference(base.cpu(), [m.cpu() for m in models], method, kw, out_dtype)
         assert got.dtype == out_dtype and got.device.type == device
         assert torch.equal(got.cpu(), expected), (got.cpu() - expected).abs().max()
-
-
-def draw_boundary_keeps(numel: int, seed: int, tensor_index: int) -> list[float]:
-    """Keep probabilities exactly at, one float32 step above and one below draws that do occur
-    (element e is kept when u_e < keep): the native kernels decide u < keep on the draw's
-    integer, so these are the values where an off-by-one would show."""
-    from meldkit.ops.random_ref import uniform_ref
-
-    u = uniform_ref(numel, seed, tensor_index)
-    keeps = [1.0, 0.0, 2.0**-24, 1.0 - 2.0**-24]
-    # Below 0.5 a float32 step is finer than the draws' 2^-24 grid, so "one step above a draw"
-    # falls between two draws there: those are the cases a rounding slip would get wrong.
-    near = [int((u - x).abs().argmin()) for x in (0.0, 0.01, 0.3, 0.7)]
-    for i in near:
-        at = float(u[i])
-        up = float(torch.nextafter(u[i : i + 1], torch.ones(1))[0])
-        down = float(torch.nextafter(u[i : i + 1], torch.zeros(1))[0])
-        keeps += [k for k in (at, up, down) if 0.0 <= k <= 1.0]
-    return keeps
 
 
 @pytest.mark.parametrize("device", DEVICES)
