@@ -23,10 +23,10 @@ struct ArgName {
   std::string prefix() const { return std::string(op) + ": argument '" + arg + "'"; }
 };
 
-// A borrowed view of a producer's tensor; valid while this object (and its capsule) lives.
+// A borrowed view of a producer's tensor; valid while this object (and its owner) lives.
 struct TensorArg {
   ArgName name;
-  py::object capsule;  // the DLPack capsule: keeps the producer's memory alive
+  py::object owner;  // the DLPack capsule, or the tensor itself: keeps the producer's memory alive
   void* data = nullptr;
   DType dtype = DType::kFloat32;
   DeviceKind device = DeviceKind::kCPU;

@@ -675,10 +675,41 @@ bool magnitude_select_bracketed(const MagnitudeSelectParams& p, int64_t total, u
 template <typename T>
 uint32_t magnitude_select_radix(const MagnitudeSelectParams& p);
 
+// Small inputs: every magnitude's bits in one buffer and a linear-time selection of the k-th
+// largest (the same value as the radix path: the bits of non-negative floats sort as the floats).
+// The radix path has a fixed cost per selection (per thread, two 2^16-bin histograms zeroed,
+// merged and scanned) that dominates small inputs. A TIES merge of 3 models (3 selections, Zen 4,
+// 2 threads) took 0.07 against 0.44 ms at 4096 elements, 0.21 against 0.47 ms at 16384, and
+// 0.77 against 0.51 ms at 32768.
+constexpr int64_t kSmallSelectNumel = int64_t(1) << 14;
+
+template <typename T>
+uint32_t magnitude_select_small(const MagnitudeSelectParams& p, int64_t total) {
+  std::vector<uint32_t> all;
+  all.reserve(size_t(total));
+  uint32_t nans = 0;
+  for (int i = 0; i < p.num_tensors; ++i) {
+    const T* a = static_cast<const T*>(p.a[i]);
+    const T* b = p.b ? static_cast<const T*>(p.b[i]) : nullptr;
+    for (int64_t j = 0; j < p.numels[i]; ++j) {
+      const uint32_t bits = magnitude_bits(widen(a[j]), b ? widen(b[j]) : 0.f);
+      nans += bits > 0x7f800000u;
+      all.push_back(bits);
+    }
+  }
+  if (nans > 0) throw_value_error("magnitude_select: the task vectors contain NaN");
+  auto it = all.end() - p.k;
+  std::nth_element(all.begin(), it, all.end());
+  return *it;
+}
+
 template <typename T>
 uint32_t magnitude_select_typed(const MagnitudeSelectParams& p) {
   int64_t total = 0;
   for (int i = 0; i < p.num_tensors; ++i) total += p.numels[i];
+  if (total <= kSmallSelectNumel && p.k >= 1 && p.k <= total) {
+    return magnitude_select_small<T>(p, total);
+  }
   uint32_t bits = 0;
   if (total >= kBracketMinNumel && p.k <= total && magnitude_select_bracketed<T>(p, total, &bits)) {
     return bits;

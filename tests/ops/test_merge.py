@@ -59,6 +59,23 @@ def test_global_threshold_over_a_list(device):
     assert got == expected
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: few values, many ties
+@pytest.mark.parametrize("numel", [1, 2, 16383, 16384, 16385, 40_000])
+def test_threshold_on_both_sides_of_the_small_input_path(numel, dtype):
+    # Up to 2^14 elements the CPU selects from one buffer of bits, above by radix histograms:
+    # both give the k-th largest, ties, zeros and infinities included, for k = 1 … numel.
+    g = torch.Generator().manual_seed(numel)
+    x = torch.randn(numel, generator=g).to(dtype)
+    x[torch.rand(numel, generator=g) < 0.3] = 0.0
+    if numel > 2:
+        x[numel // 2] = float("-inf")
+    pieces = list(x.split(max(1, numel // 3)))  # a list of tensors: one selection over all
+    for density in sorted({min(1.0, d) for d in (1.5 / numel, 2.5 / numel, 0.1, 0.5, 0.97, 1.0)}):
+        expected = mr.magnitude_threshold_ref(x.float().abs(), density).item()
+        assert magnitude_threshold([x], density) == expected
+        assert magnitude_threshold(pieces, density) == expected
+
+
 def _large_cases():
     """Inputs of ≥ 2^20 elements, where the CPU kernel selects within a sampled bracket:
     (name, tensors, bases) covering each of its exits."""

@@ -42,8 +42,9 @@ def magnitude_threshold(
     the value ``torch.kthvalue(|τ|, numel − k + 1)`` gives, found without sorting: keep
     ``|τ| ≥ threshold``. On the CPU, inputs of 2^20 elements or more take one counting pass
     inside a bracket given by a strided sample of 65536 magnitudes (rarely two; a sample that
-    misses falls back to the radix path), smaller ones two radix-histogram passes; CUDA uses
-    three radix-histogram passes. A list of many tensors gives the
+    misses falls back to the radix path), smaller ones two radix-histogram passes, and up to
+    16384 elements a selection among their bits in one buffer; CUDA uses three radix-histogram
+    passes. A list of many tensors gives the
     global (whole-model) threshold of the TIES paper; one tensor, mergekit's per-tensor one.
 
     Parameters
