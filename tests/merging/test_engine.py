@@ -217,6 +217,57 @@ def test_config_errors_name_the_key(zoo, tmp_path):
         parse_config(bad_yaml)
 
 
+def test_tokenizer_source_picks_the_tokenizer_files(zoo):
+    # mergekit's tokenizer_source (legacy) and tokenizer: {source: ...}: base, or a merged model.
+    # The model files (config.json) stay the base's; the weights do not depend on it.
+    tmp, _, _, paths = zoo
+    for name, folder in paths.items():
+        (folder / "tokenizer_config.json").write_text(json.dumps({"from": name}))
+        (folder / "tokenizer.json").write_text(json.dumps({"vocab": name}))
+    (paths["base"] / "config.json").write_text(json.dumps({"model_type": "llama", "from": "base"}))
+    plain = read(merge(config_for("ties", paths), tmp / "plain", progress=False))
+    cases = [
+        ({"tokenizer_source": "base"}, "base"),
+        ({"tokenizer": {"source": "base"}}, "base"),
+        ({"tokenizer_source": str(paths["ft1"])}, "ft1"),
+        ({"tokenizer": {"source": str(paths["ft2"])}}, "ft2"),
+        ({}, "base"),
+    ]
+    for i, (extra, expected) in enumerate(cases):
+        out = merge({**config_for("ties", paths), **extra}, tmp / f"out{i}", progress=False)
+        assert json.loads((out / "tokenizer_config.json").read_text()) == {"from": expected}
+        assert json.loads((out / "tokenizer.json").read_text()) == {"vocab": expected}
+        assert json.loads((out / "config.json").read_text())["from"] == "base"
+        merged = read(out)
+        assert all(torch.equal(merged[k], plain[k]) for k in plain)
+    # Relative to the YAML file's folder, like the model paths.
+    yml = tmp / "merge.yml"
+    cfg = config_for("ties", paths)
+    cfg["tokenizer_source"] = "ft0"
+    yml.write_text(yaml.safe_dump(cfg))
+    assert parse_config(yml).tokenizer_source == tmp / "ft0"
+
+
+def test_tokenizer_sources_meldkit_cannot_honour_are_refused(zoo):
+    tmp, _, _, paths = zoo
+    good = config_for("ties", paths)
+    linear = {k: v for k, v in config_for("linear", paths).items() if k != "base_model"}
+    cases = [
+        ({**good, "tokenizer_source": "union"}, "union is not supported"),
+        ({**good, "tokenizer": {"source": "union"}}, "tokenizer.source: union is not supported"),
+        ({**good, "tokenizer_source": str(tmp / "elsewhere")}, "is not a model of this merge"),
+        ({**good, "tokenizer": {"source": "base", "tokens": {}}}, "keys not supported: tokens"),
+        ({**good, "tokenizer": "base"}, "tokenizer: expected a mapping"),
+        ({**good, "tokenizer": {"source": "base"}, "tokenizer_source": "base"}, "not both"),
+        ({**linear, "tokenizer_source": "base"}, "tokenizer_source: base needs base_model"),
+        ({**good, "tokenizer_source": 3}, "tokenizer_source: expected a model folder path"),
+    ]
+    for cfg, text in cases:
+        with pytest.raises(ConfigError) as info:
+            parse_config(cfg)
+        assert text in str(info.value), (text, str(info.value))
+
+
 def test_model_errors_fail_before_merging(zoo):
     tmp, base, _, paths = zoo
     cfg = config_for("ties", paths)

@@ -33,10 +33,11 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-# Files of a model folder that are not weights and travel with the merged model.
-AUX_FILES = (
-    "config.json",
-    "generation_config.json",
+# Files of a model folder that are not weights and travel with the merged model: the model's
+# own (from the base, or the first model without one) and the tokenizer's (from the config's
+# tokenizer source, by default the same folder).
+MODEL_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -46,6 +47,7 @@ AUX_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
 )
+AUX_FILES = MODEL_FILES + TOKENIZER_FILES
 
 
 class CheckpointError(ValueError):
@@ -316,9 +318,10 @@ class ShardedWriter:
             if e is not None:
                 raise e
 
-    def commit(self, aux_from: Path | None) -> Path:
+    def commit(self, aux_from: Path | None, tokenizer_from: Path | None = None) -> Path:
         """Wait for the writes, write the index and auxiliary files, then move the folder into
-        place."""
+        place. The model's files (``MODEL_FILES``) come from ``aux_from``, the tokenizer's
+        (``TOKENIZER_FILES``) from ``tokenizer_from`` (default: ``aux_from``)."""
         self._drain()
         unwritten = [n for n in self._slot if n not in self._added]
         if unwritten:
@@ -327,9 +330,10 @@ class ShardedWriter:
         if len(self._headers) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.file_of}
             (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        if aux_from is not None:
-            for name in AUX_FILES:
-                src = aux_from / name
+        tokenizer_from = tokenizer_from if tokenizer_from is not None else aux_from
+        for folder, names in ((aux_from, MODEL_FILES), (tokenizer_from, TOKENIZER_FILES)):
+            for name in names if folder is not None else ():
+                src = folder / name
                 if src.is_file():
                     shutil.copy2(src, self.tmp / name)
         if self.out_dir.exists():

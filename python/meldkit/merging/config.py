@@ -13,6 +13,7 @@ Accepted (the ``models`` form of mergekit's YAML)::
     parameters: {normalize: true, lambda: 1.0}   # top-level method parameters
     dtype: float32                    # compute dtype: every input is converted to it
     out_dtype: bfloat16               # storage dtype of the result (default: dtype)
+    tokenizer_source: base            # or tokenizer: {source: base}; see below
 
 Per-model parameters may also appear at the top level, as defaults for every model.
 
@@ -24,6 +25,14 @@ A per-model parameter is a number, or, as in mergekit:
 - **filtered** values, a list of ``{filter: SUBSTRING, value: V}`` entries tried in order: the
   first whose ``filter`` occurs in the tensor's name (or that has no filter, or ``*``) gives V,
   itself a number or a gradient.
+
+The tokenizer files of the result (``tokenizer.json``, ``tokenizer_config.json``, ...) come from
+the base model (or the first model without one), or from the folder that ``tokenizer_source`` or
+``tokenizer: {source: ...}`` names: ``base``, or the path of one of the merged models (which
+share the base's tensor shapes, so its vocabulary has the merged embeddings' size). mergekit's
+``union`` (a merged vocabulary, with the embeddings rebuilt over it), a tokenizer from a model
+outside the merge, and per-token ``tokens`` overrides are refused: they need embedding surgery,
+which meldkit does not do.
 """
 
 from __future__ import annotations
@@ -38,9 +47,18 @@ import torch
 
 from meldkit.merging.methods import MergeMethod, get_method
 
-TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype")
+TOP_LEVEL_KEYS = (
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+)
 # mergekit keys that meldkit knows but does not implement yet: named in the error.
-UNSUPPORTED_KEYS = ("slices", "modules", "tokenizer", "tokenizer_source", "chat_template")
+UNSUPPORTED_KEYS = ("slices", "modules", "chat_template")
 GLOBAL_ONLY = ("normalize", "lambda", "rescale", "int8_mask", "t", "filter_wise")
 
 DTYPES = {
@@ -75,6 +93,8 @@ class MergeConfig:
     params: dict[str, Any]  # top-level parameters (per-model defaults may be settings)
     dtype: torch.dtype | None
     out_dtype: torch.dtype | None
+    # Folder the tokenizer files come from (None: the base's, or the first model's).
+    tokenizer_source: Path | None = None
 
     def model_param(
         self, name: str, default: float, tensor_name: str = "", t: float = 0.0
@@ -270,4 +290,51 @@ def parse_config(
         params=params,
         dtype=_dtype(raw.get("dtype"), "dtype"),
         out_dtype=_dtype(raw.get("out_dtype"), "out_dtype"),
+        tokenizer_source=_tokenizer_source(raw, base, [Path(e["model"]) for e in entries], resolve),
     )
+
+
+def _tokenizer_source(
+    raw: Mapping[str, Any], base: Path | None, listed: list[Path], resolve
+) -> Path | None:
+    """The folder named by ``tokenizer_source`` or ``tokenizer: {source: ...}`` (None if neither):
+    ``base`` or one of the merged models (``listed``: the config's model entries, the base
+    included when it is listed there)."""
+    if "tokenizer_source" in raw and "tokenizer" in raw:
+        raise ConfigError("give tokenizer_source or tokenizer, not both")
+    if "tokenizer" in raw:
+        spec = raw["tokenizer"]
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"tokenizer: expected a mapping {{source: ...}}, got {spec!r}")
+        extra = [k for k in spec if k != "source"]
+        if extra:
+            raise ConfigError(
+                f"tokenizer: keys not supported: {', '.join(map(str, extra))} (per-token "
+                "overrides rebuild embeddings, which meldkit does not do; only source is read)"
+            )
+        if "source" not in spec:
+            return None
+        where, source = "tokenizer.source", spec["source"]
+    elif "tokenizer_source" in raw:
+        where, source = "tokenizer_source", raw["tokenizer_source"]
+    else:
+        return None
+    if source is None:
+        return None
+    if source == "base":
+        if base is None:
+            raise ConfigError(f"{where}: base needs base_model")
+        return base
+    if source == "union":
+        raise ConfigError(
+            f"{where}: union is not supported (a merged vocabulary needs the embeddings rebuilt "
+            "over it); use base or the path of one of the merged models"
+        )
+    path = resolve(source, where)
+    candidates = ([base] if base is not None else []) + [resolve(p, where) for p in listed]
+    if not any(path.resolve() == c.resolve() for c in candidates):
+        raise ConfigError(
+            f"{where}: {source} is not a model of this merge; meldkit takes the tokenizer only "
+            "from the base or a merged model (another vocabulary needs embedding surgery)"
+        )
+    return path

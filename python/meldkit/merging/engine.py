@@ -275,7 +275,9 @@ def merge(
             if bar is not None:
                 bar.update(nbytes[name])
                 bar.set_postfix_str(f"{i + 1}/{len(names)} tensors", refresh=False)
-        return writer.commit(aux_from=(cfg.base or cfg.models[0].path))
+        return writer.commit(
+            aux_from=(cfg.base or cfg.models[0].path), tokenizer_from=cfg.tokenizer_source
+        )
     except BaseException:
         writer.abort()
         raise
