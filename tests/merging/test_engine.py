@@ -170,7 +170,8 @@ def test_config_errors_name_the_key(zoo, tmp_path):
     good = config_for("ties", paths)
     cases = [
         ({**good, "merge_method": "tiez"}, "unknown merge_method 'tiez'"),
-        ({**good, "slices": []}, "not supported yet: slices"),
+        ({**good, "modules": {}}, "not supported yet: modules"),
+        ({**good, "slices": []}, "give models or slices, not both"),
         ({**good, "bogus": 1}, "unknown keys: bogus"),
         ({**good, "parameters": {"gamma": 0.1}}, "parameters: gamma not accepted by ties"),
         ({**good, "dtype": "float8"}, "dtype: 'float8'"),
@@ -215,6 +216,111 @@ def test_config_errors_name_the_key(zoo, tmp_path):
     bad_yaml.write_text("merge_method: [ties\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         parse_config(bad_yaml)
+
+
+def _slices(paths, ranges, per_slice, source_params=None, base=True):
+    """A slices-form config: for each layer range, the base (unless not base) and the three
+    fine-tunes, with slice-level and per-source parameters."""
+    slices = []
+    for k, (a, b) in enumerate(ranges):
+        sources = [{"model": str(paths["base"]), "layer_range": [a, b]}] if base else []
+        for i in range(3):
+            src = {"model": str(paths[f"ft{i}"]), "layer_range": [a, b]}
+            if source_params and source_params[k][i]:
+                src["parameters"] = source_params[k][i]
+            sources.append(src)
+        slices.append({"sources": sources, "parameters": per_slice[k]})
+    cfg = config_for("ties", paths)
+    del cfg["models"]
+    return {**cfg, "slices": slices}
+
+
+def test_one_slice_over_every_layer_is_the_models_form(zoo):
+    tmp, _, _, paths = zoo
+    models_form = config_for("ties", paths)
+    sliced = _slices(paths, [(0, LAYERS)], [{"weight": 0.5, "density": 0.4}])
+    a = read(merge(models_form, tmp / "a", progress=False))
+    b = read(merge(sliced, tmp / "b", progress=False))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_slices_give_each_layer_range_its_parameters(zoo):
+    # Layer 0 from slice 0, layer 1 from slice 1; the embeddings take slice 0's values and the
+    # final norm and head slice 1's; a source's parameters override its slice's, which override
+    # the top-level ones; a gradient runs over its slice's layers (t = 1 in a one-layer slice).
+    tmp, _, _, paths = zoo
+    sliced = _slices(
+        paths,
+        [(0, 1), (1, 2)],
+        [{"weight": 0.5}, {"weight": 0.8, "density": [0.1, 0.9]}],
+        source_params=[[{"density": 0.6}, None, {"weight": 0.2}], [None, {"density": 0.3}, None]],
+    )
+    sliced["parameters"] = {"density": 0.7}
+    ours = read(merge(sliced, tmp / "sliced", progress=False))
+    w0 = {"weight": [0.5, 0.5, 0.2], "density": [0.6, 0.7, 0.7]}  # slice 0
+    w1 = {"weight": [0.8, 0.8, 0.8], "density": [0.9, 0.3, 0.9]}  # slice 1, gradient at t = 1
+    w1_t0 = {"weight": [0.8, 0.8, 0.8], "density": [0.1, 0.3, 0.1]}  # slice 1 outside the layers
+    for values, names, folder in [
+        (w0, lambda n: "layers.0." in n or "embed" in n, "s0"),
+        (w1, lambda n: "layers.1." in n, "s1"),
+        (w1_t0, lambda n: n in ("model.norm.weight", "lm_head.weight"), "s1t0"),
+    ]:
+        cfg = config_for("ties", paths)
+        for i, m in enumerate(cfg["models"]):
+            m["parameters"] = {k: v[i] for k, v in values.items()}
+        expected = read(merge(cfg, tmp / folder, progress=False))
+        chosen = [n for n in expected if names(n) and expected[n].is_floating_point()]
+        assert chosen
+        for n in chosen:
+            assert torch.equal(ours[n], expected[n]), n
+
+
+def test_slices_meldkit_cannot_honour_are_refused(zoo):
+    tmp, _, _, paths = zoo
+    good = _slices(paths, [(0, 1), (1, 2)], [{}, {}])
+
+    def edit(fn):
+        cfg = json.loads(json.dumps(good))
+        fn(cfg)
+        return cfg
+
+    def shift(cfg):
+        cfg["slices"][1]["sources"][2]["layer_range"] = [0, 1]
+
+    def gap(cfg):
+        for s in cfg["slices"][1]["sources"]:
+            s["layer_range"] = [2, 3]
+
+    def drop_model(cfg):
+        del cfg["slices"][1]["sources"][3]
+
+    cases = [
+        (edit(shift), "differs from the slice's [1, 2]"),
+        (edit(gap), "slices[1]: starts at layer 2, expected 1"),
+        (edit(drop_model), "slices[1].sources: lists other models than slices[0]"),
+        (edit(lambda c: c["slices"][0].update(bogus=1)), "slices[0]: unknown keys: bogus"),
+        (
+            edit(lambda c: c["slices"][0]["sources"][1].update(layer_range=[1, 0])),
+            "layer_range: expected [START, END]",
+        ),
+        (
+            edit(lambda c: c["slices"][0].update(parameters={"lambda": 1.0})),
+            "slices[0].parameters: lambda not accepted per model by ties",
+        ),
+        (edit(lambda c: c.update(slices=[])), "slices: expected a non-empty list"),
+        (
+            edit(lambda c: c["slices"][0]["sources"][1].update(parameters={"density": 1.5})),
+            "density: 1.5 is not in [0, 1]",
+        ),
+    ]
+    for cfg, text in cases:
+        with pytest.raises(ConfigError) as info:
+            parse_config(cfg)
+        assert text in str(info.value), (text, str(info.value))
+    short = _slices(paths, [(0, 1)], [{}])  # the models have 2 layers
+    with pytest.raises(MergeError, match="the slices cover layers 0-0, but the models have 2"):
+        merge(short, tmp / "out", progress=False)
+    assert not (tmp / "out").exists()
 
 
 def test_tokenizer_source_picks_the_tokenizer_files(zoo):

@@ -63,6 +63,45 @@ METHODS = {
 }
 
 
+def test_slices_same_result_as_mergekit(checkpoints):
+    # mergekit's slices form: per-slice and per-source parameters, a gradient over a slice's
+    # layers, the embeddings planned with the first slice and the norm and head with the last.
+    root, paths = checkpoints
+    slices = []
+    for k, (a, b) in enumerate([(0, 1), (1, LAYERS)]):
+        sources = [{"model": paths["base"], "layer_range": [a, b]}]
+        for i in range(3):
+            src = {"model": paths[f"ft{i}"], "layer_range": [a, b]}
+            if (k, i) == (0, 1):
+                src["parameters"] = {"density": 0.3, "weight": 0.2}
+            sources.append(src)
+        params = {"weight": 0.7, "density": 0.6} if k == 0 else {"density": [0.2, 0.9]}
+        slices.append({"sources": sources, "parameters": params})
+    cfg = {
+        "merge_method": "ties",
+        "base_model": paths["base"],
+        "slices": slices,
+        "parameters": {"normalize": True, "weight": 0.5},
+        "dtype": "float32",
+    }
+    cfg_path = root / "slices.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    theirs = root / "mergekit_slices"
+    res = subprocess.run(
+        [MERGEKIT, str(cfg_path), str(theirs), "--allow-crimes", "--no-lazy-unpickle"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    ours = merge(cfg_path, root / "meldkit_slices", progress=False)
+    a, b = Checkpoint(ours), Checkpoint(theirs)
+    assert set(a.names) == set(b.names)
+    for name in a.names:
+        x, y = a.get(name).float(), b.get(name).float()
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=f"slices: {name}")
+
+
 @pytest.mark.filterwarnings("ignore::meldkit.MeldkitFallbackWarning")  # breadcrumbs: reference
 @pytest.mark.parametrize("method", list(METHODS))
 def test_same_result_as_mergekit(checkpoints, method):

@@ -26,6 +26,26 @@ A per-model parameter is a number, or, as in mergekit:
   first whose ``filter`` occurs in the tensor's name (or that has no filter, or ``*``) gives V,
   itself a number or a gradient.
 
+mergekit's ``slices`` form is read where it describes the same thing: every slice lists the
+same models over the same layer range, and the slices cover the layers in order from 0 (a
+schedule of parameters over layer ranges; stacking or reordering layers, as passthrough merges
+do, is refused)::
+
+    slices:
+      - sources:
+          - {model: path/to/base, layer_range: [0, 16]}
+          - {model: path/to/finetune_a, layer_range: [0, 16], parameters: {density: 0.3}}
+        parameters: {weight: 0.5}     # per-model defaults for this slice
+      - sources:
+          - {model: path/to/base, layer_range: [16, 32]}
+          - {model: path/to/finetune_a, layer_range: [16, 32], parameters: {density: 0.7}}
+
+As in mergekit, a source's parameters override its slice's, which override the top-level ones; a
+gradient is interpolated over the slice's layers (``t = (i − start) / (length − 1)``, 1 for a
+one-layer slice); the tensors before the layers (embeddings: a name with ``embed``, ``wte`` or
+``wpe``) take the first slice's values at ``t = 0``, the others outside the layers (final norm,
+head) the last slice's at ``t = 0``. One slice over all layers is the ``models`` form.
+
 The tokenizer files of the result (``tokenizer.json``, ``tokenizer_config.json``, ...) come from
 the base model (or the first model without one), or from the folder that ``tokenizer_source`` or
 ``tokenizer: {source: ...}`` names: ``base``, or the path of one of the merged models (which
@@ -56,9 +76,10 @@ TOP_LEVEL_KEYS = (
     "out_dtype",
     "tokenizer_source",
     "tokenizer",
+    "slices",
 )
 # mergekit keys that meldkit knows but does not implement yet: named in the error.
-UNSUPPORTED_KEYS = ("slices", "modules", "chat_template")
+UNSUPPORTED_KEYS = ("modules", "chat_template")
 GLOBAL_ONLY = ("normalize", "lambda", "rescale", "int8_mask", "t", "filter_wise")
 
 DTYPES = {
@@ -95,16 +116,24 @@ class MergeConfig:
     out_dtype: torch.dtype | None
     # Folder the tokenizer files come from (None: the base's, or the first model's).
     tokenizer_source: Path | None = None
+    # The layer count the config's slices cover (None: a models-form config).
+    slice_layers: int | None = None
 
     def model_param(
-        self, name: str, default: float, tensor_name: str = "", t: float = 0.0
+        self,
+        name: str,
+        default: float,
+        tensor_name: str = "",
+        t: float = 0.0,
+        layer: int | None = None,
     ) -> list[float]:
         """Per-model values of ``name`` (weight, density, gamma, epsilon) for one tensor
-        (``tensor_name`` at layer position ``t``: gradients and filters resolved), with
-        ``default`` where a model gives none (or no filter matches)."""
+        (``tensor_name`` at layer position ``t``, in layer ``layer`` or outside the layers:
+        gradients, filters and slices resolved), with ``default`` where a model gives none (or
+        no filter matches)."""
         out = []
         for m in self.models:
-            value = evaluate_setting(m.params.get(name, default), tensor_name, t)
+            value = evaluate_setting(m.params.get(name, default), tensor_name, t, layer)
             out.append(float(default if value is None else value))
         return out
 
@@ -156,8 +185,26 @@ def _setting(value: Any, where: str) -> Any:
     return {"filters": entries}
 
 
-def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
-    """The value of a per-model parameter for one tensor at layer position ``t`` in [0, 1]."""
+def is_pre_layer(tensor_name: str) -> bool:
+    """Whether a tensor outside the numbered layers comes before them (embeddings), for the
+    slices form: mergekit plans those with the first slice, the rest with the last."""
+    parts = tensor_name.lower().split(".")
+    return "embed" in tensor_name.lower() or "wte" in parts or "wpe" in parts
+
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float, layer: int | None = None) -> Any:
+    """The value of a per-model parameter for one tensor at layer position ``t`` in [0, 1]
+    (``layer``: its layer index, None outside the layers; read by per-slice settings)."""
+    if isinstance(setting, dict) and "slices" in setting:
+        ranges = setting["slices"]
+        if layer is None:
+            value = ranges[0][2] if is_pre_layer(tensor_name) else ranges[-1][2]
+            return evaluate_setting(value, tensor_name, 0.0)
+        for start, stop, value in ranges:
+            if start <= layer < stop:
+                local = (layer - start) / (stop - start - 1) if stop - start > 1 else 1.0
+                return evaluate_setting(value, tensor_name, local)
+        return None
     if isinstance(setting, dict):
         for flt, value in setting["filters"]:
             if flt is None or flt == "*" or flt in tensor_name:
@@ -241,11 +288,23 @@ def parse_config(
     }
     defaults = {k: v for k, v in params.items() if k in method.model_params}
 
-    entries = raw.get("models") or []
+    slice_layers = None
+    if "slices" in raw:
+        if "models" in raw:
+            raise ConfigError("give models or slices, not both")
+        entries, slice_layers = _entries_from_slices(raw["slices"], method, defaults, resolve)
+        defaults = {}  # already folded into each slice's values
+    else:
+        entries = raw.get("models") or []
     if not isinstance(entries, list) or not entries:
         raise ConfigError("models: expected a non-empty list")
     models = []
     for i, entry in enumerate(entries):
+        if "slices" in raw:  # parsed by _entries_from_slices
+            path = resolve(entry["model"], f"slices: {entry['model']}")
+            if base is None or path.resolve() != base.resolve():
+                models.append(ModelSpec(path, entry["parameters"]))
+            continue
         if not isinstance(entry, Mapping) or "model" not in entry:
             raise ConfigError(f"models[{i}]: expected {{model: PATH, parameters: {{...}}}}")
         extra = [k for k in entry if k not in ("model", "parameters")]
@@ -271,16 +330,7 @@ def parse_config(
     if method.kind == "model_stock" and len(models) < 2:
         raise ConfigError("model_stock needs at least two fine-tuned models besides the base")
     for i, m in enumerate(models):
-        d = m.params.get("density")
-        values = (
-            d
-            if isinstance(d, list)
-            else [v for _, v in d["filters"]]
-            if isinstance(d, dict)
-            else [d]
-        )
-        flat = [x for v in values for x in (v if isinstance(v, list) else [v])]
-        bad = [x for x in flat if x is not None and not 0 <= x <= 1]
+        bad = [x for x in _numbers(m.params.get("density")) if not 0 <= x <= 1]
         if bad:
             raise ConfigError(f"models[{i}].parameters.density: {bad[0]} is not in [0, 1]")
     return MergeConfig(
@@ -291,7 +341,119 @@ def parse_config(
         dtype=_dtype(raw.get("dtype"), "dtype"),
         out_dtype=_dtype(raw.get("out_dtype"), "out_dtype"),
         tokenizer_source=_tokenizer_source(raw, base, [Path(e["model"]) for e in entries], resolve),
+        slice_layers=slice_layers,
     )
+
+
+def _numbers(setting: Any) -> list[float]:
+    """Every number a per-model setting can take (None: none)."""
+    if setting is None:
+        return []
+    if isinstance(setting, dict) and "slices" in setting:
+        return [x for _, _, v in setting["slices"] for x in _numbers(v)]
+    if isinstance(setting, dict):
+        return [x for _, v in setting["filters"] for x in _numbers(v)]
+    if isinstance(setting, list):
+        return list(setting)
+    return [setting]
+
+
+def _entries_from_slices(
+    slices: Any, method: MergeMethod, defaults: dict[str, Any], resolve
+) -> tuple[list[dict[str, Any]], int]:
+    """mergekit's slices as model entries whose parameters are per-slice settings
+    (``{"slices": [(start, stop, setting), ...]}``), and the number of layers they cover."""
+    if not isinstance(slices, list) or not slices:
+        raise ConfigError("slices: expected a non-empty list")
+    order: list[str] = []  # the models, by resolved path, in the first slice's order
+    values: dict[str, dict[str, list]] = {}  # path -> parameter -> [(start, stop, setting)]
+    spans = []
+    for i, sl in enumerate(slices):
+        where = f"slices[{i}]"
+        if not isinstance(sl, Mapping) or "sources" not in sl:
+            raise ConfigError(f"{where}: expected {{sources: [...], parameters: {{...}}}}")
+        extra = [k for k in sl if k not in ("sources", "parameters")]
+        if extra:
+            raise ConfigError(f"{where}: unknown keys: {', '.join(map(str, extra))}")
+        slice_params = _model_params(sl.get("parameters"), method, f"{where}.parameters")
+        sources = sl["sources"]
+        if not isinstance(sources, list) or not sources:
+            raise ConfigError(f"{where}.sources: expected a non-empty list")
+        span, paths = None, []
+        for j, src in enumerate(sources):
+            at = f"{where}.sources[{j}]"
+            if not isinstance(src, Mapping) or "model" not in src or "layer_range" not in src:
+                raise ConfigError(f"{at}: expected {{model: PATH, layer_range: [START, END]}}")
+            extra = [k for k in src if k not in ("model", "layer_range", "parameters")]
+            if extra:
+                raise ConfigError(f"{at}: unknown keys: {', '.join(map(str, extra))}")
+            lr = src["layer_range"]
+            if (
+                not isinstance(lr, (list, tuple))
+                or len(lr) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+                or not 0 <= lr[0] < lr[1]
+            ):
+                raise ConfigError(f"{at}.layer_range: expected [START, END], 0 <= START < END")
+            if span is not None and tuple(lr) != span:
+                raise ConfigError(
+                    f"{at}.layer_range: {list(lr)} differs from the slice's {list(span)}: "
+                    "meldkit merges each layer with the same layer of every model (stacking or "
+                    "shifting layers, as passthrough merges do, is not supported)"
+                )
+            span = tuple(lr)
+            key = str(resolve(src["model"], f"{at}.model").resolve())
+            if key in paths:
+                raise ConfigError(f"{at}.model: listed twice in the slice")
+            paths.append(key)
+            own = _model_params(src.get("parameters"), method, f"{at}.parameters")
+            merged = {**defaults, **slice_params, **own}
+            entry = values.setdefault(key, {})
+            for name in set(entry) | set(merged):
+                entry.setdefault(name, [None] * i).append(merged.get(name))
+            if i == 0:
+                order.append(src["model"])
+        if i == 0:
+            first = set(paths)
+        elif set(paths) != first:
+            other = sorted(first ^ set(paths))[0]
+            raise ConfigError(
+                f"{where}.sources: lists other models than slices[0] ({other}): meldkit needs "
+                "every model in every slice"
+            )
+        start = spans[-1][1] if spans else 0
+        if span[0] != start:
+            raise ConfigError(
+                f"{where}: starts at layer {span[0]}, expected {start}: the slices must cover "
+                "the layers in order, from layer 0, without gaps or overlaps"
+            )
+        spans.append(span)
+    entries = []
+    for model in order:
+        key = str(resolve(model, "slices").resolve())
+        params = {}
+        for name, per_slice in values[key].items():
+            params[name] = {
+                "slices": [(a, b, v) for (a, b), v in zip(spans, per_slice, strict=True)]
+            }
+        entries.append({"model": model, "parameters": params})
+    return entries, spans[-1][1]
+
+
+def _model_params(raw: Any, method: MergeMethod, where: str) -> dict[str, Any]:
+    """Per-model parameters given in a slice or source, parsed as settings."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping")
+    bad = [k for k in raw if k not in method.model_params]
+    if bad:
+        raise ConfigError(
+            f"{where}: {', '.join(map(str, bad))} not accepted per model by {method.name} "
+            f"(accepted: {', '.join(method.model_params) or 'none'}; global parameters go in "
+            "the top-level parameters)"
+        )
+    return {k: _setting(v, f"{where}.{k}") for k, v in raw.items()}
 
 
 def _tokenizer_source(

@@ -74,16 +74,27 @@ def layer_positions(names: list[str]) -> dict[str, float]:
     return {n: (index[n] / (count - 1) if count > 1 else 1.0) if n in index else 0.0 for n in names}
 
 
-def _tensor_params(cfg: MergeConfig, tensor_name: str = "", t: float = 0.0) -> dict[str, Any]:
+def layer_indices(names: list[str]) -> dict[str, int | None]:
+    """The layer index of every tensor in the numbered layers, None for the others."""
+    return {n: (int(m.group(1)) if (m := _LAYER.search(n)) else None) for n in names}
+
+
+def _tensor_params(
+    cfg: MergeConfig, tensor_name: str = "", t: float = 0.0, layer: int | None = None
+) -> dict[str, Any]:
     p = cfg.params
-    kw: dict[str, Any] = {"weights": cfg.model_param("weight", 1.0, tensor_name, t)}
     method = cfg.method
+
+    def per_model(name: str, default: float) -> list[float]:
+        return cfg.model_param(name, default, tensor_name, t, layer)
+
+    kw: dict[str, Any] = {"weights": per_model("weight", 1.0)}
     if "density" in method.model_params:
-        kw["densities"] = cfg.model_param("density", 1.0, tensor_name, t)
+        kw["densities"] = per_model("density", 1.0)
     if "gamma" in method.model_params:
-        kw["gammas"] = cfg.model_param("gamma", 0.01, tensor_name, t)
+        kw["gammas"] = per_model("gamma", 0.01)
     if "epsilon" in method.model_params:
-        kw["epsilons"] = cfg.model_param("epsilon", 0.15, tensor_name, t)
+        kw["epsilons"] = per_model("epsilon", 0.15)
     if "lambda" in p:
         kw["lam"] = float(p["lambda"])
     if "normalize" in p:
@@ -188,6 +199,15 @@ def merge(
     except CheckpointError as exc:
         raise MergeError(str(exc)) from None
     names = _validate(base, models)
+    layers = layer_indices(names)
+    if cfg.slice_layers is not None:
+        count = max((i for i in layers.values() if i is not None), default=-1) + 1
+        if count != cfg.slice_layers:
+            raise MergeError(
+                f"the slices cover layers 0-{cfg.slice_layers - 1}, but the models have "
+                f"{count} layers: meldkit merges whole models, so the slices must cover every "
+                "layer"
+            )
     reference = base if base is not None else models[0]
     out_dtype_of = {
         n: (cfg.out_dtype or cfg.dtype or reference.dtype(n))
@@ -219,7 +239,10 @@ def merge(
             from meldkit.merging.global_trim import global_thresholds
 
             if any(isinstance(m.params.get("density"), (list, dict)) for m in cfg.models):
-                raise MergeError("trim_scope='model' needs one density per model, not a gradient")
+                raise MergeError(
+                    "trim_scope='model' needs one density per model, not a gradient, filter or "
+                    "per-slice value"
+                )
             trim_bar = None
             if progress:  # two streaming passes over every model before the first tensor merges
                 from tqdm.auto import tqdm
@@ -257,7 +280,7 @@ def merge(
                 dt = cfg.dtype or reference.dtype(name)
                 b = b.to(device, dt) if b is not None else None
                 ms = [m.to(device, dt) for m in ms]
-                params = _tensor_params(cfg, name, positions[name])
+                params = _tensor_params(cfg, name, positions[name], layers[name])
                 if thresholds is not None:
                     params["thresholds"] = thresholds
                 # Merged straight into a reused host buffer (CPU) or copied there (CUDA); the
