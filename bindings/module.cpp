@@ -8,6 +8,7 @@
 #include "meldkit/status.h"
 #include "meldkit/weighted_sum.h"
 #include "ops.h"
+#include "tensor.h"
 
 namespace py = pybind11;
 namespace mb = meldkit::bind;
@@ -37,6 +38,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &mb::build_info, "Compiler, OpenMP, CUDA runtime and archs of this build.");
   m.def("cuda_device_count", &mb::cuda_device_count,
         "(count, reason): usable CUDA devices, and why there are none when count is 0.");
+  m.def("set_dlpack_exchange", &mb::set_dlpack_exchange,
+        "Whether torch tensors may come in through DLPack's C exchange table (default True) "
+        "rather than __dlpack__; returns the previous setting. For A/B timing and debugging.",
+        py::arg("enabled"));
 
   m.def("weighted_sum", &mb::weighted_sum,
         "out[:] = sum_i weights[i] * tensors[i]; all contiguous, same shape and device.",

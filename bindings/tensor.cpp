@@ -138,7 +138,10 @@ const dlpack::ExchangeApi* exchange_api(py::handle obj) {
 // stream). Taken only where it means the same as __dlpack__(stream): on the CPU, and on CUDA when
 // `stream` is the producer's current stream (then __dlpack__ would not synchronise either).
 // Returns false, with no Python error pending, where the caller must take __dlpack__.
+bool use_exchange = true;  // set_dlpack_exchange; read and written with the GIL held
+
 bool view_without_export(py::handle obj, int64_t stream, dlpack::Tensor* out) {
+  if (!use_exchange) return false;
   const dlpack::ExchangeApi* api = exchange_api(obj);
   if (api == nullptr) return false;
   if (api->dltensor_from_py_object_no_sync(obj.ptr(), out) != 0) {
@@ -158,6 +161,12 @@ bool view_without_export(py::handle obj, int64_t stream, dlpack::Tensor* out) {
 }
 
 }  // namespace
+
+bool set_dlpack_exchange(bool enabled) {
+  const bool previous = use_exchange;
+  use_exchange = enabled;
+  return previous;
+}
 
 TensorArg import_tensor(py::handle obj, ArgName name, int64_t stream) {
   TensorArg t{name};

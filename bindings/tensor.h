@@ -46,6 +46,10 @@ struct TensorArg {
 // enqueues work on, 0 for the legacy default stream.
 TensorArg import_tensor(py::handle obj, ArgName name, int64_t stream);
 
+// Whether import_tensor may take a producer's DLPack C exchange table (on by default); returns
+// the previous setting. Off, every tensor goes through __dlpack__ (for A/B timing and debugging).
+bool set_dlpack_exchange(bool enabled);
+
 void check_contiguous(const TensorArg& t);
 void check_writable(const TensorArg& t);
 void check_same_shape(const TensorArg& t, const TensorArg& ref);

@@ -10,8 +10,8 @@
 # Narrow a short device session with (defaults in brackets):
 #   GPU_TESTS   pytest arguments of the tests step [tests]
 #   GPU_MEMCHECK  pytest arguments run under memcheck [tests/ops -m cuda -k "not compile and not graph"]
-#   BENCH_OPS   ops benchmarked, one step (and JSON file) each [weighted_sum routed_lora
-#               logit_fusion merge routed_lora_layer twin exde]
+#   BENCH_OPS   ops benchmarked, one step (and JSON file) each [call_overhead weighted_sum
+#               routed_lora logit_fusion merge routed_lora_layer twin exde]
 #   BENCH_ARGS  extra `meldkit bench` arguments, e.g. --quick []
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR [STEP...]}
@@ -69,7 +69,12 @@ if step build 240 env CMAKE_ARGS="-DMELDKIT_CUDA_RESOURCE_USAGE=ON" \
     SUMMARY+=("memcheck   skipped (no compute-sanitizer)")
   fi
   read -r -a EXTRA <<<"${BENCH_ARGS:-}"
-  for op in ${BENCH_OPS:-weighted_sum routed_lora logit_fusion merge routed_lora_layer twin exde}; do
+  for op in ${BENCH_OPS:-call_overhead weighted_sum routed_lora logit_fusion merge routed_lora_layer twin exde}; do
+    if [ "$op" = call_overhead ]; then  # each op's fixed per-call cost, C exchange vs __dlpack__
+      step "bench-$op" 90 env MELDKIT_BACKEND=native $PY bench/bench_call_overhead.py \
+        --device cuda --json "$OUT/bench-$op.json"
+      continue
+    fi
     if [ "$op" = exde ]; then  # ExDe's per-step blend vs a per-tensor loop (issue 7)
       step "bench-$op" 120 env MELDKIT_BACKEND=native $PY bench/bench_exde.py --device cuda \
         --json "$OUT/bench-$op.json"

@@ -56,6 +56,22 @@ def test_torch_tensors_skip_dunder_dlpack(device):
     torch.testing.assert_close(out, 2 * a - b, rtol=0, atol=1e-6)
 
 
+def test_the_exchange_table_can_be_switched_off():
+    # _C.set_dlpack_exchange(False) sends torch tensors through __dlpack__ (A/B timing, debugging).
+    a = _as(CountingTensor, torch.randn(5))
+    out = torch.empty(5)
+    previous = _C.set_dlpack_exchange(False)
+    try:
+        _weighted_sum([a, a], [1.0, 1.0], out)
+        assert CountingTensor.calls == 2
+    finally:
+        assert _C.set_dlpack_exchange(previous) is False
+    CountingTensor.calls = 0
+    _weighted_sum([a, a], [1.0, 1.0], out)
+    assert CountingTensor.calls == (0 if HAS_TABLE else 2)
+    torch.testing.assert_close(out, 2 * a.as_subclass(torch.Tensor))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_both_routes_see_the_same_memory(device, dtype):
