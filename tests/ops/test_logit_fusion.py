@@ -491,6 +491,34 @@ def test_nan_and_inf_are_refused(device):
             logit_fusion(args["large"], args["small_base"], args["experts[2]"])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_kernels_survive_nan_and_inf(device, dtype):
+    # The public call reads its NaN/+inf check after the kernel is launched, and the custom op
+    # does not check at all: the kernels must return, with in-range experts and grid values,
+    # whatever the inputs hold (the wrapper then raises; the op passes the values on).
+    grid = [0.0, 0.25, 0.5, 1.0, 2.0]
+    large, small, experts = make_logits(6, 300, 3, dtype, device, seed=70)
+    large, small, experts = large.clone(), small.clone(), experts.clone()
+    large[0, 5], small[1, :], experts[1, 1, 7] = math.nan, math.inf, math.nan
+    experts[:, 3] = math.nan  # every expert of row 3
+    large[4, 10], small[4, 10] = math.inf, -math.inf
+    large[5, :], experts[0, 5, :] = -math.inf, math.nan  # masked row with NaN experts
+    op = torch.ops.meldkit.logit_fusion.default
+    for return_logits in (True, False):
+        alpha, expert, logits, loss = op(large, small, experts, grid, return_logits)
+        assert ((expert >= 0) & (expert < 3)).all()
+        assert all(a in grid for a in alpha.tolist())
+        assert loss.shape == (6, 3, len(grid))
+        # rows without NaN or +inf are untouched by the others
+        ref = logit_fusion(large[2:3], small[2:3], experts[:, 2:3], grid)
+        assert alpha[2] == ref.alpha[0] and expert[2] == ref.expert[0]
+        if return_logits:
+            assert logits.shape == large.shape
+    with pytest.raises(ValueError, match="argument 'large': contains NaN"):
+        logit_fusion(large, small, experts, grid)
+
+
 def test_bad_arguments_name_themselves():
     large, small, experts = make_logits(3, 7, 2, torch.float32, "cpu", seed=68)
 

@@ -200,15 +200,19 @@ def _alpha_list(alphas: object) -> list[float]:
     return out
 
 
-def _check_values(large: torch.Tensor, small_base: torch.Tensor, experts: torch.Tensor) -> None:
-    """Raise on NaN or +inf in any input (non-empty): one max per input (NaN propagates through
-    it, so a peak that is NaN or +inf flags the input) and one host synchronisation."""
-    names = ["large", "small_base", *(f"experts[{t}]" for t in range(experts.shape[0]))]
-    peaks = torch.cat([large.amax().view(1), small_base.amax().view(1), experts.amax(dim=(1, 2))])
-    flags = torch.stack([peaks.isnan(), peaks.isposinf()]).tolist()
-    for what, row in zip(("contains NaN", "contains +inf"), flags, strict=True):
-        for name, bad in zip(names, row, strict=True):
-            if bad:
+def _peaks(large: torch.Tensor, small_base: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """The largest logit of each input, ``[2 + T]`` on the inputs' device (no synchronisation):
+    NaN propagates through a max, so a peak that is NaN or +inf flags its input."""
+    return torch.cat([large.amax().view(1), small_base.amax().view(1), experts.amax(dim=(1, 2))])
+
+
+def _check_peaks(peaks: torch.Tensor) -> None:
+    """Raise on a NaN or +inf peak (``_peaks``), naming the input: one host synchronisation."""
+    values = peaks.tolist()
+    names = ["large", "small_base", *(f"experts[{t}]" for t in range(len(values) - 2))]
+    for what, bad in (("contains NaN", math.isnan), ("contains +inf", lambda v: v == math.inf)):
+        for name, v in zip(names, values, strict=True):
+            if bad(v):
                 raise _error(ValueError, name, f"{what} (only −inf logits are allowed: masked)")
 
 
@@ -322,7 +326,12 @@ def logit_fusion(
         raise _error(
             TypeError, "return_logits", f"expected a bool, got {type(return_logits).__name__}"
         )
-    if large.shape[0]:
-        _check_values(large, small_base, experts)
+    # The peaks are reduced before the kernel runs, read after it is launched: on a GPU the
+    # one synchronisation then waits for work already queued, instead of holding the launch
+    # back. The kernels tolerate NaN and +inf (the unchecked custom op feeds them as given);
+    # such results are never returned.
+    peaks = _peaks(large, small_base, experts) if large.shape[0] else None
     alpha, expert, logits, loss = _logit_fusion(large, small_base, experts, alphas, return_logits)
+    if peaks is not None:
+        _check_peaks(peaks)
     return LogitFusionResult(alpha, expert, logits if return_logits else None, loss)
