@@ -323,6 +323,30 @@ def test_slices_meldkit_cannot_honour_are_refused(zoo):
     assert not (tmp / "out").exists()
 
 
+def test_the_output_has_a_model_card(zoo):
+    tmp, _, _, paths = zoo
+    cfg = config_for("ties", paths)
+    yml = tmp / "merge.yml"
+    yml.write_text(yaml.safe_dump(cfg))
+    card = (merge(yml, tmp / "out", seed=5, progress=False) / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\ntags:\n- meldkit\n- merge\n---")
+    assert "by `ties` (Yadav et al., TIES-Merging" in card
+    assert f"on the base model `{paths['base']}`" in card
+    assert all(f"- `{paths[f'ft{i}']}`" in card for i in range(3))
+    assert "seed 5" in card and "magnitude trimming per tensor" in card
+    assert "computed in float32, stored in bfloat16" in card
+    assert "```yaml\n" + yml.read_text().rstrip() + "\n```" in card
+    # A dict config is dumped as YAML; hub cache folders are named by their id.
+    hub = tmp / "hub" / "models--someorg--tiny-llama" / "snapshots" / "abc123"
+    hub.parent.mkdir(parents=True)
+    paths["base"].rename(hub)
+    paths["base"] = hub
+    cfg = config_for("ties", paths)
+    card = (merge(cfg, tmp / "out2", progress=False) / "README.md").read_text()
+    assert "base_model:\n- someorg/tiny-llama\nlibrary_name" in card
+    assert "merge_method: ties" in card and "on the base model `someorg/tiny-llama`" in card
+
+
 def test_tokenizer_source_picks_the_tokenizer_files(zoo):
     # mergekit's tokenizer_source (legacy) and tokenizer: {source: ...}: base, or a merged model.
     # The model files (config.json) stay the base's; the weights do not depend on it.

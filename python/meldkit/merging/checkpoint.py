@@ -318,10 +318,13 @@ class ShardedWriter:
             if e is not None:
                 raise e
 
-    def commit(self, aux_from: Path | None, tokenizer_from: Path | None = None) -> Path:
+    def commit(
+        self, aux_from: Path | None, tokenizer_from: Path | None = None, card: str | None = None
+    ) -> Path:
         """Wait for the writes, write the index and auxiliary files, then move the folder into
         place. The model's files (``MODEL_FILES``) come from ``aux_from``, the tokenizer's
-        (``TOKENIZER_FILES``) from ``tokenizer_from`` (default: ``aux_from``)."""
+        (``TOKENIZER_FILES``) from ``tokenizer_from`` (default: ``aux_from``); ``card`` becomes
+        ``README.md``."""
         self._drain()
         unwritten = [n for n in self._slot if n not in self._added]
         if unwritten:
@@ -336,6 +339,8 @@ class ShardedWriter:
                 src = folder / name
                 if src.is_file():
                     shutil.copy2(src, self.tmp / name)
+        if card is not None:
+            (self.tmp / "README.md").write_text(card)
         if self.out_dir.exists():
             self.out_dir.rmdir()  # empty (checked in __init__)
         os.replace(self.tmp, self.out_dir)

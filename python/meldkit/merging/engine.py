@@ -11,6 +11,7 @@ the largest tensor; no shard is held in memory.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -136,6 +137,62 @@ class _OutputBuffers:
         self._busy[slot] = future
 
 
+_HUB_SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/[^/]+/?$")
+
+
+def _model_name(path: Path) -> tuple[str, bool]:
+    """How the model card names a model folder: its Hugging Face id when the folder is a hub
+    cache snapshot (``.../models--ORG--NAME/snapshots/REV``), else the folder's path. The flag
+    says whether it is a hub id (only those go into the card's ``base_model`` metadata)."""
+    m = _HUB_SNAPSHOT.search(path.as_posix())
+    return (f"{m.group(1)}/{m.group(2)}", True) if m else (str(path), False)
+
+
+def model_card(cfg: MergeConfig, config_text: str | None, *, seed: int, trim_scope: str) -> str:
+    """The ``README.md`` written beside a merged model (as mergekit writes one): the method and
+    its paper, the models, the settings, and the YAML that produced it (when known)."""
+    from meldkit import __version__
+
+    names = [_model_name(m.path) for m in cfg.models]
+    base = _model_name(cfg.base) if cfg.base is not None else None
+    hub_ids = [n for n, hub in ([base] if base else []) + names if hub]
+    lines = ["---"]
+    if hub_ids:
+        lines += ["base_model:", *(f"- {n}" for n in hub_ids)]
+    lines += ["library_name: transformers", "tags:", "- meldkit", "- merge", "---", ""]
+    lines += ["# Merged model", ""]
+    how = f"`{cfg.method.name}`" + (f" ({cfg.method.paper})" if cfg.method.paper else "")
+    lines.append(
+        f"Merged with meldkit {__version__} by {how}"
+        + (f", on the base model `{base[0]}`." if base else ".")
+    )
+    lines += ["", "Models merged:", "", *(f"- `{n}`" for n, _ in names), ""]
+    notes = [f"seed {seed} (random masks are keyed by it and by each tensor's name)"]
+    if cfg.method.sparsify == "magnitude":
+        notes.append(f"magnitude trimming per {'model' if trim_scope == 'model' else 'tensor'}")
+    if cfg.dtype is not None or cfg.out_dtype is not None:
+        dt = str(cfg.dtype or "the inputs' dtype").replace("torch.", "")
+        out = str(cfg.out_dtype or cfg.dtype or "the inputs' dtype").replace("torch.", "")
+        notes.append(f"computed in {dt}, stored in {out}")
+    lines += ["Settings: " + "; ".join(notes) + ".", ""]
+    if config_text:
+        lines += ["Configuration:", "", "```yaml", config_text.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _config_text(config: Any) -> str | None:
+    """The YAML a config came as (a file's text, or a mapping dumped), None for a MergeConfig."""
+    if isinstance(config, MergeConfig):
+        return None
+    import yaml
+
+    if isinstance(config, Mapping):
+        return yaml.safe_dump(
+            json.loads(json.dumps(config, default=str)), sort_keys=False, allow_unicode=True
+        )
+    return Path(config).read_text()
+
+
 def merge(
     config: MergeConfig | Mapping[str, Any] | str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -156,7 +213,9 @@ def merge(
         See :mod:`meldkit.merging.config`.
     out_dir : path-like
         Destination folder (must not exist, or be empty). Written atomically: a temporary folder
-        beside it is renamed into place at the end, and removed if the merge fails.
+        beside it is renamed into place at the end, and removed if the merge fails. It receives
+        the safetensors shards (and their index), the base's ``config.json``, the tokenizer
+        files, and a ``README.md`` model card (method, models, settings, the YAML).
     device : str
         Where the arithmetic runs (``cpu`` or ``cuda``); tensors stream from disk either way.
     out_shard_size : str or int
@@ -184,6 +243,7 @@ def merge(
         ``out_dir``.
     """
     cfg = config if isinstance(config, MergeConfig) else parse_config(config)
+    config_text = _config_text(config)  # for the model card, as read now
     if trim_scope not in ("tensor", "model"):
         raise MergeError(f"trim_scope must be 'tensor' or 'model', got {trim_scope!r}")
     if trim_scope == "model" and cfg.method.sparsify != "magnitude":
@@ -298,8 +358,11 @@ def merge(
             if bar is not None:
                 bar.update(nbytes[name])
                 bar.set_postfix_str(f"{i + 1}/{len(names)} tensors", refresh=False)
+        card = model_card(cfg, config_text, seed=seed, trim_scope=trim_scope)
         return writer.commit(
-            aux_from=(cfg.base or cfg.models[0].path), tokenizer_from=cfg.tokenizer_source
+            aux_from=(cfg.base or cfg.models[0].path),
+            tokenizer_from=cfg.tokenizer_source,
+            card=card,
         )
     except BaseException:
         writer.abort()
