@@ -133,13 +133,14 @@ const dlpack::ExchangeApi* exchange_api(py::handle obj) {
   return api;
 }
 
+bool use_exchange = true;  // set_dlpack_exchange; read and written with the GIL held
+
 // The fast path of import_tensor: the producer's C exchange table fills a non-owning view, with
 // no Python call (torch's __dlpack__ costs 2-4 µs per tensor on the CPU, more with a CUDA
 // stream). Taken only where it means the same as __dlpack__(stream): on the CPU, and on CUDA when
 // `stream` is the producer's current stream (then __dlpack__ would not synchronise either).
-// Returns false, with no Python error pending, where the caller must take __dlpack__.
-bool use_exchange = true;  // set_dlpack_exchange; read and written with the GIL held
-
+// Returns false, with no Python error pending, where the caller must take __dlpack__. (Unlike
+// torch's __dlpack__, the table also views tensors that require grad; the wrappers detach.)
 bool view_without_export(py::handle obj, int64_t stream, dlpack::Tensor* out) {
   if (!use_exchange) return false;
   const dlpack::ExchangeApi* api = exchange_api(obj);

@@ -172,6 +172,7 @@ def test_config_errors_name_the_key(zoo, tmp_path):
         ({**good, "merge_method": "tiez"}, "unknown merge_method 'tiez'"),
         ({**good, "modules": {}}, "not supported yet: modules"),
         ({**good, "slices": []}, "give models or slices, not both"),
+        ({**good, "models": [{"model": good["base_model"]}]}, "every model listed is the base"),
         ({**good, "bogus": 1}, "unknown keys: bogus"),
         ({**good, "parameters": {"gamma": 0.1}}, "parameters: gamma not accepted by ties"),
         ({**good, "dtype": "float8"}, "dtype: 'float8'"),

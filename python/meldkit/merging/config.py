@@ -289,42 +289,42 @@ def parse_config(
     defaults = {k: v for k, v in params.items() if k in method.model_params}
 
     slice_layers = None
+    models = []
     if "slices" in raw:
         if "models" in raw:
             raise ConfigError("give models or slices, not both")
         entries, slice_layers = _entries_from_slices(raw["slices"], method, defaults, resolve)
-        defaults = {}  # already folded into each slice's values
+        for entry in entries:  # checked by _entries_from_slices; per-slice settings
+            path = resolve(entry["model"], "slices")
+            if base is None or path.resolve() != base.resolve():  # the base contributes τ = 0
+                models.append(ModelSpec(path, entry["parameters"]))
     else:
         entries = raw.get("models") or []
-    if not isinstance(entries, list) or not entries:
-        raise ConfigError("models: expected a non-empty list")
-    models = []
-    for i, entry in enumerate(entries):
-        if "slices" in raw:  # parsed by _entries_from_slices
-            path = resolve(entry["model"], f"slices: {entry['model']}")
-            if base is None or path.resolve() != base.resolve():
-                models.append(ModelSpec(path, entry["parameters"]))
-            continue
-        if not isinstance(entry, Mapping) or "model" not in entry:
-            raise ConfigError(f"models[{i}]: expected {{model: PATH, parameters: {{...}}}}")
-        extra = [k for k in entry if k not in ("model", "parameters")]
-        if extra:
-            raise ConfigError(f"models[{i}]: unknown keys: {', '.join(map(str, extra))}")
-        p = dict(entry.get("parameters") or {})
-        bad = [k for k in p if k not in method.model_params]
-        if bad:
-            raise ConfigError(
-                f"models[{i}].parameters: {', '.join(bad)} not accepted by {method.name} "
-                f"(accepted: {', '.join(method.model_params) or 'none'})"
-            )
-        merged = {
-            **defaults,
-            **{k: _setting(v, f"models[{i}].parameters.{k}") for k, v in p.items()},
-        }
-        path = resolve(entry["model"], f"models[{i}].model")
-        if base is not None and path.resolve() == base.resolve():
-            continue  # mergekit lists the base among the models at times: it contributes τ = 0
-        models.append(ModelSpec(path, merged))
+        if not isinstance(entries, list) or not entries:
+            raise ConfigError("models: expected a non-empty list")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, Mapping) or "model" not in entry:
+                raise ConfigError(f"models[{i}]: expected {{model: PATH, parameters: {{...}}}}")
+            extra = [k for k in entry if k not in ("model", "parameters")]
+            if extra:
+                raise ConfigError(f"models[{i}]: unknown keys: {', '.join(map(str, extra))}")
+            p = dict(entry.get("parameters") or {})
+            bad = [k for k in p if k not in method.model_params]
+            if bad:
+                raise ConfigError(
+                    f"models[{i}].parameters: {', '.join(bad)} not accepted by {method.name} "
+                    f"(accepted: {', '.join(method.model_params) or 'none'})"
+                )
+            merged = {
+                **defaults,
+                **{k: _setting(v, f"models[{i}].parameters.{k}") for k, v in p.items()},
+            }
+            path = resolve(entry["model"], f"models[{i}].model")
+            if base is not None and path.resolve() == base.resolve():
+                continue  # mergekit lists the base among the models at times: it adds τ = 0
+            models.append(ModelSpec(path, merged))
+    if not models:
+        raise ConfigError("no model to merge: every model listed is the base model")
     if method.name == "slerp" and len(models) != 1:
         raise ConfigError("slerp merges the base with exactly one other model")
     if method.kind == "model_stock" and len(models) < 2:
@@ -365,8 +365,8 @@ def _entries_from_slices(
     (``{"slices": [(start, stop, setting), ...]}``), and the number of layers they cover."""
     if not isinstance(slices, list) or not slices:
         raise ConfigError("slices: expected a non-empty list")
-    order: list[str] = []  # the models, by resolved path, in the first slice's order
-    values: dict[str, dict[str, list]] = {}  # path -> parameter -> [(start, stop, setting)]
+    order: list[str] = []  # the models as slices[0] names them, in its order
+    values: dict[str, dict[str, list]] = {}  # resolved path -> parameter -> [setting per slice]
     spans = []
     for i, sl in enumerate(slices):
         where = f"slices[{i}]"
