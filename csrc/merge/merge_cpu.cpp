@@ -3,6 +3,7 @@
 // per-thread radix histograms, merged).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -12,6 +13,13 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+
+// The bracket pass's AVX-512 path (x86-64 with GCC or clang): vector compress keeps the few
+// elements inside the bracket without a flag array and a second scan.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
+#define MELDKIT_BRACKET_AVX512 1
+#include <immintrin.h>
 #endif
 
 namespace meldkit {
@@ -515,6 +523,17 @@ struct BracketLocal {
     for_each_flagged(flags, m, [&](int64_t j) { kept.push_back(block[j]); });
   }
 
+  // Keeps `inside` values gathered in order (the AVX-512 path's compressed block): the same
+  // values, in the same order, as keep() over that block's flags.
+  void keep_packed(const uint32_t* packed, uint32_t inside, size_t cap) {
+    if (inside == 0 || overflow) return;
+    if (kept.size() + inside > cap) {
+      overflow = true;
+      return;
+    }
+    kept.insert(kept.end(), packed, packed + inside);
+  }
+
   // Adds this thread's share to `out` (inside an omp critical section).
   void add_to(BracketCounts& out) const {
     out.above += counts[0];
@@ -526,6 +545,114 @@ struct BracketLocal {
   }
 };
 
+#ifdef MELDKIT_BRACKET_AVX512
+#define MELDKIT_AVX512_TARGET __attribute__((target("avx512f")))
+// GCC 12's own AVX-512 headers start vectors from _mm512_undefined_*() and then warn about it.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+// 16 storage values as float32, exactly as widen() gives them (fp16 NaN payloads may differ:
+// NaN is refused either way).
+MELDKIT_AVX512_TARGET inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+MELDKIT_AVX512_TARGET inline __m512 load16(const bf16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+MELDKIT_AVX512_TARGET inline __m512 load16(const f16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// bracket_block and BracketLocal::keep in one loop: the same counts, and the inside values
+// compressed in order into `packed` (m + 16 slots), instead of every value and a flag per element
+// written out and the flags scanned again. m is a multiple of 16 (the caller takes the tail).
+template <typename T, typename TB, bool kHasBase>
+MELDKIT_AVX512_TARGET uint32_t bracket_block_avx512(const T* __restrict a, const TB* __restrict b,
+                                                    int64_t m, const Bracket& br,
+                                                    uint32_t* __restrict packed,
+                                                    uint64_t counts[4]) {
+  const __m512i hi = _mm512_set1_epi32(int(br.hi)), lo = _mm512_set1_epi32(int(br.lo));
+  const __m512i lo1 = _mm512_set1_epi32(int(br.lo + 1u)), inner = _mm512_set1_epi32(int(br.inner));
+  const __m512i inf = _mm512_set1_epi32(0x7f800000), abs_mask = _mm512_set1_epi32(0x7fffffff);
+  const __m512i one = _mm512_set1_epi32(1);
+  const bool distinct = br.lo != br.hi;
+  __m512i above = _mm512_setzero_si512(), at_hi = above, at_lo = above, nans = above;
+  uint32_t inside = 0;
+  for (int64_t j = 0; j < m; j += 16) {
+    __m512 d = load16(a + j);
+    if constexpr (kHasBase) d = _mm512_sub_ps(d, load16(b + j));
+    const __m512i bits = _mm512_and_si512(_mm512_castps_si512(d), abs_mask);
+    nans = _mm512_mask_add_epi32(nans, _mm512_cmpgt_epu32_mask(bits, inf), nans, one);
+    above = _mm512_mask_add_epi32(above, _mm512_cmpgt_epu32_mask(bits, hi), above, one);
+    at_hi = _mm512_mask_add_epi32(at_hi, _mm512_cmpeq_epu32_mask(bits, hi), at_hi, one);
+    if (distinct) {
+      at_lo = _mm512_mask_add_epi32(at_lo, _mm512_cmpeq_epu32_mask(bits, lo), at_lo, one);
+    }
+    // lo < bits < hi, as (bits - lo - 1) < inner in unsigned arithmetic
+    const __mmask16 in = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(bits, lo1), inner);
+    if (in != 0) {
+      _mm512_storeu_si512(packed + inside, _mm512_maskz_compress_epi32(in, bits));
+      inside += uint32_t(__builtin_popcount(unsigned(in)));
+    }
+  }
+  // Summed through memory: GCC 12's _mm512_reduce_add_epi32 warns on its own header.
+  const __m512i sums[4] = {above, at_hi, at_lo, nans};
+  for (int c = 0; c < 4; ++c) {
+    alignas(64) uint32_t lanes[16];
+    _mm512_store_si512(lanes, sums[c]);
+    for (uint32_t v : lanes) counts[c] += v;
+  }
+  return inside;
+}
+#undef MELDKIT_AVX512_TARGET
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+// Whether the bracket pass takes its AVX-512 path: the CPU has AVX-512 F, and the environment
+// does not set MELDKIT_CPU_AVX512=0 (read once; tests use it to run the portable path too).
+inline bool cpu_has_avx512f() {
+  static const bool has = [] {
+    const char* env = std::getenv("MELDKIT_CPU_AVX512");
+    return __builtin_cpu_supports("avx512f") && !(env != nullptr && std::strcmp(env, "0") == 0);
+  }();
+  return has;
+}
+#endif
+
+// Scratch of one thread's bracket pass: a block's bits and flags (portable path) or its packed
+// inside values (AVX-512 path, 16 slots of slack for the last compressed store).
+struct BracketScratch {
+  alignas(64) uint32_t block[kBracketBlock + 16];
+  alignas(64) uint8_t flags[kBracketBlock];
+};
+
+// One block of one selection's bracket pass: its counts into local.counts and its inside values
+// into local's kept buffer, by the AVX-512 path where the CPU has it (same counts, same values in
+// the same order), else by bracket_block and the flag scan.
+template <typename T, typename TB, bool kHasBase>
+MELDKIT_ALWAYS_INLINE void bracket_and_keep(const T* a, const TB* b, int64_t m, const Bracket& br,
+                                            BracketScratch& s, BracketLocal& local) {
+#ifdef MELDKIT_BRACKET_AVX512
+  if (cpu_has_avx512f()) {
+    const int64_t body = m & ~int64_t(15);
+    uint32_t inside = bracket_block_avx512<T, TB, kHasBase>(a, b, body, br, s.block, local.counts);
+    local.keep_packed(s.block, inside, br.cap);
+    if (body < m) {  // the tail, through the portable path
+      inside = bracket_block<T, TB, kHasBase>(a + body, kHasBase ? b + body : b, m - body, br,
+                                              s.block, s.flags, local.counts);
+      local.keep(s.block, s.flags, m - body, inside, br.cap);
+    }
+    return;
+  }
+#endif
+  const uint32_t inside =
+      bracket_block<T, TB, kHasBase>(a, b, m, br, s.block, s.flags, local.counts);
+  local.keep(s.block, s.flags, m, inside, br.cap);
+}
+
 // One selection over a list of tensors (a whole-model selection, or one tensor).
 template <typename T>
 BracketCounts bracket_pass(const MagnitudeSelectParams& p, const Bracket& br) {
@@ -533,8 +660,7 @@ BracketCounts bracket_pass(const MagnitudeSelectParams& p, const Bracket& br) {
 #pragma omp parallel
   {
     BracketLocal local;
-    alignas(64) uint32_t block[kBracketBlock];
-    alignas(64) uint8_t flags[kBracketBlock];
+    BracketScratch scratch;
     for (int i = 0; i < p.num_tensors; ++i) {
       const T* a = static_cast<const T*>(p.a[i]);
       const T* b = p.b ? static_cast<const T*>(p.b[i]) : nullptr;
@@ -545,10 +671,11 @@ BracketCounts bracket_pass(const MagnitudeSelectParams& p, const Bracket& br) {
       for (int64_t blk = 0; blk < num_blocks; ++blk) {
         const int64_t e0 = blk * kBracketBlock;
         const int64_t m = std::min(kBracketBlock, n - e0);
-        const uint32_t inside =
-            b ? bracket_block<T, T, true>(a + e0, b + e0, m, br, block, flags, local.counts)
-              : bracket_block<T, T, false>(a + e0, nullptr, m, br, block, flags, local.counts);
-        local.keep(block, flags, m, inside, br.cap);
+        if (b) {
+          bracket_and_keep<T, T, true>(a + e0, b + e0, m, br, scratch, local);
+        } else {
+          bracket_and_keep<T, T, false>(a + e0, b, m, br, scratch, local);
+        }
       }
     }
 #pragma omp critical
@@ -579,8 +706,7 @@ std::vector<BracketCounts> bracket_pass_models(const T* base, const T* const* mo
   {
     std::vector<BracketLocal> local(static_cast<size_t>(count));
     alignas(64) float bw[kBracketBlock];
-    alignas(64) uint32_t block[kBracketBlock];
-    alignas(64) uint8_t flags[kBracketBlock];
+    BracketScratch scratch;
 #pragma omp for schedule(dynamic, 16) nowait
     for (int64_t blk = 0; blk < num_blocks; ++blk) {
       const int64_t e0 = blk * kBracketBlock;
@@ -589,9 +715,7 @@ std::vector<BracketCounts> bracket_pass_models(const T* base, const T* const* mo
       for (int i = 0; i < count; ++i) {
         const Bracket& br = brackets[which[size_t(i)]];
         BracketLocal& l = local[size_t(i)];
-        const uint32_t inside = bracket_block<T, float, true>(models[which[size_t(i)]] + e0, bw, m,
-                                                              br, block, flags, l.counts);
-        l.keep(block, flags, m, inside, br.cap);
+        bracket_and_keep<T, float, true>(models[which[size_t(i)]] + e0, bw, m, br, scratch, l);
       }
     }
 #pragma omp critical

@@ -122,6 +122,51 @@ def _large_cases():
     yield "inf and zeros", [y], None
 
 
+_PORTABLE_BRACKET = """
+import json, torch
+from meldkit.ops import magnitude_threshold, merge_tensors
+from tests.ops.test_merge import _large_cases
+out = []
+for name, tensors, bases in _large_cases():
+    out += [magnitude_threshold(tensors, d, bases) for d in (1e-6, 0.1, 0.534, 0.999999)]
+g = torch.Generator().manual_seed(9)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    base = torch.randn((1 << 20) + 13, generator=g).to(dtype)
+    noise = [0.01 * torch.randn(base.shape, generator=g) for _ in range(3)]
+    models = [(base.float() + z).to(dtype) for z in noise]
+    merged = merge_tensors(base, models, "ties", densities=[0.2, 0.5, 0.9])
+    out.append(merged.float().sum().item())
+    out.append(float(merged.float().abs().max()))
+print(json.dumps(out))
+"""
+
+
+def test_the_portable_bracket_pass_agrees_with_the_avx512_one():
+    # On a CPU with AVX-512 the bracket pass compresses the values inside the bracket with vector
+    # instructions; MELDKIT_CPU_AVX512=0 (read once per process) takes the portable path. Both
+    # must give the same thresholds and merges (each also equals the reference elsewhere).
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    runs = []
+    for flag in ("0", "1"):
+        env = {**os.environ, "MELDKIT_CPU_AVX512": flag}
+        res = subprocess.run(
+            [sys.executable, "-c", _PORTABLE_BRACKET],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=root,
+            timeout=600,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    assert runs[0] == runs[1]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("density", [1e-6, 0.003, 0.1, 0.5, 0.534, 0.9, 0.999999])
 def test_threshold_large_inputs(device, density):
