@@ -15,15 +15,55 @@
 #include <omp.h>
 #endif
 
-// The bracket pass's AVX-512 path (x86-64 with GCC or clang): vector compress keeps the few
-// elements inside the bracket without a flag array and a second scan.
+// AVX-512 paths written with intrinsics (x86-64 with GCC or clang), taken at run time where the
+// CPU has AVX-512 F: the merge pass keeps every model's sums in registers, and the bracket pass
+// compresses the few elements inside its bracket without a flag array and a second scan.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
-#define MELDKIT_BRACKET_AVX512 1
+#define MELDKIT_AVX512_INTRINSICS 1
 #include <immintrin.h>
+#define MELDKIT_AVX512_TARGET __attribute__((target("avx512f")))
+// GCC 12's own AVX-512 headers start vectors from _mm512_undefined_*() and then warn about it:
+// the intrinsics code sits between these two.
+#if defined(__GNUC__) && !defined(__clang__)
+#define MELDKIT_AVX512_BEGIN                                                           \
+  _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wuninitialized\"") \
+      _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
+#define MELDKIT_AVX512_END _Pragma("GCC diagnostic pop")
+#else
+#define MELDKIT_AVX512_BEGIN
+#define MELDKIT_AVX512_END
+#endif
 #endif
 
 namespace meldkit {
 namespace {
+
+#ifdef MELDKIT_AVX512_INTRINSICS
+MELDKIT_AVX512_BEGIN
+
+// Whether the AVX-512 paths run: the CPU has AVX-512 F, and the environment does not set
+// MELDKIT_CPU_AVX512=0 (read once; tests use it to run the portable paths too).
+inline bool cpu_has_avx512f() {
+  static const bool has = [] {
+    const char* env = std::getenv("MELDKIT_CPU_AVX512");
+    return __builtin_cpu_supports("avx512f") && !(env != nullptr && std::strcmp(env, "0") == 0);
+  }();
+  return has;
+}
+
+// 16 storage values as float32, exactly as widen() gives them (fp16 NaN payloads may differ:
+// NaN is refused or never reaches a result either way).
+MELDKIT_AVX512_TARGET inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+MELDKIT_AVX512_TARGET inline __m512 load16(const bf16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+MELDKIT_AVX512_TARGET inline __m512 load16(const f16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+MELDKIT_AVX512_END
+#endif
 
 constexpr int64_t kChunk = 1 << 14;             // elements per OpenMP work item
 constexpr int64_t kParallelMinNumel = 1 << 15;  // below this, threading costs more than it saves
@@ -147,13 +187,88 @@ MELDKIT_ALWAYS_INLINE void finish_tile(const TaskMergeParams& p, const float* b,
   for (int64_t j = 0; j < n; ++j) out[j] = Store<TOut>::from(res[j]);
 }
 
+#ifdef MELDKIT_AVX512_INTRINSICS
+MELDKIT_AVX512_BEGIN
+
+// accumulate_tile for all models at once, 16 elements at a time, each element's sums held in
+// registers while the models stream by: for magnitude masks, no masks, and random masks whose
+// keep bits the L1 pass cached (S == kRandom reads `bits`). The running sums of [0, m) are
+// written to the tile's arrays (which hold zeros before); m is a multiple of 16. Per element
+// the same products, added in the same model order, as accumulate_tile: the same bits. Where
+// the mask drops an element or the product is zero or NaN, accumulate_tile adds +0 to sums that
+// are never -0, which leaves them unchanged, and this adds nothing.
+template <typename TIn, Sparsify S, Acc A>
+MELDKIT_AVX512_TARGET void accumulate_models_avx512(const TaskMergeParams& p, int64_t e0,
+                                                    const float* __restrict b,
+                                                    const uint32_t* __restrict bits, int64_t m,
+                                                    float* __restrict pos, float* __restrict neg,
+                                                    float* __restrict wpos, float* __restrict wneg,
+                                                    float* __restrict npos,
+                                                    float* __restrict nneg) {
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  for (int64_t j = 0; j < m; j += 16) {
+    const __m512 bv = _mm512_loadu_ps(b + j);
+    __m512i bitv = _mm512_setzero_si512();
+    if constexpr (S == Sparsify::kRandom) bitv = _mm512_loadu_si512(bits + j);
+    __m512 sp = zero, sn = zero, swp = zero, swn = zero, snp = zero, snn = zero;
+    for (int t = 0; t < p.num_models; ++t) {
+      const TIn* x = static_cast<const TIn*>(p.models[t]) + e0 + j;
+      const __m512 tau = _mm512_sub_ps(load16(x), bv);
+      const __m512 weight = _mm512_set1_ps(p.weights[t]);
+      const __m512 w = _mm512_mul_ps(weight, _mm512_mul_ps(_mm512_set1_ps(p.scales[t]), tau));
+      __mmask16 keep = 0xffff;
+      if constexpr (S == Sparsify::kMagnitude) {
+        const __m512 mag =
+            _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(tau), abs_mask));
+        const float thr = p.thresholds ? p.thresholds[t] : 0.f;
+        keep = _mm512_cmp_ps_mask(mag, _mm512_set1_ps(thr), _CMP_GE_OQ);
+      }
+      if constexpr (S == Sparsify::kRandom) {
+        keep = _mm512_test_epi32_mask(bitv, _mm512_set1_epi32(int(1u << t)));
+      }
+      const __mmask16 kp = _mm512_mask_cmp_ps_mask(keep, w, zero, _CMP_GT_OQ);
+      const __mmask16 kn = _mm512_mask_cmp_ps_mask(keep, w, zero, _CMP_LT_OQ);
+      sp = _mm512_mask_add_ps(sp, kp, sp, w);
+      sn = _mm512_mask_add_ps(sn, kn, sn, w);
+      if constexpr (A != Acc::kSums) {
+        swp = _mm512_mask_add_ps(swp, kp, swp, weight);
+        swn = _mm512_mask_add_ps(swn, kn, swn, weight);
+      }
+      if constexpr (A == Acc::kCounts) {
+        snp = _mm512_mask_add_ps(snp, kp, snp, one);
+        snn = _mm512_mask_add_ps(snn, kn, snn, one);
+      }
+    }
+    _mm512_storeu_ps(pos + j, sp);
+    _mm512_storeu_ps(neg + j, sn);
+    if constexpr (A != Acc::kSums) {
+      _mm512_storeu_ps(wpos + j, swp);
+      _mm512_storeu_ps(wneg + j, swn);
+    }
+    if constexpr (A == Acc::kCounts) {
+      _mm512_storeu_ps(npos + j, snp);
+      _mm512_storeu_ps(nneg + j, snn);
+    }
+  }
+}
+
+MELDKIT_AVX512_END
+#endif
+
 template <typename TIn, typename TOut, Acc A>
 MELDKIT_CPU_CLONES_AVX512 void task_merge_range(const TaskMergeParams& p, const uint32_t* keys,
                                                 int64_t begin, int64_t end) {
   const auto* base = static_cast<const TIn*>(p.base);
   auto* out = static_cast<TOut*>(p.out);
-  float b[kTile], pos[kTile], neg[kTile], wpos[kTile], wneg[kTile], npos[kTile], nneg[kTile];
-  uint32_t inner[kTile], bits[kTile];
+  alignas(64) float b[kTile], pos[kTile], neg[kTile], wpos[kTile], wneg[kTile], npos[kTile],
+      nneg[kTile];
+  alignas(64) uint32_t inner[kTile], bits[kTile];
+  const bool cached = p.sparsify == Sparsify::kRandom && p.mask_bits != nullptr;
+#ifdef MELDKIT_AVX512_INTRINSICS
+  // Fresh random draws (no cached bits) stay on the scalar path.
+  const bool avx512 = cpu_has_avx512f() && (p.sparsify != Sparsify::kRandom || cached);
+#endif
   for (int64_t e0 = begin; e0 < end; e0 += kTile) {
     const int64_t n = std::min(kTile, end - e0);
     float wall = 0.f;
@@ -163,7 +278,6 @@ MELDKIT_CPU_CLONES_AVX512 void task_merge_range(const TaskMergeParams& p, const 
       if constexpr (A != Acc::kSums) wpos[j] = wneg[j] = 0.f;
       if constexpr (A == Acc::kCounts) npos[j] = nneg[j] = 0.f;
     }
-    const bool cached = p.sparsify == Sparsify::kRandom && p.mask_bits != nullptr;
     if (cached) {  // widened once per tile: the model loops then test 32-bit lanes
       const uint8_t* __restrict mb = p.mask_bits + e0;
       for (int64_t j = 0; j < n; ++j) bits[j] = mb[j];
@@ -172,30 +286,56 @@ MELDKIT_CPU_CLONES_AVX512 void task_merge_range(const TaskMergeParams& p, const 
       const uint32_t high = uniform01_high(uint64_t(e0));
       for (int64_t j = 0; j < n; ++j) inner[j] = uniform01_inner(high, uint64_t(e0 + j));
     }
-    for (int t = 0; t < p.num_models; ++t) {
-      const TIn* x = static_cast<const TIn*>(p.models[t]) + e0;
-      const float w = p.weights[t], sc = p.scales[t];
-      const float thr = p.thresholds ? p.thresholds[t] : 0.f;
-      const int32_t d = uniform01_threshold(p.densities ? p.densities[t] : 1.f);
-      wall += w;
+    // The AVX-512 path takes the tile's first multiple of 16 elements (all of a full tile);
+    // the scalar loops below take what is left, from `done` on.
+    int64_t done = 0;
+#ifdef MELDKIT_AVX512_INTRINSICS
+    if (avx512 && n >= 16) {
+      done = n & ~int64_t(15);
       switch (p.sparsify) {
         case Sparsify::kMagnitude:
-          accumulate_tile<TIn, Sparsify::kMagnitude, A>(x, b, inner, n, w, sc, thr, d, keys[t], pos,
-                                                        neg, wpos, wneg, npos, nneg);
+          accumulate_models_avx512<TIn, Sparsify::kMagnitude, A>(p, e0, b, bits, done, pos, neg,
+                                                                 wpos, wneg, npos, nneg);
+          break;
+        case Sparsify::kRandom:
+          accumulate_models_avx512<TIn, Sparsify::kRandom, A>(p, e0, b, bits, done, pos, neg, wpos,
+                                                              wneg, npos, nneg);
+          break;
+        default:
+          accumulate_models_avx512<TIn, Sparsify::kNone, A>(p, e0, b, bits, done, pos, neg, wpos,
+                                                            wneg, npos, nneg);
+      }
+    }
+#endif
+    for (int t = 0; t < p.num_models; ++t) {
+      const float w = p.weights[t], sc = p.scales[t];
+      wall += w;
+      if (done == n) continue;
+      const TIn* x = static_cast<const TIn*>(p.models[t]) + e0 + done;
+      const float thr = p.thresholds ? p.thresholds[t] : 0.f;
+      const int32_t d = uniform01_threshold(p.densities ? p.densities[t] : 1.f);
+      const int64_t r = n - done;
+      float *ps = pos + done, *ng = neg + done, *wp = wpos + done, *wn = wneg + done;
+      float *np = npos + done, *nn = nneg + done;
+      const float* bb = b + done;
+      const uint32_t *in = inner + done, *bt = bits + done;
+      switch (p.sparsify) {
+        case Sparsify::kMagnitude:
+          accumulate_tile<TIn, Sparsify::kMagnitude, A>(x, bb, in, r, w, sc, thr, d, keys[t], ps,
+                                                        ng, wp, wn, np, nn);
           break;
         case Sparsify::kRandom:
           if (cached) {
-            accumulate_tile<TIn, Sparsify::kRandom, A, true>(x, b, inner, n, w, sc, thr, d, keys[t],
-                                                             pos, neg, wpos, wneg, npos, nneg, bits,
-                                                             1u << t);
+            accumulate_tile<TIn, Sparsify::kRandom, A, true>(x, bb, in, r, w, sc, thr, d, keys[t],
+                                                             ps, ng, wp, wn, np, nn, bt, 1u << t);
           } else {
-            accumulate_tile<TIn, Sparsify::kRandom, A>(x, b, inner, n, w, sc, thr, d, keys[t], pos,
-                                                       neg, wpos, wneg, npos, nneg);
+            accumulate_tile<TIn, Sparsify::kRandom, A>(x, bb, in, r, w, sc, thr, d, keys[t], ps, ng,
+                                                       wp, wn, np, nn);
           }
           break;
         default:
-          accumulate_tile<TIn, Sparsify::kNone, A>(x, b, inner, n, w, sc, thr, d, keys[t], pos, neg,
-                                                   wpos, wneg, npos, nneg);
+          accumulate_tile<TIn, Sparsify::kNone, A>(x, bb, in, r, w, sc, thr, d, keys[t], ps, ng, wp,
+                                                   wn, np, nn);
       }
     }
     // `out` may be `base`: every read of this tile is done.
@@ -545,25 +685,8 @@ struct BracketLocal {
   }
 };
 
-#ifdef MELDKIT_BRACKET_AVX512
-#define MELDKIT_AVX512_TARGET __attribute__((target("avx512f")))
-// GCC 12's own AVX-512 headers start vectors from _mm512_undefined_*() and then warn about it.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-
-// 16 storage values as float32, exactly as widen() gives them (fp16 NaN payloads may differ:
-// NaN is refused either way).
-MELDKIT_AVX512_TARGET inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-MELDKIT_AVX512_TARGET inline __m512 load16(const bf16_t* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-MELDKIT_AVX512_TARGET inline __m512 load16(const f16_t* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
+#ifdef MELDKIT_AVX512_INTRINSICS
+MELDKIT_AVX512_BEGIN
 
 // bracket_block and BracketLocal::keep in one loop: the same counts, and the inside values
 // compressed in order into `packed` (m + 16 slots), instead of every value and a flag per element
@@ -606,20 +729,8 @@ MELDKIT_AVX512_TARGET uint32_t bracket_block_avx512(const T* __restrict a, const
   }
   return inside;
 }
-#undef MELDKIT_AVX512_TARGET
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
 
-// Whether the bracket pass takes its AVX-512 path: the CPU has AVX-512 F, and the environment
-// does not set MELDKIT_CPU_AVX512=0 (read once; tests use it to run the portable path too).
-inline bool cpu_has_avx512f() {
-  static const bool has = [] {
-    const char* env = std::getenv("MELDKIT_CPU_AVX512");
-    return __builtin_cpu_supports("avx512f") && !(env != nullptr && std::strcmp(env, "0") == 0);
-  }();
-  return has;
-}
+MELDKIT_AVX512_END
 #endif
 
 // Scratch of one thread's bracket pass: a block's bits and flags (portable path) or its packed
@@ -635,7 +746,7 @@ struct BracketScratch {
 template <typename T, typename TB, bool kHasBase>
 MELDKIT_ALWAYS_INLINE void bracket_and_keep(const T* a, const TB* b, int64_t m, const Bracket& br,
                                             BracketScratch& s, BracketLocal& local) {
-#ifdef MELDKIT_BRACKET_AVX512
+#ifdef MELDKIT_AVX512_INTRINSICS
   if (cpu_has_avx512f()) {
     const int64_t body = m & ~int64_t(15);
     uint32_t inside = bracket_block_avx512<T, TB, kHasBase>(a, b, body, br, s.block, local.counts);

@@ -122,29 +122,50 @@ def _large_cases():
     yield "inf and zeros", [y], None
 
 
-_PORTABLE_BRACKET = """
-import json, torch
+_PORTABLE_PATHS = """
+import hashlib, itertools, json, torch
+from meldkit import _native
 from meldkit.ops import magnitude_threshold, merge_tensors
 from tests.ops.test_merge import _large_cases
+
+def digest(t):
+    t = t.contiguous()
+    raw = t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
+    return hashlib.sha256(raw.numpy().tobytes()).hexdigest()[:16]
+
 out = []
-for name, tensors, bases in _large_cases():
+for name, tensors, bases in _large_cases():  # the bracket pass
     out += [magnitude_threshold(tensors, d, bases) for d in (1e-6, 0.1, 0.534, 0.999999)]
 g = torch.Generator().manual_seed(9)
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     base = torch.randn((1 << 20) + 13, generator=g).to(dtype)
-    noise = [0.01 * torch.randn(base.shape, generator=g) for _ in range(3)]
+    noise = [0.01 * torch.randn(base.shape, generator=g) for _ in range(5)]
+    noise[0][::7] = 0.0  # zero task-vector entries: no sign, never agree
     models = [(base.float() + z).to(dtype) for z in noise]
-    merged = merge_tensors(base, models, "ties", densities=[0.2, 0.5, 0.9])
-    out.append(merged.float().sum().item())
-    out.append(float(merged.float().abs().max()))
+    for method, extra in [("ties", {}), ("dare_ties", {}), ("task_arithmetic", {}),
+                          ("ties", {"normalize": False}), ("dare_linear", {"rescale": "l1"})]:
+        kw = {} if method == "task_arithmetic" else {"densities": [0.2, 0.5, 0.9, 0.3, 0.6]}
+        out.append(digest(merge_tensors(base, models, method, seed=3, **kw, **extra)))
+    # the fused pass itself: every mask and consensus kind, 1 to 5 models, tails of a tile
+    for sparsify, consensus, normalize, n in itertools.product(
+        ["none", "magnitude", "random"], ["none", "sum", "count"], [False, True], [1, 2, 4, 5]
+    ):
+        numel = 4096 + 13
+        o = torch.empty(numel, dtype=dtype)
+        _native._C.task_merge(
+            base[:numel], [m[:numel] for m in models[:n]], o, [0.7, 1.3, 0.4, 1.0, 0.9][:n],
+            [1.0, 2.0, 0.5, 1.0, 1.5][:n], [0.004, 0.01, 0.0, 0.02, 0.008][:n],
+            [0.5, 0.3, 0.9, 0.6, 0.2][:n], 11, list(range(n)), sparsify, consensus, normalize, 0.8,
+        )
+        out.append(digest(o))
 print(json.dumps(out))
 """
 
 
-def test_the_portable_bracket_pass_agrees_with_the_avx512_one():
-    # On a CPU with AVX-512 the bracket pass compresses the values inside the bracket with vector
-    # instructions; MELDKIT_CPU_AVX512=0 (read once per process) takes the portable path. Both
-    # must give the same thresholds and merges (each also equals the reference elsewhere).
+def test_the_portable_paths_agree_with_the_avx512_ones():
+    # On a CPU with AVX-512, the merge pass (sums in registers) and the bracket pass (vector
+    # compress) run intrinsics code; MELDKIT_CPU_AVX512=0 (read once per process) takes the
+    # portable loops. Both must give the same thresholds and the same merged bits.
     import json
     import os
     import subprocess
@@ -155,7 +176,7 @@ def test_the_portable_bracket_pass_agrees_with_the_avx512_one():
     for flag in ("0", "1"):
         env = {**os.environ, "MELDKIT_CPU_AVX512": flag}
         res = subprocess.run(
-            [sys.executable, "-c", _PORTABLE_BRACKET],
+            [sys.executable, "-c", _PORTABLE_PATHS],
             capture_output=True,
             text=True,
             env=env,
@@ -164,6 +185,7 @@ def test_the_portable_bracket_pass_agrees_with_the_avx512_one():
         )
         assert res.returncode == 0, res.stderr[-3000:]
         runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    assert len(runs[0]) == len(runs[1]) > 200
     assert runs[0] == runs[1]
 
 
