@@ -137,8 +137,11 @@ MELDKIT_INLINE uint32_t magnitude_bits(float a, float b) { return float_as_bits(
 
 // L1 sums in kL1Lanes interleaved double accumulators, a fixed order (the result does not depend
 // on the thread count) that vectorises: adds a[j] to all[j % kL1Lanes] and k[j] to kept[the same
-// lane] for j < n, a tail after the last full group starting again at lane 0.
-constexpr int kL1Lanes = 8;
+// lane] for j < n, a tail after the last full group starting again at lane 0. 32 lanes are four
+// vectors of 8 doubles, i.e. four independent chains of adds: with 8 (one chain), DARE's L1 pass
+// waited on the add latency (DARE-TIES per 4096x14336 position 117-118 -> 103-106 ms). Changing
+// the lane count changes the order of these double sums, hence possibly the last bit of a rescale.
+constexpr int kL1Lanes = 32;
 inline void add_lane_sums(const float* a, const float* k, int64_t n, double* all, double* kept) {
   int64_t j = 0;
   for (; j + kL1Lanes <= n; j += kL1Lanes) {
