@@ -276,6 +276,21 @@ def test_slices_give_each_layer_range_its_parameters(zoo):
             assert torch.equal(ours[n], expected[n]), n
 
 
+def test_tensors_outside_the_layers_go_with_the_first_or_last_slice():
+    from meldkit.merging.config import is_pre_layer
+
+    pre = [
+        "model.embed_tokens.weight",
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        "bert.embeddings.LayerNorm.weight",
+        "gpt_neox.embed_in.weight",
+    ]
+    post = ["model.norm.weight", "lm_head.weight", "transformer.ln_f.weight", "embed_out.weight"]
+    assert all(is_pre_layer(n) for n in pre)
+    assert not any(is_pre_layer(n) for n in post)
+
+
 def test_slices_meldkit_cannot_honour_are_refused(zoo):
     tmp, _, _, paths = zoo
     good = _slices(paths, [(0, 1), (1, 2)], [{}, {}])

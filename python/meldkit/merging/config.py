@@ -43,8 +43,9 @@ do, is refused)::
 As in mergekit, a source's parameters override its slice's, which override the top-level ones; a
 gradient is interpolated over the slice's layers (``t = (i − start) / (length − 1)``, 1 for a
 one-layer slice); the tensors before the layers (embeddings: a name with ``embed``, ``wte`` or
-``wpe``) take the first slice's values at ``t = 0``, the others outside the layers (final norm,
-head) the last slice's at ``t = 0``. One slice over all layers is the ``models`` form.
+``wpe``, but not GPT-NeoX's ``embed_out`` head) take the first slice's values at ``t = 0``, the
+others outside the layers (final norm, head) the last slice's at ``t = 0``. One slice over all
+layers is the ``models`` form.
 
 The tokenizer files of the result (``tokenizer.json``, ``tokenizer_config.json``, ...) come from
 the base model (or the first model without one), or from the folder that ``tokenizer_source`` or
@@ -188,8 +189,11 @@ def _setting(value: Any, where: str) -> Any:
 def is_pre_layer(tensor_name: str) -> bool:
     """Whether a tensor outside the numbered layers comes before them (embeddings), for the
     slices form: mergekit plans those with the first slice, the rest with the last."""
-    parts = tensor_name.lower().split(".")
-    return "embed" in tensor_name.lower() or "wte" in parts or "wpe" in parts
+    name = tensor_name.lower()
+    parts = name.split(".")
+    if "embed_out" in name:  # GPT-NeoX's output head
+        return False
+    return "embed" in name or "wte" in parts or "wpe" in parts
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float, layer: int | None = None) -> Any:
