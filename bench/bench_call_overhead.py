@@ -16,13 +16,13 @@ matters (issue 5's GPU target was limited by it, not by the kernel).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 import torch
 
 from meldkit import _native
+from meldkit.bench import write_rows
 from meldkit.ops import logit_fusion, merge_tensors, routed_lora, weighted_sum
 
 
@@ -103,9 +103,7 @@ def main(argv=None) -> int:
             }
         )
     if args.json:
-        with open(args.json, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        write_rows(args.json, rows)
     return 0
 
 

@@ -67,17 +67,24 @@ def _validate(base: Checkpoint | None, models: list[Checkpoint]) -> list[str]:
 _LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
-def layer_positions(names: list[str]) -> dict[str, float]:
-    """``t`` of every tensor for gradient parameters: ``i / (L − 1)`` for layer i of L (1 when
-    L = 1), 0 for tensors outside the numbered layers, as mergekit positions them."""
-    index = {n: int(m.group(1)) for n in names if (m := _LAYER.search(n))}
-    count = max(index.values(), default=-1) + 1
-    return {n: (index[n] / (count - 1) if count > 1 else 1.0) if n in index else 0.0 for n in names}
-
-
 def layer_indices(names: list[str]) -> dict[str, int | None]:
     """The layer index of every tensor in the numbered layers, None for the others."""
     return {n: (int(m.group(1)) if (m := _LAYER.search(n)) else None) for n in names}
+
+
+def layer_count(indices: Mapping[str, int | None]) -> int:
+    """The number of numbered layers (the largest index + 1; 0 without layers)."""
+    return max((i for i in indices.values() if i is not None), default=-1) + 1
+
+
+def layer_positions(names: list[str]) -> dict[str, float]:
+    """``t`` of every tensor for gradient parameters: ``i / (L − 1)`` for layer i of L (1 when
+    L = 1), 0 for tensors outside the numbered layers, as mergekit positions them."""
+    index = layer_indices(names)
+    count = layer_count(index)
+    return {
+        n: 0.0 if i is None else (i / (count - 1) if count > 1 else 1.0) for n, i in index.items()
+    }
 
 
 def _tensor_params(
@@ -261,7 +268,7 @@ def merge(
     names = _validate(base, models)
     layers = layer_indices(names)
     if cfg.slice_layers is not None:
-        count = max((i for i in layers.values() if i is not None), default=-1) + 1
+        count = layer_count(layers)
         if count != cfg.slice_layers:
             raise MergeError(
                 f"the slices cover layers 0-{cfg.slice_layers - 1}, but the models have "
