@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "meldkit/side_writes.h"
 #include "ops.h"
 #include "tensor.h"
 
@@ -646,5 +647,16 @@ py::tuple della_select(py::handle theta, py::handle base, py::handle out, int64_
   }
   return py::make_tuple(l1[0], l1[1]);
 }
+
+int64_t side_write(int fd, int64_t offset, uintptr_t data, int64_t nbytes) {
+  return side_write_queue(fd, offset, reinterpret_cast<const void*>(data), nbytes);
+}
+
+void side_write_wait(int64_t ticket) {
+  py::gil_scoped_release release;
+  meldkit::side_write_wait(ticket);
+}
+
+int64_t side_writes_done() { return meldkit::side_writes_done(); }
 
 }  // namespace meldkit::bind

@@ -70,6 +70,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("tensor_indices"), py::arg("workspace") = py::none(), py::arg("stream") = 0);
   m.def("merge_many_workspace_numel", &mb::merge_many_workspace_numel,
         "float64 workspace elements merge_many needs on CUDA.", py::arg("num_models"));
+  m.def("side_write", &mb::side_write,
+        "Queues pwrite(fd, data[:nbytes], offset) for the CPU merge kernels to run on one of\n"
+        "their threads (meldkit/side_writes.h); returns its ticket. The memory at `data` and\n"
+        "the descriptor must stay valid until the ticket is done.",
+        py::arg("fd"), py::arg("offset"), py::arg("data"), py::arg("nbytes"));
+  m.def("side_write_wait", &mb::side_write_wait,
+        "Waits until a queued write is done, running queued writes on this thread; raises\n"
+        "RuntimeError for a failed write.",
+        py::arg("ticket"));
+  m.def("side_writes_done", &mb::side_writes_done, "The highest ticket whose write is done.");
   m.def("magnitude_select", &mb::magnitude_select,
         "The k-th largest |a - b| over lists of tensors, exactly (radix selection).", py::arg("a"),
         py::arg("b"), py::arg("k"), py::arg("workspace") = py::none(), py::arg("stream") = 0);

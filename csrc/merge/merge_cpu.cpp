@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "meldkit/merge.h"
+#include "meldkit/side_writes.h"
 #include "meldkit/status.h"
 
 #ifdef _OPENMP
@@ -67,6 +68,13 @@ MELDKIT_AVX512_END
 
 constexpr int64_t kChunk = 1 << 14;             // elements per OpenMP work item
 constexpr int64_t kParallelMinNumel = 1 << 15;  // below this, threading costs more than it saves
+
+// Called by every thread at the start of a dynamically scheduled parallel loop: the first to
+// arrive runs the merge engine's queued writes (side_writes.h) while the others start on the
+// loop's work items and take its share.
+inline void run_side_writes() {
+  if (side_writes_pending()) side_writes_run_pending();
+}
 
 constexpr int64_t kTile = 256;  // elements whose running sums stay in L1 while models stream by
 
@@ -353,18 +361,22 @@ void task_merge_typed(const TaskMergeParams& p) {
   const Acc acc = acc_for(p.consensus, p.normalize);
   // Dynamic: chunks go to whichever thread is free, so a core taken by other work (the merge
   // engine's writer thread) does not leave the others waiting at the end.
-#pragma omp parallel for schedule(dynamic) if (p.numel >= kParallelMinNumel)
-  for (int64_t c = 0; c < num_chunks; ++c) {
-    const int64_t begin = c * kChunk, end = std::min(p.numel, (c + 1) * kChunk);
-    switch (acc) {
-      case Acc::kSums:
-        task_merge_range<TIn, TOut, Acc::kSums>(p, keys, begin, end);
-        break;
-      case Acc::kWeights:
-        task_merge_range<TIn, TOut, Acc::kWeights>(p, keys, begin, end);
-        break;
-      default:
-        task_merge_range<TIn, TOut, Acc::kCounts>(p, keys, begin, end);
+#pragma omp parallel if (p.numel >= kParallelMinNumel)
+  {
+    run_side_writes();
+#pragma omp for schedule(dynamic) nowait
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      const int64_t begin = c * kChunk, end = std::min(p.numel, (c + 1) * kChunk);
+      switch (acc) {
+        case Acc::kSums:
+          task_merge_range<TIn, TOut, Acc::kSums>(p, keys, begin, end);
+          break;
+        case Acc::kWeights:
+          task_merge_range<TIn, TOut, Acc::kWeights>(p, keys, begin, end);
+          break;
+        default:
+          task_merge_range<TIn, TOut, Acc::kCounts>(p, keys, begin, end);
+      }
     }
   }
 }
@@ -477,10 +489,14 @@ void task_l1_typed(const TaskMergeParams& p, double* norms) {
   // Fixed chunks summed in chunk order: the result does not depend on the thread count.
   const int64_t num_chunks = (p.numel + kChunk - 1) / kChunk;
   std::vector<double> chunk_sums(size_t(num_chunks) * 2 * p.num_models, 0.0);
-#pragma omp parallel for schedule(dynamic) if (p.numel >= kParallelMinNumel)
-  for (int64_t c = 0; c < num_chunks; ++c) {
-    task_l1_range<T>(p, keys, c * kChunk, std::min(p.numel, (c + 1) * kChunk),
-                     chunk_sums.data() + c * 2 * p.num_models);
+#pragma omp parallel if (p.numel >= kParallelMinNumel)
+  {
+    run_side_writes();
+#pragma omp for schedule(dynamic) nowait
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      task_l1_range<T>(p, keys, c * kChunk, std::min(p.numel, (c + 1) * kChunk),
+                       chunk_sums.data() + c * 2 * p.num_models);
+    }
   }
   std::fill(norms, norms + 2 * p.num_models, 0.0);
   for (int64_t c = 0; c < num_chunks; ++c) {
@@ -770,6 +786,7 @@ BracketCounts bracket_pass(const MagnitudeSelectParams& p, const Bracket& br) {
   BracketCounts out;
 #pragma omp parallel
   {
+    run_side_writes();
     BracketLocal local;
     BracketScratch scratch;
     for (int i = 0; i < p.num_tensors; ++i) {
@@ -815,6 +832,7 @@ std::vector<BracketCounts> bracket_pass_models(const T* base, const T* const* mo
   const int64_t num_blocks = (n + kBracketBlock - 1) / kBracketBlock;
 #pragma omp parallel
   {
+    run_side_writes();
     std::vector<BracketLocal> local(static_cast<size_t>(count));
     alignas(64) float bw[kBracketBlock];
     BracketScratch scratch;

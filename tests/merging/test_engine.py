@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from meldkit import _native
 from meldkit.merging import (
     Checkpoint,
     CheckpointError,
@@ -594,16 +596,22 @@ def _writer_tensors() -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("background", [True, False])
+@pytest.mark.parametrize("mode", ["thread", "caller", "kernels"])
 @pytest.mark.parametrize("shard_size", [10**9, 2000])
-def test_writer_streams_valid_safetensors(tmp_path, background, shard_size):
+def test_writer_streams_valid_safetensors(tmp_path, mode, shard_size):
     from safetensors import safe_open
 
     from meldkit.merging.checkpoint import ShardedWriter
 
     tensors = _writer_tensors()
     plan = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
-    writer = ShardedWriter(tmp_path / "out", plan, shard_size, background=background)
+    writer = ShardedWriter(
+        tmp_path / "out",
+        plan,
+        shard_size,
+        background=mode == "thread",
+        kernel_writes=mode == "kernels",
+    )
     for name in reversed(list(tensors)):  # any order: every tensor has its place already
         writer.add(name, tensors[name])
     out = writer.commit(aux_from=None)
@@ -618,6 +626,39 @@ def test_writer_streams_valid_safetensors(tmp_path, background, shard_size):
     assert set(got) == set(tensors)
     for name, t in tensors.items():
         assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+
+
+@pytest.mark.skipif(_native._C is None, reason="meldkit._C is not built")
+def test_queued_writes_run_inside_the_merge_kernels_and_report_errors(tmp_path):
+    from meldkit.merging.checkpoint import _KernelWrite
+    from meldkit.ops import merge_tensors
+
+    data = torch.arange(1 << 16, dtype=torch.int32)
+    path = tmp_path / "f.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        write = _KernelWrite(_native._C.side_write(fd, 8, data.data_ptr(), data.nbytes), data)
+        assert not write.done()
+        g = torch.Generator().manual_seed(0)
+        base = torch.randn(256, 256, generator=g)
+        models = [base + 0.01 * torch.randn(256, 256, generator=g) for _ in range(2)]
+        merge_tensors(base, models, "ties", densities=0.5)  # its merge pass runs the write
+        assert write.done()
+        write.result()
+    finally:
+        os.close(fd)
+    assert path.read_bytes()[8:] == data.numpy().tobytes()
+    read_only = os.open(path, os.O_RDONLY)
+    try:
+        bad = _KernelWrite(_native._C.side_write(read_only, 0, data.data_ptr(), 16), data)
+        with pytest.raises(OSError, match="16 bytes at offset 0 failed: Bad file descriptor"):
+            bad.result()
+        with pytest.raises(OSError, match="Bad file descriptor"):  # again: the same error
+            bad.result()
+    finally:
+        os.close(read_only)
+    with pytest.raises(ValueError, match="never queued"):
+        _native._C.side_write_wait(10**12)
 
 
 def test_writer_refuses_what_its_plan_does_not_hold(tmp_path):

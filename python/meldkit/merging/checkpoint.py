@@ -212,9 +212,18 @@ class ShardedWriter:
     The shard plan (which tensor goes to which file, at which offset) is fixed up front from the
     tensors' names, dtypes and shapes, so each shard's header is written when the shard is
     opened and each tensor's bytes go straight to their place as soon as it is added. Nothing
-    is buffered: the writer holds no shard in memory. With ``background=True`` the writes run on
-    one worker thread, overlapping the caller's work; :meth:`add` returns a future that is done
-    when the tensor's bytes are in the file (the caller may then reuse its memory).
+    is buffered: the writer holds no shard in memory. :meth:`add` returns a future that is done
+    when the tensor's bytes are in the file (the caller may then reuse its memory). Where the
+    writes run:
+
+    - ``background=True``: on one worker thread, overlapping the caller's work (for a machine
+      with a core to spare, or a merge on the GPU);
+    - ``kernel_writes=True`` (and no background thread): queued for the CPU merge kernels
+      (``meldkit/side_writes.h``), whose next parallel pass runs them on one of its threads
+      while the other threads merge and take that thread's share, so the write overlaps the
+      next tensor's merge without a thread competing with the merge's threads; a write that no
+      kernel has run by the time its result is needed runs on the caller's thread;
+    - otherwise in :meth:`add`, on the caller's thread.
     """
 
     def __init__(
@@ -224,6 +233,7 @@ class ShardedWriter:
         shard_size: int,
         *,
         background: bool = True,
+        kernel_writes: bool = False,
     ):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and any(self.out_dir.iterdir()):
@@ -266,7 +276,11 @@ class ShardedWriter:
         self._pool = (
             ThreadPoolExecutor(1, thread_name_prefix="meldkit-writer") if background else None
         )
-        self._futures: list[Future] = []
+        from meldkit import _native
+
+        # Without the compiled core there are no kernels to run them: written in add().
+        self._kernel_writes = bool(kernel_writes) and not background and _native._C is not None
+        self._futures: list[Future | _KernelWrite] = []
 
     def add(self, name: str, tensor: torch.Tensor) -> Future:
         """Write one tensor (of the planned dtype and shape) into its shard.
@@ -288,6 +302,10 @@ class ShardedWriter:
             f.result()  # raises a failed write's error
         self._added.add(name)
         tensor = tensor.detach().cpu().contiguous()
+        if self._kernel_writes:
+            future = self._queue(name, tensor)
+            self._futures.append(future)
+            return future
         if self._pool is None:
             future: Future = Future()
             future.set_result(self._write(name, tensor))
@@ -296,13 +314,32 @@ class ShardedWriter:
             self._futures.append(future)
         return future
 
-    def _write(self, name: str, tensor: torch.Tensor) -> None:
-        shard, _, _, offset = self._slot[name]
+    def _fd(self, shard: int) -> int:
+        """The shard's descriptor, created with its header on first use."""
         fd = self._fds.get(shard)
         if fd is None:
             path = self.tmp / self._fnames[shard]
             fd = self._fds[shard] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             _pwrite_all(fd, memoryview(self._headers[shard]), 0)
+        return fd
+
+    def _queue(self, name: str, tensor: torch.Tensor) -> _KernelWrite:
+        from meldkit import _native
+
+        shard, _, _, offset = self._slot[name]
+        fd = self._fd(shard)
+        nbytes = tensor.numel() * tensor.element_size()
+        ticket = _native._C.side_write(fd, offset, tensor.data_ptr(), nbytes)
+        write = _KernelWrite(ticket, tensor)
+        self._left[shard] -= 1
+        if self._left[shard] == 0:  # the shard's last write, then its descriptor can close
+            write.result()
+            os.close(self._fds.pop(shard))
+        return write
+
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
+        shard, _, _, offset = self._slot[name]
+        fd = self._fd(shard)
         if tensor.numel():
             data = tensor.reshape(-1).view(torch.uint8).numpy()
             _pwrite_all(fd, memoryview(data).cast("B"), offset)
@@ -349,6 +386,9 @@ class ShardedWriter:
     def _close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+        for f in self._futures:  # queued writes still point at their descriptors
+            if isinstance(f, _KernelWrite):
+                f.exception()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -358,6 +398,42 @@ class ShardedWriter:
         behind)."""
         self._close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class _KernelWrite:
+    """A write queued for the CPU merge kernels (``_C.side_write``), with the future methods the
+    writer and the merge engine use; it keeps the tensor whose memory it writes alive."""
+
+    def __init__(self, ticket: int, tensor: torch.Tensor) -> None:
+        self._ticket, self._tensor = ticket, tensor
+        self._error: BaseException | None = None
+        self._finished = False
+
+    def done(self) -> bool:
+        from meldkit import _native
+
+        return self._finished or _native._C.side_writes_done() >= self._ticket
+
+    def result(self) -> None:
+        """Waits for the write (running queued writes on this thread if no kernel has); raises
+        its error."""
+        from meldkit import _native
+
+        if not self._finished:
+            try:
+                _native._C.side_write_wait(self._ticket)
+            except RuntimeError as exc:
+                self._error = OSError(f"writing a merged tensor failed: {exc}")
+            self._finished, self._tensor = True, None
+        if self._error is not None:
+            raise self._error
+
+    def exception(self) -> BaseException | None:
+        try:
+            self.result()
+        except OSError as exc:
+            return exc
+        return None
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

@@ -241,8 +241,10 @@ def merge(
         streaming passes over the checkpoints (:mod:`meldkit.merging.global_trim`).
     background_write : bool, optional
         Write each merged tensor on a writer thread while the next one merges. Default: when
-        the machine has more cores than torch's thread count (else the thread competes with
-        the merge for a core and costs more than it saves).
+        the machine has more cores than torch's thread count, or the merge runs on CUDA. Else,
+        on the CPU, the writes are queued for the merge kernels, whose next parallel pass runs
+        each on one of its threads while the others merge (a writer thread would compete with
+        the merge's threads for the cores).
 
     Returns
     -------
@@ -285,10 +287,15 @@ def merge(
     plan = [(n, out_dtype_of[n], reference.shape(n)) for n in names]
     if background_write is None:
         # A writer thread overlaps the writes with the merge when a core is free for it; on a
-        # machine whose every core runs the merge it only slows the merge (measured on 2 cores).
-        background_write = (os.cpu_count() or 1) > torch.get_num_threads()
+        # machine whose every core runs the merge it only slows the merge (measured on 2
+        # cores): there the merge kernels run the writes on one of their own threads instead.
+        background_write = device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads()
     writer = ShardedWriter(
-        out_dir, plan, parse_size(out_shard_size), background=bool(background_write)
+        out_dir,
+        plan,
+        parse_size(out_shard_size),
+        background=bool(background_write),
+        kernel_writes=device.type == "cpu",
     )
     nbytes = {n: reference.numel(n) * out_dtype_of[n].itemsize for n in names}
     positions = layer_positions(names)
