@@ -201,7 +201,8 @@ int64_t merge_many_workspace_numel(int64_t num_models) {
 void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle weights,
                 py::handle densities, py::handle thresholds, const std::string& sparsify,
                 const std::string& consensus, bool normalize, const std::string& rescale, float lam,
-                uint64_t seed, py::handle tensor_indices, py::handle workspace, int64_t stream) {
+                uint64_t seed, py::handle tensor_indices, py::handle workspace, int64_t stream,
+                bool exact_k) {
   constexpr const char* kOp = "merge_many";
   auto as_list = [](py::handle obj, const char* name) {
     if (!py::isinstance<py::sequence>(obj) || py::hasattr(obj, "__dlpack__")) {
@@ -288,6 +289,13 @@ void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle
     }
   }
   const Consensus cs = parse_consensus(consensus);
+  // mergekit's exactly-k rule: per-tensor selections on the CPU, the mask's rescale not
+  // depending on it (the L1 pass does not take the cutoffs).
+  if (exact_k && (cuda || sp != Sparsify::kMagnitude || !given_thr.empty() || rescale == "l1")) {
+    throw_value_error(std::string(kOp) +
+                      ": argument 'exact_k': needs CPU tensors, magnitude masks selected per "
+                      "tensor and no L1 rescale");
+  }
 
   py::gil_scoped_release release;
   std::vector<float> thr(n), scales(n);
@@ -301,6 +309,7 @@ void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle
     for (const MergeInputs& in : inputs) largest = std::max(largest, in.base.numel());
     mask_bits.resize(size_t(largest));
   }
+  std::vector<int64_t> cutoffs(n);
   for (size_t j = 0; j < num_tensors; ++j) {
     const MergeInputs& in = inputs[j];
     TaskMergeParams p;
@@ -359,6 +368,14 @@ void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle
                                     p.in_dtype, sel_ks.data(), bits.data());
         for (size_t i = 0; i < sel_models.size(); ++i) {
           std::memcpy(&thr[sel_models[i]], &bits[i], sizeof(float));
+        }
+        if (exact_k) {  // models with k <= 0 or k >= numel keep none or all: no cutoff
+          std::vector<int64_t> sel_cut(sel_models.size());
+          magnitude_tie_cutoffs_cpu(p.base, sel_ptrs.data(), int(sel_models.size()), p.numel,
+                                    p.in_dtype, bits.data(), sel_ks.data(), sel_cut.data());
+          std::fill(cutoffs.begin(), cutoffs.end(), p.numel);
+          for (size_t i = 0; i < sel_models.size(); ++i) cutoffs[sel_models[i]] = sel_cut[i];
+          p.tie_cutoffs = cutoffs.data();
         }
       }
       p.thresholds = thr.data();

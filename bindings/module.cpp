@@ -63,11 +63,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("merge_many", &mb::merge_many,
         "The native merge pipeline over J tensor positions: per-tensor magnitude thresholds\n"
         "(unless `thresholds` gives global ones), L1 rescaling, then task_merge into outs[j].\n"
-        "models[t][j] is model t's tensor j.",
+        "models[t][j] is model t's tensor j. exact_k (CPU): mergekit's exactly-k magnitude\n"
+        "masks, equal magnitudes ranked by index, instead of keeping every tie.",
         py::arg("bases"), py::arg("models"), py::arg("outs"), py::arg("weights"),
         py::arg("densities"), py::arg("thresholds"), py::arg("sparsify"), py::arg("consensus"),
         py::arg("normalize"), py::arg("rescale"), py::arg("lam"), py::arg("seed"),
-        py::arg("tensor_indices"), py::arg("workspace") = py::none(), py::arg("stream") = 0);
+        py::arg("tensor_indices"), py::arg("workspace") = py::none(), py::arg("stream") = 0,
+        py::arg("exact_k") = false);
   m.def("merge_many_workspace_numel", &mb::merge_many_workspace_numel,
         "float64 workspace elements merge_many needs on CUDA.", py::arg("num_models"));
   m.def("side_write", &mb::side_write,

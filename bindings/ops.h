@@ -25,7 +25,8 @@ void task_merge(py::handle base, py::handle models, py::handle out, py::handle w
 void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle weights,
                 py::handle densities, py::handle thresholds, const std::string& sparsify,
                 const std::string& consensus, bool normalize, const std::string& rescale, float lam,
-                uint64_t seed, py::handle tensor_indices, py::handle workspace, int64_t stream);
+                uint64_t seed, py::handle tensor_indices, py::handle workspace, int64_t stream,
+                bool exact_k);
 int64_t merge_many_workspace_numel(int64_t num_models);
 int64_t side_write(int fd, int64_t offset, uintptr_t data, int64_t nbytes);
 void side_write_wait(int64_t ticket);

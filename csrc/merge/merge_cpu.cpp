@@ -277,9 +277,34 @@ MELDKIT_CPU_CLONES_AVX512 void task_merge_range(const TaskMergeParams& p, const 
   // Fresh random draws (no cached bits) stay on the scalar path.
   const bool avx512 = cpu_has_avx512f() && (p.sparsify != Sparsify::kRandom || cached);
 #endif
+  // mergekit's exactly-k rule (tie_cutoffs): a tile wholly before model t's cutoff keeps its
+  // ties (|tau| >= threshold), one wholly after keeps |tau| > threshold, i.e. |tau| >= the next
+  // float up; the one tile a cutoff falls inside takes the scalar loops, split there.
+  TaskMergeParams tile_params = p;
+  float tile_thr[kMergeMaxModels];
+  int64_t split[kMergeMaxModels];
+  const TaskMergeParams& tp = tile_params;
   for (int64_t e0 = begin; e0 < end; e0 += kTile) {
     const int64_t n = std::min(kTile, end - e0);
     float wall = 0.f;
+    bool any_split = false;
+    if (p.tie_cutoffs != nullptr) {
+      for (int t = 0; t < p.num_models; ++t) {
+        const int64_t c = p.tie_cutoffs[t];
+        const float thr = p.thresholds[t];
+        split[t] = -1;
+        if (c >= e0 + n) {
+          tile_thr[t] = thr;
+        } else if (c <= e0) {
+          tile_thr[t] = bits_as_float(float_as_bits(thr) + 1u);
+        } else {
+          tile_thr[t] = thr;
+          split[t] = c - e0;
+          any_split = true;
+        }
+      }
+      tile_params.thresholds = tile_thr;
+    }
     for (int64_t j = 0; j < n; ++j) {
       b[j] = widen(base[e0 + j]);
       pos[j] = neg[j] = 0.f;
@@ -298,11 +323,11 @@ MELDKIT_CPU_CLONES_AVX512 void task_merge_range(const TaskMergeParams& p, const 
     // the scalar loops below take what is left, from `done` on.
     int64_t done = 0;
 #ifdef MELDKIT_AVX512_INTRINSICS
-    if (avx512 && n >= 16) {
+    if (avx512 && n >= 16 && !any_split) {
       done = n & ~int64_t(15);
       switch (p.sparsify) {
         case Sparsify::kMagnitude:
-          accumulate_models_avx512<TIn, Sparsify::kMagnitude, A>(p, e0, b, bits, done, pos, neg,
+          accumulate_models_avx512<TIn, Sparsify::kMagnitude, A>(tp, e0, b, bits, done, pos, neg,
                                                                  wpos, wneg, npos, nneg);
           break;
         case Sparsify::kRandom:
@@ -320,13 +345,23 @@ MELDKIT_CPU_CLONES_AVX512 void task_merge_range(const TaskMergeParams& p, const 
       wall += w;
       if (done == n) continue;
       const TIn* x = static_cast<const TIn*>(p.models[t]) + e0 + done;
-      const float thr = p.thresholds ? p.thresholds[t] : 0.f;
+      const float thr = tp.thresholds ? tp.thresholds[t] : 0.f;
       const int32_t d = uniform01_threshold(p.densities ? p.densities[t] : 1.f);
       const int64_t r = n - done;
       float *ps = pos + done, *ng = neg + done, *wp = wpos + done, *wn = wneg + done;
       float *np = npos + done, *nn = nneg + done;
       const float* bb = b + done;
       const uint32_t *in = inner + done, *bt = bits + done;
+      if (any_split && split[t] >= 0) {  // done == 0: ties kept before the cutoff, not after
+        const int64_t c = split[t];
+        const float above = bits_as_float(float_as_bits(thr) + 1u);
+        accumulate_tile<TIn, Sparsify::kMagnitude, A>(x, bb, in, c, w, sc, thr, d, keys[t], ps, ng,
+                                                      wp, wn, np, nn);
+        accumulate_tile<TIn, Sparsify::kMagnitude, A>(x + c, bb + c, in + c, r - c, w, sc, above, d,
+                                                      keys[t], ps + c, ng + c, wp + c, wn + c,
+                                                      np + c, nn + c);
+        continue;
+      }
       switch (p.sparsify) {
         case Sparsify::kMagnitude:
           accumulate_tile<TIn, Sparsify::kMagnitude, A>(x, bb, in, r, w, sc, thr, d, keys[t], ps,
@@ -1030,7 +1065,98 @@ void magnitude_select_models_typed(const void* base, const void* const* models, 
   }
 }
 
+// Counts of one block of one model against its threshold: |tau| bits above it and equal to it.
+template <typename T>
+MELDKIT_CPU_CLONES_AVX512 void tie_count_block(const T* __restrict a, const float* __restrict b,
+                                               int64_t m, uint32_t thr, uint64_t* above,
+                                               uint64_t* equal) {
+  uint32_t ab = 0, eq = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    const uint32_t bits = magnitude_bits(widen(a[j]), b[j]);
+    ab += bits > thr;
+    eq += bits == thr;
+  }
+  *above += ab;
+  *equal += eq;
+}
+
+template <typename T>
+void magnitude_tie_cutoffs_typed(const void* base_ptr, const void* const* models, int num_models,
+                                 int64_t numel, const uint32_t* bits, const int64_t* ks,
+                                 int64_t* cutoffs) {
+  const T* base = static_cast<const T*>(base_ptr);
+  std::vector<int> which;  // the models whose k leaves some elements out
+  for (int t = 0; t < num_models; ++t) {
+    cutoffs[t] = numel;
+    if (ks[t] > 0 && ks[t] < numel) which.push_back(t);
+  }
+  if (which.empty()) return;
+  const int count = int(which.size());
+  const int64_t num_chunks = (numel + kChunk - 1) / kChunk;
+  std::vector<uint64_t> above(size_t(num_chunks) * size_t(count), 0);
+  std::vector<uint64_t> equal(above.size(), 0);
+#pragma omp parallel if (numel >= kParallelMinNumel)
+  {
+    run_side_writes();
+    alignas(64) float bw[kBracketBlock];
+#pragma omp for schedule(dynamic) nowait
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      const int64_t end = std::min(numel, (c + 1) * kChunk);
+      for (int64_t e0 = c * kChunk; e0 < end; e0 += kBracketBlock) {
+        const int64_t m = std::min(kBracketBlock, end - e0);
+        widen_block(base + e0, m, bw);
+        for (int i = 0; i < count; ++i) {
+          const int t = which[size_t(i)];
+          const size_t slot = size_t(c) * size_t(count) + size_t(i);
+          tie_count_block(static_cast<const T*>(models[t]) + e0, bw, m, bits[t], &above[slot],
+                          &equal[slot]);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < count; ++i) {
+    const int t = which[size_t(i)];
+    uint64_t total_above = 0, total_equal = 0;
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      total_above += above[size_t(c) * size_t(count) + size_t(i)];
+      total_equal += equal[size_t(c) * size_t(count) + size_t(i)];
+    }
+    // The threshold is the ks[t]-th largest, so above < k <= above + equal.
+    const int64_t r = ks[t] - int64_t(total_above);  // ties to keep, in index order
+    if (r >= int64_t(total_equal)) continue;         // all of them: no cutoff
+    if (r <= 0) {
+      cutoffs[t] = 0;
+      continue;
+    }
+    int64_t seen = 0;
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      const int64_t here = int64_t(equal[size_t(c) * size_t(count) + size_t(i)]);
+      if (seen + here < r) {
+        seen += here;
+        continue;
+      }
+      const T* a = static_cast<const T*>(models[t]);
+      const int64_t end = std::min(numel, (c + 1) * kChunk);
+      for (int64_t e = c * kChunk; e < end; ++e) {
+        if (magnitude_bits(widen(a[e]), widen(base[e])) == bits[t] && ++seen == r) {
+          cutoffs[t] = e + 1;
+          break;
+        }
+      }
+      break;
+    }
+  }
+}
+
 }  // namespace
+
+void magnitude_tie_cutoffs_cpu(const void* base, const void* const* models, int num_models,
+                               int64_t numel, DType dtype, const uint32_t* bits, const int64_t* ks,
+                               int64_t* cutoffs) {
+  MELDKIT_DISPATCH_FLOAT(dtype, "magnitude_tie_cutoffs", "models", T, {
+    magnitude_tie_cutoffs_typed<T>(base, models, num_models, numel, bits, ks, cutoffs);
+  });
+}
 
 void task_merge_cpu(const TaskMergeParams& p) {
   if (p.numel == 0) return;

@@ -37,9 +37,16 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             allow_pickle=args.allow_pickle,
             progress=not args.no_progress,
             trim_scope=args.trim_scope,
+            tie=args.tie,
         )
     except (ConfigError, MergeError, CheckpointError) as exc:
         print(f"meldkit merge: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        # Raised by an op in the middle of the merge (a NaN in a task vector, ...): the output
+        # is already removed; one line, not a traceback.
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"meldkit merge: the merge failed: {text}", file=sys.stderr)
         return 2
     print(f"merged model written to {out}")
     return 0
@@ -74,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML: merge_method, base_model, models, parameters, dtype, ...")
     p.add_argument("out_dir", help="output folder (must not exist or be empty)")
     p.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu or cuda")
-    p.add_argument("--out-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument(
+        "--out-shard-size",
+        default="5GB",
+        help="largest output shard in bytes: 5GB, 500MB, or 1B (B = billions, as in mergekit); "
+        "default 5GB",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of DARE/DELLA masks (default 0)")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -83,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["tensor", "model"],
         default="tensor",
         help="magnitude trimming per tensor (mergekit) or over the whole model (TIES paper)",
+    )
+    p.add_argument(
+        "--tie",
+        choices=["exact_k", "keep_ties"],
+        default=None,
+        help="magnitudes equal to a threshold: keep exactly k, lower indices first (mergekit; "
+        "the default per tensor) or keep them all (the TIES paper; the default per model)",
     )
     p.set_defaults(func=_cmd_merge)
 

@@ -24,6 +24,7 @@ from meldkit.merging import (
     merge_state_dicts,
     parse_config,
 )
+from meldkit.merging.engine import _tensor_params
 from meldkit.merging.synthetic import sparse_finetune, write_checkpoint
 
 HIDDEN, VOCAB, LAYERS = 16, 64, 2
@@ -87,6 +88,8 @@ def config_for(method, paths, n=3, **params):
         "dtype": "float32",
         "out_dtype": "bfloat16",
     }
+    if method == "linear":  # linear averages a base_model in with the models, as mergekit does
+        del cfg["base_model"]
     if params:
         cfg["parameters"] = params
     return cfg
@@ -399,7 +402,7 @@ def test_tokenizer_source_picks_the_tokenizer_files(zoo):
 def test_tokenizer_sources_meldkit_cannot_honour_are_refused(zoo):
     tmp, _, _, paths = zoo
     good = config_for("ties", paths)
-    linear = {k: v for k, v in config_for("linear", paths).items() if k != "base_model"}
+    linear = config_for("linear", paths)
     cases = [
         ({**good, "tokenizer_source": "union"}, "union is not supported"),
         ({**good, "tokenizer": {"source": "union"}}, "tokenizer.source: union is not supported"),
@@ -579,6 +582,7 @@ def test_gradient_and_filtered_parameters(zoo):
             "ties",
             weights=[weight] * 3,
             densities=[density] * 3,
+            tie="exact_k",  # the engine's rule per tensor (mergekit's)
             out_dtype=torch.bfloat16,
         )
         assert torch.equal(out[name], expected), name
@@ -738,3 +742,264 @@ def test_global_thresholds_exact_with_huge_tie_groups(monkeypatch, backend, dtyp
     bad["c"][777] = float("nan")
     with pytest.raises(ValueError, match="c: the task vector of model 1 contains NaN"):
         global_thresholds(names, lambda n: base[n], lambda n: [sparse[n], bad[n]], [0.3, 0.3])
+
+
+# ---- mergekit's semantics where meldkit differed (each case checked against mergekit 0.1.5) ----
+
+
+def test_linear_averages_the_base_like_any_model(zoo):
+    # mergekit's linear has no θ₀: a base_model listed among the models is averaged with its
+    # weight, and one only named as base_model is added with the top-level weight.
+    tmp, base, tunes, paths = zoo
+    f32 = {n: t.float() for n, t in base.items() if t.is_floating_point()}
+    ft = [{n: t.float() for n, t in tune.items() if t.is_floating_point()} for tune in tunes]
+    listed = config_for("linear", paths, n=1)
+    listed["models"].insert(0, {"model": str(paths["base"]), "parameters": {"weight": 1.0}})
+    listed["base_model"] = str(paths["base"])
+    out = read(merge(listed, tmp / "listed", progress=False))
+    for n, t in f32.items():
+        assert torch.equal(out[n], ((t + ft[0][n]) / 2).bfloat16()), n
+    named = config_for("linear", paths, n=2)
+    named["base_model"] = str(paths["base"])
+    named["parameters"] = {"weight": 2.0}
+    out = read(merge(named, tmp / "named", progress=False))
+    for n, t in f32.items():
+        expected = (2 * t + ft[0][n] + ft[1][n]) / 4
+        torch.testing.assert_close(out[n].float(), expected.bfloat16().float(), rtol=0, atol=0)
+    del named["parameters"]  # mergekit: "Missing required parameter weight" for the base
+    with pytest.raises(ConfigError, match="base_model: linear averages the base"):
+        parse_config(named)
+    # the slices form: a base among a slice's sources is averaged; one only named is not added
+    for listed_base, count in ((True, 4), (False, 3)):
+        sliced = _slices(paths, [(0, LAYERS)], [{"weight": 1.0}], base=listed_base)
+        assert len(parse_config({**sliced, "merge_method": "linear"}).models) == count
+    # every other method merges onto the base: listed among the models, it adds τ = 0
+    ties = config_for("ties", paths, n=1)
+    ties["models"].append({"model": str(paths["base"]), "parameters": {"weight": 1.0}})
+    assert len(parse_config(ties).models) == 1
+
+
+def test_della_density_one_or_zero_and_bad_values_fail_before_merging(zoo, monkeypatch):
+    tmp, base, tunes, paths = zoo
+    cfg = config_for("ties", paths, n=1)
+    cfg["merge_method"] = "della"
+    cfg["models"][0]["parameters"] = {"weight": 1.0}  # density 1 by default: τ kept whole
+    out = read(merge(cfg, tmp / "whole", progress=False))
+    for n, t in tunes[0].items():
+        assert torch.equal(out[n], t), n
+    cfg["models"][0]["parameters"] = {"weight": 1.0, "density": 0}  # τ dropped
+    out = read(merge(cfg, tmp / "none", progress=False))
+    for n, t in base.items():
+        assert torch.equal(out[n], t), n
+
+    import meldkit.ops
+
+    def never(*args, **kwargs):
+        raise AssertionError("a tensor was merged before the parameters were checked")
+
+    monkeypatch.setattr(meldkit.ops, "merge_tensors", never)
+    cases = [
+        ({"density": 0.1}, "models[0] (", "density 0.1 and epsilon 0.15 (the default)"),
+        ({"density": 0.9, "epsilon": 0.2}, "models[0] (", "density 0.9 and epsilon 0.2;"),
+        # a gradient: 0.1 at the last layer only, found by resolving every tensor up front
+        ({"density": [0.5, 0.1]}, "model.layers.1.", "density 0.1 and epsilon 0.15"),
+        ({"epsilon": -0.1}, "models[0].parameters.epsilon: -0.1 is not in [0, 1]", ""),
+    ]
+    for params, where, text in cases:
+        cfg["models"][0]["parameters"] = {"weight": 1.0, **params}
+        with pytest.raises(ConfigError) as info:
+            merge(cfg, tmp / "bad", progress=False)
+        assert where in str(info.value) and text in str(info.value), str(info.value)
+    crumbs = config_for("breadcrumbs", paths, n=1)
+    crumbs["models"][0]["parameters"]["gamma"] = -0.1
+    with pytest.raises(ConfigError, match=r"models\[0\].parameters.gamma: -0.1 is not in"):
+        merge(crumbs, tmp / "bad", progress=False)
+    crumbs["models"][0]["parameters"]["gamma"] = [{"filter": "mlp", "value": 1.5}, {"value": 0}]
+    with pytest.raises(ConfigError, match=r"gamma: 1.5 is not in \[0, 1\]"):
+        merge(crumbs, tmp / "bad", progress=False)
+    assert not (tmp / "bad").exists()
+
+
+def test_shard_sizes_read_b_as_billions_like_mergekit(zoo, capsys):
+    from meldkit.cli import main
+    from meldkit.merging.checkpoint import parse_size
+
+    assert parse_size("1B") == parse_size("1b") == 10**9  # mergekit's README: --out-shard-size 1B
+    assert parse_size("5B") == 5 * 10**9 and parse_size("500M") == 500 * 10**6
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("4KB") == parse_size("4k") == 4000
+    assert parse_size("1.5MB") == 1_500_000 and parse_size("1e9") == parse_size(10**9)
+    for bad in ("five", "GB", "", "1XB", "nanGB", "0", "-5GB"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    tmp, _, _, paths = zoo
+    cfg_path = tmp / "ties.yaml"
+    cfg_path.write_text(yaml.safe_dump(config_for("ties", paths)))
+    args = ["merge", str(cfg_path), str(tmp / "out"), "--no-progress"]
+    assert main([*args, "--out-shard-size", "5 parsecs"]) == 2
+    err = capsys.readouterr().err
+    assert "out_shard_size: not a size: '5 parsecs'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp / "out").exists()
+
+
+def test_keys_mergekit_accepts_are_accepted(zoo):
+    tmp, _, _, paths = zoo
+    for method in ("task_arithmetic", "breadcrumbs", "della_linear", "ties", "dare_linear"):
+        cfg = config_for("ties", paths)
+        cfg["merge_method"] = method
+        cfg["parameters"] = {"int8_mask": True, "rescale": False, "lambda": 1.0}
+        parse_config(cfg)
+    # task_arithmetic takes density and rescale, as mergekit does, and ignores them as mergekit
+    # does (it sparsifies nothing): the merge is the same
+    ta = config_for("task_arithmetic", paths)
+    plain = read(merge(ta, tmp / "plain", progress=False))
+    for m in ta["models"]:
+        m["parameters"]["density"] = 0.3
+    ta["parameters"] = {"rescale": True, "int8_mask": True}
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            read(merge(ta, tmp / "ta", progress=False)).values(), plain.values(), strict=True
+        )
+    )
+    # int8_mask changes nothing: mergekit's memory saving for masks meldkit never holds
+    ties = config_for("ties", paths)
+    a = read(merge(ties, tmp / "a", progress=False))
+    b = read(merge({**ties, "parameters": {"int8_mask": True}}, tmp / "b", progress=False))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a per-model lambda: mergekit accepts it and ignores it (lambda is read from the top
+    # level); meldkit too, with a warning
+    lam = config_for("task_arithmetic", paths)
+    lam["models"][0]["parameters"]["lambda"] = 0.1
+    with pytest.warns(UserWarning, match=r"models\[0\].parameters: lambda ignored here"):
+        parsed = parse_config(lam)
+    assert "lambda" not in parsed.models[0].params
+    # rescale by name: the DARE paper's inverse density
+    dare = config_for("dare_ties", paths)
+    for name in ("inverse_density", "l1", "none"):
+        dare["parameters"] = {"rescale": name}
+        assert _tensor_params(parse_config(dare))["rescale"] == name
+    dare["parameters"] = {"rescale": "l2"}
+    with pytest.raises(ConfigError, match=r"parameters\.rescale: 'l2' is not a rescaling"):
+        parse_config(dare)
+
+
+def test_malformed_parameters_blocks_are_config_errors(zoo):
+    _, _, _, paths = zoo
+    good = config_for("ties", paths)
+    with pytest.raises(ConfigError, match="parameters: expected a mapping"):
+        parse_config({**good, "parameters": [1]})
+    bad = json.loads(json.dumps(good))
+    bad["models"][1]["parameters"] = [1, 2]
+    with pytest.raises(ConfigError, match=r"models\[1\].parameters: expected a mapping"):
+        parse_config(bad)
+
+
+def test_pickle_folders_load_only_the_model_weights(zoo):
+    tmp, base, _, _ = zoo
+    trainer = tmp / "trainer"
+    trainer.mkdir()
+    names = sorted(base)
+    half = len(names) // 2
+    shards = {"pytorch_model-00001-of-00002.bin": names[:half]}
+    shards["pytorch_model-00002-of-00002.bin"] = names[half:]
+    for fname, keys in shards.items():
+        torch.save({k: base[k] for k in keys}, trainer / fname)
+    index = {"weight_map": {k: f for f, keys in shards.items() for k in keys}}
+    (trainer / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    # A Trainer's other pickles: not weights (weights_only=True cannot even load the first)
+    (trainer / "training_args.bin").write_bytes(b"not a state dict")
+    torch.save({"step": torch.tensor(3)}, trainer / "optimizer.bin")
+    ck = Checkpoint(trainer, allow_pickle=True)
+    assert sorted(ck.names) == names and "step" not in ck
+    assert torch.equal(ck.get("lm_head.weight"), base["lm_head.weight"])
+    (trainer / "pytorch_model-00002-of-00002.bin").write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match=r"00002-of-00002\.bin: not a readable PyTorch"):
+        Checkpoint(trainer, allow_pickle=True)
+
+
+def test_nan_in_a_task_vector_is_a_one_line_cli_error(zoo, capsys):
+    from meldkit.cli import main
+
+    tmp, _, tunes, paths = zoo
+    poisoned = dict(tunes[0])
+    poisoned["lm_head.weight"] = poisoned["lm_head.weight"].clone()
+    poisoned["lm_head.weight"][3, 4] = float("nan")
+    write_model(tmp / "nan", poisoned)
+    cfg = config_for("ties", paths)
+    cfg["models"][0]["model"] = str(tmp / "nan")
+    cfg_path = tmp / "nan.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["merge", str(cfg_path), str(tmp / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("meldkit merge: ") and len(err.strip().splitlines()) == 1, err
+    assert "lm_head.weight: " in err and "nan" in err.lower() and not (tmp / "out").exists()
+
+
+def test_float_against_integer_dtype_is_refused_before_merging(zoo):
+    tmp, base, _, paths = zoo
+    wrong = dict(base)
+    wrong["model.norm.weight"] = torch.ones(HIDDEN, dtype=torch.int32)
+    write_model(tmp / "int", wrong)
+    cfg = config_for("ties", paths)
+    cfg["models"][1]["model"] = str(tmp / "int")
+    with pytest.raises(MergeError, match=r"model.norm.weight has dtype int32, \S+ has bfloat16"):
+        merge(cfg, tmp / "out", progress=False)
+    # float dtypes may differ: every input is converted to the compute dtype
+    halves = {k: v.half() if v.is_floating_point() else v for k, v in base.items()}
+    write_model(tmp / "fp16", halves)
+    cfg["models"][1]["model"] = str(tmp / "fp16")
+    assert merge(cfg, tmp / "out", progress=False).is_dir()
+
+
+def test_config_json_records_the_output_dtype(zoo):
+    tmp, _, _, paths = zoo
+    config = json.loads((paths["base"] / "config.json").read_text())
+    config["torch_dtype"] = "float32"
+    (paths["base"] / "config.json").write_text(json.dumps(config))
+    cfg = config_for("ties", paths)  # dtype float32, out_dtype bfloat16
+    out = json.loads((merge(cfg, tmp / "out", progress=False) / "config.json").read_text())
+    assert out["torch_dtype"] == "bfloat16" and out["hidden_size"] == HIDDEN
+    del cfg["out_dtype"]
+    cfg["dtype"] = "float16"
+    out = json.loads((merge(cfg, tmp / "out2", progress=False) / "config.json").read_text())
+    assert out["torch_dtype"] == "float16"
+    del cfg["dtype"]  # neither: the base's config as it is
+    out = json.loads((merge(cfg, tmp / "out3", progress=False) / "config.json").read_text())
+    assert out["torch_dtype"] == "float32"
+
+
+def test_slerp_t_per_tensor_like_mergekit(zoo):
+    # mergekit's standard slerp config: t filtered by tensor name, a gradient over the layers
+    from meldkit.ops import merge_ref
+
+    tmp, base, tunes, paths = zoo
+    cfg = config_for("slerp", paths, n=1)
+    cfg["parameters"] = {
+        "t": [
+            {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+            {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+            {"value": 0.5},
+        ]
+    }
+    out = read(merge(cfg, tmp / "out", progress=False))
+    t_of = {
+        "model.layers.0.self_attn.q_proj.weight": 0.0,
+        "model.layers.1.self_attn.q_proj.weight": 1.0,
+        "model.layers.0.mlp.up_proj.weight": 1.0,
+        "model.layers.1.mlp.down_proj.weight": 0.0,
+        "model.layers.1.input_layernorm.weight": 0.5,
+        "lm_head.weight": 0.5,
+    }
+    for name, t in t_of.items():
+        expected = merge_ref.slerp_ref(
+            base[name].float(), tunes[0][name].float(), t, out_dtype=torch.bfloat16
+        )
+        assert torch.equal(out[name], expected), name
+    del cfg["parameters"]  # mergekit: "Missing required parameter t"
+    with pytest.raises(ConfigError, match=r"slerp needs parameters\.t"):
+        parse_config(cfg)
+    cfg["parameters"] = {"t": [{"filter": "mlp", "value": 0.3}]}  # no default for the others
+    with pytest.raises(
+        ConfigError, match=r"parameters\.t: no filter matches (lm_head|model\.embed)"
+    ):
+        merge(cfg, tmp / "out2", progress=False)

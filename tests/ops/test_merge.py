@@ -143,7 +143,8 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     noise[0][::7] = 0.0  # zero task-vector entries: no sign, never agree
     models = [(base.float() + z).to(dtype) for z in noise]
     for method, extra in [("ties", {}), ("dare_ties", {}), ("task_arithmetic", {}),
-                          ("ties", {"normalize": False}), ("dare_linear", {"rescale": "l1"})]:
+                          ("ties", {"normalize": False}), ("dare_linear", {"rescale": "l1"}),
+                          ("ties", {"tie": "exact_k"})]:
         kw = {} if method == "task_arithmetic" else {"densities": [0.2, 0.5, 0.9, 0.3, 0.6]}
         out.append(digest(merge_tensors(base, models, method, seed=3, **kw, **extra)))
     # the fused pass itself: every mask and consensus kind, 1 to 5 models, tails of a tile
@@ -297,6 +298,7 @@ CASES = [
     ("dare_linear", dict(densities=0.4, seed=3, rescale="inverse_density", normalize=True)),
     ("dare_ties", dict(densities=[0.2, 0.4, 0.6], seed=11, tensor_index=5)),
     ("dare_ties", dict(densities=0.4, seed=3, rescale="none", normalize=True)),
+    ("ties", dict(densities=[0.3, 0.6, 0.1], tie="exact_k", weights=[1.0, 0.5, 2.0])),
 ]
 
 
@@ -317,6 +319,7 @@ def reference(base, models, method, kw, out_dtype):
         lam=kw.get("lam", 1.0),
         seed=kw.get("seed", 0),
         tensor_index=kw.get("tensor_index", 0),
+        tie=kw.get("tie", "keep_ties"),
         out_dtype=out_dtype,
     )
 
@@ -478,6 +481,37 @@ def test_della_native_equals_reference(dtype, method, shape):
     listed = merge_tensor_list([base], [[x] for x in models], method, densities=0.5, seed=7)
     one = merge_tensors(base, models, method, densities=0.5, seed=7)
     assert torch.equal(listed[0], one)
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_density_one_and_zero_as_mergekit(method):
+    """Density 1 (the default) keeps each task vector whole, 0 drops it, whatever ε: mergekit's
+    short-circuits, on the native path as on the reference."""
+    m = get_method(method)
+    base, models = models_like((9, 33), torch.float32, "cpu", n=2, seed=3)
+    for densities in ([1.0, 1.0], [0.0, 1.0], [0.0, 0.0]):
+        got = merge_tensors(base, models, method, densities=densities, weights=[0.7, 0.4])
+        expected = mr.generalized_merge_ref(
+            base,
+            models,
+            weights=[0.7, 0.4],
+            densities=densities,
+            sparsify="della",
+            consensus=m.consensus,
+            normalize=m.normalize,
+            rescale=m.rescale,
+            epsilons=[0.15, 0.15],
+        )
+        assert torch.equal(got, expected), densities
+    kept = merge_tensors(base, models, method, weights=[0.7, 0.4])  # density defaults to 1
+    plain = merge_tensors(
+        base,
+        models,
+        "ties" if m.consensus == "sum" else "task_arithmetic",
+        weights=[0.7, 0.4],
+        normalize=m.normalize,
+    )
+    torch.testing.assert_close(kept, plain)
 
 
 def _crumbs_cases(dtype, device):
@@ -716,6 +750,55 @@ def test_breadcrumbs_masks_across_blocks(device, dtype):
         want = torch.where(mask | (tau == 0), theta, base)
         got = _breadcrumbs_model(base.to(device), theta.to(device), density, gamma)
         assert torch.equal(got.cpu(), want), (density, gamma)
+
+
+def test_exact_k_native_equals_reference_on_large_tied_tensors():
+    from meldkit.ops.merge import _exact_k_model
+
+    # Over 2^20 elements the selection takes the sampled bracket, and the fused pass keeps the
+    # ties at each model's threshold up to its cutoff index: tiles before it in registers,
+    # after it with the next float up as threshold, the one it falls in split.
+    g = torch.Generator().manual_seed(5)
+    n = (1 << 20) + 4099
+    base = torch.randn(n, generator=g).to(torch.bfloat16)
+    models = [
+        (base.float() + 0.01 * torch.randn(n, generator=g)).to(torch.bfloat16) for _ in range(3)
+    ]
+    m = get_method("ties")
+    for densities in ([0.3, 0.3, 0.3], [0.05, 0.5, 0.9]):
+        got = merge_tensors(base, models, "ties", densities=densities, tie="exact_k")
+        expected = mr.generalized_merge_ref(
+            base,
+            models,
+            weights=[1.0] * 3,
+            densities=densities,
+            sparsify="magnitude",
+            consensus=m.consensus,
+            normalize=m.normalize,
+            lam=1.0,
+            tie="exact_k",
+        )
+        assert torch.equal(got, expected), densities
+        keep_ties = merge_tensors(base, models, "ties", densities=densities)
+        assert not torch.equal(got, keep_ties)  # the ties at the thresholds mattered
+        # The path of other devices (CUDA): each model masked by tensor ops, then merged
+        # without masks; run here on the CPU tensors.
+        for x, d in zip(models, densities, strict=True):
+            mask = mr.magnitude_mask_ref(x.float() - base.float(), d, tie="exact_k")
+            assert torch.equal(_exact_k_model(base, x, d), torch.where(mask, x, base)), d
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_exact_k_is_the_same_on_every_device(device):
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(300_001, generator=g).to(torch.bfloat16)
+    models = [(base.float() + 0.01 * torch.randn(base.shape, generator=g)).to(torch.bfloat16)]
+    models.append((base.float() + 0.02 * torch.randn(base.shape, generator=g)).to(torch.bfloat16))
+    want = merge_tensors(base, models, "ties", densities=[0.3, 0.6], tie="exact_k")
+    got = merge_tensors(
+        base.to(device), [x.to(device) for x in models], "ties", densities=[0.3, 0.6], tie="exact_k"
+    )
+    assert torch.equal(got.cpu(), want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

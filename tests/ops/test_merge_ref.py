@@ -223,6 +223,41 @@ def test_linear_model_stock_slerp():
     torch.testing.assert_close(mr.slerp_ref(e0, e0 * 2, 0.5), e0 * 1.5)  # colinear: lerp
 
 
+def test_model_stock_clamps_the_norm_product_as_mergekit_does():
+    # mergekit's model_stock divides <τ_i, τ_j> by max(‖τ_i‖·‖τ_j‖, 1e-6): with tiny task
+    # vectors (norms 1e-4, product 1e-8) the cosine is 1e-8/1e-6 = 0.01, not 1 (which clamping
+    # each norm to >= 1e-6 gives: the product of two norms is then >= 1e-12 < 1e-8).
+    b = torch.zeros(2, dtype=torch.float64)
+    tiny = [torch.tensor([1e-4, 0.0], dtype=torch.float64)] * 2
+    cos = 1e-8 / 1e-6
+    t = 2 * cos / (1 + cos)
+    torch.testing.assert_close(mr.model_stock_ref(b, tiny), t * tiny[0])
+    # opposite task vectors: 1 + (N - 1)·cos = 0, mergekit keeps the base there
+    opposite = [torch.tensor([1.0, 2.0], dtype=torch.float64)]
+    opposite.append(-opposite[0])
+    torch.testing.assert_close(mr.model_stock_ref(b, opposite), b)
+    # filter_wise: one t per vector along the last dimension, for any rank
+    base3, models3 = _models(n=3, shape=(2, 3, 4), seed=5)
+    rows = mr.model_stock_ref(base3, models3, filter_wise=True)
+    for i in range(2):
+        for j in range(3):
+            one = mr.model_stock_ref(base3[i, j], [m[i, j] for m in models3])
+            torch.testing.assert_close(rows[i, j], one)
+
+
+def test_della_density_one_keeps_and_zero_drops_the_task_vector():
+    # mergekit's della_magprune returns τ for density >= 1 and zeros for density <= 0, without
+    # checking epsilon (density ± ε need not lie in (0, 1) there).
+    base, models = _models(n=2, seed=6)
+    kw = dict(weights=[1.0, 1.0], sparsify="della", consensus="sum", epsilons=[0.15, 0.15])
+    for rescale in ("l1", "inverse_density", "none"):
+        whole = mr.generalized_merge_ref(base, models, densities=[1.0, 1.0], rescale=rescale, **kw)
+        plain = mr.generalized_merge_ref(base, models, weights=[1.0, 1.0], consensus="sum")
+        assert torch.equal(whole, plain), rescale
+        none = mr.generalized_merge_ref(base, models, densities=[0.0, 0.0], rescale=rescale, **kw)
+        assert torch.equal(none, base), rescale
+
+
 def test_registry_names_papers_and_rejects_unknown():
     for name, method in METHODS.items():
         assert method.name == name and method.paper

@@ -47,6 +47,10 @@ struct TaskMergeParams {
   // CPU, random masks, N <= kMaskBitsMaxModels: [numel] bytes, bit t = model t's keep. The L1
   // pass writes them; the merge pass then reads them instead of drawing again (same bits).
   uint8_t* mask_bits = nullptr;
+  // CPU, magnitude masks, mergekit's exactly-k rule (tie "exact_k"): [N] element indices; of the
+  // elements whose |tau| equals model t's threshold, only those with index < tie_cutoffs[t] are
+  // kept (magnitude_tie_cutoffs_cpu computes them). nullptr keeps every tie (|tau| >= threshold).
+  const int64_t* tie_cutoffs = nullptr;
 };
 constexpr int kMaskBitsMaxModels = 8;
 
@@ -187,6 +191,14 @@ uint64_t magnitude_histogram_cpu(const MagnitudeSelectParams& p, int64_t prefix,
 // once for all models.
 void magnitude_select_models_cpu(const void* base, const void* const* models, int num_models,
                                  int64_t numel, DType dtype, const int64_t* ks, uint32_t* bits);
+// mergekit's exactly-k rule on top of those thresholds: the top ks[t] magnitudes, equal
+// magnitudes ranked by index (lower first), are |tau| > threshold plus the first r ties at the
+// threshold, r = ks[t] - #(|tau| > threshold). cutoffs[t] is one past the r-th tie's index (or
+// numel when every tie is kept): TaskMergeParams::tie_cutoffs. One counting pass reads the base
+// once for all models, then one chunk per model is scanned.
+void magnitude_tie_cutoffs_cpu(const void* base, const void* const* models, int num_models,
+                               int64_t numel, DType dtype, const uint32_t* bits, const int64_t* ks,
+                               int64_t* cutoffs);
 
 // The CUDA version counts three digits of 11, 11 and 10 bits (its histograms fit in shared
 // memory). `workspace` is device memory of kMagnitudeSelectCudaWorkspace uint64 counters. It reads

@@ -478,10 +478,11 @@ def run_op(
         path, reasons = ours_path(case)
         impls = case.build()
         errors = relative_errors(impls)
+        peaks = peak_extra_bytes(impls, device)
         timings = time_impls(impls, device, flush=flush, warmup=warmup, repeats=repeats)
         del impls  # free this case's inputs before the next case allocates its own
         case_metadata = {**metadata, "ours_path": path, "fallback_reasons": reasons}
-        rows.extend(make_rows(case, timings, errors, case_metadata))
+        rows.extend(make_rows(case, timings, errors, case_metadata, peaks))
         if progress:
             ours = format_seconds(timings[OURS].median_s)
             print(f" ours {ours} ({path})", file=sys.stderr, flush=True)
@@ -504,21 +505,43 @@ def relative_errors(impls: dict[str, Impl]) -> dict[str, float]:
     return errors
 
 
+def peak_extra_bytes(impls: dict[str, Impl], device: str) -> dict[str, int | None]:
+    """Peak memory each impl allocates beyond what is already allocated (its inputs), from one
+    call: the CUDA caching allocator's high-water mark. None on the CPU, where PyTorch keeps no
+    such count (``bench/bench_merge.py`` measures a whole merge's peak resident memory in a
+    child process instead)."""
+    if torch.device(device).type != "cuda":
+        return {name: None for name in impls}
+    peaks: dict[str, int | None] = {}
+    for name, fn in impls.items():
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = fn()
+        torch.cuda.synchronize()
+        peaks[name] = int(torch.cuda.max_memory_allocated() - before)
+        del result
+    return peaks
+
+
 def make_rows(
     case: Case,
     timings: dict[str, Timing],
     errors: dict[str, float],
     metadata: dict[str, Any],
+    peaks: dict[str, int | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Build one JSON row per baseline of ``case``, comparing it with :data:`OURS`.
 
     Row fields: ``op, case, shape, n_inputs, dtype, device, device_name, impl, median_s, min_s,
     iqr_s, repeats, max_rel_err, baseline, baseline_median_s, baseline_min_s, baseline_iqr_s,
     baseline_max_rel_err, ratio`` (baseline median / our median: > 1 means we are faster),
-    ``bytes_moved, gbps, baseline_gbps, ceiling_gbps, fraction_of_ceiling`` (ours), the run
-    metadata of :func:`run_metadata`, and the keys ``metadata`` adds (``run_op`` adds
+    ``bytes_moved, gbps, baseline_gbps, ceiling_gbps, fraction_of_ceiling`` (ours),
+    ``peak_extra_bytes, baseline_peak_extra_bytes`` (:func:`peak_extra_bytes`; None on the CPU),
+    the run metadata of :func:`run_metadata`, and the keys ``metadata`` adds (``run_op`` adds
     ``device_name, ceiling_gbps, quick, ours_path, fallback_reasons``).
     """
+    peaks = peaks or {}
     ours = timings[OURS]
     gbps = case.bytes_moved / ours.median_s / 1e9
     rows = []
@@ -551,6 +574,8 @@ def make_rows(
                 "baseline_gbps": case.bytes_moved / timing.median_s / 1e9,
                 "ceiling_gbps": metadata["ceiling_gbps"],
                 "fraction_of_ceiling": gbps / metadata["ceiling_gbps"],
+                "peak_extra_bytes": peaks.get(OURS),
+                "baseline_peak_extra_bytes": peaks.get(baseline),
                 **{key: value for key, value in metadata.items() if key != "device_name"},
             }
         )

@@ -123,10 +123,34 @@ class Checkpoint:
             raise CheckpointError(f"{f}: not a readable safetensors file ({exc})") from None
         self._handles[f] = handle
 
+    def _pickle_files(self) -> list[Path]:
+        """The model's pickle weight files: those ``pytorch_model.bin.index.json`` lists, else
+        ``pytorch_model.bin``, else the ``pytorch_model*.bin`` shards (never the other ``.bin``
+        files of a Trainer folder, such as ``training_args.bin``)."""
+        if not self.path.is_dir():
+            return []
+        index = self.path / "pytorch_model.bin.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = sorted({self.path / f for f in weight_map.values()})
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise CheckpointError(f"{index}: not a pytorch_model.bin index ({exc})") from None
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index}: shards missing: {', '.join(missing)}")
+            return files
+        single = self.path / "pytorch_model.bin"
+        if single.is_file():
+            return [single]
+        return sorted(self.path.glob("pytorch_model*.bin"))
+
     def _load_pickle(self, allow_pickle: bool) -> None:
-        bins = sorted(self.path.glob("*.bin")) if self.path.is_dir() else []
+        bins = self._pickle_files()
         if not bins:
-            raise CheckpointError(f"{self.path}: no .safetensors (or .bin) weights found")
+            raise CheckpointError(
+                f"{self.path}: no .safetensors (or pytorch_model*.bin) weights found"
+            )
         if not allow_pickle:
             raise CheckpointError(
                 f"{self.path}: only pickle checkpoints ({bins[0].name}); convert it to "
@@ -134,7 +158,15 @@ class Checkpoint:
             )
         self._pickled = {}
         for f in bins:
-            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # pickle, zip and weights_only errors of every kind
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise CheckpointError(f"{f}: not a readable PyTorch state dict ({first})") from None
+            if not isinstance(state, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+            ):
+                raise CheckpointError(f"{f}: not a state dict of named tensors")
             self._pickled.update(state)
         for name, t in self._pickled.items():
             self._shapes[name] = tuple(t.shape)
@@ -171,17 +203,36 @@ class Checkpoint:
 
 
 def parse_size(text: str | int) -> int:
-    """Bytes of a size like ``5GB``, ``500M``, ``1e9`` or an int (mergekit's --out-shard-size)."""
-    if isinstance(text, int):
-        return text
-    s = str(text).strip().upper().removesuffix("B")
-    units = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
-    try:
-        if s and s[-1] in units:
-            return int(float(s[:-1]) * units[s[-1]])
-        return int(float(s))
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (examples: 5GB, 500M, 1000000000)") from None
+    """Bytes of a shard size: an int, a number (``1e9``), or a number with a unit.
+
+    ``KB``, ``MB``, ``GB``, ``TB`` and ``K``, ``M``, ``G``, ``T`` are powers of 1000; a bare
+    ``B`` means billions, as in mergekit's ``--out-shard-size`` (its ``5B`` default, its README's
+    ``1B`` tip), not bytes. Case does not matter. Raises ValueError, with examples, for anything
+    else or a size that is not positive.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        s = str(text).strip().upper().replace(" ", "")
+        units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "K": 1e3, "M": 1e6, "G": 1e9}
+        units |= {"T": 1e12, "B": 1e9}
+        scale = 1.0
+        for unit in sorted(units, key=len, reverse=True):
+            if s.endswith(unit):
+                s, scale = s[: -len(unit)], units[unit]
+                break
+        try:
+            value = float(s)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError(
+                f"not a size: {text!r} (examples: 5GB, 500MB, 1B = 10^9 as in mergekit, 1000000000)"
+            )
+        size = int(value * scale)
+    if size <= 0:
+        raise ValueError(f"a size must be positive, got {text!r}")
+    return size
 
 
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}

@@ -15,7 +15,24 @@ Accepted (the ``models`` form of mergekit's YAML)::
     out_dtype: bfloat16               # storage dtype of the result (default: dtype)
     tokenizer_source: base            # or tokenizer: {source: base}; see below
 
-Per-model parameters may also appear at the top level, as defaults for every model.
+Per-model parameters may also appear at the top level, as defaults for every model. The keys
+each method accepts are mergekit's (its method registry): for the task-vector methods
+(task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della,
+della_linear) ``weight`` and ``density`` per model, ``gamma`` (breadcrumbs) or ``epsilon``
+(della) per model, and ``normalize``, ``lambda``, ``rescale``, ``int8_mask`` at the top level;
+``weight`` and ``normalize`` for linear; ``filter_wise`` for model_stock; ``t`` for slerp
+(required, as in mergekit). Some change nothing, in meldkit as in mergekit: ``int8_mask``
+(mergekit's memory saving for its sign masks; meldkit holds no mask tensor), and task_arithmetic's
+``density`` and ``rescale`` (it sparsifies nothing). A top-level parameter given per model (say,
+``lambda`` in a model's ``parameters``) is accepted as mergekit accepts it, and ignored as mergekit
+ignores it, with a warning. ``rescale`` is a bool as in mergekit (``true``: the method's own
+rescaling, L1 matching) or one of meldkit's named rescalings ``none``, ``l1``,
+``inverse_density`` (divide by the keep probability, as the DARE paper does).
+
+Each resolved ``density``, ``gamma`` and ``epsilon`` lies in [0, 1]; DELLA with a
+density strictly between 0 and 1 needs ``density − epsilon > 0`` and ``density + epsilon ≤ 1``
+(density 1 keeps every task vector whole and 0 drops it, as in mergekit). These are checked
+before any tensor is merged, with the key named.
 
 A per-model parameter is a number, or, as in mergekit:
 
@@ -25,6 +42,9 @@ A per-model parameter is a number, or, as in mergekit:
 - **filtered** values, a list of ``{filter: SUBSTRING, value: V}`` entries tried in order: the
   first whose ``filter`` occurs in the tensor's name (or that has no filter, or ``*``) gives V,
   itself a number or a gradient.
+
+The numeric top-level parameters ``lambda`` and ``t`` may be gradients or filtered values too,
+evaluated per tensor as mergekit evaluates them.
 
 mergekit's ``slices`` form is read where it describes the same thing: every slice lists the
 same models over the same layer range, and the slices cover the layers in order from 0 (a
@@ -60,6 +80,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -81,7 +102,12 @@ TOP_LEVEL_KEYS = (
 )
 # mergekit keys that meldkit knows but does not implement yet: named in the error.
 UNSUPPORTED_KEYS = ("modules", "chat_template")
-GLOBAL_ONLY = ("normalize", "lambda", "rescale", "int8_mask", "t", "filter_wise")
+# Top-level parameters that may vary per tensor (gradients, filters), as in mergekit.
+NUMERIC_GLOBALS = ("lambda", "t")
+# Named rescalings of the sparsified task vectors (merge_tensors' ``rescale``), besides a bool.
+RESCALES = ("none", "l1", "inverse_density")
+# Defaults of the per-model parameters (mergekit's).
+MODEL_DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15}
 
 DTYPES = {
     "float32": torch.float32,
@@ -99,10 +125,12 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """One fine-tuned model: its folder and its parameters (weight, density, gamma, epsilon)."""
+    """One fine-tuned model: its folder and its parameters (weight, density, gamma, epsilon);
+    ``where`` names its entry in the config for error messages."""
 
     path: Path
     params: dict[str, float]
+    where: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +166,32 @@ class MergeConfig:
             out.append(float(default if value is None else value))
         return out
 
+    def global_param(
+        self, name: str, tensor_name: str = "", t: float = 0.0, layer: int | None = None
+    ) -> Any:
+        """The top-level parameter ``name`` for one tensor (gradients and filters resolved;
+        None when it is not given, or no filter matches)."""
+        if name not in self.params:
+            return None
+        return evaluate_setting(self.params[name], tensor_name, t, layer)
+
+    def check_tensor(self, tensor_name: str, t: float = 0.0, layer: int | None = None) -> None:
+        """Raise ConfigError if the parameters resolved for one tensor cannot merge it: a DELLA
+        keep probability outside (0, 1], or slerp's ``t`` matched by no filter. The engine
+        calls it for every tensor before merging any."""
+        method = self.method
+        if method.kind == "slerp" and self.global_param("t", tensor_name, t, layer) is None:
+            raise ConfigError(
+                f"parameters.t: no filter matches {tensor_name} (add a last entry without a "
+                "filter, {value: V}, as a default)"
+            )
+        if method.sparsify != "della":
+            return
+        densities = self.model_param("density", MODEL_DEFAULTS["density"], tensor_name, t, layer)
+        epsilons = self.model_param("epsilon", MODEL_DEFAULTS["epsilon"], tensor_name, t, layer)
+        for m, d, e in zip(self.models, densities, epsilons, strict=True):
+            _check_della(d, e, "epsilon" not in m.params, f"{m.where} ({m.path}), {tensor_name}")
+
 
 def _dtype(value: Any, key: str) -> torch.dtype | None:
     if value is None:
@@ -154,6 +208,57 @@ def _scalar(value: Any, where: str) -> Any:
         return value
     if not isinstance(value, (int, float)):
         raise ConfigError(f"{where}: expected a number, got {value!r}")
+    return value
+
+
+def _check_della(density: float, epsilon: float, default_epsilon: bool, where: str) -> None:
+    """DELLA's keep probabilities ``density ± epsilon`` must lie in (0, 1] when the density is
+    strictly between 0 and 1 (1 keeps τ whole, 0 drops it: mergekit's short-circuits)."""
+    if 0 < density < 1 and not (0 < density - epsilon and density + epsilon <= 1):
+        eps = f"epsilon {epsilon}" + (" (the default)" if default_epsilon else "")
+        raise ConfigError(
+            f"{where}: della needs 0 < density - epsilon and density + epsilon <= 1, got "
+            f"density {density} and {eps}; choose a smaller epsilon"
+        )
+
+
+def _check_ranges(params: Mapping[str, Any], where: str) -> None:
+    """Every value a per-model ``density``, ``gamma`` or ``epsilon`` can take lies in [0, 1]
+    (gradients interpolate between their values, so checking those is enough)."""
+    for key in ("density", "gamma", "epsilon"):
+        for x in _numbers(params.get(key)):
+            if not 0 <= x <= 1:
+                raise ConfigError(f"{where}.{key}: {x} is not in [0, 1]")
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    """A ``parameters`` block: a mapping of names to values (empty when absent)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"{where}: expected a mapping of parameter names to values, got {value!r}"
+        )
+    return dict(value)
+
+
+def _global(key: str, value: Any, where: str) -> Any:
+    """A top-level method parameter: ``lambda`` and ``t`` may be gradients or filtered (as
+    per-model settings are), ``rescale`` a bool or a named rescaling, the others one value."""
+    if key in NUMERIC_GLOBALS:
+        return _setting(value, where)
+    if key == "rescale" and isinstance(value, str):
+        if value not in RESCALES:
+            raise ConfigError(
+                f"{where}: {value!r} is not a rescaling; expected true, false or one of "
+                f"{', '.join(RESCALES)}"
+            )
+        return value
+    value = _scalar(value, where)
+    if key == "rescale" and not isinstance(value, bool):
+        raise ConfigError(
+            f"{where}: expected true, false or one of {', '.join(RESCALES)}, got {value!r}"
+        )
     return value
 
 
@@ -276,32 +381,45 @@ def parse_config(
     if method.needs_base and base is None:
         raise ConfigError(f"merge_method {method.name} needs base_model")
 
-    top = dict(raw.get("parameters") or {})
+    top = _mapping(raw.get("parameters"), "parameters")
     allowed_global = set(method.global_params) | set(method.model_params)
     bad = [k for k in top if k not in allowed_global]
     if bad:
         raise ConfigError(
-            f"parameters: {', '.join(bad)} not accepted by {method.name} "
+            f"parameters: {', '.join(map(str, bad))} not accepted by {method.name} "
             f"(accepted: {', '.join(sorted(allowed_global)) or 'none'})"
         )
     params = {
         k: _setting(v, f"parameters.{k}")
         if k in method.model_params
-        else _scalar(v, f"parameters.{k}")
+        else _global(k, v, f"parameters.{k}")
         for k, v in top.items()
     }
     defaults = {k: v for k, v in params.items() if k in method.model_params}
+    _check_ranges(defaults, "parameters")
+    if method.kind == "slerp" and "t" not in params:
+        raise ConfigError("merge_method slerp needs parameters.t (mergekit has no default)")
 
+    # The base is the merge's θ₀ for every method but linear, which (as in mergekit) averages
+    # it like any other model: listed among the models (or a slice's sources) with its weight,
+    # or, in the models form, when only named as base_model, added with the top-level
+    # parameters.
+    base_is_theta0 = method.needs_base
     slice_layers = None
     models = []
     if "slices" in raw:
         if "models" in raw:
             raise ConfigError("give models or slices, not both")
-        entries, slice_layers = _entries_from_slices(raw["slices"], method, defaults, resolve)
+        entries, spans = _entries_from_slices(raw["slices"], method, defaults, resolve)
+        slice_layers = spans[-1][1]
+        for k, v in params.items():  # gradients of top-level values run over each slice
+            if k in NUMERIC_GLOBALS and isinstance(v, (list, dict)):
+                params[k] = {"slices": [(a, b, v) for a, b in spans]}
         for entry in entries:  # checked by _entries_from_slices; per-slice settings
             path = resolve(entry["model"], "slices")
-            if base is None or path.resolve() != base.resolve():  # the base contributes τ = 0
-                models.append(ModelSpec(path, entry["parameters"]))
+            if base_is_theta0 and base is not None and path.resolve() == base.resolve():
+                continue  # the base contributes τ = 0
+            models.append(ModelSpec(path, entry["parameters"], f"slices ({entry['model']})"))
     else:
         entries = raw.get("models") or []
         if not isinstance(entries, list) or not entries:
@@ -312,31 +430,37 @@ def parse_config(
             extra = [k for k in entry if k not in ("model", "parameters")]
             if extra:
                 raise ConfigError(f"models[{i}]: unknown keys: {', '.join(map(str, extra))}")
-            p = dict(entry.get("parameters") or {})
-            bad = [k for k in p if k not in method.model_params]
-            if bad:
-                raise ConfigError(
-                    f"models[{i}].parameters: {', '.join(bad)} not accepted by {method.name} "
-                    f"(accepted: {', '.join(method.model_params) or 'none'})"
-                )
-            merged = {
-                **defaults,
-                **{k: _setting(v, f"models[{i}].parameters.{k}") for k, v in p.items()},
-            }
+            where = f"models[{i}].parameters"
+            p = _model_params(entry.get("parameters"), method, where)
             path = resolve(entry["model"], f"models[{i}].model")
-            if base is not None and path.resolve() == base.resolve():
+            if base_is_theta0 and base is not None and path.resolve() == base.resolve():
                 continue  # mergekit lists the base among the models at times: it adds τ = 0
-            models.append(ModelSpec(path, merged))
+            models.append(ModelSpec(path, {**defaults, **p}, f"models[{i}]"))
+    if (
+        not base_is_theta0
+        and base is not None
+        and "slices" not in raw  # mergekit adds it to the models form only
+        and all(m.path.resolve() != base.resolve() for m in models)
+    ):
+        if "weight" not in defaults:
+            raise ConfigError(
+                f"base_model: linear averages the base with the models (as mergekit does), but "
+                f"{base} is not among the models and parameters.weight gives it no weight: list "
+                "it under models with its weight, or drop base_model"
+            )
+        models.append(ModelSpec(base, dict(defaults), "base_model"))
     if not models:
         raise ConfigError("no model to merge: every model listed is the base model")
     if method.name == "slerp" and len(models) != 1:
         raise ConfigError("slerp merges the base with exactly one other model")
     if method.kind == "model_stock" and len(models) < 2:
         raise ConfigError("model_stock needs at least two fine-tuned models besides the base")
-    for i, m in enumerate(models):
-        bad = [x for x in _numbers(m.params.get("density")) if not 0 <= x <= 1]
-        if bad:
-            raise ConfigError(f"models[{i}].parameters.density: {bad[0]} is not in [0, 1]")
+    if method.sparsify == "della":  # the common case, one value each, checked here already
+        for m in models:
+            d = m.params.get("density", MODEL_DEFAULTS["density"])
+            e = m.params.get("epsilon", MODEL_DEFAULTS["epsilon"])
+            if not isinstance(d, (list, dict)) and not isinstance(e, (list, dict)):
+                _check_della(d, e, "epsilon" not in m.params, f"{m.where} ({m.path})")
     return MergeConfig(
         method=method,
         base=base,
@@ -364,9 +488,9 @@ def _numbers(setting: Any) -> list[float]:
 
 def _entries_from_slices(
     slices: Any, method: MergeMethod, defaults: dict[str, Any], resolve
-) -> tuple[list[dict[str, Any]], int]:
+) -> tuple[list[dict[str, Any]], list[tuple[int, int]]]:
     """mergekit's slices as model entries whose parameters are per-slice settings
-    (``{"slices": [(start, stop, setting), ...]}``), and the number of layers they cover."""
+    (``{"slices": [(start, stop, setting), ...]}``), and the layer range of each slice."""
     if not isinstance(slices, list) or not slices:
         raise ConfigError("slices: expected a non-empty list")
     order: list[str] = []  # the models as slices[0] names them, in its order
@@ -379,7 +503,9 @@ def _entries_from_slices(
         extra = [k for k in sl if k not in ("sources", "parameters")]
         if extra:
             raise ConfigError(f"{where}: unknown keys: {', '.join(map(str, extra))}")
-        slice_params = _model_params(sl.get("parameters"), method, f"{where}.parameters")
+        slice_params = _model_params(
+            sl.get("parameters"), method, f"{where}.parameters", slice_level=True
+        )
         sources = sl["sources"]
         if not isinstance(sources, list) or not sources:
             raise ConfigError(f"{where}.sources: expected a non-empty list")
@@ -441,23 +567,45 @@ def _entries_from_slices(
                 "slices": [(a, b, v) for (a, b), v in zip(spans, per_slice, strict=True)]
             }
         entries.append({"model": model, "parameters": params})
-    return entries, spans[-1][1]
+    return entries, spans
 
 
-def _model_params(raw: Any, method: MergeMethod, where: str) -> dict[str, Any]:
-    """Per-model parameters given in a slice or source, parsed as settings."""
-    if raw is None:
-        return {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: expected a mapping")
-    bad = [k for k in raw if k not in method.model_params]
+def _model_params(
+    raw: Any, method: MergeMethod, where: str, *, slice_level: bool = False
+) -> dict[str, Any]:
+    """Per-model parameters given for a model, a source or (``slice_level``) a slice, parsed
+    as settings.
+
+    A top-level parameter of the method given for a model or a source is accepted as mergekit
+    accepts it, and dropped as mergekit drops it (it reads those from the top level and the
+    slices only), with a warning. Given for a slice, mergekit applies it to that slice's
+    layers, which meldkit does not do yet: refused.
+    """
+    raw = _mapping(raw, where)
+    shared = [k for k in raw if k in method.global_params and k not in method.model_params]
+    if shared and slice_level:
+        raise ConfigError(
+            f"{where}: {', '.join(shared)} not accepted per model by {method.name}: meldkit "
+            "reads top-level parameters for the whole model, not per slice (give it in the "
+            "top-level parameters)"
+        )
+    bad = [k for k in raw if k not in method.model_params and k not in shared]
     if bad:
         raise ConfigError(
-            f"{where}: {', '.join(map(str, bad))} not accepted per model by {method.name} "
+            f"{where}: {', '.join(map(str, bad))} not accepted by {method.name} per model "
             f"(accepted: {', '.join(method.model_params) or 'none'}; global parameters go in "
             "the top-level parameters)"
         )
-    return {k: _setting(v, f"{where}.{k}") for k, v in raw.items()}
+    if shared:
+        warnings.warn(
+            f"{where}: {', '.join(shared)} ignored here, as mergekit ignores it: "
+            f"{method.name} reads it from the top-level parameters",
+            UserWarning,
+            stacklevel=3,
+        )
+    params = {k: _setting(v, f"{where}.{k}") for k, v in raw.items() if k not in shared}
+    _check_ranges(params, where)
+    return params
 
 
 def _tokenizer_source(

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from meldkit.merging.checkpoint import Checkpoint, CheckpointError, ShardedWriter, parse_size
-from meldkit.merging.config import ConfigError, MergeConfig, parse_config
+from meldkit.merging.config import MODEL_DEFAULTS, ConfigError, MergeConfig, parse_config
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -59,9 +59,21 @@ def _validate(base: Checkpoint | None, models: list[Checkpoint]) -> list[str]:
                     f"{reference.path} has {list(reference.shape(n))}"
                 )
                 break
+            # Float dtypes may differ (every input is converted to the compute dtype); a float
+            # tensor against an integer one cannot be merged.
+            if (m.dtype(n) in FLOAT_DTYPES) != (reference.dtype(n) in FLOAT_DTYPES):
+                problems.append(
+                    f"{m.path}: {n} has dtype {_dtype_name(m.dtype(n))}, "
+                    f"{reference.path} has {_dtype_name(reference.dtype(n))}"
+                )
+                break
     if problems:
         raise MergeError("models do not match:\n  " + "\n  ".join(problems))
     return names
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 _LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -90,30 +102,54 @@ def layer_positions(names: list[str]) -> dict[str, float]:
 def _tensor_params(
     cfg: MergeConfig, tensor_name: str = "", t: float = 0.0, layer: int | None = None
 ) -> dict[str, Any]:
-    p = cfg.params
+    """:func:`meldkit.ops.merge_tensors`' keyword arguments for one tensor: the parameters the
+    method reads (none of its inert ones), gradients and filters resolved."""
     method = cfg.method
 
-    def per_model(name: str, default: float) -> list[float]:
-        return cfg.model_param(name, default, tensor_name, t, layer)
+    def per_model(name: str) -> list[float]:
+        return cfg.model_param(name, MODEL_DEFAULTS[name], tensor_name, t, layer)
 
-    kw: dict[str, Any] = {"weights": per_model("weight", 1.0)}
-    if "density" in method.model_params:
-        kw["densities"] = per_model("density", 1.0)
-    if "gamma" in method.model_params:
-        kw["gammas"] = per_model("gamma", 0.01)
-    if "epsilon" in method.model_params:
-        kw["epsilons"] = per_model("epsilon", 0.15)
-    if "lambda" in p:
-        kw["lam"] = float(p["lambda"])
-    if "normalize" in p:
-        kw["normalize"] = bool(p["normalize"])
-    if "rescale" in p:
-        kw["rescale"] = bool(p["rescale"])
-    if "t" in p:
-        kw["t"] = float(p["t"])
-    if "filter_wise" in p:
-        kw["filter_wise"] = bool(p["filter_wise"])
+    def shared(name: str) -> Any:
+        return cfg.global_param(name, tensor_name, t, layer) if method.reads(name) else None
+
+    kw: dict[str, Any] = {"weights": per_model("weight")}
+    for name, arg in (("density", "densities"), ("gamma", "gammas"), ("epsilon", "epsilons")):
+        if method.reads(name):
+            kw[arg] = per_model(name)
+    for name, arg, kind in (
+        ("lambda", "lam", float),
+        ("normalize", "normalize", bool),
+        ("t", "t", float),
+        ("filter_wise", "filter_wise", bool),
+    ):
+        value = shared(name)
+        if value is not None:
+            kw[arg] = kind(value)
+    rescale = shared("rescale")
+    if rescale is not None:  # a bool (mergekit's) or a named rescaling
+        kw["rescale"] = rescale if isinstance(rescale, str) else bool(rescale)
     return kw
+
+
+def _set_config_dtype(out_dir: Path, dtype: torch.dtype) -> None:
+    """Record the merged weights' dtype in ``out_dir/config.json`` (as mergekit does): the
+    ``torch_dtype`` and ``dtype`` keys the base's config has (``torch_dtype`` if neither),
+    rewritten atomically."""
+    path = out_dir / "config.json"
+    if not path.is_file():
+        return
+    try:
+        config = json.loads(path.read_text())
+    except ValueError:
+        return  # not meldkit's to repair: copied as the base has it
+    if not isinstance(config, dict):
+        return
+    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+    for k in keys:
+        config[k] = _dtype_name(dtype)
+    tmp = path.with_name(".config.json.tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
 
 
 class _OutputBuffers:
@@ -155,7 +191,14 @@ def _model_name(path: Path) -> tuple[str, bool]:
     return (f"{m.group(1)}/{m.group(2)}", True) if m else (str(path), False)
 
 
-def model_card(cfg: MergeConfig, config_text: str | None, *, seed: int, trim_scope: str) -> str:
+def model_card(
+    cfg: MergeConfig,
+    config_text: str | None,
+    *,
+    seed: int,
+    trim_scope: str,
+    tie: str = "keep_ties",
+) -> str:
     """The ``README.md`` written beside a merged model (as mergekit writes one): the method and
     its paper, the models, the settings, and the YAML that produced it (when known)."""
     from meldkit import __version__
@@ -176,7 +219,10 @@ def model_card(cfg: MergeConfig, config_text: str | None, *, seed: int, trim_sco
     lines += ["", "Models merged:", "", *(f"- `{n}`" for n, _ in names), ""]
     notes = [f"seed {seed} (random masks are keyed by it and by each tensor's name)"]
     if cfg.method.sparsify == "magnitude":
-        notes.append(f"magnitude trimming per {'model' if trim_scope == 'model' else 'tensor'}")
+        rule = "exactly k kept" if tie == "exact_k" else "ties at the threshold kept"
+        notes.append(
+            f"magnitude trimming per {'model' if trim_scope == 'model' else 'tensor'} ({rule})"
+        )
     if cfg.dtype is not None or cfg.out_dtype is not None:
         dt = str(cfg.dtype or "the inputs' dtype").replace("torch.", "")
         out = str(cfg.out_dtype or cfg.dtype or "the inputs' dtype").replace("torch.", "")
@@ -210,6 +256,7 @@ def merge(
     allow_pickle: bool = False,
     progress: bool = True,
     trim_scope: str = "tensor",
+    tie: str | None = None,
     background_write: bool | None = None,
 ) -> Path:
     """Merge the models of a mergekit-style ``config`` into ``out_dir``.
@@ -221,12 +268,16 @@ def merge(
     out_dir : path-like
         Destination folder (must not exist, or be empty). Written atomically: a temporary folder
         beside it is renamed into place at the end, and removed if the merge fails. It receives
-        the safetensors shards (and their index), the base's ``config.json``, the tokenizer
-        files, and a ``README.md`` model card (method, models, settings, the YAML).
+        the safetensors shards (and their index), the base's ``config.json`` (its
+        ``torch_dtype`` set to ``out_dtype`` or ``dtype`` when the config gives one, as mergekit
+        does), the tokenizer files, and a ``README.md`` model card (method, models, settings,
+        the YAML).
     device : str
         Where the arithmetic runs (``cpu`` or ``cuda``); tensors stream from disk either way.
     out_shard_size : str or int
-        Largest output shard, in bytes (``5GB``, ``500M``, ...).
+        Largest output shard, in bytes (``5GB``, ``500MB``, ``500M``; a bare ``B`` means
+        billions, as in mergekit: ``1B`` is 10⁹ bytes). See
+        :func:`~meldkit.merging.checkpoint.parse_size`.
     seed : int
         Seed of the random masks (DARE, DELLA): the same seed gives the same merge on every
         device. Masks are keyed by each tensor's name (:func:`tensor_key`), so they do not
@@ -239,6 +290,13 @@ def merge(
         Scope of magnitude trimming (ties, dare is unaffected): per tensor as mergekit does, or
         over the whole model as the original TIES paper does. ``"model"`` costs two extra
         streaming passes over the checkpoints (:mod:`meldkit.merging.global_trim`).
+    tie : {"exact_k", "keep_ties"}, optional
+        Magnitude trimming's rule for magnitudes equal to a threshold: ``"exact_k"`` keeps
+        exactly the top k, equal magnitudes ranked by index (mergekit's count; the default with
+        ``trim_scope="tensor"``), ``"keep_ties"`` keeps every magnitude at or above the k-th
+        largest (the TIES paper's kthvalue rule; the default, and the only rule, with
+        ``trim_scope="model"``). bf16 checkpoints have many equal magnitudes: at density 0.2,
+        keeping the ties kept 5.7 % more entries than k on a bf16 task vector.
     background_write : bool, optional
         Write each merged tensor on a writer thread while the next one merges. Default: when
         the machine has more cores than torch's thread count, or the merge runs on CUDA. Else,
@@ -255,10 +313,23 @@ def merge(
     config_text = _config_text(config)  # for the model card, as read now
     if trim_scope not in ("tensor", "model"):
         raise MergeError(f"trim_scope must be 'tensor' or 'model', got {trim_scope!r}")
+    if tie is None:
+        tie = "exact_k" if trim_scope == "tensor" else "keep_ties"
+    if tie not in ("exact_k", "keep_ties"):
+        raise MergeError(f"tie must be 'exact_k' or 'keep_ties', got {tie!r}")
+    if trim_scope == "model" and tie != "keep_ties":
+        raise MergeError(
+            "trim_scope='model' keeps every magnitude at or above the whole-model threshold "
+            "(tie='keep_ties'): exactly k over a whole model is not computed"
+        )
     if trim_scope == "model" and cfg.method.sparsify != "magnitude":
         raise MergeError(
             f"trim_scope='model' applies to magnitude trimming (ties); {cfg.method.name} has none"
         )
+    try:
+        shard_size = parse_size(out_shard_size)
+    except ValueError as exc:
+        raise MergeError(f"out_shard_size: {exc}") from None
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MergeError("device cuda requested but torch sees no CUDA device")
@@ -277,7 +348,11 @@ def merge(
                 f"{count} layers: meldkit merges whole models, so the slices must cover every "
                 "layer"
             )
+    positions = layer_positions(names)
     reference = base if base is not None else models[0]
+    for n in names:  # every tensor's resolved parameters, before any tensor is merged
+        if reference.dtype(n) in FLOAT_DTYPES:
+            cfg.check_tensor(n, positions[n], layers[n])
     out_dtype_of = {
         n: (cfg.out_dtype or cfg.dtype or reference.dtype(n))
         if reference.dtype(n) in FLOAT_DTYPES
@@ -293,12 +368,11 @@ def merge(
     writer = ShardedWriter(
         out_dir,
         plan,
-        parse_size(out_shard_size),
+        shard_size,
         background=bool(background_write),
         kernel_writes=device.type == "cpu",
     )
     nbytes = {n: reference.numel(n) * out_dtype_of[n].itemsize for n in names}
-    positions = layer_positions(names)
 
     from meldkit.ops import merge_tensors
 
@@ -361,19 +435,24 @@ def merge(
                 # writer thread writes it to the shard while the next tensor merges.
                 host, slot = buffers.take(out_dtype_of[name], reference.shape(name))
                 kwargs = dict(seed=seed, tensor_index=tensor_key(name), **params)
-                if device.type == "cpu":
-                    merge_tensors(b, ms, cfg.method.name, out=host, **kwargs)
-                else:
-                    merged = merge_tensors(
-                        b, ms, cfg.method.name, out_dtype=out_dtype_of[name], **kwargs
-                    )
-                    host.copy_(merged)
+                if cfg.method.sparsify == "magnitude" and thresholds is None:
+                    kwargs["tie"] = tie
+                try:
+                    if device.type == "cpu":
+                        merge_tensors(b, ms, cfg.method.name, out=host, **kwargs)
+                    else:
+                        merged = merge_tensors(
+                            b, ms, cfg.method.name, out_dtype=out_dtype_of[name], **kwargs
+                        )
+                        host.copy_(merged)
+                except ValueError as exc:  # e.g. a NaN in a task vector: name the tensor
+                    raise MergeError(f"{name}: {exc}") from None
                 buffers.hold(slot, writer.add(name, host))
             if bar is not None:
                 bar.update(nbytes[name])
                 bar.set_postfix_str(f"{i + 1}/{len(names)} tensors", refresh=False)
-        card = model_card(cfg, config_text, seed=seed, trim_scope=trim_scope)
-        return writer.commit(
+        card = model_card(cfg, config_text, seed=seed, trim_scope=trim_scope, tie=tie)
+        out = writer.commit(
             aux_from=(cfg.base or cfg.models[0].path),
             tokenizer_from=cfg.tokenizer_source,
             card=card,
@@ -384,6 +463,9 @@ def merge(
     finally:
         if bar is not None:
             bar.close()
+    if cfg.out_dtype is not None or cfg.dtype is not None:
+        _set_config_dtype(out, cfg.out_dtype or cfg.dtype)
+    return out
 
 
 def merge_state_dicts(
@@ -397,12 +479,17 @@ def merge_state_dicts(
     """Merge in-memory state dicts with :func:`meldkit.ops.merge_tensor_list`.
 
     ``params`` are :func:`~meldkit.ops.merge_tensors`'s keyword arguments (``weights``,
-    ``densities``, ``lam``, ...). Non-floating tensors are taken from the base (or first model).
+    ``densities``, ``lam``, ``tie``, ...); magnitude trimming defaults to ``tie="exact_k"``
+    (mergekit's rule), as :func:`merge` does. Non-floating tensors are taken from the base (or
+    first model).
     The floating tensors of one dtype and device are merged in one call. Random masks are keyed
     by tensor name, as in :func:`merge`, so both give the same result.
     """
+    from meldkit.merging.methods import get_method
     from meldkit.ops import merge_tensor_list
 
+    if get_method(method).sparsify == "magnitude" and params.get("thresholds") is None:
+        params.setdefault("tie", "exact_k")
     reference = base if base is not None else models[0]
     out: dict[str, torch.Tensor] = {}
     groups: dict[tuple, list[str]] = {}

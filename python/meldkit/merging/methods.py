@@ -31,9 +31,15 @@ class MergeMethod:
     needs_base : bool
         Whether ``base_model`` is required.
     model_params : tuple of str
-        Per-model parameters the method reads (besides ``weight``).
+        Per-model parameters it accepts: mergekit's per-input (``NON_BASE``/``INPUT``)
+        parameters of the method, which the top-level ``parameters`` may also give as defaults.
     global_params : tuple of str
-        Top-level parameters it accepts.
+        Top-level parameters it accepts: mergekit's shared parameters of the method.
+    inert : tuple of str
+        Accepted keys that change nothing, in meldkit as in mergekit: ``int8_mask`` (mergekit
+        stores its sign masks as int8 to save memory; meldkit's kernels never hold a mask
+        tensor), and for ``task_arithmetic`` ``density`` and ``rescale`` (mergekit accepts them,
+        but the method sparsifies nothing).
     paper : str
         Where the method comes from.
     """
@@ -45,9 +51,14 @@ class MergeMethod:
     normalize: bool = False
     rescale: str = "none"
     needs_base: bool = True
-    model_params: tuple[str, ...] = ("weight",)
-    global_params: tuple[str, ...] = ("normalize", "lambda")
+    model_params: tuple[str, ...] = ("weight", "density")
+    global_params: tuple[str, ...] = ("normalize", "lambda", "rescale", "int8_mask")
+    inert: tuple[str, ...] = ("int8_mask",)
     paper: str = ""
+
+    def reads(self, name: str) -> bool:
+        """Whether parameter ``name`` changes the merge (accepted and not inert)."""
+        return name in (*self.model_params, *self.global_params) and name not in self.inert
 
 
 _TA = "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023, arXiv:2212.04089"
@@ -62,15 +73,18 @@ _DELLA = "Deep et al., DELLA-Merging: Magnitude-Based Sampling, arXiv:2406.11617
 METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in (
-        MergeMethod("task_arithmetic", "generalized", paper=_TA),
+        MergeMethod(
+            "task_arithmetic",
+            "generalized",
+            inert=("int8_mask", "density", "rescale"),
+            paper=_TA,
+        ),
         MergeMethod(
             "ties",
             "generalized",
             sparsify="magnitude",
             consensus="sum",
             normalize=True,
-            model_params=("weight", "density"),
-            global_params=("normalize", "lambda", "rescale", "int8_mask"),
             paper=_TIES,
         ),
         MergeMethod(
@@ -78,8 +92,6 @@ METHODS: dict[str, MergeMethod] = {
             "generalized",
             sparsify="random",
             rescale="l1",
-            model_params=("weight", "density"),
-            global_params=("normalize", "lambda", "rescale", "int8_mask"),
             paper=_DARE,
         ),
         MergeMethod(
@@ -88,8 +100,6 @@ METHODS: dict[str, MergeMethod] = {
             sparsify="random",
             consensus="sum",
             rescale="l1",
-            model_params=("weight", "density"),
-            global_params=("normalize", "lambda", "rescale", "int8_mask"),
             paper=_DARE,
         ),
         MergeMethod(
@@ -105,7 +115,6 @@ METHODS: dict[str, MergeMethod] = {
             sparsify="breadcrumbs",
             consensus="sum",
             model_params=("weight", "density", "gamma"),
-            global_params=("normalize", "lambda", "int8_mask"),
             paper=_CRUMBS,
         ),
         MergeMethod(
@@ -116,7 +125,6 @@ METHODS: dict[str, MergeMethod] = {
             normalize=True,
             rescale="l1",
             model_params=("weight", "density", "epsilon"),
-            global_params=("normalize", "lambda", "rescale", "int8_mask"),
             paper=_DELLA,
         ),
         MergeMethod(
@@ -125,7 +133,6 @@ METHODS: dict[str, MergeMethod] = {
             sparsify="della",
             rescale="l1",
             model_params=("weight", "density", "epsilon"),
-            global_params=("normalize", "lambda", "rescale"),
             paper=_DELLA,
         ),
         MergeMethod(
@@ -133,7 +140,9 @@ METHODS: dict[str, MergeMethod] = {
             "linear",
             normalize=True,
             needs_base=False,
+            model_params=("weight",),
             global_params=("normalize",),
+            inert=(),
             paper="Wortsman et al., Model soups, ICML 2022, arXiv:2203.05482",
         ),
         MergeMethod(
@@ -141,6 +150,7 @@ METHODS: dict[str, MergeMethod] = {
             "model_stock",
             model_params=(),
             global_params=("filter_wise",),
+            inert=(),
             paper="Jang et al., Model Stock: All we need is just a few fine-tuned models, "
             "arXiv:2403.19522",
         ),
@@ -149,6 +159,7 @@ METHODS: dict[str, MergeMethod] = {
             "slerp",
             model_params=(),
             global_params=("t",),
+            inert=(),
             paper="Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985 "
             "(as mergekit applies it: Goddard et al., arXiv:2403.13257)",
         ),

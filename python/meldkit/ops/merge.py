@@ -8,9 +8,12 @@ L1 → one fused pass that masks, weighs, elects signs and merges. Breadcrumbs (
 rescaling, its definition) selects its two boundary magnitudes exactly, resolves ties at them by
 index (one native pass on the CPU), and merges the masked models without masks. DELLA (rescale
 ``l1`` or none, on the CPU) ranks each row by a native radix sort, draws its masks natively and
-merges the masked models with each model's L1 factor. TIES with ``tie="exact_k"`` (on the CPU,
-without rescaling) keeps the top k by one selection and the same band pass. DELLA elsewhere and
-``exact_k`` elsewhere run the reference (with a one-time warning naming the reason); ``linear`` runs
+merges the masked models with each model's L1 factor. TIES with ``tie="exact_k"`` (mergekit's
+rule; without L1 rescaling) adds, on the CPU, one counting pass that finds per model the index at
+which the ties at the threshold stop being kept (the fused pass keeps ties only before it), and
+on CUDA masks each model by one selection and a running count of its ties, then merges the masked
+models without masks. DELLA elsewhere and ``exact_k`` with L1 rescaling run the reference (with a
+one-time warning naming the reason); ``linear`` runs
 on :func:`meldkit.ops.weighted_sum`; ``model_stock`` and ``slerp`` are a few reductions in PyTorch.
 """
 
@@ -191,21 +194,24 @@ def _breadcrumbs_model(
 
 
 def _exact_k_model(base: torch.Tensor, theta: torch.Tensor, density: float) -> torch.Tensor:
-    """θ with all but the top ``k = int(numel·density)`` magnitudes set back to θ₀, equal
+    """θ with all but its top ``k = int(numel·density)`` magnitudes set back to θ₀, equal
     magnitudes ranked by index (lower first): :func:`merge_ref.magnitude_mask_ref` with
-    ``tie="exact_k"``, by one exact selection and the native band pass (CPU)."""
+    ``tie="exact_k"``, by one native selection and a few tensor ops on the tensors' device (the
+    path of devices without the CPU's cutoff pass). It holds a float32 copy of ``|τ|`` and an
+    int64 running count of the ties for one tensor, and reads one count back to the host."""
     n = theta.numel()
     k = min(int(n * density), n)
     if k >= n:
         return theta
     if k <= 0:
         return base.clone()
-    lo = _kth_largest(theta, base, k)
-    out = torch.empty_like(theta, memory_format=torch.contiguous_format)
-    _native._C.band_select(
-        theta.detach().contiguous(), base.detach().contiguous(), out, lo, None, n - k, n, True
-    )
-    return out
+    t = _kth_largest(theta, base, k)
+    a = (theta.float() - base.float()).abs().flatten()  # float32 τ, as the kernels compute it
+    above = a > t
+    ties = a == t
+    r = k - int(above.sum())  # ties to keep, the first ones in index order
+    keep = above | (ties & (torch.cumsum(ties, 0) <= r))
+    return torch.where(keep.view(theta.shape), theta, base)
 
 
 def _della_model(
@@ -216,7 +222,12 @@ def _della_model(
     mask of :func:`merge_ref.della_keep_prob_ref` and :func:`random_ref.bernoulli_mask_ref`.
     Also returns the L1 factor ``‖τ‖₁ / ‖kept τ‖₁`` of :func:`merge_ref.rescale_ref` (1 when
     nothing is kept): float64 sums (in index order, where the reference lets PyTorch choose the
-    order, as the native DARE path does), the ratio rounded once to float32."""
+    order, as the native DARE path does), the ratio rounded once to float32. A density of 1
+    keeps θ, 0 gives θ₀ (mergekit's short-circuits, without drawing)."""
+    if density >= 1.0:
+        return theta.contiguous(), 1.0
+    if density <= 0.0:
+        return base.contiguous(), 1.0
     ref.check_della(density, epsilon)
     out = torch.empty_like(theta, memory_format=torch.contiguous_format)
     if theta.numel() == 0:
@@ -299,8 +310,10 @@ def _merge_native(
     seed: int,
     tensor_indices: list[int],
     thresholds: list[float] | None,
+    exact_k: bool = False,
 ) -> None:
-    """One native call over J tensor positions (``models[t][j]``): thresholds, norms, merge."""
+    """One native call over J tensor positions (``models[t][j]``): thresholds, norms, merge.
+    ``exact_k`` (CPU, magnitude masks selected per tensor): mergekit's exactly-k rule."""
     device = bases[0].device
     targets = [
         o if o.is_contiguous() else torch.empty_like(o, memory_format=torch.contiguous_format)
@@ -327,6 +340,7 @@ def _merge_native(
         tensor_indices,
         workspace,
         _native.stream_of(device),
+        exact_k,
     )
     for t, o in zip(targets, outs, strict=True):
         if t is not o:
@@ -466,9 +480,16 @@ def _merge_into(
         ]
         sparsify = "none"
     exact_k = sparsify == "magnitude" and tie == "exact_k" and thresholds is None
-    if not reasons and exact_k and rescale == "none" and base.device.type == "cpu":
+    if not reasons and exact_k and rescale == "none" and base.device.type != "cpu":
         models = [_exact_k_model(base, x, d) for x, d in zip(models, densities, strict=True)]
         sparsify = "none"
+        exact_k = False
+    native_exact_k = (
+        not reasons
+        and exact_k
+        and rescale in ("none", "inverse_density")
+        and base.device.type == "cpu"
+    )
     if not reasons and sparsify == "della":
         reasons = [
             "the native DELLA path runs on the CPU with rescale 'l1' or 'none', "
@@ -476,9 +497,15 @@ def _merge_into(
         ]
     elif not reasons and sparsify not in _NATIVE_SPARSIFY:
         reasons = [f"no native kernel for {m.sparsify} masks with rescale {rescale!r}"]
-    if not reasons and sparsify == "magnitude" and tie != "keep_ties" and thresholds is None:
+    if (
+        not reasons
+        and sparsify == "magnitude"
+        and tie != "keep_ties"
+        and thresholds is None
+        and not native_exact_k
+    ):
         reasons = [
-            f"tie={tie!r} runs natively on the CPU without rescaling, not on "
+            f"tie={tie!r} runs natively on the CPU without L1 rescaling, not on "
             f"{base.device.type} with rescale {rescale!r}"
         ]
     if reasons:
@@ -517,6 +544,7 @@ def _merge_into(
         seed=seed,
         tensor_indices=[tensor_index],
         thresholds=thresholds,
+        exact_k=native_exact_k,
     )
     return out
 
@@ -769,13 +797,14 @@ filter_wise :
 
     Notes
     -----
-    The task-vector methods whose masks the kernels implement (task_arithmetic, ties,
-    dare_linear, dare_ties) run natively as one call, breadcrumbs (no rescale) natively position
-    by position; breadcrumbs holds one masked copy of one position's tensors at a time, and DARE
-    with L1 rescaling on the CPU one byte per element of the largest tensor (its masks, kept
-    between the L1 pass and the merge pass). The others
-    (linear, model_stock, slerp, della, breadcrumbs with a rescale, ``tie="exact_k"``) and the
-    reference backend merge position by position. No autograd: merging produces new weights.
+    The task-vector methods whose masks the kernels implement (task_arithmetic, ties (on the
+    CPU with either tie rule, elsewhere with ``keep_ties``), dare_linear, dare_ties) run natively
+    as one call, breadcrumbs (no rescale) natively position by position; breadcrumbs holds one
+    masked copy of one position's tensors at a time, and DARE with L1 rescaling on the CPU one
+    byte per element of the largest tensor (its masks, kept between the L1 pass and the merge
+    pass). The others (linear, model_stock, slerp, della, breadcrumbs with a rescale,
+    ``tie="exact_k"`` off the CPU or with L1 rescaling) and the reference backend merge position
+    by position. No autograd: merging produces new weights.
     """
     m = get_method(method)
     models = [list(ms) for ms in models]
@@ -811,10 +840,17 @@ filter_wise :
         x.requires_grad for x in (*bases, *(y for ms in models for y in ms))
     )
     crumbs = m.sparsify == "breadcrumbs" and a.rescale == "none"
+    exact_k = (
+        m.sparsify == "magnitude"
+        and tie == "exact_k"
+        and a.thresholds is None
+        and device.type == "cpu"
+        and a.rescale in ("none", "inverse_density")
+    )
     native = (
         m.kind == "generalized"
         and (m.sparsify in _NATIVE_SPARSIFY or crumbs)
-        and (m.sparsify != "magnitude" or tie == "keep_ties" or a.thresholds is not None)
+        and (m.sparsify != "magnitude" or tie == "keep_ties" or a.thresholds is not None or exact_k)
         and n <= _MAX_MODELS_PER_CALL
         and not needs_grad
     )
@@ -855,6 +891,7 @@ filter_wise :
                 outs,
                 sparsify=m.sparsify,
                 tensor_indices=[int(i) for i in indices],
+                exact_k=exact_k,
                 **common,
             )
             return outs

@@ -121,7 +121,8 @@ def della_keep_prob_ref(tau: torch.Tensor, density: float, epsilon: float) -> to
 
     Ascending magnitude rank r ∈ [0, n−1] within the row, ``p = (density − ε) + 2ε·r/(n−1)``
     (``r/(n−1)`` taken as 0 for a one-element row). Requires ``0 < density − ε`` and
-    ``density + ε ≤ 1``.
+    ``density + ε ≤ 1``. (A density of 1 or 0 never gets here: as in mergekit, the merge keeps
+    τ whole or drops it without drawing.)
     """
     check_della(density, epsilon)
     rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(-1, tau.shape[-1])
@@ -263,6 +264,12 @@ def generalized_merge_ref(
             mask = random_mask_ref(tau, d, seed, stream_of(tensor_index, n, t))
         elif sparsify == "breadcrumbs":
             mask = breadcrumbs_mask_ref(tau, d, float(gammas[t]))
+        elif sparsify == "della" and d >= 1.0:  # mergekit's short-circuit: τ unchanged
+            mask = torch.ones_like(tau, dtype=torch.bool)
+            keep_prob = 1.0
+        elif sparsify == "della" and d <= 0.0:  # and: τ dropped (no rescaling of nothing)
+            mask = torch.zeros_like(tau, dtype=torch.bool)
+            keep_prob = 1.0
         elif sparsify == "della":
             keep_prob = della_keep_prob_ref(tau, d, float(epsilons[t])).to(dt)
             mask = bernoulli_mask_ref(
@@ -317,30 +324,33 @@ def model_stock_ref(
     filter_wise: bool = False,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Model Stock (spec §2.7): θ = t·mean_i θ_i + (1 − t)·θ₀ with t = N·cos / (1 + (N − 1)·cos),
-    cos the mean pairwise cosine of the task vectors (clamped to [−1, 1], norms ≥ 1e-6), per tensor
-    or, with ``filter_wise``, per row."""
+    """Model Stock (spec §2.7), as mergekit computes it.
+
+    θ = t·mean_i θ_i + (1 − t)·θ₀ with t = N·cos / (1 + (N − 1)·cos), cos the mean over pairs
+    i < j of ⟨τ_i, τ_j⟩ / max(‖τ_i‖·‖τ_j‖, 1e-6) clamped to [−1, 1] (mergekit clamps the product
+    of the norms, not each norm); t = 0 (the base) where |1 + (N − 1)·cos| < 1e-6. Per tensor,
+    or with ``filter_wise`` per vector along the last dimension (a 1-D tensor is one vector).
+    """
     n = len(tensors)
     if n < 2:
         raise ValueError("model_stock needs at least 2 fine-tuned models besides the base")
     dt = _compute_dtype(base)
     theta0 = base.to(dt)
     taus = [t.to(dt) - theta0 for t in tensors]
-    if filter_wise and base.dim() >= 2:
-        flat = [x.reshape(x.shape[0], -1) for x in taus]
-    else:
-        flat = [x.reshape(1, -1) for x in taus]
+    rows = filter_wise and base.dim() >= 1  # one cosine per vector along the last dimension
+    flat = [x.reshape(-1, x.shape[-1]) if rows else x.reshape(1, -1) for x in taus]
     cos_sum = torch.zeros(flat[0].shape[0], dtype=dt, device=base.device)
     pairs = 0
     for i in range(n):
         for j in range(i + 1, n):
-            ni = flat[i].norm(dim=1).clamp_min(1e-6)
-            nj = flat[j].norm(dim=1).clamp_min(1e-6)
-            cos_sum += ((flat[i] * flat[j]).sum(1) / (ni * nj)).clamp(-1, 1)
+            norm_product = flat[i].norm(dim=1) * flat[j].norm(dim=1)
+            cos_sum += ((flat[i] * flat[j]).sum(1) / norm_product.clamp_min(1e-6)).clamp(-1, 1)
             pairs += 1
     cos = cos_sum / pairs
-    t = (n * cos) / (1 + (n - 1) * cos)
-    t = t.view(-1, *([1] * (base.dim() - 1))) if filter_wise and base.dim() >= 2 else t.view(())
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, 0.0, (n * cos) / torch.where(singular, 1.0, denominator))
+    t = t.view(*base.shape[:-1], 1) if rows else t.view(())
     mean = sum(x.to(dt) for x in tensors) / n
     return (t * mean + (1 - t) * theta0).to(out_dtype or base.dtype)
 
