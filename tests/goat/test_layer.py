@@ -4,6 +4,7 @@ DDP on a plain PyTorch model."""
 from __future__ import annotations
 
 import copy
+import io
 import os
 import subprocess
 import sys
@@ -123,6 +124,90 @@ def test_balance_loss_formula():
         goat.aux_loss(mlp())
 
 
+class Branchy(nn.Module):
+    """mlp() with its second layer skipped (``skip``) or run twice (``twice``) on demand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = mlp()
+        self.extra = nn.Linear(36, 36)
+        self.skip = self.twice = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(x)
+        if self.skip:
+            return x
+        x = self.extra(x)
+        return self.extra(x) if self.twice else x
+
+
+def test_aux_loss_counts_this_forward_only():
+    torch.manual_seed(0)
+    model = goat.wrap(Branchy(), config(dropout=0.0)).train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(6, 40)
+    for skip in (False, True, True):  # a layer skipped after it ran adds nothing (no stale graph)
+        model.skip = skip
+        loss = model(x).pow(2).mean() + goat.aux_loss(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert model.extra.has_run != skip
+        if skip:
+            assert (
+                model.extra.router.weight.grad is None or not model.extra.router.weight.grad.any()
+            )
+            with pytest.raises(RuntimeError, match="no forward"):
+                model.extra.balance_loss()
+
+    # A layer run twice adds one term per call.
+    model.skip, model.twice = False, True
+    layer = model.extra
+    with torch.no_grad():
+        h1 = model.body(x)
+        h2 = layer(h1)
+    model(x)
+    expected = 0.0
+    for h in (h1, h2):
+        probs = torch.softmax(h @ layer.router.weight.T, dim=-1)
+        counts = torch.zeros(E).index_add_(0, probs.topk(2).indices.flatten(), torch.ones(12))
+        expected = expected + E * (counts / 6 * probs.sum(0) / 6).sum()
+    torch.testing.assert_close(layer.balance_loss(), expected)
+    body = model.body[0].balance_loss() + model.body[2].balance_loss()
+    torch.testing.assert_close(goat.aux_loss(model), 1e-3 * (body + expected))
+
+
+def test_checkpoint_recomputation_is_not_a_new_forward():
+    """Non-reentrant activation checkpointing reruns the model in the backward: the aux loss of
+    the forward stays what it was (no call added, none cleared)."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = goat.wrap(mlp(), config()).train()
+    out = checkpoint(model, torch.randn(5, 40), use_reentrant=False)
+    aux = goat.aux_loss(model)
+    (out.sum() + aux).backward()
+    assert [len(layer._probs) for _, layer in goat.goat_layers(model)] == [1, 1]
+    torch.testing.assert_close(goat.aux_loss(model), aux, rtol=0, atol=0)
+
+
+def test_copy_after_a_training_forward():
+    model = goat.wrap(mlp(), config()).train()
+    (model(torch.randn(5, 40)).sum() + goat.aux_loss(model)).backward()
+    clone = copy.deepcopy(model)
+    assert_same_state(clone, model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (clone, loaded):
+        assert not other[0].has_run
+        x = torch.randn(3, 40)
+        torch.testing.assert_close(other.eval()(x), model.eval()(x), rtol=0, atol=0)
+        assert other[0].has_run and goat.aux_loss(other) > 0  # its hook came along
+    goat.unwrap(clone)
+    assert not clone._forward_pre_hooks
+
+
 def test_only_experts_and_routers_train():
     model = goat.wrap(mlp(), config())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -199,6 +284,16 @@ def test_mismatched_adapters_are_refused(tmp_path):
 
     with pytest.raises(goat.AdapterError, match="differs from the model's GOAT config"):
         goat.load_adapter(goat.wrap(mlp(), config(rho=5.0)), path)
+
+    with pytest.raises(goat.AdapterError, match=r"trained on a float32 base.* bfloat16"):
+        goat.load_adapter(mlp(dtype=torch.bfloat16), path)
+    bf16 = goat.save_adapter(goat.wrap(mlp(dtype=torch.bfloat16), config()), tmp_path / "b")
+    with pytest.raises(goat.AdapterError, match=r"trained on a bfloat16 base.* float32"):
+        goat.load_adapter(mlp(), bf16)
+    fine = goat.load_adapter(mlp(dtype=torch.bfloat16), bf16).float()  # the way round it
+    assert fine[0].base_layer.weight.dtype == torch.float32
+    lora = goat.save_adapter(goat.wrap(mlp(), config(init="lora")), tmp_path / "l.safetensors")
+    goat.load_adapter(mlp(dtype=torch.bfloat16), lora)  # no base adjustment: any dtype
 
     from safetensors.torch import save_file
 

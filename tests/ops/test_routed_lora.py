@@ -21,8 +21,8 @@ from meldkit.ops.routed_lora_ref import (
 )
 from tests.helpers import DEVICES, DTYPES, randn
 
-# (N, n, m, E, r, top_k, dropout): every N in {1, 7, 37}, E in {1, 3, 8}, r in {1, 4},
-# top_k in {1, 2, E}, odd n and m.
+# (N, n, m, E, r, top_k, dropout): every N in {1, 7, 37}, E in {1, 2, 3, 8}, per-expert rank
+# r in {1, 4, 16}, top_k in {1, 2, E}, odd n and m.
 CASES = [
     (1, 5, 3, 1, 1, 1, 0.0),
     (7, 13, 9, 3, 4, 1, 0.25),
@@ -32,6 +32,8 @@ CASES = [
     (1, 11, 7, 8, 1, 8, 0.5),
     (37, 5, 3, 8, 1, 1, 0.1),
     (7, 3, 17, 8, 4, 8, 0.0),
+    (7, 13, 9, 2, 16, 1, 0.25),
+    (37, 19, 7, 2, 16, 2, 0.0),
 ]
 SCALINGS = [0.75, 2.0]  # dyadic: the same value in every dtype
 
@@ -380,7 +382,7 @@ def test_many_tokens_with_dropout_by_gemms(monkeypatch, device, dtype, n_experts
     rl = importlib.import_module("meldkit.ops.routed_lora")  # the module, not the function
     taken = []
 
-    def use_gemm(n_tokens, dropout, dev, dense):
+    def use_gemm(n_tokens, dropout, dev, dense, n_experts, dtypes):
         taken.append(dropout)
         return n_tokens >= rl._GEMM_TOKENS
 
@@ -470,6 +472,45 @@ def test_mixed_dtypes(device, x_dtype, weight_dtype, gates_dtype):
     check_against_loop_reference(x, a, b, 0.75, router_weight=w, top_k=2, dropout=0.1, seed=2)
     gen = torch.Generator().manual_seed(22)
     gates = randn((x.shape[0], a.shape[0]), gates_dtype, device, gen).requires_grad_()
+    check_against_loop_reference(x, a, b, 0.75, gates=gates)
+
+
+@pytest.mark.parametrize("n_tokens", [5, 100])
+@pytest.mark.parametrize(
+    "x_dtype, weight_dtype, gates_dtype",
+    [
+        (torch.float64, torch.float32, torch.float32),
+        (torch.float32, torch.float64, torch.float64),
+        (torch.float64, torch.float64, torch.float32),
+        (torch.bfloat16, torch.float64, torch.float64),
+    ],
+    ids=str,
+)
+def test_float64_mixed_with_other_dtypes(n_tokens, x_dtype, weight_dtype, gates_dtype):
+    """The per-token kernels take float64 only when every input is float64: other mixes run the
+    GEMM path (float32 arithmetic) at every token count, small batches included."""
+    case = (n_tokens, 9, 7, 3, 2, 2, 0.0)
+    x, a, b, w = router_case(case, x_dtype, "cpu", seed=61, weight_dtype=weight_dtype)
+    for dropout in (0.0, 0.2):
+        check_against_loop_reference(
+            x, a, b, 0.75, router_weight=w, top_k=2, dropout=dropout, seed=4
+        )
+    gen = torch.Generator().manual_seed(62)
+    gates = randn((n_tokens, 3), gates_dtype, "cpu", gen).requires_grad_()
+    check_against_loop_reference(x, a, b, 0.75, gates=gates, dropout=0.2, seed=5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_tokens", [5, 100])
+def test_more_experts_than_the_per_token_kernels_hold(device, n_tokens):
+    """The per-token kernels hold at most 64 experts; more run the GEMM path at every token
+    count."""
+    n_experts = 65
+    case = (n_tokens, 6, 5, n_experts, 1, 2, 0.0)
+    x, a, b, w = router_case(case, torch.float32, device, seed=71)
+    check_against_loop_reference(x, a, b, 1.5, router_weight=w, top_k=2, dropout=0.1, seed=6)
+    gen = torch.Generator().manual_seed(72)
+    gates = randn((n_tokens, n_experts), torch.float32, device, gen).requires_grad_()
     check_against_loop_reference(x, a, b, 0.75, gates=gates)
 
 
@@ -664,6 +705,25 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(
         lambda *t: routed_lora(*t[:3], 0.75, gates=t[3], dropout=0.2, seed=3)[0],
         (x, a, b, gates),
+    )
+
+
+def test_gradcheck_float64_gemm_path():
+    """From 64 tokens (the GEMMs): router mode without dropout, gate mode with it (fast mode:
+    a random projection of the Jacobian, to keep the check cheap)."""
+    x, a, b, w = router_case((64, 4, 3, 3, 2, 2, 0), torch.float64, "cpu", seed=47)
+    s = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda *t: routed_lora(*t[:3], s, router_weight=t[3], top_k=2),
+        (x, a, b, w),
+        fast_mode=True,
+    )
+    gates = torch.rand(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(48))
+    gates.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda *t: routed_lora(*t[:3], 0.75, gates=t[3], dropout=0.2, seed=3)[0],
+        (x, a, b, gates),
+        fast_mode=True,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -114,6 +115,51 @@ def test_errors(adapters, tmp_path):
     other = tiny_llama(0, vocab=64, hidden=48, dtype=torch.float32)
     with pytest.raises(twin.TwinError, match="do not fit"):
         twin.TwinLoraModel(other, twin.build_lora(folders))
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"use_dora": True}, "use_dora=True"),
+        ({"lora_bias": True}, "lora_bias=True"),
+        ({"bias": "lora_only"}, "bias='lora_only'"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save="),
+        ({"rank_pattern": {"q_proj": 4}}, "rank_pattern="),
+        ({"init_lora_weights": "pissa"}, "modifies the base weights"),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
+def test_adapters_it_cannot_represent_are_refused(adapters, tmp_path, setting, message):
+    """DoRA, LoRA biases, saved modules, …: the adapter's math is not W·x + s·B·A·x."""
+    base, folders = adapters
+    torch.manual_seed(0)
+    config = peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    model = peft.get_peft_model(copy.deepcopy(base), config)
+    model.save_pretrained(tmp_path)
+    cfg_file = tmp_path / "adapter_config.json"
+    import json
+
+    cfg = json.loads(cfg_file.read_text())
+    cfg.update(setting)
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(twin.TwinError, match=re.escape(message)):
+        twin.read_adapter(tmp_path)
+    with pytest.raises(twin.TwinError, match="only plain LoRA"):
+        twin.build_lora({**folders, "odd": tmp_path})
+
+
+def test_extra_adapter_tensors_are_refused(adapters):
+    """A PeftModel with DoRA: its magnitude vectors are refused (config and tensors both)."""
+    base, _ = adapters
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"], use_dora=True)
+    model = peft.get_peft_model(copy.deepcopy(base), config)
+    with pytest.raises(twin.TwinError, match="use_dora"):
+        twin.read_adapter(model)
+    model.peft_config["default"].use_dora = False  # hide the flag: the tensors still tell
+    with pytest.raises(twin.TwinError, match="lora_magnitude_vector"):
+        twin.read_adapter(model)
 
 
 def test_save_load_round_trip(adapters, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from meldkit import twin
@@ -89,6 +90,53 @@ def test_heads_follow_the_task_and_pad_with_minus_inf():
     torch.testing.assert_close(got, experts["task1"](**x).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_labels_give_the_routed_tasks_loss(full_rank):
+    """``labels`` never reach the routing pass (the shared head need not fit them); with heads
+    of one size the model's own loss runs on each sample's head."""
+    _, experts, model = full_rank
+    x, labels = batch(), torch.tensor([2, 0, 1, 2])
+    seen = []
+    features = model.features_fn
+    model.features_fn = lambda m, *a, **kw: seen.append(set(kw)) or features(m, *a, **kw)
+    try:
+        out = model(**x, labels=labels)  # routed by the router
+    finally:
+        model.features_fn = features
+    assert seen and all("labels" not in keys for keys in seen)
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels))
+    for t, expert in enumerate(experts.values()):
+        got = model(**x, labels=labels, weights=one_hot(4, t, 3))
+        want = expert(**x, labels=labels)
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
+        mat = model(**x, labels=labels, weights=one_hot(4, t, 3), materialize=True)
+        torch.testing.assert_close(mat.loss, want.loss, rtol=1e-5, atol=1e-5)
+
+
+def test_labels_with_heads_of_different_sizes():
+    base, experts = roberta_experts(labels=(3, 5, 2))
+    ex = twin.build(base, experts, rank_ratio=1.0, progress=False)
+    model = twin.TwinModel(base, ex).eval()
+    assert model.label_counts == [3, 5, 2]
+    x, labels = batch(), torch.tensor([4, 1, 0, 4])
+    out = model(**x, labels=labels, task=1)  # the router's weights, task 1's head
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels))
+    want = F.cross_entropy(experts["task1"](**x).logits, labels)
+    got = model(**x, labels=labels, weights=one_hot(4, 1, 3))
+    torch.testing.assert_close(got.loss, want, rtol=1e-5, atol=1e-5)
+    # mixed tasks: each label against its own task's classes (padding columns are -inf)
+    w, task, mixed = torch.full((4, 3), 1 / 3), [1, 2, 0, 1], torch.tensor([4, 1, -100, 0])
+    out = model(**x, labels=mixed, weights=w, task=task)
+    own = [out.logits[i, : (5, 2, 3, 5)[i]] for i in range(4)]
+    expected = torch.stack([-torch.log_softmax(own[i], -1)[mixed[i]] for i in (0, 1, 3)]).mean()
+    torch.testing.assert_close(out.loss, expected)
+    mat = model(**x, labels=mixed, weights=w, task=task, materialize=True)
+    torch.testing.assert_close(mat.loss, out.loss, rtol=1e-5, atol=1e-5)
+    with pytest.raises(twin.TwinError, match="label 4 of sample 2 is not a class of its task"):
+        model(**x, labels=torch.tensor([4, 1, 4, 0]), weights=w, task=task)
+    with pytest.raises(twin.TwinError, match="single-label classification loss only"):
+        model(**x, labels=torch.rand(4, 5), weights=w, task=task)
+
+
 def test_router_weights_and_top_k(full_rank):
     base, _, model = full_rank
     x = batch()
@@ -161,6 +209,58 @@ def test_plain_pytorch_model_with_a_feature_function():
     assert model(x).shape == (5, 4)
     with pytest.raises(twin.TwinError, match="hidden size"):
         twin.TwinModel(base, ex)
+
+
+class BatchNormNet(nn.Module):
+    def __init__(self, affine: bool = True) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.bn = nn.BatchNorm1d(16, affine=affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.relu(self.bn(self.l1(x))))
+
+
+@pytest.mark.parametrize("source", ["modules", "state_dicts"])
+def test_batchnorm_statistics_are_per_task(source):
+    """Floating buffers (BatchNorm running statistics) are exclusive parts like 1-D parameters:
+    a one-hot router gives each expert's own statistics, from modules and state dicts alike."""
+    torch.manual_seed(0)
+    base = BatchNormNet().eval()
+    experts = []
+    for s in (1, 2):
+        e = perturbed(base, seed=s, scale=0.1).train()
+        e(torch.randn(32, 8, generator=torch.Generator().manual_seed(s)))  # its own statistics
+        experts.append(e.eval())
+    if source == "modules":
+        ex = twin.build(base, experts, rank_ratio=1.0, progress=False)
+    else:
+        ex = twin.build(
+            base.state_dict(), [e.state_dict() for e in experts], rank_ratio=1.0, progress=False
+        )
+    assert {"bn.running_mean", "bn.running_var"} <= set(ex.dense)
+    model = twin.TwinModel(
+        base, ex, router=twin.TwinRouter(16, 2), features=lambda m, x: m.l1(x)
+    ).eval()
+    assert model.per_sample_modules == ["bn"]
+    x = torch.randn(3, 8)
+    for t in range(2):
+        torch.testing.assert_close(model(x, weights=one_hot(3, t, 2)), experts[t](x))
+    w = torch.tensor([[0.3, 0.7], [1.0, 0.0], [0.5, 0.5]])
+    torch.testing.assert_close(model(x, weights=w), model(x, weights=w, materialize=True))
+
+
+def test_unchanged_buffers_are_not_routed():
+    torch.manual_seed(0)
+    base = BatchNormNet(affine=False).eval()
+    base.bn.running_mean.normal_()
+    experts = [perturbed(base, seed=s, scale=0.1).eval() for s in (1, 2)]
+    ex = twin.build(base, experts, rank_ratio=1.0, progress=False)
+    model = twin.TwinModel(base, ex, router=twin.TwinRouter(16, 2), features=lambda m, x: m.l1(x))
+    assert model.per_sample_modules == []  # the statistics are the base's in every expert
+    assert torch.equal(model.model.bn.running_mean, base.bn.running_mean)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(model.eval()(x, weights=one_hot(3, 1, 2)), experts[1](x))
 
 
 def test_errors(full_rank):

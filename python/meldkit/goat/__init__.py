@@ -40,6 +40,8 @@ dtype; the model's other parameters are frozen). In training mode each layer dra
 dropout seed from torch's default CPU generator on every forward, so ``torch.manual_seed``
 reproduces a run; activation checkpointing (``torch.utils.checkpoint``, whose default
 ``preserve_rng_state=True`` restores that generator before recomputing) replays the same masks.
+With the Hugging Face ``Trainer``, use ``meldkit.goat.GoatTrainer`` (a ``Trainer`` whose
+training loss adds :func:`aux_loss`; ``GoatTrainerMixin`` for another Trainer subclass).
 Checkpoint with ``use_reentrant=False``: the reentrant variant runs the forward without autograd,
 so :func:`aux_loss` could not reach the routers and raises. Everything a layer holds is an
 ordinary parameter or a constant, so DDP and FSDP replicate it like any module (each replica
@@ -55,6 +57,8 @@ __all__ = [
     "AdapterError",
     "GoatConfig",
     "GoatLinear",
+    "GoatTrainer",
+    "GoatTrainerMixin",
     "aux_loss",
     "config_of",
     "goat_layers",
@@ -64,3 +68,12 @@ __all__ = [
     "unwrap",
     "wrap",
 ]
+
+
+def __getattr__(name: str):
+    # GoatTrainer subclasses transformers.Trainer: import transformers only when it is asked for.
+    if name in ("GoatTrainer", "GoatTrainerMixin"):
+        from meldkit.goat import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'meldkit.goat' has no attribute {name!r}")

@@ -39,6 +39,7 @@ from meldkit.goat.model import (
     freeze_base,
     goat_layers,
     replace_module,
+    track_forwards,
     unwrap,
 )
 
@@ -201,8 +202,10 @@ def load_adapter(
     ------
     AdapterError
         The file is not a GOAT adapter, or it does not fit the model: a layer it names is
-        missing, not an ``nn.Linear`` or of another shape, the config's ``target_modules`` select
-        other layers of this model, or the model already has GOAT layers with another config.
+        missing, not an ``nn.Linear`` or of another shape, its base weight has another dtype
+        than the adapter was trained with (SVD inits: the adjusted base would differ), the
+        config's ``target_modules`` select other layers of this model, or the model already has
+        GOAT layers with another config.
         The model is left untouched.
     """
     config, layers, tensors = read_adapter(path)
@@ -241,6 +244,16 @@ def load_adapter(
                 f"{linear.out_features}) in the model, the adapter was saved for "
                 f"nn.Linear({want[1]}, {want[0]})"
             )
+        # The adjusted base W̃0 is rounded to the base dtype it was trained in: another dtype
+        # gives other weights than the trained model's (init "lora" adjusts nothing).
+        saved_dtype = info["base_dtype"]
+        dtype = str(linear.weight.dtype).removeprefix("torch.")
+        if config.init != "lora" and saved_dtype != "None" and saved_dtype != dtype:
+            raise AdapterError(
+                f"{file}: layer {name!r} was trained on a {saved_dtype} base, the model's is "
+                f"{dtype}: the adjusted base weights would differ from the trained model's. "
+                f"Load into the base in {saved_dtype} (then cast the model if you need {dtype})"
+            )
     if not existing:
         try:
             selected = find_targets(model, config.target_modules)
@@ -273,4 +286,5 @@ def load_adapter(
         )
         replace_module(model, name, layer)
     freeze_base(model)
+    track_forwards(model)
     return model

@@ -13,6 +13,18 @@ from meldkit.ops.routed_lora_ref import top_k_ref
 SEED_BOUND = 2**62
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread: a forward then is activation
+    checkpointing recomputing the layer, whose probabilities the aux loss has already used.
+    False inside torch.compile (which recomputes inside its own graphs, not through Python)."""
+    if torch.compiler.is_compiling():
+        return False
+    # Private, but what torch.utils.checkpoint itself uses to tell a recomputation; a torch
+    # without it counts recomputed calls again (the aux loss then counts such layers twice).
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
 class GoatLinear(nn.Module):
     """A GOAT layer: ``y = W̃0 x + b + Σ_e w_e(x) · s · B_e A_e dropout_e(x)``.
 
@@ -92,7 +104,18 @@ class GoatLinear(nn.Module):
         self.base_requires_grad = {n: p.requires_grad for n, p in base_layer.named_parameters()}
         self.alignment: tuple[torch.Tensor, torch.Tensor] | None = None
         self.original_weight: torch.Tensor | None = None
-        self._last_probs: torch.Tensor | None = None
+        # Router probabilities [N, E] of every call since the model's forward began (cleared by
+        # the forward pre-hook that wrap puts on the model; see meldkit.goat.model); a layer
+        # outside such a model keeps its last call only.
+        self.collects_calls = False
+        self._probs: list[torch.Tensor] = []
+
+    def __getstate__(self) -> dict:
+        # The probabilities carry autograd graphs, which deepcopy and pickle refuse; they only
+        # matter until the next forward, so a copy starts without them.
+        state = self.__dict__.copy()
+        state["_probs"] = []
+        return state
 
     @property
     def num_experts(self) -> int:
@@ -127,30 +150,46 @@ class GoatLinear(nn.Module):
             dropout=self.dropout if training_dropout else 0.0,
             seed=seed,
         )
-        self._last_probs = probs
+        if not _in_backward():  # not activation checkpointing's recomputation
+            if not self.collects_calls:
+                self._probs.clear()
+            self._probs.append(probs)
         return (y + delta).to(x.dtype)
 
     def balance_loss(self) -> torch.Tensor:
-        """Load-balancing loss of the last forward, official normalisation (spec §3.2)::
+        """Load-balancing loss of the current forward, official normalisation (spec §3.2)::
 
-            L = E · Σ_i (c_i / T) · (Σ_t p_i(t) / T)
+            L = Σ_calls E · Σ_i (c_i / T) · (Σ_t p_i(t) / T)
 
-        with T the tokens of the last forward (padding included), c_i how many of them selected
-        expert i among their top k (same rule as the router: ties to the lower index; not
-        differentiable) and p(t) the router's full softmax (differentiable). This is k times
-        the paper's Σ_i f_i P_i. A scalar fp32 tensor; 0 when the last forward had no token.
+        summed over the calls of this layer since the model's forward began (one call unless
+        the model runs the layer twice; a standalone layer counts its last call), with T the
+        tokens of the call (padding included), c_i how many of them selected expert i among
+        their top k (same rule as the router: ties to the lower index; not differentiable) and
+        p(t) the router's full softmax (differentiable). Per call this is k times the paper's
+        Σ_i f_i P_i. A scalar fp32 tensor; 0 for a call without tokens.
 
         Raises
         ------
         RuntimeError
-            Before the first forward; or when grad mode is on, the router trains and the last
-            forward ran in training mode without autograd (under ``torch.no_grad``, or as the
-            first pass of reentrant activation checkpointing, which recomputes the layer only
-            during the backward): the loss would silently give the router no gradient.
+            When the layer has not run since the model's forward began (no forward yet, or the
+            model skipped it); or when grad mode is on, the router trains and a call ran in
+            training mode without autograd (under ``torch.no_grad``, or as the first pass of
+            reentrant activation checkpointing, which recomputes the layer only during the
+            backward): the loss would silently give the router no gradient.
         """
-        probs = self._last_probs
-        if probs is None:
-            raise RuntimeError("GoatLinear.balance_loss: no forward pass has run yet")
+        if not self._probs:
+            raise RuntimeError(
+                "GoatLinear.balance_loss: no forward pass has run this layer (none yet, or the "
+                "model's last forward skipped it)"
+            )
+        return sum(self._call_loss(probs) for probs in self._probs)
+
+    @property
+    def has_run(self) -> bool:
+        """Whether the layer ran since the model's forward began (it has a balance loss)."""
+        return bool(self._probs)
+
+    def _call_loss(self, probs: torch.Tensor) -> torch.Tensor:
         if (
             self.training
             and torch.is_grad_enabled()

@@ -9,7 +9,7 @@ from torch import nn
 
 from meldkit.goat.config import ALL_LINEAR, GoatConfig
 from meldkit.goat.init import alignment_factors, base_delta, lora_experts, svd_experts
-from meldkit.goat.layer import GoatLinear
+from meldkit.goat.layer import GoatLinear, _in_backward
 
 # Names of classification heads that "all-linear" leaves alone (PEFT's SEQ_CLS_HEAD_NAMES).
 HEAD_NAMES = ("score", "classifier")
@@ -136,6 +136,35 @@ def build_layer(
     return layer
 
 
+def start_forward(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook on a wrapped model: its GOAT layers forget the router probabilities of
+    earlier forwards, so :func:`aux_loss` sees this forward's calls only (a layer the forward
+    skips has none; a layer it runs twice has two). Activation checkpointing's recomputation
+    during the backward is not a new forward."""
+    if _in_backward():
+        return
+    for module in model.modules():
+        if isinstance(module, GoatLinear):
+            module._probs.clear()
+
+
+def track_forwards(model: nn.Module) -> None:
+    """Put :func:`start_forward` on ``model`` (once) and let its GOAT layers keep every call's
+    router probabilities until the next forward of ``model``."""
+    if not any(hook is start_forward for hook in model._forward_pre_hooks.values()):
+        model.register_forward_pre_hook(start_forward)
+    for _, layer in goat_layers(model):
+        layer.collects_calls = True
+        layer._probs.clear()
+
+
+def untrack_forwards(model: nn.Module) -> None:
+    """Remove :func:`start_forward` from ``model``."""
+    hooks = model._forward_pre_hooks
+    for key in [k for k, hook in hooks.items() if hook is start_forward]:
+        del hooks[key]
+
+
 def freeze_base(model: nn.Module) -> None:
     """``requires_grad = False`` on every parameter but the GOAT experts and routers."""
     trainable: set[int] = set()
@@ -235,6 +264,7 @@ def wrap(model: nn.Module, config: GoatConfig, *, keep_original: bool = True) ->
         )
         replace_module(model, name, layer)
     freeze_base(model)
+    track_forwards(model)
     return model
 
 
@@ -265,16 +295,19 @@ def unwrap(model: nn.Module) -> nn.Module:
         for pname, p in base.named_parameters():
             p.requires_grad_(layer.base_requires_grad.get(pname, True))
         replace_module(model, name, base)
+    untrack_forwards(model)
     return model
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:
-    """``aux_loss_coef · Σ_layers L_layer``, the load-balancing loss of the last forward.
+    """``aux_loss_coef · Σ_layers L_layer``, the load-balancing loss of the model's last forward.
 
     Each layer's ``L = E · Σ_i (c_i/T) · (Σ_t p_i(t)/T)`` is the official code's normalisation
     (k times the paper's Switch-style Σ_i f_i P_i; see :meth:`GoatLinear.balance_loss`);
-    gradients flow through the router probabilities p only. Add it to the task loss before
-    ``backward()``.
+    gradients flow through the router probabilities p only. Only the calls of the model's last
+    forward count (:func:`wrap` puts a forward pre-hook on the model that clears the earlier
+    ones): a layer that forward skipped (LayerDrop, a branch not taken) adds nothing, a layer it
+    ran twice adds one term per call. Add it to the task loss before ``backward()``.
 
     Returns
     -------
@@ -286,14 +319,19 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     ValueError
         The model has no GOAT layers.
     RuntimeError
-        No forward pass has run since wrapping, or the last training-mode forward ran without
+        No forward pass has run a GOAT layer since wrapping, or a training-mode call ran without
         autograd while grad mode is on now (reentrant activation checkpointing; see
         :meth:`GoatLinear.balance_loss`).
     """
     layers = [layer for _, layer in goat_layers(model)]
     if not layers:
         raise ValueError("meldkit.goat.aux_loss: the model has no GOAT layers")
-    return sum(layer.config.aux_loss_coef * layer.balance_loss() for layer in layers)
+    ran = [layer for layer in layers if layer.has_run]
+    if not ran:
+        raise RuntimeError(
+            "meldkit.goat.aux_loss: no forward pass has run any GOAT layer of the model yet"
+        )
+    return sum(layer.config.aux_loss_coef * layer.balance_loss() for layer in ran)
 
 
 def config_of(model: nn.Module) -> GoatConfig:

@@ -12,7 +12,8 @@ CPU and CUDA implementations call ``meldkit._C.routed_lora_forward`` / ``routed_
 and fall back to the reference, with a warning naming the reason, when the native kernel cannot
 run (see :mod:`meldkit._native`). From 64 tokens, both run as a few GEMMs over the concatenated
 experts and router instead (see ``_GEMM_TOKENS``; with dropout on CUDA only, one GEMM per expert
-over its masked input). The forward saves the
+over its masked input), and so do calls the per-token kernels cannot take at any token count
+(more than 64 experts, float64 mixed with other dtypes). The forward saves the
 routing weights and the expert activations ``h`` (``[N, E·r]``, small) for the backward; dropout
 masks are regenerated from the seed, never stored. Fake kernels make both ops traceable by
 ``torch.compile``.
@@ -94,8 +95,31 @@ def _routed_lora(
 _GEMM_TOKENS = 64
 
 
-def _use_gemm(n_tokens: int, dropout: float, device: torch.device, dense: bool) -> bool:
-    """``dense``: every expert has work for every token (gate mode, or top_k = E)."""
+# The per-token kernels keep per-expert arrays on the stack: at most this many experts
+# (kRoutedLoraMaxExperts in csrc/include/meldkit/routed_lora.h).
+_PER_TOKEN_MAX_EXPERTS = 64
+
+
+def _per_token_unsupported(n_experts: int, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """True when the per-token kernels cannot run a call that the GEMM path can: more than
+    ``_PER_TOKEN_MAX_EXPERTS`` experts, or float64 mixed with other dtypes (they compute in
+    float64 only when every input is float64; the GEMMs cast everything to float32)."""
+    mixed_f64 = torch.float64 in dtypes and len(set(dtypes)) > 1
+    return n_experts > _PER_TOKEN_MAX_EXPERTS or mixed_f64
+
+
+def _use_gemm(
+    n_tokens: int,
+    dropout: float,
+    device: torch.device,
+    dense: bool,
+    n_experts: int,
+    dtypes: tuple[torch.dtype, ...],
+) -> bool:
+    """``dense``: every expert has work for every token (gate mode, or top_k = E). Calls the
+    per-token kernels cannot take run as GEMMs at every token count."""
+    if _per_token_unsupported(n_experts, dtypes):
+        return True
     return n_tokens >= _GEMM_TOKENS and (dropout == 0.0 or device.type == "cuda" or dense)
 
 
@@ -276,14 +300,16 @@ def _routed_lora_native(
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     route = router_weight if gates is None else gates
-    if _use_reference(x.device, _dtypes(x, lora_a, lora_b, route)):
+    dtypes = _dtypes(x, lora_a, lora_b, route)
+    if _use_reference(x.device, dtypes):
         return routed_lora_forward_ref(
             x, lora_a, lora_b, scaling, router_weight, gates, top_k, dropout, seed
         )
     acc = compute_dtype(x, lora_a, lora_b, route)
     n_tokens, n_experts, rank = x.shape[0], lora_a.shape[0], lora_a.shape[1]
     device = x.device
-    if _use_gemm(n_tokens, dropout, device, router_weight is None or top_k == n_experts):
+    dense = router_weight is None or top_k == n_experts
+    if _use_gemm(n_tokens, dropout, device, dense, n_experts, dtypes):
         return _gemm_forward(
             x, lora_a, lora_b, scaling, router_weight, gates, top_k, acc, dropout, seed
         )
@@ -426,7 +452,7 @@ def _routed_lora_backward_native(
             gates_dtype,
         )
     dense = router_weight is None or top_k == lora_a.shape[0]
-    if _use_gemm(x.shape[0], dropout, x.device, dense):
+    if _use_gemm(x.shape[0], dropout, x.device, dense, lora_a.shape[0], dtypes):
         return _gemm_backward(
             dy,
             x,
@@ -634,12 +660,15 @@ def routed_lora(
         ``[..., n]``: float32, bfloat16, float16 or float64; its dtype may differ from the
         weights' (bf16 activations with fp32 LoRA weights). NaN and inf propagate.
     lora_a : Tensor
-        A ``[E, r, n]``, E ≥ 1, r ≥ 1; same device as ``x``.
+        A ``[E, r, n]``, E ≥ 1 (any number: above 64 experts, or with float64 mixed with other
+        dtypes, every token count runs the GEMM path), r ≥ 1; same device as ``x``.
     lora_b : Tensor
         B ``[E, m, r]``, same dtype as ``lora_a``.
     scaling : float or Tensor
         s: one float for every expert, or ``[E]`` (GOAT-s). A constant: a tensor must not
-        require grad. Used in the compute dtype (float32 unless everything is float64).
+        require grad. Used in the compute dtype (float32 unless everything is float64). A float
+        must be finite; a tensor's values are not checked (that would synchronise with the
+        device): NaN or inf in it propagates to ``y`` and the gradients like NaN in ``x``.
     router_weight : Tensor, optional
         W_z ``[E, n]``, same dtype as ``lora_a``. Exactly one of ``router_weight`` and
         ``gates``.

@@ -66,9 +66,20 @@ class _DictSource:
         return self._tensors[name].detach()
 
 
+def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's parameters and persistent buffers (BatchNorm's running statistics, …) by
+    qualified name: what its state dict holds, tied parameters once."""
+    tensors = dict(module.named_parameters())
+    for prefix, mod in module.named_modules():
+        for name, buf in mod._buffers.items():
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                tensors.setdefault(f"{prefix}.{name}" if prefix else name, buf)
+    return tensors
+
+
 def _source(obj: Any, label: str):
     if isinstance(obj, nn.Module):
-        return _DictSource(dict(obj.named_parameters()), label)
+        return _DictSource(module_tensors(obj), label)
     if isinstance(obj, Mapping):
         bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
         if bad:
@@ -247,8 +258,10 @@ def build(
     Parameters
     ----------
     base : nn.Module, state dict or path
-        θ_0: a model (its parameters), a state dict, or a checkpoint folder (safetensors, read one
-        tensor at a time, as ``meldkit merge`` reads).
+        θ_0: a model (its parameters and persistent buffers), a state dict, or a checkpoint
+        folder (safetensors, read one tensor at a time, as ``meldkit merge`` reads). Floating
+        buffers (BatchNorm running statistics) are merged like parameters, so each task keeps
+        its own statistics; integer ones (``num_batches_tracked``) stay the base's.
     experts : sequence or mapping of the same
         The T fine-tuned experts θ_t; a mapping names the tasks (else ``"task0"``, …).
     shared : str
@@ -395,5 +408,6 @@ __all__ = [
     "build",
     "compress",
     "default_svd_device",
+    "module_tensors",
     "tensor_rank",
 ]

@@ -315,9 +315,10 @@ def cat_samples(outs: list[Any]) -> Any:
 
 
 class TwinPerSample:
-    """Any other module with routed parameters (RMSNorm scales, Conv1D weights, …) runs once per
-    sample with that sample's merged parameters (``torch.func.functional_call``), through a
-    forward hook: the module stays where it is, under its own name.
+    """Any other module with routed parameters or buffers (RMSNorm scales, Conv1D weights,
+    BatchNorm running statistics, …) runs once per sample with that sample's merged tensors
+    (``torch.func.functional_call``), through a forward hook: the module stays where it is,
+    under its own name.
 
     Correct for any module; cheap for 1-D parameters (norm scales). 2-D parameters are rebuilt
     densely per sample (the reference's cost), with a warning.
@@ -345,7 +346,9 @@ class TwinPerSample:
         self.handle = module.register_forward_hook(self._hook, with_kwargs=True)
 
     def _params(self, module: nn.Module, w: torch.Tensor, task: int) -> dict[str, torch.Tensor]:
-        own = dict(module.named_parameters(recurse=False))
+        own = dict(module.named_buffers(recurse=False)) | dict(
+            module.named_parameters(recurse=False)
+        )
         w = w.float()
         out = {}
         for k, (fa, fb) in self.factors.items():

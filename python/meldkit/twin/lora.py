@@ -83,24 +83,67 @@ def read_adapter(adapter: Any, adapter_name: str = "default") -> LoraAdapter:
             "meldkit.twin: an adapter must be a PEFT adapter folder or a PeftModel, got "
             f"{type(adapter).__name__}"
         )
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise TwinError(f"meldkit.twin: adapter type {config.get('peft_type')} is not LoRA")
+    peft_type = config.get("peft_type", "LORA")
+    peft_type = str(getattr(peft_type, "value", peft_type))  # PeftConfig.to_dict keeps the enum
+    if peft_type.upper() != "LORA":
+        raise TwinError(f"meldkit.twin: adapter type {peft_type} is not LoRA")
+    _check_plain_lora(config)
     r, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
     if config.get("use_rslora"):
         base_scale = alpha / r**0.5
     else:
         base_scale = alpha / r
     a, b = {}, {}
+    other = []
     for key, t in state.items():
         m = _KEY.match(key)
         if m is None:
+            other.append(key)
             continue
         (a if m["which"] == "A" else b)[m["module"]] = t.detach().float().cpu()
+    if other:
+        raise TwinError(
+            f"meldkit.twin: the adapter holds tensors other than lora_A / lora_B weights "
+            f"({', '.join(other[:3])}{', …' if len(other) > 3 else ''}): only plain LoRA "
+            "adapters on linear layers are supported"
+        )
     if not a or a.keys() != b.keys():
         raise TwinError("meldkit.twin: the adapter has no complete lora_A / lora_B pairs")
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise TwinError("meldkit.twin: adapters with rank_pattern/alpha_pattern are not supported")
     return LoraAdapter(a, b, {name: base_scale for name in a})
+
+
+# PEFT LoraConfig fields that, when set (truthy), make the adapter compute something other than
+# W·x + s·B·(A·x) with plain A and B: the generative variant cannot represent them.
+_UNSUPPORTED_FIELDS = (
+    "use_dora",  # a learned magnitude renormalises W + s·B·A per output row
+    "lora_bias",  # a bias on lora_B
+    "modules_to_save",  # whole trained copies of other modules
+    "rank_pattern",  # per-module ranks and scalings
+    "alpha_pattern",
+    "layer_replication",  # duplicated base layers
+    "trainable_token_indices",  # trained embedding rows
+    "target_parameters",  # LoRA on raw parameters, not on modules' activations
+    "alora_invocation_tokens",  # activated LoRA: the adapter switches on mid-sequence
+    "use_qalora",  # pooled inputs
+    "arrow_config",  # its own routing over adapters
+)
+# init_lora_weights that rewrite the base weights (the adapter needs that modified base).
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+def _check_plain_lora(config: Mapping[str, Any]) -> None:
+    """Refuse adapter configs whose math the generative variant does not implement."""
+    bad = [f"{key}={config[key]!r}" for key in _UNSUPPORTED_FIELDS if config.get(key)]
+    if str(config.get("bias", "none")).lower() not in ("none", "null"):
+        bad.append(f"bias={config['bias']!r}")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        bad.append(f"init_lora_weights={init!r} (it modifies the base weights)")
+    if bad:
+        raise TwinError(
+            f"meldkit.twin: the adapter sets {', '.join(bad)}: only plain LoRA adapters "
+            "(W·x + s·B·A·x on linear layers) are supported"
+        )
 
 
 @dataclass

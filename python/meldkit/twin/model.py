@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meldkit.goat.model import replace_module
-from meldkit.twin.build import TwinError, TwinExperts
+from meldkit.twin.build import TwinError, TwinExperts, module_tensors
 from meldkit.twin.layers import (
     Routing,
     TwinEmbedding,
@@ -78,6 +78,10 @@ def mean_pooled_last_hidden(model: nn.Module, *args: Any, **kwargs: Any) -> torc
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+# Keyword arguments that only feed a Hugging Face model's loss: never part of the routing pass.
+LOSS_KWARGS = ("labels", "start_positions", "end_positions", "num_items_in_batch")
+
+
 def _batch_size(args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
     for v in [*args, *kwargs.values()]:
         if isinstance(v, torch.Tensor) and v.dim() >= 1:
@@ -94,8 +98,11 @@ class RoutedMixin:
 
     @torch.no_grad()
     def features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The router input ``[B, d]`` under the shared weights (base values for excluded ones)."""
+        """The router input ``[B, d]`` under the shared weights (base values for excluded ones).
+        Loss-only keywords (``labels``, …) are left out: the shared model's head need not fit
+        them."""
         self.routing.mode = "plain"
+        kwargs = {k: v for k, v in kwargs.items() if k not in LOSS_KWARGS}
         return self.features_fn(self.model, *args, **kwargs).float()
 
     @torch.no_grad()
@@ -153,8 +160,10 @@ class TwinModel(RoutedMixin, nn.Module):
     ``w [B, T]`` (optionally only the top k, renormalised). Every adapted ``nn.Linear`` then
     computes ``θ_s·x + Σ_t w_t·a_t·(b_tᵀ·x)`` per sample through :func:`meldkit.ops.routed_lora`
     in gate mode (no dense weight is rebuilt per sample), embeddings add ``Σ_t w_t a_t[ids]·b_tᵀ``,
-    LayerNorm scales and 1-D exclusive parts are mixed per sample. Task-specific tensors (heads,
-    biases) come from each sample's task: the given ``task``, else the router's top task.
+    LayerNorm scales and 1-D exclusive parts are mixed per sample, and modules with other routed
+    tensors (RMSNorm scales, BatchNorm running statistics: floating buffers are merged like
+    parameters) run once per sample. Task-specific tensors (heads, biases) come from each
+    sample's task: the given ``task``, else the router's top task.
 
     ``materialize=True`` instead rebuilds the dense merged weights for each sample and runs the
     original model with them (``torch.func.functional_call``), as the reference code does: for
@@ -218,18 +227,24 @@ class TwinModel(RoutedMixin, nn.Module):
             )
         device = next(self.model.parameters()).device
         self.router = router.to(device)
+        # Output size of each task's head when the task-specific tensors differ in shape
+        # (classification heads with different label counts; padded with -inf), else None.
+        ragged = [v for v in experts.specific.values() if len({tuple(t.shape) for t in v}) > 1]
+        self.label_counts: list[int] | None = None
+        if ragged:
+            self.label_counts = [max(v[t].shape[0] for v in ragged) for t in range(len(self.tasks))]
 
     # ---- setup --------------------------------------------------------------------------------
 
     def _load_shared(self) -> None:
-        params = dict(self.model.named_parameters())
+        params = module_tensors(self.model)  # parameters and persistent buffers
         ex = self.experts
         names = set(ex.factors) | set(ex.dense) | set(ex.specific)
         missing = sorted(n for n in names if n not in params)
         if missing:
             raise TwinError(
-                f"TwinModel: the model has no parameter {missing[0]!r} (of {len(missing)} "
-                "missing): the experts were built for another architecture"
+                f"TwinModel: the model has no parameter or buffer {missing[0]!r} (of "
+                f"{len(missing)} missing): the experts were built for another architecture"
             )
         with torch.no_grad():
             for name, value in ex.shared.items():
@@ -246,11 +261,21 @@ class TwinModel(RoutedMixin, nn.Module):
         run per sample (:class:`TwinPerSample`)."""
         ex = self.experts
         routed = set(ex.factors) | set(ex.dense) | set(ex.specific)
+        # Buffers whose exclusive parts are all zero (statistics no expert changed) need no
+        # routing: the shared value is every task's.
+        routed -= {
+            n
+            for n, _ in self.model.named_buffers()
+            if n in ex.dense and not bool(ex.dense[n].any())
+        }
         per_sample = []
         for mod_name, module in list(self.model.named_modules()):
-            full = {
-                n: f"{mod_name}.{n}" if mod_name else n
-                for n, _ in module.named_parameters(recurse=False)
+            prefix = f"{mod_name}." if mod_name else ""
+            full = {n: prefix + n for n, _ in module.named_parameters(recurse=False)}
+            full |= {
+                n: prefix + n
+                for n, _ in module.named_buffers(recurse=False)
+                if prefix + n in routed
             }
             if not any(f in routed for f in full.values()):
                 continue
@@ -304,6 +329,14 @@ class TwinModel(RoutedMixin, nn.Module):
         ``weights [B, T]`` replaces the router (e.g. one-hot for an oracle); ``task`` (an index,
         a name, or one per sample) picks the task-specific tensors, by default the top task of
         ``weights``. Other arguments go to the wrapped model. Returns its output.
+
+        ``labels`` never reach the routing pass. When every task's head has the same shape they
+        go to the wrapped model, whose loss then uses each sample's own head. When the heads
+        differ in size (or with ``materialize=True``) the loss is computed here, as Hugging
+        Face's single-label classification loss: mean cross-entropy of logits ``[B, C]``
+        (padding columns -inf) against int labels ``[B]`` (-100 ignored), each label checked
+        against its sample's task's label count; other losses must be computed from the
+        outputs (a :class:`TwinError` says so).
         """
         device = next(self.model.parameters()).device
         b = _batch_size(args, kwargs)
@@ -311,20 +344,60 @@ class TwinModel(RoutedMixin, nn.Module):
             weights = self.route(*args, **kwargs)
         weights = self._check_weights(weights, b, device)
         task = weights.argmax(-1) if task is None else self._check_task(task, b, device)
+        labels = kwargs.get("labels")
+        own_loss = labels is not None and (materialize or self.label_counts is not None)
+        if own_loss:
+            kwargs = {k: v for k, v in kwargs.items() if k not in LOSS_KWARGS}
         if materialize:
-            return self._materialized(weights, task, args, kwargs)
-        r = self.routing
-        r.mode, r.weights, r.task = "twin", weights, task
-        try:
-            return self.model(*args, **kwargs)
-        finally:
-            r.mode, r.weights, r.task = "plain", None, None
+            out = self._materialized(weights, task, args, kwargs)
+        else:
+            r = self.routing
+            r.mode, r.weights, r.task = "twin", weights, task
+            try:
+                out = self.model(*args, **kwargs)
+            finally:
+                r.mode, r.weights, r.task = "plain", None, None
+        return self._with_loss(out, labels, task) if own_loss else out
+
+    def _with_loss(self, out: Any, labels: Any, task: torch.Tensor) -> Any:
+        """``out`` with the classification loss of ``labels`` against each sample's task head
+        (see :meth:`forward`)."""
+        logits = out if isinstance(out, torch.Tensor) else out[0]
+        if isinstance(out, Mapping):
+            logits = out["logits"]
+        labels = torch.as_tensor(labels, device=logits.device)
+        if logits.dim() != 2 or labels.dtype.is_floating_point or labels.shape != logits.shape[:1]:
+            raise TwinError(
+                "TwinModel: with task heads of different sizes (or materialize=True), 'labels' "
+                "give a single-label classification loss only (logits [B, C], int labels [B]); "
+                f"got logits {list(logits.shape)}, labels {list(labels.shape)} {labels.dtype}: "
+                "compute the loss from the outputs instead"
+            )
+        counts = self.label_counts or [logits.shape[-1]] * len(self.tasks)
+        limit = torch.tensor(counts, device=logits.device)[task]
+        bad = (labels != -100) & ((labels < 0) | (labels >= limit))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise TwinError(
+                f"TwinModel: label {int(labels[i])} of sample {i} is not a class of its task "
+                f"{self.tasks[int(task[i])]!r} ({int(limit[i])} labels)"
+            )
+        loss = F.cross_entropy(logits.float(), labels.long(), ignore_index=-100)
+        if isinstance(out, torch.Tensor):
+            return loss, out
+        if isinstance(out, Mapping):
+            fields = {k: v for k, v in out.items() if k != "loss"}
+            try:
+                return type(out)(loss=loss, **fields)
+            except TypeError:
+                return {"loss": loss, **fields}
+        return (loss, *out)
 
     def merged_state(self, weights: torch.Tensor, task: int) -> dict[str, torch.Tensor]:
         """Dense θ_s + Σ_t w_t·v_t for one sample's ``weights [T]``, task-specific tensors of
         ``task`` (the reference code's per-sample rebuild)."""
         ex = self.experts
-        params = dict(self.model.named_parameters())
+        params = module_tensors(self.model)
         out = {}
         for name in list(ex.factors) + list(ex.dense):
             p = params[name]
