@@ -84,17 +84,28 @@ def test_processor_refuses_beam_search(setup):
     tok, large, small, experts = setup
     enc = tok(PROMPTS, padding=True, return_tensors="pt")
     proc = dlf.DynamicLogitFusionProcessor(small, experts, tok, attention_mask=enc.attention_mask)
-    with pytest.raises(ValueError, match="num_beams=1"):
+    with pytest.raises(ValueError, match=r"beam search.*num_beams=1"):
         _run(large, proc, enc, num_beams=2, do_sample=False)
 
 
-def test_processor_refuses_beam_search_without_mask(setup):
-    """Without the attention mask the first step cannot tell; beam reordering is caught later."""
+@pytest.mark.parametrize("beams", [2, 3])
+def test_processor_refuses_beam_search_without_mask(setup, beams):
+    """Without the attention mask the row count cannot tell: beam search hands its processors
+    log-probabilities, and the first call refuses them before any fused logits reach the beam
+    scores (two new tokens: beam reordering alone would never be seen)."""
     tok, large, small, experts = setup
     enc = tok(PROMPTS[1:2], return_tensors="pt")
     proc = dlf.DynamicLogitFusionProcessor(small, experts, tok)
-    with pytest.raises(ValueError, match="num_beams=1"):
-        _run(large, proc, enc, num_beams=3, num_return_sequences=1, do_sample=False)
+    with pytest.raises(ValueError, match=r"beam search.*num_beams=1"):
+        large.generate(
+            input_ids=enc["input_ids"],
+            logits_processor=transformers.LogitsProcessorList([proc]),
+            max_new_tokens=2,
+            num_beams=beams,
+            do_sample=False,
+            pad_token_id=PAD,
+        )
+    assert proc.alphas.numel() == 0
 
 
 def test_processor_refuses_assisted_decoding(setup):

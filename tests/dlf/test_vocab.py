@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from meldkit import dlf  # noqa: E402
+from meldkit.dlf.streams import padding_limit  # noqa: E402
 from tests.dlf.tiny import PAD, VOCAB, llama, perturbed, tokenizer  # noqa: E402
 
 PROMPTS = ["w01 w02 w03", "w10"]
@@ -95,3 +96,46 @@ def test_smaller_vocabulary_is_refused(setup):
             max_new_tokens=2,
             pad_token_id=PAD,
         )
+
+
+def test_a_larger_trained_vocabulary_is_refused(setup):
+    """5000 logits for 64 tokens is another vocabulary, not padding (at most 128 + 64 // 32)."""
+    tok, large, small, expert = setup
+    other = llama(5, hidden=48, vocab=5000)
+    with pytest.raises(ValueError, match=r"large has vocabulary size 5000.*tokenizer has 64.*130"):
+        dlf.generate(other, small, expert, tok, PROMPTS, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"expert 0 has vocabulary size 5000"):
+        dlf.DynamicLogitFusionProcessor(small, other, tok)
+    # the large model of a processor, seen through its scores
+    enc = tok(PROMPTS, padding=True, return_tensors="pt")
+    proc = dlf.DynamicLogitFusionProcessor(small, expert, tok, attention_mask=enc.attention_mask)
+    with pytest.raises(ValueError, match=r"large model has vocabulary size 5000.*64"):
+        other.generate(
+            **enc,
+            logits_processor=transformers.LogitsProcessorList([proc]),
+            max_new_tokens=2,
+            pad_token_id=PAD,
+        )
+    # a config that claims another vocabulary, and special tokens outside the tokenizer
+    claims = llama(6)
+    claims.config.vocab_size = 5000
+    with pytest.raises(ValueError, match=r"small_base's config has vocabulary size 5000"):
+        dlf.generate(large, claims, expert, tok, PROMPTS, max_new_tokens=2)
+    eos = llama(7)
+    eos.config.eos_token_id = [2, 4999]
+    with pytest.raises(ValueError, match=r"expert 0's config has eos_token_id 4999.*64 tokens"):
+        dlf.generate(large, small, eos, tok, PROMPTS, max_new_tokens=2)
+
+
+def test_padding_limit():
+    # padded families: CodeLlama, Phi-3, Qwen2.5 (0.5B and 72B), Phi-2, DeepSeek-LLM
+    for tokens, rows in [
+        (32000, 32016),
+        (32011, 32064),
+        (151665, 151936),
+        (151665, 152064),
+        (50295, 51200),
+        (100015, 102400),
+    ]:
+        assert tokens <= rows <= padding_limit(tokens)
+    assert padding_limit(64) == 130

@@ -72,6 +72,11 @@ def test_training_step_trains_every_adapter_parameter(unet):
         with adapter.text(torch.randn(2, 5, 16)):
             b = unet(x, t, **kw)[0]
     assert (a - b).abs().max() > 0  # the text now steers the temporal layers
+    # only what the optimizer trains gets gradients; the rest keeps requires_grad
+    trained = {id(p) for p in params}
+    for name, p in unet.named_parameters():
+        if id(p) not in trained:
+            assert p.grad is None and p.requires_grad, name
     exde.remove_text_adapter(adapter)
     with torch.no_grad(), adapter.text(text):
         assert torch.equal(unet(x, t, **kw)[0], unet(x, t, **kw)[0])
@@ -109,3 +114,15 @@ def test_motion_degree():
     assert exde.motion_degree(moving[None]).value == slow.value
     with pytest.raises(ValueError, match="at least 2 frames"):
         exde.motion_degree(torch.rand(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("container", ["tensor", "array", "list"])
+def test_motion_degree_scales_uint8_in_every_container(container):
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(0)
+    still = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+    frames = np.stack([np.roll(still, 2 * i, axis=1) for i in range(4)])[..., None].repeat(3, -1)
+    want = exde.motion_degree(frames.astype(np.float32) / 255, method="frame_difference")
+    given = {"tensor": torch.from_numpy(frames), "array": frames, "list": list(frames)}[container]
+    got = exde.motion_degree(given, method="frame_difference")
+    assert got.value == pytest.approx(want.value, rel=1e-6)

@@ -248,3 +248,265 @@ def test_attach_with_integer_timesteps():
     assert all(
         torch.equal(p, q) for p, q in zip(pipe.unet.parameters(), base.parameters(), strict=True)
     )
+
+
+# ---- denoisers and pipelines beyond Stable Video Diffusion ---------------------------------------
+
+
+class Denoiser(nn.Module):
+    """Records which weights each call sees: ``w`` is θ_base + c·τ with τ = 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(4, 4))
+        self.seen = []
+
+    def forward(self, hidden_states, timestep):
+        self.seen.append(float(self.w.detach()[0, 0]))
+        return hidden_states
+
+
+def one_pair():
+    return {"w": torch.zeros(4, 4)}, {"w": torch.ones(4, 4)}
+
+
+def test_attach_finds_the_step_from_per_token_timesteps():
+    """LTX image-to-video sends ``t·(1 − conditioning_mask)`` per token, Wan with
+    ``expand_timesteps`` likewise: 0 on the first frame's tokens, the step's t elsewhere."""
+    from types import SimpleNamespace
+
+    module = Denoiser()
+    timesteps = torch.tensor([999.0, 799.0, 599.0, 399.0, 199.0, 0.0])
+    pipe = SimpleNamespace(unet=module, scheduler=SimpleNamespace(timesteps=timesteps))
+    mask = torch.zeros(2, 10)
+    mask[:, :3] = 1  # the conditioning frame's tokens come first
+    base, ft = one_pair()
+    with exde.attach(pipe, base, ft, schedule=exde.linear(), drop=0.0) as blender:
+        for t in timesteps:
+            module(torch.zeros(2, 10), timestep=t.expand(2).unsqueeze(-1) * (1 - mask))
+        assert blender.blends == len(timesteps)
+    # linear: θ_dyn = θ_base − 0.25·0.75·τ at step 0 to θ_con = θ_ft + 0.25·τ at the last step
+    want = [(1 - w) * -0.1875 + w * 1.25 for w in torch.linspace(0, 1, 6).tolist()]
+    assert module.seen == pytest.approx(want, abs=1e-6)
+
+
+def test_attach_prefers_the_pipelines_current_timestep():
+    """Flux-style pipelines hand the denoiser t / 1000 and keep t in ``_current_timestep``."""
+    from types import SimpleNamespace
+
+    module = Denoiser()
+    timesteps = torch.tensor([1000.0, 750.0, 500.0, 250.0])
+    pipe = SimpleNamespace(
+        transformer=module, scheduler=SimpleNamespace(timesteps=timesteps), _current_timestep=None
+    )
+    base, ft = one_pair()
+    with exde.attach(pipe, base, ft, drop=0.0):
+        for t in timesteps:
+            pipe._current_timestep = t
+            module(torch.zeros(1), timestep=(t / 1000).expand(2))
+    assert module.seen == pytest.approx([-0.1875, -0.1875, 1.25, 1.25])
+
+
+def test_attach_on_two_denoisers_asks_which():
+    from types import SimpleNamespace
+
+    high, low = Denoiser(), Denoiser()
+    timesteps = torch.tensor([900.0, 600.0, 300.0, 100.0])
+    pipe = SimpleNamespace(
+        transformer=high, transformer_2=low, scheduler=SimpleNamespace(timesteps=timesteps)
+    )
+    base, ft = one_pair()
+    with pytest.raises(exde.ExDeError, match=r"two denoisers.*denoiser='transformer_2'"):
+        with exde.attach(pipe, base, ft):
+            pass
+    with pytest.raises(exde.ExDeError, match="no module 'transformer_3'"):
+        with exde.attach(pipe, base, ft, denoiser="transformer_3"):
+            pass
+    with (
+        exde.attach(pipe, base, ft, denoiser="transformer", drop=0.0),
+        exde.attach(pipe, base, ft, denoiser="transformer_2", drop=0.0, alpha=1.0),
+    ):
+        for t in timesteps:  # Wan 2.2: the high-noise expert first, then the low-noise one
+            (high if t >= 500 else low)(torch.zeros(1), timestep=t)
+    assert high.seen == pytest.approx([-0.1875, -0.1875]) and low.seen == [1.25, 1.25]
+    assert float(high.w.detach().abs().max()) == 0.0 and float(low.w.detach().abs().max()) == 0.0
+
+
+def bn_pair():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    ft = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.1)
+        ft[1].running_mean.fill_(1.0)
+        ft[1].running_var.fill_(2.0)
+    return base, ft
+
+
+def test_state_dicts_blend_parameters_never_buffers():
+    base, ft = bn_pair()
+    sd_b, sd_f = base.state_dict(), ft.state_dict()
+    for out in (exde.extrapolate(sd_b, sd_f), *exde.decouple(sd_b, sd_f)):
+        for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+            assert torch.equal(out[name], sd_b[name]), name
+        assert not torch.equal(out["0.weight"], sd_b["0.weight"])
+    # a module beside a state dict says which entries are buffers
+    out = exde.extrapolate(base, sd_f)
+    assert torch.equal(out[1].running_var, base[1].running_var)
+    # attach with state dicts: the live denoiser's buffers are skipped, not "missing parameters"
+    from types import SimpleNamespace
+
+    live = copy.deepcopy(base)
+    pipe = SimpleNamespace(unet=live, scheduler=SimpleNamespace(timesteps=torch.arange(10, 0, -1)))
+    with exde.attach(pipe, sd_b, sd_f) as blender:
+        assert sorted(blender.names) == sorted(n for n, _ in base.named_parameters())
+    assert torch.equal(live[1].running_mean, base[1].running_mean)
+
+
+def test_mixed_dtype_denoiser():
+    """diffusers keeps some modules in float32 in a float16 model (``_keep_in_fp32_modules``)."""
+    base, ft = pair()
+    for m in (base, ft):
+        m[0].half()
+        m[2].half()
+    out = exde.extrapolate(base, ft)
+    assert out[0].weight.dtype == torch.float16 and out[1].weight.dtype == torch.float32
+    want = base[1].weight - 0.25 * (ft[1].weight - base[1].weight)
+    torch.testing.assert_close(out[1].weight, want)
+    want16 = base[0].weight.float() - 0.25 * (ft[0].weight.float() - base[0].weight.float())
+    torch.testing.assert_close(out[0].weight.float(), want16, atol=2e-3, rtol=2e-3)
+    dyn, con = exde.decouple(base.state_dict(), ft.state_dict(), seed=1)
+    assert dyn["0.weight"].dtype == torch.float16 and con["1.bias"].dtype == torch.float32
+    from types import SimpleNamespace
+
+    live = copy.deepcopy(base)
+    pipe = SimpleNamespace(unet=live, scheduler=SimpleNamespace(timesteps=torch.arange(4, 0, -1)))
+    dyn_module = exde.decouple(base, ft, seed=1)[0]
+    with exde.attach(pipe, None, ft, seed=1) as blender:
+        blender.apply(exde.DYN)
+        for name, p in live.named_parameters():
+            assert torch.equal(p, params(dyn_module)[name]), name
+    for name, p in live.named_parameters():
+        assert torch.equal(p, params(base)[name])
+
+
+def test_blend_errors_name_the_parameter():
+    base = {"a.weight": torch.zeros(3, 3), "b.weight": torch.zeros(3, 3)}
+    outs = {"a.weight": torch.zeros(3, 3), "b.weight": torch.zeros(2, 2)}
+    with pytest.raises((ValueError, TypeError), match=r"'b\.weight'"):
+        exde.blending._Plans(
+            [outs["a.weight"], outs["b.weight"]],
+            list(base.values()),
+            [torch.ones(3, 3), torch.ones(3, 3)],
+            ["a.weight", "b.weight"],
+        )
+
+
+def test_attach_on_a_compiled_denoiser():
+    from types import SimpleNamespace
+
+    module = Denoiser()
+    compiled = torch.compile(module, backend="eager")
+    timesteps = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    pipe = SimpleNamespace(unet=compiled, scheduler=SimpleNamespace(timesteps=timesteps))
+    base, ft = one_pair()
+    sd_b = {"_orig_mod." + k: v for k, v in base.items()}
+    with exde.attach(pipe, sd_b, ft, drop=0.0) as blender:
+        assert blender.names == ["w"]
+        for t in timesteps:
+            compiled(torch.zeros(1), timestep=t)
+    assert module.seen == pytest.approx([-0.1875, -0.1875, 1.25, 1.25])
+    assert float(module.w.detach().abs().max()) == 0.0
+    out = exde.extrapolate(compiled, ft)
+    assert torch.equal(out._orig_mod.w, torch.full((4, 4), -0.25))
+
+
+def tiny_ltx_image_to_video():
+    """A tiny random LTX-Video image-to-video pipeline (no text encoder: prompt embeddings are
+    given). Its transformer gets one timestep per token, 0 on the conditioning frame's."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    transformer = diffusers.LTXVideoTransformer3DModel(
+        in_channels=8,
+        out_channels=8,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        num_layers=1,
+        caption_channels=32,
+    ).eval()
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLLTXVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=8,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False, False, False, False, False),
+        upsample_residual=(False, False, False, False),
+        upsample_factor=(1, 1, 1, 1),
+        timestep_conditioning=False,
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    ).eval()
+    pipe = diffusers.LTXImageToVideoPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_attach_on_ltx_image_to_video():
+    pipe = tiny_ltx_image_to_video()
+    from meldkit.exde import _tiny
+
+    base = copy.deepcopy(pipe.transformer)
+    ft = _tiny.finetuned(base)
+    dyn, con = exde.decouple(base, ft, seed=5)
+    steps = 4
+    gen = torch.Generator().manual_seed(0)
+    image, embeds = torch.rand(1, 3, 32, 32, generator=gen), torch.randn(1, 8, 32, generator=gen)
+
+    def call(**kwargs):
+        return pipe(
+            image=image,
+            prompt_embeds=embeds,
+            prompt_attention_mask=torch.ones(1, 8),
+            height=32,
+            width=32,
+            num_frames=9,
+            num_inference_steps=steps,
+            guidance_scale=1.0,
+            max_sequence_length=8,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+            **kwargs,
+        ).frames
+
+    def swap(p, i, t, kwargs):  # after step i: the weights of step i + 1
+        if i + 1 == steps // 2:
+            p.transformer.load_state_dict(con.state_dict())
+        return kwargs
+
+    pipe.transformer.load_state_dict(dyn.state_dict())
+    want = call(callback_on_step_end=swap)
+    pipe.transformer.load_state_dict(base.state_dict())
+    with exde.attach(pipe, base, ft, seed=5) as blender:
+        got = call()
+        assert blender.blends == 2
+    assert (got - want).abs().max() <= 1e-5
+    for name, p in pipe.transformer.named_parameters():
+        assert torch.equal(p, params(base)[name])

@@ -27,17 +27,18 @@ from tests.helpers import DEVICES, DTYPES, assert_close_to_ref, noncontiguous
 
 NEG_INF = float("-inf")
 
-# (B, V, T): every B in {1, 3, 8}, V in {1, 7, 1000, 32000}, T in {1, 3}.
+# (B, V, T): every B in {1, 3, 64}, V in {7, 1000, 32000} (and V = 1), T in {1, 2, 4} (and 3);
+# B = 64 stays off the 32000-wide vocabulary, whose float64 reference is slow.
 CASES = [
     (1, 1, 1),
     (3, 1, 3),
     (3, 7, 3),
-    (8, 7, 1),
-    (1, 1000, 3),
-    (8, 1000, 1),
-    (8, 1000, 3),
-    (8, 32000, 1),
-    (1, 32000, 3),
+    (64, 7, 4),
+    (1, 1000, 2),
+    (64, 1000, 1),
+    (3, 1000, 4),
+    (3, 32000, 1),
+    (1, 32000, 4),
 ]
 GRIDS = {
     "unsorted": [1.5, 0.0, 0.7, 2.0, 0.2],
@@ -217,6 +218,51 @@ def test_uniform_grids_by_product_runs(device, dtype, grid):
     experts = experts.masked_fill(masks[2:], NEG_INF)
     inputs = [t.to(device=device, dtype=dtype) for t in (large, small, experts)]
     check_against_reference(*inputs, UNIFORM_GRIDS[grid])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("n_experts", "grid"),
+    [
+        (2, [0.01 * i for i in range(201)]),  # a finer grid: 4 native calls
+        (16, [2.0 - 0.03 * i for i in range(70)]),  # descending, with the most experts
+    ],
+    ids=["alphas201", "experts16"],
+)
+def test_grids_beyond_one_native_call(device, dtype, n_experts, grid):
+    # More than MAX_ALPHAS grid points run in chunks; the results are one call's: losses, the
+    # tie rule over the whole grid, masks. Row 0's experts equal the base: loss 0 for
+    # every α, so the tie rule must pick the smallest α, which sits in another chunk.
+    large, small, experts = make_logits(5, 300, n_experts, dtype, device, seed=24, mask_prob=0.05)
+    experts = experts.clone()
+    experts[:, 0] = small[0]
+    res, _ = check_against_reference(large, small, experts, grid)
+    assert res.loss.shape == (5, n_experts, len(grid))
+    assert res.alpha[0].item() == min(alpha_grid(grid, dtype).tolist())
+    assert torch.equal(res.logits == NEG_INF, ~vocab_keep_ref(large, small, experts))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_more_than_16_experts_are_refused(device):
+    large, small, experts = make_logits(2, 7, 17, torch.float32, device, seed=26)
+    with pytest.raises(ValueError, match=r"'experts': has T = 17 experts; at most 16"):
+        logit_fusion(large, small, experts)
+
+
+def test_native_limits_are_the_documented_ones():
+    from meldkit import _native
+    from meldkit.ops.logit_fusion import MAX_ALPHAS, MAX_EXPERTS
+
+    if _native.unavailable("logit_fusion", torch.device("cpu"), (torch.float32,)):
+        pytest.skip("no native CPU kernel")
+    large, small, experts = make_logits(1, 7, MAX_EXPERTS + 1, torch.float32, "cpu", seed=25)
+    out = [torch.empty(1, MAX_EXPERTS + 1, 1), torch.empty(1), torch.empty(1, dtype=torch.long)]
+    with pytest.raises(ValueError, match=f"1 to {MAX_EXPERTS} experts"):
+        _native._C.logit_fusion(large, small, experts, [0.0], *out, None, 0)
+    out[0] = torch.empty(1, 1, MAX_ALPHAS + 1)
+    with pytest.raises(ValueError, match=f"1 to {MAX_ALPHAS} values"):
+        _native._C.logit_fusion(large, small, experts[:1], [0.0] * (MAX_ALPHAS + 1), *out, None, 0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -9,7 +9,7 @@ from torch import nn
 
 from meldkit.dlf.fusion import check_mode, fuse_logits
 from meldkit.dlf.generate import Expert, ExpertPrompt, alpha_list, expert_texts, fusion_members
-from meldkit.dlf.streams import Ensemble, common_vocab_size, tokenize
+from meldkit.dlf.streams import Ensemble, check_vocab_width, common_vocab_size, tokenize
 
 try:
     from transformers import LogitsProcessor as _LogitsProcessor
@@ -41,8 +41,8 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         As in :func:`meldkit.dlf.generate`.
     attention_mask : torch.Tensor, optional
         ``[B, L]`` attention mask of the prompt batch passed to ``generate`` (left padding).
-        Without it the prompt is taken as unpadded, and a batch expanded by beam search or
-        ``num_return_sequences`` cannot be caught before its first step.
+        Without it the prompt is taken as unpadded (a batch expanded by ``num_return_sequences``
+        then runs as it comes, each row on its own).
     mode, alpha, alphas, adapter_batching
         As in :func:`meldkit.dlf.generate`.
     prompts : sequence of str, optional
@@ -54,9 +54,12 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
     -----
     Only greedy search and sampling with ``num_beams=1`` work: beam search reorders rows and
     assisted decoding verifies several tokens and rolls back, and the processor's caches cannot
-    follow either. Every call checks that the rows are the previous call's rows plus one token and
-    raises ``ValueError`` otherwise; with ``attention_mask`` given, a batch of the wrong size is
-    refused on the first call. Use one processor per ``generate`` call, or call :meth:`reset`.
+    follow either. The first call refuses beam search (``ValueError``): ``generate`` hands beam
+    search's processors log-probabilities (every row's log-sum-exp is 0) where it hands the
+    others raw logits, and, with ``attention_mask`` or ``prompts`` given, a batch of another
+    size. Every later call checks that the rows are the previous call's rows plus one token
+    (assisted decoding and prompt lookup add several, or roll back) and raises ``ValueError``
+    otherwise. Use one processor per ``generate`` call, or call :meth:`reset`.
     For speed (the large and small forwards batched and fused with sampling), prefer
     :func:`meldkit.dlf.generate`.
     """
@@ -164,12 +167,10 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
             ``[B, V_large]`` fused logits in ``scores``' dtype; columns past ``len(tokenizer)``
             (padded embedding rows) are −inf.
         """
-        if scores.shape[-1] < self.vocab_size:
-            raise ValueError(
-                f"dlf: the large model has vocabulary size {scores.shape[-1]} but the tokenizer "
-                f"has {self.vocab_size} tokens; the models must share one tokenizer"
-            )
         if self._prev is None:
+            # The large model is seen only through its scores: its vocabulary is checked here.
+            check_vocab_width("the large model", scores.shape[-1], self.vocab_size)
+            _refuse_beam_search(scores)
             small = self._start(input_ids, scores.device)
         else:
             prev = self._prev
@@ -195,6 +196,21 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         out = torch.full_like(scores, float("-inf"))
         out[:, : self.vocab_size] = fused.to(scores.dtype)
         return out
+
+
+def _refuse_beam_search(scores: torch.Tensor) -> None:
+    """Raise when ``scores`` are log-probabilities: ``generate``'s beam search applies
+    ``log_softmax`` before its processors (greedy search and sampling pass raw logits, whose
+    log-sum-exp is never 0 in every row)."""
+    if scores.numel() == 0:
+        return
+    lse = torch.logsumexp(scores.detach().float(), dim=-1)
+    if bool((lse.abs() < 1e-3).all()):
+        raise ValueError(
+            "dlf: generate() is running beam search (the scores are log-probabilities, as beam "
+            "search passes them to its processors; or a processor before this one normalised "
+            f"them): {_DECODING_HINT}"
+        )
 
 
 def _stack(steps: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

@@ -54,11 +54,60 @@ def logits_width(model: nn.Module) -> int:
     return int(config.vocab_size)
 
 
+def padding_limit(vocab: int) -> int:
+    """The most logits a model sharing a tokenizer of ``vocab`` tokens may have.
+
+    Embedding rows past the tokenizer count as padding up to the next multiple of 128 plus a
+    1/32 share of the vocabulary: enough for the padded families we know (CodeLlama's 32016 rows
+    for Llama-2's 32000 tokens, Phi-3's 32064 for 32011, Qwen2.5's 151936 and 152064 for
+    151665, Phi-2's 51200 for 50295, DeepSeek-LLM's 102400 for 100015), and far below what a
+    model trained on another, larger vocabulary has.
+    """
+    return -(-vocab // 128) * 128 + vocab // 32
+
+
+def check_vocab_width(name: str, width: int, vocab: int, config_size: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``width`` logits fit a tokenizer of ``vocab`` tokens: at least
+    ``vocab``, and the rows past it padding (:func:`padding_limit`)."""
+    if vocab <= width <= padding_limit(vocab):
+        return
+    config = f" (config.vocab_size {config_size})" if config_size is not None else ""
+    if width < vocab:
+        why = "fewer logits than the tokenizer has tokens"
+    else:
+        why = (
+            f"more than the {padding_limit(vocab)} that padding of the embedding could explain: "
+            "it was trained with another vocabulary"
+        )
+    raise ValueError(
+        f"dlf: {name} has vocabulary size {width}{config} but the tokenizer has {vocab} tokens "
+        f"({why}); logit fusion needs models that share one tokenizer (only extra padded rows "
+        "at the end of an embedding are tolerated)"
+    )
+
+
+def _special_ids(config) -> dict[str, list[int]]:
+    out = {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(config, key, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        ids = [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool)]
+        if ids:
+            out[key] = ids
+    return out
+
+
 def common_vocab_size(tokenizer, models: dict[str, nn.Module]) -> int:
     """The vocabulary every model is fused over: ``len(tokenizer)``.
 
     Models may have more logits than the tokenizer has tokens (embedding rows padded to a multiple
     of 64 or 128, as CodeLlama's 32016 vs Llama-2's 32000): those trailing rows are sliced off.
+    Anything else means another tokenizer: a model with fewer logits than the tokenizer has
+    tokens, or more than padding explains (:func:`padding_limit`), in its logits or its
+    ``config.vocab_size``, or whose config names a special token (BOS, EOS, pad) that the
+    tokenizer does not have. (Special ids that differ between models are allowed: a base model
+    and its chat variant share the vocabulary but not always the EOS, as Llama-3's 128001 and
+    128009, and proxy-tuning pairs exactly those.)
 
     Parameters
     ----------
@@ -75,28 +124,92 @@ def common_vocab_size(tokenizer, models: dict[str, nn.Module]) -> int:
     Raises
     ------
     ValueError
-        If a model has fewer logits than the tokenizer has tokens: it cannot share this tokenizer.
+        Naming the model, its vocabulary size and the tokenizer's, when a model cannot share
+        this tokenizer.
     """
     vocab = len(tokenizer)
     for name, model in models.items():
+        config = getattr(hf_model(model), "config", None)
+        config_size = getattr(config, "vocab_size", None)
+        config_size = int(config_size) if isinstance(config_size, int) else None
         width = logits_width(model)
-        if width < vocab:
-            raise ValueError(
-                f"dlf: {name} has vocabulary size {width} but the tokenizer has {vocab} tokens; "
-                "logit fusion needs models that share one tokenizer (only extra padded rows at "
-                "the end of an embedding are tolerated)"
-            )
+        check_vocab_width(name, width, vocab, config_size)
+        if config_size is not None and config_size != width:
+            check_vocab_width(f"{name}'s config", config_size, vocab, config_size)
+        for key, ids in _special_ids(config).items():
+            outside = [i for i in ids if not 0 <= i < vocab]
+            if outside:
+                raise ValueError(
+                    f"dlf: {name}'s config has {key} {outside[0]} but the tokenizer has {vocab} "
+                    f"tokens (the model has vocabulary size {width}); logit fusion needs models "
+                    "that share one tokenizer"
+                )
     return vocab
 
 
+def _hook_device(hook) -> torch.device | None:
+    """The execution device of an accelerate hook (``AlignDevicesHook``, or a ``SequentialHook``
+    holding one), or None."""
+    for h in [hook, *getattr(hook, "hooks", ())]:
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    return None
+
+
+def _mapped_device(model: nn.Module, module: nn.Module) -> torch.device | None:
+    """Where ``hf_device_map`` runs ``module``: its device, or, when it is offloaded ("cpu",
+    "disk"), accelerate's main device (the first accelerator in the map, else the CPU)."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not isinstance(device_map, dict) or not device_map:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    name = names.get(id(module))
+    if name is None:
+        return None
+    # The entry of the module or of its closest mapped parent ("" maps the whole model).
+    entry = max(
+        (k for k in device_map if k == "" or name == k or name.startswith(k + ".")),
+        key=len,
+        default=None,
+    )
+    if entry is None:
+        return None
+
+    def as_device(value) -> torch.device:
+        return torch.device(f"cuda:{value}" if isinstance(value, int) else value)
+
+    value = device_map[entry]
+    if value not in ("cpu", "disk"):
+        return as_device(value)
+    main = next((v for v in device_map.values() if v not in ("cpu", "disk")), "cpu")
+    return as_device(main)
+
+
 def input_device(model: nn.Module) -> torch.device:
-    """The device ``model``'s input ids must be on (that of its input embedding)."""
-    get_in = getattr(hf_model(model), "get_input_embeddings", None)
+    """The device ``model``'s input ids must be on: where its input embedding runs.
+
+    Under accelerate (``device_map``, offloading to "cpu" or "disk") the embedding weight may sit
+    on ``meta`` and move in only for the forward: its hook's execution device, else the device
+    ``hf_device_map`` gives it, comes first; then the weight's device; then the first parameter
+    that is not on ``meta``.
+    """
+    inner = hf_model(model)
+    get_in = getattr(inner, "get_input_embeddings", None)
     emb = get_in() if callable(get_in) else None
-    weight = getattr(emb, "weight", None)
-    if isinstance(weight, torch.Tensor):
-        return weight.device
-    return next(model.parameters()).device
+    if isinstance(emb, nn.Module):
+        device = _hook_device(getattr(emb, "_hf_hook", None)) or _mapped_device(inner, emb)
+        if device is not None:
+            return device
+        weight = getattr(emb, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+            return weight.device
+    device = _hook_device(getattr(inner, "_hf_hook", None))
+    if device is not None:
+        return device
+    return next(
+        (p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu")
+    )
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

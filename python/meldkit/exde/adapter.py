@@ -18,6 +18,7 @@ so the UNet's own state dict is unchanged; save the adapter's with ``adapter.sta
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -164,7 +165,27 @@ def training_step(
     video, denoises with the v-prediction preconditioning (c_in = 1/√(σ²+1), c_skip = 1/(σ²+1),
     c_out = −σ/√(σ²+1), UNet timestep 0.25·ln σ) and minimises the EDM-weighted squared error.
     Returns the loss.
+
+    Trains what ``optimizer`` holds (:func:`adapter_parameters`: the adapter and the temporal
+    layers); the other parameters of ``unet`` and ``adapter`` get no gradient (they are frozen
+    for the step, their ``requires_grad`` restored after it), so no ``.grad`` piles up on them.
     """
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    frozen = [
+        p
+        for p in itertools.chain(unet.parameters(), adapter.parameters())
+        if p.requires_grad and id(p) not in trained
+    ]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        return _denoising_step(unet, adapter, optimizer, batch, p_mean, p_std, generator)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _denoising_step(unet, adapter, optimizer, batch, p_mean, p_std, generator) -> float:
     lat = batch["latents"]
     b, f = lat.shape[:2]
     dev, dt = lat.device, lat.dtype

@@ -13,8 +13,8 @@ task vector τ = θ_ft − θ_base of a fine-tuned denoiser:
   coefficients of a :class:`Schedule` (the release: θ_dyn for the high-noise first half, then
   θ_con).
 
-Every blend is one native call over all tensors (:func:`meldkit.ops.blend_tensors`; ``attach``
-keeps a :class:`meldkit.ops.BlendPlan`, so a re-blend does no per-tensor host work), the masks
+Every blend is one native call over all tensors of a dtype (a :class:`meldkit.ops.BlendPlan` per
+dtype; ``attach`` keeps its plans, so a re-blend does no per-tensor host work), the masks
 regenerated from ``(seed, CRC-32 of the tensor name)``, never stored. Only θ_base and τ are kept.
 Only parameters are touched, never buffers.
 """
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from meldkit.merging.engine import tensor_key
-from meldkit.ops import BlendPlan, blend_tensors
+from meldkit.ops import BlendPlan
 
 
 class ExDeError(ValueError):
@@ -49,11 +49,50 @@ def _patterns(value: Iterable[str] | str | None) -> list[re.Pattern]:
     return [re.compile(p) for p in ([value] if isinstance(value, str) else value)]
 
 
-def _params(obj: nn.Module | Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+# torch.compile wraps a module in an OptimizedModule whose parameter names carry this prefix.
+_COMPILED = "_orig_mod."
+
+# Without a module to ask, these state-dict entries are known buffers (the running statistics of
+# torch's batch/instance norms), never parameters.
+_NORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds, else ``module``."""
+    while isinstance(getattr(module, "_orig_mod", None), nn.Module):
+        module = module._orig_mod
+    return module
+
+
+def _buffer_names(*objs: Any) -> set[str] | None:
+    """The buffer names of the modules among ``objs``; None when all are state dicts."""
+    modules = [_unwrap(o) for o in objs if isinstance(o, nn.Module)]
+    if not modules:
+        return None
+    return {n for m in modules for n, _ in m.named_buffers()}
+
+
+def _params(
+    obj: nn.Module | Mapping[str, torch.Tensor], what: str, buffers: set[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """The parameters of ``obj`` by name (``_orig_mod.`` of compiled modules stripped). A state
+    dict also holds buffers: its entries named in ``buffers`` (a module's buffer names) are left
+    out, or, with no module to ask (``buffers`` None), the norm layers' running statistics."""
     if isinstance(obj, nn.Module):
-        return dict(obj.named_parameters())
+        return dict(_unwrap(obj).named_parameters())
     if isinstance(obj, Mapping):
-        return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        out = {}
+        for key, value in obj.items():
+            name = key.replace(_COMPILED, "")
+            if not isinstance(value, torch.Tensor):
+                continue
+            if buffers is not None:
+                if name in buffers:
+                    continue
+            elif name.rsplit(".", 1)[-1] in _NORM_STATS:
+                continue
+            out[name] = value
+        return out
     raise TypeError(f"meldkit.exde: '{what}' must be an nn.Module or a state dict, got {type(obj)}")
 
 
@@ -62,10 +101,19 @@ def paired(
     finetuned: nn.Module | Mapping[str, torch.Tensor],
     include: Iterable[str] | str | None = None,
     exclude: Iterable[str] | str | None = None,
+    *,
+    buffers: set[str] | None = None,
 ) -> list[str]:
     """Names of the floating parameters of ``base`` selected by the name filters (``re.search``:
-    any ``include`` must match, no ``exclude`` may), checked against ``finetuned``."""
-    b, f = _params(base, "base"), _params(finetuned, "finetuned")
+    any ``include`` must match, no ``exclude`` may), checked against ``finetuned``.
+
+    Buffers are never selected: a state dict's entries that are buffers of ``buffers`` (names),
+    else of whichever of ``base`` and ``finetuned`` is a module, are skipped; two state dicts
+    alone skip the norm layers' running statistics (pass a module, or ``exclude``, for other
+    buffers)."""
+    if buffers is None:
+        buffers = _buffer_names(base, finetuned)
+    b, f = _params(base, "base", buffers), _params(finetuned, "finetuned", buffers)
     inc, exc = _patterns(include), _patterns(exclude)
     names = []
     for name, t in b.items():
@@ -102,13 +150,54 @@ def _apply(
     """A copy of ``base`` (module or dict) whose ``names`` ``compute(outs, names)`` rewrites."""
     if isinstance(base, nn.Module):
         out = copy.deepcopy(base)
-        params = dict(out.named_parameters())
+        params = dict(_unwrap(out).named_parameters())
         with torch.no_grad():
             compute([params[n].data for n in names], names)
         return out
-    out_dict = {k: v.clone() for k, v in base.items()}
-    compute([out_dict[n] for n in names], names)
+    out_dict = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in base.items()}
+    keys = {k.replace(_COMPILED, ""): k for k in base}
+    compute([out_dict[keys[n]] for n in names], names)
     return out_dict
+
+
+_INDEXED = re.compile(r"'?\b(outs|bases|taus)\[(\d+)\]'?")
+
+
+def _named(error: Exception, names: list[str]) -> Exception:
+    """``error`` (of the blend op, which names tensors by index) naming the parameters."""
+    message = _INDEXED.sub(lambda m: f"{m[1]} of parameter {names[int(m[2])]!r}", str(error))
+    return type(error)(f"meldkit.exde: {message}")
+
+
+class _Plans:
+    """One :class:`meldkit.ops.BlendPlan` per (device, dtype) group of the tensors: the op wants
+    one dtype per call, and a denoiser may mix them (diffusers keeps some modules in float32
+    in a float16 model). Errors name the parameter."""
+
+    def __init__(self, outs, bases, taus, names: list[str]) -> None:
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, t in enumerate(bases):
+            groups.setdefault((t.device, t.dtype), []).append(i)
+        self.plans = []
+        for idx in groups.values():
+            sub = [names[i] for i in idx]
+            try:
+                plan = BlendPlan(
+                    [outs[i] for i in idx],
+                    [bases[i] for i in idx],
+                    [taus[i] for i in idx],
+                    tensor_keys=[tensor_key(n) for n in sub],
+                )
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise _named(e, sub) from e
+            self.plans.append((plan, sub))
+
+    def __call__(self, coeffs, *, keep=(1.0, 1.0), seed=0) -> None:
+        for plan, sub in self.plans:
+            try:
+                plan(coeffs, keep=keep, seed=seed)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise _named(e, sub) from e
 
 
 # ---- stage 2: extrapolation ----------------------------------------------------------------------
@@ -131,13 +220,12 @@ def extrapolate(
     b, f = _params(base, "base"), _params(finetuned, "finetuned")
 
     def compute(outs, names):
-        blend_tensors(
+        _Plans(
             outs,
             [b[n].detach() for n in names],
             [(f[n].detach().to(b[n]) - b[n].detach()) for n in names],
-            (-alpha, 0.0, 0.0),
-            tensor_keys=[tensor_key(n) for n in names],
-        )
+            names,
+        )((-alpha, 0.0, 0.0))
 
     return _apply(base, names, compute)
 
@@ -198,18 +286,11 @@ def decouple(
     names = paired(base, finetuned, include, exclude)
     b, f = _params(base, "base"), _params(finetuned, "finetuned")
     taus = [(f[n].detach().to(b[n]) - b[n].detach()) for n in names]
-    keys = [tensor_key(n) for n in names]
 
     def run(coeffs):
         def compute(outs, names):
-            blend_tensors(
-                outs,
-                [b[n].detach() for n in names],
-                taus,
-                cfg.blend_coeffs(*coeffs),
-                keep=(cfg.keep, cfg.keep),
-                seed=seed,
-                tensor_keys=keys,
+            _Plans(outs, [b[n].detach() for n in names], taus, names)(
+                cfg.blend_coeffs(*coeffs), keep=(cfg.keep, cfg.keep), seed=seed
             )
 
         return _apply(base, names, compute)
@@ -281,7 +362,21 @@ def _as_schedule(schedule: Schedule | Callable[..., Coefficients]) -> Callable[.
 # ---- the per-step hook ---------------------------------------------------------------------------
 
 
-def _denoiser(pipe: Any) -> nn.Module:
+def _denoiser(pipe: Any, name: str | None = None) -> nn.Module:
+    if name is not None:
+        module = getattr(pipe, name, None)
+        if not isinstance(module, nn.Module):
+            raise ExDeError(f"meldkit.exde.attach: the pipeline has no module {name!r}")
+        return module
+    if isinstance(getattr(pipe, "transformer_2", None), nn.Module):
+        # Wan 2.2: `transformer` denoises the high-noise steps, `transformer_2` the low-noise
+        # ones; each has its own weights, so one base/fine-tune pair cannot serve both.
+        raise ExDeError(
+            "meldkit.exde.attach: the pipeline has two denoisers, 'transformer' (high-noise "
+            "steps) and 'transformer_2' (low-noise steps): pass denoiser='transformer' or "
+            "denoiser='transformer_2' (nest two attach blocks, each with that denoiser's base "
+            "and fine-tune, to blend both)"
+        )
     for attr in ("unet", "transformer"):
         module = getattr(pipe, attr, None)
         if isinstance(module, nn.Module):
@@ -289,14 +384,25 @@ def _denoiser(pipe: Any) -> nn.Module:
     raise ExDeError("meldkit.exde.attach: the pipeline has no 'unet' or 'transformer' module")
 
 
-def step_of(timesteps: torch.Tensor, timestep: Any) -> int:
-    """The index of ``timestep`` in the scheduler's ``timesteps`` (the nearest value): works for
-    integer DDPM timesteps and for continuous ones (Stable Video Diffusion's 0.25·ln σ)."""
-    t = torch.as_tensor(timestep).detach().float().flatten()
+def _timestep_value(timestep: Any) -> float:
+    """The step's timestep from a denoiser's ``timestep`` argument: a scalar, one per batch row
+    (CFG), or one per token, where image-to-video pipelines put 0 on the conditioning frame's
+    tokens (LTX: ``t·(1 − conditioning_mask)``; Wan with ``expand_timesteps``): the maximum."""
+    t = torch.as_tensor(timestep).detach().flatten()
     if t.numel() == 0:
         raise ExDeError("meldkit.exde: the denoiser was called without a timestep")
+    return float(t.float().max())
+
+
+def step_of(timesteps: torch.Tensor, timestep: Any) -> int:
+    """The index of ``timestep`` in the scheduler's ``timesteps`` (the nearest value): works for
+    integer DDPM timesteps and for continuous ones (Stable Video Diffusion's 0.25·ln σ).
+
+    ``timestep`` may be a scalar or a tensor: one value per batch row, or one per token with 0 on
+    conditioning tokens (LTX and Wan image-to-video); its maximum is the step's timestep."""
+    t = _timestep_value(timestep)
     ts = timesteps.detach().float().cpu()
-    return int((ts - float(t[0].cpu())).abs().argmin())
+    return int((ts - t).abs().argmin())
 
 
 class Blender:
@@ -312,14 +418,18 @@ class Blender:
         exclude=None,
     ) -> None:
         self.config = config
-        self.names = paired(base, finetuned, include, exclude)
+        denoiser = _unwrap(denoiser)
+        # State dicts carry buffers too: the live denoiser says which names those are.
+        buffers = _buffer_names(denoiser, base, finetuned)
+        self.names = paired(base, finetuned, include, exclude, buffers=buffers)
         live = dict(denoiser.named_parameters())
         missing = [n for n in self.names if n not in live]
         if missing:
             raise ExDeError(
                 f"meldkit.exde: the pipeline's denoiser has no parameter {missing[0]!r}"
             )
-        b, f = _params(base, "base_unet"), _params(finetuned, "finetuned_unet")
+        b = _params(base, "base_unet", buffers)
+        f = _params(finetuned, "finetuned_unet", buffers)
         self.live = [live[n] for n in self.names]
         with torch.no_grad():
             self.base = [
@@ -330,9 +440,9 @@ class Blender:
                 f[n].detach().to(p.device, p.dtype) - bt
                 for n, p, bt in zip(self.names, self.live, self.base, strict=True)
             ]
-        self.keys = [tensor_key(n) for n in self.names]
-        # Validated and laid out once: each blend is then one native call (one CUDA launch).
-        self.plan = BlendPlan(self.live, self.base, self.tau, tensor_keys=self.keys)
+        # Validated and laid out once: each blend is then one native call (one CUDA launch) per
+        # dtype of the denoiser's parameters.
+        self.plan = _Plans(self.live, self.base, self.tau, self.names)
         self.current: Coefficients | None = None
         self.blends = 0
 
@@ -373,12 +483,15 @@ def attach(
     seed: int = 0,
     include: Iterable[str] | str | None = None,
     exclude: Iterable[str] | str | None = None,
+    denoiser: str | None = None,
 ) -> Iterator[Blender]:
     """Blend ``pipe``'s denoiser per denoising step while the ``with`` block runs.
 
-    A forward pre-hook on ``pipe.unet`` (or ``pipe.transformer``) reads the call's timestep, finds
-    its step in ``pipe.scheduler.timesteps`` (so continuous timesteps such as Stable Video
-    Diffusion's 0.25·ln σ work as well as integer ones), asks ``schedule`` for the coefficients and
+    A forward pre-hook on ``pipe.unet`` (or ``pipe.transformer``) reads the step's timestep (the
+    pipeline's ``current_timestep`` when it keeps one, else the largest value of the call's
+    ``timestep``: per-token timesteps are 0 on the conditioning frame), finds its step in
+    ``pipe.scheduler.timesteps`` (so continuous timesteps such as Stable Video Diffusion's
+    0.25·ln σ work as well as integer ones), asks ``schedule`` for the coefficients and
     re-blends the weights only when they change (CFG's extra calls and the steps of one phase cost
     nothing). Step 0 is blended before the first call. On exit, normally or by an exception, the
     hook is removed and the base weights are restored exactly.
@@ -386,8 +499,9 @@ def attach(
     Parameters
     ----------
     pipe : diffusers pipeline
-        Any pipeline whose denoiser is ``pipe.unet`` or ``pipe.transformer`` and whose scheduler
-        has ``timesteps`` (set by the pipeline at each call).
+        Any pipeline whose denoiser is ``pipe.unet`` or ``pipe.transformer`` (possibly
+        ``torch.compile``'d) and whose scheduler has ``timesteps`` (set by the pipeline at each
+        call).
     base_unet : nn.Module or state dict or None
         θ_base; None: the denoiser's current weights.
     finetuned_unet : nn.Module or state dict
@@ -397,18 +511,21 @@ def attach(
     alpha, drop, dyn_scale, con_scale, seed
         As :func:`decouple`.
     include, exclude : regexes
-        Which parameters blend (e.g. ``include="temporal"``); default all.
+        Which parameters blend (e.g. ``include="temporal"``); default all (never buffers).
+    denoiser : str, optional
+        The pipeline attribute to hook; needed when there are two (Wan 2.2's ``transformer``
+        for the high-noise steps and ``transformer_2`` for the low-noise ones).
 
     Yields
     ------
     Blender
         Its ``blends`` counts the re-blends; ``current`` holds the coefficients in use.
     """
-    denoiser = _denoiser(pipe)
+    module = _denoiser(pipe, denoiser)
     cfg = DecoupleConfig(alpha, drop, dyn_scale, con_scale, seed)
     sched = _as_schedule(schedule if schedule is not None else switch())
-    base = base_unet if base_unet is not None else denoiser
-    blender = Blender(denoiser, base, finetuned_unet, cfg, include, exclude)
+    base = base_unet if base_unet is not None else module
+    blender = Blender(module, base, finetuned_unet, cfg, include, exclude)
 
     def hook(module, args, kwargs):
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
@@ -417,14 +534,19 @@ def attach(
         timesteps = getattr(pipe.scheduler, "timesteps", None)
         if timesteps is None or len(timesteps) == 0:
             raise ExDeError("meldkit.exde.attach: the scheduler has no timesteps set")
-        step = step_of(timesteps, timestep)
+        # The loop's own timestep when the pipeline keeps it (LTX, Wan, Flux...): it is in the
+        # scheduler's units even where the denoiser gets a rescaled one (Flux's t / 1000).
+        current = getattr(pipe, "_current_timestep", None)
+        t = _timestep_value(current if current is not None else timestep)
+        step = step_of(timesteps, t)
         sigmas = getattr(pipe.scheduler, "sigmas", None)
         sigma = float(sigmas[step]) if sigmas is not None and len(sigmas) > step else None
-        t = float(torch.as_tensor(timestep).flatten()[0])
         blender.apply(sched(step, len(timesteps), t, sigma))
         return None
 
-    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+    # On the pipeline's module itself (a torch.compile wrapper included): a hook on the wrapped
+    # module would be traced into the compiled graph.
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield blender
     finally:

@@ -20,14 +20,14 @@ class MotionDegree:
 
 def _frames(frames) -> torch.Tensor:
     """``[F, H, W]`` grey levels in [0, 1] from ``[F, C, H, W]`` / ``[F, H, W, C]`` tensors or
-    arrays, or a list of PIL images (diffusers' outputs)."""
+    arrays, or a list of PIL images (diffusers' outputs). Integer (uint8) frames are 0-255 and
+    are scaled by 1/255 whatever the container; float frames are taken as [0, 1]."""
     if isinstance(frames, (list, tuple)):
         import numpy as np
 
-        frames = torch.from_numpy(np.stack([np.asarray(f, dtype=np.float32) for f in frames]))
-        if frames.max() > 1.5:
-            frames = frames / 255.0
-    x = torch.as_tensor(frames).detach().float().cpu()
+        frames = np.stack([np.asarray(f) for f in frames])
+    x = torch.as_tensor(frames).detach().cpu()
+    x = x.float() / 255.0 if not x.is_floating_point() else x.float()
     if x.dim() == 5 and x.shape[0] == 1:
         x = x[0]
     if x.dim() == 4 and x.shape[1] in (1, 3, 4) and x.shape[-1] not in (1, 3, 4):

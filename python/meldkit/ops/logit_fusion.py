@@ -38,10 +38,18 @@ from meldkit.ops.logit_fusion_ref import (
     DEFAULT_ALPHAS,
     LogitFusionResult,
     accumulation_dtype,
+    alpha_grid,
     logit_fusion_forward_ref,
+    select_index_ref,
 )
 
 _OP = "logit_fusion"
+
+# The native kernel's limits per call (its per-row accumulators are fixed arrays; see
+# bindings/logit_fusion.cpp). Larger grids run as chunks of MAX_ALPHAS points; more experts are
+# refused on every path (the loss's targets are means over all experts: no chunking).
+MAX_ALPHAS = 64
+MAX_EXPERTS = 16
 
 
 def _use_reference(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> bool:
@@ -76,6 +84,19 @@ def _logit_fusion_native(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if _use_reference(large.device, (large.dtype,)):
         return logit_fusion_forward_ref(large, small_base, experts, alphas, return_logits)
+    if len(alphas) > MAX_ALPHAS:
+        return _native_chunks(large, small_base, experts, alphas, return_logits)
+    return _native_call(large, small_base, experts, alphas, return_logits)
+
+
+def _native_call(
+    large: torch.Tensor,
+    small_base: torch.Tensor,
+    experts: torch.Tensor,
+    alphas: list[float],
+    return_logits: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One native call: T ≤ ``MAX_EXPERTS``, n ≤ ``MAX_ALPHAS`` (the binding checks)."""
     acc = accumulation_dtype(large.dtype)
     n_rows, vocab = large.shape
     device = large.device
@@ -96,6 +117,39 @@ def _logit_fusion_native(
             _native.stream_of(device),
         )
     return alpha, expert, (loss.new_empty(0) if logits is None else logits), loss
+
+
+def _native_chunks(
+    large: torch.Tensor,
+    small_base: torch.Tensor,
+    experts: torch.Tensor,
+    alphas: list[float],
+    return_logits: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A grid of more than ``MAX_ALPHAS`` points: one native call per chunk of the grid, each
+    a pass over the inputs (a candidate's loss does not depend on the other grid points). The
+    loss is the chunks' side by side; each row takes α, expert and logits from the chunk that
+    holds the tie rule's argmin of the whole loss (that chunk's own argmin, by the same rule).
+
+    Experts cannot be chunked this way: the loss's targets are means over all T experts.
+    """
+    chunks = [
+        _native_call(large, small_base, experts, alphas[j : j + MAX_ALPHAS], return_logits)
+        for j in range(0, len(alphas), MAX_ALPHAS)
+    ]
+    loss = torch.cat([out[3] for out in chunks], dim=2)
+    # NaN losses (the unchecked op fed NaN) must not break the selection.
+    grid = alpha_grid(alphas, large.dtype, large.device)
+    index, _ = select_index_ref(torch.nan_to_num(loss, nan=math.inf), grid)
+    chunk = index // MAX_ALPHAS  # [B]
+    alpha, expert, logits, _ = chunks[0]
+    for c, (a, e, z, _) in enumerate(chunks[1:], start=1):
+        here = chunk == c
+        alpha = torch.where(here, a, alpha)
+        expert = torch.where(here, e, expert)
+        if return_logits:
+            logits = torch.where(here[:, None], z, logits)
+    return alpha, expert, logits, loss
 
 
 @_logit_fusion.register_fake
@@ -159,6 +213,13 @@ def _experts_tensor(experts: object, large: torch.Tensor) -> torch.Tensor:
         )
     if experts.shape[0] < 1:
         raise _error(ValueError, "experts", "has T = 0 experts (T ≥ 1 are needed)")
+    if experts.shape[0] > MAX_EXPERTS:
+        raise _error(
+            ValueError,
+            "experts",
+            f"has T = {experts.shape[0]} experts; at most {MAX_EXPERTS} are supported (the "
+            "native kernel's limit, applied on every path)",
+        )
     if experts.shape[1:] != large.shape:
         raise _error(
             ValueError,
@@ -250,13 +311,13 @@ def logit_fusion(
     small_base : Tensor
         M_S ``[B, V]``, the small base model's logits; same dtype and device as ``large``.
     experts : Tensor or sequence of Tensor
-        M_t ``[T, B, V]`` (T ≥ 1), the small fine-tuned experts' logits, or a sequence of T
-        ``[B, V]`` tensors (stacked, one copy); same dtype and device.
+        M_t ``[T, B, V]`` (1 ≤ T ≤ ``MAX_EXPERTS`` = 16), the small fine-tuned experts' logits,
+        or a sequence of T ``[B, V]`` tensors (stacked, one copy); same dtype and device.
     alphas : sequence of float or 1-D Tensor, optional
         The grid of α, n ≥ 1 finite values, in any order, duplicates and negative values
         allowed. Default: the paper's 0.0, 0.1, …, 2.0 (21 points). Each value is rounded to
         the accumulation dtype (so 0.1 is float32(0.1) for non-float64 inputs). A CUDA tensor
-        here costs a device synchronisation.
+        here costs a device synchronisation. Any n works; see *Sizes*.
     return_logits : bool
         Whether to compute the fused logits (False: ``logits`` is None and not computed).
 
@@ -275,8 +336,8 @@ def logit_fusion(
     ------
     TypeError, ValueError
         On a bad argument, naming it: not a tensor, unsupported or mismatched dtype, another
-        device, wrong number of dimensions or mismatched B, V, T = 0, V = 0, an empty grid, a
-        non-finite or non-real grid value; ValueError when an input contains NaN or +inf.
+        device, wrong number of dimensions or mismatched B, V, T = 0 or T > 16, V = 0, an empty
+        grid, a non-finite or non-real grid value; ValueError when an input contains NaN or +inf.
 
     Notes
     -----
@@ -306,6 +367,13 @@ def logit_fusion(
     256 tokens, the candidate α + h is the candidate α times exp(h·d), for up to 10 grid points
     after each directly computed one while the exponent moves by at most 16 (blocks whose
     logit shifts d are larger take fewer or none); the rounding stays within the same bound.
+
+    *Sizes.* One native call handles at most ``MAX_ALPHAS`` = 64 grid points and
+    ``MAX_EXPERTS`` = 16 experts. A larger grid (a finer 0, 0.01, …, 2.0 has 201 points) runs
+    as ⌈n/64⌉ native calls, each one more pass over the inputs, with the results one call
+    would give (losses, tie rule, masking). More than 16 experts are refused on every path,
+    the reference's included, so that a call does not depend on the build: the targets are
+    means over all experts, so the experts cannot be split into calls.
 
     *Autograd.* None: the outputs do not require grad; inputs that require grad are detached.
     """

@@ -247,6 +247,14 @@ def select_ref(
     The smallest loss; among exactly equal losses the smaller α value (equal α values: the
     earlier grid point), then the lower expert index.
     """
+    index, expert = select_index_ref(loss, grid)
+    return torch.where(rows, grid[index], 0.0), torch.where(rows, expert, 0)
+
+
+def select_index_ref(loss: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tie rule's argmin of ``loss`` ``[B, T, n]`` as ``(grid index [B], expert [B])``, both
+    int64: the smallest loss, then the smaller α value of ``grid`` ``[n]`` (equal α values: the
+    earlier grid point), then the lower expert index (fully masked rows are not special here)."""
     n_rows, n_experts, n_alphas = loss.shape
     order = torch.sort(grid, stable=True).indices  # ascending α
     # Candidate k = (α index order[k // T], expert k % T): the order of the tie rule.
@@ -254,9 +262,7 @@ def select_ref(
     best = flat.amin(-1, keepdim=True)
     rank = torch.arange(n_alphas * n_experts, device=loss.device)
     k = torch.where(flat == best, rank, n_alphas * n_experts).amin(-1)
-    alpha = torch.where(rows, grid[order[k // n_experts]], 0.0)
-    expert = torch.where(rows, k % n_experts, 0)
-    return alpha, expert
+    return order[k // n_experts], k % n_experts
 
 
 def fused_logits_ref(
