@@ -363,18 +363,35 @@ void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle
         }
       }
       if (!sel_models.empty()) {
-        std::vector<uint32_t> bits(sel_models.size());
-        magnitude_select_models_cpu(p.base, sel_ptrs.data(), int(sel_models.size()), p.numel,
-                                    p.in_dtype, sel_ks.data(), bits.data());
-        for (size_t i = 0; i < sel_models.size(); ++i) {
-          std::memcpy(&thr[sel_models[i]], &bits[i], sizeof(float));
-        }
+        const size_t m = sel_models.size();
+        std::vector<uint32_t> bits(m);
+        std::vector<int64_t> sel_cut(m, -1);
+        magnitude_select_models_cpu(p.base, sel_ptrs.data(), int(m), p.numel, p.in_dtype,
+                                    sel_ks.data(), bits.data(), exact_k ? sel_cut.data() : nullptr);
+        for (size_t i = 0; i < m; ++i) std::memcpy(&thr[sel_models[i]], &bits[i], sizeof(float));
         if (exact_k) {  // models with k <= 0 or k >= numel keep none or all: no cutoff
-          std::vector<int64_t> sel_cut(sel_models.size());
-          magnitude_tie_cutoffs_cpu(p.base, sel_ptrs.data(), int(sel_models.size()), p.numel,
-                                    p.in_dtype, bits.data(), sel_ks.data(), sel_cut.data());
+          // The selection's pass found the cutoffs of thresholds on its brackets' ends; one
+          // counting pass finds the others.
+          std::vector<const void*> rest_ptrs;
+          std::vector<int64_t> rest_ks;
+          std::vector<uint32_t> rest_bits;
+          std::vector<size_t> rest;
+          for (size_t i = 0; i < m; ++i) {
+            if (sel_cut[i] >= 0) continue;
+            rest.push_back(i);
+            rest_ptrs.push_back(sel_ptrs[i]);
+            rest_ks.push_back(sel_ks[i]);
+            rest_bits.push_back(bits[i]);
+          }
+          if (!rest.empty()) {
+            std::vector<int64_t> rest_cut(rest.size());
+            magnitude_tie_cutoffs_cpu(p.base, rest_ptrs.data(), int(rest.size()), p.numel,
+                                      p.in_dtype, rest_bits.data(), rest_ks.data(),
+                                      rest_cut.data());
+            for (size_t r = 0; r < rest.size(); ++r) sel_cut[rest[r]] = rest_cut[r];
+          }
           std::fill(cutoffs.begin(), cutoffs.end(), p.numel);
-          for (size_t i = 0; i < sel_models.size(); ++i) cutoffs[sel_models[i]] = sel_cut[i];
+          for (size_t i = 0; i < m; ++i) cutoffs[sel_models[i]] = sel_cut[i];
           p.tie_cutoffs = cutoffs.data();
         }
       }

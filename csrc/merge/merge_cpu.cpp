@@ -859,12 +859,17 @@ MELDKIT_CPU_CLONES_AVX512 void widen_block(const T* __restrict src, int64_t m,
 // base is read and widened once, then every model's block is bracketed against it, so the base
 // streams from memory once instead of once per model.
 template <typename T>
+// With `ends` (mergekit's exactly-k rule wanted), each block's counts of values equal to each
+// bracket end are kept too: ends[(blk * count + i) * 2 + {0, 1}] = {at_hi, at_lo} of model
+// which[i], so a threshold that falls on an end finds its ties without another pass.
 std::vector<BracketCounts> bracket_pass_models(const T* base, const T* const* models,
                                                const std::vector<int>& which,
-                                               const Bracket* brackets, int64_t n) {
+                                               const Bracket* brackets, int64_t n,
+                                               std::vector<uint32_t>* ends = nullptr) {
   const int count = int(which.size());
   std::vector<BracketCounts> out(static_cast<size_t>(count));
   const int64_t num_blocks = (n + kBracketBlock - 1) / kBracketBlock;
+  if (ends != nullptr) ends->assign(size_t(num_blocks) * size_t(count) * 2, 0u);
 #pragma omp parallel
   {
     run_side_writes();
@@ -879,7 +884,13 @@ std::vector<BracketCounts> bracket_pass_models(const T* base, const T* const* mo
       for (int i = 0; i < count; ++i) {
         const Bracket& br = brackets[which[size_t(i)]];
         BracketLocal& l = local[size_t(i)];
+        const uint64_t hi0 = l.counts[1], lo0 = l.counts[2];
         bracket_and_keep<T, float, true>(models[which[size_t(i)]] + e0, bw, m, br, scratch, l);
+        if (ends != nullptr) {
+          uint32_t* e = ends->data() + (size_t(blk) * size_t(count) + size_t(i)) * 2;
+          e[0] = uint32_t(l.counts[1] - hi0);
+          e[1] = uint32_t(l.counts[2] - lo0);
+        }
       }
     }
 #pragma omp critical
@@ -1027,9 +1038,19 @@ uint32_t magnitude_select_radix(const MagnitudeSelectParams& p) {
 // Per-tensor selections of several models against one base: samples per model, one fused
 // bracket pass for all whose sample is usable, then the single-selection path for the others
 // and for any bracket that missed.
+// The index one past the r-th (1-based) element of [begin, end) whose |a - b| bits are `thr`.
+template <typename T>
+int64_t nth_tie_index(const T* a, const T* b, int64_t begin, int64_t end, uint32_t thr, int64_t r) {
+  for (int64_t e = begin; e < end; ++e) {
+    if (magnitude_bits(widen(a[e]), widen(b[e])) == thr && --r == 0) return e + 1;
+  }
+  return end;  // not reached when the counts are right
+}
+
 template <typename T>
 void magnitude_select_models_typed(const void* base, const void* const* models, int num_models,
-                                   int64_t numel, DType dtype, const int64_t* ks, uint32_t* bits) {
+                                   int64_t numel, DType dtype, const int64_t* ks, uint32_t* bits,
+                                   int64_t* cutoffs) {
   std::vector<MagnitudeSelectParams> single(static_cast<size_t>(num_models));
   std::vector<Bracket> brackets(static_cast<size_t>(num_models));
   std::vector<int> fused;
@@ -1050,11 +1071,48 @@ void magnitude_select_models_typed(const void* base, const void* const* models, 
   if (!fused.empty()) {
     std::vector<const T*> typed(static_cast<size_t>(num_models));
     for (int t = 0; t < num_models; ++t) typed[size_t(t)] = static_cast<const T*>(models[t]);
-    std::vector<BracketCounts> counts = bracket_pass_models<T>(
-        static_cast<const T*>(base), typed.data(), fused, brackets.data(), numel);
+    std::vector<uint32_t> ends;
+    std::vector<BracketCounts> counts =
+        bracket_pass_models<T>(static_cast<const T*>(base), typed.data(), fused, brackets.data(),
+                               numel, cutoffs != nullptr ? &ends : nullptr);
     for (size_t i = 0; i < fused.size(); ++i) {
       const int t = fused[i];
-      done[size_t(t)] = bracket_resolve(counts[i], brackets[size_t(t)], ks[t], &bits[size_t(t)]);
+      const Bracket& br = brackets[size_t(t)];
+      BracketCounts& c = counts[i];
+      const size_t inside = c.kept.size();  // bracket_resolve reorders, not resizes, the kept
+      done[size_t(t)] = bracket_resolve(c, br, ks[t], &bits[size_t(t)]);
+      if (cutoffs == nullptr || !done[size_t(t)]) continue;
+      // A threshold on an end of the bracket: its ties and the values above it are counted.
+      const uint32_t thr = bits[size_t(t)];
+      int end_slot = -1;
+      int64_t above = 0, ties = 0;
+      if (thr == br.hi) {
+        end_slot = 0;
+        above = int64_t(c.above);
+        ties = int64_t(c.at_hi);
+      } else if (thr == br.lo) {
+        end_slot = 1;
+        above = int64_t(c.above + c.at_hi + inside);
+        ties = int64_t(c.at_lo);
+      }
+      if (end_slot < 0) continue;  // inside the bracket: the counting pass finds its cutoff
+      const int64_t r = ks[t] - above;
+      if (r >= ties) {
+        cutoffs[t] = numel;
+        continue;
+      }
+      int64_t seen = 0;
+      const int64_t num_blocks = (numel + kBracketBlock - 1) / kBracketBlock;
+      for (int64_t blk = 0; blk < num_blocks; ++blk) {
+        const int64_t here = ends[(size_t(blk) * fused.size() + i) * 2 + size_t(end_slot)];
+        if (seen + here >= r) {
+          const int64_t e0 = blk * kBracketBlock;
+          cutoffs[t] = nth_tie_index(typed[size_t(t)], static_cast<const T*>(base), e0,
+                                     std::min(numel, e0 + kBracketBlock), thr, r - seen);
+          break;
+        }
+        seen += here;
+      }
     }
   }
   for (int t = 0; t < num_models; ++t) {
@@ -1187,9 +1245,11 @@ uint64_t magnitude_histogram_cpu(const MagnitudeSelectParams& p, int64_t prefix,
 }
 
 void magnitude_select_models_cpu(const void* base, const void* const* models, int num_models,
-                                 int64_t numel, DType dtype, const int64_t* ks, uint32_t* bits) {
+                                 int64_t numel, DType dtype, const int64_t* ks, uint32_t* bits,
+                                 int64_t* cutoffs) {
+  if (cutoffs != nullptr) std::fill(cutoffs, cutoffs + num_models, int64_t(-1));
   MELDKIT_DISPATCH_FLOAT(dtype, "magnitude_select", "a", T, {
-    magnitude_select_models_typed<T>(base, models, num_models, numel, dtype, ks, bits);
+    magnitude_select_models_typed<T>(base, models, num_models, numel, dtype, ks, bits, cutoffs);
   });
 }
 

@@ -757,15 +757,23 @@ def test_exact_k_native_equals_reference_on_large_tied_tensors():
 
     # Over 2^20 elements the selection takes the sampled bracket, and the fused pass keeps the
     # ties at each model's threshold up to its cutoff index: tiles before it in registers,
-    # after it with the next float up as threshold, the one it falls in split.
+    # after it with the next float up as threshold, the one it falls in split. bf16: few
+    # distinct magnitudes, so thresholds fall on the bracket's ends (whose ties the selection's
+    # pass counts per block); float32 on a grid of 2^-12: many distinct magnitudes with ties,
+    # so thresholds fall inside it (a counting pass finds the cutoff).
     g = torch.Generator().manual_seed(5)
     n = (1 << 20) + 4099
-    base = torch.randn(n, generator=g).to(torch.bfloat16)
-    models = [
-        (base.float() + 0.01 * torch.randn(n, generator=g)).to(torch.bfloat16) for _ in range(3)
-    ]
+    b16 = torch.randn(n, generator=g).to(torch.bfloat16)
+    m16 = [(b16.float() + 0.01 * torch.randn(n, generator=g)).to(torch.bfloat16) for _ in range(3)]
+    b32 = torch.randn(n, generator=g)
+    m32 = [b32 + torch.round(0.02 * torch.randn(n, generator=g) * 4096) / 4096 for _ in range(3)]
     m = get_method("ties")
-    for densities in ([0.3, 0.3, 0.3], [0.05, 0.5, 0.9]):
+    for (base, models), densities in [
+        ((b16, m16), [0.3, 0.3, 0.3]),
+        ((b16, m16), [0.05, 0.5, 0.9]),
+        ((b32, m32), [0.3, 0.3, 0.3]),
+        ((b32, m32), [0.05, 0.5, 0.9]),
+    ]:
         got = merge_tensors(base, models, "ties", densities=densities, tie="exact_k")
         expected = mr.generalized_merge_ref(
             base,

@@ -188,9 +188,12 @@ uint64_t magnitude_histogram_cpu(const MagnitudeSelectParams& p, int64_t prefix,
 // The per-tensor selections of num_models models against one base (mergekit's TIES): bits[t]
 // is the ks[t]-th largest |models[t] - base| (1 <= ks[t] <= numel), exactly what
 // magnitude_select_cpu gives each, but large tensors take one fused pass that reads the base
-// once for all models.
+// once for all models. With `cutoffs` (else nullptr), that pass also counts, per block, the
+// values equal to its bracket's ends: where a model's threshold is one of them, cutoffs[t] is
+// its tie cutoff (as magnitude_tie_cutoffs_cpu gives it), else -1.
 void magnitude_select_models_cpu(const void* base, const void* const* models, int num_models,
-                                 int64_t numel, DType dtype, const int64_t* ks, uint32_t* bits);
+                                 int64_t numel, DType dtype, const int64_t* ks, uint32_t* bits,
+                                 int64_t* cutoffs = nullptr);
 // mergekit's exactly-k rule on top of those thresholds: the top ks[t] magnitudes, equal
 // magnitudes ranked by index (lower first), are |tau| > threshold plus the first r ties at the
 // threshold, r = ks[t] - #(|tau| > threshold). cutoffs[t] is one past the r-th tie's index (or
