@@ -337,7 +337,9 @@ void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle
           thr[t] = given_thr[t];
           continue;
         }
-        const int64_t k = int64_t(double(p.numel) * dens[t]);
+        int64_t k = int64_t(double(p.numel) * dens[t]);
+        // mergekit's magnitude keeps at least one entry of a non-empty tensor (exact_k is its rule)
+        if (exact_k && dens[t] > 0.0) k = std::max<int64_t>(k, 1);
         if (k <= 0) {
           thr[t] = INFINITY;
         } else if (k >= p.numel) {

@@ -24,9 +24,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    import signal
+
     from meldkit.merging import ConfigError, MergeError, merge
     from meldkit.merging.checkpoint import CheckpointError
 
+    def _terminated(signum, frame):  # unwinds through merge(), which removes its partial output
+        raise SystemExit(128 + signum)
+
+    previous = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            try:
+                previous[sig] = signal.signal(sig, _terminated)
+            except ValueError:  # not the main thread: leave the process's handlers alone
+                break
     try:
         out = merge(
             args.config,
@@ -48,6 +60,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         text = " ".join(str(exc).split()) or type(exc).__name__
         print(f"meldkit merge: the merge failed: {text}", file=sys.stderr)
         return 2
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(f"merged model written to {out}")
     return 0
 

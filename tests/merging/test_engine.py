@@ -481,6 +481,63 @@ def test_interrupted_merge_leaves_nothing_and_rerun_succeeds(zoo, monkeypatch):
         merge(config_for("ties", paths), tmp / "out", progress=False)
 
 
+_KILLABLE_MERGE = """
+import sys, time
+import meldkit.ops
+real = meldkit.ops.merge_tensors
+calls = {"n": 0}
+def slow(*args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] == 3:
+        print("merging", flush=True)
+        time.sleep(60)
+    return real(*args, **kwargs)
+meldkit.ops.merge_tensors = slow
+from meldkit.cli import main
+sys.exit(main(["merge", sys.argv[1], sys.argv[2], "--no-progress"]))
+"""
+
+
+def test_a_terminated_merge_leaves_nothing_and_killed_ones_are_cleaned_up(zoo):
+    import signal
+
+    tmp, _, _, paths = zoo
+    cfg = tmp / "kill.yaml"
+    cfg.write_text(yaml.safe_dump(config_for("ties", paths)))
+    out = tmp / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLABLE_MERGE, str(cfg), str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "merging"
+    partial = list(tmp.glob(".killed.*"))
+    assert len(partial) == 1 and (partial[0] / ".meldkit-partial").is_file()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert not out.exists() and not list(tmp.glob(".killed.*"))
+
+    # A merge killed without a chance to clean up (SIGKILL) leaves its folder; the next merge
+    # into the same place removes it, and leaves a live merge's folder and unmarked ones alone.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = __import__("socket").gethostname()
+    for name, marker in (
+        (".killed.dead", f"{dead.pid} {host}"),
+        (".killed.live", f"{os.getppid()} {host}"),
+        (".killed.other", f"{dead.pid} another-host"),
+        (".killed.user", None),
+    ):
+        (tmp / name).mkdir()
+        if marker is not None:
+            (tmp / name / ".meldkit-partial").write_text(marker)
+    with pytest.warns(UserWarning, match=f"process {dead.pid}"):
+        merge(config_for("ties", paths), out, progress=False)
+    assert not (tmp / ".killed.dead").exists()
+    assert all((tmp / n).is_dir() for n in (".killed.live", ".killed.other", ".killed.user"))
+    assert not (out / ".meldkit-partial").exists()
+
+
 def test_cli(zoo):
     tmp, _, _, paths = zoo
     cfg_path = tmp / "ties.yaml"

@@ -797,6 +797,24 @@ def test_exact_k_native_equals_reference_on_large_tied_tensors():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_exact_k_keeps_at_least_one_entry(device):
+    base, models = models_like((7, 13), torch.float32, device)
+    got = merge_tensors(base, models, "ties", densities=0.005, tie="exact_k")  # int(91·0.005) = 0
+    expected = mr.generalized_merge_ref(
+        base.cpu(),
+        [m.cpu() for m in models],
+        weights=[1.0] * 3,
+        densities=[0.005] * 3,
+        sparsify="magnitude",
+        consensus="sum",
+        normalize=True,
+        tie="exact_k",
+    )
+    assert torch.equal(got.cpu(), expected)
+    assert int((got != base).sum()) >= 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_exact_k_is_the_same_on_every_device(device):
     g = torch.Generator().manual_seed(6)
     base = torch.randn(300_001, generator=g).to(torch.bfloat16)

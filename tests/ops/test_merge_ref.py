@@ -72,6 +72,11 @@ def test_magnitude_extremes():
     assert bool(mr.magnitude_mask_ref(tau, 1.0).all())
     assert int(mr.magnitude_mask_ref(tau, 0.0).sum()) == 0
     assert int(mr.magnitude_mask_ref(tau, 0.0, tie="exact_k").sum()) == 0
+    # k = int(70 * 0.01) = 0: keep_ties keeps nothing, exact_k keeps one (mergekit's magnitude
+    # keeps at least one entry of a non-empty tensor)
+    assert int(mr.magnitude_mask_ref(tau, 0.01).sum()) == 0
+    kept = mr.magnitude_mask_ref(tau, 0.01, tie="exact_k")
+    assert int(kept.sum()) == 1 and tau.abs()[kept].item() == tau.abs().max().item()
     assert int(mr.magnitude_mask_ref(tau, 1 / 70).sum()) == 1  # k = 1: only the max
     assert mr.magnitude_threshold_ref(torch.empty(0), 0.5).item() == float("inf")
 

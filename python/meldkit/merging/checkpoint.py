@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import struct
 import tempfile
 from collections.abc import Iterable
@@ -323,7 +324,9 @@ class ShardedWriter:
                 self._slot[name] = (i, dtype, shape, offset)
                 offset += math.prod(shape) * dtype.itemsize
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(self.out_dir)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
+        (self.tmp / _PARTIAL).write_text(f"{os.getpid()} {socket.gethostname()}\n")
         self._pool = (
             ThreadPoolExecutor(1, thread_name_prefix="meldkit-writer") if background else None
         )
@@ -431,6 +434,7 @@ class ShardedWriter:
             (self.tmp / "README.md").write_text(card)
         if self.out_dir.exists():
             self.out_dir.rmdir()  # empty (checked in __init__)
+        (self.tmp / _PARTIAL).unlink()
         os.replace(self.tmp, self.out_dir)
         return self.out_dir
 
@@ -449,6 +453,40 @@ class ShardedWriter:
         behind)."""
         self._close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# In the temporary folder of a merge in progress: "PID HOST" of the process writing it.
+_PARTIAL = ".meldkit-partial"
+
+
+def _remove_abandoned(out_dir: Path) -> None:
+    """Remove the temporary folders that merges into ``out_dir`` left behind when they were
+    killed (SIGKILL, a power cut: no chance to clean up): those whose marker names a process of
+    this host that no longer runs. A folder without the marker, or of a live process or another
+    host, is left alone."""
+    import warnings
+
+    host = socket.gethostname()
+    for folder in out_dir.parent.glob(f".{out_dir.name}.*"):
+        try:
+            pid_text, owner = (folder / _PARTIAL).read_text().split()
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            continue
+        if owner != host or pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still running (or another user's)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        warnings.warn(
+            f"removed {folder}: the partial output of a merge (process {pid}) that was killed",
+            stacklevel=3,
+        )
 
 
 class _KernelWrite:

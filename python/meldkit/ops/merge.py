@@ -194,13 +194,13 @@ def _breadcrumbs_model(
 
 
 def _exact_k_model(base: torch.Tensor, theta: torch.Tensor, density: float) -> torch.Tensor:
-    """θ with all but its top ``k = int(numel·density)`` magnitudes set back to θ₀, equal
-    magnitudes ranked by index (lower first): :func:`merge_ref.magnitude_mask_ref` with
+    """θ with all but its top ``k`` magnitudes (:func:`merge_ref.exact_k_count`) set back to
+    θ₀, equal magnitudes ranked by index (lower first): :func:`merge_ref.magnitude_mask_ref` with
     ``tie="exact_k"``, by one native selection and a few tensor ops on the tensors' device (the
     path of devices without the CPU's cutoff pass). It holds a float32 copy of ``|τ|`` and an
     int64 running count of the ties for one tensor, and reads one count back to the host."""
     n = theta.numel()
-    k = min(int(n * density), n)
+    k = ref.exact_k_count(n, density)
     if k >= n:
         return theta
     if k <= 0:

@@ -69,6 +69,13 @@ def magnitude_threshold_ref(absval: torch.Tensor, density: float) -> torch.Tenso
     return flat.kthvalue(n - keep + 1).values
 
 
+def exact_k_count(numel: int, density: float) -> int:
+    """How many entries ``tie="exact_k"`` keeps: ``int(density·numel)``, and at least one of a
+    non-empty tensor when ``density > 0`` (mergekit's ``sparsify.magnitude``)."""
+    k = min(int(numel * density), numel)
+    return max(k, 1) if density > 0 and numel > 0 else max(k, 0)
+
+
 def magnitude_mask_ref(tau: torch.Tensor, density: float, tie: str = "keep_ties") -> torch.Tensor:
     """Keep mask of magnitude trimming: the top ``density`` fraction of ``|τ|`` (TIES, mergekit)."""
     if tie not in TIE_RULES:
@@ -76,7 +83,7 @@ def magnitude_mask_ref(tau: torch.Tensor, density: float, tie: str = "keep_ties"
     absval = tau.abs()
     if tie == "keep_ties":
         return absval >= magnitude_threshold_ref(absval, density)
-    k = min(int(tau.numel() * density), tau.numel())
+    k = exact_k_count(tau.numel(), density)
     mask = torch.zeros(tau.numel(), dtype=torch.bool, device=tau.device)
     mask[_stable_order(absval, descending=True)[:k]] = True
     return mask.view(tau.shape)
