@@ -36,7 +36,8 @@ FULL = {
     "cuda": [((4096, 14336), torch.bfloat16)],
     "cpu": [((4096, 14336), torch.bfloat16), ((4096, 4096), torch.float32)],
 }
-FULL_N = (2, 4, 8)
+# N per device: the GPU check runs this set inside a fixed time budget.
+FULL_N = {"cuda": (2, 8), "cpu": (2, 4, 8)}
 # name -> (registered method, merge_tensors keywords)
 METHODS = {
     "ties": ("ties", dict(densities=0.2)),
@@ -51,13 +52,18 @@ LLAMA7B_LAYER = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)] + [(4
 
 def cases(device: str, quick: bool) -> list[Case]:
     """TIES (both tie rules), DARE-TIES and task arithmetic over the quick set (one small
-    config) or the full set (N ∈ {2, 4, 8} of a 4096×14336 bf16 MLP matrix, and on the CPU of a
-    4096×4096 fp32 one), plus, in the full set, one Llama-7B decoder layer's tensor list of 3
-    models."""
+    config) or the full set (N ∈ {2, 4, 8} on the CPU, {2, 8} on CUDA, of a 4096×14336 bf16
+    MLP matrix, and on the CPU of a 4096×4096 fp32 one), plus, in the full set, one Llama-7B
+    decoder layer's tensor list of 3 models."""
     if quick:
         return [make_case(s, n, dt, m, device) for s, n, dt in QUICK for m in ("ties", "dare_ties")]
     kind = torch.device(device).type
-    out = [make_case(s, n, dt, m, device) for s, dt in FULL[kind] for n in FULL_N for m in METHODS]
+    out = [
+        make_case(s, n, dt, m, device)
+        for s, dt in FULL[kind]
+        for n in FULL_N[kind]
+        for m in METHODS
+    ]
     out += [make_list_case(LLAMA7B_LAYER, 3, torch.bfloat16, m, device) for m in METHODS]
     return out
 
