@@ -796,6 +796,15 @@ def test_exact_k_native_equals_reference_on_large_tied_tensors():
             assert torch.equal(_exact_k_model(base, x, d), torch.where(mask, x, base)), d
 
 
+@pytest.mark.parametrize("method", ["dare_ties", "ties"])
+def test_inverse_density_rescale_at_density_zero(method):
+    base, models = models_like((31, 17), torch.float32, "cpu")
+    kw = dict(densities=[0.0, 0.5, 0.0], rescale="inverse_density", seed=2)
+    got = merge_tensors(base, models, method, **kw)
+    assert torch.equal(got, reference(base, models, method, kw, None))
+    assert torch.isfinite(got).all()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_exact_k_keeps_at_least_one_entry(device):
     base, models = models_like((7, 13), torch.float32, device)

@@ -159,6 +159,8 @@ def rescale_ref(
     if mode == "inverse_density":
         if isinstance(keep_prob, torch.Tensor):
             return kept / keep_prob
+        if keep_prob <= 0:  # density 0 keeps nothing: nothing to rescale (as the kernels do)
+            return kept
         return kept * (1.0 / keep_prob)
     if mode == "l1":
         kept_norm = torch.sum(kept.abs(), dtype=torch.float64)
