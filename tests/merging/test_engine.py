@@ -281,6 +281,100 @@ def test_slices_give_each_layer_range_its_parameters(zoo):
             assert torch.equal(ours[n], expected[n]), n
 
 
+def test_slices_give_each_layer_range_its_method_parameters(zoo):
+    # A slice's lambda and normalize override the top-level ones for its tensors, as in
+    # mergekit: a filter of the slice's that matches nothing falls through to the top-level
+    # value, a gradient runs over the slice's layers, the embeddings take slice 0's values at
+    # t = 0 and the final norm and head slice 1's at t = 0.
+    from meldkit.ops import merge_tensors
+
+    tmp, base, tunes, paths = zoo
+    sliced = _slices(
+        paths,
+        [(0, 1), (1, 2)],
+        [
+            {"weight": 0.5, "density": 0.4, "lambda": [{"filter": "mlp", "value": 0.3}]},
+            {"weight": 0.5, "density": 0.4, "lambda": [0.2, 0.8], "normalize": False},
+        ],
+    )
+    sliced["parameters"] = {"lambda": 0.9, "normalize": True}
+    out = read(merge(sliced, tmp / "sliced", progress=False))
+
+    def expected_params(name: str) -> tuple[float, bool]:
+        if "layers.0." in name:
+            return (0.3 if "mlp" in name else 0.9), True
+        if "layers.1." in name:
+            return 0.8, False
+        return (0.9, True) if "embed" in name else (0.2, False)
+
+    for name, tensor in base.items():
+        if not tensor.is_floating_point():
+            continue
+        lam, normalize = expected_params(name)
+        expected = merge_tensors(
+            tensor.float(),
+            [tune[name].float() for tune in tunes],
+            "ties",
+            weights=[0.5] * 3,
+            densities=[0.4] * 3,
+            lam=lam,
+            normalize=normalize,
+            tie="exact_k",
+            out_dtype=torch.bfloat16,
+        )
+        assert torch.equal(out[name], expected), name
+
+
+def test_slerp_t_per_slice(zoo):
+    # Each slice's t for its tensors (slice 1's filter falls through to the top-level t), and
+    # without a top-level t every tensor needs one from its slice, as in mergekit.
+    from meldkit.ops import merge_tensors
+
+    tmp, base, tunes, paths = zoo
+
+    def slice_(a, b, t):
+        sources = [{"model": str(paths[m]), "layer_range": [a, b]} for m in ("base", "ft0")]
+        return {"sources": sources, "parameters": {"t": t}}
+
+    cfg = {
+        "merge_method": "slerp",
+        "base_model": str(paths["base"]),
+        "slices": [slice_(0, 1, 0.2), slice_(1, 2, [{"filter": "self_attn", "value": [0.0, 0.9]}])],
+        "parameters": {"t": 0.6},
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    }
+    out = read(merge(cfg, tmp / "out", progress=False))
+
+    def t_of(name: str) -> float:
+        if "layers.0." in name or "embed" in name:
+            return 0.2
+        if "layers.1." in name:  # the gradient at t = 1 (a one-layer slice)
+            return 0.9 if "self_attn" in name else 0.6
+        return 0.6  # the final norm and head: slice 1 at t = 0, no filter matches
+
+    for name, tensor in base.items():
+        if not tensor.is_floating_point():
+            continue
+        expected = merge_tensors(
+            tensor.float(),
+            [tunes[0][name].float()],
+            "slerp",
+            t=t_of(name),
+            out_dtype=torch.bfloat16,
+        )
+        assert torch.equal(out[name], expected), name
+    del cfg["parameters"]  # slice 1's filter leaves the others without t, as in mergekit
+    with pytest.raises(
+        ConfigError,
+        match=r"parameters\.t: no filter matches (lm_head|model\.norm|model\.layers\.1)",
+    ):
+        merge(cfg, tmp / "out2", progress=False)
+    del cfg["slices"][0]["parameters"]
+    with pytest.raises(ConfigError, match=r"slerp needs parameters\.t .*slices\[0\]"):
+        parse_config(cfg)
+
+
 def test_tensors_outside_the_layers_go_with_the_first_or_last_slice():
     from meldkit.merging.config import is_pre_layer
 
@@ -325,8 +419,8 @@ def test_slices_meldkit_cannot_honour_are_refused(zoo):
             "layer_range: expected [START, END]",
         ),
         (
-            edit(lambda c: c["slices"][0].update(parameters={"lambda": 1.0})),
-            "slices[0].parameters: lambda not accepted per model by ties",
+            edit(lambda c: c["slices"][0].update(parameters={"t": 0.5})),
+            "slices[0].parameters: t not accepted by ties per model",
         ),
         (edit(lambda c: c.update(slices=[])), "slices: expected a non-empty list"),
         (
@@ -643,6 +737,20 @@ def test_gradient_and_filtered_parameters(zoo):
             out_dtype=torch.bfloat16,
         )
         assert torch.equal(out[name], expected), name
+
+
+def test_a_filter_that_matches_nothing_falls_through_to_the_top_level(zoo):
+    # mergekit resolves a parameter from the most specific scope whose value applies: a
+    # model's filtered weight that matches no filter gives the top-level weight, not the default.
+    _, _, _, paths = zoo
+    cfg = config_for("ties", paths, weight=0.3)
+    for m in cfg["models"]:
+        m["parameters"] = {"weight": [{"filter": "mlp", "value": 2.0}], "density": 0.4}
+    parsed = parse_config(cfg)
+    assert (
+        _tensor_params(parsed, "model.layers.0.mlp.up_proj.weight", 0.0, 0)["weights"] == [2.0] * 3
+    )
+    assert _tensor_params(parsed, "lm_head.weight")["weights"] == [0.3] * 3
 
 
 def _writer_tensors() -> dict[str, torch.Tensor]:

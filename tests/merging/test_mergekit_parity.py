@@ -102,6 +102,60 @@ def test_slices_same_result_as_mergekit(checkpoints):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=f"slices: {name}")
 
 
+def _mergekit_and_meldkit(root, cfg, name):
+    """Checkpoints of ``cfg`` (a mapping) merged by mergekit-yaml and by meldkit."""
+    cfg_path = root / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    theirs = root / f"mergekit_{name}"
+    res = subprocess.run(
+        [MERGEKIT, str(cfg_path), str(theirs), "--allow-crimes", "--no-lazy-unpickle"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    ours = merge(cfg_path, root / f"meldkit_{name}", progress=False)
+    return Checkpoint(ours), Checkpoint(theirs)
+
+
+@pytest.mark.filterwarnings("ignore::meldkit.MeldkitFallbackWarning")  # ties + rescale: reference
+@pytest.mark.parametrize("method", ["ties", "slerp"])
+def test_per_slice_method_parameters_same_result_as_mergekit(checkpoints, method):
+    # Top-level method parameters given per slice: they override the top-level ones for the
+    # slice's tensors, a filter that matches nothing falls through to the top-level value, a
+    # gradient runs over the slice's layers (the head at the last slice's t = 0); a source's
+    # per-model filter falls through to its slice's value, then the top-level one.
+    root, paths = checkpoints
+    models = ["base", "ft0", "ft1", "ft2"] if method == "ties" else ["base", "ft0"]
+    if method == "ties":
+        per_slice = [
+            {"lambda": [{"filter": "mlp", "value": 0.4}], "weight": 0.7, "density": 0.5},
+            {"lambda": [0.3, 1.5], "normalize": False, "rescale": True, "int8_mask": True},
+        ]
+        top = {"lambda": 0.8, "normalize": True, "weight": 0.5, "density": 0.6}
+    else:
+        per_slice = [{"t": 0.2}, {"t": [{"filter": "self_attn", "value": [0.1, 0.9]}]}]
+        top = {"t": 0.7}
+    slices = []
+    for (a, b), params in zip([(0, 1), (1, LAYERS)], per_slice, strict=True):
+        sources = [{"model": paths[m], "layer_range": [a, b]} for m in models]
+        slices.append({"sources": sources, "parameters": params})
+    if method == "ties":  # a per-model filter that matches nothing falls through the same way
+        slices[1]["sources"][2]["parameters"] = {"weight": [{"filter": "mlp", "value": 0.2}]}
+    cfg = {
+        "merge_method": method,
+        "base_model": paths["base"],
+        "slices": slices,
+        "parameters": top,
+        "dtype": "float32",
+    }
+    a, b = _mergekit_and_meldkit(root, cfg, f"slice_params_{method}")
+    assert set(a.names) == set(b.names)
+    for name in a.names:
+        x, y = a.get(name).float(), b.get(name).float()
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=f"{method}: {name}")
+
+
 @pytest.mark.filterwarnings("ignore::meldkit.MeldkitFallbackWarning")  # breadcrumbs: reference
 @pytest.mark.parametrize("method", list(METHODS))
 def test_same_result_as_mergekit(checkpoints, method):

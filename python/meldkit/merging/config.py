@@ -41,7 +41,8 @@ A per-model parameter is a number, or, as in mergekit:
   neighbours; tensors outside the layers (embeddings, final norm, head) get ``t = 0``;
 - **filtered** values, a list of ``{filter: SUBSTRING, value: V}`` entries tried in order: the
   first whose ``filter`` occurs in the tensor's name (or that has no filter, or ``*``) gives V,
-  itself a number or a gradient.
+  itself a number or a gradient; where none matches, the value given at the next level down
+  (a source's, then its slice's, then the top-level ``parameters``) applies, else the default.
 
 The numeric top-level parameters ``lambda`` and ``t`` may be gradients or filtered values too,
 evaluated per tensor as mergekit evaluates them.
@@ -61,6 +62,10 @@ do, is refused)::
           - {model: path/to/finetune_a, layer_range: [16, 32], parameters: {density: 0.7}}
 
 As in mergekit, a source's parameters override its slice's, which override the top-level ones; a
+slice's ``parameters`` may also give the method's top-level parameters (``lambda``,
+``normalize``, ``rescale``, ``int8_mask``, slerp's ``t``, ...), which override the top-level ones
+for that slice's tensors (a filter of the slice's that matches no tensor name falls through to the
+top-level value), while a source's are ignored with a warning, as mergekit ignores them; a
 gradient is interpolated over the slice's layers (``t = (i − start) / (length − 1)``, 1 for a
 one-layer slice); the tensors before the layers (embeddings: a name with ``embed``, ``wte`` or
 ``wpe``, but not GPT-NeoX's ``embed_out`` head) take the first slice's values at ``t = 0``, the
@@ -140,7 +145,9 @@ class MergeConfig:
     method: MergeMethod
     base: Path | None
     models: tuple[ModelSpec, ...]
-    params: dict[str, Any]  # top-level parameters (per-model defaults may be settings)
+    # Top-level parameters (per-model defaults may be settings; in the slices form, a method
+    # parameter that varies by slice is a per-slice setting).
+    params: dict[str, Any]
     dtype: torch.dtype | None
     out_dtype: torch.dtype | None
     # Folder the tokenizer files come from (None: the base's, or the first model's).
@@ -291,6 +298,18 @@ def _setting(value: Any, where: str) -> Any:
     return {"filters": entries}
 
 
+def _fall_through(first: Any, then: Any) -> Any:
+    """The setting that reads ``first`` and, where ``first`` is absent (None) or no filter of
+    it matches the tensor, ``then``: mergekit's resolution from a higher-precedence scope to a
+    lower one."""
+    if first is None:
+        return then
+    if not isinstance(first, dict) or then is None:
+        return first  # a number or a gradient: always a value
+    rest = then["filters"] if isinstance(then, dict) else [(None, then)]
+    return {"filters": [*first["filters"], *rest]}
+
+
 def is_pre_layer(tensor_name: str) -> bool:
     """Whether a tensor outside the numbered layers comes before them (embeddings), for the
     slices form: mergekit plans those with the first slice, the rest with the last."""
@@ -397,7 +416,7 @@ def parse_config(
     }
     defaults = {k: v for k, v in params.items() if k in method.model_params}
     _check_ranges(defaults, "parameters")
-    if method.kind == "slerp" and "t" not in params:
+    if method.kind == "slerp" and "t" not in params and "slices" not in raw:
         raise ConfigError("merge_method slerp needs parameters.t (mergekit has no default)")
 
     # The base is the merge's θ₀ for every method but linear, which (as in mergekit) averages
@@ -410,11 +429,29 @@ def parse_config(
     if "slices" in raw:
         if "models" in raw:
             raise ConfigError("give models or slices, not both")
-        entries, spans = _entries_from_slices(raw["slices"], method, defaults, resolve)
+        entries, spans, slice_globals = _entries_from_slices(
+            raw["slices"], method, defaults, resolve
+        )
         slice_layers = spans[-1][1]
-        for k, v in params.items():  # gradients of top-level values run over each slice
-            if k in NUMERIC_GLOBALS and isinstance(v, (list, dict)):
-                params[k] = {"slices": [(a, b, v) for a, b in spans]}
+        if method.kind == "slerp" and "t" not in params:
+            missing = [i for i, g in enumerate(slice_globals) if "t" not in g]
+            if missing:
+                raise ConfigError(
+                    f"merge_method slerp needs parameters.t (mergekit has no default): "
+                    f"slices[{missing[0]}].parameters gives none, nor do the top-level ones"
+                )
+        shared = {k for g in slice_globals for k in g} | {
+            k for k in params if k not in method.model_params
+        }
+        for k in shared:
+            # As in mergekit, a slice's value overrides the top-level one for the slice's
+            # tensors (a filter that matches nothing falls through to it), and gradients run
+            # over the slice's layers.
+            top = params.get(k)
+            if not isinstance(top, (list, dict)) and all(k not in g for g in slice_globals):
+                continue  # one value for every tensor
+            per_slice = [_fall_through(g.get(k), top) for g in slice_globals]
+            params[k] = {"slices": [(a, b, v) for (a, b), v in zip(spans, per_slice, strict=True)]}
         for entry in entries:  # checked by _entries_from_slices; per-slice settings
             path = resolve(entry["model"], "slices")
             if base_is_theta0 and base is not None and path.resolve() == base.resolve():
@@ -435,7 +472,8 @@ def parse_config(
             path = resolve(entry["model"], f"models[{i}].model")
             if base_is_theta0 and base is not None and path.resolve() == base.resolve():
                 continue  # mergekit lists the base among the models at times: it adds τ = 0
-            models.append(ModelSpec(path, {**defaults, **p}, f"models[{i}]"))
+            merged = {k: _fall_through(p.get(k), defaults.get(k)) for k in {**defaults, **p}}
+            models.append(ModelSpec(path, merged, f"models[{i}]"))
     if (
         not base_is_theta0
         and base is not None
@@ -488,14 +526,16 @@ def _numbers(setting: Any) -> list[float]:
 
 def _entries_from_slices(
     slices: Any, method: MergeMethod, defaults: dict[str, Any], resolve
-) -> tuple[list[dict[str, Any]], list[tuple[int, int]]]:
+) -> tuple[list[dict[str, Any]], list[tuple[int, int]], list[dict[str, Any]]]:
     """mergekit's slices as model entries whose parameters are per-slice settings
-    (``{"slices": [(start, stop, setting), ...]}``), and the layer range of each slice."""
+    (``{"slices": [(start, stop, setting), ...]}``), the layer range of each slice, and the
+    top-level method parameters (``lambda``, ``normalize``, ...) each slice gives."""
     if not isinstance(slices, list) or not slices:
         raise ConfigError("slices: expected a non-empty list")
     order: list[str] = []  # the models as slices[0] names them, in its order
     values: dict[str, dict[str, list]] = {}  # resolved path -> parameter -> [setting per slice]
     spans = []
+    slice_globals = []  # per slice: its own top-level method parameters
     for i, sl in enumerate(slices):
         where = f"slices[{i}]"
         if not isinstance(sl, Mapping) or "sources" not in sl:
@@ -503,8 +543,17 @@ def _entries_from_slices(
         extra = [k for k in sl if k not in ("sources", "parameters")]
         if extra:
             raise ConfigError(f"{where}: unknown keys: {', '.join(map(str, extra))}")
+        raw_params = _mapping(sl.get("parameters"), f"{where}.parameters")
+        own_globals = {
+            k: _global(k, v, f"{where}.parameters.{k}")
+            for k, v in raw_params.items()
+            if k in method.global_params and k not in method.model_params
+        }
+        slice_globals.append(own_globals)
         slice_params = _model_params(
-            sl.get("parameters"), method, f"{where}.parameters", slice_level=True
+            {k: v for k, v in raw_params.items() if k not in own_globals},
+            method,
+            f"{where}.parameters",
         )
         sources = sl["sources"]
         if not isinstance(sources, list) or not sources:
@@ -537,7 +586,10 @@ def _entries_from_slices(
                 raise ConfigError(f"{at}.model: listed twice in the slice")
             paths.append(key)
             own = _model_params(src.get("parameters"), method, f"{at}.parameters")
-            merged = {**defaults, **slice_params, **own}
+            merged = {
+                k: _fall_through(own.get(k), _fall_through(slice_params.get(k), defaults.get(k)))
+                for k in {**defaults, **slice_params, **own}
+            }
             entry = values.setdefault(key, {})
             for name in set(entry) | set(merged):
                 entry.setdefault(name, [None] * i).append(merged.get(name))
@@ -567,28 +619,19 @@ def _entries_from_slices(
                 "slices": [(a, b, v) for (a, b), v in zip(spans, per_slice, strict=True)]
             }
         entries.append({"model": model, "parameters": params})
-    return entries, spans
+    return entries, spans, slice_globals
 
 
-def _model_params(
-    raw: Any, method: MergeMethod, where: str, *, slice_level: bool = False
-) -> dict[str, Any]:
-    """Per-model parameters given for a model, a source or (``slice_level``) a slice, parsed
-    as settings.
+def _model_params(raw: Any, method: MergeMethod, where: str) -> dict[str, Any]:
+    """Per-model parameters given for a model, a source or a slice, parsed as settings.
 
     A top-level parameter of the method given for a model or a source is accepted as mergekit
     accepts it, and dropped as mergekit drops it (it reads those from the top level and the
-    slices only), with a warning. Given for a slice, mergekit applies it to that slice's
-    layers, which meldkit does not do yet: refused.
+    slices only), with a warning. (A slice's own top-level parameters are read by
+    :func:`_entries_from_slices` before its per-model defaults come here.)
     """
     raw = _mapping(raw, where)
     shared = [k for k in raw if k in method.global_params and k not in method.model_params]
-    if shared and slice_level:
-        raise ConfigError(
-            f"{where}: {', '.join(shared)} not accepted per model by {method.name}: meldkit "
-            "reads top-level parameters for the whole model, not per slice (give it in the "
-            "top-level parameters)"
-        )
     bad = [k for k in raw if k not in method.model_params and k not in shared]
     if bad:
         raise ConfigError(
