@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "meldkit/merge.h"
@@ -659,6 +660,9 @@ struct BracketCounts {
   uint64_t nans = 0;
   bool overflow = false;       // more inside values than the buffer holds
   std::vector<uint32_t> kept;  // the bits with lo < bits < hi
+  // With exactly-k cutoffs wanted: (block, count) of each run of `kept` in order, so a value of
+  // `kept` can be traced to its block.
+  std::vector<std::pair<int64_t, uint32_t>> marks;
 };
 
 // One selection's bracket: the sample's ends and the keep buffer's size per thread.
@@ -700,6 +704,7 @@ struct BracketLocal {
   uint64_t counts[4] = {0, 0, 0, 0};
   bool overflow = false;
   std::vector<uint32_t> kept;
+  std::vector<std::pair<int64_t, uint32_t>> marks;  // see BracketCounts::marks
 
   // Keeps the `inside` flagged values of a block that bracket_block filled. Each thread may keep
   // up to the cap (interior elements can cluster in one thread's range); a buffer only grows to
@@ -733,6 +738,7 @@ struct BracketLocal {
     out.nans += counts[3];
     out.overflow = out.overflow || overflow;
     out.kept.insert(out.kept.end(), kept.begin(), kept.end());
+    out.marks.insert(out.marks.end(), marks.begin(), marks.end());
   }
 };
 
@@ -861,7 +867,8 @@ MELDKIT_CPU_CLONES_AVX512 void widen_block(const T* __restrict src, int64_t m,
 template <typename T>
 // With `ends` (mergekit's exactly-k rule wanted), each block's counts of values equal to each
 // bracket end are kept too: ends[(blk * count + i) * 2 + {0, 1}] = {at_hi, at_lo} of model
-// which[i], so a threshold that falls on an end finds its ties without another pass.
+// which[i], so a threshold that falls on an end finds its ties without another pass; and the
+// kept values carry their blocks (BracketCounts::marks), so one inside the bracket does too.
 std::vector<BracketCounts> bracket_pass_models(const T* base, const T* const* models,
                                                const std::vector<int>& which,
                                                const Bracket* brackets, int64_t n,
@@ -885,11 +892,13 @@ std::vector<BracketCounts> bracket_pass_models(const T* base, const T* const* mo
         const Bracket& br = brackets[which[size_t(i)]];
         BracketLocal& l = local[size_t(i)];
         const uint64_t hi0 = l.counts[1], lo0 = l.counts[2];
+        const size_t kept0 = l.kept.size();
         bracket_and_keep<T, float, true>(models[which[size_t(i)]] + e0, bw, m, br, scratch, l);
         if (ends != nullptr) {
           uint32_t* e = ends->data() + (size_t(blk) * size_t(count) + size_t(i)) * 2;
           e[0] = uint32_t(l.counts[1] - hi0);
           e[1] = uint32_t(l.counts[2] - lo0);
+          if (l.kept.size() > kept0) l.marks.emplace_back(blk, uint32_t(l.kept.size() - kept0));
         }
       }
     }
@@ -1080,6 +1089,8 @@ void magnitude_select_models_typed(const void* base, const void* const* models, 
       const Bracket& br = brackets[size_t(t)];
       BracketCounts& c = counts[i];
       const size_t inside = c.kept.size();  // bracket_resolve reorders, not resizes, the kept
+      std::vector<uint32_t> in_order;       // the kept values in their marks' order
+      if (cutoffs != nullptr) in_order = c.kept;
       done[size_t(t)] = bracket_resolve(c, br, ks[t], &bits[size_t(t)]);
       if (cutoffs == nullptr || !done[size_t(t)]) continue;
       // A threshold on an end of the bracket: its ties and the values above it are counted.
@@ -1095,7 +1106,33 @@ void magnitude_select_models_typed(const void* base, const void* const* models, 
         above = int64_t(c.above + c.at_hi + inside);
         ties = int64_t(c.at_lo);
       }
-      if (end_slot < 0) continue;  // inside the bracket: the counting pass finds its cutoff
+      if (end_slot < 0) {
+        // Inside the bracket: every tie is a kept value, traced to its block by the marks.
+        above = int64_t(c.above + c.at_hi);
+        std::vector<int64_t> tie_blocks;
+        size_t off = 0;
+        for (const auto& [blk, cnt] : c.marks) {
+          for (size_t j = off; j < off + cnt; ++j) {
+            above += in_order[j] > thr;
+            if (in_order[j] == thr) tie_blocks.push_back(blk);
+          }
+          off += cnt;
+        }
+        if (off != in_order.size()) continue;  // marks incomplete: the counting pass decides
+        const int64_t r = ks[t] - above;       // ties to keep; 1 <= r for the k-th largest
+        if (r >= int64_t(tie_blocks.size()) || r <= 0) {
+          cutoffs[t] = r <= 0 ? 0 : numel;
+          continue;
+        }
+        std::sort(tie_blocks.begin(), tie_blocks.end());
+        const int64_t blk = tie_blocks[size_t(r - 1)];  // the r-th tie in index order
+        int64_t before = 0;                             // ties in earlier blocks
+        while (tie_blocks[size_t(before)] < blk) ++before;
+        const int64_t e0 = blk * kBracketBlock;
+        cutoffs[t] = nth_tie_index(typed[size_t(t)], static_cast<const T*>(base), e0,
+                                   std::min(numel, e0 + kBracketBlock), thr, r - before);
+        continue;
+      }
       const int64_t r = ks[t] - above;
       if (r >= ties) {
         cutoffs[t] = numel;
