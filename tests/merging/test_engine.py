@@ -632,6 +632,31 @@ def test_a_terminated_merge_leaves_nothing_and_killed_ones_are_cleaned_up(zoo):
     assert not (out / ".meldkit-partial").exists()
 
 
+def test_hugging_face_ids_resolve_from_the_local_cache(zoo, monkeypatch):
+    import shutil
+
+    constants = pytest.importorskip("huggingface_hub.constants")
+    tmp, _, _, paths = zoo
+    cache = tmp / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--org--tiny-base" / "snapshots" / commit
+    shutil.copytree(paths["base"], snapshot)
+    (cache / "models--org--tiny-base" / "refs").mkdir()
+    (cache / "models--org--tiny-base" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never the network, whatever happens
+
+    by_path = read(merge(config_for("ties", paths), tmp / "by_path", progress=False))
+    cfg = config_for("ties", paths)
+    cfg["base_model"] = "org/tiny-base"
+    assert parse_config(cfg).base == snapshot
+    by_id = read(merge(cfg, tmp / "by_id", progress=False))
+    assert all(torch.equal(by_id[k], by_path[k]) for k in by_path)
+    cfg["base_model"] = "org/not-downloaded"
+    with pytest.raises(MergeError, match="local cache only: download the model first"):
+        merge(cfg, tmp / "missing", progress=False)
+
+
 def test_cli(zoo):
     tmp, _, _, paths = zoo
     cfg_path = tmp / "ties.yaml"

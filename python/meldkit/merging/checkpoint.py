@@ -76,7 +76,10 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         if not self.path.exists():
-            raise CheckpointError(f"{self.path}: no such model folder or file")
+            raise CheckpointError(
+                f"{self.path}: no such model folder or file (Hugging Face model IDs are read "
+                "from the local cache only: download the model first)"
+            )
         files = self._safetensors_files()
         if files:
             for f in files:

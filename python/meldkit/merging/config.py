@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -347,6 +348,27 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float, layer: int | None
     return setting
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def hub_cache_folder(name: str) -> Path | None:
+    """The local Hugging Face cache's snapshot of the model ``org/name`` (``org/name@revision``
+    for a branch, tag or commit), as mergekit configs name models; None when ``name`` is not
+    such an ID, ``huggingface_hub`` is not installed, or the model is not in the cache. Nothing
+    is downloaded."""
+    if not _HUB_ID.match(name):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    repo, _, revision = name.partition("@")
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError), or a malformed ID
+        return None
+
+
 def parse_config(
     raw: Mapping[str, Any] | str | os.PathLike, base_dir: Path | None = None
 ) -> MergeConfig:
@@ -393,7 +415,12 @@ def parse_config(
         if not isinstance(p, (str, os.PathLike)) or not str(p):
             raise ConfigError(f"{where}: expected a model folder path, got {p!r}")
         path = Path(p)
-        return path if path.is_absolute() else (base_dir / path)
+        path = path if path.is_absolute() else (base_dir / path)
+        if not path.exists() and isinstance(p, str):
+            cached = hub_cache_folder(p)  # mergekit configs usually name Hugging Face models
+            if cached is not None:
+                return cached
+        return path
 
     base = raw.get("base_model")
     base = resolve(base, "base_model") if base is not None else None
