@@ -1230,14 +1230,8 @@ void magnitude_tie_cutoffs_typed(const void* base_ptr, const void* const* models
         seen += here;
         continue;
       }
-      const T* a = static_cast<const T*>(models[t]);
-      const int64_t end = std::min(numel, (c + 1) * kChunk);
-      for (int64_t e = c * kChunk; e < end; ++e) {
-        if (magnitude_bits(widen(a[e]), widen(base[e])) == bits[t] && ++seen == r) {
-          cutoffs[t] = e + 1;
-          break;
-        }
-      }
+      cutoffs[t] = nth_tie_index(static_cast<const T*>(models[t]), base, c * kChunk,
+                                 std::min(numel, (c + 1) * kChunk), bits[t], r - seen);
       break;
     }
   }

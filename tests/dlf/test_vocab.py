@@ -77,6 +77,18 @@ def test_padded_rows_in_the_processor(setup):
         assert scores[:, VOCAB:].isneginf().all()
 
 
+def _generate_with_processor(large, small, expert, tok):
+    """``large.generate`` on PROMPTS with a DLF processor over ``small`` and ``expert``."""
+    enc = tok(PROMPTS, padding=True, return_tensors="pt")
+    proc = dlf.DynamicLogitFusionProcessor(small, expert, tok, attention_mask=enc.attention_mask)
+    return large.generate(
+        **enc,
+        logits_processor=transformers.LogitsProcessorList([proc]),
+        max_new_tokens=2,
+        pad_token_id=PAD,
+    )
+
+
 def test_smaller_vocabulary_is_refused(setup):
     tok, large, small, expert = setup
     short = llama(4, vocab=VOCAB - 4)
@@ -87,15 +99,8 @@ def test_smaller_vocabulary_is_refused(setup):
     with pytest.raises(ValueError, match=rf"small_base has vocabulary size {VOCAB - 4}"):
         dlf.DynamicLogitFusionProcessor(short, expert, tok)
     # The large model of a processor is only seen through its scores.
-    enc = tok(PROMPTS, padding=True, return_tensors="pt")
-    proc = dlf.DynamicLogitFusionProcessor(small, expert, tok, attention_mask=enc.attention_mask)
     with pytest.raises(ValueError, match=rf"vocabulary size {VOCAB - 4}.*{VOCAB}"):
-        short.generate(
-            **enc,
-            logits_processor=transformers.LogitsProcessorList([proc]),
-            max_new_tokens=2,
-            pad_token_id=PAD,
-        )
+        _generate_with_processor(short, small, expert, tok)
 
 
 def test_a_larger_trained_vocabulary_is_refused(setup):
@@ -107,15 +112,8 @@ def test_a_larger_trained_vocabulary_is_refused(setup):
     with pytest.raises(ValueError, match=r"expert 0 has vocabulary size 5000"):
         dlf.DynamicLogitFusionProcessor(small, other, tok)
     # the large model of a processor, seen through its scores
-    enc = tok(PROMPTS, padding=True, return_tensors="pt")
-    proc = dlf.DynamicLogitFusionProcessor(small, expert, tok, attention_mask=enc.attention_mask)
     with pytest.raises(ValueError, match=r"large model has vocabulary size 5000.*64"):
-        other.generate(
-            **enc,
-            logits_processor=transformers.LogitsProcessorList([proc]),
-            max_new_tokens=2,
-            pad_token_id=PAD,
-        )
+        _generate_with_processor(other, small, expert, tok)
     # a config that claims another vocabulary, and special tokens outside the tokenizer
     claims = llama(6)
     claims.config.vocab_size = 5000

@@ -63,6 +63,30 @@ METHODS = {
 }
 
 
+def _mergekit_and_meldkit(root, cfg, name):
+    """Checkpoints of ``cfg`` (a mapping) merged by mergekit-yaml and by meldkit."""
+    cfg_path = root / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    theirs = root / f"mergekit_{name}"
+    res = subprocess.run(
+        [MERGEKIT, str(cfg_path), str(theirs), "--allow-crimes", "--no-lazy-unpickle"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    ours = merge(cfg_path, root / f"meldkit_{name}", progress=False)
+    return Checkpoint(ours), Checkpoint(theirs)
+
+
+def _assert_same(a, b, label):
+    """Every tensor of the two checkpoints equal to float32 rounding."""
+    assert set(a.names) == set(b.names)
+    for name in a.names:
+        x, y = a.get(name).float(), b.get(name).float()
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=f"{label}: {name}")
+
+
 def test_slices_same_result_as_mergekit(checkpoints):
     # mergekit's slices form: per-slice and per-source parameters, a gradient over a slice's
     # layers, the embeddings planned with the first slice and the norm and head with the last.
@@ -84,38 +108,7 @@ def test_slices_same_result_as_mergekit(checkpoints):
         "parameters": {"normalize": True, "weight": 0.5},
         "dtype": "float32",
     }
-    cfg_path = root / "slices.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    theirs = root / "mergekit_slices"
-    res = subprocess.run(
-        [MERGEKIT, str(cfg_path), str(theirs), "--allow-crimes", "--no-lazy-unpickle"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    ours = merge(cfg_path, root / "meldkit_slices", progress=False)
-    a, b = Checkpoint(ours), Checkpoint(theirs)
-    assert set(a.names) == set(b.names)
-    for name in a.names:
-        x, y = a.get(name).float(), b.get(name).float()
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=f"slices: {name}")
-
-
-def _mergekit_and_meldkit(root, cfg, name):
-    """Checkpoints of ``cfg`` (a mapping) merged by mergekit-yaml and by meldkit."""
-    cfg_path = root / f"{name}.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    theirs = root / f"mergekit_{name}"
-    res = subprocess.run(
-        [MERGEKIT, str(cfg_path), str(theirs), "--allow-crimes", "--no-lazy-unpickle"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    ours = merge(cfg_path, root / f"meldkit_{name}", progress=False)
-    return Checkpoint(ours), Checkpoint(theirs)
+    _assert_same(*_mergekit_and_meldkit(root, cfg, "slices"), "slices")
 
 
 @pytest.mark.filterwarnings("ignore::meldkit.MeldkitFallbackWarning")  # ties + rescale: reference
@@ -149,11 +142,7 @@ def test_per_slice_method_parameters_same_result_as_mergekit(checkpoints, method
         "parameters": top,
         "dtype": "float32",
     }
-    a, b = _mergekit_and_meldkit(root, cfg, f"slice_params_{method}")
-    assert set(a.names) == set(b.names)
-    for name in a.names:
-        x, y = a.get(name).float(), b.get(name).float()
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=f"{method}: {name}")
+    _assert_same(*_mergekit_and_meldkit(root, cfg, f"slice_params_{method}"), method)
 
 
 @pytest.mark.filterwarnings("ignore::meldkit.MeldkitFallbackWarning")  # breadcrumbs: reference
@@ -186,8 +175,4 @@ def test_same_result_as_mergekit(checkpoints, method):
         )
     assert res.returncode == 0, res.stderr[-2000:]
     ours = merge(cfg, root / f"meldkit_{method}", progress=False)
-    a, b = Checkpoint(ours), Checkpoint(theirs)
-    assert set(a.names) == set(b.names)
-    for name in a.names:
-        x, y = a.get(name).float(), b.get(name).float()
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=f"{method}: {name}")
+    _assert_same(Checkpoint(ours), Checkpoint(theirs), method)

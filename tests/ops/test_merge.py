@@ -767,26 +767,15 @@ def test_exact_k_native_equals_reference_on_large_tied_tensors():
     m16 = [(b16.float() + 0.01 * torch.randn(n, generator=g)).to(torch.bfloat16) for _ in range(3)]
     b32 = torch.randn(n, generator=g)
     m32 = [b32 + torch.round(0.02 * torch.randn(n, generator=g) * 4096) / 4096 for _ in range(3)]
-    m = get_method("ties")
     for (base, models), densities in [
         ((b16, m16), [0.3, 0.3, 0.3]),
         ((b16, m16), [0.05, 0.5, 0.9]),
         ((b32, m32), [0.3, 0.3, 0.3]),
         ((b32, m32), [0.05, 0.5, 0.9]),
     ]:
-        got = merge_tensors(base, models, "ties", densities=densities, tie="exact_k")
-        expected = mr.generalized_merge_ref(
-            base,
-            models,
-            weights=[1.0] * 3,
-            densities=densities,
-            sparsify="magnitude",
-            consensus=m.consensus,
-            normalize=m.normalize,
-            lam=1.0,
-            tie="exact_k",
-        )
-        assert torch.equal(got, expected), densities
+        kw = {"densities": densities, "tie": "exact_k"}
+        got = merge_tensors(base, models, "ties", **kw)
+        assert torch.equal(got, reference(base, models, "ties", kw, None)), densities
         keep_ties = merge_tensors(base, models, "ties", densities=densities)
         assert not torch.equal(got, keep_ties)  # the ties at the thresholds mattered
         # The path of other devices (CUDA): each model masked by tensor ops, then merged
@@ -808,17 +797,9 @@ def test_inverse_density_rescale_at_density_zero(method):
 @pytest.mark.parametrize("device", DEVICES)
 def test_exact_k_keeps_at_least_one_entry(device):
     base, models = models_like((7, 13), torch.float32, device)
-    got = merge_tensors(base, models, "ties", densities=0.005, tie="exact_k")  # int(91·0.005) = 0
-    expected = mr.generalized_merge_ref(
-        base.cpu(),
-        [m.cpu() for m in models],
-        weights=[1.0] * 3,
-        densities=[0.005] * 3,
-        sparsify="magnitude",
-        consensus="sum",
-        normalize=True,
-        tie="exact_k",
-    )
+    kw = {"densities": 0.005, "tie": "exact_k"}  # k = int(91·0.005) = 0
+    got = merge_tensors(base, models, "ties", **kw)
+    expected = reference(base.cpu(), [m.cpu() for m in models], "ties", kw, None)
     assert torch.equal(got.cpu(), expected)
     assert int((got != base).sum()) >= 1
 
