@@ -50,6 +50,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             trim_scope=args.trim_scope,
             tie=args.tie,
+            read_ahead=None if args.read_ahead.lower() == "none" else args.read_ahead,
         )
     except (ConfigError, MergeError, CheckpointError) as exc:
         print(f"meldkit merge: {exc}", file=sys.stderr)
@@ -117,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="magnitudes equal to a threshold: keep exactly k, lower indices first (mergekit; "
         "the default per tensor) or keep them all (the TIES paper; the default per model)",
+    )
+    p.add_argument(
+        "--read-ahead",
+        default="32MB",
+        help="how far past the next tensor a thread has the kernel read the inputs ahead of the "
+        "merge (so inputs not yet cached arrive from every file at once): a size, 0 for only "
+        "the next tensor, none for no read-ahead; default 32MB",
     )
     p.set_defaults(func=_cmd_merge)
 

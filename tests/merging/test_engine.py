@@ -8,6 +8,8 @@ import math
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from meldkit.merging import (
     merge_state_dicts,
     parse_config,
 )
+from meldkit.merging.checkpoint import ReadAhead
 from meldkit.merging.engine import _tensor_params
 from meldkit.merging.synthetic import sparse_finetune, write_checkpoint
 
@@ -672,6 +675,8 @@ def test_cli(zoo):
             "--no-progress",
             "--out-shard-size",
             "1GB",
+            "--read-ahead",
+            "none",
         ],
         capture_output=True,
         text=True,
@@ -688,6 +693,14 @@ def test_cli(zoo):
         timeout=300,
     )
     assert res.returncode == 2 and "unknown merge_method 'nope'" in res.stderr
+    res = subprocess.run(
+        [sys.executable, "-m", "meldkit", "merge", str(cfg_path), str(tmp / "y")]
+        + ["--read-ahead", "lots"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 2 and "read_ahead: not a size: 'lots'" in res.stderr
 
 
 def test_model_scope_trimming_uses_whole_model_thresholds(zoo):
@@ -1193,3 +1206,129 @@ def test_slerp_t_per_tensor_like_mergekit(zoo):
         ConfigError, match=r"parameters\.t: no filter matches (lm_head|model\.embed)"
     ):
         merge(cfg, tmp / "out2", progress=False)
+
+
+def test_byte_ranges_locate_each_tensors_bytes(zoo):
+    _, _, tunes, paths = zoo
+    ck = Checkpoint(paths["ft1"])  # the sharded one
+    assert len({ck.byte_range(n)[0] for n in ck.names}) == 2
+    for n in ck.names:
+        path, offset, length = ck.byte_range(n)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            raw = f.read(length)
+        t = tunes[1][n]
+        assert length == t.numel() * t.element_size()
+        assert raw == t.contiguous().view(torch.uint8).numpy().tobytes(), n
+
+
+def _advice_log(monkeypatch):
+    """Record the read-ahead thread's posix_fadvise calls as (path, offset, length)."""
+    calls, cond = [], threading.Condition()
+    paths_of = {}
+    real_open = os.open
+
+    def fake_open(path, flags, *a):
+        fd = real_open(path, flags, *a)
+        paths_of[fd] = Path(path)
+        return fd
+
+    def fake_fadvise(fd, offset, length, advice):
+        assert advice == os.POSIX_FADV_WILLNEED
+        with cond:
+            calls.append((paths_of[fd], offset, length))
+            cond.notify_all()
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "posix_fadvise", fake_fadvise, raising=False)
+    return calls, cond
+
+
+def test_read_ahead_reads_the_next_step_and_its_window_in_order(tmp_path, monkeypatch):
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"f{i}")
+        files[-1].write_bytes(b"\0" * 1000)
+    # Six steps of 100 bytes (two ranges of 50, one per file).
+    steps = [[(files[0], 50 * k, 50), (files[1], 50 * k, 50)] for k in range(6)]
+    calls, cond = _advice_log(monkeypatch)
+
+    def issued(count):
+        with cond:
+            assert cond.wait_for(lambda: len(calls) >= count, timeout=10)
+        time.sleep(0.05)  # time enough for a call too many to show up
+        with cond:
+            return list(calls)
+
+    with ReadAhead(steps, window=150) as ra:  # the next step, and one more whole step
+        assert issued(6) == steps[0] + steps[1] + steps[2]
+        ra.at(1)
+        assert issued(8) == steps[0] + steps[1] + steps[2] + steps[3]
+        ra.at(5)
+        assert issued(12) == [r for s in steps for r in s]
+    calls.clear()
+    with ReadAhead(steps, window=0) as ra:
+        assert issued(4) == steps[0] + steps[1]
+        ra.at(2)
+        assert issued(8) == steps[0] + steps[1] + steps[2] + steps[3]
+
+
+def test_merges_read_ahead_and_give_the_same_output_at_any_distance(zoo, monkeypatch):
+    tmp, _, _, paths = zoo
+    want = read(merge(config_for("ties", paths), tmp / "off", progress=False, read_ahead=None))
+    made = []
+
+    class Recorded(ReadAhead):  # what the merge asks of its read-aheads
+        def __init__(self, steps, window):
+            super().__init__(steps, window)
+            self.steps, self.window, self.started = steps, window, []
+            made.append(self)
+
+        def at(self, step):
+            self.started.append(step)
+            super().at(step)
+
+    monkeypatch.setattr("meldkit.merging.engine.ReadAhead", Recorded)
+    calls, _ = _advice_log(monkeypatch)
+    inputs = [Checkpoint(p) for p in paths.values()]
+    names = inputs[0].names
+    every = [[c.byte_range(n) for c in inputs] for n in names]
+    floats = [s for s, n in zip(every, names, strict=True) if inputs[0].dtype(n).is_floating_point]
+    for i, (ahead, window) in enumerate([(0, 0), ("1KB", 1000), ("1GB", 10**9), (5000, 5000)]):
+        made.clear()
+        calls.clear()
+        got = read(
+            merge(config_for("ties", paths), tmp / f"o{i}", progress=False, read_ahead=ahead)
+        )
+        assert all(torch.equal(want[k], got[k]) for k in want)
+        [ra] = made
+        assert ra.steps == every and ra.window == window
+        assert ra.started == list(range(len(names)))
+        # Advice in the merge's order, once per range (the merge may end before the last).
+        assert calls == [r for s in every for r in s][: len(calls)]
+    # Whole-model trimming reads every floating tensor twice before the merge does.
+    made.clear()
+    merge(config_for("ties", paths), tmp / "model", progress=False, trim_scope="model")
+    trim, merging = made
+    assert trim.steps == floats * 2 and trim.started == list(range(2 * len(floats)))
+    assert merging.steps == every and merging.started == list(range(len(names)))
+    made.clear()
+    merge(config_for("ties", paths), tmp / "none", progress=False, read_ahead=None)
+    assert [ra.steps for ra in made] == [[]]
+
+
+def test_read_ahead_is_advice_only(zoo, monkeypatch):
+    tmp, _, _, paths = zoo
+    want = read(merge(config_for("ties", paths), tmp / "want", progress=False, read_ahead=None))
+
+    def failing(*_):
+        raise OSError(22, "fadvise refused")
+
+    monkeypatch.setattr(os, "posix_fadvise", failing, raising=False)  # a refusal is ignored
+    got = read(merge(config_for("ties", paths), tmp / "a", progress=False))
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    monkeypatch.delattr(os, "posix_fadvise", raising=False)  # platforms without it
+    got = read(merge(config_for("ties", paths), tmp / "b", progress=False))
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    with pytest.raises(MergeError, match="read_ahead"):
+        merge(config_for("ties", paths), tmp / "c", progress=False, read_ahead="lots")

@@ -16,7 +16,8 @@ import shutil
 import socket
 import struct
 import tempfile
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -73,6 +74,7 @@ class Checkpoint:
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, torch.dtype] = {}
         self._file_of: dict[str, Path] = {}
+        self._ranges: dict[str, tuple[int, int]] = {}  # byte offset and length in its file
         self._handles: dict[Path, object] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         if not self.path.exists():
@@ -126,6 +128,7 @@ class Checkpoint:
         except Exception as exc:  # safetensors raises its own error types for broken files
             raise CheckpointError(f"{f}: not a readable safetensors file ({exc})") from None
         self._handles[f] = handle
+        self._ranges.update(_data_ranges(f))
 
     def _pickle_files(self) -> list[Path]:
         """The model's pickle weight files: those ``pytorch_model.bin.index.json`` lists, else
@@ -202,8 +205,122 @@ class Checkpoint:
         except Exception as exc:
             raise CheckpointError(f"{self._file_of[name]}: cannot read {name} ({exc})") from None
 
+    def byte_range(self, name: str) -> tuple[Path, int, int] | None:
+        """Where ``name``'s bytes lie: its file, their offset in it and their length (None for
+        pickle checkpoints). For :class:`ReadAhead`."""
+        if name not in self._ranges:
+            return None
+        offset, length = self._ranges[name]
+        return self._file_of[name], offset, length
+
     def aux_folder(self) -> Path:
         return self.path if self.path.is_dir() else self.path.parent
+
+
+def _data_ranges(f: Path) -> dict[str, tuple[int, int]]:
+    """Each tensor's byte offset and length in safetensors file ``f``, from its header: an
+    8-byte little-endian header size, a JSON header whose ``data_offsets`` count from the end of
+    the header. ``safe_open`` has already validated the file; a header this cannot read only
+    leaves its tensors without read-ahead."""
+    try:
+        with open(f, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        return {
+            name: (
+                8 + size + int(info["data_offsets"][0]),
+                int(info["data_offsets"][1]) - int(info["data_offsets"][0]),
+            )
+            for name, info in header.items()
+            if name != "__metadata__"
+        }
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return {}
+
+
+class ReadAhead:
+    """Reads a streaming merge's next tensors into the page cache while it merges this one.
+
+    A merge that reads its inputs from disk (not yet in the page cache) otherwise waits on one
+    page fault after another, on the files of whichever model the kernel is reading, and reads
+    at a fraction of what the disk gives to several requests at once (measured on this
+    project's virtio disk: one sequential reader 0.3-0.6 GB/s, two to four 1.2-2.1 GB/s). A
+    thread asks the kernel to read ahead (``posix_fadvise(POSIX_FADV_WILLNEED)``, which queues
+    the reads and returns) for every input of the next steps, up to ``window`` bytes ahead of
+    the step being merged and always the whole next step; the merge then finds its bytes
+    cached. Nothing is copied and nothing is held: the page cache stays reclaimable.
+
+    Parameters
+    ----------
+    steps : sequence of lists of (path, offset, length)
+        The byte ranges each step reads, in the order the merge takes them.
+    window : int
+        Bytes to read ahead beyond the next step (0: only the next step).
+
+    Use :meth:`at` as each step starts and :meth:`close` at the end (or ``with``). Where the
+    platform has no ``posix_fadvise`` it does nothing.
+    """
+
+    def __init__(self, steps: Sequence[Sequence[tuple[Path, int, int]]], window: int) -> None:
+        self._steps = [list(s) for s in steps]
+        self._window = max(0, int(window))
+        self._ends = [0]  # self._ends[k]: the bytes of steps 0..k-1
+        for s in self._steps:
+            self._ends.append(self._ends[-1] + sum(length for _, _, length in s))
+        self._step = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        self._fds: dict[Path, int] = {}
+        self._thread = None
+        if hasattr(os, "posix_fadvise") and self._steps:
+            self._thread = threading.Thread(
+                target=self._run, name="meldkit-read-ahead", daemon=True
+            )
+            self._thread.start()
+
+    def at(self, step: int) -> None:
+        """The merge starts step ``step``."""
+        with self._cond:
+            self._step = step
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _due(self, k: int) -> bool:
+        """Step ``k`` should be read now: it is at most the next one, or lies in the window."""
+        return k <= self._step + 1 or self._ends[k + 1] - self._ends[self._step + 2] <= self._window
+
+    def _run(self) -> None:
+        k = 0
+        while k < len(self._steps):
+            with self._cond:
+                while not self._closed and not self._due(k):
+                    self._cond.wait()
+                if self._closed:
+                    return
+            for path, offset, length in self._steps[k]:
+                try:
+                    fd = self._fds.get(path)
+                    if fd is None:
+                        fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    pass  # advice only: the merge reads (and reports errors) as before
+            k += 1
 
 
 def parse_size(text: str | int) -> int:

@@ -24,7 +24,13 @@ from typing import Any
 
 import torch
 
-from meldkit.merging.checkpoint import Checkpoint, CheckpointError, ShardedWriter, parse_size
+from meldkit.merging.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    ReadAhead,
+    ShardedWriter,
+    parse_size,
+)
 from meldkit.merging.config import MODEL_DEFAULTS, ConfigError, MergeConfig, parse_config
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -258,6 +264,7 @@ def merge(
     trim_scope: str = "tensor",
     tie: str | None = None,
     background_write: bool | None = None,
+    read_ahead: str | int | None = "32MB",
 ) -> Path:
     """Merge the models of a mergekit-style ``config`` into ``out_dir``.
 
@@ -303,6 +310,12 @@ def merge(
         on the CPU, the writes are queued for the merge kernels, whose next parallel pass runs
         each on one of its threads while the others merge (a writer thread would compete with
         the merge's threads for the cores).
+    read_ahead : str or int
+        How far a thread has the kernel read the inputs ahead of the tensor being merged
+        (:class:`~meldkit.merging.checkpoint.ReadAhead`), beyond the next tensor, which is
+        always read ahead; ``0`` reads only the next tensor ahead, ``None`` nothing. Sizes as for
+        ``out_shard_size``. Inputs not yet in the page cache then arrive from several files at
+        once while the merge computes, not one page fault at a time.
 
     Returns
     -------
@@ -330,6 +343,13 @@ def merge(
         shard_size = parse_size(out_shard_size)
     except ValueError as exc:
         raise MergeError(f"out_shard_size: {exc}") from None
+    try:
+        if read_ahead is None or read_ahead in (0, "0"):
+            ahead = None if read_ahead is None else 0
+        else:
+            ahead = parse_size(read_ahead)
+    except ValueError as exc:
+        raise MergeError(f"read_ahead: {exc}") from None
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MergeError("device cuda requested but torch sees no CUDA device")
@@ -381,6 +401,14 @@ def merge(
     buffers = _OutputBuffers(
         max((nbytes[n] for n in float_names), default=0), pin=device.type == "cuda"
     )
+    inputs = ([base] if base is not None else []) + models
+
+    def steps_of(step_names: list[str]) -> list[list[tuple[Path, int, int]]]:
+        if ahead is None:
+            return []
+        return [[r for c in inputs if (r := c.byte_range(n)) is not None] for n in step_names]
+
+    reading: list[ReadAhead] = []
     try:
         thresholds = None
         if trim_scope == "model":
@@ -401,16 +429,25 @@ def merge(
                     desc="whole-model thresholds",
                     file=sys.stderr,
                 )
+            # Both passes read every model in name order: one read-ahead over the two.
+            reading.append(ReadAhead(steps_of(float_names) * 2, ahead or 0))
+            started = iter(range(2 * len(float_names)))
+
+            def load_base(n: str) -> torch.Tensor:  # each step of each pass loads the base first
+                reading[0].at(next(started))
+                return reference.get(n).to(cfg.dtype or reference.dtype(n))
+
             try:
                 thresholds = global_thresholds(
                     float_names,
                     # Converted as the merge converts them, so the magnitudes are the same.
-                    lambda n: reference.get(n).to(cfg.dtype or reference.dtype(n)),
+                    load_base,
                     lambda n: [m.get(n).to(cfg.dtype or reference.dtype(n)) for m in models],
                     cfg.model_param("density", 1.0),
                     progress=trim_bar.update if trim_bar is not None else None,
                 )
             finally:
+                reading.pop().close()
                 if trim_bar is not None:
                     trim_bar.close()
         if progress:  # created here, so its rate starts with the merge, not the trimming passes
@@ -419,7 +456,9 @@ def merge(
             bar = tqdm(
                 total=writer.total_size, unit="B", unit_scale=True, desc="merge", file=sys.stderr
             )
+        reading.append(ReadAhead(steps_of(names), ahead or 0))
         for i, name in enumerate(names):
+            reading[0].at(i)
             b = reference.get(name) if base is not None else None
             ms = [m.get(name) for m in models]
             if reference.dtype(name) not in FLOAT_DTYPES:
@@ -461,6 +500,8 @@ def merge(
         writer.abort()
         raise
     finally:
+        for r in reading:
+            r.close()
         if bar is not None:
             bar.close()
     if cfg.out_dtype is not None or cfg.dtype is not None:
