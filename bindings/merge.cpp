@@ -695,4 +695,13 @@ void side_write_wait(int64_t ticket) {
 
 int64_t side_writes_done() { return meldkit::side_writes_done(); }
 
+int64_t side_advise(int fd, int64_t offset, int64_t nbytes) {
+  return side_advise_queue(fd, offset, nbytes);
+}
+
+void side_jobs_wait(int64_t ticket) {
+  py::gil_scoped_release release;
+  meldkit::side_jobs_wait(ticket);
+}
+
 }  // namespace meldkit::bind

@@ -82,6 +82,15 @@ PYBIND11_MODULE(_C, m) {
         "RuntimeError for a failed write.",
         py::arg("ticket"));
   m.def("side_writes_done", &mb::side_writes_done, "The highest ticket whose write is done.");
+  m.def("side_advise", &mb::side_advise,
+        "Queues posix_fadvise(fd, offset, nbytes, WILLNEED) for the CPU merge kernels to run on\n"
+        "one of their threads, in the same queue as side_write; returns its ticket. Failures\n"
+        "are ignored. The descriptor must stay valid until the ticket is done.",
+        py::arg("fd"), py::arg("offset"), py::arg("nbytes"));
+  m.def("side_jobs_wait", &mb::side_jobs_wait,
+        "Waits until a queued job (write or advice) is done, running queued jobs on this\n"
+        "thread; a failed write's error stays for side_write_wait.",
+        py::arg("ticket"));
   m.def("magnitude_select", &mb::magnitude_select,
         "The k-th largest |a - b| over lists of tensors, exactly (radix selection).", py::arg("a"),
         py::arg("b"), py::arg("k"), py::arg("workspace") = py::none(), py::arg("stream") = 0);

@@ -31,6 +31,8 @@ int64_t merge_many_workspace_numel(int64_t num_models);
 int64_t side_write(int fd, int64_t offset, uintptr_t data, int64_t nbytes);
 void side_write_wait(int64_t ticket);
 int64_t side_writes_done();
+int64_t side_advise(int fd, int64_t offset, int64_t nbytes);
+void side_jobs_wait(int64_t ticket);
 float magnitude_select(py::handle a, py::handle b, int64_t k, py::handle workspace, int64_t stream);
 int64_t magnitude_histogram(py::handle theta, py::handle base, py::handle hist, int64_t prefix);
 void band_select(py::handle theta, py::handle base, py::handle out, py::handle lo, py::handle hi,

@@ -2,6 +2,7 @@
 // runs the writes, so that they run one at a time and finish in ticket order.
 #include "meldkit/side_writes.h"
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -17,6 +18,7 @@ namespace {
 
 struct Job {
   int64_t ticket;
+  bool advice;  // posix_fadvise WILLNEED instead of a write
   int fd;
   int64_t offset;
   const char* data;
@@ -67,6 +69,13 @@ void run_locked(Queue& q) {
       j = q.jobs.front();
       q.jobs.pop_front();
     }
+    if (j.advice) {
+#ifdef POSIX_FADV_WILLNEED
+      (void)::posix_fadvise(j.fd, off_t(j.offset), off_t(j.nbytes), POSIX_FADV_WILLNEED);
+#endif
+      q.done.store(j.ticket, std::memory_order_release);
+      continue;
+    }
     std::string err = write_all(j);
     if (!err.empty()) {
       std::lock_guard<std::mutex> g(q.lock);
@@ -81,16 +90,39 @@ void run_locked(Queue& q) {
 
 }  // namespace
 
+namespace {
+
+int64_t enqueue(bool advice, int fd, int64_t offset, const void* data, int64_t nbytes) {
+  Queue& q = queue();
+  std::lock_guard<std::mutex> g(q.lock);
+  const int64_t ticket = q.next++;
+  q.jobs.push_back(Job{ticket, advice, fd, offset, static_cast<const char*>(data), nbytes});
+  q.pending.store(true, std::memory_order_relaxed);
+  return ticket;
+}
+
+// Runs queued jobs on the calling thread until `ticket` is done.
+void wait_done(Queue& q, int64_t ticket) {
+  if (q.done.load(std::memory_order_acquire) < ticket) {
+    std::lock_guard<std::mutex> r(q.runner);  // waits for a running thread, then runs the rest
+    run_locked(q);
+  }
+}
+
+}  // namespace
+
 int64_t side_write_queue(int fd, int64_t offset, const void* data, int64_t nbytes) {
   if (fd < 0 || offset < 0 || nbytes < 0 || (nbytes > 0 && data == nullptr)) {
     throw_value_error("side_write: bad descriptor, offset, size or data pointer");
   }
-  Queue& q = queue();
-  std::lock_guard<std::mutex> g(q.lock);
-  const int64_t ticket = q.next++;
-  q.jobs.push_back(Job{ticket, fd, offset, static_cast<const char*>(data), nbytes});
-  q.pending.store(true, std::memory_order_relaxed);
-  return ticket;
+  return enqueue(false, fd, offset, data, nbytes);
+}
+
+int64_t side_advise_queue(int fd, int64_t offset, int64_t nbytes) {
+  if (fd < 0 || offset < 0 || nbytes < 0) {
+    throw_value_error("side_advise: bad descriptor, offset or size");
+  }
+  return enqueue(true, fd, offset, nullptr, nbytes);
 }
 
 bool side_writes_pending() { return queue().pending.load(std::memory_order_relaxed); }
@@ -105,19 +137,30 @@ int64_t side_writes_done() { return queue().done.load(std::memory_order_acquire)
 
 void side_write_wait(int64_t ticket) {
   Queue& q = queue();
-  if (q.done.load(std::memory_order_acquire) < ticket) {
-    std::lock_guard<std::mutex> r(q.runner);  // waits for a running thread, then runs the rest
-    run_locked(q);
-  }
-  std::string err;
   {
     std::lock_guard<std::mutex> g(q.lock);
     if (ticket >= q.next) {
       throw_value_error("side_write_wait: ticket " + std::to_string(ticket) + " was never queued");
     }
+  }
+  wait_done(q, ticket);
+  std::string err;
+  {
+    std::lock_guard<std::mutex> g(q.lock);
     err.swap(q.error);
   }
   if (!err.empty()) throw_runtime_error(err);
+}
+
+void side_jobs_wait(int64_t ticket) {
+  Queue& q = queue();
+  {
+    std::lock_guard<std::mutex> g(q.lock);
+    if (ticket >= q.next) {
+      throw_value_error("side_jobs_wait: ticket " + std::to_string(ticket) + " was never queued");
+    }
+  }
+  wait_done(q, ticket);
 }
 
 }  // namespace meldkit

@@ -694,8 +694,16 @@ def test_cli(zoo):
     )
     assert res.returncode == 2 and "unknown merge_method 'nope'" in res.stderr
     res = subprocess.run(
-        [sys.executable, "-m", "meldkit", "merge", str(cfg_path), str(tmp / "y")]
-        + ["--read-ahead", "lots"],
+        [
+            sys.executable,
+            "-m",
+            "meldkit",
+            "merge",
+            str(cfg_path),
+            str(tmp / "y"),
+            "--read-ahead",
+            "lots",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -1279,9 +1287,9 @@ def test_merges_read_ahead_and_give_the_same_output_at_any_distance(zoo, monkeyp
     made = []
 
     class Recorded(ReadAhead):  # what the merge asks of its read-aheads
-        def __init__(self, steps, window):
-            super().__init__(steps, window)
-            self.steps, self.window, self.started = steps, window, []
+        def __init__(self, steps, window, *, kernels=False):
+            self.steps, self.window, self.kernels, self.started = steps, window, kernels, []
+            super().__init__(steps, window, kernels=kernels)
             made.append(self)
 
         def at(self, step):
@@ -1289,32 +1297,62 @@ def test_merges_read_ahead_and_give_the_same_output_at_any_distance(zoo, monkeyp
             super().at(step)
 
     monkeypatch.setattr("meldkit.merging.engine.ReadAhead", Recorded)
-    calls, _ = _advice_log(monkeypatch)
     inputs = [Checkpoint(p) for p in paths.values()]
     names = inputs[0].names
     every = [[c.byte_range(n) for c in inputs] for n in names]
     floats = [s for s, n in zip(every, names, strict=True) if inputs[0].dtype(n).is_floating_point]
     for i, (ahead, window) in enumerate([(0, 0), ("1KB", 1000), ("1GB", 10**9), (5000, 5000)]):
         made.clear()
-        calls.clear()
         got = read(
             merge(config_for("ties", paths), tmp / f"o{i}", progress=False, read_ahead=ahead)
         )
         assert all(torch.equal(want[k], got[k]) for k in want)
         [ra] = made
-        assert ra.steps == every and ra.window == window
-        assert ra.started == list(range(len(names)))
-        # Advice in the merge's order, once per range (the merge may end before the last).
-        assert calls == [r for s in every for r in s][: len(calls)]
-    # Whole-model trimming reads every floating tensor twice before the merge does.
+        assert ra.steps == every and ra.window == window and ra.kernels  # CPU: the kernels read
+        assert ra.started == [0, *range(len(names))]  # step 0 read ahead as it was made
+    # Whole-model trimming reads every floating tensor twice before the merge does, on a thread:
+    # its histogram passes are not merge kernels.
     made.clear()
+    calls, _ = _advice_log(monkeypatch)
     merge(config_for("ties", paths), tmp / "model", progress=False, trim_scope="model")
     trim, merging = made
     assert trim.steps == floats * 2 and trim.started == list(range(2 * len(floats)))
-    assert merging.steps == every and merging.started == list(range(len(names)))
+    assert not trim.kernels
+    # Advice in the passes' order, once per range (the passes may end before the last).
+    assert calls == [r for s in floats * 2 for r in s][: len(calls)]
+    assert merging.steps == every and merging.started == [0, *range(len(names))]
     made.clear()
     merge(config_for("ties", paths), tmp / "none", progress=False, read_ahead=None)
     assert [ra.steps for ra in made] == [[]]
+
+
+def _cached(fd, offset, length):
+    """Whether ``length`` bytes at ``offset`` are in the page cache (a read that must not wait)."""
+    try:
+        return os.preadv(fd, [bytearray(length)], offset, os.RWF_NOWAIT) == length
+    except BlockingIOError:
+        return False
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="needs preadv(RWF_NOWAIT) (Linux)")
+def test_read_ahead_in_the_merge_kernels_reads_files_into_the_page_cache(tmp_path):
+    f = tmp_path / "weights"
+    f.write_bytes(os.urandom(4 << 20))
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if _cached(fd, 0, 4096):
+            pytest.skip("this file system keeps its files in memory")
+        halves = [[(f, 0, 2 << 20)], [(f, 2 << 20, 2 << 20)]]
+        with ReadAhead(halves, 0, kernels=True):
+            pass  # no merge kernel runs: closing runs the queued advice on this thread
+        deadline = time.monotonic() + 30
+        while not (_cached(fd, 0, 2 << 20) and _cached(fd, 2 << 20, 2 << 20)):
+            assert time.monotonic() < deadline, "the advised bytes never reached the page cache"
+            time.sleep(0.01)
+    finally:
+        os.close(fd)
 
 
 def test_read_ahead_is_advice_only(zoo, monkeypatch):

@@ -244,11 +244,12 @@ class ReadAhead:
     A merge that reads its inputs from disk (not yet in the page cache) otherwise waits on one
     page fault after another, on the files of whichever model the kernel is reading, and reads
     at a fraction of what the disk gives to several requests at once (measured on this
-    project's virtio disk: one sequential reader 0.3-0.6 GB/s, two to four 1.2-2.1 GB/s). A
-    thread asks the kernel to read ahead (``posix_fadvise(POSIX_FADV_WILLNEED)``, which queues
-    the reads and returns) for every input of the next steps, up to ``window`` bytes ahead of
-    the step being merged and always the whole next step; the merge then finds its bytes
-    cached. Nothing is copied and nothing is held: the page cache stays reclaimable.
+    project's virtio disk: one sequential reader 0.3-0.6 GB/s, two to four 1.2-2.1 GB/s).
+    ReadAhead asks the kernel to read ahead (``posix_fadvise(POSIX_FADV_WILLNEED)``, which
+    queues the reads and returns) for every input of the next step, and of the steps after it
+    up to ``window`` more bytes; the merge then finds its bytes cached. Nothing is copied and
+    nothing is held: the page cache stays reclaimable. Reading further ahead than the next
+    step measured slower: the reads of the step being merged then queue behind the later ones.
 
     Parameters
     ----------
@@ -256,23 +257,46 @@ class ReadAhead:
         The byte ranges each step reads, in the order the merge takes them.
     window : int
         Bytes to read ahead beyond the next step (0: only the next step).
+    kernels : bool
+        Queue the advice for the CPU merge kernels (``_C.side_advise``, the queue of
+        ``meldkit/side_writes.h``), whose next parallel pass gives it to one of its threads,
+        instead of a thread of its own. Submitting the reads is real work (about 1.4 ms per
+        13 MB here); on a machine whose every core merges, a thread of its own competes with
+        the merge's threads. Only for merges that run CPU merge kernels after each :meth:`at`.
 
     Use :meth:`at` as each step starts and :meth:`close` at the end (or ``with``). Where the
     platform has no ``posix_fadvise`` it does nothing.
     """
 
-    def __init__(self, steps: Sequence[Sequence[tuple[Path, int, int]]], window: int) -> None:
+    def __init__(
+        self,
+        steps: Sequence[Sequence[tuple[Path, int, int]]],
+        window: int,
+        *,
+        kernels: bool = False,
+    ) -> None:
         self._steps = [list(s) for s in steps]
         self._window = max(0, int(window))
         self._ends = [0]  # self._ends[k]: the bytes of steps 0..k-1
         for s in self._steps:
             self._ends.append(self._ends[-1] + sum(length for _, _, length in s))
         self._step = 0
+        self._next = 0  # the next step to advise (kernels mode)
+        self._ticket = 0  # the last advice queued (kernels mode)
         self._closed = False
         self._cond = threading.Condition()
         self._fds: dict[Path, int] = {}
         self._thread = None
-        if hasattr(os, "posix_fadvise") and self._steps:
+        self._kernels = False
+        if not hasattr(os, "posix_fadvise") or not self._steps:
+            return
+        if kernels:
+            from meldkit import _native
+
+            self._kernels = hasattr(_native._C, "side_advise")
+        if self._kernels:
+            self.at(0)
+        else:
             self._thread = threading.Thread(
                 target=self._run, name="meldkit-read-ahead", daemon=True
             )
@@ -283,6 +307,15 @@ class ReadAhead:
         with self._cond:
             self._step = step
             self._cond.notify()
+        if self._kernels:
+            from meldkit import _native
+
+            while self._next < len(self._steps) and self._due(self._next):
+                for path, offset, length in self._steps[self._next]:
+                    fd = self._fd(path)
+                    if fd is not None:
+                        self._ticket = _native._C.side_advise(fd, offset, length)
+                self._next += 1
 
     def close(self) -> None:
         with self._cond:
@@ -290,6 +323,11 @@ class ReadAhead:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join()
+        if self._ticket:  # the kernels may not have run the last advice: its descriptors
+            from meldkit import _native
+
+            _native._C.side_jobs_wait(self._ticket)
+            self._ticket = 0
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -313,14 +351,22 @@ class ReadAhead:
                 if self._closed:
                     return
             for path, offset, length in self._steps[k]:
+                fd = self._fd(path)
                 try:
-                    fd = self._fds.get(path)
-                    if fd is None:
-                        fd = self._fds[path] = os.open(path, os.O_RDONLY)
-                    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+                    if fd is not None:
+                        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
                 except OSError:
                     pass  # advice only: the merge reads (and reports errors) as before
             k += 1
+
+    def _fd(self, path: Path) -> int | None:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            except OSError:
+                return None  # advice only: the merge reports an unreadable file itself
+        return fd
 
 
 def parse_size(text: str | int) -> int:

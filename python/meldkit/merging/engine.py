@@ -456,7 +456,8 @@ def merge(
             bar = tqdm(
                 total=writer.total_size, unit="B", unit_scale=True, desc="merge", file=sys.stderr
             )
-        reading.append(ReadAhead(steps_of(names), ahead or 0))
+        # On the CPU the merge kernels submit the reads, as they run the writes.
+        reading.append(ReadAhead(steps_of(names), ahead or 0, kernels=device.type == "cpu"))
         for i, name in enumerate(names):
             reading[0].at(i)
             b = reference.get(name) if base is not None else None
