@@ -866,6 +866,9 @@ def test_queued_writes_run_inside_the_merge_kernels_and_report_errors(tmp_path):
     read_only = os.open(path, os.O_RDONLY)
     try:
         bad = _KernelWrite(_native._C.side_write(read_only, 0, data.data_ptr(), 16), data)
+        # Read-ahead advice shares the queue; waiting for it leaves the write's error in place.
+        _native._C.side_jobs_wait(_native._C.side_advise(read_only, 0, 16))
+        assert bad.done()
         with pytest.raises(OSError, match="16 bytes at offset 0 failed: Bad file descriptor"):
             bad.result()
         with pytest.raises(OSError, match="Bad file descriptor"):  # again: the same error
@@ -874,6 +877,10 @@ def test_queued_writes_run_inside_the_merge_kernels_and_report_errors(tmp_path):
         os.close(read_only)
     with pytest.raises(ValueError, match="never queued"):
         _native._C.side_write_wait(10**12)
+    with pytest.raises(ValueError, match="never queued"):
+        _native._C.side_jobs_wait(10**12)
+    with pytest.raises(ValueError, match="bad descriptor"):
+        _native._C.side_advise(-1, 0, 16)
 
 
 def test_writer_refuses_what_its_plan_does_not_hold(tmp_path):
