@@ -19,7 +19,10 @@ Programmatic use::
 Timing rules
 ------------
 * Warm-up calls first (they also estimate how many repeats fit the time budget), then ``repeats``
-  timed calls; rows report the median with the minimum and the inter-quartile range.
+  timed calls; rows report the median with the minimum and the inter-quartile range. A call that
+  takes seconds (the argsort baselines at the issue's sizes take 5-50 s on 2 cores) is warmed
+  up once and timed as often as fits :data:`_SLOW_BUDGET_S`, at least once, unless ``repeats``
+  is given: its row says how many.
 * Before every timed call the caches are flushed by writing a buffer twice the size of the
   last-level cache (L2 on CUDA, read from the device properties), so that every call reads its
   inputs from memory, as a call on tensors of this size does inside a real model.
@@ -78,6 +81,11 @@ _TIME_BUDGET_S = 0.25
 _MIN_REPEATS = 5
 _MAX_REPEATS = 50
 _DEFAULT_WARMUP = 2
+# A call slower than this is warmed up once, and timed only as often as fits _SLOW_BUDGET_S (at
+# least once) when the repeats are fitted: its run-to-run noise is small against its length, and
+# five repeats of a 50 s baseline made the full CPU merge set take over half an hour.
+_SLOW_CALL_S = 2.0
+_SLOW_BUDGET_S = 10.0
 
 # Bandwidth-ceiling copy: large enough to defeat every cache level, small enough for a laptop.
 _CEILING_BYTES = {"cuda": 256 << 20, "cpu": 128 << 20}
@@ -225,7 +233,8 @@ def time_impls(
         Untimed calls of each impl first (at least one, which also estimates its cost).
     repeats : int, optional
         Timed calls of each impl. Default: as many rounds as fit :data:`_TIME_BUDGET_S` per impl,
-        between 5 and 50.
+        between 5 and 50; an impl whose calls take over :data:`_SLOW_CALL_S` (warmed up once)
+        takes part in as many of the first rounds as fit :data:`_SLOW_BUDGET_S`, at least one.
 
     Returns
     -------
@@ -235,17 +244,29 @@ def time_impls(
     is_cuda = torch.device(device).type == "cuda"
     sync = torch.cuda.synchronize if is_cuda else _no_op
     warmup = max(1, warmup)
-    estimate_s = 0.0
-    for fn in impls.values():
-        sync()
-        start = time.perf_counter()
-        for _ in range(warmup):
+    estimates: dict[str, float] = {}
+    for name, fn in impls.items():
+        calls, elapsed = 0, 0.0
+        while calls < warmup and not (calls and elapsed / calls > _SLOW_CALL_S):
+            sync()
+            start = time.perf_counter()
             fn()
-        sync()
-        estimate_s += (time.perf_counter() - start) / warmup
+            sync()
+            elapsed += time.perf_counter() - start
+            calls += 1
+        estimates[name] = elapsed / calls
+    slow = {name for name, t in estimates.items() if t > _SLOW_CALL_S}
+    counts = dict.fromkeys(impls, repeats)
     if repeats is None:
-        fits = int(_TIME_BUDGET_S * len(impls) / max(estimate_s, 1e-9))
+        fast_s = sum(t for name, t in estimates.items() if name not in slow)
+        fits = int(_TIME_BUDGET_S * (len(impls) - len(slow)) / max(fast_s, 1e-9))
         repeats = min(_MAX_REPEATS, max(_MIN_REPEATS, fits))
+        counts = {
+            name: min(repeats, max(1, int(_SLOW_BUDGET_S / estimates[name])))
+            if name in slow
+            else repeats
+            for name in impls
+        }
 
     times: dict[str, list[float]] = {name: [] for name in impls}
     if is_cuda:
@@ -258,6 +279,8 @@ def time_impls(
         }
         for index in range(repeats):
             for name, fn in impls.items():
+                if index >= counts[name]:
+                    continue
                 begin, end = events[name][index]
                 # The flush is queued on the same stream before `begin`, so it is never inside
                 # the measured interval, and it keeps the GPU busy while the call is launched.
@@ -267,10 +290,12 @@ def time_impls(
                 end.record()
         torch.cuda.synchronize()
         for name, pairs in events.items():
-            times[name] = [begin.elapsed_time(end) * 1e-3 for begin, end in pairs]
+            times[name] = [begin.elapsed_time(end) * 1e-3 for begin, end in pairs[: counts[name]]]
     else:
-        for _ in range(repeats):
+        for index in range(repeats):
             for name, fn in impls.items():
+                if index >= counts[name]:
+                    continue
                 flush()
                 begin_s = time.perf_counter()
                 fn()
