@@ -131,7 +131,7 @@ def io_floor(paths: dict[str, str], out: Path, *, readers: int = 0) -> None:
     With ``readers`` > 0 (``--cold``: inputs not in the page cache) the inputs are instead read
     as files by that many threads at once (:func:`_read_files`), the fastest way measured here
     to read them from the disk; memory-mapped reads one tensor at a time wait on one page fault
-    after another (2.1-2.7 s for 2 GB cold, against 1.0-1.3 s for four readers).
+    after another (2.1-2.7 s for 2 GB cold, against 1.1-1.3 s for two to four readers).
 
     The inputs are memory-mapped by safetensors, as the merge maps them, and every tensor is
     then read by a reduction on all threads: safetensors maps lazily, so loading alone reads
@@ -148,12 +148,13 @@ def io_floor(paths: dict[str, str], out: Path, *, readers: int = 0) -> None:
         _read_files(paths, readers)
         for f in sorted(Path(list(paths.values())[-1]).glob("*.safetensors")):
             last.update(load_file(str(f)))  # read above: its pages are cached now
-    for p in paths.values() if not readers else ():
-        last = {}
-        for f in sorted(Path(p).glob("*.safetensors")):
-            for name, t in load_file(str(f)).items():
-                _read_every_byte(t)
-                last[name] = t
+    else:
+        for p in paths.values():
+            last = {}
+            for f in sorted(Path(p).glob("*.safetensors")):
+                for name, t in load_file(str(f)).items():
+                    _read_every_byte(t)
+                    last[name] = t
     plan = [(name, t.dtype, tuple(t.shape)) for name, t in last.items()]
     writer = ShardedWriter(out, plan, 5 * 10**9, background=False)
     try:
@@ -189,16 +190,18 @@ def peak_rss_of(cmd: list[str]) -> tuple[float, float]:
 
 
 def alternated(fns: dict, rounds: int, before=None) -> dict[str, float]:
-    """The fastest of ``rounds`` runs of each function, run in turn (a, b, c, a, b, c, ...) so
-    that a slow spell of this shared machine hits all of them alike. ``before()``, untimed,
+    """The fastest of ``rounds`` runs of each function, run in turn so that a slow spell of this
+    shared machine hits all of them alike, each round starting one function later (a, b, c;
+    b, c, a; ...) so that none always runs right after the same one. ``before()``, untimed,
     precedes every run (``evict`` for ``--cold``)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
+    order = list(fns)
+    for r in range(rounds):
+        for k in order[r % len(order) :] + order[: r % len(order)]:
             if before is not None:
                 before()
             t = time.perf_counter()
-            fn()
+            fns[k]()
             times[k].append(time.perf_counter() - t)
     return {k: min(v) for k, v in times.items()}
 

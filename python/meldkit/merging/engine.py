@@ -310,12 +310,14 @@ def merge(
         on the CPU, the writes are queued for the merge kernels, whose next parallel pass runs
         each on one of its threads while the others merge (a writer thread would compete with
         the merge's threads for the cores).
-    read_ahead : str or int
-        How far a thread has the kernel read the inputs ahead of the tensor being merged
-        (:class:`~meldkit.merging.checkpoint.ReadAhead`), beyond the next tensor, which is
-        always read ahead; ``0`` reads only the next tensor ahead, ``None`` nothing. Sizes as for
-        ``out_shard_size``. Inputs not yet in the page cache then arrive from several files at
-        once while the merge computes, not one page fault at a time.
+    read_ahead : str, int or None
+        How far beyond the next tensor the inputs are read into the page cache while a tensor
+        merges (:class:`~meldkit.merging.checkpoint.ReadAhead`; the next tensor is always read
+        ahead): ``0`` reads only the next tensor ahead, ``None`` nothing. Sizes as for
+        ``out_shard_size``. Inputs not yet in the page cache then arrive from every file at once
+        while the merge computes, not one page fault at a time. On the CPU the merge kernels'
+        threads submit the reads, on CUDA a thread. Default 32 MB: reading further ahead made
+        the tensor being merged wait behind later reads.
 
     Returns
     -------
