@@ -38,3 +38,12 @@ def test_slow_calls_are_warmed_up_once_and_timed_within_their_budget(monkeypatch
     t = mb.time_impls({"fast": fast, "slow": slow}, "cpu", flush=noop, warmup=2, repeats=3)
     assert (t["fast"].repeats, t["slow"].repeats) == (3, 3)
     assert (len(fast_calls), len(slow_calls)) == (5, 4)
+
+
+def test_each_case_reaches_the_caller_as_it_finishes():
+    seen = []
+    rows = mb.run_op(
+        "weighted_sum", "cpu", quick=True, repeats=1, warmup=1, progress=False, on_case=seen.append
+    )
+    assert len(seen) == len({(r["case"], r["dtype"]) for r in rows}) > 1
+    assert [r for case_rows in seen for r in case_rows] == rows

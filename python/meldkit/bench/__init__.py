@@ -461,6 +461,7 @@ def run_op(
     repeats: int | None = None,
     ceiling_gbps: float | None = None,
     progress: bool = True,
+    on_case: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Benchmark every case of one op on one device.
 
@@ -479,7 +480,10 @@ def run_op(
     ceiling_gbps : float, optional
         Bandwidth ceiling of ``device`` already measured in this run; measured here if None.
     progress : bool
-        Print one line per case to stderr.
+        Print one line per case to stderr, with ours and each baseline's ratio.
+    on_case : callable, optional
+        Called with each case's rows as soon as it is timed (``meldkit bench --json`` appends
+        them to its file there, so that a long run that is stopped keeps its finished cases).
 
     Returns
     -------
@@ -507,10 +511,22 @@ def run_op(
         timings = time_impls(impls, device, flush=flush, warmup=warmup, repeats=repeats)
         del impls  # free this case's inputs before the next case allocates its own
         case_metadata = {**metadata, "ours_path": path, "fallback_reasons": reasons}
-        rows.extend(make_rows(case, timings, errors, case_metadata, peaks))
+        case_rows = make_rows(case, timings, errors, case_metadata, peaks)
+        rows.extend(case_rows)
+        if on_case is not None:
+            on_case(case_rows)
         if progress:
             ours = format_seconds(timings[OURS].median_s)
-            print(f" ours {ours} ({path})", file=sys.stderr, flush=True)
+            ratios = ", ".join(
+                f"{name} {timings[name].median_s / timings[OURS].median_s:.1f}x"
+                for name in timings
+                if name not in (OURS, REFERENCE)
+            )
+            print(
+                f" ours {ours} ({path}){'; ' + ratios if ratios else ''}",
+                file=sys.stderr,
+                flush=True,
+            )
     return rows
 
 
@@ -813,6 +829,11 @@ def run(args: argparse.Namespace) -> int:
 
     rows: list[dict[str, Any]] = []
     status = 0
+
+    def save(case_rows: list[dict[str, Any]]) -> None:  # each case as it finishes
+        if args.json:
+            write_rows(args.json, case_rows)
+
     for device in devices:
         ceiling = measure_ceiling(device, warmup=args.warmup, repeats=args.repeats)
         print(f"{device}: copy ceiling {ceiling:.1f} GB/s ({device_name(device)})", file=sys.stderr)
@@ -826,6 +847,7 @@ def run(args: argparse.Namespace) -> int:
                     warmup=args.warmup,
                     repeats=args.repeats,
                     ceiling_gbps=ceiling,
+                    on_case=save,
                 )
             except Exception as error:  # report and go on: one broken op must not hide the rest
                 print(f"\nmeldkit bench: {op} on {device} failed: {error!r}", file=sys.stderr)
@@ -842,7 +864,6 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(format_markdown(rows))
     if args.json and rows:
-        write_rows(args.json, rows)
         print(f"wrote {len(rows)} rows to {args.json}", file=sys.stderr)
     return status
 
