@@ -101,8 +101,16 @@ int64_t enqueue(bool advice, int fd, int64_t offset, const void* data, int64_t n
   return ticket;
 }
 
-// Runs queued jobs on the calling thread until `ticket` is done.
-void wait_done(Queue& q, int64_t ticket) {
+// Runs queued jobs on the calling thread until `ticket` is done; `op` names the caller in the
+// error for a ticket that was never queued.
+void wait_queued(Queue& q, int64_t ticket, const char* op) {
+  {
+    std::lock_guard<std::mutex> g(q.lock);
+    if (ticket >= q.next) {
+      throw_value_error(std::string(op) + ": ticket " + std::to_string(ticket) +
+                        " was never queued");
+    }
+  }
   if (q.done.load(std::memory_order_acquire) < ticket) {
     std::lock_guard<std::mutex> r(q.runner);  // waits for a running thread, then runs the rest
     run_locked(q);
@@ -137,13 +145,7 @@ int64_t side_writes_done() { return queue().done.load(std::memory_order_acquire)
 
 void side_write_wait(int64_t ticket) {
   Queue& q = queue();
-  {
-    std::lock_guard<std::mutex> g(q.lock);
-    if (ticket >= q.next) {
-      throw_value_error("side_write_wait: ticket " + std::to_string(ticket) + " was never queued");
-    }
-  }
-  wait_done(q, ticket);
+  wait_queued(q, ticket, "side_write_wait");
   std::string err;
   {
     std::lock_guard<std::mutex> g(q.lock);
@@ -152,15 +154,6 @@ void side_write_wait(int64_t ticket) {
   if (!err.empty()) throw_runtime_error(err);
 }
 
-void side_jobs_wait(int64_t ticket) {
-  Queue& q = queue();
-  {
-    std::lock_guard<std::mutex> g(q.lock);
-    if (ticket >= q.next) {
-      throw_value_error("side_jobs_wait: ticket " + std::to_string(ticket) + " was never queued");
-    }
-  }
-  wait_done(q, ticket);
-}
+void side_jobs_wait(int64_t ticket) { wait_queued(queue(), ticket, "side_jobs_wait"); }
 
 }  // namespace meldkit

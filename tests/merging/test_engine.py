@@ -660,54 +660,35 @@ def test_hugging_face_ids_resolve_from_the_local_cache(zoo, monkeypatch):
         merge(cfg, tmp / "missing", progress=False)
 
 
+def _meldkit_merge_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "meldkit", "merge", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def test_cli(zoo):
     tmp, _, _, paths = zoo
     cfg_path = tmp / "ties.yaml"
     cfg_path.write_text(yaml.safe_dump(config_for("ties", paths)))
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "meldkit",
-            "merge",
-            str(cfg_path),
-            str(tmp / "cli_out"),
-            "--no-progress",
-            "--out-shard-size",
-            "1GB",
-            "--read-ahead",
-            "none",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    res = _meldkit_merge_cli(
+        cfg_path,
+        tmp / "cli_out",
+        "--no-progress",
+        "--out-shard-size",
+        "1GB",
+        "--read-ahead",
+        "none",
     )
     assert res.returncode == 0, res.stderr
     assert (tmp / "cli_out" / "model.safetensors").is_file()
     bad = tmp / "bad.yaml"
     bad.write_text(yaml.safe_dump({**config_for("ties", paths), "merge_method": "nope"}))
-    res = subprocess.run(
-        [sys.executable, "-m", "meldkit", "merge", str(bad), str(tmp / "x")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    res = _meldkit_merge_cli(bad, tmp / "x")
     assert res.returncode == 2 and "unknown merge_method 'nope'" in res.stderr
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "meldkit",
-            "merge",
-            str(cfg_path),
-            str(tmp / "y"),
-            "--read-ahead",
-            "lots",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    res = _meldkit_merge_cli(cfg_path, tmp / "y", "--read-ahead", "lots")
     assert res.returncode == 2 and "read_ahead: not a size: 'lots'" in res.stderr
 
 

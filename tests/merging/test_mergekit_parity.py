@@ -74,6 +74,10 @@ def _mergekit_and_meldkit(root, cfg, name):
         text=True,
         timeout=600,
     )
+    if res.returncode != 0:  # older mergekit versions spell the flag differently
+        res = subprocess.run(
+            [MERGEKIT, str(cfg_path), str(theirs)], capture_output=True, text=True, timeout=600
+        )
     assert res.returncode == 0, res.stderr[-2000:]
     ours = merge(cfg_path, root / f"meldkit_{name}", progress=False)
     return Checkpoint(ours), Checkpoint(theirs)
@@ -160,19 +164,4 @@ def test_same_result_as_mergekit(checkpoints, method):
         del cfg["base_model"]
     if params:
         cfg["parameters"] = params
-    cfg_path = root / f"{method}.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    theirs = root / f"mergekit_{method}"
-    res = subprocess.run(
-        [MERGEKIT, str(cfg_path), str(theirs), "--allow-crimes", "--no-lazy-unpickle"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if res.returncode != 0:  # older mergekit versions spell the flag differently
-        res = subprocess.run(
-            [MERGEKIT, str(cfg_path), str(theirs)], capture_output=True, text=True, timeout=600
-        )
-    assert res.returncode == 0, res.stderr[-2000:]
-    ours = merge(cfg, root / f"meldkit_{method}", progress=False)
-    _assert_same(Checkpoint(ours), Checkpoint(theirs), method)
+    _assert_same(*_mergekit_and_meldkit(root, cfg, method), method)

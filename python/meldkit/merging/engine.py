@@ -346,10 +346,9 @@ def merge(
     except ValueError as exc:
         raise MergeError(f"out_shard_size: {exc}") from None
     try:
-        if read_ahead is None or read_ahead in (0, "0"):
-            ahead = None if read_ahead is None else 0
-        else:
-            ahead = parse_size(read_ahead)
+        ahead = (
+            None if read_ahead is None else 0 if read_ahead in (0, "0") else parse_size(read_ahead)
+        )
     except ValueError as exc:
         raise MergeError(f"read_ahead: {exc}") from None
     device = torch.device(device)
