@@ -5,7 +5,9 @@ per-expert loop, and PEFT's LoRA of the same total rank.
                                       [--experts 8] [--top-k 2] [--rank 32] [--dtype fp32|bf16]
                                       [--dropout 0.05] [--json rows.jsonl]
 
-Each implementation is a layer ``y = W₀x + adapter(x)`` with a frozen ``nn.Linear`` base; a
+Each implementation is a layer ``y = W₀x + adapter(x)`` with a frozen ``nn.Linear`` base
+(``meldkit_goat`` runs the base inside the op, as ``GoatLinear`` does; ``meldkit_goat_added``
+adds the base's output to the op's, the two elementwise additions it saves); a
 timed call runs the forward and the backward from a fixed ``dy`` (gradients of x and of the
 adapter's parameters, as in training). All calls go through :func:`meldkit.bench.time_impls`
 (interleaved rounds, cache flush before every call, CUDA events on GPUs), so the rows compare
@@ -59,11 +61,13 @@ def build(args) -> tuple[dict, dict]:
 
         return call
 
-    def goat():
-        y, _ = routed_lora(
-            x, lora_a, lora_b, 2.0, router_weight=router, top_k=k, dropout=p, seed=1 if p else None
-        )
-        return base(x) + y
+    kw = dict(router_weight=router, top_k=k, dropout=p, seed=1 if p else None)
+
+    def goat():  # as GoatLinear runs it: the base linear inside the op
+        return routed_lora(x, lora_a, lora_b, 2.0, base_weight=base.weight, **kw)[0]
+
+    def goat_added():  # the adapter alone, its output added to the base's
+        return base(x) + routed_lora(x, lora_a, lora_b, 2.0, **kw)[0]
 
     def loop():
         return base(x) + official_loop(x, lora_a, lora_b, 2.0, router, k, dropout=p)[0]
@@ -71,6 +75,7 @@ def build(args) -> tuple[dict, dict]:
     impls = {
         "base_linear": step(lambda: base(x)),
         "meldkit_goat": step(goat),
+        "meldkit_goat_added": step(goat_added),
         "official_loop": step(loop),
     }
     try:  # PEFT's own LoRA layer over the same base, total rank r·E
@@ -112,11 +117,11 @@ def main(argv=None) -> int:
     ours_added = timings["meldkit_goat"].median_s - base
     meta = run_metadata()
     rows = []
-    print(f"{'impl':<14} {'median':>10} {'x base':>8} {'added':>10}")
+    print(f"{'impl':<18} {'median':>10} {'x base':>8} {'added':>10}")
     for name, t in timings.items():
         added = t.median_s - base
         ratio = t.median_s / base
-        print(f"{name:<14} {t.median_s * 1e3:8.2f} ms {ratio:7.3f}x {added * 1e3:8.2f} ms")
+        print(f"{name:<18} {t.median_s * 1e3:8.2f} ms {ratio:7.3f}x {added * 1e3:8.2f} ms")
         rows.append(
             {
                 "bench": "routed_lora_layer",

@@ -41,18 +41,21 @@ SCALINGS = [0.75, 2.0]  # dyadic: the same value in every dtype
 # ---- the one tolerance rule --------------------------------------------------------------------
 
 
-def assert_close(actual, expected64, magnitude64, n_terms, compute):
-    """``|actual − ref| ≤ 2·eps(actual.dtype)·|ref| + 2·n_terms·eps(compute)·magnitude``.
+def assert_close(actual, expected64, magnitude64, n_terms, compute, stored64=None):
+    """``|actual − ref| ≤ 2·eps(actual.dtype)·(|ref| + stored) + 2·n_terms·eps(compute)·magnitude``.
 
     The op rounds each result once to its storage dtype (first term) after float32 (float64)
     arithmetic along chains of at most ``n_terms`` operations, each exact to eps relative to
     the magnitude of what it combines: ``magnitude64`` is the same computation on absolute
     values (:func:`magnitudes`), the forward error bound of summation with a factor 2 of slack.
+    ``stored64``: a part of the result that was itself rounded to the storage dtype before the
+    sum (a base layer's output, computed in x's dtype as its ``nn.Linear`` computes it).
     """
     assert actual.shape == expected64.shape, (actual.shape, expected64.shape)
     a = actual.detach().to("cpu", torch.float64)
     e = expected64.detach().to("cpu", torch.float64)
-    bound = 2 * torch.finfo(actual.dtype).eps * e.abs()
+    rounded = e.abs() if stored64 is None else e.abs() + stored64.detach().cpu().abs()
+    bound = 2 * torch.finfo(actual.dtype).eps * rounded
     bound += 2 * n_terms * torch.finfo(compute).eps * magnitude64.detach().cpu()
     bad = ~((a - e).abs() <= bound)
     if bad.any():
@@ -117,11 +120,13 @@ def magnitudes(x, lora_a, lora_b, s, router_weight, gates, top_k, dropout, seed,
 
 def check_against_loop_reference(x, lora_a, lora_b, scaling, seed_gen=0, **kw):
     """Runs the op and the float64 loop reference on the same values; compares y, probs and the
-    gradients of every input that requires grad, with :func:`assert_close`."""
+    gradients of every input that requires grad, with :func:`assert_close`. With a base linear
+    in ``kw`` (``base_weight``, ``base_bias``), its output and gradients are part of each."""
     gen = torch.Generator().manual_seed(seed_gen)
     router_weight, gates = kw.get("router_weight"), kw.get("gates")
+    base_weight, base_bias = kw.get("base_weight"), kw.get("base_bias")
     named = {"x": x, "lora_a": lora_a, "lora_b": lora_b, "router_weight": router_weight}
-    named["gates"] = gates
+    named.update(gates=gates, base_weight=base_weight, base_bias=base_bias)
     named = {k: v for k, v in named.items() if v is not None and v.requires_grad}
 
     y, probs = routed_lora(x, lora_a, lora_b, scaling, **kw)
@@ -142,10 +147,14 @@ def check_against_loop_reference(x, lora_a, lora_b, scaling, seed_gen=0, **kw):
 
     x64, a64, b64 = to64(x), to64(lora_a), to64(lora_b)
     w64, g64 = to64(router_weight), to64(gates)
+    w0_64, b0_64 = to64(base_weight), to64(base_bias)
     s64 = scaling.double().cpu() if isinstance(scaling, torch.Tensor) else scaling
     kw64 = {**kw, "router_weight": w64, "gates": g64}
+    if base_weight is not None:
+        kw64.update(base_weight=w0_64, base_bias=b0_64)
     y64, p64 = routed_lora_ref(x64, a64, b64, s64, **kw64)
     named64 = {"x": x64, "lora_a": a64, "lora_b": b64, "router_weight": w64, "gates": g64}
+    named64.update(base_weight=w0_64, base_bias=b0_64)
     dy64 = dy.double().cpu()
     dprobs64 = None if dprobs is None else dprobs.double().cpu()
     outs64 = [y64] if p64 is None else [y64, p64]
@@ -168,14 +177,27 @@ def check_against_loop_reference(x, lora_a, lora_b, scaling, seed_gen=0, **kw):
         dy64.reshape(n_tokens, -1),
         dprobs64,
     )
+    stored = {}
+    if base_weight is not None:  # the base layer's terms, its output and dx rounded in x's dtype
+        x64a, w0a, dya = x64.detach().reshape(-1, d_in).abs(), w0_64.detach().abs(), dy64.abs()
+        dya = dya.reshape(n_tokens, -1)
+        mags["y"] = mags["y"] + x64a @ w0a.T + (0 if b0_64 is None else b0_64.detach().abs())
+        mags["x"] = mags["x"] + dya @ w0a
+        mags["base_weight"] = dya.T @ x64a
+        mags["base_bias"] = dya.sum(0)
+        x2_64 = x64.detach().reshape(-1, d_in)
+        b0 = None if b0_64 is None else b0_64.detach()
+        stored["y"] = torch.nn.functional.linear(x2_64, w0_64.detach(), b0).reshape(y64.shape)
+        stored["x"] = (dy64.reshape(n_tokens, -1) @ w0_64.detach()).reshape(x.shape)
     # Longest chain of float32 operations behind any output, forward and backward.
     n_terms = d_in + lora_b.shape[1] + n_experts * rank + n_tokens + n_experts
-    assert_close(y, y64, mags["y"].reshape(y64.shape), n_terms, compute)
+    assert_close(y, y64, mags["y"].reshape(y64.shape), n_terms, compute, stored.get("y"))
     if probs is not None:
         assert_close(probs, p64, mags["probs"], n_terms, compute)
     for (name, t), grad, grad64 in zip(named.items(), grads, grads64, strict=True):
         assert grad.dtype == t.dtype and grad.device == t.device, name
-        assert_close(grad, grad64, mags[name].reshape(grad64.shape), n_terms, compute)
+        mag = mags[name].reshape(grad64.shape)
+        assert_close(grad, grad64, mag, n_terms, compute, stored.get(name))
     return y, probs
 
 
@@ -395,6 +417,86 @@ def test_many_tokens_with_dropout_by_gemms(monkeypatch, device, dtype, n_experts
     s = torch.linspace(0.5, 2.0, n_experts, dtype=torch.float32)
     check_against_loop_reference(x, a, b, s, gates=gates, dropout=0.3, seed=2**40 + 1)
     assert taken and all(d > 0 for d in taken)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "n_tokens, dropout, path",
+    [
+        (7, 0.0, "auto"),
+        (7, 0.25, "auto"),
+        (131, 0.0, "auto"),
+        (131, 0.25, "auto"),
+        (131, 0.25, "gemm"),
+    ],
+    ids=["kernel", "kernel-dropout", "gemm", "dropout-auto", "gemm-dropout"],
+)
+@pytest.mark.parametrize("mode", ["router", "gates"])
+def test_base_linear_in_the_op(monkeypatch, device, dtype, n_tokens, dropout, path, mode):
+    """``base_weight``/``base_bias``: y is the base layer's output (in x's dtype) plus the
+    adapter's, one rounding; dx includes dy·W₀; W₀ and b get their gradients; on the per-token
+    kernels, on the GEMMs (which accumulate into the base's output and dx in place), and on the
+    GEMMs with dropout (forced on the CPU, CUDA's path)."""
+    import importlib
+
+    rl = importlib.import_module("meldkit.ops.routed_lora")
+    if path == "gemm":
+        monkeypatch.setattr(rl, "_use_gemm", lambda n_tokens, *_: n_tokens >= rl._GEMM_TOKENS)
+    case = (n_tokens, 13, 9, 3, 4, 2, dropout)
+    x, a, b, w = router_case(case, dtype, device, seed=61 + n_tokens, weight_dtype=torch.float32)
+    gen = torch.Generator().manual_seed(62)
+    w0 = (randn((9, 13), dtype, device, gen) / 4).requires_grad_(mode == "router")
+    b0 = randn((9,), dtype, device, gen).requires_grad_()
+    base = {"base_weight": w0, "base_bias": b0 if mode == "router" else None}
+    kw = {"dropout": dropout, "seed": 11 if dropout else None, **base}
+    if mode == "router":
+        check_against_loop_reference(x, a, b, 0.75, router_weight=w, top_k=2, **kw)
+    else:
+        gates = randn((n_tokens, 3), torch.float32, device, gen).requires_grad_()
+        check_against_loop_reference(x, a, b, 0.75, gates=gates, **kw)
+
+
+def test_base_linear_with_leading_dims_equals_adding_it():
+    """x ``[2, 5, n]``: the fused base equals ``F.linear(x, W₀, b) + routed_lora(x)``, bit for
+    bit in float32 (one GEMM accumulating into another's output adds the same products), with
+    the same gradients; no gradient flows to a frozen W₀."""
+    gen = torch.Generator().manual_seed(63)
+    x = randn((2, 40, 16), torch.float32, "cpu", gen).requires_grad_()
+    _, a, b, w = make_case(80, 16, 6, 4, 2, torch.float32, "cpu", gen)
+    w0, b0 = randn((6, 16), torch.float32, "cpu", gen), randn((6,), torch.float32, "cpu", gen)
+    y, probs = routed_lora(x, a, b, 2.0, router_weight=w, top_k=2, base_weight=w0, base_bias=b0)
+    y2, probs2 = routed_lora(x, a, b, 2.0, router_weight=w, top_k=2)
+    y2 = torch.nn.functional.linear(x, w0, b0) + y2
+    assert y.shape == (2, 40, 6)
+    torch.testing.assert_close(y, y2, rtol=1e-6, atol=1e-6)
+    assert torch.equal(probs, probs2)
+    dy = torch.randn(y.shape, generator=gen)
+    grads = torch.autograd.grad((y * dy).sum() + probs.sum(), (x, a, b, w))
+    grads2 = torch.autograd.grad((y2 * dy).sum() + probs2.sum(), (x, a, b, w))
+    for g, g2 in zip(grads, grads2, strict=True):
+        torch.testing.assert_close(g, g2, rtol=1e-6, atol=1e-6)
+    assert w0.grad is None and b0.grad is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_selected_mask_keeps_the_tie_rule(device):
+    """The GEMM path's selection (repeated argmax up to k = 4, the stable sort above) equals
+    the reference's top_k_ref on ties, NaN rows, partial NaN and every k."""
+    import importlib
+
+    rl = importlib.import_module("meldkit.ops.routed_lora")
+    gen = torch.Generator().manual_seed(64)
+    probs = torch.softmax(torch.randn(200, 8, generator=gen), -1)
+    probs[:50] = torch.softmax(torch.randint(0, 3, (50, 8), generator=gen).float(), -1)  # ties
+    probs[50] = float("nan")
+    probs[51, [2, 5]] = float("nan")
+    probs[52] = 0.0
+    probs = probs.to(device)
+    for top_k in range(1, 9):
+        expected = torch.zeros_like(probs, dtype=torch.bool)
+        expected.scatter_(1, rl.top_k_ref(probs, top_k), True)
+        assert torch.equal(rl._selected_mask(probs, top_k), expected), top_k
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -680,6 +782,10 @@ def test_opcheck(device, dtype):
     torch.library.opcheck(fwd, (x, a, b, s, None, gates, 0, 0.0, 0))
     column_major = gates.detach().T.contiguous().T.requires_grad_()
     torch.library.opcheck(fwd, (x, a, b, s, None, column_major, 0, 0.1, 3))
+    w0 = randn((5, 9), dtype, device, torch.Generator().manual_seed(3)).requires_grad_()
+    b0 = randn((5,), dtype, device, torch.Generator().manual_seed(4)).requires_grad_()
+    torch.library.opcheck(fwd, (x, a, b, s, w, None, 2, 0.25, 7, w0, b0))
+    torch.library.opcheck(fwd, (x, a, b, s, None, gates, 0, 0.0, 0, w0.detach(), None))
     _, probs, weights, h = (t.detach() for t in fwd(x, a, b, s, w, None, 2, 0.25, 7))
     dy = randn((7, 5), dtype, device, torch.Generator().manual_seed(2))
     dprobs = torch.randn_like(probs)
@@ -688,6 +794,7 @@ def test_opcheck(device, dtype):
     args = (dy, xd, ad, bd, s, wd, weights, probs, dprobs, h, 2, 0.25, 7)
     torch.library.opcheck(bwd, (*args, [True, True, True, True, False], None))
     torch.library.opcheck(bwd, (*args, [False, True, False, False, False], None))
+    torch.library.opcheck(bwd, (*args, [True, True, True, True, False], None, w0.detach()))
     _, _, weights, h = (t.detach() for t in fwd(x, a, b, s, None, gates, 0, 0.0, 0))
     args = (dy, xd, ad, bd, s, None, weights, None, None, h, 0, 0.0, 0)
     torch.library.opcheck(bwd, (*args, [True, False, True, False, True], dtype))
@@ -741,6 +848,7 @@ def test_double_backward_is_refused():
 def test_bad_arguments_name_themselves():
     x, a, b, w = (t.detach() for t in router_case(CASES[3], torch.float32, "cpu", seed=45))
     g = torch.rand(7, 3)
+    w0, b0 = torch.randn(5, 9), torch.randn(5)
     ok = {"router_weight": w, "top_k": 2}
 
     def call(*args, **kw):
@@ -782,11 +890,18 @@ def test_bad_arguments_name_themselves():
         (call(x, a, b, 1.0, dropout=0.1, **ok), TypeError, "'seed': an int is required"),
         (call(x, a, b, 1.0, dropout=0.1, seed=-1, **ok), ValueError, "'seed': -1 is not in"),
         (call(x, a, b, 1.0, dropout=0.1, seed=2**63, **ok), ValueError, "'seed'"),
+        (call(x, a, b, 1.0, base_weight=w0.T, **ok), ValueError, "'base_weight': shape [9, 5]"),
+        (call(x, a, b, 1.0, base_weight=w0[0], **ok), ValueError, "'base_weight': expected 2"),
+        (call(x, a, b, 1.0, base_weight=w0.half(), **ok), TypeError, "'base_weight': dtype"),
+        (call(x, a, b, 1.0, base_bias=b0, **ok), ValueError, "'base_bias': only goes with"),
+        (call(x, a, b, 1.0, base_weight=w0, base_bias=b0[:4], **ok), ValueError, "'base_bias'"),
+        (call(x, a, b, 1.0, base_weight=w0, base_bias=b0.double(), **ok), TypeError, "'base_bi"),
     ]
     if torch.cuda.is_available():
         cases += [
             (call(x, a.cuda(), b, 1.0, **ok), TypeError, "'lora_a': is on cuda:0 but 'x'"),
             (call(x, a, b, 1.0, gates=g.cuda()), TypeError, "'gates': is on cuda"),
+            (call(x, a, b, 1.0, base_weight=w0.cuda(), **ok), TypeError, "'base_weight': is on"),
         ]
     for fn, exc, text in cases:
         with pytest.raises(exc) as info:

@@ -136,25 +136,53 @@ class GoatLinear(nn.Module):
         casts them); their output is added to the base layer's before one rounding back to
         ``x.dtype``. In training mode with dropout > 0 every call draws a fresh mask seed from
         torch's default CPU generator, so ``torch.manual_seed`` makes training reproducible.
+
+        A plain ``nn.Linear`` base (no hooks, weights in ``x.dtype``, autocast off) runs inside
+        the op (``routed_lora(..., base_weight=, base_bias=)``): the same sum, without the two
+        elementwise additions of the layer's output and of dx. Any other base (a subclass, a
+        hooked or sharded layer, autocast) is called as a module and its output added.
         """
-        y = self.base_layer(x)
         training_dropout = self.training and self.dropout > 0
         seed = int(torch.randint(0, SEED_BOUND, (1,))) if training_dropout else None
-        delta, probs = routed_lora(
-            x.to(self.lora_a.dtype),
-            self.lora_a,
-            self.lora_b,
-            self.scaling,
+        kwargs = dict(
             router_weight=self.router.weight,
             top_k=self.top_k,
             dropout=self.dropout if training_dropout else 0.0,
             seed=seed,
         )
+        base = self.base_layer
+        if self._base_runs_in_the_op(x):
+            y, probs = routed_lora(
+                x,
+                self.lora_a,
+                self.lora_b,
+                self.scaling,
+                base_weight=base.weight,
+                base_bias=base.bias,
+                **kwargs,
+            )
+        else:
+            delta, probs = routed_lora(
+                x.to(self.lora_a.dtype), self.lora_a, self.lora_b, self.scaling, **kwargs
+            )
+            y = (base(x) + delta).to(x.dtype)
         if not _in_backward():  # not activation checkpointing's recomputation
             if not self.collects_calls:
                 self._probs.clear()
             self._probs.append(probs)
-        return (y + delta).to(x.dtype)
+        return y
+
+    def _base_runs_in_the_op(self, x: torch.Tensor) -> bool:
+        """Whether calling the base layer as a module would do exactly ``F.linear(x, W, b)``."""
+        base = self.base_layer
+        return (
+            type(base) is nn.Linear
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and x.dtype == base.weight.dtype
+            and (base.bias is None or base.bias.dtype == x.dtype)
+            and x.device == base.weight.device
+            and not torch.is_autocast_enabled(x.device.type)
+        )
 
     def balance_loss(self) -> torch.Tensor:
         """Load-balancing loss of the current forward, official normalisation (spec §3.2)::

@@ -13,11 +13,16 @@ Router mode::
 
 Gate mode: the caller's gates are g (no softmax, no selection, no probs).
 
-Output (the adapter contribution only; the frozen base layer is not part of the op)::
+Output (the adapter contribution; with a base linear W₀, b given, its output too)::
 
     x̃_e = dropout_e(x) = x ⊙ M_e · c                   M_e ∈ {0,1}^{N×n}, c = 1/(1−q)
     h_e = x̃_e A_eᵀ                                     [N, r]
     y   = Σ_e g_e s_e h_e B_eᵀ                         [N, m]
+    y  += base(x) = x W₀ᵀ + b                          (optional; in x.dtype, as torch's linear)
+
+With a base, ``y`` is the base layer's output (computed in ``x.dtype``, the caller's frozen
+``nn.Linear``) plus the adapter's, summed in the compute dtype and rounded once to ``x.dtype``;
+its gradients are ``dx += dy W₀`` (the same single rounding), ``dW₀ = dyᵀ x`` and ``db = Σ_t dy``.
 
 Dropout masks are independent per expert and a pure function of the seed (the counter-based
 generator of :mod:`meldkit.ops.random_ref`): element (t, j) of expert e is kept when
@@ -54,6 +59,7 @@ Three entry points:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from meldkit.ops.random_ref import bernoulli_mask_ref
 
@@ -137,6 +143,8 @@ def routed_lora_ref(
     top_k: int | None = None,
     dropout: float = 0.0,
     seed: int | None = None,
+    base_weight: torch.Tensor | None = None,
+    base_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mixture of LoRA experts, the per-expert loop of the official GOAT code (the spec).
 
@@ -167,6 +175,9 @@ def routed_lora_ref(
         q in [0, 1).
     seed : int, optional
         Key of the dropout masks (needed when ``dropout > 0``).
+    base_weight, base_bias : Tensor, optional
+        A base linear W₀ ``[m, n]`` (``x.dtype``) and b ``[m]`` whose output is added
+        (:func:`base_linear_ref`).
 
     Returns
     -------
@@ -202,7 +213,17 @@ def routed_lora_ref(
         x_e = dropout_ref(x2, dropout, seed or 0, e)[token]
         out = (x_e @ a[e].T) @ b[e].T * s[e]
         y = y.index_add(0, token, out * g[:, None])
+    if base_weight is not None:
+        y = y + base_linear_ref(x.reshape(-1, d_in), base_weight, base_bias).to(acc)
     return y.to(x.dtype).reshape(*lead, d_out), probs
+
+
+def base_linear_ref(
+    x: torch.Tensor, base_weight: torch.Tensor, base_bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The base layer's output ``x W₀ᵀ + b`` in ``x.dtype``, as the caller's ``nn.Linear``
+    computes it (the op adds it to the adapter's output in the compute dtype)."""
+    return F.linear(x, base_weight, base_bias)
 
 
 # ---- the dense formulation, with the native kernels' calling convention ----------------------
@@ -218,6 +239,8 @@ def routed_lora_forward_ref(
     top_k: int,
     dropout: float,
     seed: int,
+    base_weight: torch.Tensor | None = None,
+    base_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward of ``routed_lora`` as the native kernel computes it (all experts, dense).
 
@@ -237,11 +260,13 @@ def routed_lora_forward_ref(
         q in [0, 1).
     seed : int
         Key of the dropout masks (ignored when ``dropout == 0``).
+    base_weight, base_bias : Tensor or None
+        An optional base linear whose output :func:`base_linear_ref` adds.
 
     Returns
     -------
     y : Tensor
-        ``[N, m]`` in ``x.dtype``: ``Σ_e g_e s_e h_e B_eᵀ``.
+        ``[N, m]`` in ``x.dtype``: ``Σ_e g_e s_e h_e B_eᵀ`` (+ the base's output).
     probs : Tensor
         ``[N, E]`` softmax probabilities (router mode); an empty ``[0]`` tensor in gate mode.
     weights : Tensor
@@ -270,6 +295,8 @@ def routed_lora_forward_ref(
         [dropout_ref(xc, dropout, seed, e) @ a[e].T for e in range(n_experts)], dim=1
     )  # [N, E, r]
     y = torch.einsum("ner,emr->nm", h * (weights * s)[:, :, None], b)
+    if base_weight is not None:
+        y = y + base_linear_ref(x, base_weight, base_bias).to(acc)
     # Contiguous, like the native kernels' outputs (einsum picks its own strides on CUDA).
     return y.to(x.dtype).contiguous(), probs, weights, h.reshape(n_tokens, n_experts * rank)
 
@@ -290,6 +317,7 @@ def routed_lora_backward_ref(
     seed: int,
     needs: tuple[bool, bool, bool, bool, bool],
     gates_dtype: torch.dtype | None,
+    base_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Backward of ``routed_lora`` from the saved routing weights and activations (spec §3.7).
 
@@ -309,6 +337,10 @@ def routed_lora_backward_ref(
         Which of (dx, dA, dB, dW_z, dgates) to compute.
     gates_dtype : torch.dtype or None
         The gates' dtype (gate mode), the dtype of dgates.
+    base_weight : Tensor or None
+        The forward's base linear W₀: dx gains ``dy W₀`` (computed in ``x.dtype``) before its
+        one rounding. Its own gradients (``dyᵀ x``, ``Σ_t dy``) are plain PyTorch, left to the
+        caller.
 
     Returns
     -------
@@ -359,6 +391,8 @@ def routed_lora_backward_ref(
         if need_dx:
             dxc += dz @ router_weight.to(acc)
     if need_dx:
+        if base_weight is not None:
+            dxc += (dy.to(x.dtype) @ base_weight).to(acc)
         dx = dxc.to(x.dtype)
     if need_dg and router_weight is None:
         dgates = dg.to(gates_dtype)
