@@ -157,22 +157,43 @@ class TwinLinear(nn.Linear):
         # The shared bias goes into the base GEMM (one pass less) unless a task-specific one
         # replaces it.
         bias = self.bias if self.specific_bias is None else None
+        sparse = self.lora_a is not None and x.device.type == "cpu" and bool((r.weights == 0).any())
+        # Dense routing with the shared weights: the base GEMM runs inside routed_lora, whose
+        # expand accumulates into it (one elementwise pass less than adding the two outputs).
+        base_in_op = (
+            self.lora_a is not None
+            and not sparse
+            and self.specific_weight is None
+            and x.dtype == self.weight.dtype == self.lora_a.dtype
+            and (bias is None or bias.dtype == x.dtype)
+        )
         if self.specific_weight is not None:
             w = self.specific_weight[r.task].to(x.dtype)  # [B, m, n]
             y = torch.einsum("b...n,bmn->b...m", x, w)
             if bias is not None:
                 y = y + bias
-        else:
+        elif not base_in_op:
             y = F.linear(x, self.weight, bias)
         if self.lora_a is not None:
-            if x.device.type == "cpu" and bool((r.weights == 0).any()):
+            if sparse:
                 y = _add_sparse_experts(y, x, r.weights, self.lora_a, self.lora_b)
             else:
                 gates = _broadcast(r.weights, x.dim()).expand(*x.shape[:-1], r.weights.shape[1])
-                delta, _ = routed_lora(
-                    x.to(self.lora_a.dtype), self.lora_a, self.lora_b, 1.0, gates=gates
-                )
-                y = y + delta.to(y.dtype)
+                if base_in_op:
+                    y, _ = routed_lora(
+                        x,
+                        self.lora_a,
+                        self.lora_b,
+                        1.0,
+                        gates=gates,
+                        base_weight=self.weight,
+                        base_bias=bias,
+                    )
+                else:
+                    delta, _ = routed_lora(
+                        x.to(self.lora_a.dtype), self.lora_a, self.lora_b, 1.0, gates=gates
+                    )
+                    y = y + delta.to(y.dtype)
         if self.specific_bias is not None:
             y = y + _broadcast(self.specific_bias[r.task].to(y.dtype), y.dim())
         elif self.bias is not None and self.dense_bias is not None:
