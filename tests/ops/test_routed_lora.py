@@ -914,10 +914,11 @@ def test_bad_arguments_name_themselves():
 @pytest.mark.parametrize("n_tokens", [37, 301], ids=["kernel", "gemm"])
 @pytest.mark.parametrize("mode", ["router", "gates"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_cuda_no_host_synchronisation(n_tokens, mode, dropout):
+@pytest.mark.parametrize("base", [False, True], ids=["adapter", "base"])
+def test_cuda_no_host_synchronisation(n_tokens, mode, dropout, base):
     """Forward and backward never wait for the GPU (the issue: capturable in a CUDA graph), on
     the per-token kernels (few tokens) and on the GEMM path (many tokens), with and without
-    dropout."""
+    dropout, with and without the base linear inside the op."""
     gen = torch.Generator().manual_seed(51)
     x, a, b, w = make_case(n_tokens, 24, 17, 8, 4, torch.bfloat16, "cuda", gen, torch.float32)
     kw = {"router_weight": w, "top_k": 2}
@@ -925,6 +926,9 @@ def test_cuda_no_host_synchronisation(n_tokens, mode, dropout):
         kw = {"gates": torch.rand(n_tokens, 8, generator=gen).cuda().requires_grad_()}
     if dropout:
         kw.update(dropout=dropout, seed=3)
+    if base:
+        kw.update(base_weight=torch.randn(17, 24, generator=gen).cuda().bfloat16())
+        kw.update(base_bias=torch.randn(17, generator=gen).cuda().bfloat16().requires_grad_())
     dy = torch.randn(n_tokens, 17, generator=gen).cuda().bfloat16()
     routed_lora(x, a, b, 0.5, **kw)[0].backward(dy)  # warm-up: first-call allocations
     torch.cuda.synchronize()
