@@ -75,6 +75,27 @@ def test_bench_writes_rows_with_ratio_and_bandwidth(tmp_path):
         assert r["gbps"] > 0 and r["fraction_of_ceiling"] > 0
 
 
+def test_bench_runs_only_the_cases_asked_for(tmp_path, capsys):
+    """--case keeps the cases whose name matches a shell-style pattern (repeatable or
+    comma-separated; anchored: 'ties_*' is not 'dare_ties_...'); a pattern that matches
+    nothing is an error."""
+    args = ["bench", "--op", "merge", "--device", "cpu", "--quick", "--repeats", "1"]
+    args += ["--warmup", "1"]
+
+    def cases_run(*patterns):
+        path = tmp_path / f"rows{len(list(tmp_path.iterdir()))}.json"
+        assert main([*args, "--json", str(path), *patterns]) == 0
+        return {json.loads(line)["case"] for line in path.read_text().splitlines()}
+
+    assert cases_run("--case", "ties_*") == {"ties_n3_1024x1024"}
+    assert cases_run("--case", "dare_ties_n3_1024x1024,no_such_case") == {"dare_ties_n3_1024x1024"}
+    both = cases_run("--case", "ties_*", "--case", "*dare*")
+    assert both == {"ties_n3_1024x1024", "dare_ties_n3_1024x1024"}
+    capsys.readouterr()
+    assert main([*args, "--case", "no_such_case*"]) == 2
+    assert "no case matches" in capsys.readouterr().err
+
+
 def test_bench_unknown_op_fails_clearly():
     res = run_cli("bench", "--op", "no_such_op")
     assert res.returncode != 0

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import fnmatch
 import importlib
 import json
 import os
@@ -462,6 +463,7 @@ def run_op(
     ceiling_gbps: float | None = None,
     progress: bool = True,
     on_case: Callable[[list[dict[str, Any]]], None] | None = None,
+    cases: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Benchmark every case of one op on one device.
 
@@ -484,15 +486,22 @@ def run_op(
     on_case : callable, optional
         Called with each case's rows as soon as it is timed (``meldkit bench --json`` appends
         them to its file there, so that a long run that is stopped keeps its finished cases).
+    cases : sequence of str, optional
+        Keep only the cases whose name matches one of these shell-style patterns
+        (:func:`fnmatch.fnmatchcase`, e.g. ``"dare_ties_*llama*"``; a pattern without
+        wildcards must equal the name).
 
     Returns
     -------
     list of dict
         One row per (case, baseline); see :func:`make_rows` for the fields.
     """
+    patterns = cases
     cases = load_cases(name, device, quick)
     if dtypes is not None:
         cases = [case for case in cases if case.dtype in dtypes]
+    if patterns is not None:
+        cases = [c for c in cases if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
     flush = cache_flusher(device)
     if ceiling_gbps is None:
         ceiling_gbps = measure_ceiling(device, flush=flush, warmup=warmup, repeats=repeats)
@@ -762,6 +771,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"keep only these dtypes, repeatable or comma-separated ({', '.join(DTYPES)})",
     )
     parser.add_argument(
+        "--case",
+        action="append",
+        metavar="PATTERN",
+        help="keep only cases whose name matches, shell-style, repeatable or comma-separated "
+        "(e.g. 'ties_n8_*,*llama*'; the progress lines name the cases)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="small cases only (seconds on a laptop CPU)"
     )
     parser.add_argument(
@@ -821,6 +837,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown op {', '.join(unknown)}; known ops: {', '.join(OPS)}")
         devices = _resolve_devices(args.device)
         dtypes = parse_dtypes(args.dtype)
+        patterns = None
+        if getattr(args, "case", None):
+            patterns = [p.strip() for value in args.case for p in value.split(",") if p.strip()]
     except ValueError as error:
         print(f"meldkit bench: error: {error}", file=sys.stderr)
         return 2
@@ -848,12 +867,15 @@ def run(args: argparse.Namespace) -> int:
                     repeats=args.repeats,
                     ceiling_gbps=ceiling,
                     on_case=save,
+                    cases=patterns,
                 )
             except Exception as error:  # report and go on: one broken op must not hide the rest
                 print(f"\nmeldkit bench: {op} on {device} failed: {error!r}", file=sys.stderr)
                 status = 1
     if not rows and status == 0:
-        print("meldkit bench: no case matches the selected ops and dtypes", file=sys.stderr)
+        print("meldkit bench: no case matches the selected ops, dtypes and cases", file=sys.stderr)
+        if patterns:
+            return 2  # a --case that selects nothing is a typo, not an empty benchmark
     if rows:
         print(format_table(rows))
         print(
