@@ -6,7 +6,9 @@
 
 It writes a Llama-shaped base and N sparse fine-tunes (bf16, 2 shards each, with a config.json
 that mergekit recognises) under ``--workdir`` (the user's path: nothing is written into the
-repository), then times the following in turn, ``--rounds`` times each, keeping the fastest:
+repository), then times the following in turn, ``--rounds`` times each, and reports the fastest
+run and the median of the runs (this shared machine's load moves single runs by tens of percent;
+the ratios to the floor are given both ways: fastest over fastest, median over median):
 
 - ``io_floor``: read every byte of every model (memory-mapped, as the merge reads them) and
   write one model's worth of bytes (the output's size): what any merge must at least do;
@@ -38,10 +40,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +55,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from meldkit.bench import write_rows
 from meldkit.merging import merge
 from meldkit.merging.synthetic import (
     llama_config,
@@ -189,11 +192,11 @@ def peak_rss_of(cmd: list[str]) -> tuple[float, float]:
     return peak["VmHWM:"] * 1024 / 1e9, peak["RssAnon:"] * 1024 / 1e9
 
 
-def alternated(fns: dict, rounds: int, before=None) -> dict[str, float]:
-    """The fastest of ``rounds`` runs of each function, run in turn so that a slow spell of this
+def alternated(fns: dict, rounds: int, before=None) -> dict[str, list[float]]:
+    """The times of ``rounds`` runs of each function, run in turn so that a slow spell of this
     shared machine hits all of them alike, each round starting one function later (a, b, c;
     b, c, a; ...) so that none always runs right after the same one. ``before()``, untimed,
-    precedes every run (``evict`` for ``--cold``)."""
+    precedes every run (``evict`` for ``--cold``). Index r of every list is round r."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     order = list(fns)
     for r in range(rounds):
@@ -203,7 +206,7 @@ def alternated(fns: dict, rounds: int, before=None) -> dict[str, float]:
             t = time.perf_counter()
             fns[k]()
             times[k].append(time.perf_counter() - t)
-    return {k: min(v) for k, v in times.items()}
+    return times
 
 
 def main(argv=None) -> int:
@@ -233,7 +236,7 @@ def main(argv=None) -> int:
         help="model: the TIES paper's whole-model trimming (mergekit has none: not timed)",
     )
     ap.add_argument(
-        "--rounds", type=int, default=3, help="runs of each, alternated; the fastest is kept"
+        "--rounds", type=int, default=3, help="runs of each, alternated (fastest and median)"
     )
     ap.add_argument(
         "--cold",
@@ -307,9 +310,15 @@ def main(argv=None) -> int:
     fns["merge"] = run_merge
     if mergekit:
         fns["mergekit"] = run_mergekit
-    best = alternated(fns, args.rounds, before=(lambda: evict(paths)) if args.cold else None)
-    t_io = min(v for k, v in best.items() if k.startswith("io"))
+    times = alternated(fns, args.rounds, before=(lambda: evict(paths)) if args.cold else None)
+    best = {k: min(v) for k, v in times.items()}
+    # Each round's floor is its fastest reader count (one reader count when warm).
+    io_times = [v for k, v in times.items() if k.startswith("io")]
+    io_rounds = [min(r) for r in zip(*io_times, strict=True)]
+    t_io = min(io_rounds)
     t_merge, t_mk = best["merge"], best.get("mergekit")
+    med_io, med_merge = statistics.median(io_rounds), statistics.median(times["merge"])
+    med_mk = statistics.median(times["mergekit"]) if t_mk else None
     rss_merge = peak_rss_of(
         [
             sys.executable,
@@ -354,12 +363,19 @@ def main(argv=None) -> int:
         "ratio_to_io_floor": t_merge / t_io,
         "mergekit_s": t_mk,
         "speedup_vs_mergekit": (t_mk / t_merge) if t_mk else None,
+        "rounds": args.rounds,
+        "io_floor_median_s": med_io,
+        "meldkit_median_s": med_merge,
+        "mergekit_median_s": med_mk,
+        "ratio_to_io_floor_median": med_merge / med_io,
+        "speedup_vs_mergekit_median": (med_mk / med_merge) if med_mk else None,
+        "times_s": times,
         "cpu_threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d"),
     }
     vs_mk = (
-        f", mergekit {t_mk:.2f} s ({t_mk / t_merge:.1f}x slower, peak RSS {rss_mk[0]:.2f} GB, "
-        f"anonymous {rss_mk[1]:.2f} GB)"
+        f", mergekit {t_mk:.2f} s ({t_mk / t_merge:.1f}x slower; median {med_mk:.2f} s, "
+        f"{med_mk / med_merge:.1f}x; peak RSS {rss_mk[0]:.2f} GB, anonymous {rss_mk[1]:.2f} GB)"
         if t_mk
         else ""
     )
@@ -368,11 +384,12 @@ def main(argv=None) -> int:
         f"Llama-shaped {args.layers} layers x {args.hidden} ({gb_in:.2f} GB bf16 in) "
         f"on {args.device}{' from the disk (cold)' if args.cold else ''}: io floor {t_io:.2f} s, "
         f"meldkit {t_merge:.2f} s ({t_merge / t_io:.2f}x the floor, {gb_in / t_merge:.2f} GB/s of "
-        f"input, peak RSS {rss_merge[0]:.2f} GB, anonymous {rss_merge[1]:.2f} GB){vs_mk}"
+        f"input, peak RSS {rss_merge[0]:.2f} GB, anonymous {rss_merge[1]:.2f} GB){vs_mk}; "
+        f"medians of {args.rounds} rounds: io floor {med_io:.2f} s, meldkit {med_merge:.2f} s "
+        f"({med_merge / med_io:.2f}x)"
     )
     if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        write_rows(args.json, [row])
     return 0
 
 
