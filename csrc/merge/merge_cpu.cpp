@@ -19,14 +19,11 @@
 
 // AVX-512 paths written with intrinsics (x86-64 with GCC or clang), taken at run time where the
 // CPU has AVX-512 F: the merge pass keeps every model's sums in registers, and the bracket pass
-// compresses the few elements inside its bracket without a flag array and a second scan. CPUs
-// with AVX2 (and F16C) but no AVX-512 run an 8-lane version of the same merge pass.
+// compresses the few elements inside its bracket without a flag array and a second scan.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
 #define MELDKIT_AVX512_INTRINSICS 1
 #include <immintrin.h>
 #define MELDKIT_AVX512_TARGET __attribute__((target("avx512f")))
-// No "fma": the products and sums stay rounded one by one, as in every other path.
-#define MELDKIT_AVX2_TARGET __attribute__((target("avx2,f16c")))
 // GCC 12's own AVX-512 headers start vectors from _mm512_undefined_*() and then warn about it:
 // the intrinsics code sits between these two.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -65,27 +62,6 @@ MELDKIT_AVX512_TARGET inline __m512 load16(const bf16_t* p) {
 }
 MELDKIT_AVX512_TARGET inline __m512 load16(const f16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-// Whether the AVX2 merge pass runs where the AVX-512 one does not: the CPU has AVX2 and F16C,
-// and the environment does not set MELDKIT_CPU_AVX2=0 (read once; for the tests).
-inline bool cpu_has_avx2() {
-  static const bool has = [] {
-    const char* env = std::getenv("MELDKIT_CPU_AVX2");
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
-           !(env != nullptr && std::strcmp(env, "0") == 0);
-  }();
-  return has;
-}
-
-// 8 storage values as float32, as widen() gives them.
-MELDKIT_AVX2_TARGET inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-MELDKIT_AVX2_TARGET inline __m256 load8(const bf16_t* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-MELDKIT_AVX2_TARGET inline __m256 load8(const f16_t* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
 MELDKIT_AVX512_END
@@ -286,67 +262,6 @@ MELDKIT_AVX512_TARGET void accumulate_models_avx512(const TaskMergeParams& p, in
   }
 }
 
-// accumulate_models_avx512 in 8 lanes, for AVX2: the masked adds become adds of the product
-// ANDed with the mask, i.e. +0 where it is clear, which leaves the sums unchanged as in
-// accumulate_tile (they are never -0). The same products in the same model order: the same bits.
-template <typename TIn, Sparsify S, Acc A>
-MELDKIT_AVX2_TARGET void accumulate_models_avx2(const TaskMergeParams& p, int64_t e0,
-                                                const float* __restrict b,
-                                                const uint32_t* __restrict bits, int64_t m,
-                                                float* __restrict pos, float* __restrict neg,
-                                                float* __restrict wpos, float* __restrict wneg,
-                                                float* __restrict npos, float* __restrict nneg) {
-  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f);
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  const __m256i zero_i = _mm256_setzero_si256();
-  for (int64_t j = 0; j < m; j += 8) {
-    const __m256 bv = _mm256_loadu_ps(b + j);
-    __m256i bitv = zero_i;
-    if constexpr (S == Sparsify::kRandom) {
-      bitv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + j));
-    }
-    __m256 sp = zero, sn = zero, swp = zero, swn = zero, snp = zero, snn = zero;
-    for (int t = 0; t < p.num_models; ++t) {
-      const TIn* x = static_cast<const TIn*>(p.models[t]) + e0 + j;
-      const __m256 tau = _mm256_sub_ps(load8(x), bv);
-      const __m256 weight = _mm256_set1_ps(p.weights[t]);
-      const __m256 w = _mm256_mul_ps(weight, _mm256_mul_ps(_mm256_set1_ps(p.scales[t]), tau));
-      __m256 keep = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
-      if constexpr (S == Sparsify::kMagnitude) {
-        const float thr = p.thresholds ? p.thresholds[t] : 0.f;
-        keep = _mm256_cmp_ps(_mm256_and_ps(tau, abs_mask), _mm256_set1_ps(thr), _CMP_GE_OQ);
-      }
-      if constexpr (S == Sparsify::kRandom) {
-        const __m256i flag = _mm256_and_si256(bitv, _mm256_set1_epi32(int(1u << t)));
-        keep = _mm256_castsi256_ps(
-            _mm256_xor_si256(_mm256_cmpeq_epi32(flag, zero_i), _mm256_set1_epi32(-1)));
-      }
-      const __m256 kp = _mm256_and_ps(keep, _mm256_cmp_ps(w, zero, _CMP_GT_OQ));
-      const __m256 kn = _mm256_and_ps(keep, _mm256_cmp_ps(w, zero, _CMP_LT_OQ));
-      sp = _mm256_add_ps(sp, _mm256_and_ps(kp, w));
-      sn = _mm256_add_ps(sn, _mm256_and_ps(kn, w));
-      if constexpr (A != Acc::kSums) {
-        swp = _mm256_add_ps(swp, _mm256_and_ps(kp, weight));
-        swn = _mm256_add_ps(swn, _mm256_and_ps(kn, weight));
-      }
-      if constexpr (A == Acc::kCounts) {
-        snp = _mm256_add_ps(snp, _mm256_and_ps(kp, one));
-        snn = _mm256_add_ps(snn, _mm256_and_ps(kn, one));
-      }
-    }
-    _mm256_storeu_ps(pos + j, sp);
-    _mm256_storeu_ps(neg + j, sn);
-    if constexpr (A != Acc::kSums) {
-      _mm256_storeu_ps(wpos + j, swp);
-      _mm256_storeu_ps(wneg + j, swn);
-    }
-    if constexpr (A == Acc::kCounts) {
-      _mm256_storeu_ps(npos + j, snp);
-      _mm256_storeu_ps(nneg + j, snn);
-    }
-  }
-}
-
 MELDKIT_AVX512_END
 #endif
 
@@ -361,9 +276,7 @@ MELDKIT_CPU_CLONES_AVX512 void task_merge_range(const TaskMergeParams& p, const 
   const bool cached = p.sparsify == Sparsify::kRandom && p.mask_bits != nullptr;
 #ifdef MELDKIT_AVX512_INTRINSICS
   // Fresh random draws (no cached bits) stay on the scalar path.
-  const bool vector_ok = p.sparsify != Sparsify::kRandom || cached;
-  const bool avx512 = cpu_has_avx512f() && vector_ok;
-  const bool avx2 = !avx512 && vector_ok && cpu_has_avx2();
+  const bool avx512 = cpu_has_avx512f() && (p.sparsify != Sparsify::kRandom || cached);
 #endif
   // mergekit's exactly-k rule (tie_cutoffs): a tile wholly before model t's cutoff keeps its
   // ties (|tau| >= threshold), one wholly after keeps |tau| > threshold, i.e. |tau| >= the next
@@ -407,8 +320,8 @@ MELDKIT_CPU_CLONES_AVX512 void task_merge_range(const TaskMergeParams& p, const 
       const uint32_t high = uniform01_high(uint64_t(e0));
       for (int64_t j = 0; j < n; ++j) inner[j] = uniform01_inner(high, uint64_t(e0 + j));
     }
-    // The AVX-512 (AVX2) path takes the tile's first multiple of 16 (8) elements, all of a full
-    // tile; the scalar loops below take what is left, from `done` on.
+    // The AVX-512 path takes the tile's first multiple of 16 elements (all of a full tile);
+    // the scalar loops below take what is left, from `done` on.
     int64_t done = 0;
 #ifdef MELDKIT_AVX512_INTRINSICS
     if (avx512 && n >= 16 && !any_split) {
@@ -425,21 +338,6 @@ MELDKIT_CPU_CLONES_AVX512 void task_merge_range(const TaskMergeParams& p, const 
         default:
           accumulate_models_avx512<TIn, Sparsify::kNone, A>(p, e0, b, bits, done, pos, neg, wpos,
                                                             wneg, npos, nneg);
-      }
-    } else if (avx2 && n >= 8 && !any_split) {
-      done = n & ~int64_t(7);
-      switch (p.sparsify) {
-        case Sparsify::kMagnitude:
-          accumulate_models_avx2<TIn, Sparsify::kMagnitude, A>(tp, e0, b, bits, done, pos, neg,
-                                                               wpos, wneg, npos, nneg);
-          break;
-        case Sparsify::kRandom:
-          accumulate_models_avx2<TIn, Sparsify::kRandom, A>(p, e0, b, bits, done, pos, neg, wpos,
-                                                            wneg, npos, nneg);
-          break;
-        default:
-          accumulate_models_avx2<TIn, Sparsify::kNone, A>(p, e0, b, bits, done, pos, neg, wpos,
-                                                          wneg, npos, nneg);
       }
     }
 #endif
