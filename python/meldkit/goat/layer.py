@@ -173,11 +173,14 @@ class GoatLinear(nn.Module):
         return y
 
     def _base_runs_in_the_op(self, x: torch.Tensor) -> bool:
-        """Whether calling the base layer as a module would do exactly ``F.linear(x, W, b)``."""
+        """Whether calling the base layer as a module would do exactly ``F.linear(x, W, b)``:
+        a plain ``nn.Linear`` without hooks or a replaced ``forward`` (accelerate's offloading
+        wraps ``forward`` to bring its weights in), in ``x``'s dtype and device, autocast off."""
         base = self.base_layer
         return (
             type(base) is nn.Linear
             and not (base._forward_hooks or base._forward_pre_hooks)
+            and "forward" not in vars(base)
             and x.dtype == base.weight.dtype
             and (base.bias is None or base.bias.dtype == x.dtype)
             and x.device == base.weight.device
