@@ -291,3 +291,26 @@ def test_errors(full_rank):
     with pytest.raises(IndexError):  # token ids past the vocabulary
         model(input_ids=torch.full((4, 7), 10_000), weights=torch.ones(4, 3) / 3)
     assert model.routing.mode == "plain" and model.routing.weights is None
+
+
+def test_per_sample_terms_go_in_place_only_where_that_is_safe():
+    """TwinLinear and TwinLayerNorm add per-sample biases (and scale) into their fresh outputs in
+    place at inference; while autograd records, for an expanded output, or when broadcasting
+    would grow the output, they make a new tensor."""
+    from meldkit.twin.layers import _fresh_op
+
+    y, v = torch.ones(2, 3, 4), torch.full((2, 1, 4), 2.0)
+    with torch.no_grad():
+        out = _fresh_op(y, v, "add")
+    assert out is y and torch.equal(y, torch.full((2, 3, 4), 3.0))
+    assert _fresh_op(y, v, "mul") is y and torch.equal(y, torch.full((2, 3, 4), 6.0))
+    leaf = torch.ones(2, 3, 4, requires_grad=True)
+    grown = leaf * 1.0
+    added = _fresh_op(grown, v, "add")
+    assert added is not grown and added.requires_grad
+    added.sum().backward()
+    assert torch.equal(leaf.grad, torch.ones(2, 3, 4))
+    expanded = torch.ones(1, 3, 4).expand(2, 3, 4)
+    assert _fresh_op(expanded, v, "add") is not expanded
+    small = torch.ones(1, 3, 4)
+    assert _fresh_op(small, v, "add").shape == (2, 3, 4)

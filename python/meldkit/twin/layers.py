@@ -50,6 +50,17 @@ def _per_sample(values: torch.Tensor, routing: Routing, dtype: torch.dtype) -> t
     return (w @ values.flatten(1).float()).view(w.shape[0], *values.shape[1:]).to(dtype)
 
 
+def _fresh_op(y: torch.Tensor, v: torch.Tensor, op: str) -> torch.Tensor:
+    """``y + v`` (``op="add"``) or ``y * v`` (``"mul"``), in place where that is safe: ``y`` is a
+    fresh output of this layer (the caller's promise), not an expanded view, and no gradient
+    is being recorded for either. A fresh ``[B·L, d]`` result costs a pass and its page faults
+    at large batches (inference is what Twin-Merging's routing is for)."""
+    recording = torch.is_grad_enabled() and (y.requires_grad or v.requires_grad)
+    if recording or y.stride(0) == 0 or torch.broadcast_shapes(y.shape, v.shape) != y.shape:
+        return y + v if op == "add" else y * v
+    return y.add_(v) if op == "add" else y.mul_(v)
+
+
 def _broadcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
     """``[B, d]`` → ``[B, 1, …, 1, d]`` with ``ndim`` dimensions."""
     return v.view(v.shape[0], *([1] * (ndim - 2)), v.shape[-1])
@@ -171,7 +182,7 @@ class TwinLinear(nn.Linear):
             w = self.specific_weight[r.task].to(x.dtype)  # [B, m, n]
             y = torch.einsum("b...n,bmn->b...m", x, w)
             if bias is not None:
-                y = y + bias
+                y = _fresh_op(y, bias, "add")
         elif not base_in_op:
             y = F.linear(x, self.weight, bias)
         if self.lora_a is not None:
@@ -195,9 +206,9 @@ class TwinLinear(nn.Linear):
                     )
                     y = y + delta.to(y.dtype)
         if self.specific_bias is not None:
-            y = y + _broadcast(self.specific_bias[r.task].to(y.dtype), y.dim())
+            y = _fresh_op(y, _broadcast(self.specific_bias[r.task].to(y.dtype), y.dim()), "add")
         elif self.bias is not None and self.dense_bias is not None:
-            y = y + _broadcast(_per_sample(self.dense_bias, r, y.dtype), y.dim())
+            y = _fresh_op(y, _broadcast(_per_sample(self.dense_bias, r, y.dtype), y.dim()), "add")
         return y.squeeze(0) if squeeze else y
 
 
@@ -298,10 +309,10 @@ class TwinLayerNorm(nn.LayerNorm):
             y = y.expand(b, *y.shape[1:])
         w = self._param("weight", y.dtype)
         if w is not None:
-            y = y * _broadcast(w, y.dim())
+            y = _fresh_op(y, _broadcast(w, y.dim()), "mul")
         bias = self._param("bias", y.dtype)
         if bias is not None:
-            y = y + _broadcast(bias, y.dim())
+            y = _fresh_op(y, _broadcast(bias, y.dim()), "add")
         return y
 
 
