@@ -838,7 +838,7 @@ def run(args: argparse.Namespace) -> int:
         devices = _resolve_devices(args.device)
         dtypes = parse_dtypes(args.dtype)
         patterns = None
-        if getattr(args, "case", None):
+        if args.case:
             patterns = [p.strip() for value in args.case for p in value.split(",") if p.strip()]
     except ValueError as error:
         print(f"meldkit bench: error: {error}", file=sys.stderr)

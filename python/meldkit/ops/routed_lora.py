@@ -86,19 +86,8 @@ def _routed_lora(
     base_weight: torch.Tensor | None = None,
     base_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return routed_lora_forward_ref(
-        x,
-        lora_a,
-        lora_b,
-        scaling,
-        router_weight,
-        gates,
-        top_k,
-        dropout,
-        seed,
-        base_weight,
-        base_bias,
-    )
+    args = (x, lora_a, lora_b, scaling, router_weight, gates, top_k, dropout, seed)
+    return routed_lora_forward_ref(*args, base_weight, base_bias)
 
 
 # From this many tokens, the forward and the backward are a handful of GEMMs over the
@@ -210,11 +199,12 @@ def _gemm_forward(
     router_weight,
     gates,
     top_k,
-    acc,
     dropout,
     seed,
     base_weight=None,
     base_bias=None,
+    *,
+    acc,
 ):
     """``(y, probs, weights, h)`` as the native forward returns them, in ``acc``, by GEMMs:
     ``[h | z] = x·[A_1; …; A_E; W_z]ᵀ`` (one pass over x), softmax → top-k → renormalise on
@@ -382,39 +372,15 @@ def _routed_lora_native(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     route = router_weight if gates is None else gates
     dtypes = _dtypes(x, lora_a, lora_b, route)
+    args = (x, lora_a, lora_b, scaling, router_weight, gates, top_k, dropout, seed)
     if _use_reference(x.device, dtypes):
-        return routed_lora_forward_ref(
-            x,
-            lora_a,
-            lora_b,
-            scaling,
-            router_weight,
-            gates,
-            top_k,
-            dropout,
-            seed,
-            base_weight,
-            base_bias,
-        )
+        return routed_lora_forward_ref(*args, base_weight, base_bias)
     acc = compute_dtype(x, lora_a, lora_b, route)
     n_tokens, n_experts, rank = x.shape[0], lora_a.shape[0], lora_a.shape[1]
     device = x.device
     dense = router_weight is None or top_k == n_experts
     if _use_gemm(n_tokens, dropout, device, dense, n_experts, dtypes):
-        return _gemm_forward(
-            x,
-            lora_a,
-            lora_b,
-            scaling,
-            router_weight,
-            gates,
-            top_k,
-            acc,
-            dropout,
-            seed,
-            base_weight,
-            base_bias,
-        )
+        return _gemm_forward(*args, base_weight, base_bias, acc=acc)
     x_in = x
     if base_weight is not None:
         # The kernel's y in the compute dtype, so that base + adapter rounds once to x.dtype.
