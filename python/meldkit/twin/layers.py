@@ -26,12 +26,69 @@ class Routing:
 
     ``weights [B, T]`` (float32) mixes the exclusive parts per sample; ``task [B]`` (int64) picks
     the task-specific tensors (heads, biases); ``mode`` is ``"twin"`` or ``"plain"``.
+
+    ``runs``: set by :class:`~meldkit.twin.TwinModel` when it has ordered the batch so that
+    each sample uses one expert and the samples of one (expert, task) pair are consecutive:
+    ``[(expert, task, start, end, ones)]`` over sample indices, ``ones`` when every weight of
+    the run is exactly 1. Twin layers then work on contiguous slices (no gathering per layer).
+    Setting ``weights`` or ``task`` clears it, and the per-forward facts derived from the
+    weights (:meth:`sparse`, :meth:`groups`).
     """
 
     def __init__(self) -> None:
         self.mode = "plain"
-        self.weights: torch.Tensor | None = None
-        self.task: torch.Tensor | None = None
+        self._weights: torch.Tensor | None = None
+        self._task: torch.Tensor | None = None
+        self._clear()
+
+    def _clear(self) -> None:
+        self.runs: list[tuple[int, int, int, int, bool]] | None = None
+        self._sparse: bool | None = None
+        self._groups: list | None = None
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        return self._weights
+
+    @weights.setter
+    def weights(self, value: torch.Tensor | None) -> None:
+        self._weights = value
+        self._clear()
+
+    @property
+    def task(self) -> torch.Tensor | None:
+        return self._task
+
+    @task.setter
+    def task(self, value: torch.Tensor | None) -> None:
+        self._task = value
+        self._clear()
+
+    def sparse(self) -> bool:
+        """Whether some sample leaves some expert out (a zero weight): read once per forward."""
+        if self._sparse is None:
+            self._sparse = bool((self._weights == 0).any())
+        return self._sparse
+
+    def groups(self) -> list[tuple[int, torch.Tensor, torch.Tensor, bool]]:
+        """Per expert used by some sample: ``(t, samples, their weights [b_t, 1, 1], whole)``,
+        ``whole`` when every sample uses it; computed once per forward (host-side)."""
+        if self._groups is None:
+            w = self._weights
+            groups = []
+            for t in range(w.shape[1]):
+                sel = w[:, t].nonzero().flatten()
+                if sel.numel():
+                    groups.append((t, sel, w[sel, t].view(-1, 1, 1), sel.numel() == w.shape[0]))
+            self._groups = groups
+        return self._groups
+
+    def state(self) -> tuple:
+        return self._weights, self._task, self.runs
+
+    def restore(self, state: tuple) -> None:
+        self.weights, self.task, runs = state
+        self.runs = runs
 
     def batch(self, layer: str, lead: int) -> int:
         assert self.weights is not None
@@ -79,7 +136,7 @@ def _stack_padded(values: list[torch.Tensor], pad: float) -> torch.Tensor:
 def _add_sparse_experts(
     y: torch.Tensor,
     x: torch.Tensor,
-    weights: torch.Tensor,
+    routing: Routing,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
 ) -> torch.Tensor:
@@ -88,28 +145,23 @@ def _add_sparse_experts(
     For sparse routing (``top_k``, or one-hot weights given by the caller): with k of T experts
     per sample the exclusive parts cost k/T of the dense path's multiply-adds. The same sums as
     the dense path (``routed_lora`` in gate mode) up to their order. CPU only: picking the
-    samples reads the weights on the host.
+    samples reads the weights on the host (once per forward, :meth:`Routing.groups`).
     """
-    b = weights.shape[0]
+    b = routing.weights.shape[0]
     x3 = x.reshape(b, -1, x.shape[-1]).to(lora_a.dtype)
     in_place = y.dtype == lora_a.dtype and not (torch.is_grad_enabled() and y.requires_grad)
     if in_place:  # y is the fresh output of this layer's base GEMM: accumulate into it
         acc = y.view(b, x3.shape[1], lora_b.shape[1])
     else:
         acc = torch.zeros(b, x3.shape[1], lora_b.shape[1], dtype=lora_a.dtype, device=x.device)
-    for t in range(weights.shape[1]):
-        sel = weights[:, t].nonzero().flatten()
-        if sel.numel() == 0:
-            continue
-        whole = sel.numel() == b
+    for t, sel, w_sel, whole in routing.groups():
         xs = x3 if whole else x3.index_select(0, sel)
         h = xs @ lora_a[t].T  # [b_t, L, r]
-        h *= weights[sel, t].to(h.dtype).view(-1, 1, 1)
-        part = h @ lora_b[t].T  # [b_t, L, m]
+        h *= w_sel.to(h.dtype)
         if whole:
-            acc += part
+            acc.view(-1, acc.shape[-1]).addmm_(h.view(-1, h.shape[-1]), lora_b[t].T)
         else:
-            acc.index_add_(0, sel, part)
+            acc.index_add_(0, sel, h @ lora_b[t].T)
     return y if in_place else y + acc.view(*y.shape).to(y.dtype)
 
 
@@ -155,10 +207,60 @@ class TwinLinear(nn.Linear):
             False,
         )
 
+    def _run_biases(self, runs: list) -> list[torch.Tensor | None] | None:
+        """Each run's bias (its task's, or the shared one plus its expert's exclusive part when
+        every weight of the run is 1); None when some run's samples need a mix of biases."""
+        if self.specific_bias is not None:
+            return [self.specific_bias[k] for _, k, *_ in runs]
+        if self.bias is None or self.dense_bias is None:
+            return [self.bias] * len(runs)
+        if not all(ones for *_, ones in runs):
+            return None
+        return [(self.bias.float() + self.dense_bias[t].float()).to(self.bias.dtype) for t, *_ in runs]
+
+    def _forward_runs(self, x: torch.Tensor, r: Routing) -> torch.Tensor | None:
+        """The layer on a batch ordered into runs of one expert and task (:attr:`Routing.runs`):
+        per run one base GEMM with the run's bias, written into its rows of the output, then
+        the expert's shrink and its expand accumulated there. No sample is gathered or
+        scattered and no per-sample bias pass runs. None when the layer does not qualify
+        (inference only, every tensor in one dtype, a batch-first input)."""
+        b = r.weights.shape[0]
+        if (
+            self.lora_a is None
+            or self.specific_weight is not None
+            or x.dim() < 2
+            or x.shape[0] != b
+            or not (x.dtype == self.weight.dtype == self.lora_a.dtype)
+            or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+        ):
+            return None
+        biases = self._run_biases(r.runs)
+        if biases is None:
+            return None
+        x2 = x.reshape(-1, x.shape[-1])
+        per = x2.shape[0] // b  # rows per sample
+        y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        w_t = self.weight.T
+        for (t, _, start, end, ones), bias in zip(r.runs, biases, strict=True):
+            xs, ys = x2[start * per : end * per], y[start * per : end * per]
+            if bias is None:
+                torch.mm(xs, w_t, out=ys)
+            else:
+                torch.addmm(bias.to(x.dtype), xs, w_t, out=ys)
+            h = xs @ self.lora_a[t].T  # [rows, r]
+            if not ones:
+                h.view(end - start, per, -1).mul_(r.weights[start:end, t].view(-1, 1, 1))
+            ys.addmm_(h, self.lora_b[t].T)
+        return y.view(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.routing
         if r.mode == "plain":
             return F.linear(x, self.weight, self.bias)
+        if r.runs is not None:
+            y = self._forward_runs(x, r)
+            if y is not None:
+                return y
         squeeze = x.dim() == 1
         if squeeze:
             x = x.unsqueeze(0)
@@ -168,7 +270,7 @@ class TwinLinear(nn.Linear):
         # The shared bias goes into the base GEMM (one pass less) unless a task-specific one
         # replaces it.
         bias = self.bias if self.specific_bias is None else None
-        sparse = self.lora_a is not None and x.device.type == "cpu" and bool((r.weights == 0).any())
+        sparse = self.lora_a is not None and x.device.type == "cpu" and r.sparse()
         # Dense routing with the shared weights: the base GEMM runs inside routed_lora, whose
         # expand accumulates into it (one elementwise pass less than adding the two outputs).
         base_in_op = (
@@ -187,7 +289,7 @@ class TwinLinear(nn.Linear):
             y = F.linear(x, self.weight, bias)
         if self.lora_a is not None:
             if sparse:
-                y = _add_sparse_experts(y, x, r.weights, self.lora_a, self.lora_b)
+                y = _add_sparse_experts(y, x, r, self.lora_a, self.lora_b)
             else:
                 gates = _broadcast(r.weights, x.dim()).expand(*x.shape[:-1], r.weights.shape[1])
                 if base_in_op:
@@ -249,10 +351,18 @@ class TwinEmbedding(nn.Embedding):
             raise RuntimeError(f"meldkit.twin: embedding {self.name!r} needs [B, ...] ids")
         b = r.batch(self.name, ids.shape[0])
         ids = ids.expand(b, *ids.shape[1:])
-        rows = self.factor_a[:, ids].float()  # a_t[ids]: [T, B, ..., r]
-        # Σ_t w_bt·a_t[ids]·b_tᵀ
-        delta = torch.einsum("tb...r,tdr,bt->b...d", rows, self.factor_b.float(), r.weights.float())
-        return (y.expand(*delta.shape) + delta.to(y.dtype)).contiguous()
+        n_tasks, d, rank = self.factor_b.shape
+        # Σ_t w_bt·a_t[ids]·b_tᵀ as one GEMM: u = [w_b1·a_1[ids] | … | w_bT·a_T[ids]]
+        # [B·L, T·r] against [b_1 … b_T]ᵀ, in float32
+        w = r.weights.float().T.reshape(n_tasks, b, *([1] * (ids.dim() - 1)), 1)
+        u = (self.factor_a[:, ids].float() * w).permute(*range(1, ids.dim() + 1), 0, -1)
+        u = u.reshape(-1, n_tasks * rank)
+        b_cat = self.factor_b.float().permute(1, 0, 2).reshape(d, n_tasks * rank)
+        recording = torch.is_grad_enabled() and y.requires_grad
+        if y.dtype == torch.float32 and y.shape[0] == b and not recording:
+            return y.view(-1, d).addmm_(u, b_cat.T).view(*ids.shape, d)  # y is fresh
+        delta = (u @ b_cat.T).view(*ids.shape, d)
+        return y.expand(*delta.shape) + delta.to(y.dtype)
 
 
 class TwinLayerNorm(nn.LayerNorm):
@@ -398,6 +508,7 @@ class TwinPerSample:
         r = self.routing
         if r.mode != "twin" or self.active:
             return None
+        state = r.state()
         weights, task = r.weights, r.task
         b = weights.shape[0]
         outs = []
@@ -413,7 +524,7 @@ class TwinPerSample:
                 outs.append(torch.func.functional_call(module, params, a_i, k_i))
         finally:
             self.active = False
-            r.weights, r.task = weights, task
+            r.restore(state)
         return cat_samples(outs)
 
 

@@ -210,6 +210,7 @@ class TwinModel(RoutedMixin, nn.Module):
         self.features_fn = features or mean_pooled_last_hidden
         self.experts = experts
         self.routing = Routing()
+        self._order_batches = True
         self._load_shared()
         self.per_sample_modules = self._install()
         if router is None:
@@ -351,13 +352,37 @@ class TwinModel(RoutedMixin, nn.Module):
         if materialize:
             out = self._materialized(weights, task, args, kwargs)
         else:
-            r = self.routing
-            r.mode, r.weights, r.task = "twin", weights, task
-            try:
-                out = self.model(*args, **kwargs)
-            finally:
-                r.mode, r.weights, r.task = "plain", None, None
+            out = self._routed(weights, task, args, kwargs)
         return self._with_loss(out, labels, task) if own_loss else out
+
+    def _routed(self, weights: torch.Tensor, task: torch.Tensor, args, kwargs) -> Any:
+        """The wrapped model under the routing; a batch where each sample uses one expert runs
+        ordered by (expert, task) (see :func:`_batch_order`), its outputs put back in order."""
+        r = self.routing
+        order = _batch_order(weights, task, args, kwargs) if self._order_batches else None
+        if order is not None:
+            perm, inv, runs = order
+            if perm is not None:
+                args = tuple(_take(a, perm, weights.shape[0]) for a in args)
+                kwargs = {k: _take(v, perm, weights.shape[0]) for k, v in kwargs.items()}
+                weights, task = weights[perm], task[perm]
+        r.mode, r.weights, r.task = "twin", weights, task
+        if order is not None:
+            r.runs = order[2]
+        try:
+            out = self.model(*args, **kwargs)
+        finally:
+            r.mode, r.weights, r.task = "plain", None, None
+        if order is None or order[0] is None:
+            return out
+        try:
+            return _unpermute(out, order[1], weights.shape[0])
+        except _Unmappable:
+            # An output this wrapper cannot put back in order (a cache object, …): run the
+            # batch as given from now on.
+            self._order_batches = False
+            inv = order[1]
+            return self._routed(weights[inv], task[inv], _restore(args, inv), _restore(kwargs, inv))
 
     def _with_loss(self, out: Any, labels: Any, task: torch.Tensor) -> Any:
         """``out`` with the classification loss of ``labels`` against each sample's task head
@@ -425,6 +450,117 @@ class TwinModel(RoutedMixin, nn.Module):
 
 def _copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+# ---- batches ordered by expert ------------------------------------------------------------------
+
+# Keyword arguments of Hugging Face models that are batch-first whenever their first dimension is
+# the batch size. Another tensor keyword with that first dimension leaves the batch unordered
+# (it might not be batch-first).
+BATCH_KWARGS = frozenset(
+    {
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+        "position_ids",
+        "inputs_embeds",
+        "labels",
+        "start_positions",
+        "end_positions",
+        "pixel_values",
+        "pixel_mask",
+        "input_values",
+        "input_features",
+        "decoder_input_ids",
+        "decoder_attention_mask",
+        "decoder_inputs_embeds",
+    }
+)
+
+
+class _Unmappable(Exception):
+    """An output holds an object whose batch order cannot be restored."""
+
+
+def _holds_tensors(v: Any) -> bool:
+    if isinstance(v, torch.Tensor):
+        return True
+    if isinstance(v, Mapping):
+        return any(_holds_tensors(x) for x in v.values())
+    if isinstance(v, (tuple, list)):
+        return any(_holds_tensors(x) for x in v)
+    return False
+
+
+def _batch_order(weights: torch.Tensor, task: torch.Tensor, args, kwargs):
+    """``(perm, inv, runs)`` when every sample uses exactly one expert (top-1 routing, one-hot
+    weights) on the CPU: the stable order of the samples by (expert, task) (``perm``/``inv``
+    None when the batch is in that order already) and the runs ``(expert, task, start, end,
+    ones)`` of :attr:`Routing.runs`. Each expert then sees one contiguous slice of the batch in
+    every layer instead of gathered samples. None when that does not apply, or when a tensor
+    keyword other than :data:`BATCH_KWARGS` (or a container of tensors) has the batch's first
+    dimension."""
+    b, n_tasks = weights.shape
+    if weights.device.type != "cpu" or b < 2:
+        return None
+    nonzero = weights != 0
+    if not bool((nonzero.sum(-1) == 1).all()):
+        return None
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor):
+            if v.dim() >= 1 and v.shape[0] == b and k not in BATCH_KWARGS:
+                return None
+        elif _holds_tensors(v):
+            return None
+    if any(_holds_tensors(a) and not isinstance(a, torch.Tensor) for a in args):
+        return None
+    expert = nonzero.to(torch.uint8).argmax(-1)
+    key = expert * n_tasks + task
+    perm = torch.argsort(key, stable=True)
+    sorted_key = key[perm]
+    values, counts = torch.unique_consecutive(sorted_key, return_counts=True)
+    w_sorted = weights[perm]
+    runs, start = [], 0
+    for v, c in zip(values.tolist(), counts.tolist(), strict=True):
+        t, k = divmod(v, n_tasks)
+        end = start + c
+        runs.append((t, k, start, end, bool((w_sorted[start:end, t] == 1).all())))
+        start = end
+    if torch.equal(perm, torch.arange(b)):
+        return None, None, runs
+    return perm, torch.argsort(perm), runs
+
+
+def _take(v: Any, index: torch.Tensor, b: int) -> Any:
+    """A batch-first tensor's samples in ``index``'s order; anything else unchanged."""
+    if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == b:
+        return v.index_select(0, index.to(v.device))
+    return v
+
+
+def _restore(v: Any, inv: torch.Tensor) -> Any:
+    if isinstance(v, dict):
+        return {k: _take(x, inv, inv.numel()) for k, x in v.items()}
+    return tuple(_take(x, inv, inv.numel()) for x in v)
+
+
+def _unpermute(out: Any, inv: torch.Tensor, b: int) -> Any:
+    """The model's output with its batch-first tensors back in the caller's order (tensors,
+    tuples, lists, dicts and ``ModelOutput``s); scalars and other sizes unchanged."""
+    if out is None or isinstance(out, (bool, int, float, str)):
+        return out
+    if isinstance(out, torch.Tensor):
+        return _take(out, inv, b)
+    if isinstance(out, Mapping):
+        items = {k: _unpermute(v, inv, b) for k, v in out.items()}
+        try:
+            return type(out)(**items)
+        except TypeError:
+            return items
+    if isinstance(out, (tuple, list)):
+        parts = [_unpermute(v, inv, b) for v in out]
+        return type(out)(*parts) if hasattr(out, "_fields") else type(out)(parts)
+    raise _Unmappable(type(out).__name__)
 
 
 # ---- router training ----------------------------------------------------------------------------
