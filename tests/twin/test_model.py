@@ -314,3 +314,120 @@ def test_per_sample_terms_go_in_place_only_where_that_is_safe():
     assert _fresh_op(expanded, v, "add") is not expanded
     small = torch.ones(1, 3, 4)
     assert _fresh_op(small, v, "add").shape == (2, 3, 4)
+
+
+def test_one_expert_batches_run_ordered_by_expert_and_task(monkeypatch):
+    """Top-1 (one-hot) batches run ordered by (expert, task): each linear layer works on
+    contiguous runs. The outputs come back in the caller's order and equal the unordered path
+    and the per-sample rebuild, with given tasks, weights other than 1, hidden states and the
+    model's own loss."""
+    from meldkit.twin.layers import TwinLinear
+
+    base, experts = roberta_experts()
+    ex = twin.build(base, experts, rank_ratio=0.25, progress=False)
+    model = twin.TwinModel(base, ex).eval()
+    x = batch(b=6, seed=3)
+    w = torch.zeros(6, 3)
+    w[torch.arange(6), torch.tensor([2, 0, 2, 1, 0, 2])] = torch.tensor([1, 1, 0.5, 1, 1, 1.0])
+    labels = torch.tensor([0, 2, 1, 1, 0, 2])
+    calls = []
+    runs_forward = TwinLinear._forward_runs
+
+    def counted(self, *a):
+        y = runs_forward(self, *a)
+        if self.lora_a is not None:
+            calls.append((self.name, y is not None))
+        return y
+
+    monkeypatch.setattr(TwinLinear, "_forward_runs", counted)
+    for task in (None, torch.tensor([0, 2, 1, 1, 0, 2])):
+        calls.clear()
+        got = model(**x, weights=w, task=task, labels=labels, output_hidden_states=True)
+        assert calls and all(ran for _, ran in calls), calls  # every linear with factors
+        model._order_batches = False
+        calls.clear()
+        want = model(**x, weights=w, task=task, labels=labels, output_hidden_states=True)
+        model._order_batches = True
+        assert not calls
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
+        for a, b in zip(got.hidden_states, want.hidden_states, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        mat = model(**x, weights=w, task=task, materialize=True).logits
+        torch.testing.assert_close(got.logits, mat, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_order_only_when_it_is_safe():
+    from meldkit.twin.model import _batch_order
+
+    w = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    task = w.argmax(-1)
+    ids = torch.zeros(3, 4, dtype=torch.long)
+    perm, inv, runs = _batch_order(w, task, (ids,), {"attention_mask": torch.ones(3, 4)})
+    assert perm.tolist() == [1, 0, 2] and inv.tolist() == [1, 0, 2]
+    assert runs == [(0, 0, 0, 1, True), (1, 1, 1, 3, True)]
+    in_order = _batch_order(w[[1, 0, 2]], task[[1, 0, 2]], (ids,), {})
+    assert in_order[0] is None and in_order[2] == runs
+    # two experts for a sample, a tensor keyword that may not be batch-first, a container of
+    # tensors, one sample: left as given
+    assert _batch_order(torch.tensor([[0.5, 0.5], [1.0, 0.0]]), task[:2], (ids[:2],), {}) is None
+    assert _batch_order(w, task, (ids,), {"head_mask": torch.ones(3, 2)}) is None
+    assert _batch_order(w, task, (ids,), {"past": [torch.ones(3, 2)]}) is None
+    assert _batch_order(w, task, ([ids],), {}) is None
+    assert _batch_order(w[:1], task[:1], (ids[:1],), {}) is None
+
+
+class _Box:
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+
+class _BoxedNet(nn.Module):
+    """Returns its output in an object the batch ordering cannot see into."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(6, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> _Box:
+        return _Box(self.l2(torch.relu(self.l1(x))))
+
+
+def test_outputs_it_cannot_reorder_run_the_batch_as_given():
+    torch.manual_seed(0)
+    base = _BoxedNet()
+    experts = [perturbed(base, seed=s, scale=0.2) for s in (1, 2)]
+    ex = twin.build(base, experts, rank_ratio=1.0, exclude=None, progress=False)
+    model = twin.TwinModel(base, ex, router=twin.TwinRouter(8, 2), features=lambda m, x: x).eval()
+    x = torch.randn(4, 6)
+    w = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    got = model(x, weights=w).value
+    assert not model._order_batches  # seen once: batches now run as given
+    for i in range(4):
+        want = experts[int(w[i].argmax())](x[i : i + 1]).value
+        torch.testing.assert_close(got[i : i + 1], want, rtol=1e-5, atol=1e-5)
+
+
+def test_bert_embeddings_with_shared_position_ids():
+    """BERT's position ids are [1, L] for the whole batch: the embeddings' exclusive parts are
+    added to a broadcast lookup, equal to the per-sample rebuild."""
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        num_labels=2,
+    )
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(config).eval()
+    experts = [perturbed(base, seed=s) for s in (1, 2)]
+    ex = twin.build(base, experts, rank_ratio=0.5, progress=False)
+    model = twin.TwinModel(base, ex).eval()
+    x = batch(b=3, length=6)
+    x["input_ids"] = x["input_ids"] % 64
+    for w in (torch.tensor([[0.3, 0.7], [1.0, 0.0], [0.5, 0.5]]), one_hot(3, 1, 2)):
+        got = model(**x, weights=w).logits
+        want = model(**x, weights=w, materialize=True).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -220,10 +220,10 @@ class TwinLinear(nn.Linear):
 
     def _forward_runs(self, x: torch.Tensor, r: Routing) -> torch.Tensor | None:
         """The layer on a batch ordered into runs of one expert and task (:attr:`Routing.runs`):
-        per run one base GEMM with the run's bias, written into its rows of the output, then
-        the expert's shrink and its expand accumulated there. No sample is gathered or
-        scattered and no per-sample bias pass runs. None when the layer does not qualify
-        (inference only, every tensor in one dtype, a batch-first input)."""
+        per run the expert's shrink, then its expand plus the run's bias written into the run's
+        rows of the output; then one base GEMM over the whole batch accumulates into them. No
+        sample is gathered or scattered and no per-sample bias pass runs. None when the layer
+        does not qualify (inference only, every tensor in one dtype, a batch-first input)."""
         b = r.weights.shape[0]
         if (
             self.lora_a is None
@@ -239,18 +239,21 @@ class TwinLinear(nn.Linear):
             return None
         x2 = x.reshape(-1, x.shape[-1])
         per = x2.shape[0] // b  # rows per sample
+        # Per run, the expert's expand (with the run's bias) writes its rows first; then one
+        # base GEMM over the whole batch accumulates into them. Measured against one base GEMM
+        # per run followed by the expand: 1.37x against 1.46x the shared model at batch 32,
+        # 1.26x against 1.34x at 256 (the expand's K = r is memory-bound when it re-reads y).
         y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
-        w_t = self.weight.T
         for (t, _, start, end, ones), bias in zip(r.runs, biases, strict=True):
             xs, ys = x2[start * per : end * per], y[start * per : end * per]
-            if bias is None:
-                torch.mm(xs, w_t, out=ys)
-            else:
-                torch.addmm(bias.to(x.dtype), xs, w_t, out=ys)
             h = xs @ self.lora_a[t].T  # [rows, r]
             if not ones:
                 h.view(end - start, per, -1).mul_(r.weights[start:end, t].view(-1, 1, 1))
-            ys.addmm_(h, self.lora_b[t].T)
+            if bias is None:
+                torch.mm(h, self.lora_b[t].T, out=ys)
+            else:
+                torch.addmm(bias.to(x.dtype), h, self.lora_b[t].T, out=ys)
+        y.addmm_(x2, self.weight.T)
         return y.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
