@@ -216,7 +216,8 @@ class TwinLinear(nn.Linear):
             return [self.bias] * len(runs)
         if not all(ones for *_, ones in runs):
             return None
-        return [(self.bias.float() + self.dense_bias[t].float()).to(self.bias.dtype) for t, *_ in runs]
+        shared = self.bias.float()
+        return [(shared + self.dense_bias[t].float()).to(self.bias.dtype) for t, *_ in runs]
 
     def _forward_runs(self, x: torch.Tensor, r: Routing) -> torch.Tensor | None:
         """The layer on a batch ordered into runs of one expert and task (:attr:`Routing.runs`):

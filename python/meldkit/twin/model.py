@@ -360,28 +360,29 @@ class TwinModel(RoutedMixin, nn.Module):
         ordered by (expert, task) (see :func:`_batch_order`), its outputs put back in order."""
         r = self.routing
         order = _batch_order(weights, task, args, kwargs) if self._order_batches else None
+        perm = inv = None
         if order is not None:
             perm, inv, runs = order
             if perm is not None:
-                args = tuple(_take(a, perm, weights.shape[0]) for a in args)
-                kwargs = {k: _take(v, perm, weights.shape[0]) for k, v in kwargs.items()}
+                b = weights.shape[0]
+                args = tuple(_take(a, perm, b) for a in args)
+                kwargs = {k: _take(v, perm, b) for k, v in kwargs.items()}
                 weights, task = weights[perm], task[perm]
         r.mode, r.weights, r.task = "twin", weights, task
         if order is not None:
-            r.runs = order[2]
+            r.runs = runs
         try:
             out = self.model(*args, **kwargs)
         finally:
             r.mode, r.weights, r.task = "plain", None, None
-        if order is None or order[0] is None:
+        if perm is None:
             return out
         try:
-            return _unpermute(out, order[1], weights.shape[0])
+            return _unpermute(out, inv, weights.shape[0])
         except _Unmappable:
             # An output this wrapper cannot put back in order (a cache object, …): run the
             # batch as given from now on.
             self._order_batches = False
-            inv = order[1]
             return self._routed(weights[inv], task[inv], _restore(args, inv), _restore(kwargs, inv))
 
     def _with_loss(self, out: Any, labels: Any, task: torch.Tensor) -> Any:
