@@ -123,7 +123,7 @@ def _broadcasts_into(small: torch.Size, shape: torch.Size) -> bool:
     took about 65 µs a call, more than the in-place operation it guards)."""
     if len(small) > len(shape):
         return False
-    return all(a in (1, b) for a, b in zip(reversed(small), reversed(shape)))
+    return all(a in (1, b) for a, b in zip(reversed(small), reversed(shape), strict=False))
 
 
 def _broadcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
