@@ -52,11 +52,17 @@ def backend() -> str:
 
 
 def native_dtypes(op: str) -> dict[str, list[str]]:
-    """``{device_type: [dtype names]}`` that the compiled kernels of ``op`` accept."""
-    query = getattr(_C, f"{op}_native_dtypes", None)
-    if query is None:  # not built, or an op whose kernels have not landed in this build
-        return {}
-    return dict(query())
+    """``{device_type: [dtype names]}`` that the compiled kernels of ``op`` accept (a fixed
+    fact of the build: asked once per op, then served from a cache)."""
+    table = _native_dtypes_cache.get(op)
+    if table is None:
+        query = getattr(_C, f"{op}_native_dtypes", None)
+        # None: not built, or an op whose kernels have not landed in this build
+        table = _native_dtypes_cache[op] = {} if query is None else dict(query())
+    return {k: list(v) for k, v in table.items()}
+
+
+_native_dtypes_cache: dict[str, dict[str, list[str]]] = {}
 
 
 def cuda_usable() -> tuple[bool, str]:
@@ -84,7 +90,9 @@ def unavailable(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) 
     if _C is None:
         reasons.append(f"meldkit._C could not be imported ({IMPORT_ERROR})")
     else:
-        supported = native_dtypes(op).get(device.type)
+        if op not in _native_dtypes_cache:
+            native_dtypes(op)
+        supported = _native_dtypes_cache[op].get(device.type)
         if supported is None:
             if device.type == "cuda" and not _C.has_cuda():
                 reasons.append("meldkit was built without CUDA (no nvcc, or MELDKIT_CUDA=0)")

@@ -940,3 +940,45 @@ def test_cuda_no_host_synchronisation(n_tokens, mode, dropout, base):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def test_eager_inference_skips_the_library_dispatch(monkeypatch):
+    """An eager call that needs no autograd goes straight to the op's CPU/CUDA implementation
+    (the same function the op registers); a call that records gradients, or one under a
+    dispatch mode (fake tensors, op counters), goes through ``torch.ops.meldkit.routed_lora``.
+    Every way gives the same result."""
+    import importlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    rl = importlib.import_module("meldkit.ops.routed_lora")
+    x, a, b, w = router_case(CASES[3], torch.float32, "cpu", seed=5)
+    direct = []
+    native = rl._routed_lora_native
+    monkeypatch.setattr(rl, "_routed_lora_native", lambda *args: direct.append(1) or native(*args))
+
+    with torch.no_grad():
+        y0, p0 = routed_lora(x, a, b, 0.5, router_weight=w, top_k=2)
+    assert direct == [1]
+    y1, p1 = routed_lora(x.detach(), a.detach(), b.detach(), 0.5, router_weight=w.detach(), top_k=2)
+    assert direct == [1, 1]  # grad mode on, but nothing requires grad
+    xg = x.detach().requires_grad_()
+    y2, p2 = routed_lora(xg, a, b, 0.5, router_weight=w, top_k=2)
+    assert direct == [1, 1] and y2.requires_grad
+    y2.sum().backward()
+    assert xg.grad is not None
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Ops() as mode:
+        y3, p3 = routed_lora(x, a, b, 0.5, router_weight=w, top_k=2)
+    assert direct == [1, 1] and "meldkit.routed_lora.default" in mode.names
+    for y, p in ((y1, p1), (y2, p2), (y3, p3)):
+        assert torch.equal(y.detach(), y0) and torch.equal(p.detach(), p0)
