@@ -399,7 +399,9 @@ def logit_fusion(
     # back. The kernels tolerate NaN and +inf (the unchecked custom op feeds them as given);
     # such results are never returned.
     peaks = _peaks(large, small_base, experts) if large.shape[0] else None
-    alpha, expert, logits, loss = _logit_fusion(large, small_base, experts, alphas, return_logits)
+    args = (large, small_base, experts, alphas, return_logits)
+    op = _logit_fusion_native if _native.plain_eager_call(large.device, args) else _logit_fusion
+    alpha, expert, logits, loss = op(*args)
     if peaks is not None:
         _check_peaks(peaks)
     return LogitFusionResult(alpha, expert, logits if return_logits else None, loss)

@@ -915,44 +915,6 @@ def routed_lora(
     gates2 = None if gates is None else gates.reshape(-1, n_experts)
     base = () if base_weight is None else (base_weight, base_bias)
     args = (x2, lora_a, lora_b, scale, router_weight, gates2, top_k, dropout, seed, *base)
-    op = _routed_lora_native if _plain_eager_call(device, args) else _routed_lora
+    op = _routed_lora_native if _native.plain_eager_call(device, args) else _routed_lora
     y, probs, _, _ = op(*args)
     return y.reshape(*lead, lora_b.shape[1]), (probs if router_weight is not None else None)
-
-
-def _state_queries():
-    """torch's (private, long-standing) queries of tracing, functorch transforms and modes;
-    None where this torch lacks one (every call then goes through the op)."""
-    try:
-        return (
-            torch.compiler.is_compiling,
-            torch._C._are_functorch_transforms_active,
-            torch._C._is_torch_function_mode_enabled,
-            torch._C._len_torch_dispatch_stack,
-        )
-    except AttributeError:
-        return None
-
-
-_STATE_QUERIES = _state_queries()
-
-
-def _plain_eager_call(device: torch.device, args: tuple) -> bool:
-    """Whether a call may go straight to the op's CPU/CUDA implementation instead of through
-    ``torch.library``'s dispatch (about 0.15 ms a call, which a decoding step pays per layer):
-    an eager call on plain tensors that needs no autograd, with no compilation, functorch
-    transform, or torch-function or dispatch mode active. Anything else (training, fake
-    tensors, ``torch.compile``, profilers that count ops by mode, tensor subclasses) goes
-    through the registered op."""
-    if device.type not in ("cpu", "cuda") or _STATE_QUERIES is None:
-        return False
-    compiling, transforms, function_mode, dispatch_stack = _STATE_QUERIES
-    if compiling() or transforms() or function_mode() or dispatch_stack() > 0:
-        return False
-    grad = torch.is_grad_enabled()
-    for t in args:
-        if isinstance(t, torch.Tensor) and (
-            type(t) is not torch.Tensor or (grad and t.requires_grad)
-        ):
-            return False
-    return True
