@@ -70,9 +70,12 @@ if step build 240 env CMAKE_ARGS="-DMELDKIT_CUDA_RESOURCE_USAGE=ON" \
   fi
   read -r -a EXTRA <<<"${BENCH_ARGS:-}"
   for op in ${BENCH_OPS:-call_overhead weighted_sum routed_lora logit_fusion merge routed_lora_layer twin exde}; do
-    if [ "$op" = call_overhead ]; then  # each op's fixed per-call cost, C exchange vs __dlpack__
+    if [ "$op" = call_overhead ]; then  # each op's fixed per-call cost: C exchange vs
+      # __dlpack__, then direct eager calls vs torch.library's dispatch
       step "bench-$op" 90 env MELDKIT_BACKEND=native $PY bench/bench_call_overhead.py \
         --device cuda --json "$OUT/bench-$op.json"
+      step "bench-${op}_dispatch" 90 env MELDKIT_BACKEND=native $PY bench/bench_call_overhead.py \
+        --device cuda --compare dispatch --json "$OUT/bench-${op}_dispatch.json"
       continue
     fi
     if [ "$op" = exde ]; then  # ExDe's per-step blend vs a per-tensor loop (issue 7)
