@@ -431,3 +431,24 @@ def test_bert_embeddings_with_shared_position_ids():
         got = model(**x, weights=w).logits
         want = model(**x, weights=w, materialize=True).logits
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_one_expert_batches_keep_the_gradient_of_the_weights():
+    """Weights that require grad (a router trained through the merged model) take the path
+    that multiplies by them, so their gradient is the unordered path's, not zero. (A plain
+    model: in a transformer the embeddings already make the activations require grad.)"""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    experts = [perturbed(base, seed=s, scale=0.2) for s in (1, 2, 3)]
+    ex = twin.build(base, experts, rank_ratio=0.5, exclude=None, progress=False)
+    model = twin.TwinModel(base, ex, router=twin.TwinRouter(6, 3), features=lambda m, x: x)
+    x = torch.randn(4, 6)
+    grads = []
+    for order in (True, False):
+        model._order_batches = order
+        w = torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], requires_grad=True)
+        model(x, weights=w).square().sum().backward()
+        grads.append(w.grad)
+    model._order_batches = True
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)

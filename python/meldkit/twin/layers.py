@@ -240,7 +240,10 @@ class TwinLinear(nn.Linear):
             or x.dim() < 2
             or x.shape[0] != b
             or not (x.dtype == self.weight.dtype == self.lora_a.dtype)
-            or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+            or (
+                torch.is_grad_enabled()
+                and (x.requires_grad or self.weight.requires_grad or r.weights.requires_grad)
+            )
         ):
             return None
         biases = self._run_biases(r.runs)
