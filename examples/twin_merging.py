@@ -293,6 +293,19 @@ def main(argv: list[str] | None = None) -> int:
         )
     results["twin"] = twin_res
     results["twin, oracle head"] = oracle
+    # Top-1 routing (TwinModel(top_k=1)): each sample takes only its routed task's exclusive
+    # parts; on the CPU the batch then runs ordered by expert (the cheaper path).
+    top1 = twin.TwinModel(base, ex, router=model.router, top_k=1).eval()
+    top1_res = {}
+    for t in TASKS:
+
+        def routed_top1(enc, t=t):
+            w = top1.route(**enc)
+            pred = top1(**enc, weights=w).logits.argmax(-1)
+            return torch.where(w.argmax(-1) == TASKS.index(t), pred, torch.full_like(pred, -1))
+
+        top1_res[t] = evaluate(routed_top1, data[t], tok, args)
+    results["twin, top-1 routing"] = top1_res
 
     storage = ex.storage()
     print()
