@@ -389,7 +389,7 @@ def _unit_affine(x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | N
     key = x.shape[-1]
     unit = _UNIT_AFFINE.get(key)
     if unit is None:
-        unit = _UNIT_AFFINE[key] = (torch.ones(key), torch.zeros(key))
+        unit = _UNIT_AFFINE[key] = (torch.ones(key, dtype=x.dtype), torch.zeros(key, dtype=x.dtype))
     return unit
 
 

@@ -500,7 +500,8 @@ def _batch_order(weights: torch.Tensor, task: torch.Tensor, args, kwargs):
     ones)`` of :attr:`Routing.runs`. Each expert then sees one contiguous slice of the batch in
     every layer instead of gathered samples. None when that does not apply, or when a tensor
     keyword other than :data:`BATCH_KWARGS` (or a container of tensors) has the batch's first
-    dimension."""
+    dimension. Positional tensors with the batch's first dimension are taken as batch-first,
+    as ``materialize=True`` takes them."""
     b, n_tasks = weights.shape
     if weights.device.type != "cpu" or b < 2:
         return None
