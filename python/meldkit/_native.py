@@ -170,3 +170,13 @@ def plain_eager_call(device: torch.device, args: tuple) -> bool:
         ):
             return False
     return True
+
+
+def call_direct(name: str, fn, args: tuple):
+    """``fn(*args)``, the op's implementation called without the dispatch (see
+    :func:`plain_eager_call`), under a ``record_function(name)`` range while the PyTorch
+    profiler runs, so that profiles still show the op by its name."""
+    if getattr(torch.autograd.profiler, "_is_profiler_enabled", False):
+        with torch.profiler.record_function(name):
+            return fn(*args)
+    return fn(*args)

@@ -980,5 +980,10 @@ def test_eager_inference_skips_the_library_dispatch(monkeypatch):
     with torch.no_grad(), Ops() as mode:
         y3, p3 = routed_lora(x, a, b, 0.5, router_weight=w, top_k=2)
     assert direct == [1, 1] and "meldkit.routed_lora.default" in mode.names
+    # under the profiler the direct call still shows as the op
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        routed_lora(x, a, b, 0.5, router_weight=w, top_k=2)
+    assert direct == [1, 1, 1]
+    assert "meldkit::routed_lora" in {e.name for e in prof.events()}
     for y, p in ((y1, p1), (y2, p2), (y3, p3)):
         assert torch.equal(y.detach(), y0) and torch.equal(p.detach(), p0)
