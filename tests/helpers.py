@@ -98,3 +98,23 @@ def draw_boundary_keeps(numel: int, seed: int, tensor_index: int) -> list[float]
         down = float(torch.nextafter(u[i : i + 1], torch.zeros(1))[0])
         keeps += [k for k in (at, up, down) if 0.0 <= k <= 1.0]
     return keeps
+
+
+class OpNames:
+    """A ``TorchDispatchMode`` (made on first use) that records the name of every op
+    dispatched while it is active: ``with OpNames.mode() as m: ...; m.names``."""
+
+    @staticmethod
+    def mode():
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class _Recorder(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.names: list[str] = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.names.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        return _Recorder()

@@ -52,17 +52,22 @@ def backend() -> str:
 
 
 def native_dtypes(op: str) -> dict[str, list[str]]:
-    """``{device_type: [dtype names]}`` that the compiled kernels of ``op`` accept (a fixed
-    fact of the build: asked once per op, then served from a cache)."""
-    table = _native_dtypes_cache.get(op)
+    """``{device_type: [dtype names]}`` that the compiled kernels of ``op`` accept."""
+    return {k: list(v) for k, v in _dtype_table(op).items()}
+
+
+def _dtype_table(op: str) -> dict[str, list[str]]:
+    """:func:`native_dtypes` as a fixed fact of the build: asked once per op, then cached
+    (callers must not modify it)."""
+    table = _dtype_tables.get(op)
     if table is None:
         query = getattr(_C, f"{op}_native_dtypes", None)
         # None: not built, or an op whose kernels have not landed in this build
-        table = _native_dtypes_cache[op] = {} if query is None else dict(query())
-    return {k: list(v) for k, v in table.items()}
+        table = _dtype_tables[op] = {} if query is None else dict(query())
+    return table
 
 
-_native_dtypes_cache: dict[str, dict[str, list[str]]] = {}
+_dtype_tables: dict[str, dict[str, list[str]]] = {}
 
 
 def cuda_usable() -> tuple[bool, str]:
@@ -90,9 +95,7 @@ def unavailable(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) 
     if _C is None:
         reasons.append(f"meldkit._C could not be imported ({IMPORT_ERROR})")
     else:
-        if op not in _native_dtypes_cache:
-            native_dtypes(op)
-        supported = _native_dtypes_cache[op].get(device.type)
+        supported = _dtype_table(op).get(device.type)
         if supported is None:
             if device.type == "cuda" and not _C.has_cuda():
                 reasons.append("meldkit was built without CUDA (no nvcc, or MELDKIT_CUDA=0)")
@@ -172,11 +175,14 @@ def plain_eager_call(device: torch.device, args: tuple) -> bool:
     return True
 
 
-def call_direct(name: str, fn, args: tuple):
-    """``fn(*args)``, the op's implementation called without the dispatch (see
-    :func:`plain_eager_call`), under a ``record_function(name)`` range while the PyTorch
-    profiler runs, so that profiles still show the op by its name."""
+def call(op, impl, name: str, device: torch.device, args: tuple):
+    """Run a custom op: ``impl(*args)``, its CPU/CUDA implementation, directly when
+    :func:`plain_eager_call` allows it (inside a ``record_function(name)`` range while the
+    PyTorch profiler runs, so that profiles still show the op by its name), else ``op(*args)``
+    through ``torch.library``."""
+    if not plain_eager_call(device, args):
+        return op(*args)
     if getattr(torch.autograd.profiler, "_is_profiler_enabled", False):
         with torch.profiler.record_function(name):
-            return fn(*args)
-    return fn(*args)
+            return impl(*args)
+    return impl(*args)

@@ -23,7 +23,7 @@ from meldkit.ops.logit_fusion_ref import (
     select_ref,
     vocab_keep_ref,
 )
-from tests.helpers import DEVICES, DTYPES, assert_close_to_ref, noncontiguous
+from tests.helpers import DEVICES, DTYPES, OpNames, assert_close_to_ref, noncontiguous
 
 NEG_INF = float("-inf")
 
@@ -617,8 +617,6 @@ def test_eager_calls_skip_the_library_dispatch(monkeypatch):
     counters) it goes through ``torch.ops.meldkit.logit_fusion``. Same results."""
     import importlib
 
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     lf = importlib.import_module("meldkit.ops.logit_fusion")
     large, small, experts = make_logits(3, 50, 2, torch.float32, "cpu", seed=4)
     direct = []
@@ -627,16 +625,7 @@ def test_eager_calls_skip_the_library_dispatch(monkeypatch):
     first = logit_fusion(large, small, experts)
     assert direct == [1]
 
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Ops() as mode:
+    with OpNames.mode() as mode:
         second = logit_fusion(large, small, experts)
     assert direct == [1] and "meldkit.logit_fusion.default" in mode.names
     for a, b in zip(first, second, strict=True):

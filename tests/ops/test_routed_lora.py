@@ -19,7 +19,7 @@ from meldkit.ops.routed_lora_ref import (
     routed_lora_backward_ref,
     routed_lora_forward_ref,
 )
-from tests.helpers import DEVICES, DTYPES, randn
+from tests.helpers import DEVICES, DTYPES, OpNames, randn
 
 # (N, n, m, E, r, top_k, dropout): every N in {1, 7, 37}, E in {1, 2, 3, 8}, per-expert rank
 # r in {1, 4, 16}, top_k in {1, 2, E}, odd n and m.
@@ -949,8 +949,6 @@ def test_eager_inference_skips_the_library_dispatch(monkeypatch):
     Every way gives the same result."""
     import importlib
 
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     rl = importlib.import_module("meldkit.ops.routed_lora")
     x, a, b, w = router_case(CASES[3], torch.float32, "cpu", seed=5)
     direct = []
@@ -968,16 +966,7 @@ def test_eager_inference_skips_the_library_dispatch(monkeypatch):
     y2.sum().backward()
     assert xg.grad is not None
 
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with torch.no_grad(), Ops() as mode:
+    with torch.no_grad(), OpNames.mode() as mode:
         y3, p3 = routed_lora(x, a, b, 0.5, router_weight=w, top_k=2)
     assert direct == [1, 1] and "meldkit.routed_lora.default" in mode.names
     # under the profiler the direct call still shows as the op

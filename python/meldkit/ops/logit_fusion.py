@@ -400,11 +400,9 @@ def logit_fusion(
     # such results are never returned.
     peaks = _peaks(large, small_base, experts) if large.shape[0] else None
     args = (large, small_base, experts, alphas, return_logits)
-    if _native.plain_eager_call(large.device, args):
-        out = _native.call_direct("meldkit::logit_fusion", _logit_fusion_native, args)
-    else:
-        out = _logit_fusion(*args)
-    alpha, expert, logits, loss = out
+    alpha, expert, logits, loss = _native.call(
+        _logit_fusion, _logit_fusion_native, "meldkit::logit_fusion", large.device, args
+    )
     if peaks is not None:
         _check_peaks(peaks)
     return LogitFusionResult(alpha, expert, logits if return_logits else None, loss)

@@ -915,8 +915,7 @@ def routed_lora(
     gates2 = None if gates is None else gates.reshape(-1, n_experts)
     base = () if base_weight is None else (base_weight, base_bias)
     args = (x2, lora_a, lora_b, scale, router_weight, gates2, top_k, dropout, seed, *base)
-    if _native.plain_eager_call(device, args):
-        y, probs, _, _ = _native.call_direct("meldkit::routed_lora", _routed_lora_native, args)
-    else:
-        y, probs, _, _ = _routed_lora(*args)
+    y, probs, _, _ = _native.call(
+        _routed_lora, _routed_lora_native, "meldkit::routed_lora", device, args
+    )
     return y.reshape(*lead, lora_b.shape[1]), (probs if router_weight is not None else None)
