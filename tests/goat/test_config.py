@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 
@@ -71,8 +72,24 @@ def test_fixed_scaling():
     assert GoatConfig(scaling=2.5).scaling_for(1024) == 2.5
 
 
+def test_alpha_without_official_scaling_warns():
+    with pytest.warns(UserWarning, match=r"alpha=16 is used only by scaling='official'"):
+        c = GoatConfig(num_experts=1, top_k=1, rank=8, alpha=16, init="lora")
+    assert c.scaling_for(64) == pytest.approx((3 * 64 / 8) ** 0.5)  # the paper's s, not 16 / 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert GoatConfig(rank=8, alpha=16, scaling="official").scaling_for(64) == 16.0
+
+
 def test_json_round_trip():
-    c = GoatConfig(num_experts=4, top_k=1, rank=8, alpha=16, target_modules=["q_proj", "v_proj"])
+    c = GoatConfig(
+        num_experts=4,
+        top_k=1,
+        rank=8,
+        alpha=16,
+        scaling="official",
+        target_modules=["q_proj", "v_proj"],
+    )
     assert c.target_modules == ("q_proj", "v_proj")
     assert GoatConfig.from_json(c.to_json()) == c
     with pytest.raises(ValueError, match="unknown fields"):

@@ -156,7 +156,7 @@ def test_targets():
     model = mlp()
     with pytest.raises(ValueError, match=r"matches no nn\.Linear"):
         goat.wrap(model, config(target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="is a GELU"):
+    with pytest.raises(ValueError, match=r"is a torch\.nn\.modules\.activation\.GELU"):
         goat.wrap(model, config(target_modules=["1"]))
     goat.wrap(model, config(target_modules=["2"]))
     assert [name for name, _ in goat.goat_layers(model)] == ["2"]

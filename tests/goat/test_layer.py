@@ -235,6 +235,59 @@ def test_checkpoint_recomputation_is_not_a_new_forward():
     torch.testing.assert_close(goat.aux_loss(model), aux, rtol=0, atol=0)
 
 
+class Backbone(nn.Module):
+    """A body and a head, as a Hugging Face model with ``model.model``: the body is also called
+    on its own (a custom head, CLIP's get_image_features)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = mlp()
+        self.head = nn.Linear(36, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_forwards_of_a_submodule_start_a_new_forward():
+    """Calls through a submodule above the layers, not the wrapped root, begin a forward too:
+    the aux loss is this step's, training steps do not backward through an earlier step's
+    graph, and no calls pile up in evaluation."""
+    torch.manual_seed(0)
+    model = goat.wrap(Backbone(), config(target_modules=["body.0", "body.2"])).train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    layer = model.body[0]
+    for _ in range(3):
+        x = torch.randn(5, 40)
+        out = model.body(x)
+        aux = goat.aux_loss(model)
+        probs = torch.softmax(x @ layer.router.weight.T, dim=-1)
+        counts = torch.zeros(E).index_add_(0, probs.topk(2).indices.flatten(), torch.ones(10))
+        torch.testing.assert_close(layer.balance_loss(), E * (counts / 5 * probs.sum(0) / 5).sum())
+        opt.zero_grad()
+        (out.pow(2).mean() + aux).backward()  # raised "backward through the graph a second time"
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        for _ in range(20):
+            model.body(torch.randn(2, 40))
+    assert [len(layer._probs) for _, layer in goat.goat_layers(model)] == [1, 1]
+    # A layer called on its own keeps its last call; a forward of the root then starts afresh.
+    with torch.no_grad():
+        layer(torch.randn(3, 40))
+        layer(torch.randn(4, 40))
+    assert [p.shape[0] for p in layer._probs] == [4]
+    model(torch.randn(6, 40))
+    assert [p.shape[0] for p in layer._probs] == [6]
+    # A forward that raises still ends: the next one starts a new forward.
+    with pytest.raises(ValueError, match="argument 'x'"):
+        model.body(torch.randn(2, 41))
+    model.body(torch.randn(7, 40))
+    assert [p.shape[0] for p in layer._probs] == [7]
+    goat.unwrap(model)
+    hooks = [m._forward_pre_hooks or m._forward_hooks for m in model.modules()]
+    assert not any(hooks)
+
+
 def test_copy_after_a_training_forward():
     model = goat.wrap(mlp(), config()).train()
     (model(torch.randn(5, 40)).sum() + goat.aux_loss(model)).backward()
@@ -286,6 +339,50 @@ def test_save_load_round_trip_is_exact(tmp_path, dtype, init):
     # Saving over an existing file replaces it.
     goat.save_adapter(fresh, path)
     assert_same_state(goat.load_adapter(mlp(dtype=dtype), path), model)
+    # Without the kept W0 the fingerprint is of W̃0 + the alignment: the right base still loads.
+    loose = goat.wrap(mlp(dtype=dtype), config(init=init), keep_original=False)
+    goat.load_adapter(mlp(dtype=dtype), goat.save_adapter(loose, tmp_path / "loose.safetensors"))
+
+
+def test_save_names_inside_compile_and_ddp_wrappers(tmp_path):
+    model = goat.wrap(mlp(), config())
+    path = goat.save_adapter(torch.compile(model), tmp_path / "c.safetensors")
+    assert list(goat.read_adapter(path)[1]) == ["0", "2"]  # no "_orig_mod." prefix
+    assert_same_state(goat.load_adapter(mlp(), path), model)
+    path = goat.save_adapter(nn.DataParallel(model), tmp_path / "d.safetensors")  # "module."
+    assert list(goat.read_adapter(path)[1]) == ["0", "2"]
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(40, 40), nn.Linear(40, 40)
+        self.b.weight = self.a.weight
+
+
+def test_tied_weights_are_not_adjusted():
+    """The SVD inits change the base weight: a weight that another module shares would change
+    under it, so it is refused; init="lora" changes no base weight and may adapt it."""
+    model = Tied()
+    before = model.a.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"target 'a' shares its weight with \['b.weight'\]"):
+        goat.wrap(model, config(target_modules=["a"]))
+    assert torch.equal(model.a.weight, before) and not list(goat.goat_layers(model))
+    goat.wrap(model, config(target_modules=["a"], init="lora"))
+    assert model.b.weight is model.a.base_layer.weight and torch.equal(model.b.weight, before)
+
+
+def test_wrap_under_another_default_dtype():
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = goat.wrap(mlp(dtype=torch.float32), config())
+    finally:
+        torch.set_default_dtype(default)
+    layer = model[0]
+    assert {layer.lora_a.dtype, layer.lora_b.dtype, layer.router.weight.dtype} == {torch.float32}
+    assert model(torch.randn(3, 40)).dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -297,7 +394,8 @@ def test_unwrap_restores_the_original_weights(dtype):
     goat.unwrap(model)
     assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
     assert_same_state(model, base)
-    assert [p.requires_grad for p in model[0].parameters()] == [True, False]
+    flags = [p.requires_grad for p in model.parameters()]
+    assert flags == [True, False, True, True]  # every parameter's, not only the adapted layers'
 
     # Without the kept copy, W0 comes back up to the roundings of W̃0 and of the sum.
     model = goat.wrap(copy.deepcopy(base), config(), keep_original=False)
@@ -327,7 +425,7 @@ def test_mismatched_adapters_are_refused(tmp_path):
     with pytest.raises(goat.AdapterError, match="selects other layers"):
         goat.load_adapter(deeper, path)
 
-    with pytest.raises(goat.AdapterError, match="differs from the model's GOAT config"):
+    with pytest.raises(goat.AdapterError, match=r"GOAT config in rho=10.0 \(model: 5.0\)"):
         goat.load_adapter(goat.wrap(mlp(), config(rho=5.0)), path)
 
     with pytest.raises(goat.AdapterError, match=r"trained on a float32 base.* bfloat16"):
@@ -340,7 +438,21 @@ def test_mismatched_adapters_are_refused(tmp_path):
     lora = goat.save_adapter(goat.wrap(mlp(), config(init="lora")), tmp_path / "l.safetensors")
     goat.load_adapter(mlp(dtype=torch.bfloat16), lora)  # no base adjustment: any dtype
 
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
+
+    # Same architecture, other weights: refused by the base fingerprint, unless asked for.
+    with pytest.raises(goat.AdapterError, match=r"'0': the model's base weight is not the one"):
+        goat.load_adapter(mlp(seed=1), path)
+    assert not list(goat.goat_layers(mlp(seed=1)))
+    goat.load_adapter(mlp(seed=1), path, check_base=False)
+    # A file from before the fingerprint loads without the check.
+    old = {k: v for k, v in load_file(str(path)).items() if not k.endswith("base_sketch")}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(old, str(tmp_path / "old.safetensors"), metadata=metadata)
+    goat.load_adapter(mlp(seed=1), tmp_path / "old.safetensors")
 
     save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(goat.AdapterError, match="not a GOAT adapter"):

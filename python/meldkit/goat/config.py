@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -106,6 +107,14 @@ class GoatConfig:
         if self.alpha is not None and not (_is_real(self.alpha) and self.alpha > 0):
             raise ValueError(
                 f"GoatConfig.alpha: must be a finite number > 0 or None, got {self.alpha!r}"
+            )
+        if self.alpha is not None and self.scaling != "official":
+            warnings.warn(
+                f"GoatConfig: alpha={self.alpha!r} is used only by scaling='official' (s = alpha "
+                f"/ r_e); with scaling={self.scaling!r} it has no effect. For PEFT's LoRA scaling "
+                "pass scaling='official' (or the number alpha / r_e)",
+                UserWarning,
+                stacklevel=3,
             )
         if not (_is_real(self.rho) and self.rho > 0):
             raise ValueError(f"GoatConfig.rho: must be a finite number > 0, got {self.rho!r}")

@@ -127,10 +127,10 @@ def lora_experts(
     lora_a : Tensor [E, d, n] fp32
     lora_b : Tensor [E, m, d] fp32, zeros
     """
-    a = torch.empty(num_experts, expert_rank, in_features, device=device)
+    a = torch.empty(num_experts, expert_rank, in_features, device=device, dtype=torch.float32)
     for j in range(num_experts):
         torch.nn.init.kaiming_uniform_(a[j], a=math.sqrt(5))
-    b = torch.zeros(num_experts, out_features, expert_rank, device=device)
+    b = torch.zeros(num_experts, out_features, expert_rank, device=device, dtype=torch.float32)
     return a, b
 
 

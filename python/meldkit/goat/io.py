@@ -7,10 +7,17 @@ Layout, for every GOAT layer ``NAME`` (its qualified module name in the wrapped 
     NAME.router.weight  [E, n]      router W_z
     NAME.alignment_a    [r, n] fp32 only for the SVD inits: the base was adjusted to
     NAME.alignment_b    [m, r] fp32 W̃0 = W0 − alignment_b @ alignment_a
+    NAME.base_sketch    [m]    fp32 a fingerprint of the original base weight W0: W0 @ v for a
+                                    fixed pseudo-random v (files from before it have none)
 
 Metadata (strings): ``format = "pt"``, ``meldkit_goat`` (the layout version), ``config`` (the
-:class:`GoatConfig` as JSON) and ``layers`` (JSON: per layer ``in_features``, ``out_features``
-and the base weight's dtype when saved).
+:class:`GoatConfig` as JSON) and ``layers`` (JSON: per layer ``in_features``, ``out_features``,
+the base weight's dtype when saved, and whether the sketch came from the exact W0 or from
+W̃0 + the alignment, a model wrapped with ``keep_original=False``).
+
+:func:`load_adapter` compares each layer's sketch with the model's base weight: an adapter
+loaded into a model of the same architecture but other weights (another checkpoint, another
+fine-tune) is refused instead of silently giving a model nobody trained.
 
 The alignment factors are the *initial* experts (times s/E), not the trained ones, so the file
 holds everything needed to rebuild W̃0 from the original base weights; the adjustment is
@@ -31,6 +38,7 @@ import torch
 from torch import nn
 
 from meldkit.goat.config import GoatConfig
+from meldkit.goat.init import base_delta
 from meldkit.goat.layer import GoatLinear
 from meldkit.goat.model import (
     build_layer,
@@ -38,6 +46,7 @@ from meldkit.goat.model import (
     find_targets,
     freeze_base,
     goat_layers,
+    remember_requires_grad,
     replace_module,
     track_forwards,
     unwrap,
@@ -48,6 +57,12 @@ FORMAT_VERSION = "1"
 ADAPTER_FILE = "goat_adapter.safetensors"
 _PARTS = ("lora_a", "lora_b", "router.weight")
 _ALIGNMENT = ("alignment_a", "alignment_b")
+# Relative L2 distance between two sketches of one base weight that still counts as the same
+# weight: fp32 rounding of the products when the sketch is of the exact W0; for W0 rebuilt from
+# W̃0 (keep_original=False), also W̃0's rounding to the base dtype.
+_SKETCH_RTOL_EXACT = 1e-5
+_SKETCH_RTOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
+_SKETCH_RTOL_DEFAULT = 1e-4
 
 
 class AdapterError(ValueError):
@@ -59,13 +74,53 @@ def _resolve(path: str | os.PathLike) -> Path:
     return p / ADAPTER_FILE if p.is_dir() else p
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile``'s, DDP's and DataParallel's wrappers, so that layer
+    names carry no ``_orig_mod.`` or ``module.`` prefix."""
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def base_sketch(weight: torch.Tensor) -> torch.Tensor:
+    """``W @ v`` in fp32 on the weight's device, returned on the CPU, for a fixed v ~ N(0, 1)
+    drawn from a generator seeded by W's width: a fingerprint of W ``[m, n]`` (``[m]``)."""
+    n = weight.shape[1]
+    generator = torch.Generator().manual_seed(0x60A7 + n)
+    v = torch.randn(n, generator=generator, dtype=torch.float32).to(weight.device)
+    with torch.no_grad():
+        return torch.mv(weight.detach().float(), v).cpu()
+
+
+def _original_sketch(layer: GoatLinear) -> tuple[torch.Tensor, bool]:
+    """The sketch of the layer's original W0 and whether it is of W0 exactly (the kept copy,
+    or an unadjusted base) or of W̃0 + the alignment in fp32."""
+    if layer.original_weight is not None:
+        return base_sketch(layer.original_weight), True
+    weight = layer.base_layer.weight
+    if layer.alignment is None:
+        return base_sketch(weight), True
+    delta = base_delta(*(t.to(weight.device) for t in layer.alignment))
+    return base_sketch(weight.detach().float() + delta), False
+
+
+def _sketch_distance(saved: torch.Tensor, now: torch.Tensor) -> float:
+    scale = max(float(saved.norm()), float(now.norm()), 1e-30)
+    return float((saved - now).norm()) / scale
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the GOAT layers of ``model`` (experts, routers, base alignment, config) to ``path``.
 
     Parameters
     ----------
     model : nn.Module
-        A model wrapped by :func:`meldkit.goat.wrap` or :func:`load_adapter`.
+        A model wrapped by :func:`meldkit.goat.wrap` or :func:`load_adapter`, also inside
+        ``torch.compile``, DDP or DataParallel (the names saved are the inner model's).
     path : path-like
         The ``.safetensors`` file to write (replaced if it exists), or a directory to write
         ``goat_adapter.safetensors`` into.
@@ -77,6 +132,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save_file
 
+    model = _unwrapped(model)
     config = config_of(model)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
@@ -86,10 +142,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         tensors[f"{name}.router.weight"] = layer.router.weight.detach()
         if layer.alignment is not None:
             tensors[f"{name}.alignment_a"], tensors[f"{name}.alignment_b"] = layer.alignment
+        tensors[f"{name}.base_sketch"], exact = _original_sketch(layer)
         layers[name] = {
             "in_features": layer.in_features,
             "out_features": layer.out_features,
             "base_dtype": str(layer.base_layer.weight.dtype).removeprefix("torch."),
+            "sketch_exact": exact,
         }
     tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
     metadata = {
@@ -142,7 +200,10 @@ def read_adapter(
         config = GoatConfig.from_json(metadata["config"])
         layers = {
             name: {key: int(info[key]) for key in ("in_features", "out_features")}
-            | {"base_dtype": str(info.get("base_dtype"))}
+            | {
+                "base_dtype": str(info.get("base_dtype")),
+                "sketch_exact": bool(info.get("sketch_exact", True)),
+            }
             for name, info in json.loads(metadata["layers"]).items()
         }
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
@@ -165,6 +226,14 @@ def read_adapter(
                     f"{file}: tensor {key} has shape {tuple(tensors[key].shape)}, the config "
                     f"(E={e}, rank={r}) and layer nn.Linear({n}, {m}) need {shape}"
                 )
+        sketch = f"{name}.base_sketch"  # optional: older files have none
+        if sketch in tensors:
+            expected_keys.add(sketch)
+            if tuple(tensors[sketch].shape) != (m,):
+                raise AdapterError(
+                    f"{file}: tensor {sketch} has shape {tuple(tensors[sketch].shape)}, layer "
+                    f"nn.Linear({n}, {m}) needs {(m,)}"
+                )
     extra = sorted(set(tensors) - expected_keys)
     if extra:
         raise AdapterError(f"{file}: unexpected tensors {extra[:5]}")
@@ -172,7 +241,11 @@ def read_adapter(
 
 
 def load_adapter(
-    model: nn.Module, path: str | os.PathLike, *, keep_original: bool = True
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    keep_original: bool = True,
+    check_base: bool = True,
 ) -> nn.Module:
     """Wrap ``model`` with the GOAT adapter saved at ``path``, in place.
 
@@ -192,6 +265,10 @@ def load_adapter(
     keep_original : bool
         As in :func:`meldkit.goat.wrap`: keep CPU copies of the base weights for a bit-exact
         :func:`meldkit.goat.unwrap`.
+    check_base : bool
+        Compare every layer's base weight with the fingerprint the file holds (``base_sketch``)
+        and refuse a model whose weights are not the ones the adapter was trained on. False
+        loads it anyway (to apply an adapter to a related checkpoint on purpose).
 
     Returns
     -------
@@ -204,18 +281,24 @@ def load_adapter(
         The file is not a GOAT adapter, or it does not fit the model: a layer it names is
         missing, not an ``nn.Linear`` or of another shape, its base weight has another dtype
         than the adapter was trained with (SVD inits: the adjusted base would differ), the
-        config's ``target_modules`` select other layers of this model, or the model already has
-        GOAT layers with another config.
+        config's ``target_modules`` select other layers of this model, the base weights are
+        not the ones it was trained on (``check_base``), or the model already has GOAT layers
+        with another config.
         The model is left untouched.
     """
     config, layers, tensors = read_adapter(path)
     file = _resolve(path)
+    model = _unwrapped(model)
     existing = dict(goat_layers(model))
     if existing:
         if config_of(model) != config:
+            ours, theirs = config_of(model).to_dict(), config.to_dict()
+            fields = [
+                f"{k}={theirs[k]!r} (model: {ours[k]!r})" for k in theirs if theirs[k] != ours[k]
+            ]
             raise AdapterError(
-                f"{file}: adapter config {config} differs from the model's GOAT config "
-                f"{config_of(model)}"
+                f"{file}: adapter config differs from the model's GOAT config in "
+                f"{', '.join(fields)}; unwrap the model first to load this adapter"
             )
         if set(existing) != set(layers):
             raise AdapterError(
@@ -254,9 +337,34 @@ def load_adapter(
                 f"{dtype}: the adjusted base weights would differ from the trained model's. "
                 f"Load into the base in {saved_dtype} (then cast the model if you need {dtype})"
             )
+    if check_base:
+        for name, info in layers.items():
+            saved = tensors.get(f"{name}.base_sketch")
+            if saved is None:
+                continue
+            if name in existing:
+                now, now_exact = _original_sketch(existing[name])
+            else:
+                now, now_exact = base_sketch(bases[name].weight), True
+            dtype = bases[name].weight.dtype
+            saved_dtype = getattr(torch, info["base_dtype"], dtype)
+            if info["sketch_exact"] and now_exact and saved_dtype == dtype:
+                rtol = _SKETCH_RTOL_EXACT
+            else:  # W0 rebuilt from W̃0, or rounded to another dtype (init "lora")
+                rtol = max(_SKETCH_RTOL.get(d, _SKETCH_RTOL_DEFAULT) for d in (dtype, saved_dtype))
+            distance = _sketch_distance(saved, now)
+            if not distance <= rtol:
+                raise AdapterError(
+                    f"{file}: layer {name!r}: the model's base weight is not the one the adapter "
+                    f"was trained on (its fingerprint differs by {distance:.3g} relative, more "
+                    f"than {rtol:.1g}); load the base checkpoint it was trained from, or pass "
+                    "check_base=False to apply it to this one anyway"
+                )
     if not existing:
         try:
-            selected = find_targets(model, config.target_modules)
+            selected = find_targets(
+                model, config.target_modules, adjusts_base=config.init != "lora"
+            )
         except ValueError as exc:
             raise AdapterError(f"{file}: {exc}") from None
         if set(selected) != set(layers):
@@ -269,6 +377,7 @@ def load_adapter(
     else:
         unwrap(model)
 
+    remember_requires_grad(model)
     for name in layers:
         linear = bases[name]
         device = linear.weight.device

@@ -104,11 +104,13 @@ class GoatLinear(nn.Module):
         self.base_requires_grad = {n: p.requires_grad for n, p in base_layer.named_parameters()}
         self.alignment: tuple[torch.Tensor, torch.Tensor] | None = None
         self.original_weight: torch.Tensor | None = None
-        # Router probabilities [N, E] of every call since the model's forward began (cleared by
-        # the forward pre-hook that wrap puts on the model; see meldkit.goat.model); a layer
-        # outside such a model keeps its last call only.
-        self.collects_calls = False
+        # Router probabilities [N, E] of every call since the model's forward began, and which
+        # forward that was (the scope that wrap puts on the model counts them; see
+        # meldkit.goat.model.ForwardScope); a layer without a scope, or called outside the
+        # model's forward, keeps its last call only.
+        self.scope = None
         self._probs: list[torch.Tensor] = []
+        self._generation = 0
 
     def __getstate__(self) -> dict:
         # The probabilities carry autograd graphs, which deepcopy and pickle refuse; they only
@@ -167,8 +169,10 @@ class GoatLinear(nn.Module):
             )
             y = (base(x) + delta).to(x.dtype)
         if not _in_backward():  # not activation checkpointing's recomputation
-            if not self.collects_calls:
+            scope = self.scope
+            if scope is None or not scope.active or self._generation != scope.generation:
                 self._probs.clear()
+                self._generation = scope.generation if scope is not None else 0
             self._probs.append(probs)
         return y
 
@@ -208,7 +212,7 @@ class GoatLinear(nn.Module):
             reentrant activation checkpointing, which recomputes the layer only during the
             backward): the loss would silently give the router no gradient.
         """
-        if not self._probs:
+        if not self.has_run:
             raise RuntimeError(
                 "GoatLinear.balance_loss: no forward pass has run this layer (none yet, or the "
                 "model's last forward skipped it)"
@@ -218,6 +222,9 @@ class GoatLinear(nn.Module):
     @property
     def has_run(self) -> bool:
         """Whether the layer ran since the model's forward began (it has a balance loss)."""
+        scope = self.scope
+        if scope is not None and self._generation != scope.generation:
+            return False  # its calls belong to an earlier forward of the model
         return bool(self._probs)
 
     def _call_loss(self, probs: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,12 @@ from meldkit.goat.config import ALL_LINEAR, GoatConfig
 from meldkit.goat.init import alignment_factors, base_delta, lora_experts, svd_experts
 from meldkit.goat.layer import GoatLinear, _in_backward
 
-# Names of classification heads that "all-linear" leaves alone (PEFT's SEQ_CLS_HEAD_NAMES).
-HEAD_NAMES = ("score", "classifier")
+# Names of classification heads that "all-linear" leaves alone (PEFT's SEQ_CLS_HEAD_NAMES, and
+# BART's and similar models' ``classification_head``).
+HEAD_NAMES = ("score", "classifier", "classification_head")
+# Where wrap keeps every parameter's requires_grad flag from before it froze the model (unwrap
+# puts them back).
+_FLAGS = "_meldkit_goat_requires_grad"
 
 
 def goat_layers(model: nn.Module) -> Iterator[tuple[str, GoatLinear]]:
@@ -38,18 +42,27 @@ def _excluded_heads(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if any(module is h for h in heads)]
 
 
-def find_targets(model: nn.Module, target_modules: str | tuple[str, ...]) -> list[str]:
+def find_targets(
+    model: nn.Module, target_modules: str | tuple[str, ...], *, adjusts_base: bool = False
+) -> list[str]:
     """Qualified names of the ``nn.Linear`` layers that ``target_modules`` selects.
+
+    ``adjusts_base``: the init will change the selected layers' weights (the SVD inits), so a
+    weight that another module shares (tied input and output embeddings) is refused.
 
     Raises
     ------
     ValueError
         When a selected module is not an ``nn.Linear`` (or is used by ``nn.MultiheadAttention``,
-        which reads its weight directly), is shared under two names, or when nothing matches.
+        which reads its weight directly), is shared under two names, shares its weight with
+        another module while ``adjusts_base``, or when nothing matches.
     """
     shared: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         shared.setdefault(id(module), []).append(name)
+    weight_names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        weight_names.setdefault(id(p), []).append(name)
     inside_mha = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     excluded = _excluded_heads(model) if target_modules == ALL_LINEAR else []
     found = []
@@ -64,14 +77,25 @@ def find_targets(model: nn.Module, target_modules: str | tuple[str, ...]) -> lis
         elif not _matches(name, target_modules):
             continue
         elif not isinstance(module, nn.Linear) or id(module) in inside_mha:
+            kind = f"{type(module).__module__}.{type(module).__qualname__}"
             raise ValueError(
-                f"meldkit.goat.wrap: target {name!r} is a {type(module).__name__}; GOAT adapts "
-                "nn.Linear layers only (check target_modules)"
+                f"meldkit.goat.wrap: target {name!r} is a {kind}; GOAT adapts torch.nn.Linear "
+                "layers only (not GPT-2's Conv1D, nor a layer another adapter library already "
+                "replaced; check target_modules)"
             )
         if len(shared[id(module)]) > 1:
             raise ValueError(
                 f"meldkit.goat.wrap: target {name!r} is shared as {shared[id(module)]}; "
                 "untie it or leave it out of target_modules"
+            )
+        ties = weight_names.get(id(module.weight), [])
+        if adjusts_base and len(ties) > 1:
+            others = [t for t in ties if t != f"{name}.weight"]
+            raise ValueError(
+                f"meldkit.goat.wrap: target {name!r} shares its weight with {others} (tied "
+                "weights); the SVD init adjusts the base weight, which would change those too. "
+                "Untie it (Hugging Face: tie_word_embeddings=False), leave it out of "
+                "target_modules, or use init='lora'"
             )
         found.append(name)
     if not found:
@@ -136,33 +160,86 @@ def build_layer(
     return layer
 
 
-def start_forward(model: nn.Module, args: tuple) -> None:
-    """Forward pre-hook on a wrapped model: its GOAT layers forget the router probabilities of
-    earlier forwards, so :func:`aux_loss` sees this forward's calls only (a layer the forward
-    skips has none; a layer it runs twice has two). Activation checkpointing's recomputation
-    during the backward is not a new forward."""
-    if _in_backward():
-        return
-    for module in model.modules():
-        if isinstance(module, GoatLinear):
-            module._probs.clear()
+class ForwardScope:
+    """Tells the GOAT layers of one wrapped model when a new forward begins.
+
+    :func:`track_forwards` puts :meth:`enter` (a forward pre-hook) and :meth:`leave` (a forward
+    hook that runs even when the forward raises) on the model and on every module above a GOAT
+    layer. The outermost of them to start, whichever it is (the root model, a backbone called
+    on its own such as ``model.model(...)``, CLIP's ``vision_model`` through
+    ``get_image_features``), begins a new forward (``generation`` counts them): a layer forgets
+    the router probabilities of earlier forwards when it next runs, and :func:`aux_loss` skips
+    layers whose calls are older, so it sees this forward's calls only and no calls pile up
+    between forwards. A GOAT layer called outside any of them keeps its last call only.
+    Activation checkpointing's recomputation during the backward is not a new forward.
+
+    The scope holds two counters and no references to modules, so copying one layer does not
+    copy the model.
+    """
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.generation = 0
+
+    def enter(self, module: nn.Module, args: tuple) -> None:
+        if _in_backward():
+            return
+        if self.depth == 0:
+            self.generation += 1
+        self.depth += 1
+
+    def leave(self, module: nn.Module, args: tuple, output) -> None:
+        if _in_backward():
+            return
+        self.depth = max(self.depth - 1, 0)
+
+    @property
+    def active(self) -> bool:
+        """Whether a forward of the model or of a module above the layers is running."""
+        return self.depth > 0
+
+
+def _is_scope_hook(hook) -> bool:
+    return isinstance(getattr(hook, "__self__", None), ForwardScope)
 
 
 def track_forwards(model: nn.Module) -> None:
-    """Put :func:`start_forward` on ``model`` (once) and let its GOAT layers keep every call's
-    router probabilities until the next forward of ``model``."""
-    if not any(hook is start_forward for hook in model._forward_pre_hooks.values()):
-        model.register_forward_pre_hook(start_forward)
-    for _, layer in goat_layers(model):
-        layer.collects_calls = True
+    """Put a :class:`ForwardScope` on ``model``: its GOAT layers keep every call's router
+    probabilities from the start of a forward of the model (or of any module above them) until
+    the next one. Replaces the scope an earlier call put there."""
+    untrack_forwards(model)
+    named = list(goat_layers(model))
+    scope = ForwardScope()
+    above = {""}
+    for name, _ in named:
+        parts = name.split(".")
+        above |= {".".join(parts[:i]) for i in range(1, len(parts))}
+    for name in sorted(above):
+        module = model.get_submodule(name)
+        module.register_forward_pre_hook(scope.enter)
+        module.register_forward_hook(scope.leave, always_call=True)
+    for _, layer in named:
+        layer.scope = scope
         layer._probs.clear()
 
 
 def untrack_forwards(model: nn.Module) -> None:
-    """Remove :func:`start_forward` from ``model``."""
-    hooks = model._forward_pre_hooks
-    for key in [k for k, hook in hooks.items() if hook is start_forward]:
-        del hooks[key]
+    """Remove every :class:`ForwardScope` hook from ``model``'s modules and detach its GOAT
+    layers from their scope."""
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, hook in hooks.items() if _is_scope_hook(hook)]:
+                del hooks[key]
+                module._forward_hooks_always_called.pop(key, None)
+        if isinstance(module, GoatLinear):
+            module.scope = None
+
+
+def remember_requires_grad(model: nn.Module) -> None:
+    """Keep every parameter's ``requires_grad`` flag (by name, before any layer is replaced) on
+    the model, for :func:`unwrap` to restore."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    setattr(model, _FLAGS, flags)
 
 
 def freeze_base(model: nn.Module) -> None:
@@ -218,7 +295,7 @@ def wrap(model: nn.Module, config: GoatConfig, *, keep_original: bool = True) ->
         raise TypeError(f"meldkit.goat.wrap: config must be a GoatConfig, got {type(config)}")
     if any(True for _ in goat_layers(model)):
         raise ValueError("meldkit.goat.wrap: the model already has GOAT layers (unwrap it first)")
-    names = find_targets(model, config.target_modules)
+    names = find_targets(model, config.target_modules, adjusts_base=config.init != "lora")
     e, d = config.num_experts, config.expert_rank
     for name in names:
         linear = model.get_submodule(name)
@@ -229,6 +306,7 @@ def wrap(model: nn.Module, config: GoatConfig, *, keep_original: bool = True) ->
                 f"in_features) ≥ rank = {config.rank}, got nn.Linear({linear.in_features}, "
                 f"{linear.out_features})"
             )
+    remember_requires_grad(model)
     for name in names:
         linear = model.get_submodule(name)
         device = linear.weight.device
@@ -252,7 +330,8 @@ def wrap(model: nn.Module, config: GoatConfig, *, keep_original: bool = True) ->
                 rho=config.rho,
             )
             alignment = alignment_factors(lora_a, lora_b, s / e)
-        router = nn.Linear(linear.in_features, e, bias=False, device=device)
+        # fp32 whatever torch's default dtype: the router, as the experts, trains in fp32.
+        router = nn.Linear(linear.in_features, e, bias=False, device=device, dtype=torch.float32)
         layer = build_layer(
             linear,
             config,
@@ -274,8 +353,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     Bit-exact when the model was wrapped (or loaded) with ``keep_original=True``; otherwise W0
     is recomputed as ``W̃0 + delta_b @ delta_a`` in fp32 and rounded once to the base dtype
     (close to, not exactly, the original).
-    The base layers' ``requires_grad`` flags are restored to what they were before wrapping; the
-    rest of the model stays frozen.
+    Every parameter's ``requires_grad`` flag goes back to what it was before :func:`wrap` (or
+    :func:`meldkit.goat.load_adapter`) froze the model, and the hooks they put on the model are
+    removed.
 
     Returns
     -------
@@ -285,6 +365,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     layers = list(goat_layers(model))
     if not layers:
         raise ValueError("meldkit.goat.unwrap: the model has no GOAT layers")
+    untrack_forwards(model)
     for name, layer in layers:
         base = layer.base_layer
         if layer.original_weight is not None:
@@ -295,7 +376,11 @@ def unwrap(model: nn.Module) -> nn.Module:
         for pname, p in base.named_parameters():
             p.requires_grad_(layer.base_requires_grad.get(pname, True))
         replace_module(model, name, base)
-    untrack_forwards(model)
+    flags = model.__dict__.pop(_FLAGS, None)
+    if flags is not None:
+        for pname, p in model.named_parameters():
+            if pname in flags:
+                p.requires_grad_(flags[pname])
     return model
 
 
