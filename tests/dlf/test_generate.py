@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,6 +186,62 @@ def test_stops_per_row_on_stop_strings(models, tok):
     assert res.finish_reasons[1] == "stop"
 
 
+def test_stop_string_that_is_a_special_token(models, tok):
+    """Texts skip special tokens, but a stop string naming one ("<pad>" here; "<|im_end|>" in
+    chat models) still ends the row, and the text ends before it as it ends before any stop
+    string; one that spans a special token and a shown one cuts inside the shown one."""
+    large, small, experts = models
+    prompt = "w01 w02 w03"  # greedy DLF generates <pad> (id PAD) third on this prompt
+    free = dlf.generate(large, small, experts, tok, prompt, max_new_tokens=6, eos_token_id=[])
+    seq = free.token_ids[0]
+    assert PAD in seq[:-1]  # the premise: a special token followed by more tokens
+    end = seq.index(PAD) + 1
+    res = dlf.generate(
+        large, small, experts, tok, prompt, max_new_tokens=6, eos_token_id=[], stop=["<pad>"]
+    )
+    assert res.finish_reasons == ["stop"] and res.token_ids == [seq[:end]]
+    assert res.texts == [tok.decode(seq[: end - 1], skip_special_tokens=True)]
+    assert res.texts[0] != ""
+    before = tok.decode([seq[end - 2]])  # the word before <pad>: "w31 <pad>" spans both
+    res = dlf.generate(
+        large,
+        small,
+        experts,
+        tok,
+        prompt,
+        max_new_tokens=6,
+        eos_token_id=[],
+        stop=[before[1:] + " <pad>"],
+    )
+    assert res.finish_reasons == ["stop"] and res.token_ids == [seq[:end]]
+    text = tok.decode(seq[:end], skip_special_tokens=True)
+    assert res.texts == [text[: text.rindex(before) + 1]]  # cut after the word's first letter
+
+
+@pytest.mark.parametrize(
+    "as_type", [torch.tensor, lambda i: torch.tensor([i, 99]), np.int64, lambda i: np.array([i])]
+)
+def test_eos_ids_as_tensor_or_numpy(models, tok, as_type):
+    large, small, experts = models
+    kw = dict(max_new_tokens=8)
+    free = dlf.generate(large, small, experts, tok, PROMPTS, eos_token_id=[], **kw)
+    eos = free.token_ids[0][2]
+    want = dlf.generate(large, small, experts, tok, PROMPTS, eos_token_id=eos, **kw)
+    got = dlf.generate(large, small, experts, tok, PROMPTS, eos_token_id=as_type(eos), **kw)
+    assert got.finish_reasons[0] == "eos" and got.token_ids == want.token_ids
+    assert got.finish_reasons == want.finish_reasons
+
+
+def test_greedy_ignores_sampling_arguments(models, tok):
+    """As transformers' generate: temperature and top_p are neither used nor checked when
+    do_sample is False."""
+    large, small, experts = models
+    kw = dict(max_new_tokens=4, eos_token_id=[])
+    greedy = dlf.generate(large, small, experts, tok, PROMPTS, **kw)
+    odd = dlf.generate(large, small, experts, tok, PROMPTS, top_p=0.0, temperature=0.0, **kw)
+    assert torch.equal(odd.sequences, greedy.sequences)
+
+
 def test_sampling_is_reproducible_and_fused_first(models, tok):
     large, small, experts = models
     kw = dict(max_new_tokens=6, eos_token_id=[], do_sample=True)
@@ -223,7 +280,9 @@ def test_custom_alpha_grid(models, tok):
         (dict(alpha=math.nan, mode="static"), "alpha"),
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(expert_prompts=["x", "y", "z"]), "expert_prompts"),
-        (dict(top_p=0.0), "top_p"),
+        (dict(alpha=True, mode="static"), "alpha"),
+        (dict(do_sample=True, top_p=0.0), "top_p"),
+        (dict(do_sample=True, top_p=1.5), "top_p"),
         (dict(do_sample=True, temperature=0.0), "temperature"),
         (dict(seed=1, generator=torch.Generator()), "seed"),
         (dict(stop=""), "stop"),

@@ -88,24 +88,84 @@ def test_processor_refuses_beam_search(setup):
         _run(large, proc, enc, num_beams=2, do_sample=False)
 
 
-@pytest.mark.parametrize("beams", [2, 3])
-def test_processor_refuses_beam_search_without_mask(setup, beams):
-    """Without the attention mask the row count cannot tell: beam search hands its processors
-    log-probabilities, and the first call refuses them before any fused logits reach the beam
-    scores (two new tokens: beam reordering alone would never be seen)."""
+@pytest.mark.parametrize(
+    ("beams", "extra"),
+    [
+        (2, {}),
+        (3, {}),
+        # Processors that run before this one and change beam search's log-probabilities (their
+        # rows' log-sum-exp is no longer 0), before the first fused logits reach the beam scores.
+        (2, {"repetition_penalty": 1.3}),
+        (2, {"min_new_tokens": 3}),
+    ],
+)
+def test_processor_refuses_beam_search_without_mask(setup, beams, extra):
+    """Without the attention mask the row count cannot tell, and beam search's scores are not
+    recognisable either once another processor changed them: the first call reads num_beams
+    from generate's settings and refuses before any fused logits reach the beam scores (three
+    new tokens: beam reordering alone need not be seen)."""
     tok, large, small, experts = setup
     enc = tok(PROMPTS[1:2], return_tensors="pt")
     proc = dlf.DynamicLogitFusionProcessor(small, experts, tok)
-    with pytest.raises(ValueError, match=r"beam search.*num_beams=1"):
+    with pytest.raises(ValueError, match=rf"beam search \(num_beams={beams}\).*num_beams=1"):
         large.generate(
             input_ids=enc["input_ids"],
             logits_processor=transformers.LogitsProcessorList([proc]),
-            max_new_tokens=2,
+            max_new_tokens=3,
             num_beams=beams,
             do_sample=False,
             pad_token_id=PAD,
+            **extra,
         )
     assert proc.alphas.numel() == 0
+
+
+class _LogSoftmax(transformers.LogitsProcessor):
+    """Normalises the scores: every row's log-sum-exp becomes 0, as beam search's are."""
+
+    def __call__(self, input_ids, scores):
+        return scores.log_softmax(-1)
+
+
+def test_processor_takes_normalised_scores_in_greedy_search(setup):
+    """Scores normalised by an earlier processor are not beam search: softmax(M_L + α·d) does
+    not change when M_L is shifted per row, so the fusion picks the same tokens."""
+    tok, large, small, experts = setup
+    enc = tok(PROMPTS, padding=True, return_tensors="pt")
+    proc = dlf.DynamicLogitFusionProcessor(small, experts, tok, attention_mask=enc.attention_mask)
+    out = large.generate(
+        **enc,
+        logits_processor=transformers.LogitsProcessorList([_LogSoftmax(), proc]),
+        max_new_tokens=7,
+        do_sample=False,
+        pad_token_id=PAD,
+    )
+    ref = dlf.generate(large, small, experts, tok, PROMPTS, max_new_tokens=7)
+    assert torch.equal(out[:, enc["input_ids"].shape[1] :], ref.sequences)
+
+
+def test_processor_outside_generate_needs_the_batch_size(setup):
+    """Called from an own loop, no generate() settings are within reach: the processor needs
+    the prompt batch (attention_mask or prompts) to refuse a batch of another size."""
+    tok, large, small, experts = setup
+    enc = tok(PROMPTS, padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    with torch.no_grad():
+        scores = large(**enc).logits[:, -1].float()
+    proc = dlf.DynamicLogitFusionProcessor(small, experts, tok)
+    with pytest.raises(ValueError, match=r"outside transformers' generate.*attention_mask="):
+        proc(ids, scores)
+    assert proc.alphas.numel() == 0
+    # A beam-expanded batch (every row twice) against the prompt batch's mask.
+    proc = dlf.DynamicLogitFusionProcessor(small, experts, tok, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"runs 6 rows but attention_mask has 3.*num_beams=1"):
+        proc(ids.repeat_interleave(2, 0), scores.repeat_interleave(2, 0))
+    # The prompt batch itself: the first step of dlf.generate.
+    proc = dlf.DynamicLogitFusionProcessor(small, experts, tok, attention_mask=mask)
+    fused = proc(ids, scores)
+    ref = dlf.generate(large, small, experts, tok, PROMPTS, max_new_tokens=1)
+    assert torch.equal(fused.argmax(-1), ref.sequences[:, 0])
+    assert torch.equal(proc.alphas, ref.alphas)
 
 
 def test_processor_refuses_assisted_decoding(setup):

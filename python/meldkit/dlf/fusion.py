@@ -19,7 +19,8 @@ def check_mode(mode: str, alpha: float, alphas) -> None:
         raise ValueError(f"dlf: mode must be one of {MODES}, got {mode!r}")
     if mode == "static" and alphas is not None:
         raise ValueError("dlf: alphas (the search grid) is for mode='dynamic'; static uses alpha")
-    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    # bool is an int subclass: alpha=True would silently mean 1.0.
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"dlf: alpha must be a finite number, got {alpha!r}")
 
 

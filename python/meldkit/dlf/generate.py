@@ -33,7 +33,8 @@ class DLFOutput:
     ----------
     texts : list[str]
         Per prompt, the generated continuation (special tokens skipped), cut before the first stop
-        string when one ended the row.
+        string when one ended the row (a stop string that is, or holds, a special token's text
+        cuts the text before that token).
     token_ids : list[list[int]]
         Per prompt, the generated token ids, including the EOS token or the token that completed a
         stop string.
@@ -130,17 +131,69 @@ def alpha_list(alphas) -> list[float] | None:
     return [float(a) for a in alphas]
 
 
+def token_id_set(value, name: str) -> set[int]:
+    """Token ids given as an int, a sequence of ints, or an integer tensor or NumPy array (or
+    scalar), as a set of Python ints: tensors hash by identity, so a tensor id in the set would
+    never match a generated id, and a 0-d tensor or NumPy scalar is not iterable."""
+    if hasattr(value, "tolist"):  # torch.Tensor, numpy.ndarray, numpy integer scalar
+        value = value.tolist()
+    values = value if isinstance(value, (list, tuple, set, frozenset)) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"dlf: {name} must be token ids (ints), got {v!r} in {value!r}")
+    return set(values)
+
+
 def _eos_ids(tokenizer, large: nn.Module, eos_token_id) -> set[int]:
     if eos_token_id is not None:
-        return set(_as_list(eos_token_id, int))
+        return token_id_set(eos_token_id, "eos_token_id")
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
+        ids |= token_id_set(tokenizer.eos_token_id, "the tokenizer's eos_token_id")
     gen = getattr(large, "generation_config", None)
     extra = getattr(gen, "eos_token_id", None)
     if extra is not None:
-        ids |= set(_as_list(extra, int))
+        ids |= token_id_set(extra, "the large model's generation_config.eos_token_id")
     return ids
+
+
+def stop_cut(tokenizer, ids: list[int], stops: Sequence[str]) -> int | None:
+    """Where the text of ``ids`` ends for the first stop string in it; None when there is none.
+
+    The text is ``decode(ids, skip_special_tokens=True)``. A stop string is looked for in it and
+    in the decode that keeps special tokens, so that a special token's text ("<|im_end|>",
+    "<pad>") stops a row as well. A stop string found in the text cuts it before its first
+    occurrence; one found only with special tokens kept cuts it before the token where that
+    occurrence starts (within the token, when the token is shown in the text).
+
+    Returns
+    -------
+    int or None
+        The length of the text to keep.
+    """
+    if not stops:
+        return None
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    cuts = [text.find(s) for s in stops if s in text]
+    full = tokenizer.decode(ids, skip_special_tokens=False)
+    starts = [full.find(s) for s in stops if s not in text and s in full]
+    if starts:
+        cuts.append(_shown_before(tokenizer, ids, min(starts)))
+    return min(cuts) if cuts else None
+
+
+def _shown_before(tokenizer, ids: list[int], start: int) -> int:
+    """Length of the text (special tokens skipped) of ``ids`` before character ``start`` of the
+    decode that keeps special tokens."""
+    for j in range(len(ids)):
+        upto = tokenizer.decode(ids[: j + 1], skip_special_tokens=False)
+        if len(upto) > start:  # token j holds character ``start``
+            break
+    shown = tokenizer.decode(ids[: j + 1], skip_special_tokens=True)
+    if tokenizer.decode(ids[j : j + 1], skip_special_tokens=True) == "":
+        return len(tokenizer.decode(ids[:j], skip_special_tokens=True))  # a skipped token
+    # Token j is shown and ends ``shown`` as it ends ``upto``: drop its part from ``start`` on.
+    return max(0, len(shown) - (len(upto) - start))
 
 
 def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -173,8 +226,10 @@ def next_tokens(
 
 
 def _check_sampling(do_sample, temperature, top_p, generator, seed) -> None:
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"dlf: top_p must be in (0, 1], got {top_p}")
+    # As transformers' generate: temperature and top_p are only read (and checked) when
+    # sampling; greedy decoding ignores them.
+    if do_sample and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"dlf: top_p must be in (0, 1] when sampling, got {top_p}")
     if do_sample and not temperature > 0.0:
         raise ValueError(f"dlf: temperature must be > 0 when sampling, got {temperature}")
     if generator is not None and seed is not None:
@@ -247,16 +302,20 @@ def generate(
     do_sample : bool
         Sample instead of greedy argmax (the paper decodes greedily).
     temperature, top_p : float
-        Sampling temperature and nucleus mass, applied to the fused logits only.
+        Sampling temperature (> 0) and nucleus mass (in (0, 1]), applied to the fused logits
+        only; checked and used only when ``do_sample`` (greedy decoding ignores them, as
+        transformers' ``generate`` does).
     generator : torch.Generator, optional
         Random generator on the large model's logits device, for reproducible sampling.
     seed : int, optional
         Seed of a fresh generator (instead of ``generator``).
     stop : str or sequence of str, optional
-        Stop strings: a row ends once its decoded continuation contains one.
+        Stop strings: a row ends once its decoded continuation contains one, with special tokens
+        skipped or kept (a special token's text, as "<|im_end|>", stops a row too); its text is
+        cut before the stop string.
     eos_token_id : int or sequence of int, optional
-        Ids that end a row; default the tokenizer's EOS plus the large model's
-        ``generation_config.eos_token_id``.
+        Ids that end a row (ints, or an integer tensor or NumPy array); default the tokenizer's
+        EOS plus the large model's ``generation_config.eos_token_id``.
     expert_prompts : sequence of (str, callable or None), optional
         Per expert: a prefix put before every prompt (task instructions or few-shot
         demonstrations), a function prompt → expert prompt (e.g. a chat template), or None. Each
@@ -343,9 +402,7 @@ def generate(
             generated[r].append(tok)
             if tok in eos:
                 finished[r], reasons[r] = True, "eos"
-            elif stops and any(
-                s in tokenizer.decode(generated[r], skip_special_tokens=True) for s in stops
-            ):
+            elif stop_cut(tokenizer, generated[r], stops) is not None:
                 finished[r], reasons[r] = True, "stop"
         if all(finished) or step == max_new_tokens - 1:
             break
@@ -355,7 +412,7 @@ def generate(
     for r in range(rows):
         text = tokenizer.decode(generated[r], skip_special_tokens=True)
         if reasons[r] == "stop":
-            text = text[: min(text.find(s) for s in stops if s in text)]
+            text = text[: stop_cut(tokenizer, generated[r], stops)]
         texts.append(text)
     return DLFOutput(
         texts=texts,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -42,7 +43,8 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
     attention_mask : torch.Tensor, optional
         ``[B, L]`` attention mask of the prompt batch passed to ``generate`` (left padding).
         Without it the prompt is taken as unpadded (a batch expanded by ``num_return_sequences``
-        then runs as it comes, each row on its own).
+        then runs as it comes, each row on its own). Needed, or ``prompts``, when the processor
+        is called outside ``generate`` (see Notes).
     mode, alpha, alphas, adapter_batching
         As in :func:`meldkit.dlf.generate`.
     prompts : sequence of str, optional
@@ -53,13 +55,19 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
     Notes
     -----
     Only greedy search and sampling with ``num_beams=1`` work: beam search reorders rows and
-    assisted decoding verifies several tokens and rolls back, and the processor's caches cannot
-    follow either. The first call refuses beam search (``ValueError``): ``generate`` hands beam
-    search's processors log-probabilities (every row's log-sum-exp is 0) where it hands the
-    others raw logits, and, with ``attention_mask`` or ``prompts`` given, a batch of another
-    size. Every later call checks that the rows are the previous call's rows plus one token
-    (assisted decoding and prompt lookup add several, or roll back) and raises ``ValueError``
-    otherwise. Use one processor per ``generate`` call, or call :meth:`reset`.
+    ranks them by summed scores that fused logits are not (they are not log-probabilities), and
+    assisted decoding verifies several tokens and rolls back; the processor's caches cannot
+    follow either. The first call refuses beam search (``ValueError``) from the settings of the
+    ``generate`` call that runs it: its ``GenerationConfig``, read from the caller's frames
+    (``generation_config``, as ``generate`` and its decoding loops name it), whatever processors
+    ran before this one. With ``attention_mask`` or ``prompts`` given it also refuses a batch of
+    another size than theirs (beam search and ``num_return_sequences`` expand the batch). When
+    no ``GenerationConfig`` is found (the processor called from an own loop, or a ``generate``
+    that names it otherwise), the batch size is the only check left, so ``attention_mask`` or
+    ``prompts`` must then be given (``ValueError`` otherwise). Every later call checks that the
+    rows are the previous call's rows plus one token (assisted decoding and prompt lookup add
+    several, or roll back) and raises ``ValueError`` otherwise. Use one processor per
+    ``generate`` call, or call :meth:`reset`.
     For speed (the large and small forwards batched and fused with sampling), prefer
     :func:`meldkit.dlf.generate`.
     """
@@ -118,6 +126,25 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         """``[B, steps]`` int64: expert chosen at every call so far (see ``DLFOutput.experts``)."""
         return _stack(self._trace_expert, torch.long)
 
+    def _refuse_beam_search(self) -> None:
+        """Raise ``ValueError`` when the calling ``generate`` runs beam search, or when it cannot
+        be told and the batch size is not known either (see the class Notes)."""
+        config = _calling_generation_config()
+        if config is not None:
+            beams = getattr(config, "num_beams", None) or 1
+            if beams > 1:
+                raise ValueError(
+                    f"dlf: generate() is running beam search (num_beams={beams}): {_DECODING_HINT}"
+                )
+        elif self.attention_mask is None and self._prompts is None:
+            raise ValueError(
+                "dlf: DynamicLogitFusionProcessor is called outside transformers' generate() "
+                "(no generation_config found in its callers), so it cannot tell beam search or "
+                "an expanded batch from a plain one: pass attention_mask= (the prompt batch's "
+                "mask; torch.ones_like(input_ids) for unpadded prompts) or prompts= when "
+                "constructing it"
+            )
+
     def _start(self, input_ids: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
         rows, length = input_ids.shape
         mask = self.attention_mask
@@ -170,7 +197,7 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         if self._prev is None:
             # The large model is seen only through its scores: its vocabulary is checked here.
             check_vocab_width("the large model", scores.shape[-1], self.vocab_size)
-            _refuse_beam_search(scores)
+            self._refuse_beam_search()
             small = self._start(input_ids, scores.device)
         else:
             prev = self._prev
@@ -198,19 +225,37 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         return out
 
 
-def _refuse_beam_search(scores: torch.Tensor) -> None:
-    """Raise when ``scores`` are log-probabilities: ``generate``'s beam search applies
-    ``log_softmax`` before its processors (greedy search and sampling pass raw logits, whose
-    log-sum-exp is never 0 in every row)."""
-    if scores.numel() == 0:
-        return
-    lse = torch.logsumexp(scores.detach().float(), dim=-1)
-    if bool((lse.abs() < 1e-3).all()):
-        raise ValueError(
-            "dlf: generate() is running beam search (the scores are log-probabilities, as beam "
-            "search passes them to its processors; or a processor before this one normalised "
-            f"them): {_DECODING_HINT}"
-        )
+# How far up the stack to look for generate's settings: the decoding loop (``_sample``,
+# ``_beam_search``) is the 5th caller (_refuse_beam_search, __call__, torch's no_grad wrapper,
+# LogitsProcessorList.__call__, the loop); a few more frames leave room for wrappers.
+_CALLER_FRAMES = 8
+
+
+def _calling_generation_config():
+    """The ``transformers.GenerationConfig`` of the ``generate`` call running this processor.
+
+    ``generate`` and its decoding loops (``_sample``, ``_beam_search``, ``_assisted_decoding``;
+    checked on transformers 5.24) hold it in a local named ``generation_config``, with the
+    caller's keyword arguments (``num_beams=...``) applied. It is the only place the decoding
+    mode can be read from: ``LogitsProcessorList`` passes a processor nothing but the ids and
+    scores. Returns None when no such frame is within reach (an own decoding loop).
+    """
+    try:
+        from transformers import GenerationConfig
+    except ImportError:
+        return None
+    frame = inspect.currentframe()
+    try:
+        for _ in range(_CALLER_FRAMES):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            config = frame.f_locals.get("generation_config")
+            if isinstance(config, GenerationConfig):
+                return config
+        return None
+    finally:
+        del frame  # a frame reference kept alive would keep every local of the stack alive
 
 
 def _stack(steps: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
