@@ -374,8 +374,9 @@ def test_mixed_dtype_denoiser():
     assert out[0].weight.dtype == torch.float16 and out[1].weight.dtype == torch.float32
     want = base[1].weight - 0.25 * (ft[1].weight - base[1].weight)
     torch.testing.assert_close(out[1].weight, want)
+    # float32 arithmetic, one rounding to float16
     want16 = base[0].weight.float() - 0.25 * (ft[0].weight.float() - base[0].weight.float())
-    torch.testing.assert_close(out[0].weight.float(), want16, atol=2e-3, rtol=2e-3)
+    assert torch.equal(out[0].weight, want16.half())
     dyn, con = exde.decouple(base.state_dict(), ft.state_dict(), seed=1)
     assert dyn["0.weight"].dtype == torch.float16 and con["1.bias"].dtype == torch.float32
     from types import SimpleNamespace
@@ -385,8 +386,25 @@ def test_mixed_dtype_denoiser():
     dyn_module = exde.decouple(base, ft, seed=1)[0]
     with exde.attach(pipe, None, ft, seed=1) as blender:
         blender.apply(exde.DYN)
-        for name, p in live.named_parameters():
-            assert torch.equal(p, params(dyn_module)[name]), name
+        keep = 1 - 0.7
+        for name, p, b, tau in zip(
+            blender.names, blender.live, blender.base, blender.tau, strict=True
+        ):
+            if p.dtype == torch.float32:  # decouple's model exactly
+                assert torch.equal(p, params(dyn_module)[name]), name
+                continue
+            # float16: τ rounded once from float32, then the blend op's float32 sum, rounded
+            f, b0 = params(ft)[name].detach(), params(base)[name].detach()
+            assert torch.equal(tau, (f.float() - b0.float()).half()), name
+            want = blend_ref(
+                b,
+                tau,
+                (0.0, -0.25 * 0.75 / keep, 0.0),
+                keep=(keep, keep),
+                seed=1,
+                tensor_key=tensor_key(name),
+            )
+            assert torch.equal(p, want), name
     for name, p in live.named_parameters():
         assert torch.equal(p, params(base)[name])
 
@@ -510,3 +528,225 @@ def test_attach_on_ltx_image_to_video():
     assert (got - want).abs().max() <= 1e-5
     for name, p in pipe.transformer.named_parameters():
         assert torch.equal(p, params(base)[name])
+
+
+# ---- nesting, external writes, tied parameters, precision ----------------------------------------
+
+
+class TwoWeights(nn.Module):
+    """Records ``w[0, 0]`` and ``v[0]`` at each call: θ_base + c·τ with τ = 1 (``v`` is 1-D)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(4, 4))
+        self.v = nn.Parameter(torch.zeros(4))
+        self.seen = []
+
+    def forward(self, hidden_states, timestep):
+        self.seen.append((float(self.w.detach()[0, 0]), float(self.v.detach()[0])))
+        return hidden_states
+
+
+def two_weights_pipe():
+    from types import SimpleNamespace
+
+    module = TwoWeights()
+    timesteps = torch.tensor([900.0, 600.0, 300.0, 100.0])
+    pipe = SimpleNamespace(unet=module, scheduler=SimpleNamespace(timesteps=timesteps))
+    base = {"w": torch.zeros(4, 4), "v": torch.zeros(4)}
+    ft = {"w": torch.ones(4, 4), "v": torch.ones(4)}
+    return pipe, module, base, ft
+
+
+def test_nested_attach_refuses_overlapping_parameters():
+    pipe, module, base, ft = two_weights_pipe()
+    con = lambda *args: exde.CON  # noqa: E731
+    with exde.attach(pipe, base, ft, schedule=con, drop=0.0) as outer:
+        module(None, timestep=900.0)
+        for kwargs in ({}, {"include": "w"}, {"exclude": "v"}):
+            with pytest.raises(exde.ExDeError, match=r"'w' is already blended.*'include'"):
+                with exde.attach(pipe, None, ft, schedule=lambda *a: (0.0, 0.0, 0.0), **kwargs):
+                    pass
+        module(None, timestep=100.0)  # the refused blocks left the outer one's weights alone
+        assert outer.blends == 1
+    assert module.seen == [(1.25, 1.25), (1.25, 1.25)]
+    assert float(module.w.detach().abs().max()) == 0.0
+    # the parameters are free again after the block, also after an exception in it
+    with pytest.raises(RuntimeError, match="inside"):
+        with exde.attach(pipe, base, ft, drop=0.0):
+            raise RuntimeError("inside")
+    with exde.attach(pipe, base, ft, drop=0.0) as again:
+        again.apply(exde.DYN)
+    # disjoint nesting: each block blends its own parameters
+    module.seen.clear()
+    with (
+        exde.attach(pipe, base, ft, schedule=con, include="w", drop=0.0),
+        exde.attach(pipe, base, ft, exclude="w", drop=0.0) as inner,
+    ):
+        module(None, timestep=900.0)
+        assert inner.names == ["v"]
+    assert module.seen == [(1.25, -0.1875)]
+    assert float(module.w.detach().abs().max()) == 0.0 == float(module.v.detach().abs().max())
+
+
+def test_attach_reblends_after_an_external_write():
+    pipe, module, base, ft = two_weights_pipe()
+    with exde.attach(pipe, base, ft, schedule=lambda *a: exde.CON, drop=0.0) as blender:
+        module(None, timestep=900.0)
+        module(None, timestep=600.0)  # same coefficients, untouched weights: no re-blend
+        assert blender.blends == 1
+        module.load_state_dict(base)
+        module(None, timestep=300.0)
+        with torch.no_grad():
+            module.v.mul_(3.0)
+        module(None, timestep=100.0)
+        assert blender.blends == 3
+    assert module.seen == [(1.25, 1.25)] * 4
+
+
+class Tied(nn.Module):
+    """An embedding tied to the output head, as in language-model-like denoisers."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.mid = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids, timestep=None):
+        return self.head(self.mid(self.emb(ids)))
+
+
+def tied_pair():
+    torch.manual_seed(0)
+    base = Tied()
+    ft = copy.deepcopy(base)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return base, ft
+
+
+def test_tied_parameters_stay_tied():
+    from types import SimpleNamespace
+
+    base, ft = tied_pair()
+    sd_b, sd_f = base.state_dict(), ft.state_dict()
+    assert "head.weight" in sd_b and "emb.weight" in sd_b
+    dyn, con = exde.decouple(base, ft, seed=2)
+    for out in exde.decouple(sd_b, sd_f, seed=2):  # one tensor, one mask (emb.weight's)
+        assert out["head.weight"] is out["emb.weight"]
+    assert torch.equal(out["emb.weight"], con.emb.weight)
+    out = exde.extrapolate(sd_b, sd_f)
+    assert out["head.weight"] is out["emb.weight"]
+    assert exde.paired(sd_b, sd_f) == ["emb.weight", "mid.weight", "mid.bias"]
+    assert exde.paired(sd_b, sd_f, include="head") == ["emb.weight"]  # selected by any name
+    # attach with state dicts: the aliases map to the one live tensor, blended once
+    live = copy.deepcopy(base)
+    pipe = SimpleNamespace(unet=live, scheduler=SimpleNamespace(timesteps=torch.arange(4, 0, -1)))
+    deduplicated = {k: v for k, v in sd_f.items() if k != "emb.weight"}  # as safetensors saves
+    for fine in (sd_f, deduplicated):
+        with exde.attach(pipe, sd_b, fine, seed=2) as blender:
+            assert blender.names == ["emb.weight", "mid.weight", "mid.bias"]
+            blender.apply(exde.DYN)
+            assert live.head.weight is live.emb.weight
+            for name, p in live.named_parameters():
+                assert torch.equal(p, params(dyn)[name]), name
+        assert torch.equal(live.emb.weight, base.emb.weight)
+    # a fine-tune whose two names disagree cannot keep the tie
+    untied = {**sd_f, "head.weight": sd_f["head.weight"] + 1.0}
+    with pytest.raises(exde.ExDeError, match=r"'emb\.weight' and 'head\.weight'.*differ"):
+        exde.extrapolate(sd_b, untied)
+    separate = {**sd_b, "head.weight": sd_b["head.weight"].clone()}  # equal, not shared
+    with exde.attach(pipe, separate, sd_f) as blender:
+        assert blender.names == ["emb.weight", "mid.weight", "mid.bias"]
+    with pytest.raises(exde.ExDeError, match=r"'emb\.weight' and 'head\.weight'.*differ"):
+        with exde.attach(pipe, {**separate, "head.weight": separate["head.weight"] + 1}, sd_f):
+            pass
+
+
+def bf16_pair():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.Linear(64, 8))
+    ft = copy.deepcopy(base)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=gen))
+    return base, ft
+
+
+def test_extrapolate_and_decouple_round_once():
+    """τ and θ in float32, one rounding to bfloat16 (DESIGN: accumulate in fp32); a float32
+    fine-tune beside a bfloat16 base is not rounded before τ is taken."""
+    base32, ft32 = bf16_pair()
+    base = copy.deepcopy(base32).bfloat16()
+    keep = 1 - 0.7
+    for ft in (copy.deepcopy(ft32).bfloat16(), ft32):
+        out = exde.extrapolate(base, ft)
+        dyn, con = exde.decouple(base, ft, seed=4)
+        for name, b in params(base).items():
+            b, f = b.detach().float(), params(ft)[name].detach().float()
+            assert params(out)[name].dtype == torch.bfloat16
+            assert torch.equal(params(out)[name], (b - 0.25 * (f - b)).bfloat16()), name
+            for model, coeffs in (
+                (dyn, (0.0, -0.25 * 0.75 / keep, 0.0)),
+                (con, (1.0, 0.0, 0.25 / keep)),
+            ):
+                want = blend_ref(
+                    b, f - b, coeffs, keep=(keep, keep), seed=4, tensor_key=tensor_key(name)
+                )
+                assert torch.equal(params(model)[name], want.bfloat16()), name
+
+
+def test_extrapolate_in_chunks(monkeypatch):
+    base, ft = bf16_pair()
+    base, ft = base.bfloat16(), ft.bfloat16()
+    whole = exde.decouple(base.state_dict(), ft.state_dict(), seed=3)
+    monkeypatch.setattr(exde.blending, "_CHUNK", 100)  # one tensor per chunk
+    chunked = exde.decouple(base.state_dict(), ft.state_dict(), seed=3)
+    for a, b in zip(whole, chunked, strict=True):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+
+
+def test_attach_takes_tau_from_float32_weights():
+    """A float32 base and fine-tune beside a bfloat16 pipeline: τ is taken in float32 and rounded
+    once (the blend op reads it in the denoiser's dtype), not from the two rounded weights."""
+    from types import SimpleNamespace
+
+    base, ft = bf16_pair()
+    live = copy.deepcopy(base).bfloat16()
+    pipe = SimpleNamespace(unet=live, scheduler=SimpleNamespace(timesteps=torch.arange(4, 0, -1)))
+    with exde.attach(pipe, base, ft, seed=1) as blender:
+        blender.apply(exde.CON)
+        keep = 1 - 0.7
+        rounded_first = 0
+        for name, p, b, tau in zip(
+            blender.names, blender.live, blender.base, blender.tau, strict=True
+        ):
+            b32, f32 = params(base)[name].detach(), params(ft)[name].detach()
+            assert torch.equal(b, b32.bfloat16()) and torch.equal(tau, (f32 - b32).bfloat16())
+            rounded_first += int((tau != f32.bfloat16() - b32.bfloat16()).sum())
+            want = blend_ref(
+                b,
+                tau,
+                (1.0, 0.0, 0.25 / keep),
+                keep=(keep, keep),
+                seed=1,
+                tensor_key=tensor_key(name),
+            )
+            assert torch.equal(p, want), name
+        assert rounded_first > 0  # the two ways differ here
+    for name, p in live.named_parameters():
+        assert torch.equal(p, params(base)[name].bfloat16())
+
+
+def test_switch_needs_a_fraction():
+    for at in (-0.1, 1.5, float("nan"), "0.5"):
+        with pytest.raises(exde.ExDeError, match="'at'"):
+            exde.switch(at)
+    assert [exde.switch(0.0)(i, 4, 0.0, None) for i in range(4)] == [exde.CON] * 4
+    assert [exde.switch(1.0)(i, 4, 0.0, None) for i in range(4)] == [exde.DYN] * 4

@@ -114,6 +114,43 @@ def test_statistics_and_in_place():
     torch.testing.assert_close(big, x + t)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [1, 3])
+def test_misaligned_views_and_in_place(device, dtype, offset):
+    """Tensors that start off a 16-byte boundary (views into a larger buffer, as parameters of
+    a flattened model can be) take the scalar path of the vectorised kernels; outputs that are
+    the bases themselves are read, then written, element by element. Bit for bit the reference,
+    with sizes across several 2^14-element chunks."""
+    g = torch.Generator().manual_seed(offset)
+    sizes = [(129, 300), (33, 65), (7,)]
+    total = sum(torch.Size(shape).numel() + offset for shape in sizes) + offset
+    flat_b = torch.randn(total, generator=g)
+    flat_t = 0.05 * torch.randn(flat_b.numel(), generator=g)
+    flat_b, flat_t = flat_b.to(device, dtype), flat_t.to(device, dtype)
+    bases, taus, start = [], [], offset
+    for shape in sizes:
+        n = torch.Size(shape).numel()
+        bases.append(flat_b[start : start + n].view(shape))
+        taus.append(flat_t[start : start + n].view(shape))
+        start += n + offset
+    assert any(b.data_ptr() % 16 for b in bases)
+    keys = [zlib.crc32(f"view.{i}".encode()) for i in range(len(sizes))]
+    coeffs, keep = (0.25, -0.3, 0.7), (0.3, 0.45)
+    wants = [
+        blend_ref(b.cpu(), t.cpu(), coeffs, keep=keep, seed=4, tensor_key=k)
+        for b, t, k in zip(bases, taus, keys, strict=True)
+    ]
+    outs = [torch.full_like(b, float("nan")) for b in bases]
+    blend_tensors(outs, bases, taus, coeffs, keep=keep, seed=4, tensor_keys=keys)
+    for o, want in zip(outs, wants, strict=True):
+        assert torch.equal(o.cpu(), want)
+    plan = BlendPlan(bases, bases, taus, tensor_keys=keys)  # in place, through a plan
+    plan(coeffs, keep=keep, seed=4)
+    for b, want in zip(bases, wants, strict=True):
+        assert torch.equal(b.cpu(), want)
+
+
 def test_errors():
     b = [torch.randn(3, 4)]
     t = [torch.randn(3, 4)]

@@ -3,6 +3,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -74,18 +75,25 @@ class AsyncScratch {
   AsyncScratch& operator=(const AsyncScratch&) = delete;
 
  private:
+  // Keep up to kKeepBytes of freed scratch in the device's default pool between calls (a
+  // cudaMallocAsync that the pool can serve costs no driver call); more is returned to the
+  // driver at the next synchronisation, so the pool never holds much memory that torch's
+  // caching allocator cannot use.
+  static constexpr uint64_t kKeepBytes = uint64_t(256) << 20;
   static void retain_pool(const char* op) {
     constexpr int kMaxDevices = 64;
-    static bool retained[kMaxDevices] = {};
+    static std::atomic<bool> retained[kMaxDevices] = {};
     int device = 0;
     cuda_check(cudaGetDevice(&device), op, "cudaGetDevice");
-    if (device < 0 || device >= kMaxDevices || retained[device]) return;
+    if (device < 0 || device >= kMaxDevices || retained[device].load(std::memory_order_acquire)) {
+      return;
+    }
     cudaMemPool_t pool;
     cuda_check(cudaDeviceGetDefaultMemPool(&pool, device), op, "cudaDeviceGetDefaultMemPool");
-    uint64_t keep = UINT64_MAX;
+    uint64_t keep = kKeepBytes;
     cuda_check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), op,
                "cudaMemPoolSetAttribute");
-    retained[device] = true;
+    retained[device].store(true, std::memory_order_release);  // racing setters set the same
   }
 
   void* ptr_ = nullptr;

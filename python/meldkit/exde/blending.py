@@ -16,7 +16,11 @@ task vector τ = θ_ft − θ_base of a fine-tuned denoiser:
 Every blend is one native call over all tensors of a dtype (a :class:`meldkit.ops.BlendPlan` per
 dtype; ``attach`` keeps its plans, so a re-blend does no per-tensor host work), the masks
 regenerated from ``(seed, CRC-32 of the tensor name)``, never stored. Only θ_base and τ are kept.
-Only parameters are touched, never buffers.
+Only parameters are touched, never buffers; a tied parameter is blended once and stays tied.
+
+Precision: :func:`extrapolate` and :func:`decouple` form τ and the blend in float32 and round
+once to the model's dtype (in chunks of float32 copies); ``attach`` keeps θ_base and τ in the
+denoiser's dtype, as the blend op reads them (τ formed in float32, then rounded once).
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import operator
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -75,11 +81,12 @@ def _buffer_names(*objs: Any) -> set[str] | None:
 def _params(
     obj: nn.Module | Mapping[str, torch.Tensor], what: str, buffers: set[str] | None = None
 ) -> dict[str, torch.Tensor]:
-    """The parameters of ``obj`` by name (``_orig_mod.`` of compiled modules stripped). A state
-    dict also holds buffers: its entries named in ``buffers`` (a module's buffer names) are left
-    out, or, with no module to ask (``buffers`` None), the norm layers' running statistics."""
+    """The parameters of ``obj`` by name (``_orig_mod.`` of compiled modules stripped), a tied
+    parameter under each of its names, as a state dict lists it. A state dict also holds
+    buffers: its entries named in ``buffers`` (a module's buffer names) are left out, or, with no
+    module to ask (``buffers`` None), the norm layers' running statistics."""
     if isinstance(obj, nn.Module):
-        return dict(_unwrap(obj).named_parameters())
+        return dict(_unwrap(obj).named_parameters(remove_duplicate=False))
     if isinstance(obj, Mapping):
         out = {}
         for key, value in obj.items():
@@ -96,6 +103,59 @@ def _params(
     raise TypeError(f"meldkit.exde: '{what}' must be an nn.Module or a state dict, got {type(obj)}")
 
 
+def _storage(t: torch.Tensor) -> tuple | int:
+    """What identifies the memory ``t`` views: a tied parameter's names, and their state-dict
+    entries (detached views of it), share it."""
+    if t.device.type == "meta" or t.data_ptr() == 0:
+        return id(t)
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+
+
+def _pairs(
+    base: nn.Module | Mapping[str, torch.Tensor],
+    finetuned: nn.Module | Mapping[str, torch.Tensor],
+    include: Iterable[str] | str | None = None,
+    exclude: Iterable[str] | str | None = None,
+    *,
+    buffers: set[str] | None = None,
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``(name, θ_base, θ_ft)`` of each selected floating parameter: see :func:`paired`."""
+    if buffers is None:
+        buffers = _buffer_names(base, finetuned)
+    b, f = _params(base, "base", buffers), _params(finetuned, "finetuned", buffers)
+    inc, exc = _patterns(include), _patterns(exclude)
+    tied: dict[tuple | int, list[str]] = {}  # the names of each tensor of the base, in order
+    for name, t in b.items():
+        if t.is_floating_point():
+            tied.setdefault(_storage(t), []).append(name)
+    out = []
+    for names in tied.values():
+        if inc and not any(p.search(n) for p in inc for n in names):
+            continue
+        if any(p.search(n) for p in exc for n in names):
+            continue
+        name, t = names[0], b[names[0]]
+        found = [n for n in names if n in f]
+        if not found:
+            raise ExDeError(f"meldkit.exde: the fine-tuned model has no parameter {name!r}")
+        ft = f[found[0]]
+        if ft.shape != t.shape:
+            raise ExDeError(
+                f"meldkit.exde: {found[0]!r}: shape {list(ft.shape)} in the fine-tuned model, "
+                f"{list(t.shape)} in the base"
+            )
+        for other in found[1:]:
+            if _storage(f[other]) != _storage(ft) and not torch.equal(f[other], ft):
+                raise ExDeError(
+                    f"meldkit.exde: {found[0]!r} and {other!r} are one (tied) tensor in the base "
+                    "but differ in the fine-tuned model"
+                )
+        out.append((name, t, ft))
+    if not out:
+        raise ExDeError("meldkit.exde: no parameter is selected (check include/exclude)")
+    return out
+
+
 def paired(
     base: nn.Module | Mapping[str, torch.Tensor],
     finetuned: nn.Module | Mapping[str, torch.Tensor],
@@ -107,33 +167,16 @@ def paired(
     """Names of the floating parameters of ``base`` selected by the name filters (``re.search``:
     any ``include`` must match, no ``exclude`` may), checked against ``finetuned``.
 
+    A tied parameter (one tensor under several names, e.g. an embedding shared with the output
+    head; a state dict lists it under each) is listed once, under its first name; it is selected
+    when an ``include`` matches any of its names and no ``exclude`` matches one, and the
+    fine-tuned model may give it under any of them (the same values under each).
+
     Buffers are never selected: a state dict's entries that are buffers of ``buffers`` (names),
     else of whichever of ``base`` and ``finetuned`` is a module, are skipped; two state dicts
     alone skip the norm layers' running statistics (pass a module, or ``exclude``, for other
     buffers)."""
-    if buffers is None:
-        buffers = _buffer_names(base, finetuned)
-    b, f = _params(base, "base", buffers), _params(finetuned, "finetuned", buffers)
-    inc, exc = _patterns(include), _patterns(exclude)
-    names = []
-    for name, t in b.items():
-        if not t.is_floating_point():
-            continue
-        if inc and not any(p.search(name) for p in inc):
-            continue
-        if any(p.search(name) for p in exc):
-            continue
-        if name not in f:
-            raise ExDeError(f"meldkit.exde: the fine-tuned model has no parameter {name!r}")
-        if f[name].shape != t.shape:
-            raise ExDeError(
-                f"meldkit.exde: {name!r}: shape {list(f[name].shape)} in the fine-tuned model, "
-                f"{list(t.shape)} in the base"
-            )
-        names.append(name)
-    if not names:
-        raise ExDeError("meldkit.exde: no parameter is selected (check include/exclude)")
-    return names
+    return [name for name, _, _ in _pairs(base, finetuned, include, exclude, buffers=buffers)]
 
 
 def _finite(name: str, value: float) -> float:
@@ -145,18 +188,27 @@ def _finite(name: str, value: float) -> float:
 def _apply(
     base: nn.Module | Mapping[str, torch.Tensor],
     names: list[str],
-    compute: Callable[[list[torch.Tensor], list[str]], None],
+    compute: Callable[[list[torch.Tensor]], None],
 ) -> nn.Module | dict[str, torch.Tensor]:
-    """A copy of ``base`` (module or dict) whose ``names`` ``compute(outs, names)`` rewrites."""
+    """A copy of ``base`` (module or dict, its tied tensors still tied) whose ``names``
+    ``compute(outs)`` rewrites."""
     if isinstance(base, nn.Module):
         out = copy.deepcopy(base)
-        params = dict(_unwrap(out).named_parameters())
+        params = dict(_unwrap(out).named_parameters(remove_duplicate=False))
         with torch.no_grad():
-            compute([params[n].data for n in names], names)
+            compute([params[n].data for n in names])
         return out
-    out_dict = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in base.items()}
+    clones: dict[tuple | int, torch.Tensor] = {}
+    out_dict = {}
+    for k, v in base.items():
+        if isinstance(v, torch.Tensor):
+            key = _storage(v)
+            if key not in clones:
+                clones[key] = v.clone()
+            v = clones[key]
+        out_dict[k] = v
     keys = {k.replace(_COMPILED, ""): k for k in base}
-    compute([out_dict[keys[n]] for n in names], names)
+    compute([out_dict[keys[n]] for n in names])
     return out_dict
 
 
@@ -200,6 +252,48 @@ class _Plans:
                 raise _named(e, sub) from e
 
 
+# extrapolate and decouple blend at most this many elements at a time, so that their float32
+# copies of θ_base and τ stay small beside a bfloat16/float16 model.
+_CHUNK = 1 << 24
+
+
+def _blend_once(
+    outs: list[torch.Tensor],
+    pairs: list[tuple[str, torch.Tensor, torch.Tensor]],
+    coeffs: tuple[float, float, float],
+    *,
+    keep: tuple[float, float] = (1.0, 1.0),
+    seed: int = 0,
+) -> None:
+    """``outs[i] ← θ_base + τ·g`` for ``pairs[i] = (name, θ_base, θ_ft)`` (g of
+    :func:`meldkit.ops.blend_tensors`), with τ = θ_ft − θ_base formed in float32 (float64 where
+    an input is) and the blend summed in float32, rounded once to the dtype of ``outs[i]``.
+
+    The blend op reads τ in θ_base's dtype: taking τ from bfloat16/float16 tensors as they are
+    would round it before the blend (a second rounding), so both are widened first, a chunk of
+    at most ``_CHUNK`` elements at a time."""
+    start = 0
+    while start < len(pairs):
+        stop, size = start, 0
+        while stop < len(pairs) and (stop == start or size + pairs[stop][1].numel() <= _CHUNK):
+            size += pairs[stop][1].numel()
+            stop += 1
+        bases, taus, targets = [], [], []
+        for (_, b, f), out in zip(pairs[start:stop], outs[start:stop], strict=True):
+            wide = torch.promote_types(torch.promote_types(b.dtype, f.dtype), torch.float32)
+            b = b.detach().to(wide)
+            bases.append(b)
+            taus.append(f.detach().to(b.device, wide) - b)
+            targets.append(out if out.dtype == wide else torch.empty_like(out, dtype=wide))
+        names = [name for name, _, _ in pairs[start:stop]]
+        _Plans(targets, bases, taus, names)(coeffs, keep=keep, seed=seed)
+        with torch.no_grad():
+            for target, out in zip(targets, outs[start:stop], strict=True):
+                if target is not out:
+                    out.copy_(target)
+        start = stop
+
+
 # ---- stage 2: extrapolation ----------------------------------------------------------------------
 
 
@@ -214,20 +308,18 @@ def extrapolate(
     """θ = θ_base − α·(θ_ft − θ_base): extrapolate *away* from the fine-tune (the release's sign;
     its fine-tune lowered the motion degree). A negative ``alpha`` extrapolates past the fine-tune
     instead. Parameters only (buffers are copied from ``base``); ``include``/``exclude`` are name
-    regexes. Returns a copy of ``base`` (a module or a state dict, as given)."""
+    regexes (see :func:`paired`; tied parameters stay tied). Returns a copy of ``base`` (a module
+    or a state dict, as given).
+
+    τ and θ are computed in float32 whatever the dtypes of ``base`` and ``finetuned``, and each
+    result is rounded once, to the dtype of ``base``'s tensor."""
     alpha = _finite("alpha", alpha)
-    names = paired(base, finetuned, include, exclude)
-    b, f = _params(base, "base"), _params(finetuned, "finetuned")
+    pairs = _pairs(base, finetuned, include, exclude)
 
-    def compute(outs, names):
-        _Plans(
-            outs,
-            [b[n].detach() for n in names],
-            [(f[n].detach().to(b[n]) - b[n].detach()) for n in names],
-            names,
-        )((-alpha, 0.0, 0.0))
+    def compute(outs):
+        _blend_once(outs, pairs, (-alpha, 0.0, 0.0))
 
-    return _apply(base, names, compute)
+    return _apply(base, [n for n, _, _ in pairs], compute)
 
 
 # ---- stage 3: decoupling -------------------------------------------------------------------------
@@ -279,19 +371,24 @@ def decouple(
     DARE drops each entry with probability ``drop`` and rescales the rest by 1/(1 − drop); the
     two masks are independent and reproducible from ``seed`` (keyed by tensor name, so the result
     does not depend on the order of the parameters or the device); 1-D tensors are never dropped.
-    Returns copies of ``base`` (modules or state dicts, as given). The same masks drive
-    :func:`attach`, so ``attach`` with the :func:`switch` schedule runs exactly these two models.
+    Returns copies of ``base`` (modules or state dicts, as given; tied parameters stay tied).
+    τ and θ are computed in float32 and rounded once, to the dtype of ``base``'s tensor.
+
+    The same masks drive :func:`attach`, so ``attach`` with the :func:`switch` schedule runs
+    exactly these two models when the denoiser is float32; in bfloat16/float16 ``attach`` keeps τ
+    in the denoiser's dtype (see :class:`Blender`), so a weight may differ from these by one
+    rounding of τ.
     """
     cfg = DecoupleConfig(alpha, drop, dyn_scale, con_scale, seed)
-    names = paired(base, finetuned, include, exclude)
-    b, f = _params(base, "base"), _params(finetuned, "finetuned")
-    taus = [(f[n].detach().to(b[n]) - b[n].detach()) for n in names]
+    pairs = _pairs(base, finetuned, include, exclude)
+    names = [n for n, _, _ in pairs]
+    keep = (cfg.keep, cfg.keep)
 
     def run(coeffs):
-        def compute(outs, names):
-            _Plans(outs, [b[n].detach() for n in names], taus, names)(
-                cfg.blend_coeffs(*coeffs), keep=(cfg.keep, cfg.keep), seed=seed
-            )
+        abc = cfg.blend_coeffs(*coeffs)
+
+        def compute(outs):
+            _blend_once(outs, pairs, abc, keep=keep, seed=seed)
 
         return _apply(base, names, compute)
 
@@ -328,6 +425,10 @@ class switch(Schedule):
     switch (``at=0.5``: with 50 steps, 25 and 25, as its "t > 500" rule gives)."""
 
     at: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= _finite("at", self.at) <= 1.0:
+            raise ExDeError(f"meldkit.exde.switch: 'at' must be in [0, 1], got {self.at}")
 
     def __call__(self, step, num_steps, timestep, sigma):
         return DYN if step < self.at * num_steps else CON
@@ -406,7 +507,20 @@ def step_of(timesteps: torch.Tensor, timestep: Any) -> int:
 
 
 class Blender:
-    """θ_base and τ of a denoiser's selected parameters, and the blend into its live weights."""
+    """θ_base and τ of a denoiser's selected parameters, and the blend into its live weights.
+
+    ``names`` lists the blended parameters (a tied one once, under the denoiser's own first name
+    for it), ``live`` the denoiser's parameters, ``base`` θ_base and ``tau`` τ = θ_ft − θ_base of
+    each, on the parameter's device and in its dtype: the blend op reads θ_base and τ in the
+    dtype it writes. τ is formed in float32 from the given base and fine-tune (a float32
+    checkpoint beside a bfloat16 pipeline included) and rounded once; θ(step) = θ_base + τ·g is
+    then summed in float32 and rounded once more. In bfloat16/float16 a weight may therefore
+    differ by one rounding of τ from :func:`decouple`'s, which keeps τ in float32.
+
+    :meth:`apply` re-blends when the coefficients change, or when something else wrote to the
+    parameters since its last blend (``load_state_dict``, an in-place update: their version
+    counters moved; reading them costs about 0.1 µs per tensor per call).
+    """
 
     def __init__(
         self,
@@ -421,36 +535,56 @@ class Blender:
         denoiser = _unwrap(denoiser)
         # State dicts carry buffers too: the live denoiser says which names those are.
         buffers = _buffer_names(denoiser, base, finetuned)
-        self.names = paired(base, finetuned, include, exclude, buffers=buffers)
-        live = dict(denoiser.named_parameters())
-        missing = [n for n in self.names if n not in live]
-        if missing:
-            raise ExDeError(
-                f"meldkit.exde: the pipeline's denoiser has no parameter {missing[0]!r}"
-            )
-        b = _params(base, "base_unet", buffers)
-        f = _params(finetuned, "finetuned_unet", buffers)
-        self.live = [live[n] for n in self.names]
+        pairs = _pairs(base, finetuned, include, exclude, buffers=buffers)
+        # A state dict names a tied parameter once per alias: map each to the one live tensor.
+        live = dict(denoiser.named_parameters(remove_duplicate=False))
+        first = {id(p): n for n, p in denoiser.named_parameters()}
+        self.names: list[str] = []
+        self.live: list[nn.Parameter] = []
+        chosen: dict[int, tuple[str, torch.Tensor, torch.Tensor]] = {}
+        for name, b, f in pairs:
+            p = live.get(name)
+            if p is None:
+                raise ExDeError(f"meldkit.exde: the pipeline's denoiser has no parameter {name!r}")
+            if id(p) in chosen:
+                other, b0, f0 = chosen[id(p)]
+                if not (torch.equal(b, b0) and torch.equal(f, f0)):
+                    raise ExDeError(
+                        f"meldkit.exde: {other!r} and {name!r} are one (tied) parameter of the "
+                        "denoiser but differ in the base or the fine-tuned model"
+                    )
+                continue
+            chosen[id(p)] = (name, b, f)
+            self.names.append(first[id(p)])
+            self.live.append(p)
         with torch.no_grad():
-            self.base = [
-                b[n].detach().to(p.device, p.dtype).clone()
-                for n, p in zip(self.names, self.live, strict=True)
-            ]
-            self.tau = [
-                f[n].detach().to(p.device, p.dtype) - bt
-                for n, p, bt in zip(self.names, self.live, self.base, strict=True)
-            ]
+            self.base, self.tau = [], []
+            for (_, b, f), p in zip(chosen.values(), self.live, strict=True):
+                wide = torch.promote_types(torch.promote_types(b.dtype, f.dtype), torch.float32)
+                b = b.detach().to(p.device, wide)
+                self.tau.append((f.detach().to(p.device, wide) - b).to(p.dtype))
+                self.base.append(b.to(p.dtype, copy=True))
         # Validated and laid out once: each blend is then one native call (one CUDA launch) per
         # dtype of the denoiser's parameters.
         self.plan = _Plans(self.live, self.base, self.tau, self.names)
         self.current: Coefficients | None = None
         self.blends = 0
+        self._written: tuple[int, ...] | None = None
+
+    def _versions(self) -> tuple[int, ...] | None:
+        """The parameters' version counters (None for inference-mode tensors, which keep none)."""
+        try:
+            return tuple(map(_VERSION, self.live))
+        except RuntimeError:
+            return None
 
     def apply(self, coeffs: Coefficients) -> None:
+        """Blend θ = θ_base + c_τ·τ + c_dyn·dyn_scale·τ_deg + c_con·con_scale·τ_ctl into the
+        live parameters, for ``coeffs = (c_τ, c_dyn, c_con)``; nothing to do when they hold it."""
         coeffs = tuple(float(c) for c in coeffs)
         if len(coeffs) != 3 or not all(math.isfinite(c) for c in coeffs):
             raise ExDeError(f"meldkit.exde: a schedule returned {coeffs!r}, not 3 finite numbers")
-        if coeffs == self.current:
+        if coeffs == self.current and self._versions() == self._written:
             return
         c_tau, c_dyn, c_con = coeffs
         cfg = self.config
@@ -460,13 +594,43 @@ class Blender:
             seed=cfg.seed,
         )
         self.current = coeffs
+        self._written = self._versions()
         self.blends += 1
 
     def restore(self) -> None:
+        """Write θ_base back into the live parameters."""
         with torch.no_grad():
             for p, b in zip(self.live, self.base, strict=True):
                 p.data.copy_(b)
         self.current = None
+
+
+_VERSION = operator.attrgetter("_version")
+
+# The parameters each open ``attach`` blends (by id: its Blender holds them, so the ids stay
+# theirs): two blocks writing one parameter would each take the other's weights for its own.
+_ATTACHED: dict[int, Blender] = {}
+_ATTACHED_LOCK = threading.Lock()
+
+
+def _claim(blender: Blender) -> None:
+    with _ATTACHED_LOCK:
+        for name, p in zip(blender.names, blender.live, strict=True):
+            if id(p) in _ATTACHED:
+                raise ExDeError(
+                    f"meldkit.exde.attach: parameter {name!r} is already blended by an enclosing "
+                    "attach: nested attach blocks on one denoiser must blend disjoint parameters "
+                    "(give them disjoint 'include'/'exclude')"
+                )
+        for p in blender.live:
+            _ATTACHED[id(p)] = blender
+
+
+def _release(blender: Blender) -> None:
+    with _ATTACHED_LOCK:
+        for p in blender.live:
+            if _ATTACHED.get(id(p)) is blender:
+                del _ATTACHED[id(p)]
 
 
 @contextlib.contextmanager
@@ -493,8 +657,15 @@ def attach(
     ``pipe.scheduler.timesteps`` (so continuous timesteps such as Stable Video Diffusion's
     0.25·ln σ work as well as integer ones), asks ``schedule`` for the coefficients and
     re-blends the weights only when they change (CFG's extra calls and the steps of one phase cost
-    nothing). Step 0 is blended before the first call. On exit, normally or by an exception, the
-    hook is removed and the base weights are restored exactly.
+    nothing) or when something else wrote to them (a ``load_state_dict`` inside the block). Step
+    0 is blended before the first call. On exit, normally or by an exception, the hook is removed
+    and the base weights are restored exactly.
+
+    Blocks may nest on one denoiser when they blend disjoint parameters (e.g.
+    ``include="temporal"`` outside, ``exclude="temporal"`` inside), or on different denoisers
+    (Wan 2.2's two); a block that would blend a parameter an open block blends raises. The
+    weights are blended in the denoiser's dtype from θ_base and τ stored in it (see
+    :class:`Blender`).
 
     Parameters
     ----------
@@ -520,12 +691,19 @@ def attach(
     ------
     Blender
         Its ``blends`` counts the re-blends; ``current`` holds the coefficients in use.
+
+    Raises
+    ------
+    ExDeError
+        Models that do not match the denoiser, an unusable setting, or a parameter that an
+        enclosing ``attach`` already blends.
     """
     module = _denoiser(pipe, denoiser)
     cfg = DecoupleConfig(alpha, drop, dyn_scale, con_scale, seed)
     sched = _as_schedule(schedule if schedule is not None else switch())
     base = base_unet if base_unet is not None else module
     blender = Blender(module, base, finetuned_unet, cfg, include, exclude)
+    _claim(blender)
 
     def hook(module, args, kwargs):
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
@@ -546,12 +724,15 @@ def attach(
 
     # On the pipeline's module itself (a torch.compile wrapper included): a hook on the wrapped
     # module would be traced into the compiled graph.
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        yield blender
+        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield blender
+        finally:
+            handle.remove()
+            blender.restore()
     finally:
-        handle.remove()
-        blender.restore()
+        _release(blender)
 
 
 __all__ = [
