@@ -107,4 +107,47 @@ def test_roberta_all_linear():
     out = model(ids, labels=labels)
     (out.loss + goat.aux_loss(model)).backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert len(grads) == 36 and all(g is not None for g in grads)
+    # 12 layers × (A, B, router) and, by modules_to_save="auto", the classifier head's 4.
+    assert len(grads) == 40 and all(g is not None for g in grads)
+    assert all(p.requires_grad for p in model.classifier.parameters())
+
+
+def test_classifier_head_trains_and_travels_with_the_adapter(tmp_path):
+    """modules_to_save="auto" trains a sequence-classification head in full and saves it: the
+    adapter loaded into a fresh base reproduces the trained classifier, and unwrap gives the
+    original head back."""
+    base = tiny_roberta()
+    model = goat.wrap(tiny_roberta(), goat.GoatConfig(num_experts=4, top_k=2, rank=8, dropout=0.0))
+    head = {n: p.detach().clone() for n, p in model.classifier.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids, labels = batch(model.config.vocab_size), torch.tensor([0, 2])
+    model.train()
+    for _ in range(2):
+        loss = model(ids, labels=labels).loss + goat.aux_loss(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert not torch.equal(model.classifier.out_proj.weight, head["out_proj.weight"])
+    path = goat.save_adapter(model, tmp_path)
+    assert "modules_to_save.classifier.out_proj.weight" in goat.read_adapter(path)[2]
+    fresh = goat.load_adapter(tiny_roberta(), path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert all(p.requires_grad for p in fresh.classifier.parameters())
+    goat.unwrap(model)
+    for n, p in model.classifier.named_parameters():
+        assert torch.equal(p, head[n]), n
+    torch.testing.assert_close(model(ids).logits, base(ids).logits, rtol=0, atol=0)
+    # () keeps the head frozen and out of the file; a head the model lacks is refused.
+    none = goat.wrap(tiny_roberta(), goat.GoatConfig(num_experts=4, rank=8, modules_to_save=()))
+    assert not any(p.requires_grad for p in none.classifier.parameters())
+    with pytest.raises(ValueError, match="modules_to_save entry 'score' matches no module"):
+        goat.wrap(tiny_roberta(), goat.GoatConfig(num_experts=4, rank=8, modules_to_save=["score"]))
+    with pytest.raises(ValueError, match="overlaps the GOAT targets"):
+        goat.wrap(
+            tiny_roberta(),
+            goat.GoatConfig(
+                num_experts=4, rank=8, target_modules=["dense"], modules_to_save=["classifier"]
+            ),
+        )

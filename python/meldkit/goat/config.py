@@ -12,6 +12,7 @@ from typing import Any
 SCALING_PRESETS = ("paper", "official")
 INITS = ("goat", "lora", "pissa", "milora")
 ALL_LINEAR = "all-linear"
+AUTO = "auto"
 
 
 def _is_int(value: Any) -> bool:
@@ -65,6 +66,14 @@ class GoatConfig:
         ``"all-linear"``: every ``nn.Linear`` except the output head of a Hugging Face model
         (``get_output_embeddings()``) and a classification head named ``score`` or
         ``classifier``.
+    modules_to_save : "auto" or sequence of str
+        Modules trained in full next to the experts and stored in the adapter file (PEFT's
+        ``modules_to_save``), by module-name suffix like ``target_modules``. ``"auto"`` (the
+        default) takes the model's classification head when it has one at its top level
+        (``score``, ``classifier`` or ``classification_head``, as Hugging Face's
+        ``...ForSequenceClassification`` models name it) and it is not a target: a freshly
+        initialised head must train, and an adapter without it would not reproduce the model.
+        ``()`` trains and saves nothing but the experts and routers.
     dropout : float
         Dropout probability on the experts' input, an independent mask per expert (training
         mode only); 0 ≤ dropout < 1.
@@ -87,6 +96,7 @@ class GoatConfig:
     eta: float = 1.0
     init: str = "goat"
     target_modules: str | tuple[str, ...] = ALL_LINEAR
+    modules_to_save: str | tuple[str, ...] = AUTO
     dropout: float = 0.05
     aux_loss_coef: float = 1e-3
 
@@ -134,6 +144,7 @@ class GoatConfig:
         if self.init not in INITS:
             raise ValueError(f"GoatConfig.init: must be one of {INITS}, got {self.init!r}")
         object.__setattr__(self, "target_modules", _check_targets(self.target_modules))
+        object.__setattr__(self, "modules_to_save", _check_saved(self.modules_to_save))
         if not (_is_real(self.dropout) and 0 <= self.dropout < 1):
             raise ValueError(f"GoatConfig.dropout: must be in [0, 1), got {self.dropout!r}")
         if not (_is_real(self.aux_loss_coef) and self.aux_loss_coef >= 0):
@@ -157,8 +168,9 @@ class GoatConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if isinstance(d["target_modules"], tuple):
-            d["target_modules"] = list(d["target_modules"])
+        for key in ("target_modules", "modules_to_save"):
+            if isinstance(d[key], tuple):
+                d[key] = list(d[key])
         return d
 
     def to_json(self) -> str:
@@ -193,3 +205,22 @@ def _check_targets(targets: Any) -> str | tuple[str, ...]:
     if bad:
         raise ValueError(f"GoatConfig.target_modules: not module-name suffixes: {bad!r}")
     return tuple(targets)
+
+
+def _check_saved(modules: Any) -> str | tuple[str, ...]:
+    if isinstance(modules, str):
+        if modules == AUTO:
+            return modules
+        raise ValueError(
+            f"GoatConfig.modules_to_save: a string must be {AUTO!r}; give module-name suffixes "
+            f"as a list, e.g. [{modules!r}]"
+        )
+    if not isinstance(modules, Sequence):
+        raise ValueError(
+            f"GoatConfig.modules_to_save: must be {AUTO!r} or a list of module-name suffixes, "
+            f"got {modules!r}"
+        )
+    bad = [t for t in modules if not isinstance(t, str) or not t or t.startswith(".")]
+    if bad:
+        raise ValueError(f"GoatConfig.modules_to_save: not module-name suffixes: {bad!r}")
+    return tuple(modules)

@@ -10,10 +10,16 @@ Layout, for every GOAT layer ``NAME`` (its qualified module name in the wrapped 
     NAME.base_sketch    [m]    fp32 a fingerprint of the original base weight W0: W0 @ v for a
                                     fixed pseudo-random v (files from before it have none)
 
+and for every parameter ``P`` of a module ``MOD`` trained in full (``modules_to_save``, e.g. a
+classification head), in its dtype::
+
+    modules_to_save.MOD.P
+
 Metadata (strings): ``format = "pt"``, ``meldkit_goat`` (the layout version), ``config`` (the
 :class:`GoatConfig` as JSON) and ``layers`` (JSON: per layer ``in_features``, ``out_features``,
 the base weight's dtype when saved, and whether the sketch came from the exact W0 or from
-W̃0 + the alignment, a model wrapped with ``keep_original=False``).
+W̃0 + the alignment, a model wrapped with ``keep_original=False``) and ``modules_to_save``
+(JSON: the saved modules' names; absent in older files).
 
 :func:`load_adapter` compares each layer's sketch with the model's base weight: an adapter
 loaded into a model of the same architecture but other weights (another checkpoint, another
@@ -48,6 +54,8 @@ from meldkit.goat.model import (
     goat_layers,
     remember_requires_grad,
     replace_module,
+    saved_modules,
+    set_saved_modules,
     track_forwards,
     unwrap,
 )
@@ -56,6 +64,7 @@ FORMAT_VERSION = "1"
 # File name used when ``path`` is a directory.
 ADAPTER_FILE = "goat_adapter.safetensors"
 _PARTS = ("lora_a", "lora_b", "router.weight")
+_SAVED_PREFIX = "modules_to_save."
 _ALIGNMENT = ("alignment_a", "alignment_b")
 # Relative L2 distance between two sketches of one base weight that still counts as the same
 # weight: fp32 rounding of the products when the sketch is of the exact W0; for W0 rebuilt from
@@ -149,12 +158,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
             "base_dtype": str(layer.base_layer.weight.dtype).removeprefix("torch."),
             "sketch_exact": exact,
         }
+    saved = saved_modules(model)
+    for mname in saved:
+        for pname, p in model.get_submodule(mname).named_parameters():
+            tensors[f"{_SAVED_PREFIX}{mname}.{pname}"] = p.detach()
     tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
     metadata = {
         "format": "pt",
         "meldkit_goat": FORMAT_VERSION,
         "config": config.to_json(),
         "layers": json.dumps(layers),
+        "modules_to_save": json.dumps(saved),
     }
     target = _resolve(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -173,6 +187,23 @@ def read_adapter(
     path: str | os.PathLike,
 ) -> tuple[GoatConfig, dict[str, dict], dict[str, torch.Tensor]]:
     """``(config, layers, tensors)`` of an adapter file (CPU tensors), checked for consistency.
+
+    The parameters of the saved modules are the tensors named ``modules_to_save.MODULE.PARAM``.
+
+    Raises
+    ------
+    AdapterError
+        Not a GOAT adapter, an unknown layout version, or tensors that disagree with the
+        config or the layer table.
+    """
+    config, layers, tensors, _ = _read_adapter(path)
+    return config, layers, tensors
+
+
+def _read_adapter(
+    path: str | os.PathLike,
+) -> tuple[GoatConfig, dict[str, dict], dict[str, torch.Tensor], list[str]]:
+    """:func:`read_adapter` and the names of the saved modules.
 
     Raises
     ------
@@ -206,6 +237,9 @@ def read_adapter(
             }
             for name, info in json.loads(metadata["layers"]).items()
         }
+        saved = json.loads(metadata.get("modules_to_save", "[]"))
+        if not isinstance(saved, list) or not all(isinstance(n, str) for n in saved):
+            raise ValueError(f"modules_to_save is {saved!r}")
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise AdapterError(f"{file}: bad GOAT metadata ({exc!r})") from None
     e, d, r = config.num_experts, config.expert_rank, config.rank
@@ -234,10 +268,18 @@ def read_adapter(
                     f"{file}: tensor {sketch} has shape {tuple(tensors[sketch].shape)}, layer "
                     f"nn.Linear({n}, {m}) needs {(m,)}"
                 )
+    for key in tensors:
+        if key.startswith(_SAVED_PREFIX) and any(
+            key.startswith(f"{_SAVED_PREFIX}{m}.") for m in saved
+        ):
+            expected_keys.add(key)
+    for mname in saved:
+        if not any(k.startswith(f"{_SAVED_PREFIX}{mname}.") for k in tensors):
+            raise AdapterError(f"{file}: saved module {mname!r} has no tensors")
     extra = sorted(set(tensors) - expected_keys)
     if extra:
         raise AdapterError(f"{file}: unexpected tensors {extra[:5]}")
-    return config, layers, tensors
+    return config, layers, tensors, saved
 
 
 def load_adapter(
@@ -286,7 +328,7 @@ def load_adapter(
         with another config.
         The model is left untouched.
     """
-    config, layers, tensors = read_adapter(path)
+    config, layers, tensors, saved = _read_adapter(path)
     file = _resolve(path)
     model = _unwrapped(model)
     existing = dict(goat_layers(model))
@@ -339,8 +381,8 @@ def load_adapter(
             )
     if check_base:
         for name, info in layers.items():
-            saved = tensors.get(f"{name}.base_sketch")
-            if saved is None:
+            sketch = tensors.get(f"{name}.base_sketch")
+            if sketch is None:
                 continue
             if name in existing:
                 now, now_exact = _original_sketch(existing[name])
@@ -352,7 +394,7 @@ def load_adapter(
                 rtol = _SKETCH_RTOL_EXACT
             else:  # W0 rebuilt from W̃0, or rounded to another dtype (init "lora")
                 rtol = max(_SKETCH_RTOL.get(d, _SKETCH_RTOL_DEFAULT) for d in (dtype, saved_dtype))
-            distance = _sketch_distance(saved, now)
+            distance = _sketch_distance(sketch, now)
             if not distance <= rtol:
                 raise AdapterError(
                     f"{file}: layer {name!r}: the model's base weight is not the one the adapter "
@@ -374,10 +416,37 @@ def load_adapter(
                 f"{sorted(set(layers) - set(selected))[:5]}, only in model: "
                 f"{sorted(set(selected) - set(layers))[:5]})"
             )
-    else:
+    saved_params: dict[str, torch.Tensor] = {}
+    for mname in saved:
+        try:
+            module = model.get_submodule(mname)
+        except AttributeError:
+            raise AdapterError(f"{file}: saved module {mname!r} not found in the model") from None
+        params = dict(module.named_parameters())
+        prefix = f"{_SAVED_PREFIX}{mname}."
+        stored = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if set(stored) != set(params):
+            raise AdapterError(
+                f"{file}: saved module {mname!r} has parameters {sorted(stored)} in the file, "
+                f"{sorted(params)} in the model"
+            )
+        for pname, value in stored.items():
+            if tuple(value.shape) != tuple(params[pname].shape):
+                raise AdapterError(
+                    f"{file}: {mname}.{pname} has shape {list(value.shape)} in the file, "
+                    f"{list(params[pname].shape)} in the model"
+                )
+            saved_params[f"{mname}.{pname}"] = value
+    if existing:
         unwrap(model)
 
     remember_requires_grad(model)
+    set_saved_modules(model, saved, keep_original=keep_original)
+    with torch.no_grad():
+        for mname in saved:
+            module = model.get_submodule(mname)
+            for pname, p in module.named_parameters():
+                p.copy_(saved_params[f"{mname}.{pname}"])
     for name in layers:
         linear = bases[name]
         device = linear.weight.device

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from meldkit.goat.config import ALL_LINEAR, GoatConfig
+from meldkit.goat.config import ALL_LINEAR, AUTO, GoatConfig
 from meldkit.goat.init import alignment_factors, base_delta, lora_experts, svd_experts
 from meldkit.goat.layer import GoatLinear, _in_backward
 
@@ -17,6 +17,10 @@ HEAD_NAMES = ("score", "classifier", "classification_head")
 # Where wrap keeps every parameter's requires_grad flag from before it froze the model (unwrap
 # puts them back).
 _FLAGS = "_meldkit_goat_requires_grad"
+# The modules trained in full and saved with the adapter (GoatConfig.modules_to_save), and CPU
+# copies of their original parameters (keep_original) for unwrap.
+_SAVED = "_meldkit_goat_modules_to_save"
+_SAVED_ORIGINALS = "_meldkit_goat_saved_originals"
 
 
 def goat_layers(model: nn.Module) -> Iterator[tuple[str, GoatLinear]]:
@@ -105,6 +109,69 @@ def find_targets(
             f"model (some of its linear layers: {linear})"
         )
     return found
+
+
+def find_saved_modules(
+    model: nn.Module, modules_to_save: str | tuple[str, ...], targets: list[str]
+) -> list[str]:
+    """Qualified names of the modules that ``modules_to_save`` selects (see
+    :class:`GoatConfig`): for ``"auto"`` the top-level classification head, if any, that is not
+    among ``targets``.
+
+    Raises
+    ------
+    ValueError
+        A listed suffix matches no module with parameters, or a selected module is (or holds,
+        or lies inside) a GOAT target.
+    """
+    if modules_to_save == AUTO:
+        found = [
+            n
+            for n in HEAD_NAMES
+            if isinstance(getattr(model, n, None), nn.Module)
+            and any(True for _ in getattr(model, n).parameters())
+        ]
+        return [n for n in found if not any(t == n or t.startswith(n + ".") for t in targets)]
+    found = []
+    for suffix in modules_to_save:
+        names = [
+            n
+            for n, m in model.named_modules()
+            if n and _matches(n, (suffix,)) and any(True for _ in m.parameters())
+        ]
+        if not names:
+            raise ValueError(
+                f"meldkit.goat.wrap: modules_to_save entry {suffix!r} matches no module with "
+                "parameters"
+            )
+        found += [n for n in names if n not in found]
+    for name in found:
+        clash = [
+            t for t in targets if t == name or t.startswith(name + ".") or name.startswith(t + ".")
+        ]
+        if clash:
+            raise ValueError(
+                f"meldkit.goat.wrap: {name!r} is in modules_to_save and overlaps the GOAT "
+                f"targets {clash[:3]}: a module is either adapted or trained in full"
+            )
+    return found
+
+
+def saved_modules(model: nn.Module) -> list[str]:
+    """The names of the modules trained in full and saved with the adapter."""
+    return list(getattr(model, _SAVED, ()))
+
+
+def set_saved_modules(model: nn.Module, names: list[str], *, keep_original: bool) -> None:
+    """Record ``names`` as the model's saved modules, keeping CPU copies of their parameters
+    for :func:`unwrap` when ``keep_original``."""
+    setattr(model, _SAVED, list(names))
+    originals = {}
+    if keep_original:
+        for name in names:
+            for pname, p in model.get_submodule(name).named_parameters():
+                originals[f"{name}.{pname}"] = p.detach().to("cpu", copy=True)
+    setattr(model, _SAVED_ORIGINALS, originals)
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -243,10 +310,13 @@ def remember_requires_grad(model: nn.Module) -> None:
 
 
 def freeze_base(model: nn.Module) -> None:
-    """``requires_grad = False`` on every parameter but the GOAT experts and routers."""
+    """``requires_grad = False`` on every parameter but the GOAT experts and routers and the
+    parameters of the saved modules (``modules_to_save``)."""
     trainable: set[int] = set()
     for _, layer in goat_layers(model):
         trainable |= {id(layer.lora_a), id(layer.lora_b), id(layer.router.weight)}
+    for name in saved_modules(model):
+        trainable |= {id(p) for p in model.get_submodule(name).parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
 
@@ -261,7 +331,8 @@ def wrap(model: nn.Module, config: GoatConfig, *, keep_original: bool = True) ->
       ``W̃0 = W0 − (s/E) Σ_j B_j A_j`` (fp32 arithmetic, rounded once to the base dtype);
     - a router ``nn.Linear(n, E, bias=False)`` in fp32 with PyTorch's default init
       (Kaiming-uniform, a = √5), drawn from the default generator;
-    - every parameter of the model except the experts and routers is frozen.
+    - every parameter of the model except the experts, the routers and the modules of
+      ``config.modules_to_save`` (by default a sequence-classification head) is frozen.
 
     Parameters
     ----------
@@ -270,8 +341,8 @@ def wrap(model: nn.Module, config: GoatConfig, *, keep_original: bool = True) ->
     config : GoatConfig
         Which layers and how (see :class:`GoatConfig`).
     keep_original : bool
-        Keep a CPU copy of every W0 that the init adjusts (SVD inits) so that :func:`unwrap`
-        restores it bit-exactly.
+        Keep a CPU copy of every W0 that the init adjusts (SVD inits), and of the parameters of
+        the ``modules_to_save``, so that :func:`unwrap` restores them bit-exactly.
         This costs host memory (not accelerator memory) equal to the adapted weights, about the
         model's size for ``"all-linear"``. Without it, :func:`unwrap` adds the stored
         adjustment back: within the rounding errors of W̃0 and of that sum in the base dtype,
@@ -296,6 +367,7 @@ def wrap(model: nn.Module, config: GoatConfig, *, keep_original: bool = True) ->
     if any(True for _ in goat_layers(model)):
         raise ValueError("meldkit.goat.wrap: the model already has GOAT layers (unwrap it first)")
     names = find_targets(model, config.target_modules, adjusts_base=config.init != "lora")
+    saved = find_saved_modules(model, config.modules_to_save, names)
     e, d = config.num_experts, config.expert_rank
     for name in names:
         linear = model.get_submodule(name)
@@ -307,6 +379,7 @@ def wrap(model: nn.Module, config: GoatConfig, *, keep_original: bool = True) ->
                 f"{linear.out_features})"
             )
     remember_requires_grad(model)
+    set_saved_modules(model, saved, keep_original=keep_original)
     for name in names:
         linear = model.get_submodule(name)
         device = linear.weight.device
@@ -355,7 +428,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     (close to, not exactly, the original).
     Every parameter's ``requires_grad`` flag goes back to what it was before :func:`wrap` (or
     :func:`meldkit.goat.load_adapter`) froze the model, and the hooks they put on the model are
-    removed.
+    removed. The ``modules_to_save`` get their original parameters back when they were kept
+    (``keep_original``); otherwise they keep the trained ones.
 
     Returns
     -------
@@ -376,6 +450,12 @@ def unwrap(model: nn.Module) -> nn.Module:
         for pname, p in base.named_parameters():
             p.requires_grad_(layer.base_requires_grad.get(pname, True))
         replace_module(model, name, base)
+    originals = model.__dict__.pop(_SAVED_ORIGINALS, None) or {}
+    model.__dict__.pop(_SAVED, None)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname in originals:
+                p.copy_(originals[pname])
     flags = model.__dict__.pop(_FLAGS, None)
     if flags is not None:
         for pname, p in model.named_parameters():
