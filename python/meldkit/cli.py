@@ -61,6 +61,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         text = " ".join(str(exc).split()) or type(exc).__name__
         print(f"meldkit merge: the merge failed: {text}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the output cannot be written (permissions, a full disk, ...)
+        print(f"meldkit merge: {exc}", file=sys.stderr)
+        return 2
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -72,6 +75,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from meldkit.demo import run_demo
 
     return run_demo(device=args.device)
+
+
+def _merge_device(text: str) -> str:
+    """``--device``: one of the choices cpu, cuda, cuda:N (argparse names the option)."""
+    kind, _, index = text.partition(":")
+    if (kind == "cpu" and not index) or (kind == "cuda" and (not index or index.isdigit())):
+        return text
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from cpu, cuda, cuda:N)")
+
+
+def _seed(text: str) -> int:
+    """``--seed``: an integer in [0, 2**63), the range of the masks' counter-based key."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer in [0, 2**63)")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,14 +118,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge models from a mergekit-style YAML config")
     p.add_argument("config", help="YAML: merge_method, base_model, models, parameters, dtype, ...")
     p.add_argument("out_dir", help="output folder (must not exist or be empty)")
-    p.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu or cuda")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        type=_merge_device,
+        metavar="{cpu,cuda,cuda:N}",
+        help="where the arithmetic runs: cpu, cuda or cuda:N (default cpu)",
+    )
     p.add_argument(
         "--out-shard-size",
         default="5GB",
         help="largest output shard in bytes: 5GB, 500MB, or 1B (B = billions, as in mergekit); "
         "default 5GB",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of DARE/DELLA masks (default 0)")
+    p.add_argument(
+        "--seed",
+        type=_seed,
+        default=0,
+        help="seed of DARE/DELLA masks, an integer in [0, 2**63) (default 0)",
+    )
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -395,7 +396,7 @@ def test_tensors_outside_the_layers_go_with_the_first_or_last_slice():
 
 def test_slices_meldkit_cannot_honour_are_refused(zoo):
     tmp, _, _, paths = zoo
-    good = _slices(paths, [(0, 1), (1, 2)], [{}, {}])
+    good = _slices(paths, [(0, 1), (1, 2)], [{"weight": 0.5}, {"weight": 0.5}])
 
     def edit(fn):
         cfg = json.loads(json.dumps(good))
@@ -435,7 +436,7 @@ def test_slices_meldkit_cannot_honour_are_refused(zoo):
         with pytest.raises(ConfigError) as info:
             parse_config(cfg)
         assert text in str(info.value), (text, str(info.value))
-    short = _slices(paths, [(0, 1)], [{}])  # the models have 2 layers
+    short = _slices(paths, [(0, 1)], [{"weight": 0.5}])  # the models have 2 layers
     with pytest.raises(MergeError, match="the slices cover layers 0-0, but the models have 2"):
         merge(short, tmp / "out", progress=False)
     assert not (tmp / "out").exists()
@@ -1358,3 +1359,246 @@ def test_read_ahead_is_advice_only(zoo, monkeypatch):
     assert all(torch.equal(want[k], got[k]) for k in want)
     with pytest.raises(MergeError, match="read_ahead"):
         merge(config_for("ties", paths), tmp / "c", progress=False, read_ahead="lots")
+
+
+@pytest.mark.filterwarnings("ignore::meldkit.MeldkitFallbackWarning")  # > 32 models: reference
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_more_models_than_the_kernels_take(zoo, method):
+    # 33 fine-tunes: the native kernels take 32 per call; the merge runs the reference instead
+    # of failing at the first tensor, and equals the in-memory merge.
+    tmp, base, _, paths = zoo
+    n = 33
+    tunes = [finetune(base, 100 + i) for i in range(n)]
+    for i, t in enumerate(tunes):
+        paths[f"ft{i}"] = write_model(tmp / f"many{i}", t)
+    cfg = config_for(method, paths, n=n)
+    merged = read(merge(cfg, tmp / "out", seed=3, progress=False))
+
+    def f32(d):
+        return {k: v.float() if v.is_floating_point() else v for k, v in d.items()}
+
+    per_model = cfg["models"][0]["parameters"]
+    expected = merge_state_dicts(
+        f32(base),
+        [f32(t) for t in tunes],
+        method,
+        seed=3,
+        weights=[per_model["weight"]] * n,
+        densities=[per_model["density"]] * n,
+        out_dtype=torch.bfloat16,
+    )
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear", "della", "linear"])
+def test_weight_is_required_as_in_mergekit(zoo, method):
+    # mergekit declares weight without a default for the task-vector methods and linear, and
+    # stops with "Missing required parameter weight": so does meldkit, naming the model.
+    _, _, _, paths = zoo
+    cfg = config_for("ties" if method == "della" else method, paths)
+    cfg["merge_method"] = method
+    if method == "della":
+        for m in cfg["models"]:
+            m["parameters"]["density"] = 0.5
+    del cfg["models"][1]["parameters"]["weight"]
+    with pytest.raises(
+        ConfigError, match=rf"models\[1\] \({re.escape(str(paths['ft1']))}\): weight is missing"
+    ):
+        parse_config(cfg)
+    cfg["parameters"] = {"weight": 0.25}  # a top-level weight is every model's default
+    parsed = parse_config(cfg)
+    assert _tensor_params(parsed, "lm_head.weight")["weights"][1] == 0.25
+
+
+def test_a_filtered_weight_that_leaves_a_tensor_without_one_is_refused(zoo):
+    # weight: [{filter: mlp, value: 0.5}] gives the other tensors no weight (no default
+    # below it): refused before any tensor is merged, naming the model, tensor and parameter.
+    tmp, _, _, paths = zoo
+    cfg = config_for("task_arithmetic", paths)
+    cfg["models"][2]["parameters"] = {"weight": [{"filter": "mlp", "value": 0.5}]}
+    with pytest.raises(
+        ConfigError,
+        match=rf"models\[2\] \({re.escape(str(paths['ft2']))}\): weight: no value for tensor "
+        r"lm_head\.weight",
+    ):
+        merge(cfg, tmp / "out", progress=False)
+    assert not (tmp / "out").exists() and not list(tmp.glob(".out.*"))
+    # A slice whose sources and parameters give no weight, with none at the top level: the
+    # head goes with the last slice.
+    sliced = _slices(paths, [(0, 1), (1, LAYERS)], [{"weight": 0.5}, {"density": 0.4}])
+    with pytest.raises(
+        ConfigError,
+        match=rf"^slices \({re.escape(str(paths['ft0']))}\): weight: no value for tensor "
+        r"lm_head\.weight",
+    ):
+        merge(sliced, tmp / "out", progress=False)
+    # With a filter that matches every remaining tensor, or a top-level weight, it merges.
+    cfg["models"][2]["parameters"]["weight"].append({"value": 0.2})
+    assert merge(cfg, tmp / "out", progress=False).is_dir()
+
+
+def test_every_tokenizer_file_travels_with_the_merge(zoo):
+    # Tokenizers without tokenizer.json load from their vocabulary files: every one of them
+    # (and the files the configs name) is copied, or the merged model loads a wrong tokenizer.
+    tmp, _, _, paths = zoo
+    src = paths["base"]
+    files = {
+        "vocab.txt": "[PAD]\n[UNK]\nw1\n",
+        "spiece.model": "sp",
+        "sentencepiece.bpe.model": "bpe",
+        "tokenizer.model.v3": "v3",
+        "chat_template.json": '{"chat_template": "{{ x }}"}',
+        "vocab.json": '{"a": 0}',
+        "merges.txt": "a b\n",
+        "my.vocab": "custom",
+        "tokenization_custom.py": "# remote code\n",
+        "modeling_custom.py": "# remote code\n",
+        "additional_chat_templates/tools.jinja": "{{ tools }}",
+    }
+    for name, text in files.items():
+        (src / name).parent.mkdir(exist_ok=True)
+        (src / name).write_text(text)
+    (src / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "vocab_file": "my.vocab",
+                "auto_map": {"AutoTokenizer": ["tokenization_custom.CustomTokenizer", None]},
+            }
+        )
+    )
+    config = {"model_type": "llama", "auto_map": {"AutoModel": "modeling_custom.CustomModel"}}
+    (src / "config.json").write_text(json.dumps(config))
+    (src / "notes.txt").write_text("not the model's")
+    out = merge(config_for("ties", paths), tmp / "out", progress=False)
+    for name, text in files.items():
+        assert (out / name).read_text() == text, name
+    assert not (out / "notes.txt").exists()
+
+
+def test_tokenizer_source_by_hugging_face_id_and_older_spellings(zoo, monkeypatch):
+    import shutil
+
+    constants = pytest.importorskip("huggingface_hub.constants")
+    tmp, _, _, paths = zoo
+    cache = tmp / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshots = {}
+    for repo, folder in (("tiny-base", "base"), ("tiny-ft", "ft0")):
+        (paths[folder] / "tokenizer.json").write_text(json.dumps({"from": folder}))
+        snapshots[repo] = cache / f"models--org--{repo}" / "snapshots" / commit
+        shutil.copytree(paths[folder], snapshots[repo])
+        (cache / f"models--org--{repo}" / "refs").mkdir()
+        (cache / f"models--org--{repo}" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = config_for("ties", paths)
+    cfg["base_model"] = "org/tiny-base"
+    cfg["models"][0]["model"] = "org/tiny-ft"
+    # A merged model named by its ID; older mergekit's model: prefix; dtype as torch spells it.
+    for source in ("org/tiny-ft", "model:org/tiny-ft"):
+        assert (
+            parse_config({**cfg, "tokenizer_source": source}).tokenizer_source
+            == (snapshots["tiny-ft"])
+        )
+    relative = {**config_for("ties", paths), "tokenizer_source": f"model:{paths['ft1']}"}
+    assert parse_config(relative).tokenizer_source == paths["ft1"]
+    out = merge({**cfg, "tokenizer_source": "org/tiny-ft"}, tmp / "out", progress=False)
+    assert json.loads((out / "tokenizer.json").read_text()) == {"from": "ft0"}
+    parsed = parse_config({**cfg, "dtype": "torch.float32", "out_dtype": "torch.bfloat16"})
+    assert (parsed.dtype, parsed.out_dtype) == (torch.float32, torch.bfloat16)
+    with pytest.raises(ConfigError, match=r"dtype: 'torch\.float8'"):
+        parse_config({**cfg, "dtype": "torch.float8"})
+
+
+def test_larger_vocabularies_are_trimmed_to_the_base_as_in_mergekit(zoo):
+    # A fine-tune with 8 added tokens: its embeddings and head merge over the base's rows, with
+    # one warning naming both tensors and the model (spec §5.4); fewer rows are refused.
+    tmp, _, tunes, paths = zoo
+    big = dict(tunes[1])
+    extra = torch.randn(8, HIDDEN).to(torch.bfloat16)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        big[name] = torch.cat([big[name], extra])
+    paths["big"] = write_model(tmp / "big", big)
+    cfg = config_for("ties", paths)
+    want = read(merge(cfg, tmp / "want", progress=False))
+    cfg["models"][1]["model"] = str(paths["big"])
+    with pytest.warns(UserWarning, match="vocabulary sizes differ") as record:
+        got = read(merge(cfg, tmp / "got", progress=False))
+    message = str(record[0].message)
+    assert len(record) == 1 and str(paths["big"]) in message
+    assert "lm_head.weight (72 rows, not 64)" in message
+    assert "model.embed_tokens.weight (72 rows, not 64)" in message
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    small = dict(tunes[1])
+    small["lm_head.weight"] = small["lm_head.weight"][:60]
+    cfg["models"][1]["model"] = str(write_model(tmp / "small", small))
+    with pytest.raises(MergeError, match=r"lm_head.weight has shape \[60, 16\].*fewer vocabulary"):
+        merge(cfg, tmp / "out", progress=False)
+    # Other tensors must match exactly, as before.
+    wide = dict(tunes[1])
+    wide["model.layers.0.mlp.up_proj.weight"] = torch.zeros(3 * HIDDEN + 8, HIDDEN)
+    cfg["models"][1]["model"] = str(write_model(tmp / "wide", wide))
+    with pytest.raises(MergeError, match=r"up_proj.weight has shape \[56, 16\]"):
+        merge(cfg, tmp / "out", progress=False)
+
+
+def test_models_given_as_safetensors_files_bring_their_folders_files(zoo):
+    tmp, _, _, paths = zoo
+    for name, folder in paths.items():
+        (folder / "tokenizer.json").write_text(json.dumps({"from": name}))
+    cfg = config_for("ties", paths)
+    want = read(merge(cfg, tmp / "want", progress=False))
+    cfg["base_model"] = str(paths["base"] / "model.safetensors")
+    cfg["models"][0]["model"] = str(paths["ft0"] / "model.safetensors")
+    out = merge(cfg, tmp / "out", progress=False)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    assert json.loads((out / "tokenizer.json").read_text()) == {"from": "base"}
+    got = read(out)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    cfg["tokenizer_source"] = cfg["models"][0]["model"]
+    out = merge(cfg, tmp / "out2", progress=False)
+    assert json.loads((out / "tokenizer.json").read_text()) == {"from": "ft0"}
+
+
+def test_a_model_listed_twice_is_refused(zoo):
+    # mergekit refuses duplicate merge inputs; meldkit would otherwise count the model twice.
+    _, _, _, paths = zoo
+    cfg = config_for("ties", paths)
+    for spelling in (str(paths["ft0"]), f"{paths['ft0'].parent}/./ft0"):
+        cfg["models"][2]["model"] = spelling
+        with pytest.raises(
+            ConfigError, match=r"models\[2\]\.model: .* is the model of models\[0\]"
+        ):
+            parse_config(cfg)
+
+
+def test_options_are_checked_before_merging(zoo):
+    tmp, _, _, paths = zoo
+    cfg = config_for("dare_ties", paths)
+    (tmp / "afile").write_text("")
+    cases = [
+        (dict(seed=-1), "seed must be an integer in"),
+        (dict(seed=2**63), "seed must be an integer in"),
+        (dict(seed=1.5), "seed must be an integer in"),
+        (dict(device="tpu"), "device must be cpu, cuda or cuda:N, got 'tpu'"),
+    ]
+    for kw, text in cases:
+        with pytest.raises(MergeError, match=text):
+            merge(cfg, tmp / "out", progress=False, **kw)
+    with pytest.raises(MergeError, match=r"out_dir .*afile: is a file, not a folder"):
+        merge(cfg, tmp / "afile", progress=False)
+    with pytest.raises(MergeError, match=r"afile is a file, not a folder"):
+        merge(cfg, tmp / "afile" / "out", progress=False)
+    assert not (tmp / "out").exists()
+    cfg_path = tmp / "dare.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    for args, text in (
+        (["--seed", "-1"], "argument --seed: '-1' is not an integer in [0, 2**63)"),
+        (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    ):
+        res = _meldkit_merge_cli(cfg_path, tmp / "out", "--no-progress", *args)
+        assert res.returncode == 2 and text in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+    res = _meldkit_merge_cli(cfg_path, tmp / "afile", "--no-progress")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == f"meldkit merge: out_dir {tmp / 'afile'}: is a file, not a folder"

@@ -568,6 +568,75 @@ def test_breadcrumbs_native_equals_reference(device, dtype, method):
             assert torch.equal(listed[j], one), name
 
 
+@pytest.mark.parametrize(
+    ("method", "kw"),
+    [
+        ("task_arithmetic", {"lam": 0.7}),
+        ("ties", {"densities": 0.3}),
+        ("ties", {"densities": 0.3, "tie": "exact_k"}),
+        ("dare_ties", {"densities": 0.5, "seed": 3}),
+        ("dare_linear", {"densities": 0.5, "seed": 3}),
+        ("breadcrumbs", {"densities": 0.8, "gammas": 0.05}),
+        ("breadcrumbs_ties", {"densities": 0.8, "gammas": 0.05}),
+        ("della", {"densities": 0.5, "epsilons": 0.1, "seed": 5}),
+        ("della_linear", {"densities": 0.5, "epsilons": 0.1, "seed": 5}),
+    ],
+)
+def test_more_models_than_the_kernels_take_run_the_reference(monkeypatch, method, kw):
+    """33 models (the native kernels take at most 32 per call): every task-vector method,
+    DELLA's native path included, runs the reference with a warning saying why, through
+    merge_tensors (with and without ``out``) and merge_tensor_list."""
+    monkeypatch.setenv("MELDKIT_BACKEND", "auto")
+    monkeypatch.setattr(_native, "_warned", set())
+    n = 33
+    base, models = models_like((41, 7), torch.float32, "cpu", n=n, seed=4)
+    m = get_method(method)
+    weights = [0.5 + 0.1 * (t % 7) - 0.4 * (t % 3 == 0) for t in range(n)]
+    per_model = {k: v for k, v in kw.items() if k in ("densities", "gammas", "epsilons")}
+    expected = mr.generalized_merge_ref(
+        base,
+        models,
+        weights=weights,
+        sparsify=m.sparsify,
+        consensus=m.consensus,
+        normalize=m.normalize,
+        rescale=m.rescale,
+        lam=kw.get("lam", 1.0),
+        tie=kw.get("tie", "keep_ties"),
+        seed=kw.get("seed", 0),
+        tensor_index=9,
+        **{k: [v] * n for k, v in per_model.items()},
+    )
+    with pytest.warns(meldkit.MeldkitFallbackWarning, match="at most 32 models per call, got 33"):
+        got = merge_tensors(base, models, method, weights=weights, tensor_index=9, **kw)
+    assert torch.equal(got, expected)
+    out = torch.empty_like(base)
+    merge_tensors(base, models, method, weights=weights, tensor_index=9, out=out, **kw)
+    assert torch.equal(out, expected)
+    listed = merge_tensor_list(
+        [base, base[:3]],
+        [[x, x[:3]] for x in models],
+        method,
+        weights=weights,
+        tensor_indices=[9, 2],
+        **kw,
+    )
+    assert torch.equal(listed[0], expected)
+    assert torch.equal(
+        listed[1],
+        merge_tensors(
+            base[:3],
+            [x[:3] for x in models],
+            method,
+            weights=weights,
+            **{
+                **kw,
+                "tensor_index": 2,
+            },
+        ),
+    )
+
+
 def test_breadcrumbs_native_runs_without_warning(monkeypatch, recwarn):
     monkeypatch.setenv("MELDKIT_BACKEND", "auto")
     monkeypatch.setattr(_native, "_warned", set())

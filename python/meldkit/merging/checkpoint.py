@@ -37,19 +37,65 @@ SAFETENSORS_DTYPES = {
 }
 # Files of a model folder that are not weights and travel with the merged model: the model's
 # own (from the base, or the first model without one) and the tokenizer's (from the config's
-# tokenizer source, by default the same folder).
+# tokenizer source, by default the same folder). A tokenizer without tokenizer.json loads from
+# its vocabulary files, and a missing one loads silently as a smaller tokenizer: hence every
+# vocabulary file name of the tokenizer classes of transformers, plus the files the tokenizer's
+# and the model's configs name (aux_files_of).
 MODEL_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
     "added_tokens.json",
     "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",  # SentencePiece: Llama, Mistral, Gemma
+    "tokenizer.model.v1",  # Mistral's versioned SentencePiece and Tekken vocabularies
+    "tokenizer.model.v3",
+    "tekken.json",
+    "spiece.model",  # T5, ALBERT, XLNet, Pegasus
+    "sentencepiece.bpe.model",  # XLM-R, CamemBERT, mBART, NLLB
+    "spm.model",  # DeBERTa-v2/v3
+    "source.spm",  # Marian
+    "target.spm",
+    "vocab.txt",  # WordPiece: BERT and its kin
+    "vocab.json",  # byte-level BPE: GPT-2, RoBERTa, Qwen2, Whisper
+    "merges.txt",
+    "qwen.tiktoken",  # tiktoken vocabularies (remote-code tokenizers)
+    "tokenizer.tiktoken",
 )
+# A folder of named chat templates (``additional_chat_templates/NAME.jinja``), copied whole.
+TOKENIZER_FOLDERS = ("additional_chat_templates",)
 AUX_FILES = MODEL_FILES + TOKENIZER_FILES
+
+
+def aux_files_of(folder: Path, config_name: str) -> list[str]:
+    """The other files of ``folder`` that its config ``config_name`` (``config.json``,
+    ``tokenizer_config.json``) names: the ``*_file`` entries that are file names in the folder
+    (``vocab_file``, ``spm_file``, ...) and the Python modules of its ``auto_map``
+    (``tokenization_x.XTokenizer`` → ``tokenization_x.py``; remote-code models need them, and
+    ``repo--module.Class`` entries live in another repository). Unreadable configs name none."""
+    try:
+        config = json.loads((folder / config_name).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(config, dict):
+        return []
+    names = [
+        v
+        for k, v in config.items()
+        if k.endswith("_file") and isinstance(v, str) and v and os.sep not in v and "/" not in v
+    ]
+    auto_map = config.get("auto_map")
+    refs = []
+    for v in auto_map.values() if isinstance(auto_map, dict) else ():
+        refs += v if isinstance(v, list) else [v]
+    for ref in refs:
+        if isinstance(ref, str) and "--" not in ref and "." in ref:
+            names.append(ref.rsplit(".", 1)[0] + ".py")
+    # Never a weights file: the output has its own.
+    weights = (".safetensors", ".bin", ".pt", ".pth")
+    return [n for n in dict.fromkeys(names) if (folder / n).is_file() and not n.endswith(weights)]
 
 
 class CheckpointError(ValueError):
@@ -214,7 +260,15 @@ class Checkpoint:
         return self._file_of[name], offset, length
 
     def aux_folder(self) -> Path:
-        return self.path if self.path.is_dir() else self.path.parent
+        """The folder of the model's other files (``config.json``, the tokenizer's): the
+        checkpoint's folder, or the folder of a checkpoint given as one ``.safetensors`` file."""
+        return aux_folder(self.path)
+
+
+def aux_folder(path: Path) -> Path:
+    """The folder of a model's files besides its weights: ``path`` itself, or the folder of a
+    model given as its weights file."""
+    return path if path.is_dir() else path.parent
 
 
 def _data_ranges(f: Path) -> dict[str, tuple[int, int]]:
@@ -454,6 +508,8 @@ class ShardedWriter:
         kernel_writes: bool = False,
     ):
         self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise CheckpointError(f"{self.out_dir}: is a file, not a folder")
         if self.out_dir.exists() and any(self.out_dir.iterdir()):
             raise CheckpointError(f"{self.out_dir}: exists and is not empty")
         shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
@@ -579,9 +635,10 @@ class ShardedWriter:
         self, aux_from: Path | None, tokenizer_from: Path | None = None, card: str | None = None
     ) -> Path:
         """Wait for the writes, write the index and auxiliary files, then move the folder into
-        place. The model's files (``MODEL_FILES``) come from ``aux_from``, the tokenizer's
-        (``TOKENIZER_FILES``) from ``tokenizer_from`` (default: ``aux_from``); ``card`` becomes
-        ``README.md``."""
+        place. The model's files (``MODEL_FILES``, and the files its ``config.json`` names: see
+        :func:`aux_files_of`) come from ``aux_from``, the tokenizer's (``TOKENIZER_FILES``,
+        ``TOKENIZER_FOLDERS``, and the files its ``tokenizer_config.json`` names) from
+        ``tokenizer_from`` (default: ``aux_from``); ``card`` becomes ``README.md``."""
         self._drain()
         unwritten = [n for n in self._slot if n not in self._added]
         if unwritten:
@@ -591,11 +648,20 @@ class ShardedWriter:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.file_of}
             (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         tokenizer_from = tokenizer_from if tokenizer_from is not None else aux_from
-        for folder, names in ((aux_from, MODEL_FILES), (tokenizer_from, TOKENIZER_FILES)):
-            for name in names if folder is not None else ():
+        for folder, names, config in (
+            (aux_from, MODEL_FILES, "config.json"),
+            (tokenizer_from, TOKENIZER_FILES, "tokenizer_config.json"),
+        ):
+            if folder is None:
+                continue
+            for name in dict.fromkeys([*names, *aux_files_of(folder, config)]):
                 src = folder / name
                 if src.is_file():
                     shutil.copy2(src, self.tmp / name)
+        for name in TOKENIZER_FOLDERS if tokenizer_from is not None else ():
+            src = tokenizer_from / name
+            if src.is_dir():
+                shutil.copytree(src, self.tmp / name)
         if card is not None:
             (self.tmp / "README.md").write_text(card)
         if self.out_dir.exists():

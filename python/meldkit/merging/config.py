@@ -15,19 +15,28 @@ Accepted (the ``models`` form of mergekit's YAML)::
     out_dtype: bfloat16               # storage dtype of the result (default: dtype)
     tokenizer_source: base            # or tokenizer: {source: base}; see below
 
+Each model is listed once (mergekit refuses duplicate inputs too; a second entry would count its
+task vector twice). ``dtype`` and ``out_dtype`` may carry torch's prefix (``torch.bfloat16``),
+as mergekit reads them.
+
 Per-model parameters may also appear at the top level, as defaults for every model. The keys
 each method accepts are mergekit's (its method registry): for the task-vector methods
 (task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della,
 della_linear) ``weight`` and ``density`` per model, ``gamma`` (breadcrumbs) or ``epsilon``
 (della) per model, and ``normalize``, ``lambda``, ``rescale``, ``int8_mask`` at the top level;
 ``weight`` and ``normalize`` for linear; ``filter_wise`` for model_stock; ``t`` for slerp
-(required, as in mergekit). Some change nothing, in meldkit as in mergekit: ``int8_mask``
-(mergekit's memory saving for its sign masks; meldkit holds no mask tensor), and task_arithmetic's
-``density`` and ``rescale`` (it sparsifies nothing). A top-level parameter given per model (say,
-``lambda`` in a model's ``parameters``) is accepted as mergekit accepts it, and ignored as mergekit
-ignores it, with a warning. ``rescale`` is a bool as in mergekit (``true``: the method's own
-rescaling, L1 matching) or one of meldkit's named rescalings ``none``, ``l1``,
-``inverse_density`` (divide by the keep probability, as the DARE paper does).
+(required, as in mergekit). ``weight`` is required too, as in mergekit (it has no default
+there): every model of a task-vector or linear merge needs one for every tensor, from its own
+parameters, its slice's or the top-level ones; a missing weight, or a filtered weight that
+matches some tensor by no filter and has no value below it, is an error naming the model, the
+tensor and the parameter (before any tensor is merged). Some change nothing, in meldkit as in
+mergekit: ``int8_mask`` (mergekit's memory saving for its sign masks; meldkit holds no mask
+tensor), and task_arithmetic's ``density`` and ``rescale`` (it sparsifies nothing). A top-level
+parameter given per model (say, ``lambda`` in a model's ``parameters``) is accepted as mergekit
+accepts it, and ignored as mergekit ignores it, with a warning. ``rescale`` is a bool as in
+mergekit (``true``: the method's own rescaling, L1 matching) or one of meldkit's named
+rescalings ``none``, ``l1``, ``inverse_density`` (divide by the keep probability, as the DARE
+paper does).
 
 Each resolved ``density``, ``gamma`` and ``epsilon`` lies in [0, 1]; DELLA with a
 density strictly between 0 and 1 needs ``density − epsilon > 0`` and ``density + epsilon ≤ 1``
@@ -74,8 +83,9 @@ layers is the ``models`` form.
 
 The tokenizer files of the result (``tokenizer.json``, ``tokenizer_config.json``, ...) come from
 the base model (or the first model without one), or from the folder that ``tokenizer_source`` or
-``tokenizer: {source: ...}`` names: ``base``, or the path of one of the merged models (which
-share the base's tensor shapes, so its vocabulary has the merged embeddings' size). mergekit's
+``tokenizer: {source: ...}`` names: ``base``, or the path or Hugging Face ID of one of the merged
+models, also with older mergekit's ``model:`` prefix (a merged model shares the base's tensor
+shapes, so its vocabulary has the merged embeddings' size). mergekit's
 ``union`` (a merged vocabulary, with the embeddings rebuilt over it), a tokenizer from a model
 outside the merge, and per-token ``tokens`` overrides are refused: they need embedding surgery,
 which meldkit does not do.
@@ -112,7 +122,9 @@ UNSUPPORTED_KEYS = ("modules", "chat_template")
 NUMERIC_GLOBALS = ("lambda", "t")
 # Named rescalings of the sparsified task vectors (merge_tensors' ``rescale``), besides a bool.
 RESCALES = ("none", "l1", "inverse_density")
-# Defaults of the per-model parameters (mergekit's).
+# Defaults of the per-model parameters (mergekit's). ``weight`` has none in mergekit: the methods
+# that take it require it (MergeMethod.required, checked per tensor before merging); its 1 here
+# only fills the weights of the methods that take none (model_stock, slerp).
 MODEL_DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15}
 
 DTYPES = {
@@ -185,14 +197,25 @@ class MergeConfig:
 
     def check_tensor(self, tensor_name: str, t: float = 0.0, layer: int | None = None) -> None:
         """Raise ConfigError if the parameters resolved for one tensor cannot merge it: a DELLA
-        keep probability outside (0, 1], or slerp's ``t`` matched by no filter. The engine
-        calls it for every tensor before merging any."""
+        keep probability outside (0, 1], slerp's ``t`` matched by no filter, or a required
+        per-model parameter (``weight``) that no filter, slice or top-level value gives this
+        tensor. The engine calls it for every tensor before merging any."""
         method = self.method
         if method.kind == "slerp" and self.global_param("t", tensor_name, t, layer) is None:
             raise ConfigError(
                 f"parameters.t: no filter matches {tensor_name} (add a last entry without a "
                 "filter, {value: V}, as a default)"
             )
+        for name in method.required:
+            for m in self.models:
+                if evaluate_setting(m.params.get(name), tensor_name, t, layer) is None:
+                    raise ConfigError(
+                        f"{m.where} ({m.path}): {name}: no value for tensor {tensor_name} (no "
+                        f"filter matches it, and no slice or top-level {name} gives one); "
+                        f"{method.name} needs a {name} for every tensor of every model, as "
+                        f"mergekit does (Missing required parameter {name}): add a last entry "
+                        f"without a filter, {{value: V}}, or a top-level {name}"
+                    )
         if method.sparsify != "della":
             return
         densities = self.model_param("density", MODEL_DEFAULTS["density"], tensor_name, t, layer)
@@ -202,11 +225,13 @@ class MergeConfig:
 
 
 def _dtype(value: Any, key: str) -> torch.dtype | None:
+    """A dtype by name; ``torch.bfloat16`` spelt with its module too, as mergekit reads it."""
     if value is None:
         return None
-    if value not in DTYPES:
+    name = value.removeprefix("torch.") if isinstance(value, str) else value
+    if name not in DTYPES:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[value]
+    return DTYPES[name]
 
 
 def _scalar(value: Any, where: str) -> Any:
@@ -483,11 +508,12 @@ def parse_config(
             path = resolve(entry["model"], "slices")
             if base_is_theta0 and base is not None and path.resolve() == base.resolve():
                 continue  # the base contributes τ = 0
-            models.append(ModelSpec(path, entry["parameters"], f"slices ({entry['model']})"))
+            models.append(ModelSpec(path, entry["parameters"], "slices"))  # named with its path
     else:
         entries = raw.get("models") or []
         if not isinstance(entries, list) or not entries:
             raise ConfigError("models: expected a non-empty list")
+        seen: dict[Path, int] = {}  # resolved folder -> its first entry
         for i, entry in enumerate(entries):
             if not isinstance(entry, Mapping) or "model" not in entry:
                 raise ConfigError(f"models[{i}]: expected {{model: PATH, parameters: {{...}}}}")
@@ -497,6 +523,15 @@ def parse_config(
             where = f"models[{i}].parameters"
             p = _model_params(entry.get("parameters"), method, where)
             path = resolve(entry["model"], f"models[{i}].model")
+            first = seen.setdefault(path.resolve(), i)
+            if first != i:
+                # mergekit refuses it too ("Duplicate merge inputs"); counting it twice would
+                # silently double its task vector.
+                raise ConfigError(
+                    f"models[{i}].model: {entry['model']} is the model of models[{first}] "
+                    f"({path.resolve()}): list each model once (give it a larger weight "
+                    "instead)"
+                )
             if base_is_theta0 and base is not None and path.resolve() == base.resolve():
                 continue  # mergekit lists the base among the models at times: it adds τ = 0
             merged = {k: _fall_through(p.get(k), defaults.get(k)) for k in {**defaults, **p}}
@@ -516,6 +551,15 @@ def parse_config(
         models.append(ModelSpec(base, dict(defaults), "base_model"))
     if not models:
         raise ConfigError("no model to merge: every model listed is the base model")
+    for name in method.required:  # per tensor (filters, slices): MergeConfig.check_tensor
+        for m in models:
+            if name not in m.params:
+                raise ConfigError(
+                    f"{m.where} ({m.path}): {name} is missing: {method.name} needs a {name} for "
+                    f'every model, as mergekit does (it stops with "Missing required parameter '
+                    f"{name}\"); give it in the model's parameters, or in the top-level "
+                    "parameters for every model"
+                )
     if method.name == "slerp" and len(models) != 1:
         raise ConfigError("slerp merges the base with exactly one other model")
     if method.kind == "model_stock" and len(models) < 2:
@@ -533,7 +577,8 @@ def parse_config(
         params=params,
         dtype=_dtype(raw.get("dtype"), "dtype"),
         out_dtype=_dtype(raw.get("out_dtype"), "out_dtype"),
-        tokenizer_source=_tokenizer_source(raw, base, [Path(e["model"]) for e in entries], resolve),
+        # The entries as the config names them: a Hugging Face ID resolves from the cache.
+        tokenizer_source=_tokenizer_source(raw, base, [e["model"] for e in entries], resolve),
         slice_layers=slice_layers,
     )
 
@@ -679,11 +724,12 @@ def _model_params(raw: Any, method: MergeMethod, where: str) -> dict[str, Any]:
 
 
 def _tokenizer_source(
-    raw: Mapping[str, Any], base: Path | None, listed: list[Path], resolve
+    raw: Mapping[str, Any], base: Path | None, listed: list[Any], resolve
 ) -> Path | None:
     """The folder named by ``tokenizer_source`` or ``tokenizer: {source: ...}`` (None if neither):
-    ``base`` or one of the merged models (``listed``: the config's model entries, the base
-    included when it is listed there)."""
+    ``base`` or one of the merged models (``listed``: the config's model entries as written, the
+    base included when it is listed there), by its path or ID, or with older mergekit's
+    ``model:`` prefix (``model:path/to/finetune``)."""
     if "tokenizer_source" in raw and "tokenizer" in raw:
         raise ConfigError("give tokenizer_source or tokenizer, not both")
     if "tokenizer" in raw:
@@ -714,6 +760,8 @@ def _tokenizer_source(
             f"{where}: union is not supported (a merged vocabulary needs the embeddings rebuilt "
             "over it); use base or the path of one of the merged models"
         )
+    if isinstance(source, str) and source.startswith("model:"):
+        source = source.removeprefix("model:")
     path = resolve(source, where)
     candidates = ([base] if base is not None else []) + [resolve(p, where) for p in listed]
     if not any(path.resolve() == c.resolve() for c in candidates):

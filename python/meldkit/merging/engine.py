@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import re
 import sys
+import warnings
 import zlib
 from collections.abc import Mapping
 from concurrent.futures import Future
@@ -29,6 +31,7 @@ from meldkit.merging.checkpoint import (
     CheckpointError,
     ReadAhead,
     ShardedWriter,
+    aux_folder,
     parse_size,
 )
 from meldkit.merging.config import MODEL_DEFAULTS, ConfigError, MergeConfig, parse_config
@@ -45,12 +48,39 @@ def tensor_key(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-def _validate(base: Checkpoint | None, models: list[Checkpoint]) -> list[str]:
-    """Names to merge, in the reference model's order; raises MergeError listing the problems."""
+# Tensors with one row per token (input embeddings, output heads): a fine-tune that added tokens
+# has more rows there, which the merge trims to the base's (see _validate).
+_VOCAB_TENSOR = re.compile(
+    r"(^|\.)(embed_tokens|embed_in|embed_out|lm_head|wte|word_embeddings|tok_embeddings)\."
+)
+
+
+def is_vocab_tensor(name: str) -> bool:
+    """Whether tensor ``name`` has one row per token of the vocabulary (embeddings, heads)."""
+    return _VOCAB_TENSOR.search(name) is not None
+
+
+def _validate(
+    base: Checkpoint | None, models: list[Checkpoint]
+) -> tuple[list[str], dict[tuple[int, str], int]]:
+    """Names to merge, in the reference model's order, and the rows to keep of the vocabulary
+    tensors that must be trimmed (``{(model index, name): rows}``); raises MergeError listing
+    the problems.
+
+    As mergekit truncated embeddings to the base's shape with a warning (spec §5.4; mergekit
+    0.1.5 does it with ``--unsafe-truncate-embeddings``), a fine-tune whose embeddings or head
+    have more rows than the base's (tokens added, or rows padded) merges its first rows, the
+    base's count (with a warning, once, naming the tensors and models): the output keeps the
+    base's vocabulary. Any other shape mismatch, fewer rows than the base's included, is
+    refused.
+    """
     reference = base if base is not None else models[0]
     names = reference.names
     problems = []
-    for m in models if base is not None else models[1:]:
+    trims: dict[tuple[int, str], int] = {}
+    for i, m in enumerate(models):
+        if m is reference:
+            continue
         missing = [n for n in names if n not in m]
         if missing:
             problems.append(
@@ -59,10 +89,26 @@ def _validate(base: Checkpoint | None, models: list[Checkpoint]) -> list[str]:
             )
             continue
         for n in names:
-            if m.shape(n) != reference.shape(n):
+            shape, ref_shape = m.shape(n), reference.shape(n)
+            if (
+                shape != ref_shape
+                and is_vocab_tensor(n)
+                and len(shape) == len(ref_shape) >= 1
+                and shape[1:] == ref_shape[1:]
+                and shape[0] > ref_shape[0]
+            ):
+                trims[(i, n)] = ref_shape[0]
+            elif shape != ref_shape:
+                hint = ""
+                if is_vocab_tensor(n) and shape[1:] == ref_shape[1:]:
+                    hint = (
+                        f" (fewer vocabulary rows than {reference.path}: only a model with more "
+                        "rows than the base is trimmed to the base's, as mergekit truncates "
+                        "embeddings)"
+                    )
                 problems.append(
-                    f"{m.path}: {n} has shape {list(m.shape(n))}, "
-                    f"{reference.path} has {list(reference.shape(n))}"
+                    f"{m.path}: {n} has shape {list(shape)}, "
+                    f"{reference.path} has {list(ref_shape)}{hint}"
                 )
                 break
             # Float dtypes may differ (every input is converted to the compute dtype); a float
@@ -75,7 +121,19 @@ def _validate(base: Checkpoint | None, models: list[Checkpoint]) -> list[str]:
                 break
     if problems:
         raise MergeError("models do not match:\n  " + "\n  ".join(problems))
-    return names
+    if trims:
+        by_model: dict[int, list[str]] = {}
+        for (i, n), rows in trims.items():
+            by_model.setdefault(i, []).append(f"{n} ({models[i].shape(n)[0]} rows, not {rows})")
+        listed = "; ".join(f"{models[i].path}: {', '.join(t)}" for i, t in by_model.items())
+        warnings.warn(
+            f"vocabulary sizes differ from {reference.path}'s: {listed}. Merged over its rows, "
+            "as mergekit truncates embeddings: the rows past its vocabulary are dropped, and the "
+            "output has its vocabulary (take the tokenizer from it)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return names, trims
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -252,6 +310,23 @@ def _config_text(config: Any) -> str | None:
     return Path(config).read_text()
 
 
+def _merge_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device where a merge can run (``cpu``, ``cuda``, ``cuda:N``); a
+    MergeError naming the option otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise MergeError(f"device must be cpu, cuda or cuda:N, got {str(device)!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MergeError(f"device {dev} requested but torch sees no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MergeError(f"device {dev}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def merge(
     config: MergeConfig | Mapping[str, Any] | str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -280,14 +355,15 @@ def merge(
         does), the tokenizer files, and a ``README.md`` model card (method, models, settings,
         the YAML).
     device : str
-        Where the arithmetic runs (``cpu`` or ``cuda``); tensors stream from disk either way.
+        Where the arithmetic runs (``cpu``, ``cuda`` or ``cuda:N``); tensors stream from disk
+        either way.
     out_shard_size : str or int
         Largest output shard, in bytes (``5GB``, ``500MB``, ``500M``; a bare ``B`` means
         billions, as in mergekit: ``1B`` is 10⁹ bytes). See
         :func:`~meldkit.merging.checkpoint.parse_size`.
     seed : int
-        Seed of the random masks (DARE, DELLA): the same seed gives the same merge on every
-        device. Masks are keyed by each tensor's name (:func:`tensor_key`), so they do not
+        Seed of the random masks (DARE, DELLA), in [0, 2⁶³): the same seed gives the same merge
+        on every device. Masks are keyed by each tensor's name (:func:`tensor_key`), so they do not
         depend on file order or sharding.
     allow_pickle : bool
         Accept pickle (``.bin``) checkpoints.
@@ -323,9 +399,35 @@ def merge(
     -------
     Path
         ``out_dir``.
+
+    Raises
+    ------
+    ConfigError, MergeError, CheckpointError
+        (all ValueErrors) Before any tensor is merged, naming the key, option, model or tensor:
+        a config that cannot run, an option out of range (``seed``, ``device``, an ``out_dir``
+        that is a file or a folder that is not empty, ...), models that do not match.
     """
     cfg = config if isinstance(config, MergeConfig) else parse_config(config)
     config_text = _config_text(config)  # for the model card, as read now
+    # The options, before any file is opened (the ops would refuse them only at the first tensor).
+    try:
+        seed_ok = not isinstance(seed, bool) and 0 <= operator.index(seed) < 2**63
+    except TypeError:  # not an integer (1.5, "1", None)
+        seed_ok = False
+    if not seed_ok:
+        raise MergeError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    seed = operator.index(seed)
+    device = _merge_device(device)
+    out_dir = Path(out_dir)
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise MergeError(
+                    f"out_dir {out_dir}: {folder} is a file, not a folder"
+                    if folder != out_dir
+                    else f"out_dir {out_dir}: is a file, not a folder"
+                )
+            break
     if trim_scope not in ("tensor", "model"):
         raise MergeError(f"trim_scope must be 'tensor' or 'model', got {trim_scope!r}")
     if tie is None:
@@ -351,15 +453,19 @@ def merge(
         )
     except ValueError as exc:
         raise MergeError(f"read_ahead: {exc}") from None
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MergeError("device cuda requested but torch sees no CUDA device")
     try:
         base = Checkpoint(cfg.base, allow_pickle=allow_pickle) if cfg.base is not None else None
         models = [Checkpoint(m.path, allow_pickle=allow_pickle) for m in cfg.models]
     except CheckpointError as exc:
         raise MergeError(str(exc)) from None
-    names = _validate(base, models)
+    names, trims = _validate(base, models)
+
+    def load(i: int, name: str) -> torch.Tensor:
+        """Model ``i``'s tensor ``name`` (its vocabulary rows trimmed to the base's)."""
+        x = models[i].get(name)
+        rows = trims.get((i, name))
+        return x if rows is None else x[:rows]
+
     layers = layer_indices(names)
     if cfg.slice_layers is not None:
         count = layer_count(layers)
@@ -443,7 +549,9 @@ def merge(
                     float_names,
                     # Converted as the merge converts them, so the magnitudes are the same.
                     load_base,
-                    lambda n: [m.get(n).to(cfg.dtype or reference.dtype(n)) for m in models],
+                    lambda n: [
+                        load(i, n).to(cfg.dtype or reference.dtype(n)) for i in range(len(models))
+                    ],
                     cfg.model_param("density", 1.0),
                     progress=trim_bar.update if trim_bar is not None else None,
                 )
@@ -462,7 +570,7 @@ def merge(
         for i, name in enumerate(names):
             reading[0].at(i)
             b = reference.get(name) if base is not None else None
-            ms = [m.get(name) for m in models]
+            ms = [load(i, name) for i in range(len(models))]
             if reference.dtype(name) not in FLOAT_DTYPES:
                 writer.add(name, b if b is not None else ms[0])  # integer buffers: the base's
             else:
@@ -493,9 +601,12 @@ def merge(
                 bar.update(nbytes[name])
                 bar.set_postfix_str(f"{i + 1}/{len(names)} tensors", refresh=False)
         card = model_card(cfg, config_text, seed=seed, trim_scope=trim_scope, tie=tie)
+        # A model given as its .safetensors file brings the files of its folder.
         out = writer.commit(
-            aux_from=(cfg.base or cfg.models[0].path),
-            tokenizer_from=cfg.tokenizer_source,
+            aux_from=reference.aux_folder(),
+            tokenizer_from=(
+                aux_folder(cfg.tokenizer_source) if cfg.tokenizer_source is not None else None
+            ),
             card=card,
         )
     except BaseException:

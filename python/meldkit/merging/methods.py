@@ -35,6 +35,10 @@ class MergeMethod:
         parameters of the method, which the top-level ``parameters`` may also give as defaults.
     global_params : tuple of str
         Top-level parameters it accepts: mergekit's shared parameters of the method.
+    required : tuple of str
+        Per-model parameters without a default, which every model must be given (for every
+        tensor): mergekit declares ``weight`` without a default for the task-vector methods
+        and linear, and stops with "Missing required parameter weight" where none is given.
     inert : tuple of str
         Accepted keys that change nothing, in meldkit as in mergekit: ``int8_mask`` (mergekit
         stores its sign masks as int8 to save memory; meldkit's kernels never hold a mask
@@ -53,6 +57,7 @@ class MergeMethod:
     needs_base: bool = True
     model_params: tuple[str, ...] = ("weight", "density")
     global_params: tuple[str, ...] = ("normalize", "lambda", "rescale", "int8_mask")
+    required: tuple[str, ...] = ("weight",)
     inert: tuple[str, ...] = ("int8_mask",)
     paper: str = ""
 
@@ -150,6 +155,7 @@ METHODS: dict[str, MergeMethod] = {
             "model_stock",
             model_params=(),
             global_params=("filter_wise",),
+            required=(),
             inert=(),
             paper="Jang et al., Model Stock: All we need is just a few fine-tuned models, "
             "arXiv:2403.19522",
@@ -159,6 +165,7 @@ METHODS: dict[str, MergeMethod] = {
             "slerp",
             model_params=(),
             global_params=("t",),
+            required=(),
             inert=(),
             paper="Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985 "
             "(as mergekit applies it: Goddard et al., arXiv:2403.13257)",

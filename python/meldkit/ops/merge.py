@@ -13,8 +13,9 @@ rule; without L1 rescaling) adds, on the CPU, one counting pass that finds per m
 which the ties at the threshold stop being kept (the fused pass keeps ties only before it), and
 on CUDA masks each model by one selection and a running count of its ties, then merges the masked
 models without masks. DELLA elsewhere and ``exact_k`` with L1 rescaling run the reference (with a
-one-time warning naming the reason); ``linear`` runs
-on :func:`meldkit.ops.weighted_sum`; ``model_stock`` and ``slerp`` are a few reductions in PyTorch.
+one-time warning naming the reason), as does any merge of more than 32 models (the kernels take the
+models' pointers in a fixed-size array); ``linear`` runs on :func:`meldkit.ops.weighted_sum`;
+``model_stock`` and ``slerp`` are a few reductions in PyTorch.
 """
 
 from __future__ import annotations
@@ -451,6 +452,13 @@ def _merge_into(
     out_dtype = out_dtype or base.dtype
     dtypes = (base.dtype, out_dtype)
     reasons = _native.unavailable(_OP, base.device, dtypes)
+    if not reasons and len(models) > _MAX_MODELS_PER_CALL:
+        # Every native merge (DELLA's and the masked-model paths included) takes the models'
+        # pointers in a fixed-size array.
+        reasons = [
+            f"the native kernels merge at most {_MAX_MODELS_PER_CALL} models per call, "
+            f"got {len(models)}"
+        ]
     sparsify = m.sparsify
     if (
         not reasons
@@ -634,7 +642,8 @@ def merge_tensors(
     base : Tensor or None
         θ₀, shape ``S``; None only for ``linear``.
     models : sequence of Tensor
-        The N fine-tuned tensors, shape ``S``, same dtype and device as ``base``.
+        The N fine-tuned tensors, shape ``S``, same dtype and device as ``base``. Any N ≥ 1:
+        the native kernels take up to 32; more run the reference (with a one-time warning).
     method : str
         A name of :data:`meldkit.merging.METHODS`.
     weights : sequence of float, optional
@@ -803,8 +812,8 @@ filter_wise :
     masked copy of one position's tensors at a time, and DARE with L1 rescaling on the CPU one
     byte per element of the largest tensor (its masks, kept between the L1 pass and the merge
     pass). The others (linear, model_stock, slerp, della, breadcrumbs with a rescale,
-    ``tie="exact_k"`` off the CPU or with L1 rescaling) and the reference backend merge position
-    by position. No autograd: merging produces new weights.
+    ``tie="exact_k"`` off the CPU or with L1 rescaling, more than 32 models) and the reference
+    backend merge position by position. No autograd: merging produces new weights.
     """
     m = get_method(method)
     models = [list(ms) for ms in models]
