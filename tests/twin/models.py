@@ -26,6 +26,28 @@ def roberta(seed: int = 0, num_labels: int = 3):
     return tiny_roberta(seed, num_labels)
 
 
+def roberta_layers(layers: int, seed: int = 0, num_labels: int = 3):
+    """:func:`roberta` with another number of layers."""
+    import transformers
+
+    config = roberta(seed, num_labels).config
+    config.num_hidden_layers = layers
+    torch.manual_seed(seed)
+    return transformers.RobertaForSequenceClassification(config).eval()
+
+
+def gpt2(seed: int = 0):
+    """A 2-layer GPT2LMHeadModel, hidden 32, vocabulary 64, its output head tied to the token
+    embeddings (``lm_head.weight`` is ``transformer.wte.weight``)."""
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    return model
+
+
 def roberta_experts(n: int = 3, labels=(3, 3, 3)):
     """A base and ``n`` experts; expert t's head has ``labels[t]`` classes."""
     base = roberta(0)

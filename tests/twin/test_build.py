@@ -10,7 +10,7 @@ import torch
 
 from meldkit import twin
 from meldkit.twin.build import tensor_rank
-from tests.twin.models import roberta_experts
+from tests.twin.models import gpt2, one_hot, perturbed, roberta_experts, roberta_layers
 
 pytest.importorskip("transformers")
 
@@ -131,6 +131,10 @@ def test_errors_name_the_problem():
         twin.build(base, [], progress=False)
     with pytest.raises(twin.TwinError, match="rank_ratio"):
         twin.build(base, experts, rank_ratio=0.0, progress=False)
+    with pytest.raises(
+        twin.TwinError, match=r"'rank_ratio' must be a number in \(0, 1\], got '0\.1'"
+    ):
+        twin.build(base, experts, rank_ratio="0.1", progress=False)
     with pytest.raises(twin.TwinError, match="'rank'"):
         twin.build(base, experts, rank=0, progress=False)
     sd = dict(experts["task1"].state_dict())
@@ -143,3 +147,66 @@ def test_errors_name_the_problem():
         twin.build(base, [experts["task0"].state_dict(), sd], progress=False)
     with pytest.raises(TypeError, match=r"expected an nn\.Module"):
         twin.build(base, [42], progress=False)
+
+
+def test_rank_takes_any_integer_scalar():
+    np = pytest.importorskip("numpy")
+    base, experts = roberta_experts()
+    name = "roberta.encoder.layer.0.attention.self.query.weight"
+    for rank in (np.int64(4), torch.tensor(4)):
+        ex = twin.build(base, experts, rank=rank, progress=False)
+        assert ex.rank(name) == 4 and type(ex.config["rank"]) is int
+    with pytest.raises(twin.TwinError, match=r"'rank' must be an int ≥ 1, got 4\.0"):
+        twin.build(base, experts, rank=4.0, progress=False)
+
+
+def test_every_expert_must_hold_the_same_tensors():
+    """Tensors the base lacks (heads over a bare base) must be in every expert: an expert with
+    a layer more, first or later, is refused, naming it and the tensors."""
+    base, experts = roberta_experts()
+    deeper = roberta_layers(3, seed=1)
+    with pytest.raises(
+        twin.TwinError,
+        match=r"expert 'task1' has 16 tensor\(s\) that the base and expert 'task0' lack: "
+        r"'roberta\.encoder\.layer\.2\.",
+    ):
+        twin.build(base, {"task0": experts["task0"], "task1": deeper}, progress=False)
+    with pytest.raises(
+        twin.TwinError,
+        match=r"expert 'task1' lacks 16 tensor\(s\) that expert 'task0' has \(and the base "
+        r"lacks\): 'roberta\.encoder\.layer\.2\.",
+    ):
+        twin.build(base, {"task0": deeper, "task1": experts["task0"]}, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:.*rebuilt densely per sample")
+def test_tied_weights_in_state_dicts_are_one_tensor():
+    """A tied model's state dict lists the tied weight under each name (views of one storage):
+    it is one tensor, as from the modules, and the model built over it gives each expert. An
+    expert that holds the names as separate copies must hold one value in them."""
+    base = gpt2()
+    experts = [perturbed(base, seed=s) for s in (1, 2)]
+    a = twin.build(base.state_dict(), [e.state_dict() for e in experts], progress=False)
+    b = twin.build(base, experts, progress=False)
+    assert a.factors.keys() == b.factors.keys() and a.specific.keys() == b.specific.keys()
+    assert "lm_head.weight" not in a.factors and "lm_head.weight" not in a.specific
+    for name in b.factors:
+        assert torch.equal(a.factors[name][0], b.factors[name][0])
+    full = twin.build(
+        base.state_dict(), [e.state_dict() for e in experts], rank_ratio=1.0, progress=False
+    )
+    model = twin.TwinModel(base, full).eval()
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = model(input_ids=ids, weights=one_hot(2, 1, 2)).logits
+        torch.testing.assert_close(got, experts[1](input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    copies = {k: v.clone() for k, v in experts[0].state_dict().items()}  # no shared storage
+    c = twin.build(base, [copies, experts[1]], progress=False)
+    assert c.factors.keys() == b.factors.keys()
+    copies["lm_head.weight"] += 1.0
+    with pytest.raises(
+        twin.TwinError,
+        match=r"'lm_head\.weight' and 'transformer\.wte\.weight' are one \(tied\) tensor in "
+        r"the base but differ in expert 'task0'",
+    ):
+        twin.build(base, [copies, experts[1]], progress=False)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from meldkit import twin
-from tests.twin.models import batch, roberta, roberta_experts
+from tests.twin.models import batch, roberta, roberta_experts, roberta_layers
 
 pytest.importorskip("transformers")
 
@@ -45,3 +45,16 @@ def test_load_errors(tmp_path):
         twin.load(folder, base)
     with pytest.raises(TypeError, match="expected a TwinModel"):
         twin.save(base, tmp_path / "x")
+
+
+def test_load_refuses_a_model_the_experts_do_not_cover(tmp_path):
+    """A base with a layer more than the experts' would run that layer with its own weights:
+    every floating parameter and buffer of the model must be one of the experts'."""
+    base, experts = roberta_experts()
+    folder = twin.save(twin.TwinModel(base, twin.build(base, experts, progress=False)), tmp_path)
+    with pytest.raises(
+        twin.TwinError,
+        match=r"the experts have no tensor for the model's "
+        r"'roberta\.encoder\.layer\.2\.attention\.self\.query\.weight'.*\(16 uncovered\)",
+    ):
+        twin.load(folder, roberta_layers(3))

@@ -199,3 +199,66 @@ def test_router_trains_on_texts(adapters):
     assert fit.best_val_accuracy >= 0.9
     enc = tok(texts(1, 4), return_tensors="pt", padding=True)
     assert (model.route(**enc).argmax(-1) == 1).all()
+
+
+def _cache_of(out):
+    """The KV cache a Hugging Face output returns (``cache`` from transformers 5 on, before it
+    ``past_key_values``)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+def _random_router(model):
+    with torch.no_grad():
+        for p in model.router.parameters():
+            p.normal_()
+    return model
+
+
+def test_cached_decoding_keeps_the_prompts_routing(adapters):
+    """A decoding step through forward with the KV cache the model returned: the routing pass
+    leaves the cache alone (one position more per step), the step keeps the prompt's weights
+    and equals the full sequence's last position under them. The router input of a step whose
+    mask also covers the cached positions is the new token's state."""
+    import inspect
+
+    base, folders = adapters
+    model = _random_router(twin.TwinLoraModel(base, twin.build_lora(folders, rank=4)).eval())
+    key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    x = inputs()
+    with torch.no_grad():
+        w = model.route(**x)
+        first = model(**x, use_cache=True)
+        assert _cache_of(first).get_seq_length() == 6
+        nxt = first.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([x["attention_mask"], torch.ones_like(nxt)], 1)
+        step = model(input_ids=nxt, attention_mask=mask, use_cache=True, **{key: _cache_of(first)})
+        assert _cache_of(step).get_seq_length() == 7
+        ids = torch.cat([x["input_ids"], nxt], 1)
+        full = model(input_ids=ids, attention_mask=mask, weights=w).logits[:, -1]
+        torch.testing.assert_close(step.logits[:, -1], full, rtol=1e-4, atol=1e-4)
+        feats = model.features(input_ids=nxt, attention_mask=mask)
+        torch.testing.assert_close(feats, model.features(input_ids=nxt))
+
+
+def test_generate_from_embeddings_routes_them(adapters):
+    """``generate(inputs_embeds=...)`` routes the embeddings (the same weights as their ids);
+    the caller's output arguments do not reach the routing pass."""
+    base, folders = adapters
+    model = _random_router(twin.TwinLoraModel(base, twin.build_lora(folders, rank=4)).eval())
+    x = inputs()
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        embeds = model.model.get_input_embeddings()(x["input_ids"])
+        w = model.route(**x)
+        torch.testing.assert_close(
+            model.route(inputs_embeds=embeds, attention_mask=x["attention_mask"]), w
+        )
+        got = model.generate(inputs_embeds=embeds, attention_mask=x["attention_mask"], **kw)
+        want = model.generate(
+            inputs_embeds=embeds, attention_mask=x["attention_mask"], weights=w, **kw
+        )
+        assert got.shape == (3, 4) and torch.equal(got, want)
+        logits = model(**x).logits
+        assert torch.equal(model(**x, return_dict=False)[0], logits)
+        out = model(**x, output_hidden_states=True)
+        assert len(out.hidden_states) == 3 and torch.equal(out.logits, logits)

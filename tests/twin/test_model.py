@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meldkit import twin
-from tests.twin.models import batch, one_hot, perturbed, roberta_experts
+from tests.twin.models import batch, gpt2, one_hot, perturbed, roberta_experts
 
 transformers = pytest.importorskip("transformers")
 
@@ -452,3 +452,140 @@ def test_one_expert_batches_keep_the_gradient_of_the_weights():
     model._order_batches = True
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+# GPT-2's Conv1D layers run per sample (their 2-D parts rebuilt densely, with a warning).
+_conv1d_warning = pytest.mark.filterwarnings("ignore:.*rebuilt densely per sample")
+
+
+def _cache_of(out):
+    """The KV cache a Hugging Face output returns (``cache`` from transformers 5 on, before it
+    ``past_key_values``)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+def _cache_kwarg(model) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@_conv1d_warning
+def test_tied_output_head_is_routed_with_its_embeddings():
+    """GPT-2's output head is its token embeddings (one tied parameter): the routed head is a
+    TwinLinear over that same parameter and adds the embeddings' exclusive part, so a one-hot
+    router gives each expert's logits and mixed weights equal the per-sample rebuild."""
+    base = gpt2()
+    experts = [perturbed(base, seed=s) for s in (1, 2)]
+    ex = twin.build(base, experts, rank_ratio=1.0, progress=False)
+    assert "transformer.wte.weight" in ex.factors and "lm_head.weight" not in ex.factors
+    model = twin.TwinModel(base, ex).eval()
+    head = model.model.lm_head
+    assert isinstance(head, twin.TwinLinear)
+    assert head.weight is model.model.transformer.wte.weight  # still tied
+    ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in range(2):
+            got = model(input_ids=ids, weights=one_hot(3, t, 2)).logits
+            want = experts[t](input_ids=ids).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        w = torch.tensor([[0.3, 0.7], [1.0, 0.0], [0.5, 0.5]])
+        got = model(input_ids=ids, weights=w).logits
+        want = model(input_ids=ids, weights=w, materialize=True).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_experts_held_apart_for_a_tied_model_are_refused():
+    base = gpt2()
+    experts = [perturbed(base, seed=s) for s in (1, 2)]
+    ex = twin.build(base, experts, rank_ratio=0.5, progress=False)
+    name = "transformer.wte.weight"
+    ex.factors["lm_head.weight"] = ex.factors[name]  # as if built from an untied base
+    ex.shared["lm_head.weight"] = ex.shared[name]
+    with pytest.raises(twin.TwinError, match=r"'transformer\.wte\.weight' and 'lm_head\.weight'"):
+        twin.TwinModel(base, ex)
+
+
+@_conv1d_warning
+def test_cached_steps_keep_the_sequences_routing():
+    """A decoding step with the KV cache the model returned: the routing pass leaves the cache
+    alone, the step keeps the weights the prompt ran with (here one expert per sample, out of
+    order: the cache also keeps the batch from being reordered), and equals the full
+    sequence's last position. A non-empty cache from elsewhere needs the weights."""
+    base = gpt2()
+    experts = [perturbed(base, seed=s) for s in (1, 2)]
+    ex = twin.build(base, experts, rank_ratio=0.5, progress=False)
+    model = twin.TwinModel(base, ex).eval()
+    key = _cache_kwarg(model.model)
+    ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(0))
+    w = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    with torch.no_grad():
+        first = model(input_ids=ids, weights=w, use_cache=True)
+        cache = _cache_of(first)
+        assert cache.get_seq_length() == 5
+        nxt = first.logits[:, -1].argmax(-1, keepdim=True)
+        step = model(input_ids=nxt, use_cache=True, **{key: cache})  # no weights: the prompt's
+        assert _cache_of(step).get_seq_length() == 6
+        full = model(input_ids=torch.cat([ids, nxt], 1), weights=w).logits[:, -1]
+        torch.testing.assert_close(step.logits[:, -1], full, rtol=1e-5, atol=1e-5)
+        other = _cache_of(base(input_ids=ids, use_cache=True))
+        with pytest.raises(twin.TwinError, match="KV cache passed holds positions"):
+            model(input_ids=nxt, use_cache=True, **{key: other})
+        assert other.get_seq_length() == 5  # untouched
+
+
+def test_router_ignores_the_callers_output_arguments(full_rank):
+    """``return_dict=False`` and ``output_hidden_states=True`` shape the caller's output only:
+    the routing pass sets its own."""
+    _, _, model = full_rank
+    x = batch()
+    with torch.no_grad():
+        want = model(**x).logits
+        out = model(**x, return_dict=False)
+        assert isinstance(out, tuple)
+        torch.testing.assert_close(out[0], want)
+        out = model(**x, output_hidden_states=True)
+        assert len(out.hidden_states) == 3  # embeddings and 2 layers
+        torch.testing.assert_close(out.logits, want)
+        torch.testing.assert_close(
+            twin.mean_pooled_last_hidden(model.model, **x, return_dict=False),
+            twin.mean_pooled_last_hidden(model.model, **x),
+        )
+
+
+def test_router_reads_a_positional_attention_mask(full_rank):
+    _, _, model = full_rank
+    x = batch()
+    ids, mask = x["input_ids"], x["attention_mask"]
+    with torch.no_grad():
+        by_name = model.features(**x)
+        torch.testing.assert_close(model.features(ids, mask), by_name)
+        assert not torch.allclose(model.features(ids), by_name)  # the padding matters
+        torch.testing.assert_close(model(ids, mask).logits, model(**x).logits)
+
+
+def test_train_router_joins_a_last_batch_of_one_and_refuses_batches_it_cannot_train(
+    full_rank,
+):
+    """The router's BatchNorm trains on two samples or more: a last batch of one joins the one
+    before; ``batch_size`` 1, or a single training example, is refused (not a silent no-op)."""
+    base, experts, full = full_rank
+    model = twin.TwinModel(base, full.experts)
+    gen = torch.Generator().manual_seed(0)
+    d = model.router.in_features
+    train = {t: torch.randn(5, d, generator=gen) for t in model.tasks}  # 15 examples
+    sizes = []
+    model.router.register_forward_hook(
+        lambda m, args, out: sizes.append(args[0].shape[0]) if m.training else None
+    )
+    twin.train_router(model, train, train, batch_size=7, epochs=2, patience=None, progress=False)
+    assert sizes == [7, 8, 7, 8]
+    with pytest.raises(twin.TwinError, match="'batch_size' must be an int ≥ 2"):
+        twin.train_router(model, train, train, batch_size=1, progress=False)
+    single = twin.TwinModel(base, twin.build(base, {"only": experts["task0"]}, progress=False))
+    one = {"only": torch.randn(1, d, generator=gen)}
+    with pytest.raises(twin.TwinError, match="'train' holds 1 example"):
+        twin.train_router(single, one, one, progress=False)
+    flat = {**train, "task2": torch.randn(d, generator=gen)}
+    with pytest.raises(twin.TwinError, match=r"'train' features of task 'task2' have shape \[48\]"):
+        twin.train_router(model, flat, train, progress=False)

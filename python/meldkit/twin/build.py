@@ -23,6 +23,8 @@ GPU solver fails to converge (Twin-Merging issue #8).
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,10 +45,20 @@ class TwinError(ValueError):
 
 
 class _DictSource:
-    """A module's parameters or a state dict, with the interface of ``merging.Checkpoint``."""
+    """A module's parameters or a state dict, with the interface of ``merging.Checkpoint``.
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], label: str) -> None:
+    ``aliases`` maps other names of a tensor (tied weights: GPT-2's ``lm_head.weight`` is
+    ``transformer.wte.weight``) to the name it is listed under; an alias is found
+    (``in``, :meth:`get`) but not listed in :attr:`names`."""
+
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        label: str,
+        aliases: Mapping[str, str] | None = None,
+    ) -> None:
         self._tensors = dict(tensors)
+        self.aliases = dict(aliases or {})
         self.label = label
 
     @property
@@ -54,37 +66,88 @@ class _DictSource:
         return list(self._tensors)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._tensors
+        return name in self._tensors or name in self.aliases
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        return self._tensors[self.aliases.get(name, name)]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._tensors[name].shape)
+        return tuple(self._tensor(name).shape)
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._tensors[name].dtype
+        return self._tensor(name).dtype
 
     def get(self, name: str) -> torch.Tensor:
-        return self._tensors[name].detach()
+        return self._tensor(name).detach()
+
+
+def _named_tensors(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, aliases)``: the parameters and persistent buffers of ``module`` by the first
+    qualified name they are reached under, and every further name of one of them (tied weights,
+    a module registered twice) mapped to that first name."""
+    tensors: dict[str, torch.Tensor] = {}
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+
+    def add(name: str, t: torch.Tensor) -> None:
+        if id(t) in first:
+            if first[id(t)] != name:
+                aliases.setdefault(name, first[id(t)])
+        else:
+            first[id(t)] = name
+            tensors[name] = t
+
+    # parameters first, as named_parameters() lists them (its first names are the ones kept)
+    for name, p in module.named_parameters(remove_duplicate=False):
+        add(name, p)
+    for prefix, mod in module.named_modules(remove_duplicate=False):
+        for name, buf in mod._buffers.items():
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                add(f"{prefix}.{name}" if prefix else name, buf)
+    return tensors, aliases
 
 
 def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """A module's parameters and persistent buffers (BatchNorm's running statistics, …) by
-    qualified name: what its state dict holds, tied parameters once."""
-    tensors = dict(module.named_parameters())
-    for prefix, mod in module.named_modules():
-        for name, buf in mod._buffers.items():
-            if buf is not None and name not in mod._non_persistent_buffers_set:
-                tensors.setdefault(f"{prefix}.{name}" if prefix else name, buf)
-    return tensors
+    qualified name: what its state dict holds, tied parameters once (under their first name;
+    :func:`module_aliases` gives the others)."""
+    return _named_tensors(module)[0]
+
+
+def module_aliases(module: nn.Module) -> dict[str, str]:
+    """The further names of a module's tied parameters and buffers, each mapped to the name
+    :func:`module_tensors` lists it under (GPT-2: ``{"lm_head.weight":
+    "transformer.wte.weight"}``)."""
+    return _named_tensors(module)[1]
+
+
+def _storage_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Names of a state dict whose tensor is the same memory as an earlier name's (a tied model's
+    ``state_dict()`` lists each tied weight under every name, as views of one storage)."""
+    seen: dict[tuple, str] = {}
+    aliases = {}
+    for name, t in tensors.items():
+        if t.numel() == 0 or t.device.type == "meta":
+            continue
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+    return aliases
 
 
 def _source(obj: Any, label: str):
     if isinstance(obj, nn.Module):
-        return _DictSource(module_tensors(obj), label)
+        tensors, aliases = _named_tensors(obj)
+        return _DictSource(tensors, label, aliases)
     if isinstance(obj, Mapping):
         bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise TypeError(f"meldkit.twin.build: {label}: {bad[0]!r} is not a tensor")
-        return _DictSource(obj, label)
+        aliases = _storage_aliases(obj)
+        tensors = {k: v for k, v in obj.items() if k not in aliases}
+        return _DictSource(tensors, label, aliases)
     if isinstance(obj, (str, os.PathLike)):
         from meldkit.merging.checkpoint import Checkpoint
 
@@ -238,6 +301,40 @@ def _shared_params(shared_params: Mapping[str, Any] | None, n: int) -> dict[str,
     return params
 
 
+def _listed(names: Sequence[str], limit: int = 3) -> str:
+    return ", ".join(repr(n) for n in names[:limit]) + (", …" if len(names) > limit else "")
+
+
+def _check_rank(rank: Any, where: str) -> int | None:
+    """``rank`` as an int ≥ 1 (any integer scalar: Python, NumPy, a 0-d integer tensor), or None."""
+    if rank is None:
+        return None
+    try:
+        value = None if isinstance(rank, bool) else operator.index(rank)
+    except TypeError:
+        value = None
+    if value is None or value < 1:
+        raise TwinError(f"{where}: 'rank' must be an int ≥ 1, got {rank!r}")
+    return value
+
+
+def _check_tied(src: Any, name: str, held: list[str]) -> None:
+    """Names tied in the base (``held``: those of them that ``src`` has) must hold one value in
+    ``src`` too: an expert that unties them cannot be merged as one tensor."""
+    if len(held) < 2:
+        return
+    aliases = getattr(src, "aliases", {})
+    first = src.get(held[0])
+    for other in held[1:]:
+        if aliases.get(other, other) == aliases.get(held[0], held[0]):
+            continue  # tied in this source as well
+        if src.shape(other) != tuple(first.shape) or not torch.equal(src.get(other), first):
+            raise TwinError(
+                f"meldkit.twin.build: {other!r} and {held[0]!r} are one (tied) tensor in the "
+                f"base but differ in {src.label}"
+            )
+
+
 def build(
     base: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
     experts: Sequence[nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike]
@@ -261,7 +358,10 @@ def build(
         θ_0: a model (its parameters and persistent buffers), a state dict, or a checkpoint
         folder (safetensors, read one tensor at a time, as ``meldkit merge`` reads). Floating
         buffers (BatchNorm running statistics) are merged like parameters, so each task keeps
-        its own statistics; integer ones (``num_batches_tracked``) stay the base's.
+        its own statistics; integer ones (``num_batches_tracked``) stay the base's. Tied
+        tensors (a module's shared parameters; in a state dict, names that are views of one
+        storage) are one tensor, listed under the base's first name; the experts may hold it
+        under any of its names, and must hold one value under all of them.
     experts : sequence or mapping of the same
         The T fine-tuned experts θ_t; a mapping names the tasks (else ``"task0"``, …).
     shared : str
@@ -274,7 +374,7 @@ def build(
         Kept rank of each ``[m, n]`` exclusive part: max(1, ⌊rank_ratio·min(m, n)⌋); default 0.1
         (the paper's 90 % "mask rate"). 1.0 keeps everything (exact reconstruction).
     rank : int, optional
-        A fixed rank instead (capped at min(m, n)).
+        A fixed rank instead (capped at min(m, n)); any integer scalar (NumPy, 0-d tensor).
     exclude : regex or regexes
         Names (``re.search``) that are never merged; each task keeps its own. Default: heads and
         biases, ``("classifier", "bias")``. ``None`` or ``()`` merges everything.
@@ -295,8 +395,9 @@ def build(
     Raises
     ------
     TwinError
-        No experts, an expert that lacks a tensor of the base or has it in another shape, bad
-        ``rank_ratio``/``rank``.
+        No experts, an expert that lacks a tensor of the base or has it in another shape, an
+        expert with floating tensors that the base and another expert lack (or the reverse),
+        tied tensors of the base that an expert unties, bad ``rank_ratio``/``rank``.
     """
     from meldkit.merging import merge_state_dicts
 
@@ -308,10 +409,15 @@ def build(
         tasks = [f"task{i}" for i in range(len(expert_list))]
     if not expert_list:
         raise TwinError("meldkit.twin.build: 'experts' is empty")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise TwinError(f"meldkit.twin.build: 'rank' must be an int ≥ 1, got {rank!r}")
-    if not 0.0 < float(rank_ratio) <= 1.0:
-        raise TwinError(f"meldkit.twin.build: 'rank_ratio' must be in (0, 1], got {rank_ratio}")
+    rank = _check_rank(rank, "meldkit.twin.build")
+    if (
+        isinstance(rank_ratio, bool)
+        or not isinstance(rank_ratio, numbers.Real)
+        or not 0.0 < float(rank_ratio) <= 1.0
+    ):
+        raise TwinError(
+            f"meldkit.twin.build: 'rank_ratio' must be a number in (0, 1], got {rank_ratio!r}"
+        )
     if shared_params is None:
         shared_params = {"lambda": 0.29} if shared == "task_arithmetic" else {}
     params = _shared_params(shared_params, len(expert_list))
@@ -320,28 +426,61 @@ def build(
 
     base_src = _source(base, "base")
     srcs = [_source(e, f"expert {tasks[i]!r}") for i, e in enumerate(expert_list)]
-    # Merged: floating tensors of the base that no pattern excludes; everything else the experts
-    # have is task specific.
+    # Tied tensors are one tensor under several names: the base's first name stands for all of
+    # them, and each source may hold it under any of them.
+    names_of = {n: [n] for n in base_src.names}
+    for alias, name in getattr(base_src, "aliases", {}).items():
+        names_of[name].append(alias)
+    where = [{} for _ in srcs]  # per expert: base name -> the expert's name for that tensor
+    # Merged: floating tensors of the base that no pattern excludes (under any of their names);
+    # everything else the experts have is task specific.
     merged, specific_names = [], []
     for name in base_src.names:
         if not base_src.dtype(name).is_floating_point:
             continue
-        (specific_names if any(p.search(name) for p in patterns) else merged).append(name)
+        excluded = any(p.search(n) for p in patterns for n in names_of[name])
+        (specific_names if excluded else merged).append(name)
+        for src, found in zip(srcs, where, strict=True):
+            held = [n for n in names_of[name] if n in src]
+            if held:
+                found[name] = held[0]
+            _check_tied(src, name, held)
     for name in merged:
-        for src in srcs:
-            if name not in src:
+        for src, found in zip(srcs, where, strict=True):
+            if name not in found:
                 raise TwinError(f"meldkit.twin.build: {src.label} has no tensor {name!r}")
-            if src.shape(name) != base_src.shape(name):
+            if src.shape(found[name]) != base_src.shape(name):
                 raise TwinError(
-                    f"meldkit.twin.build: {name!r}: shape {list(src.shape(name))} in {src.label} "
-                    f"does not match the base's {list(base_src.shape(name))}"
+                    f"meldkit.twin.build: {name!r}: shape {list(src.shape(found[name]))} in "
+                    f"{src.label} does not match the base's {list(base_src.shape(name))}"
                 )
-    extra = [n for n in srcs[0].names if n not in base_src and srcs[0].dtype(n).is_floating_point]
-    for name in specific_names + extra:
-        missing = [s.label for s in srcs if name not in s]
+    for name in specific_names:
+        missing = [src.label for src, found in zip(srcs, where, strict=True) if name not in found]
         if missing:
             raise TwinError(f"meldkit.twin.build: {name!r} is missing from {missing[0]}")
-    specific_names += extra
+    # Floating tensors that only the experts have (heads over a bare base): every expert must
+    # have the same ones.
+    known = {n for names in names_of.values() for n in names}
+    extras = [
+        [n for n in src.names if n not in known and src.dtype(n).is_floating_point] for src in srcs
+    ]
+    for src, extra in zip(srcs[1:], extras[1:], strict=True):
+        more = [n for n in extra if n not in set(extras[0])]
+        fewer = [n for n in extras[0] if n not in set(extra)]
+        if more:
+            raise TwinError(
+                f"meldkit.twin.build: {src.label} has {len(more)} tensor(s) that the base and "
+                f"{srcs[0].label} lack: {_listed(more)}"
+            )
+        if fewer:
+            raise TwinError(
+                f"meldkit.twin.build: {src.label} lacks {len(fewer)} tensor(s) that "
+                f"{srcs[0].label} has (and the base lacks): {_listed(fewer)}"
+            )
+    for name in extras[0]:
+        for found in where:
+            found[name] = name
+    specific_names += extras[0]
 
     out = TwinExperts(
         tasks=tasks,
@@ -366,7 +505,7 @@ def build(
     try:
         for name in merged:
             base_t = base_src.get(name)
-            thetas = [src.get(name) for src in srcs]
+            thetas = [src.get(found[name]) for src, found in zip(srcs, where, strict=True)]
             theta_s = merge_state_dicts(
                 {name: base_t}, [{name: t} for t in thetas], shared, seed=seed, **params
             )[name]
@@ -390,7 +529,9 @@ def build(
             if bar is not None:
                 bar.update(1)
         for name in specific_names:
-            out.specific[name] = [src.get(name).clone().cpu() for src in srcs]
+            out.specific[name] = [
+                src.get(found[name]).clone().cpu() for src, found in zip(srcs, where, strict=True)
+            ]
             if name in base_src:
                 out.shared[name] = base_src.get(name).clone().cpu()
             if bar is not None:
@@ -408,6 +549,7 @@ __all__ = [
     "build",
     "compress",
     "default_svd_device",
+    "module_aliases",
     "module_tensors",
     "tensor_rank",
 ]

@@ -32,7 +32,7 @@ from torch import nn
 
 from meldkit.goat.model import replace_module
 from meldkit.ops import routed_lora
-from meldkit.twin.build import TwinError, compress, default_svd_device
+from meldkit.twin.build import TwinError, _check_rank, compress, default_svd_device
 from meldkit.twin.layers import Routing, _broadcast
 from meldkit.twin.model import (
     RoutedMixin,
@@ -40,6 +40,7 @@ from meldkit.twin.model import (
     _batch_size,
     _copy,
     _hidden_size,
+    _last_hidden,
 )
 
 _KEY = re.compile(
@@ -212,8 +213,9 @@ def build_lora(
         tasks = [f"task{i}" for i in range(len(items))]
     if not items:
         raise TwinError("meldkit.twin.build_lora: 'adapters' is empty")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise TwinError(f"meldkit.twin.build_lora: 'rank' must be an int ≥ 1, got {rank!r}")
+    rank = _check_rank(rank, "meldkit.twin.build_lora")
+    if rank is None:
+        raise TwinError("meldkit.twin.build_lora: 'rank' must be an int ≥ 1, got None")
     read = [read_adapter(a, adapter_name) for a in items]
     modules = list(read[0].a)
     for t, ad in enumerate(read[1:], 1):
@@ -304,16 +306,17 @@ class TwinLoraLinear(nn.Linear):
 
 def last_token_hidden(model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     """The router input of the generative variant: the last layer's hidden state at each
-    sequence's last real token (left or right padding), ``[B, d]`` float32."""
-    out = model(*args, output_hidden_states=True, **kwargs)
-    hidden = out.hidden_states[-1].float()
-    mask = kwargs.get("attention_mask")
+    sequence's last real token (left or right padding; ``attention_mask`` by keyword or
+    position, and over cached positions too: its last L columns are the input's), ``[B, d]``
+    float32. The caller's ``return_dict``, ``output_hidden_states``, ``output_attentions`` and
+    cache arguments are left out of this pass."""
+    hidden, mask = _last_hidden(model, args, kwargs)
     if mask is None:
         return hidden[:, -1]
     length = mask.shape[1]
     # the last position whose mask is 1
     last = (mask.long() * torch.arange(1, length + 1, device=mask.device)).argmax(-1)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
 
 
 class TwinLoraModel(RoutedMixin, nn.Module):
@@ -380,20 +383,25 @@ class TwinLoraModel(RoutedMixin, nn.Module):
     def _routed(self, args, kwargs, weights):
         device = next(self.model.parameters()).device
         b = _batch_size(args, kwargs)
-        if weights is None:
-            weights = self.route(*args, **kwargs)
-        return self._check_weights(weights, b, device)
+        return self._routing_weights(args, kwargs, weights, b, device)
 
     def forward(self, *args: Any, weights: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """The model's forward with each sequence's merged adapters (``weights [B, T]`` or the
-        router's)."""
+        router's).
+
+        KV caches: the routing pass never sees the caller's cache. A decoding step that passes
+        a cache this model returned (``cache``/``past_key_values``) keeps the weights its
+        sequences were routed with (their prompt's, as :meth:`generate`); a non-empty cache
+        from elsewhere needs ``weights``."""
         w = self._routed(args, kwargs, weights)
         r = self.routing
         r.mode, r.weights, r.task = "twin", w, w.argmax(-1)
         try:
-            return self.model(*args, **kwargs)
+            out = self.model(*args, **kwargs)
         finally:
             r.mode, r.weights, r.task = "plain", None, None
+        self._remember_cache(out, w)
+        return out
 
     @torch.no_grad()
     def generate(self, *args: Any, weights: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -402,8 +410,15 @@ class TwinLoraModel(RoutedMixin, nn.Module):
         for key in ("num_beams", "num_return_sequences"):
             if int(kwargs.get(key, 1) or 1) != 1:
                 raise TwinError(f"TwinLoraModel.generate: {key} > 1 is not supported")
-        route_kwargs = {k: v for k, v in kwargs.items() if k in ("input_ids", "attention_mask")}
-        w = self._routed(args, route_kwargs, weights)
+        # The prompt, as ids or embeddings (the embeddings when both are given, as the model
+        # then reads them), and its mask; never a cache.
+        route_args = args
+        route_kwargs = {k: kwargs[k] for k in ("input_ids", "attention_mask") if k in kwargs}
+        if kwargs.get("inputs_embeds") is not None:
+            route_args = ()
+            route_kwargs.pop("input_ids", None)
+            route_kwargs["inputs_embeds"] = kwargs["inputs_embeds"]
+        w = self._routed(route_args, route_kwargs, weights)
         r = self.routing
         r.mode, r.weights, r.task = "twin", w, w.argmax(-1)
         try:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
+import operator
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meldkit.goat.model import replace_module
-from meldkit.twin.build import TwinError, TwinExperts, module_tensors
+from meldkit.twin.build import TwinError, TwinExperts, _named_tensors, module_tensors
 from meldkit.twin.layers import (
     Routing,
     TwinEmbedding,
@@ -66,20 +69,84 @@ def _hidden_size(model: nn.Module) -> int | None:
     return None
 
 
+# Keyword arguments that only feed a Hugging Face model's loss: never part of the routing pass.
+LOSS_KWARGS = ("labels", "start_positions", "end_positions", "num_items_in_batch")
+# Keyword arguments that carry a Hugging Face model's KV cache (``cache`` since transformers 5,
+# ``past_key_values`` before): the routing pass never runs with the caller's cache, which it
+# would extend with the shared model's keys and values.
+CACHE_KWARGS = ("cache", "past_key_values", "cache_params", "use_cache", "cache_position")
+# Keyword arguments that shape a Hugging Face model's output: the routing pass sets its own.
+OUTPUT_KWARGS = ("return_dict", "output_hidden_states", "output_attentions")
+
+
+def bind_arguments(
+    model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> tuple[tuple, dict[str, Any]]:
+    """``(args, kwargs)`` of a call to ``model`` with the positional arguments named by its
+    ``forward``'s signature (``model(ids, mask)`` → ``attention_mask=mask``), so that callers
+    can find them by name; unchanged where they cannot be named (``*args``, positional-only
+    parameters, a signature that does not bind)."""
+    if not args:
+        return (), dict(kwargs)
+    try:
+        sig = inspect.signature(model.forward)
+        bound = sig.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return tuple(args), dict(kwargs)
+    named: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.POSITIONAL_ONLY):
+            return tuple(args), dict(kwargs)
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named[name] = value
+    return (), named
+
+
+def _last_hidden(
+    model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(hidden [B, L, d] float32, mask [B, L] or None)``: a Hugging Face model's last hidden
+    state in a pass of its own (hidden states on, a ``ModelOutput``, no cache, whatever the
+    caller asked of its own forward) and the attention mask of those L positions."""
+    args, kwargs = bind_arguments(model, args, kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS + OUTPUT_KWARGS}
+    mask = kwargs.get("attention_mask")
+    tokens = kwargs.get("input_ids")
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tokens is not None:
+        if tokens.dim() >= 2 and mask.shape[1] > tokens.shape[1]:
+            # a mask over cached positions as well (a decoding step): this pass runs without
+            # the cache, on the input's own positions, its mask's last L columns
+            mask = kwargs["attention_mask"] = mask[:, -tokens.shape[1] :]
+    if _accepts(model, "return_dict"):
+        kwargs["return_dict"] = True
+    out = model(*args, output_hidden_states=True, **kwargs)
+    return out.hidden_states[-1].float(), mask
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes the keyword ``name`` (by name or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def mean_pooled_last_hidden(model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     """The router input of the paper: the last hidden state averaged over the sequence, padding
-    left out (``attention_mask``), ``[B, d]`` float32. For Hugging Face models."""
-    out = model(*args, output_hidden_states=True, **kwargs)
-    hidden = out.hidden_states[-1].float()
-    mask = kwargs.get("attention_mask")
+    left out (``attention_mask``, by keyword or position), ``[B, d]`` float32. For Hugging Face
+    models; the caller's ``return_dict``, ``output_hidden_states``, ``output_attentions`` and
+    cache arguments are left out of this pass."""
+    hidden, mask = _last_hidden(model, args, kwargs)
     if mask is None:
         return hidden.mean(1)
     m = mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-
-# Keyword arguments that only feed a Hugging Face model's loss: never part of the routing pass.
-LOSS_KWARGS = ("labels", "start_positions", "end_positions", "num_items_in_batch")
 
 
 def _batch_size(args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
@@ -87,6 +154,26 @@ def _batch_size(args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
         if isinstance(v, torch.Tensor) and v.dim() >= 1:
             return v.shape[0]
     raise TwinError("meldkit.twin: no tensor input to take the batch size from")
+
+
+def _weakrefable(obj: Any) -> bool:
+    """Whether ``obj`` can key a ``WeakKeyDictionary`` (a Cache object; not a tuple)."""
+    try:
+        weakref.ref(obj)
+        hash(obj)
+    except TypeError:
+        return False
+    return True
+
+
+def _cache_length(cache: Any) -> int:
+    """Positions a KV cache holds (a ``transformers`` Cache or a legacy tuple); 1 for a cache
+    of another kind (taken as holding some)."""
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)):
+        return 0 if len(cache) == 0 else 1
+    return 1
 
 
 class RoutedMixin:
@@ -100,10 +187,51 @@ class RoutedMixin:
     def features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The router input ``[B, d]`` under the shared weights (base values for excluded ones).
         Loss-only keywords (``labels``, …) are left out: the shared model's head need not fit
-        them."""
+        them; so are KV-cache keywords (``cache``, ``past_key_values``, ``use_cache``, …): the
+        routing pass must not extend the caller's cache."""
         self.routing.mode = "plain"
-        kwargs = {k: v for k, v in kwargs.items() if k not in LOSS_KWARGS}
+        kwargs = {k: v for k, v in kwargs.items() if k not in LOSS_KWARGS + CACHE_KWARGS}
         return self.features_fn(self.model, *args, **kwargs).float()
+
+    def _routing_weights(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], weights: Any, b: int, device
+    ) -> torch.Tensor:
+        """The checked ``[B, T]`` weights of a forward: ``weights`` when given; for a KV cache
+        that holds positions, the weights its sequences were routed with when this model filled
+        it (a cached decoding step continues the prompt's routing, as :meth:`generate` does);
+        else the router's on these inputs."""
+        if weights is None:
+            named = kwargs if len(args) < 2 else bind_arguments(self.model, args, kwargs)[1]
+            cache = next((named[k] for k in CACHE_KWARGS[:3] if named.get(k) is not None), None)
+            if cache is not None and _cache_length(cache) > 0:
+                weights = self._cache_weights().get(cache) if _weakrefable(cache) else None
+                if weights is None:
+                    raise TwinError(
+                        f"{type(self).__name__}: the KV cache passed holds positions that this "
+                        "model did not route (a cache of its own outputs continues their "
+                        "routing): pass the sequence's routing, weights=model.route(...) of "
+                        "its prompt"
+                    )
+        if weights is None:
+            weights = self.route(*args, **kwargs)
+        return self._check_weights(weights, b, device)
+
+    def _cache_weights(self) -> weakref.WeakKeyDictionary:
+        """KV caches this model returned -> the weights ``[B, T]`` their sequences run with."""
+        caches = self.__dict__.get("_routed_caches")
+        if caches is None:
+            caches = self.__dict__["_routed_caches"] = weakref.WeakKeyDictionary()
+        return caches
+
+    def _remember_cache(self, out: Any, weights: torch.Tensor) -> None:
+        """Keep the weights of the sequences whose KV cache ``out`` returns, for later steps."""
+        if not isinstance(out, Mapping):
+            return
+        # by the output's own keys: asking transformers 5 for an old name warns
+        for key, cache in out.items():
+            if key in CACHE_KWARGS[:3] and cache is not None and _weakrefable(cache):
+                self._cache_weights()[cache] = weights
+                return
 
     @torch.no_grad()
     def route(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -238,18 +366,42 @@ class TwinModel(RoutedMixin, nn.Module):
     # ---- setup --------------------------------------------------------------------------------
 
     def _load_shared(self) -> None:
-        params = module_tensors(self.model)  # parameters and persistent buffers
+        """Copy θ_s into the model, after checking that the experts and the model hold the same
+        tensors: each expert tensor is one of the model's (under any of its names, when tied)
+        and every floating parameter and persistent buffer of the model is one of the
+        experts'. Sets ``self._model_name``: expert name -> the model's first name of it."""
+        params, aliases = _named_tensors(self.model)  # parameters and persistent buffers
         ex = self.experts
-        names = set(ex.factors) | set(ex.dense) | set(ex.specific)
-        missing = sorted(n for n in names if n not in params)
+        names = list(dict.fromkeys([*ex.factors, *ex.dense, *ex.specific, *ex.shared]))
+        missing = sorted(n for n in names if aliases.get(n, n) not in params)
         if missing:
             raise TwinError(
                 f"TwinModel: the model has no parameter or buffer {missing[0]!r} (of "
                 f"{len(missing)} missing): the experts were built for another architecture"
             )
+        model_name: dict[str, str] = {}
+        expert_name: dict[str, str] = {}
+        for n in names:
+            m = aliases.get(n, n)
+            if m in expert_name:
+                raise TwinError(
+                    f"TwinModel: the experts hold {expert_name[m]!r} and {n!r} as two tensors, "
+                    "but the model ties them (one parameter): build the experts from a model "
+                    "tied the same way"
+                )
+            model_name[n], expert_name[m] = m, n
+        uncovered = [n for n, t in params.items() if t.is_floating_point() and n not in expert_name]
+        if uncovered:
+            listed = ", ".join(repr(n) for n in uncovered[:3])
+            raise TwinError(
+                f"TwinModel: the experts have no tensor for the model's {listed}"
+                f"{', …' if len(uncovered) > 3 else ''} ({len(uncovered)} uncovered): the "
+                "experts were built for another architecture"
+            )
+        self._model_name = model_name
         with torch.no_grad():
             for name, value in ex.shared.items():
-                p = params[name]
+                p = params[model_name[name]]
                 if p.shape != value.shape:
                     raise TwinError(
                         f"TwinModel: {name!r}: the model's shape {list(p.shape)} does not match "
@@ -258,27 +410,32 @@ class TwinModel(RoutedMixin, nn.Module):
                 p.copy_(value)
 
     def _install(self) -> list[str]:
-        """Replace every module with routed parameters; returns the names of the modules that
-        run per sample (:class:`TwinPerSample`)."""
+        """Replace every module with routed parameters (each module holding a tied one too);
+        returns the names of the modules that run per sample (:class:`TwinPerSample`)."""
         ex = self.experts
+        aliases = _named_tensors(self.model)[1]
+        # every name of a routed tensor (tied ones have several) -> the experts' name for it
+        expert_of = {m: n for n, m in self._model_name.items()}
+        expert_of |= {a: expert_of[m] for a, m in aliases.items() if m in expert_of}
         routed = set(ex.factors) | set(ex.dense) | set(ex.specific)
         # Buffers whose exclusive parts are all zero (statistics no expert changed) need no
         # routing: the shared value is every task's.
         routed -= {
-            n
-            for n, _ in self.model.named_buffers()
-            if n in ex.dense and not bool(ex.dense[n].any())
+            expert_of[n]
+            for n, _ in self.model.named_buffers(remove_duplicate=False)
+            if expert_of.get(n) in ex.dense and not bool(ex.dense[expert_of[n]].any())
         }
         per_sample = []
-        for mod_name, module in list(self.model.named_modules()):
+        done: dict[int, nn.Module | None] = {}  # a module registered twice is routed once
+        for mod_name, module in list(self.model.named_modules(remove_duplicate=False)):
+            if id(module) in done:
+                if done[id(module)] is not None:
+                    replace_module(self.model, mod_name, done[id(module)])
+                continue
             prefix = f"{mod_name}." if mod_name else ""
-            full = {n: prefix + n for n, _ in module.named_parameters(recurse=False)}
-            full |= {
-                n: prefix + n
-                for n, _ in module.named_buffers(recurse=False)
-                if prefix + n in routed
-            }
-            if not any(f in routed for f in full.values()):
+            own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            full = {n: expert_of[prefix + n] for n, _ in own if expert_of.get(prefix + n) in routed}
+            if not full:
                 continue
             w, b = full.get("weight"), full.get("bias")
             if type(module) is nn.Linear:
@@ -311,8 +468,10 @@ class TwinModel(RoutedMixin, nn.Module):
                     specific={k: ex.specific[f] for k, f in full.items() if f in ex.specific},
                 )
                 per_sample.append(mod_name)
+                done[id(module)] = None
                 continue
             replace_module(self.model, mod_name, layer)
+            done[id(module)] = layer
         return per_sample
 
     # ---- forward ------------------------------------------------------------------------------
@@ -338,12 +497,14 @@ class TwinModel(RoutedMixin, nn.Module):
         (padding columns -inf) against int labels ``[B]`` (-100 ignored), each label checked
         against its sample's task's label count; other losses must be computed from the
         outputs (a :class:`TwinError` says so).
+
+        KV caches: the routing pass never sees the caller's cache. A step that passes a cache
+        this model returned (``cache``/``past_key_values``) keeps the weights its sequences
+        were routed with; a non-empty cache from elsewhere needs ``weights``.
         """
         device = next(self.model.parameters()).device
         b = _batch_size(args, kwargs)
-        if weights is None:
-            weights = self.route(*args, **kwargs)
-        weights = self._check_weights(weights, b, device)
+        weights = self._routing_weights(args, kwargs, weights, b, device)
         task = weights.argmax(-1) if task is None else self._check_task(task, b, device)
         labels = kwargs.get("labels")
         own_loss = labels is not None and (materialize or self.label_counts is not None)
@@ -353,6 +514,7 @@ class TwinModel(RoutedMixin, nn.Module):
             out = self._materialized(weights, task, args, kwargs)
         else:
             out = self._routed(weights, task, args, kwargs)
+            self._remember_cache(out, weights)
         return self._with_loss(out, labels, task) if own_loss else out
 
     def _routed(self, weights: torch.Tensor, task: torch.Tensor, args, kwargs) -> Any:
@@ -421,19 +583,22 @@ class TwinModel(RoutedMixin, nn.Module):
 
     def merged_state(self, weights: torch.Tensor, task: int) -> dict[str, torch.Tensor]:
         """Dense θ_s + Σ_t w_t·v_t for one sample's ``weights [T]``, task-specific tensors of
-        ``task`` (the reference code's per-sample rebuild)."""
+        ``task`` (the reference code's per-sample rebuild), by the model's names (a tied tensor
+        under its first name)."""
         ex = self.experts
         params = module_tensors(self.model)
         out = {}
         for name in list(ex.factors) + list(ex.dense):
-            p = params[name]
+            key = self._model_name[name]
+            p = params[key]
             acc = ex.shared[name].to(p.device, torch.float32).clone()
             for t in range(ex.num_tasks):
                 if float(weights[t]) != 0.0:
                     acc += float(weights[t]) * ex.exclusive(name, t).to(p.device, torch.float32)
-            out[name] = acc.to(p.dtype)
+            out[key] = acc.to(p.dtype)
         for name, values in ex.specific.items():
-            out[name] = values[task].to(params[name].device)
+            key = self._model_name[name]
+            out[key] = values[task].to(params[key].device)
         return out
 
     @torch.no_grad()
@@ -493,6 +658,14 @@ def _holds_tensors(v: Any) -> bool:
     return False
 
 
+def _opaque(v: Any) -> bool:
+    """An argument whose batch order this wrapper cannot see (a KV cache object, …): reordering
+    the other inputs would mismatch it, and a stateful one would be written out of order."""
+    return not isinstance(
+        v, (torch.Tensor, bool, int, float, str, type(None), tuple, list, Mapping, torch.dtype)
+    )
+
+
 def _batch_order(weights: torch.Tensor, task: torch.Tensor, args, kwargs):
     """``(perm, inv, runs)`` when every sample uses exactly one expert (top-1 routing, one-hot
     weights) on the CPU: the stable order of the samples by (expert, task) (``perm``/``inv``
@@ -500,8 +673,9 @@ def _batch_order(weights: torch.Tensor, task: torch.Tensor, args, kwargs):
     ones)`` of :attr:`Routing.runs`. Each expert then sees one contiguous slice of the batch in
     every layer instead of gathered samples. None when that does not apply, or when a tensor
     keyword other than :data:`BATCH_KWARGS` (or a container of tensors) has the batch's first
-    dimension. Positional tensors with the batch's first dimension are taken as batch-first,
-    as ``materialize=True`` takes them."""
+    dimension, or when an argument is an object it cannot see into (a KV cache). Positional
+    tensors with the batch's first dimension are taken as batch-first, as ``materialize=True``
+    takes them."""
     b, n_tasks = weights.shape
     if weights.device.type != "cpu" or b < 2:
         return None
@@ -512,9 +686,9 @@ def _batch_order(weights: torch.Tensor, task: torch.Tensor, args, kwargs):
         if isinstance(v, torch.Tensor):
             if v.dim() >= 1 and v.shape[0] == b and k not in BATCH_KWARGS:
                 return None
-        elif _holds_tensors(v):
+        elif _holds_tensors(v) or _opaque(v):
             return None
-    if any(_holds_tensors(a) and not isinstance(a, torch.Tensor) for a in args):
+    if any(_opaque(a) or (_holds_tensors(a) and not isinstance(a, torch.Tensor)) for a in args):
         return None
     expert = nonzero.to(torch.uint8).argmax(-1)
     key = expert * n_tasks + task
@@ -618,6 +792,12 @@ def _features_by_task(twin, data, tokenizer, batch_size, max_length, what) -> li
     for t in twin.tasks:
         v = data[t]
         if isinstance(v, torch.Tensor):
+            d = twin.router.in_features
+            if v.dim() != 2 or v.shape[1] != d:
+                raise TwinError(
+                    f"train_router: '{what}' features of task {t!r} have shape "
+                    f"{list(v.shape)}, expected [N, {d}] (the router's input size)"
+                )
             feats.append(v.float().cpu())
         else:
             if tokenizer is None:
@@ -648,11 +828,32 @@ def train_router(
     ``val`` must be held-out examples, not the test set (the reference code selects its router
     on the test set: that leaks). The kept epoch has the best held-out accuracy, ties broken by
     the held-out loss. Adam, ``lr`` 5e-4 and 50 epochs as the paper; stops after ``patience``
-    epochs without improvement. The router is left in eval mode.
+    epochs without improvement. The router is left in eval mode. ``batch_size`` must be at
+    least 2 and ``train`` hold at least two examples (the router's BatchNorm trains on two or
+    more samples); a last batch of one sample joins the batch before it.
     """
+    try:
+        batch_size = None if isinstance(batch_size, bool) else operator.index(batch_size)
+    except TypeError:
+        batch_size = None
+    if batch_size is None or batch_size < 2:
+        raise TwinError(
+            f"train_router: 'batch_size' must be an int ≥ 2 (the router's BatchNorm needs two "
+            f"samples per batch), got {batch_size!r}"
+        )
     train_x = _features_by_task(twin, train, tokenizer, batch_size, max_length, "train")
     val_x = _features_by_task(twin, val, tokenizer, batch_size, max_length, "val")
     x = torch.cat(train_x)
+    if len(x) < 2:
+        raise TwinError(
+            f"train_router: 'train' holds {len(x)} example(s): the router's BatchNorm needs at "
+            "least two to train on"
+        )
+    # Batch starts; a last batch of one sample joins the one before (BatchNorm needs two).
+    starts = list(range(0, len(x), batch_size))
+    if len(x) - starts[-1] == 1:
+        starts.pop()
+    ends = [*starts[1:], len(x)]
     y = torch.cat([torch.full((len(f),), t, dtype=torch.int64) for t, f in enumerate(train_x)])
     vx = torch.cat(val_x)
     vy = torch.cat([torch.full((len(f),), t, dtype=torch.int64) for t, f in enumerate(val_x)])
@@ -675,10 +876,8 @@ def train_router(
                 router.train()
                 order = torch.randperm(len(x), generator=gen).to(device)
                 total, count = 0.0, 0
-                for i in range(0, len(x), batch_size):
-                    idx = order[i : i + batch_size]
-                    if len(idx) < 2:  # BatchNorm needs two samples
-                        continue
+                for i, j in zip(starts, ends, strict=True):
+                    idx = order[i:j]
                     loss = F.cross_entropy(router(x[idx]), y[idx])
                     opt.zero_grad()
                     loss.backward()
