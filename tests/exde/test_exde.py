@@ -601,7 +601,13 @@ def test_attach_reblends_after_an_external_write():
             module.v.mul_(3.0)
         module(None, timestep=100.0)
         assert blender.blends == 3
-    assert module.seen == [(1.25, 1.25)] * 4
+        module.v.data.mul_(3.0)  # through .data: no version counter moves, so apply(force=True)
+        blender.apply(exde.CON)
+        assert blender.blends == 3
+        blender.apply(exde.CON, force=True)
+        assert blender.blends == 4
+        module(None, timestep=50.0)
+    assert module.seen == [(1.25, 1.25)] * 5
 
 
 class Tied(nn.Module):

@@ -288,6 +288,51 @@ def test_forwards_of_a_submodule_start_a_new_forward():
     assert not any(hooks)
 
 
+class Towers(nn.Module):
+    """Two towers and a joint forward, as CLIP with get_text_features / get_image_features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text, self.vision = mlp(seed=1), mlp(seed=2)
+
+    def forward(self, a, b):
+        return self.text(a), self.vision(b)
+
+
+def test_towers_run_one_after_the_other_each_count():
+    model = goat.wrap(Towers(), config(dropout=0.0)).train()
+    a, b = torch.randn(4, 40), torch.randn(5, 40)
+    model(a, b)
+    joint = goat.aux_loss(model)
+    model.text(a)
+    model.vision(b)
+    assert all(layer.has_run for _, layer in goat.goat_layers(model))
+    torch.testing.assert_close(goat.aux_loss(model), joint, rtol=0, atol=0)
+    for _ in range(2):  # each step's towers replace the last step's calls: no stale graphs
+        loss = model.text(a).sum() + model.vision(b).sum() + goat.aux_loss(model)
+        loss.backward()
+    assert [len(layer._probs) for _, layer in goat.goat_layers(model)] == [1, 1, 1, 1]
+
+
+def test_compiled_training_does_not_recompile_per_step():
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = goat.wrap(mlp(), config(dropout=0.0)).train()
+    compiled = torch.compile(model, backend=backend)
+    counts = []
+    for _ in range(6):
+        loss = compiled(torch.randn(5, 40)).pow(2).mean() + goat.aux_loss(model)
+        loss.backward()
+        counts.append(len(graphs))
+    assert counts[2:] == [counts[1]] * 4, counts  # a counter per step would recompile each step
+    torch._dynamo.reset()
+
+
 def test_copy_after_a_training_forward():
     model = goat.wrap(mlp(), config()).train()
     (model(torch.randn(5, 40)).sum() + goat.aux_loss(model)).backward()
@@ -342,6 +387,60 @@ def test_save_load_round_trip_is_exact(tmp_path, dtype, init):
     # Without the kept W0 the fingerprint is of W̃0 + the alignment: the right base still loads.
     loose = goat.wrap(mlp(dtype=dtype), config(init=init), keep_original=False)
     goat.load_adapter(mlp(dtype=dtype), goat.save_adapter(loose, tmp_path / "loose.safetensors"))
+
+
+class WithHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(40, 24)
+        self.classification_head = nn.Linear(24, 36)
+
+    def forward(self, x):
+        return self.classification_head(self.body(x))
+
+
+def test_adapters_from_before_modules_to_save_still_load(tmp_path, monkeypatch):
+    """ "all-linear" used to adapt a head named classification_head (only score and classifier
+    were left out); files from then have no modules_to_save metadata and load as they were
+    selected."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from meldkit.goat import model as goat_model
+
+    with monkeypatch.context() as m:
+        excluded = goat_model._excluded_heads
+        m.setattr(goat_model, "_excluded_heads", lambda model, _: excluded(model, ("score",)))
+        old = goat.wrap(WithHead(), config(modules_to_save=()))
+    assert [n for n, _ in goat.goat_layers(old)] == ["body", "classification_head"]
+    path = goat.save_adapter(old, tmp_path / "new.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != "modules_to_save"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=metadata)
+    loaded = goat.load_adapter(WithHead(), tmp_path / "old.safetensors")
+    assert_same_state(loaded, old)
+    # Today's wrap leaves the head out and trains it in full.
+    new = goat.wrap(WithHead(), config())
+    assert [n for n, _ in goat.goat_layers(new)] == ["body"]
+    assert new.classification_head.weight.requires_grad
+
+
+def test_base_fingerprint_tells_a_slightly_different_base(tmp_path):
+    """A base 0.2 % away from the trained one (another fine-tune) is refused, also when the
+    adapter's model kept no copy of W0 and in bf16."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for keep in (True, False):
+            model = goat.wrap(mlp(dtype=dtype), config(), keep_original=keep)
+            path = goat.save_adapter(model, tmp_path / f"{dtype}{keep}.safetensors")
+            goat.load_adapter(mlp(dtype=dtype), path)
+            near = mlp(dtype=dtype)
+            with torch.no_grad():
+                for p in near.parameters():
+                    p.mul_(1 + 0.002 * torch.randn_like(p.float()).to(dtype))
+            with pytest.raises(goat.AdapterError, match="not the one the adapter was trained"):
+                goat.load_adapter(near, path)
 
 
 def test_save_names_inside_compile_and_ddp_wrappers(tmp_path):
@@ -443,8 +542,11 @@ def test_mismatched_adapters_are_refused(tmp_path):
     # Same architecture, other weights: refused by the base fingerprint, unless asked for.
     with pytest.raises(goat.AdapterError, match=r"'0': the model's base weight is not the one"):
         goat.load_adapter(mlp(seed=1), path)
-    assert not list(goat.goat_layers(mlp(seed=1)))
-    goat.load_adapter(mlp(seed=1), path, check_base=False)
+    other = mlp(seed=1)
+    with pytest.raises(goat.AdapterError, match="not the one"):
+        goat.load_adapter(other, path)
+    assert not list(goat.goat_layers(other))  # untouched
+    goat.load_adapter(other, path, check_base=False)
     # A file from before the fingerprint loads without the check.
     old = {k: v for k, v in load_file(str(path)).items() if not k.endswith("base_sketch")}
     from safetensors import safe_open

@@ -1542,6 +1542,78 @@ def test_larger_vocabularies_are_trimmed_to_the_base_as_in_mergekit(zoo):
         merge(cfg, tmp / "out", progress=False)
 
 
+def _big_vocabulary(tmp, tunes, paths):
+    """A fine-tune of the zoo with 8 added tokens (72 rows of embeddings and head, not 64)."""
+    big = dict(tunes[1])
+    extra = torch.randn(8, HIDDEN).to(torch.bfloat16)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        big[name] = torch.cat([big[name], extra])
+    paths["big"] = write_model(tmp / "big", big)
+    for name, folder in paths.items():
+        (folder / "tokenizer.json").write_text(json.dumps({"from": name}))
+    return paths["big"]
+
+
+def test_the_tokenizer_of_a_trimmed_model_is_refused(zoo):
+    # Its embeddings are trimmed to the base's rows: its larger tokenizer would not match them.
+    tmp, _, tunes, paths = zoo
+    big = _big_vocabulary(tmp, tunes, paths)
+    cfg = config_for("ties", paths)
+    cfg["models"][1]["model"] = str(big)
+    for model, source in (
+        (big, {"tokenizer_source": str(big)}),
+        (big, {"tokenizer": {"source": f"model:{big}"}}),
+        (big / "model.safetensors", {"tokenizer_source": str(big / "model.safetensors")}),
+    ):
+        cfg["models"][1]["model"] = str(model)
+        with pytest.raises(
+            ConfigError,
+            match=rf"tokenizer source .*big.*: {re.escape(str(model))} has more vocabulary rows "
+            rf"than the base {re.escape(str(paths['base']))} \(lm_head\.weight \(72 rows, not "
+            r"64\), model\.embed_tokens\.weight \(72 rows, not 64\)\).*Take the tokenizer from "
+            "the base",
+        ):
+            merge({**cfg, **source}, tmp / "out", progress=False)
+        assert not (tmp / "out").exists()
+    # The base's tokenizer, or a model's whose rows are the base's, is taken (with the warning).
+    for source, expected in (("base", "base"), (str(paths["ft0"]), "ft0")):
+        with pytest.warns(UserWarning, match="vocabulary sizes differ"):
+            out = merge({**cfg, "tokenizer_source": source}, tmp / f"o{expected}", progress=False)
+        assert json.loads((out / "tokenizer.json").read_text()) == {"from": expected}
+        assert read(out)["model.embed_tokens.weight"].shape[0] == VOCAB
+
+
+def test_without_a_base_vocabulary_sizes_must_match_in_any_order(zoo):
+    # Linear without base_model: no model's vocabulary is the output's, so a larger one is
+    # refused whether it comes first (it was then the reference, the others refused) or later
+    # (it was trimmed to the first model's).
+    tmp, _, tunes, paths = zoo
+    big = _big_vocabulary(tmp, tunes, paths)
+    for position in (0, 1):
+        cfg = config_for("linear", paths)
+        cfg["models"][position]["model"] = str(big)
+        with pytest.raises(
+            MergeError,
+            match=r"(lm_head|embed_tokens)\.weight has shape \[(72|64), 16\].*vocabulary sizes "
+            r"differ: (72|64) rows, .* has (64|72); without base_model .*name as base_model",
+        ):
+            merge(cfg, tmp / "out", progress=False)
+        assert not (tmp / "out").exists()
+    # Naming the model whose vocabulary the output keeps as base_model trims the others to it,
+    # whatever their order.
+    outs = []
+    for position in (0, 2):
+        cfg = config_for("linear", paths)
+        cfg["base_model"] = str(paths["ft0"])  # listed among the models: averaged in
+        cfg["models"][1]["model"] = str(big)
+        cfg["models"].insert(position, cfg["models"].pop(1))
+        with pytest.warns(UserWarning, match="vocabulary sizes differ"):
+            outs.append(read(merge(cfg, tmp / f"out{position}", progress=False)))
+    for got in outs:
+        assert got["model.embed_tokens.weight"].shape[0] == got["lm_head.weight"].shape[0] == VOCAB
+    assert all(torch.allclose(outs[0][k].float(), outs[1][k].float(), atol=1e-2) for k in outs[0])
+
+
 def test_models_given_as_safetensors_files_bring_their_folders_files(zoo):
     tmp, _, _, paths = zoo
     for name, folder in paths.items():

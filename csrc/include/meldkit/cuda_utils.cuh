@@ -75,7 +75,7 @@ class AsyncScratch {
   AsyncScratch& operator=(const AsyncScratch&) = delete;
 
  private:
-  // Keep up to kKeepBytes of freed scratch in the device's default pool between calls (a
+  // Keep at least kKeepBytes of freed scratch in the device's default pool between calls (a
   // cudaMallocAsync that the pool can serve costs no driver call); more is returned to the
   // driver at the next synchronisation, so the pool never holds much memory that torch's
   // caching allocator cannot use.
@@ -90,9 +90,16 @@ class AsyncScratch {
     }
     cudaMemPool_t pool;
     cuda_check(cudaDeviceGetDefaultMemPool(&pool, device), op, "cudaDeviceGetDefaultMemPool");
-    uint64_t keep = kKeepBytes;
-    cuda_check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), op,
-               "cudaMemPoolSetAttribute");
+    // Raise the threshold, never lower it: torch's cudaMallocAsync backend shares this pool and
+    // sets its own (UINT64_MAX), which then stays.
+    uint64_t current = 0;
+    cuda_check(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &current), op,
+               "cudaMemPoolGetAttribute");
+    if (current < kKeepBytes) {
+      uint64_t keep = kKeepBytes;
+      cuda_check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), op,
+                 "cudaMemPoolSetAttribute");
+    }
     retained[device].store(true, std::memory_order_release);  // racing setters set the same
   }
 

@@ -225,12 +225,6 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         return out
 
 
-# How far up the stack to look for generate's settings: the decoding loop (``_sample``,
-# ``_beam_search``) is the 5th caller (_refuse_beam_search, __call__, torch's no_grad wrapper,
-# LogitsProcessorList.__call__, the loop); a few more frames leave room for wrappers.
-_CALLER_FRAMES = 8
-
-
 def _calling_generation_config():
     """The ``transformers.GenerationConfig`` of the ``generate`` call running this processor.
 
@@ -238,7 +232,7 @@ def _calling_generation_config():
     checked on transformers 5.24) hold it in a local named ``generation_config``, with the
     caller's keyword arguments (``num_beams=...``) applied. It is the only place the decoding
     mode can be read from: ``LogitsProcessorList`` passes a processor nothing but the ids and
-    scores. Returns None when no such frame is within reach (an own decoding loop).
+    scores. Returns None when no frame of the stack holds one (an own decoding loop).
     """
     try:
         from transformers import GenerationConfig
@@ -246,13 +240,12 @@ def _calling_generation_config():
         return None
     frame = inspect.currentframe()
     try:
-        for _ in range(_CALLER_FRAMES):
-            frame = frame.f_back if frame is not None else None
-            if frame is None:
-                return None
+        # The whole stack (once per generate call): wrappers may add any number of frames.
+        while frame is not None:
             config = frame.f_locals.get("generation_config")
             if isinstance(config, GenerationConfig):
                 return config
+            frame = frame.f_back
         return None
     finally:
         del frame  # a frame reference kept alive would keep every local of the stack alive

@@ -519,7 +519,9 @@ class Blender:
 
     :meth:`apply` re-blends when the coefficients change, or when something else wrote to the
     parameters since its last blend (``load_state_dict``, an in-place update: their version
-    counters moved; reading them costs about 0.1 µs per tensor per call).
+    counters moved; reading them costs about 0.1 µs per tensor per call). Writes through
+    ``param.data`` (``p.data.mul_(…)``) bypass the counters and go unseen: call
+    :meth:`apply` with ``force=True``, or write to the parameter under ``torch.no_grad()``.
     """
 
     def __init__(
@@ -578,13 +580,14 @@ class Blender:
         except RuntimeError:
             return None
 
-    def apply(self, coeffs: Coefficients) -> None:
+    def apply(self, coeffs: Coefficients, *, force: bool = False) -> None:
         """Blend θ = θ_base + c_τ·τ + c_dyn·dyn_scale·τ_deg + c_con·con_scale·τ_ctl into the
-        live parameters, for ``coeffs = (c_τ, c_dyn, c_con)``; nothing to do when they hold it."""
+        live parameters, for ``coeffs = (c_τ, c_dyn, c_con)``; nothing to do when they hold it
+        (unless ``force``)."""
         coeffs = tuple(float(c) for c in coeffs)
         if len(coeffs) != 3 or not all(math.isfinite(c) for c in coeffs):
             raise ExDeError(f"meldkit.exde: a schedule returned {coeffs!r}, not 3 finite numbers")
-        if coeffs == self.current and self._versions() == self._written:
+        if not force and coeffs == self.current and self._versions() == self._written:
             return
         c_tau, c_dyn, c_con = coeffs
         cfg = self.config

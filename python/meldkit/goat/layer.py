@@ -104,13 +104,11 @@ class GoatLinear(nn.Module):
         self.base_requires_grad = {n: p.requires_grad for n, p in base_layer.named_parameters()}
         self.alignment: tuple[torch.Tensor, torch.Tensor] | None = None
         self.original_weight: torch.Tensor | None = None
-        # Router probabilities [N, E] of every call since the model's forward began, and which
-        # forward that was (the scope that wrap puts on the model counts them; see
-        # meldkit.goat.model.ForwardScope); a layer without a scope, or called outside the
-        # model's forward, keeps its last call only.
+        # Router probabilities [N, E] of every call since the model's forward began (cleared by
+        # the hooks that wrap puts on the model; see meldkit.goat.model.ForwardScope); a layer
+        # without a scope, or called outside the model's forward, keeps its last call only.
         self.scope = None
         self._probs: list[torch.Tensor] = []
-        self._generation = 0
 
     def __getstate__(self) -> dict:
         # The probabilities carry autograd graphs, which deepcopy and pickle refuse; they only
@@ -169,10 +167,8 @@ class GoatLinear(nn.Module):
             )
             y = (base(x) + delta).to(x.dtype)
         if not _in_backward():  # not activation checkpointing's recomputation
-            scope = self.scope
-            if scope is None or not scope.active or self._generation != scope.generation:
-                self._probs.clear()
-                self._generation = scope.generation if scope is not None else 0
+            if self.scope is None or not self.scope.active:
+                self._probs.clear()  # called on its own: its last call
             self._probs.append(probs)
         return y
 
@@ -222,9 +218,6 @@ class GoatLinear(nn.Module):
     @property
     def has_run(self) -> bool:
         """Whether the layer ran since the model's forward began (it has a balance loss)."""
-        scope = self.scope
-        if scope is not None and self._generation != scope.generation:
-            return False  # its calls belong to an earlier forward of the model
         return bool(self._probs)
 
     def _call_loss(self, probs: torch.Tensor) -> torch.Tensor:

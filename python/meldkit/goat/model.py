@@ -34,7 +34,12 @@ def _matches(name: str, targets: tuple[str, ...]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _excluded_heads(model: nn.Module) -> list[str]:
+# The heads "all-linear" skipped before adapters recorded their modules_to_save (files
+# without that metadata were selected with this list).
+HEAD_NAMES_V1 = ("score", "classifier")
+
+
+def _excluded_heads(model: nn.Module, head_names: tuple[str, ...] = HEAD_NAMES) -> list[str]:
     """Module-name prefixes that "all-linear" skips: the output embedding and classifier heads."""
     heads: list[nn.Module] = []
     get_out = getattr(model, "get_output_embeddings", None)
@@ -42,17 +47,22 @@ def _excluded_heads(model: nn.Module) -> list[str]:
         out = get_out()
         if isinstance(out, nn.Module):
             heads.append(out)
-    heads += [m for n in HEAD_NAMES if isinstance(m := getattr(model, n, None), nn.Module)]
+    heads += [m for n in head_names if isinstance(m := getattr(model, n, None), nn.Module)]
     return [name for name, module in model.named_modules() if any(module is h for h in heads)]
 
 
 def find_targets(
-    model: nn.Module, target_modules: str | tuple[str, ...], *, adjusts_base: bool = False
+    model: nn.Module,
+    target_modules: str | tuple[str, ...],
+    *,
+    adjusts_base: bool = False,
+    head_names: tuple[str, ...] = HEAD_NAMES,
 ) -> list[str]:
     """Qualified names of the ``nn.Linear`` layers that ``target_modules`` selects.
 
     ``adjusts_base``: the init will change the selected layers' weights (the SVD inits), so a
     weight that another module shares (tied input and output embeddings) is refused.
+    ``head_names``: the top-level classification heads that "all-linear" leaves out.
 
     Raises
     ------
@@ -68,7 +78,7 @@ def find_targets(
     for name, p in model.named_parameters(remove_duplicate=False):
         weight_names.setdefault(id(p), []).append(name)
     inside_mha = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-    excluded = _excluded_heads(model) if target_modules == ALL_LINEAR else []
+    excluded = _excluded_heads(model, head_names) if target_modules == ALL_LINEAR else []
     found = []
     for name, module in model.named_modules():
         if not name:
@@ -190,13 +200,21 @@ def _check_weight(name: str, linear: nn.Linear) -> None:
         raise ValueError(f"meldkit.goat.wrap: {name!r}: weight is on the meta device (not loaded)")
 
 
-def _shift_base(weight: torch.Tensor, delta_a: torch.Tensor, delta_b: torch.Tensor, sign: int):
-    """``weight ← weight + sign · delta_b @ delta_a`` in fp32 (fp64 for an fp64 weight), rounded
-    once to the weight's dtype; the product is :func:`base_delta`'s fixed-order one."""
+def shifted(
+    weight: torch.Tensor, delta_a: torch.Tensor, delta_b: torch.Tensor, sign: int
+) -> torch.Tensor:
+    """``weight + sign · delta_b @ delta_a`` in fp32 (fp64 for an fp64 weight), rounded once to
+    the weight's dtype; the product is :func:`base_delta`'s fixed-order one. A new tensor."""
     delta = base_delta(delta_a.to(weight.device), delta_b.to(weight.device))
     acc = torch.promote_types(weight.dtype, torch.float32)
     with torch.no_grad():
-        weight.copy_(weight.to(acc) + sign * delta.to(acc))
+        return (weight.detach().to(acc) + sign * delta.to(acc)).to(weight.dtype)
+
+
+def _shift_base(weight: torch.Tensor, delta_a: torch.Tensor, delta_b: torch.Tensor, sign: int):
+    """``weight ← shifted(weight, delta_a, delta_b, sign)``, in place."""
+    with torch.no_grad():
+        weight.copy_(shifted(weight, delta_a, delta_b, sign))
 
 
 def adjust_base(layer: GoatLinear, delta_a: torch.Tensor, delta_b: torch.Tensor) -> None:
@@ -230,29 +248,31 @@ def build_layer(
 class ForwardScope:
     """Tells the GOAT layers of one wrapped model when a new forward begins.
 
-    :func:`track_forwards` puts :meth:`enter` (a forward pre-hook) and :meth:`leave` (a forward
-    hook that runs even when the forward raises) on the model and on every module above a GOAT
-    layer. The outermost of them to start, whichever it is (the root model, a backbone called
-    on its own such as ``model.model(...)``, CLIP's ``vision_model`` through
-    ``get_image_features``), begins a new forward (``generation`` counts them): a layer forgets
-    the router probabilities of earlier forwards when it next runs, and :func:`aux_loss` skips
-    layers whose calls are older, so it sees this forward's calls only and no calls pile up
-    between forwards. A GOAT layer called outside any of them keeps its last call only.
-    Activation checkpointing's recomputation during the backward is not a new forward.
+    :func:`track_forwards` puts a :class:`_Entry` pre-hook and :meth:`leave` (a forward hook that
+    runs even when the forward raises) on the model and on the modules above the GOAT layers
+    that a caller may run on their own: those not inside an ``nn.ModuleList``, ``nn.ModuleDict``
+    or ``nn.Sequential`` (a backbone such as ``model.model``, CLIP's ``vision_model`` and
+    ``text_model``, an encoder; not each decoder block). The outermost of them to start begins
+    a new forward of the layers beneath it: they forget the router probabilities of earlier
+    forwards, so :func:`aux_loss` sees this forward's calls only and no calls pile up. Towers
+    run one after the other (``get_text_features``, then ``get_image_features``) each keep their
+    own calls. A GOAT layer called outside all of them keeps its last call only. Activation
+    checkpointing's recomputation during the backward is not a new forward.
 
-    The scope holds two counters and no references to modules, so copying one layer does not
-    copy the model.
+    The scope holds one counter: the layers a hook clears travel with the hook, so copying one
+    layer does not copy the model, and a layer's forward reads no counter that changes from
+    step to step (``torch.compile`` would recompile on it).
     """
 
     def __init__(self) -> None:
         self.depth = 0
-        self.generation = 0
 
-    def enter(self, module: nn.Module, args: tuple) -> None:
+    def enter(self, layers: list[GoatLinear]) -> None:
         if _in_backward():
             return
         if self.depth == 0:
-            self.generation += 1
+            for layer in layers:
+                layer._probs.clear()
         self.depth += 1
 
     def leave(self, module: nn.Module, args: tuple, output) -> None:
@@ -262,28 +282,46 @@ class ForwardScope:
 
     @property
     def active(self) -> bool:
-        """Whether a forward of the model or of a module above the layers is running."""
+        """Whether a forward of the model or of a hooked module above the layers is running."""
         return self.depth > 0
 
 
+class _Entry:
+    """The forward pre-hook of one module above GOAT layers: begins a forward of ``layers``."""
+
+    def __init__(self, scope: ForwardScope, layers: list[GoatLinear]) -> None:
+        self.scope = scope
+        self.layers = layers
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.scope.enter(self.layers)
+
+
 def _is_scope_hook(hook) -> bool:
-    return isinstance(getattr(hook, "__self__", None), ForwardScope)
+    return isinstance(hook, _Entry) or isinstance(getattr(hook, "__self__", None), ForwardScope)
 
 
 def track_forwards(model: nn.Module) -> None:
     """Put a :class:`ForwardScope` on ``model``: its GOAT layers keep every call's router
-    probabilities from the start of a forward of the model (or of any module above them) until
-    the next one. Replaces the scope an earlier call put there."""
+    probabilities from the start of a forward of the model (or of a module above them that
+    may be called on its own) until the next one. Replaces the scope an earlier call put there."""
     untrack_forwards(model)
     named = list(goat_layers(model))
     scope = ForwardScope()
-    above = {""}
-    for name, _ in named:
+    hooked: dict[str, list[GoatLinear]] = {}
+    for name, layer in named:
         parts = name.split(".")
-        above |= {".".join(parts[:i]) for i in range(1, len(parts))}
-    for name in sorted(above):
+        for i in range(len(parts)):  # the root, then each module above the layer
+            above = ".".join(parts[:i])
+            module = model.get_submodule(above)
+            if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+                break  # no forward; its children are called by its owner, not on their own
+            hooked.setdefault(above, []).append(layer)
+            if isinstance(module, nn.Sequential):
+                break  # its children are called by its forward
+    for name, layers in hooked.items():
         module = model.get_submodule(name)
-        module.register_forward_pre_hook(scope.enter)
+        module.register_forward_pre_hook(_Entry(scope, layers))
         module.register_forward_hook(scope.leave, always_call=True)
     for _, layer in named:
         layer.scope = scope
@@ -469,10 +507,13 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
 
     Each layer's ``L = E · Σ_i (c_i/T) · (Σ_t p_i(t)/T)`` is the official code's normalisation
     (k times the paper's Switch-style Σ_i f_i P_i; see :meth:`GoatLinear.balance_loss`);
-    gradients flow through the router probabilities p only. Only the calls of the model's last
-    forward count (:func:`wrap` puts a forward pre-hook on the model that clears the earlier
-    ones): a layer that forward skipped (LayerDrop, a branch not taken) adds nothing, a layer it
-    ran twice adds one term per call. Add it to the task loss before ``backward()``.
+    gradients flow through the router probabilities p only. Only the calls of the last forward
+    count (:func:`wrap` puts hooks on the model and on the submodules a caller may run on their
+    own, such as a backbone or one tower of a two-tower model, that clear the earlier calls of
+    the layers beneath them; see :class:`ForwardScope`): a layer that forward skipped
+    (LayerDrop, a branch not taken) adds nothing, a layer it ran twice adds one term per call,
+    and towers run one after the other each add their own. Add it to the task loss before
+    ``backward()``.
 
     Returns
     -------

@@ -84,8 +84,12 @@ layers is the ``models`` form.
 The tokenizer files of the result (``tokenizer.json``, ``tokenizer_config.json``, ...) come from
 the base model (or the first model without one), or from the folder that ``tokenizer_source`` or
 ``tokenizer: {source: ...}`` names: ``base``, or the path or Hugging Face ID of one of the merged
-models, also with older mergekit's ``model:`` prefix (a merged model shares the base's tensor
-shapes, so its vocabulary has the merged embeddings' size). mergekit's
+models, also with older mergekit's ``model:`` prefix. The output's embeddings have the base's
+vocabulary rows (a fine-tune with more rows, added tokens, is trimmed to them with a warning;
+without a base, every model must have the same: see :mod:`meldkit.merging.engine`), so a merged
+model is accepted as the source only when its embeddings and head have the base's shapes: a model
+whose rows are trimmed is refused (a ConfigError, before any tensor is merged), as its tokenizer
+would not match the output. mergekit's
 ``union`` (a merged vocabulary, with the embeddings rebuilt over it), a tokenizer from a model
 outside the merge, and per-token ``tokens`` overrides are refused: they need embedding surgery,
 which meldkit does not do.

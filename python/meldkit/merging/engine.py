@@ -49,7 +49,7 @@ def tensor_key(name: str) -> int:
 
 
 # Tensors with one row per token (input embeddings, output heads): a fine-tune that added tokens
-# has more rows there, which the merge trims to the base's (see _validate).
+# has more rows there, which a merge on a base trims to the base's (see _validate).
 _VOCAB_TENSOR = re.compile(
     r"(^|\.)(embed_tokens|embed_in|embed_out|lm_head|wte|word_embeddings|tok_embeddings)\."
 )
@@ -61,7 +61,7 @@ def is_vocab_tensor(name: str) -> bool:
 
 
 def _validate(
-    base: Checkpoint | None, models: list[Checkpoint]
+    base: Checkpoint | None, models: list[Checkpoint], tokenizer_source: Path | None = None
 ) -> tuple[list[str], dict[tuple[int, str], int]]:
     """Names to merge, in the reference model's order, and the rows to keep of the vocabulary
     tensors that must be trimmed (``{(model index, name): rows}``); raises MergeError listing
@@ -71,8 +71,12 @@ def _validate(
     0.1.5 does it with ``--unsafe-truncate-embeddings``), a fine-tune whose embeddings or head
     have more rows than the base's (tokens added, or rows padded) merges its first rows, the
     base's count (with a warning, once, naming the tensors and models): the output keeps the
-    base's vocabulary. Any other shape mismatch, fewer rows than the base's included, is
-    refused.
+    base's vocabulary. So the tokenizer cannot come from such a model: a ``tokenizer_source``
+    whose folder is a trimmed model's (and not the base's) is a ConfigError naming the model,
+    the tensor and both row counts. Without a base (linear), no model's vocabulary is the
+    output's by right (the first model's would be, by the order of the list): vocabulary sizes
+    must then match, and a mismatch is refused whichever model is larger. Any other shape
+    mismatch, fewer rows than the base's included, is refused.
     """
     reference = base if base is not None else models[0]
     names = reference.names
@@ -92,6 +96,7 @@ def _validate(
             shape, ref_shape = m.shape(n), reference.shape(n)
             if (
                 shape != ref_shape
+                and base is not None
                 and is_vocab_tensor(n)
                 and len(shape) == len(ref_shape) >= 1
                 and shape[1:] == ref_shape[1:]
@@ -100,12 +105,21 @@ def _validate(
                 trims[(i, n)] = ref_shape[0]
             elif shape != ref_shape:
                 hint = ""
-                if is_vocab_tensor(n) and shape[1:] == ref_shape[1:]:
-                    hint = (
-                        f" (fewer vocabulary rows than {reference.path}: only a model with more "
-                        "rows than the base is trimmed to the base's, as mergekit truncates "
-                        "embeddings)"
-                    )
+                if is_vocab_tensor(n) and len(shape) == len(ref_shape) >= 1:
+                    if shape[1:] == ref_shape[1:] and base is None:
+                        hint = (
+                            f" (vocabulary sizes differ: {shape[0]} rows, {reference.path} has "
+                            f"{ref_shape[0]}; without base_model no model's vocabulary is the "
+                            "output's, so the sizes must match: name as base_model the model "
+                            "whose vocabulary the output keeps, listed among the models with its "
+                            "weight, and the larger vocabularies are trimmed to it)"
+                        )
+                    elif shape[1:] == ref_shape[1:]:
+                        hint = (
+                            f" (fewer vocabulary rows than {reference.path}: only a model with "
+                            "more rows than the base is trimmed to the base's, as mergekit "
+                            "truncates embeddings)"
+                        )
                 problems.append(
                     f"{m.path}: {n} has shape {list(shape)}, "
                     f"{reference.path} has {list(ref_shape)}{hint}"
@@ -121,10 +135,24 @@ def _validate(
                 break
     if problems:
         raise MergeError("models do not match:\n  " + "\n  ".join(problems))
-    if trims:
-        by_model: dict[int, list[str]] = {}
-        for (i, n), rows in trims.items():
-            by_model.setdefault(i, []).append(f"{n} ({models[i].shape(n)[0]} rows, not {rows})")
+    by_model: dict[int, list[str]] = {}
+    for (i, n), rows in trims.items():
+        by_model.setdefault(i, []).append(f"{n} ({models[i].shape(n)[0]} rows, not {rows})")
+    if tokenizer_source is not None and by_model:
+        # The tokenizer files come from the source's folder (aux_folder): refused when that is
+        # the folder of a trimmed model, unless it is the base's too (then it is the base's).
+        folder = aux_folder(tokenizer_source).resolve()
+        if folder != reference.aux_folder().resolve():
+            for i, trimmed in by_model.items():
+                if models[i].aux_folder().resolve() == folder:
+                    raise ConfigError(
+                        f"tokenizer source {tokenizer_source}: {models[i].path} has more "
+                        f"vocabulary rows than the base {reference.path} ({', '.join(trimmed)}), "
+                        "which the merge trims to the base's: the output has the base's "
+                        "vocabulary, and that model's tokenizer would not match its embeddings. "
+                        "Take the tokenizer from the base (tokenizer_source: base, or leave it out)"
+                    )
+    if by_model:
         listed = "; ".join(f"{models[i].path}: {', '.join(t)}" for i, t in by_model.items())
         warnings.warn(
             f"vocabulary sizes differ from {reference.path}'s: {listed}. Merged over its rows, "
@@ -405,7 +433,8 @@ def merge(
     ConfigError, MergeError, CheckpointError
         (all ValueErrors) Before any tensor is merged, naming the key, option, model or tensor:
         a config that cannot run, an option out of range (``seed``, ``device``, an ``out_dir``
-        that is a file or a folder that is not empty, ...), models that do not match.
+        that is a file or a folder that is not empty, ...), models that do not match, a
+        tokenizer source whose embeddings the merge trims to the base's vocabulary.
     """
     cfg = config if isinstance(config, MergeConfig) else parse_config(config)
     config_text = _config_text(config)  # for the model card, as read now
@@ -458,7 +487,7 @@ def merge(
         models = [Checkpoint(m.path, allow_pickle=allow_pickle) for m in cfg.models]
     except CheckpointError as exc:
         raise MergeError(str(exc)) from None
-    names, trims = _validate(base, models)
+    names, trims = _validate(base, models, cfg.tokenizer_source)
 
     def load(i: int, name: str) -> torch.Tensor:
         """Model ``i``'s tensor ``name`` (its vocabulary rows trimmed to the base's)."""
