@@ -564,6 +564,121 @@ def test_router_reads_a_positional_attention_mask(full_rank):
         torch.testing.assert_close(model(ids, mask).logits, model(**x).logits)
 
 
+def test_a_positional_forward_reads_the_signature_once_and_binds_once(full_rank, monkeypatch):
+    """``model(ids, mask)``: the signature of the wrapped model's forward is read once per
+    class, and the call is bound once (the routing pass reuses that binding, less the keywords
+    it leaves out)."""
+    from meldkit.twin import model as twin_model
+
+    _, _, model = full_rank
+    x = batch()
+    ids, mask, labels = x["input_ids"], x["attention_mask"], torch.tensor([2, 0, 1, 2])
+    with torch.no_grad():
+        want = model(**x)
+        model(ids, mask)  # the signature is cached from here on
+        reads, binds = [], []
+        read, bind = twin_model._Signature, twin_model.bind_arguments
+        monkeypatch.setattr(twin_model, "_Signature", lambda f: reads.append(f) or read(f))
+        monkeypatch.setattr(twin_model, "bind_arguments", lambda *a: binds.append(a[1]) or bind(*a))
+        out = model(ids, mask)
+        assert (reads, len(binds)) == ([], 1)
+        torch.testing.assert_close(out.logits, want.logits)
+        # labels by keyword: the routing pass leaves them out, and reuses the binding
+        seen = []
+        features = model.features_fn
+        model.features_fn = lambda m, *a, **kw: seen.append(set(kw)) or features(m, *a, **kw)
+        try:
+            out = model(ids, mask, labels=labels)
+        finally:
+            model.features_fn = features
+        assert seen == [set()] and len(binds) == 2
+        torch.testing.assert_close(out.logits, want.logits)
+        torch.testing.assert_close(out.loss, F.cross_entropy(want.logits, labels))
+    # outside a routed forward, nothing is reused
+    assert twin_model._ROUTED_CALL.get() is None
+    assert twin_model._bound(model.model, (ids, mask), {}) is None
+
+
+def test_the_routing_pass_reuses_a_binding_only_for_the_same_call():
+    """The routing pass's binding is the routed call's only for the same model and positional
+    arguments and a subset of its keywords, and not where a required argument was left out."""
+    from meldkit.twin import model as twin_model
+
+    class Net(nn.Module):
+        def forward(self, a, b, labels, c=None, **extra):
+            return a
+
+    class Other(Net):
+        def forward(self, a, b, labels=None, c=None, **extra):
+            return a
+
+    net, other = Net(), Other()
+    a, b, lab, c = (torch.zeros(1) for _ in range(4))
+    routed = (net, (a, b), {"labels": lab, "c": c, "d": 1}, {})
+    routed = (*routed[:3], twin_model.bind_arguments(net, routed[1], routed[2])[1])
+    assert routed[3] == {"a": a, "b": b, "labels": lab, "c": c, "d": 1}
+    token = twin_model._ROUTED_CALL.set(routed)
+    try:
+        assert twin_model._bound(net, (a, b), {"labels": lab, "c": c, "d": 1}) == (
+            (),
+            routed[3],
+        )
+        assert twin_model._bound(net, (a, b), {"labels": lab}) == (
+            (),
+            {"a": a, "b": b, "labels": lab},
+        )
+        assert twin_model._bound(net, (a, b), {"c": c}) is None  # 'labels' is required
+        assert twin_model._bound(net, (a, torch.zeros(1)), {"labels": lab}) is None
+        assert twin_model._bound(net, (a,), {"labels": lab}) is None
+        assert twin_model._bound(net, (a, b), {"labels": torch.zeros(1)}) is None
+        assert twin_model._bound(net, (a, b), {"labels": lab, "e": 2}) is None
+        assert twin_model._bound(other, (a, b), {"labels": lab}) is None
+    finally:
+        twin_model._ROUTED_CALL.reset(token)
+
+
+def test_the_signature_follows_a_forward_set_on_the_instance():
+    """A ``forward`` set on an instance (as accelerate's hooks do: a ``functools.partial``
+    wrapping the old one, or another bound method) is read as it is, not as the class's."""
+    import functools
+    import types
+
+    from meldkit.twin import model as twin_model
+
+    class Net(nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            return input_ids
+
+    def other(self, input_ids, attention_mask=None, return_dict=None, **kwargs):
+        return input_ids
+
+    ids, mask = torch.zeros(2, 3), torch.ones(2, 3)
+    want = {"input_ids": ids, "attention_mask": mask}
+    plain, hooked, rebound = Net(), Net(), Net()
+    old = hooked.forward
+    hooked.forward = functools.update_wrapper(
+        functools.partial(lambda m, *a, **k: old(*a, **k), hooked), old
+    )
+    rebound.forward = types.MethodType(other, rebound)
+    for _ in range(2):  # cached or not, the same answers
+        assert not twin_model._accepts(plain, "return_dict")
+        assert not twin_model._accepts(hooked, "return_dict")
+        assert twin_model._accepts(rebound, "return_dict")
+        assert twin_model._accepts(rebound, "anything")  # through **kwargs
+        for net in (plain, hooked, rebound):
+            assert twin_model.bind_arguments(net, (ids, mask), {}) == ((), want)
+        assert twin_model.bind_arguments(plain, (ids, mask), {"return_dict": True})[0] == (
+            ids,
+            mask,
+        )
+        assert twin_model.bind_arguments(rebound, (ids, mask), {"return_dict": True}) == (
+            (),
+            {**want, "return_dict": True},
+        )
+    assert twin_model._forward_signature(plain) is twin_model._forward_signature(Net())
+    assert twin_model._forward_signature(hooked) is not twin_model._forward_signature(hooked)
+
+
 def test_train_router_joins_a_last_batch_of_one_and_refuses_batches_it_cannot_train(
     full_rank,
 ):

@@ -8,7 +8,9 @@ import math
 import operator
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
+from types import MethodType
 from typing import Any
 
 import torch
@@ -79,6 +81,85 @@ CACHE_KWARGS = ("cache", "past_key_values", "cache_params", "use_cache", "cache_
 OUTPUT_KWARGS = ("return_dict", "output_hidden_states", "output_attentions")
 
 
+class _Signature:
+    """What this module reads off a ``forward``'s signature: the signature (None where it has
+    none) and whether it takes ``**kwargs``."""
+
+    __slots__ = ("sig", "var_keyword")
+
+    def __init__(self, forward: Any) -> None:
+        try:
+            self.sig: inspect.Signature | None = inspect.signature(forward)
+        except (TypeError, ValueError):
+            self.sig = None
+        self.var_keyword = self.sig is not None and any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in self.sig.parameters.values()
+        )
+
+
+# A method's function -> its _Signature as a bound method (the instance's parameter left out):
+# ``inspect.signature`` costs tens of µs per call, and a forward reads it several times.
+_SIGNATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _forward_signature(model: nn.Module) -> _Signature:
+    """:class:`_Signature` of ``model.forward``: cached by the method's function (the class's
+    ``forward``, or the one an instance's own bound ``forward`` wraps); a ``forward`` that is no
+    bound method (a hook's ``functools.partial``, a plain function) is read each time."""
+    forward = model.forward
+    if not isinstance(forward, MethodType):
+        return _Signature(forward)
+    func = forward.__func__
+    try:
+        facts = _SIGNATURES.get(func)
+    except TypeError:  # not hashable
+        return _Signature(forward)
+    if facts is None:
+        facts = _Signature(forward)
+        try:
+            _SIGNATURES[func] = facts
+        except TypeError:  # not weakly referenceable
+            pass
+    return facts
+
+
+# The binding of the call a :class:`RoutedMixin` forward is routing, while its routing pass runs:
+# ``(model, args, kwargs, named)``, ``named`` as :func:`bind_arguments` gives it. The default
+# feature functions bind that call again (less its loss and cache keywords); they read it here.
+_ROUTED_CALL: ContextVar[tuple | None] = ContextVar("meldkit_twin_routed_call", default=None)
+
+
+def _bound(
+    model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> tuple[tuple, dict[str, Any]] | None:
+    """:func:`bind_arguments` of a call whose binding :data:`_ROUTED_CALL` holds (the same
+    model and positional arguments, keywords a subset of its), else None."""
+    routed = _ROUTED_CALL.get()
+    if routed is None:
+        return None
+    r_model, r_args, r_kwargs, named = routed
+    if model is not r_model or len(args) != len(r_args):
+        return None
+    if any(a is not b for a, b in zip(args, r_args, strict=True)):
+        return None
+    if any(k not in r_kwargs or r_kwargs[k] is not v for k, v in kwargs.items()):
+        return None
+    dropped = [k for k in r_kwargs if k not in kwargs]
+    if dropped:
+        params = _forward_signature(model).sig.parameters
+        if any(k in params and _required(params[k]) for k in dropped):
+            return None  # a required argument left out: that call does not bind
+        return (), {k: v for k, v in named.items() if k not in dropped}
+    return (), dict(named)
+
+
+def _required(p: inspect.Parameter) -> bool:
+    return p.default is inspect.Parameter.empty and p.kind not in (
+        inspect.Parameter.VAR_POSITIONAL,
+        inspect.Parameter.VAR_KEYWORD,
+    )
+
+
 def bind_arguments(
     model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]
 ) -> tuple[tuple, dict[str, Any]]:
@@ -88,10 +169,12 @@ def bind_arguments(
     parameters, a signature that does not bind)."""
     if not args:
         return (), dict(kwargs)
+    sig = _forward_signature(model).sig
+    if sig is None:
+        return tuple(args), dict(kwargs)
     try:
-        sig = inspect.signature(model.forward)
         bound = sig.bind(*args, **kwargs)
-    except (TypeError, ValueError):
+    except TypeError:
         return tuple(args), dict(kwargs)
     named: dict[str, Any] = {}
     for name, value in bound.arguments.items():
@@ -111,7 +194,8 @@ def _last_hidden(
     """``(hidden [B, L, d] float32, mask [B, L] or None)``: a Hugging Face model's last hidden
     state in a pass of its own (hidden states on, a ``ModelOutput``, no cache, whatever the
     caller asked of its own forward) and the attention mask of those L positions."""
-    args, kwargs = bind_arguments(model, args, kwargs)
+    bound = _bound(model, args, kwargs) if args else None
+    args, kwargs = bind_arguments(model, args, kwargs) if bound is None else bound
     kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS + OUTPUT_KWARGS}
     mask = kwargs.get("attention_mask")
     tokens = kwargs.get("input_ids")
@@ -130,11 +214,8 @@ def _last_hidden(
 
 def _accepts(model: nn.Module, name: str) -> bool:
     """Whether ``model.forward`` takes the keyword ``name`` (by name or through ``**kwargs``)."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    facts = _forward_signature(model)
+    return facts.sig is not None and (facts.var_keyword or name in facts.sig.parameters)
 
 
 def mean_pooled_last_hidden(model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -200,8 +281,13 @@ class RoutedMixin:
         that holds positions, the weights its sequences were routed with when this model filled
         it (a cached decoding step continues the prompt's routing, as :meth:`generate` does);
         else the router's on these inputs."""
+        routed = None
         if weights is None:
-            named = kwargs if len(args) < 2 else bind_arguments(self.model, args, kwargs)[1]
+            named = kwargs
+            if len(args) >= 2:
+                unnamed, named = bind_arguments(self.model, args, kwargs)
+                if not unnamed:  # every argument named: the routing pass reuses this binding
+                    routed = (self.model, tuple(args), kwargs, named)
             cache = next((named[k] for k in CACHE_KWARGS[:3] if named.get(k) is not None), None)
             if cache is not None and _cache_length(cache) > 0:
                 weights = self._cache_weights().get(cache) if _weakrefable(cache) else None
@@ -213,7 +299,11 @@ class RoutedMixin:
                         "its prompt"
                     )
         if weights is None:
-            weights = self.route(*args, **kwargs)
+            token = _ROUTED_CALL.set(routed)
+            try:
+                weights = self.route(*args, **kwargs)
+            finally:
+                _ROUTED_CALL.reset(token)
         return self._check_weights(weights, b, device)
 
     def _cache_weights(self) -> weakref.WeakKeyDictionary:
