@@ -77,7 +77,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(device=args.device)
 
 
-def _merge_device(text: str) -> str:
+def _device_arg(text: str) -> str:
     """``--device``: one of the choices cpu, cuda, cuda:N (argparse names the option)."""
     kind, _, index = text.partition(":")
     if (kind == "cpu" and not index) or (kind == "cuda" and (not index or index.isdigit())):
@@ -85,7 +85,7 @@ def _merge_device(text: str) -> str:
     raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from cpu, cuda, cuda:N)")
 
 
-def _seed(text: str) -> int:
+def _seed_arg(text: str) -> int:
     """``--seed``: an integer in [0, 2**63), the range of the masks' counter-based key."""
     try:
         value = int(text)
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device",
         default="cpu",
-        type=_merge_device,
+        type=_device_arg,
         metavar="{cpu,cuda,cuda:N}",
         help="where the arithmetic runs: cpu, cuda or cuda:N (default cpu)",
     )
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--seed",
-        type=_seed,
+        type=_seed_arg,
         default=0,
         help="seed of DARE/DELLA masks, an integer in [0, 2**63) (default 0)",
     )
