@@ -624,15 +624,20 @@ class Tied(nn.Module):
         return self.head(self.mid(self.emb(ids)))
 
 
-def tied_pair():
-    torch.manual_seed(0)
-    base = Tied()
+def fine_tuned(base: nn.Module, scale: float) -> nn.Module:
+    """A copy of ``base`` with seeded noise of ``scale`` added to every parameter."""
     ft = copy.deepcopy(base)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in ft.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    return base, ft
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return ft
+
+
+def tied_pair():
+    torch.manual_seed(0)
+    base = Tied()
+    return base, fine_tuned(base, 0.1)
 
 
 def test_tied_parameters_stay_tied():
@@ -676,12 +681,7 @@ def test_tied_parameters_stay_tied():
 def bf16_pair():
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.Linear(64, 8))
-    ft = copy.deepcopy(base)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in ft.parameters():
-            p.add_(0.01 * torch.randn(p.shape, generator=gen))
-    return base, ft
+    return base, fine_tuned(base, 0.01)
 
 
 def test_extrapolate_and_decouple_round_once():

@@ -636,17 +636,26 @@ def test_a_terminated_merge_leaves_nothing_and_killed_ones_are_cleaned_up(zoo):
     assert not (out / ".meldkit-partial").exists()
 
 
-def test_hugging_face_ids_resolve_from_the_local_cache(zoo, monkeypatch):
+def _cached_snapshot(cache: Path, repo_id: str, folder: Path, commit: str) -> Path:
+    """``folder`` laid out as the Hugging Face cache holds a download of ``repo_id`` at
+    ``commit`` (its snapshot, and ``refs/main`` naming the commit); returns the snapshot."""
     import shutil
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(folder, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_hugging_face_ids_resolve_from_the_local_cache(zoo, monkeypatch):
 
     constants = pytest.importorskip("huggingface_hub.constants")
     tmp, _, _, paths = zoo
     cache = tmp / "hub"
     commit = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = cache / "models--org--tiny-base" / "snapshots" / commit
-    shutil.copytree(paths["base"], snapshot)
-    (cache / "models--org--tiny-base" / "refs").mkdir()
-    (cache / "models--org--tiny-base" / "refs" / "main").write_text(commit)
+    snapshot = _cached_snapshot(cache, "org/tiny-base", paths["base"], commit)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never the network, whatever happens
 
@@ -1476,7 +1485,6 @@ def test_every_tokenizer_file_travels_with_the_merge(zoo):
 
 
 def test_tokenizer_source_by_hugging_face_id_and_older_spellings(zoo, monkeypatch):
-    import shutil
 
     constants = pytest.importorskip("huggingface_hub.constants")
     tmp, _, _, paths = zoo
@@ -1485,10 +1493,7 @@ def test_tokenizer_source_by_hugging_face_id_and_older_spellings(zoo, monkeypatc
     snapshots = {}
     for repo, folder in (("tiny-base", "base"), ("tiny-ft", "ft0")):
         (paths[folder] / "tokenizer.json").write_text(json.dumps({"from": folder}))
-        snapshots[repo] = cache / f"models--org--{repo}" / "snapshots" / commit
-        shutil.copytree(paths[folder], snapshots[repo])
-        (cache / f"models--org--{repo}" / "refs").mkdir()
-        (cache / f"models--org--{repo}" / "refs" / "main").write_text(commit)
+        snapshots[repo] = _cached_snapshot(cache, f"org/{repo}", paths[folder], commit)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = config_for("ties", paths)

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from meldkit._storage import storage_key
 from meldkit.merging.engine import tensor_key
 from meldkit.ops import BlendPlan
 
@@ -104,11 +105,10 @@ def _params(
 
 
 def _storage(t: torch.Tensor) -> tuple | int:
-    """What identifies the memory ``t`` views: a tied parameter's names, and their state-dict
-    entries (detached views of it), share it."""
-    if t.device.type == "meta" or t.data_ptr() == 0:
-        return id(t)
-    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+    """:func:`meldkit._storage.storage_key`, or the tensor's identity where memory tells
+    nothing."""
+    key = storage_key(t)
+    return id(t) if key is None else key
 
 
 def _pairs(

@@ -188,39 +188,31 @@ class GoatConfig:
         return cls.from_dict(json.loads(text))
 
 
-def _check_targets(targets: Any) -> str | tuple[str, ...]:
-    if isinstance(targets, str):
-        if targets == ALL_LINEAR:
-            return targets
+def _check_names(field: str, value: Any, keyword: str, *, empty_ok: bool) -> str | tuple[str, ...]:
+    """``value`` of the module-name field ``field``: ``keyword`` or a list of module-name
+    suffixes (non-empty unless ``empty_ok``), as a tuple."""
+    if isinstance(value, str):
+        if value == keyword:
+            return value
         raise ValueError(
-            f"GoatConfig.target_modules: a string must be {ALL_LINEAR!r}; give module-name "
-            f"suffixes as a list, e.g. [{targets!r}]"
+            f"GoatConfig.{field}: a string must be {keyword!r}; give module-name suffixes as a "
+            f"list, e.g. [{value!r}]"
         )
-    if not isinstance(targets, Sequence) or not targets:
+    if not isinstance(value, Sequence) or not (value or empty_ok):
+        kind = "a list" if empty_ok else "a non-empty list"
         raise ValueError(
-            f"GoatConfig.target_modules: must be {ALL_LINEAR!r} or a non-empty list of module-name "
-            f"suffixes, got {targets!r}"
+            f"GoatConfig.{field}: must be {keyword!r} or {kind} of module-name suffixes, "
+            f"got {value!r}"
         )
-    bad = [t for t in targets if not isinstance(t, str) or not t or t.startswith(".")]
+    bad = [t for t in value if not isinstance(t, str) or not t or t.startswith(".")]
     if bad:
-        raise ValueError(f"GoatConfig.target_modules: not module-name suffixes: {bad!r}")
-    return tuple(targets)
+        raise ValueError(f"GoatConfig.{field}: not module-name suffixes: {bad!r}")
+    return tuple(value)
+
+
+def _check_targets(targets: Any) -> str | tuple[str, ...]:
+    return _check_names("target_modules", targets, ALL_LINEAR, empty_ok=False)
 
 
 def _check_saved(modules: Any) -> str | tuple[str, ...]:
-    if isinstance(modules, str):
-        if modules == AUTO:
-            return modules
-        raise ValueError(
-            f"GoatConfig.modules_to_save: a string must be {AUTO!r}; give module-name suffixes "
-            f"as a list, e.g. [{modules!r}]"
-        )
-    if not isinstance(modules, Sequence):
-        raise ValueError(
-            f"GoatConfig.modules_to_save: must be {AUTO!r} or a list of module-name suffixes, "
-            f"got {modules!r}"
-        )
-    bad = [t for t in modules if not isinstance(t, str) or not t or t.startswith(".")]
-    if bad:
-        raise ValueError(f"GoatConfig.modules_to_save: not module-name suffixes: {bad!r}")
-    return tuple(modules)
+    return _check_names("modules_to_save", modules, AUTO, empty_ok=True)

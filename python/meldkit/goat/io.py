@@ -90,7 +90,7 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     """The module inside ``torch.compile``'s, DDP's and DataParallel's wrappers, so that layer
     names carry no ``_orig_mod.`` or ``module.`` prefix."""
     while True:
-        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
             model = model._orig_mod
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from meldkit._storage import storage_key
+
 DEFAULT_EXCLUDE = (r"classifier", r"bias")
 
 
@@ -127,9 +129,9 @@ def _storage_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     seen: dict[tuple, str] = {}
     aliases = {}
     for name, t in tensors.items():
-        if t.numel() == 0 or t.device.type == "meta":
+        key = storage_key(t)
+        if key is None:
             continue
-        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
         if key in seen:
             aliases[name] = seen[key]
         else:
