@@ -314,7 +314,8 @@ def test_towers_run_one_after_the_other_each_count():
     assert [len(layer._probs) for _, layer in goat.goat_layers(model)] == [1, 1, 1, 1]
 
 
-def test_compiled_training_does_not_recompile_per_step():
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_compiled_training_does_not_recompile_per_step(dropout):
     graphs = []
 
     def backend(gm, example_inputs):
@@ -322,7 +323,7 @@ def test_compiled_training_does_not_recompile_per_step():
         return gm.forward
 
     torch._dynamo.reset()
-    model = goat.wrap(mlp(), config(dropout=0.0)).train()
+    model = goat.wrap(mlp(), config(dropout=dropout)).train()
     compiled = torch.compile(model, backend=backend)
     counts = []
     for _ in range(6):
@@ -331,6 +332,39 @@ def test_compiled_training_does_not_recompile_per_step():
         counts.append(len(graphs))
     assert counts[2:] == [counts[1]] * 4, counts  # a counter per step would recompile each step
     torch._dynamo.reset()
+
+
+def test_compiled_training_with_dropout_is_one_graph_and_replays_eager():
+    """The per-step dropout seed is a tensor drawn inside the graph, never read in Python:
+    no graph break per layer (an int seed broke the graph at every layer), and with eager
+    kernels behind the graph (aot_eager) the draws, and so the whole run, equal eager's."""
+    torch._dynamo.reset()
+    model = goat.wrap(mlp(), config(dropout=0.3)).train()
+    explained = torch._dynamo.explain(model)(torch.randn(70, 40))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+    def run(compiled):
+        torch.manual_seed(0)
+        model = goat.wrap(mlp(), config(dropout=0.3)).train()
+        step = torch.compile(model, backend="aot_eager") if compiled else model
+        trained = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(trained, lr=0.5)
+        losses = []
+        for _ in range(3):
+            loss = step(torch.randn(70, 40)).pow(2).mean() + goat.aux_loss(model)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+        return torch.stack(losses), [p.detach().clone() for p in trained]
+
+    eager_losses, eager_params = run(False)
+    torch._dynamo.reset()
+    compiled_losses, compiled_params = run(True)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-6, atol=1e-7)
+    for got, want in zip(compiled_params, eager_params, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_copy_after_a_training_forward():

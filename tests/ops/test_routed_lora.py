@@ -712,6 +712,15 @@ def test_dropout_is_reproducible_from_the_seed(device):
     y3, _ = routed_lora(x, a, b, 1.0, seed=6, **kw)
     assert torch.equal(y1, y2)
     assert not torch.equal(y1, y3)
+    # a one-element int64 CPU tensor is the same seed, with the same gradients
+    xg, ag = x.detach().requires_grad_(), a.detach().requires_grad_()
+    grads = []
+    for key in (5, torch.tensor(5), torch.tensor([5])):
+        y, _ = routed_lora(xg, ag, b, 1.0, seed=key, **kw)
+        assert torch.equal(y, y1)
+        grads.append(torch.autograd.grad(y.float().pow(2).sum(), (xg, ag)))
+    for other in grads[1:]:
+        assert all(torch.equal(g, h) for g, h in zip(other, grads[0], strict=True))
     # dropout = 0: the seed is ignored.
     y4, _ = routed_lora(x, a, b, 1.0, router_weight=w, top_k=2, seed=5)
     y5, _ = routed_lora(x, a, b, 1.0, router_weight=w, top_k=2)
@@ -778,25 +787,29 @@ def test_opcheck(device, dtype):
     s = torch.full((3,), 0.75, device=device)
     gates = randn((7, 3), dtype, device, torch.Generator().manual_seed(1)).requires_grad_()
     fwd = torch.ops.meldkit.routed_lora.default
-    torch.library.opcheck(fwd, (x, a, b, s, w, None, 2, 0.25, 7))
-    torch.library.opcheck(fwd, (x, a, b, s, None, gates, 0, 0.0, 0))
+
+    def seed(value):  # the ops take the seed as a one-element int64 CPU tensor
+        return torch.tensor(value, dtype=torch.int64)
+
+    torch.library.opcheck(fwd, (x, a, b, s, w, None, 2, 0.25, seed(7)))
+    torch.library.opcheck(fwd, (x, a, b, s, None, gates, 0, 0.0, seed(0)))
     column_major = gates.detach().T.contiguous().T.requires_grad_()
-    torch.library.opcheck(fwd, (x, a, b, s, None, column_major, 0, 0.1, 3))
+    torch.library.opcheck(fwd, (x, a, b, s, None, column_major, 0, 0.1, seed(3)))
     w0 = randn((5, 9), dtype, device, torch.Generator().manual_seed(3)).requires_grad_()
     b0 = randn((5,), dtype, device, torch.Generator().manual_seed(4)).requires_grad_()
-    torch.library.opcheck(fwd, (x, a, b, s, w, None, 2, 0.25, 7, w0, b0))
-    torch.library.opcheck(fwd, (x, a, b, s, None, gates, 0, 0.0, 0, w0.detach(), None))
-    _, probs, weights, h = (t.detach() for t in fwd(x, a, b, s, w, None, 2, 0.25, 7))
+    torch.library.opcheck(fwd, (x, a, b, s, w, None, 2, 0.25, seed(7), w0, b0))
+    torch.library.opcheck(fwd, (x, a, b, s, None, gates, 0, 0.0, seed(0), w0.detach(), None))
+    _, probs, weights, h = (t.detach() for t in fwd(x, a, b, s, w, None, 2, 0.25, seed(7)))
     dy = randn((7, 5), dtype, device, torch.Generator().manual_seed(2))
     dprobs = torch.randn_like(probs)
     xd, ad, bd, wd = (t.detach() for t in (x, a, b, w))
     bwd = torch.ops.meldkit.routed_lora_backward.default
-    args = (dy, xd, ad, bd, s, wd, weights, probs, dprobs, h, 2, 0.25, 7)
+    args = (dy, xd, ad, bd, s, wd, weights, probs, dprobs, h, 2, 0.25, seed(7))
     torch.library.opcheck(bwd, (*args, [True, True, True, True, False], None))
     torch.library.opcheck(bwd, (*args, [False, True, False, False, False], None))
     torch.library.opcheck(bwd, (*args, [True, True, True, True, False], None, w0.detach()))
-    _, _, weights, h = (t.detach() for t in fwd(x, a, b, s, None, gates, 0, 0.0, 0))
-    args = (dy, xd, ad, bd, s, None, weights, None, None, h, 0, 0.0, 0)
+    _, _, weights, h = (t.detach() for t in fwd(x, a, b, s, None, gates, 0, 0.0, seed(0)))
+    args = (dy, xd, ad, bd, s, None, weights, None, None, h, 0, 0.0, seed(0))
     torch.library.opcheck(bwd, (*args, [True, False, True, False, True], dtype))
 
 
@@ -890,6 +903,15 @@ def test_bad_arguments_name_themselves():
         (call(x, a, b, 1.0, dropout=0.1, **ok), TypeError, "'seed': an int is required"),
         (call(x, a, b, 1.0, dropout=0.1, seed=-1, **ok), ValueError, "'seed': -1 is not in"),
         (call(x, a, b, 1.0, dropout=0.1, seed=2**63, **ok), ValueError, "'seed'"),
+        (call(x, a, b, 1.0, dropout=0.1, seed=torch.tensor(1.0), **ok), TypeError, "'seed': a t"),
+        (call(x, a, b, 1.0, dropout=0.1, seed=torch.tensor([1, 2]), **ok), TypeError, "'seed'"),
+        (
+            call(x, a, b, 1.0, dropout=0.1, seed=torch.tensor(1, device="meta"), **ok),
+            TypeError,
+            "'seed': a tensor seed must be on the CPU",
+        ),
+        # a tensor's value is checked where the op reads it
+        (call(x, a, b, 1.0, dropout=0.1, seed=torch.tensor(-3), **ok), ValueError, "'seed': -3"),
         (call(x, a, b, 1.0, base_weight=w0.T, **ok), ValueError, "'base_weight': shape [9, 5]"),
         (call(x, a, b, 1.0, base_weight=w0[0], **ok), ValueError, "'base_weight': expected 2"),
         (call(x, a, b, 1.0, base_weight=w0.half(), **ok), TypeError, "'base_weight': dtype"),

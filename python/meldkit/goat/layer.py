@@ -136,6 +136,10 @@ class GoatLinear(nn.Module):
         casts them); their output is added to the base layer's before one rounding back to
         ``x.dtype``. In training mode with dropout > 0 every call draws a fresh mask seed from
         torch's default CPU generator, so ``torch.manual_seed`` makes training reproducible.
+        The seed is a one-element tensor the layer never reads, so under ``torch.compile`` the
+        draw is part of the graph (no graph break per layer). Inductor draws it with its own
+        generator, seeded from torch's: compiled runs are reproducible too, with other masks
+        than eager's unless ``torch._inductor.config.fallback_random`` is set.
 
         A plain ``nn.Linear`` base (no hooks, weights in ``x.dtype``, autocast off) runs inside
         the op (``routed_lora(..., base_weight=, base_bias=)``): the same sum, without the two
@@ -143,7 +147,8 @@ class GoatLinear(nn.Module):
         hooked or sharded layer, autocast) is called as a module and its output added.
         """
         training_dropout = self.training and self.dropout > 0
-        seed = int(torch.randint(0, SEED_BOUND, (1,))) if training_dropout else None
+        # A one-element tensor, never read here: under torch.compile the draw stays in the graph.
+        seed = torch.randint(0, SEED_BOUND, (1,)) if training_dropout else None
         kwargs = dict(
             router_weight=self.router.weight,
             top_k=self.top_k,

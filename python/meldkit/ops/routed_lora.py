@@ -16,7 +16,9 @@ experts and router instead (see ``_GEMM_TOKENS``; with dropout on CUDA only, one
 over its masked input), and so do calls the per-token kernels cannot take at any token count
 (more than 64 experts, float64 mixed with other dtypes). The forward saves the
 routing weights and the expert activations ``h`` (``[N, E·r]``, small) for the backward; dropout
-masks are regenerated from the seed, never stored. Fake kernels make both ops traceable by
+masks are regenerated from the seed, never stored. ``seed`` reaches the ops as a one-element
+int64 CPU tensor (read on the host, so no device synchronisation), so that a seed drawn per
+step with ``torch.randint`` stays inside a ``torch.compile`` graph. Fake kernels make both ops traceable by
 ``torch.compile``.
 
 With a base linear (``base_weight``, ``base_bias``: the caller's frozen ``nn.Linear``), ``y`` is
@@ -69,6 +71,20 @@ def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().contiguous()
 
 
+def _seed_value(seed: torch.Tensor) -> int:
+    """The ops' ``seed`` (a one-element int64 CPU tensor, so that ``torch.compile`` can trace a
+    seed drawn per step without reading it) as the int the kernels take. A CPU read: no device
+    synchronisation."""
+    value = int(seed.reshape(()))
+    if value < 0:
+        raise _error(ValueError, "seed", f"{value} is not in [0, 2**63)")
+    return value
+
+
+# The seed of every call without dropout (read only to regenerate masks, which it has none of).
+_NO_SEED = torch.zeros((), dtype=torch.int64)
+
+
 # ---- forward op ----------------------------------------------------------------------------
 
 
@@ -82,11 +98,11 @@ def _routed_lora(
     gates: torch.Tensor | None,
     top_k: int,
     dropout: float,
-    seed: int,
+    seed: torch.Tensor,
     base_weight: torch.Tensor | None = None,
     base_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = (x, lora_a, lora_b, scaling, router_weight, gates, top_k, dropout, seed)
+    args = (x, lora_a, lora_b, scaling, router_weight, gates, top_k, dropout, _seed_value(seed))
     return routed_lora_forward_ref(*args, base_weight, base_bias)
 
 
@@ -366,12 +382,13 @@ def _routed_lora_native(
     gates: torch.Tensor | None,
     top_k: int,
     dropout: float,
-    seed: int,
+    seed: torch.Tensor,
     base_weight: torch.Tensor | None = None,
     base_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     route = router_weight if gates is None else gates
     dtypes = _dtypes(x, lora_a, lora_b, route)
+    seed = _seed_value(seed)
     args = (x, lora_a, lora_b, scaling, router_weight, gates, top_k, dropout, seed)
     if _use_reference(x.device, dtypes):
         return routed_lora_forward_ref(*args, base_weight, base_bias)
@@ -460,11 +477,12 @@ def _routed_lora_backward(
     h: torch.Tensor,
     top_k: int,
     dropout: float,
-    seed: int,
+    seed: torch.Tensor,
     needs: list[bool],
     gates_dtype: torch.dtype | None,
     base_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    seed = _seed_value(seed)
     return _backward_reference(
         dy,
         x,
@@ -515,11 +533,12 @@ def _routed_lora_backward_native(
     h: torch.Tensor,
     top_k: int,
     dropout: float,
-    seed: int,
+    seed: torch.Tensor,
     needs: list[bool],
     gates_dtype: torch.dtype | None,
     base_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    seed = _seed_value(seed)
     route_dtype = router_weight.dtype if router_weight is not None else gates_dtype
     dtypes = tuple(dict.fromkeys(d for d in (x.dtype, lora_a.dtype, lora_b.dtype, route_dtype)))
     if _use_reference(x.device, dtypes):
@@ -645,13 +664,15 @@ def _setup_context(ctx, inputs, output) -> None:
         probs if router_weight is not None else None,
         h,
         base_weight,
+        seed,
     )
-    ctx.top_k, ctx.dropout, ctx.seed = top_k, dropout, seed
+    ctx.top_k, ctx.dropout = top_k, dropout
     ctx.gates_dtype = None if gates is None else gates.dtype
 
 
 def _backward(ctx, dy, dprobs, _dweights, _dh):
-    x, lora_a, lora_b, scaling, router_weight, weights, probs, h, base_weight = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    x, lora_a, lora_b, scaling, router_weight, weights, probs, h, base_weight, seed = saved
     need = ctx.needs_input_grad
     # (dx, dA, dB, dW_z, dgates); scaling is a constant. The base linear's own gradients
     # (inputs 9 and 10) are plain PyTorch.
@@ -684,7 +705,7 @@ def _backward(ctx, dy, dprobs, _dweights, _dh):
         h,
         ctx.top_k,
         ctx.dropout,
-        ctx.seed,
+        seed,
         needs,
         ctx.gates_dtype,
         base_weight,
@@ -739,6 +760,32 @@ def _scaling_tensor(scaling: object, n_experts: int, dtype, device) -> torch.Ten
     return torch.full((n_experts,), float(scaling), dtype=dtype, device=device)
 
 
+def _seed_tensor(seed: object) -> torch.Tensor:
+    """``seed`` (an int, or a one-element int64 CPU tensor) as the ops' one-element tensor.
+    A tensor's value is checked where the op reads it, never here (under ``torch.compile`` a
+    read here would break the graph)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise _error(
+                TypeError,
+                "seed",
+                f"a tensor seed must hold one int64, got {seed.dtype} of shape {list(seed.shape)}",
+            )
+        if seed.device.type != "cpu":
+            raise _error(
+                TypeError,
+                "seed",
+                f"a tensor seed must be on the CPU (reading it from {seed.device} would "
+                "synchronise with the device)",
+            )
+        return seed.detach()
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise _error(TypeError, "seed", f"an int is required when dropout > 0, got {seed!r}")
+    if not 0 <= int(seed) < 2**63:
+        raise _error(ValueError, "seed", f"{seed} is not in [0, 2**63)")
+    return torch.tensor(int(seed), dtype=torch.int64)
+
+
 def routed_lora(
     x: torch.Tensor,
     lora_a: torch.Tensor,
@@ -749,7 +796,7 @@ def routed_lora(
     gates: torch.Tensor | None = None,
     top_k: int | None = None,
     dropout: float = 0.0,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     base_weight: torch.Tensor | None = None,
     base_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -792,9 +839,12 @@ def routed_lora(
         k in 1 … E; required with ``router_weight``, not allowed with ``gates``.
     dropout : float
         q in [0, 1), applied to x independently per expert (0: no dropout).
-    seed : int, optional
+    seed : int or Tensor, optional
         Key of the dropout masks, 0 ≤ seed < 2⁶³; required when ``dropout > 0``, ignored
-        otherwise. Same seed, same masks on every device and backend.
+        otherwise. Same seed, same masks on every device and backend. May be a one-element
+        int64 CPU tensor, e.g. ``torch.randint(0, 2**62, ())``: a seed drawn per step that way
+        stays inside a ``torch.compile`` graph (an int read from a tensor breaks the graph).
+        A tensor's value is checked when the op runs.
     base_weight : Tensor, optional
         W₀ ``[m, n]`` of the base layer (an ``nn.Linear``'s ``weight``), in ``x.dtype``, same
         device: ``y`` then includes its output ``x·W₀ᵀ + b``, computed in ``x.dtype`` as the
@@ -881,14 +931,7 @@ def routed_lora(
     dropout = float(dropout)
     if not 0.0 <= dropout < 1.0:
         raise _error(ValueError, "dropout", f"{dropout} is not in [0, 1)")
-    if dropout == 0.0:
-        seed = 0
-    else:
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise _error(TypeError, "seed", f"an int is required when dropout > 0, got {seed!r}")
-        if not 0 <= int(seed) < 2**63:
-            raise _error(ValueError, "seed", f"{seed} is not in [0, 2**63)")
-        seed = int(seed)
+    seed = _NO_SEED if dropout == 0.0 else _seed_tensor(seed)
 
     d_out = lora_b.shape[1]
     if base_weight is not None:
