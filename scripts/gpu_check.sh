@@ -119,7 +119,7 @@ fi
 read -r -a EXTRA <<<"${BENCH_ARGS:-}"
 BJ="$OUT/bench.json"
 BL="$OUT/bench.log"
-for op in ${BENCH_OPS:-logit_fusion routed_lora_layer merge exde twin call_overhead routed_lora weighted_sum}; do
+for op in ${BENCH_OPS:-logit_fusion routed_lora_layer merge exde twin call_overhead routed_lora weighted_sum goat_compile}; do
   run=(env MELDKIT_BACKEND=native)
   case $op in
     call_overhead) # each op's fixed per-call cost; direct eager calls vs torch.library's dispatch
@@ -137,6 +137,9 @@ for op in ${BENCH_OPS:-logit_fusion routed_lora_layer merge exde twin call_overh
         --dtype bf16 --tokens 8192 --dim 4096 --json "$BJ"
       step "bench-$op-dropout" bench 90 "$BL" "${run[@]}" $PY bench/bench_routed_lora.py \
         --device cuda --dtype bf16 --tokens 8192 --dim 4096 --dropout 0.05 --json "$BJ" ;;
+    goat_compile) # a GOAT stack's training step with dropout, eager vs torch.compile (issue 4)
+      step "bench-$op" bench 90 "$BL" "${run[@]}" $PY bench/bench_goat_compile.py --device cuda \
+        --dtype bf16 --layers 8 --dim 2048 --tokens 4096 --experts 8 --rank 32 --json "$BJ" ;;
     *)
       step "bench-$op" bench 120 "$BL" "${run[@]}" $PY -m meldkit bench --op "$op" --device cuda \
         "${EXTRA[@]}" --json "$BJ" ;;

@@ -18,6 +18,7 @@ import meldkit.goat as goat
 from meldkit.goat import layer as goat_layer
 from meldkit.ops import routed_lora
 from tests.goat.tiny_models import mlp
+from tests.helpers import DEVICES
 
 E, RANK = 4, 8
 
@@ -334,24 +335,26 @@ def test_compiled_training_does_not_recompile_per_step(dropout):
     torch._dynamo.reset()
 
 
-def test_compiled_training_with_dropout_is_one_graph_and_replays_eager():
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_training_with_dropout_is_one_graph_and_replays_eager(device):
     """The per-step dropout seed is a tensor drawn inside the graph, never read in Python:
     no graph break per layer (an int seed broke the graph at every layer), and with eager
-    kernels behind the graph (aot_eager) the draws, and so the whole run, equal eager's."""
+    kernels behind the graph (aot_eager) the draws, and so the whole run, equal eager's. On
+    CUDA the seed stays a CPU tensor beside the CUDA inputs."""
     torch._dynamo.reset()
-    model = goat.wrap(mlp(), config(dropout=0.3)).train()
-    explained = torch._dynamo.explain(model)(torch.randn(70, 40))
+    model = goat.wrap(mlp(), config(dropout=0.3)).train().to(device)
+    explained = torch._dynamo.explain(model)(torch.randn(70, 40, device=device))
     assert explained.graph_break_count == 0 and explained.graph_count == 1
 
     def run(compiled):
         torch.manual_seed(0)
-        model = goat.wrap(mlp(), config(dropout=0.3)).train()
+        model = goat.wrap(mlp(), config(dropout=0.3)).train().to(device)
         step = torch.compile(model, backend="aot_eager") if compiled else model
         trained = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(trained, lr=0.5)
         losses = []
         for _ in range(3):
-            loss = step(torch.randn(70, 40)).pow(2).mean() + goat.aux_loss(model)
+            loss = step(torch.randn(70, 40).to(device)).pow(2).mean() + goat.aux_loss(model)
             loss.backward()
             opt.step()
             opt.zero_grad()
