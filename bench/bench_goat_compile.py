@@ -58,7 +58,11 @@ def build(args) -> tuple[dict, dict, int]:
         x_base.grad = None
         base(x_base).float().pow(2).mean().backward()
 
-    impls = {"base": base_step, "goat_eager": goat_step(model), "goat_compiled": goat_step(compiled)}
+    impls = {
+        "base": base_step,
+        "goat_eager": goat_step(model),
+        "goat_compiled": goat_step(compiled),
+    }
     for _ in range(3):  # compile (forward and backward graphs) before any timing
         impls["goat_compiled"]()
     shape = dict(

@@ -175,6 +175,56 @@ def test_save_load_round_trip(adapters, tmp_path):
         assert torch.equal(loaded(**x).logits, model(**x).logits)
 
 
+def test_load_refuses_another_base(adapters, tmp_path):
+    """A LoRA twin adds to its base's weights: loading it over another base (another
+    vocabulary, an extra layer, other weights) is refused, naming the difference, unless
+    check_base=False. The same base in bf16 passes."""
+    from meldkit.dlf._tiny import tiny_llama
+
+    base, folders = adapters
+    model = twin.TwinLoraModel(base, twin.build_lora(folders, rank=4), top_k=2).eval()
+    folder = twin.save(model, tmp_path / "t")
+    others = [
+        (tiny_llama(0, vocab=72, hidden=32, dtype=torch.float32), r"embed_tokens.weight' has sh"),
+        (tiny_llama(0, vocab=64, hidden=32, layers=3, dtype=torch.float32), r"layers\.2\."),
+        (tiny_llama(1, vocab=64, hidden=32, dtype=torch.float32), r"fingerprint differs"),
+    ]
+    nudged = copy.deepcopy(base)
+    with torch.no_grad():  # a base 0.2 % away in one adapted layer
+        weight = nudged.get_submodule("model.layers.1.self_attn.v_proj").weight
+        weight.mul_(1.002)
+    others.append((nudged, r"layer 'model\.layers\.1\.self_attn\.v_proj'.*check_base=False"))
+    for other, message in others:
+        with pytest.raises(twin.TwinError, match=message):
+            twin.load(folder, other)
+    loaded = twin.load(folder, nudged, check_base=False)  # the caller's choice
+    assert isinstance(loaded, twin.TwinLoraModel)
+    twin.load(folder, copy.deepcopy(base).to(torch.bfloat16))  # same weights, rounded
+
+
+def test_files_without_a_base_fingerprint_still_load(adapters, tmp_path):
+    """Twins saved before the fingerprint (no base_sketch tensors, no "base" entry) load
+    without the check, as before."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    base, folders = adapters
+    model = twin.TwinLoraModel(base, twin.build_lora(folders, rank=4), top_k=2).eval()
+    folder = twin.save(model, tmp_path / "t")
+    tensors = load_file(str(folder / "twin.safetensors"))
+    assert any(k.startswith("base_sketch/") for k in tensors)
+    old = {k: v for k, v in tensors.items() if not k.startswith("base_sketch/")}
+    save_file(old, str(folder / "twin.safetensors"), {"format": "meldkit.twin/1"})
+    meta = json.loads((folder / "twin.json").read_text())
+    del meta["base"]
+    (folder / "twin.json").write_text(json.dumps(meta))
+    loaded = twin.load(folder, base)
+    x = inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).logits, model(**x).logits)
+
+
 def test_router_trains_on_texts(adapters):
     """train_router on a TwinLoraModel from texts: the router reads the last token's state, and
     each task's prompts close with words of their own (a tiny random model's states are not

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from meldkit._fingerprint import base_sketch, sketch_distance, sketch_rtol
 from meldkit.goat.config import GoatConfig
 from meldkit.goat.layer import GoatLinear
 from meldkit.goat.model import (
@@ -68,13 +69,6 @@ ADAPTER_FILE = "goat_adapter.safetensors"
 _PARTS = ("lora_a", "lora_b", "router.weight")
 _SAVED_PREFIX = "modules_to_save."
 _ALIGNMENT = ("alignment_a", "alignment_b")
-# Relative L2 distance between two sketches of one base weight that still counts as the same
-# weight: the fp32 rounding of the products when both are of the same bits; when one side is
-# rounded to another dtype (init "lora" loads into any dtype) or rebuilt from W̃0, about three
-# times the rounding error measured (bf16 2.2e-3, fp16 3e-4).
-_SKETCH_RTOL_EXACT = 1e-5
-_SKETCH_RTOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
-_SKETCH_RTOL_DEFAULT = 1e-4
 
 
 class AdapterError(ValueError):
@@ -96,16 +90,6 @@ def _unwrapped(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
-
-
-def base_sketch(weight: torch.Tensor) -> torch.Tensor:
-    """``W @ v`` in fp32 on the weight's device, returned on the CPU, for a fixed v ~ N(0, 1)
-    drawn from a generator seeded by W's width: a fingerprint of W ``[m, n]`` (``[m]``)."""
-    n = weight.shape[1]
-    generator = torch.Generator().manual_seed(0x60A7 + n)
-    v = torch.randn(n, generator=generator, dtype=torch.float32).to(weight.device)
-    with torch.no_grad():
-        return torch.mv(weight.detach().float(), v).cpu()
 
 
 def _layer_sketch(layer: GoatLinear) -> tuple[torch.Tensor, str]:
@@ -137,11 +121,6 @@ def _model_sketch(
     if of == "adjusted":  # both sides hold W̃0 as the adjustment left it
         return base_sketch(base.weight), True
     return base_sketch(shifted(base.weight, *layer.alignment, +1)), False
-
-
-def _sketch_distance(saved: torch.Tensor, now: torch.Tensor) -> float:
-    scale = max(float(saved.norm()), float(now.norm()), 1e-30)
-    return float((saved - now).norm()) / scale
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -419,11 +398,9 @@ def load_adapter(
             now, exact = _model_sketch(bases[name], existing.get(name), of, alignment)
             dtype = bases[name].weight.dtype
             saved_dtype = getattr(torch, info["base_dtype"], dtype)
-            if exact and saved_dtype == dtype:
-                rtol = _SKETCH_RTOL_EXACT
-            else:  # W0 rebuilt from W̃0, or rounded to another dtype (init "lora")
-                rtol = max(_SKETCH_RTOL.get(d, _SKETCH_RTOL_DEFAULT) for d in (dtype, saved_dtype))
-            distance = _sketch_distance(sketch, now)
+            # inexact: W0 rebuilt from W̃0, or rounded to another dtype (init "lora")
+            rtol = sketch_rtol(saved_dtype, dtype, exact=exact)
+            distance = sketch_distance(sketch, now)
             if not distance <= rtol:
                 raise AdapterError(
                     f"{file}: layer {name!r}: the model's base weight is not the one the adapter "

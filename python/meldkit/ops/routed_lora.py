@@ -18,8 +18,8 @@ over its masked input), and so do calls the per-token kernels cannot take at any
 routing weights and the expert activations ``h`` (``[N, E·r]``, small) for the backward; dropout
 masks are regenerated from the seed, never stored. ``seed`` reaches the ops as a one-element
 int64 CPU tensor (read on the host, so no device synchronisation), so that a seed drawn per
-step with ``torch.randint`` stays inside a ``torch.compile`` graph. Fake kernels make both ops traceable by
-``torch.compile``.
+step with ``torch.randint`` stays inside a ``torch.compile`` graph. Fake kernels make both ops
+traceable by ``torch.compile``.
 
 With a base linear (``base_weight``, ``base_bias``: the caller's frozen ``nn.Linear``), ``y`` is
 its output plus the adapter's and ``dx`` includes ``dy·W₀``. On the GEMM path the adapter's

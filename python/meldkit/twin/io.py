@@ -2,8 +2,13 @@
 
 The file holds the shared weights, the exclusive factors and dense parts, each task's specific
 tensors and the router; the JSON the task names, the build settings and the router's shape.
-Loading needs only the base model's architecture. Both files are written atomically (temporary
-name, then rename).
+Loading a full twin needs only the base model's architecture. A LoRA twin adds to the base's
+own weights, so its files also fingerprint that base: ``base_sketch/NAME`` (``W @ v`` for a
+fixed ``v``, see :mod:`meldkit._fingerprint`) of each adapted layer, and in the JSON every base
+parameter's name and shape and each adapted layer's dtype. :func:`load` refuses another base
+(other layers, another vocabulary, other weights) unless told ``check_base=False``; files
+written before the fingerprint load without the check. Both files are written atomically
+(temporary name, then rename).
 """
 
 from __future__ import annotations
@@ -16,6 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from meldkit._fingerprint import (
+    base_sketch,
+    layout_difference,
+    parameter_layout,
+    sketch_distance,
+    sketch_rtol,
+)
 from meldkit.twin.build import TwinError, TwinExperts
 from meldkit.twin.lora import TwinLoraExperts, TwinLoraModel
 from meldkit.twin.model import TwinModel, TwinRouter
@@ -23,6 +35,8 @@ from meldkit.twin.model import TwinModel, TwinRouter
 FORMAT = "meldkit.twin/1"
 WEIGHTS = "twin.safetensors"
 CONFIG = "twin.json"
+# Prefix of a LoRA twin's base fingerprints in its safetensors file.
+_SKETCH = "base_sketch"
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -59,7 +73,17 @@ def save(twin: TwinModel | TwinLoraModel, path: str | os.PathLike) -> Path:
     ex = twin.experts
     if isinstance(twin, TwinLoraModel):
         tensors = _lora_tensors(ex)
-        extra: dict[str, Any] = {"kind": "lora", "scaling": ex.scaling}
+        layers = {name: twin.model.get_submodule(name) for name in ex.shared_a}
+        for name, layer in layers.items():
+            tensors[f"{_SKETCH}/{name}"] = base_sketch(layer.weight)
+        extra: dict[str, Any] = {
+            "kind": "lora",
+            "scaling": ex.scaling,
+            "base": {
+                "dtype": {n: str(m.weight.dtype).removeprefix("torch.") for n, m in layers.items()},
+                "parameters": parameter_layout(twin.model),
+            },
+        }
     else:
         tensors = _full_tensors(ex)
         extra = {"kind": "full"}
@@ -99,15 +123,29 @@ def _full_tensors(ex: TwinExperts) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load(path: str | os.PathLike, model: nn.Module, *, copy: bool = True, **kwargs: Any):
+def load(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    copy: bool = True,
+    check_base: bool = True,
+    **kwargs: Any,
+):
     """A :class:`TwinModel` (or :class:`TwinLoraModel`) over ``model`` (the base architecture)
     from a folder written by :func:`save`. ``kwargs`` go to the class (``top_k``, and
     ``features`` for :class:`TwinModel`).
 
+    ``check_base`` (a LoRA twin): compare ``model`` with the base the twin was saved over, its
+    parameters' names and shapes and each adapted layer's weight fingerprint. A LoRA twin adds
+    to the base's weights, so another base (a checkpoint with other weights, more layers, a
+    resized vocabulary) gives a silently different model; ``False`` applies it anyway. A
+    base in another dtype than the saved one's passes if its weights round to the same ones.
+
     Raises
     ------
     TwinError
-        Missing or foreign files, or a model whose parameters do not match the saved ones.
+        Missing or foreign files, a model whose parameters do not match the saved ones, or
+        (``check_base``) a LoRA twin's base that is not ``model``.
     """
     from safetensors.torch import load_file
 
@@ -127,6 +165,13 @@ def load(path: str | os.PathLike, model: nn.Module, *, copy: bool = True, **kwar
     twin_router.eval()
     kwargs.setdefault("top_k", meta.get("top_k"))
     if meta.get("kind", "full") == "lora":
+        sketches = {
+            k.partition("/")[2]: tensors.pop(k)
+            for k in list(tensors)
+            if k.startswith(f"{_SKETCH}/")
+        }
+        if check_base and "base" in meta:
+            _check_base(model, meta["base"], sketches, folder)
         return TwinLoraModel(
             model, _lora_experts(meta, tensors, w_path), router=twin_router, copy=copy, **kwargs
         )
@@ -164,6 +209,33 @@ def load(path: str | os.PathLike, model: nn.Module, *, copy: bool = True, **kwar
         config=meta.get("build", {}),
     )
     return TwinModel(model, experts, router=twin_router, copy=copy, **kwargs)
+
+
+def _check_base(
+    model: nn.Module, base: dict, sketches: dict[str, torch.Tensor], folder: Path
+) -> None:
+    """Raise :class:`TwinError` unless ``model`` is the base a LoRA twin was saved over."""
+    hint = "load the base the adapters were trained on, or pass check_base=False"
+    difference = layout_difference(base["parameters"], parameter_layout(model))
+    if difference is not None:
+        raise TwinError(
+            f"meldkit.twin.load: {folder}: the model is not the twin's base: it {difference}; "
+            f"{hint}"
+        )
+    for name, sketch in sketches.items():
+        try:
+            weight = model.get_submodule(name).weight
+        except AttributeError:
+            continue  # TwinLoraModel names the missing module
+        saved_dtype = getattr(torch, base["dtype"].get(name, ""), weight.dtype)
+        rtol = sketch_rtol(saved_dtype, weight.dtype)
+        distance = sketch_distance(sketch, base_sketch(weight))
+        if not distance <= rtol:
+            raise TwinError(
+                f"meldkit.twin.load: {folder}: layer {name!r}: the model's weight is not the "
+                f"twin's base's (its fingerprint differs by {distance:.3g} relative, more than "
+                f"{rtol:.1g}); {hint}"
+            )
 
 
 def _lora_experts(meta: dict, tensors: dict[str, torch.Tensor], w_path: Path) -> TwinLoraExperts:
