@@ -47,6 +47,18 @@ def test_load_errors(tmp_path):
         twin.save(base, tmp_path / "x")
 
 
+def test_files_of_two_saves_are_refused(tmp_path):
+    """The weights of one save beside the settings of another (a save stopped between its
+    two renames, or one file copied over another) are refused, not read together."""
+    base, experts = roberta_experts()
+    model = twin.TwinModel(base, twin.build(base, experts, progress=False))
+    first, second = twin.save(model, tmp_path / "a"), twin.save(model, tmp_path / "b")
+    twin.load(first, base)
+    (first / "twin.json").write_bytes((second / "twin.json").read_bytes())
+    with pytest.raises(twin.TwinError, match="come from different saves"):
+        twin.load(first, base)
+
+
 def test_load_refuses_a_model_the_experts_do_not_cover(tmp_path):
     """A base with a layer more than the experts' would run that layer with its own weights:
     every floating parameter and buffer of the model must be one of the experts'."""

@@ -8,13 +8,15 @@ fixed ``v``, see :mod:`meldkit._fingerprint`) of each adapted layer, and in the 
 parameter's name and shape and each adapted layer's dtype. :func:`load` refuses another base
 (other layers, another vocabulary, other weights) unless told ``check_base=False``; files
 written before the fingerprint load without the check. Both files are written atomically
-(temporary name, then rename).
+(temporary name, then rename) and carry one random ``save_id`` (the JSON's, and the safetensors
+header's metadata): :func:`load` refuses a pair from two saves.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +105,11 @@ def save(twin: TwinModel | TwinLoraModel, path: str | os.PathLike) -> Path:
             "dropout": twin.router.dropout,
         },
     }
-    _atomic_write(folder / WEIGHTS, lambda p: save_file(tensors, str(p), {"format": FORMAT}))
+    # One id in both files: a save interrupted between the two renames leaves a pair that
+    # load refuses, instead of new weights read with the old settings.
+    meta["save_id"] = save_id = uuid.uuid4().hex
+    file_meta = {"format": FORMAT, "save_id": save_id}
+    _atomic_write(folder / WEIGHTS, lambda p: save_file(tensors, str(p), file_meta))
     _atomic_write(folder / CONFIG, lambda p: p.write_text(json.dumps(meta, indent=2)))
     return folder
 
@@ -147,6 +153,7 @@ def load(
         Missing or foreign files, a model whose parameters do not match the saved ones, or
         (``check_base``) a LoRA twin's base that is not ``model``.
     """
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     folder = Path(path)
@@ -157,6 +164,13 @@ def load(
     if meta.get("format") != FORMAT:
         raise TwinError(f"meldkit.twin.load: {cfg_path} is not a {FORMAT} file")
     tensors = load_file(str(w_path))
+    with safe_open(str(w_path), "pt") as handle:
+        file_id = (handle.metadata() or {}).get("save_id")
+    if file_id != meta.get("save_id"):  # both None for files from before the id
+        raise TwinError(
+            f"meldkit.twin.load: {folder}: {WEIGHTS} and {CONFIG} come from different saves "
+            "(a save was interrupted, or one file was copied over another); save again"
+        )
     tasks = list(meta["tasks"])
     router = {k.partition("/")[2]: t for k, t in tensors.items() if k.startswith("router/")}
     r = meta["router"]
