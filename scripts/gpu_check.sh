@@ -24,7 +24,7 @@
 #                 [tests/ops/test_blend.py tests/ops/test_merge.py tests/ops/test_routed_lora.py
 #                  -m cuda -k "not compile and not graph"]
 #   BENCH_OPS     benchmarks, in order [logit_fusion routed_lora_layer merge exde twin
-#                 call_overhead routed_lora weighted_sum]
+#                 call_overhead routed_lora weighted_sum goat_compile]
 #   BENCH_ARGS    extra `meldkit bench` arguments, e.g. --quick (tiny cases: a smoke test) []
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR [STEP...]}
