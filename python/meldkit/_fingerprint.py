@@ -53,12 +53,14 @@ def parameter_layout(model: nn.Module) -> dict[str, list[int]]:
 
 
 def layout_difference(saved: dict[str, list[int]], now: dict[str, list[int]]) -> str | None:
-    """The first difference between two :func:`parameter_layout` results, in words, or None."""
+    """The first difference of the model's layout ``now`` from the ``saved`` one, as a phrase
+    whose subject is the model ("has no parameter 'x'"), or None when they are the same."""
     for name, shape in saved.items():
         if name not in now:
             return f"has no parameter {name!r}"
         if list(now[name]) != list(shape):
-            return f"parameter {name!r} has shape {list(now[name])}, the saved base's {list(shape)}"
+            now_shape = list(now[name])
+            return f"has parameter {name!r} of shape {now_shape}, the saved base {list(shape)}"
     for name in now:
         if name not in saved:
             return f"has a parameter {name!r} the saved base did not have"
