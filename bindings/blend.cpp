@@ -7,6 +7,7 @@
 
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -30,6 +31,46 @@ py::sequence as_list(py::handle obj, const char* name) {
   return py::reinterpret_borrow<py::sequence>(obj);
 }
 }  // namespace
+
+// One tensor's memory in the plan: [begin, end) bytes, which triple, and its role.
+struct Span {
+  uintptr_t begin, end;
+  size_t index;
+  int role;  // 0 out, 1 base, 2 tau
+};
+
+// Refuses an out that overlaps memory any other tensor of the plan uses: another out, any
+// task vector, or a base other than exactly its own (an out may be its own base: in place).
+// Bases and task vectors may overlap each other (tied weights are read twice). A sweep over
+// the spans sorted by address: O(n log n) for the whole plan.
+void check_plan_overlaps(std::vector<Span> spans) {
+  static const char* const kRole[] = {"outs", "bases", "taus"};
+  std::sort(spans.begin(), spans.end(),
+            [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  std::vector<const Span*> open;
+  for (const Span& s : spans) {
+    open.erase(
+        std::remove_if(open.begin(), open.end(), [&](const Span* o) { return o->end <= s.begin; }),
+        open.end());
+    for (const Span* o : open) {
+      if (o->role != 0 && s.role != 0) continue;
+      const Span& out = o->role == 0 ? *o : s;
+      const Span& other = o->role == 0 ? s : *o;
+      const bool own_base = other.role == 1 && other.index == out.index &&
+                            other.begin == out.begin && other.end == out.end;
+      if (own_base) continue;
+      if (other.role == 2 && other.index == out.index) {
+        throw_value_error(std::string(kOp) + ": argument 'outs[" + std::to_string(out.index) +
+                          "]': may not be the task vector 'taus[" + std::to_string(out.index) +
+                          "]' (nor overlap it)");
+      }
+      throw_value_error(std::string(kOp) + ": argument 'outs[" + std::to_string(out.index) +
+                        "]': overlaps '" + kRole[other.role] + "[" + std::to_string(other.index) +
+                        "]'; an out may be exactly its own base (in place) or separate memory");
+    }
+    open.push_back(&s);
+  }
+}
 
 py::dict blend_native_dtypes() { return float_dtype_table(/*cpu_float64=*/false); }
 
@@ -56,6 +97,8 @@ py::tuple blend_plan(py::handle outs, py::handle bases, py::handle taus, py::han
   std::vector<int64_t> rows;
   rows.reserve(n * kBlendRowWords);
   int64_t chunks = 0;
+  std::vector<Span> spans;
+  spans.reserve(3 * n);
   for (size_t i = 0; i < n; ++i) {
     const std::string k = "[" + std::to_string(i) + "]";
     b_args.push_back(import_tensor(sb[i], {kOp, "bases" + k}, 0));
@@ -81,8 +124,10 @@ py::tuple blend_plan(py::handle outs, py::handle bases, py::handle taus, py::han
     check_contiguous(t);
     check_contiguous(o);
     check_writable(o);
-    if (o.data == t.data && o.nbytes() > 0) {
-      throw_value_error(o.name.prefix() + ": may not be the task vector 'taus" + k + "'");
+    for (const auto& [x, role] : {std::pair{&o, 0}, std::pair{&b, 1}, std::pair{&t, 2}}) {
+      if (x->nbytes() == 0) continue;
+      const auto begin = reinterpret_cast<uintptr_t>(x->data);
+      spans.push_back({begin, begin + uintptr_t(x->nbytes()), i, role});
     }
     const int64_t numel = b.numel();
     rows.insert(rows.end(), {int64_t(reinterpret_cast<intptr_t>(o.data)),
@@ -91,6 +136,7 @@ py::tuple blend_plan(py::handle outs, py::handle bases, py::handle taus, py::han
                              int64_t(s1[i]), int64_t(s2[i]), dense_flags[i] ? 1 : 0});
     chunks += (numel + kBlendChunk - 1) / kBlendChunk;
   }
+  check_plan_overlaps(std::move(spans));
   if (b_args[0].device == DeviceKind::kCUDA && !has_cuda()) {
     throw_type_error(std::string(kOp) +
                      ": the tensors are on CUDA but meldkit was built without "

@@ -171,6 +171,31 @@ def test_errors():
         blend_tensors(o, b, [torch.randn(4, 3)], (1, 0, 0), tensor_keys=[0])
 
 
+def test_outs_that_overlap_other_tensors_are_refused():
+    """An out may be exactly its own base (in place) or separate memory: any other overlap
+    (a shifted view of a base, another position's base or out, a task vector) would read
+    values the blend has already written. Bases and task vectors may overlap each other."""
+    buf = torch.randn(80)
+    base, tau, other = buf[0:12].view(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    coeffs, keys = (1.0, 0.5, 0.25), [0, 1]
+    cases = [
+        ([buf[1:13].view(3, 4)], [base], [tau], r"'outs\[0\]': overlaps 'bases\[0\]'"),
+        ([buf[4:16].view(3, 4)], [base], [tau], r"'outs\[0\]': overlaps 'bases\[0\]'"),
+        ([base, torch.empty(3, 4)], [other, base], [tau, tau], r"'outs\[0\]': overlaps 'bases\[1"),
+        ([base, base], [base, base], [tau, tau], r"'outs\[\d\]': overlaps 'outs\[\d\]'"),
+        ([buf[20:32].view(3, 4)], [base], [buf[26:38].view(3, 4)], r"may not be the task vector"),
+    ]
+    for outs, bases, taus, message in cases:
+        with pytest.raises(ValueError, match=message):
+            blend_tensors(outs, bases, taus, coeffs, tensor_keys=keys[: len(outs)])
+    # allowed: in place, and a base that is also a task vector (memory read twice)
+    want = blend_ref(base.clone(), base, coeffs, keep=(1.0, 1.0), seed=0, tensor_key=0)
+    in_place, out = base.clone(), torch.empty(3, 4)
+    blend_tensors([in_place, out], [in_place, base], [base, base], coeffs, tensor_keys=keys)
+    torch.testing.assert_close(in_place, want, rtol=0, atol=0)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_plan_reused(device, dtype):
