@@ -370,6 +370,24 @@ def test_compiled_training_with_dropout_is_one_graph_and_replays_eager(device):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_new_layers_take_the_replaced_layers_mode(tmp_path):
+    """A model in eval mode (as from_pretrained returns it) stays in eval mode after wrap and
+    load_adapter: its experts' dropout off, two forwards equal. One in train mode trains."""
+    model = mlp().eval()
+    goat.wrap(model, config(dropout=0.3))
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(70, 40)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    path = goat.save_adapter(model, tmp_path / "a.safetensors")
+    loaded = goat.load_adapter(mlp().eval(), path)
+    assert not any(m.training for m in loaded.modules())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    trained = goat.wrap(mlp().train(), config(dropout=0.3))
+    assert all(m.training for m in trained.modules())
+
+
 def test_copy_after_a_training_forward():
     model = goat.wrap(mlp(), config()).train()
     (model(torch.randn(5, 40)).sum() + goat.aux_loss(model)).backward()

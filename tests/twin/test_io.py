@@ -23,8 +23,9 @@ def test_round_trip(tmp_path):
             p.normal_()
     folder = twin.save(model, tmp_path / "twin")
     assert sorted(p.name for p in folder.iterdir()) == ["twin.json", "twin.safetensors"]
-    loaded = twin.load(folder, roberta(5))  # any weights: only the architecture is used
+    loaded = twin.load(folder, roberta(5).eval())  # any weights: only the architecture is used
     assert loaded.tasks == model.tasks and loaded.top_k == 2
+    assert not any(m.training for m in loaded.model.modules())  # replaced layers: eval too
     x = batch()
     torch.testing.assert_close(loaded(**x).logits, model(**x).logits, rtol=0, atol=0)
     assert loaded.experts.errors.keys() == ex.errors.keys()

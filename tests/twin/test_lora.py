@@ -170,6 +170,8 @@ def test_save_load_round_trip(adapters, tmp_path):
             p.normal_()
     loaded = twin.load(twin.save(model, tmp_path / "t"), base)
     assert isinstance(loaded, twin.TwinLoraModel) and loaded.top_k == 2
+    # the replaced layers keep the base's eval mode
+    assert not base.training and not any(m.training for m in loaded.model.modules())
     x = inputs()
     with torch.no_grad():
         assert torch.equal(loaded(**x).logits, model(**x).logits)

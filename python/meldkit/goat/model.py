@@ -236,8 +236,10 @@ def build_layer(
 ) -> GoatLinear:
     """A :class:`GoatLinear` around ``linear`` with the given weights; applies ``alignment`` to
     the base, keeping a CPU copy of W0 first when ``keep_original`` (an unadjusted base needs
-    none)."""
+    none). The layer takes the replaced layer's train/eval mode: a model in eval mode (as
+    ``from_pretrained`` returns it) stays in eval mode, its experts' dropout off."""
     layer = GoatLinear(linear, config, lora_a, lora_b, router_weight)
+    layer.train(linear.training)
     if alignment is not None:
         if keep_original:
             layer.original_weight = linear.weight.detach().to("cpu", copy=True)

@@ -189,6 +189,7 @@ class TwinLinear(nn.Linear):
         specific_bias: list[torch.Tensor] | None = None,
     ) -> None:
         nn.Module.__init__(self)  # keep the layer's own parameters, do not re-initialise
+        self.training = linear.training  # the replaced layer's train/eval mode
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.name, self.routing = name, routing
@@ -341,6 +342,7 @@ class TwinEmbedding(nn.Embedding):
         factors: tuple[torch.Tensor, torch.Tensor],
     ) -> None:
         nn.Module.__init__(self)
+        self.training = embedding.training  # the replaced layer's train/eval mode
         for attr in (
             "num_embeddings",
             "embedding_dim",
@@ -410,6 +412,7 @@ class TwinLayerNorm(nn.LayerNorm):
         specific: dict[str, list[torch.Tensor]],
     ) -> None:
         nn.Module.__init__(self)
+        self.training = norm.training  # the replaced layer's train/eval mode
         self.normalized_shape = norm.normalized_shape
         self.eps = norm.eps
         self.elementwise_affine = norm.elementwise_affine

@@ -268,6 +268,7 @@ class TwinLoraLinear(nn.Linear):
 
     def __init__(self, linear: nn.Linear, name: str, routing: Routing, ex: TwinLoraExperts) -> None:
         nn.Module.__init__(self)
+        self.training = linear.training  # the replaced layer's train/eval mode
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.name, self.routing, self.scaling = name, routing, ex.scaling[name]
