@@ -115,9 +115,18 @@ def unavailable(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) 
 
 
 def warn_fallback(op: str, device: torch.device, dtypes: tuple, reasons: list[str]) -> None:
-    """Warn, once per (op, device type, dtypes, reasons), that ``op`` runs its reference."""
+    """Warn, once per (op, device type, dtypes, reasons), that ``op`` runs its reference.
+
+    Raises
+    ------
+    RuntimeError
+        When ``MELDKIT_BACKEND=native``: every fallback, including those an op decides on
+        beyond :func:`unavailable`'s reasons (an argument its kernels do not take), is refused.
+    """
     if reasons == ["MELDKIT_BACKEND=reference"]:
         return  # asked for explicitly
+    if backend() == "native":
+        raise RuntimeError(f"meldkit.{op}: MELDKIT_BACKEND=native but " + "; ".join(reasons))
     names = tuple(_DTYPE_NAMES.get(dt, str(dt)) for dt in dtypes)
     key = (op, device.type, names, tuple(reasons))
     if key in _warned:

@@ -1372,9 +1372,11 @@ def test_read_ahead_is_advice_only(zoo, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::meldkit.MeldkitFallbackWarning")  # > 32 models: reference
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
-def test_more_models_than_the_kernels_take(zoo, method):
+def test_more_models_than_the_kernels_take(zoo, method, monkeypatch):
     # 33 fine-tunes: the native kernels take 32 per call; the merge runs the reference instead
-    # of failing at the first tensor, and equals the in-memory merge.
+    # of failing at the first tensor, and equals the in-memory merge (a fallback, which
+    # MELDKIT_BACKEND=native refuses: test_native_backend_refuses_every_fallback).
+    monkeypatch.setenv("MELDKIT_BACKEND", "auto")
     tmp, base, _, paths = zoo
     n = 33
     tunes = [finetune(base, 100 + i) for i in range(n)]

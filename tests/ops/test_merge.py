@@ -442,6 +442,27 @@ def test_methods_without_native_masks_fall_back_with_a_warning(monkeypatch):
     assert torch.equal(got, expected)
 
 
+def test_native_backend_refuses_every_fallback(monkeypatch):
+    """MELDKIT_BACKEND=native: "never fall back; raise instead", also for the fallbacks a
+    method decides on from its arguments (more models than a call takes, DELLA with
+    inverse-density rescaling, exactly-k ties with L1 rescaling)."""
+    monkeypatch.setenv("MELDKIT_BACKEND", "native")
+    base, models = models_like((50,), torch.float32, "cpu")
+    cases = [
+        ("ties", [models[0]] * 33, {"densities": 0.5}, "at most 32 models"),
+        (
+            "della",
+            models,
+            {"densities": 0.8, "epsilons": 0.1, "rescale": "inverse_density"},
+            "DELLA",
+        ),
+        ("ties", models, {"densities": 0.5, "tie": "exact_k", "rescale": "l1"}, "exact_k"),
+    ]
+    for method, ms, kw, message in cases:
+        with pytest.raises(RuntimeError, match=f"MELDKIT_BACKEND=native but .*{message}"):
+            merge_tensors(base, ms, method, **kw)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method", ["della", "della_linear"])
 @pytest.mark.parametrize("shape", [(37,), (1,), (97, 41), (3, 5, 7), (6, 3001)], ids=str)
