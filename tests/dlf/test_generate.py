@@ -317,6 +317,15 @@ def test_fuse_logits_static_and_dynamic():
     ref = ops.logit_fusion(large, small, experts, [0.0, 0.3, 1.0])
     assert torch.equal(fused, ref.logits) and torch.equal(alpha, ref.alpha)
     assert torch.equal(expert, ref.expert)
+    # NaN or +inf logits are refused in both modes, naming the input (static mode used to
+    # decode NaN as token 0)
+    for mode in ("static", "dynamic"):
+        bad = experts.clone()
+        bad[1, 0, 3] = math.nan
+        with pytest.raises(ValueError, match=r"'experts\[1\]': contains NaN"):
+            dlf.fuse_logits(large, small, bad, mode=mode)
+        with pytest.raises(ValueError, match=r"'small_base': contains \+inf"):
+            dlf.fuse_logits(large, small.clone().fill_(math.inf), experts, mode=mode)
 
 
 def test_models_in_different_dtypes(models, tok):

@@ -61,6 +61,11 @@ def fuse_logits(
         ``[B]`` float32, the α used per row.
     expert : torch.Tensor
         ``[B]`` int64, the expert used per row (static mode: 0 for T = 1, −1 = all for T > 1).
+
+    Raises
+    ------
+    ValueError
+        In both modes, when an input holds NaN or +inf (−inf marks a masked token), naming it.
     """
     large, small_base, experts = large.float(), small_base.float(), experts.float()
     rows = large.shape[0]
@@ -69,6 +74,11 @@ def fuse_logits(
 
         res = ops.logit_fusion(large, small_base, experts, alphas, return_logits=True)
         return res.logits, res.alpha, res.expert
+    from meldkit.ops.logit_fusion import _check_peaks, _peaks
+
+    # As the dynamic solver: NaN or +inf logits are refused, naming the model (one check of
+    # each input's peak; a NaN would otherwise decode as token 0 every step).
+    _check_peaks(_peaks(large, small_base, experts))
     delta = (experts - small_base).sum(0)
     fused = large + alpha * delta
     masked = large.isneginf() | small_base.isneginf() | experts.isneginf().any(0)
