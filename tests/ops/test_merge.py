@@ -442,6 +442,62 @@ def test_methods_without_native_masks_fall_back_with_a_warning(monkeypatch):
     assert torch.equal(got, expected)
 
 
+def test_scalar_arguments_are_checked_by_name():
+    """Wrong types or values of merge_tensors', merge_tensor_list's and magnitude_threshold's
+    scalar arguments raise naming the argument (an int out_dtype used to give zeros, a string
+    normalize counted as True, a complex tensor a wrong threshold)."""
+    base, models = models_like((50,), torch.float32, "cpu")
+    cases = [
+        (
+            lambda: merge_tensors(base, models, "ties", out_dtype=torch.int32),
+            TypeError,
+            "'out_dtype'",
+        ),
+        (
+            lambda: merge_tensors(base, models, "model_stock", out_dtype=torch.bool),
+            TypeError,
+            "'out_d",
+        ),
+        (
+            lambda: merge_tensor_list([base], [[m] for m in models], out_dtype=torch.int8),
+            TypeError,
+            "'out_dtype'",
+        ),
+        (lambda: merge_tensors(base, models, "ties", seed="a"), TypeError, "'seed'"),
+        (lambda: merge_tensors(base, models, "ties", seed=1.7), TypeError, "'seed'"),
+        (
+            lambda: merge_tensors(base, models, "ties", tensor_index="a"),
+            TypeError,
+            "'tensor_index'",
+        ),
+        (lambda: merge_tensors(base, models, "ties", thresholds=0.5), TypeError, "'thresholds'"),
+        (
+            lambda: merge_tensors(base, models, "ties", thresholds=["a"] * 3),
+            TypeError,
+            "'thresholds'",
+        ),
+        (lambda: merge_tensors(base, models, "linear", normalize="no"), TypeError, "'normalize'"),
+        (lambda: merge_tensors(None, models, "linear", weights=[1, -1, 0]), ValueError, "sum to 0"),
+        (
+            lambda: merge_tensor_list([base], [[m] for m in models], tensor_indices=[7.9]),
+            TypeError,
+            "'tensor_indices'",
+        ),
+        (
+            lambda: magnitude_threshold([base.to(torch.complex64)], 0.5),
+            TypeError,
+            r"'tensors\[0\]'",
+        ),
+        (lambda: magnitude_threshold([base.int()], 0.5), TypeError, r"'tensors\[0\]'"),
+        (lambda: magnitude_threshold([[1.0]], 0.5), TypeError, r"'tensors\[0\]'"),
+        (lambda: magnitude_threshold([base], "0.5"), TypeError, "'density'"),
+        (lambda: magnitude_threshold([base], 0.5, base=[base[:3]]), ValueError, r"'base\[0\]'"),
+    ]
+    for call, exc, message in cases:
+        with pytest.raises(exc, match=message):
+            call()
+
+
 def test_native_backend_refuses_every_fallback(monkeypatch):
     """MELDKIT_BACKEND=native: "never fall back; raise instead", also for the fallbacks a
     method decides on from its arguments (more models than a call takes, DELLA with

@@ -20,6 +20,7 @@ models' pointers in a fixed-size array); ``linear`` runs on :func:`meldkit.ops.w
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -72,9 +73,11 @@ def magnitude_threshold(
     ValueError
         If the task vectors contain NaN, or ``density`` is outside [0, 1].
     """
-    tensors = list(tensors)
-    if not tensors:
-        raise ValueError("meldkit.magnitude_threshold: argument 'tensors': is empty")
+    tensors = _checks.tensor_list("magnitude_threshold", "tensors", tensors, same_shape=False)
+    if isinstance(density, bool) or not isinstance(density, numbers.Real):
+        raise TypeError(
+            f"meldkit.magnitude_threshold: argument 'density': expected a float, got {density!r}"
+        )
     if not 0.0 <= float(density) <= 1.0:
         raise ValueError(
             f"meldkit.magnitude_threshold: argument 'density': {density} not in [0, 1]"
@@ -87,6 +90,14 @@ def magnitude_threshold(
                 "meldkit.magnitude_threshold: argument 'base': "
                 f"{len(bases)} tensors for {len(tensors)}"
             )
+        _checks.tensor_list("magnitude_threshold", "base", bases, same_shape=False)
+        for i, (t, b) in enumerate(zip(tensors, bases, strict=True)):
+            if b.shape != t.shape or b.dtype != t.dtype or b.device != t.device:
+                raise ValueError(
+                    f"meldkit.magnitude_threshold: argument 'base[{i}]': {b.dtype} "
+                    f"{list(b.shape)} on {b.device} does not match 'tensors[{i}]' {t.dtype} "
+                    f"{list(t.shape)} on {t.device}"
+                )
     numel = sum(t.numel() for t in tensors)
     k = int(numel * float(density))
     if k <= 0:
@@ -573,6 +584,26 @@ class _MergeArgs(NamedTuple):
     thresholds: list[float] | None
 
 
+_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_int(name: str, value: object, bound: int) -> int:
+    """``value`` as an int in [0, bound), else a TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"meldkit.merge_tensors: argument '{name}': expected an int, got {value!r}")
+    if not 0 <= int(value) < bound:
+        raise ValueError(f"meldkit.merge_tensors: {name} must be in [0, {bound}), got {value}")
+    return int(value)
+
+
+def _check_out_dtype(out_dtype: object) -> None:
+    if out_dtype is not None and out_dtype not in _OUT_DTYPES:
+        raise TypeError(
+            "meldkit.merge_tensors: argument 'out_dtype': expected one of float32, bfloat16, "
+            f"float16, float64, got {out_dtype!r}"
+        )
+
+
 def _merge_args(
     m, n, weights, densities, gammas, epsilons, normalize, rescale, tie, seed, thresholds
 ) -> _MergeArgs:
@@ -596,6 +627,13 @@ def _merge_args(
     if rescale not in ref.RESCALES:
         raise ValueError(f"meldkit.merge_tensors: rescale must be one of {ref.RESCALES}")
     if thresholds is not None:
+        if not isinstance(thresholds, (list, tuple)) or not all(
+            isinstance(x, numbers.Real) and not isinstance(x, bool) for x in thresholds
+        ):
+            raise TypeError(
+                f"meldkit.merge_tensors: argument 'thresholds': expected a list of {n} floats, "
+                f"got {thresholds!r}"
+            )
         thresholds = [float(x) for x in thresholds]
         if len(thresholds) != n or any(x != x for x in thresholds):
             raise ValueError(
@@ -603,9 +641,13 @@ def _merge_args(
             )
     if tie not in ref.TIE_RULES:
         raise ValueError(f"meldkit.merge_tensors: tie must be one of {ref.TIE_RULES}")
-    if not 0 <= int(seed) < 2**63:
-        raise ValueError(f"meldkit.merge_tensors: seed must be in [0, 2**63), got {seed}")
-    normalize = m.normalize if normalize is None else bool(normalize)
+    _check_int("seed", seed, 2**63)
+    if normalize is not None and not isinstance(normalize, bool):
+        raise TypeError(
+            f"meldkit.merge_tensors: argument 'normalize': expected True, False or None, "
+            f"got {normalize!r}"
+        )
+    normalize = m.normalize if normalize is None else normalize
     return _MergeArgs(weights, densities, gammas, epsilons, normalize, rescale, thresholds)
 
 
@@ -685,10 +727,8 @@ def merge_tensors(
     a = _merge_args(
         m, n, weights, densities, gammas, epsilons, normalize, rescale, tie, seed, thresholds
     )
-    if not 0 <= int(tensor_index) < 2**32:
-        raise ValueError(
-            f"meldkit.merge_tensors: tensor_index must be in [0, 2**32), got {tensor_index}"
-        )
+    _check_int("tensor_index", tensor_index, 2**32)
+    _check_out_dtype(out_dtype)
     if out is not None:
         inputs = models if base is None else [base, *models]
         out_dtype = _check_out(out, models[0], out_dtype, inputs)
@@ -696,6 +736,11 @@ def merge_tensors(
         from meldkit.ops.weighted_sum import weighted_sum
 
         total = sum(a.weights) if a.normalize else 1.0
+        if total == 0.0:
+            raise ValueError(
+                f"meldkit.merge_tensors: argument 'weights': {a.weights} sum to 0, which "
+                "normalize=True cannot divide by (pass normalize=False)"
+            )
         res = weighted_sum(models, [w / total for w in a.weights], out_dtype=out_dtype)
     elif m.kind == "model_stock":
         res = ref.model_stock_ref(base, models, filter_wise=filter_wise, out_dtype=out_dtype)
@@ -832,6 +877,10 @@ filter_wise :
                 f"for {len(bases)} bases"
             )
     indices = list(range(len(bases))) if tensor_indices is None else list(tensor_indices)
+    if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in indices):
+        raise TypeError(
+            f"meldkit.{method}: argument 'tensor_indices': expected integers, got {indices!r}"
+        )
     if len(indices) != len(bases) or any(not 0 <= int(i) < 2**32 for i in indices):
         raise ValueError(
             f"meldkit.{method}: argument 'tensor_indices': needs {len(bases)} integers in "
@@ -844,6 +893,7 @@ filter_wise :
     for j, base in enumerate(bases):
         _checks.tensor_list(method, f"models[*][{j}]", [base, *(ms[j] for ms in models)])
     device, dtype = bases[0].device, bases[0].dtype
+    _check_out_dtype(out_dtype)
     out_dtype = out_dtype or dtype
     needs_grad = torch.is_grad_enabled() and any(
         x.requires_grad for x in (*bases, *(y for ms in models for y in ms))
