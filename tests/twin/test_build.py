@@ -147,6 +147,12 @@ def test_errors_name_the_problem():
         twin.build(base, [experts["task0"].state_dict(), sd], progress=False)
     with pytest.raises(TypeError, match=r"expected an nn\.Module"):
         twin.build(base, [42], progress=False)
+    # two keys that name one task; a factor dtype that is not floating (int truncated to 0)
+    with pytest.raises(twin.TwinError, match="two experts are named '1'"):
+        twin.build(base, {1: experts["task0"], "1": experts["task1"]}, progress=False)
+    for bad in (torch.int32, "float16"):
+        with pytest.raises(twin.TwinError, match="'factor_dtype' must be a floating"):
+            twin.build(base, experts, factor_dtype=bad, progress=False)
 
 
 def test_rank_takes_any_integer_scalar():

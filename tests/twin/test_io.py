@@ -48,6 +48,29 @@ def test_load_errors(tmp_path):
         twin.save(base, tmp_path / "x")
 
 
+def test_damaged_files_raise_twin_error(tmp_path):
+    """A truncated weights file or JSON, a JSON without its task list, or a router whose
+    tensors do not fit its settings: TwinError naming the file, not a parser's own error."""
+    base, experts = roberta_experts()
+    model = twin.TwinModel(base, twin.build(base, experts, progress=False))
+    folder = twin.save(model, tmp_path / "t")
+    weights, settings = (folder / "twin.safetensors").read_bytes(), (folder / "twin.json")
+    meta = json.loads(settings.read_text())
+    (folder / "twin.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(twin.TwinError, match=r"twin\.safetensors is not a readable safetensors"):
+        twin.load(folder, base)
+    (folder / "twin.safetensors").write_bytes(weights)
+    settings.write_text(json.dumps(meta)[:40])
+    with pytest.raises(twin.TwinError, match=r"twin\.json is not readable JSON"):
+        twin.load(folder, base)
+    settings.write_text(json.dumps({k: v for k, v in meta.items() if k != "tasks"}))
+    with pytest.raises(twin.TwinError, match="lacks its task list"):
+        twin.load(folder, base)
+    settings.write_text(json.dumps({**meta, "tasks": [*meta["tasks"], "extra"]}))
+    with pytest.raises(twin.TwinError, match="the router's tensors do not match"):
+        twin.load(folder, base)
+
+
 def test_files_of_two_saves_are_refused(tmp_path):
     """The weights of one save beside the settings of another (a save stopped between its
     two renames, or one file copied over another) are refused, not read together."""

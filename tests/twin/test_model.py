@@ -276,6 +276,9 @@ def test_errors(full_rank):
         model(**x, weights=torch.ones(4, 3) / 3, task=[0, 1])
     with pytest.raises(twin.TwinError, match="'top_k'"):
         twin.TwinModel(base, model.experts, top_k=4)
+    for bad in (2.7, True, "2"):  # checked when built, not at the first forward
+        with pytest.raises(twin.TwinError, match="'top_k' must be an int or None"):
+            twin.TwinModel(base, model.experts, top_k=bad)
     other = transformers.BertForSequenceClassification(
         transformers.BertConfig(
             vocab_size=96,

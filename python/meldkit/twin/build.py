@@ -43,6 +43,29 @@ class TwinError(ValueError):
     """Experts that do not fit the base (or each other), or an unusable Twin-Merging setting."""
 
 
+def task_names(experts: Mapping, where: str) -> list[str]:
+    """The task names of a mapping of experts (its keys as strings), refusing two keys that
+    name one task (``1`` and ``"1"``): routing by ``task=`` could not tell them apart."""
+    tasks = [str(k) for k in experts]
+    seen = set()
+    for name in tasks:
+        if name in seen:
+            raise TwinError(f"{where}: two experts are named {name!r}; task names must differ")
+        seen.add(name)
+    return tasks
+
+
+def check_top_k(top_k: object, num_tasks: int, where: str) -> int | None:
+    """``top_k`` as an int in 1 … ``num_tasks``, or None."""
+    if top_k is None:
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+        raise TwinError(f"{where}: 'top_k' must be an int or None, got {top_k!r}")
+    if not 1 <= int(top_k) <= num_tasks:
+        raise TwinError(f"{where}: 'top_k' {top_k} is not in 1 … {num_tasks}")
+    return int(top_k)
+
+
 # ---- tensor sources: modules, state dicts and checkpoint folders behind one interface ---------
 
 
@@ -404,13 +427,23 @@ def build(
     from meldkit.merging import merge_state_dicts
 
     if isinstance(experts, Mapping):
-        tasks = [str(k) for k in experts]
+        tasks = task_names(experts, "meldkit.twin.build")
         expert_list = list(experts.values())
     else:
         expert_list = list(experts)
         tasks = [f"task{i}" for i in range(len(expert_list))]
     if not expert_list:
         raise TwinError("meldkit.twin.build: 'experts' is empty")
+    if factor_dtype is not None and factor_dtype not in (
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+        torch.float64,
+    ):
+        raise TwinError(
+            "meldkit.twin.build: 'factor_dtype' must be a floating torch.dtype (float32, "
+            f"bfloat16, float16, float64) or None, got {factor_dtype!r}"
+        )
     rank = _check_rank(rank, "meldkit.twin.build")
     if (
         isinstance(rank_ratio, bool)

@@ -160,22 +160,47 @@ def load(
     cfg_path, w_path = folder / CONFIG, folder / WEIGHTS
     if not cfg_path.is_file() or not w_path.is_file():
         raise TwinError(f"meldkit.twin.load: {folder} has no {CONFIG} and {WEIGHTS}")
-    meta = json.loads(cfg_path.read_text())
-    if meta.get("format") != FORMAT:
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TwinError(f"meldkit.twin.load: {cfg_path} is not readable JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise TwinError(f"meldkit.twin.load: {cfg_path} is not a {FORMAT} file")
-    tensors = load_file(str(w_path))
-    with safe_open(str(w_path), "pt") as handle:
-        file_id = (handle.metadata() or {}).get("save_id")
+    try:
+        tensors = load_file(str(w_path))
+        with safe_open(str(w_path), "pt") as handle:
+            file_id = (handle.metadata() or {}).get("save_id")
+    except Exception as e:  # safetensors raises its own error type for a damaged file
+        raise TwinError(
+            f"meldkit.twin.load: {w_path} is not a readable safetensors file ({e})"
+        ) from None
     if file_id != meta.get("save_id"):  # both None for files from before the id
         raise TwinError(
             f"meldkit.twin.load: {folder}: {WEIGHTS} and {CONFIG} come from different saves "
             "(a save was interrupted, or one file was copied over another); save again"
         )
-    tasks = list(meta["tasks"])
+    r = meta.get("router")
+    keys = ("in_features", "hidden", "dropout")
+    tasks = meta.get("tasks")
+    if (
+        not isinstance(tasks, list)
+        or not tasks
+        or not isinstance(r, dict)
+        or any(k not in r for k in keys)
+    ):
+        raise TwinError(
+            f"meldkit.twin.load: {cfg_path} lacks its task list or router settings "
+            "(a damaged or hand-edited file)"
+        )
     router = {k.partition("/")[2]: t for k, t in tensors.items() if k.startswith("router/")}
-    r = meta["router"]
-    twin_router = TwinRouter(r["in_features"], len(tasks), r["hidden"], r["dropout"])
-    twin_router.load_state_dict(router)
+    try:
+        twin_router = TwinRouter(r["in_features"], len(tasks), r["hidden"], r["dropout"])
+        twin_router.load_state_dict(router)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise TwinError(
+            f"meldkit.twin.load: {folder}: the router's tensors do not match its settings in "
+            f"{CONFIG} ({len(tasks)} tasks): {e}"
+        ) from None
     twin_router.eval()
     kwargs.setdefault("top_k", meta.get("top_k"))
     if meta.get("kind", "full") == "lora":

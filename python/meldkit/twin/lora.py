@@ -32,7 +32,14 @@ from torch import nn
 
 from meldkit.goat.model import replace_module
 from meldkit.ops import routed_lora
-from meldkit.twin.build import TwinError, _check_rank, compress, default_svd_device
+from meldkit.twin.build import (
+    TwinError,
+    _check_rank,
+    check_top_k,
+    compress,
+    default_svd_device,
+    task_names,
+)
 from meldkit.twin.layers import Routing, _broadcast
 from meldkit.twin.model import (
     RoutedMixin,
@@ -207,7 +214,8 @@ def build_lora(
         Where the SVDs run (default the GPU when there is one, else the CPU).
     """
     if isinstance(adapters, Mapping):
-        tasks, items = [str(k) for k in adapters], list(adapters.values())
+        tasks = task_names(adapters, "meldkit.twin.build_lora")
+        items = list(adapters.values())
     else:
         items = list(adapters)
         tasks = [f"task{i}" for i in range(len(items))]
@@ -349,8 +357,7 @@ class TwinLoraModel(RoutedMixin, nn.Module):
             raise TypeError(
                 f"TwinLoraModel: 'experts' must be TwinLoraExperts, got {type(experts)}"
             )
-        if top_k is not None and not 1 <= int(top_k) <= experts.num_tasks:
-            raise TwinError(f"TwinLoraModel: 'top_k' {top_k} is not in 1 … {experts.num_tasks}")
+        top_k = check_top_k(top_k, experts.num_tasks, "TwinLoraModel")
         self.model = _copy(model) if copy else model
         self.model.requires_grad_(False)
         self.tasks, self.top_k, self.experts = list(experts.tasks), top_k, experts

@@ -18,7 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from meldkit.goat.model import replace_module
-from meldkit.twin.build import TwinError, TwinExperts, _named_tensors, module_tensors
+from meldkit.twin.build import (
+    TwinError,
+    TwinExperts,
+    _named_tensors,
+    check_top_k,
+    module_tensors,
+)
 from meldkit.twin.layers import (
     Routing,
     TwinEmbedding,
@@ -419,8 +425,7 @@ class TwinModel(RoutedMixin, nn.Module):
         super().__init__()
         if not isinstance(experts, TwinExperts):
             raise TypeError(f"TwinModel: 'experts' must be TwinExperts, got {type(experts)}")
-        if top_k is not None and not 1 <= int(top_k) <= experts.num_tasks:
-            raise TwinError(f"TwinModel: 'top_k' {top_k} is not in 1 … {experts.num_tasks}")
+        top_k = check_top_k(top_k, experts.num_tasks, "TwinModel")
         self.model = _copy(model) if copy else model
         self.model.requires_grad_(False)  # merged inference: only the router trains
         self.tasks = list(experts.tasks)
