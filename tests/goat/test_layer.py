@@ -616,6 +616,20 @@ def test_mismatched_adapters_are_refused(tmp_path):
         goat.load_adapter(mlp(), tmp_path / "other.safetensors")
     with pytest.raises(goat.AdapterError, match="not a readable"):
         goat.load_adapter(mlp(), tmp_path / "missing.safetensors")
+    # tensors of the wrong dtype are refused by name, before any layer is built
+    tensors = load_file(str(path))
+    for key, dtype, message in [
+        (
+            "0.lora_a",
+            torch.float16,
+            r"0\.lora_b has dtype torch\.float32, 0\.lora_a torch\.float16",
+        ),
+        ("0.lora_a", torch.int32, r"0\.lora_a has dtype torch\.int32, not a floating"),
+        ("2.base_sketch", torch.int64, r"2\.base_sketch has dtype torch\.int64"),
+    ]:
+        save_file({**tensors, key: tensors[key].to(dtype)}, str(tmp_path / "d"), metadata=metadata)
+        with pytest.raises(goat.AdapterError, match=message):
+            goat.load_adapter(mlp(), tmp_path / "d")
 
 
 # ---- data parallel -----------------------------------------------------------------------

@@ -264,9 +264,25 @@ def _read_adapter(
                     f"{file}: tensor {key} has shape {tuple(tensors[key].shape)}, the config "
                     f"(E={e}, rank={r}) and layer nn.Linear({n}, {m}) need {shape}"
                 )
+            if not tensors[key].is_floating_point():
+                raise AdapterError(
+                    f"{file}: tensor {key} has dtype {tensors[key].dtype}, not a floating dtype"
+                )
+        expert_dtype = tensors[f"{name}.lora_a"].dtype
+        for part in ("lora_b", "router.weight"):
+            if tensors[f"{name}.{part}"].dtype != expert_dtype:
+                raise AdapterError(
+                    f"{file}: tensor {name}.{part} has dtype {tensors[f'{name}.{part}'].dtype}, "
+                    f"{name}.lora_a {expert_dtype}: a layer's experts and router share one dtype"
+                )
         sketch = f"{name}.base_sketch"  # optional: older files have none
         if sketch in tensors:
             expected_keys.add(sketch)
+            if not tensors[sketch].is_floating_point():
+                raise AdapterError(
+                    f"{file}: tensor {sketch} has dtype {tensors[sketch].dtype}, not a floating "
+                    "dtype"
+                )
             if tuple(tensors[sketch].shape) != (m,):
                 raise AdapterError(
                     f"{file}: tensor {sketch} has shape {tuple(tensors[sketch].shape)}, layer "
