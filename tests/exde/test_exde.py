@@ -113,6 +113,8 @@ def test_errors():
         exde.decouple(base, ft, drop=1.0)
     with pytest.raises(exde.ExDeError, match="'alpha'"):
         exde.extrapolate(base, ft, alpha=float("nan"))
+    with pytest.raises(exde.ExDeError, match="'alpha' is 1e\\+39, beyond float32's range"):
+        exde.extrapolate(base, ft, alpha=1e39)
     with pytest.raises(exde.ExDeError, match="no 'unet'"):
         with exde.attach(object(), base, ft):
             pass

@@ -1681,3 +1681,10 @@ def test_options_are_checked_before_merging(zoo):
     res = _meldkit_merge_cli(cfg_path, tmp / "afile", "--no-progress")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip() == f"meldkit merge: out_dir {tmp / 'afile'}: is a file, not a folder"
+
+
+def test_merge_state_dicts_needs_models():
+    with pytest.raises(MergeError, match="'models': expected a non-empty list"):
+        merge_state_dicts(None, [], "linear")
+    with pytest.raises(MergeError, match="'models'"):
+        merge_state_dicts(None, {"a": torch.zeros(2)}, "linear")

@@ -169,6 +169,16 @@ def test_errors():
         blend_tensors(t, b, t, (1, 0, 0), tensor_keys=[0])
     with pytest.raises((TypeError, ValueError), match="taus"):
         blend_tensors(o, b, [torch.randn(4, 3)], (1, 0, 0), tensor_keys=[0])
+    with pytest.raises(ValueError, match=r"'coeffs'.*overflows float32"):
+        blend_tensors(o, b, t, (1e300, 0, 0), tensor_keys=[0])
+    with pytest.raises(ValueError, match=r"'coeffs'.*overflows float32"):
+        blend_tensors(o, b, t, (3e38, 3e38, 0), tensor_keys=[0])  # each finite, a + b not
+    with pytest.raises(ValueError, match="'keep': expected"):
+        blend_tensors(o, b, t, (1, 0, 0), keep=0.5, tensor_keys=[0])
+    with pytest.raises(TypeError, match="'tensor_keys': expected ints"):
+        blend_tensors(o, b, t, (1, 0, 0), tensor_keys=[7.9])
+    with pytest.raises(ValueError, match=r"'outs\[0\]': several of its elements share memory"):
+        blend_tensors([torch.zeros(4).expand(3, 4)], b, t, (1, 0, 0), tensor_keys=[0])
 
 
 def test_outs_that_overlap_other_tensors_are_refused():

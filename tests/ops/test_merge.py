@@ -492,6 +492,7 @@ def test_scalar_arguments_are_checked_by_name():
         (lambda: magnitude_threshold([[1.0]], 0.5), TypeError, r"'tensors\[0\]'"),
         (lambda: magnitude_threshold([base], "0.5"), TypeError, "'density'"),
         (lambda: magnitude_threshold([base], 0.5, base=[base[:3]]), ValueError, r"'base\[0\]'"),
+        (lambda: merge_tensors(base, models, "breadcrumbs", gammas=-0.5), ValueError, "'gammas'"),
     ]
     for call, exc, message in cases:
         with pytest.raises(exc, match=message):

@@ -878,6 +878,7 @@ def test_bad_arguments_name_themselves():
         (call(x, a, b.double(), 1.0, **ok), TypeError, "'lora_b': dtype torch.float64"),
         (call(x, a, b, "s", **ok), TypeError, "'scaling': expected a float"),
         (call(x, a, b, float("inf"), **ok), ValueError, "'scaling': must be finite"),
+        (call(x, a, b, 1e39, **ok), ValueError, "'scaling': must be finite in float32"),
         (call(x, a, b, torch.ones(4), **ok), ValueError, "'scaling': shape [4]"),
         (call(x, a, b, torch.ones(3, 1), **ok), ValueError, "'scaling': expected 1 dim"),
         (

@@ -257,6 +257,12 @@ def test_bad_arguments_name_themselves():
         (lambda: weighted_sum([a], [1e39]), ValueError, "'weights[0]': must be finite"),
         (lambda: weighted_sum([a], ["w"]), TypeError, "'weights[0]': expected a float"),
         (lambda: weighted_sum([a], [1.0], out=torch.empty(5)), ValueError, "'out': shape"),
+        (lambda: weighted_sum([a.to_sparse()], [1.0]), TypeError, "'tensors[0]': layout"),
+        (
+            lambda: weighted_sum([a], [1.0], out=torch.zeros(1).expand(4)),
+            ValueError,
+            "'out': several of its elements share memory",
+        ),
         (
             lambda: weighted_sum([a], [1.0], out=torch.empty(4, dtype=torch.int64)),
             TypeError,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
 import operator
 import re
 import threading
@@ -180,8 +181,14 @@ def paired(
 
 
 def _finite(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """``value`` as a float that float32 (where the blends run) holds finite."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ExDeError(f"meldkit.exde: '{name}' must be a finite number, got {value!r}")
+    if abs(float(value)) > torch.finfo(torch.float32).max:
+        raise ExDeError(
+            f"meldkit.exde: '{name}' is {value!r}, beyond float32's range (the blends run in "
+            "float32)"
+        )
     return float(value)
 
 

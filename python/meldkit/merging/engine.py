@@ -19,7 +19,7 @@ import re
 import sys
 import warnings
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -671,6 +671,11 @@ def merge_state_dicts(
     from meldkit.merging.methods import get_method
     from meldkit.ops import merge_tensor_list
 
+    if isinstance(models, Mapping) or not isinstance(models, Sequence) or not models:
+        raise MergeError(
+            "meldkit.merge_state_dicts: argument 'models': expected a non-empty list of state "
+            f"dicts, got {type(models).__name__}{'' if models else ' (empty)'}"
+        )
     if get_method(method).sparsify == "magnitude" and params.get("thresholds") is None:
         params.setdefault("tie", "exact_k")
     reference = base if base is not None else models[0]

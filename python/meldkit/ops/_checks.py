@@ -35,6 +35,11 @@ def tensor_list(
                 f"meldkit.{op}: argument '{name}[{i}]': dtype {t.dtype} is not supported "
                 "(float32, bfloat16, float16 or float64)"
             )
+        if t.layout != torch.strided:
+            raise TypeError(
+                f"meldkit.{op}: argument '{name}[{i}]': layout {t.layout} is not supported "
+                "(dense tensors only: call .to_dense())"
+            )
         if t.device != first.device:
             raise TypeError(
                 f"meldkit.{op}: argument '{name}[{i}]': is on {t.device} but "
@@ -120,5 +125,10 @@ def out_tensor(op: str, out: object, like: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"meldkit.{op}: argument 'out': shape {list(out.shape)} does not match the inputs' "
             f"{list(like.shape)}"
+        )
+    if any(st == 0 and n > 1 for st, n in zip(out.stride(), out.shape, strict=True)):
+        raise ValueError(
+            f"meldkit.{op}: argument 'out': several of its elements share memory (an expanded "
+            "view, stride 0); write into a tensor of its own"
         )
     return out

@@ -15,6 +15,7 @@ Two entry points:
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -46,14 +47,21 @@ def _call_args(
     coeffs: tuple[float, float, float], keep: tuple[float, float], seed: object
 ) -> tuple[tuple[float, float, float], tuple[float, float]]:
     """A blend's ``(a, b, c)`` and ``(keep1, keep2)`` as floats, checked with ``seed``."""
-    if len(coeffs) != 3:
-        raise _error(ValueError, "coeffs", f"expected (a, b, c), got {coeffs!r}")
-    if len(keep) != 2:
-        raise _error(ValueError, "keep", f"expected (keep1, keep2), got {keep!r}")
+    for name, value, size, what in (
+        ("coeffs", coeffs, 3, "(a, b, c)"),
+        ("keep", keep, 2, "(k1, k2)"),
+    ):
+        if not isinstance(value, (tuple, list)) or len(value) != size:
+            raise _error(ValueError, name, f"expected {what}, got {value!r}")
     abc = tuple(_real(f"coeffs[{i}]", v) for i, v in enumerate(coeffs))
     keeps = tuple(_real(f"keep[{i}]", v, 0.0, 1.0) for i, v in enumerate(keep))
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise _error(ValueError, "seed", f"must be an int in [0, 2**64), got {seed!r}")
+    table, dense = blend_coefficients(*abc, *keeps)
+    if not all(math.isfinite(g) for g in (*table, dense)):
+        raise _error(
+            ValueError, "coeffs", f"{coeffs!r}: a + b + c overflows float32, where the blend runs"
+        )
     return abc, keeps
 
 
@@ -101,6 +109,10 @@ class BlendPlan:
             raise _error(ValueError, "bases", "is empty")
         if not len(outs) == len(bases) == len(taus):
             raise _error(ValueError, "outs", "outs, bases and taus must have the same length")
+        if isinstance(tensor_keys, torch.Tensor) or not isinstance(tensor_keys, Sequence):
+            raise _error(TypeError, "tensor_keys", f"expected a list of ints, got {tensor_keys!r}")
+        if any(isinstance(k, bool) or not isinstance(k, numbers.Integral) for k in tensor_keys):
+            raise _error(TypeError, "tensor_keys", f"expected ints, got {list(tensor_keys)!r}")
         keys = [int(k) for k in tensor_keys]
         if len(keys) != len(bases) or any(not 0 <= k < 2**32 for k in keys):
             raise _error(ValueError, "tensor_keys", "needs one key in [0, 2**32) per tensor")
@@ -108,6 +120,13 @@ class BlendPlan:
             for i, t in enumerate(ts):
                 if not isinstance(t, torch.Tensor):
                     raise _error(TypeError, f"{name}[{i}]", f"expected a tensor, got {type(t)}")
+        for i, o in enumerate(outs):
+            if any(st == 0 and n > 1 for st, n in zip(o.stride(), o.shape, strict=True)):
+                raise _error(
+                    ValueError,
+                    f"outs[{i}]",
+                    "several of its elements share memory (an expanded view, stride 0)",
+                )
         flags = [t.dim() <= 1 for t in bases] if dense is None else [bool(d) for d in dense]
         if len(flags) != len(bases):
             raise _error(ValueError, "dense", "needs one flag per tensor")

@@ -621,6 +621,11 @@ def _merge_args(
     if any(not 0.0 <= d <= 1.0 for d in densities):
         raise ValueError(f"meldkit.merge_tensors: densities must be in [0, 1], got {densities}")
     gammas = per_model("gammas", gammas, 0.01)
+    if any(not 0.0 <= g <= 1.0 for g in gammas):
+        raise ValueError(
+            f"meldkit.merge_tensors: argument 'gammas': must be in [0, 1] (the fraction of the "
+            f"largest magnitudes breadcrumbs drops), got {gammas}"
+        )
     epsilons = per_model("epsilons", epsilons, 0.15)
     # mergekit's `rescale: true` is its L1 matching; None keeps the method's default.
     rescale = {None: m.rescale, True: "l1", False: "none"}.get(rescale, rescale)

@@ -755,8 +755,8 @@ def _scaling_tensor(scaling: object, n_experts: int, dtype, device) -> torch.Ten
         raise _error(
             TypeError, "scaling", f"expected a float or a tensor, got {type(scaling).__name__}"
         )
-    if not math.isfinite(float(scaling)):
-        raise _error(ValueError, "scaling", f"must be finite, got {scaling}")
+    if not math.isfinite(float(scaling)) or abs(float(scaling)) > torch.finfo(torch.float32).max:
+        raise _error(ValueError, "scaling", f"must be finite in float32, got {scaling}")
     return torch.full((n_experts,), float(scaling), dtype=dtype, device=device)
 
 
