@@ -286,6 +286,9 @@ def test_custom_alpha_grid(models, tok):
         (dict(do_sample=True, temperature=0.0), "temperature"),
         (dict(seed=1, generator=torch.Generator()), "seed"),
         (dict(stop=""), "stop"),
+        (dict(max_new_tokens=True), "max_new_tokens"),
+        (dict(seed="x"), "seed"),
+        (dict(alpha=1e39, mode="static"), "alpha"),
     ],
 )
 def test_bad_arguments(models, tok, kwargs, match):
@@ -293,6 +296,20 @@ def test_bad_arguments(models, tok, kwargs, match):
     kwargs = {"max_new_tokens": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
         dlf.generate(large, small, experts, tok, PROMPTS, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(do_sample=True, temperature="1"), "temperature"),
+        (dict(stop=3), "stop"),
+        (dict(stop=["ok", 3]), "stop"),
+    ],
+)
+def test_arguments_of_the_wrong_type(models, tok, kwargs, match):
+    large, small, experts = models
+    with pytest.raises(TypeError, match=match):
+        dlf.generate(large, small, experts, tok, PROMPTS, max_new_tokens=2, **kwargs)
 
 
 def test_adapter_name_needs_a_peft_small_base(models, tok):

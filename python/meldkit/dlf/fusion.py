@@ -22,6 +22,8 @@ def check_mode(mode: str, alpha: float, alphas) -> None:
     # bool is an int subclass: alpha=True would silently mean 1.0.
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"dlf: alpha must be a finite number, got {alpha!r}")
+    if abs(alpha) > torch.finfo(torch.float32).max:
+        raise ValueError(f"dlf: alpha {alpha!r} is beyond float32's range (the fusion runs in it)")
 
 
 def fuse_logits(

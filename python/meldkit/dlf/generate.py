@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -228,6 +229,14 @@ def next_tokens(
 def _check_sampling(do_sample, temperature, top_p, generator, seed) -> None:
     # As transformers' generate: temperature and top_p are only read (and checked) when
     # sampling; greedy decoding ignores them.
+    if do_sample:
+        for name, value in (("temperature", temperature), ("top_p", top_p)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"dlf: {name} must be a number, got {value!r}")
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0
+    ):
+        raise ValueError(f"dlf: seed must be an int >= 0, got {seed!r}")
     if do_sample and not 0.0 < top_p <= 1.0:
         raise ValueError(f"dlf: top_p must be in (0, 1] when sampling, got {top_p}")
     if do_sample and not temperature > 0.0:
@@ -342,15 +351,24 @@ def generate(
         prompts not matching the experts, or invalid sampling arguments.
     """
     check_mode(mode, alpha, alphas)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, numbers.Integral)
+        or max_new_tokens < 1
+    ):
         raise ValueError(f"dlf: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
     prompts = _as_list(prompts, str)
     if not prompts:
         raise ValueError("dlf: no prompts")
     experts = _as_list(experts, (nn.Module, str))
     if not experts:
         raise ValueError("dlf: at least one expert is needed")
+    if stop is not None and not isinstance(stop, (str, Sequence)):
+        raise TypeError(f"dlf: stop must be a string or a list of strings, got {stop!r}")
     stops = _as_list(stop, str) if stop is not None else []
+    if any(not isinstance(s, str) for s in stops):
+        raise TypeError(f"dlf: stop must be a string or a list of strings, got {stop!r}")
     if any(not s for s in stops):
         raise ValueError("dlf: empty stop string")
     _check_sampling(do_sample, temperature, top_p, generator, seed)
