@@ -115,6 +115,10 @@ def test_errors():
         exde.extrapolate(base, ft, alpha=float("nan"))
     with pytest.raises(exde.ExDeError, match="'alpha' is 1e\\+39, beyond float32's range"):
         exde.extrapolate(base, ft, alpha=1e39)
+    with pytest.raises(exde.ExDeError, match="'include': '\\[' is not a regular expression"):
+        exde.extrapolate(base, ft, include="[")
+    with pytest.raises(exde.ExDeError, match="'exclude' must be a regex or a list"):
+        exde.extrapolate(base, ft, exclude=3)
     with pytest.raises(exde.ExDeError, match="no 'unet'"):
         with exde.attach(object(), base, ft):
             pass

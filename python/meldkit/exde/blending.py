@@ -51,10 +51,24 @@ class ExDeError(ValueError):
 # ---- selecting and pairing parameters ------------------------------------------------------------
 
 
-def _patterns(value: Iterable[str] | str | None) -> list[re.Pattern]:
+def _patterns(value: Iterable[str] | str | None, name: str) -> list[re.Pattern]:
+    """The name filter ``name`` (``include``/``exclude``: a regular expression or several)
+    compiled, or an ExDeError naming it."""
     if value is None:
         return []
-    return [re.compile(p) for p in ([value] if isinstance(value, str) else value)]
+    if not isinstance(value, str) and not (
+        isinstance(value, Iterable) and all(isinstance(p, str) for p in value)
+    ):
+        raise ExDeError(f"meldkit.exde: '{name}' must be a regex or a list of them, got {value!r}")
+    patterns = []
+    for p in [value] if isinstance(value, str) else value:
+        try:
+            patterns.append(re.compile(p))
+        except re.error as e:
+            raise ExDeError(
+                f"meldkit.exde: '{name}': {p!r} is not a regular expression ({e})"
+            ) from None
+    return patterns
 
 
 # torch.compile wraps a module in an OptimizedModule whose parameter names carry this prefix.
@@ -124,7 +138,7 @@ def _pairs(
     if buffers is None:
         buffers = _buffer_names(base, finetuned)
     b, f = _params(base, "base", buffers), _params(finetuned, "finetuned", buffers)
-    inc, exc = _patterns(include), _patterns(exclude)
+    inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
     tied: dict[tuple | int, list[str]] = {}  # the names of each tensor of the base, in order
     for name, t in b.items():
         if t.is_floating_point():
