@@ -153,6 +153,10 @@ def test_errors_name_the_problem():
     for bad in (torch.int32, "float16"):
         with pytest.raises(twin.TwinError, match="'factor_dtype' must be a floating"):
             twin.build(base, experts, factor_dtype=bad, progress=False)
+    broken = {k: v.clone() for k, v in experts["task1"].state_dict().items()}
+    broken[name][0, 0] = float("nan")
+    with pytest.raises(twin.TwinError, match=rf"{name!r} of expert 'task1' holds NaN or inf"):
+        twin.build(base, {"task0": experts["task0"], "task1": broken}, progress=False)
 
 
 def test_rank_takes_any_integer_scalar():

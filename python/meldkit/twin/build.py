@@ -541,6 +541,11 @@ def build(
         for name in merged:
             base_t = base_src.get(name)
             thetas = [src.get(found[name]) for src, found in zip(srcs, where, strict=True)]
+            for task, theta in zip(tasks, thetas, strict=True):
+                if theta.is_floating_point() and not bool(torch.isfinite(theta).all()):
+                    raise TwinError(
+                        f"meldkit.twin.build: {name!r} of expert {task!r} holds NaN or inf"
+                    )
             theta_s = merge_state_dicts(
                 {name: base_t}, [{name: t} for t in thetas], shared, seed=seed, **params
             )[name]

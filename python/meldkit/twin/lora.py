@@ -257,6 +257,12 @@ def build_lora(
             ("b", out.shared_b, out.delta_b),
         ):
             mats = [getattr(ad, which)[m] for ad in read]
+            for task, mat in zip(tasks, mats, strict=True):
+                if not bool(torch.isfinite(mat).all()):
+                    raise TwinError(
+                        f"meldkit.twin.build_lora: {m}.lora_{which.upper()} of adapter {task!r} "
+                        "holds NaN or inf"
+                    )
             shared = float(lam) * torch.stack(mats).sum(0)
             us, vs, errs = [], [], []
             for mat in mats:
