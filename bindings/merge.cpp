@@ -419,7 +419,8 @@ void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle
         task_l1_cpu(p, norms.data());
       }
       for (size_t t = 0; t < n; ++t) {
-        scales[t] = norms[2 * t + 1] > 0 ? float(norms[2 * t] / norms[2 * t + 1]) : 1.f;
+        // As the reference: unscaled when nothing was kept; NaN in tau gives a NaN factor.
+        scales[t] = norms[2 * t + 1] == 0 ? 1.f : float(norms[2 * t] / norms[2 * t + 1]);
       }
     }
     p.scales = scales.data();

@@ -442,6 +442,44 @@ def test_methods_without_native_masks_fall_back_with_a_warning(monkeypatch):
     assert torch.equal(got, expected)
 
 
+NAN_CASES = [
+    ("task_arithmetic", {}),
+    ("ties", {"densities": 1.0}),
+    ("dare_linear", {"densities": 0.5, "seed": 3}),
+    ("dare_linear", {"densities": 0.5, "seed": 3, "rescale": "inverse_density"}),
+    ("dare_ties", {"densities": 0.4, "seed": 5}),
+    ("dare_ties", {"densities": 0.4, "seed": 5, "rescale": "none"}),
+    ("breadcrumbs", {"densities": 1.0, "gammas": 0.0}),
+    ("della", {"densities": 0.5, "epsilons": 0.1, "seed": 7}),
+    ("della_linear", {"densities": 0.5, "epsilons": 0.1, "seed": 7}),
+    ("linear", {}),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("method", "kw"), NAN_CASES, ids=lambda v: str(v))
+def test_nan_in_a_task_vector_gives_the_references_nans(device, dtype, method, kw, monkeypatch):
+    """NaN in a fine-tuned tensor (or the base) is not dropped: the native kernels give NaN
+    where the reference gives it (NaN·0 = NaN: masked or not; a NaN L1 norm makes the whole
+    rescaled tensor NaN), and the reference's values elsewhere. Magnitude selection below
+    density 1 refuses NaN instead (test_threshold_refuses_nan)."""
+    if device == "cuda" and method.startswith("della"):
+        pytest.skip("DELLA runs natively on the CPU only")
+    base, models = models_like((5, 300), dtype, device, n=3, seed=11)
+    models[0][0, 7] = float("nan")
+    models[2][3, 299] = float("nan")
+    base[4, 0] = float("nan")
+    monkeypatch.setenv("MELDKIT_BACKEND", "native")
+    got = merge_tensors(base, models, method, **kw)
+    listed = merge_tensor_list([base], [[m] for m in models], method, tensor_indices=[0], **kw)
+    monkeypatch.setenv("MELDKIT_BACKEND", "reference")
+    want = merge_tensors(base, models, method, **kw)
+    assert got.isnan().any()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(listed[0], want, rtol=0, atol=0, equal_nan=True)
+
+
 def test_scalar_arguments_are_checked_by_name():
     """Wrong types or values of merge_tensors', merge_tensor_list's and magnitude_threshold's
     scalar arguments raise naming the argument (an int out_dtype used to give zeros, a string

@@ -65,8 +65,8 @@ struct MergeAcc {
 MELDKIT_INLINE bool merge_keep(Sparsify s, float tau, float threshold, float density, uint32_t key,
                                uint64_t e) {
   switch (s) {
-    case Sparsify::kMagnitude:
-      return fabsf(tau) >= threshold;
+    case Sparsify::kMagnitude:  // density 1 (threshold -inf) keeps NaN too, as the reference
+      return threshold == -INFINITY || fabsf(tau) >= threshold;
     case Sparsify::kRandom:
       return uniform01(key, e) < density;
     default:
@@ -75,10 +75,21 @@ MELDKIT_INLINE bool merge_keep(Sparsify s, float tau, float threshold, float den
 }
 
 // One model's contribution: W = weight * (scale * tau) if kept.
+// A kept NaN (in tau), or any element under a NaN scale (an L1 factor of a task vector holding
+// NaN), goes into pos, as the reference's NaN·1 and 0·NaN, and makes the element's result NaN
+// (merge_delta); a NaN the mask drops is dropped, as the reference drops it.
 MELDKIT_INLINE void merge_add(MergeAcc& a, float weight, float scale, float tau, bool keep) {
   a.wall = add_rn(a.wall, weight);
+  if (scale != scale) {
+    a.pos = add_rn(a.pos, scale);
+    return;
+  }
   if (!keep) return;
   const float w = mul_rn(weight, mul_rn(scale, tau));
+  if (w != w) {
+    a.pos = add_rn(a.pos, w);
+    return;
+  }
   if (w > 0.f) {
     a.pos = add_rn(a.pos, w);
     a.wpos = add_rn(a.wpos, weight);
@@ -91,6 +102,7 @@ MELDKIT_INLINE void merge_add(MergeAcc& a, float weight, float scale, float tau,
 }
 
 MELDKIT_INLINE float merge_delta(const MergeAcc& a, Consensus c, bool normalize) {
+  if (a.pos != a.pos) return a.pos;  // NaN in a task vector
   if (c == Consensus::kNone) {
     const float delta = add_rn(a.pos, a.neg);
     return normalize ? delta / (a.wall == 0.f ? 1.f : a.wall) : delta;

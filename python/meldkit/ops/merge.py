@@ -289,6 +289,10 @@ def _della_merge_cpu(
     scales = list(ratios) if rescale == "l1" else [1.0] * n
     if out is None:
         out = torch.empty(base.shape, dtype=out_dtype or base.dtype, device=base.device)
+    if any(s != s for s in scales):
+        # NaN in a task vector makes its L1 factor NaN, and so, as in the reference, every
+        # element of the result.
+        return out.fill_(float("nan"))
     _native._C.task_merge(
         base.detach().contiguous(),
         masked,
@@ -720,6 +724,19 @@ def merge_tensors(
     -------
     Tensor
         Shape ``S``, dtype ``out_dtype`` (default: the inputs'); ``out`` when given.
+
+    Raises
+    ------
+    TypeError, ValueError
+        A bad argument, named. ValueError also when magnitude selection (ties, breadcrumbs
+        below density 1) meets NaN in a task vector.
+
+    Notes
+    -----
+    NaN elsewhere gives the reference's NaNs on every backend: a NaN the mask keeps (or
+    any NaN at density 1, or in the base) makes that element NaN; one the mask drops is
+    dropped; with L1 rescaling, a NaN anywhere in a task vector makes its factor, and so the
+    whole result, NaN. Nothing is silently replaced.
     """
     m = get_method(method)
     models = _checks.tensor_list(method, "models", models)
