@@ -1688,3 +1688,10 @@ def test_merge_state_dicts_needs_models():
         merge_state_dicts(None, [], "linear")
     with pytest.raises(MergeError, match="'models'"):
         merge_state_dicts(None, {"a": torch.zeros(2)}, "linear")
+
+
+def test_merge_state_dicts_names_the_tensor_of_another_dtype():
+    base = {"a.weight": torch.zeros(3, 2), "b.weight": torch.zeros(2)}
+    other = {"a.weight": torch.ones(3, 2), "b.weight": torch.ones(2, dtype=torch.bfloat16)}
+    with pytest.raises(MergeError, match=r"b\.weight: torch\.bfloat16 on cpu in model 1, but "):
+        merge_state_dicts(base, [dict(base), other], "task_arithmetic")

@@ -694,6 +694,14 @@ def merge_state_dicts(
         if not ref_t.is_floating_point():
             out[name] = ref_t.clone()
             continue
+        for j, m in enumerate(models):
+            t = m[name]
+            if t.dtype != ref_t.dtype or t.device != ref_t.device:
+                raise MergeError(
+                    f"{name}: {t.dtype} on {t.device} in model {j}, but {ref_t.dtype} on "
+                    f"{ref_t.device} in the {'base' if base is not None else 'first model'} "
+                    "(cast the state dicts to one dtype and device first)"
+                )
         groups.setdefault((ref_t.dtype, ref_t.device), []).append(name)
     for names in groups.values():
         merged = merge_tensor_list(
