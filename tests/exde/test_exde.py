@@ -119,6 +119,9 @@ def test_errors():
         exde.extrapolate(base, ft, include="[")
     with pytest.raises(exde.ExDeError, match="'exclude' must be a regex or a list"):
         exde.extrapolate(base, ft, exclude=3)
+    ints = {k: v.to(torch.int32) if v.dim() == 2 else v for k, v in ft.state_dict().items()}
+    with pytest.raises(exde.ExDeError, match=r"dtype torch\.int32 in the fine-tuned model"):
+        exde.extrapolate(base, ints)
     with pytest.raises(exde.ExDeError, match="no 'unet'"):
         with exde.attach(object(), base, ft):
             pass

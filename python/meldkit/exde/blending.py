@@ -159,6 +159,11 @@ def _pairs(
                 f"meldkit.exde: {found[0]!r}: shape {list(ft.shape)} in the fine-tuned model, "
                 f"{list(t.shape)} in the base"
             )
+        if not ft.is_floating_point():
+            raise ExDeError(
+                f"meldkit.exde: {found[0]!r}: dtype {ft.dtype} in the fine-tuned model, a "
+                f"floating {t.dtype} in the base (a fine-tune of another model?)"
+            )
         for other in found[1:]:
             if _storage(f[other]) != _storage(ft) and not torch.equal(f[other], ft):
                 raise ExDeError(
