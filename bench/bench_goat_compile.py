@@ -16,14 +16,13 @@ a tensor the layers never read, so the count is 0 (an int seed broke the graph a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 from torch import nn
 
 from meldkit import goat
-from meldkit.bench import DTYPES, cache_flusher, run_metadata, time_impls
+from meldkit.bench import DTYPES, cache_flusher, run_metadata, time_impls, write_rows
 
 
 def build(args) -> tuple[dict, dict, int]:
@@ -119,9 +118,7 @@ def main(argv=None) -> int:
             }
         )
     if args.json:
-        with open(args.json, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        write_rows(args.json, rows)
     return 0
 
 

@@ -24,12 +24,11 @@ Defaults are the CPU case (fp32, T=2048, d=1024, E=8, k=2, r=32); the GPU case i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
-from meldkit.bench import DTYPES, cache_flusher, run_metadata, time_impls
+from meldkit.bench import DTYPES, cache_flusher, run_metadata, time_impls, write_rows
 from meldkit.bench.routed_lora import official_loop
 from meldkit.ops import routed_lora
 
@@ -144,9 +143,7 @@ def main(argv=None) -> int:
         f"official loop's added time / ours {loop_added / max(ours_added, 1e-12):.1f} (>= 5)"
     )
     if args.json:
-        with open(args.json, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        write_rows(args.json, rows)
     return 0
 
 

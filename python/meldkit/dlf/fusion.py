@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from meldkit.ops.logit_fusion import _check_peaks, _peaks
+
 MODES = ("dynamic", "static")
 
 
@@ -76,8 +78,6 @@ def fuse_logits(
 
         res = ops.logit_fusion(large, small_base, experts, alphas, return_logits=True)
         return res.logits, res.alpha, res.expert
-    from meldkit.ops.logit_fusion import _check_peaks, _peaks
-
     # As the dynamic solver: NaN or +inf logits are refused, naming the model (one check of
     # each input's peak; a NaN would otherwise decode as token 0 every step).
     _check_peaks(_peaks(large, small_base, experts))

@@ -45,8 +45,9 @@ def _real(name: str, value: object, low: float | None = None, high: float | None
 
 def _call_args(
     coeffs: tuple[float, float, float], keep: tuple[float, float], seed: object
-) -> tuple[tuple[float, float, float], tuple[float, float]]:
-    """A blend's ``(a, b, c)`` and ``(keep1, keep2)`` as floats, checked with ``seed``."""
+) -> tuple[tuple[float, float, float], tuple[float, float], list[float], float]:
+    """A blend's ``(a, b, c)`` and ``(keep1, keep2)`` as floats, checked with ``seed``, and
+    the kernels' coefficient table and dense ``g`` (:func:`blend_coefficients`), checked finite."""
     for name, value, size, what in (
         ("coeffs", coeffs, 3, "(a, b, c)"),
         ("keep", keep, 2, "(k1, k2)"),
@@ -62,7 +63,7 @@ def _call_args(
         raise _error(
             ValueError, "coeffs", f"{coeffs!r}: a + b + c overflows float32, where the blend runs"
         )
-    return abc, keeps
+    return abc, keeps, table, dense
 
 
 class BlendPlan:
@@ -186,7 +187,7 @@ class BlendPlan:
     ) -> None:
         """Blend with ``coeffs = (a, b, c)``, keep probabilities ``keep = (k₁, k₂)`` (DARE's
         1 − p, in [0, 1]) and the masks' ``seed`` (0 ≤ seed < 2⁶⁴)."""
-        (a, b, c), (k1, k2) = _call_args(coeffs, keep, seed)
+        (a, b, c), (k1, k2), table, g_dense = _call_args(coeffs, keep, seed)
         self._check_outs()
         if not self._native:
             for i, (o, bt, tt) in enumerate(zip(self._outs, self._bases, self._taus, strict=True)):
@@ -203,7 +204,6 @@ class BlendPlan:
                         )
                     )
             return
-        table, g_dense = blend_coefficients(a, b, c, k1, k2)
         _native._C.blend_run(
             self._table,
             self._num_chunks,

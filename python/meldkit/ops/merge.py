@@ -588,9 +588,6 @@ class _MergeArgs(NamedTuple):
     thresholds: list[float] | None
 
 
-_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
 def _check_int(name: str, value: object, bound: int) -> int:
     """``value`` as an int in [0, bound), else a TypeError/ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -601,7 +598,7 @@ def _check_int(name: str, value: object, bound: int) -> int:
 
 
 def _check_out_dtype(out_dtype: object) -> None:
-    if out_dtype is not None and out_dtype not in _OUT_DTYPES:
+    if out_dtype is not None and out_dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(
             "meldkit.merge_tensors: argument 'out_dtype': expected one of float32, bfloat16, "
             f"float16, float64, got {out_dtype!r}"

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from meldkit._storage import storage_key
+from meldkit.ops._checks import FLOAT_DTYPES
 
 DEFAULT_EXCLUDE = (r"classifier", r"bias")
 
@@ -434,12 +435,7 @@ def build(
         tasks = [f"task{i}" for i in range(len(expert_list))]
     if not expert_list:
         raise TwinError("meldkit.twin.build: 'experts' is empty")
-    if factor_dtype is not None and factor_dtype not in (
-        torch.float32,
-        torch.bfloat16,
-        torch.float16,
-        torch.float64,
-    ):
+    if factor_dtype is not None and factor_dtype not in FLOAT_DTYPES:
         raise TwinError(
             "meldkit.twin.build: 'factor_dtype' must be a floating torch.dtype (float32, "
             f"bfloat16, float16, float64) or None, got {factor_dtype!r}"
