@@ -448,10 +448,13 @@ MELDKIT_ALWAYS_INLINE void l1_model(const T* x, const T* base, int64_t begin, in
                                     float threshold, double* all_out, double* kept_out) {
   static_assert(S != Sparsify::kRandom, "random masks: l1_random_models");
   double all[kLanes] = {}, kept[kLanes] = {};
+  // Density 1 (threshold -inf) keeps NaN too, as merge_keep and the reference do: a NaN there
+  // makes the kept norm NaN (and the factor NaN), not a dropped element.
+  const bool keep_all = threshold == -INFINITY;
   auto visit = [&](int64_t e, int lane) {
     const float tau = widen(x[e]) - widen(base[e]);
     bool keep = true;
-    if constexpr (S == Sparsify::kMagnitude) keep = fabsf(tau) >= threshold;
+    if constexpr (S == Sparsify::kMagnitude) keep = keep_all | (fabsf(tau) >= threshold);
     all[lane] += fabsf(tau);
     kept[lane] += keep ? fabsf(tau) : 0.f;
   };

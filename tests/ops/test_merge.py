@@ -445,6 +445,7 @@ def test_methods_without_native_masks_fall_back_with_a_warning(monkeypatch):
 NAN_CASES = [
     ("task_arithmetic", {}),
     ("ties", {"densities": 1.0}),
+    ("ties", {"densities": 1.0, "rescale": "l1"}),
     ("dare_linear", {"densities": 0.5, "seed": 3}),
     ("dare_linear", {"densities": 0.5, "seed": 3, "rescale": "inverse_density"}),
     ("dare_ties", {"densities": 0.4, "seed": 5}),
@@ -478,6 +479,24 @@ def test_nan_in_a_task_vector_gives_the_references_nans(device, dtype, method, k
     assert got.isnan().any()
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(listed[0], want, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_l1_rescale_at_density_one_keeps_a_nan_only_task_vector(device, monkeypatch):
+    """At density 1 the L1 pass keeps NaN, as the merge pass and the reference do: a task vector
+    whose only nonzero entries are NaN has a NaN kept norm (so every element is NaN), not a kept
+    norm of 0 and a factor of 1 (the CPU pass used to drop NaN there)."""
+    base = torch.zeros(8, device=device)
+    m1, m2 = base.clone(), base.clone()
+    m1[3] = float("nan")
+    m2[5] = 1.0
+    kw = {"densities": 1.0, "rescale": "l1"}
+    monkeypatch.setenv("MELDKIT_BACKEND", "native")
+    got = merge_tensors(base, [m1, m2], "ties", **kw)
+    monkeypatch.setenv("MELDKIT_BACKEND", "reference")
+    want = merge_tensors(base, [m1, m2], "ties", **kw)
+    assert want.isnan().all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
 def test_scalar_arguments_are_checked_by_name():
