@@ -194,8 +194,12 @@ void task_merge(py::handle base, py::handle models, py::handle out, py::handle w
   }
 }
 
-int64_t merge_many_workspace_numel(int64_t num_models) {
-  return std::max<int64_t>(int64_t(kTaskL1Blocks) * 2 * num_models, kMagnitudeSelectCudaWorkspace);
+int64_t merge_many_workspace_numel(int64_t num_models, int64_t max_numel) {
+  if (num_models < 0 || max_numel < 0) {
+    throw_value_error("merge_many_workspace_numel: num_models and max_numel must be >= 0");
+  }
+  return std::max<int64_t>(task_l1_cuda_partials(max_numel, num_models),
+                           kMagnitudeSelectCudaWorkspace);
 }
 
 void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle weights,
@@ -274,18 +278,20 @@ void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle
   const bool cuda = inputs[0].cuda;
   TensorArg ws;
   if (cuda) {
+    int64_t max_numel = 0;
+    for (const MergeInputs& in : inputs) max_numel = std::max(max_numel, in.base.numel());
+    const int64_t need = merge_many_workspace_numel(int64_t(n), max_numel);
     if (workspace.is_none()) {
       throw_value_error(std::string(kOp) + ": argument 'workspace': CUDA needs a float64 " +
-                        "workspace of " + std::to_string(merge_many_workspace_numel(int64_t(n))) +
-                        " elements");
+                        "workspace of " + std::to_string(need) + " elements");
     }
     ws = import_tensor(workspace, {kOp, "workspace"}, stream);
     check_same_device(ws, inputs[0].base);
     check_contiguous(ws);
     check_writable(ws);
-    if (ws.dtype != DType::kFloat64 || ws.numel() < merge_many_workspace_numel(int64_t(n))) {
+    if (ws.dtype != DType::kFloat64 || ws.numel() < need) {
       throw_value_error(ws.name.prefix() + ": must be float64 with at least " +
-                        std::to_string(merge_many_workspace_numel(int64_t(n))) + " elements");
+                        std::to_string(need) + " elements");
     }
   }
   const Consensus cs = parse_consensus(consensus);

@@ -27,7 +27,7 @@ void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle
                 const std::string& consensus, bool normalize, const std::string& rescale, float lam,
                 uint64_t seed, py::handle tensor_indices, py::handle workspace, int64_t stream,
                 bool exact_k);
-int64_t merge_many_workspace_numel(int64_t num_models);
+int64_t merge_many_workspace_numel(int64_t num_models, int64_t max_numel);
 int64_t side_write(int fd, int64_t offset, uintptr_t data, int64_t nbytes);
 void side_write_wait(int64_t ticket);
 int64_t side_writes_done();

@@ -351,7 +351,8 @@ def _mm_call(a):
     ws = a["workspace"]
     if ws is None and a["bases"] and isinstance(a["bases"][0], torch.Tensor):
         if a["bases"][0].device.type == "cuda":
-            numel = _C.merge_many_workspace_numel(len(a["models"]))
+            most = max(b.numel() for b in a["bases"])
+            numel = _C.merge_many_workspace_numel(len(a["models"]), most)
             ws = torch.empty(numel, dtype=torch.float64, device="cuda")
     _C.merge_many(
         a["bases"],

@@ -545,7 +545,9 @@ void task_l1_typed(const TaskMergeParams& p, double* norms) {
   for (int t = 0; t < p.num_models; ++t) {
     keys[t] = p.streams ? stream_key(p.seed, p.streams[t]) : 0u;
   }
-  // Fixed chunks summed in chunk order: the result does not depend on the thread count.
+  // Fixed chunks summed in chunk order: the result does not depend on the thread count (and is
+  // task_l1_cuda's, chunk for chunk).
+  static_assert(kChunk == kL1Chunk, "the CPU and CUDA L1 passes sum the same chunks");
   const int64_t num_chunks = (p.numel + kChunk - 1) / kChunk;
   std::vector<double> chunk_sums(size_t(num_chunks) * 2 * p.num_models, 0.0);
 #pragma omp parallel if (p.numel >= kParallelMinNumel)

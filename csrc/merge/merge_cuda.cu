@@ -88,38 +88,41 @@ void task_merge_typed(const TaskMergeArgs& a, cudaStream_t stream) {
 
 // ---- L1 norms for rescaling ---------------------------------------------------------------------
 
-// One block per partial: block b sums its grid-stride share of every model and writes
-// partials[(b * N + t) * 2 + {0, 1}]; the host adds the partials in block order (deterministic).
+// One warp per (chunk, model), the CPU's order (merge.h, task_l1_cpu): lane l sums the chunk's
+// elements l, l + 32, ... in index order in double, lane 0 adds the 32 lane sums in lane order,
+// and partials[(chunk * N + t) * 2 + {0, 1}] get the chunk's sums of |tau| and of its kept part;
+// the host adds the chunks in order.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) TaskL1Kernel(TaskMergeArgs a, double* partials) {
-  __shared__ double red[2][kThreads];
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+__global__ void __launch_bounds__(kThreads)
+    TaskL1Kernel(TaskMergeArgs a, int64_t num_chunks, double* partials) {
+  static_assert(kL1Lanes == 32 && kThreads % 32 == 0, "one warp lane per L1 lane");
+  const int lane = int(threadIdx.x) & 31;
+  const int64_t warps = int64_t(gridDim.x) * (kThreads / 32);
+  const int64_t work = num_chunks * a.num_models;
   const T* base = static_cast<const T*>(a.base);
-  for (int t = 0; t < a.num_models; ++t) {
+  // w is the same for every lane of a warp: the shuffles below see full warps.
+  for (int64_t w = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32; w < work; w += warps) {
+    const int64_t c = w / a.num_models;
+    const int t = int(w % a.num_models);
     const T* x = static_cast<const T*>(a.models[t]);
+    const int64_t end = (c + 1) * kL1Chunk < a.numel ? (c + 1) * kL1Chunk : a.numel;
     double all = 0.0, kept = 0.0;
-    for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < a.numel; e += stride) {
+    for (int64_t e = c * kL1Chunk + lane; e < end; e += 32) {
       const float tau = widen(x[e]) - widen(base[e]);
       const bool keep =
           merge_keep(a.sparsify, tau, a.thresholds[t], a.densities[t], a.keys[t], uint64_t(e));
       all += fabsf(tau);
       kept += keep ? fabsf(tau) : 0.f;
     }
-    red[0][threadIdx.x] = all;
-    red[1][threadIdx.x] = kept;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-      if (threadIdx.x < s) {
-        red[0][threadIdx.x] += red[0][threadIdx.x + s];
-        red[1][threadIdx.x] += red[1][threadIdx.x + s];
-      }
-      __syncthreads();
+    double sum_all = 0.0, sum_kept = 0.0;
+    for (int l = 0; l < 32; ++l) {
+      sum_all += __shfl_sync(0xffffffffu, all, l);
+      sum_kept += __shfl_sync(0xffffffffu, kept, l);
     }
-    if (threadIdx.x == 0) {
-      partials[(int64_t(blockIdx.x) * a.num_models + t) * 2] = red[0][0];
-      partials[(int64_t(blockIdx.x) * a.num_models + t) * 2 + 1] = red[1][0];
+    if (lane == 0) {
+      partials[2 * w] = sum_all;
+      partials[2 * w + 1] = sum_kept;
     }
-    __syncthreads();
   }
 }
 
@@ -233,16 +236,21 @@ void task_l1_cuda(const TaskMergeParams& p, double* partials, double* norms, int
   if (p.numel == 0) return;
   CudaDeviceGuard guard(device, "task_l1");
   const auto s = static_cast<cudaStream_t>(stream);
-  MELDKIT_DISPATCH_FLOAT(p.in_dtype, "task_l1", "models", T,
-                         { TaskL1Kernel<T><<<kTaskL1Blocks, kThreads, 0, s>>>(a, partials); });
+  const int64_t num_chunks = (p.numel + kL1Chunk - 1) / kL1Chunk;
+  const int64_t warps = num_chunks * p.num_models;
+  const int64_t per_block = kThreads / 32;
+  const int blocks = int(std::min<int64_t>((warps + per_block - 1) / per_block, kMaxBlocks));
+  MELDKIT_DISPATCH_FLOAT(p.in_dtype, "task_l1", "models", T, {
+    TaskL1Kernel<T><<<blocks, kThreads, 0, s>>>(a, num_chunks, partials);
+  });
   cuda_check(cudaGetLastError(), "task_l1", "kernel launch");
-  std::vector<double> host(size_t(kTaskL1Blocks) * 2 * p.num_models);
+  std::vector<double> host(size_t(task_l1_cuda_partials(p.numel, p.num_models)));
   cuda_check(cudaMemcpyAsync(host.data(), partials, host.size() * sizeof(double),
                              cudaMemcpyDeviceToHost, s),
              "task_l1", "read-back");
   cuda_check(cudaStreamSynchronize(s), "task_l1", "stream synchronize");
-  for (int b = 0; b < kTaskL1Blocks; ++b) {
-    for (int i = 0; i < 2 * p.num_models; ++i) norms[i] += host[size_t(b) * 2 * p.num_models + i];
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    for (int i = 0; i < 2 * p.num_models; ++i) norms[i] += host[size_t(c * 2 * p.num_models + i)];
   }
 }
 

@@ -880,6 +880,42 @@ def test_cuda_equals_cpu_for_every_native_method(dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize(
+    ("method", "kw"),
+    [
+        ("dare_ties", {"densities": 0.4, "seed": 5}),
+        ("dare_linear", {"densities": 0.6, "seed": 2}),
+        ("ties", {"densities": 0.3, "rescale": "l1"}),
+    ],
+    ids=lambda v: str(v),
+)
+def test_cuda_l1_factors_are_the_cpus_bit_for_bit(method, kw):
+    """The L1 rescale sums |tau| in the CPU's order on CUDA too (chunks of 2^14 elements, 32
+    interleaved double lanes each, chunks added in order): float32 task vectors whose magnitudes
+    span 16 decades, where another order changes the factor's last bits (and with them every
+    output), over a length that ends inside a chunk and inside a lane group."""
+    g = torch.Generator().manual_seed(21)
+    n = 3 * 16384 + 77
+    base = torch.randn(n, generator=g)
+    models = []
+    for _ in range(3):
+        mag = torch.pow(10.0, torch.rand(n, generator=g) * 16 - 8)
+        sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+        models.append(base + sign * mag)
+    cpu = merge_tensors(base, models, method, **kw)
+    cuda = merge_tensors(base.cuda(), [m.cuda() for m in models], method, **kw)
+    assert torch.equal(cuda.cpu(), cpu)
+    listed = merge_tensor_list(
+        [base.cuda(), base[:100].cuda()],
+        [[m.cuda(), m[:100].cuda()] for m in models],
+        method,
+        tensor_indices=[0, 1],
+        **kw,
+    )
+    assert torch.equal(listed[0].cpu(), cpu)
+
+
+@pytest.mark.cuda
 def test_cuda_merge_writes_every_element_of_unaligned_views():
     base, models = models_like((4101,), torch.bfloat16, "cuda", seed=4)
     views = [m[1:] for m in models]

@@ -126,8 +126,14 @@ void task_merge_cuda(const TaskMergeParams& p, int device, void* stream);
 // the kept entries (same masks as task_merge; weights, scales and consensus unused). Summed in
 // double, in a fixed order, so repeated calls agree bit for bit.
 void task_l1_cpu(const TaskMergeParams& p, double* norms);
-// `partials` is device memory of kTaskL1Blocks * 2 * num_models doubles; synchronises `stream`.
-constexpr int kTaskL1Blocks = 512;
+// Both sum kL1Chunk-element chunks apart (each in kL1Lanes interleaved double lanes, the lanes
+// then added in lane order) and add the chunks in chunk order, so the CPU and CUDA norms, hence
+// the rescale factors, are bit-identical. `partials` is device memory of
+// task_l1_cuda_partials(numel, num_models) doubles; task_l1_cuda synchronises `stream`.
+constexpr int64_t kL1Chunk = int64_t(1) << 14;
+inline int64_t task_l1_cuda_partials(int64_t numel, int64_t num_models) {
+  return (numel + kL1Chunk - 1) / kL1Chunk * 2 * num_models;
+}
 void task_l1_cuda(const TaskMergeParams& p, double* partials, double* norms, int device,
                   void* stream);
 

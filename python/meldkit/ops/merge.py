@@ -338,7 +338,9 @@ def _merge_native(
     workspace = None
     if device.type == "cuda":
         workspace = torch.empty(
-            _native._C.merge_many_workspace_numel(len(models)), dtype=torch.float64, device=device
+            _native._C.merge_many_workspace_numel(len(models), max(b.numel() for b in bases)),
+            dtype=torch.float64,
+            device=device,
         )
     _native._C.merge_many(
         [b.detach().contiguous() for b in bases],
