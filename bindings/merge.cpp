@@ -293,6 +293,12 @@ void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle
       throw_value_error(ws.name.prefix() + ": must be float64 with at least " +
                         std::to_string(need) + " elements");
     }
+    std::vector<TensorArg> others = out_args;
+    for (const MergeInputs& in : inputs) {
+      others.push_back(in.base);
+      others.insert(others.end(), in.models.begin(), in.models.end());
+    }
+    check_no_overlap(ws, others);
   }
   const Consensus cs = parse_consensus(consensus);
   // mergekit's exactly-k rule: per-tensor selections on the CPU, the mask's rescale not
@@ -522,6 +528,9 @@ float magnitude_select(py::handle a, py::handle b, int64_t k, py::handle workspa
       throw_value_error(ws.name.prefix() + ": must be float64 with at least " +
                         std::to_string(kMagnitudeSelectCudaWorkspace) + " elements");
     }
+    std::vector<TensorArg> others(ta.begin(), ta.end());
+    others.insert(others.end(), tb.begin(), tb.end());
+    check_no_overlap(ws, others);
     py::gil_scoped_release release;
     bits = magnitude_select_cuda(p, static_cast<unsigned long long*>(ws.data), ta[0].device_id,
                                  reinterpret_cast<void*>(stream));

@@ -70,10 +70,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("normalize"), py::arg("rescale"), py::arg("lam"), py::arg("seed"),
         py::arg("tensor_indices"), py::arg("workspace") = py::none(), py::arg("stream") = 0,
         py::arg("exact_k") = false);
-  m.def("merge_many_workspace_numel", &mb::merge_many_workspace_numel,
-        "float64 workspace elements merge_many needs on CUDA, for num_models models over tensors of "
-        "at most max_numel elements.",
-        py::arg("num_models"), py::arg("max_numel"));
+  m.def(
+      "merge_many_workspace_numel", &mb::merge_many_workspace_numel,
+      "float64 workspace elements merge_many needs on CUDA, for num_models models over tensors of "
+      "at most max_numel elements.",
+      py::arg("num_models"), py::arg("max_numel"));
   m.def("side_write", &mb::side_write,
         "Queues pwrite(fd, data[:nbytes], offset) for the CPU merge kernels to run on one of\n"
         "their threads (meldkit/side_writes.h); returns its ticket. The memory at `data` and\n"

@@ -303,6 +303,20 @@ void check_no_partial_overlap(const TensorArg& out, const std::vector<TensorArg>
   }
 }
 
+void check_no_overlap(const TensorArg& scratch, const std::vector<TensorArg>& others) {
+  const auto* w = static_cast<const char*>(scratch.data);
+  const int64_t wn = scratch.nbytes();
+  for (const TensorArg& t : others) {
+    const auto* i = static_cast<const char*>(t.data);
+    const int64_t n = t.nbytes();
+    if (wn == 0 || n == 0 || t.device != scratch.device) continue;
+    if (w < i + n && i < w + wn) {
+      throw_value_error(scratch.name.prefix() + ": overlaps '" + t.name.arg +
+                        "'; a workspace must be memory of its own");
+    }
+  }
+}
+
 std::vector<float> import_floats(py::handle obj, ArgName name, size_t expected, bool allow_inf) {
   if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj)) {
     throw_type_error(name.prefix() + ": expected a sequence of floats, got " + type_name(obj));

@@ -58,6 +58,8 @@ void check_dtype_in(const TensorArg& t, const DType* begin, const DType* end,
                     const std::string& device);
 // `out` may be exactly one of the inputs (same memory), never a partial overlap.
 void check_no_partial_overlap(const TensorArg& out, const std::vector<TensorArg>& inputs);
+// A scratch buffer shares no byte with any of `others` (the call's inputs and outputs).
+void check_no_overlap(const TensorArg& scratch, const std::vector<TensorArg>& others);
 
 // An output (or an input a previous pass wrote) of one exact shape and dtype, on ref's device,
 // contiguous; writable when `writable`.

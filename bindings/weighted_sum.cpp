@@ -111,7 +111,7 @@ void weighted_sum(py::handle tensors, py::handle weights, py::handle out, py::ha
     }
     std::vector<TensorArg> others = ins;
     others.push_back(o);
-    check_no_partial_overlap(ws, others);
+    check_no_overlap(ws, others);
     p.workspace = static_cast<float*>(ws.data);
   }
 

@@ -240,9 +240,8 @@ void task_l1_cuda(const TaskMergeParams& p, double* partials, double* norms, int
   const int64_t warps = num_chunks * p.num_models;
   const int64_t per_block = kThreads / 32;
   const int blocks = int(std::min<int64_t>((warps + per_block - 1) / per_block, kMaxBlocks));
-  MELDKIT_DISPATCH_FLOAT(p.in_dtype, "task_l1", "models", T, {
-    TaskL1Kernel<T><<<blocks, kThreads, 0, s>>>(a, num_chunks, partials);
-  });
+  MELDKIT_DISPATCH_FLOAT(p.in_dtype, "task_l1", "models", T,
+                         { TaskL1Kernel<T><<<blocks, kThreads, 0, s>>>(a, num_chunks, partials); });
   cuda_check(cudaGetLastError(), "task_l1", "kernel launch");
   std::vector<double> host(size_t(task_l1_cuda_partials(p.numel, p.num_models)));
   cuda_check(cudaMemcpyAsync(host.data(), partials, host.size() * sizeof(double),

@@ -916,6 +916,36 @@ def test_cuda_l1_factors_are_the_cpus_bit_for_bit(method, kw):
 
 
 @pytest.mark.cuda
+def test_cuda_workspace_may_not_share_memory_with_the_tensors():
+    """merge_many's and magnitude_select's float64 workspaces are scratch: one that shares bytes
+    with an input or an output is refused by name (the kernels would overwrite it)."""
+    base, models = models_like((1 << 14,), torch.float32, "cuda", seed=6)
+    out = torch.empty_like(base)
+    stream = _native.stream_of(base.device)
+    for ws in (out.view(torch.float64), models[1].view(torch.float64)):
+        with pytest.raises(ValueError, match=r"'workspace'.*overlaps"):
+            _native._C.merge_many(
+                [base],
+                [[m] for m in models],
+                [out],
+                [1.0] * 3,
+                [0.5] * 3,
+                None,
+                "magnitude",
+                "sum",
+                False,
+                "l1",
+                1.0,
+                0,
+                [0],
+                ws,
+                stream,
+            )
+    with pytest.raises(ValueError, match=r"'workspace'.*overlaps"):
+        _native._C.magnitude_select(models, [base] * 3, 100, base.view(torch.float64), stream)
+
+
+@pytest.mark.cuda
 def test_cuda_merge_writes_every_element_of_unaligned_views():
     base, models = models_like((4101,), torch.bfloat16, "cuda", seed=4)
     views = [m[1:] for m in models]

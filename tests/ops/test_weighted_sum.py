@@ -389,3 +389,14 @@ def test_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, weighted_sum_ref(tensors, weights))
+
+
+@pytest.mark.cuda
+def test_cuda_workspace_may_not_be_an_input_or_the_output():
+    """A workspace that is one of the inputs (or the output) would be overwritten by the first of
+    the chunked launches before a later one reads it: refused by name, as any overlap."""
+    tensors, weights = make_inputs(40, (4099,), torch.float32, "cuda", seed=47)
+    out = torch.empty_like(tensors[0])
+    for ws in (tensors[35], out):
+        with pytest.raises(ValueError, match=r"'workspace'.*overlaps"):
+            _native._C.weighted_sum(tensors, weights, out, ws, _native.stream_of(out.device))
