@@ -3,6 +3,7 @@
 #include "meldkit/routed_lora.h"
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -110,6 +111,20 @@ void import_common(const char* op, bool forward, Call& c, py::handle x, py::hand
                       " experts, got " + std::to_string(E));
   }
   if (R < 1) throw_value_error(c.a.name.prefix() + ": rank must be at least 1");
+  // The kernels hold these sizes in int.
+  constexpr int64_t kMaxDim = std::numeric_limits<int>::max();
+  if (din > kMaxDim) {
+    throw_value_error(c.x.name.prefix() + ": d_in " + std::to_string(din) + " exceeds " +
+                      std::to_string(kMaxDim));
+  }
+  if (dout > kMaxDim) {
+    throw_value_error(c.b.name.prefix() + ": d_out " + std::to_string(dout) + " exceeds " +
+                      std::to_string(kMaxDim));
+  }
+  if (R > kMaxDim) {
+    throw_value_error(c.a.name.prefix() + ": rank " + std::to_string(R) + " exceeds " +
+                      std::to_string(kMaxDim));
+  }
   check_shape(c.a, {E, R, din}, "(E, R, d_in of x)");
   check_shape(c.b, {E, dout, R}, "(E, d_out, R of lora_a)");
   check_shape(c.scaling, {E}, "(one scale per expert)");

@@ -858,6 +858,38 @@ def test_double_backward_is_refused():
 # ---- bad input ---------------------------------------------------------------------------------
 
 
+def test_sizes_past_int_range_are_refused_by_name():
+    """The kernels hold d_in, d_out and the rank in int: a size past 2^31 - 1 is refused naming
+    the argument (it used to wrap negative: an allocator error on the CPU, zeros on CUDA). The
+    tensors are never touched, so the 4 GiB ones cost no memory."""
+    big = 2**31
+    bf = torch.bfloat16
+    gates = torch.ones(1, 1, dtype=bf)
+    cases = [
+        (
+            torch.empty(1, big, dtype=bf),
+            torch.empty(1, 1, big, dtype=bf),
+            torch.zeros(1, 8, 1, dtype=bf),
+            "'x'.*d_in .* exceeds",
+        ),
+        (
+            torch.zeros(1, 8, dtype=bf),
+            torch.zeros(1, 1, 8, dtype=bf),
+            torch.empty(1, big, 1, dtype=bf),
+            "'lora_b'.*d_out .* exceeds",
+        ),
+        (
+            torch.zeros(1, 1, dtype=bf),
+            torch.empty(1, big, 1, dtype=bf),
+            torch.empty(1, 1, big, dtype=bf),
+            "'lora_a'.*rank .* exceeds",
+        ),
+    ]
+    for x, a, b, match in cases:
+        with pytest.raises(ValueError, match=match):
+            routed_lora(x, a, b, 1.0, gates=gates)
+
+
 def test_bad_arguments_name_themselves():
     x, a, b, w = (t.detach() for t in router_case(CASES[3], torch.float32, "cpu", seed=45))
     g = torch.rand(7, 3)
