@@ -139,7 +139,9 @@ class GoatLinear(nn.Module):
         The seed is a one-element tensor the layer never reads, so under ``torch.compile`` the
         draw is part of the graph (no graph break per layer). Inductor draws it with its own
         generator, seeded from torch's: compiled runs are reproducible too, with other masks
-        than eager's unless ``torch._inductor.config.fallback_random`` is set.
+        than eager's unless ``torch._inductor.config.fallback_random`` is set. A graph
+        captured by hand with ``torch.cuda.graph`` would replay one seed's masks at every step
+        (the draw is a CPU op, outside the capture): capture in eval mode, or with dropout 0.
 
         A plain ``nn.Linear`` base (no hooks, weights in ``x.dtype``, autocast off) runs inside
         the op (``routed_lora(..., base_weight=, base_bias=)``): the same sum, without the two

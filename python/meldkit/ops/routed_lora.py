@@ -880,6 +880,14 @@ def routed_lora(
     the dropout masks from ``seed`` and recomputes the selected experts from the saved
     ``probs``: it stores only ``[N, E]`` routing weights and ``[N, E·r]`` expert activations.
     Double backward is not supported.
+
+    On CUDA neither pass synchronises, so both can be captured in a CUDA graph. The seed,
+    though, is read on the host when the op runs: a graph captured with ``torch.cuda.graph``
+    replays the masks of the seed it was captured with, and refilling a seed tensor between
+    replays does not change them (``torch.randint`` on the CPU is not captured either). Capture
+    training steps with ``dropout=0``, or one graph per seed. ``torch.compile`` is not
+    affected: it does not capture graphs that take CPU tensors (its "cudagraphs" modes skip them
+    and say so in their log).
     """
     x = _check_tensor("x", x, -1, None)
     if x.dim() < 1:
