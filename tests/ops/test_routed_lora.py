@@ -811,6 +811,62 @@ def test_opcheck(device, dtype):
     _, _, weights, h = (t.detach() for t in fwd(x, a, b, s, None, gates, 0, 0.0, seed(0)))
     args = (dy, xd, ad, bd, s, None, weights, None, None, h, 0, 0.0, seed(0))
     torch.library.opcheck(bwd, (*args, [True, False, True, False, True], dtype))
+    # The ops without dropout take no seed; the dropout ops are the same functions.
+    torch.library.opcheck(fwd, (x, a, b, s, None, gates, 0, 0.0, None))
+    torch.library.opcheck(bwd, (*args[:12], None, [True, False, True, False, True], dtype))
+    fwd_d = torch.ops.meldkit.routed_lora_dropout.default
+    torch.library.opcheck(fwd_d, (x, a, b, s, w, None, 2, 0.25, seed(7)))
+    _, probs, weights, h = (t.detach() for t in fwd_d(x, a, b, s, w, None, 2, 0.25, seed(7)))
+    args = (dy, xd, ad, bd, s, wd, weights, probs, dprobs, h, 2, 0.25, seed(7))
+    bwd_d = torch.ops.meldkit.routed_lora_dropout_backward.default
+    torch.library.opcheck(bwd_d, (*args, [True, True, True, True, False], None))
+
+
+def test_dropout_calls_take_their_own_ops_tagged_cudagraph_unsafe():
+    """Calls with dropout go through ``meldkit::routed_lora_dropout`` (and its backward), tagged
+    ``cudagraph_unsafe``: their seed is a CPU tensor read on the host, which a CUDA graph would
+    freeze, so torch.compile's CUDA-graph modes must run them outside their graphs. Calls
+    without dropout take the untagged ops with ``seed=None``: no CPU tensor among their inputs,
+    so they stay inside such graphs. Both give the same numbers as before the split."""
+    ops = torch.ops.meldkit
+    tag = getattr(torch.Tag, "cudagraph_unsafe", None)
+    if tag is not None:
+        assert tag in ops.routed_lora_dropout.default.tags
+        assert tag in ops.routed_lora_dropout_backward.default.tags
+        assert tag not in ops.routed_lora.default.tags
+        assert tag not in ops.routed_lora_backward.default.tags
+
+    x, a, b, w = router_case(CASES[3], torch.float32, "cpu", seed=51)
+
+    class Record(torch.utils._python_dispatch.TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "meldkit" in str(func):
+                self.seen.append((str(func), args))
+            return func(*args, **(kwargs or {}))
+
+    for dropout, fwd_name, bwd_name in (
+        (0.0, "meldkit.routed_lora.default", "meldkit.routed_lora_backward.default"),
+        (
+            0.3,
+            "meldkit.routed_lora_dropout.default",
+            "meldkit.routed_lora_dropout_backward.default",
+        ),
+    ):
+        with Record() as rec:
+            y, probs = routed_lora(x, a, b, 0.5, router_weight=w, top_k=2, dropout=dropout, seed=9)
+            (y.sum() + probs.sum()).backward()
+        assert [name for name, _ in rec.seen] == [fwd_name, bwd_name]
+        fwd_seed, bwd_seed = rec.seen[0][1][8], rec.seen[1][1][12]
+        if dropout == 0.0:
+            assert fwd_seed is None and bwd_seed is None
+        else:
+            assert int(fwd_seed) == 9 and int(bwd_seed) == 9
+        ref = routed_lora_ref(x, a, b, 0.5, router_weight=w, top_k=2, dropout=dropout, seed=9)
+        torch.testing.assert_close(y, ref[0], rtol=1e-5, atol=1e-6)
 
 
 def test_gradcheck_float64():

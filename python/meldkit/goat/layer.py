@@ -142,6 +142,8 @@ class GoatLinear(nn.Module):
         than eager's unless ``torch._inductor.config.fallback_random`` is set. A graph
         captured by hand with ``torch.cuda.graph`` would replay one seed's masks at every step
         (the draw is a CPU op, outside the capture): capture in eval mode, or with dropout 0.
+        ``torch.compile``'s CUDA-graph modes run the op with dropout outside their graphs
+        (``routed_lora``'s notes).
 
         A plain ``nn.Linear`` base (no hooks, weights in ``x.dtype``, autocast off) runs inside
         the op (``routed_lora(..., base_weight=, base_bias=)``): the same sum, without the two

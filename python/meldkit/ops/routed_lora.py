@@ -1,6 +1,8 @@
 """``routed_lora``: a mixture of LoRA experts behind a top-k router (GOAT), forward and backward.
 
-Two torch.library custom ops, joined by ``register_autograd``:
+Two torch.library custom ops, joined by ``register_autograd`` (each twice: calls with dropout go
+through ``meldkit::routed_lora_dropout`` and ``meldkit::routed_lora_dropout_backward``, the same
+functions tagged ``cudagraph_unsafe``; the plain ops get ``seed=None``):
 
 * ``meldkit::routed_lora(x, lora_a, lora_b, scaling, router_weight, gates, top_k, dropout, seed,
   base_weight=None, base_bias=None) -> (y, probs, weights, h)``
@@ -18,7 +20,9 @@ over its masked input), and so do calls the per-token kernels cannot take at any
 routing weights and the expert activations ``h`` (``[N, E·r]``, small) for the backward; dropout
 masks are regenerated from the seed, never stored. ``seed`` reaches the ops as a one-element
 int64 CPU tensor (read on the host, so no device synchronisation), so that a seed drawn per
-step with ``torch.randint`` stays inside a ``torch.compile`` graph. Fake kernels make both ops
+step with ``torch.randint`` stays inside a ``torch.compile`` graph. A CUDA graph would freeze
+that read, hence the tag: torch.compile's CUDA-graph modes run the dropout ops outside their
+graphs, and keep the plain ops, which have no CPU input, inside them. Fake kernels make both ops
 traceable by ``torch.compile``.
 
 With a base linear (``base_weight``, ``base_bias``: the caller's frozen ``nn.Linear``), ``y`` is
@@ -71,25 +75,40 @@ def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().contiguous()
 
 
-def _seed_value(seed: torch.Tensor) -> int:
+def _seed_value(seed: torch.Tensor | None) -> int:
     """The ops' ``seed`` (a one-element int64 CPU tensor, so that ``torch.compile`` can trace a
-    seed drawn per step without reading it) as the int the kernels take. A CPU read: no device
-    synchronisation."""
+    seed drawn per step without reading it; None without dropout) as the int the kernels take.
+    A CPU read: no device synchronisation."""
+    if seed is None:
+        return 0
     value = int(seed.reshape(()))
     if value < 0:
         raise _error(ValueError, "seed", f"{value} is not in [0, 2**63)")
     return value
 
 
-# The seed of every call without dropout (read only to regenerate masks, which it has none of).
-_NO_SEED = torch.zeros((), dtype=torch.int64)
+# Two ops of each pass, the same functions: ``meldkit::routed_lora`` (and ``_backward``) for
+# calls without dropout, which take no seed, and ``meldkit::routed_lora_dropout`` (and
+# ``_backward``) for calls with dropout, whose seed is a CPU tensor read on the host. Those are
+# tagged ``cudagraph_unsafe``, so that torch.compile's CUDA-graph modes run them outside their
+# graphs (a captured call would replay its capture's seed); the ops without dropout stay inside.
+_CUDAGRAPH_UNSAFE = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+def _custom_ops(plain: str, with_dropout: str, fn):
+    """``fn`` as the two custom ops ``meldkit::PLAIN`` and ``meldkit::WITH_DROPOUT`` (tagged)."""
+    return (
+        torch.library.custom_op(f"meldkit::{plain}", fn, mutates_args=()),
+        torch.library.custom_op(
+            f"meldkit::{with_dropout}", fn, mutates_args=(), tags=_CUDAGRAPH_UNSAFE
+        ),
+    )
 
 
 # ---- forward op ----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("meldkit::routed_lora", mutates_args=())
-def _routed_lora(
+def _routed_lora_impl(
     x: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
@@ -98,12 +117,17 @@ def _routed_lora(
     gates: torch.Tensor | None,
     top_k: int,
     dropout: float,
-    seed: torch.Tensor,
+    seed: torch.Tensor | None,
     base_weight: torch.Tensor | None = None,
     base_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (x, lora_a, lora_b, scaling, router_weight, gates, top_k, dropout, _seed_value(seed))
     return routed_lora_forward_ref(*args, base_weight, base_bias)
+
+
+_routed_lora, _routed_lora_dropout = _custom_ops(
+    "routed_lora", "routed_lora_dropout", _routed_lora_impl
+)
 
 
 # From this many tokens, the forward and the backward are a handful of GEMMs over the
@@ -372,7 +396,6 @@ def _gemm_backward(
     return tuple(h.new_empty(0) if g is None else g for g in (dx, da, db, dw, dgates))
 
 
-@_routed_lora.register_kernel(["cpu", "cuda"])
 def _routed_lora_native(
     x: torch.Tensor,
     lora_a: torch.Tensor,
@@ -382,7 +405,7 @@ def _routed_lora_native(
     gates: torch.Tensor | None,
     top_k: int,
     dropout: float,
-    seed: torch.Tensor,
+    seed: torch.Tensor | None,
     base_weight: torch.Tensor | None = None,
     base_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -429,7 +452,6 @@ def _routed_lora_native(
     return y, (h.new_empty(0) if probs is None else probs), weights, h
 
 
-@_routed_lora.register_fake
 def _routed_lora_fake(
     x,
     lora_a,
@@ -463,8 +485,7 @@ def _backward_reference(*args) -> tuple[torch.Tensor, ...]:
     return tuple(h.new_empty(0) if g is None else g for g in grads)
 
 
-@torch.library.custom_op("meldkit::routed_lora_backward", mutates_args=())
-def _routed_lora_backward(
+def _routed_lora_backward_impl(
     dy: torch.Tensor,
     x: torch.Tensor,
     lora_a: torch.Tensor,
@@ -477,7 +498,7 @@ def _routed_lora_backward(
     h: torch.Tensor,
     top_k: int,
     dropout: float,
-    seed: torch.Tensor,
+    seed: torch.Tensor | None,
     needs: list[bool],
     gates_dtype: torch.dtype | None,
     base_weight: torch.Tensor | None = None,
@@ -519,7 +540,6 @@ def _grad_buffers(x, lora_a, lora_b, router_weight, needs, gates_dtype, new):
     ]
 
 
-@_routed_lora_backward.register_kernel(["cpu", "cuda"])
 def _routed_lora_backward_native(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -533,7 +553,7 @@ def _routed_lora_backward_native(
     h: torch.Tensor,
     top_k: int,
     dropout: float,
-    seed: torch.Tensor,
+    seed: torch.Tensor | None,
     needs: list[bool],
     gates_dtype: torch.dtype | None,
     base_weight: torch.Tensor | None = None,
@@ -615,7 +635,6 @@ def _routed_lora_backward_native(
     return tuple(h.new_empty(0) if g is None else g for g in grads)
 
 
-@_routed_lora_backward.register_fake
 def _routed_lora_backward_fake(
     dy,
     x,
@@ -692,7 +711,8 @@ def _backward(ctx, dy, dprobs, _dweights, _dh):
         dy = x.new_zeros(x.shape[0], lora_b.shape[1])
     if probs is None:
         dprobs = None
-    grads = _routed_lora_backward(
+    backward_op = _routed_lora_dropout_backward if ctx.dropout > 0.0 else _routed_lora_backward
+    grads = backward_op(
         dy,
         x,
         lora_a,
@@ -714,7 +734,17 @@ def _backward(ctx, dy, dprobs, _dweights, _dh):
     return (dx, da, db, None, dw, dgates, None, None, None, *base_grads)
 
 
-_routed_lora.register_autograd(_backward, setup_context=_setup_context)
+_routed_lora_backward, _routed_lora_dropout_backward = _custom_ops(
+    "routed_lora_backward", "routed_lora_dropout_backward", _routed_lora_backward_impl
+)
+for _op in (_routed_lora_backward, _routed_lora_dropout_backward):
+    _op.register_kernel(["cpu", "cuda"], _routed_lora_backward_native)
+    _op.register_fake(_routed_lora_backward_fake)
+for _op in (_routed_lora, _routed_lora_dropout):
+    _op.register_kernel(["cpu", "cuda"], _routed_lora_native)
+    _op.register_fake(_routed_lora_fake)
+    _op.register_autograd(_backward, setup_context=_setup_context)
+del _op
 
 
 # ---- public API ----------------------------------------------------------------------------
@@ -886,8 +916,9 @@ def routed_lora(
     replays the masks of the seed it was captured with, and refilling a seed tensor between
     replays does not change them (``torch.randint`` on the CPU is not captured either). Capture
     training steps with ``dropout=0``, or one graph per seed. ``torch.compile`` is not
-    affected: it does not capture graphs that take CPU tensors (its "cudagraphs" modes skip them
-    and say so in their log).
+    affected: calls with dropout go through ``meldkit::routed_lora_dropout``, tagged
+    ``cudagraph_unsafe``, which its CUDA-graph modes run outside their graphs; calls without
+    dropout take no seed and stay inside.
     """
     x = _check_tensor("x", x, -1, None)
     if x.dim() < 1:
@@ -939,7 +970,7 @@ def routed_lora(
     dropout = float(dropout)
     if not 0.0 <= dropout < 1.0:
         raise _error(ValueError, "dropout", f"{dropout} is not in [0, 1)")
-    seed = _NO_SEED if dropout == 0.0 else _seed_tensor(seed)
+    seed = None if dropout == 0.0 else _seed_tensor(seed)
 
     d_out = lora_b.shape[1]
     if base_weight is not None:
@@ -966,7 +997,10 @@ def routed_lora(
     gates2 = None if gates is None else gates.reshape(-1, n_experts)
     base = () if base_weight is None else (base_weight, base_bias)
     args = (x2, lora_a, lora_b, scale, router_weight, gates2, top_k, dropout, seed, *base)
-    y, probs, _, _ = _native.call(
-        _routed_lora, _routed_lora_native, "meldkit::routed_lora", device, args
+    op, name = (
+        (_routed_lora_dropout, "meldkit::routed_lora_dropout")
+        if dropout > 0.0
+        else (_routed_lora, "meldkit::routed_lora")
     )
+    y, probs, _, _ = _native.call(op, _routed_lora_native, name, device, args)
     return y.reshape(*lead, lora_b.shape[1]), (probs if router_weight is not None else None)
