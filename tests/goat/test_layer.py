@@ -370,6 +370,32 @@ def test_compiled_training_with_dropout_is_one_graph_and_replays_eager(device):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.cuda
+def test_reduce_overhead_draws_new_masks_each_step_and_keeps_eval_exact():
+    """Under torch.compile's CUDA graphs (``mode="reduce-overhead"``) a training forward with
+    dropout draws new masks at every call: the dropout ops, tagged ``cudagraph_unsafe``, run
+    outside the captured graphs (captured, they would replay the capture's host-read seed). In
+    eval mode the plain ops take no CPU tensor and the compiled model equals eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = goat.wrap(mlp(), config(dropout=0.3)).to("cuda")
+    x = torch.randn(70, 40, device="cuda")
+    compiled = torch.compile(model, mode="reduce-overhead")
+    model.train()
+    with torch.no_grad():
+        outs = [compiled(x).clone() for _ in range(4)]
+    assert all(o.isfinite().all() for o in outs)
+    for i in range(1, 4):  # warm-up, recording, then replays: every call its own masks
+        assert not torch.equal(outs[i], outs[i - 1]), i
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+        got = [compiled(x).clone() for _ in range(3)]
+    for g in got:
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
 def test_new_layers_take_the_replaced_layers_mode(tmp_path):
     """A model in eval mode (as from_pretrained returns it) stays in eval mode after wrap and
     load_adapter: its experts' dropout off, two forwards equal. One in train mode trains."""
