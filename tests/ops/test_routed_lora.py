@@ -867,6 +867,12 @@ def test_dropout_calls_take_their_own_ops_tagged_cudagraph_unsafe():
             assert int(fwd_seed) == 9 and int(bwd_seed) == 9
         ref = routed_lora_ref(x, a, b, 0.5, router_weight=w, top_k=2, dropout=dropout, seed=9)
         torch.testing.assert_close(y, ref[0], rtol=1e-5, atol=1e-6)
+    # An op called directly with dropout but no seed does not pick one silently.
+    s = torch.full((3,), 0.5)
+    with pytest.raises(ValueError, match="'seed': is required"):
+        ops.routed_lora.default(
+            x.detach(), a.detach(), b.detach(), s, w.detach(), None, 2, 0.3, None
+        )
 
 
 def test_gradcheck_float64():

@@ -75,11 +75,13 @@ def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().contiguous()
 
 
-def _seed_value(seed: torch.Tensor | None) -> int:
+def _seed_value(seed: torch.Tensor | None, dropout: float) -> int:
     """The ops' ``seed`` (a one-element int64 CPU tensor, so that ``torch.compile`` can trace a
     seed drawn per step without reading it; None without dropout) as the int the kernels take.
     A CPU read: no device synchronisation."""
     if seed is None:
+        if dropout > 0.0:
+            raise _error(ValueError, "seed", "is required when dropout > 0")
         return 0
     value = int(seed.reshape(()))
     if value < 0:
@@ -121,7 +123,17 @@ def _routed_lora_impl(
     base_weight: torch.Tensor | None = None,
     base_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = (x, lora_a, lora_b, scaling, router_weight, gates, top_k, dropout, _seed_value(seed))
+    args = (
+        x,
+        lora_a,
+        lora_b,
+        scaling,
+        router_weight,
+        gates,
+        top_k,
+        dropout,
+        _seed_value(seed, dropout),
+    )
     return routed_lora_forward_ref(*args, base_weight, base_bias)
 
 
@@ -411,7 +423,7 @@ def _routed_lora_native(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     route = router_weight if gates is None else gates
     dtypes = _dtypes(x, lora_a, lora_b, route)
-    seed = _seed_value(seed)
+    seed = _seed_value(seed, dropout)
     args = (x, lora_a, lora_b, scaling, router_weight, gates, top_k, dropout, seed)
     if _use_reference(x.device, dtypes):
         return routed_lora_forward_ref(*args, base_weight, base_bias)
@@ -503,7 +515,7 @@ def _routed_lora_backward_impl(
     gates_dtype: torch.dtype | None,
     base_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    seed = _seed_value(seed)
+    seed = _seed_value(seed, dropout)
     return _backward_reference(
         dy,
         x,
@@ -558,7 +570,7 @@ def _routed_lora_backward_native(
     gates_dtype: torch.dtype | None,
     base_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    seed = _seed_value(seed)
+    seed = _seed_value(seed, dropout)
     route_dtype = router_weight.dtype if router_weight is not None else gates_dtype
     dtypes = tuple(dict.fromkeys(d for d in (x.dtype, lora_a.dtype, lora_b.dtype, route_dtype)))
     if _use_reference(x.device, dtypes):
