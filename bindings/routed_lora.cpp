@@ -112,19 +112,16 @@ void import_common(const char* op, bool forward, Call& c, py::handle x, py::hand
   }
   if (R < 1) throw_value_error(c.a.name.prefix() + ": rank must be at least 1");
   // The kernels hold these sizes in int.
-  constexpr int64_t kMaxDim = std::numeric_limits<int>::max();
-  if (din > kMaxDim) {
-    throw_value_error(c.x.name.prefix() + ": d_in " + std::to_string(din) + " exceeds " +
-                      std::to_string(kMaxDim));
-  }
-  if (dout > kMaxDim) {
-    throw_value_error(c.b.name.prefix() + ": d_out " + std::to_string(dout) + " exceeds " +
-                      std::to_string(kMaxDim));
-  }
-  if (R > kMaxDim) {
-    throw_value_error(c.a.name.prefix() + ": rank " + std::to_string(R) + " exceeds " +
-                      std::to_string(kMaxDim));
-  }
+  auto check_int_size = [](const TensorArg& t, const char* what, int64_t size) {
+    constexpr int64_t kMax = std::numeric_limits<int>::max();
+    if (size > kMax) {
+      throw_value_error(t.name.prefix() + ": " + what + " " + std::to_string(size) + " exceeds " +
+                        std::to_string(kMax));
+    }
+  };
+  check_int_size(c.x, "d_in", din);
+  check_int_size(c.b, "d_out", dout);
+  check_int_size(c.a, "rank", R);
   check_shape(c.a, {E, R, din}, "(E, R, d_in of x)");
   check_shape(c.b, {E, dout, R}, "(E, d_out, R of lora_a)");
   check_shape(c.scaling, {E}, "(one scale per expert)");

@@ -287,16 +287,24 @@ void check_dtype_in(const TensorArg& t, const DType* begin, const DType* end,
                    " kernel (supported: " + supported + ")");
 }
 
+namespace {
+
+// True when a and b share a byte of memory on one device (empty tensors share none).
+bool shares_bytes(const TensorArg& a, const TensorArg& b) {
+  const auto* pa = static_cast<const char*>(a.data);
+  const auto* pb = static_cast<const char*>(b.data);
+  const int64_t na = a.nbytes(), nb = b.nbytes();
+  if (na == 0 || nb == 0 || a.device != b.device) return false;
+  return pa < pb + nb && pb < pa + na;
+}
+
+}  // namespace
+
 void check_no_partial_overlap(const TensorArg& out, const std::vector<TensorArg>& inputs) {
-  const auto* o = static_cast<const char*>(out.data);
-  const int64_t on = out.nbytes();
   for (const TensorArg& in : inputs) {
-    const auto* i = static_cast<const char*>(in.data);
-    const int64_t in_n = in.nbytes();
-    if (on == 0 || in_n == 0 || in.device != out.device) continue;
-    const bool overlap = o < i + in_n && i < o + on;
-    const bool identical = o == i && on == in_n && out.dtype == in.dtype;
-    if (overlap && !identical) {
+    const bool identical =
+        out.data == in.data && out.nbytes() == in.nbytes() && out.dtype == in.dtype;
+    if (shares_bytes(out, in) && !identical) {
       throw_value_error(out.name.prefix() + ": overlaps '" + in.name.arg +
                         "' partially; it may be exactly one of the inputs or separate memory");
     }
@@ -304,13 +312,8 @@ void check_no_partial_overlap(const TensorArg& out, const std::vector<TensorArg>
 }
 
 void check_no_overlap(const TensorArg& scratch, const std::vector<TensorArg>& others) {
-  const auto* w = static_cast<const char*>(scratch.data);
-  const int64_t wn = scratch.nbytes();
   for (const TensorArg& t : others) {
-    const auto* i = static_cast<const char*>(t.data);
-    const int64_t n = t.nbytes();
-    if (wn == 0 || n == 0 || t.device != scratch.device) continue;
-    if (w < i + n && i < w + wn) {
+    if (shares_bytes(scratch, t)) {
       throw_value_error(scratch.name.prefix() + ": overlaps '" + t.name.arg +
                         "'; a workspace must be memory of its own");
     }

@@ -123,17 +123,8 @@ def _routed_lora_impl(
     base_weight: torch.Tensor | None = None,
     base_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = (
-        x,
-        lora_a,
-        lora_b,
-        scaling,
-        router_weight,
-        gates,
-        top_k,
-        dropout,
-        _seed_value(seed, dropout),
-    )
+    seed = _seed_value(seed, dropout)
+    args = (x, lora_a, lora_b, scaling, router_weight, gates, top_k, dropout, seed)
     return routed_lora_forward_ref(*args, base_weight, base_bias)
 
 
