@@ -103,18 +103,22 @@ MELDKIT_INLINE bf16_t float_to_bf16(float f) {
 #endif
 }
 
-// Shifting the half's exponent+mantissa into a float's and multiplying by 2^112 rebases the
-// exponent (bias 15 -> 127); it is exact for normals and subnormals alike and vectorises.
+// A normal half's exponent+mantissa, shifted into a float's, is rebased (bias 15 -> 127) by an
+// integer add; a subnormal half is its mantissa times 2^-24, an int -> float conversion and an
+// exact scaling. No step passes through a float subnormal, so the result is exact even when
+// another library in the process has turned on flush-to-zero / denormals-are-zero (as one built
+// with -ffast-math does when it is loaded). Vectorises.
 MELDKIT_INLINE float f16_to_float(f16_t h) {
 #if defined(__CUDA_ARCH__)
   return __half2float(__ushort_as_half(h.bits));
 #else
   const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16;
   const uint32_t em = h.bits & 0x7fffu;
-  const uint32_t scaled =
-      float_as_bits(bits_as_float(em << 13) * 5.192296858534828e33f /* 2^112 */);
+  const uint32_t normal = (em << 13) + 0x38000000u;  // + (127 - 15) << 23
+  const uint32_t subnormal = float_as_bits(float(int32_t(em)) * 5.9604644775390625e-8f /* 2^-24 */);
   const uint32_t special = 0x7f800000u | (em << 13);  // inf / NaN keep their payload
-  return bits_as_float(select_bits(mask_if(em >= 0x7c00u), special, scaled) | sign);
+  const uint32_t finite = select_bits(mask_if(em < 0x400u), subnormal, normal);
+  return bits_as_float(select_bits(mask_if(em >= 0x7c00u), special, finite) | sign);
 #endif
 }
 
@@ -128,7 +132,8 @@ MELDKIT_INLINE f16_t float_to_f16(float f) {
   // |f| >= 65536 (or inf, NaN): overflow to inf, NaN to the quiet NaN.
   const uint32_t big = select_bits(mask_if(a > 0x7f800000u), 0x7e00u, 0x7c00u);
   // Subnormal or zero result: adding 0.5 (as float) aligns the mantissa so the FPU's own
-  // round-to-nearest-even leaves the half's subnormal bits at the bottom.
+  // round-to-nearest-even leaves the half's subnormal bits at the bottom. (A float subnormal
+  // input read as 0 under denormals-are-zero rounds to the same signed zero.)
   const uint32_t tiny = float_as_bits(bits_as_float(a) + 0.5f) - 0x3f000000u;
   // Normal result: rebias the exponent (127 -> 15) and round to nearest even.
   const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;
