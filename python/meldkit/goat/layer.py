@@ -189,7 +189,7 @@ class GoatLinear(nn.Module):
         return (
             type(base) is nn.Linear
             and not (base._forward_hooks or base._forward_pre_hooks)
-            and "forward" not in vars(base)
+            and "forward" not in base.__dict__
             and x.dtype == base.weight.dtype
             and (base.bias is None or base.bias.dtype == x.dtype)
             and x.device == base.weight.device

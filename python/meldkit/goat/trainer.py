@@ -6,6 +6,7 @@ need transformers unless this class is used.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import transformers
@@ -33,13 +34,10 @@ class GoatTrainerMixin:
         num_items_in_batch: Any = None,
         **kwargs: Any,
     ) -> Any:
-        loss, outputs = super().compute_loss(
-            model,
-            inputs,
-            return_outputs=True,
-            num_items_in_batch=num_items_in_batch,
-            **kwargs,
-        )
+        parent = super().compute_loss
+        if _accepts(parent, "num_items_in_batch"):
+            kwargs["num_items_in_batch"] = num_items_in_batch  # transformers >= 4.46
+        loss, outputs = parent(model, inputs, return_outputs=True, **kwargs)
         if model.training:
             aux = aux_loss(model)
             if self._loss_scaled_for_accumulation(num_items_in_batch):
@@ -55,6 +53,15 @@ class GoatTrainerMixin:
         return bool(
             getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
         ) or (getattr(self, "compute_loss_func", None) is not None)
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    """Whether ``fn`` takes a keyword argument ``name`` (or ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 class GoatTrainer(GoatTrainerMixin, transformers.Trainer):

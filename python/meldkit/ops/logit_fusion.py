@@ -34,6 +34,7 @@ import torch
 
 from meldkit import _native
 from meldkit.ops import _checks
+from meldkit.ops._library import custom_op
 from meldkit.ops.logit_fusion_ref import (
     DEFAULT_ALPHAS,
     LogitFusionResult,
@@ -63,7 +64,11 @@ def _use_reference(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> boo
 # ---- the op --------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("meldkit::logit_fusion", mutates_args=())
+@custom_op(
+    "meldkit::logit_fusion",
+    schema="(Tensor large, Tensor small_base, Tensor experts, float[] alphas, bool return_logits)"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
+)
 def _logit_fusion(
     large: torch.Tensor,
     small_base: torch.Tensor,

@@ -30,6 +30,7 @@ from meldkit import _native
 from meldkit.merging.methods import get_method
 from meldkit.ops import _checks
 from meldkit.ops import merge_ref as ref
+from meldkit.ops._library import custom_op
 
 _OP = "merge"
 _NATIVE_SPARSIFY = ("none", "magnitude", "random")
@@ -403,7 +404,12 @@ def _merge_reference(
     )
 
 
-@torch.library.custom_op("meldkit::merge_tensors", mutates_args=())
+@custom_op(
+    "meldkit::merge_tensors",
+    schema="(Tensor base, Tensor[] models, str method, float[] weights, float[] densities,"
+    " float[] gammas, float[] epsilons, float lam, bool normalize, str rescale, str tie,"
+    " SymInt seed, SymInt tensor_index, float[]? thresholds, ScalarType? out_dtype) -> Tensor",
+)
 def _merge_tensors(
     base: torch.Tensor,
     models: list[torch.Tensor],

@@ -48,6 +48,7 @@ import torch
 
 from meldkit import _native
 from meldkit.ops import _checks
+from meldkit.ops._library import custom_op
 from meldkit.ops.routed_lora_ref import (
     compute_dtype,
     routed_lora_backward_ref,
@@ -97,13 +98,11 @@ def _seed_value(seed: torch.Tensor | None, dropout: float) -> int:
 _CUDAGRAPH_UNSAFE = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
 
-def _custom_ops(plain: str, with_dropout: str, fn):
+def _custom_ops(plain: str, with_dropout: str, fn, schema: str):
     """``fn`` as the two custom ops ``meldkit::PLAIN`` and ``meldkit::WITH_DROPOUT`` (tagged)."""
     return (
-        torch.library.custom_op(f"meldkit::{plain}", fn, mutates_args=()),
-        torch.library.custom_op(
-            f"meldkit::{with_dropout}", fn, mutates_args=(), tags=_CUDAGRAPH_UNSAFE
-        ),
+        custom_op(f"meldkit::{plain}", fn, schema=schema),
+        custom_op(f"meldkit::{with_dropout}", fn, schema=schema, tags=_CUDAGRAPH_UNSAFE),
     )
 
 
@@ -129,7 +128,12 @@ def _routed_lora_impl(
 
 
 _routed_lora, _routed_lora_dropout = _custom_ops(
-    "routed_lora", "routed_lora_dropout", _routed_lora_impl
+    "routed_lora",
+    "routed_lora_dropout",
+    _routed_lora_impl,
+    "(Tensor x, Tensor lora_a, Tensor lora_b, Tensor scaling, Tensor? router_weight,"
+    " Tensor? gates, SymInt top_k, float dropout, Tensor? seed, Tensor? base_weight=None,"
+    " Tensor? base_bias=None) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 
 
@@ -738,7 +742,13 @@ def _backward(ctx, dy, dprobs, _dweights, _dh):
 
 
 _routed_lora_backward, _routed_lora_dropout_backward = _custom_ops(
-    "routed_lora_backward", "routed_lora_dropout_backward", _routed_lora_backward_impl
+    "routed_lora_backward",
+    "routed_lora_dropout_backward",
+    _routed_lora_backward_impl,
+    "(Tensor dy, Tensor x, Tensor lora_a, Tensor lora_b, Tensor scaling, Tensor? router_weight,"
+    " Tensor weights, Tensor? probs, Tensor? dprobs, Tensor h, SymInt top_k, float dropout,"
+    " Tensor? seed, bool[] needs, ScalarType? gates_dtype, Tensor? base_weight=None)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 for _op in (_routed_lora_backward, _routed_lora_dropout_backward):
     _op.register_kernel(["cpu", "cuda"], _routed_lora_backward_native)

@@ -15,6 +15,7 @@ import torch
 
 from meldkit import _native
 from meldkit.ops import _checks
+from meldkit.ops._library import custom_op
 from meldkit.ops.weighted_sum_ref import weighted_sum_ref
 
 _OP = "weighted_sum"
@@ -46,7 +47,10 @@ def _launch(tensors: list[torch.Tensor], weights: list[float], out: torch.Tensor
 # ---- functional op -------------------------------------------------------------------------
 
 
-@torch.library.custom_op("meldkit::weighted_sum", mutates_args=())
+@custom_op(
+    "meldkit::weighted_sum",
+    schema="(Tensor[] tensors, float[] weights, ScalarType? out_dtype) -> Tensor",
+)
 def _weighted_sum(
     tensors: list[torch.Tensor], weights: list[float], out_dtype: torch.dtype | None
 ) -> torch.Tensor:
@@ -92,7 +96,11 @@ _weighted_sum.register_autograd(_backward, setup_context=_setup_context)
 # ---- out= op -------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("meldkit::weighted_sum_out", mutates_args=("out",))
+@custom_op(
+    "meldkit::weighted_sum_out",
+    schema="(Tensor[] tensors, float[] weights, Tensor(a2!) out) -> ()",
+    mutates_args=("out",),
+)
 def _weighted_sum_out(tensors: list[torch.Tensor], weights: list[float], out: torch.Tensor) -> None:
     out.copy_(weighted_sum_ref(tensors, weights, out.dtype))
 

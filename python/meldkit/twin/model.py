@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from meldkit.goat.model import replace_module
 from meldkit.twin.build import (
@@ -243,23 +244,36 @@ def _batch_size(args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
     raise TwinError("meldkit.twin: no tensor input to take the batch size from")
 
 
-def _weakrefable(obj: Any) -> bool:
-    """Whether ``obj`` can key a ``WeakKeyDictionary`` (a Cache object; not a tuple)."""
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    """The first tensor in nested tuples/lists (a legacy KV cache's first layer's keys)."""
+    while isinstance(obj, (tuple, list)) and len(obj) > 0:
+        obj = obj[0]
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def _cache_key(cache: Any) -> Any:
+    """What identifies a KV cache between steps: the object itself (a ``transformers`` Cache,
+    extended in place), or for a legacy tuple cache (``((k, v), ...)`` per layer, rebuilt on
+    every step) its first key tensor; None when neither can be held by a weak reference."""
+    if isinstance(cache, (tuple, list)):
+        return _first_tensor(cache)
     try:
-        weakref.ref(obj)
-        hash(obj)
+        weakref.ref(cache)
     except TypeError:
-        return False
-    return True
+        return None
+    return cache
 
 
 def _cache_length(cache: Any) -> int:
-    """Positions a KV cache holds (a ``transformers`` Cache or a legacy tuple); 1 for a cache
-    of another kind (taken as holding some)."""
+    """Positions a KV cache holds (a ``transformers`` Cache or a legacy tuple of per-layer
+    ``(keys [B, H, T, D], values)``); 1 for a cache of another kind (taken as holding some)."""
     if hasattr(cache, "get_seq_length"):
         return int(cache.get_seq_length())
     if isinstance(cache, (tuple, list)):
-        return 0 if len(cache) == 0 else 1
+        first = _first_tensor(cache)
+        if first is None:
+            return 0 if len(cache) == 0 else 1
+        return int(first.shape[-2]) if first.dim() >= 2 else 1
     return 1
 
 
@@ -296,7 +310,8 @@ class RoutedMixin:
                     routed = (self.model, tuple(args), kwargs, named)
             cache = next((named[k] for k in CACHE_KWARGS[:3] if named.get(k) is not None), None)
             if cache is not None and _cache_length(cache) > 0:
-                weights = self._cache_weights().get(cache) if _weakrefable(cache) else None
+                key = _cache_key(cache)
+                weights = None if key is None else self._cache_weights().get(key)
                 if weights is None:
                     raise TwinError(
                         f"{type(self).__name__}: the KV cache passed holds positions that this "
@@ -312,11 +327,12 @@ class RoutedMixin:
                 _ROUTED_CALL.reset(token)
         return self._check_weights(weights, b, device)
 
-    def _cache_weights(self) -> weakref.WeakKeyDictionary:
-        """KV caches this model returned -> the weights ``[B, T]`` their sequences run with."""
+    def _cache_weights(self) -> WeakIdKeyDictionary:
+        """KV caches this model returned (by :func:`_cache_key`, held weakly, compared by
+        identity) -> the weights ``[B, T]`` their sequences run with."""
         caches = self.__dict__.get("_routed_caches")
         if caches is None:
-            caches = self.__dict__["_routed_caches"] = weakref.WeakKeyDictionary()
+            caches = self.__dict__["_routed_caches"] = WeakIdKeyDictionary()
         return caches
 
     def _remember_cache(self, out: Any, weights: torch.Tensor) -> None:
@@ -325,8 +341,10 @@ class RoutedMixin:
             return
         # by the output's own keys: asking transformers 5 for an old name warns
         for key, cache in out.items():
-            if key in CACHE_KWARGS[:3] and cache is not None and _weakrefable(cache):
-                self._cache_weights()[cache] = weights
+            if key in CACHE_KWARGS[:3] and cache is not None:
+                handle = _cache_key(cache)
+                if handle is not None:
+                    self._cache_weights()[handle] = weights
                 return
 
     @torch.no_grad()
