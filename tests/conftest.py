@@ -17,7 +17,7 @@ def _flushing_denormals() -> bool:
 
 @pytest.fixture(autouse=True)
 def _ieee_subnormals():
-    """Give every test IEEE subnormals, whatever an earlier test left behind. torch < 2.5's
+    """Give every test IEEE subnormals, whatever an earlier test left behind. torch 2.4's
     torch.compile CPU kernels are built with -ffast-math, whose loading turns on
     flush-to-zero/denormals-are-zero for the process; the ops' own results do not depend on
     that (tests/ops/test_denormal_modes.py), but torch's reference arithmetic and hypothesis's

@@ -16,7 +16,7 @@ HAS_TABLE = hasattr(torch.Tensor, "__dlpack_c_exchange_api__")
 
 def _calls_per_export() -> int:
     """``__dlpack__`` calls per tensor on the dunder route: the bindings ask for a versioned
-    capsule (``max_version``) first and, from a producer that predates DLPack 1.0 (torch < 2.5),
+    capsule (``max_version``) first and, from a producer that predates DLPack 1.0 (torch 2.4),
     take the legacy one on a second call."""
     try:
         torch.empty(1).__dlpack__(max_version=(1, 0))

@@ -1,8 +1,8 @@
 """``torch.library.custom_op`` with an explicit schema, on every torch meldkit supports.
 
-The ops' schemas are written out instead of inferred from their type hints: torch 2.4–2.6
-infer schemas only from ``typing.List``/``Optional`` objects, not from postponed (string)
-annotations, ``list[...]`` or ``X | None``. ``tests/test_ops_schema.py`` checks that each
+The ops' schemas are written out instead of inferred from their type hints: torch 2.4 infers
+schemas only from ``typing.List``/``Optional`` objects, not from postponed (string) annotations,
+``list[...]`` or ``X | None``. ``tests/test_ops_schema.py`` checks that each
 written schema is the one a newer torch infers from the function's hints, so the two cannot
 drift apart.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-# ``custom_op(tags=...)`` arrived after torch 2.4; older versions get the op without its tags.
+# ``custom_op(tags=...)`` arrived after torch 2.4, which gets the ops without their tags.
 _TAKES_TAGS = "tags" in inspect.signature(torch.library.custom_op).parameters
 
 
