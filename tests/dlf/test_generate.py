@@ -121,6 +121,22 @@ def test_expert_prompts_give_the_expert_its_own_prompt(models, tok):
     assert res2.token_ids == res.token_ids
 
 
+def test_prompts_that_hold_their_special_tokens(models, tok):
+    """``add_special_tokens=False`` tokenizes prompts (the experts' too) as given: prompts that
+    already start with ``<s>``, as chat-template texts hold theirs, decode as the plain prompts
+    do with the tokenizer adding it; with the default, ``<s>`` would be there twice."""
+    large, small, experts = models
+    kw = {"max_new_tokens": 5, "expert_prompts": ["w30 w31 ", None]}
+    want = dlf.generate(large, small, experts, tok, PROMPTS[:2], **kw)
+    held = ["<s> " + p for p in PROMPTS[:2]]
+    held_kw = {**kw, "expert_prompts": [lambda p: "<s> w30 w31 " + p[len("<s> ") :], None]}
+    got = dlf.generate(large, small, experts, tok, held, add_special_tokens=False, **held_kw)
+    assert got.token_ids == want.token_ids
+    assert torch.equal(got.alphas, want.alphas) and torch.equal(got.experts, want.experts)
+    doubled = dlf.generate(large, small, experts, tok, held, **held_kw)
+    assert doubled.token_ids != want.token_ids or not torch.equal(doubled.alphas, want.alphas)
+
+
 def test_cache_equals_recompute(models, tok):
     large, small, experts = models
     kw = dict(max_new_tokens=5, eos_token_id=[], return_logits=True)
@@ -304,6 +320,7 @@ def test_bad_arguments(models, tok, kwargs, match):
         (dict(do_sample=True, temperature="1"), "temperature"),
         (dict(stop=3), "stop"),
         (dict(stop=["ok", 3]), "stop"),
+        (dict(add_special_tokens="no"), "add_special_tokens"),
     ],
 )
 def test_arguments_of_the_wrong_type(models, tok, kwargs, match):

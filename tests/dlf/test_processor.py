@@ -69,6 +69,33 @@ def test_processor_with_expert_prompts(setup):
     assert torch.equal(got, ref.sequences)
 
 
+def test_processor_with_prompts_that_hold_their_special_tokens(setup):
+    """``add_special_tokens=False``: the experts' prompt texts, which already start with
+    ``<s>``, are tokenized as given, like the caller's inputs; the same run as the plain one."""
+    tok, large, small, experts = setup
+    held = ["<s> " + p for p in PROMPTS]
+    enc = tok(held, padding=True, return_tensors="pt", add_special_tokens=False)
+    assert torch.equal(
+        enc["input_ids"], tok(PROMPTS, padding=True, return_tensors="pt")["input_ids"]
+    )
+    proc = dlf.DynamicLogitFusionProcessor(
+        small,
+        experts,
+        tok,
+        attention_mask=enc["attention_mask"],
+        prompts=held,
+        expert_prompts=[None, lambda p: "<s> w50 w51 " + p[len("<s> ") :]],
+        add_special_tokens=False,
+    )
+    got = _run(large, proc, enc, do_sample=False)
+    ref = dlf.generate(
+        large, small, experts, tok, PROMPTS, max_new_tokens=7, expert_prompts=[None, "w50 w51 "]
+    )
+    assert torch.equal(got, ref.sequences)
+    with pytest.raises(TypeError, match="add_special_tokens"):
+        dlf.DynamicLogitFusionProcessor(small, experts, tok, add_special_tokens=0)
+
+
 def test_processor_sampling_fuses_before_warpers(setup):
     """Temperature → 0 applied by generate's warper after the processor gives greedy DLF."""
     tok, large, small, experts = setup

@@ -46,6 +46,8 @@ def smol():
         messages.append({"role": "user", "content": question})
         return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    # Chat-template texts hold their special tokens: every tokenization below passes
+    # add_special_tokens=False (transformers 4.x's GGUF tokenizer would add a second BOS).
     prompts = [chat(q) for q in QUESTIONS]
     expert_prompts = [{chat(q): chat(q, task) for q in QUESTIONS}.__getitem__ for task in TASKS]
     return model, tok, prompts, expert_prompts
@@ -58,7 +60,7 @@ def hf_greedy(smol):
     out = []
     with torch.no_grad():
         for p in prompts:
-            enc = tok([p], return_tensors="pt")
+            enc = tok([p], return_tensors="pt", add_special_tokens=False)
             ids = model.generate(
                 **enc, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id
             )
@@ -86,6 +88,7 @@ def test_static_alpha0_is_hf_greedy(smol, hf_greedy):
         mode="static",
         alpha=0.0,
         expert_prompts=expert_prompts,
+        add_special_tokens=False,
     )
     assert res.token_ids == hf_greedy
     assert res.texts == [tok.decode(ids, skip_special_tokens=True) for ids in hf_greedy]
@@ -104,6 +107,7 @@ def test_dynamic_grid_of_zero_is_hf_greedy(smol, hf_greedy):
         mode="dynamic",
         alphas=[0.0],
         expert_prompts=expert_prompts,
+        add_special_tokens=False,
     )
     assert res.token_ids == hf_greedy
     for i, ids in enumerate(hf_greedy):
@@ -122,6 +126,7 @@ def dlf_run(smol):
         prompts,
         max_new_tokens=NEW_TOKENS,
         expert_prompts=expert_prompts,
+        add_special_tokens=False,
     )
 
 
@@ -159,6 +164,7 @@ def test_single_icl_expert_gives_alpha_one(smol):
         prompts[:1],
         max_new_tokens=NEW_TOKENS,
         expert_prompts=expert_prompts[:1],
+        add_special_tokens=False,
     )
     live = res.alphas[0, : len(res.token_ids[0])]
     # Rounding may tip a step whose expert barely differs from the base; most steps are exact.
@@ -175,9 +181,14 @@ def test_processor_matches_generate(smol, dlf_run):
     model, tok, prompts, expert_prompts = smol
     for i, prompt in enumerate(prompts):
         proc = dlf.DynamicLogitFusionProcessor(
-            model, [model, model], tok, prompts=[prompt], expert_prompts=expert_prompts
+            model,
+            [model, model],
+            tok,
+            prompts=[prompt],
+            expert_prompts=expert_prompts,
+            add_special_tokens=False,
         )
-        enc = tok([prompt], return_tensors="pt")
+        enc = tok([prompt], return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
             ids = model.generate(
                 **enc,

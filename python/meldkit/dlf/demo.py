@@ -181,15 +181,18 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _hf_greedy(model, tokenizer, prompt: str, new_tokens: int) -> list[int]:
-    enc = tokenizer([prompt], return_tensors="pt")
+def _hf_greedy(
+    model, tokenizer, prompt: str, new_tokens: int, add_special_tokens: bool = True
+) -> list[int]:
+    enc = tokenizer([prompt], return_tensors="pt", add_special_tokens=add_special_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
     return out[0, enc["input_ids"].shape[1] :].tolist()
 
 
 def _real_setup():
-    """(large, small base, experts, tokenizer, prompts, expert_prompts, labels)."""
+    """(large, small base, experts, tokenizer, prompts, expert_prompts, labels,
+    add_special_tokens): the prompts are chat-template texts, which hold their special tokens."""
     model, tok = load_smollm2()
 
     def chat(question: str, system: str | None = None) -> str:
@@ -200,7 +203,7 @@ def _real_setup():
     prompts = [chat(q) for q in QUESTIONS]
     # prompt -> the same question under the expert's instruction
     expert_prompts = [{chat(q): chat(q, task) for q in QUESTIONS}.__getitem__ for task in TASKS]
-    return model, model, [model] * len(TASKS), tok, prompts, expert_prompts, list(QUESTIONS)
+    return model, model, [model] * len(TASKS), tok, prompts, expert_prompts, list(QUESTIONS), False
 
 
 def _tiny_setup():
@@ -211,7 +214,7 @@ def _tiny_setup():
     small = _tiny_llama(1, hidden=32)
     experts = [_tiny_llama(s, hidden=32, source=small, noise=0.3) for s in (2, 3)]
     prompts = ["w01 w02 w03 w04 w05", "w10 w11"]
-    return large, small, experts, tok, prompts, None, prompts
+    return large, small, experts, tok, prompts, None, prompts, True
 
 
 def _check(ok: bool) -> str:
@@ -263,7 +266,7 @@ def run_demo(print_fn: Callable[[str], None] = print) -> bool:
                 "the point."
             )
             setup = _tiny_setup()
-        large, small, experts, tok, prompts, expert_prompts, labels = setup
+        large, small, experts, tok, prompts, expert_prompts, labels, special = setup
 
         # Check 1: with α = 0 the fused logits are the large model's: DLF's loop must then
         # reproduce the large model's own greedy generate() token for token.
@@ -278,9 +281,11 @@ def run_demo(print_fn: Callable[[str], None] = print) -> bool:
             mode="static",
             alpha=0.0,
             expert_prompts=expert_prompts,
+            add_special_tokens=special,
         )
         same = all(
-            static.token_ids[i] == _hf_greedy(large, tok, p, n_check) for i, p in enumerate(prompts)
+            static.token_ids[i] == _hf_greedy(large, tok, p, n_check, special)
+            for i, p in enumerate(prompts)
         )
         print_fn(
             f"  dlf  generate(mode='static', alpha=0) == large.generate(do_sample=False), "
@@ -297,6 +302,7 @@ def run_demo(print_fn: Callable[[str], None] = print) -> bool:
             max_new_tokens=NEW_TOKENS,
             mode="dynamic",
             expert_prompts=expert_prompts,
+            add_special_tokens=special,
         )
         grid = torch.tensor(DEFAULT_ALPHAS, dtype=torch.float32)
         steps = out.alphas.shape[1]

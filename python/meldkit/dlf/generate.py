@@ -265,6 +265,7 @@ def generate(
     stop: str | Sequence[str] | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     expert_prompts: Sequence[ExpertPrompt] | None = None,
+    add_special_tokens: bool = True,
     adapter_batching: bool = True,
     use_cache: bool = True,
     return_logits: bool = False,
@@ -299,7 +300,8 @@ def generate(
         The one tokenizer all models share (a ``transformers`` tokenizer). The fusion runs over
         ``len(tokenizer)`` tokens; models with more logits (padded embedding rows) are sliced.
     prompts : str or sequence of str
-        B prompts (special tokens such as BOS are added by the tokenizer).
+        B prompts (special tokens such as BOS are added by the tokenizer, unless
+        ``add_special_tokens=False``).
     max_new_tokens : int
         Most tokens generated per prompt (≥ 1).
     mode : {"dynamic", "static"}
@@ -330,6 +332,11 @@ def generate(
         demonstrations), a function prompt → expert prompt (e.g. a chat template), or None. Each
         expert then reads its own prompt and keeps its own cache rows; generated tokens are appended
         to every model's sequence.
+    add_special_tokens : bool
+        Passed to the tokenizer for every prompt (the experts' too). ``False`` for prompts that
+        already hold them, as texts from ``tokenizer.apply_chat_template(..., tokenize=False)``
+        do: a tokenizer that adds BOS (transformers 4.x's GGUF tokenizers, Llama 2's) would
+        otherwise put a second one in front.
     adapter_batching : bool
         Run the small base and its PEFT adapters (and several prompts of one model) as one batched
         forward per step; ``False`` runs them one by one with ``disable_adapter()`` /
@@ -372,6 +379,8 @@ def generate(
     if any(not s for s in stops):
         raise ValueError("dlf: empty stop string")
     _check_sampling(do_sample, temperature, top_p, generator, seed)
+    if not isinstance(add_special_tokens, bool):
+        raise TypeError(f"dlf: add_special_tokens must be a bool, got {add_special_tokens!r}")
     alphas = alpha_list(alphas)
 
     members = [Member(large, None), *fusion_members(small_base, experts)]
@@ -387,7 +396,7 @@ def generate(
         adapter_batching=adapter_batching,
         use_cache=use_cache,
     )
-    logits = _prefill(ensemble, tokenizer, texts_per_member)
+    logits = _prefill(ensemble, tokenizer, texts_per_member, add_special_tokens)
     device = logits[0].device
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -443,14 +452,16 @@ def generate(
     )
 
 
-def _prefill(ensemble: Ensemble, tokenizer, texts_per_member) -> list[torch.Tensor]:
+def _prefill(
+    ensemble: Ensemble, tokenizer, texts_per_member, add_special_tokens: bool
+) -> list[torch.Tensor]:
     """Tokenize every member's prompts and prefill; gather logits on the large model's device.
 
     Fusion happens where the large model's logits come out, which is only known after its first
     forward (``device_map`` and accelerate hooks decide it); every stream sends its logits there
     from then on.
     """
-    encoded = [tokenize(tokenizer, texts) for texts in texts_per_member]
+    encoded = [tokenize(tokenizer, texts, add_special_tokens) for texts in texts_per_member]
     logits = ensemble.prefill(encoded)
     device = logits[0].device
     ensemble.send_to(device)

@@ -51,6 +51,9 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         The B prompt texts; needed only with ``expert_prompts``.
     expert_prompts : sequence of (str, callable or None), optional
         Per-expert prompts, as in :func:`meldkit.dlf.generate`.
+    add_special_tokens : bool
+        How the experts' prompt texts are tokenized, as in :func:`meldkit.dlf.generate`
+        (``False`` for chat-template texts; tokenize the caller's own inputs the same way).
 
     Notes
     -----
@@ -84,6 +87,7 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         alphas: torch.Tensor | Sequence[float] | None = None,
         prompts: Sequence[str] | None = None,
         expert_prompts: Sequence[ExpertPrompt] | None = None,
+        add_special_tokens: bool = True,
         adapter_batching: bool = True,
     ) -> None:
         check_mode(mode, alpha, alphas)
@@ -103,6 +107,9 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
             else [None] * len(experts)
         )
         self.tokenizer = tokenizer
+        if not isinstance(add_special_tokens, bool):
+            raise TypeError(f"dlf: add_special_tokens must be a bool, got {add_special_tokens!r}")
+        self.add_special_tokens = add_special_tokens
         self.attention_mask = attention_mask
         self.mode, self.alpha = mode, alpha
         self._alphas_grid = alpha_list(alphas)
@@ -168,7 +175,9 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         plain = (input_ids, mask.to(input_ids.device))
         prompts = [plain]
         for texts in self._expert_texts:
-            prompts.append(plain if texts is None else tokenize(self.tokenizer, texts))
+            prompts.append(
+                plain if texts is None else tokenize(self.tokenizer, texts, self.add_special_tokens)
+            )
         self._ensemble = Ensemble(
             self._members,
             vocab_size=self.vocab_size,

@@ -225,9 +225,12 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-def tokenize(tokenizer, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenize ``texts`` (special tokens added as the tokenizer does) and left-pad them."""
-    rows = tokenizer(list(texts))["input_ids"]
+def tokenize(
+    tokenizer, texts: Sequence[str], add_special_tokens: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize ``texts`` (with ``add_special_tokens``, special tokens such as BOS added as the
+    tokenizer does) and left-pad them."""
+    rows = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
     return left_pad(rows, pad_token_id(tokenizer))
 
 
