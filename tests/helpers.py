@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Every test that takes `device` runs on the CPU, and on CUDA where a GPU is present.
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -118,3 +126,19 @@ class OpNames:
                 return func(*args, **(kwargs or {}))
 
         return _Recorder()
+
+
+def run_child(module: str, **env: str) -> dict:
+    """Run ``python -m MODULE`` from the repository root with ``env`` added to this process's
+    environment and MELDKIT_BACKEND=native; return the JSON object it prints."""
+    done = subprocess.run(
+        [sys.executable, "-m", module],
+        cwd=ROOT,
+        env={**os.environ, "MELDKIT_BACKEND": "native", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)

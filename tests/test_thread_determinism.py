@@ -5,28 +5,11 @@ output's hash must agree."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import run_child
 
 
 def _run(threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MELDKIT_BACKEND="native")
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.determinism_child"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
+    return run_child("tests.determinism_child", OMP_NUM_THREADS=str(threads))
 
 
 def test_cpu_ops_give_the_same_bits_on_one_and_two_threads():

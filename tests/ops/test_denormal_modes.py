@@ -6,31 +6,15 @@ child processes with and without those modes, on float16 inputs half of which ar
 
 from __future__ import annotations
 
-import json
-import os
 import platform
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import run_child
 
 
 def _run(flush: bool) -> dict:
-    env = dict(os.environ, MELDKIT_BACKEND="native", MELDKIT_TEST_FLUSH_DENORMAL=str(int(flush)))
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.denormal_child"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
+    return run_child("tests.denormal_child", MELDKIT_TEST_FLUSH_DENORMAL=str(int(flush)))
 
 
 @pytest.mark.skipif(

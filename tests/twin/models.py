@@ -78,3 +78,17 @@ def one_hot(b: int, t: int, n: int) -> torch.Tensor:
     w = torch.zeros(b, n)
     w[:, t] = 1.0
     return w
+
+
+def cache_of(out):
+    """The KV cache a Hugging Face output returns (``cache`` from transformers 5 on, before it
+    ``past_key_values``)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+def cache_positions(cache) -> int:
+    """Positions a KV cache holds: a Cache object, or a legacy tuple of per-layer (keys,
+    values) that GPT-2 and Llama return on transformers 4.x."""
+    if hasattr(cache, "get_seq_length"):
+        return cache.get_seq_length()
+    return cache[0][0].shape[-2]

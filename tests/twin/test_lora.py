@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from meldkit import twin
-from tests.twin.models import one_hot
+from tests.twin.models import cache_of, cache_positions, one_hot
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -260,20 +260,6 @@ def test_router_trains_on_texts(adapters):
     assert (model.route(**enc).argmax(-1) == 1).all()
 
 
-def _cache_of(out):
-    """The KV cache a Hugging Face output returns (``cache`` from transformers 5 on, before it
-    ``past_key_values``)."""
-    return out["cache"] if "cache" in out else out["past_key_values"]
-
-
-def _positions(cache) -> int:
-    """Positions a KV cache holds: a Cache object, or a legacy tuple of per-layer (keys,
-    values) that GPT-2 and Llama return on transformers 4.x."""
-    if hasattr(cache, "get_seq_length"):
-        return cache.get_seq_length()
-    return cache[0][0].shape[-2]
-
-
 def _random_router(model):
     with torch.no_grad():
         for p in model.router.parameters():
@@ -295,11 +281,11 @@ def test_cached_decoding_keeps_the_prompts_routing(adapters):
     with torch.no_grad():
         w = model.route(**x)
         first = model(**x, use_cache=True)
-        assert _positions(_cache_of(first)) == 6
+        assert cache_positions(cache_of(first)) == 6
         nxt = first.logits[:, -1].argmax(-1, keepdim=True)
         mask = torch.cat([x["attention_mask"], torch.ones_like(nxt)], 1)
-        step = model(input_ids=nxt, attention_mask=mask, use_cache=True, **{key: _cache_of(first)})
-        assert _positions(_cache_of(step)) == 7
+        step = model(input_ids=nxt, attention_mask=mask, use_cache=True, **{key: cache_of(first)})
+        assert cache_positions(cache_of(step)) == 7
         ids = torch.cat([x["input_ids"], nxt], 1)
         full = model(input_ids=ids, attention_mask=mask, weights=w).logits[:, -1]
         torch.testing.assert_close(step.logits[:, -1], full, rtol=1e-4, atol=1e-4)

@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from meldkit import twin
-from tests.twin.models import batch, gpt2, one_hot, perturbed, roberta_experts
+from tests.twin.models import (
+    batch,
+    cache_of,
+    cache_positions,
+    gpt2,
+    one_hot,
+    perturbed,
+    roberta_experts,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -461,20 +469,6 @@ def test_one_expert_batches_keep_the_gradient_of_the_weights():
 _conv1d_warning = pytest.mark.filterwarnings("ignore:.*rebuilt densely per sample")
 
 
-def _cache_of(out):
-    """The KV cache a Hugging Face output returns (``cache`` from transformers 5 on, before it
-    ``past_key_values``)."""
-    return out["cache"] if "cache" in out else out["past_key_values"]
-
-
-def _positions(cache) -> int:
-    """Positions a KV cache holds: a Cache object, or a legacy tuple of per-layer (keys,
-    values) that GPT-2 and Llama return on transformers 4.x."""
-    if hasattr(cache, "get_seq_length"):
-        return cache.get_seq_length()
-    return cache[0][0].shape[-2]
-
-
 def _cache_kwarg(model) -> str:
     import inspect
 
@@ -532,17 +526,17 @@ def test_cached_steps_keep_the_sequences_routing():
     w = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
     with torch.no_grad():
         first = model(input_ids=ids, weights=w, use_cache=True)
-        cache = _cache_of(first)
-        assert _positions(cache) == 5
+        cache = cache_of(first)
+        assert cache_positions(cache) == 5
         nxt = first.logits[:, -1].argmax(-1, keepdim=True)
         step = model(input_ids=nxt, use_cache=True, **{key: cache})  # no weights: the prompt's
-        assert _positions(_cache_of(step)) == 6
+        assert cache_positions(cache_of(step)) == 6
         full = model(input_ids=torch.cat([ids, nxt], 1), weights=w).logits[:, -1]
         torch.testing.assert_close(step.logits[:, -1], full, rtol=1e-5, atol=1e-5)
-        other = _cache_of(base(input_ids=ids, use_cache=True))
+        other = cache_of(base(input_ids=ids, use_cache=True))
         with pytest.raises(twin.TwinError, match="KV cache passed holds positions"):
             model(input_ids=nxt, use_cache=True, **{key: other})
-        assert _positions(other) == 5  # untouched
+        assert cache_positions(other) == 5  # untouched
 
 
 def test_router_ignores_the_callers_output_arguments(full_rank):

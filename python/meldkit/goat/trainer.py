@@ -6,6 +6,7 @@ need transformers unless this class is used.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -35,7 +36,7 @@ class GoatTrainerMixin:
         **kwargs: Any,
     ) -> Any:
         parent = super().compute_loss
-        if _accepts(parent, "num_items_in_batch"):
+        if _accepts(getattr(parent, "__func__", parent), "num_items_in_batch"):
             kwargs["num_items_in_batch"] = num_items_in_batch  # transformers >= 4.46
         loss, outputs = parent(model, inputs, return_outputs=True, **kwargs)
         if model.training:
@@ -55,8 +56,10 @@ class GoatTrainerMixin:
         ) or (getattr(self, "compute_loss_func", None) is not None)
 
 
+@functools.lru_cache(maxsize=64)
 def _accepts(fn: Any, name: str) -> bool:
-    """Whether ``fn`` takes a keyword argument ``name`` (or ``**kwargs``)."""
+    """Whether ``fn`` takes a keyword argument ``name`` (or ``**kwargs``); once per function,
+    not per training step."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
