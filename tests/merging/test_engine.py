@@ -608,11 +608,12 @@ def test_a_terminated_merge_leaves_nothing_and_killed_ones_are_cleaned_up(zoo):
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout.readline().strip() == "merging"
-    partial = list(tmp.glob(".killed.*"))
-    assert len(partial) == 1 and (partial[0] / ".meldkit-partial").is_file()
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    with proc.stdout:
+        assert proc.stdout.readline().strip() == "merging"
+        partial = list(tmp.glob(".killed.*"))
+        assert len(partial) == 1 and (partial[0] / ".meldkit-partial").is_file()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert not out.exists() and not list(tmp.glob(".killed.*"))
 
     # A merge killed without a chance to clean up (SIGKILL) leaves its folder; the next merge
