@@ -344,6 +344,13 @@ void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle
       std::vector<const void*> sel_ptrs;
       std::vector<int64_t> sel_ks;
       std::vector<size_t> sel_models;
+      if (exact_k) {
+        // A model that keeps nothing (k <= 0) gets the cutoff 0: its threshold is +inf, and
+        // +inf entries equal to it must not be kept either. The others default to keeping
+        // every tie until the selection below finds their cutoffs.
+        std::fill(cutoffs.begin(), cutoffs.end(), p.numel);
+        p.tie_cutoffs = cutoffs.data();
+      }
       for (size_t t = 0; t < n; ++t) {
         if (!given_thr.empty()) {
           thr[t] = given_thr[t];
@@ -354,6 +361,7 @@ void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle
         if (exact_k && dens[t] > 0.0) k = std::max<int64_t>(k, 1);
         if (k <= 0) {
           thr[t] = INFINITY;
+          if (exact_k) cutoffs[t] = 0;
         } else if (k >= p.numel) {
           thr[t] = -INFINITY;
         } else if (!cuda) {
@@ -404,9 +412,7 @@ void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle
                                       rest_cut.data());
             for (size_t r = 0; r < rest.size(); ++r) sel_cut[rest[r]] = rest_cut[r];
           }
-          std::fill(cutoffs.begin(), cutoffs.end(), p.numel);
           for (size_t i = 0; i < m; ++i) cutoffs[sel_models[i]] = sel_cut[i];
-          p.tie_cutoffs = cutoffs.data();
         }
       }
       p.thresholds = thr.data();

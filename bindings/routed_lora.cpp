@@ -315,6 +315,9 @@ void routed_lora_dropout(py::handle src, py::handle out, double dropout, uint64_
   constexpr const char* kOp = "routed_lora_dropout";
   const TensorArg ts = import_tensor(src, {kOp, "src"}, stream);
   const TensorArg to = import_tensor(out, {kOp, "out"}, stream);
+  if (ts.device == DeviceKind::kCUDA && !has_cuda()) {
+    throw_type_error(ts.name.prefix() + ": is on CUDA but meldkit was built without CUDA");
+  }
   if (ts.shape.size() != 2) {
     throw_value_error(ts.name.prefix() + ": expected 2 dims [rows, cols], got shape " +
                       ts.shape_str());

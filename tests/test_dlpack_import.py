@@ -147,3 +147,46 @@ def test_another_stream_than_the_current_one_goes_through_dunder():
         _weighted_sum([a, b], [1.0, 1.0], _as(CountingTensor, out), side.cuda_stream)
     assert CountingTensor.calls == (0 if HAS_TABLE else 3 * PER_EXPORT)
     side.synchronize()
+
+
+class _FakeCudaTensor:
+    """A CPU tensor that says, through ``__dlpack__``, that it lives on CUDA device 0 (the device
+    field of torch's capsule is rewritten): what a CPU-only build must refuse, not read."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def __dlpack_device__(self):
+        return (2, 0)  # kDLCUDA
+
+    def __dlpack__(self, stream=None, max_version=None):
+        import ctypes
+
+        cap = self.t.__dlpack__(max_version=(1, 0))
+        get = ctypes.pythonapi.PyCapsule_GetPointer
+        get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+        try:  # DLManagedTensorVersioned: version, manager_ctx, deleter, flags, then the DLTensor
+            ptr, offset = get(cap, b"dltensor_versioned"), 32
+        except ValueError:  # legacy DLManagedTensor: the DLTensor first
+            ptr, offset = get(cap, b"dltensor"), 0
+        ctypes.c_int32.from_address(ptr + offset + 8).value = 2  # dl_tensor.device.device_type
+        return cap
+
+
+@pytest.mark.skipif(_native.cuda_usable()[0], reason="needs a machine where CUDA cannot run")
+def test_a_cuda_tensor_where_cuda_cannot_run_is_refused():
+    """A CUDA tensor is refused with an exception where meldkit's CUDA kernels cannot run: a
+    TypeError naming the argument on a build without CUDA, CUDA's own error on a build with
+    CUDA but no GPU; never a silent return (the dropout-mask binding used to write nothing)."""
+    src = _FakeCudaTensor(torch.ones(4, 8))
+    out = _FakeCudaTensor(torch.zeros(4, 8))
+    if _C.has_cuda():
+        expected = (RuntimeError, "CUDA|cuda")
+    else:
+        expected = (TypeError, r"argument '(src|tensors)'.*without CUDA")
+    with pytest.raises(expected[0], match=expected[1]):
+        _C.routed_lora_dropout(src, out, 0.5, 0, 0, 0)
+    assert torch.equal(out.t, torch.zeros(4, 8))
+    with pytest.raises(expected[0], match=expected[1]):
+        _C.weighted_sum([src], [1.0], out, None, 0)
+    assert torch.equal(out.t, torch.zeros(4, 8))

@@ -108,7 +108,9 @@ def read(folder: Path) -> dict[str, torch.Tensor]:
     ("method", "n", "params"),
     [
         ("ties", 3, {"normalize": True}),
+        ("ties", 3, {"consensus": "count"}),
         ("dare_ties", 3, {"lambda": 0.9}),
+        ("dare_ties", 3, {"lambda": 0.9, "consensus": "count"}),
         ("dare_linear", 2, {}),
         ("task_arithmetic", 3, {"lambda": 0.5}),
         ("breadcrumbs", 2, {}),
@@ -216,6 +218,14 @@ def test_config_errors_name_the_key(zoo, tmp_path):
         (
             {**good, "models": [{"model": str(paths["ft0"]), "parameters": {"epsilon": 0.1}}]},
             "epsilon not accepted by ties",
+        ),
+        (
+            {**good, "parameters": {"consensus": "mass"}},
+            "parameters.consensus: expected sum or count (the sign election), got 'mass'",
+        ),
+        (
+            {**config_for("task_arithmetic", paths), "parameters": {"consensus": "count"}},
+            "parameters: consensus not accepted by task_arithmetic",
         ),
     ]
     for cfg, text in cases:

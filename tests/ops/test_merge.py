@@ -299,6 +299,9 @@ CASES = [
     ("dare_ties", dict(densities=[0.2, 0.4, 0.6], seed=11, tensor_index=5)),
     ("dare_ties", dict(densities=0.4, seed=3, rescale="none", normalize=True)),
     ("ties", dict(densities=[0.3, 0.6, 0.1], tie="exact_k", weights=[1.0, 0.5, 2.0])),
+    ("ties", dict(densities=0.5, weights=[1.0, 3.0, -0.5], consensus="count")),
+    ("ties", dict(densities=[0.3, 0.6, 0.1], tie="exact_k", consensus="count")),
+    ("dare_ties", dict(densities=0.4, seed=3, consensus="count")),
 ]
 
 
@@ -313,7 +316,7 @@ def reference(base, models, method, kw, out_dtype):
         weights=kw.get("weights", [1.0] * n),
         densities=d if isinstance(d, list) else [d] * n,
         sparsify=m.sparsify,
-        consensus=m.consensus,
+        consensus=kw.get("consensus", m.consensus),
         normalize=kw.get("normalize", m.normalize),
         rescale=rescale,
         lam=kw.get("lam", 1.0),
@@ -974,6 +977,7 @@ def test_opcheck(device):
         True,
         "none",
         "keep_ties",
+        "sum",
         0,
         0,
         None,
@@ -992,6 +996,7 @@ def test_opcheck(device):
         False,
         "l1",
         "keep_ties",
+        "count",
         3,
         5,
         None,
@@ -1075,6 +1080,22 @@ def test_exact_k_keeps_at_least_one_entry(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("densities", [0.0, [0.0, 0.5]], ids=["all_zero", "one_zero"])
+def test_exact_k_at_density_0_keeps_no_infinite_entry(device, densities):
+    """Density 0 under the exactly-k rule keeps nothing, not even an entry whose |τ| is +inf
+    (equal to the keep-nothing threshold): a model that keeps none must contribute none, as in
+    the reference, on every backend."""
+    base, models = models_like((5, 9), torch.float32, device, n=2)
+    models[0][1, 2] = float("inf")
+    models[0][3, 4] = float("-inf")
+    kw = {"densities": densities, "tie": "exact_k"}
+    got = merge_tensors(base, models, "ties", **kw)
+    expected = reference(base.cpu(), [m.cpu() for m in models], "ties", kw, None)
+    assert torch.isfinite(expected).all()
+    assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_exact_k_is_the_same_on_every_device(device):
     g = torch.Generator().manual_seed(6)
     base = torch.randn(300_001, generator=g).to(torch.bfloat16)
@@ -1116,3 +1137,45 @@ def test_exact_k_native_equals_reference(dtype, method):
             tie="exact_k",
         )
         assert torch.equal(got, expected), density
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
+def test_sign_election_by_count(device, method):
+    """consensus="count" elects the sign most models vote for, "sum" (the default) the sign of
+    the mass: τ = (+1, +1, −5) at one element gives +1 (the mean of the two agreeing) by count
+    and −5 by mass, on every sign-electing method and backend, through merge_tensors and
+    merge_tensor_list alike."""
+    base = torch.zeros(4, device=device)
+    models = [
+        base + torch.tensor(v, device=device)
+        for v in ([1.0, 2, 0, 0], [1.0, 2, 0, 0], [-5.0, -1, 0, 0])
+    ]
+    kw = dict(densities=1.0, seed=0)
+    if method == "della":
+        kw["epsilons"] = 0.0
+    if method == "breadcrumbs_ties":
+        kw["gammas"] = 0.0
+    # rescale "none": every entry kept as is (density 1), so the votes are the raw deltas.
+    kw.update(rescale="none", normalize=True)
+    by_mass = merge_tensors(base, models, method, **kw)
+    by_count = merge_tensors(base, models, method, consensus="count", **kw)
+    assert by_mass.cpu().tolist() == pytest.approx([-5.0, 2.0, 0, 0])
+    assert by_count.cpu().tolist() == pytest.approx([1.0, 2.0, 0, 0])
+    assert torch.equal(merge_tensors(base, models, method, consensus="sum", **kw), by_mass)
+    many = merge_tensor_list(
+        [base, base], [[x, x] for x in models], method, consensus="count", **kw
+    )
+    assert all(torch.equal(x, by_count) for x in many)
+
+
+def test_consensus_argument_errors():
+    base, models = models_like((6,), torch.float32, "cpu")
+    with pytest.raises(
+        ValueError, match=r"argument 'consensus'.*'task_arithmetic' elects no signs"
+    ):
+        merge_tensors(base, models, "task_arithmetic", consensus="count")
+    with pytest.raises(ValueError, match=r"argument 'consensus'.*'sum'.*'count'.*got 'mass'"):
+        merge_tensors(base, models, "ties", consensus="mass")
+    with pytest.raises(TypeError, match="argument 'consensus'"):
+        merge_tensor_list([base], [[x] for x in models], "ties", consensus=1)

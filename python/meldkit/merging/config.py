@@ -36,7 +36,10 @@ parameter given per model (say, ``lambda`` in a model's ``parameters``) is accep
 accepts it, and ignored as mergekit ignores it, with a warning. ``rescale`` is a bool as in
 mergekit (``true``: the method's own rescaling, L1 matching) or one of meldkit's named
 rescalings ``none``, ``l1``, ``inverse_density`` (divide by the keep probability, as the DARE
-paper does).
+paper does). The sign-electing methods (ties, dare_ties, breadcrumbs_ties, della) also take
+meldkit's top-level ``consensus``: ``sum`` (the sign of the weighted mass, the default and
+mergekit's only election) or ``count`` (the sign most models vote for), which mergekit does
+not read.
 
 Each resolved ``density``, ``gamma`` and ``epsilon`` lies in [0, 1]; DELLA with a
 density strictly between 0 and 1 needs ``density − epsilon > 0`` and ``density + epsilon ≤ 1``
@@ -126,6 +129,7 @@ UNSUPPORTED_KEYS = ("modules", "chat_template")
 NUMERIC_GLOBALS = ("lambda", "t")
 # Named rescalings of the sparsified task vectors (merge_tensors' ``rescale``), besides a bool.
 RESCALES = ("none", "l1", "inverse_density")
+CONSENSUS = ("sum", "count")  # meldkit's sign elections (mergekit's methods all use "sum")
 # Defaults of the per-model parameters (mergekit's). ``weight`` has none in mergekit: the methods
 # that take it require it (MergeMethod.required, checked per tensor before merging); its 1 here
 # only fills the weights of the methods that take none (model_stock, slerp).
@@ -289,6 +293,12 @@ def _global(key: str, value: Any, where: str) -> Any:
             raise ConfigError(
                 f"{where}: {value!r} is not a rescaling; expected true, false or one of "
                 f"{', '.join(RESCALES)}"
+            )
+        return value
+    if key == "consensus":
+        if value not in CONSENSUS:
+            raise ConfigError(
+                f"{where}: expected {' or '.join(CONSENSUS)} (the sign election), got {value!r}"
             )
         return value
     value = _scalar(value, where)

@@ -217,6 +217,9 @@ def _tensor_params(
         value = shared(name)
         if value is not None:
             kw[arg] = kind(value)
+    consensus = shared("consensus")
+    if consensus is not None:
+        kw["consensus"] = consensus
     rescale = shared("rescale")
     if rescale is not None:  # a bool (mergekit's) or a named rescaling
         kw["rescale"] = rescale if isinstance(rescale, str) else bool(rescale)

@@ -75,6 +75,10 @@ _DARE = "Yu et al., Language Models are Super Mario (DARE), ICML 2024, arXiv:231
 _CRUMBS = "Davari & Belilovsky, Model Breadcrumbs, arXiv:2312.06795"
 _DELLA = "Deep et al., DELLA-Merging: Magnitude-Based Sampling, arXiv:2406.11617"
 
+# The top-level parameters of the sign-electing methods: mergekit's, and meldkit's choice of
+# election (by mass or by count).
+_ELECTING = ("normalize", "lambda", "rescale", "int8_mask", "consensus")
+
 METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in (
@@ -89,6 +93,7 @@ METHODS: dict[str, MergeMethod] = {
             "generalized",
             sparsify="magnitude",
             consensus="sum",
+            global_params=_ELECTING,
             normalize=True,
             paper=_TIES,
         ),
@@ -104,6 +109,7 @@ METHODS: dict[str, MergeMethod] = {
             "generalized",
             sparsify="random",
             consensus="sum",
+            global_params=_ELECTING,
             rescale="l1",
             paper=_DARE,
         ),
@@ -119,6 +125,7 @@ METHODS: dict[str, MergeMethod] = {
             "generalized",
             sparsify="breadcrumbs",
             consensus="sum",
+            global_params=_ELECTING,
             model_params=("weight", "density", "gamma"),
             paper=_CRUMBS,
         ),
@@ -127,6 +134,7 @@ METHODS: dict[str, MergeMethod] = {
             "generalized",
             sparsify="della",
             consensus="sum",
+            global_params=_ELECTING,
             normalize=True,
             rescale="l1",
             model_params=("weight", "density", "epsilon"),

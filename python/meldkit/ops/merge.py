@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from meldkit import _native
-from meldkit.merging.methods import get_method
+from meldkit.merging.methods import METHODS, get_method
 from meldkit.ops import _checks
 from meldkit.ops import merge_ref as ref
 from meldkit.ops._library import custom_op
@@ -275,6 +275,7 @@ def _della_merge_cpu(
     tensor_index,
     out_dtype,
     out=None,
+    consensus=None,
 ) -> torch.Tensor:
     """DELLA / DELLA-linear of one position on the CPU: native MagPrune per model, then the fused
     native merge of the masked models with each model's rescale factor (L1 ratio or 1)."""
@@ -305,7 +306,7 @@ def _della_merge_cpu(
         seed,
         None,
         "none",
-        m.consensus,
+        m.consensus if consensus is None else consensus,
         normalize,
         float(lam),
     )
@@ -378,6 +379,7 @@ def _merge_reference(
     normalize,
     rescale,
     tie,
+    consensus,
     seed,
     tensor_index,
     thresholds,
@@ -390,7 +392,7 @@ def _merge_reference(
         weights=weights,
         densities=densities,
         sparsify=m.sparsify,
-        consensus=m.consensus,
+        consensus=consensus,
         normalize=normalize,
         rescale=rescale,
         lam=lam,
@@ -408,7 +410,8 @@ def _merge_reference(
     "meldkit::merge_tensors",
     schema="(Tensor base, Tensor[] models, str method, float[] weights, float[] densities,"
     " float[] gammas, float[] epsilons, float lam, bool normalize, str rescale, str tie,"
-    " SymInt seed, SymInt tensor_index, float[]? thresholds, ScalarType? out_dtype) -> Tensor",
+    " str consensus, SymInt seed, SymInt tensor_index, float[]? thresholds,"
+    " ScalarType? out_dtype) -> Tensor",
 )
 def _merge_tensors(
     base: torch.Tensor,
@@ -422,6 +425,7 @@ def _merge_tensors(
     normalize: bool,
     rescale: str,
     tie: str,
+    consensus: str,
     seed: int,
     tensor_index: int,
     thresholds: list[float] | None,
@@ -439,6 +443,7 @@ def _merge_tensors(
         normalize,
         rescale,
         tie,
+        consensus,
         seed,
         tensor_index,
         thresholds,
@@ -464,6 +469,7 @@ def _merge_into(
     normalize,
     rescale,
     tie,
+    consensus,
     seed,
     tensor_index,
     thresholds,
@@ -503,6 +509,7 @@ def _merge_into(
             tensor_index,
             out_dtype,
             out,
+            consensus,
         )
     if not reasons and sparsify == "breadcrumbs" and rescale == "none":
         models = [
@@ -553,6 +560,7 @@ def _merge_into(
             normalize,
             rescale,
             tie,
+            consensus,
             seed,
             tensor_index,
             thresholds,
@@ -566,7 +574,7 @@ def _merge_into(
         [[x] for x in models],
         [out],
         sparsify=sparsify,
-        consensus=m.consensus,
+        consensus=consensus,
         normalize=normalize,
         rescale=rescale,
         weights=weights,
@@ -594,6 +602,7 @@ class _MergeArgs(NamedTuple):
     normalize: bool
     rescale: str
     thresholds: list[float] | None
+    consensus: str
 
 
 def _check_int(name: str, value: object, bound: int) -> int:
@@ -614,7 +623,7 @@ def _check_out_dtype(out_dtype: object) -> None:
 
 
 def _merge_args(
-    m, n, weights, densities, gammas, epsilons, normalize, rescale, tie, seed, thresholds
+    m, n, weights, densities, gammas, epsilons, normalize, rescale, tie, seed, thresholds, consensus
 ) -> _MergeArgs:
     """Validates the per-model parameters of a merge and fills in the method's defaults."""
     method = m.name
@@ -662,7 +671,40 @@ def _merge_args(
             f"got {normalize!r}"
         )
     normalize = m.normalize if normalize is None else normalize
-    return _MergeArgs(weights, densities, gammas, epsilons, normalize, rescale, thresholds)
+    return _MergeArgs(
+        weights,
+        densities,
+        gammas,
+        epsilons,
+        normalize,
+        rescale,
+        thresholds,
+        _check_consensus(m, consensus),
+    )
+
+
+def _check_consensus(m, consensus: object) -> str:
+    """The sign election ``m`` runs: its own, or ``consensus`` (``"sum"``, ``"count"``) for a
+    method that elects signs; a TypeError/ValueError naming the argument otherwise."""
+    if consensus is None or consensus == m.consensus:
+        return m.consensus
+    if not isinstance(consensus, str):
+        raise TypeError(
+            f"meldkit.merge_tensors: argument 'consensus': expected 'sum', 'count' or None, "
+            f"got {consensus!r}"
+        )
+    if consensus not in ref.CONSENSUS[1:]:
+        raise ValueError(
+            f"meldkit.merge_tensors: argument 'consensus': must be 'sum' (sign of the weighted "
+            f"mass, TIES' default) or 'count' (majority of the signs), got {consensus!r}"
+        )
+    if m.consensus == "none":
+        electing = sorted(k for k, v in METHODS.items() if v.consensus != "none")
+        raise ValueError(
+            f"meldkit.merge_tensors: argument 'consensus': method {m.name!r} elects no signs; "
+            f"the methods that do: {', '.join(electing)}"
+        )
+    return consensus
 
 
 def merge_tensors(
@@ -678,6 +720,7 @@ def merge_tensors(
     normalize: bool | None = None,
     rescale: str | bool | None = None,
     tie: str = "keep_ties",
+    consensus: str | None = None,
     seed: int = 0,
     tensor_index: int = 0,
     thresholds: Sequence[float] | None = None,
@@ -712,6 +755,14 @@ def merge_tensors(
     normalize, rescale : optional
         Override the method's defaults (``rescale``: ``"none"``, ``"inverse_density"``, ``"l1"``,
         or a bool as in mergekit: True means the method's own rescaling).
+    tie : str
+        Magnitude selection's tie rule: ``"keep_ties"`` (``|τ| ≥`` the k-th largest, the TIES
+        paper's kthvalue) or ``"exact_k"`` (exactly k entries, ties by index: mergekit's order).
+    consensus : str, optional
+        The sign election of a method that elects signs (ties, dare_ties, breadcrumbs_ties,
+        della): ``"sum"`` (the sign of Σ_t w_t·τ̂_t, the "mass" of the TIES paper and mergekit;
+        every method's default) or ``"count"`` (the sign most models vote for, Σ_t sgn(w_t·τ̂_t)).
+        A zero vote elects +1, as in mergekit. None keeps the method's own.
     seed, tensor_index : int
         Key of the random masks (DARE, DELLA): same seed and index, same mask on every backend.
     thresholds : sequence of float, optional
@@ -752,7 +803,18 @@ def merge_tensors(
     else:
         _checks.tensor_list(method, "base", [base, *models])
     a = _merge_args(
-        m, n, weights, densities, gammas, epsilons, normalize, rescale, tie, seed, thresholds
+        m,
+        n,
+        weights,
+        densities,
+        gammas,
+        epsilons,
+        normalize,
+        rescale,
+        tie,
+        seed,
+        thresholds,
+        consensus,
     )
     _check_int("tensor_index", tensor_index, 2**32)
     _check_out_dtype(out_dtype)
@@ -790,6 +852,7 @@ def merge_tensors(
             a.normalize,
             a.rescale,
             tie,
+            a.consensus,
             int(seed),
             int(tensor_index),
             a.thresholds,
@@ -843,6 +906,7 @@ def merge_tensor_list(
     normalize: bool | None = None,
     rescale: str | bool | None = None,
     tie: str = "keep_ties",
+    consensus: str | None = None,
     seed: int = 0,
     tensor_indices: Sequence[int] | None = None,
     thresholds: Sequence[float] | None = None,
@@ -860,8 +924,8 @@ def merge_tensor_list(
         only for ``linear``.
     models : sequence of sequences of Tensor
         ``models[t][j]``: model t's tensor at position j, shaped like ``bases[j]``.
-    method, weights, densities, gammas, epsilons, lam, normalize, rescale, tie, seed, t, \
-filter_wise :
+    method, weights, densities, gammas, epsilons, lam, normalize, rescale, tie, consensus, \
+seed, t, filter_wise :
         As for :func:`merge_tensors`; per-model values apply to every position.
     tensor_indices : sequence of int, optional
         The random-mask key of each position (default ``0 .. J-1``): position j merges exactly as
@@ -915,7 +979,18 @@ filter_wise :
         )
     n = len(models)
     a = _merge_args(
-        m, n, weights, densities, gammas, epsilons, normalize, rescale, tie, seed, thresholds
+        m,
+        n,
+        weights,
+        densities,
+        gammas,
+        epsilons,
+        normalize,
+        rescale,
+        tie,
+        seed,
+        thresholds,
+        consensus,
     )
     for j, base in enumerate(bases):
         _checks.tensor_list(method, f"models[*][{j}]", [base, *(ms[j] for ms in models)])
@@ -945,7 +1020,7 @@ filter_wise :
         if not reasons:
             outs = [torch.empty(b.shape, dtype=out_dtype, device=device) for b in bases]
             common = dict(
-                consensus=m.consensus,
+                consensus=a.consensus,
                 normalize=a.normalize,
                 rescale=a.rescale,
                 weights=a.weights,
@@ -994,6 +1069,7 @@ filter_wise :
             normalize=a.normalize,
             rescale=a.rescale,
             tie=tie,
+            consensus=a.consensus,
             seed=seed,
             tensor_index=int(indices[j]),
             thresholds=a.thresholds,
