@@ -207,7 +207,7 @@ def bench_op(args, flush, meta) -> tuple[list[dict], dict]:
     op = torch.ops.meldkit.logit_fusion
     impls = {
         "meldkit": lambda: logit_fusion(large, small, experts).logits,
-        "meldkit_op": lambda: op(large, small, experts, alphas, True)[2],
+        "meldkit_op": lambda: op(large, small, experts, alphas, True, None)[2],
         "torch_grid": naive,
     }
     ours = impls["meldkit"]().float()

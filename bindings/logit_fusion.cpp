@@ -25,7 +25,7 @@ py::dict logit_fusion_native_dtypes() { return float_dtype_table(/*cpu_float64=*
 
 void logit_fusion(py::handle large, py::handle small_base, py::handle experts, py::handle alphas,
                   py::handle loss, py::handle alpha, py::handle expert, py::handle logits,
-                  int64_t stream) {
+                  int64_t stream, py::handle allowed) {
   TensorArg l = import_tensor(large, {kOp, "large"}, stream);
   TensorArg s = import_tensor(small_base, {kOp, "small_base"}, stream);
   TensorArg x = import_tensor(experts, {kOp, "experts"}, stream);
@@ -95,6 +95,29 @@ void logit_fusion(py::handle large, py::handle small_base, py::handle experts, p
   p.small = s.data;
   p.experts = x.data;
   for (int64_t j = 0; j < n; ++j) p.alphas[j] = grid[size_t(j)];
+  const uint64_t all = n == 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1;
+  if (allowed.is_none()) {
+    for (int64_t t = 0; t < T; ++t) p.allowed[t] = all;
+  } else {
+    std::vector<uint64_t> bits;
+    try {
+      bits = allowed.cast<std::vector<uint64_t>>();
+    } catch (const py::cast_error&) {
+      throw_type_error(std::string(kOp) + ": argument 'allowed': expected None or " +
+                       std::to_string(T) + " non-negative ints (bit masks)");
+    }
+    if (int64_t(bits.size()) != T) {
+      throw_value_error(std::string(kOp) + ": argument 'allowed': " + std::to_string(bits.size()) +
+                        " masks for " + std::to_string(T) + " experts");
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      if ((bits[size_t(t)] & ~all) != 0) {
+        throw_value_error(std::string(kOp) + ": argument 'allowed': mask " + std::to_string(t) +
+                          " has bits beyond the " + std::to_string(n) + " grid points");
+      }
+      p.allowed[t] = bits[size_t(t)];
+    }
+  }
   p.loss = tl.data;
   p.alpha = ta.data;
   p.expert = static_cast<int64_t*>(te.data);

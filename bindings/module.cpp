@@ -163,10 +163,12 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("logit_fusion", &mb::logit_fusion,
         "Dynamic Logit Fusion's per-row solver (see logit_fusion.h): losses of every (expert,\n"
-        "alpha) candidate, the chosen alpha and expert, and optionally the fused logits.",
+        "alpha) candidate, the chosen alpha and expert, and optionally the fused logits.\n"
+        "allowed: None (every candidate) or T ints, bit j of the t-th set when candidate\n"
+        "(t, alphas[j]) takes part (per-expert ranges); excluded candidates get loss +inf.",
         py::arg("large"), py::arg("small_base"), py::arg("experts"), py::arg("alphas"),
         py::arg("loss"), py::arg("alpha"), py::arg("expert"), py::arg("logits"),
-        py::arg("stream") = 0);
+        py::arg("stream") = 0, py::arg("allowed") = py::none());
   m.def("logit_fusion_native_dtypes", &mb::logit_fusion_native_dtypes,
         "{device: [dtype names]} the native logit_fusion kernels accept.");
   m.attr("LOGIT_FUSION_MAX_ALPHAS") = meldkit::kLogitFusionMaxAlphas;

@@ -58,7 +58,7 @@ void routed_lora_dropout(py::handle src, py::handle out, double dropout, uint64_
 // logit_fusion.cpp
 void logit_fusion(py::handle large, py::handle small_base, py::handle experts, py::handle alphas,
                   py::handle loss, py::handle alpha, py::handle expert, py::handle logits,
-                  int64_t stream);
+                  int64_t stream, py::handle allowed);
 py::dict logit_fusion_native_dtypes();
 
 // blend.cpp

@@ -381,6 +381,10 @@ void row_epilogue(const LogitFusionParams& p, const Layout& lay, int64_t row, co
   for (int t = 0; t < T; ++t) {
     const Acc m_t = state[lay.l() + 2 + t] / state[lay.l() + 1];
     for (int j = 0; j < n; ++j) {
+      if (((p.allowed[t] >> j) & 1u) == 0) {  // outside expert t's range
+        loss[t * n + j] = std::numeric_limits<Acc>::infinity();
+        continue;
+      }
       const int ac = lay.c(t, j);
       const Acc a = Acc(p.alphas[j]);
       const Acc k = state[ac] + std::log(state[ac + 1]) - lse_l;
@@ -398,6 +402,7 @@ void row_epilogue(const LogitFusionParams& p, const Layout& lay, int64_t row, co
       }
     }
   }
+  if (*best_t < 0) *best_t = 0;  // no allowed candidate: alpha 0, expert 0
 }
 
 template <typename TIn, typename Acc>

@@ -85,7 +85,8 @@ struct Args {
   const void* large;
   const void* small;
   const void* experts;
-  float alphas[kLogitFusionMaxAlphas];  // rounded to float exactly as the CPU's Acc(alpha)
+  float alphas[kLogitFusionMaxAlphas];       // rounded to float exactly as the CPU's Acc(alpha)
+  uint64_t allowed[kLogitFusionMaxExperts];  // bit j of allowed[t]: candidate (t, j) is searched
   float* loss;
   float* alpha;
   int64_t* expert;
@@ -351,6 +352,10 @@ __global__ void __launch_bounds__(kThreads) RowEpilogueKernel(Args a) {
   Best best{0.f, 0.f, -1};
   for (int i = threadIdx.x; i < TN; i += kThreads) {
     const int t = i / n, j = i % n;
+    if (((a.allowed[t] >> j) & 1ull) == 0) {  // outside expert t's range
+      loss[i] = INFINITY;
+      continue;
+    }
     const float* c = s_unit[3 * T + i];
     const float* lt = s_unit[t];
     const float al = a.alphas[j];
@@ -378,8 +383,9 @@ __global__ void __launch_bounds__(kThreads) RowEpilogueKernel(Args a) {
     for (int w = 1; w < kWarps; ++w) {
       if (before(s_best[w], best)) best = s_best[w];
     }
-    a.alpha[row] = best.alpha;
-    a.expert[row] = best.idx / n;
+    // No allowed candidate (idx -1): alpha 0, expert 0, as the CPU.
+    a.alpha[row] = best.idx < 0 ? 0.f : best.alpha;
+    a.expert[row] = best.idx < 0 ? 0 : best.idx / n;
   }
 }
 
@@ -451,6 +457,7 @@ void logit_fusion_cuda(const LogitFusionParams& p, int device, void* stream) {
   a.small = p.small;
   a.experts = p.experts;
   for (int j = 0; j < n; ++j) a.alphas[j] = float(p.alphas[j]);
+  for (int t = 0; t < T; ++t) a.allowed[t] = p.allowed[t];
   a.loss = static_cast<float*>(p.loss);
   a.alpha = static_cast<float*>(p.alpha);
   a.expert = p.expert;

@@ -288,10 +288,31 @@ def test_custom_alpha_grid(models, tok):
     assert torch.equal(only_zero.sequences, large_alone.sequences)
 
 
+def test_per_expert_ranges(models, tok):
+    """Each expert's α stays in its range in the trace; a one-point range at α = 1 with one
+    expert is proxy-tuning; ranges covering the grid change nothing."""
+    large, small, experts = models
+    kw = dict(max_new_tokens=5, eos_token_id=[])
+    res = dlf.generate(large, small, experts, tok, PROMPTS, ranges=[(0.0, 0.3), (1.2, 2.0)], **kw)
+    live = ~res.alphas.isnan()
+    a, e = res.alphas[live], res.experts[live]
+    assert ((e == 0) & (a <= 0.3 + 1e-6) | (e == 1) & (a >= 1.2 - 1e-6)).all()
+    whole = dlf.generate(large, small, experts, tok, PROMPTS, ranges=(0.0, 2.0), **kw)
+    plain = dlf.generate(large, small, experts, tok, PROMPTS, **kw)
+    assert torch.equal(whole.sequences, plain.sequences)
+    assert torch.equal(whole.alphas.nan_to_num(), plain.alphas.nan_to_num())
+    one = dlf.generate(large, small, experts[:1], tok, PROMPTS, ranges=[(1.0, 1.0)], **kw)
+    proxy = dlf.proxy_tuning(large, small, experts[0], tok, PROMPTS, **kw)
+    assert torch.equal(one.sequences, proxy.sequences)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         (dict(mode="joint"), "mode"),
+        (dict(mode="static", ranges=[(0, 1), (0, 1)]), "ranges"),
+        (dict(ranges=[(0.0, 1.0)]), "'ranges': has 1 ranges for T = 2"),
+        (dict(ranges=[(0.0, 1.0), (2.5, 3.0)]), r"'ranges\[1\]'.*holds no point"),
         (dict(mode="static", alphas=[0.5]), "alphas"),
         (dict(alpha=math.nan, mode="static"), "alpha"),
         (dict(max_new_tokens=0), "max_new_tokens"),

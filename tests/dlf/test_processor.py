@@ -212,3 +212,19 @@ def test_processor_reuse_needs_reset(setup):
         _run(large, proc, enc, do_sample=False)
     proc.reset()
     assert torch.equal(_run(large, proc, enc, do_sample=False), first)
+
+
+def test_processor_with_ranges_equals_generate(setup):
+    tok, large, small, experts = setup
+    enc = tok(PROMPTS, padding=True, return_tensors="pt")
+    ranges = [(0.0, 0.4), (1.0, 2.0)]
+    proc = dlf.DynamicLogitFusionProcessor(
+        small, experts, tok, attention_mask=enc["attention_mask"], ranges=ranges
+    )
+    got = _run(large, proc, enc, do_sample=False)
+    ref = dlf.generate(large, small, experts, tok, PROMPTS, max_new_tokens=7, ranges=ranges)
+    assert torch.equal(got, ref.sequences)
+    live = ~ref.alphas.isnan()
+    assert torch.equal(proc.alphas[live], ref.alphas[live])
+    with pytest.raises(ValueError, match=r"'ranges\[0\]'.*holds no point"):
+        dlf.DynamicLogitFusionProcessor(small, experts, tok, ranges=[(3.0, 4.0), (0.0, 1.0)])

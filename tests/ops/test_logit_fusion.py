@@ -514,10 +514,12 @@ def test_inputs_requiring_grad_are_detached(device):
 def test_opcheck(device, dtype):
     large, small, experts = make_logits(3, 7, 3, dtype, device, seed=65, mask_prob=0.1)
     op = torch.ops.meldkit.logit_fusion.default
-    torch.library.opcheck(op, (large, small, experts, [0.0, 0.5, 1.0], True))
-    torch.library.opcheck(op, (large, small, experts[:1], [1.0, -0.5], False))
+    torch.library.opcheck(op, (large, small, experts, [0.0, 0.5, 1.0], True, None))
+    torch.library.opcheck(op, (large, small, experts[:1], [1.0, -0.5], False, None))
+    ranges = [0.0, 0.5, 0.5, 1.0, -1.0, 0.0]
+    torch.library.opcheck(op, (large, small, experts, [0.0, 0.5, 1.0], True, ranges))
     empty = make_logits(0, 7, 2, dtype, device, seed=66)
-    torch.library.opcheck(op, (*empty, [0.0], True))
+    torch.library.opcheck(op, (*empty, [0.0], True, None))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -552,7 +554,7 @@ def test_the_kernels_survive_nan_and_inf(device, dtype):
     large[5, :], experts[0, 5, :] = -math.inf, math.nan  # masked row with NaN experts
     op = torch.ops.meldkit.logit_fusion.default
     for return_logits in (True, False):
-        alpha, expert, logits, loss = op(large, small, experts, grid, return_logits)
+        alpha, expert, logits, loss = op(large, small, experts, grid, return_logits, None)
         assert ((expert >= 0) & (expert < 3)).all()
         assert all(a in grid for a in alpha.tolist())
         assert loss.shape == (6, 3, len(grid))
@@ -630,3 +632,116 @@ def test_eager_calls_skip_the_library_dispatch(monkeypatch):
     assert direct == [1] and "meldkit.logit_fusion.default" in mode.names
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
+
+
+# ---- per-expert ranges -------------------------------------------------------------------------
+
+
+def check_ranges(large, small, experts, grid, ranges):
+    """The restricted call: the unrestricted call's losses inside each expert's range (bit for
+    bit: the same kernel), +inf outside, the tie rule's argmin over what is left, and logits
+    fused at that candidate."""
+    from meldkit.ops.logit_fusion_ref import allowed_ref
+
+    full = logit_fusion(large, small, experts, grid)
+    res = logit_fusion(large, small, experts, grid, ranges=ranges)
+    grid_list = list(DEFAULT_ALPHAS if grid is None else grid)
+    pairs = ranges if not isinstance(ranges[0], (int, float)) else [ranges] * experts.shape[0]
+    allowed = allowed_ref(grid_list, pairs, experts.shape[0], large.dtype).to(large.device)
+    inside = allowed.expand_as(res.loss)
+    assert torch.equal(res.loss[inside], full.loss[inside])
+    assert (res.loss[~inside] == math.inf).all()
+    cpu = [t.cpu() for t in (large, small, experts)]
+    rows = vocab_keep_ref(*cpu).any(-1)
+    want_alpha, want_expert = select_ref(res.loss.cpu(), alpha_grid(grid_list, large.dtype), rows)
+    assert torch.equal(res.alpha.cpu(), want_alpha) and torch.equal(res.expert.cpu(), want_expert)
+    lo = torch.tensor([p[0] for p in pairs], dtype=res.alpha.dtype)[want_expert]
+    hi = torch.tensor([p[1] for p in pairs], dtype=res.alpha.dtype)[want_expert]
+    assert (~rows | ((lo <= want_alpha) & (want_alpha <= hi))).all()
+    want = fused_logits_ref(*cpu, want_alpha, want_expert)
+    kept = want != NEG_INF
+    assert torch.equal(res.logits.cpu() == NEG_INF, ~kept)
+    torch.testing.assert_close(res.logits.cpu()[kept].double(), want[kept], rtol=1e-5, atol=1e-4)
+    ref = logit_fusion_ref(*cpu, grid, ranges=pairs)
+    assert (ref.loss[~inside.cpu()] == math.inf).all()
+    assert torch.equal(ref.loss.isfinite(), res.loss.cpu().isfinite())
+    return res
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_expert_ranges(device, dtype):
+    large, small, experts = make_logits(16, 1000, 3, dtype, device, seed=60, mask_prob=0.02)
+    res = check_ranges(large, small, experts, None, [(0.0, 0.5), (0.3, 1.2), (1.0, 2.0)])
+    # Expert 2 may only take α ≥ 1: where it is chosen, α is at least 1.
+    assert (res.alpha[res.expert == 2] >= 1.0).all()
+    # One pair for every expert; ±inf bounds.
+    check_ranges(large, small, experts, None, (0.2, 0.6))
+    check_ranges(
+        large, small, experts, [0.0, 0.5, 1.0, 1.5], [(-math.inf, 0.1), (0.5, 0.5), (1.5, math.inf)]
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_expert_ranges_beyond_one_native_call(device):
+    large, small, experts = make_logits(5, 300, 2, torch.float32, device, seed=61)
+    grid = [0.01 * i for i in range(201)]  # 4 native calls; the ranges cut across them
+    check_ranges(large, small, experts, grid, [(0.5, 0.7), (0.62, 1.9)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_one_point_range_is_static_fusion(device):
+    """A range holding only α = 1 is proxy-tuning: M_L + (M_t − M_S)."""
+    large, small, experts = make_logits(4, 100, 1, torch.float32, device, seed=62)
+    res = logit_fusion(large, small, experts, ranges=[(1.0, 1.0)])
+    assert (res.alpha == 1.0).all() and (res.expert == 0).all()
+    torch.testing.assert_close(res.logits, large + (experts[0] - small))
+
+
+def test_ranges_compare_in_the_grids_rounding():
+    """float32(0.1) > 0.1, but a range ending at 0.1 holds the grid point 0.1: both sides are
+    rounded to the accumulation dtype."""
+    large, small, experts = make_logits(2, 50, 1, torch.float32, "cpu", seed=63)
+    res = logit_fusion(large, small, experts, ranges=[(0.1, 0.1)])
+    assert torch.equal(res.alpha, torch.full((2,), 0.1, dtype=torch.float32))
+
+
+def test_bad_ranges_are_refused():
+    large, small, experts = make_logits(2, 7, 2, torch.float32, "cpu", seed=64)
+    cases = [
+        ([(0.0, 1.0)], ValueError, r"'ranges': has 1 ranges for T = 2 experts"),
+        ([(0.0, 1.0), (1.5, 1.0)], ValueError, r"'ranges\[1\]': expected lo <= hi"),
+        ([(0.0, 1.0), (0.0, math.nan)], ValueError, r"'ranges\[1\]': expected lo <= hi"),
+        ([(0.0, 1.0), (2.05, 3.0)], ValueError, r"'ranges\[1\]'.*holds no point of the grid"),
+        ([(0.0, 1.0), (0.0, "1")], TypeError, r"'ranges\[1\]': expected a pair of floats"),
+        ([(0.0, 1.0), (0.0, 0.5, 1.0)], TypeError, r"'ranges\[1\]': expected a pair"),
+        ("0,1", TypeError, r"'ranges': expected \(lo, hi\)"),
+        (torch.zeros(2, 3), ValueError, r"'ranges': expected a \[T, 2\] tensor"),
+    ]
+    for ranges, exc, pattern in cases:
+        with pytest.raises(exc, match=pattern):
+            logit_fusion(large, small, experts, ranges=ranges)
+    res = logit_fusion(large, small, experts, ranges=torch.tensor([[0.0, 1.0], [1.0, 2.0]]))
+    assert (res.loss[:, 1, :10] == math.inf).all()
+
+
+def test_native_candidate_masks_are_checked():
+    from meldkit import _native
+
+    if _native.unavailable("logit_fusion", torch.device("cpu"), (torch.float32,)):
+        pytest.skip("no native CPU kernel")
+    large, small, experts = make_logits(1, 7, 2, torch.float32, "cpu", seed=68)
+    out = [torch.empty(1, 2, 3), torch.empty(1), torch.empty(1, dtype=torch.long), None]
+    call = _native._C.logit_fusion
+    with pytest.raises(ValueError, match=r"'allowed': 1 masks for 2 experts"):
+        call(large, small, experts, [0.0, 0.5, 1.0], *out, 0, [7])
+    with pytest.raises(ValueError, match=r"'allowed': mask 1 has bits beyond the 3 grid points"):
+        call(large, small, experts, [0.0, 0.5, 1.0], *out, 0, [7, 8])
+    with pytest.raises(TypeError, match=r"'allowed': expected None or 2 non-negative ints"):
+        call(large, small, experts, [0.0, 0.5, 1.0], *out, 0, [7, -1])
+    call(large, small, experts, [0.0, 0.5, 1.0], *out, 0, [0b100, 0b001])
+    assert out[0][0, 0, :2].isinf().all() and out[0][0, 1, 1:].isinf().all()
+    assert out[0][0, 0, 2].isfinite() and out[0][0, 1, 0].isfinite()
+    # No candidate at all (a chunk of a split grid): alpha 0, expert 0.
+    call(large, small, experts, [0.0, 0.5, 1.0], *out, 0, [0, 0])
+    assert out[1].item() == 0.0 and out[2].item() == 0 and out[0].isinf().all()

@@ -8,7 +8,8 @@
 //   A_t  = E_{Q_t}[z_t - z_S] - (LSE_t - LSE_S)   = KL(Q_t || Q)
 //   B_t  = E_Q[z_S - z_t] + (LSE_t - LSE_S)       = KL(Q || Q_t)
 //   loss_c = (F1_c - mean_t A_t)^2 + (F2_c - mean_t B_t)^2
-// and the row picks the smallest loss (ties: smaller alpha, then lower t). Every quantity is a
+// and the row picks the smallest loss (ties: smaller alpha, then lower t) among the candidates
+// `allowed` names (per-expert alpha ranges; excluded candidates get loss +inf). Every quantity is a
 // log-sum-exp or an expectation under a softmax, so one streaming pass over V with online-softmax
 // accumulators (running max, sum of exp, sum of exp * weight) gives them all. A vocabulary position
 // where any input is -inf is masked out of every distribution; the fused logit there is -inf.
@@ -38,6 +39,11 @@ struct LogitFusionParams {
   const void* small = nullptr;    // [B, V]
   const void* experts = nullptr;  // [T, B, V]
   double alphas[kLogitFusionMaxAlphas] = {};
+  // Bit j of allowed[t]: candidate (t, alpha_j) takes part in the search (per-expert ranges).
+  // The binding sets every bit when no ranges are given. An excluded candidate's loss is +inf.
+  // A row with no allowed candidate at all (a chunk of a grid split into calls) gets alpha 0,
+  // expert 0, like a fully masked row.
+  uint64_t allowed[kLogitFusionMaxExperts] = {};
   // Outputs in the accumulation type (float, or double for float64 inputs).
   void* loss = nullptr;       // [B, T, n]
   void* alpha = nullptr;      // [B]

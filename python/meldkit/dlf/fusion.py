@@ -15,17 +15,32 @@ from meldkit.ops.logit_fusion import _check_peaks, _peaks
 MODES = ("dynamic", "static")
 
 
-def check_mode(mode: str, alpha: float, alphas) -> None:
+def check_mode(mode: str, alpha: float, alphas, ranges=None) -> None:
     """Validate the fusion arguments of :func:`meldkit.dlf.generate` and the processor."""
     if mode not in MODES:
         raise ValueError(f"dlf: mode must be one of {MODES}, got {mode!r}")
     if mode == "static" and alphas is not None:
         raise ValueError("dlf: alphas (the search grid) is for mode='dynamic'; static uses alpha")
+    if mode == "static" and ranges is not None:
+        raise ValueError("dlf: ranges (per-expert search ranges) is for mode='dynamic'")
     # bool is an int subclass: alpha=True would silently mean 1.0.
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"dlf: alpha must be a finite number, got {alpha!r}")
     if abs(alpha) > torch.finfo(torch.float32).max:
         raise ValueError(f"dlf: alpha {alpha!r} is beyond float32's range (the fusion runs in it)")
+
+
+def check_ranges(ranges, n_experts: int, alphas: list[float] | None) -> list | None:
+    """``ranges`` validated against the experts and the grid before any model runs (the errors
+    :func:`meldkit.ops.logit_fusion` would raise at the first step), as T ``(lo, hi)`` pairs."""
+    if ranges is None:
+        return None
+    from meldkit.ops.logit_fusion import _range_list
+    from meldkit.ops.logit_fusion_ref import DEFAULT_ALPHAS
+
+    grid = list(DEFAULT_ALPHAS) if alphas is None else alphas
+    flat = _range_list(ranges, n_experts, grid, torch.float32)
+    return list(zip(flat[0::2], flat[1::2], strict=True))
 
 
 def fuse_logits(
@@ -36,6 +51,7 @@ def fuse_logits(
     mode: str = "dynamic",
     alpha: float = 1.0,
     alphas: list[float] | None = None,
+    ranges: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fuse one decoding step's logits.
 
@@ -56,6 +72,9 @@ def fuse_logits(
         The fixed α of ``static`` mode.
     alphas : sequence of float, optional
         The α search grid of ``dynamic`` mode (default 0.0, 0.1, …, 2.0).
+    ranges : sequence of (lo, hi), optional
+        Per-expert parts of the grid that ``dynamic`` mode searches
+        (:func:`meldkit.ops.logit_fusion`'s ``ranges``).
 
     Returns
     -------
@@ -76,7 +95,9 @@ def fuse_logits(
     if mode == "dynamic":
         from meldkit import ops
 
-        res = ops.logit_fusion(large, small_base, experts, alphas, return_logits=True)
+        res = ops.logit_fusion(
+            large, small_base, experts, alphas, return_logits=True, ranges=ranges
+        )
         return res.logits, res.alpha, res.expert
     # As the dynamic solver: NaN or +inf logits are refused, naming the model (one check of
     # each input's peak; a NaN would otherwise decode as token 0 every step).

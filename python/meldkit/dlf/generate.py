@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from meldkit.dlf.fusion import check_mode, fuse_logits
+from meldkit.dlf.fusion import check_mode, check_ranges, fuse_logits
 from meldkit.dlf.streams import (
     BASE_ADAPTER,
     Ensemble,
@@ -257,6 +257,7 @@ def generate(
     mode: str = "dynamic",
     alpha: float = 1.0,
     alphas: torch.Tensor | Sequence[float] | None = None,
+    ranges: Sequence[tuple[float, float]] | tuple[float, float] | None = None,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -310,6 +311,10 @@ def generate(
         α of ``static`` mode (1.0: proxy-tuning; 0.0: the large model alone).
     alphas : torch.Tensor or sequence of float, optional
         ``[n]`` α search grid of ``dynamic`` mode; default 0.0, 0.1, …, 2.0 (the paper's).
+    ranges : sequence of (lo, hi), or one (lo, hi), optional
+        Per-expert search ranges of ``dynamic`` mode: expert t takes only the grid points in
+        ``[lo_t, hi_t]`` (the paper searches each expert "within a certain range"; see
+        :func:`meldkit.ops.logit_fusion`). Default: the whole grid for every expert.
     do_sample : bool
         Sample instead of greedy argmax (the paper decodes greedily).
     temperature, top_p : float
@@ -357,7 +362,7 @@ def generate(
         On a model whose vocabulary is smaller than the tokenizer's, unknown adapters, expert
         prompts not matching the experts, or invalid sampling arguments.
     """
-    check_mode(mode, alpha, alphas)
+    check_mode(mode, alpha, alphas, ranges)
     if (
         isinstance(max_new_tokens, bool)
         or not isinstance(max_new_tokens, numbers.Integral)
@@ -382,6 +387,7 @@ def generate(
     if not isinstance(add_special_tokens, bool):
         raise TypeError(f"dlf: add_special_tokens must be a bool, got {add_special_tokens!r}")
     alphas = alpha_list(alphas)
+    ranges = check_ranges(ranges, len(experts), alphas)
 
     members = [Member(large, None), *fusion_members(small_base, experts)]
     models = {"large": large, "small_base": small_base}
@@ -410,7 +416,13 @@ def generate(
     trace_tokens, trace_alpha, trace_expert, trace_logits = [], [], [], []
     for step in range(max_new_tokens):
         fused, a, e = fuse_logits(
-            logits[0], logits[1], torch.stack(logits[2:]), mode=mode, alpha=alpha, alphas=alphas
+            logits[0],
+            logits[1],
+            torch.stack(logits[2:]),
+            mode=mode,
+            alpha=alpha,
+            alphas=alphas,
+            ranges=ranges,
         )
         tokens = next_tokens(
             fused, do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator
@@ -486,8 +498,8 @@ def proxy_tuning(
     same as ``generate(..., mode="static", alpha=alpha)``; ``kwargs`` are :func:`generate`'s
     (sampling, stop strings, expert prompts, ...).
     """
-    if "mode" in kwargs or "alphas" in kwargs:
-        raise TypeError("dlf: proxy_tuning is static: it takes alpha, not mode or alphas")
+    if "mode" in kwargs or "alphas" in kwargs or "ranges" in kwargs:
+        raise TypeError("dlf: proxy_tuning is static: it takes alpha, not mode, alphas or ranges")
     return generate(
         large,
         small_base,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from meldkit.dlf.fusion import check_mode, fuse_logits
+from meldkit.dlf.fusion import check_mode, check_ranges, fuse_logits
 from meldkit.dlf.generate import Expert, ExpertPrompt, alpha_list, expert_texts, fusion_members
 from meldkit.dlf.streams import Ensemble, check_vocab_width, common_vocab_size, tokenize
 
@@ -45,7 +45,7 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         Without it the prompt is taken as unpadded (a batch expanded by ``num_return_sequences``
         then runs as it comes, each row on its own). Needed, or ``prompts``, when the processor
         is called outside ``generate`` (see Notes).
-    mode, alpha, alphas, adapter_batching
+    mode, alpha, alphas, ranges, adapter_batching
         As in :func:`meldkit.dlf.generate`.
     prompts : sequence of str, optional
         The B prompt texts; needed only with ``expert_prompts``.
@@ -85,12 +85,13 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         mode: str = "dynamic",
         alpha: float = 1.0,
         alphas: torch.Tensor | Sequence[float] | None = None,
+        ranges: Sequence[tuple[float, float]] | tuple[float, float] | None = None,
         prompts: Sequence[str] | None = None,
         expert_prompts: Sequence[ExpertPrompt] | None = None,
         add_special_tokens: bool = True,
         adapter_batching: bool = True,
     ) -> None:
-        check_mode(mode, alpha, alphas)
+        check_mode(mode, alpha, alphas, ranges)
         experts = [experts] if isinstance(experts, (nn.Module, str)) else list(experts)
         if not experts:
             raise ValueError("dlf: at least one expert is needed")
@@ -113,6 +114,7 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         self.attention_mask = attention_mask
         self.mode, self.alpha = mode, alpha
         self._alphas_grid = alpha_list(alphas)
+        self._ranges = check_ranges(ranges, len(experts), self._alphas_grid)
         self.adapter_batching = adapter_batching
         self.reset()
 
@@ -226,6 +228,7 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
             mode=self.mode,
             alpha=self.alpha,
             alphas=self._alphas_grid,
+            ranges=self._ranges,
         )
         self._trace_alpha.append(a)
         self._trace_expert.append(e)

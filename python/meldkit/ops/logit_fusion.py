@@ -3,21 +3,26 @@
 One torch.library custom op::
 
     meldkit::logit_fusion(Tensor large, Tensor small_base, Tensor experts, float[] alphas,
-                          bool return_logits) -> (Tensor alpha, Tensor expert, Tensor logits,
-                                                  Tensor loss)
+                          bool return_logits, float[]? ranges) -> (Tensor alpha, Tensor expert,
+                                                                   Tensor logits, Tensor loss)
+
+``ranges`` is None or the T per-expert ranges flattened, ``[lo_0, hi_0, lo_1, hi_1, ...]``.
 
 Its default implementation (any device) is :func:`logit_fusion_forward_ref` (float64, straight
 from the softmaxes); the CPU and CUDA implementations call ``meldkit._C.logit_fusion`` and fall
 back to the reference, with a warning naming the reason, when the native kernel cannot run (see
 :mod:`meldkit._native`). The native calling convention::
 
-    _C.logit_fusion(large, small_base, experts, alphas, loss, alpha, expert, logits, stream)
+    _C.logit_fusion(large, small_base, experts, alphas, loss, alpha, expert, logits, stream,
+                    allowed)
 
 with ``large``, ``small_base`` ``[B, V]`` and ``experts`` ``[T, B, V]`` contiguous, of one dtype;
 ``alphas`` a list of n ≥ 1 Python floats (the binding copies them, rounded to the accumulation
 dtype); outputs written: ``loss`` ``[B, T, n]`` and ``alpha`` ``[B]`` in the accumulation dtype
 (float32, or float64 for float64 inputs), ``expert`` ``[B]`` int64, ``logits`` ``[B, V]`` in the
-accumulation dtype or None (not written). The op never calls it with B = 0.
+accumulation dtype or None (not written); ``allowed`` None (every candidate) or T ints, bit j of
+the t-th set when candidate (t, alphas[j]) is searched (the others get loss +inf). The op never
+calls it with B = 0.
 
 Custom ops cannot return None: ``logits`` is an empty ``[0]`` tensor when ``return_logits`` is
 False. There is no autograd formula (the selection is piecewise constant); the public wrapper
@@ -39,6 +44,7 @@ from meldkit.ops.logit_fusion_ref import (
     DEFAULT_ALPHAS,
     LogitFusionResult,
     accumulation_dtype,
+    allowed_ref,
     alpha_grid,
     logit_fusion_forward_ref,
     select_index_ref,
@@ -64,10 +70,23 @@ def _use_reference(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> boo
 # ---- the op --------------------------------------------------------------------------------
 
 
+def _pairs(ranges: list[float] | None) -> list[tuple[float, float]] | None:
+    """The op's flat ``[lo_0, hi_0, lo_1, hi_1, ...]`` as T pairs."""
+    return None if ranges is None else list(zip(ranges[0::2], ranges[1::2], strict=True))
+
+
+def _masks(allowed: torch.Tensor | None, j0: int = 0, j1: int | None = None) -> list[int] | None:
+    """The native kernel's bit masks of grid points ``[j0, j1)`` (bit j - j0 of mask t: candidate
+    (t, j) is searched) from ``allowed`` ``[T, n]`` bool; None for no restriction."""
+    if allowed is None:
+        return None
+    return [sum(1 << k for k, on in enumerate(row[j0:j1].tolist()) if on) for row in allowed]
+
+
 @custom_op(
     "meldkit::logit_fusion",
-    schema="(Tensor large, Tensor small_base, Tensor experts, float[] alphas, bool return_logits)"
-    " -> (Tensor, Tensor, Tensor, Tensor)",
+    schema="(Tensor large, Tensor small_base, Tensor experts, float[] alphas, bool return_logits,"
+    " float[]? ranges) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 def _logit_fusion(
     large: torch.Tensor,
@@ -75,8 +94,11 @@ def _logit_fusion(
     experts: torch.Tensor,
     alphas: list[float],
     return_logits: bool,
+    ranges: list[float] | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return logit_fusion_forward_ref(large, small_base, experts, alphas, return_logits)
+    return logit_fusion_forward_ref(
+        large, small_base, experts, alphas, return_logits, ranges=_pairs(ranges)
+    )
 
 
 @_logit_fusion.register_kernel(["cpu", "cuda"])
@@ -86,12 +108,19 @@ def _logit_fusion_native(
     experts: torch.Tensor,
     alphas: list[float],
     return_logits: bool,
+    ranges: list[float] | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    pairs = _pairs(ranges)
     if _use_reference(large.device, (large.dtype,)):
-        return logit_fusion_forward_ref(large, small_base, experts, alphas, return_logits)
+        return logit_fusion_forward_ref(
+            large, small_base, experts, alphas, return_logits, ranges=pairs
+        )
+    allowed = None
+    if pairs is not None:
+        allowed = allowed_ref(alphas, pairs, experts.shape[0], large.dtype)
     if len(alphas) > MAX_ALPHAS:
-        return _native_chunks(large, small_base, experts, alphas, return_logits)
-    return _native_call(large, small_base, experts, alphas, return_logits)
+        return _native_chunks(large, small_base, experts, alphas, return_logits, allowed)
+    return _native_call(large, small_base, experts, alphas, return_logits, _masks(allowed))
 
 
 def _native_call(
@@ -100,8 +129,10 @@ def _native_call(
     experts: torch.Tensor,
     alphas: list[float],
     return_logits: bool,
+    masks: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One native call: T ≤ ``MAX_EXPERTS``, n ≤ ``MAX_ALPHAS`` (the binding checks)."""
+    """One native call: T ≤ ``MAX_EXPERTS``, n ≤ ``MAX_ALPHAS`` (the binding checks); ``masks``
+    the candidates searched (:func:`_masks`)."""
     acc = accumulation_dtype(large.dtype)
     n_rows, vocab = large.shape
     device = large.device
@@ -120,6 +151,7 @@ def _native_call(
             expert,
             logits,
             _native.stream_of(device),
+            masks,
         )
     return alpha, expert, (loss.new_empty(0) if logits is None else logits), loss
 
@@ -130,6 +162,7 @@ def _native_chunks(
     experts: torch.Tensor,
     alphas: list[float],
     return_logits: bool,
+    allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A grid of more than ``MAX_ALPHAS`` points: one native call per chunk of the grid, each
     a pass over the inputs (a candidate's loss does not depend on the other grid points). The
@@ -139,7 +172,14 @@ def _native_chunks(
     Experts cannot be chunked this way: the loss's targets are means over all T experts.
     """
     chunks = [
-        _native_call(large, small_base, experts, alphas[j : j + MAX_ALPHAS], return_logits)
+        _native_call(
+            large,
+            small_base,
+            experts,
+            alphas[j : j + MAX_ALPHAS],
+            return_logits,
+            _masks(allowed, j, j + MAX_ALPHAS),
+        )
         for j in range(0, len(alphas), MAX_ALPHAS)
     ]
     loss = torch.cat([out[3] for out in chunks], dim=2)
@@ -158,7 +198,7 @@ def _native_chunks(
 
 
 @_logit_fusion.register_fake
-def _logit_fusion_fake(large, small_base, experts, alphas, return_logits):
+def _logit_fusion_fake(large, small_base, experts, alphas, return_logits, ranges):
     acc = accumulation_dtype(large.dtype)
     n_rows, vocab = large.shape
     alpha = large.new_empty(n_rows, dtype=acc)
@@ -266,6 +306,58 @@ def _alpha_list(alphas: object) -> list[float]:
     return out
 
 
+def _range_list(
+    ranges: object, n_experts: int, alphas: list[float], dtype: torch.dtype
+) -> list[float] | None:
+    """``ranges`` (None, one ``(lo, hi)`` for every expert, T pairs, or a ``[T, 2]`` tensor) as
+    the op's flat ``[lo_0, hi_0, ...]``; each range must hold a grid point."""
+    if ranges is None:
+        return None
+    if isinstance(ranges, torch.Tensor):
+        if ranges.dim() != 2 or ranges.shape[1] != 2:
+            raise _error(
+                ValueError, "ranges", f"expected a [T, 2] tensor, got shape {list(ranges.shape)}"
+            )
+        if ranges.dtype == torch.bool or ranges.is_complex():
+            raise _error(TypeError, "ranges", f"dtype {ranges.dtype} is not a real dtype")
+        ranges = ranges.detach().cpu().tolist()
+    if not isinstance(ranges, Sequence) or isinstance(ranges, str):
+        raise _error(
+            TypeError,
+            "ranges",
+            f"expected (lo, hi) or T such pairs, got {type(ranges).__name__}",
+        )
+    if len(ranges) == 2 and all(isinstance(x, numbers.Real) for x in ranges):
+        ranges = [tuple(ranges)] * n_experts  # one range for every expert
+    if len(ranges) != n_experts:
+        raise _error(ValueError, "ranges", f"has {len(ranges)} ranges for T = {n_experts} experts")
+    grid = alpha_grid(alphas, dtype)
+    flat = []
+    for t, pair in enumerate(ranges):
+        name = f"ranges[{t}]"
+        if (
+            not isinstance(pair, Sequence)
+            or isinstance(pair, str)
+            or len(pair) != 2
+            or not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in pair)
+        ):
+            raise _error(TypeError, name, f"expected a pair of floats (lo, hi), got {pair!r}")
+        lo, hi = float(pair[0]), float(pair[1])
+        if lo != lo or hi != hi or lo > hi:
+            raise _error(ValueError, name, f"expected lo <= hi (no NaN), got ({lo}, {hi})")
+        flat += [lo, hi]
+    allowed = allowed_ref(alphas, _pairs(flat), n_experts, dtype)
+    for t in range(n_experts):
+        if not bool(allowed[t].any()):
+            raise _error(
+                ValueError,
+                f"ranges[{t}]",
+                f"({flat[2 * t]}, {flat[2 * t + 1]}) holds no point of the grid "
+                f"[{float(grid.min())}, {float(grid.max())}] (n = {len(alphas)})",
+            )
+    return flat
+
+
 def _peaks(large: torch.Tensor, small_base: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """The largest logit of each input, ``[2 + T]`` on the inputs' device (no synchronisation):
     NaN propagates through a max, so a peak that is NaN or +inf flags its input."""
@@ -289,6 +381,7 @@ def logit_fusion(
     alphas: Sequence[float] | torch.Tensor | None = None,
     *,
     return_logits: bool = True,
+    ranges: Sequence[Sequence[float]] | Sequence[float] | torch.Tensor | None = None,
 ) -> LogitFusionResult:
     """Dynamic Logit Fusion: per row, the expert and α that make the large model move like the
     small one, and the fused logits.
@@ -325,6 +418,13 @@ def logit_fusion(
         here costs a device synchronisation. Any n works; see *Sizes*.
     return_logits : bool
         Whether to compute the fused logits (False: ``logits`` is None and not computed).
+    ranges : sequence of (lo, hi), one (lo, hi), or Tensor ``[T, 2]``, optional
+        Per-expert search ranges: expert t's candidates are the grid points with
+        ``lo_t ≤ α ≤ hi_t`` (both sides rounded to the accumulation dtype, as the grid is; ±inf
+        allowed). One pair applies to every expert. The paper searches each expert "within a
+        certain range" without publishing the ranges; use them to keep a weak or noisy expert's
+        α small. A candidate outside its range has loss +inf and is never chosen; each range
+        must hold at least one grid point. Default: the whole grid for every expert.
 
     Returns
     -------
@@ -335,14 +435,16 @@ def logit_fusion(
         * ``expert`` ``[B]`` int64: t*.
         * ``logits`` ``[B, V]`` acc or None: ``M_L + α*·(M_{t*} − M_S)``, −inf at masked
           positions.
-        * ``loss`` ``[B, T, n]`` acc: the objective of every candidate, grid in the order given.
+        * ``loss`` ``[B, T, n]`` acc: the objective of every candidate, grid in the order given
+          (+inf outside the expert's range).
 
     Raises
     ------
     TypeError, ValueError
         On a bad argument, naming it: not a tensor, unsupported or mismatched dtype, another
         device, wrong number of dimensions or mismatched B, V, T = 0 or T > 16, V = 0, an empty
-        grid, a non-finite or non-real grid value; ValueError when an input contains NaN or +inf.
+        grid, a non-finite or non-real grid value, a malformed range or one that holds no grid
+        point; ValueError when an input contains NaN or +inf.
 
     Notes
     -----
@@ -395,6 +497,7 @@ def logit_fusion(
         )
     experts = _experts_tensor(experts, large).detach()
     alphas = _alpha_list(alphas)
+    flat_ranges = _range_list(ranges, experts.shape[0], alphas, large.dtype)
     if not isinstance(return_logits, bool):
         raise _error(
             TypeError, "return_logits", f"expected a bool, got {type(return_logits).__name__}"
@@ -404,7 +507,7 @@ def logit_fusion(
     # back. The kernels tolerate NaN and +inf (the unchecked custom op feeds them as given);
     # such results are never returned.
     peaks = _peaks(large, small_base, experts) if large.shape[0] else None
-    args = (large, small_base, experts, alphas, return_logits)
+    args = (large, small_base, experts, alphas, return_logits, flat_ranges)
     alpha, expert, logits, loss = _native.call(
         _logit_fusion, _logit_fusion_native, "meldkit::logit_fusion", large.device, args
     )

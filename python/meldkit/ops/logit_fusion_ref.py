@@ -24,6 +24,11 @@ multi-task objective Σ_t [(KL(P̃‖P) − KL(Q_t‖Q))² + (KL(P‖P̃) − KL
 paper's own search is, to one active expert per step; the sum over t equals T times the loss
 above plus a constant, so only the two mean targets matter (spec §1.3, [derived]).
 
+Per-expert ranges (optional; the paper searches "within a certain range" per expert without giving
+the ranges): expert t's candidates are the grid points with lo_t ≤ α_j ≤ hi_t, both sides rounded
+to the accumulation dtype as the grid is. A candidate outside its expert's range has loss +inf and
+is never selected.
+
 Selection: per row the candidate with the smallest loss (as stored, in the accumulation dtype);
 among exactly equal losses the one with the smaller α value, then the one with the lower expert
 index. The paper scans its ascending grid and keeps the first strict minimum, which is the same
@@ -104,6 +109,18 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def alpha_grid(alphas: Sequence[float], dtype: torch.dtype, device=None) -> torch.Tensor:
     """The grid ``[n]`` rounded to the accumulation dtype of inputs of ``dtype``."""
     return torch.tensor([float(a) for a in alphas], dtype=accumulation_dtype(dtype), device=device)
+
+
+def allowed_ref(
+    alphas: Sequence[float], ranges: Sequence[Sequence[float]] | None, n_experts: int, dtype
+) -> torch.Tensor:
+    """``[T, n]`` bool: whether candidate (t, α_j) is searched, ``lo_t ≤ α_j ≤ hi_t`` compared in
+    the accumulation dtype of inputs of ``dtype`` (all True without ``ranges``)."""
+    grid = alpha_grid(alphas, dtype)
+    if ranges is None:
+        return torch.ones(n_experts, len(grid), dtype=torch.bool)
+    bounds = torch.tensor([[float(lo), float(hi)] for lo, hi in ranges], dtype=grid.dtype)
+    return (bounds[:, :1] <= grid) & (grid <= bounds[:, 1:])
 
 
 def vocab_keep_ref(
@@ -296,18 +313,23 @@ def logit_fusion_forward_ref(
     alphas: Sequence[float],
     return_logits: bool,
     loss_function: LossFunction = logit_fusion_loss_ref,
+    ranges: Sequence[Sequence[float]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op's calling convention: ``(alpha, expert, logits, loss)``.
 
     Arguments as :func:`logit_fusion_ref` (already valid: ``experts`` one ``[T, B, V]`` tensor,
-    ``alphas`` a non-empty list). Returns ``alpha [B]``, ``expert [B]``, ``logits [B, V]`` and
-    ``loss [B, T, n]`` as in :class:`LogitFusionResult`; ``logits`` is an empty ``[0]`` tensor when
-    ``return_logits`` is False (custom ops cannot return None). ``loss_function`` computes the
-    float64 loss (:func:`logit_fusion_loss_ref` or :func:`logit_fusion_loss_cgf_ref`).
+    ``alphas`` a non-empty list, ``ranges`` None or T pairs each holding a grid point). Returns
+    ``alpha [B]``, ``expert [B]``, ``logits [B, V]`` and ``loss [B, T, n]`` as in
+    :class:`LogitFusionResult`; ``logits`` is an empty ``[0]`` tensor when ``return_logits`` is
+    False (custom ops cannot return None). ``loss_function`` computes the float64 loss
+    (:func:`logit_fusion_loss_ref` or :func:`logit_fusion_loss_cgf_ref`).
     """
     acc = accumulation_dtype(large.dtype)
     with torch.no_grad():
         loss = loss_function(large, small_base, experts, alphas).to(acc)
+        if ranges is not None:
+            allowed = allowed_ref(alphas, ranges, experts.shape[0], large.dtype)
+            loss = loss.masked_fill(~allowed.to(loss.device), float("inf"))
         grid = alpha_grid(alphas, large.dtype, large.device)
         rows = vocab_keep_ref(large, small_base, experts).any(-1)
         alpha, expert = select_ref(loss, grid, rows)
@@ -335,6 +357,7 @@ def logit_fusion_ref(
     alphas: Sequence[float] | torch.Tensor | None = None,
     *,
     return_logits: bool = True,
+    ranges: Sequence[Sequence[float]] | None = None,
 ) -> LogitFusionResult:
     """Dynamic Logit Fusion by grid search, directly from the softmaxes (the spec).
 
@@ -351,6 +374,8 @@ def logit_fusion_ref(
         The grid; default :data:`DEFAULT_ALPHAS` (0.0, 0.1, …, 2.0).
     return_logits : bool
         Whether to compute the fused logits.
+    ranges : sequence of (lo, hi), optional
+        Per expert, the part of the grid searched (module docstring).
 
     Returns
     -------
@@ -360,7 +385,7 @@ def logit_fusion_ref(
     """
     experts, alphas = _as_inputs(experts, alphas)
     alpha, expert, logits, loss = logit_fusion_forward_ref(
-        large, small_base, experts, alphas, return_logits
+        large, small_base, experts, alphas, return_logits, ranges=ranges
     )
     return LogitFusionResult(alpha, expert, logits if return_logits else None, loss)
 
@@ -372,6 +397,7 @@ def logit_fusion_cgf_ref(
     alphas: Sequence[float] | torch.Tensor | None = None,
     *,
     return_logits: bool = True,
+    ranges: Sequence[Sequence[float]] | None = None,
 ) -> LogitFusionResult:
     """:func:`logit_fusion_ref` with the loss from the log-partition identities (spec §2.1).
 
@@ -380,6 +406,6 @@ def logit_fusion_cgf_ref(
     """
     experts, alphas = _as_inputs(experts, alphas)
     alpha, expert, logits, loss = logit_fusion_forward_ref(
-        large, small_base, experts, alphas, return_logits, logit_fusion_loss_cgf_ref
+        large, small_base, experts, alphas, return_logits, logit_fusion_loss_cgf_ref, ranges
     )
     return LogitFusionResult(alpha, expert, logits if return_logits else None, loss)
