@@ -167,3 +167,78 @@ def test_targets():
     tied = nn.Sequential(shared, nn.ReLU(), shared)
     with pytest.raises(ValueError, match="shared"):
         goat.wrap(tied, config())
+
+
+# ---- GOAT-s (per-expert scaling, the paper's App. E) ------------------------------------------
+
+
+def test_goat_s_scaling_formula():
+    """s_j = s·√(σ_1/σ_j), σ_j the sum of expert j's segment; a segment of zeros keeps s."""
+    from meldkit.goat.init import goat_s_scaling
+
+    sv = torch.tensor([[9.0, 7.0], [4.0, 4.0], [2.0, 2.0], [0.0, 0.0]])
+    got = goat_s_scaling(sv, 2.0, 4)
+    want = torch.tensor([2.0, 2.0 * 2**0.5, 2.0 * 2.0, 2.0])
+    torch.testing.assert_close(got, want)
+    assert got.dtype == torch.float32
+    assert torch.equal(goat_s_scaling(torch.zeros(2, 3), 1.5, 2), torch.full((2,), 1.5))
+
+
+@pytest.mark.parametrize("init", ["goat", "pissa", "milora"])
+def test_goat_s_init_matches_the_formulas(init):
+    """Each expert starts at s_j·B_j A_j = (1/ρ) U_j Σ_j V_jᵀ with GOAT-s's own s_j, and the base
+    is W̃0 = W0 − (1/E) Σ_j s_j B_j A_j."""
+    model = mlp()
+    w0 = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
+    cfg = config(init=init, rho=RHO, per_expert_scaling=True)
+    goat.wrap(model, cfg)
+    for (_, layer), w in zip(goat.goat_layers(model), w0, strict=True):
+        m, n = w.shape
+        s = cfg.scaling_for(n)
+        u, sv, vh = (t.double() for t in torch.linalg.svd(w.float(), full_matrices=False))
+        starts = segment_starts(init, min(m, n), E, D)
+        sigma = torch.stack([sv[k : k + D].sum() for k in starts])
+        assert isinstance(layer.scaling, torch.Tensor) and layer.scaling.dtype == torch.float32
+        torch.testing.assert_close(layer.scaling.double(), s * (sigma[0] / sigma).sqrt())
+        assert layer.scaling[0].item() == pytest.approx(s)
+        assert (layer.scaling[1:] > s).all()  # later segments hold smaller singular values
+        sbA = _dense(layer) * layer.scaling.double()[:, None, None]
+        for j, k in enumerate(starts):
+            seg = slice(k, k + D)
+            expected = u[:, seg] @ torch.diag(sv[seg]) @ vh[seg] / RHO
+            magnitude = (u[:, seg].abs() * sv[seg]) @ vh[seg].abs() / RHO
+            assert_close_to_ref(sbA[j].float(), expected, n_terms=D + 4, magnitude=magnitude)
+        delta = sbA.sum(0) / E
+        magnitude = w.double().abs() + (layer.scaling.double().max() / E) * torch.einsum(
+            "emd,edn->mn", layer.lora_b.double().abs(), layer.lora_a.double().abs()
+        )
+        assert_close_to_ref(
+            layer.base_layer.weight, w.double() - delta, n_terms=RANK + 2, magnitude=magnitude
+        )
+        assert "scaling=[" in repr(layer)
+        assert "scaling" not in layer.state_dict()
+
+
+def test_goat_s_uniform_routing_reproduces_the_base_model():
+    base = mlp()
+    x = torch.randn(9, 40)
+    expected = _base_output64(base, x)
+    model = goat.wrap(copy.deepcopy(base), config(top_k=E, per_expert_scaling=True)).eval()
+    for _, layer in goat.goat_layers(model):
+        nn.init.zeros_(layer.router.weight)
+    with torch.no_grad():
+        y = model(x)
+    layers = [layer for _, layer in goat.goat_layers(model)]
+    w1, w2 = base[0].weight.double().abs(), base[2].weight.double().abs()
+    h = base[1](base[0].double()(x.double())).abs()
+    lr = [2 * float(layer.scaling.max()) * _dense_abs(layer) for layer in layers]
+    first = (w1 + lr[0]) @ x.double().abs().T
+    mag = ((w2 + lr[1]) @ (h.T + first.abs())).T + base[2].bias.double().abs()
+    assert_close_to_ref(y, expected, n_terms=40 + 2 * RANK, magnitude=mag)
+
+
+def test_goat_s_needs_an_svd_init():
+    with pytest.raises(ValueError, match=r"per_expert_scaling.*needs an SVD init"):
+        config(init="lora", per_expert_scaling=True)
+    with pytest.raises(ValueError, match="per_expert_scaling: must be True or False"):
+        config(per_expert_scaling=1)

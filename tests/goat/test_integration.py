@@ -122,15 +122,20 @@ def require_inductor_compiler() -> None:
         pytest.skip(f"torch.compile unusable on this CPU: inductor finds no C++ compiler ({err})")
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_torch_compile_matches_eager(dropout):
+@pytest.mark.parametrize(
+    ("dropout", "goat_s"), [(0.0, False), (0.3, False), (0.0, True)], ids=["p0", "p0.3", "goat-s"]
+)
+def test_torch_compile_matches_eager(dropout, goat_s):
     """Forward + backward (aux loss included) of the compiled model equal eager's. With dropout,
     inductor's own random numbers would draw other seeds than eager's; ``fallback_random`` makes
     it draw from torch's generator, so the masks, and hence the results, are the same."""
     require_inductor_compiler()
     import torch._inductor.config as inductor_config
 
-    eager = goat.wrap(mlp(), goat.GoatConfig(num_experts=4, top_k=2, rank=8, dropout=dropout))
+    cfg = goat.GoatConfig(
+        num_experts=4, top_k=2, rank=8, dropout=dropout, per_expert_scaling=goat_s
+    )
+    eager = goat.wrap(mlp(), cfg)
     eager.train()
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model)

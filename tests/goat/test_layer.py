@@ -442,17 +442,22 @@ def test_only_experts_and_routers_train():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("init", ["goat", "lora"])
+@pytest.mark.parametrize("init", ["goat", "lora", "goat-s"])
 def test_save_load_round_trip_is_exact(tmp_path, dtype, init):
-    model = goat.wrap(mlp(dtype=dtype), config(init=init))
+    kw = {"init": "goat", "per_expert_scaling": True} if init == "goat-s" else {"init": init}
+    model = goat.wrap(mlp(dtype=dtype), config(**kw))
     train(model)
     path = goat.save_adapter(model, tmp_path / "adapter.safetensors")
     assert [p.name for p in tmp_path.iterdir()] == ["adapter.safetensors"]  # no temp file left
-    cfg, layers, _ = goat.read_adapter(path)
-    assert cfg == config(init=init) and list(layers) == ["0", "2"]
+    cfg, layers, tensors = goat.read_adapter(path)
+    assert cfg == config(**kw) and list(layers) == ["0", "2"]
+    assert ("0.scaling" in tensors) == (init == "goat-s")
 
     fresh = goat.load_adapter(mlp(dtype=dtype), path).eval()
     assert_same_state(fresh, model)
+    if init == "goat-s":
+        for (_, a), (_, b) in zip(goat.goat_layers(fresh), goat.goat_layers(model), strict=True):
+            assert torch.equal(a.scaling, b.scaling)
     x = torch.randn(4, 40, dtype=dtype)
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
@@ -460,13 +465,13 @@ def test_save_load_round_trip_is_exact(tmp_path, dtype, init):
         n for n, p in model.named_parameters() if p.requires_grad
     }
     # Loading into a model wrapped with the same config replaces its adapter, exactly.
-    again = goat.load_adapter(goat.wrap(mlp(dtype=dtype), config(init=init)), path)
+    again = goat.load_adapter(goat.wrap(mlp(dtype=dtype), config(**kw)), path)
     assert_same_state(again, model)
     # Saving over an existing file replaces it.
     goat.save_adapter(fresh, path)
     assert_same_state(goat.load_adapter(mlp(dtype=dtype), path), model)
     # Without the kept W0 the fingerprint is of W̃0 + the alignment: the right base still loads.
-    loose = goat.wrap(mlp(dtype=dtype), config(init=init), keep_original=False)
+    loose = goat.wrap(mlp(dtype=dtype), config(**kw), keep_original=False)
     goat.load_adapter(mlp(dtype=dtype), goat.save_adapter(loose, tmp_path / "loose.safetensors"))
 
 
@@ -714,3 +719,23 @@ def test_data_parallel(wrapper):
     if result.stdout.startswith("skip: "):
         pytest.skip(result.stdout.strip().removeprefix("skip: "))
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_goat_s_adapter_with_bad_factors_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = goat.wrap(mlp(), config(per_expert_scaling=True))
+    path = goat.save_adapter(model, tmp_path / "a.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    tensors["0.scaling"] = -tensors["0.scaling"]
+    save_file(tensors, tmp_path / "bad.safetensors", metadata=metadata)
+    with pytest.raises(goat.AdapterError, match=r"0\.scaling holds factors that are not finite"):
+        goat.load_adapter(mlp(), tmp_path / "bad.safetensors")
+    del tensors["0.scaling"]
+    save_file(tensors, tmp_path / "missing.safetensors", metadata=metadata)
+    with pytest.raises(goat.AdapterError, match=r"tensor 0\.scaling missing"):
+        goat.load_adapter(mlp(), tmp_path / "missing.safetensors")

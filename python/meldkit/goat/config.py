@@ -80,6 +80,12 @@ class GoatConfig:
     aux_loss_coef : float
         Coefficient of the load-balancing loss returned by :func:`meldkit.goat.aux_loss`
         (≥ 0; the paper's 1e-3).
+    per_expert_scaling : bool
+        GOAT-s (the paper's App. E, Table 8): expert j of a layer gets its own factor
+        s_j = s·√(σ_1/σ_j), σ_j the sum of the singular values of its SVD segment (expert 1 keeps
+        s), instead of one s for all; the init divides each expert's singular values by its own
+        s_j, so the starting point and the base adjustment stay the paper's. SVD inits only.
+        The factors are stored with the adapter. Default False (GOAT).
 
     Raises
     ------
@@ -99,6 +105,7 @@ class GoatConfig:
     modules_to_save: str | tuple[str, ...] = AUTO
     dropout: float = 0.05
     aux_loss_coef: float = 1e-3
+    per_expert_scaling: bool = False
 
     def __post_init__(self) -> None:
         e = self.num_experts
@@ -147,6 +154,17 @@ class GoatConfig:
         object.__setattr__(self, "modules_to_save", _check_saved(self.modules_to_save))
         if not (_is_real(self.dropout) and 0 <= self.dropout < 1):
             raise ValueError(f"GoatConfig.dropout: must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.per_expert_scaling, bool):
+            raise ValueError(
+                f"GoatConfig.per_expert_scaling: must be True or False, got "
+                f"{self.per_expert_scaling!r}"
+            )
+        if self.per_expert_scaling and self.init == "lora":
+            raise ValueError(
+                "GoatConfig.per_expert_scaling: GOAT-s scales each expert by its SVD segment's "
+                "singular values, so it needs an SVD init ('goat', 'pissa' or 'milora'), not "
+                "init='lora'"
+            )
         if not (_is_real(self.aux_loss_coef) and self.aux_loss_coef >= 0):
             raise ValueError(
                 f"GoatConfig.aux_loss_coef: must be a finite number ≥ 0, got {self.aux_loss_coef!r}"

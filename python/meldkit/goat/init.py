@@ -22,6 +22,11 @@ s·B_j A_j = (1/ρ) U_j Σ_j V_jᵀ, and the base becomes (Theorem 3.4, ``init_c
 
     W̃0 = W0 − (s/E) Σ_j B_j A_j.
 
+GOAT-s (the paper's App. E, Table 8) gives each expert its own factor instead of one s:
+s_j = s·√(σ_1/σ_j), σ_j the sum of the singular values of expert j's segment (expert 1 keeps s;
+:func:`goat_s_scaling`). Everything above then holds with s_j in place of s per expert: s_j·B_j A_j
+is still (1/ρ) U_j Σ_j V_jᵀ, and W̃0 = W0 − (1/E) Σ_j s_j B_j A_j.
+
 All three need h ≥ r. ``lora`` is plain LoRA: every A_j Kaiming-uniform (a = √5, PyTorch's
 ``nn.Linear`` default: U(−1/√n, 1/√n)), B_j = 0, base untouched.
 
@@ -68,15 +73,37 @@ def segment_starts(init: str, h: int, num_experts: int, expert_rank: int) -> lis
     raise ValueError(f"no SVD segments for init {init!r}")
 
 
+def goat_s_scaling(sv: torch.Tensor, scaling: float, num_experts: int) -> torch.Tensor:
+    """GOAT-s's per-expert factors ``[E]`` fp32: s_j = s·√(σ_1/σ_j) (paper App. E).
+
+    Parameters
+    ----------
+    sv : Tensor [E, d]
+        The singular values of each expert's segment (row j: expert j's, in spectral order).
+    scaling : float
+        s, the factor of the first expert.
+    num_experts : int
+        E.
+
+    σ_j is the sum of row j. An expert whose segment sums to 0 (a rank-deficient weight) keeps
+    s: its factors start at 0, and no finite ratio exists.
+    """
+    sigma = sv.detach().to(torch.float64).reshape(num_experts, -1).sum(-1)
+    ratio = torch.where(sigma > 0, sigma[0] / sigma.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
+    ratio = torch.where(sigma[0] > 0, ratio, torch.ones_like(ratio))
+    return (scaling * ratio.sqrt()).to(torch.float32)
+
+
 def svd_experts(
     weight: torch.Tensor,
     *,
     init: str,
     num_experts: int,
     expert_rank: int,
-    scaling: float,
+    scaling: float | torch.Tensor,
     rho: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    per_expert_scaling: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]:
     """Expert factors from segments of the full fp32 SVD of ``weight`` (Eq. 13, 19).
 
     Parameters
@@ -87,8 +114,14 @@ def svd_experts(
         Which segments (:func:`segment_starts`).
     num_experts, expert_rank : int
         E and d.
-    scaling, rho : float
-        s and ρ: the singular values are divided by s·ρ before the square-root split.
+    scaling : float or Tensor [E]
+        s (or explicit per-expert factors s_j): expert j's singular values are divided by
+        s_j·ρ before the square-root split.
+    rho : float
+        ρ.
+    per_expert_scaling : bool
+        GOAT-s: replace a float ``scaling`` s by s_j = s·√(σ_1/σ_j) (:func:`goat_s_scaling`)
+        from this SVD's segments.
 
     Returns
     -------
@@ -96,6 +129,8 @@ def svd_experts(
         A_j = diag(√(σ/(sρ))) V_jᵀ.
     lora_b : Tensor [E, m, d] fp32
         B_j = U_j diag(√(σ/(sρ))).
+    scaling : float or Tensor [E] fp32
+        The factor(s) used: ``scaling`` as given, or GOAT-s's s_j.
     """
     w = weight.detach().to(torch.float32)
     m, n = w.shape
@@ -103,12 +138,17 @@ def svd_experts(
     d = expert_rank
     starts = segment_starts(init, min(m, n), num_experts, d)
     idx = torch.tensor([k + i for k in starts for i in range(d)], device=w.device)
-    root = torch.sqrt(sv[idx] / (scaling * rho))  # [r]
+    if per_expert_scaling:
+        scaling = goat_s_scaling(sv[idx].view(num_experts, d), float(scaling), num_experts)
+    factor = scaling
+    if isinstance(scaling, torch.Tensor):  # per expert: s_j for each of expert j's d triplets
+        factor = scaling.to(device=w.device, dtype=torch.float32).repeat_interleave(d)
+    root = torch.sqrt(sv[idx] / (factor * rho))  # [r]
     a_all = root[:, None] * vh[idx]  # [r, n]
     b_all = u[:, idx] * root[None, :]  # [m, r]
     lora_a = a_all.reshape(num_experts, d, n).contiguous()
     lora_b = b_all.reshape(m, num_experts, d).permute(1, 0, 2).contiguous()
-    return lora_a, lora_b
+    return lora_a, lora_b, scaling
 
 
 def lora_experts(
@@ -135,7 +175,7 @@ def lora_experts(
 
 
 def alignment_factors(
-    lora_a: torch.Tensor, lora_b: torch.Tensor, coef: float
+    lora_a: torch.Tensor, lora_b: torch.Tensor, coef: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The factors of the base adjustment, ``coef · Σ_j B_j A_j = delta_b @ delta_a``.
 
@@ -143,8 +183,8 @@ def alignment_factors(
     ----------
     lora_a : Tensor [E, d, n]
     lora_b : Tensor [E, m, d]
-    coef : float
-        s/E for GOAT's weight alignment.
+    coef : float or Tensor [E]
+        s/E for GOAT's weight alignment (per expert, s_j/E, for GOAT-s).
 
     Returns
     -------
@@ -156,6 +196,8 @@ def alignment_factors(
     e, d, n = lora_a.shape
     delta_a = lora_a.detach().to(torch.float32).reshape(e * d, n).clone()
     b_all = lora_b.detach().to(torch.float32).permute(1, 0, 2).reshape(-1, e * d)
+    if isinstance(coef, torch.Tensor):  # per expert
+        coef = coef.to(device=b_all.device, dtype=torch.float32).repeat_interleave(d)
     return delta_a, (b_all * coef).contiguous()
 
 

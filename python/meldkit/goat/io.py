@@ -7,6 +7,7 @@ Layout, for every GOAT layer ``NAME`` (its qualified module name in the wrapped 
     NAME.router.weight  [E, n]      router W_z
     NAME.alignment_a    [r, n] fp32 only for the SVD inits: the base was adjusted to
     NAME.alignment_b    [m, r] fp32 W̃0 = W0 − alignment_b @ alignment_a
+    NAME.scaling        [E]    fp32 only for GOAT-s (``per_expert_scaling``): the factors s_j
     NAME.base_sketch    [m]    fp32 a fingerprint of the original base weight W0 (or of W̃0):
                                     W @ v for a fixed pseudo-random v (older files have none)
 
@@ -152,6 +153,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         tensors[f"{name}.router.weight"] = layer.router.weight.detach()
         if layer.alignment is not None:
             tensors[f"{name}.alignment_a"], tensors[f"{name}.alignment_b"] = layer.alignment
+        if isinstance(layer.scaling, torch.Tensor):
+            tensors[f"{name}.scaling"] = layer.scaling.detach()
         tensors[f"{name}.base_sketch"], sketch_of = _layer_sketch(layer)
         layers[name] = {
             "in_features": layer.in_features,
@@ -254,6 +257,8 @@ def _read_adapter(
         shapes = {"lora_a": (e, d, n), "lora_b": (e, m, d), "router.weight": (e, n)}
         if aligned:
             shapes |= {"alignment_a": (r, n), "alignment_b": (m, r)}
+        if config.per_expert_scaling:
+            shapes |= {"scaling": (e,)}
         for part, shape in shapes.items():
             key = f"{name}.{part}"
             expected_keys.add(key)
@@ -267,6 +272,12 @@ def _read_adapter(
             if not tensors[key].is_floating_point():
                 raise AdapterError(
                     f"{file}: tensor {key} has dtype {tensors[key].dtype}, not a floating dtype"
+                )
+        if config.per_expert_scaling:
+            factors = tensors[f"{name}.scaling"]
+            if not bool(torch.isfinite(factors).all()) or not bool((factors > 0).all()):
+                raise AdapterError(
+                    f"{file}: tensor {name}.scaling holds factors that are not finite and > 0"
                 )
         expert_dtype = tensors[f"{name}.lora_a"].dtype
         for part in ("lora_b", "router.weight"):
@@ -486,6 +497,7 @@ def load_adapter(
             router_weight=tensors[f"{name}.router.weight"].to(device),
             alignment=alignment,
             keep_original=keep_original,
+            scaling=tensors.get(f"{name}.scaling") if config.per_expert_scaling else None,
         )
         replace_module(model, name, layer)
     freeze_base(model)

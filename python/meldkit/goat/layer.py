@@ -46,6 +46,10 @@ class GoatLinear(nn.Module):
         B_1 … B_E.
     router_weight : Tensor [E, n]
         W_z, the bias-free router.
+    scaling : Tensor [E], optional
+        Per-expert factors s_j (GOAT-s, ``config.per_expert_scaling``), kept as a buffer that
+        moves with the layer (not in its ``state_dict``: adapter files store it); default
+        ``config.scaling_for(n)``.
 
     Attributes
     ----------
@@ -53,8 +57,8 @@ class GoatLinear(nn.Module):
         ``[E, d, n]`` and ``[E, m, d]``.
     router : nn.Linear
         ``nn.Linear(n, E, bias=False)``.
-    scaling : float
-        s, applied to every expert.
+    scaling : float or Tensor [E]
+        s, applied to every expert, or GOAT-s's fp32 s_j per expert.
     alignment : tuple of (Tensor [r, n], Tensor [m, r]) or None
         ``(delta_a, delta_b)`` with ``W̃0 = W0 − delta_b @ delta_a`` (fp32, CPU), the factors
         the SVD inits subtracted from the base; None when the base is untouched.
@@ -69,6 +73,7 @@ class GoatLinear(nn.Module):
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
         router_weight: torch.Tensor,
+        scaling: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         n_experts, rank, d_in = lora_a.shape
@@ -97,7 +102,21 @@ class GoatLinear(nn.Module):
         with torch.no_grad():
             self.router.weight.copy_(router_weight)
         self.config = config
-        self.scaling = config.scaling_for(d_in)
+        if scaling is None:
+            self.scaling = config.scaling_for(d_in)
+        else:
+            if tuple(scaling.shape) != (n_experts,) or not scaling.is_floating_point():
+                raise ValueError(
+                    f"GoatLinear: per-expert scaling must be a floating [{n_experts}] tensor, "
+                    f"got {scaling.dtype} {tuple(scaling.shape)}"
+                )
+            if not bool(torch.isfinite(scaling).all()) or not bool((scaling > 0).all()):
+                raise ValueError("GoatLinear: per-expert scaling must be finite and > 0")
+            self.register_buffer(
+                "scaling",
+                scaling.detach().to(device=lora_a.device, dtype=torch.float32).clone(),
+                persistent=False,
+            )
         self.top_k = config.top_k
         self.dropout = config.dropout
         # Restored by unwrap (wrap freezes the base).
@@ -250,9 +269,14 @@ class GoatLinear(nn.Module):
         counts = nn.functional.one_hot(selected, n_experts).sum((0, 1)).to(probs.dtype)
         return n_experts * torch.sum(counts / n_tokens * probs.sum(0) / n_tokens)
 
+    def _scaling_repr(self) -> str:
+        if isinstance(self.scaling, torch.Tensor):
+            return "[" + ", ".join(f"{v:.4g}" for v in self.scaling.tolist()) + "]"
+        return f"{self.scaling:.4g}"
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"num_experts={self.num_experts}, expert_rank={self.lora_a.shape[1]}, "
-            f"top_k={self.top_k}, scaling={self.scaling:.4g}, dropout={self.dropout}"
+            f"top_k={self.top_k}, scaling={self._scaling_repr()}, dropout={self.dropout}"
         )

@@ -233,12 +233,13 @@ def build_layer(
     router_weight: torch.Tensor,
     alignment: tuple[torch.Tensor, torch.Tensor] | None,
     keep_original: bool,
+    scaling: torch.Tensor | None = None,
 ) -> GoatLinear:
     """A :class:`GoatLinear` around ``linear`` with the given weights; applies ``alignment`` to
     the base, keeping a CPU copy of W0 first when ``keep_original`` (an unadjusted base needs
     none). The layer takes the replaced layer's train/eval mode: a model in eval mode (as
     ``from_pretrained`` returns it) stays in eval mode, its experts' dropout off."""
-    layer = GoatLinear(linear, config, lora_a, lora_b, router_weight)
+    layer = GoatLinear(linear, config, lora_a, lora_b, router_weight, scaling)
     layer.train(linear.training)
     if alignment is not None:
         if keep_original:
@@ -364,7 +365,8 @@ def freeze_base(model: nn.Module) -> None:
 def wrap(model: nn.Module, config: GoatConfig, *, keep_original: bool = True) -> nn.Module:
     """Replace the targeted ``nn.Linear`` layers of ``model`` by GOAT layers, in place.
 
-    For each target W0 ``[m, n]`` (n = in_features) with s = ``config.scaling_for(n)``:
+    For each target W0 ``[m, n]`` (n = in_features) with s = ``config.scaling_for(n)`` (with
+    ``config.per_expert_scaling``, GOAT-s's s_j per expert, from W0's spectrum, in place of s):
 
     - experts A ``[E, d, n]``, B ``[E, m, d]`` (fp32, on the weight's device) from
       ``config.init`` (:mod:`meldkit.goat.init`); for the SVD inits the base weight becomes
@@ -434,13 +436,14 @@ def wrap(model: nn.Module, config: GoatConfig, *, keep_original: bool = True) ->
             )
             alignment = None
         else:
-            lora_a, lora_b = svd_experts(
+            lora_a, lora_b, s = svd_experts(
                 linear.weight,
                 init=config.init,
                 num_experts=e,
                 expert_rank=d,
                 scaling=s,
                 rho=config.rho,
+                per_expert_scaling=config.per_expert_scaling,
             )
             alignment = alignment_factors(lora_a, lora_b, s / e)
         # fp32 whatever torch's default dtype: the router, as the experts, trains in fp32.
@@ -453,6 +456,7 @@ def wrap(model: nn.Module, config: GoatConfig, *, keep_original: bool = True) ->
             router_weight=router.weight.detach(),
             alignment=alignment,
             keep_original=keep_original,
+            scaling=s if isinstance(s, torch.Tensor) else None,
         )
         replace_module(model, name, layer)
     freeze_base(model)
