@@ -149,3 +149,45 @@ def test_tiny_tokenizer_gives_what_llama_takes():
     assert batch["input_ids"][1].tolist()[:2] == [PAD, PAD]
     assert batch["attention_mask"][1].tolist() == [0, 0, 1, 1]
     assert tok.decode(batch["input_ids"][0], skip_special_tokens=True) == "w01 w02 w03"
+
+
+def _word_tokenizer(words, pre_tokenizer=None):
+    from meldkit.dlf._tiny import word_tokenizer
+
+    tok = word_tokenizer(words)
+    if pre_tokenizer is not None:
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizer
+    return tok
+
+
+def test_the_models_tokenizers_are_checked(setup):
+    """tokenizers=: the models' own tokenizers must equal the one decoding runs with; an equal
+    copy passes (and changes nothing), one with two tokens swapped, an extra token, or another
+    pre-tokenizer is refused before any model runs, naming it."""
+    import tokenizers
+
+    from tests.dlf.tiny import WORDS
+
+    tok, large, small, expert = setup
+    kw = dict(max_new_tokens=4)
+    plain = dlf.generate(large, small, expert, tok, PROMPTS, **kw)
+    same = _word_tokenizer(WORDS)
+    checked = dlf.generate(large, small, expert, tok, PROMPTS, tokenizers=[same, None, tok], **kw)
+    assert torch.equal(checked.sequences, plain.sequences)
+    swapped = list(WORDS)
+    swapped[3], swapped[4] = swapped[4], swapped[3]
+    cases = [
+        ([same, _word_tokenizer(swapped)], rf"tokenizers\[1\] maps token '{WORDS[3]}' to"),
+        ([_word_tokenizer([*WORDS, "extra"])], r"tokenizers\[0\] has \d+ tokens, the tokenizer"),
+        (
+            [_word_tokenizer(WORDS, tokenizers.pre_tokenizers.Whitespace())],
+            r"tokenizers\[0\] splits text differently",
+        ),
+    ]
+    for others, match in cases:
+        with pytest.raises(ValueError, match=match):
+            dlf.generate(large, small, expert, tok, PROMPTS, tokenizers=others, **kw)
+        with pytest.raises(ValueError, match=match):
+            dlf.DynamicLogitFusionProcessor(small, expert, tok, tokenizers=others)
+    with pytest.raises(TypeError, match="tokenizers must be a list"):
+        dlf.generate(large, small, expert, tok, PROMPTS, tokenizers=same, **kw)

@@ -14,6 +14,7 @@ from meldkit.dlf.streams import (
     BASE_ADAPTER,
     Ensemble,
     Member,
+    check_tokenizers,
     common_vocab_size,
     is_peft_model,
     pad_token_id,
@@ -270,6 +271,7 @@ def generate(
     adapter_batching: bool = True,
     use_cache: bool = True,
     return_logits: bool = False,
+    tokenizers: Sequence | None = None,
 ) -> DLFOutput:
     """Weak-to-strong decoding by dynamic logit fusion (DLF) or fixed-α proxy-tuning.
 
@@ -350,6 +352,11 @@ def generate(
         ``False`` recomputes the full sequences every step (slow; for checking the cache).
     return_logits : bool
         Also return every step's fused logits.
+    tokenizers : sequence of tokenizers, optional
+        The models' own tokenizers (as loaded with each model; None entries skipped), checked
+        against ``tokenizer`` before any model runs: the same tokens with the same ids, and the
+        same split of a probe text. A model's tokenizer that differs is refused (``ValueError``
+        naming it and a differing token) instead of fusing logits of unrelated tokens.
 
     Returns
     -------
@@ -388,6 +395,7 @@ def generate(
         raise TypeError(f"dlf: add_special_tokens must be a bool, got {add_special_tokens!r}")
     alphas = alpha_list(alphas)
     ranges = check_ranges(ranges, len(experts), alphas)
+    check_tokenizers(tokenizer, tokenizers)
 
     members = [Member(large, None), *fusion_members(small_base, experts)]
     models = {"large": large, "small_base": small_base}

@@ -10,7 +10,13 @@ from torch import nn
 
 from meldkit.dlf.fusion import check_mode, check_ranges, fuse_logits
 from meldkit.dlf.generate import Expert, ExpertPrompt, alpha_list, expert_texts, fusion_members
-from meldkit.dlf.streams import Ensemble, check_vocab_width, common_vocab_size, tokenize
+from meldkit.dlf.streams import (
+    Ensemble,
+    check_tokenizers,
+    check_vocab_width,
+    common_vocab_size,
+    tokenize,
+)
 
 try:
     from transformers import LogitsProcessor as _LogitsProcessor
@@ -45,7 +51,7 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         Without it the prompt is taken as unpadded (a batch expanded by ``num_return_sequences``
         then runs as it comes, each row on its own). Needed, or ``prompts``, when the processor
         is called outside ``generate`` (see Notes).
-    mode, alpha, alphas, ranges, adapter_batching
+    mode, alpha, alphas, ranges, adapter_batching, tokenizers
         As in :func:`meldkit.dlf.generate`.
     prompts : sequence of str, optional
         The B prompt texts; needed only with ``expert_prompts``.
@@ -90,6 +96,7 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         expert_prompts: Sequence[ExpertPrompt] | None = None,
         add_special_tokens: bool = True,
         adapter_batching: bool = True,
+        tokenizers=None,
     ) -> None:
         check_mode(mode, alpha, alphas, ranges)
         experts = [experts] if isinstance(experts, (nn.Module, str)) else list(experts)
@@ -115,6 +122,7 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         self.mode, self.alpha = mode, alpha
         self._alphas_grid = alpha_list(alphas)
         self._ranges = check_ranges(ranges, len(experts), self._alphas_grid)
+        check_tokenizers(tokenizer, tokenizers)
         self.adapter_batching = adapter_batching
         self.reset()
 

@@ -147,6 +147,59 @@ def common_vocab_size(tokenizer, models: dict[str, nn.Module]) -> int:
     return vocab
 
 
+# Text the tokenizers compared by check_tokenizers must split alike: punctuation, digits, accents,
+# runs of spaces, tabs and newlines (where normalizers and pre-tokenizers differ).
+_PROBE = "Hello, world! It's 2026-11-29: 3.14 ünïcödé café  two  spaces\n\tand a tab."
+
+
+def check_tokenizers(tokenizer, others) -> None:
+    """Raise ValueError unless every tokenizer of ``others`` is ``tokenizer`` for fusion's
+    purposes: the same number of tokens, the same token → id map (added tokens included), and
+    the same ids for a probe text (normalisation and pre-tokenisation). Special-token roles may
+    differ (a chat tokenizer's EOS is not its base's, over one vocabulary).
+
+    Parameters
+    ----------
+    tokenizer
+        The tokenizer decoding runs with.
+    others : sequence of tokenizers
+        The models' own tokenizers (None entries are skipped); named ``tokenizers[i]`` in errors.
+    """
+    if others is None:
+        return
+    if isinstance(others, (str, bytes)) or not isinstance(others, Sequence):
+        raise TypeError(
+            f"dlf: tokenizers must be a list of the models' tokenizers, got {type(others).__name__}"
+        )
+    ref_vocab = tokenizer.get_vocab()
+    ref_probe = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+    for i, other in enumerate(others):
+        if other is None or other is tokenizer:
+            continue
+        name = f"tokenizers[{i}]"
+        if len(other) != len(tokenizer):
+            raise ValueError(
+                f"dlf: {name} has {len(other)} tokens, the tokenizer {len(tokenizer)}; logit "
+                "fusion needs models that share one tokenizer"
+            )
+        vocab = other.get_vocab()
+        if vocab != ref_vocab:
+            token = next(
+                t for t in sorted(set(vocab) | set(ref_vocab)) if vocab.get(t) != ref_vocab.get(t)
+            )
+            raise ValueError(
+                f"dlf: {name} maps token {token!r} to {vocab.get(token)}, the tokenizer to "
+                f"{ref_vocab.get(token)}; logit fusion needs models that share one tokenizer"
+            )
+        probe = other(_PROBE, add_special_tokens=False)["input_ids"]
+        if probe != ref_probe:
+            raise ValueError(
+                f"dlf: {name} splits text differently from the tokenizer (same vocabulary, "
+                f"other normalisation or pre-tokenisation: {probe[:8]}... vs {ref_probe[:8]}...); "
+                "logit fusion needs models that share one tokenizer"
+            )
+
+
 def _hook_device(hook) -> torch.device | None:
     """The execution device of an accelerate hook (``AlignDevicesHook``, or a ``SequentialHook``
     holding one), or None."""
