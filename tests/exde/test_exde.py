@@ -767,3 +767,48 @@ def test_switch_needs_a_fraction():
             exde.switch(at)
     assert [exde.switch(0.0)(i, 4, 0.0, None) for i in range(4)] == [exde.CON] * 4
     assert [exde.switch(1.0)(i, 4, 0.0, None) for i in range(4)] == [exde.DYN] * 4
+
+
+def test_schedules_get_sigma_from_alphas_cumprod():
+    """Schedulers without sigmas (DDIM, DDPM) still give the schedules a sigma:
+    √((1 − ᾱ_t)/ᾱ_t) at the step's timestep; sigma_switch then switches by noise level, the
+    release's "t > 500" rule being sigma_switch(σ_500)."""
+    from types import SimpleNamespace
+
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alphas = torch.cumprod(1 - betas, 0)
+    timesteps = torch.arange(999, 0, -111)  # 999, 888, ..., 111: 9 steps
+    scheduler = SimpleNamespace(timesteps=timesteps, alphas_cumprod=alphas.float())
+    seen = []
+
+    def record(step, num_steps, timestep, sigma):
+        seen.append(sigma)
+        return exde.DYN
+
+    module = Denoiser()
+    pipe = SimpleNamespace(unet=module, scheduler=scheduler)
+    base, ft = one_pair()
+    with exde.attach(pipe, base, ft, schedule=record, drop=0.0):
+        for t in timesteps:
+            module(torch.zeros(1), timestep=t)
+    want = [((1 - alphas[t]) / alphas[t]).sqrt().item() for t in timesteps.tolist()]
+    assert seen == pytest.approx(want, rel=1e-5)
+    assert exde.sigma_of(scheduler, 0, 999.0) == pytest.approx(want[0], rel=1e-5)
+
+    sigma_500 = ((1 - alphas[500]) / alphas[500]).sqrt().item()
+    assert sigma_500 == pytest.approx(1.6183, abs=1e-3)
+    module.seen.clear()
+    with exde.attach(pipe, base, ft, schedule=exde.sigma_switch(sigma_500), drop=0.0):
+        for t in timesteps:
+            module(torch.zeros(1), timestep=t)
+    dyn, con = -0.1875, 1.25  # θ_dyn and θ_con of the one-weight pair (drop 0)
+    assert module.seen == pytest.approx([dyn if t > 500 else con for t in timesteps.tolist()])
+    # A scheduler's own sigmas come first.
+    with_sigmas = SimpleNamespace(timesteps=timesteps, sigmas=torch.linspace(9, 0, 10))
+    assert exde.sigma_of(with_sigmas, 2, 777.0) == 7.0
+    # Neither: the schedules get None, and sigma_switch says why it cannot run.
+    assert exde.sigma_of(SimpleNamespace(timesteps=timesteps), 0, 999.0) is None
+    with pytest.raises(exde.ExDeError, match="neither sigmas nor alphas_cumprod"):
+        exde.sigma_switch(1.0)(0, 9, 999.0, None)
+    with pytest.raises(exde.ExDeError, match="'at' must be ≥ 0"):
+        exde.sigma_switch(-1.0)

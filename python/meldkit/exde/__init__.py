@@ -35,6 +35,8 @@ from meldkit.exde.blending import (
     extrapolate,
     linear,
     paired,
+    sigma_of,
+    sigma_switch,
     step_of,
     switch,
 )
@@ -59,6 +61,8 @@ __all__ = [
     "motion_degree",
     "paired",
     "remove_text_adapter",
+    "sigma_of",
+    "sigma_switch",
     "step_of",
     "switch",
     "training_step",

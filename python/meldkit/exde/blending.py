@@ -431,8 +431,12 @@ class Schedule:
     """Maps a denoising step to ``(c_τ, c_dyn, c_con)``: θ = θ_base + c_τ·τ + c_dyn·dyn_scale·τ_deg
     + c_con·con_scale·τ_ctl. Call it as ``schedule(step, num_steps, timestep, sigma)``.
 
-    ``step`` counts from 0 (the first, noisiest step); ``sigma`` is None for schedulers without
-    sigmas. θ_dyn is ``(0, 1, 0)`` and θ_con ``(1, 0, 1)``.
+    ``step`` counts from 0 (the first, noisiest step). ``sigma`` is the step's noise level: the
+    scheduler's own ``sigmas[step]`` where it has them (Euler, Heun, DPM-Solver with Karras sigmas,
+    Stable Video Diffusion's EDM scheduler; flow-matching schedulers' sigmas in [0, 1]), else, for
+    schedulers with a DDPM ``alphas_cumprod`` (DDIM, DDPM, PNDM, ...), √((1 − ᾱ_t)/ᾱ_t) at the
+    step's timestep t (the same noise level in the Euler schedulers' convention); None when the
+    scheduler has neither. θ_dyn is ``(0, 1, 0)`` and θ_con ``(1, 0, 1)``.
     """
 
     def __call__(
@@ -458,6 +462,34 @@ class switch(Schedule):
 
     def __call__(self, step, num_steps, timestep, sigma):
         return DYN if step < self.at * num_steps else CON
+
+
+@dataclass(frozen=True)
+class sigma_switch(Schedule):
+    """θ_dyn while the step's sigma is above ``at``, then θ_con: a switch by noise level rather
+    than by step count, so it falls at the same point of the denoising process whatever the
+    number of steps and the timestep spacing.
+
+    The release's "t > 500" rule on DDPM timesteps is ``sigma_switch(σ_500)`` with
+    σ_500 = √((1 − ᾱ_500)/ᾱ_500) from the training schedule's ``alphas_cumprod`` (1.618 for
+    Stable Diffusion's scaled-linear betas 0.00085–0.012, 3.443 for DDPM's linear 1e-4–0.02).
+    Needs a scheduler with sigmas or ``alphas_cumprod``
+    (:class:`Schedule`); raises :class:`ExDeError` otherwise.
+    """
+
+    at: float
+
+    def __post_init__(self) -> None:
+        if _finite("at", self.at) < 0.0:
+            raise ExDeError(f"meldkit.exde.sigma_switch: 'at' must be ≥ 0, got {self.at}")
+
+    def __call__(self, step, num_steps, timestep, sigma):
+        if sigma is None:
+            raise ExDeError(
+                "meldkit.exde.sigma_switch: the scheduler has neither sigmas nor alphas_cumprod, "
+                "so the step has no sigma; use switch(at=...) (a fraction of the steps)"
+            )
+        return DYN if sigma > self.at else CON
 
 
 def _mix(w: float) -> Coefficients:
@@ -519,6 +551,22 @@ def _timestep_value(timestep: Any) -> float:
     if t.numel() == 0:
         raise ExDeError("meldkit.exde: the denoiser was called without a timestep")
     return float(t.float().max())
+
+
+def sigma_of(scheduler: Any, step: int, timestep: float) -> float | None:
+    """The noise level of step ``step`` (timestep ``timestep``) of ``scheduler``, as the
+    schedules receive it (:class:`Schedule`): ``scheduler.sigmas[step]``, else
+    √((1 − ᾱ_t)/ᾱ_t) from ``scheduler.alphas_cumprod`` at the nearest integer timestep t, else
+    None."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and len(sigmas) > step:
+        return float(sigmas[step])
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None or len(alphas) == 0:
+        return None
+    index = min(max(round(float(timestep)), 0), len(alphas) - 1)
+    a = float(alphas[index])
+    return math.sqrt((1.0 - a) / a) if a > 0.0 else math.inf
 
 
 def step_of(timesteps: torch.Tensor, timestep: Any) -> int:
@@ -746,9 +794,7 @@ def attach(
         current = getattr(pipe, "_current_timestep", None)
         t = _timestep_value(current if current is not None else timestep)
         step = step_of(timesteps, t)
-        sigmas = getattr(pipe.scheduler, "sigmas", None)
-        sigma = float(sigmas[step]) if sigmas is not None and len(sigmas) > step else None
-        blender.apply(sched(step, len(timesteps), t, sigma))
+        blender.apply(sched(step, len(timesteps), t, sigma_of(pipe.scheduler, step, t)))
         return None
 
     # On the pipeline's module itself (a torch.compile wrapper included): a hook on the wrapped
