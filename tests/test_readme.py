@@ -301,6 +301,9 @@ def test_dlf_example():
     proxy = ns["proxy_tuning"](ns["large"], small, [ns["expert"]], tok, prompts, max_new_tokens=8)
     done = ~torch.isnan(proxy.alphas)
     assert done.any() and (proxy.alphas[done] == 1).all()
+    # and contrastive decoding runs with the two base models, no experts
+    cd = ns["contrastive_decoding"](ns["large"], small, tok, prompts, max_new_tokens=4)
+    assert len(cd.texts) == len(prompts) and (cd.experts[~torch.isnan(cd.alphas)] == -1).all()
 
 
 # ---- merging: the YAML example and the command synopses ----------------------------------------

@@ -390,3 +390,103 @@ def test_models_in_different_dtypes(models, tok):
     res = dlf.generate(large32, small, experts, tok, PROMPTS, max_new_tokens=4, return_logits=True)
     assert res.logits.dtype == torch.float32
     assert res.sequences.shape[0] == len(PROMPTS)
+
+
+# ---- contrastive decoding ----------------------------------------------------------------------
+
+
+def test_contrastive_logits_formula():
+    """log p_EXP − log p_AMA(τ) on V_head = {p_EXP ≥ α·max p_EXP}, −inf elsewhere and where
+    either model masks the token; straight from the paper's definition in float64."""
+    gen = torch.Generator().manual_seed(5)
+    expert = 3 * torch.randn(4, 50, generator=gen, dtype=torch.float64)
+    amateur = 3 * torch.randn(4, 50, generator=gen, dtype=torch.float64)
+    expert[0, 3] = amateur[1, 7] = -math.inf
+    for alpha, tau in ((0.1, 1.0), (0.5, 0.5), (1.0, 2.0)):
+        got = dlf.contrastive_logits(expert, amateur, alpha, tau)
+        for b in range(4):
+            keep = (expert[b] > -math.inf) & (amateur[b] > -math.inf)
+            p_exp = torch.where(keep, expert[b], -math.inf).softmax(-1)
+            p_ama = torch.where(keep, amateur[b] / tau, -math.inf).softmax(-1)
+            head = keep & (p_exp >= alpha * p_exp.max())
+            want = torch.where(head, p_exp.log() - p_ama.log(), -math.inf)
+            assert torch.equal(got[b] == -math.inf, want == -math.inf)
+            torch.testing.assert_close(got[b][head].double(), want[head], rtol=1e-5, atol=1e-5)
+        assert (got.isfinite().sum(-1) >= 1).all()  # the expert's top token is always plausible
+    # α = 1: only the expert's top token survives, so CD's greedy token is the expert's.
+    top = dlf.contrastive_logits(expert, amateur, 1.0, 1.0)
+    assert torch.equal(top.argmax(-1), torch.where(expert.isinf(), -math.inf, expert).argmax(-1))
+
+
+def _cd_hand_loop(large, small, tok, prompt, steps, alpha, tau):
+    """Contrastive decoding written out: no cache, full sequences, float64, greedy."""
+    ids = tok(prompt)["input_ids"]
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            zl = large(torch.tensor([ids])).logits[0, -1, : len(tok)].double()
+            zs = small(torch.tensor([ids])).logits[0, -1, : len(tok)].double()
+            lp, la = zl.log_softmax(-1), (zs / tau).log_softmax(-1)
+            head = lp >= lp.max() + math.log(alpha)
+            nxt = int(torch.where(head, lp - la, -math.inf).argmax())
+            out.append(nxt)
+            ids.append(nxt)
+    return out
+
+
+def test_contrastive_decoding_equals_the_hand_loop(models, tok):
+    large, small, _ = models
+    kw = dict(max_new_tokens=5, eos_token_id=[])
+    res = dlf.contrastive_decoding(
+        large, small, tok, PROMPTS, plausibility=0.2, amateur_temperature=0.5, **kw
+    )
+    for r, prompt in enumerate(PROMPTS):
+        assert res.token_ids[r] == _cd_hand_loop(large, small, tok, prompt, 5, 0.2, 0.5)
+    same = dlf.generate(
+        large,
+        small,
+        [],
+        tok,
+        PROMPTS,
+        mode="contrastive",
+        plausibility=0.2,
+        amateur_temperature=0.5,
+        **kw,
+    )
+    assert torch.equal(same.sequences, res.sequences)
+    assert (res.alphas == 1.0).all() and (res.experts == -1).all()
+    default = dlf.contrastive_decoding(large, small, tok, PROMPTS, **kw)
+    for r, prompt in enumerate(PROMPTS):
+        assert default.token_ids[r] == _cd_hand_loop(large, small, tok, prompt, 5, 0.1, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(mode="contrastive"), "takes no experts"),
+        (dict(plausibility=0.1), "for mode='contrastive'"),
+        (dict(mode="static", amateur_temperature=0.5), "for mode='contrastive'"),
+        (dict(mode="contrastive", alphas=[0.5]), "alphas"),
+    ],
+)
+def test_contrastive_arguments(models, tok, kwargs, match):
+    large, small, experts = models
+    with pytest.raises(ValueError, match=match):
+        dlf.generate(large, small, experts, tok, PROMPTS, max_new_tokens=2, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(plausibility=0.0), "plausibility must be in"),
+        (dict(plausibility=1.5), "plausibility must be in"),
+        (dict(amateur_temperature=0.0), "amateur_temperature must be"),
+        (dict(amateur_temperature=math.inf), "amateur_temperature must be"),
+    ],
+)
+def test_contrastive_bad_values(models, tok, kwargs, match):
+    large, small, _ = models
+    with pytest.raises(ValueError, match=match):
+        dlf.contrastive_decoding(large, small, tok, PROMPTS, max_new_tokens=2, **kwargs)
+    with pytest.raises(TypeError, match="contrastive_decoding takes"):
+        dlf.contrastive_decoding(large, small, tok, PROMPTS, max_new_tokens=2, alpha=1.0)

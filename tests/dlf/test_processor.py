@@ -228,3 +228,17 @@ def test_processor_with_ranges_equals_generate(setup):
     assert torch.equal(proc.alphas[live], ref.alphas[live])
     with pytest.raises(ValueError, match=r"'ranges\[0\]'.*holds no point"):
         dlf.DynamicLogitFusionProcessor(small, experts, tok, ranges=[(3.0, 4.0), (0.0, 1.0)])
+
+
+def test_processor_contrastive_equals_generate(setup):
+    tok, large, small, _ = setup
+    enc = tok(PROMPTS, padding=True, return_tensors="pt")
+    kw = dict(plausibility=0.2, amateur_temperature=0.5)
+    proc = dlf.DynamicLogitFusionProcessor(
+        small, [], tok, attention_mask=enc["attention_mask"], mode="contrastive", **kw
+    )
+    got = _run(large, proc, enc, do_sample=False)
+    ref = dlf.contrastive_decoding(large, small, tok, PROMPTS, max_new_tokens=7, **kw)
+    assert torch.equal(got, ref.sequences)
+    with pytest.raises(ValueError, match="takes no experts"):
+        dlf.DynamicLogitFusionProcessor(small, [small], tok, mode="contrastive")

@@ -21,6 +21,11 @@ with P = softmax(M_L), Q = softmax(M_S), Q_t = softmax(M_t). The per-step solver
 ``generate(..., mode="static", alpha=1.0)``. With several experts, static mode adds all their
 shifts (M_L + α·Σ_t (M_t − M_S), as DExperts); ``alpha=0`` decodes with the large model alone.
 
+**Contrastive decoding** (Li, Holtzman, Fried, Liang, Eisner, Hashimoto, Zettlemoyer, Lewis,
+ACL 2023) contrasts a large expert with a small amateur: :func:`contrastive_decoding`, or
+``generate(expert, amateur, [], ..., mode="contrastive")``: log p_expert − log p_amateur over the
+tokens the expert finds plausible (p ≥ 0.1·max p).
+
 Two entry points:
 
 * :func:`generate`: an own decoding loop. Each model is prefilled once and keeps its own KV cache;
@@ -38,13 +43,15 @@ refused. Models may sit on different devices: logits are gathered where the larg
 out. Temperature and top-p act only on the fused logits, at sampling time.
 """
 
-from meldkit.dlf.fusion import fuse_logits
-from meldkit.dlf.generate import DLFOutput, generate, proxy_tuning
+from meldkit.dlf.fusion import contrastive_logits, fuse_logits
+from meldkit.dlf.generate import DLFOutput, contrastive_decoding, generate, proxy_tuning
 from meldkit.dlf.processor import DynamicLogitFusionProcessor
 
 __all__ = [
     "DLFOutput",
     "DynamicLogitFusionProcessor",
+    "contrastive_decoding",
+    "contrastive_logits",
     "fuse_logits",
     "generate",
     "proxy_tuning",

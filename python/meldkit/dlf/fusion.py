@@ -1,7 +1,8 @@
 """One fusion step: the large, small-base and expert logits of a batch row → fused logits.
 
 ``dynamic`` solves the paper's per-step problem with :func:`meldkit.ops.logit_fusion`; ``static`` is
-the fixed-α form of proxy-tuning / EFT.
+the fixed-α form of proxy-tuning / EFT; ``contrastive`` is contrastive decoding (Li et al., ACL
+2023) between the large model (the expert) and the small one (the amateur).
 """
 
 from __future__ import annotations
@@ -12,17 +13,44 @@ import torch
 
 from meldkit.ops.logit_fusion import _check_peaks, _peaks
 
-MODES = ("dynamic", "static")
+MODES = ("dynamic", "static", "contrastive")
+# Contrastive decoding's defaults (Li et al. 2023): the plausibility cut α and the amateur's
+# temperature.
+PLAUSIBILITY = 0.1
+AMATEUR_TEMPERATURE = 1.0
 
 
-def check_mode(mode: str, alpha: float, alphas, ranges=None) -> None:
+def check_mode(
+    mode: str, alpha: float, alphas, ranges=None, plausibility=None, amateur_temperature=None
+) -> None:
     """Validate the fusion arguments of :func:`meldkit.dlf.generate` and the processor."""
     if mode not in MODES:
         raise ValueError(f"dlf: mode must be one of {MODES}, got {mode!r}")
-    if mode == "static" and alphas is not None:
-        raise ValueError("dlf: alphas (the search grid) is for mode='dynamic'; static uses alpha")
-    if mode == "static" and ranges is not None:
+    if mode != "dynamic" and alphas is not None:
+        raise ValueError(
+            f"dlf: alphas (the search grid) is for mode='dynamic', not {mode!r} (static uses alpha)"
+        )
+    if mode != "dynamic" and ranges is not None:
         raise ValueError("dlf: ranges (per-expert search ranges) is for mode='dynamic'")
+    if mode != "contrastive" and (plausibility is not None or amateur_temperature is not None):
+        raise ValueError(
+            "dlf: plausibility and amateur_temperature are for mode='contrastive' (contrastive "
+            "decoding)"
+        )
+    if plausibility is not None and (
+        isinstance(plausibility, bool)
+        or not isinstance(plausibility, (int, float))
+        or not 0.0 < plausibility <= 1.0
+    ):
+        raise ValueError(f"dlf: plausibility must be in (0, 1], got {plausibility!r}")
+    if amateur_temperature is not None and (
+        isinstance(amateur_temperature, bool)
+        or not isinstance(amateur_temperature, (int, float))
+        or not 0.0 < amateur_temperature < math.inf
+    ):
+        raise ValueError(
+            f"dlf: amateur_temperature must be a finite number > 0, got {amateur_temperature!r}"
+        )
     # bool is an int subclass: alpha=True would silently mean 1.0.
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"dlf: alpha must be a finite number, got {alpha!r}")
@@ -52,6 +80,8 @@ def fuse_logits(
     alpha: float = 1.0,
     alphas: list[float] | None = None,
     ranges: list | None = None,
+    plausibility: float | None = None,
+    amateur_temperature: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fuse one decoding step's logits.
 
@@ -61,13 +91,17 @@ def fuse_logits(
         ``[B, V]`` raw logits M_L of the large model.
     small_base : torch.Tensor
         ``[B, V]`` raw logits M_S of the small base model.
-    experts : torch.Tensor
-        ``[T, B, V]`` raw logits M_t of the small experts.
-    mode : {"dynamic", "static"}
+    experts : torch.Tensor or None
+        ``[T, B, V]`` raw logits M_t of the small experts (None, or T = 0, in ``contrastive``
+        mode, which uses none).
+    mode : {"dynamic", "static", "contrastive"}
         ``dynamic``: per row, the expert t and α on the grid that minimise the DLF objective
         (:func:`meldkit.ops.logit_fusion`), fused logits M_L + α·(M_t − M_S).
         ``static``: M_L + alpha·Σ_t (M_t − M_S) with the fixed ``alpha`` (proxy-tuning for T = 1,
         DExperts-style sum of expert deltas for T > 1).
+        ``contrastive``: contrastive decoding (Li et al., ACL 2023) with the large model as the
+        expert and the small base as the amateur: log softmax(M_L) − log softmax(M_S/τ) on the
+        plausible tokens, those with p_L ≥ ``plausibility``·max p_L, and −inf elsewhere.
     alpha : float
         The fixed α of ``static`` mode.
     alphas : sequence of float, optional
@@ -75,6 +109,8 @@ def fuse_logits(
     ranges : sequence of (lo, hi), optional
         Per-expert parts of the grid that ``dynamic`` mode searches
         (:func:`meldkit.ops.logit_fusion`'s ``ranges``).
+    plausibility, amateur_temperature : float, optional
+        ``contrastive`` mode's α (default 0.1) and amateur temperature τ (default 1.0).
 
     Returns
     -------
@@ -83,15 +119,29 @@ def fuse_logits(
     alpha : torch.Tensor
         ``[B]`` float32, the α used per row.
     expert : torch.Tensor
-        ``[B]`` int64, the expert used per row (static mode: 0 for T = 1, −1 = all for T > 1).
+        ``[B]`` int64, the expert used per row (static mode: 0 for T = 1, −1 = all for T > 1;
+        contrastive mode: −1, and α is 1).
 
     Raises
     ------
     ValueError
         In both modes, when an input holds NaN or +inf (−inf marks a masked token), naming it.
     """
-    large, small_base, experts = large.float(), small_base.float(), experts.float()
+    large, small_base = large.float(), small_base.float()
     rows = large.shape[0]
+    if mode == "contrastive":
+        experts = large.new_empty(0, *large.shape)
+        _check_peaks(_peaks(large, small_base, experts))
+        fused = contrastive_logits(
+            large,
+            small_base,
+            PLAUSIBILITY if plausibility is None else plausibility,
+            AMATEUR_TEMPERATURE if amateur_temperature is None else amateur_temperature,
+        )
+        a = torch.ones(rows, dtype=torch.float32, device=large.device)
+        e = torch.full((rows,), -1, dtype=torch.long, device=large.device)
+        return fused, a, e
+    experts = experts.float()
     if mode == "dynamic":
         from meldkit import ops
 
@@ -110,3 +160,34 @@ def fuse_logits(
     which = 0 if experts.shape[0] == 1 else -1
     e = torch.full((rows,), which, dtype=torch.long, device=large.device)
     return fused, a, e
+
+
+def contrastive_logits(
+    expert: torch.Tensor, amateur: torch.Tensor, plausibility: float, amateur_temperature: float
+) -> torch.Tensor:
+    """Contrastive decoding's scores (Li et al., "Contrastive Decoding: Open-ended Text Generation
+    as Optimization", ACL 2023): ``log p_EXP − log p_AMA`` with p_AMA = softmax(M_AMA/τ), on the
+    plausible tokens V_head = {v : p_EXP(v) ≥ α·max p_EXP} and −inf elsewhere.
+
+    Parameters
+    ----------
+    expert, amateur : torch.Tensor
+        ``[B, V]`` raw logits of the expert (large) and the amateur (small) model; −inf marks a
+        masked token (−inf in the result).
+    plausibility : float
+        α ∈ (0, 1]; the paper's 0.1. 1 keeps only the expert's most likely tokens.
+    amateur_temperature : float
+        τ > 0 (the paper's runs use 0.5 for GPT-2 amateurs, 1.0 for OPT-125m).
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, V]`` float32 scores, their argmax the greedy CD token.
+    """
+    masked = expert.isneginf() | amateur.isneginf()
+    log_exp = expert.float().masked_fill(masked, float("-inf")).log_softmax(-1)
+    log_ama = (amateur.float() / amateur_temperature).masked_fill(masked, float("-inf"))
+    log_ama = log_ama.log_softmax(-1)
+    cut = log_exp.amax(-1, keepdim=True) + math.log(plausibility)
+    keep = ~masked & (log_exp >= cut)
+    return torch.where(keep, log_exp - log_ama.masked_fill(~keep, 0.0), float("-inf"))

@@ -259,6 +259,8 @@ def generate(
     alpha: float = 1.0,
     alphas: torch.Tensor | Sequence[float] | None = None,
     ranges: Sequence[tuple[float, float]] | tuple[float, float] | None = None,
+    plausibility: float | None = None,
+    amateur_temperature: float | None = None,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -298,7 +300,8 @@ def generate(
     experts : torch.nn.Module or str, or a sequence of them
         T ≥ 1 small experts: full models, or adapter names of a ``PeftModel`` ``small_base``. The
         ``small_base`` object itself is allowed as an expert with an ``expert_prompts`` entry (the
-        in-context-learning expert: the base model with a task prompt).
+        in-context-learning expert: the base model with a task prompt). ``[]`` in
+        ``contrastive`` mode, which uses none.
     tokenizer
         The one tokenizer all models share (a ``transformers`` tokenizer). The fusion runs over
         ``len(tokenizer)`` tokens; models with more logits (padded embedding rows) are sliced.
@@ -307,8 +310,11 @@ def generate(
         ``add_special_tokens=False``).
     max_new_tokens : int
         Most tokens generated per prompt (≥ 1).
-    mode : {"dynamic", "static"}
-        DLF (per-step α and expert) or fixed α.
+    mode : {"dynamic", "static", "contrastive"}
+        DLF (per-step α and expert), fixed α, or contrastive decoding (Li et al., ACL 2023):
+        ``large`` is the expert and ``small_base`` the amateur, each step's scores are
+        log p_large − log p_small (the amateur at ``amateur_temperature``) over the tokens with
+        p_large ≥ ``plausibility``·max p_large (see :func:`contrastive_decoding`).
     alpha : float
         α of ``static`` mode (1.0: proxy-tuning; 0.0: the large model alone).
     alphas : torch.Tensor or sequence of float, optional
@@ -317,6 +323,9 @@ def generate(
         Per-expert search ranges of ``dynamic`` mode: expert t takes only the grid points in
         ``[lo_t, hi_t]`` (the paper searches each expert "within a certain range"; see
         :func:`meldkit.ops.logit_fusion`). Default: the whole grid for every expert.
+    plausibility, amateur_temperature : float, optional
+        Contrastive decoding's α (default 0.1) and amateur temperature (default 1.0); for
+        ``mode="contrastive"`` only.
     do_sample : bool
         Sample instead of greedy argmax (the paper decodes greedily).
     temperature, top_p : float
@@ -369,7 +378,7 @@ def generate(
         On a model whose vocabulary is smaller than the tokenizer's, unknown adapters, expert
         prompts not matching the experts, or invalid sampling arguments.
     """
-    check_mode(mode, alpha, alphas, ranges)
+    check_mode(mode, alpha, alphas, ranges, plausibility, amateur_temperature)
     if (
         isinstance(max_new_tokens, bool)
         or not isinstance(max_new_tokens, numbers.Integral)
@@ -381,7 +390,12 @@ def generate(
     if not prompts:
         raise ValueError("dlf: no prompts")
     experts = _as_list(experts, (nn.Module, str))
-    if not experts:
+    if mode == "contrastive" and experts:
+        raise ValueError(
+            "dlf: contrastive decoding contrasts large (the expert) with small_base (the "
+            "amateur) and takes no experts: pass experts=[]"
+        )
+    if not experts and mode != "contrastive":
         raise ValueError("dlf: at least one expert is needed")
     if stop is not None and not isinstance(stop, (str, Sequence)):
         raise TypeError(f"dlf: stop must be a string or a list of strings, got {stop!r}")
@@ -426,11 +440,13 @@ def generate(
         fused, a, e = fuse_logits(
             logits[0],
             logits[1],
-            torch.stack(logits[2:]),
+            torch.stack(logits[2:]) if experts else None,
             mode=mode,
             alpha=alpha,
             alphas=alphas,
             ranges=ranges,
+            plausibility=plausibility,
+            amateur_temperature=amateur_temperature,
         )
         tokens = next_tokens(
             fused, do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator
@@ -506,7 +522,7 @@ def proxy_tuning(
     same as ``generate(..., mode="static", alpha=alpha)``; ``kwargs`` are :func:`generate`'s
     (sampling, stop strings, expert prompts, ...).
     """
-    if "mode" in kwargs or "alphas" in kwargs or "ranges" in kwargs:
+    if any(k in kwargs for k in ("mode", "alphas", "ranges", "plausibility")):
         raise TypeError("dlf: proxy_tuning is static: it takes alpha, not mode, alphas or ranges")
     return generate(
         large,
@@ -517,5 +533,47 @@ def proxy_tuning(
         max_new_tokens=max_new_tokens,
         mode="static",
         alpha=alpha,
+        **kwargs,
+    )
+
+
+def contrastive_decoding(
+    expert: nn.Module,
+    amateur: nn.Module,
+    tokenizer,
+    prompts: str | Sequence[str],
+    *,
+    max_new_tokens: int,
+    plausibility: float = 0.1,
+    amateur_temperature: float = 1.0,
+    **kwargs,
+) -> DLFOutput:
+    """Contrastive decoding (Li et al., "Contrastive Decoding: Open-ended Text Generation as
+    Optimization", ACL 2023): each step scores token v by ``log p_expert(v) − log p_amateur(v)``,
+    the amateur's logits divided by ``amateur_temperature``, over the plausible tokens
+    ``p_expert(v) ≥ plausibility·max p_expert`` only, and picks the best (greedy; sampling with
+    ``do_sample``).
+
+    The same as ``generate(expert, amateur, [], ..., mode="contrastive")``: one KV cache per
+    model, left-padded batches, stop strings; ``kwargs`` are :func:`generate`'s. This is not
+    transformers' "contrastive search" (``penalty_alpha``) nor DoLa (a contrast between layers
+    of one model). The paper's runs pair GPT-2 XL with GPT-2 small at amateur temperature 0.5,
+    and OPT-13b with OPT-125m at 1.0, with α = 0.1. Both models must share the tokenizer.
+    """
+    if any(k in kwargs for k in ("mode", "alpha", "alphas", "ranges")):
+        raise TypeError(
+            "dlf: contrastive_decoding takes plausibility and amateur_temperature, not mode, "
+            "alpha, alphas or ranges"
+        )
+    return generate(
+        expert,
+        amateur,
+        [],
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        mode="contrastive",
+        plausibility=plausibility,
+        amateur_temperature=amateur_temperature,
         **kwargs,
     )

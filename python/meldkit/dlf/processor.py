@@ -51,8 +51,9 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         Without it the prompt is taken as unpadded (a batch expanded by ``num_return_sequences``
         then runs as it comes, each row on its own). Needed, or ``prompts``, when the processor
         is called outside ``generate`` (see Notes).
-    mode, alpha, alphas, ranges, adapter_batching, tokenizers
-        As in :func:`meldkit.dlf.generate`.
+    mode, alpha, alphas, ranges, plausibility, amateur_temperature, adapter_batching, tokenizers
+        As in :func:`meldkit.dlf.generate` (``mode="contrastive"`` with ``experts=[]``: the
+        generating model is contrastive decoding's expert, ``small_base`` its amateur).
     prompts : sequence of str, optional
         The B prompt texts; needed only with ``expert_prompts``.
     expert_prompts : sequence of (str, callable or None), optional
@@ -92,16 +93,24 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         alpha: float = 1.0,
         alphas: torch.Tensor | Sequence[float] | None = None,
         ranges: Sequence[tuple[float, float]] | tuple[float, float] | None = None,
+        plausibility: float | None = None,
+        amateur_temperature: float | None = None,
         prompts: Sequence[str] | None = None,
         expert_prompts: Sequence[ExpertPrompt] | None = None,
         add_special_tokens: bool = True,
         adapter_batching: bool = True,
         tokenizers=None,
     ) -> None:
-        check_mode(mode, alpha, alphas, ranges)
+        check_mode(mode, alpha, alphas, ranges, plausibility, amateur_temperature)
         experts = [experts] if isinstance(experts, (nn.Module, str)) else list(experts)
-        if not experts:
+        if mode == "contrastive" and experts:
+            raise ValueError(
+                "dlf: contrastive decoding contrasts the generating model (the expert) with "
+                "small_base (the amateur) and takes no experts: pass experts=[]"
+            )
+        if not experts and mode != "contrastive":
             raise ValueError("dlf: at least one expert is needed")
+        self.plausibility, self.amateur_temperature = plausibility, amateur_temperature
         self._members = fusion_members(small_base, experts)
         models = {"small_base": small_base}
         models.update({f"expert {t}": m.model for t, m in enumerate(self._members[1:])})
@@ -232,11 +241,13 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         fused, a, e = fuse_logits(
             scores[:, : self.vocab_size],
             small[0],
-            torch.stack(small[1:]),
+            torch.stack(small[1:]) if len(small) > 1 else None,
             mode=self.mode,
             alpha=self.alpha,
             alphas=self._alphas_grid,
             ranges=self._ranges,
+            plausibility=self.plausibility,
+            amateur_temperature=self.amateur_temperature,
         )
         self._trace_alpha.append(a)
         self._trace_expert.append(e)
