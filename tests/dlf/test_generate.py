@@ -490,3 +490,37 @@ def test_contrastive_bad_values(models, tok, kwargs, match):
         dlf.contrastive_decoding(large, small, tok, PROMPTS, max_new_tokens=2, **kwargs)
     with pytest.raises(TypeError, match="contrastive_decoding takes"):
         dlf.contrastive_decoding(large, small, tok, PROMPTS, max_new_tokens=2, alpha=1.0)
+
+
+def test_static_mode_is_classifier_free_guidance(tok):
+    """CFG-style guidance is static mode: the model on the unconditional prompt as large and
+    small base, the same model under the condition (an expert prompt) as the expert, α the
+    guidance scale: M_u + g·(M_c − M_u) has the softmax of transformers' CFG processor's
+    g·(log p_c − log p_u) + log p_u. Same tokens as ``generate(guidance_scale=g)``."""
+    model = llama(0, hidden=48)
+    prompt, condition, g = "w01 w02 w03", "w40 w41 ", 1.5
+    ours = dlf.generate(
+        model,
+        model,
+        [model],
+        tok,
+        [prompt],
+        max_new_tokens=6,
+        mode="static",
+        alpha=g,
+        expert_prompts=[condition],
+        eos_token_id=[],
+    )
+    cond = tok([condition + prompt], return_tensors="pt")
+    uncond = tok([prompt], return_tensors="pt")
+    theirs = model.generate(
+        **cond,
+        guidance_scale=g,
+        negative_prompt_ids=uncond["input_ids"],
+        negative_prompt_attention_mask=uncond["attention_mask"],
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=PAD,
+        eos_token_id=None,
+    )
+    assert torch.equal(ours.sequences, theirs[:, cond["input_ids"].shape[1] :])

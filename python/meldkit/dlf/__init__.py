@@ -24,7 +24,9 @@ shifts (M_L + α·Σ_t (M_t − M_S), as DExperts); ``alpha=0`` decodes with the
 **Contrastive decoding** (Li, Holtzman, Fried, Liang, Eisner, Hashimoto, Zettlemoyer, Lewis,
 ACL 2023) contrasts a large expert with a small amateur: :func:`contrastive_decoding`, or
 ``generate(expert, amateur, [], ..., mode="contrastive")``: log p_expert − log p_amateur over the
-tokens the expert finds plausible (p ≥ 0.1·max p).
+tokens the expert finds plausible (p ≥ 0.1·max p). **Classifier-free guidance** is static mode
+with one model as large, small base and expert, the condition as the expert's prompt
+(``expert_prompts``) and the guidance scale as ``alpha``.
 
 Two entry points:
 
