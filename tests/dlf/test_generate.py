@@ -524,3 +524,47 @@ def test_static_mode_is_classifier_free_guidance(tok):
         eos_token_id=None,
     )
     assert torch.equal(ours.sequences, theirs[:, cond["input_ids"].shape[1] :])
+
+
+# ---- diagnostics -------------------------------------------------------------------------------
+
+
+def test_fusion_diagnostics_give_the_solvers_loss():
+    """For the candidate the solver chose, (KL(P̃‖P) − A)² + (KL(P‖P̃) − B)² from the diagnostics is
+    the loss the op returned for it."""
+    gen = torch.Generator().manual_seed(8)
+    small = 3 * torch.randn(6, 300, generator=gen)
+    large = small + torch.randn(6, 300, generator=gen)
+    experts = small + 0.5 * torch.randn(3, 6, 300, generator=gen)
+    large[1, 5] = experts[2, 3, 9] = -math.inf
+    res = ops.logit_fusion(large, small, experts)
+    stats = dlf.fusion_diagnostics(large, small, experts, res.logits)
+    assert stats.shape == (6, 4) and stats.dtype == torch.float32
+    loss = (stats[:, 0] - stats[:, 2]) ** 2 + (stats[:, 1] - stats[:, 3]) ** 2
+    grid = torch.tensor(DEFAULT_ALPHAS, dtype=torch.float32)
+    j = (grid[None, :] == res.alpha[:, None]).float().argmax(-1)
+    chosen = res.loss[torch.arange(6), res.expert, j]
+    torch.testing.assert_close(loss, chosen, rtol=1e-3, atol=1e-6)
+    # α = 0 (the large model itself): no shift
+    zero = dlf.fusion_diagnostics(large, small, experts, large)
+    assert (zero[:, :2].abs() < 1e-6).all() and (zero[:, 2:] > 0).all()
+
+
+def test_generate_returns_diagnostics(models, tok):
+    large, small, experts = models
+    res = dlf.generate(
+        large, small, experts, tok, PROMPTS, max_new_tokens=4, return_diagnostics=True
+    )
+    steps = res.sequences.shape[1]
+    assert res.diagnostics.shape == (len(PROMPTS), steps, 4)
+    live = ~res.alphas.isnan()
+    assert torch.equal(
+        res.diagnostics[live].isnan().any(-1), torch.zeros(int(live.sum()), dtype=bool)
+    )
+    assert res.diagnostics[~live].isnan().all()
+    assert (res.diagnostics[live] >= -1e-6).all()
+    assert dlf.generate(large, small, experts, tok, PROMPTS, max_new_tokens=2).diagnostics is None
+    cd = dlf.contrastive_decoding(
+        large, small, tok, PROMPTS, max_new_tokens=2, return_diagnostics=True
+    )
+    assert cd.diagnostics[..., 2:].isnan().all()  # no experts, no targets

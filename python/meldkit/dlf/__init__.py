@@ -45,7 +45,7 @@ refused. Models may sit on different devices: logits are gathered where the larg
 out. Temperature and top-p act only on the fused logits, at sampling time.
 """
 
-from meldkit.dlf.fusion import contrastive_logits, fuse_logits
+from meldkit.dlf.fusion import contrastive_logits, fuse_logits, fusion_diagnostics
 from meldkit.dlf.generate import DLFOutput, contrastive_decoding, generate, proxy_tuning
 from meldkit.dlf.processor import DynamicLogitFusionProcessor
 
@@ -55,6 +55,7 @@ __all__ = [
     "contrastive_decoding",
     "contrastive_logits",
     "fuse_logits",
+    "fusion_diagnostics",
     "generate",
     "proxy_tuning",
 ]

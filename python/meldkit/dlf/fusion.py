@@ -191,3 +191,59 @@ def contrastive_logits(
     cut = log_exp.amax(-1, keepdim=True) + math.log(plausibility)
     keep = ~masked & (log_exp >= cut)
     return torch.where(keep, log_exp - log_ama.masked_fill(~keep, 0.0), float("-inf"))
+
+
+def fusion_diagnostics(
+    large: torch.Tensor,
+    small_base: torch.Tensor,
+    experts: torch.Tensor | None,
+    fused: torch.Tensor,
+) -> torch.Tensor:
+    """What the DLF objective compares, per row, for logits already fused (any mode).
+
+    With P = softmax(M_L), P̃ = softmax(``fused``), Q = softmax(M_S) and Q_t = softmax(M_t), over
+    the positions where no input is −inf::
+
+        [KL(P̃‖P), KL(P‖P̃), mean_t KL(Q_t‖Q), mean_t KL(Q‖Q_t)]
+
+    The first two are how far the step moved the large model, the last two the targets the
+    dynamic solver matches them to (its loss is the squared distance of the pairs). Use it to
+    see why the solver picked an α: a step whose targets are near 0 (the experts agree with the
+    small base there) gets α near 0.
+
+    Parameters
+    ----------
+    large, small_base : torch.Tensor
+        ``[B, V]`` raw logits M_L and M_S.
+    experts : torch.Tensor or None
+        ``[T, B, V]`` raw expert logits M_t (None or T = 0: the targets are NaN).
+    fused : torch.Tensor
+        ``[B, V]`` fused logits (−inf where masked).
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, 4]`` float32, computed in float64 from the softmaxes.
+    """
+    from meldkit.ops.logit_fusion_ref import kl_ref
+
+    if experts is None:
+        experts = large.new_empty(0, *large.shape)
+    keep = ~(large.isneginf() | small_base.isneginf() | fused.isneginf())
+    if experts.shape[0]:
+        keep &= ~experts.isneginf().any(0)
+
+    def log_softmax(z: torch.Tensor) -> torch.Tensor:
+        return torch.where(keep, z.double(), float("-inf")).log_softmax(-1)
+
+    log_p, log_fused, log_q = log_softmax(large), log_softmax(fused), log_softmax(small_base)
+    rows = keep.any(-1)
+    out = [kl_ref(log_fused, log_p, keep), kl_ref(log_p, log_fused, keep)]
+    if experts.shape[0]:
+        log_qt = [log_softmax(z) for z in experts]
+        out.append(torch.stack([kl_ref(lq, log_q, keep) for lq in log_qt]).mean(0))
+        out.append(torch.stack([kl_ref(log_q, lq, keep) for lq in log_qt]).mean(0))
+    else:
+        out += [torch.full_like(out[0], float("nan"))] * 2
+    res = torch.stack(out, -1)
+    return torch.where(rows[:, None], res, 0.0).float()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from meldkit.dlf.fusion import check_mode, check_ranges, fuse_logits
+from meldkit.dlf.fusion import check_mode, check_ranges, fuse_logits, fusion_diagnostics
 from meldkit.dlf.streams import (
     BASE_ADAPTER,
     Ensemble,
@@ -52,6 +52,11 @@ class DLFOutput:
     logits : torch.Tensor or None
         ``[B, S, V]`` float32 fused logits of every step (NaN after a row ended) when
         ``return_logits=True``.
+    diagnostics : torch.Tensor or None
+        ``[B, S, 4]`` float32 per step, when ``return_diagnostics=True``:
+        ``KL(P̃‖P), KL(P‖P̃)`` (how far the fusion moved the large model) and the targets
+        ``mean_t KL(Q_t‖Q), mean_t KL(Q‖Q_t)`` that the dynamic solver matches them to
+        (:func:`meldkit.dlf.fusion_diagnostics`); NaN after a row ended.
     """
 
     texts: list[str]
@@ -61,6 +66,7 @@ class DLFOutput:
     experts: torch.Tensor
     finish_reasons: list[str]
     logits: torch.Tensor | None = None
+    diagnostics: torch.Tensor | None = None
 
 
 def _as_list(x, kind) -> list:
@@ -273,6 +279,7 @@ def generate(
     adapter_batching: bool = True,
     use_cache: bool = True,
     return_logits: bool = False,
+    return_diagnostics: bool = False,
     tokenizers: Sequence | None = None,
 ) -> DLFOutput:
     """Weak-to-strong decoding by dynamic logit fusion (DLF) or fixed-α proxy-tuning.
@@ -361,6 +368,9 @@ def generate(
         ``False`` recomputes the full sequences every step (slow; for checking the cache).
     return_logits : bool
         Also return every step's fused logits.
+    return_diagnostics : bool
+        Also return, per row and step, the two KL shifts of the large model and the two targets
+        of the DLF objective (:attr:`DLFOutput.diagnostics`); costs a few softmaxes per step.
     tokenizers : sequence of tokenizers, optional
         The models' own tokenizers (as loaded with each model; None entries skipped), checked
         against ``tokenizer`` before any model runs: the same tokens with the same ids, and the
@@ -435,7 +445,7 @@ def generate(
     finished = [False] * rows
     reasons = ["length"] * rows
     generated: list[list[int]] = [[] for _ in range(rows)]
-    trace_tokens, trace_alpha, trace_expert, trace_logits = [], [], [], []
+    trace_tokens, trace_alpha, trace_expert, trace_logits, trace_stats = [], [], [], [], []
     for step in range(max_new_tokens):
         fused, a, e = fuse_logits(
             logits[0],
@@ -458,6 +468,11 @@ def generate(
         trace_expert.append(e.long().cpu().masked_fill(done, -1))
         if return_logits:
             trace_logits.append(fused.cpu().masked_fill(done[:, None], float("nan")))
+        if return_diagnostics:
+            stats = fusion_diagnostics(
+                logits[0], logits[1], torch.stack(logits[2:]) if experts else None, fused
+            )
+            trace_stats.append(stats.cpu().masked_fill(done[:, None], float("nan")))
         for r in range(rows):
             if finished[r]:
                 continue
@@ -485,6 +500,7 @@ def generate(
         experts=torch.stack(trace_expert, dim=1),
         finish_reasons=reasons,
         logits=torch.stack(trace_logits, dim=1) if return_logits else None,
+        diagnostics=torch.stack(trace_stats, dim=1) if return_diagnostics else None,
     )
 
 
