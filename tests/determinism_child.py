@@ -21,8 +21,8 @@ from meldkit.ops import (
     weighted_sum,
 )
 
-# model_stock and slerp are PyTorch reductions (as in mergekit): torch's own sums depend on the
-# thread count, so they are not part of this check.
+# model_stock and slerp sum their norms and inner products in a fixed order (merge_ref._fixed_sum),
+# not with torch's thread-dependent x.sum(), so they are checked too.
 MERGES = {
     "ties": {"densities": 0.3, "weights": [1.0, 0.7, 0.5]},
     "ties_exact_k": {"densities": 0.3, "weights": [1.0, 0.7, 0.5], "tie": "exact_k"},
@@ -33,6 +33,9 @@ MERGES = {
     "breadcrumbs_ties": {"densities": 0.3, "gammas": 0.01, "weights": [1.0, 0.7, 0.5]},
     "della": {"densities": 0.3, "epsilons": 0.1, "weights": [1.0, 0.7, 0.5]},
     "linear": {"weights": [0.2, 0.3, 0.5]},
+    "model_stock": {},
+    "model_stock_filter_wise": {"filter_wise": True},
+    "slerp": {"t": 0.3},
 }
 
 
@@ -55,8 +58,13 @@ def main() -> None:
         ]
         for name, kw in MERGES.items():
             method = name.removesuffix("_exact_k").removesuffix("_l1")
+            method = method.removesuffix("_filter_wise")
             merged = merge_tensors(
-                None if method == "linear" else base, models, method, seed=3, **kw
+                None if method == "linear" else base,
+                models[:1] if method == "slerp" else models,
+                method,
+                seed=3,
+                **kw,
             )
             out[f"{name}-{dt}"] = digest(merged)
         tvs = [m - base for m in models]

@@ -43,6 +43,29 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+# Elements per block of _fixed_sum: below torch's parallel grain (32768), so one block is summed
+# by one thread in an order fixed by the shapes.
+_SUM_BLOCK = 4096
+
+
+def _fixed_sum(x: torch.Tensor) -> torch.Tensor:
+    """Σ over the last dimension of ``x`` ``[R, L]``, in float64, in an order that depends on the
+    shapes only, never on torch's thread count: blocks of 4096 elements, each summed by one
+    thread (a reduction with several outputs runs each output on one thread; one of fewer than
+    32768 elements runs serially), then the block sums the same way, level by level.
+    (``x.sum()`` splits one large reduction between the threads, so its rounding depends on
+    how many there are.)"""
+    rows, length = x.shape
+    while length > _SUM_BLOCK:
+        full = (length // _SUM_BLOCK) * _SUM_BLOCK
+        parts = [x[:, :full].reshape(rows, -1, _SUM_BLOCK).sum(-1, dtype=torch.float64)]
+        if full < length:
+            parts.append(x[:, full:].sum(-1, dtype=torch.float64, keepdim=True))
+        x = torch.cat(parts, -1)
+        length = x.shape[1]
+    return x.sum(-1, dtype=torch.float64)
+
+
 def _stable_order(absval: torch.Tensor, descending: bool) -> torch.Tensor:
     """Flat indices ordering ``absval`` by value, equal values by lower index first."""
     return torch.sort(absval.flatten(), descending=descending, stable=True).indices
@@ -339,6 +362,8 @@ def model_stock_ref(
     i < j of ⟨τ_i, τ_j⟩ / max(‖τ_i‖·‖τ_j‖, 1e-6) clamped to [−1, 1] (mergekit clamps the product
     of the norms, not each norm); t = 0 (the base) where |1 + (N − 1)·cos| < 1e-6. Per tensor,
     or with ``filter_wise`` per vector along the last dimension (a 1-D tensor is one vector).
+    The norms and inner products are summed in float64 in a fixed order (:func:`_fixed_sum`),
+    so the result does not depend on torch's thread count (mergekit's float32 sums do).
     """
     n = len(tensors)
     if n < 2:
@@ -348,17 +373,19 @@ def model_stock_ref(
     taus = [t.to(dt) - theta0 for t in tensors]
     rows = filter_wise and base.dim() >= 1  # one cosine per vector along the last dimension
     flat = [x.reshape(-1, x.shape[-1]) if rows else x.reshape(1, -1) for x in taus]
-    cos_sum = torch.zeros(flat[0].shape[0], dtype=dt, device=base.device)
+    cos_sum = torch.zeros(flat[0].shape[0], dtype=torch.float64, device=base.device)
+    norms = [_fixed_sum(x * x).sqrt() for x in flat]
     pairs = 0
     for i in range(n):
         for j in range(i + 1, n):
-            norm_product = flat[i].norm(dim=1) * flat[j].norm(dim=1)
-            cos_sum += ((flat[i] * flat[j]).sum(1) / norm_product.clamp_min(1e-6)).clamp(-1, 1)
+            norm_product = norms[i] * norms[j]
+            dot = _fixed_sum(flat[i] * flat[j])
+            cos_sum += (dot / norm_product.clamp_min(1e-6)).clamp(-1, 1)
             pairs += 1
     cos = cos_sum / pairs
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < 1e-6
-    t = torch.where(singular, 0.0, (n * cos) / torch.where(singular, 1.0, denominator))
+    t = torch.where(singular, 0.0, (n * cos) / torch.where(singular, 1.0, denominator)).to(dt)
     t = t.view(*base.shape[:-1], 1) if rows else t.view(())
     mean = sum(x.to(dt) for x in tensors) / n
     return (t * mean + (1 - t) * theta0).to(out_dtype or base.dtype)
@@ -377,14 +404,17 @@ def slerp_ref(
     The angle comes from the normalised tensors (a norm ≤ eps leaves a tensor unnormalised); when
     ``|cos| > dot_threshold`` the tensors are nearly colinear and it falls back to linear
     interpolation. The result combines the unnormalised tensors:
-    ``sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b``.
+    ``sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b``. The norms and the inner product are summed in
+    float64 in a fixed order (:func:`_fixed_sum`): the result does not depend on torch's thread
+    count.
     """
     dt = _compute_dtype(a)
     v0, v1 = a.to(dt), b.to(dt)
-    n0, n1 = v0.norm(), v1.norm()
+    flat0, flat1 = v0.reshape(1, -1), v1.reshape(1, -1)
+    n0, n1 = (_fixed_sum(x * x).sqrt()[0].to(dt) for x in (flat0, flat1))
     u0 = v0 / n0 if n0 > eps else v0
     u1 = v1 / n1 if n1 > eps else v1
-    dot = (u0 * u1).sum()
+    dot = _fixed_sum(u0.reshape(1, -1) * u1.reshape(1, -1))[0].to(dt)
     if dot.abs() > dot_threshold:
         res = (1 - t) * v0 + t * v1
     else:
