@@ -202,10 +202,9 @@ def enable_checkpointing(model, use_reentrant: bool) -> None:
         enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if use_reentrant:
-        # Reentrant checkpointing only backpropagates into a block whose input requires grad;
-        # transformers 5 hooks the embeddings for that itself, 4.x only for PEFT models.
-        model.enable_input_require_grads()
+    # Reentrant checkpointing only backpropagates into a block whose input requires grad:
+    # transformers 5 hooks the embeddings for that itself, 4.x only for PEFT models, so under
+    # 4.x goat.wrap does (nothing is done here).
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
@@ -466,3 +465,22 @@ def test_one_expert_equals_peft_lora():
             assert (err <= bound).all(), (name, who, (err - bound).max().item())
         # So the two agree within twice the rule.
         assert ((ours_t.double() - peft_t.double()).abs() <= 2 * bound).all(), name
+
+
+def test_input_grads_hook_is_wraps_only_under_transformers_4():
+    """Under transformers 4.x wrap hooks the input embeddings (so reentrant checkpointing reaches
+    the experts) and unwrap removes the hook; under 5.x, which does it when checkpointing is
+    enabled, wrap leaves the model alone."""
+    import transformers
+
+    from meldkit.goat.model import _live_input_grads_hook
+
+    model = goat.wrap(tiny_llama(), llama_config())
+    assert _live_input_grads_hook(model) == (int(transformers.__version__.split(".")[0]) < 5)
+    goat.unwrap(model)
+    assert not _live_input_grads_hook(model)
+    # a hook the user put there first stays theirs
+    model = tiny_llama()
+    model.enable_input_require_grads()
+    goat.unwrap(goat.wrap(model, llama_config()))
+    assert _live_input_grads_hook(model)

@@ -55,6 +55,7 @@ from meldkit.goat.model import (
     find_targets,
     freeze_base,
     goat_layers,
+    hook_input_grads,
     remember_requires_grad,
     replace_module,
     saved_modules,
@@ -502,4 +503,5 @@ def load_adapter(
         replace_module(model, name, layer)
     freeze_base(model)
     track_forwards(model)
+    hook_input_grads(model)
     return model

@@ -21,6 +21,8 @@ _FLAGS = "_meldkit_goat_requires_grad"
 # copies of their original parameters (keep_original) for unwrap.
 _SAVED = "_meldkit_goat_modules_to_save"
 _SAVED_ORIGINALS = "_meldkit_goat_saved_originals"
+# Set on a model whose input-embedding hook (enable_input_require_grads) wrap put there.
+_INPUT_GRADS = "_meldkit_goat_input_grads"
 
 
 def goat_layers(model: nn.Module) -> Iterator[tuple[str, GoatLinear]]:
@@ -350,6 +352,47 @@ def remember_requires_grad(model: nn.Module) -> None:
     setattr(model, _FLAGS, flags)
 
 
+def hook_input_grads(model: nn.Module) -> None:
+    """Make the input embeddings' output require grad on a Hugging Face model under
+    transformers 4.x (``enable_input_require_grads``), as transformers 5 does when activation
+    checkpointing is enabled and 4.x only for its own PEFT adapters. Reentrant checkpointing
+    (4.x's default) backpropagates into a block only when the block's input requires grad; with
+    every base weight frozen it does not, and the experts of every checkpointed layer would get
+    no gradient. The hook changes no value; :func:`unwrap` removes it. Nothing is done under
+    transformers 5, for non-Hugging Face models, or when the model already has the hook."""
+    enable = getattr(model, "enable_input_require_grads", None)
+    if not callable(enable) or getattr(model, "main_input_name", None) != "input_ids":
+        return
+    if _live_input_grads_hook(model):
+        return  # the user's own, or transformers' (it is theirs to remove)
+    try:
+        import transformers
+    except ImportError:
+        return
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return
+    try:
+        enable()
+    except NotImplementedError:  # a model without input embeddings
+        return
+    model.__dict__[_INPUT_GRADS] = True
+
+
+def unhook_input_grads(model: nn.Module) -> None:
+    """Remove the hook :func:`hook_input_grads` put on ``model``, if it did."""
+    if model.__dict__.pop(_INPUT_GRADS, False):
+        model.disable_input_require_grads()
+        model.__dict__.pop("_require_grads_hook", None)  # 4.x keeps the removed handle
+
+
+def _live_input_grads_hook(model: nn.Module) -> bool:
+    """Whether ``enable_input_require_grads``' hook is on the model (transformers 4.x leaves
+    the removed handle in place after ``disable_input_require_grads``)."""
+    handle = getattr(model, "_require_grads_hook", None)
+    hooks = getattr(handle, "hooks_dict_ref", lambda: None)()
+    return hooks is not None and getattr(handle, "id", None) in hooks
+
+
 def freeze_base(model: nn.Module) -> None:
     """``requires_grad = False`` on every parameter but the GOAT experts and routers and the
     parameters of the saved modules (``modules_to_save``)."""
@@ -374,7 +417,10 @@ def wrap(model: nn.Module, config: GoatConfig, *, keep_original: bool = True) ->
     - a router ``nn.Linear(n, E, bias=False)`` in fp32 with PyTorch's default init
       (Kaiming-uniform, a = √5), drawn from the default generator;
     - every parameter of the model except the experts, the routers and the modules of
-      ``config.modules_to_save`` (by default a sequence-classification head) is frozen.
+      ``config.modules_to_save`` (by default a sequence-classification head) is frozen;
+    - under transformers 4.x, a Hugging Face model's input embeddings get transformers'
+      ``enable_input_require_grads`` hook, so that reentrant activation checkpointing (4.x's
+      default) still backpropagates into the experts (:func:`hook_input_grads`).
 
     Parameters
     ----------
@@ -461,6 +507,7 @@ def wrap(model: nn.Module, config: GoatConfig, *, keep_original: bool = True) ->
         replace_module(model, name, layer)
     freeze_base(model)
     track_forwards(model)
+    hook_input_grads(model)
     return model
 
 
@@ -484,6 +531,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     if not layers:
         raise ValueError("meldkit.goat.unwrap: the model has no GOAT layers")
     untrack_forwards(model)
+    unhook_input_grads(model)
     for name, layer in layers:
         base = layer.base_layer
         if layer.original_weight is not None:
