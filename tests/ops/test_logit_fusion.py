@@ -723,6 +723,12 @@ def test_bad_ranges_are_refused():
             logit_fusion(large, small, experts, ranges=ranges)
     res = logit_fusion(large, small, experts, ranges=torch.tensor([[0.0, 1.0], [1.0, 2.0]]))
     assert (res.loss[:, 1, :10] == math.inf).all()
+    import numpy as np
+
+    same = logit_fusion(large, small, experts, ranges=np.array([[0.0, 1.0], [1.0, 2.0]]))
+    assert torch.equal(same.loss, res.loss)
+    one = logit_fusion(large, small, experts, ranges=torch.tensor([0.0, 1.0]))
+    assert torch.equal(one.loss, logit_fusion(large, small, experts, ranges=(0.0, 1.0)).loss)
 
 
 def test_native_candidate_masks_are_checked():

@@ -313,7 +313,11 @@ def _range_list(
     the op's flat ``[lo_0, hi_0, ...]``; each range must hold a grid point."""
     if ranges is None:
         return None
+    if not isinstance(ranges, torch.Tensor) and hasattr(ranges, "__array__"):
+        ranges = torch.as_tensor(ranges)  # a NumPy array
     if isinstance(ranges, torch.Tensor):
+        if ranges.dim() == 1 and ranges.shape[0] == 2:
+            ranges = ranges[None].expand(n_experts, 2)  # one (lo, hi) for every expert
         if ranges.dim() != 2 or ranges.shape[1] != 2:
             raise _error(
                 ValueError, "ranges", f"expected a [T, 2] tensor, got shape {list(ranges.shape)}"
@@ -418,7 +422,7 @@ def logit_fusion(
         here costs a device synchronisation. Any n works; see *Sizes*.
     return_logits : bool
         Whether to compute the fused logits (False: ``logits`` is None and not computed).
-    ranges : sequence of (lo, hi), one (lo, hi), or Tensor ``[T, 2]``, optional
+    ranges : sequence of (lo, hi), one (lo, hi), or a ``[T, 2]`` (or ``[2]``) tensor or array, optional
         Per-expert search ranges: expert t's candidates are the grid points with
         ``lo_t ≤ α ≤ hi_t`` (both sides rounded to the accumulation dtype, as the grid is; ±inf
         allowed). One pair applies to every expert. The paper searches each expert "within a
