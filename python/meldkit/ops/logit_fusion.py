@@ -425,10 +425,11 @@ def logit_fusion(
     ranges : sequence of (lo, hi), one (lo, hi), or a ``[T, 2]`` or ``[2]`` tensor, optional
         Per-expert search ranges: expert t's candidates are the grid points with
         ``lo_t ≤ α ≤ hi_t`` (both sides rounded to the accumulation dtype, as the grid is; ±inf
-        allowed). One pair applies to every expert; NumPy arrays are taken as tensors. The paper searches each expert "within a
-        certain range" without publishing the ranges; use them to keep a weak or noisy expert's
-        α small. A candidate outside its range has loss +inf and is never chosen; each range
-        must hold at least one grid point. Default: the whole grid for every expert.
+        allowed). One pair applies to every expert; NumPy arrays are taken as tensors. The
+        paper searches each expert "within a certain range" without publishing the ranges; use
+        them to keep a weak or noisy expert's α small. A candidate outside its range has loss
+        +inf and is never chosen; each range must hold at least one grid point. Default: the
+        whole grid for every expert.
 
     Returns
     -------
