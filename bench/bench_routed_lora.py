@@ -13,7 +13,8 @@ adapter's parameters, as in training). All calls go through :func:`meldkit.bench
 (interleaved rounds, cache flush before every call, CUDA events on GPUs), so the rows compare
 like with like. Dropout is off by default; ``--dropout P`` applies it in all three (GOAT's
 training default is 0.05; the loop and PEFT draw their masks from torch's generator, meldkit
-from its counter-based one).
+from its counter-based one), and adds ``meldkit_goat_shared_dropout``, one mask for every expert
+(``GoatConfig(dropout_mode="shared")``).
 
 The issue's targets: the GOAT layer's forward+backward within 1.15x of the base linear's alone,
 and the adapter's added time (layer minus base) at least 5x smaller than the official loop's.
@@ -77,6 +78,14 @@ def build(args) -> tuple[dict, dict]:
         "meldkit_goat_added": step(goat_added),
         "official_loop": step(loop),
     }
+    if p > 0:  # GoatConfig(dropout_mode="shared"): one mask for every expert, one GEMM each
+
+        def goat_shared():
+            return routed_lora(
+                x, lora_a, lora_b, 2.0, base_weight=base.weight, shared_dropout=True, **kw
+            )[0]
+
+        impls["meldkit_goat_shared_dropout"] = step(goat_shared)
     try:  # PEFT's own LoRA layer over the same base, total rank r·E
         from peft import LoraConfig, get_peft_model
 

@@ -50,9 +50,18 @@ SCRIPTS = {
             "4",
             "--repeats",
             "1",
+            "--dropout",
+            "0.1",
         ],
         "routed_lora_layer",
-        {"base_linear", "meldkit_goat", "meldkit_goat_added", "official_loop", "peft_lora"},
+        {
+            "base_linear",
+            "meldkit_goat",
+            "meldkit_goat_added",
+            "official_loop",
+            "peft_lora",
+            "meldkit_goat_shared_dropout",
+        },
     ),
     "bench_goat_compile.py": (
         [

@@ -46,6 +46,8 @@ def test_defaults():
         ("dropout", 1.0),
         ("dropout", -0.1),
         ("aux_loss_coef", -1e-3),
+        ("dropout_mode", "per-expert"),
+        ("per_expert_scaling", "yes"),
     ],
 )
 def test_bad_values_name_the_field(field, value):

@@ -739,3 +739,42 @@ def test_goat_s_adapter_with_bad_factors_is_refused(tmp_path):
     save_file(tensors, tmp_path / "missing.safetensors", metadata=metadata)
     with pytest.raises(goat.AdapterError, match=r"tensor 0\.scaling missing"):
         goat.load_adapter(mlp(), tmp_path / "missing.safetensors")
+
+
+def test_shared_dropout_mode(tmp_path):
+    """dropout_mode="shared": in training the layer calls the op with one mask for every expert
+    (shared_dropout), reproducibly from torch's seed; eval mode is unaffected; the mode
+    round-trips through an adapter file."""
+    import dataclasses
+
+    x = torch.randn(70, 40)
+    per_expert = goat.wrap(mlp(), config(dropout=0.2)).train()
+    shared = copy.deepcopy(per_expert)
+    for _, layer in goat.goat_layers(shared):
+        layer.config = dataclasses.replace(layer.config, dropout_mode="shared")
+    outs = []
+    for model in (shared, per_expert, shared):
+        torch.manual_seed(5)
+        outs.append(model(x))
+    assert torch.equal(outs[0], outs[2])
+    assert not torch.equal(outs[0], outs[1])
+    layer = shared[0]
+    torch.manual_seed(5)
+    seed = torch.randint(0, goat_layer.SEED_BOUND, (1,))
+    delta, _ = routed_lora(
+        x,
+        layer.lora_a,
+        layer.lora_b,
+        layer.scaling,
+        router_weight=layer.router.weight,
+        top_k=layer.top_k,
+        dropout=0.2,
+        seed=seed,
+        shared_dropout=True,
+    )
+    torch.manual_seed(5)
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + delta, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(shared.eval()(x), per_expert.eval()(x))
+    path = goat.save_adapter(shared, tmp_path / "shared.safetensors")
+    assert goat.read_adapter(path)[0].dropout_mode == "shared"

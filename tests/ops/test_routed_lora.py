@@ -67,7 +67,9 @@ def assert_close(actual, expected64, magnitude64, n_terms, compute, stored64=Non
         )
 
 
-def magnitudes(x, lora_a, lora_b, s, router_weight, gates, top_k, dropout, seed, dy, dprobs):
+def magnitudes(
+    x, lora_a, lora_b, s, router_weight, gates, top_k, dropout, seed, dy, dprobs, shared=False
+):
     """Float64 bounds of |every term| behind each output: the formulas on absolute values.
 
     Routing error: an error δz in the logits moves each probability and routing weight by at
@@ -77,7 +79,9 @@ def magnitudes(x, lora_a, lora_b, s, router_weight, gates, top_k, dropout, seed,
     n_tokens, d_in = x.shape
     n_experts = lora_a.shape[0]
     factors = [
-        dropout_factor_ref((n_tokens, d_in), dropout, seed, e, device="cpu", dtype=x.dtype)
+        dropout_factor_ref(
+            (n_tokens, d_in), dropout, seed, 0 if shared else e, device="cpu", dtype=x.dtype
+        )
         for e in range(n_experts)
     ]
     xt = torch.stack([x.abs() if f is None else x.abs() * f for f in factors], 1)  # [N, E, n]
@@ -176,6 +180,7 @@ def check_against_loop_reference(x, lora_a, lora_b, scaling, seed_gen=0, **kw):
         kw.get("seed") or 0,
         dy64.reshape(n_tokens, -1),
         dprobs64,
+        shared=kw.get("shared_dropout", False),
     )
     stored = {}
     if base_weight is not None:  # the base layer's terms, its output and dx rounded in x's dtype
@@ -404,7 +409,7 @@ def test_many_tokens_with_dropout_by_gemms(monkeypatch, device, dtype, n_experts
     rl = importlib.import_module("meldkit.ops.routed_lora")  # the module, not the function
     taken = []
 
-    def use_gemm(n_tokens, dropout, dev, dense, n_experts, dtypes):
+    def use_gemm(n_tokens, dropout, dev, dense, n_experts, dtypes, shared=False):
         taken.append(dropout)
         return n_tokens >= rl._GEMM_TOKENS
 
@@ -820,6 +825,13 @@ def test_opcheck(device, dtype):
     args = (dy, xd, ad, bd, s, wd, weights, probs, dprobs, h, 2, 0.25, seed(7))
     bwd_d = torch.ops.meldkit.routed_lora_dropout_backward.default
     torch.library.opcheck(bwd_d, (*args, [True, True, True, True, False], None))
+    # one mask for every expert
+    torch.library.opcheck(fwd_d, (x, a, b, s, w, None, 2, 0.25, seed(7), w0, b0, True))
+    _, probs, weights, h = (
+        t.detach() for t in fwd_d(x, a, b, s, w, None, 2, 0.25, seed(7), None, None, True)
+    )
+    args = (dy, xd, ad, bd, s, wd, weights, probs, dprobs, h, 2, 0.25, seed(7))
+    torch.library.opcheck(bwd_d, (*args, [True, True, True, True, False], None, None, True))
 
 
 def test_dropout_calls_take_their_own_ops_tagged_cudagraph_unsafe():
@@ -1093,3 +1105,53 @@ def test_eager_inference_skips_the_library_dispatch(monkeypatch):
     assert "meldkit::routed_lora" in {e.name for e in prof.events()}
     for y, p in ((y1, p1), (y2, p2), (y3, p3)):
         assert torch.equal(y.detach(), y0) and torch.equal(p.detach(), p0)
+
+
+# ---- one dropout mask for every expert (shared_dropout) -----------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_tokens", [7, 131])
+@pytest.mark.parametrize("mode", ["router", "gates"])
+def test_shared_dropout_matches_loop_reference(device, dtype, n_tokens, mode):
+    """shared_dropout=True: every expert reads x ⊙ M_0·c (expert 0's mask); the op (always the
+    GEMM path: one shrink and one dA GEMM over the concatenated experts) equals the loop
+    reference with the same rule, forward and every gradient, with and without a base."""
+    case = (n_tokens, 13, 9, 4, 3, 2, 0.3)
+    x, a, b, w = router_case(case, dtype, device, seed=71 + n_tokens, weight_dtype=torch.float32)
+    kw = {"dropout": 0.3, "seed": 5, "shared_dropout": True}
+    gen = torch.Generator().manual_seed(72)
+    if mode == "router":
+        check_against_loop_reference(x, a, b, 0.75, router_weight=w, top_k=2, **kw)
+        w0 = (randn((9, 13), dtype, device, gen) / 4).requires_grad_()
+        b0 = randn((9,), dtype, device, gen)
+        check_against_loop_reference(
+            x, a, b, 0.75, router_weight=w, top_k=2, base_weight=w0, base_bias=b0, **kw
+        )
+    else:
+        gates = randn((n_tokens, 4), torch.float32, device, gen).requires_grad_()
+        s = torch.tensor([0.5, 1.0, 1.5, 2.0])
+        check_against_loop_reference(x, a, b, s, gates=gates, **kw)
+
+
+def test_shared_dropout_is_one_mask_for_every_expert():
+    """Independent of the reference: shared_dropout equals the op without dropout on
+    x ⊙ M_0·c in gate mode (the experts see one masked input; the gates are given), and
+    differs from the per-expert masks."""
+    gen = torch.Generator().manual_seed(73)
+    x, a, b, _ = make_case(100, 16, 6, 4, 2, torch.float32, "cpu", gen)
+    gates = torch.rand(100, 4, generator=gen)
+    shared, _ = routed_lora(x, a, b, 2.0, gates=gates, dropout=0.25, seed=3, shared_dropout=True)
+    xd = dropout_ref(x.detach(), 0.25, 3, 0)
+    plain, _ = routed_lora(xd, a, b, 2.0, gates=gates)
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+    per_expert, _ = routed_lora(x, a, b, 2.0, gates=gates, dropout=0.25, seed=3)
+    assert (per_expert - shared).abs().max() > 1e-3
+    # reproducible, and a no-op without dropout
+    again, _ = routed_lora(x, a, b, 2.0, gates=gates, dropout=0.25, seed=3, shared_dropout=True)
+    assert torch.equal(again, shared)
+    off, _ = routed_lora(x, a, b, 2.0, gates=gates, shared_dropout=True)
+    assert torch.equal(off, routed_lora(x, a, b, 2.0, gates=gates)[0])
+    with pytest.raises(TypeError, match="argument 'shared_dropout'"):
+        routed_lora(x, a, b, 2.0, gates=gates, dropout=0.25, seed=3, shared_dropout=1)

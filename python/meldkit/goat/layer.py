@@ -177,6 +177,7 @@ class GoatLinear(nn.Module):
             top_k=self.top_k,
             dropout=self.dropout if training_dropout else 0.0,
             seed=seed,
+            shared_dropout=training_dropout and self.config.dropout_mode == "shared",
         )
         base = self.base_layer
         if self._base_runs_in_the_op(x):

@@ -121,10 +121,11 @@ def _routed_lora_impl(
     seed: torch.Tensor | None,
     base_weight: torch.Tensor | None = None,
     base_bias: torch.Tensor | None = None,
+    shared_dropout: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     seed = _seed_value(seed, dropout)
     args = (x, lora_a, lora_b, scaling, router_weight, gates, top_k, dropout, seed)
-    return routed_lora_forward_ref(*args, base_weight, base_bias)
+    return routed_lora_forward_ref(*args, base_weight, base_bias, shared_dropout)
 
 
 _routed_lora, _routed_lora_dropout = _custom_ops(
@@ -133,7 +134,7 @@ _routed_lora, _routed_lora_dropout = _custom_ops(
     _routed_lora_impl,
     "(Tensor x, Tensor lora_a, Tensor lora_b, Tensor scaling, Tensor? router_weight,"
     " Tensor? gates, SymInt top_k, float dropout, Tensor? seed, Tensor? base_weight=None,"
-    " Tensor? base_bias=None) -> (Tensor, Tensor, Tensor, Tensor)",
+    " Tensor? base_bias=None, bool shared_dropout=False) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 
 
@@ -171,10 +172,12 @@ def _use_gemm(
     dense: bool,
     n_experts: int,
     dtypes: tuple[torch.dtype, ...],
+    shared_dropout: bool = False,
 ) -> bool:
     """``dense``: every expert has work for every token (gate mode, or top_k = E). Calls the
-    per-token kernels cannot take run as GEMMs at every token count."""
-    if _per_token_unsupported(n_experts, dtypes):
+    per-token kernels cannot take run as GEMMs at every token count: too many experts, mixed
+    float64, or one dropout mask shared by the experts (the kernels draw one per expert)."""
+    if _per_token_unsupported(n_experts, dtypes) or (shared_dropout and dropout > 0.0):
         return True
     return n_tokens >= _GEMM_TOKENS and (dropout == 0.0 or device.type == "cuda" or dense)
 
@@ -252,19 +255,25 @@ def _gemm_forward(
     base_bias=None,
     *,
     acc,
+    shared=False,
 ):
     """``(y, probs, weights, h)`` as the native forward returns them, in ``acc``, by GEMMs:
     ``[h | z] = x·[A_1; …; A_E; W_z]ᵀ`` (one pass over x), softmax → top-k → renormalise on
     the small ``[N, E]`` logits (gate mode: the caller's gates), then
     ``y = (h ⊙ (g·s ⊗ 1_r))·[B_1 … B_E]ᵀ``, accumulated into the base layer's output when one
     is given. With dropout, ``h_e = (x ⊙ M_e·c)·A_eᵀ``, one GEMM per expert, and the router
-    sees the raw x. The same arithmetic as the kernels up to summation order."""
+    sees the raw x; with one mask for every expert (``shared``), ``h = (x ⊙ M_0·c)·[A]ᵀ``, one
+    GEMM. The same arithmetic as the kernels up to summation order."""
     n_tokens = x.shape[0]
     n_experts, rank, _ = lora_a.shape
     er = n_experts * rank
     xa = x.to(acc).contiguous()
     z = None
-    if dropout > 0.0:
+    if dropout > 0.0 and shared:
+        h = _dropped(xa, torch.empty_like(xa), dropout, seed, 0) @ _cat_a(lora_a, acc).T
+        if router_weight is not None:
+            z = xa @ router_weight.to(acc).T
+    elif dropout > 0.0:
         buf = torch.empty_like(xa)
         h = torch.cat(
             [_dropped(xa, buf, dropout, seed, e) @ lora_a[e].to(acc).T for e in range(n_experts)],
@@ -311,12 +320,15 @@ def _gemm_backward(
     dropout,
     seed,
     base_weight=None,
+    shared=False,
 ):
     """The five gradients of :func:`routed_lora_backward_ref` by GEMMs over the concatenated
     experts: ``U = dy·[B_1 … B_E]``, ``dB = dyᵀ·(h ⊙ g·s)``, and, with ``dH = U ⊙ g·s`` and the
     router's ``dz``, ``dx = [dH | dz]·[A; W_z]`` and ``[dA; dW_z] = [dH | dz]ᵀ·x``. With dropout
     the experts' parts are one GEMM pair per expert, through its regenerated mask:
-    ``dx = Σ_e (dH_e·A_e) ⊙ M_e·c + dz·W_z`` and ``dA_e = dH_eᵀ·(x ⊙ M_e·c)``. With a base
+    ``dx = Σ_e (dH_e·A_e) ⊙ M_e·c + dz·W_z`` and ``dA_e = dH_eᵀ·(x ⊙ M_e·c)``; with one mask
+    for every expert (``shared``), ``dx = (dH·A) ⊙ M_0·c + dz·W_z`` and ``dA = dHᵀ·(x ⊙ M_0·c)``,
+    one GEMM each. With a base
     linear, dx starts from ``dy·W₀`` and the experts' GEMMs accumulate into it. Unneeded
     gradients are empty ``[0]`` tensors."""
     need_dx, need_da, need_db, need_dw, need_dg = needs
@@ -347,7 +359,22 @@ def _gemm_backward(
             if dprobs is not None:
                 dp = dp + dprobs.to(acc)
             dz = probs * (dp - (probs * dp).sum(-1, keepdim=True))
-    if dropout > 0.0 and (need_dx or need_da or need_dw):
+    if dropout > 0.0 and shared and (need_dx or need_da or need_dw):
+        dh = (u3 * gs).view(n_tokens, er)
+        xa = x.to(acc).contiguous()
+        if need_da:
+            xd = _dropped(xa, torch.empty_like(xa), dropout, seed, 0)
+            da = (dh.T @ xd).reshape(n_experts, rank, d_in).to(lora_a.dtype).contiguous()
+        if need_dx:
+            part = dh @ _cat_a(lora_a, acc)
+            part = _dropped(part, part, dropout, seed, 0)
+            dxc = part if base_weight is None else _base_dx(dy, x, base_weight, acc).add_(part)
+            if dz is not None:  # the router sees the raw x
+                dxc.addmm_(dz, router_weight.to(acc))
+            dx = dxc.to(x.dtype)
+        if need_dw and dz is not None:
+            dw = (dz.T @ xa).to(router_weight.dtype).contiguous()
+    elif dropout > 0.0 and (need_dx or need_da or need_dw):
         dh = (u3 * gs).view(n_tokens, er)
         xa = x.to(acc).contiguous()
         dxc = None
@@ -415,19 +442,20 @@ def _routed_lora_native(
     seed: torch.Tensor | None,
     base_weight: torch.Tensor | None = None,
     base_bias: torch.Tensor | None = None,
+    shared_dropout: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     route = router_weight if gates is None else gates
     dtypes = _dtypes(x, lora_a, lora_b, route)
     seed = _seed_value(seed, dropout)
     args = (x, lora_a, lora_b, scaling, router_weight, gates, top_k, dropout, seed)
     if _use_reference(x.device, dtypes):
-        return routed_lora_forward_ref(*args, base_weight, base_bias)
+        return routed_lora_forward_ref(*args, base_weight, base_bias, shared_dropout)
     acc = compute_dtype(x, lora_a, lora_b, route)
     n_tokens, n_experts, rank = x.shape[0], lora_a.shape[0], lora_a.shape[1]
     device = x.device
     dense = router_weight is None or top_k == n_experts
-    if _use_gemm(n_tokens, dropout, device, dense, n_experts, dtypes):
-        return _gemm_forward(*args, base_weight, base_bias, acc=acc)
+    if _use_gemm(n_tokens, dropout, device, dense, n_experts, dtypes, shared_dropout):
+        return _gemm_forward(*args, base_weight, base_bias, acc=acc, shared=shared_dropout)
     x_in = x
     if base_weight is not None:
         # The kernel's y in the compute dtype, so that base + adapter rounds once to x.dtype.
@@ -471,6 +499,7 @@ def _routed_lora_fake(
     seed,
     base_weight=None,
     base_bias=None,
+    shared_dropout=False,
 ):
     acc = compute_dtype(x, lora_a, lora_b, router_weight if gates is None else gates)
     n_tokens, n_experts, rank = x.shape[0], lora_a.shape[0], lora_a.shape[1]
@@ -509,6 +538,7 @@ def _routed_lora_backward_impl(
     needs: list[bool],
     gates_dtype: torch.dtype | None,
     base_weight: torch.Tensor | None = None,
+    shared_dropout: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     seed = _seed_value(seed, dropout)
     return _backward_reference(
@@ -528,6 +558,7 @@ def _routed_lora_backward_impl(
         tuple(needs),
         gates_dtype,
         base_weight,
+        shared_dropout,
     )
 
 
@@ -564,6 +595,7 @@ def _routed_lora_backward_native(
     needs: list[bool],
     gates_dtype: torch.dtype | None,
     base_weight: torch.Tensor | None = None,
+    shared_dropout: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     seed = _seed_value(seed, dropout)
     route_dtype = router_weight.dtype if router_weight is not None else gates_dtype
@@ -586,9 +618,10 @@ def _routed_lora_backward_native(
             tuple(needs),
             gates_dtype,
             base_weight,
+            shared_dropout,
         )
     dense = router_weight is None or top_k == lora_a.shape[0]
-    if _use_gemm(x.shape[0], dropout, x.device, dense, lora_a.shape[0], dtypes):
+    if _use_gemm(x.shape[0], dropout, x.device, dense, lora_a.shape[0], dtypes, shared_dropout):
         return _gemm_backward(
             dy,
             x,
@@ -606,6 +639,7 @@ def _routed_lora_backward_native(
             dropout,
             seed,
             base_weight,
+            shared_dropout,
         )
     x_in = x
     if base_weight is not None and needs[0]:
@@ -659,6 +693,7 @@ def _routed_lora_backward_fake(
     needs,
     gates_dtype,
     base_weight=None,
+    shared_dropout=False,
 ):
     grads = _grad_buffers(
         x,
@@ -693,6 +728,7 @@ def _setup_context(ctx, inputs, output) -> None:
         seed,
     )
     ctx.top_k, ctx.dropout = top_k, dropout
+    ctx.shared_dropout = bool(inputs[11]) if len(inputs) > 11 else False
     ctx.gates_dtype = None if gates is None else gates.dtype
 
 
@@ -736,6 +772,7 @@ def _backward(ctx, dy, dprobs, _dweights, _dh):
         needs,
         ctx.gates_dtype,
         base_weight,
+        ctx.shared_dropout,
     )
     dx, da, db, dw, dgates = (g if n else None for g, n in zip(grads, needs, strict=True))
     return (dx, da, db, None, dw, dgates, None, None, None, *base_grads)
@@ -747,8 +784,8 @@ _routed_lora_backward, _routed_lora_dropout_backward = _custom_ops(
     _routed_lora_backward_impl,
     "(Tensor dy, Tensor x, Tensor lora_a, Tensor lora_b, Tensor scaling, Tensor? router_weight,"
     " Tensor weights, Tensor? probs, Tensor? dprobs, Tensor h, SymInt top_k, float dropout,"
-    " Tensor? seed, bool[] needs, ScalarType? gates_dtype, Tensor? base_weight=None)"
-    " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    " Tensor? seed, bool[] needs, ScalarType? gates_dtype, Tensor? base_weight=None,"
+    " bool shared_dropout=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 for _op in (_routed_lora_backward, _routed_lora_dropout_backward):
     _op.register_kernel(["cpu", "cuda"], _routed_lora_backward_native)
@@ -842,6 +879,7 @@ def routed_lora(
     seed: int | torch.Tensor | None = None,
     base_weight: torch.Tensor | None = None,
     base_bias: torch.Tensor | None = None,
+    shared_dropout: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mixture of LoRA experts (GOAT's layer, optionally with its base): routed, scaled, summed.
 
@@ -898,6 +936,12 @@ def routed_lora(
         Gradients reach W₀ (``dyᵀ·x``) when it requires grad; a frozen base costs nothing.
     base_bias : Tensor, optional
         b ``[m]`` (the layer's ``bias``), in ``x.dtype``; only with ``base_weight``.
+    shared_dropout : bool
+        One dropout mask for every expert (expert 0's, ``x ⊙ M_0·c``) instead of one per expert
+        (GOAT's official behaviour, the default). A fast path (spec decision 6): the experts'
+        shrink and its backward are then one GEMM each over the concatenated experts, as
+        without dropout, instead of one per expert; whether the per-expert masks matter for
+        accuracy is an open question of the GOAT paper. Calls with it always run as GEMMs.
 
     Returns
     -------
@@ -984,6 +1028,8 @@ def routed_lora(
     if not 0.0 <= dropout < 1.0:
         raise _error(ValueError, "dropout", f"{dropout} is not in [0, 1)")
     seed = None if dropout == 0.0 else _seed_tensor(seed)
+    if not isinstance(shared_dropout, bool):
+        raise _error(TypeError, "shared_dropout", f"expected a bool, got {shared_dropout!r}")
 
     d_out = lora_b.shape[1]
     if base_weight is not None:
@@ -1009,6 +1055,8 @@ def routed_lora(
     x2 = x.reshape(-1, d_in)
     gates2 = None if gates is None else gates.reshape(-1, n_experts)
     base = () if base_weight is None else (base_weight, base_bias)
+    if shared_dropout and dropout > 0.0:
+        base = (base_weight, base_bias, True)
     args = (x2, lora_a, lora_b, scale, router_weight, gates2, top_k, dropout, seed, *base)
     op, name = (
         (_routed_lora_dropout, "meldkit::routed_lora_dropout")

@@ -145,6 +145,7 @@ def routed_lora_ref(
     seed: int | None = None,
     base_weight: torch.Tensor | None = None,
     base_bias: torch.Tensor | None = None,
+    shared_dropout: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mixture of LoRA experts, the per-expert loop of the official GOAT code (the spec).
 
@@ -178,6 +179,8 @@ def routed_lora_ref(
     base_weight, base_bias : Tensor, optional
         A base linear W₀ ``[m, n]`` (``x.dtype``) and b ``[m]`` whose output is added
         (:func:`base_linear_ref`).
+    shared_dropout : bool
+        One dropout mask (expert 0's) for every expert instead of one per expert.
 
     Returns
     -------
@@ -210,7 +213,7 @@ def routed_lora_ref(
         else:
             token = torch.arange(n_tokens, device=x.device)
             g = g_all[:, e]
-        x_e = dropout_ref(x2, dropout, seed or 0, e)[token]
+        x_e = dropout_ref(x2, dropout, seed or 0, 0 if shared_dropout else e)[token]
         out = (x_e @ a[e].T) @ b[e].T * s[e]
         y = y.index_add(0, token, out * g[:, None])
     if base_weight is not None:
@@ -241,6 +244,7 @@ def routed_lora_forward_ref(
     seed: int,
     base_weight: torch.Tensor | None = None,
     base_bias: torch.Tensor | None = None,
+    shared_dropout: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward of ``routed_lora`` as the native kernel computes it (all experts, dense).
 
@@ -262,6 +266,8 @@ def routed_lora_forward_ref(
         Key of the dropout masks (ignored when ``dropout == 0``).
     base_weight, base_bias : Tensor or None
         An optional base linear whose output :func:`base_linear_ref` adds.
+    shared_dropout : bool
+        Every expert takes expert 0's mask (one mask for the layer) instead of its own.
 
     Returns
     -------
@@ -292,7 +298,11 @@ def routed_lora_forward_ref(
         probs = xc.new_empty(0)
         weights = gates.to(acc, memory_format=torch.contiguous_format, copy=True)
     h = torch.stack(
-        [dropout_ref(xc, dropout, seed, e) @ a[e].T for e in range(n_experts)], dim=1
+        [
+            dropout_ref(xc, dropout, seed, 0 if shared_dropout else e) @ a[e].T
+            for e in range(n_experts)
+        ],
+        dim=1,
     )  # [N, E, r]
     y = torch.einsum("ner,emr->nm", h * (weights * s)[:, :, None], b)
     if base_weight is not None:
@@ -318,6 +328,7 @@ def routed_lora_backward_ref(
     needs: tuple[bool, bool, bool, bool, bool],
     gates_dtype: torch.dtype | None,
     base_weight: torch.Tensor | None = None,
+    shared_dropout: bool = False,
 ) -> tuple[torch.Tensor | None, ...]:
     """Backward of ``routed_lora`` from the saved routing weights and activations (spec §3.7).
 
@@ -368,7 +379,12 @@ def routed_lora_backward_ref(
         da_acc = torch.empty(n_experts, rank, d_in, dtype=acc, device=x.device)
         for e in range(n_experts):
             factor = dropout_factor_ref(
-                (n_tokens, d_in), dropout, seed, e, device=x.device, dtype=acc
+                (n_tokens, d_in),
+                dropout,
+                seed,
+                0 if shared_dropout else e,
+                device=x.device,
+                dtype=acc,
             )
             x_e = xc if factor is None else xc * factor
             da_acc[e] = dh[:, e].T @ x_e
