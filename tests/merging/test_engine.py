@@ -713,12 +713,13 @@ def test_cli(zoo):
     assert res.returncode == 2 and "read_ahead: not a size: 'lots'" in res.stderr
 
 
-def test_model_scope_trimming_uses_whole_model_thresholds(zoo):
+@pytest.mark.parametrize("consensus", [None, "count"])
+def test_model_scope_trimming_uses_whole_model_thresholds(zoo, consensus):
     from meldkit.ops import merge_ref
     from meldkit.ops.merge import merge_tensors
 
     tmp, base, tunes, paths = zoo
-    cfg = config_for("ties", paths)
+    cfg = config_for("ties", paths, **({"consensus": consensus} if consensus else {}))
     for m in cfg[
         "models"
     ]:  # below the 30 % of entries the fine-tunes perturbed: ties at 0 stay out
@@ -739,6 +740,7 @@ def test_model_scope_trimming_uses_whole_model_thresholds(zoo):
             weights=[0.5] * 3,
             densities=densities,
             thresholds=thresholds,
+            consensus=consensus,
             out_dtype=torch.bfloat16,
         )
         assert torch.equal(out[k], expected), k
