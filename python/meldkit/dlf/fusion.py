@@ -225,7 +225,7 @@ def fusion_diagnostics(
     torch.Tensor
         ``[B, 4]`` float32, computed in float64 from the softmaxes.
     """
-    from meldkit.ops.logit_fusion_ref import kl_ref
+    from meldkit.ops.logit_fusion_ref import _log_softmax, kl_ref
 
     if experts is None:
         experts = large.new_empty(0, *large.shape)
@@ -234,7 +234,7 @@ def fusion_diagnostics(
         keep &= ~experts.isneginf().any(0)
 
     def log_softmax(z: torch.Tensor) -> torch.Tensor:
-        return torch.where(keep, z.double(), float("-inf")).log_softmax(-1)
+        return _log_softmax(z.double(), keep)
 
     log_p, log_fused, log_q = log_softmax(large), log_softmax(fused), log_softmax(small_base)
     rows = keep.any(-1)

@@ -447,10 +447,11 @@ def generate(
     generated: list[list[int]] = [[] for _ in range(rows)]
     trace_tokens, trace_alpha, trace_expert, trace_logits, trace_stats = [], [], [], [], []
     for step in range(max_new_tokens):
+        expert_logits = torch.stack(logits[2:]) if experts else None
         fused, a, e = fuse_logits(
             logits[0],
             logits[1],
-            torch.stack(logits[2:]) if experts else None,
+            expert_logits,
             mode=mode,
             alpha=alpha,
             alphas=alphas,
@@ -469,9 +470,7 @@ def generate(
         if return_logits:
             trace_logits.append(fused.cpu().masked_fill(done[:, None], float("nan")))
         if return_diagnostics:
-            stats = fusion_diagnostics(
-                logits[0], logits[1], torch.stack(logits[2:]) if experts else None, fused
-            )
+            stats = fusion_diagnostics(logits[0], logits[1], expert_logits, fused)
             trace_stats.append(stats.cpu().masked_fill(done[:, None], float("nan")))
         for r in range(rows):
             if finished[r]:

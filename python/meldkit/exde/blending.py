@@ -473,8 +473,8 @@ class sigma_switch(Schedule):
     The release's "t > 500" rule on DDPM timesteps is ``sigma_switch(σ_500)`` with
     σ_500 = √((1 − ᾱ_500)/ᾱ_500) from the training schedule's ``alphas_cumprod`` (1.618 for
     Stable Diffusion's scaled-linear betas 0.00085–0.012, 3.443 for DDPM's linear 1e-4–0.02).
-    Needs a scheduler with sigmas or ``alphas_cumprod``
-    (:class:`Schedule`); raises :class:`ExDeError` otherwise.
+    Needs a scheduler with sigmas or ``alphas_cumprod`` (:class:`Schedule`); raises
+    :class:`ExDeError` otherwise.
     """
 
     at: float

@@ -89,8 +89,8 @@ def goat_s_scaling(sv: torch.Tensor, scaling: float, num_experts: int) -> torch.
     s: its factors start at 0, and no finite ratio exists.
     """
     sigma = sv.detach().to(torch.float64).reshape(num_experts, -1).sum(-1)
-    ratio = torch.where(sigma > 0, sigma[0] / sigma.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
-    ratio = torch.where(sigma[0] > 0, ratio, torch.ones_like(ratio))
+    ratio = sigma[0] / sigma  # inf, 0 or NaN where a segment sums to 0: no finite ratio
+    ratio = torch.where(ratio.isfinite() & (ratio > 0), ratio, 1.0)
     return (scaling * ratio.sqrt()).to(torch.float32)
 
 

@@ -274,8 +274,8 @@ def _della_merge_cpu(
     seed,
     tensor_index,
     out_dtype,
-    out=None,
-    consensus=None,
+    out,
+    consensus,
 ) -> torch.Tensor:
     """DELLA / DELLA-linear of one position on the CPU: native MagPrune per model, then the fused
     native merge of the masked models with each model's rescale factor (L1 ratio or 1)."""
@@ -306,7 +306,7 @@ def _della_merge_cpu(
         seed,
         None,
         "none",
-        m.consensus if consensus is None else consensus,
+        consensus,
         normalize,
         float(lam),
     )
