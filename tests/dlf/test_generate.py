@@ -133,8 +133,25 @@ def test_prompts_that_hold_their_special_tokens(models, tok):
     got = dlf.generate(large, small, experts, tok, held, add_special_tokens=False, **held_kw)
     assert got.token_ids == want.token_ids
     assert torch.equal(got.alphas, want.alphas) and torch.equal(got.experts, want.experts)
-    doubled = dlf.generate(large, small, experts, tok, held, **held_kw)
-    assert doubled.token_ids != want.token_ids or not torch.equal(doubled.alphas, want.alphas)
+    # With the default, a text that starts with <s> keeps one: the same again.
+    default = dlf.generate(large, small, experts, tok, held, **held_kw)
+    assert default.token_ids == want.token_ids
+    assert torch.equal(default.alphas, want.alphas)
+    # Plain prompts next to a chat-template-like expert prompt that holds its <s>: one BOS each.
+    mixed_kw = {**kw, "expert_prompts": [lambda p: "<s> w30 w31 " + p, None]}
+    mixed = dlf.generate(large, small, experts, tok, PROMPTS[:2], **mixed_kw)
+    assert mixed.token_ids == want.token_ids
+    assert torch.equal(mixed.alphas, want.alphas)
+
+
+def test_tokenize_keeps_one_bos(tok):
+    from meldkit.dlf.streams import tokenize
+
+    ids, mask = tokenize(tok, ["<s> w01 w02", "w01 w02", "<s> <s> w01"])
+    rows = [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)]
+    bos = tok.bos_token_id
+    assert rows[0] == rows[1] and rows[0][0] == bos and rows[0][1] != bos
+    assert rows[2][:3] == [bos, bos, tok.convert_tokens_to_ids("w01")]  # only the added one goes
 
 
 def test_cache_equals_recompute(models, tok):

@@ -242,3 +242,57 @@ def test_processor_contrastive_equals_generate(setup):
     assert torch.equal(got, ref.sequences)
     with pytest.raises(ValueError, match="takes no experts"):
         dlf.DynamicLogitFusionProcessor(small, [small], tok, mode="contrastive")
+
+
+def test_processor_reads_the_mask_generate_uses(setup):
+    """No attention_mask given: inside generate() the processor reads the mask generate works
+    with, so a left-padded batch decodes as with the mask (it silently read the pads as text)."""
+    tok, large, small, experts = setup
+    enc = tok(PROMPTS, padding=True, return_tensors="pt")
+    proc = dlf.DynamicLogitFusionProcessor(small, experts, tok)
+    got = _run(large, proc, enc, do_sample=False)
+    ref = dlf.generate(large, small, experts, tok, PROMPTS, max_new_tokens=7)
+    assert torch.equal(got, ref.sequences)
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_processor_follows_num_return_sequences(setup, given):
+    """generate(num_return_sequences=2) repeats every prompt row: a mask given at construction
+    is repeated the same way, and without one generate's expanded mask is read."""
+    tok, large, small, experts = setup
+    enc = tok(PROMPTS, padding=True, return_tensors="pt")
+    mask = {"attention_mask": enc["attention_mask"]} if given else {}
+    proc = dlf.DynamicLogitFusionProcessor(small, experts, tok, **mask)
+    got = _run(large, proc, enc, do_sample=True, temperature=1e-4, top_k=0, num_return_sequences=2)
+    ref = dlf.generate(large, small, experts, tok, PROMPTS, max_new_tokens=7)
+    assert torch.equal(got[0::2], ref.sequences) and torch.equal(got[1::2], ref.sequences)
+
+
+def test_processor_refuses_prompt_lookup_before_fusing(setup):
+    tok, large, small, experts = setup
+    enc = tok(PROMPTS[1:2], return_tensors="pt")
+    proc = dlf.DynamicLogitFusionProcessor(small, experts, tok, attention_mask=enc.attention_mask)
+    with pytest.raises(ValueError, match=r"assisted decoding \(prompt_lookup_num_tokens\)"):
+        _run(large, proc, enc, prompt_lookup_num_tokens=2, do_sample=False)
+    assert proc.alphas.numel() == 0
+
+
+def test_processor_refuses_assistant_before_fusing(setup):
+    tok, large, small, experts = setup
+    enc = tok(PROMPTS[1:2], return_tensors="pt")
+    proc = dlf.DynamicLogitFusionProcessor(small, experts, tok, attention_mask=enc.attention_mask)
+    with pytest.raises(ValueError, match=r"assisted decoding \(assistant_model\)"):
+        _run(large, proc, enc, assistant_model=small, do_sample=False)
+    assert proc.alphas.numel() == 0
+
+
+def test_processor_refuses_left_pads_without_a_mask(setup):
+    """Called from an own loop with prompts= but no mask, rows that start with the pad token
+    would be read as text: refused."""
+    tok, large, small, experts = setup
+    enc = tok(PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        scores = large(**enc).logits[:, -1].float()
+    proc = dlf.DynamicLogitFusionProcessor(small, experts, tok, prompts=PROMPTS)
+    with pytest.raises(ValueError, match=r"start with the pad token.*attention_mask="):
+        proc(enc["input_ids"], scores)

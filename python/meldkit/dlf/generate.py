@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import numbers
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,7 @@ from meldkit.dlf.streams import (
     pad_token_id,
     tokenize,
 )
+from meldkit.ops.logit_fusion import MAX_EXPERTS
 
 # An expert: a full model, or the name of an adapter of a PeftModel small base.
 Expert = nn.Module | str
@@ -75,17 +78,46 @@ def _as_list(x, kind) -> list:
     return list(x)
 
 
-def fusion_members(small_base: nn.Module, experts: Sequence[Expert]) -> list[Member]:
+def fusion_members(
+    small_base: nn.Module,
+    experts: Sequence[Expert],
+    expert_prompts: Sequence[ExpertPrompt] | None = None,
+) -> list[Member]:
     """The small base and expert members (in that order) for the given expert specs.
 
     A ``PeftModel`` small base stands for its base model (adapters disabled); a string expert names
-    one of its adapters; an expert that *is* the small base object is the small base again (used
-    with an expert prompt: the paper's in-context-learning expert).
+    one of its adapters; an expert that *is* the small base object is the small base again, which
+    needs an expert prompt (the paper's in-context-learning expert): without one it equals the
+    small base, every shift M_t − M_S is 0 and the fusion could only pick α = 0.
     """
     peft = is_peft_model(small_base)
     base = Member(small_base, BASE_ADAPTER if peft else None)
     members = [base]
+    prompted = list(expert_prompts) if expert_prompts is not None else []
+    shared_bases: dict[int, int] = {}
     for t, e in enumerate(experts):
+        if isinstance(e, nn.Module) and e is small_base:
+            if t >= len(prompted) or prompted[t] is None:
+                hint = (
+                    "; for the adapters of a PeftModel small_base pass their names as experts"
+                    if peft
+                    else ""
+                )
+                raise ValueError(
+                    f"dlf: expert {t} is small_base itself and has no expert prompt, so it "
+                    "equals the small base (every shift M_t - M_S is 0): give it an "
+                    f"expert_prompts entry (the in-context-learning expert){hint}"
+                )
+        if isinstance(e, nn.Module) and is_peft_model(e) and e is not small_base:
+            inner = id(e.get_base_model())
+            if inner in shared_bases:
+                raise ValueError(
+                    f"dlf: experts {shared_bases[inner]} and {t} are PeftModels over one base "
+                    "model object; PEFT injects LoRA layers into it in place, so both would run "
+                    "the same adapter: load the adapters into one PeftModel and pass it as "
+                    "small_base with the adapter names as experts"
+                )
+            shared_bases[inner] = t
         if isinstance(e, str):
             if not peft:
                 raise ValueError(
@@ -134,9 +166,25 @@ def alpha_list(alphas) -> list[float] | None:
     """The α grid as host floats (a device tensor would cost a synchronisation every step)."""
     if alphas is None:
         return None
-    if isinstance(alphas, torch.Tensor):
-        return [float(a) for a in alphas.detach().cpu().reshape(-1).tolist()]
-    return [float(a) for a in alphas]
+    if hasattr(alphas, "tolist"):  # torch.Tensor, numpy.ndarray
+        if isinstance(alphas, torch.Tensor):
+            alphas = alphas.detach().cpu()
+        values = alphas.tolist()
+        values = values if isinstance(values, list) else [values]
+    elif isinstance(alphas, (str, bytes)) or not isinstance(alphas, Iterable):
+        raise TypeError(f"dlf: alphas must be a sequence of floats, got {alphas!r}")
+    else:
+        values = list(alphas)
+    out = []
+    for a in values:
+        if isinstance(a, bool) or not isinstance(a, numbers.Real):
+            raise TypeError(f"dlf: alphas must be floats, got {a!r}")
+        if not math.isfinite(a):
+            raise ValueError(f"dlf: alphas must be finite, got {a!r}")
+        out.append(float(a))
+    if not out:
+        raise ValueError("dlf: alphas is empty (the grid needs at least one point)")
+    return out
 
 
 def token_id_set(value, name: str) -> set[int]:
@@ -152,17 +200,70 @@ def token_id_set(value, name: str) -> set[int]:
     return set(values)
 
 
-def _eos_ids(tokenizer, large: nn.Module, eos_token_id) -> set[int]:
+def _eos_ids(tokenizer, models: dict[str, nn.Module], eos_token_id) -> set[int]:
+    """The ids that end a row: ``eos_token_id`` when given, else the tokenizer's EOS and every
+    model's ``generation_config.eos_token_id`` (an instruct expert's end-of-turn token, such as
+    Llama 3's ``<|eot_id|>``, ends a row that the fusion steered into it)."""
     if eos_token_id is not None:
         return token_id_set(eos_token_id, "eos_token_id")
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids |= token_id_set(tokenizer.eos_token_id, "the tokenizer's eos_token_id")
-    gen = getattr(large, "generation_config", None)
-    extra = getattr(gen, "eos_token_id", None)
-    if extra is not None:
-        ids |= token_id_set(extra, "the large model's generation_config.eos_token_id")
+    for name, model in models.items():
+        gen = getattr(model, "generation_config", None)
+        extra = getattr(gen, "eos_token_id", None)
+        if extra is not None:
+            ids |= token_id_set(extra, f"{name}'s generation_config.eos_token_id")
     return ids
+
+
+# generation_config fields whose logits processors transformers' generate() would run and this
+# loop does not (they are not known to the fusion): a model that ships one gets a warning.
+_UNAPPLIED = {
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_repetition_penalty": 1.0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "sequence_bias": None,
+    "min_new_tokens": None,
+}
+
+
+def _warn_unapplied(large: nn.Module) -> None:
+    gen = getattr(large, "generation_config", None)
+    if gen is None:
+        return
+    found = []
+    for key, default in _UNAPPLIED.items():
+        value = getattr(gen, key, default)
+        if value is not None and value != default and value != [] and value != {}:
+            found.append(f"{key}={value!r}")
+    if found:
+        warnings.warn(
+            "dlf: the large model's generation_config sets "
+            + ", ".join(found)
+            + ", which meldkit.dlf.generate does not apply (it runs its own decoding loop): "
+            "pass the matching transformers logits processors as logits_processor= (they then "
+            "act on the fused logits), or clear these settings to silence this warning",
+            stacklevel=3,
+        )
+
+
+def _check_positions(models: dict[str, nn.Module], lengths: list[int], new_tokens: int) -> None:
+    """Warn when a prompt plus the new tokens runs past a model's position limit (as
+    transformers does): absolute position embeddings fail there, rotary ones degrade."""
+    for (name, model), length in zip(models.items(), lengths, strict=True):
+        config = getattr(model, "config", None)
+        limit = getattr(config, "max_position_embeddings", None)
+        if isinstance(limit, int) and length + new_tokens > limit:
+            warnings.warn(
+                f"dlf: {name} reads prompts of up to {length} tokens and generates up to "
+                f"{new_tokens} more, past its max_position_embeddings = {limit}: its outputs "
+                "may degrade, or it may fail",
+                stacklevel=3,
+            )
 
 
 def stop_cut(tokenizer, ids: list[int], stops: Sequence[str]) -> int | None:
@@ -188,6 +289,32 @@ def stop_cut(tokenizer, ids: list[int], stops: Sequence[str]) -> int | None:
     if starts:
         cuts.append(_shown_before(tokenizer, ids, min(starts)))
     return min(cuts) if cuts else None
+
+
+def stop_in_tail(tokenizer, ids: list[int], stops: Sequence[str]) -> bool:
+    """Whether a stop string ends within the text of the last tokens of ``ids``.
+
+    Called once per row and step after the newest token: a stop string completed by it ends in
+    the last ``len(longest stop)`` characters, so decoding a tail of tokens whose text is a
+    little longer than that suffices (transformers' ``StopStringCriteria`` looks at a tail
+    too); decoding the whole continuation every step would cost time quadratic in its length.
+    The tail grows by doubling until its text (special tokens kept) is long enough. The exact
+    cut is then found on the whole text by :func:`stop_cut`, once per row.
+    """
+    if not stops:
+        return False
+    need = max(len(x) for x in stops) + 8  # a margin for text a tail decode may render apart
+    n = 4
+    while True:
+        tail = ids[-n:]
+        full = tokenizer.decode(tail, skip_special_tokens=False)
+        if len(full) >= need or n >= len(ids):
+            break
+        n *= 2
+    if any(x in full for x in stops):
+        return True
+    text = tokenizer.decode(tail, skip_special_tokens=True)
+    return any(x in text for x in stops)
 
 
 def _shown_before(tokenizer, ids: list[int], start: int) -> int:
@@ -221,19 +348,28 @@ def next_tokens(
     temperature: float,
     top_p: float,
     generator: torch.Generator | None,
+    top_k: int | None = None,
 ) -> torch.Tensor:
     """Pick the next token of every row from fused logits ``[B, V]``: argmax, or a sample from
-    softmax(logits / temperature) restricted to the top-p nucleus. Returns ``[B]`` int64."""
+    softmax(logits / temperature) restricted to the ``top_k`` best tokens and then to the top-p
+    nucleus (transformers' order of warpers). Returns ``[B]`` int64."""
     if not do_sample:
         return logits.argmax(-1)
     scores = logits / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p < 1.0:
         scores = _top_p_filter(scores, top_p)
     probs = scores.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def _check_sampling(do_sample, temperature, top_p, generator, seed) -> None:
+def _check_sampling(do_sample, temperature, top_p, generator, seed, top_k=None) -> None:
+    if top_k is not None and (
+        isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1
+    ):
+        raise ValueError(f"dlf: top_k must be an int >= 1 or None, got {top_k!r}")
     # As transformers' generate: temperature and top_p are only read (and checked) when
     # sampling; greedy decoding ignores them.
     if do_sample:
@@ -270,8 +406,10 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int | None = None,
     generator: torch.Generator | None = None,
     seed: int | None = None,
+    logits_processor: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None,
     stop: str | Sequence[str] | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     expert_prompts: Sequence[ExpertPrompt] | None = None,
@@ -339,27 +477,42 @@ def generate(
         Sampling temperature (> 0) and nucleus mass (in (0, 1]), applied to the fused logits
         only; checked and used only when ``do_sample`` (greedy decoding ignores them, as
         transformers' ``generate`` does).
+    top_k : int, optional
+        When sampling, keep only the ``top_k`` best fused tokens (before top-p, as transformers
+        orders its warpers). Default: no top-k filter (transformers' ``generate`` defaults to
+        50; pass ``top_k=50`` to match it).
     generator : torch.Generator, optional
         Random generator on the large model's logits device, for reproducible sampling.
     seed : int, optional
         Seed of a fresh generator (instead of ``generator``).
+    logits_processor : sequence of callables, optional
+        Processors ``f(input_ids, scores) -> scores`` applied in order to the fused logits of
+        every step, before temperature, top-k and top-p: transformers' ``LogitsProcessor``
+        objects (``RepetitionPenaltyLogitsProcessor(1.2)``, ``NoRepeatNGramLogitsProcessor(3)``,
+        ...) work as they are. ``input_ids`` is ``[B, L + step]``: the large model's left-padded
+        prompt ids and the tokens generated so far (the pad id after a row ended); ``scores``
+        is ``[B, len(tokenizer)]``. Proxy-tuning applies such processors after the fusion, as
+        here. The large model's ``generation_config`` processors (``repetition_penalty``, ...)
+        are not applied on their own: a warning names them when no ``logits_processor`` is given.
     stop : str or sequence of str, optional
         Stop strings: a row ends once its decoded continuation contains one, with special tokens
         skipped or kept (a special token's text, as "<|im_end|>", stops a row too); its text is
         cut before the stop string.
     eos_token_id : int or sequence of int, optional
         Ids that end a row (ints, or an integer tensor or NumPy array); default the tokenizer's
-        EOS plus the large model's ``generation_config.eos_token_id``.
+        EOS plus every model's ``generation_config.eos_token_id`` (an instruct expert's
+        end-of-turn token ends a row too).
     expert_prompts : sequence of (str, callable or None), optional
         Per expert: a prefix put before every prompt (task instructions or few-shot
         demonstrations), a function prompt → expert prompt (e.g. a chat template), or None. Each
         expert then reads its own prompt and keeps its own cache rows; generated tokens are appended
         to every model's sequence.
     add_special_tokens : bool
-        Passed to the tokenizer for every prompt (the experts' too). ``False`` for prompts that
-        already hold them, as texts from ``tokenizer.apply_chat_template(..., tokenize=False)``
-        do: a tokenizer that adds BOS (transformers 4.x's GGUF tokenizers, Llama 2's) would
-        otherwise put a second one in front.
+        Passed to the tokenizer for every prompt (the experts' too). A text that already starts
+        with the BOS token, as texts from ``tokenizer.apply_chat_template(..., tokenize=False)``
+        do, keeps one BOS either way (a second one the tokenizer would put in front is dropped),
+        so plain prompts and chat-template expert prompts mix with the default ``True``.
+        ``False`` for prompts that hold their special tokens without starting with BOS.
     adapter_batching : bool
         Run the small base and its PEFT adapters (and several prompts of one model) as one batched
         forward per step; ``False`` runs them one by one with ``disable_adapter()`` /
@@ -414,32 +567,42 @@ def generate(
         raise TypeError(f"dlf: stop must be a string or a list of strings, got {stop!r}")
     if any(not s for s in stops):
         raise ValueError("dlf: empty stop string")
-    _check_sampling(do_sample, temperature, top_p, generator, seed)
+    _check_sampling(do_sample, temperature, top_p, generator, seed, top_k)
     if not isinstance(add_special_tokens, bool):
         raise TypeError(f"dlf: add_special_tokens must be a bool, got {add_special_tokens!r}")
+    processors = _check_processors(logits_processor)
     alphas = alpha_list(alphas)
     ranges = check_ranges(ranges, len(experts), alphas)
+    if mode == "dynamic" and len(experts) > MAX_EXPERTS:
+        raise ValueError(
+            f"dlf: dynamic mode searches at most {MAX_EXPERTS} experts per step, got {len(experts)}"
+        )
     check_tokenizers(tokenizer, tokenizers)
 
-    members = [Member(large, None), *fusion_members(small_base, experts)]
+    members = [Member(large, None), *fusion_members(small_base, experts, expert_prompts)]
     models = {"large": large, "small_base": small_base}
     models.update({f"expert {t}": m.model for t, m in enumerate(members[2:])})
     vocab = common_vocab_size(tokenizer, models)
     texts_per_member = [prompts, prompts, *expert_texts(prompts, expert_prompts, len(experts))]
     texts_per_member = [t if t is not None else prompts for t in texts_per_member]
+    eos = _eos_ids(tokenizer, models, eos_token_id)
+    if processors is None:
+        _warn_unapplied(large)
 
+    encoded = [tokenize(tokenizer, texts, add_special_tokens) for texts in texts_per_member]
+    _check_positions(models, [ids.shape[1] for ids, _ in encoded], max_new_tokens)
     ensemble = Ensemble(
         members,
         vocab_size=vocab,
         adapter_batching=adapter_batching,
         use_cache=use_cache,
     )
-    logits = _prefill(ensemble, tokenizer, texts_per_member, add_special_tokens)
+    logits = _prefill(ensemble, encoded)
     device = logits[0].device
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
+    seen = encoded[0][0].to(device) if processors else None  # the large model's ids so far
 
-    eos = _eos_ids(tokenizer, large, eos_token_id)
     pad = pad_token_id(tokenizer)
     rows = len(prompts)
     finished = [False] * rows
@@ -459,11 +622,21 @@ def generate(
             plausibility=plausibility,
             amateur_temperature=amateur_temperature,
         )
+        if processors:
+            for proc in processors:
+                fused = proc(seen, fused)
         tokens = next_tokens(
-            fused, do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator
+            fused,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            generator=generator,
         ).cpu()
         done = torch.tensor(finished)
         tokens = tokens.masked_fill(done, pad)
+        if processors:
+            seen = torch.cat([seen, tokens.to(device)[:, None]], dim=1)
         trace_tokens.append(tokens)
         trace_alpha.append(a.float().cpu().masked_fill(done, float("nan")))
         trace_expert.append(e.long().cpu().masked_fill(done, -1))
@@ -479,7 +652,9 @@ def generate(
             generated[r].append(tok)
             if tok in eos:
                 finished[r], reasons[r] = True, "eos"
-            elif stop_cut(tokenizer, generated[r], stops) is not None:
+            elif stop_in_tail(tokenizer, generated[r], stops) and (
+                stop_cut(tokenizer, generated[r], stops) is not None
+            ):
                 finished[r], reasons[r] = True, "stop"
         if all(finished) or step == max_new_tokens - 1:
             break
@@ -503,16 +678,31 @@ def generate(
     )
 
 
+def _check_processors(processors) -> list | None:
+    if processors is None:
+        return None
+    if callable(processors) and not isinstance(processors, (list, tuple)):
+        processors = [processors]
+    if isinstance(processors, (str, bytes)) or not isinstance(processors, Iterable):
+        raise TypeError(
+            f"dlf: logits_processor must be a sequence of callables, got {processors!r}"
+        )
+    processors = list(processors)
+    for i, proc in enumerate(processors):
+        if not callable(proc):
+            raise TypeError(f"dlf: logits_processor[{i}] is not callable: {proc!r}")
+    return processors
+
+
 def _prefill(
-    ensemble: Ensemble, tokenizer, texts_per_member, add_special_tokens: bool
+    ensemble: Ensemble, encoded: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> list[torch.Tensor]:
-    """Tokenize every member's prompts and prefill; gather logits on the large model's device.
+    """Prefill every member's tokenized prompts; gather logits on the large model's device.
 
     Fusion happens where the large model's logits come out, which is only known after its first
     forward (``device_map`` and accelerate hooks decide it); every stream sends its logits there
     from then on.
     """
-    encoded = [tokenize(tokenizer, texts, add_special_tokens) for texts in texts_per_member]
     logits = ensemble.prefill(encoded)
     device = logits[0].device
     ensemble.send_to(device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from meldkit.dlf.streams import (
     common_vocab_size,
     tokenize,
 )
+from meldkit.ops.logit_fusion import MAX_EXPERTS
 
 try:
     from transformers import LogitsProcessor as _LogitsProcessor
@@ -48,9 +50,11 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         As in :func:`meldkit.dlf.generate`.
     attention_mask : torch.Tensor, optional
         ``[B, L]`` attention mask of the prompt batch passed to ``generate`` (left padding).
-        Without it the prompt is taken as unpadded (a batch expanded by ``num_return_sequences``
-        then runs as it comes, each row on its own). Needed, or ``prompts``, when the processor
-        is called outside ``generate`` (see Notes).
+        Inside ``generate`` it may be left out: the processor then reads the mask ``generate``
+        works with (the caller's, or the one ``generate`` made from the pad token). A mask
+        given here follows ``num_return_sequences`` (each row repeated, as ``generate`` does).
+        Needed, or ``prompts``, when the processor is called outside ``generate`` (see Notes);
+        with neither, rows that start with the pad token are refused.
     mode, alpha, alphas, ranges, plausibility, amateur_temperature, adapter_batching, tokenizers
         As in :func:`meldkit.dlf.generate` (``mode="contrastive"`` with ``experts=[]``: the
         generating model is contrastive decoding's expert, ``small_base`` its amateur).
@@ -67,17 +71,24 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
     Only greedy search and sampling with ``num_beams=1`` work: beam search reorders rows and
     ranks them by summed scores that fused logits are not (they are not log-probabilities), and
     assisted decoding verifies several tokens and rolls back; the processor's caches cannot
-    follow either. The first call refuses beam search (``ValueError``) from the settings of the
-    ``generate`` call that runs it: its ``GenerationConfig``, read from the caller's frames
-    (``generation_config``, as ``generate`` and its decoding loops name it), whatever processors
-    ran before this one. With ``attention_mask`` or ``prompts`` given it also refuses a batch of
-    another size than theirs (beam search and ``num_return_sequences`` expand the batch). When
-    no ``GenerationConfig`` is found (the processor called from an own loop, or a ``generate``
-    that names it otherwise), the batch size is the only check left, so ``attention_mask`` or
-    ``prompts`` must then be given (``ValueError`` otherwise). Every later call checks that the
-    rows are the previous call's rows plus one token (assisted decoding and prompt lookup add
-    several, or roll back) and raises ``ValueError`` otherwise. Use one processor per
-    ``generate`` call, or call :meth:`reset`.
+    follow either. The first call refuses beam search and assisted decoding (``ValueError``)
+    from the settings of the ``generate`` call that runs it: its ``GenerationConfig``, read
+    from the caller's frames (``generation_config``, as ``generate`` and its decoding loops
+    name it), whatever processors ran before this one. With ``attention_mask`` or ``prompts``
+    given it also refuses a batch of another size than theirs (beam search expands the batch;
+    ``num_return_sequences`` is followed). When no ``GenerationConfig`` is found (the
+    processor called from an own loop, or a ``generate`` that names it otherwise), the batch
+    size is the only check left, so ``attention_mask`` or ``prompts`` must then be given
+    (``ValueError`` otherwise). Every later call checks that the rows are the previous call's
+    rows plus one token (assisted decoding and prompt lookup add several, or roll back) and
+    raises ``ValueError`` otherwise. Use one processor per ``generate`` call, or call
+    :meth:`reset`.
+
+    The processors ``generate`` builds from its settings (``repetition_penalty``,
+    ``no_repeat_ngram_size``, ...) run before this one when they are not warpers: they shape
+    M_L only, the expert shift α·(M_t − M_S) is added unpenalised, and the solver's P is the
+    penalised distribution. To apply such processors to the fused logits instead (as
+    proxy-tuning does), use :func:`meldkit.dlf.generate` with ``logits_processor=``.
     For speed (the large and small forwards batched and fused with sampling), prefer
     :func:`meldkit.dlf.generate`.
     """
@@ -111,7 +122,7 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         if not experts and mode != "contrastive":
             raise ValueError("dlf: at least one expert is needed")
         self.plausibility, self.amateur_temperature = plausibility, amateur_temperature
-        self._members = fusion_members(small_base, experts)
+        self._members = fusion_members(small_base, experts, expert_prompts)
         models = {"small_base": small_base}
         models.update({f"expert {t}": m.model for t, m in enumerate(self._members[1:])})
         self.vocab_size = common_vocab_size(tokenizer, models)
@@ -131,6 +142,11 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         self.mode, self.alpha = mode, alpha
         self._alphas_grid = alpha_list(alphas)
         self._ranges = check_ranges(ranges, len(experts), self._alphas_grid)
+        if mode == "dynamic" and len(experts) > MAX_EXPERTS:
+            raise ValueError(
+                f"dlf: dynamic mode searches at most {MAX_EXPERTS} experts per step, got "
+                f"{len(experts)}"
+            )
         check_tokenizers(tokenizer, tokenizers)
         self.adapter_batching = adapter_batching
         self.reset()
@@ -152,15 +168,22 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         """``[B, steps]`` int64: expert chosen at every call so far (see ``DLFOutput.experts``)."""
         return _stack(self._trace_expert, torch.long)
 
-    def _refuse_beam_search(self) -> None:
-        """Raise ``ValueError`` when the calling ``generate`` runs beam search, or when it cannot
-        be told and the batch size is not known either (see the class Notes)."""
-        config = _calling_generation_config()
+    def _refuse_beam_search(self, context: _GenerateContext) -> None:
+        """Raise ``ValueError`` when the calling ``generate`` runs beam search or assisted
+        decoding, or when it cannot be told and the batch size is not known either (see the
+        class Notes)."""
+        config = context.config
         if config is not None:
             beams = getattr(config, "num_beams", None) or 1
             if beams > 1:
                 raise ValueError(
                     f"dlf: generate() is running beam search (num_beams={beams}): {_DECODING_HINT}"
+                )
+            lookup = getattr(config, "prompt_lookup_num_tokens", None)
+            if context.assistant or lookup:
+                what = "assistant_model" if context.assistant else "prompt_lookup_num_tokens"
+                raise ValueError(
+                    f"dlf: generate() is running assisted decoding ({what}): {_DECODING_HINT}"
                 )
         elif self.attention_mask is None and self._prompts is None:
             raise ValueError(
@@ -171,29 +194,48 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
                 "constructing it"
             )
 
-    def _start(self, input_ids: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    def _start(
+        self, input_ids: torch.Tensor, device: torch.device, context: _GenerateContext
+    ) -> list[torch.Tensor]:
         rows, length = input_ids.shape
+        # generate(num_return_sequences=k) repeats every prompt row k times (repeat_interleave):
+        # the prompt batch given at construction follows it.
+        copies = max(int(getattr(context.config, "num_return_sequences", None) or 1), 1)
         mask = self.attention_mask
         if mask is None:
-            mask = torch.ones_like(input_ids)
-        elif mask.shape[0] != rows:
-            raise ValueError(
-                f"dlf: generate() runs {rows} rows but attention_mask has {mask.shape[0]}: "
-                f"{_DECODING_HINT}"
-            )
-        elif mask.shape[1] != length:
-            raise ValueError(
-                f"dlf: attention_mask has length {mask.shape[1]} but the prompt has {length} "
-                "tokens; pass the attention mask of the inputs given to generate()"
-            )
-        if self._prompts is not None and len(self._prompts) != rows:
-            raise ValueError(
-                f"dlf: generate() runs {rows} rows but {len(self._prompts)} prompts were given: "
-                f"{_DECODING_HINT}"
-            )
+            mask = context.attention_mask
+            if mask is None:
+                self._check_unpadded(input_ids)
+                mask = torch.ones_like(input_ids)
+        else:
+            if copies > 1 and mask.shape[0] * copies == rows:
+                mask = mask.repeat_interleave(copies, 0)
+            if mask.shape[0] != rows:
+                raise ValueError(
+                    f"dlf: generate() runs {rows} rows but attention_mask has {mask.shape[0]}: "
+                    f"{_DECODING_HINT}"
+                )
+            if mask.shape[1] != length:
+                raise ValueError(
+                    f"dlf: attention_mask has length {mask.shape[1]} but the prompt has {length} "
+                    "tokens; pass the attention mask of the inputs given to generate()"
+                )
+        expert_texts = self._expert_texts
+        if self._prompts is not None:
+            given = len(self._prompts)
+            if copies > 1 and given * copies == rows:
+                expert_texts = [
+                    None if t is None else [x for x in t for _ in range(copies)]
+                    for t in expert_texts
+                ]
+            elif given != rows:
+                raise ValueError(
+                    f"dlf: generate() runs {rows} rows but {given} prompts were given: "
+                    f"{_DECODING_HINT}"
+                )
         plain = (input_ids, mask.to(input_ids.device))
         prompts = [plain]
-        for texts in self._expert_texts:
+        for texts in expert_texts:
             prompts.append(
                 plain if texts is None else tokenize(self.tokenizer, texts, self.add_special_tokens)
             )
@@ -204,6 +246,19 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
             adapter_batching=self.adapter_batching,
         )
         return self._ensemble.prefill(prompts)
+
+    def _check_unpadded(self, input_ids: torch.Tensor) -> None:
+        """With no attention mask anywhere, the prompt is taken as unpadded: refuse rows that
+        start with the pad token (left padding), which the small models would read as text."""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is None or pad == getattr(self.tokenizer, "bos_token_id", None):
+            return
+        if input_ids.shape[1] and bool((input_ids[:, 0] == pad).any()):
+            raise ValueError(
+                f"dlf: the prompt rows start with the pad token ({pad}) but no attention mask "
+                "was found: pass attention_mask= (the mask of the inputs given to generate()) "
+                "when constructing DynamicLogitFusionProcessor, or call generate() with it"
+            )
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
@@ -225,8 +280,9 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         if self._prev is None:
             # The large model is seen only through its scores: its vocabulary is checked here.
             check_vocab_width("the large model", scores.shape[-1], self.vocab_size)
-            self._refuse_beam_search()
-            small = self._start(input_ids, scores.device)
+            context = _generate_context(input_ids)
+            self._refuse_beam_search(context)
+            small = self._start(input_ids, scores.device, context)
         else:
             prev = self._prev
             if input_ids.shape != (prev.shape[0], prev.shape[1] + 1) or not torch.equal(
@@ -256,28 +312,50 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         return out
 
 
-def _calling_generation_config():
-    """The ``transformers.GenerationConfig`` of the ``generate`` call running this processor.
+class _GenerateContext(NamedTuple):
+    config: object | None  # the GenerationConfig of the calling generate(), or None
+    attention_mask: torch.Tensor | None  # the prompt rows' mask generate() works with
+    assistant: bool  # generate() was given an assistant_model
+
+
+def _generate_context(input_ids: torch.Tensor) -> _GenerateContext:
+    """What the ``generate`` call running this processor was asked to do.
 
     ``generate`` and its decoding loops (``_sample``, ``_beam_search``, ``_assisted_decoding``;
-    checked on transformers 5.24) hold it in a local named ``generation_config``, with the
-    caller's keyword arguments (``num_beams=...``) applied. It is the only place the decoding
-    mode can be read from: ``LogitsProcessorList`` passes a processor nothing but the ids and
-    scores. Returns None when no frame of the stack holds one (an own decoding loop).
+    checked on transformers 4.44-5.24) hold their settings in a local named
+    ``generation_config``, with the caller's keyword arguments (``num_beams=...``) applied, and
+    the model inputs in ``model_kwargs`` (its ``attention_mask`` already expanded for
+    ``num_return_sequences``, and one column longer than the prompt at the first call, since
+    the decoding loop extends it before running the processors). ``generate`` itself has the
+    ``assistant_model`` argument. These are the only places the decoding mode and the padding
+    can be read from: ``LogitsProcessorList`` passes a processor nothing but the ids and the
+    scores. Every field is None (False) when no frame of the stack holds it (an own loop).
     """
     try:
         from transformers import GenerationConfig
     except ImportError:
-        return None
+        return _GenerateContext(None, None, False)
+    config = mask = None
+    assistant = False
+    rows, length = input_ids.shape
     frame = inspect.currentframe()
     try:
         # The whole stack (once per generate call): wrappers may add any number of frames.
         while frame is not None:
-            config = frame.f_locals.get("generation_config")
-            if isinstance(config, GenerationConfig):
-                return config
+            local = frame.f_locals
+            found = local.get("generation_config")
+            if config is None and isinstance(found, GenerationConfig):
+                config = found
+            kwargs = local.get("model_kwargs")
+            if config is not None and mask is None and isinstance(kwargs, dict):
+                m = kwargs.get("attention_mask")
+                if isinstance(m, torch.Tensor) and m.dim() == 2 and m.shape[0] == rows:
+                    if m.shape[1] >= length:
+                        mask = m[:, :length]
+            if local.get("assistant_model") is not None and "generation_config" in local:
+                assistant = True
             frame = frame.f_back
-        return None
+        return _GenerateContext(config, mask, assistant)
     finally:
         del frame  # a frame reference kept alive would keep every local of the stack alive
 

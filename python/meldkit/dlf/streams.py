@@ -282,8 +282,23 @@ def tokenize(
     tokenizer, texts: Sequence[str], add_special_tokens: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenize ``texts`` (with ``add_special_tokens``, special tokens such as BOS added as the
-    tokenizer does) and left-pad them."""
-    rows = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+    tokenizer does) and left-pad them.
+
+    A text that already starts with the BOS token (a chat template's output, next to plain
+    prompts that need the tokenizer's BOS) does not get a second one: a row that would start
+    with two BOS tokens, the first added by the tokenizer, keeps one.
+    """
+    texts = list(texts)
+    rows = tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    bos_text = getattr(tokenizer, "bos_token", None)
+    if add_special_tokens and bos is not None and isinstance(bos_text, str) and bos_text:
+        rows = [
+            list(r)[1:]
+            if len(r) >= 2 and r[0] == bos and r[1] == bos and text.lstrip().startswith(bos_text)
+            else r
+            for r, text in zip(rows, texts, strict=True)
+        ]
     return left_pad(rows, pad_token_id(tokenizer))
 
 
@@ -420,15 +435,36 @@ class ModelStream:
             b = self._rows_per_block
             kwargs["adapter_names"] = [a for a in self._row_adapters for _ in range(b)]
         with _adapter_active(self.model, self._context_adapter):
-            out = self.model(**kwargs)
+            out = self._run(kwargs)
         if self.use_cache:
             for key in ("cache", "past_key_values"):
                 returned = out.get(key) if hasattr(out, "get") else None
                 if returned is not None and not isinstance(returned, tuple):
                     self._cache = returned
                     break
+            length = getattr(self._cache, "get_seq_length", None)
+            if callable(length) and length() == 0:
+                # A model that returns a legacy tuple cache (old remote code) and leaves the
+                # cache it was given empty: the next steps would run without the prompt.
+                raise RuntimeError(
+                    f"dlf: {type(hf_model(self.model)).__name__} did not fill the KV cache it "
+                    f"was given ({self._cache_kw}=); it may return legacy tuple caches: "
+                    "pass use_cache=False (full recompute every step)"
+                )
         logits = out.logits[:, -1, : self.vocab_size]
         return logits if self.out_device is None else logits.to(self.out_device)
+
+    def _run(self, kwargs: dict):
+        try:
+            return self.model(**kwargs)
+        except ValueError as err:
+            # PEFT refuses mixed adapter batches for some adapter types (DoRA, ...).
+            if "adapter_names" in kwargs and "adapter_names" in str(err):
+                raise ValueError(
+                    f"dlf: {err} -- these adapters cannot run as one mixed batch: pass "
+                    "adapter_batching=False (the base and every adapter then run one by one)"
+                ) from err
+            raise
 
     def _split(self, logits: torch.Tensor) -> list[torch.Tensor]:
         return list(logits.view(len(self.adapters), self._rows_per_block, logits.shape[-1]))

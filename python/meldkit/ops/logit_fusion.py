@@ -35,6 +35,7 @@ import math
 import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from meldkit import _native
@@ -287,11 +288,20 @@ def _alpha_list(alphas: object) -> list[float]:
         if alphas.dtype == torch.bool or alphas.is_complex():
             raise _error(TypeError, "alphas", f"dtype {alphas.dtype} is not a real dtype")
         alphas = alphas.detach().cpu().tolist()
+    elif isinstance(alphas, np.ndarray):
+        if alphas.ndim != 1:
+            raise _error(
+                ValueError, "alphas", f"expected a 1-D array, got shape {list(alphas.shape)}"
+            )
+        if alphas.dtype.kind not in "iuf":
+            raise _error(TypeError, "alphas", f"dtype {alphas.dtype} is not a real dtype")
+        alphas = alphas.tolist()
     if not isinstance(alphas, Sequence) or isinstance(alphas, str):
         raise _error(
             TypeError,
             "alphas",
-            f"expected a sequence of floats or a 1-D tensor, got {type(alphas).__name__}",
+            f"expected a sequence of floats, a 1-D tensor or a 1-D NumPy array, got "
+            f"{type(alphas).__name__}",
         )
     if not alphas:
         raise _error(ValueError, "alphas", "is empty (the grid needs at least one point)")
@@ -415,7 +425,7 @@ def logit_fusion(
     experts : Tensor or sequence of Tensor
         M_t ``[T, B, V]`` (1 ≤ T ≤ ``MAX_EXPERTS`` = 16), the small fine-tuned experts' logits,
         or a sequence of T ``[B, V]`` tensors (stacked, one copy); same dtype and device.
-    alphas : sequence of float or 1-D Tensor, optional
+    alphas : sequence of float, 1-D Tensor or 1-D NumPy array, optional
         The grid of α, n ≥ 1 finite values, in any order, duplicates and negative values
         allowed. Default: the paper's 0.0, 0.1, …, 2.0 (21 points). Each value is rounded to
         the accumulation dtype (so 0.1 is float32(0.1) for non-float64 inputs). A CUDA tensor
