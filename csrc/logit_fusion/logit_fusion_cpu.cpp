@@ -364,14 +364,17 @@ void row_epilogue(const LogitFusionParams& p, const Layout& lay, int64_t row, co
     *best_t = 0;
     return;
   }
-  const Acc lse_l = state[lay.l()] + std::log(state[lay.l() + 1]);
-  const Acc lse_s = state[lay.s()] + std::log(state[lay.s() + 1]);
+  // Differences of log-sum-exps as (max - max) + (log sum - log sum): a logit offset shared
+  // by the models cancels in the maxima exactly instead of in the rounded sums.
+  const auto lse_diff = [&](int x, int y) {
+    return (state[x] - state[y]) + (std::log(state[x + 1]) - std::log(state[y + 1]));
+  };
   Acc mean_a = 0, mean_b = 0;
   for (int t = 0; t < T; ++t) {
     const int at = lay.t(t);
-    const Acc lse_t = state[at] + std::log(state[at + 1]);
-    mean_a += state[at + 2] / state[at + 1] - (lse_t - lse_s);
-    mean_b += -state[lay.s() + 2 + t] / state[lay.s() + 1] + (lse_t - lse_s);
+    const Acc d_ts = lse_diff(at, lay.s());
+    mean_a += state[at + 2] / state[at + 1] - d_ts;
+    mean_b += -state[lay.s() + 2 + t] / state[lay.s() + 1] + d_ts;
   }
   mean_a /= Acc(T);
   mean_b /= Acc(T);
@@ -387,7 +390,7 @@ void row_epilogue(const LogitFusionParams& p, const Layout& lay, int64_t row, co
       }
       const int ac = lay.c(t, j);
       const Acc a = Acc(p.alphas[j]);
-      const Acc k = state[ac] + std::log(state[ac + 1]) - lse_l;
+      const Acc k = lse_diff(ac, lay.l());
       const Acc f1 = a * (state[ac + 2] / state[ac + 1]) - k;
       const Acc f2 = k - a * m_t;
       const Acc l = (f1 - mean_a) * (f1 - mean_a) + (f2 - mean_b) * (f2 - mean_b);

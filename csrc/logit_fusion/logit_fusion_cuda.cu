@@ -283,13 +283,17 @@ __device__ __forceinline__ bool before(const Best& x, const Best& y) {
   return x.idx < y.idx;
 }
 
-__device__ __forceinline__ float lse(const float* st) { return st[0] + logf(st[1]); }
+// LSE(x) - LSE(y) as (max - max) + (log sum - log sum): a logit offset shared by the models
+// cancels in the maxima exactly instead of in the rounded sums (the CPU twin's lse_diff).
+__device__ __forceinline__ float lse_diff(const float* x, const float* y) {
+  return __fadd_rn(__fsub_rn(x[0], y[0]), __fsub_rn(logf(x[1]), logf(y[1])));
+}
 
 __global__ void __launch_bounds__(kThreads) RowEpilogueKernel(Args a) {
   // Merged units: [0, T) L with weight d_t, [T, 2T) S with d_t, [2T, 3T) expert t, then the
   // candidates t * n + j. L's (and S's) max and sum are the same in each of its T units.
   __shared__ float s_unit[kMaxUnits][3];
-  __shared__ float s_target[3];  // LSE_L, mean_t A_t, mean_t B_t
+  __shared__ float s_target[2];  // mean_t A_t, mean_t B_t
   __shared__ Best s_best[kWarps];
   const int T = a.num_experts, n = a.num_alphas, TN = T * n, U = T * (n + 3);
   const int64_t row = blockIdx.x;
@@ -333,22 +337,20 @@ __global__ void __launch_bounds__(kThreads) RowEpilogueKernel(Args a) {
   }
   if (threadIdx.x == 0) {
     // The targets, summed in expert order as the CPU does.
-    const float lse_s = lse(s_unit[T]);
     float mean_a = 0.f, mean_b = 0.f;
     for (int t = 0; t < T; ++t) {
       const float* e = s_unit[2 * T + t];
       const float* st = s_unit[T + t];
-      const float lse_t = lse(e);
-      mean_a += e[2] / e[1] - (lse_t - lse_s);
-      mean_b += -st[2] / st[1] + (lse_t - lse_s);
+      const float d_ts = lse_diff(e, s_unit[T]);
+      mean_a += e[2] / e[1] - d_ts;
+      mean_b += -st[2] / st[1] + d_ts;
     }
-    s_target[0] = lse(s_unit[0]);
-    s_target[1] = mean_a / float(T);
-    s_target[2] = mean_b / float(T);
+    s_target[0] = mean_a / float(T);
+    s_target[1] = mean_b / float(T);
   }
   __syncthreads();
 
-  const float lse_l = s_target[0], mean_a = s_target[1], mean_b = s_target[2];
+  const float mean_a = s_target[0], mean_b = s_target[1];
   Best best{0.f, 0.f, -1};
   for (int i = threadIdx.x; i < TN; i += kThreads) {
     const int t = i / n, j = i % n;
@@ -360,7 +362,7 @@ __global__ void __launch_bounds__(kThreads) RowEpilogueKernel(Args a) {
     const float* lt = s_unit[t];
     const float al = a.alphas[j];
     const float m_t = lt[2] / lt[1];
-    const float k = lse(c) - lse_l;
+    const float k = lse_diff(c, s_unit[0]);
     const float f1 = __fsub_rn(__fmul_rn(al, c[2] / c[1]), k);
     const float f2 = __fsub_rn(k, __fmul_rn(al, m_t));
     const float x = f1 - mean_a, y = f2 - mean_b;
