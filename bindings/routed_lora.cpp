@@ -335,6 +335,7 @@ void routed_lora_dropout(py::handle src, py::handle out, double dropout, uint64_
   check_contiguous(ts);
   check_contiguous(to);
   check_writable(to);
+  check_no_partial_overlap(to, {ts});  // out may be src itself, not a shifted view of it
   if (!(dropout > 0.0 && dropout < 1.0)) {
     throw_value_error(std::string(kOp) + ": argument 'dropout': " + std::to_string(dropout) +
                       " is not in (0, 1)");

@@ -896,6 +896,14 @@ def _rd_corruptions():
         a["expert"] = draw(st.sampled_from([-1, 2**32]))
         return a
 
+    def out_overlaps_src(draw, a, device):
+        # out one element past src in the same buffer: CUDA's grid-stride loop would race.
+        rows, cols = max(a["src"].shape[0], 1), a["src"].shape[1]
+        flat = torch.randn(rows * cols + 1, dtype=a["src"].dtype, device=device)
+        a["src"] = flat[: rows * cols].view(rows, cols)
+        a["out"] = flat[1:].view(rows, cols)
+        return a
+
     return {
         f.__name__: f
         for f in (
@@ -905,6 +913,7 @@ def _rd_corruptions():
             non_contiguous,
             bad_dropout,
             bad_expert,
+            out_overlaps_src,
         )
     }
 

@@ -238,3 +238,35 @@ def test_plan_refuses_moved_outputs():
         plan((1.0, 0.0, 0.0))
     with pytest.raises(ValueError, match=r"'keep\[0\]'"):
         plan((1.0, 0.0, 0.0), keep=(-0.1, 1.0))
+
+
+@pytest.mark.cuda
+def test_plan_run_on_another_stream_then_dropped():
+    """A plan made on the default stream and run on a side stream marks its tensors used there:
+    dropping the plan right after the run, then allocating and writing on the default stream,
+    does not corrupt the blend (the table and contiguous copies are not reused too early)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    bases, taus, keys = tensors(torch.float32, "cuda", seed=5)
+    outs = [torch.empty_like(b) for b in bases]
+    side = torch.cuda.Stream()
+    # Non-contiguous taus of the same shapes and values: the plan copies them.
+    strided = [
+        t.new_empty(t.shape[::-1]).t().copy_(t) if t.dim() == 2 and t.numel() > 1 else t
+        for t in taus
+    ]
+    assert not all(t.is_contiguous() for t in strided)
+    want = [
+        blend_ref(b.cpu(), t.cpu(), COEFFS[2], keep=(0.4, 0.6), seed=9, tensor_key=k)
+        for b, t, k in zip(bases, taus, keys, strict=True)
+    ]
+    plan = BlendPlan(outs, bases, strided, tensor_keys=keys)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        plan(COEFFS[2], keep=(0.4, 0.6), seed=9)
+    del plan
+    for _ in range(4):  # reuse freed blocks on the default stream while the side stream runs
+        torch.empty(1 << 20, device="cuda").fill_(float("nan"))
+    torch.cuda.synchronize()
+    for o, w in zip(outs, want, strict=True):
+        assert torch.equal(o.cpu(), w)

@@ -163,6 +163,12 @@ class BlendPlan:
         )
         table = torch.tensor(rows, dtype=torch.int64).view(len(bases), 8)
         self._table = table.to(self.device)
+        # Every tensor the kernel reads or writes: a run on a stream other than the one the
+        # plan was made on marks them used there (record_stream, once per stream), so that
+        # dropping the plan (its table, contiguous copies and temporaries) right after such a
+        # run cannot hand their memory to the caching allocator before the kernel is done.
+        self._used = [self._table, *self._targets, *self._bases, *self._taus]
+        self._streams = {_stream_key(self.device)}
         self._copies = [
             (t, o) for t, o in zip(self._targets, outs, strict=True) if not o.is_contiguous()
         ]
@@ -204,6 +210,13 @@ class BlendPlan:
                         )
                     )
             return
+        if self.device.type == "cuda":
+            key = _stream_key(self.device)
+            if key not in self._streams:
+                stream = torch.cuda.current_stream(self.device)
+                for t in self._used:
+                    t.record_stream(stream)
+                self._streams.add(key)
         _native._C.blend_run(
             self._table,
             self._num_chunks,
@@ -220,6 +233,13 @@ class BlendPlan:
         for t, o in self._copies:
             with torch.no_grad():
                 o.copy_(t)
+
+
+def _stream_key(device: torch.device) -> int | None:
+    """The current stream of ``device`` (CUDA) as a hashable key; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 def blend_tensors(
