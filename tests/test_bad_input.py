@@ -898,7 +898,7 @@ def _rd_corruptions():
 
     def out_overlaps_src(draw, a, device):
         # out one element past src in the same buffer: CUDA's grid-stride loop would race.
-        rows, cols = max(a["src"].shape[0], 1), a["src"].shape[1]
+        rows, cols = max(a["src"].shape[0], 1), max(a["src"].shape[1], 2)
         flat = torch.randn(rows * cols + 1, dtype=a["src"].dtype, device=device)
         a["src"] = flat[: rows * cols].view(rows, cols)
         a["out"] = flat[1:].view(rows, cols)
