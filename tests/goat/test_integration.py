@@ -106,6 +106,122 @@ def test_hf_trainer_with_aux_loss(tmp_path, monkeypatch):
     assert all(not torch.equal(params[n], p) for n, p in routers.items())
 
 
+def trainer_args(tmp_path, **kw):
+    """Trainer arguments for a short CPU run; ``gradient_checkpointing*`` are renamed
+    ``activation_checkpointing*`` where transformers has those (5.x)."""
+    import dataclasses
+
+    import transformers
+
+    fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    if "activation_checkpointing" in fields:
+        kw = {
+            k.replace("gradient_", "activation_", 1) if "checkpointing" in k else k: v
+            for k, v in kw.items()
+        }
+    return transformers.TrainingArguments(
+        **{
+            "output_dir": str(tmp_path / "trainer"),
+            "use_cpu": True,
+            "report_to": [],
+            "save_strategy": "no",
+            "per_device_train_batch_size": 2,
+            "max_steps": 2,
+            "disable_tqdm": True,
+            "dataloader_num_workers": 0,
+            **kw,
+        }
+    )
+
+
+def test_trainer_divides_the_aux_loss_outside_the_training_loop(tmp_path, monkeypatch):
+    """Without the training loop's ``current_gradient_accumulation_steps`` (compute_loss called
+    on its own, or a Trainer that does not set it), the aux loss is divided by the configured
+    ``gradient_accumulation_steps``, not by 1."""
+    pytest.importorskip("transformers")
+    import transformers
+
+    from meldkit.goat import trainer as goat_trainer
+
+    monkeypatch.setattr(goat_trainer, "aux_loss", lambda model: torch.tensor(8.0))
+    model = goat.wrap(tiny_llama(), llama_config(dropout=0.0)).train()
+    trainer = goat.GoatTrainer(
+        model=model, args=trainer_args(tmp_path, gradient_accumulation_steps=4)
+    )
+    trainer.__dict__.pop("current_gradient_accumulation_steps", None)
+    monkeypatch.setattr(trainer, "_loss_scaled_for_accumulation", lambda n: True)
+    ids = token_batch(model.config.vocab_size)
+    inputs = {"input_ids": ids, "labels": ids}
+    with torch.no_grad():
+        task = transformers.Trainer.compute_loss(trainer, model, inputs)
+        total = trainer.compute_loss(model, inputs)
+    torch.testing.assert_close(total - task, torch.tensor(2.0))
+
+
+def test_trainer_checkpoints_without_reentrance(tmp_path):
+    """GoatTrainer with activation checkpointing and no ``use_reentrant`` chosen uses
+    ``use_reentrant=False`` (the aux loss reaches the routers); a choice of the user stays, and
+    reentrant checkpointing trains with ``aux_loss_coef=0``, whose aux loss is 0."""
+    pytest.importorskip("transformers")
+
+    def kwargs_of(trainer):
+        args = trainer.args
+        return getattr(args, "activation_checkpointing_kwargs", None) or (
+            args.gradient_checkpointing_kwargs
+        )
+
+    model = goat.wrap(tiny_llama(), llama_config())
+    chosen = goat.GoatTrainer(model=model, args=trainer_args(tmp_path, gradient_checkpointing=True))
+    assert kwargs_of(chosen) == {"use_reentrant": False}
+    off = goat.GoatTrainer(model=model, args=trainer_args(tmp_path))
+    assert not kwargs_of(off)
+
+    ids = token_batch(96, rows=8)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    model = goat.wrap(tiny_llama(), llama_config(aux_loss_coef=0.0)).train()
+    args = trainer_args(
+        tmp_path,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": True},
+        gradient_accumulation_steps=2,
+    )
+    trainer = goat.GoatTrainer(model=model, args=args, train_dataset=data)
+    assert kwargs_of(trainer) == {"use_reentrant": True}
+    routers = {n: p.detach().clone() for n, p in trainable(model).items() if "router" in n}
+    assert trainer.train().global_step == 2
+    assert all(not torch.equal(trainable(model)[n], p) for n, p in routers.items())
+
+
+def test_aux_loss_with_zero_coefficient_under_reentrant_checkpointing():
+    """With ``aux_loss_coef=0`` the aux loss is a zero tensor even after reentrant
+    checkpointing's forward without autograd (no RuntimeError); with a coefficient it raises."""
+    for coef in (0.0, 1e-3):
+        model = goat.wrap(tiny_llama(), llama_config(aux_loss_coef=coef)).train()
+        enable_checkpointing(model, use_reentrant=True)
+        ids = token_batch(model.config.vocab_size)
+        loss = model(ids, labels=ids, use_cache=False).loss
+        if coef:
+            with pytest.raises(RuntimeError, match="use_reentrant=False"):
+                goat.aux_loss(model)
+        else:
+            aux = goat.aux_loss(model)
+            assert aux.dtype == torch.float32 and aux.shape == () and aux.item() == 0.0
+            (loss + aux).backward()
+
+
+def test_trainer_refuses_data_parallel_on_several_devices(tmp_path):
+    """The Trainer wraps the model in nn.DataParallel with several GPUs in one process: the aux
+    loss would be one replica's, so GoatTrainer refuses (checked before any forward)."""
+    pytest.importorskip("transformers")
+    model = goat.wrap(tiny_llama(), llama_config())
+    trainer = goat.GoatTrainer(model=model, args=trainer_args(tmp_path))
+    parallel = nn.DataParallel(model.train())
+    parallel.device_ids = [0, 1]  # as on two GPUs (nothing runs)
+    ids = token_batch(model.config.vocab_size)
+    with pytest.raises(RuntimeError, match=r"DataParallel on 2 devices.*torchrun"):
+        trainer.compute_loss(parallel, {"input_ids": ids, "labels": ids})
+
+
 # ---- torch.compile -------------------------------------------------------------------------
 
 
@@ -265,13 +381,13 @@ def test_gradient_checkpointing(monkeypatch, use_reentrant):
 
 
 DATA_PARALLEL = """
-import datetime, sys
+import contextlib, datetime, sys
 import torch
 import torch.distributed as dist
 import meldkit.goat as goat
 from tests.goat.tiny_models import mlp
 
-mode, rank, world, store = sys.argv[1], int(sys.argv[2]), 2, sys.argv[3]
+mode, rank, world, store, adapter = sys.argv[1], int(sys.argv[2]), 2, sys.argv[3], sys.argv[4]
 if mode == "fsdp":
     try:
         from torch.distributed.fsdp import fully_shard
@@ -292,8 +408,12 @@ def loss_of(model):
     return (model(x) - target).pow(2).mean() + goat.aux_loss(model)
 
 
-def trainable(model):
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+def trainable(model):  # by the names of the model before FSDP1 wrapped its modules
+    return {
+        n.replace("_fsdp_wrapped_module.", ""): p
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def gather(t):
@@ -309,7 +429,7 @@ def full(t):  # FSDP holds shards (DTensors)
 # Reference: this rank's own gradient, averaged over the ranks (what data parallel computes).
 ref = goat.wrap(mlp(), config).train()  # mlp() seeds itself: the same model on every rank
 loss_of(ref).backward()
-for name, p in trainable(ref):
+for name, p in trainable(ref).items():
     mine = gather(p.grad)
     assert not torch.equal(mine[0], mine[1]), name  # the batches differ
     p.grad = sum(mine) / world
@@ -319,27 +439,65 @@ if mode == "ddp":
     from torch.nn.parallel import DistributedDataParallel
 
     parallel = DistributedDataParallel(model)
-else:
+elif mode == "fsdp":
     for layer in (model[0], model[2]):
         fully_shard(layer)
     parallel = fully_shard(model)
+else:  # FSDP1, nested units: names gain "_fsdp_wrapped_module.", parameters are flat shards
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    for i in (0, 2):
+        model[i] = FSDP(model[i], device_id=torch.device("cpu"), use_orig_params=True)
+    parallel = FSDP(model, device_id=torch.device("cpu"), use_orig_params=True)
+
+
+def whole(with_grads=False):  # FSDP1 shows whole parameters inside summon_full_params only
+    if mode != "fsdp1":
+        return contextlib.nullcontext()
+    return FSDP.summon_full_params(parallel, writeback=False, with_grads=with_grads)
+
+
 loss_of(parallel).backward()
-for (name, p), (_, r) in zip(trainable(model), trainable(ref), strict=True):
-    g = full(p.grad)
-    copies = gather(g)
-    assert torch.equal(copies[0], copies[1]), name  # reduced: the same on every rank
-    torch.testing.assert_close(g, r.grad, msg=name)
-for name, p in model.named_parameters():
-    assert (p.grad is not None) == p.requires_grad, name
+with whole(with_grads=True):
+    ours, theirs = trainable(model), trainable(ref)
+    assert list(ours) == list(theirs)
+    for name, p in ours.items():
+        g = full(p.grad)
+        copies = gather(g)
+        assert torch.equal(copies[0], copies[1]), name  # reduced: the same on every rank
+        torch.testing.assert_close(g, theirs[name].grad, msg=name)
+    for name, p in model.named_parameters():  # FSDP1 shows frozen parameters zero gradients
+        assert (p.grad is not None) == p.requires_grad or mode == "fsdp1", name
 
 # One step keeps the replicas identical (and equal to the reference's step).
 for m in (model, ref):
-    torch.optim.SGD([p for _, p in trainable(m)], lr=0.5).step()
-for (name, p), (_, r) in zip(trainable(model), trainable(ref), strict=True):
-    w = full(p.detach())
-    copies = gather(w)
-    assert torch.equal(copies[0], copies[1]), name
-    torch.testing.assert_close(w, r.detach(), msg=name)
+    torch.optim.SGD(list(trainable(m).values()), lr=0.5).step()
+trained = {}
+with whole():
+    for name, p in trainable(model).items():
+        w = trained[name] = full(p.detach()).clone()
+        copies = gather(w)
+        assert torch.equal(copies[0], copies[1]), name
+        torch.testing.assert_close(w, trainable(ref)[name].detach(), msg=name)
+
+# save_adapter on every rank (the sharded weights are gathered, rank 0 writes); a fresh base
+# loads the trained weights exactly, on every rank.
+written = goat.save_adapter(parallel, adapter)
+assert str(written) == adapter
+loaded = goat.load_adapter(mlp(), written)
+assert list(trainable(loaded)) == list(trained)
+for name, p in trainable(loaded).items():
+    assert torch.equal(p, trained[name]), name
+reference = goat.load_adapter(mlp(), goat.save_adapter(ref, f"{adapter}.{rank}.ref"))
+x_check = torch.randn(5, 40, generator=torch.Generator().manual_seed(1))
+torch.testing.assert_close(loaded.eval()(x_check), reference.eval()(x_check))
+if mode != "ddp":
+    try:
+        goat.load_adapter(parallel, written)
+    except goat.AdapterError as exc:
+        assert "sharded by FSDP" in str(exc), exc
+    else:
+        raise AssertionError("load_adapter accepted a sharded model")
 dist.barrier()  # both ranks are done with their collectives before either tears down
 dist.destroy_process_group()
 print("ok", flush=True)
@@ -350,16 +508,28 @@ os._exit(0)
 """
 
 
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp", "fsdp1"])
 def test_data_parallel_two_ranks(tmp_path, wrapper):
     """Two gloo processes, each with its own batch (and GOAT dropout): the reduced expert and
     router gradients equal the mean of the ranks' own gradients on every rank, and an optimizer
-    step leaves the replicas identical. Child processes with a deadline, so that a stuck
-    collective fails the test instead of stalling it."""
+    step leaves the replicas identical. ``save_adapter`` called on every rank writes the whole
+    trained weights (FSDP: gathered from the shards, under the unwrapped names), which a fresh
+    base loads exactly; ``load_adapter`` refuses a sharded model. FSDP2 (``fully_shard``) and
+    FSDP1 (nested ``FullyShardedDataParallel`` units, ``use_orig_params=True``). Child
+    processes with a deadline, so that a stuck collective fails the test instead of stalling
+    it."""
     store = tmp_path / "store"  # a FileStore: rendezvous without picking a free port
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", DATA_PARALLEL, wrapper, str(rank), str(store)],
+            [
+                sys.executable,
+                "-c",
+                DATA_PARALLEL,
+                wrapper,
+                str(rank),
+                str(store),
+                str(tmp_path / "adapter.safetensors"),
+            ],
             cwd=ROOT,
             env=child_env(),
             stdout=subprocess.PIPE,

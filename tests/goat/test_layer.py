@@ -438,6 +438,63 @@ def test_only_experts_and_routers_train():
     assert trainable == {f"{i}.{p}" for i in (0, 2) for p in ("lora_a", "lora_b", "router.weight")}
 
 
+def data_parallel_replica(module: nn.Module) -> nn.Module:
+    """What ``torch.nn.parallel.replicate`` makes of ``module`` for one device (without the
+    copy to that device): ``_replicate_for_data_parallel`` on every submodule, parameters
+    shared."""
+    replica = module._replicate_for_data_parallel()
+    for name, p in module._parameters.items():
+        replica._parameters[name] = p
+    for name, child in module._modules.items():
+        if child is not None:
+            replica._modules[name] = data_parallel_replica(child)
+    return replica
+
+
+def test_data_parallel_replicas_refuse_to_train():
+    """nn.DataParallel's replicas share a layer's record of router probabilities (the aux loss
+    would be the last replica's only): a replica refuses to run in training mode, and runs in
+    eval mode."""
+    model = goat.wrap(mlp(), config(dropout=0.0))
+    x = torch.randn(6, 40)
+    replica = data_parallel_replica(model.train())
+    with pytest.raises(RuntimeError, match=r"nn\.DataParallel.*DistributedDataParallel"):
+        replica(x)
+    model.eval()
+    replica = data_parallel_replica(model)
+    with torch.no_grad():
+        assert torch.equal(replica(x), model(x))
+    model.train()
+    model(x)  # the layers themselves still train
+
+
+def test_autocast_output_dtype_is_the_base_layers():
+    """Under CPU bf16 autocast a GOAT layer returns what its base nn.Linear returns (bf16) for
+    fp32 and bf16 inputs alike: the fp32 sum of the base's output and the experts' rounded
+    once; the experts keep fp32 gradients."""
+    model = goat.wrap(mlp(), config(dropout=0.0)).eval()
+    layer = model[0]
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, 40, dtype=dtype, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = layer(x)
+            plain = layer.base_layer(x)
+            delta, _ = routed_lora(
+                x.float(),
+                layer.lora_a,
+                layer.lora_b,
+                layer.scaling,
+                router_weight=layer.router.weight,
+                top_k=2,
+            )
+        assert plain.dtype == h.dtype == torch.bfloat16, dtype
+        assert torch.equal(h, (plain + delta).to(torch.bfloat16)), dtype
+        h.float().sum().backward()
+        assert x.grad.dtype == dtype and layer.lora_a.grad.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        assert layer(torch.randn(5, 40)).dtype == torch.float32
+
+
 # ---- save, load, unwrap ------------------------------------------------------------------
 
 
@@ -473,6 +530,71 @@ def test_save_load_round_trip_is_exact(tmp_path, dtype, init):
     # Without the kept W0 the fingerprint is of W̃0 + the alignment: the right base still loads.
     loose = goat.wrap(mlp(dtype=dtype), config(**kw), keep_original=False)
     goat.load_adapter(mlp(dtype=dtype), goat.save_adapter(loose, tmp_path / "loose.safetensors"))
+
+
+def test_module_casts_keep_the_experts_fp32():
+    """``model.to(torch.bfloat16)`` (or ``.half()``) casts the base, not the experts, routers and
+    GOAT-s factors: they stay fp32 master weights, gradients included; devices and fp64 casts
+    still apply."""
+    model = goat.wrap(mlp(), config(per_expert_scaling=True))
+    train(model, steps=1)
+    model[0].lora_a.grad = torch.ones_like(model[0].lora_a)
+    trained = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half()):
+        cast(model)
+        for _, layer in goat.goat_layers(model):
+            assert layer.base_layer.weight.dtype != torch.float32
+            for t in (layer.lora_a, layer.lora_b, layer.router.weight, layer.scaling):
+                assert t.dtype == torch.float32
+        assert model[0].lora_a.grad.dtype == torch.float32
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert all(torch.equal(a, b) for a, b in zip(trainable, trained, strict=True))
+        train(model, steps=1)
+        trained = [p.detach().clone() for p in trainable]
+    model.double()
+    assert model[0].lora_a.dtype == model[0].base_layer.weight.dtype == torch.float64
+
+
+def test_adapter_of_a_model_cast_after_wrapping(tmp_path):
+    """A model wrapped in one dtype and cast to another before training: the file records the
+    dtype the base was adjusted in, so loading into the base in that dtype (or a wider one) and
+    casting gives the trained model exactly, and a base in a narrower dtype loads within one
+    rounding to it; a different base is still refused by its fingerprint."""
+    bf16 = torch.bfloat16
+    # The common recipe: load in fp32, wrap (fp32 SVD), cast to bf16, train.
+    for keep in (True, False):
+        model = goat.wrap(mlp(), config(per_expert_scaling=True), keep_original=keep).to(bf16)
+        train(model)
+        path = goat.save_adapter(model, tmp_path / f"cast{keep}.safetensors")
+        assert {info["base_dtype"] for info in goat.read_adapter(path)[1].values()} == {"float32"}
+        assert_same_state(goat.load_adapter(mlp(), path).to(bf16), model)
+        direct = goat.load_adapter(mlp(dtype=bf16), path)
+        got, want, w0 = direct.state_dict(), model.state_dict(), mlp().state_dict()
+        assert list(got) == list(want)
+        for key in got:
+            assert got[key].dtype == want[key].dtype, key
+            if key.endswith("base_layer.weight"):  # W0 rounded to bf16 first, then W̃0
+                diff = (got[key].float() - want[key].float()).abs()
+                w0_key = key.replace("base_layer.", "")
+                bound = torch.finfo(bf16).eps * (w0[w0_key].abs() + want[key].float().abs())
+                assert (diff <= bound).all(), key
+                assert not torch.equal(got[key], want[key])
+            else:
+                assert torch.equal(got[key], want[key]), key
+        with pytest.raises(goat.AdapterError, match="not the one the adapter was trained"):
+            goat.load_adapter(mlp(seed=1, dtype=bf16), path)
+        with pytest.raises(goat.AdapterError, match="not the one the adapter was trained"):
+            goat.load_adapter(mlp(seed=1), path)
+        goat.load_adapter(mlp(seed=1, dtype=bf16), path, check_base=False)
+    # The other way: wrapped in bf16, cast to fp32. An fp32 base gets the adjusted weights the
+    # trained model had (W̃0 rounded to bf16) exactly; its other parameters are its own.
+    model = goat.wrap(mlp(dtype=bf16), config()).float()
+    train(model)
+    path = goat.save_adapter(model, tmp_path / "up.safetensors")
+    assert_same_state(goat.load_adapter(mlp(dtype=bf16), path).float(), model)
+    got, want = goat.load_adapter(mlp(), path).state_dict(), model.state_dict()
+    for key in got:
+        assert torch.equal(got[key], want[key]) != key.endswith("bias"), key
 
 
 class WithHead(nn.Module):
@@ -595,6 +717,42 @@ def test_unwrap_restores_the_original_weights(dtype):
         goat.unwrap(model)
 
 
+class Gated(nn.Module):
+    """A block with a small gate (as a MoE router): nn.Linear(64, 2) next to 64×64 layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc, self.gate, self.out = nn.Linear(64, 64), nn.Linear(64, 2), nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.enc(x) * self.gate(x).softmax(-1)[..., :1])
+
+
+def test_all_linear_skips_layers_too_small_for_the_init(tmp_path):
+    """ "all-linear" with an SVD init leaves out a layer with min(out, in) < rank, with a warning
+    naming it, and the adapter loads back; a listed target that small is refused; init "lora"
+    adapts it."""
+    with pytest.warns(UserWarning, match=r"skips 1 layers.*rank = 8.*gate \(64→2\)"):
+        model = goat.wrap(Gated(), config())
+    assert [n for n, _ in goat.goat_layers(model)] == ["enc", "out"]
+    assert type(model.gate) is nn.Linear and not model.gate.weight.requires_grad
+    train_x = torch.randn(5, 64)
+    path = goat.save_adapter(model, tmp_path / "g.safetensors")
+    fresh = goat.load_adapter(Gated(), path)
+    assert_same_state(fresh, model)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(train_x), model.eval()(train_x))
+    with pytest.raises(ValueError, match=r"'gate': init 'goat' needs min\(out_features"):
+        goat.wrap(Gated(), config(target_modules=["enc", "gate"]))
+    lora = goat.wrap(Gated(), config(init="lora"))
+    assert [n for n, _ in goat.goat_layers(lora)] == ["enc", "gate", "out"]
+    with pytest.raises(
+        ValueError, match=r"matches no nn.Linear.*too small.*rank = 8.*: 0 \(64→2\)"
+    ):
+        goat.wrap(nn.Sequential(nn.Linear(64, 2)), config())
+
+
 def test_mismatched_adapters_are_refused(tmp_path):
     path = goat.save_adapter(goat.wrap(mlp(), config()), tmp_path / "a.safetensors")
 
@@ -613,13 +771,6 @@ def test_mismatched_adapters_are_refused(tmp_path):
     with pytest.raises(goat.AdapterError, match=r"GOAT config in rho=10.0 \(model: 5.0\)"):
         goat.load_adapter(goat.wrap(mlp(), config(rho=5.0)), path)
 
-    with pytest.raises(goat.AdapterError, match=r"trained on a float32 base.* bfloat16"):
-        goat.load_adapter(mlp(dtype=torch.bfloat16), path)
-    bf16 = goat.save_adapter(goat.wrap(mlp(dtype=torch.bfloat16), config()), tmp_path / "b")
-    with pytest.raises(goat.AdapterError, match=r"trained on a bfloat16 base.* float32"):
-        goat.load_adapter(mlp(), bf16)
-    fine = goat.load_adapter(mlp(dtype=torch.bfloat16), bf16).float()  # the way round it
-    assert fine[0].base_layer.weight.dtype == torch.float32
     lora = goat.save_adapter(goat.wrap(mlp(), config(init="lora")), tmp_path / "l.safetensors")
     goat.load_adapter(mlp(dtype=torch.bfloat16), lora)  # no base adjustment: any dtype
 

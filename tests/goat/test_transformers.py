@@ -151,3 +151,40 @@ def test_classifier_head_trains_and_travels_with_the_adapter(tmp_path):
                 num_experts=4, rank=8, target_modules=["dense"], modules_to_save=["classifier"]
             ),
         )
+
+
+def test_t5_all_linear_trains():
+    """T5's feed-forward reads ``self.wo.weight.dtype``: a GOAT layer offers its base layer's
+    ``weight`` and ``bias``, so "all-linear" T5 runs forward and backward."""
+    import transformers
+
+    config = transformers.T5Config(
+        vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        decoder_start_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = goat.wrap(
+        transformers.T5ForConditionalGeneration(config),
+        goat.GoatConfig(num_experts=4, top_k=2, rank=8, target_modules="all-linear"),
+    ).train()
+    wo = model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert isinstance(wo, goat.GoatLinear)
+    assert wo.weight is wo.base_layer.weight and wo.bias is None
+    ids = batch(config.vocab_size)
+    loss = model(input_ids=ids, labels=ids).loss + goat.aux_loss(model)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert wo.lora_a.grad is not None and wo.lora_a.grad.abs().sum() > 0
+    assert "weight" not in dict(wo.named_parameters())  # the base's, not a second parameter
+
+
+def test_gpt2_all_linear_names_conv1d():
+    """GPT-2's projections are transformers' Conv1D, not nn.Linear: "all-linear" matches none
+    of them (its only nn.Linear is the output head), and the error says why."""
+    import transformers
+
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=96, n_positions=64)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    with pytest.raises(ValueError, match=r"matches no nn.Linear.*c_attn.*Conv1D.*nn.Linear"):
+        goat.wrap(model, goat.GoatConfig(num_experts=4, top_k=2, rank=8))

@@ -44,16 +44,23 @@ NLU, image classification and commonsense reasoning). The factors are a buffer o
 saved in the adapter file.
 
 Training: only the experts and routers are trainable (fp32 master weights whatever the base
-dtype; the model's other parameters are frozen). In training mode each layer draws a fresh
-dropout seed from torch's default CPU generator on every forward, so ``torch.manual_seed``
-reproduces a run; activation checkpointing (``torch.utils.checkpoint``, whose default
-``preserve_rng_state=True`` restores that generator before recomputing) replays the same masks.
+dtype, also after ``model.to(torch.bfloat16)``, which casts the base only; the model's other
+parameters are frozen). Under autocast a GOAT layer returns the autocast dtype, as the
+``nn.Linear`` it replaces, from an fp32 sum of the base's and the experts' outputs. In
+training mode each layer draws a fresh dropout seed from torch's default CPU generator on every
+forward, so ``torch.manual_seed`` reproduces a run; activation checkpointing
+(``torch.utils.checkpoint``, whose default ``preserve_rng_state=True`` restores that generator
+before recomputing) replays the same masks.
 With the Hugging Face ``Trainer``, use ``meldkit.goat.GoatTrainer`` (a ``Trainer`` whose
 training loss adds :func:`aux_loss`; ``GoatTrainerMixin`` for another Trainer subclass).
 Checkpoint with ``use_reentrant=False``: the reentrant variant runs the forward without autograd,
-so :func:`aux_loss` could not reach the routers and raises. Everything a layer holds is an
-ordinary parameter or a constant, so DDP and FSDP replicate it like any module (each replica
-computes its own aux loss from its own tokens).
+so :func:`aux_loss` could not reach the routers and raises (unless ``aux_loss_coef=0``);
+``GoatTrainer`` picks ``use_reentrant=False`` when checkpointing is on and the user chose
+nothing. Everything a layer holds is an ordinary parameter or a constant, so DDP and FSDP
+replicate it like any module (each replica computes its own aux loss from its own tokens);
+under FSDP call :func:`save_adapter` on every rank (it gathers the shards; rank 0 writes).
+``nn.DataParallel`` on several devices is refused in training: its replicas share each layer's
+record of router probabilities, so the aux loss would be one replica's; use DDP.
 """
 
 from meldkit.goat.config import GoatConfig

@@ -66,7 +66,9 @@ class GoatConfig:
         matches ``model.layers.0.self_attn.q_proj``; a full name matches itself), or
         ``"all-linear"``: every ``nn.Linear`` except the output head of a Hugging Face model
         (``get_output_embeddings()``) and a classification head named ``score`` or
-        ``classifier``.
+        ``classifier``, and, for the SVD inits, every layer with min(out_features,
+        in_features) < ``rank`` (a MoE router gate, say; skipped with a warning naming them).
+        GPT-2's ``Conv1D`` layers are not ``nn.Linear`` and are not adapted.
     modules_to_save : "auto" or sequence of str
         Modules trained in full next to the experts and stored in the adapter file (PEFT's
         ``modules_to_save``), by module-name suffix like ``target_modules``. ``"auto"`` (the

@@ -18,9 +18,11 @@ classification head), in its dtype::
 
 Metadata (strings): ``format = "pt"``, ``meldkit_goat`` (the layout version), ``config`` (the
 :class:`GoatConfig` as JSON) and ``layers`` (JSON: per layer ``in_features``, ``out_features``,
-the base weight's dtype when saved, and ``sketch_of``: ``"W0"``, or ``"adjusted"`` when the
-sketch is of W̃0 as the layer held it, for a model wrapped with ``keep_original=False``) and
-``modules_to_save`` (JSON: the saved modules' names; absent in older files).
+``base_dtype``, the dtype :func:`meldkit.goat.wrap` rounded W̃0 to (the base weight's when it
+was wrapped, whatever the model was cast to later; older files: the base weight's when saved),
+``sketch_of``: ``"W0"``, or ``"adjusted"`` when the sketch is of W̃0 as the layer held it, for
+a model wrapped with ``keep_original=False``, and ``sketch_dtype``, the sketched weight's dtype)
+and ``modules_to_save`` (JSON: the saved modules' names; absent in older files).
 
 :func:`load_adapter` compares each layer's sketch with the model's base weight: an adapter
 loaded into a model of the same architecture but other weights (another checkpoint, another
@@ -29,13 +31,18 @@ fine-tune) is refused instead of silently giving a model nobody trained.
 The alignment factors are the *initial* experts (times s/E), not the trained ones, so the file
 holds everything needed to rebuild W̃0 from the original base weights; the adjustment is
 recomputed with :func:`meldkit.goat.init.base_delta`, whose arithmetic is fixed, so a base
-model loaded fresh from its checkpoint (in the dtype it was trained in) gets bit-for-bit the
-weights the trained model had. The file is written to a temporary name beside ``path`` and
-renamed into place.
+model loaded fresh from its checkpoint gets bit-for-bit the weights the trained model had when
+it is loaded in the dtype the base was wrapped in (``base_dtype``) or a wider one. The common
+recipe "load in fp32, wrap, ``model.to(torch.bfloat16)``, train" is therefore reproduced
+exactly by loading the adapter into the fp32 base and casting to bf16. A base in a narrower
+dtype (that recipe's adapter loaded straight into a bf16 base) is adjusted in fp32 from its
+own weights and rounded once to its dtype: the trained model within that dtype's rounding. The
+file is written to a temporary name beside ``path`` and renamed into place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -56,6 +63,7 @@ from meldkit.goat.model import (
     freeze_base,
     goat_layers,
     hook_input_grads,
+    min_target_size,
     remember_requires_grad,
     replace_module,
     saved_modules,
@@ -71,6 +79,10 @@ ADAPTER_FILE = "goat_adapter.safetensors"
 _PARTS = ("lora_a", "lora_b", "router.weight")
 _SAVED_PREFIX = "modules_to_save."
 _ALIGNMENT = ("alignment_a", "alignment_b")
+# Path components that wrappers insert between a module and its children: FSDP1's unit and
+# torch.distributed's activation-checkpointing wrapper.
+_FSDP1_PART = "_fsdp_wrapped_module"
+_WRAPPER_PARTS = (_FSDP1_PART, "_checkpoint_wrapped_module")
 
 
 class AdapterError(ValueError):
@@ -83,32 +95,73 @@ def _resolve(path: str | os.PathLike) -> Path:
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
-    """The module inside ``torch.compile``'s, DDP's and DataParallel's wrappers, so that layer
-    names carry no ``_orig_mod.`` or ``module.`` prefix."""
+    """The module inside ``torch.compile``'s, DDP's, DataParallel's and FSDP1's wrappers, so that
+    layer names carry no ``_orig_mod.``, ``module.`` or ``_fsdp_wrapped_module.`` prefix."""
     while True:
         if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
             model = model._orig_mod
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
+        elif isinstance(getattr(model, _FSDP1_PART, None), nn.Module):  # FSDP1's root
+            model = getattr(model, _FSDP1_PART)
         else:
             return model
 
 
-def _layer_sketch(layer: GoatLinear) -> tuple[torch.Tensor, str]:
-    """``(sketch, of)``: the sketch of the layer's original W0 (``of = "W0"``) when the layer
-    knows it exactly (the kept copy, or a base the init left alone), else of the adjusted W̃0
-    it holds (``"adjusted"``): exact bits either way, never a rebuilt approximation."""
+def _clean_name(name: str) -> str:
+    """``name`` without the path components that FSDP1 and activation-checkpointing wrappers
+    insert (``0._fsdp_wrapped_module.lora_a`` -> ``0.lora_a``): the names of the model before
+    it was wrapped."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
+
+
+def _fsdp1_units(model: nn.Module) -> list[nn.Module]:
+    """The FSDP1 (``FullyShardedDataParallel``) modules in ``model``."""
+    if not torch.distributed.is_available():
+        return []
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "full_tensor") and hasattr(t, "device_mesh")  # torch.distributed DTensor
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` holds FSDP-sharded parameters (FSDP2 DTensors or FSDP1 units)."""
+    return any(_is_dtensor(p) for p in model.parameters()) or bool(_fsdp1_units(model))
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole: a DTensor (FSDP2's shard) gathered from every rank (a collective: every
+    rank must call it, in the same order), any other tensor as it is; detached."""
+    t = t.detach()
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _layer_sketch(layer: GoatLinear) -> tuple[torch.Tensor, str, torch.dtype]:
+    """``(sketch, of, dtype)``: the sketch of the layer's original W0 (``of = "W0"``) when the
+    layer knows it exactly (the kept copy, or a base the init left alone), else of the adjusted
+    W̃0 it holds (``"adjusted"``): exact bits either way, never a rebuilt approximation;
+    ``dtype`` is the sketched weight's."""
     if layer.original_weight is not None:
-        return base_sketch(layer.original_weight), "W0"
-    return base_sketch(layer.base_layer.weight), "W0" if layer.alignment is None else "adjusted"
+        return base_sketch(layer.original_weight), "W0", layer.original_weight.dtype
+    weight = _full(layer.base_layer.weight)
+    return base_sketch(weight), "W0" if layer.alignment is None else "adjusted", weight.dtype
 
 
 def _model_sketch(
-    base: nn.Linear, layer: GoatLinear | None, of: str, alignment: tuple | None
+    base: nn.Linear,
+    layer: GoatLinear | None,
+    of: str,
+    alignment: tuple | None,
+    adjusted_in: torch.dtype | None,
 ) -> tuple[torch.Tensor, bool]:
     """The model's side of the comparison with a file's sketch ``of`` W0 or of W̃0 (the file's
-    ``alignment`` subtracted from W0 as :func:`meldkit.goat.wrap` does): ``(sketch, exact)``,
-    exact unless W0 had to be rebuilt from an adjusted layer that kept no copy of it."""
+    ``alignment`` subtracted from W0 in the dtype ``adjusted_in``, as :func:`load_adapter`
+    does): ``(sketch, exact)``, exact unless W0 had to be rebuilt from an adjusted layer that
+    kept no copy of it, or W̃0 was rounded to another dtype than the model's."""
     w0 = None
     if layer is None:
         w0 = base.weight
@@ -116,23 +169,37 @@ def _model_sketch(
         w0 = layer.original_weight.to(base.weight.device)
     elif layer.alignment is None:
         w0 = base.weight
+    same_dtype = adjusted_in in (None, base.weight.dtype)
     if w0 is not None:
         if of == "adjusted":
-            return base_sketch(shifted(w0, *alignment, -1)), True
+            dtype = adjusted_in or w0.dtype
+            adjusted = shifted(w0.detach().to(dtype), *alignment, -1).to(base.weight.dtype)
+            return base_sketch(adjusted), same_dtype
         return base_sketch(w0), True
     if of == "adjusted":  # both sides hold W̃0 as the adjustment left it
-        return base_sketch(base.weight), True
+        return base_sketch(base.weight), same_dtype and layer.base_dtype in (None, adjusted_in)
     return base_sketch(shifted(base.weight, *layer.alignment, +1)), False
+
+
+def _dtype_named(name: str) -> torch.dtype | None:
+    """The floating torch dtype called ``name`` (``"bfloat16"``), None for anything else."""
+    dtype = getattr(torch, name, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the GOAT layers of ``model`` (experts, routers, base alignment, config) to ``path``.
 
+    A model sharded by FSDP (``fully_shard``, or ``FullyShardedDataParallel``) is gathered
+    whole: call this on every rank (each takes part in the gathers), rank 0 writes the file and
+    the others wait until it is written. Any other model is written by the process that calls
+    this (under DDP, call it on every rank or on rank 0 only: the ranks write the same bytes).
+
     Parameters
     ----------
     model : nn.Module
         A model wrapped by :func:`meldkit.goat.wrap` or :func:`load_adapter`, also inside
-        ``torch.compile``, DDP or DataParallel (the names saved are the inner model's).
+        ``torch.compile``, DDP, DataParallel or FSDP (the names saved are the inner model's).
     path : path-like
         The ``.safetensors`` file to write (replaced if it exists), or a directory to write
         ``goat_adapter.safetensors`` into.
@@ -144,30 +211,70 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save_file
 
-    model = _unwrapped(model)
+    target = _resolve(path)
+    sharded = _is_sharded(model)
+    fsdp1 = _fsdp1_units(model)
+    if fsdp1:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        gathered = FullyShardedDataParallel.summon_full_params(model, writeback=False)
+    else:
+        gathered = contextlib.nullcontext()
+    with torch.no_grad(), gathered:
+        tensors, metadata = _adapter_contents(_unwrapped(model))
+    distributed = sharded and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    if distributed:
+        torch.distributed.barrier()  # the file exists on every rank's return
+    return target
+
+
+def _adapter_contents(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of :func:`save_adapter`'s file for the unwrapped ``model``: CPU
+    tensors, sharded ones gathered whole, under the names of the model before FSDP wrapped it."""
     config = config_of(model)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
-    for name, layer in goat_layers(model):
-        tensors[f"{name}.lora_a"] = layer.lora_a.detach()
-        tensors[f"{name}.lora_b"] = layer.lora_b.detach()
-        tensors[f"{name}.router.weight"] = layer.router.weight.detach()
+    for qualified, layer in goat_layers(model):
+        name = _clean_name(qualified)
+        tensors[f"{name}.lora_a"] = _full(layer.lora_a)
+        tensors[f"{name}.lora_b"] = _full(layer.lora_b)
+        tensors[f"{name}.router.weight"] = _full(layer.router.weight)
         if layer.alignment is not None:
             tensors[f"{name}.alignment_a"], tensors[f"{name}.alignment_b"] = layer.alignment
         if isinstance(layer.scaling, torch.Tensor):
-            tensors[f"{name}.scaling"] = layer.scaling.detach()
-        tensors[f"{name}.base_sketch"], sketch_of = _layer_sketch(layer)
+            tensors[f"{name}.scaling"] = _full(layer.scaling)
+        tensors[f"{name}.base_sketch"], sketch_of, sketch_dtype = _layer_sketch(layer)
+        # The dtype wrap adjusted the base in, not the one it may have been cast to since.
+        base_dtype = layer.base_dtype or layer.base_layer.weight.dtype
         layers[name] = {
             "in_features": layer.in_features,
             "out_features": layer.out_features,
-            "base_dtype": str(layer.base_layer.weight.dtype).removeprefix("torch."),
+            "base_dtype": str(base_dtype).removeprefix("torch."),
             "sketch_of": sketch_of,
+            "sketch_dtype": str(sketch_dtype).removeprefix("torch."),
         }
     saved = saved_modules(model)
+    modules: dict[str, nn.Module] = {}
+    for qualified, module in model.named_modules():
+        modules.setdefault(_clean_name(qualified), module)
     for mname in saved:
-        for pname, p in model.get_submodule(mname).named_parameters():
-            tensors[f"{_SAVED_PREFIX}{mname}.{pname}"] = p.detach()
-    tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
+        params: dict[str, torch.Tensor] = {}
+        for pname, p in modules[mname].named_parameters():
+            params.setdefault(_clean_name(pname), p)
+        for pname, p in params.items():
+            tensors[f"{_SAVED_PREFIX}{mname}.{pname}"] = _full(p)
+    # Copies: FSDP1 frees the gathered parameters when its summon_full_params context ends.
+    tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     metadata = {
         "format": "pt",
         "meldkit_goat": FORMAT_VERSION,
@@ -175,17 +282,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "layers": json.dumps(layers),
         "modules_to_save": json.dumps(saved),
     }
-    target = _resolve(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return tensors, metadata
 
 
 def read_adapter(
@@ -239,6 +336,8 @@ def _read_adapter(
             name: {key: int(info[key]) for key in ("in_features", "out_features")}
             | {
                 "base_dtype": str(info.get("base_dtype")),
+                # older files: the sketched weight had the base's dtype when saved
+                "sketch_dtype": str(info.get("sketch_dtype", info.get("base_dtype"))),
                 "sketch_of": "adjusted" if info.get("sketch_of") == "adjusted" else "W0",
             }
             for name, info in json.loads(metadata["layers"]).items()
@@ -325,10 +424,13 @@ def load_adapter(
 
     ``model`` is normally the base model freshly loaded (unwrapped): its targeted layers become
     GOAT layers holding the saved experts and routers, and their weights are adjusted by the
-    saved alignment, giving bit-for-bit the model that was saved when the base weights (and
-    dtype) are the ones it was trained from. No SVD runs. A model that already has GOAT layers
-    must have the same config and layers; it is unwrapped first (exactly when it kept its
-    original weights, see :func:`meldkit.goat.wrap`) and then loaded.
+    saved alignment (fp32 arithmetic on W0 taken in the dtype the base was wrapped in, rounded
+    to that dtype, then cast to the model's), giving bit-for-bit the model that was saved when
+    the base weights are the ones it was trained from, in the dtype they were wrapped in or a
+    wider one; in a narrower dtype, within one rounding to it. No SVD runs. A model that
+    already has GOAT layers must have the same config and layers; it is unwrapped first
+    (exactly when it kept its original weights, see :func:`meldkit.goat.wrap`) and then
+    loaded. A model sharded by FSDP is refused: load into the unsharded model, then shard.
 
     Parameters
     ----------
@@ -353,15 +455,19 @@ def load_adapter(
     ------
     AdapterError
         The file is not a GOAT adapter, or it does not fit the model: a layer it names is
-        missing, not an ``nn.Linear`` or of another shape, its base weight has another dtype
-        than the adapter was trained with (SVD inits: the adjusted base would differ), the
-        config's ``target_modules`` select other layers of this model, the base weights are
-        not the ones it was trained on (``check_base``), or the model already has GOAT layers
-        with another config.
+        missing, not an ``nn.Linear`` or of another shape, the config's ``target_modules``
+        select other layers of this model, the base weights are not the ones it was trained on
+        (``check_base``), the model already has GOAT layers with another config, or the model
+        is sharded by FSDP.
         The model is left untouched.
     """
     config, layers, tensors, saved = _read_adapter(path)
     file = _resolve(path)
+    if _is_sharded(model):
+        raise AdapterError(
+            f"{file}: the model is sharded by FSDP; load the adapter into the unsharded model, "
+            "then shard it"
+        )
     # Files from before modules_to_save were selected with the heads "all-linear" skipped then.
     head_names = HEAD_NAMES if saved is not None else HEAD_NAMES_V1
     saved = saved or []
@@ -404,16 +510,6 @@ def load_adapter(
                 f"{linear.out_features}) in the model, the adapter was saved for "
                 f"nn.Linear({want[1]}, {want[0]})"
             )
-        # The adjusted base W̃0 is rounded to the base dtype it was trained in: another dtype
-        # gives other weights than the trained model's (init "lora" adjusts nothing).
-        saved_dtype = info["base_dtype"]
-        dtype = str(linear.weight.dtype).removeprefix("torch.")
-        if config.init != "lora" and saved_dtype != "None" and saved_dtype != dtype:
-            raise AdapterError(
-                f"{file}: layer {name!r} was trained on a {saved_dtype} base, the model's is "
-                f"{dtype}: the adjusted base weights would differ from the trained model's. "
-                f"Load into the base in {saved_dtype} (then cast the model if you need {dtype})"
-            )
     if check_base:
         for name, info in layers.items():
             sketch = tensors.get(f"{name}.base_sketch")
@@ -423,11 +519,12 @@ def load_adapter(
             alignment = None
             if of == "adjusted":
                 alignment = (tensors[f"{name}.alignment_a"], tensors[f"{name}.alignment_b"])
-            now, exact = _model_sketch(bases[name], existing.get(name), of, alignment)
+            adjusted_in = _dtype_named(info["base_dtype"])
+            now, exact = _model_sketch(bases[name], existing.get(name), of, alignment, adjusted_in)
             dtype = bases[name].weight.dtype
-            saved_dtype = getattr(torch, info["base_dtype"], dtype)
-            # inexact: W0 rebuilt from W̃0, or rounded to another dtype (init "lora")
-            rtol = sketch_rtol(saved_dtype, dtype, exact=exact)
+            sketched = _dtype_named(info["sketch_dtype"]) or dtype
+            # inexact: W0 rebuilt from W̃0, or a weight rounded to another dtype
+            rtol = sketch_rtol(sketched, dtype, exact=exact)
             distance = sketch_distance(sketch, now)
             if not distance <= rtol:
                 raise AdapterError(
@@ -443,6 +540,8 @@ def load_adapter(
                 config.target_modules,
                 adjusts_base=config.init != "lora",
                 head_names=head_names,
+                min_size=min_target_size(config),
+                warn_skipped=False,  # wrap warned when the adapter was made
             )
         except ValueError as exc:
             raise AdapterError(f"{file}: {exc}") from None
@@ -499,6 +598,7 @@ def load_adapter(
             alignment=alignment,
             keep_original=keep_original,
             scaling=tensors.get(f"{name}.scaling") if config.per_expert_scaling else None,
+            base_dtype=_dtype_named(layers[name]["base_dtype"]),
         )
         replace_module(model, name, layer)
     freeze_base(model)

@@ -25,6 +25,10 @@ def _in_backward() -> bool:
     return task_id is not None and task_id() != -1
 
 
+def _narrower_than_fp32(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and torch.finfo(dtype).bits < 32
+
+
 class GoatLinear(nn.Module):
     """A GOAT layer: ``y = W̃0 x + b + Σ_e w_e(x) · s · B_e A_e dropout_e(x)``.
 
@@ -62,6 +66,9 @@ class GoatLinear(nn.Module):
     alignment : tuple of (Tensor [r, n], Tensor [m, r]) or None
         ``(delta_a, delta_b)`` with ``W̃0 = W0 − delta_b @ delta_a`` (fp32, CPU), the factors
         the SVD inits subtracted from the base; None when the base is untouched.
+    base_dtype : torch.dtype or None
+        The dtype the SVD init rounded W̃0 to (the base weight's when it was wrapped; saved in
+        adapter files, whatever the base is cast to later); None when the base is untouched.
     original_weight : Tensor or None
         A CPU copy of W0 kept for a bit-exact :func:`meldkit.goat.unwrap`, or None.
     """
@@ -122,6 +129,7 @@ class GoatLinear(nn.Module):
         # Restored by unwrap (wrap freezes the base).
         self.base_requires_grad = {n: p.requires_grad for n, p in base_layer.named_parameters()}
         self.alignment: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.base_dtype: torch.dtype | None = None
         self.original_weight: torch.Tensor | None = None
         # Router probabilities [N, E] of every call since the model's forward began (cleared by
         # the hooks that wrap puts on the model; see meldkit.goat.model.ForwardScope); a layer
@@ -136,9 +144,51 @@ class GoatLinear(nn.Module):
         state["_probs"] = []
         return state
 
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply`` (what ``.to()``, ``.cuda()``, ``.bfloat16()``, ``.half()`` run),
+        keeping the experts, the router and GOAT-s's factors fp32: ``model.to(bf16)`` casts the
+        base, not the trained weights, whose fp32 master copies the optimizer updates (as
+        PEFT's ``autocast_adapter_dtype``). They still move to ``fn``'s device, and a cast to a
+        dtype at least as wide as fp32 (``.double()``) applies to them too."""
+        # What fn does to an fp32 tensor tells a cast below fp32 from a move or a wider cast.
+        probe = fn(torch.empty(0, dtype=torch.float32, device=self.lora_a.device))
+        if not _narrower_than_fp32(probe.dtype):
+            return super()._apply(fn, recurse)
+        slots = [(self._parameters, "lora_a"), (self._parameters, "lora_b")]
+        slots += [(self.router._parameters, "weight"), (self._buffers, "scaling")]
+        held = [(slot, name, slot[name]) for slot, name in slots if slot.get(name) is not None]
+        for slot, name, _ in held:  # hidden from nn.Module._apply, which skips None entries
+            slot[name] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for slot, name, tensor in held:
+                slot[name] = tensor
+        with torch.no_grad():
+            for _, _, tensor in held:
+                if isinstance(tensor, nn.Parameter):
+                    tensor.data = tensor.data.to(probe.device)
+                    if tensor.grad is not None:
+                        tensor.grad = tensor.grad.to(probe.device)
+            if self._buffers.get("scaling") is not None:
+                self._buffers["scaling"] = self._buffers["scaling"].to(probe.device)
+        return self
+
     @property
     def num_experts(self) -> int:
         return self.lora_a.shape[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight ``[m, n]`` (W̃0 after an SVD init), for model code that reads
+        a linear layer's ``weight`` (T5's feed-forward reads ``wo.weight.dtype``), as PEFT's
+        layers offer it. Not a parameter of this layer: ``base_layer.weight`` is."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias ``[m]``, or None."""
+        return self.base_layer.bias
 
     @property
     def in_features(self) -> int:
@@ -149,11 +199,12 @@ class GoatLinear(nn.Module):
         return self.base_layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[..., n]`` → ``[..., m]`` in ``x.dtype``.
+        """``x`` ``[..., n]`` → ``[..., m]`` in ``x.dtype`` (under autocast, in the dtype the base
+        layer returns, autocast's for an ``nn.Linear``: what the base alone would give).
 
         The experts see ``x`` cast to the expert weights' dtype (fp32, as the official code
-        casts them); their output is added to the base layer's before one rounding back to
-        ``x.dtype``. In training mode with dropout > 0 every call draws a fresh mask seed from
+        casts them); their output is added to the base layer's before one rounding to the
+        output dtype. In training mode with dropout > 0 every call draws a fresh mask seed from
         torch's default CPU generator, so ``torch.manual_seed`` makes training reproducible.
         The seed is a one-element tensor the layer never reads, so under ``torch.compile`` the
         draw is part of the graph (no graph break per layer). Inductor draws it with its own
@@ -164,11 +215,22 @@ class GoatLinear(nn.Module):
         ``torch.compile``'s CUDA-graph modes run the op with dropout outside their graphs
         (``routed_lora``'s notes).
 
+        Training under ``nn.DataParallel`` with several devices raises ``RuntimeError`` (its
+        replicas would share one record of router probabilities: the aux loss would be one
+        replica's); DistributedDataParallel is the way.
+
         A plain ``nn.Linear`` base (no hooks, weights in ``x.dtype``, autocast off) runs inside
         the op (``routed_lora(..., base_weight=, base_bias=)``): the same sum, without the two
         elementwise additions of the layer's output and of dx. Any other base (a subclass, a
         hooked or sharded layer, autocast) is called as a module and its output added.
         """
+        if self.training and getattr(self, "_is_replica", False):
+            raise RuntimeError(
+                "GoatLinear: training under nn.DataParallel on several devices is not "
+                "supported: its replicas share this layer's record of router probabilities, so "
+                "meldkit.goat.aux_loss would count one replica's tokens only; use "
+                "DistributedDataParallel (torchrun), or one device (eval mode runs)"
+            )
         training_dropout = self.training and self.dropout > 0
         # A one-element tensor, never read here: under torch.compile the draw stays in the graph.
         seed = torch.randint(0, SEED_BOUND, (1,)) if training_dropout else None
@@ -194,7 +256,11 @@ class GoatLinear(nn.Module):
             delta, probs = routed_lora(
                 x.to(self.lora_a.dtype), self.lora_a, self.lora_b, self.scaling, **kwargs
             )
-            y = (base(x) + delta).to(x.dtype)
+            base_y = base(x)
+            # Under autocast, the dtype the base (an nn.Linear: autocast's) returns, as a plain
+            # nn.Linear would; otherwise x's. The sum is fp32 either way, rounded once.
+            autocast = torch.is_autocast_enabled(x.device.type)
+            y = (base_y + delta).to(base_y.dtype if autocast else x.dtype)
         if not _in_backward():  # not activation checkpointing's recomputation
             if self.scope is None or not self.scope.active:
                 self._probs.clear()  # called on its own: its last call

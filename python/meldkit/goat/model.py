@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -59,12 +60,18 @@ def find_targets(
     *,
     adjusts_base: bool = False,
     head_names: tuple[str, ...] = HEAD_NAMES,
+    min_size: int = 0,
+    warn_skipped: bool = True,
 ) -> list[str]:
     """Qualified names of the ``nn.Linear`` layers that ``target_modules`` selects.
 
     ``adjusts_base``: the init will change the selected layers' weights (the SVD inits), so a
     weight that another module shares (tied input and output embeddings) is refused.
     ``head_names``: the top-level classification heads that "all-linear" leaves out.
+    ``min_size``: "all-linear" skips layers with min(out_features, in_features) below it (the
+    SVD inits need the rank; a MoE router gate ``nn.Linear(d, num_experts)`` is too small),
+    with a warning naming them (unless not ``warn_skipped``); a list of targets keeps them
+    (:func:`wrap` then refuses them).
 
     Raises
     ------
@@ -81,7 +88,7 @@ def find_targets(
         weight_names.setdefault(id(p), []).append(name)
     inside_mha = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     excluded = _excluded_heads(model, head_names) if target_modules == ALL_LINEAR else []
-    found = []
+    found, too_small = [], []
     for name, module in model.named_modules():
         if not name:
             continue
@@ -89,6 +96,9 @@ def find_targets(
             if not isinstance(module, nn.Linear) or id(module) in inside_mha:
                 continue
             if any(name == h or name.startswith(h + ".") for h in excluded):
+                continue
+            if min(module.in_features, module.out_features) < min_size:
+                too_small.append(f"{name} ({module.in_features}→{module.out_features})")
                 continue
         elif not _matches(name, target_modules):
             continue
@@ -114,13 +124,36 @@ def find_targets(
                 "target_modules, or use init='lora'"
             )
         found.append(name)
+    skipped = ""
+    if too_small:
+        skipped = (
+            f"min(out_features, in_features) < rank = {min_size} for the init: "
+            f"{', '.join(too_small[:8])}{' …' if len(too_small) > 8 else ''}"
+        )
     if not found:
         linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
+        conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"][:4]
         raise ValueError(
             f"meldkit.goat.wrap: target_modules={target_modules!r} matches no nn.Linear of the "
             f"model (some of its linear layers: {linear})"
+            + (f"; skipped as too small, {skipped}" if skipped else "")
+            + (
+                f"; its Conv1D layers ({conv1d}, GPT-2's transformers.pytorch_utils.Conv1D) "
+                "are not nn.Linear: GOAT adapts torch.nn.Linear layers only"
+                if conv1d
+                else ""
+            )
         )
+    if skipped and warn_skipped:
+        message = f"meldkit.goat: 'all-linear' skips {len(too_small)} layers, {skipped}"
+        warnings.warn(message, stacklevel=3)  # the caller of wrap
     return found
+
+
+def min_target_size(config: GoatConfig) -> int:
+    """The smallest min(out_features, in_features) that ``config``'s init can adapt: the rank
+    for the SVD inits, 0 for ``"lora"``."""
+    return 0 if config.init == "lora" else config.rank
 
 
 def find_saved_modules(
@@ -219,11 +252,27 @@ def _shift_base(weight: torch.Tensor, delta_a: torch.Tensor, delta_b: torch.Tens
         weight.copy_(shifted(weight, delta_a, delta_b, sign))
 
 
-def adjust_base(layer: GoatLinear, delta_a: torch.Tensor, delta_b: torch.Tensor) -> None:
+def adjust_base(
+    layer: GoatLinear,
+    delta_a: torch.Tensor,
+    delta_b: torch.Tensor,
+    dtype: torch.dtype | None = None,
+) -> None:
     """Set the base weight to ``W0 − delta_b @ delta_a`` and remember the factors in
-    ``layer.alignment`` (fp32, CPU)."""
-    _shift_base(layer.base_layer.weight, delta_a, delta_b, -1)
+    ``layer.alignment`` (fp32, CPU) and the dtype the adjustment was rounded to in
+    ``layer.base_dtype``.
+
+    The sum is :func:`shifted`'s (fp32 arithmetic) on W0 taken in ``dtype`` (default: the
+    weight's own), rounded once to ``dtype``, then cast to the weight's dtype: with the dtype
+    :func:`wrap` adjusted the base in, :func:`meldkit.goat.load_adapter` rebuilds the trained
+    model's base exactly from a fresh base of that dtype or a wider one (a model wrapped in
+    bf16 and cast to fp32 afterwards), and from a narrower one within one rounding to it."""
+    weight = layer.base_layer.weight
+    dtype = dtype or weight.dtype
+    with torch.no_grad():
+        weight.copy_(shifted(weight.detach().to(dtype), delta_a, delta_b, -1))
     layer.alignment = (delta_a.detach().cpu(), delta_b.detach().cpu())
+    layer.base_dtype = dtype
 
 
 def build_layer(
@@ -236,17 +285,19 @@ def build_layer(
     alignment: tuple[torch.Tensor, torch.Tensor] | None,
     keep_original: bool,
     scaling: torch.Tensor | None = None,
+    base_dtype: torch.dtype | None = None,
 ) -> GoatLinear:
     """A :class:`GoatLinear` around ``linear`` with the given weights; applies ``alignment`` to
-    the base, keeping a CPU copy of W0 first when ``keep_original`` (an unadjusted base needs
-    none). The layer takes the replaced layer's train/eval mode: a model in eval mode (as
-    ``from_pretrained`` returns it) stays in eval mode, its experts' dropout off."""
+    the base in ``base_dtype`` (default the weight's; :func:`adjust_base`), keeping a CPU copy of
+    W0 first when ``keep_original`` (an unadjusted base needs none). The layer takes the
+    replaced layer's train/eval mode: a model in eval mode (as ``from_pretrained`` returns it)
+    stays in eval mode, its experts' dropout off."""
     layer = GoatLinear(linear, config, lora_a, lora_b, router_weight, scaling)
     layer.train(linear.training)
     if alignment is not None:
         if keep_original:
             layer.original_weight = linear.weight.detach().to("cpu", copy=True)
-        adjust_base(layer, *alignment)
+        adjust_base(layer, *alignment, dtype=base_dtype)
     return layer
 
 
@@ -447,14 +498,20 @@ def wrap(model: nn.Module, config: GoatConfig, *, keep_original: bool = True) ->
         ``config`` is not a :class:`GoatConfig`.
     ValueError
         Nothing matches ``config.target_modules``, a target is not a floating-point
-        ``nn.Linear``, a layer is too small for an SVD init (min(m, n) < rank), or the model
-        already has GOAT layers.
+        ``nn.Linear``, a listed target is too small for an SVD init (min(m, n) < rank;
+        ``"all-linear"`` skips such layers with a warning naming them), or the model already
+        has GOAT layers.
     """
     if not isinstance(config, GoatConfig):
         raise TypeError(f"meldkit.goat.wrap: config must be a GoatConfig, got {type(config)}")
     if any(True for _ in goat_layers(model)):
         raise ValueError("meldkit.goat.wrap: the model already has GOAT layers (unwrap it first)")
-    names = find_targets(model, config.target_modules, adjusts_base=config.init != "lora")
+    names = find_targets(
+        model,
+        config.target_modules,
+        adjusts_base=config.init != "lora",
+        min_size=min_target_size(config),
+    )
     saved = find_saved_modules(model, config.modules_to_save, names)
     e, d = config.num_experts, config.expert_rank
     for name in names:
@@ -581,7 +638,8 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     RuntimeError
         No forward pass has run a GOAT layer since wrapping, or a training-mode call ran without
         autograd while grad mode is on now (reentrant activation checkpointing; see
-        :meth:`GoatLinear.balance_loss`).
+        :meth:`GoatLinear.balance_loss`) and ``aux_loss_coef`` is not 0 (with 0 the result is
+        a zero tensor, whatever the checkpointing).
     """
     layers = [layer for _, layer in goat_layers(model)]
     if not layers:
@@ -591,7 +649,12 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
         raise RuntimeError(
             "meldkit.goat.aux_loss: no forward pass has run any GOAT layer of the model yet"
         )
-    return sum(layer.config.aux_loss_coef * layer.balance_loss() for layer in ran)
+    weighted = [layer for layer in ran if layer.config.aux_loss_coef != 0]
+    if (
+        not weighted
+    ):  # coefficient 0: nothing to compute (and no autograd needed, any checkpointing)
+        return torch.zeros((), dtype=torch.float32, device=ran[0].lora_a.device)
+    return sum(layer.config.aux_loss_coef * layer.balance_loss() for layer in weighted)
 
 
 def config_of(model: nn.Module) -> GoatConfig:

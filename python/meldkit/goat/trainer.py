@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
+import logging
 from typing import Any
 
 import transformers
 from torch import nn
 
 from meldkit.goat.model import aux_loss
+
+logger = logging.getLogger(__name__)
 
 
 class GoatTrainerMixin:
@@ -25,7 +29,19 @@ class GoatTrainerMixin:
     When the Trainer does not divide the loss by the gradient-accumulation steps itself (the
     task loss is already normalised over the accumulated batch, ``num_items_in_batch``), the
     aux loss, a per-batch mean, is divided here instead.
+
+    With activation (gradient) checkpointing enabled and no ``use_reentrant`` chosen in its
+    kwargs, the Trainer is set to ``use_reentrant=False`` (logged): the reentrant variant runs
+    the forward without autograd, so the aux loss could not reach the routers. A
+    ``use_reentrant=True`` the user chose stays (fine with ``aux_loss_coef=0``).
+    ``nn.DataParallel`` (what the Trainer uses with several GPUs in one process) is refused:
+    its replicas would each keep their own router probabilities and the aux loss would see one
+    replica's; launch with ``torchrun`` (DDP) instead.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _checkpoint_without_reentrance(self.args)
 
     def compute_loss(
         self,
@@ -38,11 +54,22 @@ class GoatTrainerMixin:
         parent = super().compute_loss
         if _accepts(getattr(parent, "__func__", parent), "num_items_in_batch"):
             kwargs["num_items_in_batch"] = num_items_in_batch  # transformers >= 4.46
+        if isinstance(model, nn.DataParallel) and len(model.device_ids) > 1 and model.training:
+            raise RuntimeError(
+                f"GoatTrainer: the model runs under nn.DataParallel on {len(model.device_ids)} "
+                "devices (several GPUs in one process), whose replicas each keep their own "
+                "router probabilities: the aux loss would count one replica's tokens only. "
+                "Launch with torchrun (DistributedDataParallel), or limit CUDA_VISIBLE_DEVICES "
+                "to one GPU"
+            )
         loss, outputs = parent(model, inputs, return_outputs=True, **kwargs)
         if model.training:
             aux = aux_loss(model)
             if self._loss_scaled_for_accumulation(num_items_in_batch):
-                aux = aux / getattr(self, "current_gradient_accumulation_steps", 1)
+                # Set by the training loop (the steps of the current accumulation window, fewer
+                # at the end of an epoch); the configured number outside it.
+                steps = getattr(self, "current_gradient_accumulation_steps", None)
+                aux = aux / (steps or self.args.gradient_accumulation_steps)
             loss = loss + aux.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
 
@@ -54,6 +81,37 @@ class GoatTrainerMixin:
         return bool(
             getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
         ) or (getattr(self, "compute_loss_func", None) is not None)
+
+
+def _checkpoint_without_reentrance(args: Any) -> None:
+    """``use_reentrant=False`` in ``args``' activation-checkpointing kwargs when checkpointing
+    is enabled and the user did not choose (transformers 5 names them ``activation_*``, 4.x
+    ``gradient_*``; 5.x keeps the old names as mirrors of the new)."""
+    for flag, key in (
+        ("activation_checkpointing", "activation_checkpointing_kwargs"),
+        ("gradient_checkpointing", "gradient_checkpointing_kwargs"),
+    ):
+        if not hasattr(args, key):
+            continue
+        if not getattr(args, flag, False):
+            return
+        kwargs = getattr(args, key) or {}
+        if isinstance(kwargs, str):  # JSON given on the command line
+            kwargs = json.loads(kwargs)
+        if "use_reentrant" in kwargs:
+            return
+        setattr(args, key, {**kwargs, "use_reentrant": False})
+        if key == "activation_checkpointing_kwargs" and hasattr(
+            args, "gradient_checkpointing_kwargs"
+        ):
+            args.gradient_checkpointing_kwargs = args.activation_checkpointing_kwargs
+        logger.info(
+            "GoatTrainer: activation checkpointing with use_reentrant=False (the reentrant "
+            "variant would give the routers no gradient from the aux loss); pass "
+            "use_reentrant in %s to choose",
+            key,
+        )
+        return
 
 
 @functools.lru_cache(maxsize=64)
