@@ -100,3 +100,94 @@ def test_bench_unknown_op_fails_clearly():
     res = run_cli("bench", "--op", "no_such_op")
     assert res.returncode != 0
     assert "no_such_op" in res.stderr and "weighted_sum" in res.stderr
+
+
+def _merge_inputs(tmp_path):
+    """A tiny base, two fine-tunes and a dare_ties config over them (random masks: the seed
+    matters)."""
+    import yaml
+
+    from meldkit.merging.synthetic import (
+        llama_config,
+        llama_shapes,
+        random_state,
+        sparse_finetune,
+        write_checkpoint,
+    )
+
+    config = llama_config(2, 16, 48, 64, 2)
+    base = random_state(llama_shapes(2, 16, 48, 64), seed=0)
+    paths = [write_checkpoint(tmp_path / "base", base, config=config)]
+    for i in range(2):
+        tune = sparse_finetune(base, seed=1 + i, fraction=0.4)
+        paths.append(write_checkpoint(tmp_path / f"ft{i}", tune, config=config))
+    cfg = {
+        "merge_method": "dare_ties",
+        "base_model": str(paths[0]),
+        "models": [
+            {"model": str(p), "parameters": {"weight": 1.0, "density": 0.5}} for p in paths[1:]
+        ],
+    }
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_merge_accepts_mergekit_yaml_flags(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    cfg = _merge_inputs(tmp_path)
+    quiet = ["--no-progress"]
+
+    def weights(out):
+        return load_file(str(out / "model.safetensors"))
+
+    # --random-seed is mergekit's --seed
+    assert main(["merge", str(cfg), str(tmp_path / "s7"), "--seed", "7", *quiet]) == 0
+    assert main(["merge", str(cfg), str(tmp_path / "r7"), "--random-seed", "7", *quiet]) == 0
+    assert main(["merge", str(cfg), str(tmp_path / "s0"), *quiet]) == 0
+    s7, r7, s0 = (weights(tmp_path / n) for n in ("s7", "r7", "s0"))
+    assert all(s7[k].equal(r7[k]) for k in s7)
+    assert not all(s7[k].equal(s0[k]) for k in s7)  # the seed reached the masks
+    capsys.readouterr()
+    assert main(["merge", str(cfg), str(tmp_path / "x"), "--seed", "1", "--random-seed", "2"]) == 2
+    assert "--seed 1 and --random-seed 2 disagree" in capsys.readouterr().err
+    # flags that change nothing in meldkit: accepted, each with a note saying why
+    args = ["--allow-crimes", "--lazy-unpickle", "--copy-tokenizer", *quiet]
+    assert main(["merge", str(cfg), str(tmp_path / "noop"), *args]) == 0
+    err = capsys.readouterr().err
+    assert "note: --allow-crimes changes nothing: meldkit does not compare architectures" in err
+    assert "note: --lazy-unpickle changes nothing" in err and "need --allow-pickle" in err
+    assert "note: --copy-tokenizer changes nothing: meldkit always copies the tokenizer" in err
+    assert all(weights(tmp_path / "noop")[k].equal(s0[k]) for k in s0)
+    # --cuda is --device cuda
+    seen = {}
+
+    def fake_merge(config, out_dir, **options):
+        seen.update(options)
+        return out_dir
+
+    monkeypatch.setattr("meldkit.merging.merge", fake_merge)
+    assert main(["merge", str(cfg), str(tmp_path / "gpu"), "--cuda"]) == 0
+    assert seen["device"] == "cuda" and seen["seed"] == 0
+    assert main(["merge", str(cfg), str(tmp_path / "gpu"), "--cuda", "--device", "cuda:0"]) == 0
+    assert seen["device"] == "cuda:0"
+    capsys.readouterr()
+    assert main(["merge", str(cfg), str(tmp_path / "gpu"), "--cuda", "--device", "cpu"]) == 2
+    assert "--cuda and --device cpu disagree" in capsys.readouterr().err
+
+
+def test_merge_help_lists_mergekit_flags_apart():
+    res = run_cli("merge", "--help")
+    assert res.returncode == 0
+    text = res.stdout
+    group = text[text.index("mergekit-yaml's flags:") :]
+    for flag in (
+        "--cuda",
+        "--random-seed N",
+        "--allow-crimes",
+        "--lazy-unpickle",
+        "--copy-tokenizer",
+    ):
+        assert flag in group
+    assert "--read-ahead" not in group  # meldkit's own options come first, in their own list

@@ -29,6 +29,41 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from meldkit.merging import ConfigError, MergeError, merge
     from meldkit.merging.checkpoint import CheckpointError
 
+    # mergekit's flags (mergekit-yaml's), for configs and scripts written for it.
+    if args.cuda and args.device is not None and not args.device.startswith("cuda"):
+        print(f"meldkit merge: --cuda and --device {args.device} disagree", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if args.cuda else "cpu")
+    if args.random_seed is not None and args.seed is not None and args.random_seed != args.seed:
+        print(
+            f"meldkit merge: --seed {args.seed} and --random-seed {args.random_seed} disagree "
+            "(--random-seed is mergekit's name for --seed)",
+            file=sys.stderr,
+        )
+        return 2
+    seed = args.seed if args.seed is not None else (args.random_seed or 0)
+    for flag, given, why in (
+        (
+            "--allow-crimes",
+            args.allow_crimes,
+            "meldkit does not compare architectures: it merges any models whose tensors match "
+            "by name, shape and dtype kind, and refuses the others",
+        ),
+        (
+            "--lazy-unpickle",
+            args.lazy_unpickle,
+            "meldkit reads every tensor lazily (safetensors; pickle .bin files, which need "
+            "--allow-pickle, are memory-mapped)",
+        ),
+        (
+            "--copy-tokenizer",
+            args.copy_tokenizer,
+            "meldkit always copies the tokenizer files (the base's, or tokenizer_source's)",
+        ),
+    ):
+        if given:
+            print(f"meldkit merge: note: {flag} changes nothing: {why}", file=sys.stderr)
+
     def _terminated(signum, frame):  # unwinds through merge(), which removes its partial output
         raise SystemExit(128 + signum)
 
@@ -43,9 +78,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         out = merge(
             args.config,
             args.out_dir,
-            device=args.device,
+            device=device,
             out_shard_size=args.out_shard_size,
-            seed=args.seed,
+            seed=seed,
             allow_pickle=args.allow_pickle,
             progress=not args.no_progress,
             trim_scope=args.trim_scope,
@@ -120,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="output folder (must not exist or be empty)")
     p.add_argument(
         "--device",
-        default="cpu",
+        default=None,
         type=_device_arg,
         metavar="{cpu,cuda,cuda:N}",
         help="where the arithmetic runs: cpu, cuda or cuda:N (default cpu)",
@@ -134,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seed",
         type=_seed_arg,
-        default=0,
+        default=None,
         help="seed of DARE/DELLA masks, an integer in [0, 2**63) (default 0)",
     )
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) checkpoints")
@@ -159,6 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
         "merge (so inputs not yet cached arrive from every file at once): a size, 0 for only "
         "the next tensor, none for no read-ahead; default 32MB",
     )
+    mk = p.add_argument_group(
+        "mergekit-yaml's flags", "accepted so that mergekit commands run unchanged"
+    )
+    mk.add_argument("--cuda", action="store_true", help="same as --device cuda")
+    mk.add_argument(
+        "--random-seed",
+        type=_seed_arg,
+        default=None,
+        metavar="N",
+        help="same as --seed (the masks are meldkit's, not mergekit's)",
+    )
+    for flag in ("--allow-crimes", "--lazy-unpickle", "--copy-tokenizer"):
+        mk.add_argument(
+            flag, action="store_true", help="changes nothing in meldkit (a note says why)"
+        )
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("demo", help="run each op on random data against its reference")

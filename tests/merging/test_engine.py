@@ -463,8 +463,14 @@ def test_the_output_has_a_model_card(zoo):
     assert f"on the base model `{paths['base']}`" in card
     assert all(f"- `{paths[f'ft{i}']}`" in card for i in range(3))
     assert "seed 5" in card and "magnitude trimming per tensor" in card
-    assert "computed in float32, stored in bfloat16" in card
+    assert "inputs converted to float32 (the config's dtype), merged in float32, stored in " in card
     assert "```yaml\n" + yml.read_text().rstrip() + "\n```" in card
+    # dtype bfloat16 rounds the inputs; the arithmetic stays float32 (not "computed in bfloat16")
+    bf16 = {**cfg, "dtype": "bfloat16"}
+    del bf16["out_dtype"]
+    card = (merge(bf16, tmp / "out_bf16", progress=False) / "README.md").read_text()
+    assert "inputs rounded to bfloat16 (the config's dtype), merged in float32, stored in " in card
+    assert "computed in" not in card
     # A dict config is dumped as YAML; hub cache folders are named by their id.
     hub = tmp / "hub" / "models--someorg--tiny-llama" / "snapshots" / "abc123"
     hub.parent.mkdir(parents=True)
@@ -627,23 +633,47 @@ def test_a_terminated_merge_leaves_nothing_and_killed_ones_are_cleaned_up(zoo):
     assert not out.exists() and not list(tmp.glob(".killed.*"))
 
     # A merge killed without a chance to clean up (SIGKILL) leaves its folder; the next merge
-    # into the same place removes it, and leaves a live merge's folder and unmarked ones alone.
+    # beside it, into any folder, removes it and says so, and leaves a live merge's folder and
+    # unmarked ones alone.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLABLE_MERGE, str(cfg), str(tmp / "sigkilled")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    with proc.stdout:
+        assert proc.stdout.readline().strip() == "merging"
+        proc.kill()
+        proc.wait(timeout=60)
+    (sigkilled,) = tmp.glob(".sigkilled.*")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     host = __import__("socket").gethostname()
+    parent = os.getppid()
+    stat = Path(f"/proc/{parent}/stat").read_text()
+    started = stat[stat.rindex(")") + 2 :].split()[19]  # field 22: the start time
     for name, marker in (
         (".killed.dead", f"{dead.pid} {host}"),
-        (".killed.live", f"{os.getppid()} {host}"),
+        (".killed.live", f"{parent} {host}"),
+        (".killed.live_started", f"{parent} {host} {started}"),
+        (".killed.reused", f"{parent} {host} 1"),  # its PID now names another process
         (".killed.other", f"{dead.pid} another-host"),
         (".killed.user", None),
     ):
         (tmp / name).mkdir()
         if marker is not None:
             (tmp / name / ".meldkit-partial").write_text(marker)
-    with pytest.warns(UserWarning, match=f"process {dead.pid}"):
+    with pytest.warns(
+        UserWarning,
+        match=r"removed 3 partial output\(s\) of merges that were "
+        r"killed",
+    ) as info:
         merge(config_for("ties", paths), out, progress=False)
-    assert not (tmp / ".killed.dead").exists()
-    assert all((tmp / n).is_dir() for n in (".killed.live", ".killed.other", ".killed.user"))
+    text = str(info[0].message)
+    assert f"{sigkilled} (process {proc.pid}, " in text and f"process {dead.pid}, " in text
+    assert not sigkilled.exists()
+    assert not (tmp / ".killed.dead").exists() and not (tmp / ".killed.reused").exists()
+    for n in (".killed.live", ".killed.live_started", ".killed.other", ".killed.user"):
+        assert (tmp / n).is_dir(), n
     assert not (out / ".meldkit-partial").exists()
 
 
@@ -679,6 +709,64 @@ def test_hugging_face_ids_resolve_from_the_local_cache(zoo, monkeypatch):
     cfg["base_model"] = "org/not-downloaded"
     with pytest.raises(MergeError, match="local cache only: download the model first"):
         merge(cfg, tmp / "missing", progress=False)
+
+
+def test_a_missing_hugging_face_id_names_the_id_and_the_cause(zoo, monkeypatch):
+    # huggingface_hub is not a dependency: without it, an ID cannot be read, and the error
+    # says so (not "<yaml folder>/org/model: no such model folder")
+    tmp, _, _, paths = zoo
+    monkeypatch.chdir(tmp)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails: not installed
+    cfg = config_for("ties", paths)
+    cfg["base_model"] = "org/tiny-base"
+    with pytest.raises(MergeError) as info:
+        merge(cfg, tmp / "out", progress=False)
+    text = str(info.value)
+    assert text.startswith("base_model: org/tiny-base: no such model folder or file: tried ")
+    assert "needs the huggingface_hub package, which is not installed" in text
+    assert "hf download org/tiny-base" in text
+    # mergekit's MODEL+LORA: refused as such
+    cfg["base_model"] = "org/tiny-base+org/tiny-lora"
+    with pytest.raises(
+        ConfigError,
+        match=r"base_model: org/tiny-base\+org/tiny-lora: "
+        r"mergekit's MODEL\+LORA syntax .* is not supported",
+    ):
+        parse_config(cfg)
+    assert not (tmp / "out").exists()
+
+
+def test_relative_model_paths_resolve_as_mergekit_then_beside_the_config(zoo, monkeypatch):
+    tmp, _, _, paths = zoo
+    monkeypatch.chdir(tmp)
+    folder = tmp / "configs"
+    folder.mkdir()
+    cfg = config_for("ties", paths)
+    cfg["base_model"] = "base"  # in the working directory, where mergekit looks
+    cfg["models"][0]["model"] = "ft0"
+    (folder / "cwd.yaml").write_text(yaml.safe_dump(cfg))
+    parsed = parse_config(folder / "cwd.yaml")
+    assert parsed.base == Path("base").absolute() and parsed.models[0].path.name == "ft0"
+    assert parsed.models[0].path.parent == tmp
+    # only beside the config: found there
+    write_model(folder / "beside", llama_state(0))
+    cfg["models"][1]["model"] = "beside"
+    (folder / "beside.yaml").write_text(yaml.safe_dump(cfg))
+    assert parse_config(folder / "beside.yaml").models[1].path == folder / "beside"
+    # in both: the working directory's, as mergekit reads it, with a warning
+    write_model(tmp / "beside", llama_state(0))
+    with pytest.warns(UserWarning, match=r"models\[1\]\.model: beside names .* merging"):
+        assert parse_config(folder / "beside.yaml").models[1].path == tmp / "beside"
+    # in neither: both named
+    cfg["models"][1]["model"] = str(paths["ft1"])
+    cfg["models"][2]["model"] = "nowhere"
+    (folder / "nowhere.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(MergeError) as info:
+        merge(folder / "nowhere.yaml", tmp / "out", progress=False)
+    text = str(info.value)
+    assert text.startswith("models[2].model: nowhere: no such model folder or file: tried ")
+    assert f"{tmp / 'nowhere'} (the working directory, where mergekit looks)" in text
+    assert f"{folder / 'nowhere'} (the config's folder)" in text
 
 
 def _meldkit_merge_cli(*args):
@@ -789,6 +877,99 @@ def test_gradient_and_filtered_parameters(zoo):
         assert torch.equal(out[name], expected), name
 
 
+def test_layer_positions_count_each_stack_as_mergekit_does():
+    # mergekit positions layer i of a module's L layers at i / (L - 1), each module (language
+    # layers, vision blocks, T5's encoder and decoder) with its own L from config.json.
+    from meldkit.merging.engine import layer_layout, layer_positions
+
+    def stack(prefix, count, leaf="mlp.weight"):
+        return [f"{prefix}.{i}.{leaf}" for i in range(count)]
+
+    # Qwen2-VL: 28 language layers, 32 vision blocks
+    vl = ["model.embed_tokens.weight", *stack("model.layers", 28), *stack("visual.blocks", 32)]
+    pos = layer_positions(vl, {"num_hidden_layers": 28, "vision_config": {"depth": 32}})
+    assert pos["model.layers.27.mlp.weight"] == 1.0
+    assert pos["model.layers.14.mlp.weight"] == 14 / 27
+    assert pos["visual.blocks.31.mlp.weight"] == 1.0
+    assert pos["model.embed_tokens.weight"] == 0.0
+    # T5: block 3 of 6 (its inner "layer.1" is not the layer)
+    t5 = [
+        f"{p}.block.{i}.layer.{j}.w.weight"
+        for p in ("encoder", "decoder")
+        for i in range(6)
+        for j in (0, 1)
+    ]
+    pos = layer_positions(t5, {"num_layers": 6, "num_decoder_layers": 6})
+    assert pos["encoder.block.3.layer.1.w.weight"] == 3 / 5
+    assert pos["decoder.block.5.layer.0.w.weight"] == 1.0
+    # names that start with the list (a bare transformer, RWKV)
+    pos = layer_positions(
+        [*stack("layers", 3), *stack("blocks", 5, "att.key.weight"), "head.weight"]
+    )
+    assert pos["layers.2.mlp.weight"] == 1.0 and pos["layers.1.mlp.weight"] == 0.5
+    assert pos["blocks.2.att.key.weight"] == 0.5
+    assert pos["head.weight"] == 0.0
+    # what makes the positions uncertain
+    assert layer_layout(stack("model.layers", 4), {"num_hidden_layers": 4}).problems == []
+    (gap,) = layer_layout([n for n in stack("model.layers", 4) if ".2." not in n]).problems
+    assert "model.layers: layers 2 missing" in gap
+    (cfg,) = layer_layout(stack("model.layers", 4), {"num_hidden_layers": 6}).problems
+    assert "num_hidden_layers = 6, but model.layers has 4 layers" in cfg
+    (none,) = layer_layout(vl, {"num_hidden_layers": 30}).problems
+    assert "no stack has that many: model.layers (28), visual.blocks (32)" in none
+
+
+def test_gradients_follow_each_stack_and_are_refused_where_positions_are_uncertain(zoo):
+    from meldkit.ops.merge import merge_tensors
+
+    tmp, _, _, _ = zoo
+    g = torch.Generator().manual_seed(5)
+    base = {f"model.layers.{i}.w.weight": torch.randn(8, 8, generator=g) for i in range(2)}
+    base |= {f"visual.blocks.{i}.w.weight": torch.randn(8, 8, generator=g) for i in range(5)}
+    base["model.embed_tokens.weight"] = torch.randn(16, 8, generator=g)
+    config = {"num_hidden_layers": 2, "vision_config": {"depth": 5}}
+    paths = {"base": write_checkpoint(tmp / "vl_base", base, config=config)}
+    tunes = [sparse_finetune(base, s, fraction=0.5, scale=0.1) for s in (1, 2)]
+    for i, t in enumerate(tunes):
+        paths[f"ft{i}"] = write_checkpoint(tmp / f"vl_ft{i}", t, config=config)
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(paths["base"]),
+        "models": [
+            {"model": str(paths[f"ft{i}"]), "parameters": {"weight": 1.0, "density": [0.2, 0.8]}}
+            for i in range(2)
+        ],
+    }
+    out = read(merge(cfg, tmp / "vl_out", progress=False))
+    for name, t in [
+        ("model.layers.1.w.weight", 1.0),  # the last language layer, not 1/4
+        ("visual.blocks.2.w.weight", 0.5),
+        ("model.embed_tokens.weight", 0.0),
+    ]:
+        expected = merge_tensors(
+            base[name],
+            [tu[name] for tu in tunes],
+            "ties",
+            weights=[1.0, 1.0],
+            densities=[0.2 + 0.6 * t] * 2,
+            tie="exact_k",
+        )
+        assert torch.equal(out[name], expected), name
+    # a config.json that contradicts the tensors: a gradient is refused before any merging,
+    # a merge without one goes ahead
+    (paths["base"] / "config.json").write_text(json.dumps({"num_hidden_layers": 3}))
+    with pytest.raises(
+        MergeError,
+        match=r"a gradient parameter needs each tensor's layer "
+        r"position.*num_hidden_layers = 3, but no stack has that many",
+    ):
+        merge(cfg, tmp / "vl_bad", progress=False)
+    assert not (tmp / "vl_bad").exists()
+    for m in cfg["models"]:
+        m["parameters"]["density"] = 0.5
+    merge(cfg, tmp / "vl_flat", progress=False)
+
+
 def test_a_filter_that_matches_nothing_falls_through_to_the_top_level(zoo):
     # mergekit resolves a parameter from the most specific scope whose value applies: a
     # model's filtered weight that matches no filter gives the top-level weight, not the default.
@@ -885,6 +1066,51 @@ def test_queued_writes_run_inside_the_merge_kernels_and_report_errors(tmp_path):
         _native._C.side_jobs_wait(10**12)
     with pytest.raises(ValueError, match="bad descriptor"):
         _native._C.side_advise(-1, 0, 16)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_the_output_folder_gets_the_mode_of_a_new_folder(zoo, umask):
+    # the temporary folder is private (mkdtemp: 0700) while it is written; the output is not
+    tmp, _, _, paths = zoo
+    old = os.umask(umask)
+    try:
+        out = merge(config_for("ties", paths), tmp / "out", progress=False)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_too_little_free_space_fails_before_merging(zoo, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    tmp, base, _, paths = zoo
+    asked = []
+    usage = namedtuple("usage", "total used free")
+
+    def small_disk(path):
+        asked.append(Path(path))
+        return usage(10**12, 10**12 - 1000, 1000)
+
+    monkeypatch.setattr(shutil, "disk_usage", small_disk)
+    monkeypatch.setattr("meldkit.ops.merge_tensors", _never_merge)
+    # out_dtype bfloat16: 2 bytes a float, the integer buffer as it is
+    needed = sum(
+        t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in base.values()
+    )
+    assert 10**4 < needed < 10**5
+    with pytest.raises(
+        MergeError,
+        match=rf"out_dir .*new/out: the merged model needs {needed / 1e3:.1f} kB, "
+        r"but .* has 1\.0 kB free: free some space or write the output elsewhere",
+    ):
+        merge(config_for("ties", paths), tmp / "new" / "out", progress=False)
+    assert asked == [tmp]  # the nearest folder that exists
+    assert not (tmp / "new").exists()
+
+
+def _never_merge(*args, **kwargs):
+    raise AssertionError("merged a tensor before the checks")
 
 
 def test_writer_refuses_what_its_plan_does_not_hold(tmp_path):
@@ -1069,32 +1295,27 @@ def test_keys_mergekit_accepts_are_accepted(zoo):
         cfg = config_for("ties", paths)
         cfg["merge_method"] = method
         cfg["parameters"] = {"int8_mask": True, "rescale": False, "lambda": 1.0}
-        parse_config(cfg)
+        if method == "task_arithmetic":
+            with pytest.warns(UserWarning, match="change nothing in task_arithmetic"):
+                parse_config(cfg)
+        else:
+            parse_config(cfg)
     # task_arithmetic takes density and rescale, as mergekit does, and ignores them as mergekit
-    # does (it sparsifies nothing): the merge is the same
+    # does (it sparsifies nothing), saying so: the merge is the same
     ta = config_for("task_arithmetic", paths)
     plain = read(merge(ta, tmp / "plain", progress=False))
     for m in ta["models"]:
         m["parameters"]["density"] = 0.3
     ta["parameters"] = {"rescale": True, "int8_mask": True}
-    assert all(
-        torch.equal(a, b)
-        for a, b in zip(
-            read(merge(ta, tmp / "ta", progress=False)).values(), plain.values(), strict=True
-        )
-    )
+    with pytest.warns(UserWarning, match="density and rescale change nothing in task_arithmetic"):
+        inert = read(merge(ta, tmp / "ta", progress=False))
+    assert all(torch.equal(a, b) for a, b in zip(inert.values(), plain.values(), strict=True))
     # int8_mask changes nothing: mergekit's memory saving for masks meldkit never holds
     ties = config_for("ties", paths)
     a = read(merge(ties, tmp / "a", progress=False))
     b = read(merge({**ties, "parameters": {"int8_mask": True}}, tmp / "b", progress=False))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    # a per-model lambda: mergekit accepts it and ignores it (lambda is read from the top
-    # level); meldkit too, with a warning
-    lam = config_for("task_arithmetic", paths)
-    lam["models"][0]["parameters"]["lambda"] = 0.1
-    with pytest.warns(UserWarning, match=r"models\[0\].parameters: lambda ignored here"):
-        parsed = parse_config(lam)
-    assert "lambda" not in parsed.models[0].params
+    # rescale by name: the DARE paper's inverse density
     # rescale by name: the DARE paper's inverse density
     dare = config_for("dare_ties", paths)
     for name in ("inverse_density", "l1", "none"):
@@ -1103,6 +1324,55 @@ def test_keys_mergekit_accepts_are_accepted(zoo):
     dare["parameters"] = {"rescale": "l2"}
     with pytest.raises(ConfigError, match=r"parameters\.rescale: 'l2' is not a rescaling"):
         parse_config(dare)
+
+
+def test_a_top_level_parameter_given_per_model(zoo):
+    # mergekit ignores a per-model lambda silently (it merges with the top-level lambda or its
+    # default, 1). meldkit takes it when every merged model gives the same value, with a
+    # warning, and refuses it otherwise: never ignored.
+    tmp, _, _, paths = zoo
+    top = config_for("ties", paths, **{"lambda": 0.5})
+    per_model = config_for("ties", paths)
+    for m in per_model["models"]:
+        m["parameters"]["lambda"] = 0.5
+    with pytest.warns(
+        UserWarning,
+        match=r"lambda: 0\.5 given by every model .*taken as "
+        r"parameters\.lambda.*mergekit ignores a per-model lambda",
+    ):
+        got = read(merge(per_model, tmp / "per_model", progress=False))
+    want = read(merge(top, tmp / "top", progress=False))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # the base listed among the models need not give it
+    with_base = json.loads(json.dumps(per_model))
+    with_base["models"].insert(0, {"model": str(paths["base"])})
+    with pytest.warns(UserWarning, match="given by every model"):
+        assert parse_config(with_base).params["lambda"] == 0.5
+    one = config_for("ties", paths)
+    one["models"][0]["parameters"]["lambda"] = 0.5
+    with pytest.raises(
+        ConfigError,
+        match=r"models\[0\]\.parameters\.lambda: lambda is a "
+        r"top-level parameter of ties .*but models\[1\]\.parameters gives none",
+    ):
+        parse_config(one)
+    differ = json.loads(json.dumps(per_model))
+    differ["models"][2]["parameters"]["lambda"] = 2.0
+    with pytest.raises(ConfigError, match=r"models\[2\]\.parameters gives 2\.0"):
+        parse_config(differ)
+    clash = {**per_model, "parameters": {"lambda": 0.8}}
+    with pytest.raises(ConfigError, match=r"but parameters\.lambda is 0\.8"):
+        parse_config(clash)
+    # a slice's sources: the same rule, for the slice's value
+    sliced = _slices(paths, [(0, LAYERS)], [{"weight": 0.5, "density": 0.4}])
+    for src in sliced["slices"][0]["sources"][1:]:
+        src["parameters"] = {"lambda": 0.5}
+    with pytest.warns(UserWarning, match=r"taken as slices\[0\]\.parameters\.lambda"):
+        got = read(merge(sliced, tmp / "sliced", progress=False))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    sliced["slices"][0]["sources"][1]["parameters"] = {}
+    with pytest.raises(ConfigError, match=r"slices\[0\]\.sources\[1\]\.parameters gives none"):
+        parse_config(sliced)
 
 
 def test_malformed_parameters_blocks_are_config_errors(zoo):
@@ -1708,3 +1978,20 @@ def test_merge_state_dicts_names_the_tensor_of_another_dtype():
     other = {"a.weight": torch.ones(3, 2), "b.weight": torch.ones(2, dtype=torch.bfloat16)}
     with pytest.raises(MergeError, match=r"b\.weight: torch\.bfloat16 on cpu in model 1, but "):
         merge_state_dicts(base, [dict(base), other], "task_arithmetic")
+
+
+def test_merge_state_dicts_counts_per_model_values_in_models():
+    g = torch.Generator().manual_seed(0)
+    base = {"a": torch.randn(8, 8, generator=g)}
+    models = [{"a": base["a"] + 0.1 * torch.randn(8, 8, generator=g)} for _ in range(2)]
+    with pytest.raises(MergeError, match=r"argument 'weights': 3 values for 2 models"):
+        merge_state_dicts(base, models, "ties", weights=[1, 1, 1], densities=0.5)
+    with pytest.raises(MergeError, match=r"argument 'densities': 1 values for 2 models"):
+        merge_state_dicts(base, models, "ties", weights=[1, 1], densities=[0.5])
+    # a negative epsilon is out of range (density ± epsilon would still lie in (0, 1])
+    with pytest.raises(MergeError, match=r"argument 'epsilons': -0\.1 \(model 0\) is not in "):
+        merge_state_dicts(base, models, "della", weights=[1, 1], densities=0.5, epsilons=-0.1)
+    with pytest.raises(MergeError, match=r"argument 'epsilons': 1\.5 \(model 1\)"):
+        merge_state_dicts(base, models, "della", weights=[1, 1], densities=0.5, epsilons=[0, 1.5])
+    out = merge_state_dicts(base, models, "della", weights=[1, 1], densities=0.5, epsilons=0.1)
+    assert out["a"].shape == (8, 8)

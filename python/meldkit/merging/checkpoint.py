@@ -548,7 +548,7 @@ class ShardedWriter:
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         _remove_abandoned(self.out_dir)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
-        (self.tmp / _PARTIAL).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+        (self.tmp / _PARTIAL).write_text(_partial_marker())
         self._pool = (
             ThreadPoolExecutor(1, thread_name_prefix="meldkit-writer") if background else None
         )
@@ -667,6 +667,11 @@ class ShardedWriter:
         if self.out_dir.exists():
             self.out_dir.rmdir()  # empty (checked in __init__)
         (self.tmp / _PARTIAL).unlink()
+        # mkdtemp made the folder private (0700); the output gets a new folder's mode, as
+        # mkdir would give it: 0777 less the umask.
+        umask = os.umask(0o077)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)
         os.replace(self.tmp, self.out_dir)
         return self.out_dir
 
@@ -687,36 +692,74 @@ class ShardedWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-# In the temporary folder of a merge in progress: "PID HOST" of the process writing it.
+# In the temporary folder of a merge in progress: "PID HOST START" of the process writing it
+# (START: its start time, /proc/PID/stat's field 22, "-" where unknown), so that a PID the
+# system has given to another process since does not keep a killed merge's folder forever.
 _PARTIAL = ".meldkit-partial"
 
 
+def _start_time(pid: int) -> str | None:
+    """Process ``pid``'s start time (clock ticks after boot), None where /proc cannot say."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2 :].split()[19]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _partial_marker() -> str:
+    return f"{os.getpid()} {socket.gethostname()} {_start_time(os.getpid()) or '-'}\n"
+
+
+def _is_abandoned(marker: str) -> int | None:
+    """The PID of the merge that wrote ``marker`` if that merge is gone (killed: no process
+    with that PID on this host, or one started at another time, the PID reused), else None (a
+    live merge, another host's, or a marker this cannot read)."""
+    fields = marker.split()
+    try:
+        pid, host = int(fields[0]), fields[1]
+    except (ValueError, IndexError):
+        return None
+    started = fields[2] if len(fields) > 2 and fields[2] != "-" else None
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return pid
+    except PermissionError:  # another user's process: alive, check its start time below
+        pass
+    except OSError:
+        return None
+    now = _start_time(pid)
+    return pid if started is not None and now is not None and now != started else None
+
+
 def _remove_abandoned(out_dir: Path) -> None:
-    """Remove the temporary folders that merges into ``out_dir`` left behind when they were
-    killed (SIGKILL, a power cut: no chance to clean up): those whose marker names a process of
-    this host that no longer runs. A folder without the marker, or of a live process or another
-    host, is left alone."""
+    """Remove the temporary folders that merges killed without a chance to clean up (SIGKILL,
+    the OOM killer, a power cut) left beside ``out_dir``: every hidden folder of its parent
+    with a merge's marker whose process is gone (:func:`_is_abandoned`), whatever output it
+    was for, with a warning naming each folder, its merge's process and the space freed. A
+    folder without the marker, of a live merge, or of another host is left alone."""
     import warnings
 
-    host = socket.gethostname()
-    for folder in out_dir.parent.glob(f".{out_dir.name}.*"):
+    removed = []
+    for folder in sorted(out_dir.parent.glob(".*")):
         try:
-            pid_text, owner = (folder / _PARTIAL).read_text().split()
-            pid = int(pid_text)
-        except (OSError, ValueError):
+            marker = (folder / _PARTIAL).read_text()
+        except OSError:
             continue
-        if owner != host or pid == os.getpid():
+        pid = _is_abandoned(marker)
+        if pid is None:
             continue
-        try:
-            os.kill(pid, 0)
-            continue  # still running (or another user's)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            removed.append(f"{folder} (process {pid}, {size / 1e6:.1f} MB)")
+    if removed:
         warnings.warn(
-            f"removed {folder}: the partial output of a merge (process {pid}) that was killed",
+            f"removed {len(removed)} partial output(s) of merges that were killed before they "
+            f"could clean up: {'; '.join(removed)}",
             stacklevel=3,
         )
 

@@ -31,15 +31,17 @@ parameters, its slice's or the top-level ones; a missing weight, or a filtered w
 matches some tensor by no filter and has no value below it, is an error naming the model, the
 tensor and the parameter (before any tensor is merged). Some change nothing, in meldkit as in
 mergekit: ``int8_mask`` (mergekit's memory saving for its sign masks; meldkit holds no mask
-tensor), and task_arithmetic's ``density`` and ``rescale`` (it sparsifies nothing). A top-level
-parameter given per model (say, ``lambda`` in a model's ``parameters``) is accepted as mergekit
-accepts it, and ignored as mergekit ignores it, with a warning. ``rescale`` is a bool as in
-mergekit (``true``: the method's own rescaling, L1 matching) or one of meldkit's named
-rescalings ``none``, ``l1``, ``inverse_density`` (divide by the keep probability, as the DARE
-paper does). The sign-electing methods (ties, dare_ties, breadcrumbs_ties, della) also take
-meldkit's top-level ``consensus``: ``sum`` (the sign of the weighted mass, the default and
-mergekit's only election) or ``count`` (the sign most models vote for), which mergekit does
-not read.
+tensor), and task_arithmetic's ``density`` and ``rescale`` (it sparsifies nothing; accepted
+with a warning saying so). A top-level parameter given per model (say, ``lambda`` in a model's
+``parameters``), which mergekit ignores silently, is taken as the top-level value when every
+merged model gives the same one (with a warning: mergekit would merge with its top-level value
+or default), and is a ConfigError otherwise (or when the top-level value differs).
+``rescale`` is a bool as in mergekit (``true``: the method's own rescaling, L1 matching) or
+one of meldkit's named rescalings ``none``, ``l1``, ``inverse_density`` (divide by the keep
+probability, as the DARE paper does). The sign-electing methods (ties, dare_ties,
+breadcrumbs_ties, della) also take meldkit's top-level ``consensus``: ``sum`` (the sign of the
+weighted mass, the default and mergekit's only election) or ``count`` (the sign most models
+vote for), which mergekit does not read.
 
 Each resolved ``density``, ``gamma`` and ``epsilon`` lies in [0, 1]; DELLA with a
 density strictly between 0 and 1 needs ``density − epsilon > 0`` and ``density + epsilon ≤ 1``
@@ -50,7 +52,11 @@ A per-model parameter is a number, or, as in mergekit:
 
 - a **gradient**, a list of numbers interpolated over the layers: layer i of L gets
   ``t = i / (L − 1)``, and the value at position ``t·(len − 1)`` of the list, linearly between
-  neighbours; tensors outside the layers (embeddings, final norm, head) get ``t = 0``;
+  neighbours; tensors outside the layers (embeddings, final norm, head) get ``t = 0``. Each
+  stack of layers counts its own L, as mergekit counts each module's (a multimodal model's
+  ``model.layers`` and ``visual.blocks``, T5's ``encoder.block`` and ``decoder.block``); where
+  the positions are not certain (a stack with missing layers, a layer count config.json
+  contradicts) a gradient is refused (:func:`meldkit.merging.engine.layer_layout`);
 - **filtered** values, a list of ``{filter: SUBSTRING, value: V}`` entries tried in order: the
   first whose ``filter`` occurs in the tensor's name (or that has no filter, or ``*``) gives V,
   itself a number or a gradient; where none matches, the value given at the next level down
@@ -77,7 +83,8 @@ As in mergekit, a source's parameters override its slice's, which override the t
 slice's ``parameters`` may also give the method's top-level parameters (``lambda``,
 ``normalize``, ``rescale``, ``int8_mask``, slerp's ``t``, ...), which override the top-level ones
 for that slice's tensors (a filter of the slice's that matches no tensor name falls through to the
-top-level value), while a source's are ignored with a warning, as mergekit ignores them; a
+top-level value), while a source's are taken as the slice's when every merged source of the
+slice gives the same value (with a warning: mergekit ignores them) and refused otherwise; a
 gradient is interpolated over the slice's layers (``t = (i − start) / (length − 1)``, 1 for a
 one-layer slice); the tensors before the layers (embeddings: a name with ``embed``, ``wte`` or
 ``wpe``, but not GPT-NeoX's ``embed_out`` head) take the first slice's values at ``t = 0``, the
@@ -175,6 +182,9 @@ class MergeConfig:
     tokenizer_source: Path | None = None
     # The layer count the config's slices cover (None: a models-form config).
     slice_layers: int | None = None
+    # Why a model path named in the config was not found (the folders tried, the Hugging Face
+    # cache), by the path the config resolves it to: the engine's error when it is still missing.
+    missing: dict[Path, str] = dataclasses.field(default_factory=dict)
 
     def model_param(
         self,
@@ -408,12 +418,34 @@ def hub_cache_folder(name: str) -> Path | None:
         return None
 
 
+def hub_missing_reason(name: str) -> str:
+    """Why the Hugging Face model ID ``name`` has no local folder (for an error message):
+    ``huggingface_hub`` not installed, or the model not in its cache."""
+    repo = name.partition("@")[0]
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return (
+            f"as a Hugging Face model ID, {name} needs the huggingface_hub package, which is not "
+            "installed (meldkit does not depend on it): pip install huggingface_hub, then "
+            f"download the model (hf download {repo}), or give its local folder"
+        )
+    return (
+        f"as a Hugging Face model ID, {name} is not in the local cache ({constants.HF_HUB_CACHE}):"
+        f" meldkit reads the local cache only: download the model first (hf download {repo}), "
+        "or give its local folder"
+    )
+
+
 def parse_config(
     raw: Mapping[str, Any] | str | os.PathLike, base_dir: Path | None = None
 ) -> MergeConfig:
     """Validate a mergekit-style configuration (a mapping, or a path to a YAML file).
 
-    Relative model paths resolve against the YAML file's folder (or ``base_dir``).
+    A relative model path resolves against the working directory, as in mergekit, then against
+    the YAML file's folder (or ``base_dir``); then a name such as ``org/model`` is looked up in
+    the local Hugging Face cache. mergekit's ``MODEL+LORA`` (a LoRA applied to a model) is
+    refused.
 
     Raises
     ------
@@ -450,16 +482,43 @@ def parse_config(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
+    folders = [(Path.cwd(), "the working directory, where mergekit looks")]
+    if base_dir is not None and Path(base_dir).resolve() != Path.cwd().resolve():
+        folders.append((Path(base_dir), "the config's folder"))
+    missing: dict[Path, str] = {}
+
     def resolve(p: Any, where: str) -> Path:
         if not isinstance(p, (str, os.PathLike)) or not str(p):
             raise ConfigError(f"{where}: expected a model folder path, got {p!r}")
         path = Path(p)
-        path = path if path.is_absolute() else (base_dir / path)
-        if not path.exists() and isinstance(p, str):
+        tried = [(path, "")] if path.is_absolute() else [(f / path, why) for f, why in folders]
+        found = [c for c, _ in tried if c.exists()]
+        if found:
+            if len(found) > 1 and found[0].resolve() != found[1].resolve():
+                warnings.warn(
+                    f"{where}: {p} names {found[0]} (in the working directory, as mergekit "
+                    f"reads it) and {found[1]} (beside the config): merging {found[0]}",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            return found[0]
+        if isinstance(p, str) and "+" in p:
+            raise ConfigError(
+                f"{where}: {p}: mergekit's MODEL+LORA syntax (a LoRA adapter applied to a model) "
+                "is not supported: merge the adapter into its model first (peft's "
+                "merge_and_unload) and give the merged model's folder (no folder of that name "
+                "exists either)"
+            )
+        if isinstance(p, str):
             cached = hub_cache_folder(p)  # mergekit configs usually name Hugging Face models
             if cached is not None:
                 return cached
-        return path
+        lines = [f"{c}{f' ({why})' if why else ''}" for c, why in tried]
+        text = f"{where}: {p}: no such model folder or file: tried {' and '.join(lines)}"
+        if isinstance(p, str) and _HUB_ID.match(p):
+            text += f"; {hub_missing_reason(p)}"
+        missing[tried[0][0]] = text
+        return tried[0][0]
 
     base = raw.get("base_model")
     base = resolve(base, "base_model") if base is not None else None
@@ -482,8 +541,6 @@ def parse_config(
     }
     defaults = {k: v for k, v in params.items() if k in method.model_params}
     _check_ranges(defaults, "parameters")
-    if method.kind == "slerp" and "t" not in params and "slices" not in raw:
-        raise ConfigError("merge_method slerp needs parameters.t (mergekit has no default)")
 
     # The base is the merge's θ₀ for every method but linear, which (as in mergekit) averages
     # it like any other model: listed among the models (or a slice's sources) with its weight,
@@ -496,7 +553,11 @@ def parse_config(
         if "models" in raw:
             raise ConfigError("give models or slices, not both")
         entries, spans, slice_globals = _entries_from_slices(
-            raw["slices"], method, defaults, resolve
+            raw["slices"],
+            method,
+            defaults,
+            resolve,
+            base.resolve() if base_is_theta0 and base else None,
         )
         slice_layers = spans[-1][1]
         if method.kind == "slerp" and "t" not in params:
@@ -528,6 +589,8 @@ def parse_config(
         if not isinstance(entries, list) or not entries:
             raise ConfigError("models: expected a non-empty list")
         seen: dict[Path, int] = {}  # resolved folder -> its first entry
+        given: list[tuple[str, dict[str, Any]]] = []  # top-level parameters given per model
+        needed: list[str] = []  # the merged models' entries
         for i, entry in enumerate(entries):
             if not isinstance(entry, Mapping) or "model" not in entry:
                 raise ConfigError(f"models[{i}]: expected {{model: PATH, parameters: {{...}}}}")
@@ -535,8 +598,9 @@ def parse_config(
             if extra:
                 raise ConfigError(f"models[{i}]: unknown keys: {', '.join(map(str, extra))}")
             where = f"models[{i}].parameters"
-            p = _model_params(entry.get("parameters"), method, where)
+            p, own_shared = _model_params(entry.get("parameters"), method, where)
             path = resolve(entry["model"], f"models[{i}].model")
+            given.append((where, own_shared))
             first = seen.setdefault(path.resolve(), i)
             if first != i:
                 # mergekit refuses it too ("Duplicate merge inputs"); counting it twice would
@@ -548,8 +612,12 @@ def parse_config(
                 )
             if base_is_theta0 and base is not None and path.resolve() == base.resolve():
                 continue  # mergekit lists the base among the models at times: it adds τ = 0
+            needed.append(where)
             merged = {k: _fall_through(p.get(k), defaults.get(k)) for k in {**defaults, **p}}
             models.append(ModelSpec(path, merged, f"models[{i}]"))
+        params |= _shared_given_per_model(given, needed, params, "parameters", method)
+        if method.kind == "slerp" and "t" not in params:
+            raise ConfigError("merge_method slerp needs parameters.t (mergekit has no default)")
     if (
         not base_is_theta0
         and base is not None
@@ -565,6 +633,17 @@ def parse_config(
         models.append(ModelSpec(base, dict(defaults), "base_model"))
     if not models:
         raise ConfigError("no model to merge: every model listed is the base model")
+    inert = [k for k in method.inert if k != "int8_mask"]  # int8_mask saves memory in mergekit
+    given_inert = [
+        k for k in inert if k in params or any(k in m.params for m in models) or k in defaults
+    ]
+    if given_inert:
+        warnings.warn(
+            f"{' and '.join(given_inert)} change nothing in {method.name}, which sparsifies "
+            "nothing (mergekit ignores them too): the task vectors are added whole",
+            UserWarning,
+            stacklevel=2,
+        )
     for name in method.required:  # per tensor (filters, slices): MergeConfig.check_tensor
         for m in models:
             if name not in m.params:
@@ -594,6 +673,7 @@ def parse_config(
         # The entries as the config names them: a Hugging Face ID resolves from the cache.
         tokenizer_source=_tokenizer_source(raw, base, [e["model"] for e in entries], resolve),
         slice_layers=slice_layers,
+        missing=missing,
     )
 
 
@@ -611,11 +691,17 @@ def _numbers(setting: Any) -> list[float]:
 
 
 def _entries_from_slices(
-    slices: Any, method: MergeMethod, defaults: dict[str, Any], resolve
+    slices: Any,
+    method: MergeMethod,
+    defaults: dict[str, Any],
+    resolve,
+    theta0: Path | None = None,
 ) -> tuple[list[dict[str, Any]], list[tuple[int, int]], list[dict[str, Any]]]:
     """mergekit's slices as model entries whose parameters are per-slice settings
     (``{"slices": [(start, stop, setting), ...]}``), the layer range of each slice, and the
-    top-level method parameters (``lambda``, ``normalize``, ...) each slice gives."""
+    top-level method parameters (``lambda``, ``normalize``, ...) each slice gives (its own, or
+    the one value all its merged sources give: :func:`_shared_given_per_model`; ``theta0`` is
+    the resolved base of a task-vector method, whose source need not give it)."""
     if not isinstance(slices, list) or not slices:
         raise ConfigError("slices: expected a non-empty list")
     order: list[str] = []  # the models as slices[0] names them, in its order
@@ -635,8 +721,7 @@ def _entries_from_slices(
             for k, v in raw_params.items()
             if k in method.global_params and k not in method.model_params
         }
-        slice_globals.append(own_globals)
-        slice_params = _model_params(
+        slice_params, _ = _model_params(  # its top-level parameters are own_globals
             {k: v for k, v in raw_params.items() if k not in own_globals},
             method,
             f"{where}.parameters",
@@ -645,6 +730,8 @@ def _entries_from_slices(
         if not isinstance(sources, list) or not sources:
             raise ConfigError(f"{where}.sources: expected a non-empty list")
         span, paths = None, []
+        given: list[tuple[str, dict[str, Any]]] = []  # top-level parameters given per source
+        needed: list[str] = []  # the sources merged as models
         for j, src in enumerate(sources):
             at = f"{where}.sources[{j}]"
             if not isinstance(src, Mapping) or "model" not in src or "layer_range" not in src:
@@ -671,7 +758,10 @@ def _entries_from_slices(
             if key in paths:
                 raise ConfigError(f"{at}.model: listed twice in the slice")
             paths.append(key)
-            own = _model_params(src.get("parameters"), method, f"{at}.parameters")
+            own, own_shared = _model_params(src.get("parameters"), method, f"{at}.parameters")
+            given.append((f"{at}.parameters", own_shared))
+            if theta0 is None or Path(key) != theta0:
+                needed.append(f"{at}.parameters")
             merged = {
                 k: _fall_through(own.get(k), _fall_through(slice_params.get(k), defaults.get(k)))
                 for k in {**defaults, **slice_params, **own}
@@ -681,6 +771,11 @@ def _entries_from_slices(
                 entry.setdefault(name, [None] * i).append(merged.get(name))
             if i == 0:
                 order.append(src["model"])
+        # As a slice's own value (mergekit ignores a source's): when every source gives the same.
+        own_globals |= _shared_given_per_model(
+            given, needed, own_globals, f"{where}.parameters", method
+        )
+        slice_globals.append(own_globals)
         if i == 0:
             first = set(paths)
         elif set(paths) != first:
@@ -708,12 +803,12 @@ def _entries_from_slices(
     return entries, spans, slice_globals
 
 
-def _model_params(raw: Any, method: MergeMethod, where: str) -> dict[str, Any]:
-    """Per-model parameters given for a model, a source or a slice, parsed as settings.
-
-    A top-level parameter of the method given for a model or a source is accepted as mergekit
-    accepts it, and dropped as mergekit drops it (it reads those from the top level and the
-    slices only), with a warning. (A slice's own top-level parameters are read by
+def _model_params(
+    raw: Any, method: MergeMethod, where: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per-model parameters given for a model, a source or a slice, parsed as settings, and the
+    method's top-level parameters given there (``lambda``, ``normalize``, ...), parsed, for
+    :func:`_shared_given_per_model` to check. (A slice's own top-level parameters are read by
     :func:`_entries_from_slices` before its per-model defaults come here.)
     """
     raw = _mapping(raw, where)
@@ -725,16 +820,61 @@ def _model_params(raw: Any, method: MergeMethod, where: str) -> dict[str, Any]:
             f"(accepted: {', '.join(method.model_params) or 'none'}; global parameters go in "
             "the top-level parameters)"
         )
-    if shared:
-        warnings.warn(
-            f"{where}: {', '.join(shared)} ignored here, as mergekit ignores it: "
-            f"{method.name} reads it from the top-level parameters",
-            UserWarning,
-            stacklevel=3,
-        )
     params = {k: _setting(v, f"{where}.{k}") for k, v in raw.items() if k not in shared}
     _check_ranges(params, where)
-    return params
+    return params, {k: _global(k, raw[k], f"{where}.{k}") for k in shared}
+
+
+def _shared_given_per_model(
+    given: list[tuple[str, dict[str, Any]]],
+    needed: list[str],
+    top: Mapping[str, Any],
+    top_where: str,
+    method: MergeMethod,
+) -> dict[str, Any]:
+    """The top-level parameters (``lambda``, ``normalize``, ...) that models give in their own
+    ``parameters``: ``given`` holds each entry's (``where``, parsed values), ``needed`` the
+    entries that are merged (the base of a task-vector method may give none). mergekit reads
+    these from the top level (and the slices) only and ignores them per model, silently; meldkit
+    takes one when every merged model gives the same value (as ``top_where``'s, with a warning),
+    and refuses it otherwise (ConfigError naming the models), or when ``top`` (the top-level
+    values) gives another."""
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for _, g in given for k in g):
+        havers = [(w, g[key]) for w, g in given if key in g]
+        first_where, value = havers[0]
+        lacking = [w for w in needed if w not in {hw for hw, _ in havers}]
+        other = next(((w, v) for w, v in havers if v != value), None)
+        ignored = (
+            f"{key} is a top-level parameter of {method.name} (mergekit ignores it in a "
+            f"model's parameters, and merges with the top-level {key} or its default)"
+        )
+        if lacking or other is not None:
+            why = (
+                f"{lacking[0]} gives none"
+                if lacking
+                else f"{other[0]} gives {other[1]!r}, {first_where} {value!r}"
+            )
+            raise ConfigError(
+                f"{first_where}.{key}: {ignored}; meldkit takes it from the models only when "
+                f"every model gives the same value, but {why}: give it once, in "
+                f"{top_where}.{key}"
+            )
+        if key in top and top[key] != value:
+            raise ConfigError(
+                f"{first_where}.{key}: {value!r}, but {top_where}.{key} is {top[key]!r}: "
+                f"{ignored}; give it once, in {top_where}.{key}"
+            )
+        out[key] = value
+        warnings.warn(
+            f"{key}: {value!r} given by every model ({', '.join(w for w, _ in havers)}), taken "
+            f"as {top_where}.{key}. Note: mergekit ignores a per-model {key} (it would merge "
+            f"with {'the top-level value' if key in top else 'its default'}); give it in "
+            f"{top_where} to be read the same way by both",
+            UserWarning,
+            stacklevel=4,
+        )
+    return out
 
 
 def _tokenizer_source(

@@ -11,11 +11,13 @@ the largest tensor; no shard is held in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import operator
 import os
 import re
+import shutil
 import sys
 import warnings
 import zlib
@@ -168,27 +170,122 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+# A numbered layer: the list's name (Llama's ``layers``, GPT-2's ``h``, RWKV's and vision towers'
+# ``blocks``, T5's ``block``, BERT's ``layer``) and the index, at the start of the name or after
+# a dot. The leftmost match is the layer (T5's ``encoder.block.3.layer.1.`` is block 3).
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
+# config.json's count of the main stack's layers, by the names models give it (first found).
+_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
-def layer_indices(names: list[str]) -> dict[str, int | None]:
-    """The layer index of every tensor in the numbered layers, None for the others."""
-    return {n: (int(m.group(1)) if (m := _LAYER.search(n)) else None) for n in names}
+@dataclasses.dataclass(frozen=True)
+class LayerLayout:
+    """The numbered layers of a model, one stack per prefix (the part of the name before the
+    index: ``model.layers``, ``visual.blocks``, ``encoder.block``), as mergekit plans each module
+    of a model apart.
+
+    Attributes
+    ----------
+    index : dict
+        Each tensor's layer index in its stack (None outside the layers).
+    stack : dict
+        Each tensor's stack prefix (None outside the layers).
+    counts : dict
+        Layers of each stack: its largest index + 1.
+    problems : list of str
+        Why the positions are not certain (a stack with missing layers, a count that config.json
+        contradicts); gradients and slices are refused then.
+    """
+
+    index: dict[str, int | None]
+    stack: dict[str, str | None]
+    counts: dict[str, int]
+    problems: list[str]
+
+    def positions(self) -> dict[str, float]:
+        """``t`` of every tensor for gradient parameters: ``i / (L − 1)`` for layer i of the L
+        layers of its stack (1 when L = 1), 0 outside the layers, as mergekit positions them."""
+        out = {}
+        for n, i in self.index.items():
+            count = self.counts[self.stack[n]] if i is not None else 0
+            out[n] = 0.0 if i is None else (i / (count - 1) if count > 1 else 1.0)
+        return out
 
 
-def layer_count(indices: Mapping[str, int | None]) -> int:
-    """The number of numbered layers (the largest index + 1; 0 without layers)."""
-    return max((i for i in indices.values() if i is not None), default=-1) + 1
+def _config_count(config: Mapping[str, Any] | None) -> tuple[str, int] | None:
+    """config.json's layer count of the model's main stack (key, value), None if it gives none."""
+    if not isinstance(config, Mapping):
+        return None
+    for k in _COUNT_KEYS:
+        v = config.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return k, v
+    return None
 
 
-def layer_positions(names: list[str]) -> dict[str, float]:
-    """``t`` of every tensor for gradient parameters: ``i / (L − 1)`` for layer i of L (1 when
-    L = 1), 0 for tensors outside the numbered layers, as mergekit positions them."""
-    index = layer_indices(names)
-    count = layer_count(index)
-    return {
-        n: 0.0 if i is None else (i / (count - 1) if count > 1 else 1.0) for n, i in index.items()
-    }
+def layer_layout(names: list[str], config: Mapping[str, Any] | None = None) -> LayerLayout:
+    """The layer stacks of tensors ``names`` (see :class:`LayerLayout`), checked against the
+    model's ``config`` (its config.json) where it gives a layer count: a model with one stack
+    whose count differs from ``num_hidden_layers`` (or ``n_layer``, ``num_layers``,
+    ``n_layers``), or with several stacks none of which has that count, has a problem, as has a
+    stack with indices missing below its largest. Each stack is counted on its own: a
+    multimodal model's vision blocks do not shift its language layers' positions."""
+    index: dict[str, int | None] = {}
+    stack: dict[str, str | None] = {}
+    seen: dict[str, set[int]] = {}
+    for n in names:
+        m = _LAYER.search(n)
+        if m is None:
+            index[n] = stack[n] = None
+            continue
+        prefix = n[: m.start(1) - 1]  # the name up to the list, "model.layers"
+        index[n], stack[n] = int(m.group(1)), prefix
+        seen.setdefault(prefix, set()).add(int(m.group(1)))
+    counts = {p: max(ix) + 1 for p, ix in seen.items()}
+    problems = []
+    for p, ix in seen.items():
+        missing = sorted(set(range(counts[p])) - ix)
+        if missing:
+            problems.append(
+                f"{p}: layers {', '.join(map(str, missing[:5]))} missing (indices run to "
+                f"{counts[p] - 1})"
+            )
+    main = _config_count(config)
+    if main is not None and counts:
+        key, value = main
+        if len(counts) == 1:
+            ((p, c),) = counts.items()
+            if c != value:
+                problems.append(f"config.json gives {key} = {value}, but {p} has {c} layers")
+        elif value not in counts.values():
+            listed = ", ".join(f"{p} ({c})" for p, c in counts.items())
+            problems.append(
+                f"config.json gives {key} = {value}, but no stack has that many: {listed}"
+            )
+    return LayerLayout(index, stack, counts, problems)
+
+
+def layer_positions(names: list[str], config: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """``t`` of every tensor for gradient parameters (:meth:`LayerLayout.positions`)."""
+    return layer_layout(names, config).positions()
+
+
+def _uses_layers(cfg: MergeConfig) -> bool:
+    """Whether a parameter of ``cfg`` varies over the layers: a gradient (a list of numbers)
+    anywhere in a per-model or top-level setting, or a slices-form config."""
+
+    def varies(setting: Any) -> bool:
+        if isinstance(setting, list):
+            return True
+        if isinstance(setting, dict) and "slices" in setting:
+            return True
+        if isinstance(setting, dict):
+            return any(varies(v) for _, v in setting["filters"])
+        return False
+
+    return cfg.slice_layers is not None or any(
+        varies(v) for s in (cfg.params, *(m.params for m in cfg.models)) for v in s.values()
+    )
 
 
 def _tensor_params(
@@ -319,9 +416,17 @@ def model_card(
             f"magnitude trimming per {'model' if trim_scope == 'model' else 'tensor'} ({rule})"
         )
     if cfg.dtype is not None or cfg.out_dtype is not None:
-        dt = str(cfg.dtype or "the inputs' dtype").replace("torch.", "")
-        out = str(cfg.out_dtype or cfg.dtype or "the inputs' dtype").replace("torch.", "")
-        notes.append(f"computed in {dt}, stored in {out}")
+        # The kernels' arithmetic is float32 whatever the storage: the config's dtype only
+        # rounds the inputs (bfloat16, float16) or widens them (float32).
+        out = _dtype_name(cfg.out_dtype or cfg.dtype)
+        if cfg.dtype is None:
+            notes.append(f"inputs read in their own dtype, merged in float32, stored in {out}")
+        else:
+            dt = _dtype_name(cfg.dtype)
+            how = "converted to" if cfg.dtype.itemsize >= 4 else "rounded to"
+            notes.append(
+                f"inputs {how} {dt} (the config's dtype), merged in float32, stored in {out}"
+            )
     lines += ["Settings: " + "; ".join(notes) + ".", ""]
     if config_text:
         lines += ["Configuration:", "", "```yaml", config_text.rstrip(), "```", ""]
@@ -339,6 +444,30 @@ def _config_text(config: Any) -> str | None:
             json.loads(json.dumps(config, default=str)), sort_keys=False, allow_unicode=True
         )
     return Path(config).read_text()
+
+
+def _check_free_space(out_dir: Path, needed: int) -> None:
+    """A MergeError, before any tensor is merged, when the file system that will hold
+    ``out_dir`` has less free space than the merged tensors' ``needed`` bytes (a full disk
+    would otherwise stop the merge at the tensor that does not fit)."""
+    folder = next((f for f in (out_dir, *out_dir.parents) if f.exists()), Path.cwd())
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:  # no answer from the file system: the writes report a full disk
+        return
+    if free < needed:
+        raise MergeError(
+            f"out_dir {out_dir}: the merged model needs {_size(needed)}, but {folder} has "
+            f"{_size(free)} free: free some space or write the output elsewhere"
+        )
+
+
+def _size(nbytes: int) -> str:
+    """A byte count for people: ``512 B``, ``3.4 MB``, ``14.5 GB`` (powers of 1000)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
 
 
 def _merge_device(device: str | torch.device) -> torch.device:
@@ -437,7 +566,16 @@ def merge(
         (all ValueErrors) Before any tensor is merged, naming the key, option, model or tensor:
         a config that cannot run, an option out of range (``seed``, ``device``, an ``out_dir``
         that is a file or a folder that is not empty, ...), models that do not match, a
-        tokenizer source whose embeddings the merge trims to the base's vocabulary.
+        tokenizer source whose embeddings the merge trims to the base's vocabulary, a model
+        folder that does not exist (naming the folders and the Hugging Face cache looked in),
+        a gradient or slices on models whose layer positions are not certain
+        (:func:`layer_layout`), an ``out_dir`` on a file system with less free space than the
+        merged tensors take.
+
+    Notes
+    -----
+    The temporary folders that merges killed without cleaning up (SIGKILL, the OOM killer)
+    left beside ``out_dir`` are removed first, with a warning naming them.
     """
     cfg = config if isinstance(config, MergeConfig) else parse_config(config)
     config_text = _config_text(config)  # for the model card, as read now
@@ -485,9 +623,15 @@ def merge(
         )
     except ValueError as exc:
         raise MergeError(f"read_ahead: {exc}") from None
+
+    def open_model(path: Path) -> Checkpoint:
+        if path in cfg.missing and not path.exists():  # how the config's name was looked for
+            raise MergeError(cfg.missing[path])
+        return Checkpoint(path, allow_pickle=allow_pickle)
+
     try:
-        base = Checkpoint(cfg.base, allow_pickle=allow_pickle) if cfg.base is not None else None
-        models = [Checkpoint(m.path, allow_pickle=allow_pickle) for m in cfg.models]
+        base = open_model(cfg.base) if cfg.base is not None else None
+        models = [open_model(m.path) for m in cfg.models]
     except CheckpointError as exc:
         raise MergeError(str(exc)) from None
     names, trims = _validate(base, models, cfg.tokenizer_source)
@@ -498,17 +642,38 @@ def merge(
         rows = trims.get((i, name))
         return x if rows is None else x[:rows]
 
-    layers = layer_indices(names)
+    reference = base if base is not None else models[0]
+    try:
+        model_config = json.loads((reference.aux_folder() / "config.json").read_text())
+    except (OSError, ValueError):
+        model_config = None
+    layout = layer_layout(names, model_config)
+    if _uses_layers(cfg):
+        # A gradient's value depends on each tensor's place in its stack: refused where that
+        # place is not certain, rather than merged with positions that may be wrong.
+        what = "the slices" if cfg.slice_layers is not None else "a gradient parameter"
+        if layout.problems:
+            raise MergeError(
+                f"{what} needs each tensor's layer position, which is not certain for "
+                f"{reference.path}: " + "; ".join(layout.problems)
+            )
+        if cfg.slice_layers is not None and len(layout.counts) != 1:
+            stacks = ", ".join(f"{p} ({c} layers)" for p, c in layout.counts.items()) or "none"
+            raise MergeError(
+                f"the slices number the layers of one stack, but {reference.path} has "
+                f"{len(layout.counts)}: {stacks} (as mergekit, which needs its modules syntax "
+                "there): use the models form"
+            )
+    layers = layout.index
     if cfg.slice_layers is not None:
-        count = layer_count(layers)
+        (count,) = layout.counts.values()
         if count != cfg.slice_layers:
             raise MergeError(
                 f"the slices cover layers 0-{cfg.slice_layers - 1}, but the models have "
                 f"{count} layers: meldkit merges whole models, so the slices must cover every "
                 "layer"
             )
-    positions = layer_positions(names)
-    reference = base if base is not None else models[0]
+    positions = layout.positions()
     for n in names:  # every tensor's resolved parameters, before any tensor is merged
         if reference.dtype(n) in FLOAT_DTYPES:
             cfg.check_tensor(n, positions[n], layers[n])
@@ -519,6 +684,7 @@ def merge(
         for n in names
     }
     plan = [(n, out_dtype_of[n], reference.shape(n)) for n in names]
+    _check_free_space(out_dir, sum(math.prod(shape) * dt.itemsize for _, dt, shape in plan))
     if background_write is None:
         # A writer thread overlaps the writes with the merge when a core is free for it; on a
         # machine whose every core runs the merge it only slows the merge (measured on 2
@@ -679,6 +845,22 @@ def merge_state_dicts(
             "meldkit.merge_state_dicts: argument 'models': expected a non-empty list of state "
             f"dicts, got {type(models).__name__}{'' if models else ' (empty)'}"
         )
+    n = len(models)
+    for key in ("weights", "densities", "gammas", "epsilons"):
+        # One value per model (the ops count tensors, which would say "for 3 tensors").
+        value = params.get(key)
+        if isinstance(value, Sequence) and not isinstance(value, str) and len(value) != n:
+            raise MergeError(
+                f"meldkit.merge_state_dicts: argument '{key}': {len(value)} values for {n} "
+                "models (one per model, or one number for all)"
+            )
+    epsilons = params.get("epsilons")
+    for j, e in enumerate(epsilons if isinstance(epsilons, Sequence) else [epsilons]):
+        if isinstance(e, (int, float)) and not 0 <= e <= 1:
+            raise MergeError(
+                f"meldkit.merge_state_dicts: argument 'epsilons': {e} (model {j}) is not in "
+                "[0, 1]: DELLA keeps entries with probabilities density ± epsilon"
+            )
     if get_method(method).sparsify == "magnitude" and params.get("thresholds") is None:
         params.setdefault("tie", "exact_k")
     reference = base if base is not None else models[0]
