@@ -4,6 +4,7 @@ swaps whole weight sets."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -812,3 +813,266 @@ def test_schedules_get_sigma_from_alphas_cumprod():
         exde.sigma_switch(1.0)(0, 9, 999.0, None)
     with pytest.raises(exde.ExDeError, match="'at' must be ≥ 0"):
         exde.sigma_switch(-1.0)
+
+
+# ---- what attach restores ------------------------------------------------------------------------
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bits (so that -0.0 differs from 0.0 and a NaN equals itself)."""
+    return t.detach().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def test_attach_restores_what_the_pipeline_held():
+    """A pipeline that holds the fine-tune, given as ``finetuned_unet``: the fine-tune comes
+    back bit for bit (θ_base + τ rounds back to it except where a few elements are patched),
+    also after an exception; a pipeline holding other weights gets those back (a copy)."""
+    from types import SimpleNamespace
+
+    base, ft = pair()
+    with torch.no_grad():
+        ft[0].weight[0, :3] = torch.tensor([1e-8, -0.0, 1e-30])  # θ_base + τ does not give these
+        base[0].weight[0, :3] = torch.tensor([3.0, 0.0, -2.0])
+    held = {n: p.detach().clone() for n, p in ft.named_parameters()}
+    pipe = SimpleNamespace(unet=ft, scheduler=SimpleNamespace(timesteps=torch.arange(4, 0, -1)))
+    for fail in (False, True):
+        with contextlib.suppress(RuntimeError):
+            with exde.attach(pipe, base, pipe.unet, seed=1) as blender:
+                blender.apply(exde.DYN)
+                assert not torch.equal(ft[0].weight, held["0.weight"])
+                if fail:
+                    raise RuntimeError("inside the block")
+        for name, p in ft.named_parameters():
+            assert torch.equal(bits(p), bits(held[name])), name
+        # Only the three elements that θ_base + τ misses are kept, not a copy of the model.
+        assert 0 < blender.snapshot_bytes <= 3 * (4 + 8)
+    # the base held: nothing kept, the base back (as before)
+    live = copy.deepcopy(base)
+    pipe.unet = live
+    with exde.attach(pipe, base, ft) as blender:
+        blender.apply(exde.CON)
+    assert blender.snapshot_bytes == 0
+    assert all(torch.equal(bits(p), bits(params(base)[n])) for n, p in live.named_parameters())
+    # other weights held: kept whole, and given back
+    other = mlp(7)
+    pipe.unet = other
+    want = {n: p.detach().clone() for n, p in other.named_parameters()}
+    with exde.attach(pipe, base, ft) as blender:
+        blender.apply(exde.DYN)
+    # the LayerNorm's fresh weights equal the base's: those need no copy
+    copied = [n for n, t in want.items() if not torch.equal(t, params(base)[n])]
+    assert len(copied) == 4
+    assert blender.snapshot_bytes == sum(want[n].numel() * 4 for n in copied)
+    assert all(torch.equal(p, want[n]) for n, p in other.named_parameters())
+
+
+def test_attach_restores_a_bfloat16_finetune_held_by_the_pipeline():
+    """τ rounded to bfloat16 does not always give the fine-tune back: those elements are
+    patched, the rest come from θ_base + τ. With float32 weights given beside the bfloat16
+    pipeline, most elements round differently (θ_base was rounded too): kept whole."""
+    from types import SimpleNamespace
+
+    base32, ft32 = bf16_pair()
+    base = copy.deepcopy(base32).bfloat16()
+    for given in ("pipeline", "float32"):
+        ft = copy.deepcopy(ft32).bfloat16()
+        held = {n: p.detach().clone() for n, p in ft.named_parameters()}
+        pipe = SimpleNamespace(unet=ft, scheduler=SimpleNamespace(timesteps=torch.arange(4, 0, -1)))
+        args = (base, pipe.unet) if given == "pipeline" else (base32, ft32)
+        with exde.attach(pipe, *args, seed=3) as blender:
+            blender.apply(exde.CON)
+            assert not all(torch.equal(p, held[n]) for n, p in ft.named_parameters())
+        assert all(torch.equal(bits(p), bits(held[n])) for n, p in ft.named_parameters())
+        whole = sum(p.numel() * 2 for p in ft.parameters())
+        if given == "pipeline":
+            assert 0 < blender.snapshot_bytes < whole // 8
+        else:
+            assert blender.snapshot_bytes > whole // 2
+
+
+def test_attach_refuses_a_zero_task_vector():
+    from types import SimpleNamespace
+
+    base, ft = pair()
+    pipe = SimpleNamespace(unet=ft, scheduler=SimpleNamespace(timesteps=torch.arange(4, 0, -1)))
+    held = {n: p.detach().clone() for n, p in ft.named_parameters()}
+    with pytest.raises(exde.ExDeError, match=r"τ = 0.*pass the base model as 'base_unet'"):
+        with exde.attach(pipe, None, pipe.unet):
+            pass
+    with pytest.raises(exde.ExDeError, match=r"'finetuned_unet' equals 'base_unet'.*τ = 0"):
+        with exde.attach(pipe, base, base.state_dict()):
+            pass
+    assert all(torch.equal(p, held[n]) for n, p in ft.named_parameters())
+    assert not exde.blending._ATTACHED  # nothing claimed
+
+
+def test_attach_with_the_finetune_in_the_pipeline(svd):
+    """The audit's case: the pipeline holds the fine-tune and is given as ``finetuned_unet``:
+    the same frames as with the base in the pipeline, and the fine-tune kept afterwards."""
+    pipe, base, ft, tiny = svd
+    with exde.attach(pipe, base, ft, seed=5):
+        want = tiny.call(pipe, steps=2)
+    pipe.unet.load_state_dict(ft.state_dict())
+    try:
+        with exde.attach(pipe, base, pipe.unet, seed=5):
+            got = tiny.call(pipe, steps=2)
+        assert torch.equal(got, want)
+        for name, p in pipe.unet.named_parameters():
+            assert torch.equal(p, params(ft)[name]), name
+    finally:
+        pipe.unet.load_state_dict(base.state_dict())
+
+
+# ---- denoising steps of multi-evaluation schedulers ----------------------------------------------
+
+
+def run_scheduler(scheduler, schedule, steps=4, cfg_calls=2):
+    """A denoising loop as diffusers pipelines write it, the denoiser called ``cfg_calls`` times
+    per evaluation (sequential CFG) under ``attach``; the ``w`` each call saw."""
+    from types import SimpleNamespace
+
+    module = Denoiser()
+    pipe = SimpleNamespace(unet=module, scheduler=scheduler)
+    base, ft = one_pair()
+    scheduler.set_timesteps(steps)
+    x = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with exde.attach(pipe, base, ft, schedule=schedule, drop=0.0):
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(x, t)
+            for _ in range(cfg_calls):
+                out = module(model_input, timestep=t)
+            x = scheduler.step(out, t, x).prev_sample
+    return module.seen
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, want",
+    [
+        ("EulerDiscreteScheduler", {}, [0, 1, 2, 3]),
+        ("DDIMScheduler", {}, [0, 1, 2, 3]),
+        ("DPMSolverMultistepScheduler", {}, [0, 1, 2, 3]),
+        ("HeunDiscreteScheduler", {}, [0, 0, 1, 1, 2, 2, 3]),
+        ("KDPM2DiscreteScheduler", {}, [0, 0, 1, 1, 2, 2, 3]),
+        ("PNDMScheduler", {}, [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3]),
+        ("PNDMScheduler", {"skip_prk_steps": True}, [0, 0, 1, 2, 3]),
+    ],
+)
+def test_schedules_get_denoising_steps_not_model_evaluations(name, kwargs, want):
+    """Heun and KDPM2 evaluate twice per step, PNDM four times in its Runge-Kutta warm-up (or
+    twice in its first step): the schedule gets the denoising step and the number of steps,
+    with the step's own timestep and sigma at each of its evaluations, so linear ends at θ_con
+    and switch(0.5) splits the steps 2 and 2."""
+    diffusers = pytest.importorskip("diffusers")
+    make = lambda: getattr(diffusers, name)(num_train_timesteps=1000, **kwargs)  # noqa: E731
+    seen = []
+
+    def record(step, num_steps, timestep, sigma):
+        seen.append((step, num_steps, timestep, sigma))
+        return exde.linear()(step, num_steps, timestep, sigma)
+
+    run_scheduler(make(), record)
+    assert [s for s, *_ in seen[::2]] == want  # two calls per evaluation
+    assert {n for _, n, *_ in seen} == {4}
+    for step in range(4):  # every evaluation of a step: the step's timestep and sigma
+        assert len({(t, sigma) for s, _, t, sigma in seen if s == step}) == 1
+    dyn, con = -0.1875, 1.25
+    w = run_scheduler(make(), exde.linear())
+    assert w[0] == pytest.approx(dyn) and w[-1] == pytest.approx(con)
+    halves = run_scheduler(make(), exde.switch(0.5))
+    assert halves == [dyn if s < 2 else con for s in want for _ in range(2)]
+
+
+# ---- storage that moves inside the block ---------------------------------------------------------
+
+
+class Moving(TwoWeights):
+    """Moves its parameters to new storage in ``forward`` (after attach's pre-hook), as
+    accelerate's ``enable_model_cpu_offload`` does with ``module.to(device)``."""
+
+    def forward(self, hidden_states, timestep):
+        out = super().forward(hidden_states, timestep)
+        for p in self.parameters():
+            p.data = p.data.clone()
+        return out
+
+
+def test_attach_follows_parameters_whose_storage_moves():
+    from types import SimpleNamespace
+
+    _, _, base, ft = two_weights_pipe()
+    module = Moving()
+    timesteps = torch.tensor([900.0, 600.0, 300.0, 100.0])
+    pipe = SimpleNamespace(unet=module, scheduler=SimpleNamespace(timesteps=timesteps))
+    with exde.attach(pipe, base, ft, drop=0.0) as blender:
+        for t in timesteps:
+            module(None, timestep=t)
+        # re-planned and blended again after each move, the values being what was moved
+        assert blender.blends == 4
+    dyn, con = -0.1875, 1.25
+    assert module.seen == [(dyn, dyn), (dyn, dyn), (con, con), (con, con)]
+    assert float(module.w.detach().abs().max()) == 0.0 == float(module.v.detach().abs().max())
+    # a dtype change inside the block cannot be followed: it says so, and the weights come back
+    with pytest.raises(exde.ExDeError, match=r"'w' became torch.float64.*before attach"):
+        with exde.attach(pipe, base, ft, drop=0.0):
+            module(None, timestep=900.0)
+            module.double()
+            module(None, timestep=100.0)
+    assert module.w.dtype == torch.float64 and float(module.w.detach().abs().max()) == 0.0
+
+
+def test_attach_on_a_pipeline_whose_denoiser_moves(svd):
+    """The tiny Stable Video Diffusion pipeline with its UNet moved to new storage at every
+    call: the same frames as without moving."""
+    pipe, base, ft, tiny = svd
+    with exde.attach(pipe, base, ft, seed=5):
+        want = tiny.call(pipe, steps=4)
+    unet = pipe.unet
+    forward = unet.forward
+
+    def forward_and_move(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        for p in unet.parameters():
+            p.data = p.data.clone()
+        return out
+
+    unet.forward = forward_and_move
+    try:
+        with exde.attach(pipe, base, ft, seed=5) as blender:
+            got = tiny.call(pipe, steps=4)
+            assert blender.blends == 4  # 2 without the moves (switch: one per phase)
+    finally:
+        del unet.forward
+    assert torch.equal(got, want)
+    for name, p in unet.named_parameters():
+        assert torch.equal(p, params(base)[name]), name
+
+
+def test_steps_count_in_the_whole_schedule_with_strength():
+    """Image-to-image with strength 0.5 runs the last half of the schedule: the schedules get
+    those steps' indices in the whole schedule (noise levels), so switch(0.5) is θ_con
+    throughout (documented in Schedule)."""
+    from types import SimpleNamespace
+
+    diffusers = pytest.importorskip("diffusers")
+    for name in ("DDIMScheduler", "EulerDiscreteScheduler"):
+        scheduler = getattr(diffusers, name)(num_train_timesteps=1000)
+        scheduler.set_timesteps(8)
+        timesteps = scheduler.timesteps[4:]  # as the img2img pipelines slice them
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(4)
+        module = Denoiser()
+        pipe = SimpleNamespace(unet=module, scheduler=scheduler)
+        seen = []
+
+        def record(step, num_steps, timestep, sigma, seen=seen):
+            seen.append((step, num_steps))
+            return exde.switch(0.5)(step, num_steps, timestep, sigma)
+
+        x = torch.zeros(1, 3, 4, 4)
+        base, ft = one_pair()
+        with exde.attach(pipe, base, ft, schedule=record, drop=0.0):
+            for t in timesteps:
+                out = module(scheduler.scale_model_input(x, t), timestep=t)
+                x = scheduler.step(out, t, x).prev_sample
+        assert seen == [(4, 8), (5, 8), (6, 8), (7, 8)], name
+        assert module.seen == [1.25] * 4, name

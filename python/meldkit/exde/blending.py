@@ -15,7 +15,8 @@ task vector τ = θ_ft − θ_base of a fine-tuned denoiser:
 
 Every blend is one native call over all tensors of a dtype (a :class:`meldkit.ops.BlendPlan` per
 dtype; ``attach`` keeps its plans, so a re-blend does no per-tensor host work), the masks
-regenerated from ``(seed, CRC-32 of the tensor name)``, never stored. Only θ_base and τ are kept.
+regenerated from ``(seed, CRC-32 of the tensor name)``, never stored. Only θ_base and τ are kept
+(and, in ``attach``, what they cannot rebuild of the weights the denoiser held on entry).
 Only parameters are touched, never buffers; a tied parameter is blended once and stays tied.
 
 Precision: :func:`extrapolate` and :func:`decouple` form τ and the blend in float32 and round
@@ -431,12 +432,24 @@ class Schedule:
     """Maps a denoising step to ``(c_τ, c_dyn, c_con)``: θ = θ_base + c_τ·τ + c_dyn·dyn_scale·τ_deg
     + c_con·con_scale·τ_ctl. Call it as ``schedule(step, num_steps, timestep, sigma)``.
 
-    ``step`` counts from 0 (the first, noisiest step). ``sigma`` is the step's noise level: the
-    scheduler's own ``sigmas[step]`` where it has them (Euler, Heun, DPM-Solver with Karras sigmas,
-    Stable Video Diffusion's EDM scheduler; flow-matching schedulers' sigmas in [0, 1]), else, for
+    ``step`` is the denoising step, counted from 0 (the first, noisiest), and ``num_steps`` the
+    number of denoising steps (the pipeline's ``num_inference_steps``), not model evaluations:
+    Heun's and KDPM2's two evaluations per step, PNDM's four in its Runge-Kutta warm-up, get one
+    step, with that step's ``timestep`` and ``sigma`` (where the step starts) at each, so a step
+    runs on one set of weights. ``sigma`` is the step's noise level: the scheduler's own
+    ``sigmas`` entry where it has them (Euler, Heun, DPM-Solver with Karras sigmas, Stable Video
+    Diffusion's EDM scheduler; flow-matching schedulers' sigmas in [0, 1]), else, for
     schedulers with a DDPM ``alphas_cumprod`` (DDIM, DDPM, PNDM, ...), √((1 − ᾱ_t)/ᾱ_t) at the
     step's timestep t (the same noise level in the Euler schedulers' convention); None when the
     scheduler has neither. θ_dyn is ``(0, 1, 0)`` and θ_con ``(1, 0, 1)``.
+
+    Steps are positions in the scheduler's whole schedule, i.e. noise levels: an image-to-image
+    call with ``strength`` s < 1 (or any pipeline that starts part-way) runs only steps from
+    about (1 − s)·num_steps on, and ``num_steps`` stays the whole schedule's. So
+    ``switch(0.5)`` with s ≤ 0.5 runs θ_con throughout, as the release's "t > 500" rule would:
+    the high-noise steps that θ_dyn serves are skipped. For a split of the steps that do run,
+    write a schedule on ``sigma`` (:class:`sigma_switch`) or on the steps from the first one
+    seen.
     """
 
     def __call__(
@@ -554,8 +567,9 @@ def _timestep_value(timestep: Any) -> float:
 
 
 def sigma_of(scheduler: Any, step: int, timestep: float) -> float | None:
-    """The noise level of step ``step`` (timestep ``timestep``) of ``scheduler``, as the
-    schedules receive it (:class:`Schedule`): ``scheduler.sigmas[step]``, else
+    """The noise level at entry ``step`` of ``scheduler.timesteps`` (timestep ``timestep``),
+    as the schedules receive it for the denoising step starting there (:class:`Schedule`):
+    ``scheduler.sigmas[step]``, else
     √((1 − ᾱ_t)/ᾱ_t) from ``scheduler.alphas_cumprod`` at the nearest integer timestep t, else
     None."""
     sigmas = getattr(scheduler, "sigmas", None)
@@ -580,6 +594,63 @@ def step_of(timesteps: torch.Tensor, timestep: Any) -> int:
     return int((ts - t).abs().argmin())
 
 
+def _steps_of_positions(scheduler: Any, count: int) -> list[int]:
+    """The denoising step of each of the ``count`` entries of ``scheduler.timesteps``: one entry
+    per model evaluation, and a step may take several.
+
+    * PNDM: with Runge-Kutta warm-up (``prk_timesteps``), 4 evaluations per step for the first
+      3 steps, then one; without (``skip_prk_steps``), the first step evaluates twice.
+    * Other schedulers of ``order`` k > 1 (Heun, KDPM2, DPM-Solver SDE: timesteps t₀, t₁, t₁,
+      t₂, t₂, …): k evaluations per step, the last step one.
+    * Otherwise (DDIM, Euler, DPM-Solver multistep, UniPC, flow matching...): one each.
+    """
+    prk = getattr(scheduler, "prk_timesteps", None)
+    plms = getattr(scheduler, "plms_timesteps", None)
+    if prk is not None and plms is not None and len(prk) + len(plms) == count:
+        if len(prk):
+            warm = len(prk) // 4
+            return [p // 4 for p in range(len(prk))] + [warm + j for j in range(len(plms))]
+        return [max(p - 1, 0) for p in range(count)]
+    order = getattr(scheduler, "order", 1)
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        order = 1
+    if getattr(scheduler, "num_inference_steps", None) == count:
+        order = 1
+    return [p // order for p in range(count)]
+
+
+class _Steps:
+    """The denoising steps of one ``scheduler.timesteps`` (kept while the scheduler keeps that
+    tensor): which entry a model evaluation is, which step that entry belongs to, and where
+    each step starts."""
+
+    def __init__(self, scheduler: Any, timesteps: torch.Tensor) -> None:
+        self.timesteps = timesteps
+        self.values = timesteps.detach().float().cpu()
+        self.step = _steps_of_positions(scheduler, len(self.values))
+        self.num_steps = self.step[-1] + 1
+        self.start: dict[int, int] = {}
+        for position, step in enumerate(self.step):
+            self.start.setdefault(step, position)
+
+    def position(self, scheduler: Any, t: float) -> int:
+        """The entry of ``timesteps`` being evaluated at timestep ``t``: the scheduler's own
+        counter where it keeps one in range (``step_index``, PNDM's ``counter``), as repeated
+        timesteps (Heun's t₁, t₁) are otherwise ambiguous; else the nearest timestep (before the
+        scheduler's first step, or without a counter).
+
+        The counter is the scheduler's own view: KDPM2 whose first timesteps coincide (Karras
+        sigmas beyond the training range, all at t = 999) starts it at 1, not 0, and runs that
+        way; the steps then follow it."""
+        index = getattr(scheduler, "step_index", None)
+        if index is None and hasattr(scheduler, "prk_timesteps"):
+            index = getattr(scheduler, "counter", None)
+        if isinstance(index, numbers.Integral) and not isinstance(index, bool):
+            if 0 <= int(index) < len(self.values):
+                return int(index)
+        return int((self.values - t).abs().argmin())
+
+
 class Blender:
     """θ_base and τ of a denoiser's selected parameters, and the blend into its live weights.
 
@@ -596,6 +667,14 @@ class Blender:
     counters moved; reading them costs about 0.1 µs per tensor per call). Writes through
     ``param.data`` (``p.data.mul_(…)``) bypass the counters and go unseen: call
     :meth:`apply` with ``force=True``, or write to the parameter under ``torch.no_grad()``.
+
+    :meth:`restore` writes back the weights the denoiser held when the Blender was made, bit for
+    bit, whatever they were: θ_base, the fine-tune (a pipeline that holds the fine-tune, given
+    as ``finetuned``), or anything else. Only what θ_base and τ cannot give back is kept
+    (``snapshot_bytes``): nothing for a tensor equal to θ_base; for one equal to θ_base + τ
+    (summed in float32, rounded to its dtype), the few elements where that sum does not round
+    back to the held value (a τ rounded to bfloat16/float16, or cancellation in θ_ft − θ_base);
+    a whole copy for any other tensor (or one where over a quarter of the elements differ).
     """
 
     def __init__(
@@ -640,12 +719,84 @@ class Blender:
                 b = b.detach().to(p.device, wide)
                 self.tau.append((f.detach().to(p.device, wide) - b).to(p.dtype))
                 self.base.append(b.to(p.dtype, copy=True))
+        if not any(bool(t.any()) for t in self.tau):
+            itself = isinstance(finetuned, nn.Module) and _unwrap(finetuned) is denoiser
+            raise ExDeError(
+                "meldkit.exde.attach: 'finetuned_unet' equals 'base_unet' in every blended "
+                "parameter (τ = 0), so the blend would change nothing"
+                + (
+                    "; 'finetuned_unet' is the pipeline's denoiser, and 'base_unet' None means "
+                    "its current weights: pass the base model as 'base_unet'"
+                    if itself
+                    else ""
+                )
+            )
+        # What the denoiser holds now (before any blend), for restore().
+        self._saved = [self._snapshot(i) for i in range(len(self.live))]
+        self.snapshot_bytes = sum(_nbytes(saved) for saved in self._saved)
         # Validated and laid out once: each blend is then one native call (one CUDA launch) per
         # dtype of the denoiser's parameters.
         self.plan = _Plans(self.live, self.base, self.tau, self.names)
+        self._layout = self._addresses()
         self.current: Coefficients | None = None
         self.blends = 0
         self._written: tuple[int, ...] | None = None
+
+    def _addresses(self) -> tuple[int, ...]:
+        return tuple(map(_DATA_PTR, self.live))
+
+    def _follow(self) -> bool:
+        """Re-plan after the parameters' storage moved (``param.data = …``, ``model.to(…)``,
+        accelerate's ``enable_model_cpu_offload`` moving the denoiser between devices): θ_base
+        and τ move to each parameter's new device. True when they had moved."""
+        addresses = self._addresses()
+        if addresses == self._layout:
+            return False
+        for i, (name, p) in enumerate(zip(self.names, self.live, strict=True)):
+            if p.dtype != self.base[i].dtype or p.shape != self.base[i].shape:
+                raise ExDeError(
+                    f"meldkit.exde.attach: parameter {name!r} became {p.dtype} "
+                    f"{list(p.shape)} inside the block (it was {self.base[i].dtype} "
+                    f"{list(self.base[i].shape)}): convert the denoiser before attach"
+                )
+            if p.device.type == "meta":
+                raise ExDeError(
+                    f"meldkit.exde.attach: parameter {name!r} is on the meta device (offloaded "
+                    "layer by layer, as enable_sequential_cpu_offload does): its weights cannot "
+                    "be blended; use enable_model_cpu_offload or no offloading"
+                )
+            if p.device != self.base[i].device:
+                self.base[i] = self.base[i].to(p.device)
+                self.tau[i] = self.tau[i].to(p.device)
+        self.plan = _Plans(self.live, self.base, self.tau, self.names)
+        self._layout = addresses
+        return True
+
+    def _base_plus_tau(self, i: int) -> torch.Tensor:
+        """θ_base + τ of parameter ``i``, summed in float32 (or wider) and rounded to its dtype:
+        the held fine-tune, up to that rounding."""
+        b, tau = self.base[i], self.tau[i]
+        wide = torch.promote_types(b.dtype, torch.float32)
+        return (b.to(wide) + tau.to(wide)).to(b.dtype)
+
+    def _snapshot(self, i: int) -> tuple[str, Any]:
+        """How to give parameter ``i``'s current value back: ``("base", None)``,
+        ``("tuned", patch)`` (θ_base + τ with ``patch = (flat indices, values)`` or None) or
+        ``("copy", tensor)``. Compared bit for bit (-0.0 is not 0.0; a NaN is kept)."""
+        held = self.live[i].detach()
+        if _bits_equal(held, self.base[i]):
+            return ("base", None)
+        tuned = self._base_plus_tau(i)
+        differ = (_bits(held) != _bits(tuned)).reshape(-1)
+        count = int(differ.sum())
+        if count == 0:
+            return ("tuned", None)
+        if count <= held.numel() // 4:
+            index = differ.nonzero().squeeze(1)
+            if held.numel() <= torch.iinfo(torch.int32).max:
+                index = index.int()
+            return ("tuned", (index, held.reshape(-1)[index].clone()))
+        return ("copy", held.clone())
 
     def _versions(self) -> tuple[int, ...] | None:
         """The parameters' version counters (None for inference-mode tensors, which keep none)."""
@@ -661,7 +812,9 @@ class Blender:
         coeffs = tuple(float(c) for c in coeffs)
         if len(coeffs) != 3 or not all(math.isfinite(c) for c in coeffs):
             raise ExDeError(f"meldkit.exde: a schedule returned {coeffs!r}, not 3 finite numbers")
-        if not force and coeffs == self.current and self._versions() == self._written:
+        # Storage that moved holds what was moved into it: blend again to be sure.
+        moved = self._follow()
+        if not force and not moved and coeffs == self.current and self._versions() == self._written:
             return
         c_tau, c_dyn, c_con = coeffs
         cfg = self.config
@@ -675,14 +828,45 @@ class Blender:
         self.blends += 1
 
     def restore(self) -> None:
-        """Write θ_base back into the live parameters."""
+        """Write back, bit for bit, the weights the live parameters held when the Blender was
+        made (θ_base, the fine-tune or other weights; see the class notes)."""
         with torch.no_grad():
-            for p, b in zip(self.live, self.base, strict=True):
-                p.data.copy_(b)
+            for i, (p, (kind, saved)) in enumerate(zip(self.live, self._saved, strict=True)):
+                if kind == "base":
+                    value = self.base[i]
+                elif kind == "copy":
+                    value = saved
+                else:
+                    value = self._base_plus_tau(i)
+                    if saved is not None:
+                        index, values = saved
+                        value.view(-1)[index.to(value.device)] = values.to(value.device)
+                p.data.copy_(value)
         self.current = None
 
 
 _VERSION = operator.attrgetter("_version")
+_DATA_PTR = torch.Tensor.data_ptr
+
+# Integer types of each float width: comparing their views compares bits.
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(_INT_OF_SIZE[t.element_size()])
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(_bits(a), _bits(b.to(a.device)))
+
+
+def _nbytes(saved: tuple[str, Any]) -> int:
+    kind, value = saved
+    if value is None:
+        return 0
+    tensors = value if kind == "tuned" else (value,)
+    return sum(t.numel() * t.element_size() for t in tensors)
+
 
 # The parameters each open ``attach`` blends (by id: its Blender holds them, so the ids stay
 # theirs): two blocks writing one parameter would each take the other's weights for its own.
@@ -730,13 +914,33 @@ def attach(
 
     A forward pre-hook on ``pipe.unet`` (or ``pipe.transformer``) reads the step's timestep (the
     pipeline's ``current_timestep`` when it keeps one, else the largest value of the call's
-    ``timestep``: per-token timesteps are 0 on the conditioning frame), finds its step in
-    ``pipe.scheduler.timesteps`` (so continuous timesteps such as Stable Video Diffusion's
-    0.25·ln σ work as well as integer ones), asks ``schedule`` for the coefficients and
-    re-blends the weights only when they change (CFG's extra calls and the steps of one phase cost
-    nothing) or when something else wrote to them (a ``load_state_dict`` inside the block). Step
-    0 is blended before the first call. On exit, normally or by an exception, the hook is removed
-    and the base weights are restored exactly.
+    ``timestep``: per-token timesteps are 0 on the conditioning frame), finds the evaluation in
+    ``pipe.scheduler.timesteps`` (the scheduler's ``step_index`` where it keeps one, else the
+    nearest timestep, so continuous timesteps such as Stable Video Diffusion's 0.25·ln σ work as
+    well as integer ones) and its denoising step (:class:`Schedule`: multi-evaluation
+    schedulers such as Heun, KDPM2 and PNDM included), asks ``schedule`` for the coefficients
+    and re-blends the weights only when they change (CFG's extra calls and the steps of one
+    phase cost nothing) or when something else wrote to them (a ``load_state_dict`` inside the
+    block). Step 0 is blended before the first call. With ``strength`` (image-to-image), steps
+    count in the whole schedule: see :class:`Schedule`.
+
+    On exit, normally or by an exception, the hook is removed and the denoiser gets back,
+    bit for bit, the weights it held on entry: θ_base when it held the base, the fine-tune when
+    the pipeline holds the fine-tune (``attach(pipe, base, pipe.unet)``), any other weights
+    likewise. Only what θ_base and τ cannot rebuild is kept meanwhile (``snapshot_bytes``; see
+    :class:`Blender`): nothing for the base, a few patched elements for a fine-tune given as
+    the pipeline's own denoiser, a copy of each tensor that is neither.
+
+    The denoiser's storage may move inside the block (``param.data = …``, ``module.to(…)``,
+    ``enable_model_cpu_offload``, which moves it to the GPU after this hook at its first call
+    and back once the pipeline is done): the hook then re-plans, moves θ_base and τ to the
+    parameters' device and blends again. Each move costs a transfer of θ_base and τ (2× the
+    blended parameters' size) and one blend, and they stay on the device they last moved to.
+    With model offloading the denoiser is still on the CPU when this hook runs at a call's first
+    step and on the GPU from the second, so they move twice per pipeline call and are on the GPU
+    while it denoises (offloading saves no GPU memory for them). A change of dtype inside the
+    block, and weights left on the meta device (``enable_sequential_cpu_offload``), raise
+    :class:`ExDeError`.
 
     Blocks may nest on one denoiser when they blend disjoint parameters (e.g.
     ``include="temporal"`` outside, ``exclude="temporal"`` inside), or on different denoisers
@@ -753,7 +957,8 @@ def attach(
     base_unet : nn.Module or state dict or None
         θ_base; None: the denoiser's current weights.
     finetuned_unet : nn.Module or state dict
-        θ_ft (only τ = θ_ft − θ_base is kept; the caller may free it afterwards).
+        θ_ft (only τ = θ_ft − θ_base is kept; the caller may free it afterwards). May be the
+        pipeline's own denoiser when it holds the fine-tune (then give ``base_unet``).
     schedule : Schedule or callable
         ``(step, num_steps, timestep, sigma) -> (c_τ, c_dyn, c_con)``; default :class:`switch`.
     alpha, drop, dyn_scale, con_scale, seed
@@ -772,8 +977,9 @@ def attach(
     Raises
     ------
     ExDeError
-        Models that do not match the denoiser, an unusable setting, or a parameter that an
-        enclosing ``attach`` already blends.
+        Models that do not match the denoiser, an unusable setting, a parameter that an
+        enclosing ``attach`` already blends, or a fine-tune equal to the base in every blended
+        parameter (τ = 0: e.g. ``attach(pipe, None, pipe.unet)``, which would blend nothing).
     """
     module = _denoiser(pipe, denoiser)
     cfg = DecoupleConfig(alpha, drop, dyn_scale, con_scale, seed)
@@ -781,6 +987,8 @@ def attach(
     base = base_unet if base_unet is not None else module
     blender = Blender(module, base, finetuned_unet, cfg, include, exclude)
     _claim(blender)
+
+    steps: list[_Steps | None] = [None]
 
     def hook(module, args, kwargs):
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
@@ -793,8 +1001,16 @@ def attach(
         # scheduler's units even where the denoiser gets a rescaled one (Flux's t / 1000).
         current = getattr(pipe, "_current_timestep", None)
         t = _timestep_value(current if current is not None else timestep)
-        step = step_of(timesteps, t)
-        blender.apply(sched(step, len(timesteps), t, sigma_of(pipe.scheduler, step, t)))
+        if steps[0] is None or steps[0].timesteps is not timesteps:
+            steps[0] = _Steps(pipe.scheduler, timesteps)
+        known = steps[0]
+        step = known.step[known.position(pipe.scheduler, t)]
+        # The step's own timestep and noise level (where it starts), the same for each of its
+        # model evaluations (Heun's corrector included).
+        start = known.start[step]
+        t = float(known.values[start])
+        sigma = sigma_of(pipe.scheduler, start, t)
+        blender.apply(sched(step, known.num_steps, t, sigma))
         return None
 
     # On the pipeline's module itself (a torch.compile wrapper included): a hook on the wrapped
