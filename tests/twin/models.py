@@ -92,3 +92,85 @@ def cache_positions(cache) -> int:
     if hasattr(cache, "get_seq_length"):
         return cache.get_seq_length()
     return cache[0][0].shape[-2]
+
+
+def llama_classifier(num_labels: int = 3, seed: int = 0):
+    """A 2-layer LlamaForSequenceClassification, hidden 32: its head is ``score``, without a
+    bias."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=num_labels,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForSequenceClassification(config).eval()
+
+
+def llama_classifier_experts(labels=(3, 5, 7)):
+    """A Llama classifier base and one expert per entry of ``labels``, each with a bias-less
+    ``score`` head of that many classes."""
+    base = llama_classifier(labels[0])
+    experts = {}
+    for t, n in enumerate(labels):
+        e = perturbed(base, seed=t + 1)
+        e.score = nn.Linear(32, n, bias=False)
+        with torch.no_grad():
+            e.score.weight.normal_(generator=torch.Generator().manual_seed(50 + t))
+        e.config.num_labels = n
+        experts[f"task{t}"] = e.eval()
+    return base, experts
+
+
+def run_in_threads(call, wants, calls: int = 20) -> tuple[int, list[str]]:
+    """Run ``call(t)`` ``calls`` times in each of ``len(wants)`` threads at once: (how many
+    outputs differ from ``wants[t]``, the errors raised)."""
+    import threading
+
+    wrong, errors = [], []
+    start = threading.Barrier(len(wants))
+
+    def worker(t):
+        start.wait()
+        for _ in range(calls):
+            try:
+                with torch.no_grad():
+                    got = call(t)
+                if not torch.allclose(got, wants[t], rtol=1e-5, atol=1e-5):
+                    wrong.append(t)
+            except Exception as e:  # reported by the caller
+                errors.append(repr(e)[:200])
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(len(wants))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return len(wrong), errors
+
+
+def bart_classifier(seed: int = 0):
+    """A 1+1-layer BartForSequenceClassification, d_model 32: its head is
+    ``classification_head``, its output has no ``hidden_states`` (an encoder-decoder's)."""
+    import transformers
+
+    config = transformers.BartConfig(
+        vocab_size=96,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    torch.manual_seed(seed)
+    return transformers.BartForSequenceClassification(config).eval()

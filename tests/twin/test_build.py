@@ -10,7 +10,15 @@ import torch
 
 from meldkit import twin
 from meldkit.twin.build import tensor_rank
-from tests.twin.models import gpt2, one_hot, perturbed, roberta_experts, roberta_layers
+from tests.twin.models import (
+    bart_classifier,
+    gpt2,
+    llama_classifier_experts,
+    one_hot,
+    perturbed,
+    roberta_experts,
+    roberta_layers,
+)
 
 pytest.importorskip("transformers")
 
@@ -220,3 +228,56 @@ def test_tied_weights_in_state_dicts_are_one_tensor():
         r"the base but differ in expert 'task0'",
     ):
         twin.build(base, [copies, experts[1]], progress=False)
+
+
+def test_default_exclusion_finds_heads_named_score_and_classification_head():
+    """Llama/Qwen/Mistral/GPT-2 classifiers call their head ``score``, BART and T5
+    ``classification_head``: by default they stay per task (not merged and compressed), with
+    one label count or several; a causal LM's ``lm_head`` is still merged."""
+    base, experts = llama_classifier_experts(labels=(3, 3, 3))
+    ex = twin.build(base, experts, rank_ratio=1.0, progress=False)
+    assert "score.weight" in ex.specific and "score.weight" not in ex.factors
+    for t, e in enumerate(experts.values()):
+        assert torch.equal(ex.specific["score.weight"][t], e.score.weight)
+    base, experts = llama_classifier_experts(labels=(3, 5, 7))
+    ex = twin.build(base, experts, rank_ratio=1.0, progress=False)
+    assert [v.shape[0] for v in ex.specific["score.weight"]] == [3, 5, 7]
+    bart = bart_classifier()
+    bart_experts = [perturbed(bart, seed=s) for s in (1, 2)]
+    ex = twin.build(bart, bart_experts, rank_ratio=0.5, progress=False)
+    heads = {n for n in params(bart) if n.startswith("classification_head.")}
+    assert heads and heads <= set(ex.specific) and not heads & set(ex.factors)
+    lm = gpt2()
+    ex = twin.build(lm, [perturbed(lm, seed=s) for s in (1, 2)], progress=False)
+    assert "transformer.wte.weight" in ex.factors and not ex.specific.keys() - {
+        n for n in params(lm) if "bias" in n
+    }
+
+
+def test_default_exclusion_keeps_tensors_of_different_shapes_per_task():
+    """With the default ``exclude``, a tensor whose first dimension differs between the experts
+    (a head under a name no pattern knows) is task specific, with a warning that names it; an
+    explicit ``exclude`` is taken as given, and such a tensor is an error. (Other differences
+    are always errors: ``test_errors_name_the_problem``.)"""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    experts = []
+    for s, n in zip((1, 2), (3, 4), strict=True):
+        e = perturbed(base, seed=s)
+        e[2] = torch.nn.Linear(8, n)
+        experts.append(e)
+    with pytest.warns(UserWarning, match=r"kept per task, not merged: '2\.weight'"):
+        ex = twin.build(base, experts, rank_ratio=1.0, progress=False)
+    assert {"2.weight", "2.bias"} <= set(ex.specific) and "0.weight" in ex.factors
+    assert [v.shape[0] for v in ex.specific["2.weight"]] == [3, 4]
+    with pytest.raises(twin.TwinError, match=r"'2\.weight': shape \[4, 8\] in expert 'task1'"):
+        twin.build(base, experts, exclude=("bias",), progress=False)
+
+
+def test_a_nan_in_the_base_names_the_tensor():
+    base, experts = roberta_experts()
+    name = "roberta.encoder.layer.0.attention.self.query.weight"
+    broken = {k: v.clone() for k, v in base.state_dict().items()}
+    broken[name][0, 0] = float("nan")
+    with pytest.raises(twin.TwinError, match=rf"{name!r} of the base holds NaN or inf"):
+        twin.build(broken, experts, progress=False)

@@ -94,3 +94,25 @@ def test_load_refuses_a_model_the_experts_do_not_cover(tmp_path):
         r"'roberta\.encoder\.layer\.2\.attention\.self\.query\.weight'.*\(16 uncovered\)",
     ):
         twin.load(folder, roberta_layers(3))
+
+
+def test_load_into_a_base_whose_head_has_another_size(tmp_path):
+    """The head is task specific (each task's own is used), so a base architecture with another
+    label count loads: its head takes the saved shared one's shape, the outputs and the loss
+    are the saved twin's."""
+    base, experts = roberta_experts()
+    model = twin.TwinModel(base, twin.build(base, experts, rank_ratio=1.0, progress=False))
+    model.eval()
+    folder = twin.save(model, tmp_path / "twin")
+    x, labels = batch(), torch.tensor([2, 0, 1, 2])
+    for other in (roberta(5, num_labels=2), roberta(5, num_labels=4)):
+        loaded = twin.load(folder, other.eval())
+        assert loaded.model.classifier.out_proj.weight.shape == (3, 48)
+        with torch.no_grad():
+            for w in (None, torch.eye(3)[[0, 2, 1, 1]]):
+                want = model(**x, weights=w, labels=labels)
+                got = loaded(**x, weights=w, labels=labels)
+                torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+                torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=1e-6)
+            got = loaded(**x, weights=torch.eye(3)[[1] * 4], materialize=True).logits
+            torch.testing.assert_close(got, experts["task1"](**x).logits, rtol=1e-5, atol=1e-5)

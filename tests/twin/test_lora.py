@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from meldkit import twin
-from tests.twin.models import cache_of, cache_positions, one_hot
+from tests.twin.models import cache_of, cache_positions, one_hot, run_in_threads
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -315,3 +315,55 @@ def test_generate_from_embeddings_routes_them(adapters):
         assert torch.equal(model(**x, return_dict=False)[0], logits)
         out = model(**x, output_hidden_states=True)
         assert len(out.hidden_states) == 3 and torch.equal(out.logits, logits)
+
+
+def test_a_twin_lora_model_cast_to_bfloat16_routes(adapters):
+    """``TwinLoraModel.to(bfloat16)`` casts the router too: the routed forward and ``generate``
+    run (the float32 features are cast to the router's dtype)."""
+    base, folders = adapters
+    ex = twin.build_lora(folders, rank=8)
+    model = twin.TwinLoraModel(base, ex).eval().to(torch.bfloat16)
+    x = inputs()
+    with torch.no_grad():
+        w = model.route(**x)
+        out = model(**x).logits
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, model(**x, weights=w).logits)
+        seq = model.generate(**x, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert seq.shape == (3, 8)
+
+
+def test_forwards_from_several_threads_keep_their_own_routing(adapters):
+    base, folders = adapters
+    model = twin.TwinLoraModel(base, twin.build_lora(folders, rank=8)).eval()
+    x = inputs()
+    ws = [one_hot(3, t, 3) for t in range(3)]
+    with torch.no_grad():
+        wants = [model(**x, weights=w).logits for w in ws] + [model(**x).logits]
+
+    def call(t):
+        return model(**x, weights=ws[t]).logits if t < 3 else model(**x).logits
+
+    assert run_in_threads(call, wants, calls=15) == (0, [])
+
+
+def test_a_feature_function_for_the_router(adapters, tmp_path):
+    """``TwinLoraModel(features=...)`` replaces the last token's state as the router input, and
+    ``twin.load(..., features=...)`` passes it on (as for a full twin)."""
+    base, folders = adapters
+    calls = []
+
+    def mean_state(model, *args, **kwargs):
+        calls.append(1)
+        return twin.mean_pooled_last_hidden(model, *args, **kwargs)
+
+    model = twin.TwinLoraModel(base, twin.build_lora(folders, rank=4), features=mean_state)
+    _random_router(model).eval()
+    x = inputs()
+    with torch.no_grad():
+        want = model.router(twin.mean_pooled_last_hidden(model.model, **x))
+        torch.testing.assert_close(model.route(**x), torch.softmax(want, -1))
+        assert calls == [1]
+        loaded = twin.load(twin.save(model, tmp_path / "t"), base, features=mean_state)
+        torch.testing.assert_close(loaded.route(**x), model.route(**x))
+    assert len(calls) == 3

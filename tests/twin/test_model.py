@@ -5,6 +5,8 @@ training with held-out selection, and errors."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,13 +14,16 @@ from torch import nn
 
 from meldkit import twin
 from tests.twin.models import (
+    bart_classifier,
     batch,
     cache_of,
     cache_positions,
     gpt2,
+    llama_classifier_experts,
     one_hot,
     perturbed,
     roberta_experts,
+    run_in_threads,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -709,3 +714,205 @@ def test_train_router_joins_a_last_batch_of_one_and_refuses_batches_it_cannot_tr
     flat = {**train, "task2": torch.randn(d, generator=gen)}
     with pytest.raises(twin.TwinError, match=r"'train' features of task 'task2' have shape \[48\]"):
         twin.train_router(model, flat, train, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:.*rebuilt densely per sample")
+def test_bias_less_heads_of_different_sizes_pad_with_minus_inf():
+    """Llama's ``score`` heads have no bias: the columns past a task's own label count are -inf
+    all the same (not 0, which would beat a task whose logits are all negative), and the
+    activation path and ``materialize=True`` both return every task's widest head."""
+    base, experts = llama_classifier_experts(labels=(3, 5, 7))
+    ids = torch.randint(3, 96, (3, 6), generator=torch.Generator().manual_seed(0))
+    expert0 = experts["task0"]
+    with torch.no_grad():  # expert 0's logits all negative: a 0 in a padding column would win
+        h = expert0.model(input_ids=ids).last_hidden_state[:, -1]
+        expert0.score.weight.copy_(-0.5 * h.mean(0).sign().expand(3, -1))
+    ex = twin.build(base, experts, exclude=("score", "bias"), rank_ratio=1.0, progress=False)
+    model = twin.TwinModel(base, ex).eval()
+    assert model.label_counts == [3, 5, 7]
+    with torch.no_grad():
+        want = expert0(input_ids=ids).logits
+        assert (want < 0).all()
+        got = model(input_ids=ids, weights=one_hot(3, 0, 3)).logits
+        assert got.shape == (3, 7)
+        assert torch.isneginf(got[:, 3:]).all()
+        torch.testing.assert_close(got[:, :3], want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+        mat = model(input_ids=ids, weights=one_hot(3, 0, 3), materialize=True).logits
+        torch.testing.assert_close(mat, got, rtol=1e-4, atol=1e-4)
+        # mixed weights, one task per sample
+        w = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.2, 0.2], [0.1, 0.1, 0.8]])
+        task = torch.tensor([1, 0, 2])
+        got = model(input_ids=ids, weights=w, task=task).logits
+        for i, n in enumerate((5, 3, 7)):
+            assert torch.isfinite(got[i, :n]).all() and torch.isneginf(got[i, n:]).all()
+        mat = model(input_ids=ids, weights=w, task=task, materialize=True).logits
+        torch.testing.assert_close(mat, got, rtol=1e-4, atol=1e-4)
+        out = model(input_ids=ids, weights=one_hot(3, 0, 3), labels=torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(out.loss, F.cross_entropy(want, torch.tensor([0, 1, 2])))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_twin_model_cast_to_half_precision_routes(full_rank, dtype):
+    """``TwinModel.to(bfloat16)`` / ``.half()`` casts the router as well: the float32 features
+    are cast to the router's dtype, and the routed forward equals the given router weights."""
+    base, _, full = full_rank
+    model = twin.TwinModel(base, full.experts).eval().to(dtype)
+    assert next(model.router.parameters()).dtype == dtype
+    x = batch()
+    with torch.no_grad():
+        w = model.route(**x)
+        assert w.dtype == torch.float32 and w.shape == (4, 3)
+        out = model(**x).logits
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, model(**x, weights=w).logits)
+
+
+def test_forwards_from_several_threads_keep_their_own_routing(full_rank):
+    """The routing of a forward is state every twin layer reads: forwards from several threads
+    with different weights (and routed by the router, and materialized) each get their own
+    outputs."""
+    base, _, full = full_rank
+    model = twin.TwinModel(base, full.experts).eval()
+    x = batch(b=8, length=16)
+    ws = [one_hot(8, t, 3) for t in range(3)]
+    with torch.no_grad():
+        wants = [model(**x, weights=w).logits for w in ws] + [model(**x).logits]
+        wants.append(model(**x, weights=ws[1], materialize=True).logits)
+
+    def call(t):
+        if t < 3:
+            return model(**x, weights=ws[t]).logits
+        if t == 3:
+            return model(**x).logits
+        return model(**x, weights=ws[1], materialize=True).logits
+
+    assert run_in_threads(call, wants) == (0, [])
+    clone = copy.deepcopy(model)  # the lock is not copied: the copy gets its own
+    assert clone.routing.lock is not model.routing.lock
+    with torch.no_grad():
+        torch.testing.assert_close(clone(**x, weights=ws[2]).logits, wants[2])
+
+
+@_conv1d_warning
+def test_generate_routes_each_prompt_once():
+    """``TwinModel.generate`` routes each prompt once and keeps its weights for every new token
+    (not the shared model alone): at full rank, one-hot weights give each expert's own greedy
+    continuation, sample by sample; without weights, the router's on the prompt."""
+    base = gpt2()
+    experts = [perturbed(base, seed=s, scale=0.5) for s in (1, 2)]
+    model = twin.TwinModel(base, twin.build(base, experts, rank_ratio=1.0, progress=False)).eval()
+    ids = torch.randint(1, 64, (2, 4), generator=torch.Generator().manual_seed(0))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        got = model.generate(**x, weights=torch.tensor([[0.0, 1.0], [1.0, 0.0]]), **kw)
+        for i, t in enumerate((1, 0)):
+            want = experts[t].generate(**{k: v[i : i + 1] for k, v in x.items()}, **kw)
+            assert torch.equal(got[i : i + 1], want)
+        shared = model.model.generate(**x, **kw)  # the shared model: another continuation
+        assert not torch.equal(got, shared)
+        routed = model.generate(**x, **kw)
+        assert torch.equal(routed, model.generate(**x, weights=model.route(**x), **kw))
+    assert model.routing.mode == "plain" and model.routing.weights is None
+    with pytest.raises(twin.TwinError, match="num_beams > 1 is not supported"):
+        model.generate(**x, num_beams=2, **kw)
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(6, 4))
+    ex = twin.build(plain, [perturbed(plain, seed=1)], exclude=None, progress=False)
+    net = twin.TwinModel(plain, ex, router=twin.TwinRouter(6, 1), features=lambda m, x: x)
+    with pytest.raises(twin.TwinError, match=r"the wrapped model \(Sequential\) has no generate"):
+        net.generate(torch.randn(2, 6))
+
+
+def test_train_router_tokenizes_texts_in_batches_of_the_given_size(full_rank):
+    """``feature_batch_size``: how many texts each routing pass over ``train``/``val`` texts
+    reads at once (was fixed at 64)."""
+    base, _, full = full_rank
+    model = twin.TwinModel(base, full.experts).eval()
+    sizes = []
+
+    def tokenizer(texts, **kwargs):
+        sizes.append(len(texts))
+        ids = torch.tensor([[3 + len(t) % 90] * 5 for t in texts])
+        return transformers.BatchEncoding(
+            {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        )
+
+    data = {t: [f"text {t} {i}" * (i + 1) for i in range(10)] for t in model.tasks}
+    twin.train_router(
+        model, data, data, tokenizer=tokenizer, feature_batch_size=4, epochs=1, progress=False
+    )
+    assert sizes == [4, 4, 2] * 6  # per task, train then val
+    with pytest.raises(twin.TwinError, match="'feature_batch_size' must be an int ≥ 1"):
+        twin.train_router(model, data, data, tokenizer=tokenizer, feature_batch_size=0)
+
+
+@pytest.mark.filterwarnings("ignore:.*rebuilt densely per sample")
+def test_an_encoder_decoder_routes_on_its_encoders_last_state():
+    """Seq2seq outputs have no ``hidden_states``: the router reads the encoder's last state
+    (mean-pooled over the input's tokens); BART's ``classification_head`` stays per task."""
+    base = bart_classifier()
+    experts = [perturbed(base, seed=s) for s in (1, 2)]
+    model = twin.TwinModel(base, twin.build(base, experts, rank_ratio=1.0, progress=False)).eval()
+    ids = torch.randint(3, 90, (3, 6), generator=torch.Generator().manual_seed(0))
+    ids[:, -1] = base.config.eos_token_id
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        state = model.model(input_ids=ids, attention_mask=mask).encoder_last_hidden_state
+        torch.testing.assert_close(
+            model.features(input_ids=ids, attention_mask=mask), state.mean(1)
+        )
+        w = model.route(input_ids=ids, attention_mask=mask)
+        got = model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(got, model(input_ids=ids, attention_mask=mask, weights=w).logits)
+        for t in range(2):
+            got = model(input_ids=ids, attention_mask=mask, weights=one_hot(3, t, 2)).logits
+            want = experts[t](input_ids=ids, attention_mask=mask).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _deberta():
+    config = transformers.DebertaV2Config(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        relative_attention=True,
+        position_buckets=8,
+        max_relative_positions=16,
+        pos_att_type=["p2c", "c2p"],
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    return transformers.DebertaV2ForSequenceClassification(config).eval()
+
+
+def test_an_input_shared_by_the_batch_that_the_model_cannot_take_per_sample():
+    """DeBERTa projects its relative-position embeddings ``[1, 2k, d]`` once for the batch with
+    the attention's own query/key layers, and repeats the result B times. Under per-sample
+    weights that projection is per sample, ``[B, 2k, d]``, which the model cannot take: the
+    forward then runs one sample at a time (exact: each sample's own merged weights), with a
+    warning, and later forwards go straight that way."""
+    base = _deberta()
+    experts = [perturbed(base, seed=s) for s in (1, 2, 3)]
+    model = twin.TwinModel(base, twin.build(base, experts, rank_ratio=1.0, progress=False)).eval()
+    x = batch(b=4, length=9)
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match=r"rel_embeddings|pos_key_proj|query_proj|key_proj"):
+            got = model(**x, weights=one_hot(4, 1, 3)).logits
+        torch.testing.assert_close(got, experts[1](**x).logits, rtol=1e-5, atol=1e-5)
+        w = torch.softmax(torch.randn(4, 3, generator=torch.Generator().manual_seed(1)), -1)
+        got = model(**x, weights=w, task=[0, 2, 1, 0]).logits
+        want = model(**x, weights=w, task=[0, 2, 1, 0], materialize=True).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for i in range(4):  # sample by sample: a batch of one routes without any fallback
+            one = {k: v[i : i + 1] for k, v in x.items()}
+            torch.testing.assert_close(
+                got[i : i + 1], model(**one, weights=w[i : i + 1], task=[[0, 2, 1, 0][i]]).logits
+            )
+        assert model(**x).logits.shape == (4, 3)
+        labels = torch.tensor([2, 0, 1, 2])  # the batch's loss, not one per sample
+        out = model(**x, weights=one_hot(4, 1, 3), labels=labels)
+        torch.testing.assert_close(out.loss, experts[1](**x, labels=labels).loss)

@@ -11,9 +11,12 @@ Lu et al., "Twin-Merging: Dynamic Integration of Modular Expertise in Model Merg
   its factors ``a_t = U_r·S_r`` ``[m, r]`` and ``b_t = V_r`` ``[n, r]`` (v_t ≈ a_t·b_tᵀ), never as a
   dense rebuild; 1-D tensors are kept dense. The reference code rounds 1×n matrices down to rank 0
   and silently zeroes them: here the rank is at least 1.
-* excluded tensors (by default every name matching ``classifier`` or ``bias``, the paper's filter)
-  are never merged: each task keeps its own (its head, its biases), and the shared model keeps the
-  base's. Tensors that only the experts have (classification heads over a bare base) are task
+* excluded tensors are never merged: each task keeps its own (its head, its biases), and the
+  shared model keeps the base's. By default (:data:`DEFAULT_EXCLUDE`) every name matching
+  ``classifier`` or ``bias`` (the paper's filter) or naming another Hugging Face classification
+  head (``score``, ``classification_head``), and every tensor whose first dimension differs
+  between the experts and the base (a head with another label count under any name, with a
+  warning). Tensors that only the experts have (classification heads over a bare base) are task
   specific too.
 
 The SVD runs in float32 on ``device`` (a CUDA device when given), falling back to the CPU when the
@@ -27,6 +30,7 @@ import numbers
 import operator
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +41,10 @@ from torch import nn
 from meldkit._storage import storage_key
 from meldkit.ops._checks import FLOAT_DTYPES
 
-DEFAULT_EXCLUDE = (r"classifier", r"bias")
+# The paper's filter (heads named ``classifier``, every bias) and the other names Hugging Face
+# gives a classification head: ``score`` (Llama, Qwen, Mistral, GPT-2 …ForSequenceClassification)
+# and ``classification_head`` (BART, T5). A causal LM's ``lm_head`` is merged.
+DEFAULT_EXCLUDE = (r"classifier", r"classification_head", r"(^|\.)score\.", r"bias")
 
 
 class TwinError(ValueError):
@@ -402,8 +409,13 @@ def build(
     rank : int, optional
         A fixed rank instead (capped at min(m, n)); any integer scalar (NumPy, 0-d tensor).
     exclude : regex or regexes
-        Names (``re.search``) that are never merged; each task keeps its own. Default: heads and
-        biases, ``("classifier", "bias")``. ``None`` or ``()`` merges everything.
+        Names (``re.search``) that are never merged; each task keeps its own. Default
+        (:data:`DEFAULT_EXCLUDE`): biases and classification heads, ``classifier`` (the paper's
+        filter), ``score`` (Llama, Qwen, Mistral, GPT-2 sequence classifiers) and
+        ``classification_head`` (BART, T5); with the default, a tensor whose first dimension
+        (output size) differs between the experts or from the base, its other dimensions equal,
+        is task specific as well, with a warning naming it. An explicit value is taken as given
+        (such a tensor is then an error); ``None`` or ``()`` merges everything.
     device : str or torch.device, optional
         Where the SVDs run: default the GPU when there is one (falling back to the CPU for a
         matrix whose GPU solve fails), else the CPU. Results are stored on the CPU.
@@ -423,7 +435,8 @@ def build(
     TwinError
         No experts, an expert that lacks a tensor of the base or has it in another shape, an
         expert with floating tensors that the base and another expert lack (or the reverse),
-        tied tensors of the base that an expert unties, bad ``rank_ratio``/``rank``.
+        tied tensors of the base that an expert unties, NaN or inf in a merged tensor of the
+        base or an expert (named), bad ``rank_ratio``/``rank``.
     """
     from meldkit.merging import merge_state_dicts
 
@@ -452,6 +465,10 @@ def build(
     if shared_params is None:
         shared_params = {"lambda": 0.29} if shared == "task_arithmetic" else {}
     params = _shared_params(shared_params, len(expert_list))
+    if exclude is not None and not isinstance(exclude, str):
+        exclude = list(exclude)
+    # the default also keeps per task whatever differs in shape (a head under another name)
+    by_shape = exclude is not None and tuple(exclude) == DEFAULT_EXCLUDE
     patterns = _compile(exclude)
     svd_device = torch.device(device) if device is not None else default_svd_device()
 
@@ -476,15 +493,39 @@ def build(
             if held:
                 found[name] = held[0]
             _check_tied(src, name, held)
+    # Task specific by shape (the default exclude only): tensors whose first dimension (a
+    # head's output size, its label count) differs between the experts or from the base, the
+    # rest equal. Any other difference is an error (a broken or foreign checkpoint).
+    reshaped = []
     for name in merged:
         for src, found in zip(srcs, where, strict=True):
             if name not in found:
                 raise TwinError(f"meldkit.twin.build: {src.label} has no tensor {name!r}")
-            if src.shape(found[name]) != base_src.shape(name):
+        shapes = [src.shape(found[name]) for src, found in zip(srcs, where, strict=True)]
+        base_shape = base_src.shape(name)
+        if (
+            by_shape
+            and len(base_shape) >= 1
+            and any(s != base_shape for s in shapes)
+            and all(len(s) == len(base_shape) and s[1:] == base_shape[1:] for s in shapes)
+        ):
+            reshaped.append(name)
+            continue
+        for src, shape in zip(srcs, shapes, strict=True):
+            if shape != base_shape:
                 raise TwinError(
-                    f"meldkit.twin.build: {name!r}: shape {list(src.shape(found[name]))} in "
-                    f"{src.label} does not match the base's {list(base_src.shape(name))}"
+                    f"meldkit.twin.build: {name!r}: shape {list(shape)} in {src.label} does "
+                    f"not match the base's {list(base_shape)}"
                 )
+    if reshaped:
+        warnings.warn(
+            f"meldkit.twin.build: {len(reshaped)} tensor(s) differ in shape between the experts "
+            f"(or from the base) and are kept per task, not merged: {_listed(reshaped)}; pass "
+            "exclude= to choose the task-specific tensors yourself",
+            stacklevel=2,
+        )
+        merged = [n for n in merged if n not in set(reshaped)]
+        specific_names += reshaped
     for name in specific_names:
         missing = [src.label for src, found in zip(srcs, where, strict=True) if name not in found]
         if missing:
@@ -525,6 +566,7 @@ def build(
             "rank_ratio": float(rank_ratio),
             "rank": rank,
             "exclude": [p.pattern for p in patterns],
+            "specific_by_shape": reshaped,
             "seed": int(seed),
         },
     )
@@ -536,6 +578,8 @@ def build(
     try:
         for name in merged:
             base_t = base_src.get(name)
+            if not bool(torch.isfinite(base_t).all()):
+                raise TwinError(f"meldkit.twin.build: {name!r} of the base holds NaN or inf")
             thetas = [src.get(found[name]) for src, found in zip(srcs, where, strict=True)]
             for task, theta in zip(tasks, thetas, strict=True):
                 if theta.is_floating_point() and not bool(torch.isfinite(theta).all()):

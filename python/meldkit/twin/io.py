@@ -138,8 +138,8 @@ def load(
     **kwargs: Any,
 ):
     """A :class:`TwinModel` (or :class:`TwinLoraModel`) over ``model`` (the base architecture)
-    from a folder written by :func:`save`. ``kwargs`` go to the class (``top_k``, and
-    ``features`` for :class:`TwinModel`).
+    from a folder written by :func:`save`. ``kwargs`` go to the class (``top_k``,
+    ``features``).
 
     ``check_base`` (a LoRA twin): compare ``model`` with the base the twin was saved over, its
     parameters' names and shapes and each adapted layer's weight fingerprint. A LoRA twin adds

@@ -10,6 +10,7 @@ layer it replaces.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -33,13 +34,29 @@ class Routing:
     the run is exactly 1. Twin layers then work on contiguous slices (no gathering per layer).
     Setting ``weights`` or ``task`` clears it, and the per-forward facts derived from the
     weights (:meth:`sparse`, :meth:`groups`).
+
+    ``lock``: this state belongs to one forward at a time; the models hold this (re-entrant)
+    lock for the whole of a forward, a routing pass or a ``generate``, so that calls from
+    several threads run one after the other instead of reading each other's routing.
     """
 
     def __init__(self) -> None:
         self.mode = "plain"
         self._weights: torch.Tensor | None = None
         self._task: torch.Tensor | None = None
+        self.lock = threading.RLock()
+        # the latest layer of this forward that got an input shared by the batch (first
+        # dimension 1 of B > 1) and computed it per sample, [B, ...] (:meth:`batch`)
+        self.shared_input: str | None = None
         self._clear()
+
+    def __getstate__(self) -> dict:
+        # a lock can be neither copied nor pickled: a copied model gets a lock of its own
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.RLock()
 
     def _clear(self) -> None:
         self.runs: list[tuple[int, int, int, int, bool]] | None = None
@@ -91,6 +108,10 @@ class Routing:
         self.runs = runs
 
     def batch(self, layer: str, lead: int) -> int:
+        """The batch size B for an input of first dimension ``lead`` to ``layer``: B, or 1 for an
+        input shared by the batch, which the layer computes with each sample's weights (its
+        output ``[B, ...]``; noted in :attr:`shared_input`, since a model that expects the
+        shared input's output back at batch 1 cannot use it)."""
         assert self.weights is not None
         b = self.weights.shape[0]
         if lead not in (b, 1):
@@ -98,6 +119,8 @@ class Routing:
                 f"meldkit.twin: layer {layer!r} got an input whose first dimension {lead} is not "
                 f"the batch size {b}: per-sample routing needs [B, ...] inputs"
             )
+        if lead != b:
+            self.shared_input = layer
         return b
 
 
@@ -131,14 +154,24 @@ def _broadcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.view(v.shape[0], *([1] * (ndim - 2)), v.shape[-1])
 
 
-def _stack_padded(values: list[torch.Tensor], pad: float) -> torch.Tensor:
-    """Task-specific values of one parameter, stacked ``[T, *max shape]`` and padded with ``pad``
-    (0 for weights; -inf for bias rows past a task's own size, so padded logits never win)."""
+def _stack_padded(values: list[torch.Tensor]) -> torch.Tensor:
+    """Task-specific values of one parameter, stacked ``[T, *max shape]`` and padded with 0."""
     shape = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
-    out = torch.full((len(values), *shape), pad, dtype=values[0].dtype)
+    out = torch.zeros((len(values), *shape), dtype=values[0].dtype)
     for t, v in enumerate(values):
         out[(t, *(slice(0, s) for s in v.shape))] = v
     return out
+
+
+def _column_mask(sizes: list[int]) -> torch.Tensor | None:
+    """``[T, max(sizes)]`` float32: 0 in the first ``sizes[t]`` columns of row t, -inf past them
+    (a head's logits past its task's label count never win); None when every size is equal."""
+    if len(set(sizes)) < 2:
+        return None
+    mask = torch.zeros(len(sizes), max(sizes))
+    for t, n in enumerate(sizes):
+        mask[t, n:] = float("-inf")
+    return mask
 
 
 def _add_sparse_experts(
@@ -175,7 +208,11 @@ def _add_sparse_experts(
 
 class TwinLinear(nn.Linear):
     """``y = x·θ_sᵀ + Σ_t w_t·(x·b_t)·a_tᵀ + bias`` per sample; task-specific weight or bias taken
-    from each sample's task."""
+    from each sample's task.
+
+    A task-specific head whose tasks have different output sizes (label counts C_t) returns
+    ``[..., max_t C_t]`` in every mode: the columns past a sample's own C_t are -inf, whether or
+    not the head has a bias (a per-task additive mask ``[T, max_t C_t]``)."""
 
     def __init__(
         self,
@@ -190,8 +227,9 @@ class TwinLinear(nn.Linear):
     ) -> None:
         nn.Module.__init__(self)  # keep the layer's own parameters, do not re-initialise
         self.training = linear.training  # the replaced layer's train/eval mode
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
+        # the weight's own shape: a task-specific head may have been resized to the experts'
+        self.out_features, self.in_features = linear.weight.shape
         self.name, self.routing = name, routing
         device = linear.weight.device
         if factors is not None:  # lora_a [T, r, n] = b_tᵀ, lora_b [T, m, r] = a_t
@@ -205,16 +243,27 @@ class TwinLinear(nn.Linear):
         )
         self.register_buffer(
             "specific_weight",
-            None if specific_weight is None else _stack_padded(specific_weight, 0.0).to(device),
+            None if specific_weight is None else _stack_padded(specific_weight).to(device),
             False,
         )
         self.register_buffer(
             "specific_bias",
-            None
-            if specific_bias is None
-            else _stack_padded(specific_bias, float("-inf")).to(device),
+            None if specific_bias is None else _stack_padded(specific_bias).to(device),
             False,
         )
+        # Heads whose tasks have different output sizes (label counts): the output is always
+        # the widest task's, the columns past a task's own size -inf (with or without a bias).
+        specific = specific_weight if specific_weight is not None else specific_bias
+        mask = None if specific is None else _column_mask([int(v.shape[0]) for v in specific])
+        self.register_buffer("column_mask", None if mask is None else mask.to(device), False)
+
+    def _pad_columns(self, y: torch.Tensor) -> torch.Tensor:
+        """A plain-mode output of a head with task-specific sizes, widened to the widest task's
+        with -inf columns (what the routed path returns; ``materialize=True`` runs this way)."""
+        width = self.column_mask.shape[1]
+        if y.shape[-1] >= width:
+            return y
+        return F.pad(y, (0, width - y.shape[-1]), value=float("-inf"))
 
     def _run_biases(self, runs: list) -> list[torch.Tensor | None] | None:
         """Each run's bias (its task's, or the shared one plus its expert's exclusive part when
@@ -238,6 +287,7 @@ class TwinLinear(nn.Linear):
         if (
             self.lora_a is None
             or self.specific_weight is not None
+            or self.column_mask is not None
             or x.dim() < 2
             or x.shape[0] != b
             or not (x.dtype == self.weight.dtype == self.lora_a.dtype)
@@ -272,7 +322,8 @@ class TwinLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.routing
         if r.mode == "plain":
-            return F.linear(x, self.weight, self.bias)
+            y = F.linear(x, self.weight, self.bias)
+            return y if self.column_mask is None else self._pad_columns(y)
         if r.runs is not None:
             y = self._forward_runs(x, r)
             if y is not None:
@@ -327,6 +378,8 @@ class TwinLinear(nn.Linear):
             y = _fresh_op(y, _broadcast(self.specific_bias[r.task].to(y.dtype), y.dim()), "add")
         elif self.bias is not None and self.dense_bias is not None:
             y = _fresh_op(y, _broadcast(_per_sample(self.dense_bias, r, y.dtype), y.dim()), "add")
+        if self.column_mask is not None:
+            y = _fresh_op(y, _broadcast(self.column_mask[r.task].to(y.dtype), y.dim()), "add")
         return y.squeeze(0) if squeeze else y
 
 

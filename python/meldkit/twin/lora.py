@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from meldkit.twin.model import (
     _copy,
     _hidden_size,
     _last_hidden,
+    one_at_a_time,
 )
 
 _KEY = re.compile(
@@ -347,6 +348,11 @@ class TwinLoraModel(RoutedMixin, nn.Module):
         Default: a new one over ``config.hidden_size``, for :func:`meldkit.twin.train_router`.
     top_k : int, optional
         Mix only the k most likely tasks.
+    features : callable, optional
+        ``features(model, *args, **kwargs) -> [B, d]``: the router input, computed with the
+        shared adapters; default :func:`last_token_hidden`.
+    copy : bool
+        Deep-copy ``model`` first (default) rather than modify it. Its parameters are frozen.
     """
 
     def __init__(
@@ -356,6 +362,7 @@ class TwinLoraModel(RoutedMixin, nn.Module):
         *,
         router: TwinRouter | None = None,
         top_k: int | None = None,
+        features: Callable[..., torch.Tensor] | None = None,
         copy: bool = True,
     ) -> None:
         super().__init__()
@@ -368,7 +375,7 @@ class TwinLoraModel(RoutedMixin, nn.Module):
         self.model.requires_grad_(False)
         self.tasks, self.top_k, self.experts = list(experts.tasks), top_k, experts
         self.routing = Routing()
-        self.features_fn = last_token_hidden
+        self.features_fn = features or last_token_hidden
         for name in experts.shared_a:
             try:
                 module = self.model.get_submodule(name)
@@ -399,6 +406,7 @@ class TwinLoraModel(RoutedMixin, nn.Module):
         b = _batch_size(args, kwargs)
         return self._routing_weights(args, kwargs, weights, b, device)
 
+    @one_at_a_time
     def forward(self, *args: Any, weights: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """The model's forward with each sequence's merged adapters (``weights [B, T]`` or the
         router's).
@@ -417,28 +425,12 @@ class TwinLoraModel(RoutedMixin, nn.Module):
         self._remember_cache(out, w)
         return out
 
+    @one_at_a_time
     @torch.no_grad()
     def generate(self, *args: Any, weights: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """``model.generate`` with each prompt routed once (its weights kept for every new token).
         Beam search and several sequences per prompt are refused: they change the batch."""
-        for key in ("num_beams", "num_return_sequences"):
-            if int(kwargs.get(key, 1) or 1) != 1:
-                raise TwinError(f"TwinLoraModel.generate: {key} > 1 is not supported")
-        # The prompt, as ids or embeddings (the embeddings when both are given, as the model
-        # then reads them), and its mask; never a cache.
-        route_args = args
-        route_kwargs = {k: kwargs[k] for k in ("input_ids", "attention_mask") if k in kwargs}
-        if kwargs.get("inputs_embeds") is not None:
-            route_args = ()
-            route_kwargs.pop("input_ids", None)
-            route_kwargs["inputs_embeds"] = kwargs["inputs_embeds"]
-        w = self._routed(route_args, route_kwargs, weights)
-        r = self.routing
-        r.mode, r.weights, r.task = "twin", w, w.argmax(-1)
-        try:
-            return self.model.generate(*args, **kwargs)
-        finally:
-            r.mode, r.weights, r.task = "plain", None, None
+        return self._generate(args, kwargs, weights, None)
 
 
 __all__ = [

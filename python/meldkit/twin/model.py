@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 import operator
+import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
@@ -67,6 +69,12 @@ class TwinRouter(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features)
+
+
+def _router_dtype(router: nn.Module) -> torch.dtype:
+    """The dtype of the router's parameters (float32 when it has none)."""
+    p = next(router.parameters(), None)
+    return p.dtype if p is not None and p.is_floating_point() else torch.float32
 
 
 def _hidden_size(model: nn.Module) -> int | None:
@@ -200,7 +208,8 @@ def _last_hidden(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(hidden [B, L, d] float32, mask [B, L] or None)``: a Hugging Face model's last hidden
     state in a pass of its own (hidden states on, a ``ModelOutput``, no cache, whatever the
-    caller asked of its own forward) and the attention mask of those L positions."""
+    caller asked of its own forward) and the attention mask of those L positions. For an
+    encoder-decoder (an output without ``hidden_states``), the encoder's last state."""
     bound = _bound(model, args, kwargs) if args else None
     args, kwargs = bind_arguments(model, args, kwargs) if bound is None else bound
     kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS + OUTPUT_KWARGS}
@@ -216,7 +225,19 @@ def _last_hidden(
     if _accepts(model, "return_dict"):
         kwargs["return_dict"] = True
     out = model(*args, output_hidden_states=True, **kwargs)
-    return out.hidden_states[-1].float(), mask
+    if isinstance(out, Mapping):
+        # an encoder-decoder's output has no hidden_states: its encoder's last state, over the
+        # input's tokens (the ones the attention mask covers)
+        states = out.get("hidden_states")
+        hidden = states[-1] if states is not None else out.get("encoder_last_hidden_state")
+        if hidden is None:
+            raise TwinError(
+                f"meldkit.twin: {type(model).__name__}'s output has neither hidden_states nor "
+                "encoder_last_hidden_state to route on: pass features=..."
+            )
+    else:
+        hidden = out.hidden_states[-1]
+    return hidden.float(), mask
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
@@ -277,6 +298,19 @@ def _cache_length(cache: Any) -> int:
     return 1
 
 
+def one_at_a_time(method: Callable) -> Callable:
+    """A method of a routed model that holds its routing's lock (:attr:`Routing.lock`): the
+    twin layers read the routing of the forward that set it, so forwards from several threads
+    run one after the other."""
+
+    @functools.wraps(method)
+    def locked(self, *args: Any, **kwargs: Any) -> Any:
+        with self.routing.lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class RoutedMixin:
     """The router side shared by :class:`TwinModel` and :class:`meldkit.twin.TwinLoraModel`
     (``self.model``, ``self.router``, ``self.routing``, ``self.features_fn``, ``self.tasks``,
@@ -284,6 +318,7 @@ class RoutedMixin:
 
     # ---- routing ------------------------------------------------------------------------------
 
+    @one_at_a_time
     @torch.no_grad()
     def features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The router input ``[B, d]`` under the shared weights (base values for excluded ones).
@@ -327,6 +362,41 @@ class RoutedMixin:
                 _ROUTED_CALL.reset(token)
         return self._check_weights(weights, b, device)
 
+    def _generate(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], weights: Any, task: Any
+    ) -> Any:
+        """``self.model.generate(*args, **kwargs)`` with each prompt routed once: its weights
+        (``weights``, else the router's on the prompt) and task (``task``, else its top task)
+        stay for every new token. Beam search and several sequences per prompt change the batch:
+        refused."""
+        where = f"{type(self).__name__}.generate"
+        for key in ("num_beams", "num_return_sequences"):
+            if int(kwargs.get(key, 1) or 1) != 1:
+                raise TwinError(f"{where}: {key} > 1 is not supported")
+        generate = getattr(self.model, "generate", None)
+        if not callable(generate):
+            raise TwinError(
+                f"{where}: the wrapped model ({type(self.model).__name__}) has no generate"
+            )
+        # The prompt, as ids or embeddings (the embeddings when both are given, as the model
+        # then reads them), and its mask; never a cache.
+        route_args = tuple(args)
+        route_kwargs = {k: kwargs[k] for k in ("input_ids", "attention_mask") if k in kwargs}
+        if kwargs.get("inputs_embeds") is not None:
+            route_args = ()
+            route_kwargs.pop("input_ids", None)
+            route_kwargs["inputs_embeds"] = kwargs["inputs_embeds"]
+        device = next(self.model.parameters()).device
+        b = _batch_size(route_args, route_kwargs)
+        w = self._routing_weights(route_args, route_kwargs, weights, b, device)
+        task = w.argmax(-1) if task is None else self._check_task(task, b, device)
+        r = self.routing
+        r.mode, r.weights, r.task = "twin", w, task
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            r.mode, r.weights, r.task = "plain", None, None
+
     def _cache_weights(self) -> WeakIdKeyDictionary:
         """KV caches this model returned (by :func:`_cache_key`, held weakly, compared by
         identity) -> the weights ``[B, T]`` their sequences run with."""
@@ -347,13 +417,17 @@ class RoutedMixin:
                     self._cache_weights()[handle] = weights
                 return
 
+    @one_at_a_time
     @torch.no_grad()
     def route(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Softmax router weights ``[B, T]`` (top-k renormalised when ``top_k``)."""
+        """Softmax router weights ``[B, T]`` float32 (top-k renormalised when ``top_k``). The
+        float32 features are cast to the router's dtype (a model cast with ``.to(bfloat16)``
+        or ``.half()`` casts its router too)."""
         was = self.router.training
         self.router.eval()
         try:
-            logits = self.router(self.features(*args, **kwargs))
+            features = self.features(*args, **kwargs)
+            logits = self.router(features.to(_router_dtype(self.router)))
         finally:
             self.router.train(was)
         return self._weights(logits)
@@ -409,13 +483,23 @@ class TwinModel(RoutedMixin, nn.Module):
 
     ``materialize=True`` instead rebuilds the dense merged weights for each sample and runs the
     original model with them (``torch.func.functional_call``), as the reference code does: for
-    parity checks and for layers the activation path does not handle.
+    parity checks and for layers the activation path does not handle. Heads whose tasks have
+    different label counts return the widest task's ``[..., max_t C_t]`` either way, columns past
+    a sample's own task's count -inf (with or without a bias).
+
+    :meth:`generate` routes each prompt once and keeps its merge for every new token. A model
+    cast with ``.to(torch.bfloat16)`` or ``.half()`` casts its router too (its float32 features
+    are cast to the router's dtype). Calls from several threads run one after the other (the
+    routing is state every twin layer reads: :attr:`Routing.lock`). A model that cannot take
+    the per-sample output of an input its batch shares (DeBERTa's relative-position embeddings)
+    runs one sample at a time, with a warning.
 
     Parameters
     ----------
     model : nn.Module
         The base model's architecture (its weights are replaced by θ_s; copied unless
-        ``copy=False``). Its parameter names must match the experts'.
+        ``copy=False``). Its parameter names must match the experts', and their shapes, except
+        for task-specific tensors (a head with another label count takes the experts' shape).
     experts : TwinExperts
         From :func:`meldkit.twin.build`.
     router : TwinRouter, optional
@@ -452,6 +536,7 @@ class TwinModel(RoutedMixin, nn.Module):
         self.experts = experts
         self.routing = Routing()
         self._order_batches = True
+        self._sample_by_sample = False  # see _routed
         self._load_shared()
         self.per_sample_modules = self._install()
         if router is None:
@@ -470,8 +555,13 @@ class TwinModel(RoutedMixin, nn.Module):
         device = next(self.model.parameters()).device
         self.router = router.to(device)
         # Output size of each task's head when the task-specific tensors differ in shape
-        # (classification heads with different label counts; padded with -inf), else None.
-        ragged = [v for v in experts.specific.values() if len({tuple(t.shape) for t in v}) > 1]
+        # (classification heads with different label counts; padded with -inf), or when the
+        # model's head had another size (its config's label count is not the heads'), else None.
+        ragged = [
+            v
+            for n, v in experts.specific.items()
+            if len({tuple(t.shape) for t in v}) > 1 or n in self._resized
+        ]
         self.label_counts: list[int] | None = None
         if ragged:
             self.label_counts = [max(v[t].shape[0] for v in ragged) for t in range(len(self.tasks))]
@@ -512,9 +602,16 @@ class TwinModel(RoutedMixin, nn.Module):
                 "experts were built for another architecture"
             )
         self._model_name = model_name
+        self._resized: list[str] = []
         with torch.no_grad():
             for name, value in ex.shared.items():
                 p = params[model_name[name]]
+                if p.shape != value.shape and name in ex.specific:
+                    # a task-specific tensor (a head with another label count): each task's own
+                    # is used, the shared one only in the routing pass; take its shape
+                    p.data = value.to(p.device, p.dtype, copy=True)
+                    self._resized.append(name)
+                    continue
                 if p.shape != value.shape:
                     raise TwinError(
                         f"TwinModel: {name!r}: the model's shape {list(p.shape)} does not match "
@@ -589,6 +686,7 @@ class TwinModel(RoutedMixin, nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------
 
+    @one_at_a_time
     def forward(
         self,
         *args: Any,
@@ -630,9 +728,75 @@ class TwinModel(RoutedMixin, nn.Module):
             self._remember_cache(out, weights)
         return self._with_loss(out, labels, task) if own_loss else out
 
+    @one_at_a_time
+    @torch.no_grad()
+    def generate(
+        self, *args: Any, weights: torch.Tensor | None = None, task: Any = None, **kwargs: Any
+    ) -> Any:
+        """The wrapped model's ``generate`` with each prompt merged once: its ``weights [B, T]``
+        (else the router's on the prompt, ``input_ids`` or ``inputs_embeds`` and
+        ``attention_mask``) and its ``task`` (else its top task) are kept for every new token,
+        so each sequence continues under its own θ_s + Σ_t w_t·v_t (``self.model.generate``
+        alone would run the shared model). Other arguments go to ``generate``.
+
+        Raises
+        ------
+        TwinError
+            ``num_beams`` or ``num_return_sequences`` > 1 (they change the batch), or a wrapped
+            model without ``generate``.
+        """
+        return self._generate(args, kwargs, weights, task)
+
     def _routed(self, weights: torch.Tensor, task: torch.Tensor, args, kwargs) -> Any:
+        """The wrapped model under the routing (:meth:`_routed_batch`), or one sample at a time
+        for a model that cannot take the per-sample output of an input its batch shares."""
+        b = weights.shape[0]
+        if self._sample_by_sample and b > 1:
+            return self._one_by_one(weights, task, args, kwargs)
+        try:
+            return self._routed_batch(weights, task, args, kwargs)
+        except _SharedInput as shared:
+            error = shared.__cause__
+            if any(_opaque(v) for v in [*args, *kwargs.values()]):
+                raise TwinError(
+                    f"TwinModel: layer {shared.layer!r} got an input shared by the batch (first "
+                    f"dimension 1 of {b}), computed per sample as [{b}, ...], which "
+                    f"{type(self.model).__name__} could not use ({error}); with a KV cache "
+                    "or another stateful argument it cannot run one sample at a time: pass "
+                    "batches of one"
+                ) from error
+            # DeBERTa projects its relative-position embeddings [1, 2k, d] once for the batch
+            # and repeats the result: one sample at a time, each with its own weights, is exact.
+            warnings.warn(
+                f"meldkit.twin: layer {shared.layer!r} gets an input shared by the batch (first "
+                f"dimension 1 of {b}); computed with each sample's weights it becomes "
+                f"[{b}, ...], which {type(self.model).__name__} could not use ({error}). This "
+                "TwinModel runs one sample at a time from now on (exact, slower)",
+                stacklevel=6,  # the caller of TwinModel(...)
+            )
+            self._sample_by_sample = True
+            return self._one_by_one(weights, task, args, kwargs)
+
+    def _one_by_one(self, weights: torch.Tensor, task: torch.Tensor, args, kwargs) -> Any:
+        """:meth:`_routed_batch` on each sample alone (batch-first tensors sliced), the outputs
+        concatenated; ``labels`` give the batch's loss here (:meth:`_with_loss`), not a loss
+        per sample."""
+        b = weights.shape[0]
+        labels = kwargs.get("labels")
+        kwargs = {k: v for k, v in kwargs.items() if k not in LOSS_KWARGS}
+        outs = []
+        for i in range(b):
+            a_i = tuple(slice_sample(a, i, b) for a in args)
+            k_i = {k: slice_sample(v, i, b) for k, v in kwargs.items()}
+            outs.append(self._routed_batch(weights[i : i + 1], task[i : i + 1], a_i, k_i))
+        out = cat_samples(outs)
+        return out if labels is None else self._with_loss(out, labels, task)
+
+    def _routed_batch(self, weights: torch.Tensor, task: torch.Tensor, args, kwargs) -> Any:
         """The wrapped model under the routing; a batch where each sample uses one expert runs
-        ordered by (expert, task) (see :func:`_batch_order`), its outputs put back in order."""
+        ordered by (expert, task) (see :func:`_batch_order`), its outputs put back in order.
+        Raises :class:`_SharedInput` when the forward fails after a layer computed an input
+        shared by the batch per sample."""
         r = self.routing
         order = _batch_order(weights, task, args, kwargs) if self._order_batches else None
         perm = inv = None
@@ -646,10 +810,16 @@ class TwinModel(RoutedMixin, nn.Module):
         r.mode, r.weights, r.task = "twin", weights, task
         if order is not None:
             r.runs = runs
+        r.shared_input = None
         try:
             out = self.model(*args, **kwargs)
+        except Exception as error:
+            if r.shared_input is None or weights.shape[0] < 2:
+                raise
+            raise _SharedInput(r.shared_input) from error
         finally:
             r.mode, r.weights, r.task = "plain", None, None
+            r.shared_input = None
         if perm is None:
             return out
         try:
@@ -669,8 +839,9 @@ class TwinModel(RoutedMixin, nn.Module):
         labels = torch.as_tensor(labels, device=logits.device)
         if logits.dim() != 2 or labels.dtype.is_floating_point or labels.shape != logits.shape[:1]:
             raise TwinError(
-                "TwinModel: with task heads of different sizes (or materialize=True), 'labels' "
-                "give a single-label classification loss only (logits [B, C], int labels [B]); "
+                "TwinModel: with task heads of different sizes (or materialize=True, or a "
+                "model run one sample at a time), 'labels' give a single-label classification "
+                "loss only (logits [B, C], int labels [B]); "
                 f"got logits {list(logits.shape)}, labels {list(labels.shape)} {labels.dtype}: "
                 "compute the loss from the outputs instead"
             )
@@ -759,6 +930,14 @@ BATCH_KWARGS = frozenset(
 
 class _Unmappable(Exception):
     """An output holds an object whose batch order cannot be restored."""
+
+
+class _SharedInput(Exception):
+    """A forward failed after ``layer`` computed an input shared by the batch per sample."""
+
+    def __init__(self, layer: str) -> None:
+        super().__init__(layer)
+        self.layer = layer
 
 
 def _holds_tensors(v: Any) -> bool:
@@ -915,7 +1094,9 @@ def _features_by_task(twin, data, tokenizer, batch_size, max_length, what) -> li
         else:
             if tokenizer is None:
                 raise TwinError(f"train_router: '{what}' holds texts: pass a tokenizer")
-            feats.append(text_features(twin, v, tokenizer, batch_size=64, max_length=max_length))
+            feats.append(
+                text_features(twin, v, tokenizer, batch_size=batch_size, max_length=max_length)
+            )
     return feats
 
 
@@ -930,6 +1111,7 @@ def train_router(
     batch_size: int = 256,
     patience: int | None = 10,
     max_length: int = 128,
+    feature_batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
 ) -> RouterTraining:
@@ -943,7 +1125,9 @@ def train_router(
     the held-out loss. Adam, ``lr`` 5e-4 and 50 epochs as the paper; stops after ``patience``
     epochs without improvement. The router is left in eval mode. ``batch_size`` must be at
     least 2 and ``train`` hold at least two examples (the router's BatchNorm trains on two or
-    more samples); a last batch of one sample joins the batch before it.
+    more samples); a last batch of one sample joins the batch before it. Texts are tokenised
+    (at most ``max_length`` tokens) and run through the shared model ``feature_batch_size`` at
+    a time.
     """
     try:
         batch_size = None if isinstance(batch_size, bool) else operator.index(batch_size)
@@ -954,8 +1138,16 @@ def train_router(
             f"train_router: 'batch_size' must be an int ≥ 2 (the router's BatchNorm needs two "
             f"samples per batch), got {batch_size!r}"
         )
-    train_x = _features_by_task(twin, train, tokenizer, batch_size, max_length, "train")
-    val_x = _features_by_task(twin, val, tokenizer, batch_size, max_length, "val")
+    try:
+        fbs = None if isinstance(feature_batch_size, bool) else operator.index(feature_batch_size)
+    except TypeError:
+        fbs = None
+    if fbs is None or fbs < 1:
+        raise TwinError(
+            f"train_router: 'feature_batch_size' must be an int ≥ 1, got {feature_batch_size!r}"
+        )
+    train_x = _features_by_task(twin, train, tokenizer, fbs, max_length, "train")
+    val_x = _features_by_task(twin, val, tokenizer, fbs, max_length, "val")
     x = torch.cat(train_x)
     if len(x) < 2:
         raise TwinError(
@@ -971,8 +1163,9 @@ def train_router(
     vx = torch.cat(val_x)
     vy = torch.cat([torch.full((len(f),), t, dtype=torch.int64) for t, f in enumerate(val_x)])
     router = twin.router
-    device = next(router.parameters()).device
-    x, y, vx, vy = x.to(device), y.to(device), vx.to(device), vy.to(device)
+    device, dtype = next(router.parameters()).device, _router_dtype(router)
+    x, vx = x.to(device, dtype), vx.to(device, dtype)
+    y, vy = y.to(device), vy.to(device)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # dropout masks
