@@ -791,8 +791,14 @@ def test_merge_bad_arguments():
         merge_tensors(None, models, "ties")
     with pytest.raises(ValueError, match="densities must be in"):
         merge_tensors(base, models, "ties", densities=1.5)
-    with pytest.raises(ValueError, match="'weights': has 2 entries"):
+    with pytest.raises(ValueError, match=rf"'weights': has 2 entries for {len(models)} models"):
         merge_tensors(base, models, "ties", weights=[1.0, 1.0])
+    with pytest.raises(TypeError, match=r"'models\[0\]': dtype torch.float16 differs from 'base'"):
+        merge_tensors(base, [m.half() for m in models], "ties")
+    with pytest.raises(TypeError, match=r"'models\[1\]\[0\]'.* differs from 'bases\[0\]'"):
+        merge_tensor_list([base], [[models[0]], [models[1].half()]], "ties")
+    with pytest.raises(ValueError, match=r"'epsilons': must be >= 0"):
+        merge_tensors(base, models, "della", densities=0.5, epsilons=-0.1)
     with pytest.raises(ValueError, match="shape"):
         merge_tensors(base, [*models, torch.randn(6)], "ties")
     with pytest.raises(ValueError, match="rescale must be one of"):

@@ -12,10 +12,16 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def tensor_list(
-    op: str, name: str, tensors: object, *, same_shape: bool = True
+    op: str,
+    name: str,
+    tensors: object,
+    *,
+    same_shape: bool = True,
+    labels: Sequence[str] | None = None,
 ) -> list[torch.Tensor]:
     """``tensors`` as a non-empty list of floating tensors of one dtype and device (and one shape
-    unless ``same_shape`` is False)."""
+    unless ``same_shape`` is False). Errors name element i ``name[i]``, or ``labels[i]`` when
+    given (a list the caller assembled, such as ``[base, *models]``)."""
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
         raise TypeError(
             f"meldkit.{op}: argument '{name}': expected a list of tensors, "
@@ -25,35 +31,39 @@ def tensor_list(
     if not tensors:
         raise ValueError(f"meldkit.{op}: argument '{name}': is empty")
     first = tensors[0]
+
+    def label(i: int) -> str:
+        return labels[i] if labels is not None else f"{name}[{i}]"
+
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(
-                f"meldkit.{op}: argument '{name}[{i}]': expected a tensor, got {type(t).__name__}"
+                f"meldkit.{op}: argument '{label(i)}': expected a tensor, got {type(t).__name__}"
             )
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(
-                f"meldkit.{op}: argument '{name}[{i}]': dtype {t.dtype} is not supported "
+                f"meldkit.{op}: argument '{label(i)}': dtype {t.dtype} is not supported "
                 "(float32, bfloat16, float16 or float64)"
             )
         if t.layout != torch.strided:
             raise TypeError(
-                f"meldkit.{op}: argument '{name}[{i}]': layout {t.layout} is not supported "
+                f"meldkit.{op}: argument '{label(i)}': layout {t.layout} is not supported "
                 "(dense tensors only: call .to_dense())"
             )
         if t.device != first.device:
             raise TypeError(
-                f"meldkit.{op}: argument '{name}[{i}]': is on {t.device} but "
-                f"'{name}[0]' is on {first.device}"
+                f"meldkit.{op}: argument '{label(i)}': is on {t.device} but "
+                f"'{label(0)}' is on {first.device}"
             )
         if same_shape and t.shape != first.shape:
             raise ValueError(
-                f"meldkit.{op}: argument '{name}[{i}]': shape {list(t.shape)} does not match "
-                f"'{name}[0]' {list(first.shape)}"
+                f"meldkit.{op}: argument '{label(i)}': shape {list(t.shape)} does not match "
+                f"'{label(0)}' {list(first.shape)}"
             )
         if t.dtype != first.dtype:
             raise TypeError(
-                f"meldkit.{op}: argument '{name}[{i}]': dtype {t.dtype} differs from "
-                f"'{name}[0]' {first.dtype}"
+                f"meldkit.{op}: argument '{label(i)}': dtype {t.dtype} differs from "
+                f"'{label(0)}' {first.dtype}"
             )
     return tensors
 
@@ -77,8 +87,11 @@ def float_tensor(op: str, name: str, t: object, dim: int = -1) -> torch.Tensor:
     return t
 
 
-def float_list(op: str, name: str, values: object, expected: int) -> list[float]:
-    """``values`` (a sequence of numbers or a 1-D tensor) as ``expected`` finite floats."""
+def float_list(
+    op: str, name: str, values: object, expected: int, of: str = "tensors"
+) -> list[float]:
+    """``values`` (a sequence of numbers or a 1-D tensor) as ``expected`` finite floats, one per
+    ``of`` (named in the error)."""
     if isinstance(values, torch.Tensor):
         if values.dim() != 1:
             raise ValueError(
@@ -93,7 +106,7 @@ def float_list(op: str, name: str, values: object, expected: int) -> list[float]
         )
     if len(values) != expected:
         raise ValueError(
-            f"meldkit.{op}: argument '{name}': has {len(values)} entries for {expected} tensors"
+            f"meldkit.{op}: argument '{name}': has {len(values)} entries for {expected} {of}"
         )
     out = []
     for i, v in enumerate(values):

@@ -627,13 +627,15 @@ def _merge_args(
 ) -> _MergeArgs:
     """Validates the per-model parameters of a merge and fills in the method's defaults."""
     method = m.name
-    weights = _checks.float_list(method, "weights", [1.0] * n if weights is None else weights, n)
+    weights = _checks.float_list(
+        method, "weights", [1.0] * n if weights is None else weights, n, "models"
+    )
 
     def per_model(name, value, default):
         value = default if value is None else value
         if isinstance(value, (int, float)):
             value = [float(value)] * n
-        return _checks.float_list(method, name, value, n)
+        return _checks.float_list(method, name, value, n, "models")
 
     densities = per_model("densities", densities, 1.0)
     if any(not 0.0 <= d <= 1.0 for d in densities):
@@ -645,6 +647,11 @@ def _merge_args(
             f"largest magnitudes breadcrumbs drops), got {gammas}"
         )
     epsilons = per_model("epsilons", epsilons, 0.15)
+    if any(e < 0 for e in epsilons):
+        raise ValueError(
+            f"meldkit.merge_tensors: argument 'epsilons': must be >= 0 (DELLA's spread of keep "
+            f"probabilities around the density), got {epsilons}"
+        )
     # mergekit's `rescale: true` is its L1 matching; None keeps the method's default.
     rescale = {None: m.rescale, True: "l1", False: "none"}.get(rescale, rescale)
     if rescale not in ref.RESCALES:
@@ -801,7 +808,8 @@ def merge_tensors(
         if m.needs_base:
             raise ValueError(f"meldkit.merge_tensors: method {method!r} needs a base tensor")
     else:
-        _checks.tensor_list(method, "base", [base, *models])
+        labels = ["base", *(f"models[{i}]" for i in range(n))]
+        _checks.tensor_list(method, "base", [base, *models], labels=labels)
     a = _merge_args(
         m,
         n,
@@ -993,7 +1001,10 @@ seed, t, filter_wise :
         consensus,
     )
     for j, base in enumerate(bases):
-        _checks.tensor_list(method, f"models[*][{j}]", [base, *(ms[j] for ms in models)])
+        labels = [f"bases[{j}]", *(f"models[{t}][{j}]" for t in range(len(models)))]
+        _checks.tensor_list(
+            method, f"models[*][{j}]", [base, *(ms[j] for ms in models)], labels=labels
+        )
     device, dtype = bases[0].device, bases[0].dtype
     _check_out_dtype(out_dtype)
     out_dtype = out_dtype or dtype

@@ -137,11 +137,12 @@ def breadcrumbs_mask_ref(tau: torch.Tensor, density: float, gamma: float) -> tor
 
 
 def check_della(density: float, epsilon: float) -> None:
-    """DELLA's keep probabilities lie in (0, 1] only when ``0 < density − ε`` and
-    ``density + ε ≤ 1``; raises ValueError otherwise."""
-    if not (0 < density - epsilon and density + epsilon <= 1):
+    """DELLA's keep probabilities lie in (0, 1] and grow with the magnitude only when
+    ``0 ≤ ε``, ``0 < density − ε`` and ``density + ε ≤ 1``; raises ValueError otherwise (the
+    native kernels refuse a negative ε too)."""
+    if not (epsilon >= 0 and 0 < density - epsilon and density + epsilon <= 1):
         raise ValueError(
-            f"della needs 0 < density - epsilon and density + epsilon <= 1 "
+            f"della needs 0 <= epsilon, 0 < density - epsilon and density + epsilon <= 1 "
             f"(density={density}, epsilon={epsilon})"
         )
 
