@@ -153,7 +153,11 @@ def della_keep_prob_ref(tau: torch.Tensor, density: float, epsilon: float) -> to
     Ascending magnitude rank r ∈ [0, n−1] within the row, ``p = (density − ε) + 2ε·r/(n−1)``
     (``r/(n−1)`` taken as 0 for a one-element row). Requires ``0 < density − ε`` and
     ``density + ε ≤ 1``. (A density of 1 or 0 never gets here: as in mergekit, the merge keeps
-    τ whole or drops it without drawing.)
+    τ whole or drops it without drawing.) A row is the last axis: for 1-D and 2-D tensors that
+    is mergekit's ranking (its ``argsort(dim=1)``); a tensor of three or more dimensions (a fused
+    MoE expert stack ``[E, out, in]``) is ranked here along its last axis, by mergekit along its
+    second, so the keep probabilities differ in which elements share a ranking (their spread and
+    mean do not; DELLA's masks cannot match mergekit's generator anyway).
     """
     check_della(density, epsilon)
     rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(-1, tau.shape[-1])
