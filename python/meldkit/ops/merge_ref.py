@@ -14,7 +14,9 @@ Tie rules (the spec leaves them to the implementation; these are meldkit's):
   magnitudes are distinct, and every entry tied at the threshold. (The original TIES code takes
   ``kthvalue(numel − k)`` and so keeps k + 1 entries; meldkit keeps the k that ``density`` says.)
 - ``magnitude`` with ``tie="exact_k"`` (mergekit's count): keep exactly ``int(numel·density)``
-  entries, the largest magnitudes, equal magnitudes ordered by lower flat index first.
+  entries, the largest magnitudes, equal magnitudes ordered by lower flat index first
+  (mergekit's ``argsort`` is not stable: its choice among tied entries is undefined, so only
+  the count is mergekit's, not always which tied entries are kept).
 - ranks (breadcrumbs, DELLA): ascending ``|τ|``, equal magnitudes ordered by flat index.
 - sign election: ``+1`` where the vote is ``≥ 0`` (mergekit: a zero vote goes to +1).
 """
