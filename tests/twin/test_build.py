@@ -281,3 +281,76 @@ def test_a_nan_in_the_base_names_the_tensor():
     broken[name][0, 0] = float("nan")
     with pytest.raises(twin.TwinError, match=rf"{name!r} of the base holds NaN or inf"):
         twin.build(broken, experts, progress=False)
+
+
+def test_shared_ties_trims_over_the_whole_model():
+    """``shared_params={"trim_scope": "model"}``: each expert's task vector keeps its top
+    ``density`` over all merged tensors at once (the k-th largest magnitude of their
+    concatenation, ties kept), not per tensor; here the second layer moves 10x more, so it
+    keeps most of the entries."""
+    from meldkit.merging import merge_state_dicts
+    from meldkit.ops.merge_ref import magnitude_threshold_ref
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    experts = [perturbed(base, seed=s) for s in (1, 2, 3)]
+    for e in experts:
+        with torch.no_grad():
+            e[2].weight.copy_(base[2].weight + 10 * (e[2].weight - base[2].weight))
+    shared_params = {"density": 0.3, "lambda": 1.0, "trim_scope": "model"}
+    ex = twin.build(
+        base, experts, shared="ties", shared_params=shared_params, exclude=None, progress=False
+    )
+    b = params(base)
+    names = list(b)
+    thresholds = [
+        float(
+            magnitude_threshold_ref(
+                torch.cat([(params(e)[n] - b[n]).flatten() for n in names]).abs(), 0.3
+            )
+        )
+        for e in experts
+    ]
+    want = merge_state_dicts(
+        b,
+        [params(e) for e in experts],
+        "ties",
+        densities=[0.3] * 3,
+        lam=1.0,
+        thresholds=thresholds,
+        tie="keep_ties",
+    )
+    for n in names:
+        torch.testing.assert_close(ex.shared[n], want[n], rtol=0, atol=0)
+    per_tensor = twin.build(
+        base,
+        experts,
+        shared="ties",
+        shared_params={"density": 0.3, "lambda": 1.0},
+        exclude=None,
+        progress=False,
+    )
+    assert not torch.equal(per_tensor.shared["0.weight"], ex.shared["0.weight"])
+    assert ex.config["shared_params"]["trim_scope"] == "model"
+
+
+@pytest.mark.parametrize(
+    ("shared", "extra", "match"),
+    [
+        ("ties", {"trim_scope": "layer"}, "'trim_scope' must be 'tensor' or 'model'"),
+        ("task_arithmetic", {"trim_scope": "model"}, "shared='task_arithmetic' has none"),
+        ("ties", {"trim_scope": "model", "tie": "exact_k"}, "tie='exact_k'"),
+    ],
+)
+def test_shared_trim_scope_errors(shared, extra, match):
+    base = torch.nn.Linear(4, 4)
+    experts = [perturbed(base, seed=s) for s in (1, 2)]
+    with pytest.raises(twin.TwinError, match=match):
+        twin.build(
+            base,
+            experts,
+            shared=shared,
+            shared_params={"density": 0.5, **extra},
+            exclude=None,
+            progress=False,
+        )

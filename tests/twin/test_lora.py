@@ -367,3 +367,80 @@ def test_a_feature_function_for_the_router(adapters, tmp_path):
         loaded = twin.load(twin.save(model, tmp_path / "t"), base, features=mean_state)
         torch.testing.assert_close(loaded.route(**x), model.route(**x))
     assert len(calls) == 3
+
+
+# Adapters the reference cannot merge: ranks 4 and 8, different lora_alpha, rsLoRA, and target
+# modules that differ (task0 and task2 share none).
+MIXED = {
+    "task0": {"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+    "task1": {"r": 8, "lora_alpha": 8, "target_modules": ["q_proj", "down_proj"]},
+    "task2": {
+        "r": 8,
+        "lora_alpha": 16,
+        "use_rslora": True,
+        "target_modules": ["k_proj", "up_proj"],
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def mixed_adapters(tmp_path_factory):
+    from meldkit.dlf._tiny import tiny_llama
+
+    base = tiny_llama(0, vocab=64, hidden=32, dtype=torch.float32)
+    folders = {}
+    for t, (task, kw) in enumerate(MIXED.items()):
+        torch.manual_seed(20 + t)
+        config = peft.LoraConfig(init_lora_weights=False, **kw)
+        model = peft.get_peft_model(copy.deepcopy(base), config)
+        folder = tmp_path_factory.mktemp(f"mixed{t}")
+        model.save_pretrained(folder)
+        folders[task] = folder
+    return base, folders
+
+
+def test_mixed_adapters_are_aligned(mixed_adapters):
+    _, folders = mixed_adapters
+    read = [twin.read_adapter(f) for f in folders.values()]
+    assert [r.scaling["model.layers.0.self_attn.q_proj"] for r in read[:2]] == [4.0, 1.0]
+    assert read[2].scaling["model.layers.0.self_attn.k_proj"] == 16 / 8**0.5
+    aligned, scaling = twin.align_adapters(read)
+    q, k = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"
+    assert scaling[q] == 1.0 and scaling[k] == 16 / 8**0.5  # differing: folded; alone: kept
+    for ad, r in zip(aligned, read, strict=True):
+        assert ad.a[q].shape == (8, 32) and ad.b[q].shape[1] == 8
+        if q in r.a:  # B·A times the scaling is the adapter's own update
+            torch.testing.assert_close(
+                ad.b[q] @ ad.a[q], r.scaling[q] * r.b[q] @ r.a[q], rtol=1e-6, atol=1e-6
+            )
+    assert not aligned[0].a[k].any() and not aligned[0].b[k].any()  # task0 leaves k_proj alone
+    assert torch.equal(aligned[2].a[k], read[2].a[k])
+    ex = twin.build_lora(folders, lam=0.3, rank=8)
+    assert set(ex.shared_a) == set().union(*(r.a for r in read))
+    torch.testing.assert_close(ex.shared_b[q], 0.3 * (aligned[0].b[q] + aligned[1].b[q]))
+    assert max(max(e) for e in ex.errors.values()) < 1e-5  # rank 8 of 8: exact
+    # storage against the adapters as they are (their own ranks and modules), not padded
+    own = sum(t.numel() * 4 for r in read for t in (*r.a.values(), *r.b.values()))
+    assert ex.storage()["experts"] == own < 3 * ex.storage()["shared"]
+
+
+def test_mixed_adapters_one_hot_give_each_adapter(mixed_adapters):
+    base, folders = mixed_adapters
+    model = twin.TwinLoraModel(base, twin.build_lora(folders, rank=8)).eval()
+    x = inputs()
+    for t, folder in enumerate(folders.values()):
+        with torch.no_grad():
+            got = model(**x, weights=one_hot(3, t, 3)).logits
+            want = peft_model(base, folder)(**x).logits
+            plain = base(**x).logits
+        assert not torch.allclose(want, plain, rtol=1e-3, atol=1e-3)  # the adapter matters
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_mismatched_layer_shapes_are_refused(mixed_adapters):
+    _, folders = mixed_adapters
+    read = twin.read_adapter(folders["task0"])
+    q = "model.layers.0.self_attn.q_proj"
+    bad = twin.LoraAdapter({q: torch.zeros(4, 16)}, {q: torch.zeros(32, 4)}, {q: 1.0})
+    with pytest.raises(twin.TwinError, match="do not fit one layer"):
+        twin.build_lora([read, bad])

@@ -470,17 +470,12 @@ def test_one_expert_batches_keep_the_gradient_of_the_weights():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
 
 
-# GPT-2's Conv1D layers run per sample (their 2-D parts rebuilt densely, with a warning).
-_conv1d_warning = pytest.mark.filterwarnings("ignore:.*rebuilt densely per sample")
-
-
 def _cache_kwarg(model) -> str:
     import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-@_conv1d_warning
 def test_tied_output_head_is_routed_with_its_embeddings():
     """GPT-2's output head is its token embeddings (one tied parameter): the routed head is a
     TwinLinear over that same parameter and adds the embeddings' exclusive part, so a one-hot
@@ -505,6 +500,47 @@ def test_tied_output_head_is_routed_with_its_embeddings():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("exclude", [twin.DEFAULT_EXCLUDE, ()], ids=["default", "biases_too"])
+def test_gpt2_conv1d_layers_are_batched_twin_layers(exclude):
+    """GPT-2's Conv1D projections (``weight [in, out]``, ``y = x·W + b``) become TwinLinear layers
+    over the same parameter (no per-sample rebuild, no warning): at full rank a one-hot router
+    gives each expert's logits and input gradients, and mixed weights equal
+    ``materialize=True``."""
+    import warnings
+
+    base = gpt2()
+    experts = [perturbed(base, seed=s) for s in (1, 2)]
+    ex = twin.build(base, experts, exclude=exclude, rank_ratio=1.0, progress=False)
+    name = "transformer.h.0.attn.c_attn"
+    assert f"{name}.weight" in ex.factors
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the per-sample fallback warns
+        model = twin.TwinModel(base, ex).eval()
+    assert model.per_sample_modules == []
+    layer = model.model.get_submodule(name)
+    assert isinstance(layer, twin.TwinLinear) and layer.transposed
+    assert layer.weight.shape == (32, 96)  # Conv1D's own [in, out] parameter, kept
+    assert (layer.in_features, layer.out_features) == (32, 96)
+    ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in range(2):
+            got = model(input_ids=ids, weights=one_hot(3, t, 2)).logits
+            want = experts[t](input_ids=ids).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        w = torch.tensor([[0.3, 0.7], [1.0, 0.0], [0.5, 0.5]])
+        got = model(input_ids=ids, weights=w).logits
+        want = model(input_ids=ids, weights=w, materialize=True).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    embeds = [base.transformer.wte(ids).detach().requires_grad_() for _ in range(2)]
+    outs = [
+        model(inputs_embeds=embeds[0], weights=one_hot(3, 1, 2)).logits,
+        experts[1](inputs_embeds=embeds[1]).logits,
+    ]
+    for out in outs:
+        out.square().sum().backward()
+    torch.testing.assert_close(embeds[0].grad, embeds[1].grad, rtol=1e-4, atol=1e-5)
+
+
 def test_experts_held_apart_for_a_tied_model_are_refused():
     base = gpt2()
     experts = [perturbed(base, seed=s) for s in (1, 2)]
@@ -516,7 +552,6 @@ def test_experts_held_apart_for_a_tied_model_are_refused():
         twin.TwinModel(base, ex)
 
 
-@_conv1d_warning
 def test_cached_steps_keep_the_sequences_routing():
     """A decoding step with the KV cache the model returned: the routing pass leaves the cache
     alone, the step keeps the weights the prompt ran with (here one expert per sample, out of
@@ -794,7 +829,6 @@ def test_forwards_from_several_threads_keep_their_own_routing(full_rank):
         torch.testing.assert_close(clone(**x, weights=ws[2]).logits, wants[2])
 
 
-@_conv1d_warning
 def test_generate_routes_each_prompt_once():
     """``TwinModel.generate`` routes each prompt once and keeps its weights for every new token
     (not the shared model alone): at full rank, one-hot weights give each expert's own greedy

@@ -19,9 +19,11 @@ from meldkit.twin.build import DEFAULT_EXCLUDE, TwinError, TwinExperts, build
 from meldkit.twin.io import load, save
 from meldkit.twin.layers import TwinEmbedding, TwinLayerNorm, TwinLinear
 from meldkit.twin.lora import (
+    LoraAdapter,
     TwinLoraExperts,
     TwinLoraLinear,
     TwinLoraModel,
+    align_adapters,
     build_lora,
     last_token_hidden,
     read_adapter,
@@ -37,6 +39,7 @@ from meldkit.twin.model import (
 
 __all__ = [
     "DEFAULT_EXCLUDE",
+    "LoraAdapter",
     "RouterTraining",
     "TwinEmbedding",
     "TwinError",
@@ -48,6 +51,7 @@ __all__ = [
     "TwinLoraModel",
     "TwinModel",
     "TwinRouter",
+    "align_adapters",
     "build",
     "build_lora",
     "last_token_hidden",

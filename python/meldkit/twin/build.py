@@ -334,6 +334,70 @@ def _shared_params(shared_params: Mapping[str, Any] | None, n: int) -> dict[str,
     return params
 
 
+def _check_trim_scope(method: str, params: dict[str, Any]) -> str:
+    """Pops ``trim_scope`` from the shared merge's parameters and checks it against the method
+    and ``tie`` (whole-model trimming keeps ties: ``tie="keep_ties"``, set here)."""
+    from meldkit.merging.methods import get_method
+
+    scope = params.pop("trim_scope", "tensor")
+    if scope not in ("tensor", "model"):
+        raise TwinError(
+            f"meldkit.twin.build: shared_params 'trim_scope' must be 'tensor' or 'model', "
+            f"got {scope!r}"
+        )
+    if scope == "tensor":
+        return scope
+    if get_method(method).sparsify != "magnitude":
+        raise TwinError(
+            f"meldkit.twin.build: shared_params trim_scope='model' applies to magnitude "
+            f"trimming (ties); shared={method!r} has none"
+        )
+    if params.setdefault("tie", "keep_ties") != "keep_ties":
+        raise TwinError(
+            "meldkit.twin.build: shared_params trim_scope='model' keeps every magnitude at or "
+            f"above the whole-model threshold (tie='keep_ties'), got tie={params['tie']!r}"
+        )
+    densities = params.get("densities")
+    if isinstance(densities, Sequence) and any(
+        isinstance(d, (Sequence, Mapping)) for d in densities
+    ):
+        raise TwinError(
+            "meldkit.twin.build: shared_params trim_scope='model' needs one density per expert"
+        )
+    return scope
+
+
+def _model_thresholds(
+    names: Sequence[str],
+    base_src: Any,
+    srcs: Sequence[Any],
+    where: Sequence[Mapping[str, str]],
+    tasks: Sequence[str],
+    params: Mapping[str, Any],
+) -> list[float]:
+    """Each expert's magnitude threshold over the task vector of all merged tensors
+    (:func:`meldkit.merging.global_trim.global_thresholds`: two streaming passes, one tensor
+    per expert held at a time)."""
+    from meldkit.merging.global_trim import global_thresholds
+
+    densities = params.get("densities", 1.0)
+    if not isinstance(densities, Sequence):
+        densities = [densities] * len(srcs)
+    try:
+        return global_thresholds(
+            names,
+            base_src.get,
+            lambda n: [src.get(found[n]) for src, found in zip(srcs, where, strict=True)],
+            [float(d) for d in densities],
+        )
+    except ValueError as exc:  # a NaN in a task vector: name the expert
+        match = re.search(r"model (\d+) contains NaN", str(exc))
+        who = f"expert {tasks[int(match[1])]!r}" if match else "an expert"
+        raise TwinError(
+            f"meldkit.twin.build: whole-model trimming: {exc} ({who} or the base holds NaN)"
+        ) from None
+
+
 def _listed(names: Sequence[str], limit: int = 3) -> str:
     return ", ".join(repr(n) for n in names[:limit]) + (", …" if len(names) > limit else "")
 
@@ -403,6 +467,11 @@ def build(
     shared_params : mapping, optional
         Its parameters, mergekit's names accepted (``lambda``, ``weight``, ``density``, …);
         default ``{"lambda": 0.29}`` for task arithmetic (the paper's), else none.
+        ``trim_scope`` (methods with magnitude trimming, TIES): ``"tensor"`` (default, each
+        tensor keeps its own top ``density``, as mergekit) or ``"model"`` (each expert's task
+        vector keeps its top ``density`` over all merged tensors at once, as the original TIES
+        and the Twin-Merging code; ties at the threshold are all kept, as
+        ``meldkit merge --trim-scope model``).
     rank_ratio : float
         Kept rank of each ``[m, n]`` exclusive part: max(1, ⌊rank_ratio·min(m, n)⌋); default 0.1
         (the paper's 90 % "mask rate"). 1.0 keeps everything (exact reconstruction).
@@ -465,6 +534,7 @@ def build(
     if shared_params is None:
         shared_params = {"lambda": 0.29} if shared == "task_arithmetic" else {}
     params = _shared_params(shared_params, len(expert_list))
+    trim_scope = _check_trim_scope(shared, params)
     if exclude is not None and not isinstance(exclude, str):
         exclude = list(exclude)
     # the default also keeps per task whatever differs in shape (a head under another name)
@@ -570,6 +640,8 @@ def build(
             "seed": int(seed),
         },
     )
+    if trim_scope == "model":
+        params["thresholds"] = _model_thresholds(merged, base_src, srcs, where, tasks, params)
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -206,9 +206,22 @@ def _add_sparse_experts(
     return y if in_place else y + acc.view(*y.shape).to(y.dtype)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is exactly a Hugging Face ``transformers.pytorch_utils.Conv1D`` (GPT-2's
+    projections: ``weight [in, out]``, ``y = x·W + b``), checked without importing transformers."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
+
+
 class TwinLinear(nn.Linear):
     """``y = x·θ_sᵀ + Σ_t w_t·(x·b_t)·a_tᵀ + bias`` per sample; task-specific weight or bias taken
     from each sample's task.
+
+    It also replaces a GPT-2 ``Conv1D`` (``weight [in, out]``, ``y = x·W + b``): the layer keeps
+    that parameter as it is (same name, shape and storage) and reads it as the ``[out, in]`` view
+    ``Wᵀ`` (:meth:`linear_weight`); the exclusive factors of W, ``ΔW_t = a_t·b_tᵀ`` with
+    ``a_t [in, r]``, ``b_t [out, r]``, are swapped once here (``ΔW_tᵀ = b_t·a_tᵀ``), so no
+    activation is transposed per call.
 
     A task-specific head whose tasks have different output sizes (label counts C_t) returns
     ``[..., max_t C_t]`` in every mode: the columns past a sample's own C_t are -inf, whether or
@@ -216,7 +229,7 @@ class TwinLinear(nn.Linear):
 
     def __init__(
         self,
-        linear: nn.Linear,
+        linear: nn.Module,
         name: str,
         routing: Routing,
         *,
@@ -228,10 +241,17 @@ class TwinLinear(nn.Linear):
         nn.Module.__init__(self)  # keep the layer's own parameters, do not re-initialise
         self.training = linear.training  # the replaced layer's train/eval mode
         self.weight, self.bias = linear.weight, linear.bias
+        # a Conv1D's weight is [in, out]: the layer computes with its [out, in] view
+        self.transposed = is_conv1d(linear)
         # the weight's own shape: a task-specific head may have been resized to the experts'
-        self.out_features, self.in_features = linear.weight.shape
+        self.out_features, self.in_features = self.linear_weight().shape
         self.name, self.routing = name, routing
         device = linear.weight.device
+        if self.transposed:
+            if factors is not None:  # ΔWᵀ = b·aᵀ: the factors of the [out, in] view
+                factors = (factors[1], factors[0])
+            if specific_weight is not None:
+                specific_weight = [v.T for v in specific_weight]
         if factors is not None:  # lora_a [T, r, n] = b_tᵀ, lora_b [T, m, r] = a_t
             a, b = factors
             self.register_buffer("lora_a", b.transpose(1, 2).contiguous().to(device), False)
@@ -256,6 +276,10 @@ class TwinLinear(nn.Linear):
         specific = specific_weight if specific_weight is not None else specific_bias
         mask = None if specific is None else _column_mask([int(v.shape[0]) for v in specific])
         self.register_buffer("column_mask", None if mask is None else mask.to(device), False)
+
+    def linear_weight(self) -> torch.Tensor:
+        """The base weight as ``nn.Linear`` holds it, ``[out, in]`` (a view for a Conv1D)."""
+        return self.weight.T if self.transposed else self.weight
 
     def _pad_columns(self, y: torch.Tensor) -> torch.Tensor:
         """A plain-mode output of a head with task-specific sizes, widened to the widest task's
@@ -316,13 +340,13 @@ class TwinLinear(nn.Linear):
                 torch.mm(h, self.lora_b[t].T, out=ys)
             else:
                 torch.addmm(bias.to(x.dtype), h, self.lora_b[t].T, out=ys)
-        y.addmm_(x2, self.weight.T)
+        y.addmm_(x2, self.linear_weight().T)
         return y.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.routing
         if r.mode == "plain":
-            y = F.linear(x, self.weight, self.bias)
+            y = F.linear(x, self.linear_weight(), self.bias)
             return y if self.column_mask is None else self._pad_columns(y)
         if r.runs is not None:
             y = self._forward_runs(x, r)
@@ -353,7 +377,7 @@ class TwinLinear(nn.Linear):
             if bias is not None:
                 y = _fresh_op(y, bias, "add")
         elif not base_in_op:
-            y = F.linear(x, self.weight, bias)
+            y = F.linear(x, self.linear_weight(), bias)
         if self.lora_a is not None:
             if sparse:
                 y = _add_sparse_experts(y, x, r, self.lora_a, self.lora_b)
@@ -366,7 +390,7 @@ class TwinLinear(nn.Linear):
                         self.lora_b,
                         1.0,
                         gates=gates,
-                        base_weight=self.weight,
+                        base_weight=self.linear_weight(),
                         base_bias=bias,
                     )
                 else:
@@ -544,7 +568,7 @@ def cat_samples(outs: list[Any]) -> Any:
 
 
 class TwinPerSample:
-    """Any other module with routed parameters or buffers (RMSNorm scales, Conv1D weights,
+    """Any other module with routed parameters or buffers (RMSNorm scales,
     BatchNorm running statistics, …) runs once per sample with that sample's merged tensors
     (``torch.func.functional_call``), through a forward hook: the module stays where it is,
     under its own name.
@@ -622,5 +646,6 @@ __all__ = [
     "TwinLinear",
     "TwinPerSample",
     "cat_samples",
+    "is_conv1d",
     "slice_sample",
 ]

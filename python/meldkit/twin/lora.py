@@ -13,6 +13,10 @@ B·A. For every adapted module, with T adapters (A_t ``[r, n]``, B_t ``[m, r]``)
   then B_s·h + Σ_t w_t·ΔB_t·h; no adapter is rebuilt per request (the reference writes A* and B*
   into the PEFT model and serves one request at a time).
 
+Adapters of different ranks, ``lora_alpha``, rsLoRA or target modules (which the reference cannot
+merge) are first aligned by :func:`align_adapters`: each adapter's scaling folded into its B,
+smaller ranks zero-padded to the largest, zero factors where an adapter leaves a module alone.
+
 :meth:`TwinLoraModel.generate` routes each prompt once and keeps its weights for every new token.
 """
 
@@ -177,7 +181,8 @@ class TwinLoraExperts:
         return len(self.tasks)
 
     def storage(self) -> dict[str, int]:
-        """Bytes: ``twin`` (shared and exclusive factors) and ``experts`` (T adapters)."""
+        """Bytes: ``twin`` (shared and exclusive factors) and ``experts`` (the T adapters as
+        read, float32: their own ranks and modules, before :func:`align_adapters`)."""
 
         def nbytes(*ts: torch.Tensor) -> int:
             return sum(t.numel() * t.element_size() for t in ts)
@@ -188,8 +193,56 @@ class TwinLoraExperts:
             "shared": shared,
             "exclusive": exclusive,
             "twin": shared + exclusive,
-            "experts": self.num_tasks * shared,
+            "experts": int(self.config.get("expert_bytes", self.num_tasks * shared)),
         }
+
+
+def align_adapters(adapters: Sequence[LoraAdapter]) -> tuple[list[LoraAdapter], dict[str, float]]:
+    """Bring adapters of different ranks, scalings and target modules to common factor shapes.
+
+    For every module adapted by at least one adapter, with s_t adapter t's scaling there
+    (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` for rsLoRA) and R the largest rank:
+
+    * scaling: the module keeps one scaling c, the s_t's common value when all adapters adapting
+      it share one, else 1; each B_t becomes (s_t / c)·B_t, so c·B_t'·A_t = s_t·B_t·A_t (scalings
+      folded into B before the shared factors are formed; pulling a common c out of every B is
+      exact, and leaves equal-scaling adapters bit for bit as the reference merges them);
+    * rank: A_t ``[r_t, n]`` gets R − r_t zero rows, B_t ``[m, r_t]`` R − r_t zero columns
+      (B_t·A_t unchanged);
+    * an adapter that does not adapt the module gets zero factors ``[R, n]``, ``[m, R]``.
+
+    Returns the aligned adapters (``scaling`` 1 for every module, or c where pulled out: the
+    returned mapping) and ``{module: c}`` in first-seen module order.
+    """
+    modules: dict[str, None] = {}
+    for ad in adapters:
+        modules.update(dict.fromkeys(ad.a))
+    aligned = [LoraAdapter({}, {}, {}) for _ in adapters]
+    common: dict[str, float] = {}
+    for m in modules:
+        have = [ad for ad in adapters if m in ad.a]
+        a0, b0 = have[0].a[m], have[0].b[m]
+        for ad in have[1:]:
+            if ad.a[m].shape[1] != a0.shape[1] or ad.b[m].shape[0] != b0.shape[0]:
+                raise TwinError(
+                    f"meldkit.twin.build_lora: {m}: the adapters' factors do not fit one "
+                    f"layer (A {list(ad.a[m].shape)} vs {list(a0.shape)}, B "
+                    f"{list(ad.b[m].shape)} vs {list(b0.shape)})"
+                )
+        scales = {ad.scaling[m] for ad in have}
+        c = scales.pop() if len(scales) == 1 else 1.0
+        common[m] = c
+        rank = max(ad.a[m].shape[0] for ad in have)
+        for ad, out in zip(adapters, aligned, strict=True):
+            a = torch.zeros(rank, a0.shape[1])
+            b = torch.zeros(b0.shape[0], rank)
+            if m in ad.a:
+                r = ad.a[m].shape[0]
+                a[:r] = ad.a[m]
+                s = ad.scaling[m]
+                b[:, :r] = ad.b[m] if s == c else (s / c) * ad.b[m]
+            out.a[m], out.b[m], out.scaling[m] = a, b, c
+    return aligned, common
 
 
 def build_lora(
@@ -206,7 +259,8 @@ def build_lora(
     ----------
     adapters : sequence or mapping of adapters
         PEFT adapter folders or ``PeftModel`` objects (their ``adapter_name``), all over the same
-        base and modules with the same rank and scaling; a mapping names the tasks.
+        base model; a mapping names the tasks. Ranks, ``lora_alpha``, rsLoRA and target modules
+        may differ between adapters: see :func:`align_adapters`.
     lam : float
         λ of the shared factors A_s = λ·ΣA_t, B_s = λ·ΣB_t (0.3, the reference's).
     rank : int
@@ -226,31 +280,20 @@ def build_lora(
     if rank is None:
         raise TwinError("meldkit.twin.build_lora: 'rank' must be an int ≥ 1, got None")
     read = [read_adapter(a, adapter_name) for a in items]
-    modules = list(read[0].a)
-    for t, ad in enumerate(read[1:], 1):
-        if list(ad.a) != modules and set(ad.a) != set(modules):
-            raise TwinError(
-                f"meldkit.twin.build_lora: adapter {tasks[t]!r} adapts other modules than "
-                f"{tasks[0]!r}"
-            )
-        for m in modules:
-            if ad.a[m].shape != read[0].a[m].shape or ad.b[m].shape != read[0].b[m].shape:
-                raise TwinError(
-                    f"meldkit.twin.build_lora: {m}: adapter {tasks[t]!r} has factors of shapes "
-                    f"{list(ad.a[m].shape)}, {list(ad.b[m].shape)}, {tasks[0]!r} "
-                    f"{list(read[0].a[m].shape)}, {list(read[0].b[m].shape)}"
-                )
-            if ad.scaling[m] != read[0].scaling[m]:
-                raise TwinError(f"meldkit.twin.build_lora: {m}: the adapters' scalings differ")
+    expert_bytes = sum(
+        t.numel() * t.element_size() for ad in read for t in (*ad.a.values(), *ad.b.values())
+    )
+    read, scaling = align_adapters(read)
+    modules = list(scaling)
     dev = torch.device(device) if device is not None else default_svd_device()
     out = TwinLoraExperts(
         tasks=tasks,
-        scaling=dict(read[0].scaling),
+        scaling=scaling,
         shared_a={},
         shared_b={},
         delta_a={},
         delta_b={},
-        config={"lam": float(lam), "rank": rank},
+        config={"lam": float(lam), "rank": rank, "expert_bytes": expert_bytes},
     )
     for m in modules:
         for which, store_s, store_d in (
@@ -438,6 +481,7 @@ __all__ = [
     "TwinLoraExperts",
     "TwinLoraLinear",
     "TwinLoraModel",
+    "align_adapters",
     "build_lora",
     "last_token_hidden",
     "read_adapter",

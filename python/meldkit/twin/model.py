@@ -35,6 +35,7 @@ from meldkit.twin.layers import (
     TwinLinear,
     TwinPerSample,
     cat_samples,
+    is_conv1d,
     slice_sample,
 )
 
@@ -473,9 +474,10 @@ class TwinModel(RoutedMixin, nn.Module):
 
     For each batch the router reads the shared model's features (by default the last hidden
     state averaged over the tokens, :func:`mean_pooled_last_hidden`) and gives softmax weights
-    ``w [B, T]`` (optionally only the top k, renormalised). Every adapted ``nn.Linear`` then
-    computes ``θ_s·x + Σ_t w_t·a_t·(b_tᵀ·x)`` per sample through :func:`meldkit.ops.routed_lora`
-    in gate mode (no dense weight is rebuilt per sample), embeddings add ``Σ_t w_t a_t[ids]·b_tᵀ``,
+    ``w [B, T]`` (optionally only the top k, renormalised). Every adapted ``nn.Linear`` (and
+    GPT-2 ``Conv1D``, read as the transpose of its ``[in, out]`` weight) then computes
+    ``θ_s·x + Σ_t w_t·a_t·(b_tᵀ·x)`` per sample through :func:`meldkit.ops.routed_lora` in gate
+    mode (no dense weight is rebuilt per sample), embeddings add ``Σ_t w_t a_t[ids]·b_tᵀ``,
     LayerNorm scales and 1-D exclusive parts are mixed per sample, and modules with other routed
     tensors (RMSNorm scales, BatchNorm running statistics: floating buffers are merged like
     parameters) run once per sample. Task-specific tensors (heads, biases) come from each
@@ -648,7 +650,7 @@ class TwinModel(RoutedMixin, nn.Module):
             if not full:
                 continue
             w, b = full.get("weight"), full.get("bias")
-            if type(module) is nn.Linear:
+            if type(module) is nn.Linear or is_conv1d(module):
                 layer = TwinLinear(
                     module,
                     mod_name,
