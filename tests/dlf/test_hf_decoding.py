@@ -280,3 +280,12 @@ def test_op_takes_a_numpy_alpha_grid():
     assert torch.equal(got.alpha, ref.alpha) and torch.equal(got.loss, ref.loss)
     with pytest.raises(ValueError, match=r"alphas.*1-D array"):
         ops.logit_fusion(large, small, experts, grid.reshape(3, 7))
+
+
+def test_stop_across_skipped_special_tokens_is_found_on_the_tail(tok):
+    """Skipped special tokens between the words of a stop string make the text shorter than the
+    decode that keeps them: the tail grows until both are long enough."""
+    w = tok.convert_tokens_to_ids(["w01", "w02", "w03"])
+    row = [w[0], w[1], *([PAD] * 5), w[2]]
+    assert stop_cut(tok, row, ["w01 w02 w03"]) is not None
+    assert stop_in_tail(tok, row, ["w01 w02 w03"])

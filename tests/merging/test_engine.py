@@ -1348,6 +1348,11 @@ def test_a_top_level_parameter_given_per_model(zoo):
     with_base["models"].insert(0, {"model": str(paths["base"])})
     with pytest.warns(UserWarning, match="given by every model"):
         assert parse_config(with_base).params["lambda"] == 0.5
+    # only the base entry gives it: ignored with a warning, as mergekit ignores it
+    base_only = json.loads(json.dumps(config_for("ties", paths)))
+    base_only["models"].insert(0, {"model": str(paths["base"]), "parameters": {"lambda": 0.5}})
+    with pytest.warns(UserWarning, match="only entries that are not merged give it"):
+        assert "lambda" not in parse_config(base_only).params
     one = config_for("ties", paths)
     one["models"][0]["parameters"]["lambda"] = 0.5
     with pytest.raises(

@@ -6,6 +6,7 @@ training with held-out selection, and errors."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -950,3 +951,21 @@ def test_an_input_shared_by_the_batch_that_the_model_cannot_take_per_sample():
         labels = torch.tensor([2, 0, 1, 2])  # the batch's loss, not one per sample
         out = model(**x, weights=one_hot(4, 1, 3), labels=labels)
         torch.testing.assert_close(out.loss, experts[1](**x, labels=labels).loss)
+
+
+def test_an_unrelated_error_does_not_switch_to_one_sample_at_a_time():
+    """GPT-2's position embeddings see an input shared by the batch on every forward: a call
+    that fails for another reason (labels of the wrong shape) raises its own error and leaves
+    the model batched, so the next valid call with labels still works."""
+    base = gpt2()
+    experts = [perturbed(base, seed=s, scale=0.5) for s in (1, 2)]
+    model = twin.TwinModel(base, twin.build(base, experts, rank_ratio=1.0, progress=False)).eval()
+    ids = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    w = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises((RuntimeError, ValueError)):
+            model(input_ids=ids, labels=torch.zeros(3, 5, dtype=torch.long), weights=w)
+        assert not model._sample_by_sample
+        out = model(input_ids=ids, labels=ids, weights=w)
+    assert torch.isfinite(out.loss)

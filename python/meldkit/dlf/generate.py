@@ -306,15 +306,14 @@ def stop_in_tail(tokenizer, ids: list[int], stops: Sequence[str]) -> bool:
     need = max(len(x) for x in stops) + 8  # a margin for text a tail decode may render apart
     n = 4
     while True:
+        # Both renderings must be long enough: skipped special tokens shorten the text one.
         tail = ids[-n:]
         full = tokenizer.decode(tail, skip_special_tokens=False)
-        if len(full) >= need or n >= len(ids):
+        text = tokenizer.decode(tail, skip_special_tokens=True)
+        if (len(full) >= need and len(text) >= need) or n >= len(ids):
             break
         n *= 2
-    if any(x in full for x in stops):
-        return True
-    text = tokenizer.decode(tail, skip_special_tokens=True)
-    return any(x in text for x in stops)
+    return any(x in full or x in text for x in stops)
 
 
 def _shown_before(tokenizer, ids: list[int], start: int) -> int:

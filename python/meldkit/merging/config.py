@@ -849,6 +849,15 @@ def _shared_given_per_model(
             f"{key} is a top-level parameter of {method.name} (mergekit ignores it in a "
             f"model's parameters, and merges with the top-level {key} or its default)"
         )
+        if not any(w in needed for w, _ in havers):
+            # Only an entry that is not merged (the base of a task-vector method) gives it:
+            # ignored, as mergekit ignores it.
+            warnings.warn(
+                f"{first_where}.{key}: {ignored}; only entries that are not merged give it, so "
+                f"it is ignored, as mergekit ignores it",
+                stacklevel=2,
+            )
+            continue
         if lacking or other is not None:
             why = (
                 f"{lacking[0]} gives none"

@@ -647,7 +647,7 @@ def _merge_args(
             f"largest magnitudes breadcrumbs drops), got {gammas}"
         )
     epsilons = per_model("epsilons", epsilons, 0.15)
-    if any(e < 0 for e in epsilons):
+    if method == "della" and any(e < 0 for e in epsilons):
         raise ValueError(
             f"meldkit.merge_tensors: argument 'epsilons': must be >= 0 (DELLA's spread of keep "
             f"probabilities around the density), got {epsilons}"

@@ -769,6 +769,12 @@ class TwinModel(RoutedMixin, nn.Module):
                 ) from error
             # DeBERTa projects its relative-position embeddings [1, 2k, d] once for the batch
             # and repeats the result: one sample at a time, each with its own weights, is exact.
+            # Only a retry that succeeds switches the model over; otherwise the batch's own
+            # error stands (it was not about the shared input).
+            try:
+                out = self._one_by_one(weights, task, args, kwargs)
+            except Exception:
+                raise error from None
             warnings.warn(
                 f"meldkit.twin: layer {shared.layer!r} gets an input shared by the batch (first "
                 f"dimension 1 of {b}); computed with each sample's weights it becomes "
@@ -777,7 +783,7 @@ class TwinModel(RoutedMixin, nn.Module):
                 stacklevel=6,  # the caller of TwinModel(...)
             )
             self._sample_by_sample = True
-            return self._one_by_one(weights, task, args, kwargs)
+            return out
 
     def _one_by_one(self, weights: torch.Tensor, task: torch.Tensor, args, kwargs) -> Any:
         """:meth:`_routed_batch` on each sample alone (batch-first tensors sliced), the outputs
@@ -816,7 +822,12 @@ class TwinModel(RoutedMixin, nn.Module):
         try:
             out = self.model(*args, **kwargs)
         except Exception as error:
-            if r.shared_input is None or weights.shape[0] < 2:
+            # Only a shape error can come from a per-sample input where the model expected
+            # one shared by the batch; anything else (out of memory, bad labels) is raised.
+            shape_error = type(error) is RuntimeError and any(
+                w in str(error).lower() for w in ("size", "shape", "dimension")
+            )
+            if r.shared_input is None or weights.shape[0] < 2 or not shape_error:
                 raise
             raise _SharedInput(r.shared_input) from error
         finally:
