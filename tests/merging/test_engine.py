@@ -633,8 +633,8 @@ def test_a_terminated_merge_leaves_nothing_and_killed_ones_are_cleaned_up(zoo):
     assert not out.exists() and not list(tmp.glob(".killed.*"))
 
     # A merge killed without a chance to clean up (SIGKILL) leaves its folder; the next merge
-    # beside it, into any folder, removes it and says so, and leaves a live merge's folder and
-    # unmarked ones alone.
+    # into the same output removes it and says so, and leaves a live merge's folder, other
+    # outputs' folders and unmarked ones alone.
     proc = subprocess.Popen(
         [sys.executable, "-c", _KILLABLE_MERGE, str(cfg), str(tmp / "sigkilled")],
         stdout=subprocess.PIPE,
@@ -664,12 +664,15 @@ def test_a_terminated_merge_leaves_nothing_and_killed_ones_are_cleaned_up(zoo):
             (tmp / name / ".meldkit-partial").write_text(marker)
     with pytest.warns(
         UserWarning,
-        match=r"removed 3 partial output\(s\) of merges that were "
+        match=r"removed 2 partial output\(s\) of merges that were "
         r"killed",
     ) as info:
         merge(config_for("ties", paths), out, progress=False)
-    text = str(info[0].message)
-    assert f"{sigkilled} (process {proc.pid}, " in text and f"process {dead.pid}, " in text
+    assert f"process {dead.pid}, " in str(info[0].message)
+    assert sigkilled.exists()  # another output's folder
+    with pytest.warns(UserWarning, match=r"removed 1 partial output") as info:
+        merge(config_for("ties", paths), tmp / "sigkilled", progress=False)
+    assert f"{sigkilled} (process {proc.pid}, " in str(info[0].message)
     assert not sigkilled.exists()
     assert not (tmp / ".killed.dead").exists() and not (tmp / ".killed.reused").exists()
     for n in (".killed.live", ".killed.live_started", ".killed.other", ".killed.user"):

@@ -251,7 +251,10 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         """With no attention mask anywhere, the prompt is taken as unpadded: refuse rows that
         start with the pad token (left padding), which the small models would read as text."""
         pad = getattr(self.tokenizer, "pad_token_id", None)
-        if pad is None or pad == getattr(self.tokenizer, "bos_token_id", None):
+        if pad is None or pad in (
+            getattr(self.tokenizer, "bos_token_id", None),
+            getattr(self.tokenizer, "eos_token_id", None),  # GPT-2 style: EOS may start a row
+        ):
             return
         if input_ids.shape[1] and bool((input_ids[:, 0] == pad).any()):
             raise ValueError(
@@ -347,6 +350,9 @@ def _generate_context(input_ids: torch.Tensor) -> _GenerateContext:
             if config is None and isinstance(found, GenerationConfig):
                 config = found
             kwargs = local.get("model_kwargs")
+            owner = getattr(local.get("self"), "config", None)
+            if getattr(owner, "is_encoder_decoder", False):
+                kwargs = None  # its attention_mask is the encoder's, not the decoder rows'
             if config is not None and mask is None and isinstance(kwargs, dict):
                 m = kwargs.get("attention_mask")
                 if isinstance(m, torch.Tensor) and m.dim() == 2 and m.shape[0] == rows:

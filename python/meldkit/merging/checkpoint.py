@@ -669,9 +669,7 @@ class ShardedWriter:
         (self.tmp / _PARTIAL).unlink()
         # mkdtemp made the folder private (0700); the output gets a new folder's mode, as
         # mkdir would give it: 0777 less the umask.
-        umask = os.umask(0o077)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)
+        os.chmod(self.tmp, 0o777 & ~_umask())
         os.replace(self.tmp, self.out_dir)
         return self.out_dir
 
@@ -735,16 +733,31 @@ def _is_abandoned(marker: str) -> int | None:
     return pid if started is not None and now is not None and now != started else None
 
 
+def _umask() -> int:
+    """The process's umask, read from /proc (setting and restoring it, the portable way, is
+    process-wide and would race with files other threads create meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
 def _remove_abandoned(out_dir: Path) -> None:
     """Remove the temporary folders that merges killed without a chance to clean up (SIGKILL,
-    the OOM killer, a power cut) left beside ``out_dir``: every hidden folder of its parent
-    with a merge's marker whose process is gone (:func:`_is_abandoned`), whatever output it
-    was for, with a warning naming each folder, its merge's process and the space freed. A
-    folder without the marker, of a live merge, or of another host is left alone."""
+    the OOM killer, a power cut) for the same output: the hidden ``.NAME.*`` folders of its
+    parent with a merge's marker whose process is gone (:func:`_is_abandoned`), with a warning
+    naming each folder, its merge's process and the space freed. A folder without the marker,
+    of a live merge, or of another host is left alone; so are other outputs' folders (a merge
+    in another PID namespace on a shared volume would look dead from here)."""
     import warnings
 
     removed = []
-    for folder in sorted(out_dir.parent.glob(".*")):
+    for folder in sorted(out_dir.parent.glob(f".{out_dir.name}.*")):
         try:
             marker = (folder / _PARTIAL).read_text()
         except OSError:

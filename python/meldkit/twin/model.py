@@ -306,6 +306,8 @@ def one_at_a_time(method: Callable) -> Callable:
 
     @functools.wraps(method)
     def locked(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # dynamo cannot trace a lock: take it outside
+            return method(self, *args, **kwargs)
         with self.routing.lock:
             return method(self, *args, **kwargs)
 
