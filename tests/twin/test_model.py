@@ -850,8 +850,14 @@ def test_generate_routes_each_prompt_once():
         routed = model.generate(**x, **kw)
         assert torch.equal(routed, model.generate(**x, weights=model.route(**x), **kw))
     assert model.routing.mode == "plain" and model.routing.weights is None
-    with pytest.raises(twin.TwinError, match="num_beams > 1 is not supported"):
+    with pytest.raises(twin.TwinError, match="num_beams = 2 is not supported"):
         model.generate(**x, num_beams=2, **kw)
+    # A model whose own generation_config asks for beams (BART-CNN ships num_beams=4).
+    model.model.generation_config.num_beams = 3
+    with pytest.raises(twin.TwinError, match="num_beams = 3 is not supported"):
+        model.generate(**x, **kw)
+    assert model.generate(**x, num_beams=1, **kw).shape == got.shape
+    model.model.generation_config.num_beams = 1
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(6, 4))
     ex = twin.build(plain, [perturbed(plain, seed=1)], exclude=None, progress=False)

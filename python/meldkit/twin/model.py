@@ -373,9 +373,19 @@ class RoutedMixin:
         stay for every new token. Beam search and several sequences per prompt change the batch:
         refused."""
         where = f"{type(self).__name__}.generate"
+        # The effective settings: the call's, else its generation_config's, else the model's
+        # own (summarisation checkpoints ship num_beams=4).
+        configs = [kwargs.get("generation_config"), getattr(self.model, "generation_config", None)]
         for key in ("num_beams", "num_return_sequences"):
-            if int(kwargs.get(key, 1) or 1) != 1:
-                raise TwinError(f"{where}: {key} > 1 is not supported")
+            value = kwargs.get(key)
+            for config in configs:
+                if value is None and config is not None:
+                    value = getattr(config, key, None)
+            if int(value or 1) != 1:
+                raise TwinError(
+                    f"{where}: {key} = {value} is not supported (it changes the batch); pass "
+                    f"{key}=1"
+                )
         generate = getattr(self.model, "generate", None)
         if not callable(generate):
             raise TwinError(
