@@ -10,3 +10,21 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The tiny word-level tokenizer the DLF tests share (tests/dlf/tiny.py)."""
+    from tests.dlf.tiny import tokenizer
+
+    return tokenizer()
+
+
+@pytest.fixture(scope="module")
+def models():
+    """(large, small base, two experts): the experts are perturbed copies of the small base."""
+    from tests.dlf.tiny import llama, perturbed
+
+    large = llama(0, hidden=48)
+    small = llama(1)
+    return large, small, [perturbed(small, 2), perturbed(small, 3)]

@@ -13,22 +13,9 @@ pytest.importorskip("transformers")
 
 from meldkit import dlf, ops
 from meldkit.ops.logit_fusion_ref import DEFAULT_ALPHAS
-from tests.dlf.tiny import EOS, PAD, llama, perturbed, tokenizer
+from tests.dlf.tiny import EOS, PAD, llama
 
 PROMPTS = ["w01 w02 w03 w04 w05", "w10", "w20 w21 w22"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tokenizer()
-
-
-@pytest.fixture(scope="module")
-def models():
-    """(large, small base, two experts): the experts are perturbed copies of the small base."""
-    large = llama(0, hidden=48)
-    small = llama(1)
-    return large, small, [perturbed(small, 2), perturbed(small, 3)]
 
 
 def hand_loop(large, small, experts, tok, prompt, steps, alpha, expert_prefixes=None):

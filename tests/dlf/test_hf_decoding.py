@@ -14,21 +14,9 @@ transformers = pytest.importorskip("transformers")
 
 from meldkit import dlf, ops  # noqa: E402
 from meldkit.dlf.generate import _eos_ids, next_tokens, stop_cut, stop_in_tail  # noqa: E402
-from tests.dlf.tiny import PAD, WORDS, llama, perturbed, tokenizer  # noqa: E402
+from tests.dlf.tiny import PAD, WORDS  # noqa: E402
 
 PROMPTS = ["w01 w02 w03 w04 w05", "w10", "w20 w21 w22"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tokenizer()
-
-
-@pytest.fixture(scope="module")
-def models():
-    large = llama(0, hidden=48)
-    small = llama(1)
-    return large, small, [perturbed(small, 2), perturbed(small, 3)]
 
 
 def test_logits_processors_act_on_the_fused_logits(models, tok):

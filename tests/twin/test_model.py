@@ -490,15 +490,7 @@ def test_tied_output_head_is_routed_with_its_embeddings():
     assert isinstance(head, twin.TwinLinear)
     assert head.weight is model.model.transformer.wte.weight  # still tied
     ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        for t in range(2):
-            got = model(input_ids=ids, weights=one_hot(3, t, 2)).logits
-            want = experts[t](input_ids=ids).logits
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        w = torch.tensor([[0.3, 0.7], [1.0, 0.0], [0.5, 0.5]])
-        got = model(input_ids=ids, weights=w).logits
-        want = model(input_ids=ids, weights=w, materialize=True).logits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _routes_like_the_experts(model, experts, ids)
 
 
 @pytest.mark.parametrize("exclude", [twin.DEFAULT_EXCLUDE, ()], ids=["default", "biases_too"])
@@ -523,15 +515,7 @@ def test_gpt2_conv1d_layers_are_batched_twin_layers(exclude):
     assert layer.weight.shape == (32, 96)  # Conv1D's own [in, out] parameter, kept
     assert (layer.in_features, layer.out_features) == (32, 96)
     ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        for t in range(2):
-            got = model(input_ids=ids, weights=one_hot(3, t, 2)).logits
-            want = experts[t](input_ids=ids).logits
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        w = torch.tensor([[0.3, 0.7], [1.0, 0.0], [0.5, 0.5]])
-        got = model(input_ids=ids, weights=w).logits
-        want = model(input_ids=ids, weights=w, materialize=True).logits
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _routes_like_the_experts(model, experts, ids)
     embeds = [base.transformer.wte(ids).detach().requires_grad_() for _ in range(2)]
     outs = [
         model(inputs_embeds=embeds[0], weights=one_hot(3, 1, 2)).logits,
@@ -975,3 +959,17 @@ def test_an_unrelated_error_does_not_switch_to_one_sample_at_a_time():
         assert not model._sample_by_sample
         out = model(input_ids=ids, labels=ids, weights=w)
     assert torch.isfinite(out.loss)
+
+
+def _routes_like_the_experts(model, experts, ids):
+    """At full rank, one-hot weights give each of the two experts' logits, and mixed weights
+    equal ``materialize=True``."""
+    with torch.no_grad():
+        for t in range(2):
+            got = model(input_ids=ids, weights=one_hot(3, t, 2)).logits
+            want = experts[t](input_ids=ids).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        w = torch.tensor([[0.3, 0.7], [1.0, 0.0], [0.5, 0.5]])
+        got = model(input_ids=ids, weights=w).logits
+        want = model(input_ids=ids, weights=w, materialize=True).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -1125,6 +1125,17 @@ def _features_by_task(twin, data, tokenizer, batch_size, max_length, what) -> li
     return feats
 
 
+def _int_at_least(name: str, value: Any, low: int, why: str = "") -> int:
+    """``value`` as an int ≥ ``low`` (bools refused), else a TwinError naming ``name``."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < low:
+        raise TwinError(f"train_router: '{name}' must be an int ≥ {low}{why}, got {value!r}")
+    return number
+
+
 def train_router(
     twin: TwinModel,
     train: Mapping[str, Sequence[str] | torch.Tensor],
@@ -1154,23 +1165,10 @@ def train_router(
     (at most ``max_length`` tokens) and run through the shared model ``feature_batch_size`` at
     a time.
     """
-    try:
-        batch_size = None if isinstance(batch_size, bool) else operator.index(batch_size)
-    except TypeError:
-        batch_size = None
-    if batch_size is None or batch_size < 2:
-        raise TwinError(
-            f"train_router: 'batch_size' must be an int ≥ 2 (the router's BatchNorm needs two "
-            f"samples per batch), got {batch_size!r}"
-        )
-    try:
-        fbs = None if isinstance(feature_batch_size, bool) else operator.index(feature_batch_size)
-    except TypeError:
-        fbs = None
-    if fbs is None or fbs < 1:
-        raise TwinError(
-            f"train_router: 'feature_batch_size' must be an int ≥ 1, got {feature_batch_size!r}"
-        )
+    batch_size = _int_at_least(
+        "batch_size", batch_size, 2, " (the router's BatchNorm needs two samples per batch)"
+    )
+    fbs = _int_at_least("feature_batch_size", feature_batch_size, 1)
     train_x = _features_by_task(twin, train, tokenizer, fbs, max_length, "train")
     val_x = _features_by_task(twin, val, tokenizer, fbs, max_length, "val")
     x = torch.cat(train_x)
