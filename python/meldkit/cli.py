@@ -53,7 +53,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             "--lazy-unpickle",
             args.lazy_unpickle,
             "meldkit reads every tensor lazily (safetensors; pickle .bin files, which need "
-            "--allow-pickle, are memory-mapped)",
+            "--allow-pickle, are memory-mapped, except those in torch's legacy format)",
         ),
         (
             "--copy-tokenizer",

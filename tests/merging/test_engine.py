@@ -2003,3 +2003,254 @@ def test_merge_state_dicts_counts_per_model_values_in_models():
         merge_state_dicts(base, models, "della", weights=[1, 1], densities=0.5, epsilons=[0, 1.5])
     out = merge_state_dicts(base, models, "della", weights=[1, 1], densities=0.5, epsilons=0.1)
     assert out["a"].shape == (8, 8)
+
+
+def test_an_index_that_names_tensors_its_shards_lack_is_refused(zoo):
+    # The merge would otherwise write a model without them (transformers initialises them).
+    tmp, _, _, paths = zoo
+    index = paths["ft1"] / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    moved = "model.layers.1.mlp.down_proj.weight"
+    weight_map[moved] = next(f for f in weight_map.values() if f != weight_map[moved])
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(MergeError, match=rf"1 tensors are not in the shards it names.*{moved}"):
+        merge(config_for("ties", paths), tmp / "out", progress=False)
+    assert not (tmp / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "text"),
+    [
+        ('{"weight_map": ["a"]}', "not a checkpoint index"),
+        ("[]", "not a checkpoint index"),
+        ('{"weight_map": null}', "not a checkpoint index"),
+        (
+            '{"weight_map": {"lm_head.weight": 3}}',
+            "weight_map gives lm_head.weight the file 3, not a file name",
+        ),
+    ],
+)
+def test_a_malformed_index_is_a_one_line_error_naming_it(zoo, content, text):
+    tmp, _, _, paths = zoo
+    index = paths["ft1"] / "model.safetensors.index.json"
+    index.write_text(content)
+    with pytest.raises(CheckpointError, match=rf"index\.json: {text}"):
+        Checkpoint(paths["ft1"])
+    cfg_path = tmp / "ties.yaml"
+    cfg_path.write_text(yaml.safe_dump(config_for("ties", paths)))
+    res = _meldkit_merge_cli(cfg_path, tmp / "out", "--no-progress")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith(f"meldkit merge: {index}: {text}")
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_tensors_the_reference_lacks_are_refused_not_dropped(zoo):
+    tmp, _, tunes, paths = zoo
+    extra = dict(tunes[0])
+    extra["model.layers.0.mlp.gate_proj.weight"] = torch.zeros(3 * HIDDEN, HIDDEN)
+    cfg = config_for("ties", paths)
+    cfg["models"][0]["model"] = str(write_model(tmp / "extra", extra))
+    with pytest.raises(
+        MergeError,
+        match=rf"{paths['base']}: missing 1 tensors of {tmp / 'extra'} "
+        r"\(first: model.layers.0.mlp.gate_proj.weight\)",
+    ):
+        merge(cfg, tmp / "out", progress=False)
+    assert not (tmp / "out").exists()
+
+
+def test_one_shard_of_a_sharded_model_is_refused(zoo):
+    tmp, _, _, paths = zoo
+    cfg = config_for("ties", paths)
+    shard = paths["ft1"] / "model-00001-of-00002.safetensors"
+    cfg["base_model"] = str(shard)
+    with pytest.raises(MergeError, match=rf"{shard}: one shard of the sharded model in "):
+        merge(cfg, tmp / "out", progress=False)
+    assert not (tmp / "out").exists()
+
+
+def _tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if k != "lm_head.weight"}
+
+
+def test_a_head_tied_to_the_embeddings_merges_with_stored_heads(zoo):
+    # As mergekit reads lm_head.weight's tied name model.embed_tokens.weight: a model whose
+    # config ties its head has its embeddings read as its head, whichever side it is on, and
+    # the output stores its head (tie_word_embeddings false): no model's head is dropped.
+    from meldkit.ops.merge import merge_tensors
+
+    tmp, base, tunes, paths = zoo
+    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+    tied = {"model_type": "llama", "hidden_size": HIDDEN, "tie_word_embeddings": True}
+    untied = {**tied, "tie_word_embeddings": False}
+    tied_base = write_checkpoint(tmp / "tied_base", _tied(base), config=tied)
+    tied_ft = write_checkpoint(tmp / "tied_ft", _tied(tunes[1]), config=tied)
+    untied_ft = write_checkpoint(tmp / "untied_ft", tunes[0], config=untied)
+
+    def ta(b, m):
+        return {
+            "merge_method": "task_arithmetic",
+            "base_model": str(b),
+            "models": [{"model": str(m), "parameters": {"weight": 1.0}}],
+        }
+
+    for b, m, b_head, m_head, tie_after in (
+        (tied_base, untied_ft, base[embed], tunes[0][head], False),
+        (paths["base"], tied_ft, base[head], tunes[1][embed], None),
+    ):
+        with pytest.warns(UserWarning, match=r"tie_word_embeddings.*the output has its own head"):
+            out = merge(ta(b, m), tmp / f"out_{b.name}", progress=False)
+        got = read(out)
+        want = merge_tensors(b_head, [m_head], "task_arithmetic", weights=[1.0])
+        assert torch.equal(got[head], want)
+        config = json.loads((out / "config.json").read_text())
+        assert config.get("tie_word_embeddings") is tie_after
+    # linear without a base: the same head in either order
+    outs = []
+    for order in ((tied_ft, untied_ft), (untied_ft, tied_ft)):
+        cfg = {
+            "merge_method": "linear",
+            "models": [{"model": str(p), "parameters": {"weight": 0.5}} for p in order],
+        }
+        with pytest.warns(UserWarning, match="tie_word_embeddings"):
+            outs.append(read(merge(cfg, tmp / f"lin_{order[0].name}", progress=False)))
+    assert torch.equal(outs[0][head], outs[1][head])
+    # a model without a head whose config does not tie it is incomplete: refused, saying so
+    not_tied = write_checkpoint(tmp / "not_tied", _tied(tunes[1]), config=untied)
+    with pytest.raises(MergeError, match=r"missing 1 tensors.*tie_word_embeddings: true"):
+        merge(ta(paths["base"], not_tied), tmp / "out_not_tied", progress=False)
+
+
+def test_gradients_are_refused_where_no_layer_name_is_recognised(zoo):
+    # XLM numbers its layers transformer.attentions.N / transformer.ffns.N: with a layer count
+    # in config.json and no stack found, a gradient would otherwise use t = 0 on every layer.
+    from meldkit.merging.engine import layer_layout
+
+    tmp, _, _, _ = zoo
+    g = torch.Generator().manual_seed(3)
+    base = {f"transformer.ffns.{i}.lin1.weight": torch.randn(8, 8, generator=g) for i in range(3)}
+    config = {"model_type": "xlm", "n_layers": 3}
+    (problem,) = layer_layout(list(base), config).problems
+    assert "n_layers = 3, but no tensor name has a layer index" in problem
+    b = write_checkpoint(tmp / "xlm_b", base, config=config)
+    f = write_checkpoint(tmp / "xlm_f", sparse_finetune(base, 1), config=config)
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(b),
+        "models": [{"model": str(f), "parameters": {"weight": [0.0, 1.0]}}],
+    }
+    with pytest.raises(MergeError, match=r"a gradient parameter needs .* no tensor name has"):
+        merge(cfg, tmp / "out", progress=False)
+    cfg["models"][0]["parameters"]["weight"] = 1.0
+    merge(cfg, tmp / "flat", progress=False)
+
+
+def test_out_dir_dot_and_symlinks_name_the_folder_they_point_to(zoo, monkeypatch):
+    tmp, _, _, paths = zoo
+    cfg = config_for("ties", paths)
+    want = read(merge(cfg, tmp / "want", progress=False))
+    (tmp / "real").mkdir()
+    (tmp / "link").symlink_to(tmp / "real")
+    out = merge(cfg, tmp / "link", progress=False)
+    assert out == tmp / "real" and (tmp / "link").is_symlink()
+    got = read(tmp / "link")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not list(tmp.glob(".link.*")) and not list(tmp.glob(".real.*"))
+    (tmp / "here").mkdir()
+    monkeypatch.chdir(tmp / "here")
+    out = merge(cfg, ".", progress=False)
+    assert out == tmp / "here" and (tmp / "here" / "model.safetensors").is_file()
+
+
+def test_legacy_pickle_checkpoints_load_without_mmap(zoo):
+    tmp, base, _, _ = zoo
+    legacy = tmp / "legacy"
+    legacy.mkdir()
+    torch.save(base, legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    ck = Checkpoint(legacy, allow_pickle=True)
+    assert torch.equal(ck.get("lm_head.weight"), base["lm_head.weight"])
+
+
+def test_a_tokenizer_source_without_tokenizer_files_is_refused(zoo):
+    tmp, _, _, paths = zoo
+    (paths["ft0"] / "tokenizer_config.json").unlink()
+    cfg = {**config_for("ties", paths), "tokenizer_source": str(paths["ft0"])}
+    with pytest.raises(MergeError, match=r"tokenizer_source .*ft0 has no tokenizer files"):
+        merge(cfg, tmp / "out", progress=False)
+    assert not (tmp / "out").exists()
+    (paths["base"] / "tokenizer_config.json").unlink()
+    with pytest.warns(UserWarning, match=r"base has no tokenizer files: the merged model has no"):
+        merge(config_for("ties", paths), tmp / "out", progress=False)
+
+
+def test_inputs_wider_than_the_reference_warn_and_the_card_says_what_ran(zoo):
+    # Without a dtype every input is converted to the base's dtype (as mergekit does): float32
+    # fine-tunes of a bfloat16 base lose their precision, which a warning and the card say.
+    import warnings
+
+    tmp, _, tunes, paths = zoo
+    cfg = config_for("task_arithmetic", paths, n=2)
+    del cfg["dtype"]
+    cfg["out_dtype"] = "float32"
+    wide = write_checkpoint(tmp / "wide", tunes[0], config={}, dtype=torch.float32)
+    cfg["models"][0]["model"] = str(wide)
+    with pytest.warns(UserWarning, match=r"wider dtype than .*wide \(\d+ tensors.*dtype: float32"):
+        out = merge(cfg, tmp / "out", progress=False)
+    card = (out / "README.md").read_text()
+    assert "inputs converted to the base model's dtype of each tensor" in card
+    assert "read in their own dtype" not in card
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merge({**cfg, "dtype": "float32"}, tmp / "out32", progress=False)
+
+
+def test_a_folder_with_both_weight_layouts_reads_model_safetensors(zoo):
+    # transformers' from_pretrained loads model.safetensors before the index: so does meldkit,
+    # with a warning that the index is ignored.
+    tmp, _, tunes, paths = zoo
+    both = paths["ft1"]
+    write_model(tmp / "single", tunes[2])
+    (tmp / "single" / "model.safetensors").rename(both / "model.safetensors")
+    with pytest.warns(UserWarning, match="both model.safetensors and model.safetensors.index"):
+        ck = Checkpoint(both)
+    assert torch.equal(ck.get("lm_head.weight"), tunes[2]["lm_head.weight"])
+
+
+def test_a_peft_adapter_folder_is_named_as_one(zoo):
+    tmp, _, _, paths = zoo
+    adapter = tmp / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    write_checkpoint(adapter, {"base_model.model.lm_head.lora_A.weight": torch.zeros(4, HIDDEN)})
+    (adapter / "model.safetensors").rename(adapter / "adapter_model.safetensors")
+    cfg = config_for("ties", paths)
+    cfg["models"][0]["model"] = str(adapter)
+    with pytest.raises(MergeError, match=r"adapter: a PEFT adapter \(adapter_config.json\)"):
+        merge(cfg, tmp / "out", progress=False)
+
+
+def test_bert_and_t5_vocabulary_tensors_are_trimmed_like_embeddings(zoo):
+    from meldkit.merging.engine import is_vocab_tensor
+
+    for name in ("shared.weight", "cls.predictions.bias", "cls.predictions.decoder.weight"):
+        assert is_vocab_tensor(name), name
+    for name in ("model.layers.0.mlp.shared.weight", "cls.predictions.transform.dense.weight"):
+        assert not is_vocab_tensor(name), name
+    tmp, _, _, _ = zoo
+    g = torch.Generator().manual_seed(4)
+    base = {
+        "bert.embeddings.word_embeddings.weight": torch.randn(VOCAB, HIDDEN, generator=g),
+        "cls.predictions.bias": torch.randn(VOCAB, generator=g),
+    }
+    big = sparse_finetune(base, 1)
+    big = {k: torch.cat([v, torch.zeros(8, *v.shape[1:])]) for k, v in big.items()}
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(write_checkpoint(tmp / "bert_b", base)),
+        "models": [
+            {"model": str(write_checkpoint(tmp / "bert_big", big)), "parameters": {"weight": 1}}
+        ],
+    }
+    with pytest.warns(UserWarning, match=r"cls.predictions.bias \(72 rows, not 64\)"):
+        out = read(merge(cfg, tmp / "out", progress=False))
+    assert out["cls.predictions.bias"].shape == (VOCAB,)

@@ -17,6 +17,8 @@ import socket
 import struct
 import tempfile
 import threading
+import warnings
+import zipfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -108,11 +110,14 @@ class Checkpoint:
     Parameters
     ----------
     path : path-like
-        A folder with ``model.safetensors`` or a sharded ``model.safetensors.index.json`` (or a
-        single ``.safetensors`` file).
+        A folder with ``model.safetensors`` or a sharded ``model.safetensors.index.json`` (both:
+        ``model.safetensors``, as transformers reads it, with a warning), or a single
+        ``.safetensors`` file (not one shard of an indexed model). An index must hold every
+        tensor where it says; a PEFT adapter folder is refused, naming it.
     allow_pickle : bool
         Read ``pytorch_model.bin`` (pickle) when there is no safetensors file. Off by default:
-        unpickling runs code from the file (loaded with ``weights_only=True`` even so).
+        unpickling runs code from the file (loaded with ``weights_only=True`` even so;
+        memory-mapped unless in torch's legacy, non-zip format).
     """
 
     def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False) -> None:
@@ -123,36 +128,74 @@ class Checkpoint:
         self._ranges: dict[str, tuple[int, int]] = {}  # byte offset and length in its file
         self._handles: dict[Path, object] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
+        self._aliases: dict[str, str] = {}  # a name read as another (tie), and its source
         if not self.path.exists():
             raise CheckpointError(
                 f"{self.path}: no such model folder or file (Hugging Face model IDs are read "
                 "from the local cache only: download the model first)"
             )
-        files = self._safetensors_files()
+        files, weight_map = self._safetensors_files()
         if files:
             for f in files:
                 self._index_file(f)
         else:
             self._load_pickle(allow_pickle)
+        if weight_map is not None:
+            # An index that lists a tensor its shard lacks would otherwise merge a model without
+            # it (transformers then initialises it at random).
+            index = self.path / "model.safetensors.index.json"
+            lacking = [n for n, f in weight_map.items() if self._file_of.get(n) != self.path / f]
+            if lacking:
+                raise CheckpointError(
+                    f"{index}: {len(lacking)} tensors are not in the shards it names (first: "
+                    + ", ".join(f"{n} in {weight_map[n]}" for n in lacking[:3])
+                    + "): the checkpoint is incomplete or its index is stale"
+                )
 
-    def _safetensors_files(self) -> list[Path]:
+    def _safetensors_files(self) -> tuple[list[Path], dict[str, str] | None]:
+        """The safetensors files to read and, for a sharded model, its index's weight map.
+
+        The order is transformers' (``from_pretrained``): ``model.safetensors``, else the index
+        ``model.safetensors.index.json``. A folder with both gets a warning (the index's shards
+        are not read). A file given alone must not be one shard of an indexed model."""
+        index = self.path.parent / "model.safetensors.index.json"
         if self.path.is_file():
-            return [self.path] if self.path.suffix == ".safetensors" else []
+            if self.path.suffix != ".safetensors":
+                return [], None
+            if index.is_file() and self.path.name != "model.safetensors":
+                shards = set(read_weight_map(index).values())
+                if self.path.name in shards:
+                    raise CheckpointError(
+                        f"{self.path}: one shard of the sharded model in {self.path.parent} "
+                        f"(its index lists {len(shards)} files): give the folder"
+                    )
+            return [self.path], None
         index = self.path / "model.safetensors.index.json"
+        single = self.path / "model.safetensors"
+        if single.is_file():
+            if index.is_file():
+                warnings.warn(
+                    f"{self.path} has both model.safetensors and model.safetensors.index.json: "
+                    "reading model.safetensors, as transformers loads it (the index's shards are "
+                    "ignored; remove the file that is stale)",
+                    UserWarning,
+                    stacklevel=4,
+                )
+            return [single], None
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise CheckpointError(f"{index}: not a safetensors index ({exc})") from None
+            weight_map = read_weight_map(index)
             files = sorted({self.path / f for f in weight_map.values()})
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise CheckpointError(f"{index}: shards missing: {', '.join(missing)}")
-            return files
-        single = self.path / "model.safetensors"
-        if single.is_file():
-            return [single]
-        return sorted(self.path.glob("*.safetensors"))
+            return files, weight_map
+        if (self.path / "adapter_config.json").is_file():
+            raise CheckpointError(
+                f"{self.path}: a PEFT adapter (adapter_config.json), not a model: merge it into "
+                "its base model first (PEFT's merge_and_unload, then save_pretrained) and give "
+                "that folder"
+            )
+        return sorted(self.path.glob("*.safetensors")), None
 
     def _index_file(self, f: Path) -> None:
         from safetensors import safe_open
@@ -184,11 +227,7 @@ class Checkpoint:
             return []
         index = self.path / "pytorch_model.bin.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                files = sorted({self.path / f for f in weight_map.values()})
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise CheckpointError(f"{index}: not a pytorch_model.bin index ({exc})") from None
+            files = sorted({self.path / f for f in read_weight_map(index).values()})
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise CheckpointError(f"{index}: shards missing: {', '.join(missing)}")
@@ -212,7 +251,10 @@ class Checkpoint:
         self._pickled = {}
         for f in bins:
             try:
-                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                # Memory-mapped where the format allows it: torch.save's zip format (since
+                # torch 1.6), not the legacy one older checkpoints have.
+                mmap = zipfile.is_zipfile(f)
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
             except Exception as exc:  # pickle, zip and weights_only errors of every kind
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise CheckpointError(f"{f}: not a readable PyTorch state dict ({first})") from None
@@ -227,8 +269,24 @@ class Checkpoint:
 
     @property
     def names(self) -> list[str]:
-        """Tensor names, in file order."""
+        """Tensor names, in file order (then the names :meth:`tie` added)."""
         return list(self._shapes)
+
+    def tie(self, name: str, source: str) -> None:
+        """Read tensor ``source`` as ``name`` too: a model whose config ties its output head to
+        its input embeddings (``tie_word_embeddings``) stores only the embeddings, which are
+        its head (``lm_head.weight`` read from ``model.embed_tokens.weight``)."""
+        self._aliases[name] = source
+        self._shapes[name] = self._shapes[source]
+        self._dtypes[name] = self._dtypes[source]
+
+    @property
+    def tied(self) -> dict[str, str]:
+        """The names :meth:`tie` added, each with the tensor it is read from."""
+        return dict(self._aliases)
+
+    def _source(self, name: str) -> str:
+        return self._aliases.get(name, name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
@@ -244,6 +302,7 @@ class Checkpoint:
 
     def get(self, name: str) -> torch.Tensor:
         """Load one tensor (CPU)."""
+        name = self._source(name)
         if self._pickled is not None:
             return self._pickled[name]
         try:
@@ -254,6 +313,7 @@ class Checkpoint:
     def byte_range(self, name: str) -> tuple[Path, int, int] | None:
         """Where ``name``'s bytes lie: its file, their offset in it and their length (None for
         pickle checkpoints). For :class:`ReadAhead`."""
+        name = self._source(name)
         if name not in self._ranges:
             return None
         offset, length = self._ranges[name]
@@ -263,6 +323,27 @@ class Checkpoint:
         """The folder of the model's other files (``config.json``, the tokenizer's): the
         checkpoint's folder, or the folder of a checkpoint given as one ``.safetensors`` file."""
         return aux_folder(self.path)
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a sharded checkpoint's index (``model.safetensors.index.json``,
+    ``pytorch_model.bin.index.json``): tensor name → shard file name in the index's folder.
+    Raises CheckpointError, naming the file, for anything else."""
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{index}: not a readable index ({exc})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(
+            f"{index}: not a checkpoint index (no weight_map object of tensor names and files)"
+        )
+    bad = [k for k, v in weight_map.items() if not isinstance(v, str) or not v]
+    if bad:
+        raise CheckpointError(
+            f"{index}: weight_map gives {bad[0]} the file {weight_map[bad[0]]!r}, not a file name"
+        )
+    return weight_map
 
 
 def aux_folder(path: Path) -> Path:
@@ -507,7 +588,9 @@ class ShardedWriter:
         background: bool = True,
         kernel_writes: bool = False,
     ):
-        self.out_dir = Path(out_dir)
+        # The folder out_dir names ('.', a symlink): replaced by the output at commit, which
+        # renames the temporary folder beside it.
+        self.out_dir = Path(out_dir).resolve()
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise CheckpointError(f"{self.out_dir}: is a file, not a folder")
         if self.out_dir.exists() and any(self.out_dir.iterdir()):

@@ -21,7 +21,7 @@ import shutil
 import sys
 import warnings
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from meldkit.merging.checkpoint import (
+    TOKENIZER_FILES,
     Checkpoint,
     CheckpointError,
     ReadAhead,
@@ -50,16 +51,69 @@ def tensor_key(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-# Tensors with one row per token (input embeddings, output heads): a fine-tune that added tokens
-# has more rows there, which a merge on a base trims to the base's (see _validate).
+# Tensors with one row per token (input embeddings, output heads, BERT's output bias, T5's
+# shared embeddings): a fine-tune that added tokens has more rows there, which a merge on a base
+# trims to the base's (see _validate).
 _VOCAB_TENSOR = re.compile(
     r"(^|\.)(embed_tokens|embed_in|embed_out|lm_head|wte|word_embeddings|tok_embeddings)\."
+    r"|^shared\.weight$|(^|\.)predictions\.(bias$|decoder\.)"
 )
+# Output heads that a model whose config.json sets tie_word_embeddings does not store, and the
+# input embeddings it computes them with instead (the same matrix): as mergekit's architecture
+# definitions give lm_head.weight the tied name model.embed_tokens.weight. (T5's tied head also
+# scales its input, so its shared.weight is not an untied lm_head: not listed.)
+_TIED_HEADS = {
+    "lm_head.weight": (
+        "model.embed_tokens.weight",
+        "model.language_model.embed_tokens.weight",
+        "transformer.wte.weight",
+    ),
+    "cls.predictions.decoder.weight": ("bert.embeddings.word_embeddings.weight",),
+}
 
 
 def is_vocab_tensor(name: str) -> bool:
     """Whether tensor ``name`` has one row per token of the vocabulary (embeddings, heads)."""
     return _VOCAB_TENSOR.search(name) is not None
+
+
+def _model_config(checkpoint: Checkpoint) -> dict[str, Any] | None:
+    """The checkpoint's config.json (None where it has none, or none that reads as an object)."""
+    try:
+        config = json.loads((checkpoint.aux_folder() / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _tie_word_embeddings(config: Mapping[str, Any] | None) -> bool | None:
+    """config.json's ``tie_word_embeddings`` (a multimodal model's in its ``text_config``), None
+    where it gives none."""
+    for c in (config, (config or {}).get("text_config")):
+        if isinstance(c, Mapping) and isinstance(c.get("tie_word_embeddings"), bool):
+            return c["tie_word_embeddings"]
+    return None
+
+
+def _tie_heads(checkpoints: list[Checkpoint]) -> list[str]:
+    """Where some models store an output head (``_TIED_HEADS``) and others tie it to their input
+    embeddings (no head tensor, and a config.json that sets ``tie_word_embeddings``), read each
+    tied model's embeddings as its head (:meth:`Checkpoint.tie`), as mergekit reads a weight's
+    tied name: the output then has the merged head, none being dropped. Returns a line per tied
+    model, for the warning."""
+    notes = []
+    for head, embeddings in _TIED_HEADS.items():
+        if not any(head in c for c in checkpoints):
+            continue
+        for c in checkpoints:
+            source = next((e for e in embeddings if e in c), None)
+            if head in c or source is None:
+                continue
+            if _tie_word_embeddings(_model_config(c)) is not True:
+                continue  # not tied, and no head: the missing tensor is reported
+            c.tie(head, source)
+            notes.append(f"{c.path} (its {source} read as its {head})")
+    return notes
 
 
 def _validate(
@@ -68,6 +122,11 @@ def _validate(
     """Names to merge, in the reference model's order, and the rows to keep of the vocabulary
     tensors that must be trimmed (``{(model index, name): rows}``); raises MergeError listing
     the problems.
+
+    Every model must have the reference's tensors (the base's, or the first model's without
+    one) and no others, except an output head that some models tie to their input embeddings
+    (``tie_word_embeddings``) and others store: the tied models' embeddings are read as their
+    head (:func:`_tie_heads`), with a warning, and the output has an untied head.
 
     As mergekit truncated embeddings to the base's shape with a warning (spec §5.4; mergekit
     0.1.5 does it with ``--unsafe-truncate-embeddings``), a fine-tune whose embeddings or head
@@ -81,6 +140,7 @@ def _validate(
     mismatch, fewer rows than the base's included, is refused.
     """
     reference = base if base is not None else models[0]
+    tied = _tie_heads(([base] if base is not None else []) + models)
     names = reference.names
     problems = []
     trims: dict[tuple[int, str], int] = {}
@@ -88,11 +148,33 @@ def _validate(
         if m is reference:
             continue
         missing = [n for n in names if n not in m]
-        if missing:
+        extra = [n for n in m.names if n not in reference]
+        for c, lacking, other in ((m, missing, reference), (reference, extra, m)):
+            if not lacking:
+                continue
+            heads = [n for n in lacking if n in _TIED_HEADS]
+            if heads and _tie_word_embeddings(_model_config(c)):
+                hint = (
+                    f" (its config.json sets tie_word_embeddings, but meldkit reads the input "
+                    f"embeddings as {heads[0]} only where they are named "
+                    f"{' or '.join(_TIED_HEADS[heads[0]])})"
+                )
+            elif heads:
+                hint = (
+                    f" (a model that ties {heads[0]} to its input embeddings says so in its "
+                    "config.json, tie_word_embeddings: true, and its embeddings are then read as "
+                    f"its head; {c.path}'s does not: the checkpoint is incomplete)"
+                )
+            else:
+                hint = (
+                    " (models of one architecture have the same tensors: a different model, or "
+                    "an incomplete checkpoint)"
+                )
             problems.append(
-                f"{m.path}: missing {len(missing)} tensors of {reference.path} "
-                f"(first: {', '.join(missing[:3])})"
+                f"{c.path}: missing {len(lacking)} tensors of {other.path} "
+                f"(first: {', '.join(lacking[:3])}){hint}"
             )
+        if missing or extra:
             continue
         for n in names:
             shape, ref_shape = m.shape(n), reference.shape(n)
@@ -137,6 +219,17 @@ def _validate(
                 break
     if problems:
         raise MergeError("models do not match:\n  " + "\n  ".join(problems))
+    if tied:
+        untie = (
+            "; the output's config.json gets tie_word_embeddings false" if reference.tied else ""
+        )
+        warnings.warn(
+            "output heads tied to the input embeddings (tie_word_embeddings) in "
+            f"{'; '.join(tied)}, stored apart by the other models: merged as the tied models' "
+            f"heads, as mergekit does; the output has its own head{untie}",
+            UserWarning,
+            stacklevel=3,
+        )
     by_model: dict[int, list[str]] = {}
     for (i, n), rows in trims.items():
         by_model.setdefault(i, []).append(f"{n} ({models[i].shape(n)[0]} rows, not {rows})")
@@ -251,9 +344,14 @@ def layer_layout(names: list[str], config: Mapping[str, Any] | None = None) -> L
                 f"{counts[p] - 1})"
             )
     main = _config_count(config)
-    if main is not None and counts:
+    if main is not None:
         key, value = main
-        if len(counts) == 1:
+        if not counts:
+            problems.append(
+                f"config.json gives {key} = {value}, but no tensor name has a layer index "
+                "meldkit recognises (NAME.N. after a list named layers, h, blocks, block or layer)"
+            )
+        elif len(counts) == 1:
             ((p, c),) = counts.items()
             if c != value:
                 problems.append(f"config.json gives {key} = {value}, but {p} has {c} layers")
@@ -325,8 +423,33 @@ def _tensor_params(
 
 def _set_config_dtype(out_dir: Path, dtype: torch.dtype) -> None:
     """Record the merged weights' dtype in ``out_dir/config.json`` (as mergekit does): the
-    ``torch_dtype`` and ``dtype`` keys the base's config has (``torch_dtype`` if neither),
-    rewritten atomically."""
+    ``torch_dtype`` and ``dtype`` keys the base's config has (``torch_dtype`` if neither)."""
+
+    def edit(config: dict[str, Any]) -> None:
+        keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+        for k in keys:
+            config[k] = _dtype_name(dtype)
+
+    _edit_config(out_dir, edit)
+
+
+def _untie_config(out_dir: Path) -> None:
+    """Set ``tie_word_embeddings`` false in ``out_dir/config.json`` (and in its ``text_config``
+    where that has the key): the output stores its own head, which a tied config would have
+    transformers replace with the input embeddings."""
+
+    def edit(config: dict[str, Any]) -> None:
+        config["tie_word_embeddings"] = False
+        text = config.get("text_config")
+        if isinstance(text, dict) and "tie_word_embeddings" in text:
+            text["tie_word_embeddings"] = False
+
+    _edit_config(out_dir, edit)
+
+
+def _edit_config(out_dir: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Apply ``edit`` (a function that changes a dict in place) to ``out_dir/config.json``,
+    rewritten atomically; a missing or unreadable config is left as it is."""
     path = out_dir / "config.json"
     if not path.is_file():
         return
@@ -336,9 +459,7 @@ def _set_config_dtype(out_dir: Path, dtype: torch.dtype) -> None:
         return  # not meldkit's to repair: copied as the base has it
     if not isinstance(config, dict):
         return
-    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
-    for k in keys:
-        config[k] = _dtype_name(dtype)
+    edit(config)
     tmp = path.with_name(".config.json.tmp")
     tmp.write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
@@ -420,7 +541,12 @@ def model_card(
         # rounds the inputs (bfloat16, float16) or widens them (float32).
         out = _dtype_name(cfg.out_dtype or cfg.dtype)
         if cfg.dtype is None:
-            notes.append(f"inputs read in their own dtype, merged in float32, stored in {out}")
+            # The merge converts every input to the reference's dtype, tensor by tensor.
+            which = "base model" if cfg.base is not None else "first model"
+            notes.append(
+                f"inputs converted to the {which}'s dtype of each tensor (the config sets no "
+                f"dtype), merged in float32, stored in {out}"
+            )
         else:
             dt = _dtype_name(cfg.dtype)
             how = "converted to" if cfg.dtype.itemsize >= 4 else "rounded to"
@@ -444,6 +570,58 @@ def _config_text(config: Any) -> str | None:
             json.loads(json.dumps(config, default=str)), sort_keys=False, allow_unicode=True
         )
     return Path(config).read_text()
+
+
+def _check_tokenizer(source: Path | None, reference: Checkpoint) -> None:
+    """Refuse a ``tokenizer_source`` whose folder has no tokenizer file (``TOKENIZER_FILES``):
+    the output would have none. Where the config names no source, the reference's folder gives
+    the tokenizer: a warning says when it has none."""
+    folder = aux_folder(source) if source is not None else reference.aux_folder()
+    if any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return
+    if source is not None:
+        raise MergeError(
+            f"tokenizer_source {source}: {folder} has no tokenizer files (tokenizer.json, "
+            "tokenizer_config.json, tokenizer.model, vocab.json, ...): name the model folder "
+            "whose tokenizer the output should have"
+        )
+    warnings.warn(
+        f"{folder} has no tokenizer files: the merged model has no tokenizer (set "
+        "tokenizer_source to the model whose tokenizer it should have)",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _warn_wider_inputs(reference: Checkpoint, models: list[Checkpoint], names: list[str]) -> None:
+    """Warn when a model stores floating tensors wider than the reference's (float32 fine-tunes
+    of a bfloat16 base) and the config sets no ``dtype``: the merge converts every input to the
+    reference's dtype first (as mergekit does), so their extra precision is rounded away."""
+    wider = []
+    for m in models:
+        if m is reference:
+            continue
+        found = [
+            n
+            for n in names
+            if reference.dtype(n) in FLOAT_DTYPES
+            and m.dtype(n) in FLOAT_DTYPES
+            and m.dtype(n).itemsize > reference.dtype(n).itemsize
+        ]
+        if found:
+            n = found[0]
+            wider.append(
+                f"{m.path} ({len(found)} tensors, e.g. {n} in {_dtype_name(m.dtype(n))}, "
+                f"{_dtype_name(reference.dtype(n))} in {reference.path})"
+            )
+    if wider:
+        warnings.warn(
+            f"models store tensors in a wider dtype than {reference.path}: {'; '.join(wider)}. "
+            "Without a dtype in the config every input is rounded to its dtype before merging, "
+            "as mergekit does: set dtype: float32 to merge them at their precision",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _check_free_space(out_dir: Path, needed: int) -> None:
@@ -508,8 +686,9 @@ def merge(
     config : MergeConfig, mapping or path
         See :mod:`meldkit.merging.config`.
     out_dir : path-like
-        Destination folder (must not exist, or be empty). Written atomically: a temporary folder
-        beside it is renamed into place at the end, and removed if the merge fails. It receives
+        Destination folder (must not exist, or be empty; ``.`` and symlinks name the folder
+        they resolve to, up front). Written atomically: a temporary folder beside it is renamed
+        into place at the end, and removed if the merge fails. It receives
         the safetensors shards (and their index), the base's ``config.json`` (its
         ``torch_dtype`` set to ``out_dtype`` or ``dtype`` when the config gives one, as mergekit
         does), the tokenizer files, and a ``README.md`` model card (method, models, settings,
@@ -558,7 +737,8 @@ def merge(
     Returns
     -------
     Path
-        ``out_dir``.
+        ``out_dir``, resolved: an absolute path, symlinks followed (``.`` or a link to an
+        empty folder is that folder).
 
     Raises
     ------
@@ -570,7 +750,15 @@ def merge(
         folder that does not exist (naming the folders and the Hugging Face cache looked in),
         a gradient or slices on models whose layer positions are not certain
         (:func:`layer_layout`), an ``out_dir`` on a file system with less free space than the
-        merged tensors take.
+        merged tensors take, a model with tensors the reference lacks (other than an output head
+        that tied models read from their embeddings: :func:`_tie_heads`), a sharded checkpoint
+        whose index names tensors its shards lack, one shard of one given as a model, a PEFT
+        adapter given as a model, a ``tokenizer_source`` without tokenizer files.
+
+    Warns when the reference's folder has no tokenizer files, when a model stores tensors in a
+    wider dtype than the reference's and the config sets no ``dtype`` (every input is converted
+    to the reference's dtype first), and when models tie their head to their embeddings and
+    others do not.
 
     Notes
     -----
@@ -588,13 +776,16 @@ def merge(
         raise MergeError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     seed = operator.index(seed)
     device = _merge_device(device)
+    # The folder out_dir names ('.', a symlink, a path through '..'), up front: the output
+    # replaces that folder, and its temporary folder goes beside it.
+    target = Path(out_dir).resolve()
     out_dir = Path(out_dir)
-    for folder in (out_dir, *out_dir.parents):
+    for folder in (target, *target.parents):
         if folder.exists():
             if not folder.is_dir():
                 raise MergeError(
                     f"out_dir {out_dir}: {folder} is a file, not a folder"
-                    if folder != out_dir
+                    if folder != target
                     else f"out_dir {out_dir}: is a file, not a folder"
                 )
             break
@@ -643,10 +834,10 @@ def merge(
         return x if rows is None else x[:rows]
 
     reference = base if base is not None else models[0]
-    try:
-        model_config = json.loads((reference.aux_folder() / "config.json").read_text())
-    except (OSError, ValueError):
-        model_config = None
+    model_config = _model_config(reference)
+    _check_tokenizer(cfg.tokenizer_source, reference)
+    if cfg.dtype is None:
+        _warn_wider_inputs(reference, models, names)
     layout = layer_layout(names, model_config)
     if _uses_layers(cfg):
         # A gradient's value depends on each tensor's place in its stack: refused where that
@@ -684,14 +875,14 @@ def merge(
         for n in names
     }
     plan = [(n, out_dtype_of[n], reference.shape(n)) for n in names]
-    _check_free_space(out_dir, sum(math.prod(shape) * dt.itemsize for _, dt, shape in plan))
+    _check_free_space(target, sum(math.prod(shape) * dt.itemsize for _, dt, shape in plan))
     if background_write is None:
         # A writer thread overlaps the writes with the merge when a core is free for it; on a
         # machine whose every core runs the merge it only slows the merge (measured on 2
         # cores): there the merge kernels run the writes on one of their own threads instead.
         background_write = device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads()
     writer = ShardedWriter(
-        out_dir,
+        target,
         plan,
         shard_size,
         background=bool(background_write),
@@ -817,6 +1008,8 @@ def merge(
             bar.close()
     if cfg.out_dtype is not None or cfg.dtype is not None:
         _set_config_dtype(out, cfg.out_dtype or cfg.dtype)
+    if reference.tied:  # the output stores the head the reference's config ties
+        _untie_config(out)
     return out
 
 
