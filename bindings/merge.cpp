@@ -437,8 +437,10 @@ void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle
         task_l1_cpu(p, norms.data());
       }
       for (size_t t = 0; t < n; ++t) {
-        // As the reference: unscaled when nothing was kept; NaN in tau gives a NaN factor.
-        scales[t] = norms[2 * t + 1] == 0 ? 1.f : float(norms[2 * t] / norms[2 * t + 1]);
+        // As the reference: unscaled when nothing was kept; a factor not finite in float32 (NaN
+        // or +-inf in tau, or an overflowing ratio) is NaN, which makes every element NaN.
+        const float f = norms[2 * t + 1] == 0 ? 1.f : float(norms[2 * t] / norms[2 * t + 1]);
+        scales[t] = std::isfinite(f) ? f : NAN;
       }
     }
     p.scales = scales.data();
@@ -645,9 +647,10 @@ void band_select(py::handle theta, py::handle base, py::handle out, py::handle l
   p.has_hi = !hi.is_none();
   if (p.has_lo) p.lo = lo.cast<float>();
   if (p.has_hi) p.hi = hi.cast<float>();
-  if ((p.has_lo && !(p.lo >= 0.f && std::isfinite(p.lo))) ||
-      (p.has_hi && !(p.hi >= 0.f && std::isfinite(p.hi)))) {
-    throw_value_error(std::string(kOp) + ": arguments 'lo' and 'hi' must be finite magnitudes");
+  // +inf is a magnitude (an inf in a task vector ranks last); NaN and negatives are not.
+  if ((p.has_lo && !(p.lo >= 0.f)) || (p.has_hi && !(p.hi >= 0.f))) {
+    throw_value_error(std::string(kOp) +
+                      ": arguments 'lo' and 'hi' must be magnitudes (>= 0, +inf allowed)");
   }
   if (p.has_lo && p.has_hi && p.lo > p.hi) {
     throw_value_error(std::string(kOp) + ": argument 'lo' is above 'hi'");

@@ -4,6 +4,8 @@ kernels round every product and sum as the reference does)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from meldkit import _native
 from meldkit.merging import get_method
 from meldkit.ops import magnitude_threshold, merge_tensor_list, merge_tensors
 from meldkit.ops import merge_ref as mr
+from meldkit.ops.random_ref import uniform_ref
 from tests.helpers import DEVICES, DTYPES, ODD_SIZES, draw_boundary_keeps, poison
 
 SHAPES = [(n,) for n in ODD_SIZES] + [(300, 301)]
@@ -502,6 +505,179 @@ def test_l1_rescale_at_density_one_keeps_a_nan_only_task_vector(device, monkeypa
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
+INF_CASES = [
+    *NAN_CASES,
+    ("ties", {"densities": 0.5}),
+    ("ties", {"densities": 0.5, "rescale": "l1"}),
+    ("ties", {"densities": 0.5, "tie": "exact_k"}),
+    ("dare_linear", {"densities": 0.5, "seed": 3, "rescale": "l1"}),
+    ("breadcrumbs", {"densities": 0.5, "gammas": 0.0}),
+    ("breadcrumbs_ties", {"densities": 0.6, "gammas": 0.001}),  # the upper cut at inf
+    ("breadcrumbs", {"densities": 0.001, "gammas": 0.0}),  # the lower cut at inf
+    ("della", {"densities": 0.5, "epsilons": 0.1, "seed": 7, "rescale": "none"}),
+    ("della", {"densities": 1.0}),
+    ("della_linear", {"densities": 1.0}),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("method", "kw"), INF_CASES, ids=lambda v: str(v))
+def test_inf_in_a_task_vector_gives_the_references_values(device, dtype, method, kw, monkeypatch):
+    """±inf in a fine-tuned tensor, on every method's native path: the reference's
+    values, NaNs included (a kept inf stays ±inf, a dropped one is dropped, magnitude selection
+    ranks it largest, and an L1 factor that is not finite makes the whole result NaN). The
+    native paths used to differ: DARE's L1 factor of inf scaled the kept entries only, DELLA
+    raised naming the internal 'scales', breadcrumbs refused an infinite boundary magnitude."""
+    if device == "cuda" and method.startswith("della"):
+        pytest.skip("DELLA runs natively on the CPU only")
+    base, models = models_like((5, 300), dtype, device, n=3, seed=12)
+    models[0][0, 7] = float("inf")
+    models[0][1, 8] = float("-inf")  # two infinities: both ends of a breadcrumbs band
+    models[2][3, 299] = float("-inf")
+    models[1][4, 0] = float("-inf")  # opposite infinities meet
+    models[2][4, 0] = float("inf")
+    monkeypatch.setenv("MELDKIT_BACKEND", "native")
+    got = merge_tensors(base, models, method, **kw)
+    listed = merge_tensor_list([base], [[m] for m in models], method, tensor_indices=[0], **kw)
+    monkeypatch.setenv("MELDKIT_BACKEND", "reference")
+    want = merge_tensors(base, models, method, **kw)
+    assert not want.isfinite().all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(listed[0], want, rtol=0, atol=0, equal_nan=True)
+    if get_method(method).sparsify != "none" and (
+        kw.get("rescale", get_method(method).rescale) == "l1"
+    ):
+        assert want.isnan().all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("method", "kw"),
+    [
+        ("dare_linear", {"densities": 0.5, "rescale": "l1"}),
+        ("dare_ties", {"densities": 0.5, "rescale": "l1"}),
+        ("della", {"densities": 0.5, "epsilons": 0.1}),
+        ("della_linear", {"densities": 0.5, "epsilons": 0.1}),
+    ],
+    ids=str,
+)
+def test_a_dropped_inf_makes_the_l1_factor_and_the_result_nan(device, method, kw, monkeypatch):
+    """An inf the mask drops still makes ‖τ‖₁ inf: the factor is not finite, so it is NaN and
+    so is every element, on the native paths as on the reference (DARE's native factor used
+    to be inf, scaling only the kept entries; DELLA raised naming the internal 'scales'; the
+    reference had NaN at the dropped entries, ±inf at the kept ones)."""
+    if device == "cuda" and method.startswith("della"):
+        pytest.skip("DELLA runs natively on the CPU only")
+    base, models = models_like((64,), torch.float32, device, n=2, seed=5, scale=0.1)
+    u = uniform_ref(64, 0, mr.stream_of(0, 2, 1))
+    e = int(torch.nonzero(u >= 0.6)[0])  # dropped at every keep probability used here
+    models[1][e] = base[e] + float("inf")
+    monkeypatch.setenv("MELDKIT_BACKEND", "native")
+    got = merge_tensors(base, models, method, **kw)
+    monkeypatch.setenv("MELDKIT_BACKEND", "reference")
+    want = merge_tensors(base, models, method, **kw)
+    assert want.isnan().all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["della", "della_linear", "task_arithmetic"])
+def test_nan_with_l1_rescale_as_the_reference_at_density_one(device, method, monkeypatch):
+    """DELLA at density 1 keeps τ whole, and its L1 factor ‖τ‖₁/‖τ‖₁ is NaN when τ holds NaN:
+    the whole result NaN (the native path used to take the factor as 1). task_arithmetic has
+    no mask: rescale="l1" is inert there, on the reference too (which used to apply it)."""
+    if device == "cuda" and method.startswith("della"):
+        pytest.skip("DELLA runs natively on the CPU only")
+    base = torch.zeros(6, device=device)
+    m1 = torch.tensor([0.1, -0.2, 0.3, float("nan"), 0.02, -0.03], device=device)
+    m2 = torch.tensor([0.2, 0.1, -0.1, 0.02, -0.01, 0.04], device=device)
+    monkeypatch.setenv("MELDKIT_BACKEND", "native")
+    got = merge_tensors(base, [m1, m2], method, densities=1.0, rescale="l1")
+    monkeypatch.setenv("MELDKIT_BACKEND", "reference")
+    want = merge_tensors(base, [m1, m2], method, densities=1.0, rescale="l1")
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    if method == "task_arithmetic":
+        assert want.isnan().tolist() == [False, False, False, True, False, False]
+        assert torch.equal(want[:3], m1[:3] + m2[:3])
+    else:
+        assert want.isnan().all()
+
+
+@pytest.mark.parametrize("n", [2, 33])
+def test_thresholds_decide_at_the_default_density(n, monkeypatch):
+    """Given thresholds trim at density 1 (the default) too, on every backend: the reference
+    (MELDKIT_BACKEND=reference, or more than 32 models) used to ignore them there."""
+    base = torch.zeros(6)
+    m1 = torch.tensor([0.1, -0.2, 0.3, 0.01, 0.02, -0.03])
+    m2 = torch.tensor([0.2, 0.1, -0.1, 0.02, -0.01, 0.04])
+    models = ([m1, m2] * 17)[:n]
+    results = []
+    for backend in ("auto", "reference"):
+        monkeypatch.setenv("MELDKIT_BACKEND", backend)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", meldkit.MeldkitFallbackWarning)
+            results.append(merge_tensors(base, models, "ties", thresholds=[0.05] * n))
+    assert torch.equal(results[0], results[1])
+    assert results[0][3:].tolist() == [0.0, 0.0, 0.0]  # every |τ| < 0.05 there: dropped
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties"])
+def test_inverse_density_rescale_of_a_density_whose_reciprocal_overflows(method, monkeypatch):
+    """1/1e-39 is inf in float32: only kept entries are scaled by it, on every backend (the
+    reference multiplied the dropped zeros too, making the whole result NaN)."""
+    base = torch.zeros(6)
+    m1 = torch.tensor([0.1, -0.2, 0.3, 0.01, 0.02, -0.03])
+    m2 = torch.tensor([0.2, 0.1, -0.1, 0.02, -0.01, 0.04])
+    kw = {"densities": [1e-39, 0.5], "rescale": "inverse_density", "seed": 1}
+    monkeypatch.setenv("MELDKIT_BACKEND", "native")
+    got = merge_tensors(base, [m1, m2], method, **kw)
+    monkeypatch.setenv("MELDKIT_BACKEND", "reference")
+    want = merge_tensors(base, [m1, m2], method, **kw)
+    assert want.isfinite().all()  # model 0 keeps nothing here
+    assert torch.equal(got, want)
+
+
+def test_magnitude_selection_of_nan_names_the_model():
+    base, models = models_like((50,), torch.float32, "cpu")
+    clean = [m.clone() for m in models]
+    models[1][17] = float("nan")
+    with pytest.raises(ValueError, match=r"merge_tensors: method 'ties' .* models\[1\] − base"):
+        merge_tensors(base, models, "ties", densities=0.5)
+    with pytest.raises(ValueError, match=r"merge_tensors: .* models\[1\] − base holds NaN"):
+        merge_tensors(base, models, "breadcrumbs", densities=0.5)
+    with pytest.raises(ValueError, match=r"merge_tensors: .* models\[1\] − base holds NaN"):
+        merge_tensors(base, models, "ties", densities=0.5, out=torch.empty(50))
+    with pytest.raises(
+        ValueError, match=r"merge_tensor_list: .* models\[1\]\[1\] − bases\[1\] holds NaN"
+    ):
+        merge_tensor_list(
+            [base, base], [[x, m] for x, m in zip(clean, models, strict=True)], densities=0.5
+        )
+
+
+def test_lam_and_t_are_checked_by_name(monkeypatch):
+    """λ and slerp's t: real numbers, finite (λ used to reach the kernel unchecked, NaN/inf
+    then raising with the internal op's name or, on the reference, giving NaN; '2' was
+    accepted, None a bare TypeError)."""
+    base, models = models_like((5,), torch.float32, "cpu")
+    for backend in ("auto", "reference"):
+        monkeypatch.setenv("MELDKIT_BACKEND", backend)
+        for lam, exc in [(float("nan"), ValueError), (float("inf"), ValueError), (1e39, ValueError),
+                         ("2", TypeError), (None, TypeError), (True, TypeError)]:  # fmt: skip
+            with pytest.raises(exc, match="merge_tensors: argument 'lam'"):
+                merge_tensors(base, models, "ties", densities=0.5, lam=lam)
+            with pytest.raises(exc, match="merge_tensors: argument 'lam'"):
+                merge_tensor_list([base], [[m] for m in models], "ties", lam=lam)
+        for t, exc in [(float("nan"), ValueError), ("0.5", TypeError), (None, TypeError)]:
+            with pytest.raises(exc, match="merge_tensors: argument 't'"):
+                merge_tensors(base, models[:1], "slerp", t=t)
+    assert torch.equal(
+        merge_tensors(base, models, "task_arithmetic", lam=2),
+        merge_tensors(base, models, "task_arithmetic", lam=2.0),
+    )
+
+
 def test_scalar_arguments_are_checked_by_name():
     """Wrong types or values of merge_tensors', merge_tensor_list's and magnitude_threshold's
     scalar arguments raise naming the argument (an int out_dtype used to give zeros, a string
@@ -849,6 +1025,23 @@ def test_merge_into_bad_out():
         merge_tensors(base, models, "ties", out=torch.empty(5, 8), out_dtype=torch.float16)
     with pytest.raises(TypeError, match="expected a Tensor"):
         merge_tensors(base, models, "ties", out=[0.0] * 40)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear", "ties"])
+def test_out_overlap_is_by_bytes(method):
+    """``out`` is refused only when its bytes overlap an input's: empty tensors (all with data
+    pointer 0) never do, and a disjoint slice of an input's buffer is accepted."""
+    empty = torch.zeros(0)
+    got = merge_tensors(empty, [empty, empty.clone()], method, out=torch.empty(0))
+    assert got.shape == (0,)
+    buf = torch.zeros(30)
+    base, out = buf[0:10], buf[20:30]
+    models = [torch.full((10,), 1.0), torch.full((10,), 2.0)]
+    expected = merge_tensors(base, models, method)
+    assert merge_tensors(base, models, method, out=out) is out
+    assert torch.equal(buf[20:30], expected)
+    with pytest.raises(ValueError, match="shares memory with an input"):
+        merge_tensors(buf[0:10], models, method, out=buf[5:15])
 
 
 def test_out_may_not_alias_a_model_but_may_alias_base():

@@ -122,6 +122,50 @@ def test_rescale_modes():
     assert torch.equal(mr.rescale_ref(tau, torch.zeros(4), mask, "l1"), torch.zeros(4))
 
 
+def test_rescale_of_non_finite_values():
+    """Only kept entries are scaled by 1/density, even when it overflows float32 (dropped ones
+    used to become 0·inf = NaN); an L1 factor that is not finite (an inf in τ, kept or not) is
+    NaN, for every element."""
+    tau = torch.tensor([1.0, -2.0, 0.0, -4.0])
+    mask = torch.tensor([False, False, True, False])
+    kept = tau * mask
+    tiny = mr.rescale_ref(tau, kept, mask, "inverse_density", 1e-39)
+    assert tiny.isnan().tolist() == [False, False, True, False]  # the kept zero: 0·inf
+    assert tiny[[0, 1, 3]].tolist() == [0.0, 0.0, 0.0]
+    inf = torch.tensor([1.0, float("inf"), 3.0, -4.0])
+    mask = torch.tensor([True, False, True, False])
+    assert mr.rescale_ref(inf, inf * mask, mask, "l1").isnan().all()  # the inf dropped
+    mask = torch.tensor([True, True, True, False])
+    kept = torch.where(mask, inf, 0.0)
+    assert mr.rescale_ref(inf, kept, mask, "l1").isnan().all()  # the inf kept
+
+
+def test_rescale_is_inert_without_a_mask():
+    """task_arithmetic (sparsify "none") ignores ``rescale``, as the kernels do: with a NaN in
+    τ, L1 rescaling used to make the whole result NaN on the reference only."""
+    base, models = _models(n=2, shape=(6,), seed=2)
+    models[0][3] = float("nan")
+    kw = {"weights": [1.0, 0.5], "sparsify": "none"}
+    plain = mr.generalized_merge_ref(base, models, **kw)
+    for rescale in ("l1", "inverse_density"):
+        got = mr.generalized_merge_ref(base, models, rescale=rescale, densities=[0.5] * 2, **kw)
+        torch.testing.assert_close(got, plain, rtol=0, atol=0, equal_nan=True)
+    assert plain.isnan().tolist() == [False, False, False, True, False, False]
+
+
+def test_thresholds_apply_at_density_one():
+    """Given magnitude thresholds keep ``|τ| ≥ threshold`` at the default density 1 too (they
+    used to be ignored there); -inf keeps everything, NaN included."""
+    base = torch.zeros(4)
+    tau = torch.tensor([0.1, -0.01, 0.2, float("nan")])
+    kw = {"weights": [1.0], "sparsify": "magnitude"}
+    got = mr.generalized_merge_ref(base, [tau], thresholds=[0.05], **kw)
+    assert torch.equal(got[:3], torch.tensor([0.1, 0.0, 0.2]))
+    assert got[3] == 0  # a NaN below every threshold is dropped
+    keep_all = mr.generalized_merge_ref(base, [tau], thresholds=[float("-inf")], **kw)
+    torch.testing.assert_close(keep_all, tau, rtol=0, atol=0, equal_nan=True)
+
+
 def test_sign_election():
     w = torch.tensor([[1.0, -1.0, 2.0, 0.0], [-3.0, -1.0, -1.0, 0.0], [1.0, 3.0, -0.5, 0.0]])
     assert mr.elect_sign_ref(w, "sum").tolist() == [-1.0, 1.0, 1.0, 1.0]  # vote 0 -> +1

@@ -20,8 +20,10 @@ models' pointers in a fixed-size array); ``linear`` runs on :func:`meldkit.ops.w
 
 from __future__ import annotations
 
+import contextlib
+import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -139,6 +141,33 @@ def _kth_largest(theta: torch.Tensor, base: torch.Tensor, k: int) -> float:
     )
 
 
+@contextlib.contextmanager
+def _naming_nan(op: str, method: str, bases, models) -> Iterator[None]:
+    """Re-raises the native magnitude selection's NaN error (which knows no model) naming ``op``,
+    ``method`` and the first ``models[t][j] − bases[j]`` holding NaN, found only then."""
+    try:
+        yield
+    except ValueError as e:
+        if "contain NaN" not in str(e):
+            raise
+        where = "a task vector"
+        found = (
+            (t, j)
+            for j, b in enumerate(bases)
+            for t, ms in enumerate(models)
+            if torch.isnan(ms[j].float() - b.float()).any()
+        )
+        t, j = next(found, (None, None))
+        if t is not None:
+            where = f"models[{t}]" if len(bases) == 1 else f"models[{t}][{j}]"
+            where += f" − {'base' if len(bases) == 1 else f'bases[{j}]'}"
+        raise ValueError(
+            f"meldkit.{op}: method {method!r} selects by magnitude, which cannot rank NaN, and "
+            f"{where} holds NaN (only at density 1, where nothing is selected, does NaN merge, "
+            "as NaN)"
+        ) from e
+
+
 def _breadcrumbs_band(numel: int, density: float, gamma: float) -> tuple[int, int]:
     """The ascending ranks ``[start, stop)`` Model Breadcrumbs keeps (mergekit's counts; see
     :func:`merge_ref.breadcrumbs_mask_ref`)."""
@@ -228,7 +257,13 @@ def _exact_k_model(base: torch.Tensor, theta: torch.Tensor, density: float) -> t
 
 
 def _della_model(
-    base: torch.Tensor, theta: torch.Tensor, density: float, epsilon: float, seed: int, stream: int
+    base: torch.Tensor,
+    theta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    seed: int,
+    stream: int,
+    l1: bool,
 ) -> tuple[torch.Tensor, float]:
     """θ with the entries DELLA's MagPrune drops set back to θ₀ (CPU, one native call): per row,
     the magnitude ranks, each entry's keep probability from its rank, the seeded draw — the
@@ -236,8 +271,11 @@ def _della_model(
     Also returns the L1 factor ``‖τ‖₁ / ‖kept τ‖₁`` of :func:`merge_ref.rescale_ref` (1 when
     nothing is kept): float64 sums (in index order, where the reference lets PyTorch choose the
     order, as the native DARE path does), the ratio rounded once to float32. A density of 1
-    keeps θ, 0 gives θ₀ (mergekit's short-circuits, without drawing)."""
+    keeps θ, 0 gives θ₀ (mergekit's short-circuits, without drawing); at density 1 with ``l1``
+    the factor is ‖τ‖₁ / ‖τ‖₁: 1, or NaN when τ holds NaN or ±inf (one check, no sums)."""
     if density >= 1.0:
+        if l1 and not bool(torch.isfinite(theta.float() - base.float()).all()):
+            return theta.contiguous(), math.nan
         return theta.contiguous(), 1.0
     if density <= 0.0:
         return base.contiguous(), 1.0
@@ -282,7 +320,7 @@ def _della_merge_cpu(
     n = len(models)
     masked, ratios = zip(
         *(
-            _della_model(base, x, d, e, seed, ref.stream_of(tensor_index, n, t))
+            _della_model(base, x, d, e, seed, ref.stream_of(tensor_index, n, t), rescale == "l1")
             for t, (x, d, e) in enumerate(zip(models, densities, epsilons, strict=True))
         ),
         strict=True,
@@ -291,10 +329,10 @@ def _della_merge_cpu(
     scales = list(ratios) if rescale == "l1" else [1.0] * n
     if out is None:
         out = torch.empty(base.shape, dtype=out_dtype or base.dtype, device=base.device)
-    if any(s != s for s in scales):
-        # NaN in a task vector makes its L1 factor NaN, and so, as in the reference, every
-        # element of the result.
-        return out.fill_(float("nan"))
+    if not all(math.isfinite(s) for s in scales):
+        # NaN or ±inf in a task vector makes its L1 factor NaN (rescale_ref), and so, as in the
+        # reference, every element of the result.
+        return out.fill_(math.nan)
     _native._C.task_merge(
         base.detach().contiguous(),
         masked,
@@ -453,7 +491,9 @@ def _merge_tensors(
 
 @_merge_tensors.register_kernel(["cpu", "cuda"])
 def _merge_tensors_native(*args):
-    return _merge_into(None, *args)
+    base, models, method = args[:3]
+    with _naming_nan("merge_tensors", method, [base], [[x] for x in models]):
+        return _merge_into(None, *args)
 
 
 def _merge_into(
@@ -603,6 +643,22 @@ class _MergeArgs(NamedTuple):
     rescale: str
     thresholds: list[float] | None
     consensus: str
+    lam: float
+
+
+def _check_float(name: str, value: object) -> float:
+    """``value`` as a float, finite in float32 (the kernels' λ), else a TypeError/ValueError
+    naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"meldkit.merge_tensors: argument '{name}': expected a float, got {value!r}"
+        )
+    f = float(value)
+    if not math.isfinite(f) or abs(f) > torch.finfo(torch.float32).max:
+        raise ValueError(
+            f"meldkit.merge_tensors: argument '{name}': must be finite in float32, got {f}"
+        )
+    return f
 
 
 def _check_int(name: str, value: object, bound: int) -> int:
@@ -623,7 +679,19 @@ def _check_out_dtype(out_dtype: object) -> None:
 
 
 def _merge_args(
-    m, n, weights, densities, gammas, epsilons, normalize, rescale, tie, seed, thresholds, consensus
+    m,
+    n,
+    weights,
+    densities,
+    gammas,
+    epsilons,
+    normalize,
+    rescale,
+    tie,
+    seed,
+    thresholds,
+    consensus,
+    lam,
 ) -> _MergeArgs:
     """Validates the per-model parameters of a merge and fills in the method's defaults."""
     method = m.name
@@ -687,6 +755,7 @@ def _merge_args(
         rescale,
         thresholds,
         _check_consensus(m, consensus),
+        _check_float("lam", lam),
     )
 
 
@@ -758,10 +827,13 @@ def merge_tensors(
         Per-model density (kept fraction, default 1), breadcrumbs' γ (default 0.01), DELLA's ε
         (default 0.15); a float applies to every model.
     lam : float
-        λ, the final scale of Δ.
+        λ, the final scale of Δ: a real number, finite in float32.
     normalize, rescale : optional
         Override the method's defaults (``rescale``: ``"none"``, ``"inverse_density"``, ``"l1"``,
-        or a bool as in mergekit: True means the method's own rescaling).
+        or a bool as in mergekit: True means the method's own rescaling). ``inverse_density``
+        multiplies the kept entries only by ``1/density`` rounded to float32: a density below
+        about 2.9e-39 makes that ``inf`` (kept entries ±inf, dropped ones 0). A method without
+        a mask (task_arithmetic) ignores ``rescale``.
     tie : str
         Magnitude selection's tie rule: ``"keep_ties"`` (``|τ| ≥`` the k-th largest, the TIES
         paper's kthvalue) or ``"exact_k"`` (exactly k entries, ties by index: mergekit's order).
@@ -774,7 +846,11 @@ def merge_tensors(
         Key of the random masks (DARE, DELLA): same seed and index, same mask on every backend.
     thresholds : sequence of float, optional
         Precomputed magnitude thresholds per model (global trimming: see
-        :func:`magnitude_threshold` over all of a model's tensors).
+        :func:`magnitude_threshold` over all of a model's tensors): model t keeps
+        ``|τ_t| ≥ thresholds[t]`` whatever its density (which still sets ``inverse_density``'s
+        factor).
+    t : float
+        slerp's interpolation parameter (0: the base, 1: the model): a real number, finite.
     out_dtype : torch.dtype, optional
         Dtype of the result (default: ``out``'s, else the inputs').
     out : Tensor, optional
@@ -792,14 +868,22 @@ def merge_tensors(
     ------
     TypeError, ValueError
         A bad argument, named. ValueError also when magnitude selection (ties, breadcrumbs
-        below density 1) meets NaN in a task vector.
+        below density 1) meets NaN in a task vector, naming the first model whose task vector
+        holds it.
 
     Notes
     -----
-    NaN elsewhere gives the reference's NaNs on every backend: a NaN the mask keeps (or
-    any NaN at density 1, or in the base) makes that element NaN; one the mask drops is
-    dropped; with L1 rescaling, a NaN anywhere in a task vector makes its factor, and so the
-    whole result, NaN. Nothing is silently replaced.
+    NaN and ±inf elsewhere give the reference's values on every backend, NaN wherever it
+    gives NaN: a NaN or ±inf the mask keeps (or any at density 1, or in the base) makes that
+    element NaN or ±inf (NaN where infinities of opposite signs, or an inf and a NaN, meet);
+    one the mask drops is dropped. Magnitude selection ranks ±inf as the largest magnitudes.
+    With L1 rescaling a task vector's factor ``‖τ‖₁ / ‖kept τ‖₁`` is NaN when it is not finite
+    in the compute dtype (NaN or ±inf anywhere in the task vector, kept or dropped), and then
+    so is every element of the result (a task vector of which nothing is kept is left
+    unscaled: it adds nothing). Nothing is silently replaced. One difference remains, for an
+    infinite *base* element: the paths that merge masked copies of the models (breadcrumbs,
+    DELLA on the CPU, ``exact_k`` off the CPU) set a dropped entry to θ₀, whose task vector
+    is then ∞ − ∞ = NaN, where the reference drops it and keeps θ₀'s ±inf.
     """
     m = get_method(method)
     models = _checks.tensor_list(method, "models", models)
@@ -823,6 +907,7 @@ def merge_tensors(
         seed,
         thresholds,
         consensus,
+        lam,
     )
     _check_int("tensor_index", tensor_index, 2**32)
     _check_out_dtype(out_dtype)
@@ -846,7 +931,7 @@ def merge_tensors(
             raise ValueError(
                 "meldkit.merge_tensors: slerp takes exactly one model besides the base"
             )
-        res = ref.slerp_ref(base, models[0], t, out_dtype=out_dtype)
+        res = ref.slerp_ref(base, models[0], _check_float("t", t), out_dtype=out_dtype)
     else:
         args = (
             base,
@@ -856,7 +941,7 @@ def merge_tensors(
             a.densities,
             a.gammas,
             a.epsilons,
-            float(lam),
+            a.lam,
             a.normalize,
             a.rescale,
             tie,
@@ -868,7 +953,7 @@ def merge_tensors(
         )
         if out is None:
             return _merge_tensors(*args)
-        with torch.no_grad():
+        with torch.no_grad(), _naming_nan("merge_tensors", method, [base], [[x] for x in models]):
             return _merge_into(out, *args)
     if out is None:
         return res
@@ -895,10 +980,25 @@ def _check_out(
         raise ValueError(f"{where}: must be contiguous")
     if out.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{where}: requires grad; merging into it runs without autograd")
-    if any(out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for x in inputs):
+    if any(_overlaps(out, x) for x in inputs):
         # The kernels read each element before writing it, but the reference paths do not.
         raise ValueError(f"{where}: shares memory with an input")
     return out.dtype
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the bytes ``a`` and ``b`` span (first to last element, strides ≥ 0) intersect:
+    never for an empty tensor (it holds no bytes, whatever its pointer); a disjoint slice of the
+    same buffer does not overlap."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+
+    def span(x: torch.Tensor) -> tuple[int, int]:
+        last = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride(), strict=True))
+        return x.data_ptr(), x.data_ptr() + (last + 1) * x.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def merge_tensor_list(
@@ -999,6 +1099,7 @@ seed, t, filter_wise :
         seed,
         thresholds,
         consensus,
+        lam,
     )
     for j, base in enumerate(bases):
         labels = [f"bases[{j}]", *(f"models[{t}][{j}]" for t in range(len(models)))]
@@ -1036,36 +1137,37 @@ seed, t, filter_wise :
                 rescale=a.rescale,
                 weights=a.weights,
                 densities=a.densities,
-                lam=float(lam),
+                lam=a.lam,
                 seed=int(seed),
                 thresholds=a.thresholds,
             )
-            if crumbs:
-                # Masks by selection, then a merge without masks, position by position: one
-                # masked copy of one position's tensors at a time, not of whole models.
-                for j, b in enumerate(bases):
-                    masked = [
-                        [_breadcrumbs_model(b, ms[j], d, g)]
-                        for ms, d, g in zip(models, a.densities, a.gammas, strict=True)
-                    ]
+            with _naming_nan("merge_tensor_list", method, bases, models):
+                if crumbs:
+                    # Masks by selection, then a merge without masks, position by position: one
+                    # masked copy of one position's tensors at a time, not of whole models.
+                    for j, b in enumerate(bases):
+                        masked = [
+                            [_breadcrumbs_model(b, ms[j], d, g)]
+                            for ms, d, g in zip(models, a.densities, a.gammas, strict=True)
+                        ]
+                        _merge_native(
+                            [b],
+                            masked,
+                            [outs[j]],
+                            sparsify="none",
+                            tensor_indices=[int(indices[j])],
+                            **common,
+                        )
+                else:
                     _merge_native(
-                        [b],
-                        masked,
-                        [outs[j]],
-                        sparsify="none",
-                        tensor_indices=[int(indices[j])],
+                        bases,
+                        models,
+                        outs,
+                        sparsify=m.sparsify,
+                        tensor_indices=[int(i) for i in indices],
+                        exact_k=exact_k,
                         **common,
                     )
-                return outs
-            _merge_native(
-                bases,
-                models,
-                outs,
-                sparsify=m.sparsify,
-                tensor_indices=[int(i) for i in indices],
-                exact_k=exact_k,
-                **common,
-            )
             return outs
     return [
         merge_tensors(
@@ -1076,7 +1178,7 @@ seed, t, filter_wise :
             densities=a.densities,
             gammas=a.gammas,
             epsilons=a.epsilons,
-            lam=lam,
+            lam=a.lam,
             normalize=a.normalize,
             rescale=a.rescale,
             tie=tie,

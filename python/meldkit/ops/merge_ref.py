@@ -179,10 +179,14 @@ def rescale_ref(
     """Rescale the sparsified ``kept = mask·τ``.
 
     ``inverse_density``: divide by the keep probability (the DARE paper), as a multiplication by
-    its reciprocal (in float32) for a scalar probability, a division for DELLA's per-element
-    ones. ``l1``: multiply by ``‖τ‖₁ / ‖kept‖₁`` (mergekit since its PR #245), the norms summed
-    in float64 and the ratio rounded once to the compute dtype; left unscaled when nothing was
-    kept. ``none``: as is.
+    its reciprocal (in the compute dtype) for a scalar probability, a division for DELLA's
+    per-element ones. Only the kept entries are scaled: a density so small that its reciprocal
+    overflows (below about 2.9e-39 in float32) makes kept entries ±inf (kept zeros NaN) and
+    leaves the dropped ones 0, as the kernels do. ``l1``: multiply by ``‖τ‖₁ / ‖kept‖₁``
+    (mergekit since its PR #245), the norms summed in float64 and the ratio rounded once to the
+    compute dtype; left unscaled when nothing was kept; a factor that is not finite in the
+    compute dtype (NaN or ±inf anywhere in τ, kept or dropped, or a ratio beyond its range) is
+    NaN, and so is every element. ``none``: as is.
     """
     if mode == "none":
         return kept
@@ -191,12 +195,15 @@ def rescale_ref(
             return kept / keep_prob
         if keep_prob <= 0:  # density 0 keeps nothing: nothing to rescale (as the kernels do)
             return kept
-        return kept * (1.0 / keep_prob)
+        zero = torch.zeros((), dtype=kept.dtype, device=kept.device)
+        return torch.where(mask, kept * (1.0 / keep_prob), zero)
     if mode == "l1":
         kept_norm = torch.sum(kept.abs(), dtype=torch.float64)
         if kept_norm == 0:
             return kept
         factor = (torch.sum(tau.abs(), dtype=torch.float64) / kept_norm).to(kept.dtype)
+        if not torch.isfinite(factor):
+            factor = torch.full_like(factor, math.nan)
         return kept * factor
     raise ValueError(f"rescale must be one of {RESCALES}, got {mode!r}")
 
@@ -279,7 +286,10 @@ def generalized_merge_ref(
         Which mask: TIES trimming, DARE, Model Breadcrumbs, DELLA's MagPrune.
     thresholds : sequence of float, optional
         With ``magnitude``: keep ``|τ_t| ≥ thresholds[t]`` instead of selecting per tensor (the
-        thresholds of a global, whole-model selection).
+        thresholds of a global, whole-model selection), at any density (1 included; the
+        density still sets ``inverse_density``'s factor); ``-inf`` keeps everything, NaN too.
+    rescale : {"none", "inverse_density", "l1"}
+        See :func:`rescale_ref`; ignored with ``sparsify="none"`` (no mask, nothing dropped).
     """
     n = len(tensors)
     dt = _compute_dtype(base)
@@ -292,11 +302,13 @@ def generalized_merge_ref(
         tau = theta.to(dt) - theta0
         d = float(densities[t])
         keep_prob = d
-        if sparsify == "none" or (d >= 1.0 and sparsify in ("magnitude", "random")):
+        if sparsify == "magnitude" and thresholds is not None:
+            # Given thresholds decide whatever the density; -inf keeps everything, NaN included.
+            thr = float(thresholds[t])
+            mask = torch.ones_like(tau, dtype=torch.bool) if thr == -math.inf else tau.abs() >= thr
+        elif sparsify == "none" or (d >= 1.0 and sparsify in ("magnitude", "random")):
             mask = torch.ones_like(tau, dtype=torch.bool)
             keep_prob = 1.0
-        elif sparsify == "magnitude" and thresholds is not None:
-            mask = tau.abs() >= float(thresholds[t])
         elif sparsify == "magnitude":
             mask = magnitude_mask_ref(tau, d, tie)
         elif sparsify == "random":
@@ -317,7 +329,10 @@ def generalized_merge_ref(
         else:
             raise ValueError(f"unknown sparsify {sparsify!r}")
         kept = torch.where(mask, tau, torch.zeros((), dtype=dt, device=tau.device))
-        sparse.append(rescale_ref(tau, kept, mask, rescale, keep_prob))
+        # Without a mask there is nothing to rescale (the methods declare rescale inert there).
+        sparse.append(
+            rescale_ref(tau, kept, mask, rescale if sparsify != "none" else "none", keep_prob)
+        )
     weighted = torch.stack(sparse) * w_view
     pos, neg = signed_parts_ref(weighted)
     if consensus == "none":
