@@ -4,8 +4,10 @@ order, unbiased, a plan reused across calls, and clear errors."""
 
 from __future__ import annotations
 
+import warnings
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -270,3 +272,171 @@ def test_plan_run_on_another_stream_then_dropped():
     torch.cuda.synchronize()
     for o, w in zip(outs, want, strict=True):
         assert torch.equal(o.cpu(), w)
+
+
+def _shrink(t: torch.Tensor) -> None:
+    t.resize_(2)  # same storage, fewer elements
+
+
+def _grow(t: torch.Tensor) -> None:
+    t.resize_(64, 64)  # a new, larger storage; the old one is freed (or held by the plan)
+
+
+def _replace(t: torch.Tensor) -> None:
+    t.data = torch.randn(t.shape, dtype=t.dtype)  # what model.to(...) does
+
+
+def _transpose(t: torch.Tensor) -> None:
+    t.as_strided_(t.shape, (1, t.shape[0]))  # same memory, no longer contiguous
+
+
+def _reinterpret(t: torch.Tensor) -> None:
+    t.data = t.data.view(torch.int32)  # same memory and size, another dtype
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize(
+    "role, change, message",
+    [
+        ("taus", _grow, "its storage moved"),
+        ("bases", _replace, "its storage moved"),
+        ("outs", _replace, "its storage moved"),
+        ("outs", _shrink, r"its shape changed from \[4, 4\] to \[2\]"),
+        ("bases", _shrink, r"its shape changed from \[4, 4\] to \[2\]"),
+        ("outs", _transpose, "it is no longer contiguous"),
+        ("taus", _reinterpret, "its dtype changed from float32 to int32"),
+    ],
+    ids=lambda v: v.__name__.strip("_") if callable(v) else ("" if " " in v else v),
+)
+def test_plan_refuses_tensors_that_changed(backend, role, change, message, monkeypatch):
+    """The plan keeps the addresses and sizes of what it reads and writes: a call after a
+    tensor moved, was resized, became non-contiguous or changed dtype is refused, naming it,
+    before anything is read or written (the old addresses may be freed memory)."""
+    monkeypatch.setenv("MELDKIT_BACKEND", backend)
+    g = torch.Generator().manual_seed(6)
+    tensors = {
+        name: [torch.randn(4, 4, generator=g), torch.randn(5, generator=g)]
+        for name in ("outs", "bases", "taus")
+    }
+    plan = BlendPlan(tensors["outs"], tensors["bases"], tensors["taus"], tensor_keys=[3, 4])
+    plan((1.0, 0.5, 0.0), keep=(0.5, 1.0))
+    change(tensors[role][0])
+    written = [o.clone() for o in tensors["outs"]]
+    with pytest.raises(ValueError, match=rf"'{role}\[0\]': {message} .*make a new plan"):
+        plan((1.0, 0.5, 0.0), keep=(0.5, 1.0))
+    for o, w in zip(tensors["outs"], written, strict=True):
+        assert torch.equal(o, w)  # nothing written
+
+
+def test_plan_reads_its_copy_of_non_contiguous_inputs():
+    """A non-contiguous base or task vector is copied when the plan is made: the plan reads
+    the copy, so what happens to the original later does not matter to it."""
+    base, tau = torch.randn(6, 4).t(), torch.randn(6, 4).t()
+    want = blend_ref(base, tau, (1.0, 0.5, 0.0), keep=(0.5, 1.0), seed=0, tensor_key=8)
+    out = torch.empty(4, 6)
+    plan = BlendPlan([out], [base], [tau], tensor_keys=[8])
+    tau.resize_(64, 64)
+    base.data = torch.zeros(3)
+    plan((1.0, 0.5, 0.0), keep=(0.5, 1.0))
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # native, reference fallback
+def test_plan_bumps_the_outputs_version_counters(dtype):
+    """The kernel writes the outputs through their addresses: the plan tells autograd, so a
+    graph that saved an output's old value raises in backward instead of using the new one."""
+    p = torch.nn.Parameter(torch.ones(4, 4, dtype=dtype))
+    strided = torch.nn.Parameter(torch.ones(4, 4, dtype=dtype).t())  # written through a copy
+    bases = [torch.ones(4, 4, dtype=dtype), torch.ones(4, 4, dtype=dtype)]
+    taus = [torch.ones(4, 4, dtype=dtype), torch.ones(4, 4, dtype=dtype)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the float64 fallback's warning
+        plan = BlendPlan([p, strided], bases, taus, tensor_keys=[1, 2])
+    for out in (p, strided):
+        x = torch.ones(4, 4, dtype=dtype, requires_grad=True)
+        y = (out * x).sum()  # saves the output's current value for dL/dx
+        version = out._version
+        plan((2.0, 0.0, 0.0))
+        assert out._version > version
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
+    if dtype == torch.float32:
+        # Tensors made in inference mode keep no version counter: the kernel writes them all
+        # the same (the fallback writes with copy_, which PyTorch refuses outside the mode).
+        with torch.inference_mode():
+            out = torch.zeros(4, 4)
+        BlendPlan([out], bases[:1], taus[:1], tensor_keys=[1])((2.0, 0.0, 0.0))
+        assert torch.equal(out, torch.full((4, 4), 3.0))
+
+
+def _bad_plans(dtype):
+    """(outs, bases, taus, error, message) that every path refuses, in ``dtype``."""
+    g = torch.Generator().manual_seed(7)
+    b, t, o = (torch.randn(3, 4, generator=g).to(dtype) for _ in range(3))
+    b2, t2, o2 = (torch.randn(5, generator=g).to(torch.float16) for _ in range(3))
+    buf = torch.randn(40, generator=g).to(dtype)
+    f, h = str(dtype).removeprefix("torch."), torch.float16
+    return [
+        (
+            [o, o2],
+            [b, b2],
+            [t, t2],
+            TypeError,
+            rf"'bases\[1\]': dtype float16 differs from 'bases\[0\]' {f}",
+        ),
+        (
+            [o],
+            [b],
+            [t.to(h)],
+            TypeError,
+            rf"'taus\[0\]': dtype float16 differs from 'bases\[0\]' {f}",
+        ),
+        (
+            [o.to(h)],
+            [b],
+            [t],
+            TypeError,
+            rf"'outs\[0\]': dtype float16 differs from 'bases\[0\]' {f}",
+        ),
+        ([o.int()], [b.int()], [t.int()], TypeError, r"'bases\[0\]': dtype int32 is not supp"),
+        ([o.cfloat()], [b.cfloat()], [t.cfloat()], TypeError, r"'bases\[0\]': dtype complex64"),
+        ([o.to("meta")], [b], [t], TypeError, r"'outs\[0\]': is on meta but 'bases\[0\]' is on"),
+        ([o], [b.to_sparse()], [t], TypeError, r"'bases\[0\]': layout torch.sparse_coo"),
+        ([o], [b], [t.t()], ValueError, r"'taus\[0\]': shape \[4, 3\] does not match 'bases\[0"),
+        ([t], [b], [t], ValueError, r"'outs\[0\]': may not be the task vector 'taus\[0\]'"),
+        ([b, o], [t.clone(), b], [t, t.clone()], ValueError, r"'outs\[0\]': overlaps 'bases\[1"),
+        ([buf[1:13].view(3, 4)], [buf[:12].view(3, 4)], [t], ValueError, r"overlaps 'bases\[0"),
+    ]
+
+
+# float32 natively or through the reference; float64 (no native kernel) through the reference.
+PATHS = [("auto", torch.float32), ("reference", torch.float32), ("auto", torch.float64)]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_plans(torch.float32))))
+@pytest.mark.parametrize("backend, dtype", PATHS, ids=str)
+def test_every_path_checks_the_tensors_alike(case, backend, dtype, monkeypatch):
+    """The reference fallback (float64, MELDKIT_BACKEND=reference, devices without a kernel)
+    refuses what the native path refuses, with the same message: mixed or non-float dtypes,
+    mismatched devices or shapes, outputs overlapping other tensors."""
+    outs, bases, taus, error, message = _bad_plans(dtype)[case]
+    monkeypatch.setenv("MELDKIT_BACKEND", backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the float64 fallback's warning
+        with pytest.raises(error, match=message):
+            blend_tensors(outs, bases, taus, (1.0, 0.0, 0.0), tensor_keys=list(range(len(outs))))
+
+
+def test_seed_may_be_any_integral_number():
+    base, tau = torch.randn(30, 20), torch.randn(30, 20)
+    want, got = torch.empty(30, 20), torch.empty(30, 20)
+    blend_tensors([want], [base], [tau], (0.0, 1.0, 0.0), keep=(0.5, 1.0), seed=3, tensor_keys=[1])
+    for seed in (np.int64(3), np.uint64(3), torch.tensor(3).item()):
+        got.fill_(float("nan"))
+        blend_tensors(
+            [got], [base], [tau], (0.0, 1.0, 0.0), keep=(0.5, 1.0), seed=seed, tensor_keys=[1]
+        )
+        assert torch.equal(got, want)
+    for seed, error in ((True, TypeError), (3.0, TypeError), ("3", TypeError), (2**64, ValueError)):
+        with pytest.raises(error, match="'seed'"):
+            blend_tensors([got], [base], [tau], (1, 0, 0), seed=seed, tensor_keys=[1])

@@ -216,6 +216,38 @@ def test_gradients(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])
+def test_gradients_reach_weights_that_require_grad(device, dtype):
+    """Learned merge coefficients (AdaMerging-style): a weights tensor that requires grad gets
+    ∂L/∂w_i = <∂L/∂out, t_i> (plain PyTorch in float64 is the reference), the tensors get
+    their usual gradient, and the values are those of float weights."""
+    if dtype == torch.float64 and device == "cuda":
+        pytest.skip("float64 has no CUDA kernel: the fallback is tested on the CPU")
+    tensors, weights = make_inputs(3, (111,), dtype, device, seed=37)
+    weights = torch.tensor(weights, dtype=torch.float32).tolist()  # the float32 the op uses
+    tensors = [t.requires_grad_() for t in tensors]
+    w = torch.tensor(weights, requires_grad=True)  # on the CPU, wherever the tensors are
+    grad = randn((111,), torch.float32, device, torch.Generator().manual_seed(3))
+    out = weighted_sum(tensors, w, out_dtype=torch.float32)
+    assert torch.equal(out, weighted_sum(tensors, weights, out_dtype=torch.float32))
+    out.backward(grad)
+    w64 = torch.tensor(weights, dtype=torch.float64, requires_grad=True)
+    t64 = [t.detach().double().requires_grad_() for t in tensors]
+    sum(wi * ti for wi, ti in zip(w64, t64, strict=True)).backward(grad.double())
+    assert w.grad.dtype == torch.float32 and w.grad.device.type == "cpu"
+    magnitude = torch.stack([(grad.double() * t).abs().sum() for t in t64]).cpu()
+    assert_close_to_ref(w.grad, w64.grad, n_terms=111, magnitude=magnitude)
+    for t, ref in zip(tensors, t64, strict=True):
+        assert t.grad.dtype == dtype
+        assert_close_to_ref(t.grad, ref.grad)
+    # out= records no history: refused with trainable weights, as with trainable tensors
+    with pytest.raises(RuntimeError, match="out= does not support autograd"):
+        weighted_sum([t.detach() for t in tensors], w, out=torch.empty_like(out))
+    with torch.no_grad():
+        assert torch.equal(weighted_sum(tensors, w, out_dtype=torch.float32), out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(device, dtype):
     tensors, weights = make_inputs(3, (5, 7), dtype, device, seed=29)

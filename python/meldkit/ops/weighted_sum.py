@@ -122,6 +122,26 @@ def _weighted_sum_out_fake(
     return None
 
 
+# ---- weights that require grad ---------------------------------------------------------------
+
+
+def _weighted_sum_trainable(
+    tensors: list[torch.Tensor], weights: torch.Tensor, out_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """``Σ w_i·t_i`` differentiable in ``weights`` (a 1-D tensor that requires grad) as well as
+    in ``tensors``: the arithmetic of :func:`weighted_sum_ref` in PyTorch ops (weights rounded to
+    float32, float32 accumulation left to right, float64 for float64 inputs), so the values are
+    those of the native kernels, and autograd gives ``∂L/∂w_i = <∂L/∂out, t_i>``. The custom op
+    takes the weights as floats, which carry no gradient."""
+    acc_dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    w = weights.to(tensors[0].device, torch.float32).to(acc_dtype)
+    acc = None
+    for i, t in enumerate(tensors):
+        term = t.to(acc_dtype) * w[i]
+        acc = term if acc is None else acc + term
+    return acc.to(out_dtype or tensors[0].dtype).contiguous()
+
+
 # ---- public API ----------------------------------------------------------------------------
 
 
@@ -146,6 +166,7 @@ def weighted_sum(
         contiguous memory first).
     weights : sequence of float or 1-D Tensor
         N finite weights, used in float32. A CUDA tensor here costs a device synchronisation.
+        A tensor that requires grad receives its gradient (learned merge coefficients).
     out : Tensor, optional
         Where to write the result: shape ``[...]``, same device, any supported dtype. It may be
         one of ``tensors`` (in-place update). ``out=`` does not record autograd history.
@@ -165,25 +186,33 @@ def weighted_sum(
 
     Notes
     -----
-    Gradients flow to every input: ``∂out/∂tensors[i] = weights[i]``. The CUDA kernel reads up to
-    32 inputs per launch; more inputs carry the running sum in a float32 workspace, so the
-    result is rounded to the output dtype once.
+    Gradients flow to every input: ``∂out/∂tensors[i] = weights[i]``, and to ``weights`` when it
+    is a tensor that requires grad: ``∂L/∂weights[i] = Σ ∂L/∂out · tensors[i]``. That case runs
+    in PyTorch ops with the kernels' arithmetic (same values; autograd then keeps a float32 copy
+    of 16-bit inputs for the backward). The CUDA kernel reads up to 32 inputs per launch; more
+    inputs carry the running sum in a float32 workspace, so the result is rounded to the output
+    dtype once.
     """
     tensors = _checks.tensor_list(_OP, "tensors", tensors)
-    weights = _checks.float_list(_OP, "weights", weights, len(tensors))
+    trainable = (
+        isinstance(weights, torch.Tensor) and weights.requires_grad and torch.is_grad_enabled()
+    )
+    values = _checks.float_list(_OP, "weights", weights, len(tensors))
     if out is None:
         if out_dtype is not None and out_dtype not in _checks.FLOAT_DTYPES:
             raise TypeError(f"meldkit.{_OP}: argument 'out_dtype': {out_dtype} is not supported")
-        return _weighted_sum(tensors, weights, out_dtype)
+        if trainable:
+            return _weighted_sum_trainable(tensors, weights, out_dtype)
+        return _weighted_sum(tensors, values, out_dtype)
     _checks.out_tensor(_OP, out, tensors[0])
     if out_dtype is not None and out_dtype != out.dtype:
         raise ValueError(
             f"meldkit.{_OP}: argument 'out_dtype': {out_dtype} conflicts with out.dtype {out.dtype}"
         )
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, out)):
+    if trainable or (torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, out))):
         raise RuntimeError(
             f"meldkit.{_OP}: out= does not support autograd; call without out= "
             "or under torch.no_grad()"
         )
-    _weighted_sum_out(tensors, weights, out)
+    _weighted_sum_out(tensors, values, out)
     return out
