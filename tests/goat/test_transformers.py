@@ -188,3 +188,33 @@ def test_gpt2_all_linear_names_conv1d():
     model = transformers.GPT2LMHeadModel(config)
     with pytest.raises(ValueError, match=r"matches no nn.Linear.*c_attn.*Conv1D.*nn.Linear"):
         goat.wrap(model, goat.GoatConfig(num_experts=4, top_k=2, rank=8))
+
+
+def test_adapter_refuses_a_base_with_another_config(tmp_path):
+    """A base with the same weights and shapes but another config (8 heads of 4 instead of 4
+    of 8) computes something else: refused, naming the fields, unless check_base=False; files
+    saved before the config was recorded load as before."""
+    import json
+
+    import transformers
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = goat.save_adapter(goat.wrap(tiny_llama(), llama_config()), tmp_path / "a.safetensors")
+    config = tiny_llama().config
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 8, 4, 4
+    other = transformers.LlamaForCausalLM(config).eval()
+    other.load_state_dict(tiny_llama().state_dict())  # same weights: the fingerprints pass
+    with pytest.raises(goat.AdapterError, match=r"in num_attention_heads=8 \(saved: 4\)"):
+        goat.load_adapter(other, path)
+    assert not list(goat.goat_layers(other))  # left untouched
+    goat.load_adapter(other, path, check_base=False)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert json.loads(metadata.pop("architecture"))["model_type"] == "llama"
+    save_file(tensors, str(path), metadata)
+    goat.load_adapter(tiny_llama(), path)
+    fresh = transformers.LlamaForCausalLM(config).eval()
+    fresh.load_state_dict(tiny_llama().state_dict())
+    goat.load_adapter(fresh, path)  # an older file: nothing to compare

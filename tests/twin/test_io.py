@@ -116,3 +116,51 @@ def test_load_into_a_base_whose_head_has_another_size(tmp_path):
                 torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=1e-6)
             got = loaded(**x, weights=torch.eye(3)[[1] * 4], materialize=True).logits
             torch.testing.assert_close(got, experts["task1"](**x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_round_trip_of_a_cast_twin(tmp_path):
+    """A twin cast with ``.to(torch.bfloat16)`` computes with bf16 copies of its experts (its
+    layers' buffers) and a bf16 router; the file keeps the experts as built. Loaded into a bf16
+    base it computes as it did (it got fp32 experts: up to 1e-3 off); into an fp32 base, as
+    the fp32 twin."""
+    import copy
+
+    base, experts = roberta_experts()
+    model = twin.TwinModel(base, twin.build(base, experts, progress=False)).eval()
+    with torch.no_grad():
+        for p in model.router.parameters():
+            p.normal_()
+    cast = copy.deepcopy(model).to(torch.bfloat16)
+    folder = twin.save(cast, tmp_path / "twin")
+    x = batch()
+    w = torch.softmax(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), -1)
+    loaded = twin.load(folder, roberta(0).to(torch.bfloat16))
+    with torch.no_grad():
+        assert torch.equal(loaded(**x, weights=w).logits, cast(**x, weights=w).logits)
+        assert torch.equal(loaded.route(**x), cast.route(**x))
+        assert torch.equal(loaded(**x).logits, cast(**x).logits)
+    wide = twin.load(folder, roberta(0))
+    with torch.no_grad():
+        assert torch.equal(wide(**x, weights=w).logits, model(**x, weights=w).logits)
+
+
+def test_load_refuses_another_config(tmp_path):
+    """A base whose config changes the computation but no shape (head count, norm epsilon) is
+    refused, naming the fields, unless check_base=False; files saved before the record load."""
+    import transformers
+
+    base, experts = roberta_experts()
+    model = twin.TwinModel(base, twin.build(base, experts, progress=False)).eval()
+    folder = twin.save(model, tmp_path / "twin")
+    for field, value in (("num_attention_heads", 8), ("layer_norm_eps", 1e-2)):
+        config = roberta(0).config
+        setattr(config, field, value)
+        other = transformers.RobertaForSequenceClassification(config).eval()
+        with pytest.raises(twin.TwinError, match=rf"config differs .* in {field}=.*check_base"):
+            twin.load(folder, other)
+        twin.load(folder, other, check_base=False)  # the caller's choice
+    meta = json.loads((folder / "twin.json").read_text())
+    assert meta["architecture"]["num_attention_heads"] == 4
+    del meta["architecture"]
+    (folder / "twin.json").write_text(json.dumps(meta))
+    assert isinstance(twin.load(folder, other), twin.TwinModel)

@@ -444,3 +444,29 @@ def test_mismatched_layer_shapes_are_refused(mixed_adapters):
     bad = twin.LoraAdapter({q: torch.zeros(4, 16)}, {q: torch.zeros(32, 4)}, {q: 1.0})
     with pytest.raises(twin.TwinError, match="do not fit one layer"):
         twin.build_lora([read, bad])
+
+
+def test_load_refuses_another_config_and_keeps_a_cast(adapters, tmp_path):
+    """A LoRA twin over a base with the same weights but another config (RMSNorm epsilon) is
+    refused unless check_base=False; one saved after ``.to(torch.bfloat16)`` and loaded into
+    the bf16 base computes as it did."""
+    import transformers
+
+    base, folders = adapters
+    model = twin.TwinLoraModel(base, twin.build_lora(folders, rank=4)).eval()
+    with torch.no_grad():
+        for p in model.router.parameters():
+            p.normal_()
+    folder = twin.save(model, tmp_path / "t")
+    config = copy.deepcopy(base.config)
+    config.rms_norm_eps = 1e-2
+    other = transformers.LlamaForCausalLM(config).eval()
+    other.load_state_dict(base.state_dict())
+    with pytest.raises(twin.TwinError, match=r"config differs .* in rms_norm_eps=0\.01"):
+        twin.load(folder, other)
+    twin.load(folder, other, check_base=False)
+    cast = copy.deepcopy(model).to(torch.bfloat16)
+    loaded = twin.load(twin.save(cast, tmp_path / "bf16"), copy.deepcopy(base).to(torch.bfloat16))
+    x = inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).logits, cast(**x).logits)

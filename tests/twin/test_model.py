@@ -973,3 +973,132 @@ def _routes_like_the_experts(model, experts, ids):
         got = model(input_ids=ids, weights=w).logits
         want = model(input_ids=ids, weights=w, materialize=True).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _gpt2_twin():
+    base = gpt2()
+    experts = [perturbed(base, seed=s, scale=0.5) for s in (1, 2, 3)]
+    ex = twin.build(base, experts, rank_ratio=1.0, progress=False)
+    return twin.TwinModel(base, ex).eval()
+
+
+def test_generate_routes_a_left_padded_prompt_as_alone():
+    """GPT-2 has absolute positions: ``generate`` gives a left-padded prompt the positions
+    ``cumsum(mask) - 1``, so its routing pass must too (it ran without positions: the merge a
+    prompt got depended on the rest of its batch). A caller's ``position_ids`` are the ones
+    routed on."""
+    model = _gpt2_twin()
+    gen = torch.Generator().manual_seed(0)
+    short, long = torch.randint(1, 64, (1, 4), generator=gen), torch.randint(1, 64, (1, 9))
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    ids[0], ids[1, 5:] = long[0], short[0]
+    mask = torch.zeros_like(ids)
+    mask[0], mask[1, 5:] = 1, 1
+    routed = []
+    route = model.route
+
+    def spy(*args, **kwargs):
+        routed.append((kwargs, route(*args, **kwargs)))
+        return routed[-1][1]
+
+    model.route = spy
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        alone = model.generate(input_ids=short, attention_mask=torch.ones_like(short), **kw)
+        batched = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        (_, w_alone), (_, w_batch) = routed
+        torch.testing.assert_close(w_batch[1], w_alone[0])
+        assert torch.equal(batched[1, 9:], alone[0, 4:])
+        # the plain forward keeps Hugging Face's semantics: positions 0 … L-1, padding or not
+        assert not torch.allclose(model.route(input_ids=ids, attention_mask=mask)[1], w_alone[0])
+        positions = torch.arange(9).expand(2, 9)
+        model.generate(input_ids=ids, attention_mask=mask, position_ids=positions, **kw)
+    assert routed[-1][0]["position_ids"] is positions
+
+
+def test_text_features_pad_on_the_right():
+    """``text_features`` (what ``train_router`` trains on) of a text do not depend on its
+    batch, whatever side the tokenizer pads on: a left-padding tokenizer gave GPT-2's texts
+    shifted positions in a batch."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(60)}}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    model = _gpt2_twin()
+    texts = ["w1 w2 w3", "w5 w6 w7 w8 w9 w10 w11 w12 w13 w14"]
+    for side in ("left", "right"):
+        tokenizer = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", padding_side=side
+        )
+        batched = twin.text_features(model, texts, tokenizer)
+        alone = torch.cat([twin.text_features(model, [t], tokenizer) for t in texts])
+        torch.testing.assert_close(batched, alone)
+        assert tokenizer.padding_side == side  # the caller's tokenizer is left as it was
+
+
+def test_trainer_evaluates_and_predicts(full_rank, tmp_path):
+    """``transformers.Trainer`` keeps only the dataset columns the model's forward names and
+    takes those with "label" in their name as labels: ``TwinModel.forward`` names the wrapped
+    model's inputs (it took ``*args, **kwargs`` only: every column was dropped)."""
+    import inspect
+
+    _, _, model = full_rank
+    assert {"input_ids", "attention_mask", "labels"} <= set(
+        inspect.signature(model.forward).parameters
+    )
+    gen = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(3, 96, (6, 7), generator=gen), torch.randint(0, 3, (6,))
+    rows = [
+        {
+            "input_ids": ids[i],
+            "attention_mask": torch.ones(7, dtype=torch.long),
+            "labels": labels[i],
+        }
+        for i in range(6)
+    ]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[], use_cpu=True
+    )
+    trainer = transformers.Trainer(model=model, args=args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = trainer.predict(rows)
+        metrics = trainer.evaluate(rows)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+    torch.testing.assert_close(torch.as_tensor(got.predictions), want.logits)
+    assert got.metrics["test_loss"] == pytest.approx(want.loss.item(), rel=1e-5)
+    assert metrics["eval_loss"] == pytest.approx(want.loss.item(), rel=1e-5)
+
+
+def test_task_must_be_integers_or_names(full_rank):
+    """A float or bool ``task`` was cast to int64 silently (1.9 -> 1, True -> 1): refused."""
+    _, _, model = full_rank
+    x = batch(b=2)
+    w = torch.full((2, 3), 1 / 3)
+    with torch.no_grad():
+        for task in (
+            torch.tensor([1.9, 0.7]),
+            [True, False],
+            torch.tensor([1, 0]).bool(),
+            [1, 0.5],
+        ):
+            with pytest.raises(twin.TwinError, match="'task' must be task indices"):
+                model(**x, weights=w, task=task)
+        ok = model(**x, weights=w, task=torch.tensor([1, 0], dtype=torch.int32)).logits
+        torch.testing.assert_close(ok, model(**x, weights=w, task=["task1", "task0"]).logits)
+
+
+def test_all_zero_weights_warn_without_a_task(full_rank):
+    """A zero row of the caller's ``weights`` runs θ_s with the first task's tensors (its top
+    task): a warning says so, at the caller's line; with ``task`` given, none."""
+    _, _, model = full_rank
+    x = batch(b=2)
+    w = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"sample\(s\) \[1\] are all zero") as rec:
+        model(**x, weights=w)
+    assert rec[0].filename == __file__
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(**x, weights=w, task=[1, 2])
+        model(**x)  # the router's weights are never all zero

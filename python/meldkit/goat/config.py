@@ -76,7 +76,10 @@ class GoatConfig:
         (``score``, ``classifier`` or ``classification_head``, as Hugging Face's
         ``...ForSequenceClassification`` models name it) and it is not a target: a freshly
         initialised head must train, and an adapter without it would not reproduce the model.
-        ``()`` trains and saves nothing but the experts and routers.
+        ``()`` trains and saves nothing but the experts and routers. A saved module is an
+        ordinary one: ``model.to(torch.bfloat16)`` casts it (the experts and routers stay fp32),
+        and it then trains in bf16 without an fp32 copy, small updates rounding away; for bf16
+        training keep the model in fp32 under ``torch.autocast``.
     dropout : float
         Dropout probability on the experts' input (training mode only); 0 ≤ dropout < 1.
     dropout_mode : {"per_expert", "shared"}

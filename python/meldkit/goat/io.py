@@ -22,7 +22,9 @@ Metadata (strings): ``format = "pt"``, ``meldkit_goat`` (the layout version), ``
 was wrapped, whatever the model was cast to later; older files: the base weight's when saved),
 ``sketch_of``: ``"W0"``, or ``"adjusted"`` when the sketch is of W̃0 as the layer held it, for
 a model wrapped with ``keep_original=False``, and ``sketch_dtype``, the sketched weight's dtype)
-and ``modules_to_save`` (JSON: the saved modules' names; absent in older files).
+and ``modules_to_save`` (JSON: the saved modules' names; absent in older files) and
+``architecture`` (JSON: the model config's :data:`ARCHITECTURE_FIELDS`, the settings that change
+the computation but no shape; absent in older files and for models without a config).
 
 :func:`load_adapter` compares each layer's sketch with the model's base weight: an adapter
 loaded into a model of the same architecture but other weights (another checkpoint, another
@@ -83,6 +85,70 @@ _ALIGNMENT = ("alignment_a", "alignment_b")
 # torch.distributed's activation-checkpointing wrapper.
 _FSDP1_PART = "_fsdp_wrapped_module"
 _WRAPPER_PARTS = (_FSDP1_PART, "_checkpoint_wrapped_module")
+
+
+# Fields of a Hugging Face model config that change what a model computes without changing any
+# parameter's shape (a file's tensors cannot tell them apart): the saved model's are kept
+# beside its tensors and compared on load.
+ARCHITECTURE_FIELDS = (
+    "model_type",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "activation_function",
+    "rope_theta",
+    "rope_parameters",
+    "partial_rotary_factor",
+    "rotary_pct",
+    "rms_norm_eps",
+    "layer_norm_eps",
+    "layer_norm_epsilon",
+    "position_embedding_type",
+    "sliding_window",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "query_pre_attn_scalar",
+    "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx",
+    "attention_multiplier",
+    "embedding_multiplier",
+    "residual_multiplier",
+    "logits_scaling",
+)
+
+
+def architecture(model: nn.Module) -> dict | None:
+    """The :data:`ARCHITECTURE_FIELDS` of ``model.config`` that it sets (not None), as JSON
+    values; None for a model without a config."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    fields = {}
+    for key in ARCHITECTURE_FIELDS:
+        try:
+            value = getattr(config, key, None)
+        except Exception:  # a config property that cannot be computed for this model
+            value = None
+        if value is not None:
+            fields[key] = json.loads(json.dumps(value, default=str))
+    return fields
+
+
+def architecture_difference(saved: dict | None, model: nn.Module) -> str | None:
+    """The fields where ``model``'s config differs from ``saved`` (:func:`architecture` of the
+    model a file was saved from), as ``"key=model's (saved: saved's)"``; None when they agree.
+    A field only one side sets is not compared (a file from another ``transformers`` version
+    may name a setting otherwise), nor are files saved without the fields (``saved`` None)."""
+    ours = architecture(model)
+    if not isinstance(saved, dict) or ours is None:
+        return None
+    differ = [
+        f"{key}={ours[key]!r} (saved: {value!r})"
+        for key, value in saved.items()
+        if key in ours and ours[key] != value
+    ]
+    return ", ".join(differ) or None
 
 
 class AdapterError(ValueError):
@@ -282,6 +348,9 @@ def _adapter_contents(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
         "layers": json.dumps(layers),
         "modules_to_save": json.dumps(saved),
     }
+    fields = architecture(model)
+    if fields is not None:
+        metadata["architecture"] = json.dumps(fields)
     return tensors, metadata
 
 
@@ -298,15 +367,16 @@ def read_adapter(
         Not a GOAT adapter, an unknown layout version, or tensors that disagree with the
         config or the layer table.
     """
-    config, layers, tensors, _ = _read_adapter(path)
+    config, layers, tensors, *_ = _read_adapter(path)
     return config, layers, tensors
 
 
 def _read_adapter(
     path: str | os.PathLike,
-) -> tuple[GoatConfig, dict[str, dict], dict[str, torch.Tensor], list[str] | None]:
-    """:func:`read_adapter` and the names of the saved modules (None: a file from before
-    ``modules_to_save``).
+) -> tuple[GoatConfig, dict[str, dict], dict[str, torch.Tensor], list[str] | None, dict | None]:
+    """:func:`read_adapter`, the names of the saved modules (None: a file from before
+    ``modules_to_save``) and the saved model's :func:`architecture` (None: a file from before
+    it, or of a model without a config).
 
     Raises
     ------
@@ -347,6 +417,9 @@ def _read_adapter(
             isinstance(saved, list) and all(isinstance(n, str) for n in saved)
         ):
             raise ValueError(f"modules_to_save is {saved!r}")
+        arch = json.loads(metadata.get("architecture", "null"))  # null: an older file
+        if arch is not None and not isinstance(arch, dict):
+            raise ValueError(f"architecture is {arch!r}")
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise AdapterError(f"{file}: bad GOAT metadata ({exc!r})") from None
     e, d, r = config.num_experts, config.expert_rank, config.rank
@@ -410,7 +483,7 @@ def _read_adapter(
     extra = sorted(set(tensors) - expected_keys)
     if extra:
         raise AdapterError(f"{file}: unexpected tensors {extra[:5]}")
-    return config, layers, tensors, saved
+    return config, layers, tensors, saved, arch
 
 
 def load_adapter(
@@ -443,7 +516,9 @@ def load_adapter(
         :func:`meldkit.goat.unwrap`.
     check_base : bool
         Compare every layer's base weight with the fingerprint the file holds (``base_sketch``)
-        and refuse a model whose weights are not the ones the adapter was trained on. False
+        and the model's config with the saved one's (``architecture``: head counts, RoPE,
+        norm epsilons, activation, … that change the computation but no shape), and refuse a
+        model whose weights or config are not the ones the adapter was trained on. False
         loads it anyway (to apply an adapter to a related checkpoint on purpose).
 
     Returns
@@ -456,12 +531,12 @@ def load_adapter(
     AdapterError
         The file is not a GOAT adapter, or it does not fit the model: a layer it names is
         missing, not an ``nn.Linear`` or of another shape, the config's ``target_modules``
-        select other layers of this model, the base weights are not the ones it was trained on
-        (``check_base``), the model already has GOAT layers with another config, or the model
-        is sharded by FSDP.
+        select other layers of this model, the base weights or config are not the ones it was
+        trained on (``check_base``), the model already has GOAT layers with another config, or
+        the model is sharded by FSDP.
         The model is left untouched.
     """
-    config, layers, tensors, saved = _read_adapter(path)
+    config, layers, tensors, saved, arch = _read_adapter(path)
     file = _resolve(path)
     if _is_sharded(model):
         raise AdapterError(
@@ -511,6 +586,13 @@ def load_adapter(
                 f"nn.Linear({want[1]}, {want[0]})"
             )
     if check_base:
+        difference = architecture_difference(arch, model)
+        if difference is not None:
+            raise AdapterError(
+                f"{file}: the model's config differs from the one the adapter was saved with "
+                f"in {difference}: same shapes, another computation; load the base it was "
+                "trained on, or pass check_base=False to apply it to this one anyway"
+            )
         for name, info in layers.items():
             sketch = tensors.get(f"{name}.base_sketch")
             if sketch is None:

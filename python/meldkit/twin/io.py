@@ -1,8 +1,12 @@
 """Save and load Twin-Merging: one safetensors file and a small JSON beside it.
 
 The file holds the shared weights, the exclusive factors and dense parts, each task's specific
-tensors and the router; the JSON the task names, the build settings and the router's shape.
-Loading a full twin needs only the base model's architecture. A LoRA twin adds to the base's
+tensors and the router; the JSON the task names, the build settings, the router's shape, the
+base config's settings that change the computation without changing a shape (``architecture``,
+:data:`meldkit.goat.io.ARCHITECTURE_FIELDS`: :func:`load` refuses a base whose config differs
+unless told ``check_base=False``) and the dtypes the saved model computed in (``dtypes``: a twin
+cast to bf16 reloads into a bf16 base as it was). Loading a full twin needs only the base
+model's architecture. A LoRA twin adds to the base's
 own weights, so its files also fingerprint that base: ``base_sketch/NAME`` (``W @ v`` for a
 fixed ``v``, see :mod:`meldkit._fingerprint`) of each adapted layer, and in the JSON every base
 parameter's name and shape and each adapted layer's dtype. :func:`load` refuses another base
@@ -30,9 +34,10 @@ from meldkit._fingerprint import (
     sketch_distance,
     sketch_rtol,
 )
+from meldkit.goat.io import architecture, architecture_difference
 from meldkit.twin.build import TwinError, TwinExperts
 from meldkit.twin.lora import TwinLoraExperts, TwinLoraModel
-from meldkit.twin.model import TwinModel, TwinRouter
+from meldkit.twin.model import TwinModel, TwinRouter, _router_dtype
 
 FORMAT = "meldkit.twin/1"
 WEIGHTS = "twin.safetensors"
@@ -95,6 +100,8 @@ def save(twin: TwinModel | TwinLoraModel, path: str | os.PathLike) -> Path:
     meta: dict[str, Any] = {
         "format": FORMAT,
         **extra,
+        "architecture": architecture(twin.model),
+        "dtypes": _dtypes(twin),
         "tasks": ex.tasks,
         "build": ex.config,
         "errors": ex.errors,
@@ -112,6 +119,47 @@ def save(twin: TwinModel | TwinLoraModel, path: str | os.PathLike) -> Path:
     _atomic_write(folder / WEIGHTS, lambda p: save_file(tensors, str(p), file_meta))
     _atomic_write(folder / CONFIG, lambda p: p.write_text(json.dumps(meta, indent=2)))
     return folder
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _dtypes(twin: TwinModel | TwinLoraModel) -> dict[str, Any]:
+    """What the saved model computes in, beyond the experts (which keep the dtype they were
+    built in: a twin cast with ``.to(torch.bfloat16)`` casts its layers' copies of them, its
+    buffers, not ``twin.experts``): the model's parameter dtype, every floating buffer's
+    (``twin``'s names) and the router's parameter dtype."""
+    first = next((p for p in twin.model.parameters() if p.is_floating_point()), None)
+    return {
+        "model": None if first is None else _dtype_name(first),
+        "router": str(_router_dtype(twin.router)).removeprefix("torch."),
+        "buffers": {n: _dtype_name(b) for n, b in twin.named_buffers() if b.is_floating_point()},
+    }
+
+
+def _restore_dtypes(twin: TwinModel | TwinLoraModel, dtypes: Any) -> None:
+    """Cast ``twin``'s buffers and router to the dtypes the saved model had (:func:`_dtypes`)
+    when its parameters have the saved model's dtype: a twin saved after ``.to(bfloat16)`` and
+    loaded into a bf16 base then computes with the same bf16 copies of its experts (the file
+    holds them as built, and casting them again gives the same values). A base in another
+    dtype keeps the experts' own dtype."""
+    if not isinstance(dtypes, dict) or not isinstance(dtypes.get("buffers"), dict):
+        return  # a file from before the record
+    first = next((p for p in twin.model.parameters() if p.is_floating_point()), None)
+    if first is None or dtypes.get("model") != _dtype_name(first):
+        return
+    saved = dtypes["buffers"]
+    for prefix, module in twin.named_modules():
+        for key, buffer in module._buffers.items():
+            name = f"{prefix}.{key}" if prefix else key
+            dtype = getattr(torch, str(saved.get(name)), None)
+            if buffer is not None and isinstance(dtype, torch.dtype) and buffer.dtype != dtype:
+                if buffer.is_floating_point() and dtype.is_floating_point:
+                    module._buffers[key] = buffer.to(dtype)
+    dtype = getattr(torch, str(dtypes.get("router")), None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        twin.router.to(dtype)
 
 
 def _full_tensors(ex: TwinExperts) -> dict[str, torch.Tensor]:
@@ -141,17 +189,25 @@ def load(
     from a folder written by :func:`save`. ``kwargs`` go to the class (``top_k``,
     ``features``).
 
-    ``check_base`` (a LoRA twin): compare ``model`` with the base the twin was saved over, its
-    parameters' names and shapes and each adapted layer's weight fingerprint. A LoRA twin adds
-    to the base's weights, so another base (a checkpoint with other weights, more layers, a
-    resized vocabulary) gives a silently different model; ``False`` applies it anyway. A
-    base in another dtype than the saved one's passes if its weights round to the same ones.
+    ``check_base``: compare ``model``'s config with the saved model's, the settings that
+    change the computation without changing a shape (head counts, RoPE, norm epsilons,
+    activation: :data:`meldkit.goat.io.ARCHITECTURE_FIELDS`; files saved before that record
+    load without it), and for a LoRA twin the base the twin was saved over, its parameters'
+    names and shapes and each adapted layer's weight fingerprint. A LoRA twin adds to the
+    base's weights, so another base (a checkpoint with other weights, more layers, a resized
+    vocabulary) gives a silently different model; ``False`` applies it anyway. A base in
+    another dtype than the saved one's passes if its weights round to the same ones.
+
+    A twin saved after a cast (``.to(torch.bfloat16)``) and loaded into a base in the dtype it
+    was saved in computes as the saved one did (its layers' copies of the experts and its
+    router are cast as they were); into a base in another dtype, with the experts as built.
 
     Raises
     ------
     TwinError
         Missing or foreign files, a model whose parameters do not match the saved ones, or
-        (``check_base``) a LoRA twin's base that is not ``model``.
+        (``check_base``) a model whose config differs from the saved one's, or a LoRA twin's
+        base that is not ``model``.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -203,6 +259,14 @@ def load(
         ) from None
     twin_router.eval()
     kwargs.setdefault("top_k", meta.get("top_k"))
+    if check_base:
+        difference = architecture_difference(meta.get("architecture"), model)
+        if difference is not None:
+            raise TwinError(
+                f"meldkit.twin.load: {folder}: the model's config differs from the saved "
+                f"twin's in {difference}: same shapes, another computation; load the base the "
+                "twin was saved over, or pass check_base=False"
+            )
     if meta.get("kind", "full") == "lora":
         sketches = {
             k.partition("/")[2]: tensors.pop(k)
@@ -211,9 +275,11 @@ def load(
         }
         if check_base and "base" in meta:
             _check_base(model, meta["base"], sketches, folder)
-        return TwinLoraModel(
+        twin = TwinLoraModel(
             model, _lora_experts(meta, tensors, w_path), router=twin_router, copy=copy, **kwargs
         )
+        _restore_dtypes(twin, meta.get("dtypes"))
+        return twin
     shared, factors_a, factors_b, dense = {}, {}, {}, {}
     specific: dict[str, list[torch.Tensor | None]] = {}
     for key, t in tensors.items():
@@ -247,7 +313,9 @@ def load(
         errors={k: list(v) for k, v in meta.get("errors", {}).items()},
         config=meta.get("build", {}),
     )
-    return TwinModel(model, experts, router=twin_router, copy=copy, **kwargs)
+    twin = TwinModel(model, experts, router=twin_router, copy=copy, **kwargs)
+    _restore_dtypes(twin, meta.get("dtypes"))
+    return twin
 
 
 def _check_base(

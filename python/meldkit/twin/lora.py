@@ -52,6 +52,7 @@ from meldkit.twin.model import (
     _copy,
     _hidden_size,
     _last_hidden,
+    declare_inputs,
     one_at_a_time,
 )
 
@@ -449,6 +450,7 @@ class TwinLoraModel(RoutedMixin, nn.Module):
         b = _batch_size(args, kwargs)
         return self._routing_weights(args, kwargs, weights, b, device)
 
+    @declare_inputs
     @one_at_a_time
     def forward(self, *args: Any, weights: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """The model's forward with each sequence's merged adapters (``weights [B, T]`` or the
@@ -471,7 +473,8 @@ class TwinLoraModel(RoutedMixin, nn.Module):
     @one_at_a_time
     @torch.no_grad()
     def generate(self, *args: Any, weights: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        """``model.generate`` with each prompt routed once (its weights kept for every new token).
+        """``model.generate`` with each prompt routed once (its weights kept for every new token),
+        at the positions ``generate`` gives it (a left-padded prompt is routed as it is alone).
         Beam search and several sequences per prompt are refused: they change the batch."""
         return self._generate(args, kwargs, weights, None)
 

@@ -87,6 +87,26 @@ def _hidden_size(model: nn.Module) -> int | None:
     return None
 
 
+# Keyword arguments of Hugging Face models that are batch-first whenever their first dimension is
+# the batch size (see BATCH_KWARGS); a routed model's forward also names them in its signature
+# (see declare_inputs).
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "position_ids",
+    "inputs_embeds",
+    "labels",
+    "start_positions",
+    "end_positions",
+    "pixel_values",
+    "pixel_mask",
+    "input_values",
+    "input_features",
+    "decoder_input_ids",
+    "decoder_attention_mask",
+    "decoder_inputs_embeds",
+)
 # Keyword arguments that only feed a Hugging Face model's loss: never part of the routing pass.
 LOSS_KWARGS = ("labels", "start_positions", "end_positions", "num_items_in_batch")
 # Keyword arguments that carry a Hugging Face model's KV cache (``cache`` since transformers 5,
@@ -241,6 +261,27 @@ def _last_hidden(
     return hidden.float(), mask
 
 
+def _generation_positions(
+    model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> torch.Tensor | None:
+    """The ``position_ids [B, L]`` int64 that Hugging Face's ``generate`` gives the prompt's
+    first forward when the caller passes none: ``cumsum(mask) - 1`` over the attention mask
+    (by keyword or position), padding at 0, so a left-padded prompt has the positions it has
+    alone. None where ``generate`` derives none: a model whose ``forward`` has no
+    ``position_ids`` parameter (by name), an encoder-decoder, or no 2-D mask."""
+    sig = _forward_signature(model).sig
+    config = getattr(model, "config", None)
+    if sig is None or "position_ids" not in sig.parameters:
+        return None
+    if getattr(config, "is_encoder_decoder", False):
+        return None
+    mask = bind_arguments(model, args, kwargs)[1].get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    positions = mask.long().cumsum(-1) - 1
+    return positions.masked_fill(mask == 0, 0)
+
+
 def _accepts(model: nn.Module, name: str) -> bool:
     """Whether ``model.forward`` takes the keyword ``name`` (by name or through ``**kwargs``)."""
     facts = _forward_signature(model)
@@ -297,6 +338,26 @@ def _cache_length(cache: Any) -> int:
             return 0 if len(cache) == 0 else 1
         return int(first.shape[-2]) if first.dim() >= 2 else 1
     return 1
+
+
+def declare_inputs(forward: Callable) -> Callable:
+    """``forward`` (a routed model's ``forward(self, *args, ..., **kwargs)``) with a signature
+    that also names the Hugging Face inputs of :data:`MODEL_INPUTS` as keyword-only parameters
+    (default None), before its ``**kwargs``. Code that reads a model's inputs off its forward's
+    signature then sees the wrapped model's: ``transformers.Trainer`` keeps only the dataset
+    columns the signature names (``remove_unused_columns``) and takes those with "label" in
+    their name as the labels. Calls bind as before (the names went to ``**kwargs``)."""
+    sig = inspect.signature(forward)
+    params = list(sig.parameters.values())
+    var_keyword = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+    named = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    inputs = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+        for name in MODEL_INPUTS
+        if name not in sig.parameters
+    ]
+    forward.__signature__ = sig.replace(parameters=[*named, *inputs, *var_keyword])
+    return forward
 
 
 def one_at_a_time(method: Callable) -> Callable:
@@ -370,8 +431,10 @@ class RoutedMixin:
     ) -> Any:
         """``self.model.generate(*args, **kwargs)`` with each prompt routed once: its weights
         (``weights``, else the router's on the prompt) and task (``task``, else its top task)
-        stay for every new token. Beam search and several sequences per prompt change the batch:
-        refused."""
+        stay for every new token. The routing pass reads the prompt at the positions
+        ``generate`` gives it (the caller's ``position_ids``, else those it derives from the
+        mask: :func:`_generation_positions`), so a left-padded prompt is routed as it is alone.
+        Beam search and several sequences per prompt change the batch: refused."""
         where = f"{type(self).__name__}.generate"
         # The effective settings: the call's, else its generation_config's, else the model's
         # own (summarisation checkpoints ship num_beams=4).
@@ -392,17 +455,23 @@ class RoutedMixin:
                 f"{where}: the wrapped model ({type(self.model).__name__}) has no generate"
             )
         # The prompt, as ids or embeddings (the embeddings when both are given, as the model
-        # then reads them), and its mask; never a cache.
+        # then reads them), its mask and its positions; never a cache.
         route_args = tuple(args)
-        route_kwargs = {k: kwargs[k] for k in ("input_ids", "attention_mask") if k in kwargs}
+        keys = ("input_ids", "attention_mask", "position_ids")
+        route_kwargs = {k: kwargs[k] for k in keys if kwargs.get(k) is not None}
         if kwargs.get("inputs_embeds") is not None:
             route_args = ()
             route_kwargs.pop("input_ids", None)
             route_kwargs["inputs_embeds"] = kwargs["inputs_embeds"]
+        if "position_ids" not in route_kwargs:
+            positions = _generation_positions(self.model, route_args, route_kwargs)
+            if positions is not None:
+                route_kwargs["position_ids"] = positions
         device = next(self.model.parameters()).device
         b = _batch_size(route_args, route_kwargs)
+        given = weights is not None
         w = self._routing_weights(route_args, route_kwargs, weights, b, device)
-        task = w.argmax(-1) if task is None else self._check_task(task, b, device)
+        task = self._top_task(w, given) if task is None else self._check_task(task, b, device)
         r = self.routing
         r.mode, r.weights, r.task = "twin", w, task
         try:
@@ -464,6 +533,20 @@ class RoutedMixin:
             raise TwinError("TwinModel: 'weights' contains NaN or inf")
         return w
 
+    def _top_task(self, weights: torch.Tensor, given: bool) -> torch.Tensor:
+        """Each sample's top task ``[B]`` int64, the default ``task``. Warns when ``weights``
+        the caller gave (``given``; the router's are never all zero) have an all-zero row:
+        that sample runs θ_s with task 0's task-specific tensors, most likely not meant."""
+        if given and weights.numel() and not bool(weights.any(-1).all()):
+            rows = (~weights.any(-1)).nonzero().flatten().tolist()
+            warnings.warn(
+                f"{type(self).__name__}: 'weights' of sample(s) {rows[:5]} are all zero: "
+                f"they run the shared model with task {self.tasks[0]!r}'s task-specific "
+                "tensors (the top task of a zero row is the first); pass 'task' to choose",
+                stacklevel=6,  # the caller of forward or generate
+            )
+        return weights.argmax(-1)
+
     def _check_task(self, task: Any, b: int, device) -> torch.Tensor:
         if isinstance(task, str) or (isinstance(task, int) and not isinstance(task, bool)):
             task = [task] * b
@@ -472,7 +555,18 @@ class RoutedMixin:
             if unknown:
                 raise TwinError(f"TwinModel: unknown task {unknown[0]!r} (tasks: {self.tasks})")
             task = [self.tasks.index(t) for t in task]
-        t = torch.as_tensor(task, dtype=torch.int64, device=device).reshape(-1)
+        try:
+            t = torch.as_tensor(task, device=device)
+        except (TypeError, ValueError, RuntimeError):
+            t = None
+        if t is None or t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            # a float or bool tensor would be cast to int64 silently (1.9 -> 1, True -> 1)
+            what = type(task).__name__ if t is None else f"{type(task).__name__} of {t.dtype}"
+            raise TwinError(
+                "TwinModel: 'task' must be task indices (ints, an integer tensor) or names, "
+                f"got a {what}: {task!r}"
+            )
+        t = t.to(torch.int64).reshape(-1)
         if t.numel() != b or (t.numel() and (t.min() < 0 or t.max() >= len(self.tasks))):
             raise TwinError(
                 f"TwinModel: 'task' must give one task in 0 … {len(self.tasks) - 1} per sample "
@@ -700,6 +794,7 @@ class TwinModel(RoutedMixin, nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------
 
+    @declare_inputs
     @one_at_a_time
     def forward(
         self,
@@ -729,8 +824,9 @@ class TwinModel(RoutedMixin, nn.Module):
         """
         device = next(self.model.parameters()).device
         b = _batch_size(args, kwargs)
+        given = weights is not None
         weights = self._routing_weights(args, kwargs, weights, b, device)
-        task = weights.argmax(-1) if task is None else self._check_task(task, b, device)
+        task = self._top_task(weights, given) if task is None else self._check_task(task, b, device)
         labels = kwargs.get("labels")
         own_loss = labels is not None and (materialize or self.label_counts is not None)
         if own_loss:
@@ -748,8 +844,10 @@ class TwinModel(RoutedMixin, nn.Module):
         self, *args: Any, weights: torch.Tensor | None = None, task: Any = None, **kwargs: Any
     ) -> Any:
         """The wrapped model's ``generate`` with each prompt merged once: its ``weights [B, T]``
-        (else the router's on the prompt, ``input_ids`` or ``inputs_embeds`` and
-        ``attention_mask``) and its ``task`` (else its top task) are kept for every new token,
+        (else the router's on the prompt, ``input_ids`` or ``inputs_embeds``,
+        ``attention_mask`` and the positions ``generate`` gives it: ``position_ids``, else
+        ``cumsum(mask) - 1`` for a model whose forward takes them, so that a left-padded prompt
+        is routed as it is alone) and its ``task`` (else its top task) are kept for every new token,
         so each sequence continues under its own θ_s + Σ_t w_t·v_t (``self.model.generate``
         alone would run the shared model). Other arguments go to ``generate``.
 
@@ -929,28 +1027,9 @@ def _copy(model: nn.Module) -> nn.Module:
 
 # ---- batches ordered by expert ------------------------------------------------------------------
 
-# Keyword arguments of Hugging Face models that are batch-first whenever their first dimension is
-# the batch size. Another tensor keyword with that first dimension leaves the batch unordered
-# (it might not be batch-first).
-BATCH_KWARGS = frozenset(
-    {
-        "input_ids",
-        "attention_mask",
-        "token_type_ids",
-        "position_ids",
-        "inputs_embeds",
-        "labels",
-        "start_positions",
-        "end_positions",
-        "pixel_values",
-        "pixel_mask",
-        "input_values",
-        "input_features",
-        "decoder_input_ids",
-        "decoder_attention_mask",
-        "decoder_inputs_embeds",
-    }
-)
+# Another tensor keyword with the batch's first dimension leaves the batch unordered (it might
+# not be batch-first).
+BATCH_KWARGS = frozenset(MODEL_INPUTS)
 
 
 class _Unmappable(Exception):
@@ -1081,8 +1160,16 @@ def text_features(
     batch_size: int = 64,
     max_length: int = 128,
 ) -> torch.Tensor:
-    """Router features ``[N, d]`` of ``texts`` (tokenised with padding and truncation)."""
+    """Router features ``[N, d]`` of ``texts`` (tokenised with padding and truncation).
+
+    Batches are padded on the right whatever the tokenizer's ``padding_side``: a text's real
+    tokens then have the positions they have alone (a left-padded text would get shifted
+    absolute positions in GPT-2-style models, whose plain forward does not derive them from the
+    mask), so a text's features do not depend on the rest of its batch, and they are the ones
+    :meth:`TwinModel.generate` routes a prompt on (it derives the positions from the mask)."""
     device = next(twin.model.parameters()).device
+    # only where the tokenizer pads on the left: a custom tokenizer need not take the keyword
+    side = {"padding_side": "right"} if getattr(tokenizer, "padding_side", None) == "left" else {}
     out = []
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(
@@ -1091,6 +1178,7 @@ def text_features(
             truncation=True,
             max_length=max_length,
             return_tensors="pt",
+            **side,
         ).to(device)
         out.append(twin.features(**enc).cpu())
     return torch.cat(out) if out else torch.empty(0, twin.router.in_features)
