@@ -358,8 +358,13 @@ void row_epilogue(const LogitFusionParams& p, const Layout& lay, int64_t row, co
     }
   }
   Acc* loss = static_cast<Acc*>(p.loss) + row * T * n;
-  if (state[lay.l()] == neg_inf) {  // every position masked
-    for (int i = 0; i < T * n; ++i) loss[i] = 0;
+  if (state[lay.l()] == neg_inf) {  // every position masked: loss 0, +inf outside the ranges
+    for (int t = 0; t < T; ++t) {
+      for (int j = 0; j < n; ++j) {
+        const bool allowed = ((p.allowed[t] >> j) & 1u) != 0;
+        loss[t * n + j] = allowed ? Acc(0) : std::numeric_limits<Acc>::infinity();
+      }
+    }
     *best_alpha = 0;
     *best_t = 0;
     return;

@@ -327,8 +327,11 @@ __global__ void __launch_bounds__(kThreads) RowEpilogueKernel(Args a) {
   __syncthreads();
 
   float* loss = a.loss + row * TN;
-  if (s_unit[0][0] == -INFINITY) {  // every position masked (block-uniform)
-    for (int i = threadIdx.x; i < TN; i += kThreads) loss[i] = 0.f;
+  // Every position masked (block-uniform): loss 0, +inf outside the ranges, as on the CPU.
+  if (s_unit[0][0] == -INFINITY) {
+    for (int i = threadIdx.x; i < TN; i += kThreads) {
+      loss[i] = ((a.allowed[i / n] >> (i % n)) & 1ull) != 0 ? 0.f : INFINITY;
+    }
     if (threadIdx.x == 0) {
       a.alpha[row] = 0.f;
       a.expert[row] = 0;

@@ -224,12 +224,15 @@ MELDKIT_CPU_CLONES void backward_tokens(const RoutedLoraParams& p, const DenseWe
       const Acc s = scale_of<Acc>(p, e);
       const Acc c = weights[t * E + e] * s;
       const Acc* he = h + (t * E + e) * R;
+      // A zero coefficient's products are not formed (0 * inf would be NaN): the expert gives
+      // this token nothing, in y (forward) as in dx, dA and dB; dg still gets s <h, dU>.
+      const bool on = c != Acc(0);
       Acc hu = 0;
       for (int r = 0; r < R; ++r) {
         du_row[size_t(r)] = dot(dyf, w.bt.data() + size_t(e * R + r) * dout, dout);
         hu += he[r] * du_row[size_t(r)];
-        qe[r] = c * du_row[size_t(r)];
-        ue[r] = c * he[r];
+        qe[r] = on ? c * du_row[size_t(r)] : Acc(0);
+        ue[r] = on ? c * he[r] : Acc(0);
       }
       dg[e] = s * hu;
     }

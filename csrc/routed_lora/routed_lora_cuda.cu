@@ -356,12 +356,14 @@ __global__ void __launch_bounds__(kTokenThreads, 6) TokenBackwardKernel(Args a) 
         for (int i = 0; i < kRowChunk; ++i) {
           if (i < rows) {
             const float hv = he[r0 + i];
-            const float qv = c * du[i];
+            // A zero coefficient's products are not formed (0 * inf would be NaN), as on
+            // the CPU: no dx, dA or dB from this token; dg still gets s <h, dU>.
+            const float qv = c != 0.f ? c * du[i] : 0.f;
             hu += hv * du[i];
             any = any || qv != 0.f;
             if (lane == 0) {
               qt[e * R + r0 + i] = qv;
-              if (ut != nullptr) ut[e * R + r0 + i] = c * hv;
+              if (ut != nullptr) ut[e * R + r0 + i] = c != 0.f ? c * hv : 0.f;
             }
           }
         }

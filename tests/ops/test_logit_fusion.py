@@ -683,6 +683,23 @@ def test_per_expert_ranges(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fully_masked_rows_with_ranges(device, dtype):
+    """A fully masked row keeps the ranges: loss 0 inside each expert's range and +inf outside,
+    as the reference, with α = 0 and expert 0."""
+    large, small, experts = make_logits(4, 300, 2, dtype, device, seed=63)
+    large, experts = large.clone(), experts.clone()
+    large[1] = NEG_INF
+    experts[1, 2] = NEG_INF
+    for ranges in ([(0.0, 1.5), (0.0, 0.5)], [(0.5, 1.5), (1.0, 1.0)]):
+        res = check_ranges(large, small, experts, [0.0, 0.5, 1.0, 1.5], ranges)
+        for b in (1, 2):
+            assert res.alpha[b].item() == 0.0 and res.expert[b].item() == 0
+            assert (res.loss[b].isinf() | (res.loss[b] == 0)).all()
+            assert res.loss[b].isinf().any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_per_expert_ranges_beyond_one_native_call(device):
     large, small, experts = make_logits(5, 300, 2, torch.float32, device, seed=61)
     grid = [0.01 * i for i in range(201)]  # 4 native calls; the ranges cut across them

@@ -524,6 +524,18 @@ def test_dropout_binding_draws_the_reference_masks(device, dtype):
         assert torch.equal(inplace.nan_to_num(7.0), out.nan_to_num(7.0))
 
 
+def test_reference_router_logits_keep_exact_ties():
+    """Identical router rows give bitwise equal logits in the reference (``x @ W_zᵀ`` in
+    float32 may round equal columns differently), so its top-k keeps the lower-index rule."""
+    gen = torch.Generator().manual_seed(0)
+    for d_in in (33, 64, 1000):
+        x = torch.randn(7, d_in, generator=gen)
+        w = torch.randn(1, d_in, generator=gen).expand(6, d_in).contiguous()
+        probs, selected, _ = route_ref(x, w, 3)
+        assert torch.equal(probs, probs[:, :1].expand_as(probs)), d_in
+        assert torch.equal(selected, torch.tensor([[0, 1, 2]]).expand(7, 3)), d_in
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_router_ties_many_tokens(device):
     """The GEMM path keeps the tie rule: equal logits select experts 0 … k−1, a NaN row
@@ -663,6 +675,64 @@ def test_nan_in_x_propagates_to_its_token_only(device):
     gates = torch.ones(7, 3, device=device)
     y, _ = routed_lora(x, a, b, 1.0, gates=gates, dropout=0.5, seed=3)
     assert y[3].isnan().all() and torch.cat([y[:3], y[4:]]).isfinite().all()
+
+
+def zero_gate_case(n_tokens, device):
+    """Gate mode with x holding inf, −inf and NaN only in tokens whose every gate is 0, some
+    other gates 0 too; returns ``(x, x_clean, a, b, gates, idle)``: ``x_clean`` has 0 where
+    ``x`` is not finite, ``idle`` ``[N]`` marks the tokens with every gate 0."""
+    gen = torch.Generator().manual_seed(61)
+    x, a, b, _ = make_case(n_tokens, 9, 5, 3, 4, torch.float32, device, gen)
+    gates = randn((n_tokens, 3), torch.float32, device, gen).requires_grad_()
+    idle = torch.zeros(n_tokens, dtype=torch.bool, device=device)
+    idle[[0, 3, n_tokens - 1]] = True
+    x = x.detach().clone()
+    x[0, 2], x[3, 0], x[3, 5], x[n_tokens - 1, 8] = float("inf"), -float("inf"), 1.0, float("nan")
+    with torch.no_grad():
+        gates[idle] = 0.0
+        gates[1, 0] = gates[4, 2] = 0.0  # one zero gate among nonzero ones, finite x
+    x_clean = torch.where(x.isfinite(), x, 0.0)
+    return x, x_clean, a, b, gates, idle
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["per_token", "gemm", "reference", "loop"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_zero_coefficient_forms_no_product(monkeypatch, device, path, dropout):
+    """An expert whose coefficient g·s is exactly 0 contributes exactly 0 to y and nothing to
+    dx, dA, dB from that token, whatever x holds there (inf, NaN): tokens with every gate 0 and
+    non-finite x give bit for bit the results of the same tokens with x = 0, on the per-token
+    kernels (N < 64), the GEMMs (N ≥ 64), the dense reference and the loop reference; their
+    gates still get s⟨h, U⟩ (non-finite here, in the same entries on every path)."""
+    import importlib
+
+    rl = importlib.import_module("meldkit.ops.routed_lora")  # the module, not the function
+    n_tokens = 40 if path == "per_token" else 100
+    if path == "reference":
+        monkeypatch.setattr(rl, "_use_reference", lambda *_: True)
+    fn = routed_lora_ref if path == "loop" else routed_lora
+    x, x_clean, a, b, gates, idle = zero_gate_case(n_tokens, device)
+    s = torch.tensor([0.75, 2.0, 1.5])
+    dy = randn((n_tokens, 5), torch.float32, device, torch.Generator().manual_seed(3))
+    kw = {"dropout": dropout, "seed": 5} if dropout else {}
+    results, dgates = [], []
+    for xv in (x, x_clean):
+        xv = xv.clone().requires_grad_()
+        y, _ = fn(xv, a, b, s, gates=gates, **kw)
+        dx, da, db, dg = torch.autograd.grad(y, [xv, a, b, gates], dy)
+        results.append((y, dx, da, db, dg[~idle]))
+        dgates.append(dg[idle])
+    for name, dirty, clean in zip(["y", "dx", "dA", "dB", "dgates"], *results, strict=True):
+        assert dirty.isfinite().all(), name
+        assert torch.equal(dirty, clean), name
+    if path != "loop":  # s_e⟨h_e, U_e⟩ as the kernels form it (the loop's autograd sums otherwise)
+        x64, a64, b64, dy64 = (t.detach().double() for t in (x, a, b, dy[idle]))
+        h64 = [dropout_ref(x64, dropout, 5, e)[idle] @ a64[e].T for e in range(3)]
+        expected = torch.stack([s[e] * (h64[e] * (dy64 @ b64[e])).sum(-1) for e in range(3)], -1)
+        assert not expected.isfinite().all()
+        assert torch.equal(dgates[0].isfinite(), expected.isfinite())
+    if path == "per_token":
+        check_against_loop_reference(x_clean, a, b, s, gates=gates, **kw)
 
 
 # ---- dropout -----------------------------------------------------------------------------------

@@ -473,10 +473,12 @@ def logit_fusion(
     *Masking.* A position where any of the T + 2 inputs is −inf (vocabulary padding,
     constrained decoding) is left out of every softmax and KL (probability 0 everywhere) and
     its fused logit is −inf; −inf never produces NaN. A row with every position masked gets
-    α = 0, expert 0, loss 0 and logits all −inf. Only −inf masks: a finite stand-in such as
-    −1e9 or ``torch.finfo(dtype).min`` (what some processors and attention code write) is a
-    logit like any other, whose difference to the other models enters every KL term (a single
-    one can move α, and ``finfo.min`` overflows the losses to inf); write −inf to mask.
+    α = 0, expert 0 (even when ``ranges`` leave that candidate out), loss 0 for every candidate
+    inside its expert's range (+inf outside, as on every row) and logits all −inf. Only −inf
+    masks: a finite stand-in such as −1e9 or ``torch.finfo(dtype).min`` (what some processors
+    and attention code write) is a logit like any other, whose difference to the other models
+    enters every KL term (a single one can move α, and ``finfo.min`` overflows the losses to
+    inf); write −inf to mask.
 
     *Checks.* NaN and +inf in the inputs are refused; finding them costs one pass over the
     inputs and one host synchronisation per call (so the call graph-breaks under

@@ -40,8 +40,9 @@ Output::
 Masking: position v of row b is masked when any of the T + 2 inputs is −inf there. A masked
 position has probability 0 in every distribution (it is left out of every softmax and every KL)
 and fused logit −inf; no −inf ever becomes NaN. A row with every position masked gets
-``alpha = 0``, ``expert = 0``, ``loss = 0`` and logits all −inf. (With one unmasked position every
-distribution is a point mass, every loss is 0 and the tie rule picks the smallest α.)
+``alpha = 0``, ``expert = 0``, ``loss = 0`` (+inf for a candidate outside its expert's range,
+as on every row) and logits all −inf. (With one unmasked position every distribution is a
+point mass, every loss is 0 and the tie rule picks the smallest α.)
 
 Precision: the grid is rounded to the accumulation dtype (float32, or float64 for float64
 inputs), as the native kernels receive it, so the default 0.1 is float32(0.1); every other

@@ -50,7 +50,9 @@ from meldkit import _native
 from meldkit.ops import _checks
 from meldkit.ops._library import custom_op
 from meldkit.ops.routed_lora_ref import (
+    coefficient_product_ref,
     compute_dtype,
+    idle_rows_zeroed_ref,
     routed_lora_backward_ref,
     routed_lora_forward_ref,
     top_k_ref,
@@ -241,6 +243,32 @@ def _base_dx(dy, x, base_weight, acc):
     return (dy.to(x.dtype) @ base_weight).to(acc)
 
 
+def _coefficient_product(v: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """:func:`coefficient_product_ref`: ``v ⊙ (coef ⊗ 1_r)``, exactly 0 where ``coef`` is 0.
+    On the CPU, where reading a flag is no device synchronisation, the zeros are written only
+    when the product holds inf or NaN (else a zero coefficient already gave ±0)."""
+    if v.device.type == "cpu":
+        product = v * coef.unsqueeze(-1)
+        if bool(product.sum().isfinite()):
+            return product
+    return coefficient_product_ref(v, coef)
+
+
+def _idle_tokens_out(xa: torch.Tensor, dh: torch.Tensor, fresh: bool) -> torch.Tensor:
+    """``xa`` ``[N, n]`` with 0 in the rows of the tokens whose ``dh`` row is all 0 (every
+    gate 0, gate mode), so that ``dhᵀ·xa`` leaves them out even with inf or NaN in x, as the
+    per-token kernels do (:func:`idle_rows_zeroed_ref`); in place when ``xa`` is ``fresh`` (a
+    converted copy of x). On the CPU, where reading a flag is no device synchronisation, only
+    when such a row holds inf or NaN (a copy of x costs about as much as the dA GEMM; reading
+    the idle rows, usually none, does not); on CUDA always (no synchronisation)."""
+    idle = dh.abs().amax(-1, keepdim=True) == 0  # [N, 1]; a NaN row is not idle
+    if xa.device.type == "cpu":
+        rows = idle.squeeze(1).nonzero().squeeze(1)
+        if rows.numel() == 0 or bool(xa.index_select(0, rows).isfinite().all()):
+            return xa
+    return xa.masked_fill_(idle, 0.0) if fresh else xa.masked_fill(idle, 0.0)
+
+
 def _gemm_forward(
     x,
     lora_a,
@@ -293,9 +321,8 @@ def _gemm_forward(
         probs = torch.softmax(z, dim=-1)
         p_sel = torch.where(_selected_mask(probs, top_k), probs, 0.0)
         weights = p_sel / p_sel.sum(-1, keepdim=True)
-    u = (h.view(n_tokens, n_experts, rank) * (weights * scaling.to(acc)).unsqueeze(-1)).view(
-        n_tokens, er
-    )
+    u = _coefficient_product(h.view(n_tokens, n_experts, rank), weights * scaling.to(acc))
+    u = u.view(n_tokens, er)
     if base_weight is None:
         y = u @ _cat_b(lora_b, acc).T
     else:
@@ -339,12 +366,12 @@ def _gemm_backward(
     er = n_experts * rank
     s = scaling.to(acc)
     dyc = dy.to(acc)
-    gs = (weights * s).unsqueeze(-1)  # [N, E, 1]
+    gs = weights * s  # [N, E], the coefficients g·s
     h3 = h.view(n_tokens, n_experts, rank)
     u3 = (dyc @ _cat_b(lora_b, acc)).view(n_tokens, n_experts, rank)
     dx = da = db = dw = dgates = None
     if need_db:
-        db = dyc.T @ (h3 * gs).view(n_tokens, er)  # [m, E·r]
+        db = dyc.T @ _coefficient_product(h3, gs).view(n_tokens, er)  # [m, E·r]
         db = db.view(d_out, n_experts, rank).permute(1, 0, 2).to(lora_b.dtype).contiguous()
     need_dz = router_weight is not None and (need_dx or need_dw)
     dz = None
@@ -355,15 +382,18 @@ def _gemm_backward(
         if need_dz:
             selected = _selected_mask(probs, top_k)
             p_sum = torch.where(selected, probs, 0).sum(-1, keepdim=True)
-            dp = torch.where(selected, (dg - (weights * dg).sum(-1, keepdim=True)) / p_sum, 0)
+            # Σ_{j∈Ω} g_j dg_j over the selected experts only: h (and so dg) is formed for
+            # every expert here, and an unselected one's may be inf (the kernels leave it 0).
+            gdg = torch.where(selected, weights * dg, 0).sum(-1, keepdim=True)
+            dp = torch.where(selected, (dg - gdg) / p_sum, 0)
             if dprobs is not None:
                 dp = dp + dprobs.to(acc)
             dz = probs * (dp - (probs * dp).sum(-1, keepdim=True))
     if dropout > 0.0 and shared and (need_dx or need_da or need_dw):
-        dh = (u3 * gs).view(n_tokens, er)
+        dh = _coefficient_product(u3, gs).view(n_tokens, er)
         xa = x.to(acc).contiguous()
         if need_da:
-            xd = _dropped(xa, torch.empty_like(xa), dropout, seed, 0)
+            xd = idle_rows_zeroed_ref(_dropped(xa, torch.empty_like(xa), dropout, seed, 0), dh)
             da = (dh.T @ xd).reshape(n_experts, rank, d_in).to(lora_a.dtype).contiguous()
         if need_dx:
             part = dh @ _cat_a(lora_a, acc)
@@ -375,7 +405,7 @@ def _gemm_backward(
         if need_dw and dz is not None:
             dw = (dz.T @ xa).to(router_weight.dtype).contiguous()
     elif dropout > 0.0 and (need_dx or need_da or need_dw):
-        dh = (u3 * gs).view(n_tokens, er)
+        dh = _coefficient_product(u3, gs).view(n_tokens, er)
         xa = x.to(acc).contiguous()
         dxc = None
         if need_dx:
@@ -390,7 +420,8 @@ def _gemm_backward(
             for e in range(n_experts):
                 dh_e = dh[:, e * rank : (e + 1) * rank]
                 if need_da:
-                    da_acc[e] = dh_e.T @ _dropped(xa, buf, dropout, seed, e)
+                    xd = idle_rows_zeroed_ref(_dropped(xa, buf, dropout, seed, e), dh_e)
+                    da_acc[e] = dh_e.T @ xd
                 if need_dx:
                     part = dh_e @ lora_a[e].to(acc)
                     dxc += _dropped(part, part, dropout, seed, e)
@@ -404,7 +435,7 @@ def _gemm_backward(
         if need_da:
             da = da_acc.to(lora_a.dtype).contiguous()
     elif need_dx or need_da or need_dw:
-        dh = (u3 * gs).view(n_tokens, er)
+        dh = _coefficient_product(u3, gs).view(n_tokens, er)
         left = dh if dz is None else torch.cat([dh, dz], dim=1)  # [N, E·r (+ E)]
         if need_dx:
             right = _cat_a(lora_a, acc)
@@ -416,6 +447,10 @@ def _gemm_backward(
                 dx = _base_dx(dy, x, base_weight, acc).addmm_(left, right).to(x.dtype)
         if need_da or need_dw:
             xa = x.to(acc)
+            # Gate mode only: in router mode, inf or NaN in a token's x makes its logits, hence
+            # its dz, NaN anyway.
+            if router_weight is None:
+                xa = _idle_tokens_out(xa, dh, fresh=xa is not x)
             if need_da and need_dw:
                 both = left.T @ xa
                 da, dw = both[:er], both[er:].clone()  # outputs must not share storage
@@ -899,7 +934,8 @@ def routed_lora(
     ----------
     x : Tensor
         ``[..., n]``: float32, bfloat16, float16 or float64; its dtype may differ from the
-        weights' (bf16 activations with fp32 LoRA weights). NaN and inf propagate.
+        weights' (bf16 activations with fp32 LoRA weights). NaN and inf propagate, except
+        through a zero coefficient (see Notes).
     lora_a : Tensor
         A ``[E, r, n]``, E ≥ 1 (any number: above 64 experts, or with float64 mixed with other
         dtypes, every token count runs the GEMM path), r ≥ 1; same device as ``x``.
@@ -967,6 +1003,16 @@ def routed_lora(
     the dropout masks from ``seed`` and recomputes the selected experts from the saved
     ``probs``: it stores only ``[N, E]`` routing weights and ``[N, E·r]`` expert activations.
     Double backward is not supported.
+
+    *Zero coefficients.* An expert whose coefficient ``g_e·s_e`` (in the compute dtype) is
+    exactly 0 for a token (a zero gate, an expert outside the top k, s_e = 0) contributes
+    exactly 0 to that token's ``y`` and nothing to ``dx``, ``dA_e`` or ``dB_e``: the products
+    are not formed, so inf or NaN in x (or h) there never meets the 0, on every path and token
+    count. A token whose every gate is 0 (padding) thus leaves y and every weight gradient as
+    if it were absent; its gates still receive ``s_e⟨h_e, U_e⟩``, inf or NaN with such an x.
+    One exception, from 64 tokens without per-expert dropout (the experts' dA is one GEMM): a
+    token with inf or NaN in x and some nonzero coefficient (so its own y is not finite)
+    brings NaN into the dA of every expert, not only those with a nonzero coefficient.
 
     On CUDA neither pass synchronises, so both can be captured in a CUDA graph. The seed,
     though, is read on the host when the op runs: a graph captured with ``torch.cuda.graph``

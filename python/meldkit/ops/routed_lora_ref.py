@@ -41,6 +41,11 @@ Backward (spec §3.7), with dy = ∂L/∂y, U_e = dy B_e ([N, r]) and dprobs = �
     dW_z = dzᵀ x                                       (raw x: the router sees no dropout)
     dx   = Σ_e c M_e ⊙ (dh_e A_e) + dz W_z
 
+Zero coefficients: a product with a coefficient c = g_e s_e that is exactly 0 is not formed
+(the native kernels skip it): expert e then adds exactly 0 to token t's y and nothing to dx,
+dA_e or dB_e, even where x (so h) holds inf or NaN, where 0·inf would give NaN; dg_e is still
+s_e ⟨h_e, U_e⟩. See :func:`coefficient_product_ref` and :func:`idle_rows_zeroed_ref`.
+
 Precision: storage in float32, bfloat16, float16 or float64 (x may differ from the weights);
 arithmetic in float32, or float64 when every floating input (x, the LoRA weights and the router
 weights or gates) is float64. ``scaling`` is a constant used in that compute dtype.
@@ -108,6 +113,47 @@ def top_k_ref(probs: torch.Tensor, top_k: int) -> torch.Tensor:
     return torch.sort(-probs, dim=-1, stable=True).indices[:, :top_k]
 
 
+def router_logits_ref(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+    """``z = x W_zᵀ`` ``[N, E]``, one column at a time with the same reduction: equal router
+    rows give bitwise equal logits, so exact ties stay ties for :func:`top_k_ref` (``x @ W_zᵀ``
+    may round equal columns differently, depending on where they fall in the GEMM's tiles)."""
+    return torch.stack([(x * w).sum(-1) for w in router_weight.unbind(0)], dim=-1)
+
+
+def coefficient_product_ref(v: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """``v ⊙ (coef ⊗ 1_r)`` for ``v`` ``[N, E, r]`` and coefficients ``coef = g·s`` ``[N, E]``,
+    a fresh tensor that is exactly 0 where ``coef`` is exactly 0, whatever ``v`` holds there:
+    a zero coefficient's product is not formed (the module docstring's "Zero coefficients")."""
+    c = coef.unsqueeze(-1)
+    return (v * c).masked_fill_(c == 0, 0.0)
+
+
+def idle_rows_zeroed_ref(v: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``v`` ``[N, n]`` with 0 in each row t whose ``grad[t]`` ``[N, k]`` is all 0, so that
+    ``gradᵀ·v`` leaves those tokens out even when their row of ``v`` holds inf or NaN (the
+    kernels skip zero coefficients rather than multiply by them)."""
+    return v.masked_fill((grad == 0).all(-1, keepdim=True), 0.0)
+
+
+class _NotFormed(torch.autograd.Function):
+    """``c ⊙ v`` for coefficients ``c`` ``[N]`` that are all exactly 0 and ``v`` ``[N, m]``:
+    the value is exactly 0 (the product is not formed, so inf or NaN in ``v`` stays out), the
+    gradient of ``c`` is still ``⟨dy, v⟩`` (a zero gate's gradient) and ``v`` receives none."""
+
+    @staticmethod
+    def forward(c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        (v,) = ctx.saved_tensors
+        return (dy * v).sum(-1), None
+
+
 def route_ref(
     x: torch.Tensor, router_weight: torch.Tensor, top_k: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,7 +163,7 @@ def route_ref(
     :func:`top_k_ref`); ``g = p_Ω / Σ_{j∈Ω} p_j`` ``[N, k]``, their weights. ``x`` ``[N, n]`` and
     ``router_weight`` ``[E, n]`` in the compute dtype. Differentiable.
     """
-    probs = torch.softmax(x @ router_weight.T, dim=-1)
+    probs = torch.softmax(router_logits_ref(x, router_weight), dim=-1)
     selected = top_k_ref(probs, top_k)
     p_sel = probs.gather(1, selected)
     return probs, selected, p_sel / p_sel.sum(-1, keepdim=True)
@@ -213,9 +259,15 @@ def routed_lora_ref(
         else:
             token = torch.arange(n_tokens, device=x.device)
             g = g_all[:, e]
-        x_e = dropout_ref(x2, dropout, seed or 0, 0 if shared_dropout else e)[token]
-        out = (x_e @ a[e].T) @ b[e].T * s[e]
-        y = y.index_add(0, token, out * g[:, None])
+        c = g * s[e]
+        live = c != 0
+        x_e = dropout_ref(x2, dropout, seed or 0, 0 if shared_dropout else e)
+        out = (x_e[token[live]] @ a[e].T) @ b[e].T
+        y = y.index_add(0, token[live], out * c[live, None])
+        if not live.all():  # zero coefficients: no product, but the gates' gradient s_e⟨h_e, U_e⟩
+            dead = token[~live]
+            out = ((x_e[dead] @ a[e].T) @ b[e].T).detach()
+            y = y.index_add(0, dead, _NotFormed.apply(c[~live], out))
     if base_weight is not None:
         y = y + base_linear_ref(x.reshape(-1, d_in), base_weight, base_bias).to(acc)
     return y.to(x.dtype).reshape(*lead, d_out), probs
@@ -304,7 +356,7 @@ def routed_lora_forward_ref(
         ],
         dim=1,
     )  # [N, E, r]
-    y = torch.einsum("ner,emr->nm", h * (weights * s)[:, :, None], b)
+    y = torch.einsum("ner,emr->nm", coefficient_product_ref(h, weights * s), b)
     if base_weight is not None:
         y = y + base_linear_ref(x, base_weight, base_bias).to(acc)
     # Contiguous, like the native kernels' outputs (einsum picks its own strides on CUDA).
@@ -370,10 +422,11 @@ def routed_lora_backward_ref(
     g = weights
     h3 = h.reshape(n_tokens, n_experts, rank)
     u = torch.einsum("nm,emr->ner", dyc, b)  # U_e = dy B_e
-    dh = (s * g)[:, :, None] * u  # s_e g_e U_e
+    dh = coefficient_product_ref(u, g * s)  # s_e g_e U_e
     dx = da = db = dw = dgates = None
     if need_db:
-        db = torch.einsum("ne,nm,ner->emr", g * s, dyc, h3).to(lora_b.dtype).contiguous()
+        gh = coefficient_product_ref(h3, g * s)  # s_e g_e h_e
+        db = torch.einsum("nm,ner->emr", dyc, gh).to(lora_b.dtype).contiguous()
     if need_dx or need_da:
         dxc = torch.zeros(n_tokens, d_in, dtype=acc, device=x.device)
         da_acc = torch.empty(n_experts, rank, d_in, dtype=acc, device=x.device)
@@ -387,7 +440,7 @@ def routed_lora_backward_ref(
                 dtype=acc,
             )
             x_e = xc if factor is None else xc * factor
-            da_acc[e] = dh[:, e].T @ x_e
+            da_acc[e] = dh[:, e].T @ idle_rows_zeroed_ref(x_e, dh[:, e])
             dx_e = dh[:, e] @ a[e]
             dxc += dx_e if factor is None else dx_e * factor
         if need_da:
@@ -398,7 +451,8 @@ def routed_lora_backward_ref(
             1, top_k_ref(probs, top_k), True
         )
         p_sum = torch.where(selected, probs, 0).sum(-1, keepdim=True)
-        dp = torch.where(selected, (dg - (g * dg).sum(-1, keepdim=True)) / p_sum, 0)
+        gdg = torch.where(selected, g * dg, 0).sum(-1, keepdim=True)  # Σ_{j∈Ω} g_j dg_j
+        dp = torch.where(selected, (dg - gdg) / p_sum, 0)
         if dprobs is not None:
             dp = dp + dprobs.to(acc)
         dz = probs * (dp - (probs * dp).sum(-1, keepdim=True))
