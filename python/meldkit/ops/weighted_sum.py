@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from meldkit import _native
+from meldkit._memory import prefault
 from meldkit.ops import _checks
 from meldkit.ops._library import custom_op
 from meldkit.ops.weighted_sum_ref import weighted_sum_ref
@@ -64,7 +65,7 @@ def _weighted_sum_native(
     out_dtype = out_dtype or tensors[0].dtype
     if _use_reference(tensors[0].device, (tensors[0].dtype, out_dtype)):
         return weighted_sum_ref(tensors, weights, out_dtype)
-    out = torch.empty(tensors[0].shape, dtype=out_dtype, device=tensors[0].device)
+    out = prefault(torch.empty(tensors[0].shape, dtype=out_dtype, device=tensors[0].device))
     _launch(tensors, weights, out)
     return out
 
