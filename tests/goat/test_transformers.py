@@ -218,3 +218,91 @@ def test_adapter_refuses_a_base_with_another_config(tmp_path):
     fresh = transformers.LlamaForCausalLM(config).eval()
     fresh.load_state_dict(tiny_llama().state_dict())
     goat.load_adapter(fresh, path)  # an older file: nothing to compare
+
+
+def test_rope_settings_agree_across_transformers_versions():
+    """transformers 4 configs hold ``rope_theta`` + ``rope_scaling`` (GPT-NeoX:
+    ``rotary_emb_base`` + ``rotary_pct``), transformers 5 configs one ``rope_parameters`` dict:
+    the record puts both in one form, so the same settings agree (10000 and 10000.0 too) and
+    other ones differ (one-sided fields were skipped: a RoPE base of 500000 passed for
+    10000)."""
+    from meldkit.goat.io import _agree, rope_settings
+
+    llama3 = {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    v4 = rope_settings({"rope_theta": 500000.0, "rope_scaling": {"type": "llama3", **llama3}})
+    v5 = rope_settings(
+        {
+            "rope_parameters": {
+                "type": "llama3",
+                "rope_type": "llama3",
+                "rope_theta": 500000,
+                **llama3,
+            }
+        }
+    )
+    assert v4 == {"rope_type": "llama3", "rope_theta": 500000.0, **llama3}
+    assert _agree(v5, v4)
+    assert not _agree(v5, {**v4, "rope_theta": 10000.0})
+    assert not _agree(v5, {**v4, "factor": 4.0})
+    assert not _agree(v5, {**v4, "rope_type": "default"})
+    neox4 = rope_settings({"rotary_emb_base": 10000, "rotary_pct": 0.25, "rope_scaling": None})
+    neox5 = rope_settings(
+        {"rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.25}}
+    )
+    assert _agree(neox5, neox4) and not _agree(neox5, {**neox4, "partial_rotary_factor": 0.5})
+    # a version that writes a default the other leaves out still agrees
+    yarn4 = rope_settings({"rope_theta": 1e6, "rope_scaling": {"type": "yarn", "factor": 4.0}})
+    yarn5 = {**yarn4, "original_max_position_embeddings": 32768}
+    assert _agree(yarn5, yarn4)
+    assert rope_settings({"rope_scaling": None}) is None  # no RoPE (GPT-2)
+
+
+def test_adapter_refuses_another_rope_whatever_version_saved_it(tmp_path):
+    """The installed transformers' Llama against records in either version's form, and in
+    the form of files saved before the ``"rope"`` record (transformers 4: ``rope_theta`` only):
+    the same RoPE loads, another base or scaling is refused, naming the check that failed and
+    the way round it."""
+    import json
+
+    import transformers
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = goat.save_adapter(goat.wrap(tiny_llama(), llama_config()), tmp_path / "a.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    saved = json.loads(metadata["architecture"])
+    assert saved["rope"]["rope_theta"] == pytest.approx(10000.0)
+    del saved["rope"]
+    linear = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    for rope, fits in (
+        ({"rope_theta": 10000}, True),  # an earlier file of transformers 4
+        ({"rope_theta": 500000.0}, False),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}, True),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}, False),
+        ({"rope": {"rope_type": "default", "rope_theta": 10000.0}}, True),
+        ({"rope": linear}, False),
+    ):
+        metadata["architecture"] = json.dumps({**saved, **rope})
+        save_file(tensors, str(path), metadata)
+        if fits:
+            goat.load_adapter(tiny_llama(), path)
+            continue
+        with pytest.raises(
+            goat.AdapterError, match=r"base config check: .* in rope=.*check_base=False"
+        ):
+            goat.load_adapter(tiny_llama(), path)
+    config = tiny_llama().config
+    if hasattr(config, "rope_parameters"):  # transformers 5
+        config.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    else:
+        config.rope_scaling = {"type": "linear", "factor": 4.0}
+    scaled = transformers.LlamaForCausalLM(config).eval()
+    scaled.load_state_dict(tiny_llama().state_dict())
+    goat.load_adapter(scaled, path)  # the last record: linear scaling, factor 4

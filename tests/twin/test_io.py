@@ -164,3 +164,26 @@ def test_load_refuses_another_config(tmp_path):
     del meta["architecture"]
     (folder / "twin.json").write_text(json.dumps(meta))
     assert isinstance(twin.load(folder, other), twin.TwinModel)
+
+
+def test_load_compares_rope_of_records_from_either_transformers_version(tmp_path):
+    """A twin's RoPE record is compared with the base's whatever transformers version wrote
+    it: a record of transformers 4 (``rope_theta``, before ``"rope"``) with another base is
+    refused (it was skipped: the installed version names it otherwise), the same one loads."""
+    from tests.twin.models import llama_classifier, llama_classifier_experts
+
+    base, experts = llama_classifier_experts()
+    model = twin.TwinModel(base, twin.build(base, experts, progress=False)).eval()
+    folder = twin.save(model, tmp_path / "twin")
+    meta = json.loads((folder / "twin.json").read_text())
+    assert meta["architecture"]["rope"]["rope_theta"] == pytest.approx(10000.0)
+    del meta["architecture"]["rope"]
+    for theta, fits in ((10000, True), (500000.0, False)):
+        meta["architecture"]["rope_theta"] = theta
+        (folder / "twin.json").write_text(json.dumps(meta))
+        if fits:
+            assert isinstance(twin.load(folder, llama_classifier()), twin.TwinModel)
+            continue
+        with pytest.raises(twin.TwinError, match=r"base config check: .* in rope=.*check_base"):
+            twin.load(folder, llama_classifier())
+        twin.load(folder, llama_classifier(), check_base=False)

@@ -1102,3 +1102,84 @@ def test_all_zero_weights_warn_without_a_task(full_rank):
         warnings.simplefilter("error")
         model(**x, weights=w, task=[1, 2])
         model(**x)  # the router's weights are never all zero
+
+
+def _left_padded_prompts():
+    """``(short [1, 4], ids [2, 9], mask [2, 9])``: the short prompt is row 1 of the batch,
+    left-padded under a longer one."""
+    gen = torch.Generator().manual_seed(0)
+    short = torch.randint(1, 64, (1, 4), generator=gen)
+    long = torch.randint(1, 64, (1, 9), generator=gen)
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    ids[0], ids[1, 5:] = long[0], short[0]
+    mask = torch.zeros_like(ids)
+    mask[0], mask[1, 5:] = 1, 1
+    return short, ids, mask
+
+
+def _spy_on_route(model) -> list:
+    """Record every ``model.route`` call as ``(kwargs, weights)``."""
+    routed = []
+    route = model.route
+
+    def spy(*args, **kwargs):
+        routed.append((kwargs, route(*args, **kwargs)))
+        return routed[-1][1]
+
+    model.route = spy
+    return routed
+
+
+def test_generate_routes_a_left_padded_prompt_of_a_peft_model_as_alone():
+    """A twin over a PEFT model: ``PeftModel.forward`` names no ``position_ids``, but its
+    ``generate`` runs the base model's, which derives them from the mask; the routing pass
+    must read the prompt at those positions too (it got none: a left-padded prompt was routed
+    at its batch's positions)."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = peft.get_peft_model(gpt2(), config).eval()
+    experts = [perturbed(base, seed=s, scale=0.5) for s in (1, 2, 3)]
+    model = twin.TwinModel(base, twin.build(base, experts, rank_ratio=1.0, progress=False)).eval()
+    short, ids, mask = _left_padded_prompts()
+    routed = _spy_on_route(model)
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        alone = model.generate(input_ids=short, attention_mask=torch.ones_like(short), **kw)
+        batched = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    (_, w_alone), (kwargs, w_batch) = routed
+    assert torch.equal(kwargs["position_ids"][1], torch.tensor([0] * 6 + [1, 2, 3]))
+    torch.testing.assert_close(w_batch[1], w_alone[0])
+    assert torch.equal(batched[1, 9:], alone[0, 4:])
+
+
+def test_generate_routes_at_the_models_own_generation_positions():
+    """A model that overrides transformers' ``_prepare_position_ids_for_generation`` (Qwen3-VL
+    and GLM-4V give 3-D M-RoPE positions) is routed at the positions that hook gives, the
+    ones ``generate`` runs the prompt at, not at ``cumsum(mask) - 1``."""
+    if not hasattr(transformers.GenerationMixin, "_prepare_position_ids_for_generation"):
+        pytest.skip("this transformers has no position hook (before 5)")
+
+    class ShiftedGPT2(transformers.GPT2LMHeadModel):
+        def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+            positions = super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+            return positions + 3
+
+    plain = gpt2()
+    base = ShiftedGPT2(plain.config).eval()
+    base.load_state_dict(plain.state_dict())
+    experts = [perturbed(base, seed=s, scale=0.5) for s in (1, 2, 3)]
+    model = twin.TwinModel(base, twin.build(base, experts, rank_ratio=1.0, progress=False)).eval()
+    _, ids, mask = _left_padded_prompts()
+    routed = _spy_on_route(model)
+    kw = {"max_new_tokens": 2, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, **kw)
+        want = (mask.cumsum(-1) - 1).clamp_min(0) + 3
+        assert torch.equal(routed[0][0]["position_ids"], want)
+        torch.testing.assert_close(
+            routed[0][1], model.route(input_ids=ids, attention_mask=mask, position_ids=want)
+        )

@@ -24,7 +24,9 @@ was wrapped, whatever the model was cast to later; older files: the base weight'
 a model wrapped with ``keep_original=False``, and ``sketch_dtype``, the sketched weight's dtype)
 and ``modules_to_save`` (JSON: the saved modules' names; absent in older files) and
 ``architecture`` (JSON: the model config's :data:`ARCHITECTURE_FIELDS`, the settings that change
-the computation but no shape; absent in older files and for models without a config).
+the computation but no shape, and its RoPE settings as ``rope`` in one form whatever
+``transformers`` version wrote them, :func:`rope_settings`; absent in older files and for models
+without a config).
 
 :func:`load_adapter` compares each layer's sketch with the model's base weight: an adapter
 loaded into a model of the same architecture but other weights (another checkpoint, another
@@ -46,9 +48,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,7 +94,8 @@ _WRAPPER_PARTS = (_FSDP1_PART, "_checkpoint_wrapped_module")
 
 # Fields of a Hugging Face model config that change what a model computes without changing any
 # parameter's shape (a file's tensors cannot tell them apart): the saved model's are kept
-# beside its tensors and compared on load.
+# beside its tensors and compared on load. RoPE is recorded apart, under ``"rope"``
+# (:data:`ROPE_FIELDS`, :func:`rope_settings`).
 ARCHITECTURE_FIELDS = (
     "model_type",
     "num_attention_heads",
@@ -97,10 +103,6 @@ ARCHITECTURE_FIELDS = (
     "head_dim",
     "hidden_act",
     "activation_function",
-    "rope_theta",
-    "rope_parameters",
-    "partial_rotary_factor",
-    "rotary_pct",
     "rms_norm_eps",
     "layer_norm_eps",
     "layer_norm_epsilon",
@@ -116,37 +118,139 @@ ARCHITECTURE_FIELDS = (
     "residual_multiplier",
     "logits_scaling",
 )
+# Config fields that hold the rotary embedding's settings: ``rope_parameters`` in transformers 5
+# (one dict, or one per attention type); ``rope_theta`` (GPT-NeoX: ``rotary_emb_base``),
+# ``rope_scaling``, ``partial_rotary_factor`` (GPT-NeoX: ``rotary_pct``) and Gemma 3's
+# ``rope_local_base_freq`` before.
+ROPE_FIELDS = (
+    "rope_parameters",
+    "rope_theta",
+    "rotary_emb_base",
+    "rope_scaling",
+    "partial_rotary_factor",
+    "rotary_pct",
+    "rope_local_base_freq",
+)
+# Relative tolerance for numbers in the record: a setting written by another transformers
+# version (10000 vs 10000.0, a float printed otherwise) is the same setting.
+_NUMBER_RTOL = 1e-6
 
 
-def architecture(model: nn.Module) -> dict | None:
-    """The :data:`ARCHITECTURE_FIELDS` of ``model.config`` that it sets (not None), as JSON
-    values; None for a model without a config."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _config_fields(config: Any, keys: tuple[str, ...]) -> dict:
+    """The ``keys`` that ``config`` sets (not None), as JSON values."""
     fields = {}
-    for key in ARCHITECTURE_FIELDS:
+    for key in keys:
         try:
             value = getattr(config, key, None)
         except Exception:  # a config property that cannot be computed for this model
             value = None
         if value is not None:
-            fields[key] = json.loads(json.dumps(value, default=str))
+            fields[key] = _json(value)
     return fields
+
+
+def _rope_params(params: dict) -> dict:
+    """One attention type's RoPE dict in the record's form: ``rope_type`` under that name
+    (older configs call it ``type``; transformers 5 keeps both)."""
+    params = dict(params)
+    kind = params.pop("type", None)
+    if kind is not None:
+        params.setdefault("rope_type", kind)
+    return params
+
+
+def rope_settings(fields: Mapping[str, Any], scaling_known: bool = True) -> dict | None:
+    """The RoPE settings among a config's :data:`ROPE_FIELDS` (``fields``: name -> JSON value,
+    those set), in one form whatever ``transformers`` version wrote them: the
+    ``rope_parameters`` dict of transformers 5 (``{"rope_type": "default", "rope_theta":
+    10000.0, ...}``, or per attention type ``{"full_attention": {...}, "sliding_attention":
+    {...}}``), built from ``rope_theta`` + ``rope_scaling`` + ``partial_rotary_factor`` (and
+    their GPT-NeoX and Gemma 3 names) when the config has no ``rope_parameters``. None for a
+    model without RoPE. ``scaling_known=False``: ``fields`` may lack ``rope_scaling`` (files
+    recorded without it), so no ``rope_type`` is assumed when it is missing."""
+    params = fields.get("rope_parameters")
+    if isinstance(params, dict) and params:
+        if all(isinstance(v, dict) for v in params.values()):  # one dict per attention type
+            return {kind: _rope_params(v) for kind, v in params.items()}
+        return _rope_params(params)
+    theta = fields.get("rope_theta", fields.get("rotary_emb_base"))
+    if theta is None:
+        return None
+    scaling = fields.get("rope_scaling")
+    rope = _rope_params(scaling) if isinstance(scaling, dict) else {}
+    if scaling_known or isinstance(scaling, dict):
+        rope.setdefault("rope_type", "default")
+    rope["rope_theta"] = theta
+    partial = fields.get("partial_rotary_factor", fields.get("rotary_pct"))
+    if partial is not None:
+        rope.setdefault("partial_rotary_factor", partial)
+    local = fields.get("rope_local_base_freq")
+    if local is not None:  # Gemma 3 before transformers 5: sliding layers' own base
+        return {
+            "full_attention": rope,
+            "sliding_attention": {"rope_type": "default", "rope_theta": local},
+        }
+    return rope
+
+
+def architecture(model: nn.Module) -> dict | None:
+    """The :data:`ARCHITECTURE_FIELDS` of ``model.config`` that it sets (not None), as JSON
+    values, and its RoPE settings as ``"rope"`` (:func:`rope_settings`, where it has RoPE);
+    None for a model without a config."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    fields = _config_fields(config, ARCHITECTURE_FIELDS)
+    rope = rope_settings(_config_fields(config, ROPE_FIELDS))
+    if rope is not None:
+        fields["rope"] = rope
+    return fields
+
+
+def _agree(ours: Any, saved: Any) -> bool:
+    """Whether two recorded values are the same setting: numbers within :data:`_NUMBER_RTOL`
+    (``True`` is no number), lists element by element, dicts on the keys both have (a key one
+    side lacks is a default its ``transformers`` version did not write), anything else
+    equal."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if number(ours) and number(saved):
+        return math.isclose(ours, saved, rel_tol=_NUMBER_RTOL)
+    if isinstance(ours, list) and isinstance(saved, list):
+        return len(ours) == len(saved) and all(map(_agree, ours, saved))
+    if isinstance(ours, dict) and isinstance(saved, dict):
+        return all(_agree(ours[k], saved[k]) for k in ours.keys() & saved.keys())
+    return ours == saved
 
 
 def architecture_difference(saved: dict | None, model: nn.Module) -> str | None:
     """The fields where ``model``'s config differs from ``saved`` (:func:`architecture` of the
     model a file was saved from), as ``"key=model's (saved: saved's)"``; None when they agree.
-    A field only one side sets is not compared (a file from another ``transformers`` version
-    may name a setting otherwise), nor are files saved without the fields (``saved`` None)."""
+    Numbers agree within a relative 1e-6. A field only one side sets is not compared (a file
+    from another ``transformers`` version may name a setting otherwise), nor are files saved
+    without the fields (``saved`` None). RoPE is compared in :func:`rope_settings`' form, so a
+    file of transformers 4 (``rope_theta``, ``rope_scaling``) and a model of transformers 5
+    (``rope_parameters``) compare their settings; records of meldkit before ``"rope"`` are
+    read in that form too (without ``rope_scaling``: its type is then not compared)."""
     ours = architecture(model)
     if not isinstance(saved, dict) or ours is None:
         return None
+    saved = dict(saved)
+    if "rope" not in saved:
+        legacy = {k: saved.pop(k) for k in ROPE_FIELDS if k in saved}
+        rope = rope_settings(legacy, scaling_known=False)
+        if rope is not None:
+            saved["rope"] = rope
     differ = [
         f"{key}={ours[key]!r} (saved: {value!r})"
         for key, value in saved.items()
-        if key in ours and ours[key] != value
+        if key in ours and not _agree(ours[key], value)
     ]
     return ", ".join(differ) or None
 
@@ -589,9 +693,10 @@ def load_adapter(
         difference = architecture_difference(arch, model)
         if difference is not None:
             raise AdapterError(
-                f"{file}: the model's config differs from the one the adapter was saved with "
-                f"in {difference}: same shapes, another computation; load the base it was "
-                "trained on, or pass check_base=False to apply it to this one anyway"
+                f"{file}: base config check: the model's config differs from the one the "
+                f"adapter was saved with in {difference}: same shapes, another computation; "
+                "load the base it was trained on, or pass check_base=False to apply it to this "
+                "one anyway (that also skips the base weight fingerprints)"
             )
         for name, info in layers.items():
             sketch = tensors.get(f"{name}.base_sketch")
@@ -610,10 +715,11 @@ def load_adapter(
             distance = sketch_distance(sketch, now)
             if not distance <= rtol:
                 raise AdapterError(
-                    f"{file}: layer {name!r}: the model's base weight is not the one the adapter "
-                    f"was trained on (its fingerprint differs by {distance:.3g} relative, more "
-                    f"than {rtol:.1g}); load the base checkpoint it was trained from, or pass "
-                    "check_base=False to apply it to this one anyway"
+                    f"{file}: base weight check: layer {name!r}: the model's base weight is not "
+                    f"the one the adapter was trained on (its fingerprint differs by "
+                    f"{distance:.3g} relative, more than {rtol:.1g}); load the base checkpoint it "
+                    "was trained from, or pass check_base=False to apply it to this one anyway "
+                    "(that also skips the config check)"
                 )
     if not existing:
         try:

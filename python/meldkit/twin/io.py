@@ -3,11 +3,11 @@
 The file holds the shared weights, the exclusive factors and dense parts, each task's specific
 tensors and the router; the JSON the task names, the build settings, the router's shape, the
 base config's settings that change the computation without changing a shape (``architecture``,
-:data:`meldkit.goat.io.ARCHITECTURE_FIELDS`: :func:`load` refuses a base whose config differs
-unless told ``check_base=False``) and the dtypes the saved model computed in (``dtypes``: a twin
-cast to bf16 reloads into a bf16 base as it was). Loading a full twin needs only the base
-model's architecture. A LoRA twin adds to the base's
-own weights, so its files also fingerprint that base: ``base_sketch/NAME`` (``W @ v`` for a
+:data:`meldkit.goat.io.ARCHITECTURE_FIELDS` and RoPE, :func:`meldkit.goat.io.architecture`:
+:func:`load` refuses a base whose config differs unless told ``check_base=False``) and the
+dtypes the saved model computed in (``dtypes``: a twin cast to bf16 reloads into a bf16 base as
+it was). Loading a full twin needs only the base model's architecture. A LoRA twin adds to the
+base's own weights, so its files also fingerprint that base: ``base_sketch/NAME`` (``W @ v`` for a
 fixed ``v``, see :mod:`meldkit._fingerprint`) of each adapted layer, and in the JSON every base
 parameter's name and shape and each adapted layer's dtype. :func:`load` refuses another base
 (other layers, another vocabulary, other weights) unless told ``check_base=False``; files
@@ -263,9 +263,10 @@ def load(
         difference = architecture_difference(meta.get("architecture"), model)
         if difference is not None:
             raise TwinError(
-                f"meldkit.twin.load: {folder}: the model's config differs from the saved "
-                f"twin's in {difference}: same shapes, another computation; load the base the "
-                "twin was saved over, or pass check_base=False"
+                f"meldkit.twin.load: {folder}: base config check: the model's config differs "
+                f"from the saved twin's in {difference}: same shapes, another computation; load "
+                "the base the twin was saved over, or pass check_base=False to use this one "
+                "anyway (for a LoRA twin that also skips the base weight checks)"
             )
     if meta.get("kind", "full") == "lora":
         sketches = {
@@ -322,12 +323,15 @@ def _check_base(
     model: nn.Module, base: dict, sketches: dict[str, torch.Tensor], folder: Path
 ) -> None:
     """Raise :class:`TwinError` unless ``model`` is the base a LoRA twin was saved over."""
-    hint = "load the base the adapters were trained on, or pass check_base=False"
+    hint = (
+        "load the base the adapters were trained on, or pass check_base=False (that also "
+        "skips the config check)"
+    )
     difference = layout_difference(base["parameters"], parameter_layout(model))
     if difference is not None:
         raise TwinError(
-            f"meldkit.twin.load: {folder}: the model is not the twin's base: it {difference}; "
-            f"{hint}"
+            f"meldkit.twin.load: {folder}: base weight check: the model is not the twin's "
+            f"base: it {difference}; {hint}"
         )
     for name, sketch in sketches.items():
         try:
@@ -339,9 +343,9 @@ def _check_base(
         distance = sketch_distance(sketch, base_sketch(weight))
         if not distance <= rtol:
             raise TwinError(
-                f"meldkit.twin.load: {folder}: layer {name!r}: the model's weight is not the "
-                f"twin's base's (its fingerprint differs by {distance:.3g} relative, more than "
-                f"{rtol:.1g}); {hint}"
+                f"meldkit.twin.load: {folder}: base weight check: layer {name!r}: the model's "
+                f"weight is not the twin's base's (its fingerprint differs by {distance:.3g} "
+                f"relative, more than {rtol:.1g}); {hint}"
             )
 
 

@@ -261,21 +261,49 @@ def _last_hidden(
     return hidden.float(), mask
 
 
+def _generating_model(model: nn.Module) -> nn.Module:
+    """The model whose ``generate`` derives the prompt's positions: a PEFT ``PeftModel``'s
+    base model (``get_base_model()``; its own ``forward`` names no ``position_ids`` and its
+    ``generate`` calls the base model's), else ``model``."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and hasattr(model, "peft_config"):
+        inner = get_base()
+        if isinstance(inner, nn.Module):
+            return inner
+    return model
+
+
 def _generation_positions(
     model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]
 ) -> torch.Tensor | None:
-    """The ``position_ids [B, L]`` int64 that Hugging Face's ``generate`` gives the prompt's
-    first forward when the caller passes none: ``cumsum(mask) - 1`` over the attention mask
-    (by keyword or position), padding at 0, so a left-padded prompt has the positions it has
-    alone. None where ``generate`` derives none: a model whose ``forward`` has no
-    ``position_ids`` parameter (by name), an encoder-decoder, or no 2-D mask."""
-    sig = _forward_signature(model).sig
-    config = getattr(model, "config", None)
+    """The ``position_ids`` that Hugging Face's ``generate`` gives the prompt's first forward
+    when the caller passes none, so that the routing pass reads the prompt as the generation
+    does. Where the model has transformers' hook for them
+    (``_prepare_position_ids_for_generation``, transformers 5; multimodal models such as
+    Qwen3-VL override it to give 3-D M-RoPE positions), the hook's, on the prompt (ids, else
+    embeddings) and its mask; else, as ``generate`` derived them before (models'
+    ``prepare_inputs_for_generation``), ``cumsum(mask) - 1`` ``[B, L]`` int64 over the
+    attention mask (by keyword or position), padding at 0: a left-padded prompt has the
+    positions it has alone. None where ``generate`` derives none: a model whose ``forward``
+    has no ``position_ids`` parameter (by name; a ``PeftModel``'s base model's, which its
+    ``generate`` runs), an encoder-decoder, or (without the hook) no 2-D mask."""
+    inner = _generating_model(model)
+    sig = _forward_signature(inner).sig
     if sig is None or "position_ids" not in sig.parameters:
         return None
-    if getattr(config, "is_encoder_decoder", False):
+    if getattr(getattr(inner, "config", None), "is_encoder_decoder", False):
         return None
-    mask = bind_arguments(model, args, kwargs)[1].get("attention_mask")
+    named = bind_arguments(model, args, kwargs)[1]
+    mask = named.get("attention_mask")
+    hook = getattr(inner, "_prepare_position_ids_for_generation", None)
+    prompt = named.get("input_ids")
+    if prompt is None:
+        prompt = named.get("inputs_embeds")
+    if callable(hook) and isinstance(prompt, torch.Tensor) and prompt.dim() >= 2:
+        model_kwargs = {} if mask is None else {"attention_mask": mask}
+        positions = hook(prompt, model_kwargs)
+        if isinstance(positions, torch.Tensor):
+            return positions
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         return None
     positions = mask.long().cumsum(-1) - 1
