@@ -1187,8 +1187,12 @@ def text_features(
     *,
     batch_size: int = 64,
     max_length: int = 128,
+    progress: bool = False,
+    desc: str = "twin features",
 ) -> torch.Tensor:
-    """Router features ``[N, d]`` of ``texts`` (tokenised with padding and truncation).
+    """Router features ``[N, d]`` of ``texts`` (tokenised with padding and truncation), one
+    forward of the shared model per ``batch_size`` texts (a tqdm bar over the texts with
+    ``progress``).
 
     Batches are padded on the right whatever the tokenizer's ``padding_side``: a text's real
     tokens then have the positions they have alone (a left-padded text would get shifted
@@ -1196,23 +1200,37 @@ def text_features(
     mask), so a text's features do not depend on the rest of its batch, and they are the ones
     :meth:`TwinModel.generate` routes a prompt on (it derives the positions from the mask)."""
     device = next(twin.model.parameters()).device
-    # only where the tokenizer pads on the left: a custom tokenizer need not take the keyword
-    side = {"padding_side": "right"} if getattr(tokenizer, "padding_side", None) == "left" else {}
+    # The tokenizer's side is switched for the call and restored (transformers < 4.45 takes no
+    # `padding_side` keyword; a custom tokenizer need not either).
+    left = getattr(tokenizer, "padding_side", None) == "left"
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(texts), desc=desc, unit="text")
     out = []
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            list(texts[i : i + batch_size]),
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-            **side,
-        ).to(device)
-        out.append(twin.features(**enc).cpu())
+    try:
+        if left:
+            tokenizer.padding_side = "right"
+        for i in range(0, len(texts), batch_size):
+            batch = list(texts[i : i + batch_size])
+            enc = tokenizer(
+                batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            ).to(device)
+            out.append(twin.features(**enc).cpu())
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if left:
+            tokenizer.padding_side = "left"
+        if bar is not None:
+            bar.close()
     return torch.cat(out) if out else torch.empty(0, twin.router.in_features)
 
 
-def _features_by_task(twin, data, tokenizer, batch_size, max_length, what) -> list[torch.Tensor]:
+def _features_by_task(
+    twin, data, tokenizer, batch_size, max_length, what, progress=False
+) -> list[torch.Tensor]:
     if not isinstance(data, Mapping):
         raise TypeError(f"train_router: '{what}' must map task names to examples")
     unknown = [k for k in data if k not in twin.tasks]
@@ -1236,7 +1254,15 @@ def _features_by_task(twin, data, tokenizer, batch_size, max_length, what) -> li
             if tokenizer is None:
                 raise TwinError(f"train_router: '{what}' holds texts: pass a tokenizer")
             feats.append(
-                text_features(twin, v, tokenizer, batch_size=batch_size, max_length=max_length)
+                text_features(
+                    twin,
+                    v,
+                    tokenizer,
+                    batch_size=batch_size,
+                    max_length=max_length,
+                    progress=progress,
+                    desc=f"twin features ({what}, {t})",
+                )
             )
     return feats
 
@@ -1279,14 +1305,14 @@ def train_router(
     least 2 and ``train`` hold at least two examples (the router's BatchNorm trains on two or
     more samples); a last batch of one sample joins the batch before it. Texts are tokenised
     (at most ``max_length`` tokens) and run through the shared model ``feature_batch_size`` at
-    a time.
+    a time. ``progress`` shows tqdm bars over the texts of each task, then over the epochs.
     """
     batch_size = _int_at_least(
         "batch_size", batch_size, 2, " (the router's BatchNorm needs two samples per batch)"
     )
     fbs = _int_at_least("feature_batch_size", feature_batch_size, 1)
-    train_x = _features_by_task(twin, train, tokenizer, fbs, max_length, "train")
-    val_x = _features_by_task(twin, val, tokenizer, fbs, max_length, "val")
+    train_x = _features_by_task(twin, train, tokenizer, fbs, max_length, "train", progress)
+    val_x = _features_by_task(twin, val, tokenizer, fbs, max_length, "val", progress)
     x = torch.cat(train_x)
     if len(x) < 2:
         raise TwinError(
