@@ -546,7 +546,7 @@ def test_model_errors_fail_before_merging(zoo):
     cfg["models"][2]["model"] = str(tmp / "wrong")
     with pytest.raises(MergeError, match=r"model.norm.weight has shape \[17\]"):
         merge(cfg, tmp / "out", progress=False)
-    partial = {k: v for k, v in base.items() if "lm_head" not in k}
+    partial = {k: v for k, v in base.items() if k != "model.layers.1.mlp.down_proj.weight"}
     write_model(tmp / "partial", partial)
     cfg["models"][2]["model"] = str(tmp / "partial")
     with pytest.raises(MergeError, match="missing 1 tensors"):
@@ -1588,7 +1588,11 @@ def test_merges_read_ahead_and_give_the_same_output_at_any_distance(zoo, monkeyp
     monkeypatch.setattr("meldkit.merging.engine.ReadAhead", Recorded)
     inputs = [Checkpoint(p) for p in paths.values()]
     names = inputs[0].names
-    every = [[c.byte_range(n) for c in inputs] for n in names]
+    # Every input's bytes of a floating tensor; only the base's of an integer buffer (copied).
+    every = [
+        [c.byte_range(n) for c in (inputs if inputs[0].dtype(n).is_floating_point else inputs[:1])]
+        for n in names
+    ]
     floats = [s for s, n in zip(every, names, strict=True) if inputs[0].dtype(n).is_floating_point]
     for i, (ahead, window) in enumerate([(0, 0), ("1KB", 1000), ("1GB", 10**9), (5000, 5000)]):
         made.clear()
@@ -2059,6 +2063,82 @@ def test_tensors_the_reference_lacks_are_refused_not_dropped(zoo):
     assert not (tmp / "out").exists()
 
 
+# Buffers that older transformers saved and newer ones rebuild at load time (Llama's inv_freq
+# before 4.31, BERT's position_ids, GPT-2's causal masks), and an integer buffer.
+OLD_BUFFERS = {
+    "model.layers.0.self_attn.rotary_emb.inv_freq": torch.tensor([1.0, 0.1, 0.01, 0.001]),
+    "model.layers.1.self_attn.rotary_emb.inv_freq": torch.tensor([1.0, 0.1, 0.01, 0.001]),
+    "bert.embeddings.position_ids": torch.arange(8)[None],
+    "transformer.h.0.attn.bias": torch.ones(1, 1, 4, 4, dtype=torch.bool).tril(),
+    "transformer.h.0.attn.masked_bias": torch.tensor(-1e4),
+    "model.layers.0.self_attn.counter": torch.tensor([3], dtype=torch.int32),
+}
+
+
+def test_buffers_a_model_has_and_the_base_lacks_are_skipped(zoo):
+    """A fine-tune saved by an older transformers keeps buffers that are rebuilt at load time
+    today (and any non-floating tensor): merged onto a base without them they are skipped with
+    a warning naming them, as before the check for tensors the base lacks (which refused them
+    as "missing tensors"); the output is the merge without them."""
+    tmp, _, tunes, paths = zoo
+    cfg = config_for("ties", paths)
+    want = read(merge(cfg, tmp / "want", progress=False))
+    old = write_model(tmp / "old", {**tunes[0], **OLD_BUFFERS})
+    cfg["models"][0]["model"] = str(old)
+    with pytest.warns(UserWarning, match=rf"{old}: 6 \(.*\), which {paths['base']} lacks: skip"):
+        got = read(merge(cfg, tmp / "out", progress=False))
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_buffers_the_base_has_and_a_model_lacks_are_copied_from_the_base(zoo):
+    """The reverse: a base saved with such buffers and fine-tunes saved without them. The
+    output has the base's buffers, copied (in the output dtype, as merged tensors are), the
+    rest merged as without them; refused as "missing tensors" before. Without a base the first
+    model is the reference, whichever side has the buffers."""
+    tmp, base, tunes, paths = zoo
+    cfg = config_for("ties", paths)
+    want = read(merge(cfg, tmp / "want", progress=False))
+    old_base = write_model(tmp / "old_base", {**base, **OLD_BUFFERS})
+    cfg["base_model"] = str(old_base)
+    with pytest.warns(UserWarning, match=rf"{old_base}: 6 \(.*\), which .*ft0.* lack: copied"):
+        got = read(merge(cfg, tmp / "out", progress=False))
+    assert got.keys() == want.keys() | OLD_BUFFERS.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    for k, v in OLD_BUFFERS.items():
+        assert torch.equal(got[k], v.to(torch.bfloat16) if v.is_floating_point() else v), k
+    # linear: the first model's buffers are copied; a later model's are skipped
+    old_ft = write_model(tmp / "old_ft", {**tunes[0], **OLD_BUFFERS})
+    for order, has in (([old_ft, paths["ft1"]], True), ([paths["ft1"], old_ft], False)):
+        lin = {
+            "merge_method": "linear",
+            "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in order],
+        }
+        with pytest.warns(UserWarning, match="copied" if has else "skipped"):
+            got = read(merge(lin, tmp / f"lin_{has}", progress=False))
+        assert ("transformer.h.0.attn.bias" in got) is has
+
+
+def test_a_weight_the_base_lacks_is_refused_even_beside_buffers(zoo):
+    """Only buffers are let through: a floating weight the base lacks (named like no rebuilt
+    buffer) is still refused, named, and a floating weight a model lacks too."""
+    tmp, base, tunes, paths = zoo
+    extra = {**tunes[0], **OLD_BUFFERS, "model.layers.0.mlp.gate_proj.bias": torch.zeros(4)}
+    cfg = config_for("ties", paths)
+    cfg["models"][0]["model"] = str(write_model(tmp / "extra", extra))
+    with pytest.raises(MergeError, match=r"missing 1 tensors .*\(first: model.layers.0.mlp.gate_p"):
+        merge(cfg, tmp / "out", progress=False)
+    lacking = {k: v for k, v in tunes[0].items() if k != "model.norm.weight"}
+    cfg = config_for("ties", paths)
+    cfg["base_model"] = str(write_model(tmp / "old_base", {**base, **OLD_BUFFERS}))
+    cfg["models"][1]["model"] = str(write_model(tmp / "lacking", lacking))
+    with pytest.raises(
+        MergeError, match=r"lacking: missing 1 tensors .*\(first: model.norm.weight\)"
+    ):
+        merge(cfg, tmp / "out", progress=False)
+    assert not (tmp / "out").exists()
+
+
 def test_one_shard_of_a_sharded_model_is_refused(zoo):
     tmp, _, _, paths = zoo
     cfg = config_for("ties", paths)
@@ -2117,8 +2197,51 @@ def test_a_head_tied_to_the_embeddings_merges_with_stored_heads(zoo):
     assert torch.equal(outs[0][head], outs[1][head])
     # a model without a head whose config does not tie it is incomplete: refused, saying so
     not_tied = write_checkpoint(tmp / "not_tied", _tied(tunes[1]), config=untied)
-    with pytest.raises(MergeError, match=r"missing 1 tensors.*tie_word_embeddings: true"):
+    with pytest.raises(MergeError, match=r"missing 1 tensors.*tie_word_embeddings: false, so"):
         merge(ta(paths["base"], not_tied), tmp / "out_not_tied", progress=False)
+    no_config = tmp / "no_config"
+    write_checkpoint(no_config, _tied(tunes[1]), config={})
+    (no_config / "config.json").unlink()
+    with pytest.raises(MergeError, match=r"missing 1 tensors.*has no config.json to say so"):
+        merge(ta(paths["base"], no_config), tmp / "out_no_config", progress=False)
+
+
+def test_a_config_without_tie_word_embeddings_ties_the_head(zoo):
+    """transformers' default for tie_word_embeddings is True, and save_pretrained leaves out
+    keys equal to their defaults (GPT-2's config.json has none): a model without a head whose
+    config.json leaves the key out is tied (it used to be taken as untied and refused as an
+    incomplete checkpoint). GPT-2's names, the tied model as the base and as a fine-tune."""
+    from meldkit.ops.merge import merge_tensors
+
+    tmp = zoo[0]
+    g = torch.Generator().manual_seed(4)
+    gpt2 = {
+        "transformer.wte.weight": torch.randn(VOCAB, HIDDEN, generator=g),
+        "transformer.h.0.attn.c_attn.weight": torch.randn(HIDDEN, 3 * HIDDEN, generator=g),
+        "transformer.ln_f.weight": torch.ones(HIDDEN),
+    }
+    stored = finetune(gpt2, 2)
+    stored["lm_head.weight"] = stored["transformer.wte.weight"] + 0.01
+    config = {"model_type": "gpt2", "n_embd": HIDDEN, "n_layer": 1}
+    tied = write_checkpoint(tmp / "gpt2", gpt2, config=config)
+    untied = write_checkpoint(
+        tmp / "gpt2_ft", stored, config={**config, "tie_word_embeddings": False}
+    )
+    for b, m, b_head, m_head in (
+        (tied, untied, gpt2["transformer.wte.weight"], stored["lm_head.weight"]),
+        (untied, tied, stored["lm_head.weight"], gpt2["transformer.wte.weight"]),
+    ):
+        cfg = {
+            "merge_method": "task_arithmetic",
+            "base_model": str(b),
+            "models": [{"model": str(m), "parameters": {"weight": 1.0}}],
+        }
+        with pytest.warns(UserWarning, match=rf"{tied} \(its transformer.wte.weight read as its"):
+            out = merge(cfg, tmp / f"out_{b.name}", progress=False)
+        want = merge_tensors(b_head, [m_head], "task_arithmetic", weights=[1.0])
+        assert torch.equal(read(out)["lm_head.weight"], want)
+        # the output stores its head: a config that left the key out (true) now says false
+        assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
 
 
 def test_gradients_are_refused_where_no_layer_name_is_recognised(zoo):
@@ -2145,7 +2268,7 @@ def test_gradients_are_refused_where_no_layer_name_is_recognised(zoo):
     merge(cfg, tmp / "flat", progress=False)
 
 
-def test_out_dir_dot_and_symlinks_name_the_folder_they_point_to(zoo, monkeypatch):
+def test_out_dir_symlinks_name_the_folder_they_point_to(zoo):
     tmp, _, _, paths = zoo
     cfg = config_for("ties", paths)
     want = read(merge(cfg, tmp / "want", progress=False))
@@ -2156,10 +2279,24 @@ def test_out_dir_dot_and_symlinks_name_the_folder_they_point_to(zoo, monkeypatch
     got = read(tmp / "link")
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert not list(tmp.glob(".link.*")) and not list(tmp.glob(".real.*"))
+
+
+def test_the_current_folder_is_refused_as_out_dir(zoo, monkeypatch):
+    """The output replaces out_dir (its temporary folder is renamed into place): merging into
+    the current folder used to leave the process (and the shell that ran it) in a removed
+    folder, os.getcwd() raising. Refused, by whatever name it is given."""
+    tmp, _, _, paths = zoo
+    cfg = config_for("ties", paths)
     (tmp / "here").mkdir()
+    (tmp / "link").symlink_to(tmp / "here")
     monkeypatch.chdir(tmp / "here")
-    out = merge(cfg, ".", progress=False)
-    assert out == tmp / "here" and (tmp / "here" / "model.safetensors").is_file()
+    for name in (".", str(tmp / "here"), str(tmp / "link"), "../here"):
+        with pytest.raises(MergeError, match=rf"out_dir {re.escape(name)}: is the current folder"):
+            merge(cfg, name, progress=False)
+    assert os.getcwd() == str(tmp / "here") and not any((tmp / "here").iterdir())
+    assert not list(tmp.glob(".here.*"))
+    out = merge(cfg, "merged", progress=False)
+    assert out == tmp / "here" / "merged" and os.getcwd() == str(tmp / "here")
 
 
 def test_legacy_pickle_checkpoints_load_without_mmap(zoo):

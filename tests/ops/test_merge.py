@@ -642,18 +642,39 @@ def test_magnitude_selection_of_nan_names_the_model():
     base, models = models_like((50,), torch.float32, "cpu")
     clean = [m.clone() for m in models]
     models[1][17] = float("nan")
-    with pytest.raises(ValueError, match=r"merge_tensors: method 'ties' .* models\[1\] − base"):
+    with pytest.raises(ValueError, match=r"merge_tensors: method 'ties' .* models\[1\] holds NaN"):
         merge_tensors(base, models, "ties", densities=0.5)
-    with pytest.raises(ValueError, match=r"merge_tensors: .* models\[1\] − base holds NaN"):
+    with pytest.raises(ValueError, match=r"merge_tensors: .* models\[1\] holds NaN"):
         merge_tensors(base, models, "breadcrumbs", densities=0.5)
-    with pytest.raises(ValueError, match=r"merge_tensors: .* models\[1\] − base holds NaN"):
+    with pytest.raises(ValueError, match=r"merge_tensors: .* models\[1\] holds NaN"):
         merge_tensors(base, models, "ties", densities=0.5, out=torch.empty(50))
-    with pytest.raises(
-        ValueError, match=r"merge_tensor_list: .* models\[1\]\[1\] − bases\[1\] holds NaN"
-    ):
+    with pytest.raises(ValueError, match=r"merge_tensor_list: .* models\[1\]\[1\] holds NaN"):
         merge_tensor_list(
             [base, base], [[x, m] for x, m in zip(clean, models, strict=True)], densities=0.5
         )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_magnitude_selection_of_nan_names_the_base_or_the_infinities(device):
+    """NaN in the base is the base's, not the first model's (it used to be reported as
+    "models[0] − base"); a task vector made NaN by ∞ − ∞ names the model and its base. Found
+    without float32 copies of the inputs (the error path used to subtract every pair)."""
+    base, models = models_like((50,), torch.bfloat16, device)
+    nan_base = base.clone()
+    nan_base[3] = float("nan")
+    for bases, listed in (([nan_base], False), ([base, nan_base], True)):
+        where = r"bases\[1\] holds NaN" if listed else r" base holds NaN"
+        with pytest.raises(ValueError, match=where):
+            if listed:
+                merge_tensor_list(bases, [[m, m] for m in models], densities=0.5)
+            else:
+                merge_tensors(nan_base, models, "ties", densities=0.5)
+    inf_base, inf_models = base.clone(), [m.clone() for m in models]
+    inf_base[9] = float("inf")
+    inf_models[0][9] = float("-inf")  # inf − (−inf): infinite, not NaN
+    inf_models[2][9] = float("inf")  # inf − inf: NaN
+    with pytest.raises(ValueError, match=r"models\[2\] − base holds NaN \(both are infinite"):
+        merge_tensors(inf_base, inf_models, "ties", densities=0.5)
 
 
 def test_lam_and_t_are_checked_by_name(monkeypatch):
@@ -676,6 +697,28 @@ def test_lam_and_t_are_checked_by_name(monkeypatch):
         merge_tensors(base, models, "task_arithmetic", lam=2),
         merge_tensors(base, models, "task_arithmetic", lam=2.0),
     )
+
+
+def test_lam_and_t_may_be_0d_tensors_and_numpy_scalars():
+    """A 0-d real tensor or array and a NumPy scalar are numbers (read with .item()), as they
+    were before λ and t were checked; a bool tensor, a 1-element 1-d tensor and a complex one
+    are not."""
+    np = pytest.importorskip("numpy")
+    base, models = models_like((5,), torch.float32, "cpu")
+    want = merge_tensors(base, models, "ties", densities=0.5, lam=0.5)
+    for lam in (torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float64), np.float32(0.5),
+                np.array(0.5)):  # fmt: skip
+        assert torch.equal(merge_tensors(base, models, "ties", densities=0.5, lam=lam), want)
+        assert torch.equal(merge_tensor_list([base], [[m] for m in models], "ties",
+                                             densities=0.5, lam=lam)[0], want)  # fmt: skip
+    want = merge_tensors(base, models[:1], "slerp", t=0.25)
+    for t in (torch.tensor(0.25), np.float64(0.25), torch.tensor(1) / 4):
+        assert torch.equal(merge_tensors(base, models[:1], "slerp", t=t), want)
+    for bad in (torch.tensor(True), np.bool_(True), torch.tensor([0.5]), torch.tensor(0.5j)):
+        with pytest.raises(TypeError, match="argument 'lam': expected a float, got"):
+            merge_tensors(base, models, "ties", densities=0.5, lam=bad)
+    with pytest.raises(ValueError, match="argument 't': must be finite"):
+        merge_tensors(base, models[:1], "slerp", t=torch.tensor(float("inf")))
 
 
 def test_scalar_arguments_are_checked_by_name():
@@ -1042,6 +1085,24 @@ def test_out_overlap_is_by_bytes(method):
     assert torch.equal(buf[20:30], expected)
     with pytest.raises(ValueError, match="shares memory with an input"):
         merge_tensors(buf[0:10], models, method, out=buf[5:15])
+
+
+def test_out_overlap_of_two_storages_over_the_same_memory():
+    """Separate storages over overlapping memory (torch.from_numpy of an array and of a slice
+    of it: two storages, two data pointers) are compared by their elements, not taken as
+    disjoint because their storages differ: an overlap is refused, a disjoint slice accepted."""
+    np = pytest.importorskip("numpy")
+    array = np.zeros(30, dtype=np.float32)
+    a, b = torch.from_numpy(array), torch.from_numpy(array[5:])  # b[i] is a[i + 5]
+    assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+    models = [torch.full((10,), 1.0), torch.full((10,), 2.0)]
+    with pytest.raises(ValueError, match="shares memory with an input"):
+        merge_tensors(a[0:10], models, "task_arithmetic", out=b[0:10])
+    out = merge_tensors(a[0:10], models, "task_arithmetic", out=b[10:20])
+    assert out.tolist() == [3.0] * 10
+    assert array[15:25].tolist() == [3.0] * 10
+    with pytest.raises(ValueError, match="shares memory with an input"):
+        merge_tensors(torch.zeros(10), [models[0], b[:10]], "ties", out=a[14:24])
 
 
 def test_out_may_not_alias_a_model_but_may_alias_base():

@@ -72,6 +72,22 @@ _TIED_HEADS = {
 }
 
 
+# Buffers that transformers rebuilds when it loads a model, which older versions saved with the
+# weights: Llama's rotary ``inv_freq`` (before 4.31), BERT's ``position_ids``, GPT-2's causal
+# mask ``attn.bias`` and ``attn.masked_bias``. A fine-tune saved by one version may have them
+# where a base saved by another has not (or the reverse): no weights, so not a mismatch.
+_REBUILT_BUFFER = re.compile(
+    r"(^|\.)rotary_emb\.inv_freq$|(^|\.)position_ids$|\.attn\.(bias|masked_bias)$"
+)
+
+
+def _is_buffer(name: str, dtype: torch.dtype) -> bool:
+    """Whether tensor ``name`` (of ``dtype``) is a buffer rather than a weight to merge: one
+    that transformers rebuilds at load time (``_REBUILT_BUFFER``), or any non-floating tensor
+    (masks, position ids, counters: never merged)."""
+    return dtype not in FLOAT_DTYPES or _REBUILT_BUFFER.search(name) is not None
+
+
 def is_vocab_tensor(name: str) -> bool:
     """Whether tensor ``name`` has one row per token of the vocabulary (embeddings, heads)."""
     return _VOCAB_TENSOR.search(name) is not None
@@ -87,17 +103,22 @@ def _model_config(checkpoint: Checkpoint) -> dict[str, Any] | None:
 
 
 def _tie_word_embeddings(config: Mapping[str, Any] | None) -> bool | None:
-    """config.json's ``tie_word_embeddings`` (a multimodal model's in its ``text_config``), None
-    where it gives none."""
-    for c in (config, (config or {}).get("text_config")):
+    """config.json's ``tie_word_embeddings`` (a multimodal model's in its ``text_config``); True
+    where the config gives none, as ``PretrainedConfig`` defaults it to True (transformers'
+    ``save_pretrained`` leaves out keys equal to their defaults: GPT-2's config.json has none);
+    None without a config.json."""
+    if config is None:
+        return None
+    for c in (config, config.get("text_config")):
         if isinstance(c, Mapping) and isinstance(c.get("tie_word_embeddings"), bool):
             return c["tie_word_embeddings"]
-    return None
+    return True
 
 
 def _tie_heads(checkpoints: list[Checkpoint]) -> list[str]:
     """Where some models store an output head (``_TIED_HEADS``) and others tie it to their input
-    embeddings (no head tensor, and a config.json that sets ``tie_word_embeddings``), read each
+    embeddings (no head tensor, the embeddings under a name ``_TIED_HEADS`` gives, and a
+    config.json whose ``tie_word_embeddings`` is true, or absent: true by default), read each
     tied model's embeddings as its head (:meth:`Checkpoint.tie`), as mergekit reads a weight's
     tied name: the output then has the merged head, none being dropped. Returns a line per tied
     model, for the warning."""
@@ -109,8 +130,8 @@ def _tie_heads(checkpoints: list[Checkpoint]) -> list[str]:
             source = next((e for e in embeddings if e in c), None)
             if head in c or source is None:
                 continue
-            if _tie_word_embeddings(_model_config(c)) is not True:
-                continue  # not tied, and no head: the missing tensor is reported
+            if not _tie_word_embeddings(_model_config(c)):
+                continue  # not tied (or no config.json), no head: the missing tensor is reported
             c.tie(head, source)
             notes.append(f"{c.path} (its {source} read as its {head})")
     return notes
@@ -118,15 +139,23 @@ def _tie_heads(checkpoints: list[Checkpoint]) -> list[str]:
 
 def _validate(
     base: Checkpoint | None, models: list[Checkpoint], tokenizer_source: Path | None = None
-) -> tuple[list[str], dict[tuple[int, str], int]]:
-    """Names to merge, in the reference model's order, and the rows to keep of the vocabulary
-    tensors that must be trimmed (``{(model index, name): rows}``); raises MergeError listing
-    the problems.
+) -> tuple[list[str], dict[tuple[int, str], int], set[str]]:
+    """Names to write, in the reference model's order, the rows to keep of the vocabulary
+    tensors that must be trimmed (``{(model index, name): rows}``), and the names copied from
+    the reference rather than merged; raises MergeError listing the problems.
 
     Every model must have the reference's tensors (the base's, or the first model's without
-    one) and no others, except an output head that some models tie to their input embeddings
-    (``tie_word_embeddings``) and others store: the tied models' embeddings are read as their
-    head (:func:`_tie_heads`), with a warning, and the output has an untied head.
+    one) and no others, except:
+
+    - an output head that some models tie to their input embeddings (``tie_word_embeddings``,
+      true where config.json leaves it out) and others store: the tied models' embeddings are
+      read as their head (:func:`_tie_heads`), with a warning, and the output has an untied
+      head;
+    - buffers (:func:`_is_buffer`: those transformers rebuilds at load time, which older
+      versions saved, and non-floating tensors), with a warning naming them: a model's buffer
+      that the reference lacks is skipped (the output has the reference's tensors, as mergekit
+      merges only its architecture's), and a reference's buffer that a model lacks is copied
+      from the reference (converted to the output dtype, as merged tensors are), not merged.
 
     As mergekit truncated embeddings to the base's shape with a warning (spec §5.4; mergekit
     0.1.5 does it with ``--unsafe-truncate-embeddings``), a fine-tune whose embeddings or head
@@ -144,39 +173,35 @@ def _validate(
     names = reference.names
     problems = []
     trims: dict[tuple[int, str], int] = {}
+    skipped: list[str] = []  # per model: its buffers the reference lacks, for the warning
+    copied: dict[str, list[Path]] = {}  # a reference's buffer: the models that lack it
+    complete = []  # the models whose tensors are the reference's, buffers aside
     for i, m in enumerate(models):
         if m is reference:
             continue
         missing = [n for n in names if n not in m]
         extra = [n for n in m.names if n not in reference]
+        for n in missing:
+            if _is_buffer(n, reference.dtype(n)):
+                copied.setdefault(n, []).append(m.path)
+        extra_buffers = [n for n in extra if _is_buffer(n, m.dtype(n))]
+        if extra_buffers:
+            skipped.append(f"{m.path}: {_listed(extra_buffers)}, which {reference.path} lacks")
+        missing = [n for n in missing if n not in copied]
+        extra = [n for n in extra if n not in extra_buffers]
         for c, lacking, other in ((m, missing, reference), (reference, extra, m)):
-            if not lacking:
-                continue
-            heads = [n for n in lacking if n in _TIED_HEADS]
-            if heads and _tie_word_embeddings(_model_config(c)):
-                hint = (
-                    f" (its config.json sets tie_word_embeddings, but meldkit reads the input "
-                    f"embeddings as {heads[0]} only where they are named "
-                    f"{' or '.join(_TIED_HEADS[heads[0]])})"
+            if lacking:
+                problems.append(
+                    f"{c.path}: missing {len(lacking)} tensors of {other.path} "
+                    f"(first: {', '.join(lacking[:3])}){_missing_hint(c, lacking)}"
                 )
-            elif heads:
-                hint = (
-                    f" (a model that ties {heads[0]} to its input embeddings says so in its "
-                    "config.json, tie_word_embeddings: true, and its embeddings are then read as "
-                    f"its head; {c.path}'s does not: the checkpoint is incomplete)"
-                )
-            else:
-                hint = (
-                    " (models of one architecture have the same tensors: a different model, or "
-                    "an incomplete checkpoint)"
-                )
-            problems.append(
-                f"{c.path}: missing {len(lacking)} tensors of {other.path} "
-                f"(first: {', '.join(lacking[:3])}){hint}"
-            )
-        if missing or extra:
-            continue
+        if not missing and not extra:
+            complete.append(i)
+    for i in complete:
+        m = models[i]
         for n in names:
+            if n in copied:
+                continue
             shape, ref_shape = m.shape(n), reference.shape(n)
             if (
                 shape != ref_shape
@@ -219,6 +244,25 @@ def _validate(
                 break
     if problems:
         raise MergeError("models do not match:\n  " + "\n  ".join(problems))
+    if skipped or copied:
+        said = [
+            f"{entry}: skipped, the output has {reference.path}'s tensors (as mergekit merges "
+            "only its architecture's)"
+            for entry in skipped
+        ]
+        if copied:
+            lacking = sorted({str(p) for paths in copied.values() for p in paths})
+            said.append(
+                f"{reference.path}: {_listed(list(copied))}, which {', '.join(lacking)} "
+                "lack: copied from it, not merged"
+            )
+        warnings.warn(
+            "buffers that transformers rebuilds when it loads a model (older versions saved "
+            "them: rotary_emb.inv_freq, position_ids, attn.bias, attn.masked_bias) or that are "
+            f"not floating point, in some models only. {'; '.join(said)}",
+            UserWarning,
+            stacklevel=3,
+        )
     if tied:
         untie = (
             "; the output's config.json gets tie_word_embeddings false" if reference.tied else ""
@@ -256,7 +300,40 @@ def _validate(
             UserWarning,
             stacklevel=3,
         )
-    return names, trims
+    return names, trims, set(copied)
+
+
+def _listed(names: list[str]) -> str:
+    """``names`` for a message: their count and the first three."""
+    more = ", ..." if len(names) > 3 else ""
+    return f"{len(names)} ({', '.join(names[:3])}{more})"
+
+
+def _missing_hint(c: Checkpoint, lacking: list[str]) -> str:
+    """Why checkpoint ``c`` may lack tensors ``lacking`` of another model, for the error."""
+    heads = [n for n in lacking if n in _TIED_HEADS]
+    if not heads:
+        return (
+            " (models of one architecture have the same tensors: a different model, or an "
+            "incomplete checkpoint)"
+        )
+    tie = _tie_word_embeddings(_model_config(c))
+    if tie:
+        return (
+            " (its config.json ties the head to the input embeddings: tie_word_embeddings is "
+            "true, or left out, which is true by default; but meldkit reads the input embeddings "
+            f"as {heads[0]} only where they are named {' or '.join(_TIED_HEADS[heads[0]])})"
+        )
+    if tie is None:
+        return (
+            f" (a model that ties {heads[0]} to its input embeddings stores no head, but "
+            f"{c.path} has no config.json to say so, tie_word_embeddings: the checkpoint is "
+            "incomplete)"
+        )
+    return (
+        f" (its config.json sets tie_word_embeddings: false, so it stores {heads[0]} apart from "
+        "its input embeddings: the checkpoint is incomplete)"
+    )
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -686,9 +763,10 @@ def merge(
     config : MergeConfig, mapping or path
         See :mod:`meldkit.merging.config`.
     out_dir : path-like
-        Destination folder (must not exist, or be empty; ``.`` and symlinks name the folder
-        they resolve to, up front). Written atomically: a temporary folder beside it is renamed
-        into place at the end, and removed if the merge fails. It receives
+        Destination folder (must not exist, or be empty, and not be the current folder;
+        symlinks and ``..`` name the folder they resolve to, up front). Written atomically: a
+        temporary folder beside it is renamed into place at the end (replacing an empty
+        folder: hence not the current one), and removed if the merge fails. It receives
         the safetensors shards (and their index), the base's ``config.json`` (its
         ``torch_dtype`` set to ``out_dtype`` or ``dtype`` when the config gives one, as mergekit
         does), the tokenizer files, and a ``README.md`` model card (method, models, settings,
@@ -737,28 +815,30 @@ def merge(
     Returns
     -------
     Path
-        ``out_dir``, resolved: an absolute path, symlinks followed (``.`` or a link to an
-        empty folder is that folder).
+        ``out_dir``, resolved: an absolute path, symlinks followed (a link to an empty folder
+        is that folder).
 
     Raises
     ------
     ConfigError, MergeError, CheckpointError
         (all ValueErrors) Before any tensor is merged, naming the key, option, model or tensor:
         a config that cannot run, an option out of range (``seed``, ``device``, an ``out_dir``
-        that is a file or a folder that is not empty, ...), models that do not match, a
-        tokenizer source whose embeddings the merge trims to the base's vocabulary, a model
-        folder that does not exist (naming the folders and the Hugging Face cache looked in),
-        a gradient or slices on models whose layer positions are not certain
+        that is a file, a folder that is not empty or the current folder, ...), models that do
+        not match, a tokenizer source whose embeddings the merge trims to the base's
+        vocabulary, a model folder that does not exist (naming the folders and the Hugging Face
+        cache looked in), a gradient or slices on models whose layer positions are not certain
         (:func:`layer_layout`), an ``out_dir`` on a file system with less free space than the
         merged tensors take, a model with tensors the reference lacks (other than an output head
-        that tied models read from their embeddings: :func:`_tie_heads`), a sharded checkpoint
-        whose index names tensors its shards lack, one shard of one given as a model, a PEFT
-        adapter given as a model, a ``tokenizer_source`` without tokenizer files.
+        that tied models read from their embeddings, :func:`_tie_heads`, and buffers,
+        :func:`_is_buffer`), a sharded checkpoint whose index names tensors its shards lack,
+        one shard of one given as a model, a PEFT adapter given as a model, a
+        ``tokenizer_source`` without tokenizer files.
 
     Warns when the reference's folder has no tokenizer files, when a model stores tensors in a
     wider dtype than the reference's and the config sets no ``dtype`` (every input is converted
-    to the reference's dtype first), and when models tie their head to their embeddings and
-    others do not.
+    to the reference's dtype first), when models tie their head to their embeddings and
+    others do not, and when buffers are in some models only (skipped where the reference lacks
+    them, copied from it where a model does: :func:`_validate`).
 
     Notes
     -----
@@ -789,6 +869,20 @@ def merge(
                     else f"out_dir {out_dir}: is a file, not a folder"
                 )
             break
+    try:
+        cwd = os.getcwd()
+    except OSError:  # this process's folder was removed: it cannot be out_dir
+        cwd = None
+    if cwd is not None and target.is_dir() and os.path.samefile(target, cwd):
+        # The output replaces out_dir (the finished temporary folder is renamed into its
+        # place): the folder this process, and the shell that started it, are in would be
+        # removed under them, and a shell would show it empty until it cds again.
+        raise MergeError(
+            f"out_dir {out_dir}: is the current folder, which the output would replace (the "
+            "merge writes a folder beside it and renames it into its place), leaving this "
+            "process and the shell it was started from in a removed folder: name a new folder, "
+            "e.g. merged"
+        )
     if trim_scope not in ("tensor", "model"):
         raise MergeError(f"trim_scope must be 'tensor' or 'model', got {trim_scope!r}")
     if tie is None:
@@ -825,7 +919,7 @@ def merge(
         models = [open_model(m.path) for m in cfg.models]
     except CheckpointError as exc:
         raise MergeError(str(exc)) from None
-    names, trims = _validate(base, models, cfg.tokenizer_source)
+    names, trims, copied = _validate(base, models, cfg.tokenizer_source)
 
     def load(i: int, name: str) -> torch.Tensor:
         """Model ``i``'s tensor ``name`` (its vocabulary rows trimmed to the base's)."""
@@ -837,7 +931,7 @@ def merge(
     model_config = _model_config(reference)
     _check_tokenizer(cfg.tokenizer_source, reference)
     if cfg.dtype is None:
-        _warn_wider_inputs(reference, models, names)
+        _warn_wider_inputs(reference, models, [n for n in names if n not in copied])
     layout = layer_layout(names, model_config)
     if _uses_layers(cfg):
         # A gradient's value depends on each tensor's place in its stack: refused where that
@@ -866,7 +960,7 @@ def merge(
             )
     positions = layout.positions()
     for n in names:  # every tensor's resolved parameters, before any tensor is merged
-        if reference.dtype(n) in FLOAT_DTYPES:
+        if reference.dtype(n) in FLOAT_DTYPES and n not in copied:
             cfg.check_tensor(n, positions[n], layers[n])
     out_dtype_of = {
         n: (cfg.out_dtype or cfg.dtype or reference.dtype(n))
@@ -893,16 +987,22 @@ def merge(
     from meldkit.ops import merge_tensors
 
     bar = None
-    float_names = [n for n in names if reference.dtype(n) in FLOAT_DTYPES]
+    # The tensors merged (the others are copied from the reference).
+    float_names = [n for n in names if reference.dtype(n) in FLOAT_DTYPES and n not in copied]
     buffers = _OutputBuffers(
         max((nbytes[n] for n in float_names), default=0), pin=device.type == "cuda"
     )
     inputs = ([base] if base is not None else []) + models
+    float_set = set(float_names)
 
     def steps_of(step_names: list[str]) -> list[list[tuple[Path, int, int]]]:
         if ahead is None:
             return []
-        return [[r for c in inputs if (r := c.byte_range(n)) is not None] for n in step_names]
+        # What the merge reads: every input's tensor where it merges, else the reference's.
+        return [
+            [r for c in (inputs if n in float_set else [reference]) if (r := c.byte_range(n))]
+            for n in step_names
+        ]
 
     reading: list[ReadAhead] = []
     try:
@@ -958,14 +1058,13 @@ def merge(
         reading.append(ReadAhead(steps_of(names), ahead or 0, kernels=device.type == "cpu"))
         for i, name in enumerate(names):
             reading[0].at(i)
-            b = reference.get(name) if base is not None else None
-            ms = [load(i, name) for i in range(len(models))]
-            if reference.dtype(name) not in FLOAT_DTYPES:
-                writer.add(name, b if b is not None else ms[0])  # integer buffers: the base's
+            if name not in float_set:
+                # Integer buffers, and buffers some models lack: the reference's.
+                writer.add(name, reference.get(name).to(out_dtype_of[name]))
             else:
                 dt = cfg.dtype or reference.dtype(name)
-                b = b.to(device, dt) if b is not None else None
-                ms = [m.to(device, dt) for m in ms]
+                b = reference.get(name).to(device, dt) if base is not None else None
+                ms = [load(i, name).to(device, dt) for i in range(len(models))]
                 params = _tensor_params(cfg, name, positions[name], layers[name])
                 if thresholds is not None:
                     params["thresholds"] = thresholds

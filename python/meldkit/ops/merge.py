@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 
 from meldkit import _native
+from meldkit._memory import prefault
 from meldkit.merging.methods import METHODS, get_method
 from meldkit.ops import _checks
 from meldkit.ops import merge_ref as ref
@@ -144,28 +145,44 @@ def _kth_largest(theta: torch.Tensor, base: torch.Tensor, k: int) -> float:
 @contextlib.contextmanager
 def _naming_nan(op: str, method: str, bases, models) -> Iterator[None]:
     """Re-raises the native magnitude selection's NaN error (which knows no model) naming ``op``,
-    ``method`` and the first ``models[t][j] − bases[j]`` holding NaN, found only then."""
+    ``method`` and the first input that puts NaN in a task vector ``models[t][j] − bases[j]``
+    (:func:`_nan_source`), found only then."""
     try:
         yield
     except ValueError as e:
         if "contain NaN" not in str(e):
             raise
-        where = "a task vector"
-        found = (
-            (t, j)
-            for j, b in enumerate(bases)
-            for t, ms in enumerate(models)
-            if torch.isnan(ms[j].float() - b.float()).any()
-        )
-        t, j = next(found, (None, None))
-        if t is not None:
-            where = f"models[{t}]" if len(bases) == 1 else f"models[{t}][{j}]"
-            where += f" − {'base' if len(bases) == 1 else f'bases[{j}]'}"
+        where = _nan_source(bases, models)
         raise ValueError(
             f"meldkit.{op}: method {method!r} selects by magnitude, which cannot rank NaN, and "
-            f"{where} holds NaN (only at density 1, where nothing is selected, does NaN merge, "
+            f"{where} (only at density 1, where nothing is selected, does NaN merge, "
             "as NaN)"
         ) from e
+
+
+def _nan_source(bases: Sequence[torch.Tensor], models: Sequence[Sequence[torch.Tensor]]) -> str:
+    """Says which input first makes a task vector ``models[t][j] − bases[j]`` hold NaN: a base
+    holding NaN (every model's task vector then does), else a model holding NaN, else a model
+    and its base both infinite, of one sign, at one entry (∞ − ∞; the kernels subtract in
+    float32, which holds every finite value of their input dtypes, so nothing else makes NaN).
+    Checked without forming the task vectors: no float32 copy of any input."""
+    one = len(bases) == 1
+    for j, b in enumerate(bases):
+        base = "base" if one else f"bases[{j}]"
+        model = [f"models[{t}]" if one else f"models[{t}][{j}]" for t in range(len(models))]
+        if torch.isnan(b).any():
+            return f"{base} holds NaN"
+        for t, ms in enumerate(models):
+            if torch.isnan(ms[j]).any():
+                return f"{model[t]} holds NaN"
+        if torch.isinf(b).any():
+            for t, ms in enumerate(models):
+                if (torch.isinf(ms[j]) & (ms[j] == b)).any():
+                    return (
+                        f"{model[t]} − {base} holds NaN (both are infinite, of one sign, at one "
+                        "entry: ∞ − ∞)"
+                    )
+    return "a task vector holds NaN"
 
 
 def _breadcrumbs_band(numel: int, density: float, gamma: float) -> tuple[int, int]:
@@ -328,7 +345,7 @@ def _della_merge_cpu(
     masked = list(masked)
     scales = list(ratios) if rescale == "l1" else [1.0] * n
     if out is None:
-        out = torch.empty(base.shape, dtype=out_dtype or base.dtype, device=base.device)
+        out = prefault(torch.empty(base.shape, dtype=out_dtype or base.dtype, device=base.device))
     if not all(math.isfinite(s) for s in scales):
         # NaN or ±inf in a task vector makes its L1 factor NaN (rescale_ref), and so, as in the
         # reference, every element of the result.
@@ -608,7 +625,7 @@ def _merge_into(
         )
         return res if out is None else out.copy_(res)
     if out is None:
-        out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
+        out = prefault(torch.empty(base.shape, dtype=out_dtype, device=base.device))
     _merge_native(
         [base],
         [[x] for x in models],
@@ -648,10 +665,16 @@ class _MergeArgs(NamedTuple):
 
 def _check_float(name: str, value: object) -> float:
     """``value`` as a float, finite in float32 (the kernels' λ), else a TypeError/ValueError
-    naming ``name``."""
+    naming ``name``. A real number: Python's, NumPy's, or a 0-d tensor or array (read with
+    ``.item()``); not a bool."""
+    given = value
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        value = value.item()  # a bool tensor gives a bool, a complex one a complex: refused
+    elif getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()  # NumPy: a 0-d array, or a scalar (np.bool_ gives a bool)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
-            f"meldkit.merge_tensors: argument '{name}': expected a float, got {value!r}"
+            f"meldkit.merge_tensors: argument '{name}': expected a float, got {given!r}"
         )
     f = float(value)
     if not math.isfinite(f) or abs(f) > torch.finfo(torch.float32).max:
@@ -980,25 +1003,46 @@ def _check_out(
         raise ValueError(f"{where}: must be contiguous")
     if out.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{where}: requires grad; merging into it runs without autograd")
-    if any(_overlaps(out, x) for x in inputs):
+    if _overlaps_any(out, inputs):
         # The kernels read each element before writing it, but the reference paths do not.
         raise ValueError(f"{where}: shares memory with an input")
     return out.dtype
 
 
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the bytes ``a`` and ``b`` span (first to last element, strides ≥ 0) intersect:
-    never for an empty tensor (it holds no bytes, whatever its pointer); a disjoint slice of the
-    same buffer does not overlap."""
-    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+def _overlaps_any(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether the bytes ``out`` spans (first to last element, strides ≥ 0) intersect those of
+    any of ``inputs``: never for an empty tensor (it holds no bytes, whatever its pointer); a
+    disjoint slice of the same buffer does not overlap.
+
+    Tensors whose storages' bytes are disjoint (separate allocations: the usual case) cannot
+    overlap, which one comparison per input tells; only the others (views of one buffer, or
+    storages over overlapping memory, as ``torch.from_numpy`` of an array and of a slice of it
+    give) compare their elements' spans. Each call of ``merge_tensors(out=)`` runs this, so it
+    stays cheap."""
+    if out.numel() == 0:
         return False
+    storage = out.untyped_storage()
+    lo = storage.data_ptr()
+    hi = lo + storage.nbytes()
+    span = None
+    for x in inputs:
+        s = x.untyped_storage()
+        p = s.data_ptr()
+        if p >= hi or lo >= p + s.nbytes() or x.numel() == 0 or x.device != out.device:
+            continue
+        if span is None:
+            span = _span(out)
+        b0, b1 = _span(x)
+        if span[0] < b1 and b0 < span[1]:
+            return True
+    return False
 
-    def span(x: torch.Tensor) -> tuple[int, int]:
-        last = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride(), strict=True))
-        return x.data_ptr(), x.data_ptr() + (last + 1) * x.element_size()
 
-    (a0, a1), (b0, b1) = span(a), span(b)
-    return a0 < b1 and b0 < a1
+def _span(x: torch.Tensor) -> tuple[int, int]:
+    """The bytes ``[first, end)`` from a non-empty tensor's first element to its last (strides
+    ≥ 0)."""
+    last = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride(), strict=True))
+    return x.data_ptr(), x.data_ptr() + (last + 1) * x.element_size()
 
 
 def merge_tensor_list(
@@ -1130,7 +1174,7 @@ seed, t, filter_wise :
     if native:
         reasons = _native.unavailable(_OP, device, (dtype, out_dtype))
         if not reasons:
-            outs = [torch.empty(b.shape, dtype=out_dtype, device=device) for b in bases]
+            outs = [prefault(torch.empty(b.shape, dtype=out_dtype, device=device)) for b in bases]
             common = dict(
                 consensus=a.consensus,
                 normalize=a.normalize,
