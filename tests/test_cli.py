@@ -191,3 +191,166 @@ def test_merge_help_lists_mergekit_flags_apart():
     ):
         assert flag in group
     assert "--read-ahead" not in group  # meldkit's own options come first, in their own list
+
+
+def test_an_invalid_backend_is_a_fact_for_info_and_one_line_for_the_other_commands(
+    monkeypatch, capsys, tmp_path
+):
+    monkeypatch.setenv("MELDKIT_BACKEND", "bogus")
+    facts = meldkit.info()
+    printed = capsys.readouterr().out
+    assert facts["backend"] == "bogus" and "auto, reference, native" in facts["backend_error"]
+    assert "MELDKIT_BACKEND: 'bogus' is INVALID (accepted: auto, reference, native" in printed
+    assert main(["info"]) == 0
+    assert "is INVALID" in capsys.readouterr().out
+    cfg = _merge_inputs(tmp_path)
+    for args in (
+        ["demo"],
+        ["bench", "--op", "weighted_sum", "--quick"],
+        ["merge", str(cfg), str(tmp_path / "out")],
+    ):
+        assert main(args) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1, err
+        assert err == (
+            f"meldkit {args[0]}: MELDKIT_BACKEND='bogus' is not one of auto, reference, native\n"
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_info_says_no_gpu_rather_than_reference_only(monkeypatch, capsys):
+    """Without a GPU torch can use, nothing runs on CUDA: not even the reference."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    meldkit.info()
+    printed = capsys.readouterr().out
+    cuda_rows = [line for line in printed.splitlines() if line.split()[1:2] == ["cuda"]]
+    assert cuda_rows and all(line.endswith("n/a (no usable GPU)") for line in cuda_rows)
+
+
+def test_demo_checks_its_device_as_merge_does(monkeypatch, capsys):
+    import pytest
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    for device in ("cuda", "cuda:0"):
+        assert main(["demo", "--device", device]) == 2
+        out, err = capsys.readouterr()
+        assert out == ""  # refused before the info table and the first section
+        assert err == f"meldkit demo: device {device} requested but torch sees no CUDA device\n"
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--device", "tpu"])
+    assert exit_.value.code == 2
+    assert "argument --device: invalid choice: 'tpu' (choose from cpu, cuda, cuda:N)" in (
+        capsys.readouterr().err
+    )
+
+
+def test_demo_sections_all_have_headers(monkeypatch, capsys):
+    import meldkit.demo as demo
+
+    for name in ("weighted_sum", "merge", "goat", "twin", "exde"):
+        monkeypatch.setattr(demo, f"_demo_{name}", lambda device: True)
+    monkeypatch.setattr("meldkit.dlf.demo.run_demo", lambda print_fn: True)
+    monkeypatch.setattr("meldkit.bench.run_op", lambda *args, **kwargs: [])
+    monkeypatch.setattr("meldkit.bench.format_table", lambda rows: "")
+    assert demo.run_demo("cpu") == 0
+    headers = [line for line in capsys.readouterr().out.splitlines() if line.endswith(":")]
+    assert any(line.startswith("DLF (") and line.endswith(" on cpu:") for line in headers)
+    assert len(headers) >= 7  # info's "ops" line, the six sections and the benchmark
+
+
+def test_demo_silences_the_torchvision_notice_only():
+    import logging
+
+    from meldkit.demo import _without_torchvision_notice
+
+    logger = logging.getLogger("transformers.utils.import_utils")
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        notice = "`CLIPImageProcessor` requires torchvision (not installed); falling back"
+        with _without_torchvision_notice():
+            logger.warning(notice)
+            logger.warning("something else")
+        logger.warning(notice)
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["something else", notice]
+
+
+def test_cli_warnings_are_one_line_named_for_the_command(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    cfg = _merge_inputs(tmp_path)
+
+    def fake_merge(config, out_dir, **options):
+        warnings.warn("models differ in something harmless", stacklevel=2)
+        return out_dir
+
+    monkeypatch.setattr("meldkit.merging.merge", fake_merge)
+    shown = warnings.showwarning
+    assert main(["merge", str(cfg), str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert err == "meldkit merge: warning: models differ in something harmless\n"
+    assert warnings.showwarning is shown  # only while the command runs
+
+
+def test_out_shard_size_without_a_unit_warns_that_it_counts_bytes(tmp_path, capsys, monkeypatch):
+    cfg = _merge_inputs(tmp_path)
+    seen = {}
+
+    def fake_merge(config, out_dir, **options):
+        seen.update(options)
+        return out_dir
+
+    monkeypatch.setattr("meldkit.merging.merge", fake_merge)
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--out-shard-size", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --out-shard-size 5 means 5 bytes" in err and "did you mean 5GB" in err
+    assert seen["out_shard_size"] == "5"  # a warning, as mergekit reads it: bytes
+    for size in ("5GB", "1B", "500MB", "1000000000", "4KB"):
+        assert main(["merge", str(cfg), str(tmp_path / "out"), "--out-shard-size", size]) == 0
+        assert capsys.readouterr().err == ""
+
+
+def test_fallback_warning_names_the_callers_line(monkeypatch):
+    """Whether the op runs its implementation directly or through torch.library (autograd),
+    the warning points at the line that called it, not into meldkit or torch."""
+    import pytest
+    import torch
+
+    from meldkit import _native
+    from meldkit.ops import weighted_sum
+
+    monkeypatch.setenv("MELDKIT_BACKEND", "auto")
+    monkeypatch.setattr(_native, "_C", None)
+    monkeypatch.setattr(_native, "IMPORT_ERROR", "ImportError: simulated")
+    for requires_grad in (False, True):
+        monkeypatch.setattr(_native, "_warned", set())
+        x = torch.randn(5, requires_grad=requires_grad)
+        with pytest.warns(meldkit.MeldkitFallbackWarning) as record:
+            weighted_sum([x, x], [1.0, 2.0])
+        assert [w.filename for w in record] == [__file__], requires_grad
+
+
+def test_yaml_errors_name_the_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "ties.yaml"
+    bad.write_text("merge_method: ties\nmodels:\n  - model: [a\n")
+    assert main(["merge", str(bad), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"meldkit merge: {bad}, line 4, column 1: not valid YAML: expected")
+    assert "<unicode string>" not in err and err.count("\n") == 1, err
+
+
+def test_bench_lists_the_cases_before_measuring_when_none_matches(capsys):
+    args = ["bench", "--op", "merge", "--device", "cpu", "--quick", "--case", "tie_*"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "copy ceiling" not in err  # nothing measured
+    assert "no case matches" in err
+    assert "ties_n3_1024x1024 (fp32), dare_ties_n3_1024x1024 (fp32)" in err

@@ -15,6 +15,7 @@ op runs its reference instead and :func:`warn_fallback` says why, once per (op, 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import torch
@@ -136,8 +137,26 @@ def warn_fallback(op: str, device: torch.device, dtypes: tuple, reasons: list[st
         f"meldkit.{op}: running the pure-PyTorch reference on {device.type} for dtype "
         f"{'/'.join(dict.fromkeys(names))}: " + "; ".join(reasons),
         MeldkitFallbackWarning,
-        stacklevel=4,
+        stacklevel=_outside_stacklevel(),
     )
+
+
+# Frames the fallback warning skips: meldkit's own and torch's (an op called through
+# torch.library reaches warn_fallback from torch/_library/custom_ops.py).
+_INTERNAL_DIRS = tuple(
+    os.path.dirname(path) + os.sep for path in (__file__, torch.__file__) if path is not None
+)
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning :func:`warn_fallback` raises name the first
+    calling frame outside meldkit and torch (the user's line that called the op), however deep
+    the op's call chain; the outermost frame when every frame is inside. What ``warnings.warn``'s
+    ``skip_file_prefixes`` does on Python ≥ 3.12, for 3.10 and 3.11 too."""
+    frame, level = sys._getframe(2), 2  # warn_fallback's caller is stacklevel 2 of its warn()
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def stream_of(device: torch.device) -> int:

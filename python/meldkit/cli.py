@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -42,6 +43,15 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         )
         return 2
     seed = args.seed if args.seed is not None else (args.random_seed or 0)
+    tiny = _bare_bytes(args.out_shard_size)
+    if tiny is not None and tiny < 10**6:
+        meant = args.out_shard_size.strip() if args.out_shard_size.strip().isdigit() else "5"
+        print(
+            f"meldkit merge: warning: --out-shard-size {args.out_shard_size} means {tiny:,} "
+            "bytes (a number without a unit counts bytes, as in mergekit), so nearly every "
+            f"tensor gets a shard of its own; did you mean {meant}GB?",
+            file=sys.stderr,
+        )
     for flag, given, why in (
         (
             "--allow-crimes",
@@ -108,8 +118,24 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from meldkit.demo import run_demo
+    from meldkit.merging.engine import MergeError, _merge_device
 
+    if args.device is not None:
+        try:  # the check merge --device makes: a CUDA device that torch sees
+            _merge_device(args.device)
+        except MergeError as exc:
+            print(f"meldkit demo: {exc}", file=sys.stderr)
+            return 2
     return run_demo(device=args.device)
+
+
+def _bare_bytes(text: str) -> int | None:
+    """The byte count of a size written without a unit (``"5"``, ``"1e6"``), else None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if value >= 1 else None  # below 1: parse_size's error says why
 
 
 def _device_arg(text: str) -> str:
@@ -212,15 +238,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("demo", help="run each op on random data against its reference")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when usable)")
+    p.add_argument(
+        "--device",
+        default=None,
+        type=_device_arg,
+        metavar="{cpu,cuda,cuda:N}",
+        help="cpu, cuda or cuda:N (default: cuda when usable, else cpu)",
+    )
     p.set_defaults(func=_cmd_demo)
     return parser
 
 
+def _warning_printer(prefix: str):
+    """A ``warnings.showwarning`` that prints ``<prefix>: warning: <message>``, one line per
+    warning, without the file, line and source line Python's default shows."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        try:
+            print(f"{prefix}: warning: {message}", file=file or sys.stderr)
+        except OSError:  # stderr closed or gone: as Python's own showwarning, drop it
+            pass
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    prefix = f"meldkit {args.command}"
+    if args.command != "info":  # info lists an invalid value among its facts instead
+        from meldkit import _native
+
+        try:
+            _native.backend()
+        except ValueError as exc:
+            print(f"{prefix}: {exc}", file=sys.stderr)
+            return 2
+    with warnings.catch_warnings():  # restores Python's showwarning when the command ends
+        warnings.showwarning = _warning_printer(prefix)
+        try:
+            return int(args.func(args) or 0)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130

@@ -1,10 +1,13 @@
 """``meldkit demo``: runs each op on random data, checks it against its reference, and times it.
 
 Each method adds a short section: the pilot op ``weighted_sum``, TIES merging through the
-streaming engine, and a GOAT training run with its adapter round trip.
+streaming engine, a GOAT training run with its adapter round trip, Twin-Merging, ExDe and DLF.
 """
 
 from __future__ import annotations
+
+import contextlib
+import logging
 
 import torch
 
@@ -110,7 +113,7 @@ def _demo_goat(device: torch.device) -> bool:
         target = teacher(x)
 
     config = goat.GoatConfig(num_experts=4, top_k=2, rank=16)  # every nn.Linear
-    model = goat.wrap(copy.deepcopy(base), config)
+    model = goat.wrap(copy.deepcopy(base), config, progress=False)
     params = [p for p in model.parameters() if p.requires_grad]
     n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     print(
@@ -245,6 +248,32 @@ def _demo_twin(device: torch.device) -> bool:
     return ok
 
 
+class _DropMessages(logging.Filter):
+    """Drops the log records whose message contains one of ``parts``."""
+
+    def __init__(self, *parts: str):
+        super().__init__()
+        self.parts = parts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(part in message for part in self.parts)
+
+
+@contextlib.contextmanager
+def _without_torchvision_notice():
+    """Silence transformers' "`CLIPImageProcessor` requires torchvision (not installed);
+    falling back to `CLIPImageProcessorPil`" notice while the tiny pipeline loads: the PIL
+    image processor is what the demo needs, and the notice asks the user for nothing."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    drop = _DropMessages("requires torchvision")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def _demo_exde(device: torch.device) -> bool:
     """ExDe on a tiny random Stable Video Diffusion pipeline (needs diffusers): extrapolation and
     decoupling of a stand-in fine-tune, then a 6-step generation with the switch schedule blended
@@ -263,7 +292,8 @@ def _demo_exde(device: torch.device) -> bool:
     from meldkit.exde import _tiny
 
     t0 = time.perf_counter()
-    pipe = _tiny.pipeline()
+    with _without_torchvision_notice():
+        pipe = _tiny.pipeline()
     pipe.to(device)
     base = copy.deepcopy(pipe.unet)
     ft = _tiny.finetuned(base)
@@ -308,14 +338,21 @@ def _demo_exde(device: torch.device) -> bool:
 
 
 def run_demo(device: str | None = None) -> int:
-    """Run the demo on ``device`` (default: CUDA when usable, else CPU); return an exit code."""
+    """Run the demo on ``device`` (default: CUDA when usable, else CPU); return an exit code.
+
+    Raises
+    ------
+    meldkit.merging.MergeError
+        (a ValueError) ``device`` is not cpu, cuda or cuda:N, or torch sees no such CUDA device.
+    """
     from meldkit import bench
     from meldkit.info import info
+    from meldkit.merging.engine import _merge_device
 
-    info()
     if device is None:
         device = "cuda" if _native.cuda_usable()[0] and torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = _merge_device(device)  # checked as merge checks it, before anything runs
+    info()
     print(f"\ncorrectness against the float64 reference on {dev}:")
     ok = _demo_weighted_sum(dev)
     print(f"\nmerging checkpoints (TIES, streaming engine) on {dev}:")
@@ -328,6 +365,7 @@ def run_demo(device: str | None = None) -> int:
     ok &= _demo_exde(dev)
     from meldkit.dlf.demo import run_demo as dlf_demo
 
+    print("\nDLF (dynamic logit fusion: a large model steered by small experts per token) on cpu:")
     ok &= dlf_demo(print_fn=print)
     print(f"\nbenchmark (quick) on {dev}:")
     rows = bench.run_op("weighted_sum", device=dev.type, quick=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from typing import TextIO
@@ -16,6 +17,10 @@ def collect() -> dict:
     """The facts :func:`info` prints, as a dict (JSON-serialisable)."""
     build = dict(_native._C.build_info()) if _native._C is not None else {}
     usable, why_not = _native.cuda_usable()
+    try:
+        backend, backend_error = _native.backend(), None
+    except ValueError as exc:  # shown among the facts; every op call raises the same error
+        backend, backend_error = os.environ.get("MELDKIT_BACKEND"), str(exc)
     gpu_name = None
     if usable and torch.cuda.is_available():
         gpu_name = torch.cuda.get_device_name(0)
@@ -35,11 +40,13 @@ def collect() -> dict:
         "torch_cuda": torch.version.cuda,
         "extension": _native.IMPORT_ERROR is None,
         "extension_error": _native.IMPORT_ERROR,
-        "backend": _native.backend(),
+        "backend": backend,
+        "backend_error": backend_error,
         "build": build,
         "gpu_usable": usable,
         "gpu_reason": None if usable else why_not,
         "gpu_name": gpu_name,
+        "torch_sees_gpu": torch.cuda.is_available(),
         "ops": ops,
     }
 
@@ -73,11 +80,22 @@ def info(file: TextIO | None = None) -> dict:
         lines.append(f"GPU: usable ({facts['gpu_name'] or 'CUDA device'})")
     else:
         lines.append(f"GPU: none usable ({facts['gpu_reason']})")
-    lines.append(f"MELDKIT_BACKEND: {facts['backend']}")
+    if facts["backend_error"] is None:
+        lines.append(f"MELDKIT_BACKEND: {facts['backend']}")
+    else:
+        lines.append(
+            f"MELDKIT_BACKEND: {facts['backend']!r} is INVALID (accepted: "
+            f"{', '.join(_native.BACKENDS)}; unset means auto): every op raises until it is fixed"
+        )
     lines.append("ops (native dtypes; anything else runs the reference):")
     for op, devices in facts["ops"].items():
         for dev, dtypes in devices.items():
-            shown = ", ".join(dtypes) if dtypes else "reference only"
+            if dtypes:
+                shown = ", ".join(dtypes)
+            elif dev == "cuda" and not facts["torch_sees_gpu"]:
+                shown = "n/a (no usable GPU)"  # no CUDA tensor to run anything on
+            else:
+                shown = "reference only"
             lines.append(f"  {op:<16} {dev:<5} {shown}")
     print("\n".join(lines), file=out)
     return facts

@@ -654,3 +654,22 @@ def test_input_grads_hook_is_wraps_only_under_transformers_4():
     model.enable_input_require_grads()
     goat.unwrap(goat.wrap(model, llama_config()))
     assert _live_input_grads_hook(model)
+
+
+def test_wrap_shows_a_progress_bar_over_the_layers_unless_asked_not_to(capsys):
+    """The SVD inits factor every target weight (seconds for SmolLM2-135M "all-linear", minutes
+    for a 7B model): wrap shows a bar per layer on stderr, as twin.build does per tensor, with
+    the same keyword and default."""
+    import inspect
+
+    from meldkit import twin
+
+    option = inspect.signature(goat.wrap).parameters["progress"]
+    assert option.kind is inspect.Parameter.KEYWORD_ONLY
+    assert option.default is inspect.signature(twin.build).parameters["progress"].default is True
+    capsys.readouterr()
+    goat.wrap(mlp(), goat.GoatConfig(num_experts=2, top_k=1, rank=4))
+    err = capsys.readouterr().err
+    assert "goat wrap" in err and "2/2" in err and "layer" in err
+    goat.wrap(mlp(), goat.GoatConfig(num_experts=2, top_k=1, rank=4), progress=False)
+    assert capsys.readouterr().err == ""

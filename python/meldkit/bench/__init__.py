@@ -840,9 +840,39 @@ def run(args: argparse.Namespace) -> int:
         patterns = None
         if args.case:
             patterns = [p.strip() for value in args.case for p in value.split(",") if p.strip()]
+        from meldkit import _native
+
+        _native.backend()  # an invalid MELDKIT_BACKEND: one line now, not a traceback later
     except ValueError as error:
         print(f"meldkit bench: error: {error}", file=sys.stderr)
         return 2
+    # Checked before anything is measured: a --case typo must not cost the ceiling's seconds.
+    available = {(op, d): load_cases(op, d, args.quick) for d in devices for op in ops}
+    selected = [
+        c
+        for found in available.values()
+        for c in found
+        if (dtypes is None or c.dtype in dtypes)
+        and (patterns is None or any(fnmatch.fnmatchcase(c.name, p) for p in patterns))
+    ]
+    if not selected:
+        names: dict[str, dict[str, list[str]]] = {}
+        for (op, _), found in available.items():
+            for c in found:
+                names.setdefault(op, {}).setdefault(c.name, [])
+                if dtype_name(c.dtype) not in names[op][c.name]:
+                    names[op][c.name].append(dtype_name(c.dtype))
+        listing = "; ".join(
+            f"{op}: " + ", ".join(f"{n} ({'/'.join(d)})" for n, d in by_name.items())
+            for op, by_name in names.items()
+        )
+        size = "--quick set" if args.quick else "full set (--quick has fewer, smaller ones)"
+        print(
+            "meldkit bench: no case matches the selected ops, dtypes and cases; the cases of "
+            f"the {size} are: {listing or 'none'}",
+            file=sys.stderr,
+        )
+        return 2 if patterns else 0  # a --case that selects nothing is a typo
     if args.device == "all" and devices == ["cpu"]:
         print("meldkit bench: no CUDA device, running on cpu only", file=sys.stderr)
 
@@ -872,10 +902,6 @@ def run(args: argparse.Namespace) -> int:
             except Exception as error:  # report and go on: one broken op must not hide the rest
                 print(f"\nmeldkit bench: {op} on {device} failed: {error!r}", file=sys.stderr)
                 status = 1
-    if not rows and status == 0:
-        print("meldkit bench: no case matches the selected ops, dtypes and cases", file=sys.stderr)
-        if patterns:
-            return 2  # a --case that selects nothing is a typo, not an empty benchmark
     if rows:
         print(format_table(rows))
         print(

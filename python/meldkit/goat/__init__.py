@@ -1,5 +1,6 @@
-"""GOAT: SVD-structured mixture-of-LoRA-experts fine-tuning ("Make LoRA Great Again", Fan et al.,
-ICML 2025; spec in ``spec/goat.md``).
+"""GOAT: SVD-structured mixture-of-LoRA-experts fine-tuning (Fan et al., "Make LoRA Great Again:
+Boosting LoRA with Adaptive Singular Values and Mixture-of-Experts Optimization Alignment",
+ICML 2025, arXiv 2502.16894).
 
 Every adapted ``nn.Linear`` (weight W0 ∈ R^{m×n}) becomes a :class:`GoatLinear`::
 

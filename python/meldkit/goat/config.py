@@ -84,10 +84,10 @@ class GoatConfig:
         Dropout probability on the experts' input (training mode only); 0 ≤ dropout < 1.
     dropout_mode : {"per_expert", "shared"}
         ``"per_expert"`` (the official code's behaviour, the default): an independent mask per
-        expert. ``"shared"``: one mask for every expert of a layer, a fast path (spec decision
-        6): the experts' shrink and its backward are one GEMM each, as without dropout, instead
-        of one per expert. Whether per-expert masks matter for accuracy is open (the paper
-        does not say).
+        expert. ``"shared"``: one mask for every expert of a layer, a fast path of meldkit's
+        own (not the official code's): the experts' shrink and its backward are one GEMM each,
+        as without dropout, instead of one per expert. Whether per-expert masks matter for
+        accuracy is open (the paper does not say).
     aux_loss_coef : float
         Coefficient of the load-balancing loss returned by :func:`meldkit.goat.aux_loss`
         (≥ 0; the paper's 1e-3).

@@ -437,6 +437,24 @@ def hub_missing_reason(name: str) -> str:
     )
 
 
+def _yaml_problem(path: Path, exc: Exception) -> str:
+    """A YAML error in one line, its position named in the file (PyYAML, given the text, says
+    ``"<unicode string>", line 3``): ``ties.yaml, line 4, column 1: not valid YAML: expected
+    ',' or ']', but got '<stream end>' (while parsing a flow sequence, from line 3, column 12)``."""
+
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or not problem:
+        return f"{path}: not valid YAML: {' '.join(str(exc).split())}"
+    text = f"{path}, {at(mark)}: not valid YAML: {problem}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context:
+        text += f" ({context}" + (f", from {at(context_mark)})" if context_mark else ")")
+    return text
+
+
 def parse_config(
     raw: Mapping[str, Any] | str | os.PathLike, base_dir: Path | None = None
 ) -> MergeConfig:
@@ -462,7 +480,7 @@ def parse_config(
         try:
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(_yaml_problem(path, exc)) from None
         base_dir = base_dir or path.parent
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{path}: expected a mapping at the top level")

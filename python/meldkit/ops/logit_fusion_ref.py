@@ -5,8 +5,8 @@ Dynamic Logit Fusion (DLF; Fan, Lu, Wei, Tian, Qu, Chen, Cheng, "On Giant's Shou
 Weak to Strong by Dynamic Logits Fusion", NeurIPS 2024, arXiv 2406.15480) steers a large base model
 with small fine-tuned experts at every decoding step: it adds the experts' shift of the raw logits,
 scaled by an α chosen per step so that the large model moves as far, in both KL directions, as the
-small model moved under fine-tuning. Project spec: ``shared/spec/logit_fusion.md`` (§1.3, §1.4,
-§2.1, §2.2).
+small model moved under fine-tuning. Everything the paper leaves open (the multi-task
+reduction, per-expert ranges, ties, masking, precision) is decided below.
 
 Notation, per row b (one decoding step of one sequence), over the vocabulary positions v that are
 not masked (below); α_j is the j-th grid point rounded to the accumulation dtype::
@@ -22,7 +22,8 @@ not masked (below); α_j is the j-th grid point rounded to the accumulation dtyp
 For T = 1 this is the paper's single-task objective (Eq. 3). For T > 1 it is the paper's
 multi-task objective Σ_t [(KL(P̃‖P) − KL(Q_t‖Q))² + (KL(P‖P̃) − KL(Q‖Q_t))²] restricted, as the
 paper's own search is, to one active expert per step; the sum over t equals T times the loss
-above plus a constant, so only the two mean targets matter (spec §1.3, [derived]).
+above plus a constant, so only the two mean targets matter (derived here, not stated in the
+paper).
 
 Per-expert ranges (optional; the paper searches "within a certain range" per expert without giving
 the ranges): expert t's candidates are the grid points with lo_t ≤ α_j ≤ hi_t, both sides rounded
@@ -54,7 +55,7 @@ Two formulations of the loss, which agree to float64 rounding:
 * :func:`logit_fusion_loss_ref`: the objective straight from the softmaxes, candidate by
   candidate (the readable spec; slow on purpose).
 * :func:`logit_fusion_loss_cgf_ref`: the log-partition (cumulant generating function)
-  identities of spec §2.1, which the native kernels evaluate in one streaming pass over V.
+  identities below, which the native kernels evaluate in one streaming pass over V.
   With K_t(α) = log Σ_v exp(M_L + α·d_t) (so K_t(0) = LSE(M_L))::
 
       KL(P̃_{t,α}‖P) = α·K_t′(α) − (K_t(α) − K_t(0)),      K_t′(α) = E_{P̃_{t,α}}[d_t]
@@ -206,7 +207,7 @@ def logit_fusion_loss_cgf_ref(
     experts: torch.Tensor,
     alphas: Sequence[float],
 ) -> torch.Tensor:
-    """The objective of every candidate from the log-partition identities (spec §2.1).
+    """The objective of every candidate from the log-partition identities (module docstring).
 
     The quantities a streaming kernel accumulates per row: the log-sum-exps of M_L, M_S and each
     M_t; the expectations E_{Q_t}[d_t], E_Q[d_t] and E_P[d_t]; and, per candidate, K_t(α_j) and
@@ -400,7 +401,8 @@ def logit_fusion_cgf_ref(
     return_logits: bool = True,
     ranges: Sequence[Sequence[float]] | None = None,
 ) -> LogitFusionResult:
-    """:func:`logit_fusion_ref` with the loss from the log-partition identities (spec §2.1).
+    """:func:`logit_fusion_ref` with the loss from the log-partition identities (module
+    docstring).
 
     What the native kernels compute, in float64; agrees with :func:`logit_fusion_ref` to float64
     rounding (the selection may differ only between candidates whose losses are within it).

@@ -1,5 +1,6 @@
 """Pure-PyTorch reference of the merge family: the executable spec of every sparsifier, sign
-election, disjoint merge and merge method (``../shared/spec/merging.md`` §2).
+election, disjoint merge and merge method, as mergekit (Goddard et al., arXiv:2403.13257)
+computes them; :data:`meldkit.merging.methods.METHODS` names each method's paper.
 
 Readable and float64-capable, slow on purpose. Every function works on one tensor position of a
 model: ``base`` is θ₀ of some shape ``S`` and ``tensors`` the N fine-tuned θ_t of shape ``S``
@@ -7,7 +8,7 @@ model: ``base`` is θ₀ of some shape ``S`` and ``tensors`` the N fine-tuned θ
 the discrete choices (which entries are kept, which sign wins), to the accumulation dtype's
 rounding for the arithmetic.
 
-Tie rules (the spec leaves them to the implementation; these are meldkit's):
+Tie rules (the papers and mergekit leave them to the implementation; these are meldkit's):
 
 - ``magnitude`` with ``tie="keep_ties"``: k = ``int(numel·density)``; threshold = the k-th largest
   ``|τ|`` (``kthvalue(|τ|, numel − k + 1)``); keep ``|τ| ≥ threshold``: exactly k entries when the
@@ -263,7 +264,7 @@ def generalized_merge_ref(
     thresholds: Sequence[float] | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """mergekit's generalized task arithmetic, one tensor position (spec §2.2–2.6).
+    """mergekit's generalized task arithmetic, one tensor position.
 
     For each model t: τ_t = θ_t − θ₀; τ̂_t = rescale(mask_t ⊙ τ_t) with the ``sparsify`` mask at
     density d_t; W_t = w_t·τ̂_t (weights before election, so they sway the vote). Then
@@ -378,7 +379,7 @@ def model_stock_ref(
     filter_wise: bool = False,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Model Stock (spec §2.7), as mergekit computes it.
+    """Model Stock (Jang et al., arXiv:2403.19522), as mergekit computes it.
 
     θ = t·mean_i θ_i + (1 − t)·θ₀ with t = N·cos / (1 + (N − 1)·cos), cos the mean over pairs
     i < j of ⟨τ_i, τ_j⟩ / max(‖τ_i‖·‖τ_j‖, 1e-6) clamped to [−1, 1] (mergekit clamps the product

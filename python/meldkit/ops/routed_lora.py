@@ -974,10 +974,11 @@ def routed_lora(
         b ``[m]`` (the layer's ``bias``), in ``x.dtype``; only with ``base_weight``.
     shared_dropout : bool
         One dropout mask for every expert (expert 0's, ``x ⊙ M_0·c``) instead of one per expert
-        (GOAT's official behaviour, the default). A fast path (spec decision 6): the experts'
-        shrink and its backward are then one GEMM each over the concatenated experts, as
-        without dropout, instead of one per expert; whether the per-expert masks matter for
-        accuracy is an open question of the GOAT paper. Calls with it always run as GEMMs.
+        (GOAT's official behaviour, the default). A fast path of meldkit's own (not the
+        official code's): the experts' shrink and its backward are then one GEMM each over the
+        concatenated experts, as without dropout, instead of one per expert; whether
+        the per-expert masks matter for accuracy is an open question of the GOAT paper. Calls
+        with it always run as GEMMs.
 
     Returns
     -------
