@@ -29,7 +29,6 @@ from typing import NamedTuple
 import torch
 
 from meldkit import _native
-from meldkit._memory import prefault
 from meldkit.merging.methods import METHODS, get_method
 from meldkit.ops import _checks
 from meldkit.ops import merge_ref as ref
@@ -345,7 +344,7 @@ def _della_merge_cpu(
     masked = list(masked)
     scales = list(ratios) if rescale == "l1" else [1.0] * n
     if out is None:
-        out = prefault(torch.empty(base.shape, dtype=out_dtype or base.dtype, device=base.device))
+        out = torch.empty(base.shape, dtype=out_dtype or base.dtype, device=base.device)
     if not all(math.isfinite(s) for s in scales):
         # NaN or ±inf in a task vector makes its L1 factor NaN (rescale_ref), and so, as in the
         # reference, every element of the result.
@@ -625,7 +624,7 @@ def _merge_into(
         )
         return res if out is None else out.copy_(res)
     if out is None:
-        out = prefault(torch.empty(base.shape, dtype=out_dtype, device=base.device))
+        out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
     _merge_native(
         [base],
         [[x] for x in models],
@@ -1174,7 +1173,7 @@ seed, t, filter_wise :
     if native:
         reasons = _native.unavailable(_OP, device, (dtype, out_dtype))
         if not reasons:
-            outs = [prefault(torch.empty(b.shape, dtype=out_dtype, device=device)) for b in bases]
+            outs = [torch.empty(b.shape, dtype=out_dtype, device=device) for b in bases]
             common = dict(
                 consensus=a.consensus,
                 normalize=a.normalize,
