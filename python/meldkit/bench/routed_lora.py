@@ -66,7 +66,7 @@ def make_case(config, dtype: torch.dtype, device: str) -> Case:
 
 
 def official_loop(x, lora_a, lora_b, scaling: float, router_weight, top_k: int, dropout=0.0):
-    """GOAT's official MoE forward (spec §7): per-expert ``torch.where`` and gathered matmuls
+    """GOAT's official MoE forward: per-expert ``torch.where`` and gathered matmuls
     (``dropout``: torch's dropout on each expert's gathered rows, its own generator)."""
     probs = torch.softmax(x.float() @ router_weight.float().t(), dim=-1)
     top, selected = torch.topk(probs, top_k, dim=-1)

@@ -1,7 +1,7 @@
 """ExDe stage 1: a text adapter for the temporal transformer blocks of Stable Video Diffusion.
 
 Stable Video Diffusion's UNet (``UNetSpatioTemporalConditionModel``) has no text input; the paper
-injects text into the temporal module with a light adapter (spec i2v.md §1):
+injects text into the temporal module with a light adapter (ExDe paper, stage 1):
 
 * learnable per-frame queries Q ``[F, d_text]`` and one cross-attention over the given text
   embeddings ``[B, L, d_text]`` give one text token per frame, c ``[B, F, d_text]``, once per call;

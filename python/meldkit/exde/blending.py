@@ -1,8 +1,8 @@
 """ExDe stages 2 and 3 as parameter operations: extrapolation, decoupling, per-step blending.
 
 Tian et al., "Extrapolating and Decoupling Image-to-Video Generation Models: Motion Modeling is
-Easier Than You Think" (CVPR 2025), as its released code does it (spec i2v.md §2-3), with the
-task vector τ = θ_ft − θ_base of a fine-tuned denoiser:
+Easier Than You Think" (CVPR 2025), as its released code does it (the paper's stages 2 and 3),
+with the task vector τ = θ_ft − θ_base of a fine-tuned denoiser:
 
 * extrapolation: θ = θ_base − α·τ (α = 0.25): *away* from the fine-tune, which lowered the
   motion degree; a negative α goes the other way;

@@ -283,7 +283,7 @@ class GoatLinear(nn.Module):
         )
 
     def balance_loss(self) -> torch.Tensor:
-        """Load-balancing loss of the current forward, official normalisation (spec §3.2)::
+        """Load-balancing loss of the current forward, official normalisation (the GOAT code's)::
 
             L = Σ_calls E · Σ_i (c_i / T) · (Σ_t p_i(t) / T)
 

@@ -157,7 +157,7 @@ def _validate(
       merges only its architecture's), and a reference's buffer that a model lacks is copied
       from the reference (converted to the output dtype, as merged tensors are), not merged.
 
-    As mergekit truncated embeddings to the base's shape with a warning (spec §5.4; mergekit
+    As mergekit truncated embeddings to the base's shape with a warning (mergekit
     0.1.5 does it with ``--unsafe-truncate-embeddings``), a fine-tune whose embeddings or head
     have more rows than the base's (tokens added, or rows padded) merges its first rows, the
     base's count (with a warning, once, naming the tensors and models): the output keeps the

@@ -30,7 +30,7 @@ generator of :mod:`meldkit.ops.random_ref`): element (t, j) of expert e is kept 
 multiplied by ``c = float32(1/(1 − q))`` (1/(1−q) computed in double, rounded once). A dropped
 element is multiplied by 0, so NaN and ±inf in x still propagate, as with ``torch.nn.Dropout``.
 
-Backward (spec §3.7), with dy = ∂L/∂y, U_e = dy B_e ([N, r]) and dprobs = ∂L/∂probs::
+Backward, with dy = ∂L/∂y, U_e = dy B_e ([N, r]) and dprobs = ∂L/∂probs::
 
     dB_e = s_e Σ_t g_e(t) dy(t) h_e(t)ᵀ
     dh_e = s_e g_e U_e
@@ -382,7 +382,7 @@ def routed_lora_backward_ref(
     base_weight: torch.Tensor | None = None,
     shared_dropout: bool = False,
 ) -> tuple[torch.Tensor | None, ...]:
-    """Backward of ``routed_lora`` from the saved routing weights and activations (spec §3.7).
+    """Backward of ``routed_lora`` from the saved routing weights and activations.
 
     Parameters
     ----------

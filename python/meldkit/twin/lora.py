@@ -1,6 +1,6 @@
 """Twin-Merging's generative variant: LoRA experts (PEFT format) over one causal LM.
 
-As the released code does it (spec §1.3): the merge works on the LoRA factors themselves, not on
+As the released code does it: the merge works on the LoRA factors themselves, not on
 B·A. For every adapted module, with T adapters (A_t ``[r, n]``, B_t ``[m, r]``):
 
 * shared: A_s = λ·Σ_t A_t and B_s = λ·Σ_t B_t (task arithmetic on the factors, λ = 0.3);
