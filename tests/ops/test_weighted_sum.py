@@ -432,3 +432,31 @@ def test_cuda_workspace_may_not_be_an_input_or_the_output():
     for ws in (tensors[35], out):
         with pytest.raises(ValueError, match=r"'workspace'.*overlaps"):
             _native._C.weighted_sum(tensors, weights, out, ws, _native.stream_of(out.device))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32, torch.bfloat16])
+def test_float16_inputs_match_the_reference_bit_for_bit_including_specials(out_dtype):
+    """float16 inputs take F16C conversions on x86-64 CPUs that have them (8 lanes at a time,
+    the rest of a tile in the portable code): every bit equals the reference's (a float16
+    output's NaNs included; bfloat16 NaN payloads differ from torch's, as before), over
+    lengths around the 8-lane step and the 512-element tile, with subnormal, infinite, NaN,
+    signed-zero and overflowing values."""
+    gen = torch.Generator().manual_seed(7)
+    specials = torch.tensor(
+        [0.0, -0.0, float("inf"), -float("inf"), float("nan"), 6e-8, -6e-8, 6.1e-5, 65504.0,
+         -65504.0, 1.0, 0.5, 2049.0],
+        dtype=torch.float16,
+    )  # fmt: skip
+    for n in (1, 7, 8, 9, 15, 511, 512, 513, 1031, 40000):
+        ts = []
+        for _ in range(3):
+            t = torch.randn(n, generator=gen).mul(100).to(torch.float16)
+            pick = torch.randint(0, 4, (n,), generator=gen) == 0
+            idx = torch.randint(0, len(specials), (n,), generator=gen)
+            ts.append(torch.where(pick, specials[idx], t))
+        for weights in ([1.0], [0.3, -1.7], [2.0, 0.5, -0.25]):
+            got = weighted_sum(ts[: len(weights)], weights, out_dtype=out_dtype)
+            want = weighted_sum_ref(ts[: len(weights)], weights, out_dtype)
+            same_bits_or_both_nan(got, want)
+            if out_dtype == torch.float16:  # NaNs too: the F16C path writes the software's NaN
+                assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (n, weights)
