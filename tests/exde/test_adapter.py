@@ -126,3 +126,17 @@ def test_motion_degree_scales_uint8_in_every_container(container):
     given = {"tensor": torch.from_numpy(frames), "array": frames, "list": list(frames)}[container]
     got = exde.motion_degree(given, method="frame_difference")
     assert got.value == pytest.approx(want.value, rel=1e-6)
+
+
+def test_motion_degree_refuses_0_255_floats_and_batches():
+    frames = torch.rand(4, 32, 32, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"'frames' are floats up to 25\d.*must be in \[0, 1\]"):
+        exde.motion_degree(frames * 255)
+    with pytest.raises(ValueError, match="must be in"):
+        exde.motion_degree((frames * 255).numpy(), method="frame_difference")
+    # a decoder's small overshoot past 1 is still [0, 1] frames
+    assert exde.motion_degree(frames * 1.2, method="frame_difference").value > 0
+    batch = torch.rand(2, 4, 3, 32, 32)  # pipe(...).frames of two videos
+    with pytest.raises(ValueError, match=r"batch of 2 videos.*pass one video \(frames\[i\]\)"):
+        exde.motion_degree(batch)
+    assert exde.motion_degree(batch[1]).method in ("farneback", "frame_difference")

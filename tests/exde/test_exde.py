@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -1076,3 +1077,77 @@ def test_steps_count_in_the_whole_schedule_with_strength():
                 x = scheduler.step(out, t, x).prev_sample
         assert seen == [(4, 8), (5, 8), (6, 8), (7, 8)], name
         assert module.seen == [1.25] * 4, name
+
+
+def test_a_schedule_returning_no_coefficients_is_named_with_its_step():
+    from types import SimpleNamespace
+
+    for value, shown in [(None, "None"), ("abc", "'abc'"), ("101", "'101'"), ((1.0, 0.0), "")]:
+
+        def schedule(step, num_steps, timestep, sigma, value=value):
+            return exde.CON if step < 2 else value
+
+        module = Denoiser()
+        timesteps = torch.tensor([999.0, 666.0, 333.0, 0.0])
+        pipe = SimpleNamespace(unet=module, scheduler=SimpleNamespace(timesteps=timesteps))
+        base, ft = one_pair()
+        with pytest.raises(exde.ExDeError) as caught:
+            with exde.attach(pipe, base, ft, schedule=schedule, drop=0.0):
+                for t in timesteps:
+                    module(torch.zeros(1), timestep=t)
+        message = str(caught.value)
+        assert "the schedule " in message and ".schedule at step 2 of 4 returned " in message
+        assert shown in message and "not 3 finite numbers" in message
+        assert module.seen == [1.25, 1.25]  # θ_con at steps 0 and 1, then the error
+        assert torch.equal(module.w, base["w"])
+    # a Schedule is named by its repr; Blender.apply checks what it is given too
+
+    class Unfinished(exde.Schedule):
+        def __repr__(self):
+            return "Unfinished()"
+
+        def __call__(self, step, num_steps, timestep, sigma):
+            return None
+
+    with pytest.raises(exde.ExDeError, match=r"the schedule Unfinished\(\) at step 0 of 4"):
+        with exde.attach(pipe, base, ft, schedule=Unfinished(), drop=0.0):
+            module(torch.zeros(1), timestep=timesteps[0])
+    with exde.attach(pipe, base, ft, drop=0.0) as blender:
+        with pytest.raises(exde.ExDeError, match="a schedule returned None"):
+            blender.apply(None)
+
+
+def test_finetune_parameters_the_base_lacks_are_named_in_a_warning():
+    base, ft = pair()
+    extra = {f"adapter.{i}.weight": torch.ones(3) for i in range(7)}
+    with pytest.warns(UserWarning, match="7 parameter") as caught:
+        out = exde.extrapolate(base, {**ft.state_dict(), **extra})
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert (
+        "'adapter.0.weight', 'adapter.1.weight'" in message and "'adapter.5.weight'" not in message
+    )
+    assert torch.equal(params(out)["0.weight"], params(exde.extrapolate(base, ft))["0.weight"])
+    # no warning for a matching fine-tune, nor for a tied name the (deduplicated) base lists once
+    tied_base, tied_ft = tied_pair()
+    deduplicated = {k: v for k, v in tied_base.state_dict().items() if k != "head.weight"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exde.extrapolate(base, ft)
+        exde.extrapolate(deduplicated, tied_ft)
+
+
+def test_a_key_prefix_is_named_with_the_missing_parameter():
+    base, ft = pair()
+    prefixed = {"unet." + k: v for k, v in ft.state_dict().items()}
+    with pytest.raises(exde.ExDeError, match=r"no parameter '0\.weight'") as caught:
+        exde.extrapolate(base, prefixed)
+    assert "every key of the fine-tuned model starts with 'unet.'" in str(caught.value)
+    assert "k.removeprefix('unet.')" in str(caught.value)
+    nested = {"model.base." + k: v for k, v in base.state_dict().items()}
+    with pytest.raises(exde.ExDeError, match=r"every key of the base starts with 'model\.base\.'"):
+        exde.extrapolate(nested, ft.state_dict())
+    # no prefix to suggest: the plain message
+    missing = {k: v for k, v in ft.state_dict().items() if k != "2.bias"}
+    with pytest.raises(exde.ExDeError, match=r"no parameter '2\.bias'$"):
+        exde.extrapolate(base, missing)

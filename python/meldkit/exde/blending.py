@@ -33,6 +33,7 @@ import numbers
 import operator
 import re
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -153,7 +154,10 @@ def _pairs(
         name, t = names[0], b[names[0]]
         found = [n for n in names if n in f]
         if not found:
-            raise ExDeError(f"meldkit.exde: the fine-tuned model has no parameter {name!r}")
+            raise ExDeError(
+                f"meldkit.exde: the fine-tuned model has no parameter {name!r}"
+                + _prefix_hint(name, b, f)
+            )
         ft = f[found[0]]
         if ft.shape != t.shape:
             raise ExDeError(
@@ -174,7 +178,39 @@ def _pairs(
         out.append((name, t, ft))
     if not out:
         raise ExDeError("meldkit.exde: no parameter is selected (check include/exclude)")
+    # A fine-tune's parameters that the base lacks (e.g. an adapter trained with it) have no τ:
+    # say so rather than drop them unseen. Another name of a tensor the base has (a tied
+    # parameter a saved base lists once) is no extra.
+    known = {_storage(t) for n, t in f.items() if n in b}
+    extra = [n for n, t in f.items() if n not in b and _storage(t) not in known]
+    if extra:
+        shown = ", ".join(repr(n) for n in extra[:5]) + (", ..." if len(extra) > 5 else "")
+        warnings.warn(
+            f"meldkit.exde: the fine-tuned model has {len(extra)} parameter(s) the base lacks "
+            f"({shown}): left out (τ covers the base's parameters only)",
+            UserWarning,
+            stacklevel=3,
+        )
     return out
+
+
+def _prefix_hint(name: str, b: Mapping[str, Any], f: Mapping[str, Any]) -> str:
+    """For a ``name`` of the base ``b`` missing from the fine-tune ``f``: the key prefix that
+    every key of one of the two carries and the other lacks (``unet.`` of a pipeline's state
+    dict), as advice to strip it; "" when there is none."""
+    candidates = [(k[: -len(name)], f, b, "fine-tuned model") for k in f if k.endswith("." + name)]
+    candidates += [
+        (name[: i + 1], b, f, "base") for i, c in enumerate(name) if c == "." and name[i + 1 :] in f
+    ]
+    for prefix, longer, shorter, which in candidates:
+        if all(k.startswith(prefix) for k in longer):
+            matched = sum(k[len(prefix) :] in shorter for k in longer)
+            return (
+                f"; every key of the {which} starts with {prefix!r} ({matched} of {len(longer)} "
+                "match once it is stripped): strip it, e.g. "
+                f"{{k.removeprefix({prefix!r}): v for k, v in state_dict.items()}}"
+            )
+    return ""
 
 
 def paired(
@@ -196,7 +232,13 @@ def paired(
     Buffers are never selected: a state dict's entries that are buffers of ``buffers`` (names),
     else of whichever of ``base`` and ``finetuned`` is a module, are skipped; two state dicts
     alone skip the norm layers' running statistics (pass a module, or ``exclude``, for other
-    buffers)."""
+    buffers).
+
+    Parameters of ``finetuned`` that ``base`` lacks (e.g. an adapter trained with the fine-tune)
+    have no τ: they are left out with one UserWarning naming the first few and their count. A
+    parameter of ``base`` missing from ``finetuned`` raises :class:`ExDeError`; when every key
+    of one model carries a prefix the other's lack (``unet.`` of a pipeline's state dict), the
+    message names it and how to strip it (it is never stripped silently)."""
     return [name for name, _, _ in _pairs(base, finetuned, include, exclude, buffers=buffers)]
 
 
@@ -525,6 +567,31 @@ class cosine(Schedule):
         return _mix(0.5 - 0.5 * math.cos(math.pi * step / max(num_steps - 1, 1)))
 
 
+def _coefficients(value: Any, source: str) -> Coefficients:
+    """``value``, what ``source`` (a schedule, named for the message) returned, as
+    ``(c_τ, c_dyn, c_con)`` floats, or an ExDeError: anything but 3 finite numbers (a tuple,
+    list, array or tensor of them)."""
+    coeffs = None
+    if not isinstance(value, (str, bytes)):  # a string iterates as characters: "101" is no triple
+        try:
+            coeffs = tuple(float(c) for c in value)
+        except (TypeError, ValueError, RuntimeError):  # not iterable, not numbers, or not scalars
+            coeffs = None
+    if coeffs is None or len(coeffs) != 3 or not all(math.isfinite(c) for c in coeffs):
+        shown = coeffs if coeffs is not None else value
+        raise ExDeError(
+            f"meldkit.exde: {source} returned {shown!r}, not 3 finite numbers (c_τ, c_dyn, c_con)"
+        )
+    return coeffs
+
+
+def _schedule_name(schedule: Callable[..., Coefficients]) -> str:
+    """``switch(at=0.5)`` for a Schedule, a function's qualified name, else its repr."""
+    if isinstance(schedule, Schedule):
+        return repr(schedule)
+    return getattr(schedule, "__qualname__", None) or repr(schedule)
+
+
 def _as_schedule(schedule: Schedule | Callable[..., Coefficients]) -> Callable[..., Coefficients]:
     if not callable(schedule):
         raise TypeError(f"meldkit.exde: 'schedule' must be callable, got {type(schedule)}")
@@ -809,9 +876,7 @@ class Blender:
         """Blend θ = θ_base + c_τ·τ + c_dyn·dyn_scale·τ_deg + c_con·con_scale·τ_ctl into the
         live parameters, for ``coeffs = (c_τ, c_dyn, c_con)``; nothing to do when they hold it
         (unless ``force``)."""
-        coeffs = tuple(float(c) for c in coeffs)
-        if len(coeffs) != 3 or not all(math.isfinite(c) for c in coeffs):
-            raise ExDeError(f"meldkit.exde: a schedule returned {coeffs!r}, not 3 finite numbers")
+        coeffs = _coefficients(coeffs, "a schedule")
         # Storage that moved holds what was moved into it: blend again to be sure.
         moved = self._follow()
         if not force and not moved and coeffs == self.current and self._versions() == self._written:
@@ -979,7 +1044,9 @@ def attach(
     ExDeError
         Models that do not match the denoiser, an unusable setting, a parameter that an
         enclosing ``attach`` already blends, or a fine-tune equal to the base in every blended
-        parameter (τ = 0: e.g. ``attach(pipe, None, pipe.unet)``, which would blend nothing).
+        parameter (τ = 0: e.g. ``attach(pipe, None, pipe.unet)``, which would blend nothing);
+        while the block runs, a schedule's return that is not 3 finite numbers (the message
+        names the schedule and the step).
     """
     module = _denoiser(pipe, denoiser)
     cfg = DecoupleConfig(alpha, drop, dyn_scale, con_scale, seed)
@@ -1010,7 +1077,8 @@ def attach(
         start = known.start[step]
         t = float(known.values[start])
         sigma = sigma_of(pipe.scheduler, start, t)
-        blender.apply(sched(step, known.num_steps, t, sigma))
+        source = f"the schedule {_schedule_name(sched)} at step {step} of {known.num_steps}"
+        blender.apply(_coefficients(sched(step, known.num_steps, t, sigma), source))
         return None
 
     # On the pipeline's module itself (a torch.compile wrapper included): a hook on the wrapped

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,14 +22,31 @@ class MotionDegree:
 def _frames(frames) -> torch.Tensor:
     """``[F, H, W]`` grey levels in [0, 1] from ``[F, C, H, W]`` / ``[F, H, W, C]`` tensors or
     arrays, or a list of PIL images (diffusers' outputs). Integer (uint8) frames are 0-255 and
-    are scaled by 1/255 whatever the container; float frames are taken as [0, 1]."""
+    are scaled by 1/255 whatever the container; float frames must be in [0, 1] (a ValueError
+    for a finite maximum above 1.5, i.e. 0-255 floats). A batch ``[B, F, ...]`` must hold one
+    video."""
     if isinstance(frames, (list, tuple)):
         import numpy as np
 
         frames = np.stack([np.asarray(f) for f in frames])
     x = torch.as_tensor(frames).detach().cpu()
-    x = x.float() / 255.0 if not x.is_floating_point() else x.float()
-    if x.dim() == 5 and x.shape[0] == 1:
+    if x.is_floating_point():
+        x = x.float()
+        # 1.5, not 1: float frames slightly past 1 (a decoder's overshoot) are still [0, 1].
+        peak = float(x.max()) if x.numel() else 0.0
+        if math.isfinite(peak) and peak > 1.5:
+            raise ValueError(
+                f"motion_degree: 'frames' are floats up to {peak:g}; float frames must be in "
+                "[0, 1]: divide 0-255 frames by 255, or pass them as uint8"
+            )
+    else:
+        x = x.float() / 255.0
+    if x.dim() == 5 and x.shape[0] > 1:
+        raise ValueError(
+            f"motion_degree: 'frames' is a batch of {x.shape[0]} videos (shape "
+            f"{list(x.shape)}): pass one video (frames[i])"
+        )
+    if x.dim() == 5:
         x = x[0]
     if x.dim() == 4 and x.shape[1] in (1, 3, 4) and x.shape[-1] not in (1, 3, 4):
         x = x.permute(0, 2, 3, 1)
@@ -42,7 +60,12 @@ def _frames(frames) -> torch.Tensor:
 def motion_degree(frames, *, method: str = "auto") -> MotionDegree:
     """The motion degree of a video: mean Farnebäck optical-flow magnitude when OpenCV is
     installed (``method="auto"`` or ``"farneback"``), else the frame-difference energy
-    (``"frame_difference"``); the result names which."""
+    (``"frame_difference"``); the result names which.
+
+    ``frames`` is one video: ``[F, C, H, W]`` or ``[F, H, W, C]`` (or ``[1, F, ...]``) tensors
+    or arrays, or a list of PIL images; uint8 frames are 0-255, float frames must be in [0, 1]
+    (a ValueError for a maximum above 1.5). For a batch (``pipe(...).frames`` of several
+    videos) pass one video, ``frames[i]``."""
     x = _frames(frames)
     if method not in ("auto", "farneback", "frame_difference"):
         raise ValueError(f"motion_degree: unknown method {method!r}")
