@@ -515,7 +515,9 @@ def generate(
     adapter_batching : bool
         Run the small base and its PEFT adapters (and several prompts of one model) as one batched
         forward per step; ``False`` runs them one by one with ``disable_adapter()`` /
-        ``set_adapter()`` (for adapter types without mixed-batch support).
+        ``set_adapter()``. Adapter types PEFT cannot mix in one batch (anything but LoRA without
+        DoRA: IA3, LoHa, LoKr, VeRA, DoRA, ...) run one by one anyway, with a warning.
+        Prompt-learning adapters and models in training mode are refused (``ValueError``).
     use_cache : bool
         ``False`` recomputes the full sequences every step (slow; for checking the cache).
     return_logits : bool

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -332,6 +333,74 @@ class Member:
     adapter: str | None = None
 
 
+def _in_training_mode(model: nn.Module) -> str | None:
+    """The name of a submodule of ``model`` whose output training mode changes (a dropout with
+    p > 0, or any Hugging Face or PEFT module: attention dropout, LoRA dropout), left in training
+    mode ("" for ``model`` itself); else None. A plain wrapper module in training mode around an
+    eval-mode model is fine."""
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        dropout = isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
+        if dropout or type(module).__module__.startswith(("transformers.", "peft.")):
+            return name
+    return None
+
+
+def _check_runnable(member: Member) -> None:
+    """Raise ValueError when ``member`` cannot decode correctly here: a model with modules in
+    training mode (dropout on: random logits, and PEFT refuses mixed adapter batches), or a
+    prompt-learning adapter (virtual tokens, which the explicit positions and KV cache of
+    :class:`ModelStream` do not account for)."""
+    training = _in_training_mode(member.model)
+    if training is not None:
+        where = f" (its {training})" if training else ""
+        raise ValueError(
+            f"dlf: {type(member.model).__name__} is in training mode{where}, so dropout would "
+            "make the decoding random; call .eval() on it before decoding"
+        )
+    if not is_peft_model(member.model) or member.adapter == BASE_ADAPTER:
+        return
+    names = list(member.model.active_adapters) if member.adapter is None else [member.adapter]
+    for name in names:
+        config = member.model.peft_config[name]
+        if getattr(config, "is_prompt_learning", False):
+            kind = getattr(config.peft_type, "value", config.peft_type)
+            raise ValueError(
+                f"dlf: adapter {name!r} is a prompt-learning adapter ({kind}), which logit "
+                "fusion does not support: its virtual tokens do not fit the explicit positions "
+                "and KV cache fusion decodes with"
+            )
+
+
+def _mixed_batch_refusal(model: nn.Module, adapter: str) -> str | None:
+    """The adapter type that keeps ``adapter`` of the PeftModel ``model`` out of a mixed adapter
+    batch (``adapter_names=``), or None when PEFT can run it in one.
+
+    PEFT (0.21) mixes only LoRA adapters without DoRA: it refuses DoRA, and silently runs the
+    active adapter on every row for other adapter types (IA3, LoHa, LoKr, VeRA, ...).
+    """
+    if adapter == BASE_ADAPTER:
+        return None
+    config = model.peft_config[adapter]
+    kind = getattr(config.peft_type, "value", config.peft_type)
+    if kind != "LORA":
+        return str(kind)
+    return "DoRA" if getattr(config, "use_dora", False) else None
+
+
+def _drop_adapter_name_hooks(model: nn.Module) -> None:
+    """Remove the ``adapter_names`` pre-forward hooks PEFT leaves on its layers when a forward
+    raises (its ``_enable_peft_forward_hooks`` removes them only after a forward that returns);
+    left in place, they pass the failed call's adapter names to every later forward."""
+    for module in model.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            func = getattr(hook, "func", None)
+            if getattr(func, "__name__", None) == "_adapter_names_pre_forward_hook":
+                del module._forward_pre_hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
 @contextlib.contextmanager
 def _adapter_active(model: nn.Module, adapter: str | None) -> Iterator[None]:
     """Run the body with ``adapter`` of a PeftModel active; restore the previous state after.
@@ -457,9 +526,12 @@ class ModelStream:
     def _run(self, kwargs: dict):
         try:
             return self.model(**kwargs)
-        except ValueError as err:
-            # PEFT refuses mixed adapter batches for some adapter types (DoRA, ...).
-            if "adapter_names" in kwargs and "adapter_names" in str(err):
+        except Exception as err:
+            if "adapter_names" not in kwargs:
+                raise
+            _drop_adapter_name_hooks(self.model)  # so that the PeftModel stays usable
+            # Ensemble sends only LoRA adapters without DoRA here; if PEFT still refuses, say so.
+            if isinstance(err, ValueError) and "adapter_names" in str(err):
                 raise ValueError(
                     f"dlf: {err} -- these adapters cannot run as one mixed batch: pass "
                     "adapter_batching=False (the base and every adapter then run one by one)"
@@ -518,6 +590,25 @@ class ModelStream:
         return self._split(self._forward(self._ids, self._mask, self._pos))
 
 
+def _mixed_batch_refusals(members: list[Member]) -> dict[int, list[str]]:
+    """Per PeftModel (by ``id``) whose members would share one mixed adapter batch, why PEFT
+    cannot run it as one: ``"adapter 'name' is TYPE"`` for every such adapter
+    (:func:`_mixed_batch_refusal`). Models whose adapters all mix are left out."""
+    blocks: dict[int, list[Member]] = {}
+    for m in members:
+        if m.adapter is not None and is_peft_model(m.model):
+            blocks.setdefault(id(m.model), []).append(m)
+    refusals = {}
+    for key, ms in blocks.items():
+        if len(ms) < 2:  # one block runs with set_adapter() / disable_adapter(), never mixed
+            continue
+        kinds = {m.adapter: _mixed_batch_refusal(m.model, m.adapter) for m in ms}
+        reasons = [f"adapter {a!r} is {kind}" for a, kind in kinds.items() if kind is not None]
+        if reasons:
+            refusals[key] = reasons
+    return refusals
+
+
 class Ensemble:
     """All members of a fusion, grouped into streams (one per model object where possible).
 
@@ -532,9 +623,17 @@ class Ensemble:
     adapter_batching : bool
         Run members that share one model in one forward: a ``PeftModel``'s base and adapters as a
         mixed adapter batch, or a plain model's several prompts as one batch. ``False`` runs every
-        member separately (``disable_adapter()`` / ``set_adapter()`` for PEFT adapters).
+        member separately (``disable_adapter()`` / ``set_adapter()`` for PEFT adapters). A
+        ``PeftModel`` with an adapter PEFT cannot mix in one batch (anything but LoRA without
+        DoRA) runs separately anyway, with a warning that names the adapters.
     use_cache : bool
         See :class:`ModelStream`.
+
+    Raises
+    ------
+    ValueError
+        For an adapter the model does not have, a model in training mode, or a
+        prompt-learning adapter.
     """
 
     def __init__(
@@ -546,8 +645,7 @@ class Ensemble:
         adapter_batching: bool = True,
         use_cache: bool = True,
     ) -> None:
-        groups: dict[object, list[int]] = {}
-        for i, m in enumerate(members):
+        for m in members:
             peft = is_peft_model(m.model)
             if m.adapter is not None and not peft:
                 raise ValueError(
@@ -560,10 +658,23 @@ class Ensemble:
                     f"dlf: the PeftModel has no adapter {m.adapter!r} "
                     f"(it has {sorted(m.model.peft_config)})"
                 )
+            _check_runnable(m)
+        refusals = _mixed_batch_refusals(members) if adapter_batching else {}
+        groups: dict[object, list[int]] = {}
+        for i, m in enumerate(members):
             # A PeftModel "as is" (its active adapter) cannot join a mixed batch.
-            batchable = adapter_batching and (peft == (m.adapter is not None))
+            batchable = adapter_batching and (is_peft_model(m.model) == (m.adapter is not None))
+            batchable = batchable and id(m.model) not in refusals
             key = id(m.model) if batchable else ("alone", i)
             groups.setdefault(key, []).append(i)
+        if refusals:
+            reasons = ", ".join(r for rs in refusals.values() for r in rs)
+            warnings.warn(
+                "dlf: running the PEFT base and adapters one by one (as adapter_batching=False "
+                "does), not as one mixed batch: PEFT mixes only LoRA adapters without DoRA, and "
+                f"{reasons}",
+                stacklevel=2,
+            )
         self.members = members
         self.streams: list[ModelStream] = []
         self._where: list[tuple[int, int]] = [(0, 0)] * len(members)
