@@ -982,18 +982,21 @@ def _gpt2_twin():
     return twin.TwinModel(base, ex).eval()
 
 
-def test_generate_routes_a_left_padded_prompt_as_alone():
-    """GPT-2 has absolute positions: ``generate`` gives a left-padded prompt the positions
-    ``cumsum(mask) - 1``, so its routing pass must too (it ran without positions: the merge a
-    prompt got depended on the rest of its batch). A caller's ``position_ids`` are the ones
-    routed on."""
-    model = _gpt2_twin()
+def _left_padded_prompts():
+    """``(short [1, 4], ids [2, 9], mask [2, 9])``: the short prompt is row 1 of the batch,
+    left-padded under a longer one."""
     gen = torch.Generator().manual_seed(0)
-    short, long = torch.randint(1, 64, (1, 4), generator=gen), torch.randint(1, 64, (1, 9))
+    short = torch.randint(1, 64, (1, 4), generator=gen)
+    long = torch.randint(1, 64, (1, 9), generator=gen)
     ids = torch.zeros(2, 9, dtype=torch.long)
     ids[0], ids[1, 5:] = long[0], short[0]
     mask = torch.zeros_like(ids)
     mask[0], mask[1, 5:] = 1, 1
+    return short, ids, mask
+
+
+def _spy_on_route(model) -> list:
+    """Record every ``model.route`` call as ``(kwargs, weights)``."""
     routed = []
     route = model.route
 
@@ -1002,6 +1005,17 @@ def test_generate_routes_a_left_padded_prompt_as_alone():
         return routed[-1][1]
 
     model.route = spy
+    return routed
+
+
+def test_generate_routes_a_left_padded_prompt_as_alone():
+    """GPT-2 has absolute positions: ``generate`` gives a left-padded prompt the positions
+    ``cumsum(mask) - 1``, so its routing pass must too (it ran without positions: the merge a
+    prompt got depended on the rest of its batch). A caller's ``position_ids`` are the ones
+    routed on."""
+    model = _gpt2_twin()
+    short, ids, mask = _left_padded_prompts()
+    routed = _spy_on_route(model)
     kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         alone = model.generate(input_ids=short, attention_mask=torch.ones_like(short), **kw)
@@ -1102,32 +1116,6 @@ def test_all_zero_weights_warn_without_a_task(full_rank):
         warnings.simplefilter("error")
         model(**x, weights=w, task=[1, 2])
         model(**x)  # the router's weights are never all zero
-
-
-def _left_padded_prompts():
-    """``(short [1, 4], ids [2, 9], mask [2, 9])``: the short prompt is row 1 of the batch,
-    left-padded under a longer one."""
-    gen = torch.Generator().manual_seed(0)
-    short = torch.randint(1, 64, (1, 4), generator=gen)
-    long = torch.randint(1, 64, (1, 9), generator=gen)
-    ids = torch.zeros(2, 9, dtype=torch.long)
-    ids[0], ids[1, 5:] = long[0], short[0]
-    mask = torch.zeros_like(ids)
-    mask[0], mask[1, 5:] = 1, 1
-    return short, ids, mask
-
-
-def _spy_on_route(model) -> list:
-    """Record every ``model.route`` call as ``(kwargs, weights)``."""
-    routed = []
-    route = model.route
-
-    def spy(*args, **kwargs):
-        routed.append((kwargs, route(*args, **kwargs)))
-        return routed[-1][1]
-
-    model.route = spy
-    return routed
 
 
 def test_generate_routes_a_left_padded_prompt_of_a_peft_model_as_alone():
