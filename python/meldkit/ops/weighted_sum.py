@@ -126,23 +126,6 @@ def _weighted_sum_out_fake(
 # ---- weights that require grad ---------------------------------------------------------------
 
 
-def _weighted_sum_trainable(
-    tensors: list[torch.Tensor], weights: torch.Tensor, out_dtype: torch.dtype | None
-) -> torch.Tensor:
-    """``Σ w_i·t_i`` differentiable in ``weights`` (a 1-D tensor that requires grad) as well as
-    in ``tensors``: the arithmetic of :func:`weighted_sum_ref` in PyTorch ops (weights rounded to
-    float32, float32 accumulation left to right, float64 for float64 inputs), so the values are
-    those of the native kernels, and autograd gives ``∂L/∂w_i = <∂L/∂out, t_i>``. The custom op
-    takes the weights as floats, which carry no gradient."""
-    acc_dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-    w = weights.to(tensors[0].device, torch.float32).to(acc_dtype)
-    acc = None
-    for i, t in enumerate(tensors):
-        term = t.to(acc_dtype) * w[i]
-        acc = term if acc is None else acc + term
-    return acc.to(out_dtype or tensors[0].dtype).contiguous()
-
-
 # ---- public API ----------------------------------------------------------------------------
 
 
@@ -203,7 +186,8 @@ def weighted_sum(
         if out_dtype is not None and out_dtype not in _checks.FLOAT_DTYPES:
             raise TypeError(f"meldkit.{_OP}: argument 'out_dtype': {out_dtype} is not supported")
         if trainable:
-            return _weighted_sum_trainable(tensors, weights, out_dtype)
+            # the reference's arithmetic is the kernels' (same values), and differentiable
+            return weighted_sum_ref(tensors, weights, out_dtype)
         return _weighted_sum(tensors, values, out_dtype)
     _checks.out_tensor(_OP, out, tensors[0])
     if out_dtype is not None and out_dtype != out.dtype:

@@ -9,7 +9,7 @@ import torch
 
 def weighted_sum_ref(
     tensors: Sequence[torch.Tensor],
-    weights: Sequence[float],
+    weights: Sequence[float] | torch.Tensor,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``Σ_i weights[i] · tensors[i]``, accumulated left to right.
@@ -23,8 +23,9 @@ def weighted_sum_ref(
     ----------
     tensors : sequence of Tensor
         N ≥ 1 tensors of one shape, dtype (float32, bfloat16, float16 or float64) and device.
-    weights : sequence of float
-        N weights.
+    weights : sequence of float, or 1-D Tensor
+        N weights. A tensor stays in the autograd graph: weights that require grad get
+        ``∂L/∂w_i = <∂L/∂out, t_i>``.
     out_dtype : torch.dtype, optional
         Dtype of the result; defaults to the inputs' dtype.
 
@@ -34,9 +35,12 @@ def weighted_sum_ref(
         Same shape and device as the inputs, dtype ``out_dtype``, contiguous.
     """
     acc_dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    if isinstance(weights, torch.Tensor):
+        ws = weights.to(tensors[0].device, torch.float32).to(acc_dtype).unbind(0)
+    else:
+        ws = [float(torch.tensor(w, dtype=torch.float32)) for w in weights]
     acc = None
-    for t, w in zip(tensors, weights, strict=True):
-        w = float(torch.tensor(w, dtype=torch.float32))
+    for t, w in zip(tensors, ws, strict=True):
         term = t.to(acc_dtype) * w
         acc = term if acc is None else acc + term
     return acc.to(out_dtype or tensors[0].dtype).contiguous()
