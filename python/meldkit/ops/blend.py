@@ -80,12 +80,16 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _check_tensors(
-    outs: list[torch.Tensor], bases: list[torch.Tensor], taus: list[torch.Tensor]
+    outs: list[torch.Tensor],
+    bases: list[torch.Tensor],
+    taus: list[torch.Tensor],
+    overlaps: bool = True,
 ) -> None:
     """The checks of the native ``blend_plan`` (bindings/blend.cpp), with its messages, made
     here for every path (the reference fallback included): one float dtype and device for all,
     each output and task vector like its base, no output whose elements share memory, and no
-    output overlapping memory another tensor of the plan uses."""
+    output overlapping memory another tensor of the plan uses (``overlaps``: the native
+    ``blend_plan`` sweeps them itself, with the same messages)."""
     for name, ts in (("bases", bases), ("taus", taus), ("outs", outs)):
         for i, t in enumerate(ts):
             if not isinstance(t, torch.Tensor):
@@ -139,7 +143,7 @@ def _check_tensors(
                 f"outs[{i}]",
                 "several of its elements share memory (an expanded view, stride 0)",
             )
-    if first.device.type != "meta":  # meta tensors have no memory
+    if overlaps and first.device.type != "meta":  # meta tensors have no memory
         _check_overlaps(outs, bases, taus)
 
 
@@ -276,7 +280,11 @@ class BlendPlan:
         keys = [int(k) for k in tensor_keys]
         if len(keys) != len(bases) or any(not 0 <= k < 2**32 for k in keys):
             raise _error(ValueError, "tensor_keys", "needs one key in [0, 2**32) per tensor")
-        _check_tensors(outs, bases, taus)
+        first = bases[0]
+        native = isinstance(first, torch.Tensor) and not _native.unavailable(
+            _OP, first.device, (first.dtype,)
+        )
+        _check_tensors(outs, bases, taus, overlaps=not native)
         flags = [t.dim() <= 1 for t in bases] if dense is None else [bool(d) for d in dense]
         if len(flags) != len(bases):
             raise _error(ValueError, "dense", "needs one flag per tensor")
