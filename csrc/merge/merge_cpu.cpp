@@ -17,25 +17,10 @@
 #include <omp.h>
 #endif
 
-// AVX-512 paths written with intrinsics (x86-64 with GCC or clang), taken at run time where the
-// CPU has AVX-512 F: the merge pass keeps every model's sums in registers, and the bracket pass
+// AVX-512 paths written with intrinsics (cpu_isa.h), taken at run time where the CPU has
+// AVX-512 F: the merge pass keeps every model's sums in registers, and the bracket pass
 // compresses the few elements inside its bracket without a flag array and a second scan.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
-#define MELDKIT_AVX512_INTRINSICS 1
-#include <immintrin.h>
-#define MELDKIT_AVX512_TARGET __attribute__((target("avx512f")))
-// GCC 12's own AVX-512 headers start vectors from _mm512_undefined_*() and then warn about it:
-// the intrinsics code sits between these two.
-#if defined(__GNUC__) && !defined(__clang__)
-#define MELDKIT_AVX512_BEGIN                                                           \
-  _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wuninitialized\"") \
-      _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
-#define MELDKIT_AVX512_END _Pragma("GCC diagnostic pop")
-#else
-#define MELDKIT_AVX512_BEGIN
-#define MELDKIT_AVX512_END
-#endif
-#endif
+#include "meldkit/cpu_isa.h"
 
 namespace meldkit {
 namespace {
@@ -43,13 +28,9 @@ namespace {
 #ifdef MELDKIT_AVX512_INTRINSICS
 MELDKIT_AVX512_BEGIN
 
-// Whether the AVX-512 paths run: the CPU has AVX-512 F, and the environment does not set
-// MELDKIT_CPU_AVX512=0 (read once; tests use it to run the portable paths too).
+// Whether the AVX-512 paths run: the CPU has AVX-512 F, and MELDKIT_CPU_AVX512 is not 0.
 inline bool cpu_has_avx512f() {
-  static const bool has = [] {
-    const char* env = std::getenv("MELDKIT_CPU_AVX512");
-    return __builtin_cpu_supports("avx512f") && !(env != nullptr && std::strcmp(env, "0") == 0);
-  }();
+  static const bool has = __builtin_cpu_supports("avx512f") && cpu_avx512_allowed();
   return has;
 }
 

@@ -440,3 +440,17 @@ def test_seed_may_be_any_integral_number():
     for seed, error in ((True, TypeError), (3.0, TypeError), ("3", TypeError), (2**64, ValueError)):
         with pytest.raises(error, match="'seed'"):
             blend_tensors([got], [base], [tau], (1, 0, 0), seed=seed, tensor_keys=[1])
+
+
+def test_the_portable_path_agrees_with_the_avx512_one():
+    """On a CPU with AVX-512 the blend runs intrinsics code (csrc/blend/blend_cpu.cpp), which
+    MELDKIT_CPU_AVX512=0 (read once per process) turns off. Both must write the same bytes, NaN
+    payloads and float32-subnormal results included, and equal the reference."""
+    from tests.helpers import run_child
+
+    portable = run_child("tests.blend_paths_child", MELDKIT_CPU_AVX512="0")
+    fast = run_child("tests.blend_paths_child")
+    assert portable.pop("bad") == [] and fast.pop("bad") == []
+    assert len(portable) > 70
+    differ = sorted(k for k in portable if portable[k] != fast.get(k))
+    assert not differ, f"outputs that differ between the two paths: {differ}"
