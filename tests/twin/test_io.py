@@ -187,3 +187,18 @@ def test_load_compares_rope_of_records_from_either_transformers_version(tmp_path
         with pytest.raises(twin.TwinError, match=r"base config check: .* in rope=.*check_base"):
             twin.load(folder, llama_classifier())
         twin.load(folder, llama_classifier(), check_base=False)
+
+
+def test_the_router_trained_flag_round_trips(tmp_path):
+    """save/load keep whether the router was trained (an untrained one still warns after a
+    reload); files written before the flag existed load as trained."""
+    base, experts = roberta_experts()
+    model = twin.TwinModel(base, twin.build(base, experts, progress=False))
+    for trained in (False, True):
+        model.router.trained = trained
+        folder = twin.save(model, tmp_path / f"t{trained}")
+        assert twin.load(folder, base).router.trained is trained
+    meta = json.loads((folder / "twin.json").read_text())
+    del meta["router"]["trained"]
+    (folder / "twin.json").write_text(json.dumps(meta))
+    assert twin.load(folder, base).router.trained is True

@@ -1171,3 +1171,35 @@ def test_generate_routes_at_the_models_own_generation_positions():
         torch.testing.assert_close(
             routed[0][1], model.route(input_ids=ids, attention_mask=mask, position_ids=want)
         )
+
+
+def test_an_untrained_router_warns_once():
+    """Routing with a router nobody trained picks tasks at random: the model says so once (the
+    caller's line named), not when the caller gives the weights, and not after train_router."""
+    import warnings
+
+    from tests.twin.models import batch, roberta_experts
+
+    base, experts = roberta_experts()
+    model = twin.TwinModel(base, twin.build(base, experts, progress=False)).eval()
+    x = batch()
+    assert model.router.trained is False
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model(**x, weights=torch.full((x["input_ids"].shape[0], 3), 1 / 3))
+        assert not seen
+        model(**x, task=0)  # the head of task 0, the router's weights
+        model(**x)
+        model(**x)
+        model.route(**x)
+    untrained = [w for w in seen if "router has not been trained" in str(w.message)]
+    assert len(untrained) == 1 and untrained[0].filename == __file__
+    d = model.router.in_features
+    gen = torch.Generator().manual_seed(0)
+    data = {t: torch.randn(8, d, generator=gen) for t in model.tasks}
+    fresh = twin.TwinModel(base, model.experts).eval()
+    twin.train_router(fresh, data, data, epochs=1, batch_size=4, progress=False)
+    assert fresh.router.trained is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh(**x)

@@ -110,6 +110,7 @@ def save(twin: TwinModel | TwinLoraModel, path: str | os.PathLike) -> Path:
             "in_features": twin.router.in_features,
             "hidden": twin.router.hidden,
             "dropout": twin.router.dropout,
+            "trained": bool(getattr(twin.router, "trained", True)),
         },
     }
     # One id in both files: a save interrupted between the two renames leaves a pair that
@@ -258,6 +259,7 @@ def load(
             f"{CONFIG} ({len(tasks)} tasks): {e}"
         ) from None
     twin_router.eval()
+    twin_router.trained = bool(r.get("trained", True))  # files from before the flag: trained
     kwargs.setdefault("top_k", meta.get("top_k"))
     if check_base:
         difference = architecture_difference(meta.get("architecture"), model)

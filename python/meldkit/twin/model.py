@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from meldkit._native import _outside_stacklevel
 from meldkit.goat.model import replace_module
 from meldkit.twin.build import (
     TwinError,
@@ -43,12 +44,17 @@ from meldkit.twin.layers import (
 class TwinRouter(nn.Module):
     """The paper's router: Linear(d → h) · BatchNorm · LeakyReLU · Dropout(0.5) ·
     Linear(h → h) · BatchNorm · LeakyReLU · Dropout(0.5) · Linear(h → T), h = 2·d by default.
-    Returns logits ``[B, T]``."""
+    Returns logits ``[B, T]``.
+
+    ``trained`` says whether :func:`train_router` trained it (or :func:`meldkit.twin.load`
+    loaded a trained one); a model that routes with an untrained router warns once. Set it to
+    True after training the router another way."""
 
     def __init__(
         self, in_features: int, num_tasks: int, hidden: int | None = None, dropout: float = 0.5
     ) -> None:
         super().__init__()
+        self.trained = False
         h = 2 * in_features if hidden is None else hidden
         self.in_features, self.num_tasks, self.hidden, self.dropout = (
             in_features,
@@ -533,6 +539,7 @@ class RoutedMixin:
         """Softmax router weights ``[B, T]`` float32 (top-k renormalised when ``top_k``). The
         float32 features are cast to the router's dtype (a model cast with ``.to(bfloat16)``
         or ``.half()`` casts its router too)."""
+        self._warn_untrained()
         was = self.router.training
         self.router.eval()
         try:
@@ -541,6 +548,21 @@ class RoutedMixin:
         finally:
             self.router.train(was)
         return self._weights(logits)
+
+    def _warn_untrained(self) -> None:
+        """Warn, once per model, when routing with a router nobody trained: its weights are
+        those of a randomly initialised network, not a choice of task."""
+        if getattr(self.router, "trained", True) or getattr(self, "_warned_untrained", False):
+            return
+        self._warned_untrained = True
+        warnings.warn(
+            f"{type(self).__name__}: its router has not been trained, so its routing weights "
+            "are those of a randomly initialised network; train it with "
+            "meldkit.twin.train_router, pass weights=, or set "
+            "model.router.trained = True if you trained it another way",
+            UserWarning,
+            stacklevel=_outside_stacklevel(),  # the user's line, however deep the call
+        )
 
     def _weights(self, logits: torch.Tensor) -> torch.Tensor:
         w = torch.softmax(logits.float(), -1)
@@ -1381,6 +1403,7 @@ def train_router(
     router.eval()
     if not math.isfinite(losses[-1] if losses else 0.0):
         raise TwinError("train_router: the loss is not finite")
+    router.trained = True
     return RouterTraining(losses, accs, val_losses, best_epoch, best_acc)
 
 
