@@ -67,13 +67,16 @@ MELDKIT_CPU_CLONES_AVX512 void blend_range(const BlendParams& p, const BlendRow&
 //   nothing is not drawn (its draws could only give that value: fast_call folds it into the
 //   table);
 // - g from the float32 table by one to three blends instead of a compare-and-select chain;
-// - the product and the sum rounded one by one (no fused multiply-add);
+// - the product and the sum rounded one by one (no fused multiply-add); when both θ₀ and τ·g
+//   are NaN, which of the two the sum keeps (payload, sign) is the compiler's choice, here as
+//   in blend_range's clones (and the CUDA kernel writes the canonical NaN);
 // - bfloat16 read as 16 32-bit words: the even elements are word << 16, the odd ones
 //   word & 0xffff0000, so the two halves of a step are the even and the odd elements (their
 //   counters follow); written back by VCVTNE2PS2BF16 where the CPU has AVX512-BF16 (to nearest
 //   even, NaN quietened with its payload, as float_to_bf16) and an interleaving permute, except
 //   that the instruction flushes float32 subnormals to zero: a step that holds one is rounded by
-//   float_to_bf16's integer formula instead;
+//   float_to_bf16's integer formula instead (and every step, when MXCSR's denormals-are-zero
+//   mode hides subnormals from the test);
 // - float16 converted by VCVTPH2PS / VCVTPS2PH (exact, to nearest even, whatever MXCSR's
 //   flush-to-zero and denormals-are-zero say); NaNs are then written as float_to_f16 writes them.
 #define MELDKIT_BLEND_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
@@ -85,9 +88,21 @@ inline bool cpu_blend_avx512() {
                           __builtin_cpu_supports("avx512vl") && cpu_avx512_allowed();
   return yes;
 }
+// Whether the bfloat16 steps may round with VCVTNE2PS2BF16: the CPU has AVX512-BF16 (CPUID leaf
+// 7, subleaf 1, EAX bit 5) and the toolchain assembles it (GCC 10 or clang 9 and later).
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10)
+#define MELDKIT_BLEND_HW_BF16 1
+#endif
 inline bool cpu_blend_avx512_bf16() {
-  static const bool yes = cpu_blend_avx512() && __builtin_cpu_supports("avx512bf16");
+#ifdef MELDKIT_BLEND_HW_BF16
+  static const bool yes = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return cpu_blend_avx512() && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5)) != 0;
+  }();
   return yes;
+#else
+  return false;
+#endif
 }
 
 // lowbias32 after its first xor-shift (random.h: mix32).
@@ -177,10 +192,15 @@ struct Step32<bf16_t> {
         // not be inlined into the loop, which CPUs without it run too. Words 0-15 from v0
         // (the even elements), 16-31 from v1 (the odd ones), then interleaved.
         __m512i packed;
+#ifdef MELDKIT_BLEND_HW_BF16
         asm("vcvtne2ps2bf16 %2, %1, %0" : "=v"(packed) : "v"(v1), "v"(v0));
-        const __m512i order =
-            _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                             22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+#else
+        packed = _mm512_setzero_si512();  // never taken: cpu_blend_avx512_bf16() is false
+#endif
+        alignas(64) static const uint16_t kInterleave[32] = {
+            0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+            8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+        const __m512i order = _mm512_load_si512(kInterleave);
         _mm512_storeu_si512(p, _mm512_permutexvar_epi16(order, packed));
         return;
       }
@@ -289,12 +309,13 @@ static_assert(kSpanChunks <= 64, "SharedSpan::filled has one bit per chunk");
 // allocated at its first masked blend and kept while the thread lives; nullptr when that
 // allocation failed (no exception may leave an OpenMP region).
 inline uint32_t* shared_span_buffer() {
-  struct alignas(64) Line {
-    uint32_t v[16];
+  struct Free {
+    void operator()(uint32_t* q) const { ::operator delete[](q, std::align_val_t(64)); }
   };
-  static thread_local std::unique_ptr<Line[]> lines(
-      new (std::nothrow) Line[size_t(kSpanChunks * kBlendChunk / 16)]);
-  return lines ? lines[0].v : nullptr;
+  static thread_local std::unique_ptr<uint32_t[], Free> values(
+      static_cast<uint32_t*>(::operator new[](size_t(kSpanChunks * kBlendChunk) * sizeof(uint32_t),
+                                              std::align_val_t(64), std::nothrow)));
+  return values.get();
 }
 
 // A thread's fill_shared values: those of span `span`, chunk c of it filled when bit c is set.
@@ -371,9 +392,10 @@ void blend_chunk_avx512(const BlendParams& p, const FastCall& f, const BlendRow&
 // of span 0 (the first kSpanChunks chunks) of every tensor, tensor after tensor, then those of
 // span 1 of every tensor that has one, and so on. A thread's items are a contiguous run of that
 // order, so it computes the masks' shared first step (a third of the hashing) once per span
-// for all the tensors, while each tensor is still read in runs of up to a span.
+// for all the tensors, while each tensor is still read in runs of up to a span. False, with
+// nothing written, when the rows do not add up to p.num_chunks (the portable loop's work list).
 template <typename T>
-void blend_typed_avx512(const BlendParams& p) {
+bool blend_typed_avx512(const BlendParams& p) {
   const FastCall f = fast_call(p, std::is_same<T, bf16_t>::value);
   struct Item {
     int32_t row;
@@ -394,15 +416,22 @@ void blend_typed_avx512(const BlendParams& p) {
     rows.resize(kept);
   }
   const int64_t num_items = int64_t(items.size());
+  if (num_items != p.num_chunks) return false;  // a table that is not blend_plan's
 #pragma omp parallel if (num_items > 1)
   {
+    // VFPCLASSPS, which finds the steps VCVTNE2PS2BF16 would flush, reads a float32 subnormal
+    // as zero when this thread's MXCSR has denormals-are-zero on (a library built with
+    // -ffast-math may set it): then every bfloat16 step is rounded by the integer formula.
+    FastCall mine = f;
+    mine.hw = f.hw && (_mm_getcsr() & 0x40u) == 0;
     SharedSpan shared;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < num_items; ++i) {
       const Item& it = items[size_t(i)];
-      blend_chunk_avx512<T>(p, f, p.rows[it.row], it.chunk_in_row, shared);
+      blend_chunk_avx512<T>(p, mine, p.rows[it.row], it.chunk_in_row, shared);
     }
   }
+  return true;
 }
 
 MELDKIT_AVX512_END
@@ -411,10 +440,7 @@ MELDKIT_AVX512_END
 template <typename T>
 void blend_typed(const BlendParams& p) {
 #ifdef MELDKIT_AVX512_INTRINSICS
-  if (cpu_blend_avx512()) {
-    blend_typed_avx512<T>(p);
-    return;
-  }
+  if (cpu_blend_avx512() && blend_typed_avx512<T>(p)) return;
 #endif
   // Work items are the plan's chunks, so that many small tensors and one large one both spread.
   const int64_t n_chunks = p.num_chunks;

@@ -442,15 +442,29 @@ def test_seed_may_be_any_integral_number():
             blend_tensors([got], [base], [tau], (1, 0, 0), seed=seed, tensor_keys=[1])
 
 
-def test_the_portable_path_agrees_with_the_avx512_one():
+@pytest.mark.parametrize("daz_only", [False, True], ids=["default_fpu", "daz_only"])
+def test_the_portable_path_agrees_with_the_avx512_one(daz_only):
     """On a CPU with AVX-512 the blend runs intrinsics code (csrc/blend/blend_cpu.cpp), which
-    MELDKIT_CPU_AVX512=0 (read once per process) turns off. Both must write the same bytes, NaN
-    payloads and float32-subnormal results included, and equal the reference."""
+    MELDKIT_CPU_AVX512=0 (read once per process) turns off. Both must write the same bytes
+    (float32-subnormal results included; NaNs compared as NaNs) and equal the reference, also
+    with the FPU's denormals-are-zero mode on alone (it hides subnormals from VFPCLASSPS)."""
+    import platform
+
     from tests.helpers import run_child
 
-    portable = run_child("tests.blend_paths_child", MELDKIT_CPU_AVX512="0")
-    fast = run_child("tests.blend_paths_child")
+    env = {"MELDKIT_TEST_DAZ_ONLY": "1"} if daz_only else {}
+    if daz_only and (platform.machine().lower() not in ("x86_64", "amd64") or not _glibc()):
+        pytest.skip("MXCSR's denormals-are-zero mode, set through glibc's fenv_t (x86-64)")
+    portable = run_child("tests.blend_paths_child", MELDKIT_CPU_AVX512="0", **env)
+    fast = run_child("tests.blend_paths_child", **env)
+    assert portable.pop("daz_only") == fast.pop("daz_only") == daz_only
     assert portable.pop("bad") == [] and fast.pop("bad") == []
     assert len(portable) > 70
     differ = sorted(k for k in portable if portable[k] != fast.get(k))
     assert not differ, f"outputs that differ between the two paths: {differ}"
+
+
+def _glibc() -> bool:
+    import platform
+
+    return platform.libc_ver()[0] == "glibc"

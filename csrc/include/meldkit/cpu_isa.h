@@ -3,6 +3,7 @@
 #pragma once
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include <cstdlib>
