@@ -1,6 +1,8 @@
-// CPU blend (algorithm: blend.h): OpenMP over the plan's chunks; the mask choice is hoisted out
-// of the element loop so that it vectorises. On CPUs with AVX-512 (F/BW/DQ/VL) a path written
-// with intrinsics (below) runs instead, which gives the same bits.
+// CPU blend (algorithm: blend.h): OpenMP over the plan's chunks, taken span by span across the
+// tensors so that the masks' shared hash of each element is computed once for all of them
+// (span_major_items); the mask choice is hoisted out of the element loop so that it
+// vectorises. On CPUs with AVX-512 (F/BW/DQ/VL) a path written with intrinsics (below) runs
+// instead, which gives the same bits.
 #include <algorithm>
 #include <memory>
 #include <new>
@@ -16,9 +18,12 @@
 namespace meldkit {
 namespace {
 
-template <typename T, bool kDraw1, bool kDraw2>
+// Elements [begin, end) of row r, within one chunk. kShared: the masks' shared hash of each
+// element comes from `inner` (uniform01_inner of elements begin, begin + 1, ...: fill_inner),
+// else it is computed here.
+template <typename T, bool kDraw1, bool kDraw2, bool kShared>
 MELDKIT_CPU_CLONES_AVX512 void blend_range(const BlendParams& p, const BlendRow& r, int64_t begin,
-                                           int64_t end) {
+                                           int64_t end, const uint32_t* inner) {
   T* out = reinterpret_cast<T*>(r.out);
   const T* base = reinterpret_cast<const T*>(r.base);
   const T* tau = reinterpret_cast<const T*>(r.tau);
@@ -43,12 +48,123 @@ MELDKIT_CPU_CLONES_AVX512 void blend_range(const BlendParams& p, const BlendRow&
   const T* bb = base + begin;
   T* ob = out + begin;
   for (int i = 0; i < n; ++i) {  // selects, not an indexed table: vectorises
-    const uint32_t inner = uniform01_inner(high, lo + uint32_t(i));  // shared by both masks
-    const bool m1 = kDraw1 && uniform01_below(k1, inner, thr1);
-    const bool m2 = kDraw2 && uniform01_below(k2, inner, thr2);
+    // shared by both masks
+    const uint32_t in = kShared ? inner[i] : uniform01_inner(high, lo + uint32_t(i));
+    const bool m1 = kDraw1 && uniform01_below(k1, in, thr1);
+    const bool m2 = kDraw2 && uniform01_below(k2, in, thr2);
     const float g = m1 ? (m2 ? t3 : t1) : (m2 ? t2 : t0);
     const float prod = widen(tb[i]) * g;
     ob[i] = Store<T>::from(widen(bb[i]) + prod);
+  }
+}
+
+// blend_range for any mask choice of the call.
+template <typename T, bool kShared>
+void blend_range_any(const BlendParams& p, const BlendRow& r, int64_t begin, int64_t end,
+                     const uint32_t* inner) {
+  if (p.draw1 && p.draw2) {
+    blend_range<T, true, true, kShared>(p, r, begin, end, inner);
+  } else if (p.draw1) {
+    blend_range<T, true, false, kShared>(p, r, begin, end, inner);
+  } else if (p.draw2) {
+    blend_range<T, false, true, kShared>(p, r, begin, end, inner);
+  } else {
+    blend_range<T, false, false, kShared>(p, r, begin, end, inner);
+  }
+}
+
+// uniform01_inner of the n elements from the one whose 32-bit counter is lo (vectorises).
+MELDKIT_CPU_CLONES_AVX512 void fill_inner(uint32_t* inner, int64_t n, uint32_t lo, uint32_t high) {
+  for (int64_t i = 0; i < n; ++i) inner[i] = uniform01_inner(high, lo + uint32_t(i));
+}
+
+// Chunks per span: a thread keeps the masks' shared hash of one span of elements
+// (kSpanChunks * kBlendChunk of them: 1 MB of uint32, about this machine's L2) and reuses it
+// for every tensor. Spans of 4 and 8 chunks measured slower (the tensors are then read in
+// shorter runs), 32 no faster.
+constexpr int64_t kSpanChunks = 16;
+static_assert(kSpanChunks <= 64, "SharedSpan::filled has one bit per chunk");
+
+// This thread's buffer of one span of shared hash values (64-byte aligned, not zeroed),
+// allocated at its first masked blend and kept while the thread lives; nullptr when that
+// allocation failed (no exception may leave an OpenMP region).
+inline uint32_t* shared_span_buffer() {
+  struct Free {
+    void operator()(uint32_t* q) const { ::operator delete[](q, std::align_val_t(64)); }
+  };
+  static thread_local std::unique_ptr<uint32_t[], Free> values(
+      static_cast<uint32_t*>(::operator new[](size_t(kSpanChunks * kBlendChunk) * sizeof(uint32_t),
+                                              std::align_val_t(64), std::nothrow)));
+  return values.get();
+}
+
+// A thread's values of the masks' shared hash for one span (fill_inner's, or the AVX-512
+// path's fill_shared): those of span `span`, chunk c of it filled when bit c is set.
+struct SharedSpan {
+  uint32_t* values = nullptr;  // shared_span_buffer(), taken at the first masked chunk
+  int64_t span = -1;
+  uint64_t filled = 0;
+
+  // The values of chunk c (of any tensor), made by fill(values, lo, high) unless this thread
+  // made them since it last changed span; nullptr when the buffer could not be allocated.
+  template <typename Fill>
+  const uint32_t* chunk(int64_t c, Fill&& fill) {
+    if (values == nullptr) values = shared_span_buffer();
+    if (values == nullptr) return nullptr;
+    uint32_t* v = values + (c % kSpanChunks) * kBlendChunk;
+    const uint64_t bit = uint64_t(1) << (c % kSpanChunks);
+    if (span != c / kSpanChunks) span = c / kSpanChunks, filled = 0;
+    if (!(filled & bit)) {
+      const uint64_t begin = uint64_t(c * kBlendChunk);
+      fill(v, uint32_t(begin), uniform01_high(begin));
+      filled |= bit;
+    }
+    return v;
+  }
+};
+
+// A call's work items: chunks in span-major order, the chunks of span 0 (the first kSpanChunks
+// chunks) of every tensor, tensor after tensor, then those of span 1 of every tensor that has
+// one, and so on. A thread's items are a contiguous run of that order (static schedule), so it
+// computes the masks' shared hash (a third of the hashing) once per span for all the tensors,
+// while each tensor is still read in runs of up to a span.
+struct SpanItem {
+  int32_t row;
+  int32_t chunk;  // within the row: < 2^31 chunks of 2^14 elements
+};
+
+inline std::vector<SpanItem> span_major_items(const BlendParams& p) {
+  std::vector<SpanItem> items;
+  items.reserve(size_t(std::max<int64_t>(p.num_chunks, 0)));
+  std::vector<int> rows(static_cast<size_t>(p.num_tensors));
+  for (int i = 0; i < p.num_tensors; ++i) rows[size_t(i)] = i;
+  for (int64_t span = 0; !rows.empty(); ++span) {
+    size_t kept = 0;
+    for (const int i : rows) {
+      const int64_t chunks = (p.rows[i].numel + kBlendChunk - 1) / kBlendChunk;
+      const int64_t first = span * kSpanChunks, last = std::min(chunks, first + kSpanChunks);
+      for (int64_t c = first; c < last; ++c) items.push_back({i, int32_t(c)});
+      if (chunks > first + kSpanChunks) rows[kept++] = i;
+    }
+    rows.resize(kept);
+  }
+  return items;
+}
+
+// Chunk c of row r through blend_range, the masks' shared hash from `shared`.
+template <typename T>
+void blend_chunk(const BlendParams& p, const BlendRow& r, int64_t c, SharedSpan& shared) {
+  const int64_t begin = c * kBlendChunk;
+  const int64_t end = std::min(r.numel, begin + kBlendChunk);
+  const uint32_t* inner = nullptr;
+  if (!r.dense && (p.draw1 || p.draw2)) {
+    inner = shared.chunk(
+        c, [](uint32_t* v, uint32_t lo, uint32_t high) { fill_inner(v, kBlendChunk, lo, high); });
+  }
+  if (inner != nullptr) {
+    blend_range_any<T, true>(p, r, begin, end, inner);
+  } else {
+    blend_range_any<T, false>(p, r, begin, end, nullptr);
   }
 }
 
@@ -60,7 +176,8 @@ MELDKIT_CPU_CLONES_AVX512 void blend_range(const BlendParams& p, const BlendRow&
 // (bench/RESULTS.md). Same arithmetic, same bits as blend_range (tests compare both,
 // MELDKIT_CPU_AVX512=0 selecting the portable one):
 // - the hashes of random.h, the masks' shared part computed once per span of elements for all
-//   tensors (blend_typed_avx512), and the first step of each mask hash folded into it:
+//   tensors (span_major_items, as in the portable loop), and the first step of each mask
+//   hash folded into it:
 //   mix32(k ^ inner) starts with x ^= x >> 16, and (k ^ inner) ^ ((k ^ inner) >> 16) =
 //   (inner ^ (inner >> 16)) ^ (k ^ (k >> 16)): the shared value xor a constant per mask;
 // - a draw is h < thr << 8 (that is, h >> 8 < thr), unsigned; a mask that keeps everything or
@@ -298,33 +415,6 @@ inline FastCall fast_call(const BlendParams& p, bool bf16) {
   return f;
 }
 
-// Chunks per span: a thread keeps the masks' shared first step of one span of elements
-// (kSpanChunks * kBlendChunk of them: 1 MB of uint32, about this machine's L2) and reuses it
-// for every tensor. Spans of 4 and 8 chunks measured slower (the tensors are then read in
-// shorter runs), 32 no faster.
-constexpr int64_t kSpanChunks = 16;
-static_assert(kSpanChunks <= 64, "SharedSpan::filled has one bit per chunk");
-
-// This thread's buffer of one span of fill_shared values (64-byte aligned, not zeroed),
-// allocated at its first masked blend and kept while the thread lives; nullptr when that
-// allocation failed (no exception may leave an OpenMP region).
-inline uint32_t* shared_span_buffer() {
-  struct Free {
-    void operator()(uint32_t* q) const { ::operator delete[](q, std::align_val_t(64)); }
-  };
-  static thread_local std::unique_ptr<uint32_t[], Free> values(
-      static_cast<uint32_t*>(::operator new[](size_t(kSpanChunks * kBlendChunk) * sizeof(uint32_t),
-                                              std::align_val_t(64), std::nothrow)));
-  return values.get();
-}
-
-// A thread's fill_shared values: those of span `span`, chunk c of it filled when bit c is set.
-struct SharedSpan {
-  uint32_t* values = nullptr;  // shared_span_buffer(), taken at the first masked chunk
-  int64_t span = -1;
-  uint64_t filled = 0;
-};
-
 // Chunk c of row r (elements [c * kBlendChunk, ...)): the steps, then the last numel % 32
 // elements through blend_range.
 template <typename T>
@@ -334,21 +424,12 @@ void blend_chunk_avx512(const BlendParams& p, const FastCall& f, const BlendRow&
   const int64_t end = std::min(r.numel, begin + kBlendChunk);
   int64_t n = (end - begin) / 32 * 32;
   const bool d1 = f.d1 && !r.dense, d2 = f.d2 && !r.dense;
-  uint32_t* values = nullptr;
+  const uint32_t* values = nullptr;
   if (n > 0 && (d1 || d2)) {
-    if (shared.values == nullptr) shared.values = shared_span_buffer();
-    if (shared.values == nullptr) n = 0;  // out of memory: all through blend_range
-  }
-  if (n > 0 && (d1 || d2)) {
-    values = shared.values + (c % kSpanChunks) * kBlendChunk;
-    const int64_t span = c / kSpanChunks;
-    const uint64_t bit = uint64_t(1) << (c % kSpanChunks);
-    if (shared.span != span) shared.span = span, shared.filled = 0;
-    if (!(shared.filled & bit)) {
-      fill_shared<T>(values, kBlendChunk, uint32_t(uint64_t(begin)),
-                     uniform01_high(uint64_t(begin)));
-      shared.filled |= bit;
-    }
+    values = shared.chunk(c, [](uint32_t* v, uint32_t lo, uint32_t high) {
+      fill_shared<T>(v, kBlendChunk, lo, high);
+    });
+    if (values == nullptr) n = 0;  // out of memory: all through blend_range
   }
   if (n > 0) {
     const uint32_t k1 = stream_key(p.seed, uint32_t(r.stream1));
@@ -375,48 +456,14 @@ void blend_chunk_avx512(const BlendParams& p, const FastCall& f, const BlendRow&
     }
 #undef MELDKIT_BLEND_STEPS
   }
-  if (begin + n < end) {
-    if (p.draw1 && p.draw2) {
-      blend_range<T, true, true>(p, r, begin + n, end);
-    } else if (p.draw1) {
-      blend_range<T, true, false>(p, r, begin + n, end);
-    } else if (p.draw2) {
-      blend_range<T, false, true>(p, r, begin + n, end);
-    } else {
-      blend_range<T, false, false>(p, r, begin + n, end);
-    }
-  }
+  if (begin + n < end) blend_range_any<T, false>(p, r, begin + n, end, nullptr);
 }
 
-// The whole call with the AVX-512 steps. Work items are chunks, in span-major order: the chunks
-// of span 0 (the first kSpanChunks chunks) of every tensor, tensor after tensor, then those of
-// span 1 of every tensor that has one, and so on. A thread's items are a contiguous run of that
-// order, so it computes the masks' shared first step (a third of the hashing) once per span
-// for all the tensors, while each tensor is still read in runs of up to a span. False, with
-// nothing written, when the rows do not add up to p.num_chunks (the portable loop's work list).
+// The whole call with the AVX-512 steps, over span_major_items.
 template <typename T>
-bool blend_typed_avx512(const BlendParams& p) {
+void blend_items_avx512(const BlendParams& p, const std::vector<SpanItem>& items) {
   const FastCall f = fast_call(p, std::is_same<T, bf16_t>::value);
-  struct Item {
-    int32_t row;
-    int32_t chunk_in_row;  // < 2^31 chunks of 2^14 elements
-  };
-  std::vector<Item> items;
-  items.reserve(size_t(std::max<int64_t>(p.num_chunks, 0)));
-  std::vector<int> rows(static_cast<size_t>(p.num_tensors));
-  for (int i = 0; i < p.num_tensors; ++i) rows[size_t(i)] = i;
-  for (int64_t span = 0; !rows.empty(); ++span) {
-    size_t kept = 0;
-    for (const int i : rows) {
-      const int64_t chunks = (p.rows[i].numel + kBlendChunk - 1) / kBlendChunk;
-      const int64_t first = span * kSpanChunks, last = std::min(chunks, first + kSpanChunks);
-      for (int64_t c = first; c < last; ++c) items.push_back({i, int32_t(c)});
-      if (chunks > first + kSpanChunks) rows[kept++] = i;
-    }
-    rows.resize(kept);
-  }
   const int64_t num_items = int64_t(items.size());
-  if (num_items != p.num_chunks) return false;  // a table that is not blend_plan's
 #pragma omp parallel if (num_items > 1)
   {
     // VFPCLASSPS, which finds the steps VCVTNE2PS2BF16 would flush, reads a float32 subnormal
@@ -427,11 +474,10 @@ bool blend_typed_avx512(const BlendParams& p) {
     SharedSpan shared;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < num_items; ++i) {
-      const Item& it = items[size_t(i)];
-      blend_chunk_avx512<T>(p, mine, p.rows[it.row], it.chunk_in_row, shared);
+      const SpanItem& it = items[size_t(i)];
+      blend_chunk_avx512<T>(p, mine, p.rows[it.row], it.chunk, shared);
     }
   }
-  return true;
 }
 
 MELDKIT_AVX512_END
@@ -439,25 +485,35 @@ MELDKIT_AVX512_END
 
 template <typename T>
 void blend_typed(const BlendParams& p) {
+  const std::vector<SpanItem> items = span_major_items(p);
+  const int64_t num_items = int64_t(items.size());
+  if (num_items == p.num_chunks) {
 #ifdef MELDKIT_AVX512_INTRINSICS
-  if (cpu_blend_avx512() && blend_typed_avx512<T>(p)) return;
+    if (cpu_blend_avx512()) {
+      blend_items_avx512<T>(p, items);
+      return;
+    }
 #endif
-  // Work items are the plan's chunks, so that many small tensors and one large one both spread.
+#pragma omp parallel if (num_items > 1)
+    {
+      SharedSpan shared;
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < num_items; ++i) {
+        const SpanItem& it = items[size_t(i)];
+        blend_chunk<T>(p, p.rows[it.row], it.chunk, shared);
+      }
+    }
+    return;
+  }
+  // A table whose rows do not add up to num_chunks (not blend_plan's): its chunks in order,
+  // each hashed on its own.
   const int64_t n_chunks = p.num_chunks;
 #pragma omp parallel for schedule(static) if (n_chunks > 1)
   for (int64_t c = 0; c < n_chunks; ++c) {
     const BlendRow& r = p.rows[blend_find_row(p.rows, p.num_tensors, c)];
     const int64_t begin = (c - r.first_chunk) * kBlendChunk;
     const int64_t end = std::min(r.numel, begin + kBlendChunk);
-    if (p.draw1 && p.draw2) {
-      blend_range<T, true, true>(p, r, begin, end);
-    } else if (p.draw1) {
-      blend_range<T, true, false>(p, r, begin, end);
-    } else if (p.draw2) {
-      blend_range<T, false, true>(p, r, begin, end);
-    } else {
-      blend_range<T, false, false>(p, r, begin, end);
-    }
+    blend_range_any<T, false>(p, r, begin, end, nullptr);
   }
 }
 
