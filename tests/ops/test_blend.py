@@ -4,6 +4,7 @@ order, unbiased, a plan reused across calls, and clear errors."""
 
 from __future__ import annotations
 
+import platform
 import warnings
 import zlib
 
@@ -14,7 +15,7 @@ import torch
 from meldkit.ops import BlendPlan, blend_ref, blend_tensors
 from meldkit.ops.merge_ref import stream_of
 from meldkit.ops.random_ref import bernoulli_mask_ref
-from tests.helpers import DEVICES, DTYPES, draw_boundary_keeps
+from tests.helpers import DEVICES, DTYPES, draw_boundary_keeps, run_child
 
 # Empty tensors first, inside and last; one tensor of several 2^14-element chunks.
 SHAPES = [(0, 5), (7,), (1,), (33, 65), (4, 0), (2, 3, 5), (4099, 3), (129, 300), (0,)]
@@ -448,12 +449,9 @@ def test_the_portable_path_agrees_with_the_avx512_one(daz_only):
     MELDKIT_CPU_AVX512=0 (read once per process) turns off. Both must write the same bytes
     (float32-subnormal results included; NaNs compared as NaNs) and equal the reference, also
     with the FPU's denormals-are-zero mode on alone (it hides subnormals from VFPCLASSPS)."""
-    import platform
-
-    from tests.helpers import run_child
-
     env = {"MELDKIT_TEST_DAZ_ONLY": "1"} if daz_only else {}
-    if daz_only and (platform.machine().lower() not in ("x86_64", "amd64") or not _glibc()):
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if daz_only and not (x86 and platform.libc_ver()[0] == "glibc"):
         pytest.skip("MXCSR's denormals-are-zero mode, set through glibc's fenv_t (x86-64)")
     portable = run_child("tests.blend_paths_child", MELDKIT_CPU_AVX512="0", **env)
     fast = run_child("tests.blend_paths_child", **env)
@@ -462,9 +460,3 @@ def test_the_portable_path_agrees_with_the_avx512_one(daz_only):
     assert len(portable) > 70
     differ = sorted(k for k in portable if portable[k] != fast.get(k))
     assert not differ, f"outputs that differ between the two paths: {differ}"
-
-
-def _glibc() -> bool:
-    import platform
-
-    return platform.libc_ver()[0] == "glibc"

@@ -1008,25 +1008,37 @@ def _spy_on_route(model) -> list:
     return routed
 
 
+_GREEDY = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+
+
+def _generate_alone_and_batched(model) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Greedy ``generate`` of the short prompt alone, then left-padded in its batch
+    (:func:`_left_padded_prompts`): ``(alone, batched, routed)``, ``routed`` the
+    :func:`_spy_on_route` record (both calls first)."""
+    short, ids, mask = _left_padded_prompts()
+    routed = _spy_on_route(model)
+    with torch.no_grad():
+        alone = model.generate(input_ids=short, attention_mask=torch.ones_like(short), **_GREEDY)
+        batched = model.generate(input_ids=ids, attention_mask=mask, **_GREEDY)
+    return alone, batched, routed
+
+
 def test_generate_routes_a_left_padded_prompt_as_alone():
     """GPT-2 has absolute positions: ``generate`` gives a left-padded prompt the positions
     ``cumsum(mask) - 1``, so its routing pass must too (it ran without positions: the merge a
     prompt got depended on the rest of its batch). A caller's ``position_ids`` are the ones
     routed on."""
     model = _gpt2_twin()
-    short, ids, mask = _left_padded_prompts()
-    routed = _spy_on_route(model)
-    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    alone, batched, routed = _generate_alone_and_batched(model)
+    _, ids, mask = _left_padded_prompts()
     with torch.no_grad():
-        alone = model.generate(input_ids=short, attention_mask=torch.ones_like(short), **kw)
-        batched = model.generate(input_ids=ids, attention_mask=mask, **kw)
         (_, w_alone), (_, w_batch) = routed
         torch.testing.assert_close(w_batch[1], w_alone[0])
         assert torch.equal(batched[1, 9:], alone[0, 4:])
         # the plain forward keeps Hugging Face's semantics: positions 0 … L-1, padding or not
         assert not torch.allclose(model.route(input_ids=ids, attention_mask=mask)[1], w_alone[0])
         positions = torch.arange(9).expand(2, 9)
-        model.generate(input_ids=ids, attention_mask=mask, position_ids=positions, **kw)
+        model.generate(input_ids=ids, attention_mask=mask, position_ids=positions, **_GREEDY)
     assert routed[-1][0]["position_ids"] is positions
 
 
@@ -1132,12 +1144,7 @@ def test_generate_routes_a_left_padded_prompt_of_a_peft_model_as_alone():
         base = peft.get_peft_model(gpt2(), config).eval()
     experts = [perturbed(base, seed=s, scale=0.5) for s in (1, 2, 3)]
     model = twin.TwinModel(base, twin.build(base, experts, rank_ratio=1.0, progress=False)).eval()
-    short, ids, mask = _left_padded_prompts()
-    routed = _spy_on_route(model)
-    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
-    with torch.no_grad():
-        alone = model.generate(input_ids=short, attention_mask=torch.ones_like(short), **kw)
-        batched = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    alone, batched, routed = _generate_alone_and_batched(model)
     (_, w_alone), (kwargs, w_batch) = routed
     assert torch.equal(kwargs["position_ids"][1], torch.tensor([0] * 6 + [1, 2, 3]))
     torch.testing.assert_close(w_batch[1], w_alone[0])
