@@ -2244,6 +2244,66 @@ def test_a_config_without_tie_word_embeddings_ties_the_head(zoo):
         assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
 
 
+def test_config_edits_land_before_the_output_moves_into_place(zoo, monkeypatch):
+    # config.json's dtype and tie_word_embeddings are edited in the temporary folder: a merge
+    # interrupted after the move cannot leave a tied config beside an untied head.
+    tmp, base, _, paths = zoo
+    tied = {"model_type": "llama", "hidden_size": HIDDEN, "tie_word_embeddings": True}
+    tied_base = write_checkpoint(tmp / "tied_base", _tied(base), config=tied)
+    seen = []
+    replace = os.replace
+
+    def spy(src, dst):
+        if Path(src).is_dir():
+            seen.append(json.loads((Path(src) / "config.json").read_text()))
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(tied_base),
+        "models": [{"model": str(paths["ft0"]), "parameters": {"weight": 1.0}}],
+        "dtype": "float32",
+        "out_dtype": "float16",
+    }
+    with pytest.warns(UserWarning, match="tie_word_embeddings"):
+        out = merge(cfg, tmp / "out", progress=False)
+    (moved,) = seen
+    assert moved["torch_dtype"] == "float16" and moved["tie_word_embeddings"] is False
+    assert json.loads((out / "config.json").read_text()) == moved
+
+
+def test_a_llama_config_without_tie_word_embeddings_is_untied(zoo, monkeypatch):
+    """LlamaConfig defaults tie_word_embeddings to False: a Llama config.json without the key
+    (written by hand) loads untied in transformers, so a Llama checkpoint without its head is
+    incomplete, refused naming the default (its embeddings were merged as its head)."""
+    from meldkit.merging import engine
+
+    tmp, _, tunes, paths = zoo
+    headless = write_checkpoint(
+        tmp / "headless", _tied(tunes[1]), config={"model_type": "llama", "hidden_size": HIDDEN}
+    )
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(paths["base"]),
+        "models": [{"model": str(headless), "parameters": {"weight": 1.0}}],
+    }
+    with pytest.raises(MergeError, match=r"leaves tie_word_embeddings out, which for model_type"):
+        merge(cfg, tmp / "out", progress=False)
+    assert not (tmp / "out").exists()
+    # transformers' class defaults, and the table used without transformers
+    for available in (True, False):
+        engine._default_tie.cache_clear()
+        if not available:
+            monkeypatch.setitem(sys.modules, "transformers", None)
+        assert engine._default_tie("llama") is False
+        assert engine._default_tie("qwen2") is False
+        assert engine._default_tie("gpt2") is True
+        assert engine._default_tie("gemma") is True
+        assert engine._default_tie(None) is True
+    engine._default_tie.cache_clear()
+
+
 def test_gradients_are_refused_where_no_layer_name_is_recognised(zoo):
     # XLM numbers its layers transformer.attentions.N / transformer.ffns.N: with a layer count
     # in config.json and no stack found, a gradient would otherwise use t = 0 on every layer.

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import warnings
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -715,13 +715,20 @@ class ShardedWriter:
                 raise e
 
     def commit(
-        self, aux_from: Path | None, tokenizer_from: Path | None = None, card: str | None = None
+        self,
+        aux_from: Path | None,
+        tokenizer_from: Path | None = None,
+        card: str | None = None,
+        finish: Callable[[Path], None] | None = None,
     ) -> Path:
         """Wait for the writes, write the index and auxiliary files, then move the folder into
         place. The model's files (``MODEL_FILES``, and the files its ``config.json`` names: see
         :func:`aux_files_of`) come from ``aux_from``, the tokenizer's (``TOKENIZER_FILES``,
         ``TOKENIZER_FOLDERS``, and the files its ``tokenizer_config.json`` names) from
-        ``tokenizer_from`` (default: ``aux_from``); ``card`` becomes ``README.md``."""
+        ``tokenizer_from`` (default: ``aux_from``); ``card`` becomes ``README.md``. ``finish``
+        is called with the temporary folder once everything is in it, before the move: edits
+        of the copied files (config.json's dtype, the chat template) land with the weights or
+        not at all."""
         self._drain()
         unwritten = [n for n in self._slot if n not in self._added]
         if unwritten:
@@ -747,6 +754,8 @@ class ShardedWriter:
                 shutil.copytree(src, self.tmp / name)
         if card is not None:
             (self.tmp / "README.md").write_text(card)
+        if finish is not None:
+            finish(self.tmp)
         if self.out_dir.exists():
             self.out_dir.rmdir()  # empty (checked in __init__)
         (self.tmp / _PARTIAL).unlink()

@@ -12,6 +12,7 @@ the largest tensor; no shard is held in memory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import operator
@@ -102,23 +103,59 @@ def _model_config(checkpoint: Checkpoint) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
+# Model types whose transformers config class defaults ``tie_word_embeddings`` to False (their
+# config.json may leave the key out and still be untied), for when transformers is not
+# installed: the common decoder families of transformers 4.44-5.x.
+_UNTIED_BY_DEFAULT = frozenset(
+    (
+        "llama llama4 llama4_text mistral mixtral ministral qwen2 qwen2_moe qwen3 qwen3_moe "
+        "qwen3_next phi phi3 phimoe gpt_neox gptj codegen olmo olmo2 olmo3 olmoe deepseek_v2 "
+        "deepseek_v3 granite granitemoe granitemoeshared stablelm persimmon nemotron internlm3 "
+        "exaone exaone4 glm glm4 glm4_moe dbrx jamba bamba helium seed_oss gpt_oss minimax "
+        "llava llava_next qwen2_vl qwen2_5_vl idefics2 idefics3"
+    ).split()
+)
+
+
+@functools.cache
+def _default_tie(model_type: str | None) -> bool:
+    """What transformers takes for ``tie_word_embeddings`` when a config.json of
+    ``model_type`` leaves it out: its config class's default (False for Llama, Mistral, Qwen2,
+    ...; True for GPT-2, Gemma, BERT, and ``PretrainedConfig``). From the installed
+    transformers where it knows the type, else from ``_UNTIED_BY_DEFAULT``."""
+    if isinstance(model_type, str):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from transformers import CONFIG_MAPPING
+
+                value = getattr(CONFIG_MAPPING[model_type](), "tie_word_embeddings", None)
+            if isinstance(value, bool):
+                return value
+        except Exception:  # no transformers, an unknown type, a config that needs arguments
+            pass
+    return model_type not in _UNTIED_BY_DEFAULT
+
+
 def _tie_word_embeddings(config: Mapping[str, Any] | None) -> bool | None:
-    """config.json's ``tie_word_embeddings`` (a multimodal model's in its ``text_config``); True
-    where the config gives none, as ``PretrainedConfig`` defaults it to True (transformers'
-    ``save_pretrained`` leaves out keys equal to their defaults: GPT-2's config.json has none);
-    None without a config.json."""
+    """config.json's ``tie_word_embeddings`` (a multimodal model's in its ``text_config``);
+    where the config gives none, the default of its model type's config class, as transformers
+    loads it (:func:`_default_tie`: ``save_pretrained`` leaves the key out where it equals both
+    defaults, as GPT-2's config.json does; a Llama config.json written by hand without it is
+    untied); None without a config.json."""
     if config is None:
         return None
     for c in (config, config.get("text_config")):
         if isinstance(c, Mapping) and isinstance(c.get("tie_word_embeddings"), bool):
             return c["tie_word_embeddings"]
-    return True
+    return _default_tie(config.get("model_type"))
 
 
 def _tie_heads(checkpoints: list[Checkpoint]) -> list[str]:
     """Where some models store an output head (``_TIED_HEADS``) and others tie it to their input
     embeddings (no head tensor, the embeddings under a name ``_TIED_HEADS`` gives, and a
-    config.json whose ``tie_word_embeddings`` is true, or absent: true by default), read each
+    config.json whose ``tie_word_embeddings`` is true, or absent where its model type's
+    default is true: :func:`_tie_word_embeddings`), read each
     tied model's embeddings as its head (:meth:`Checkpoint.tie`), as mergekit reads a weight's
     tied name: the output then has the merged head, none being dropped. Returns a line per tied
     model, for the warning."""
@@ -148,9 +185,9 @@ def _validate(
     one) and no others, except:
 
     - an output head that some models tie to their input embeddings (``tie_word_embeddings``,
-      true where config.json leaves it out) and others store: the tied models' embeddings are
-      read as their head (:func:`_tie_heads`), with a warning, and the output has an untied
-      head;
+      where config.json leaves it out its model type's default) and others store: the tied
+      models' embeddings are read as their head (:func:`_tie_heads`), with a warning, and
+      the output has an untied head;
     - buffers (:func:`_is_buffer`: those transformers rebuilds at load time, which older
       versions saved, and non-floating tensors), with a warning naming them: a model's buffer
       that the reference lacks is skipped (the output has the reference's tensors, as mergekit
@@ -317,11 +354,13 @@ def _missing_hint(c: Checkpoint, lacking: list[str]) -> str:
             " (models of one architecture have the same tensors: a different model, or an "
             "incomplete checkpoint)"
         )
-    tie = _tie_word_embeddings(_model_config(c))
+    config = _model_config(c)
+    tie = _tie_word_embeddings(config)
     if tie:
         return (
             " (its config.json ties the head to the input embeddings: tie_word_embeddings is "
-            "true, or left out, which is true by default; but meldkit reads the input embeddings "
+            "true, or left out, which is its model type's default; but meldkit reads the input "
+            "embeddings "
             f"as {heads[0]} only where they are named {' or '.join(_TIED_HEADS[heads[0]])})"
         )
     if tie is None:
@@ -329,6 +368,16 @@ def _missing_hint(c: Checkpoint, lacking: list[str]) -> str:
             f" (a model that ties {heads[0]} to its input embeddings stores no head, but "
             f"{c.path} has no config.json to say so, tie_word_embeddings: the checkpoint is "
             "incomplete)"
+        )
+    if not any(
+        isinstance(x, Mapping) and "tie_word_embeddings" in x
+        for x in (config, config.get("text_config"))
+    ):
+        return (
+            f" (its config.json leaves tie_word_embeddings out, which for model_type "
+            f"{config.get('model_type')!r} means false, as transformers loads it: the model "
+            f"stores {heads[0]} apart from its input embeddings, and the checkpoint is "
+            "incomplete; set tie_word_embeddings: true in its config.json if the head is tied)"
         )
     return (
         f" (its config.json sets tie_word_embeddings: false, so it stores {heads[0]} apart from "
@@ -1089,6 +1138,14 @@ def merge(
                 bar.update(nbytes[name])
                 bar.set_postfix_str(f"{i + 1}/{len(names)} tensors", refresh=False)
         card = model_card(cfg, config_text, seed=seed, trim_scope=trim_scope, tie=tie)
+
+        def finish(folder: Path) -> None:
+            # Edits of the copied files, made before the output folder moves into place.
+            if cfg.out_dtype is not None or cfg.dtype is not None:
+                _set_config_dtype(folder, cfg.out_dtype or cfg.dtype)
+            if reference.tied:  # the output stores the head the reference's config ties
+                _untie_config(folder)
+
         # A model given as its .safetensors file brings the files of its folder.
         out = writer.commit(
             aux_from=reference.aux_folder(),
@@ -1096,6 +1153,7 @@ def merge(
                 aux_folder(cfg.tokenizer_source) if cfg.tokenizer_source is not None else None
             ),
             card=card,
+            finish=finish,
         )
     except BaseException:
         writer.abort()
@@ -1105,10 +1163,6 @@ def merge(
             r.close()
         if bar is not None:
             bar.close()
-    if cfg.out_dtype is not None or cfg.dtype is not None:
-        _set_config_dtype(out, cfg.out_dtype or cfg.dtype)
-    if reference.tied:  # the output stores the head the reference's config ties
-        _untie_config(out)
     return out
 
 
