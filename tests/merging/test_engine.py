@@ -482,6 +482,18 @@ def test_the_output_has_a_model_card(zoo):
     assert "merge_method: ties" in card and "on the base model `someorg/tiny-llama`" in card
 
 
+def test_the_model_card_names_models_as_the_config_does(zoo, monkeypatch):
+    # Relative paths stay relative in the card (it is published with the model): not this
+    # machine's folders, as mergekit writes the names its YAML gives.
+    tmp, _, _, paths = zoo
+    monkeypatch.chdir(tmp)
+    cfg = config_for("ties", {k: Path(v.name) for k, v in paths.items()})
+    card = (merge(cfg, tmp / "out", progress=False) / "README.md").read_text()
+    assert "on the base model `base`." in card
+    assert all(f"- `ft{i}`" in card for i in range(3))
+    assert str(tmp) not in card
+
+
 def test_tokenizer_source_picks_the_tokenizer_files(zoo):
     # mergekit's tokenizer_source (legacy) and tokenizer: {source: ...}: base, or a merged model.
     # The model files (config.json) stay the base's; the weights do not depend on it.

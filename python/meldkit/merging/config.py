@@ -185,6 +185,9 @@ class MergeConfig:
     # Why a model path named in the config was not found (the folders tried, the Hugging Face
     # cache), by the path the config resolves it to: the engine's error when it is still missing.
     missing: dict[Path, str] = dataclasses.field(default_factory=dict)
+    # How the config names each model (its path as written, or its Hugging Face ID), by the
+    # path it resolves to: the model card names the models so, not by this machine's paths.
+    names: dict[Path, str] = dataclasses.field(default_factory=dict)
 
     def model_param(
         self,
@@ -504,8 +507,14 @@ def parse_config(
     if base_dir is not None and Path(base_dir).resolve() != Path.cwd().resolve():
         folders.append((Path(base_dir), "the config's folder"))
     missing: dict[Path, str] = {}
+    names: dict[Path, str] = {}
 
     def resolve(p: Any, where: str) -> Path:
+        path = find(p, where)
+        names.setdefault(path, os.fspath(p))
+        return path
+
+    def find(p: Any, where: str) -> Path:
         if not isinstance(p, (str, os.PathLike)) or not str(p):
             raise ConfigError(f"{where}: expected a model folder path, got {p!r}")
         path = Path(p)
@@ -692,6 +701,7 @@ def parse_config(
         tokenizer_source=_tokenizer_source(raw, base, [e["model"] for e in entries], resolve),
         slice_layers=slice_layers,
         missing=missing,
+        names=names,
     )
 
 

@@ -622,12 +622,16 @@ class _OutputBuffers:
 _HUB_SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/[^/]+/?$")
 
 
-def _model_name(path: Path) -> tuple[str, bool]:
+def _model_name(path: Path, given: Mapping[Path, str] | None = None) -> tuple[str, bool]:
     """How the model card names a model folder: its Hugging Face id when the folder is a hub
-    cache snapshot (``.../models--ORG--NAME/snapshots/REV``), else the folder's path. The flag
-    says whether it is a hub id (only those go into the card's ``base_model`` metadata)."""
+    cache snapshot (``.../models--ORG--NAME/snapshots/REV``), else the path the config gave
+    (``given``: a relative path stays relative, so the card does not publish this machine's
+    folders), else the folder's path. The flag says whether it is a hub id (only those go
+    into the card's ``base_model`` metadata)."""
     m = _HUB_SNAPSHOT.search(path.as_posix())
-    return (f"{m.group(1)}/{m.group(2)}", True) if m else (str(path), False)
+    if m:
+        return f"{m.group(1)}/{m.group(2)}", True
+    return (given or {}).get(path, str(path)), False
 
 
 def model_card(
@@ -642,8 +646,8 @@ def model_card(
     its paper, the models, the settings, and the YAML that produced it (when known)."""
     from meldkit import __version__
 
-    names = [_model_name(m.path) for m in cfg.models]
-    base = _model_name(cfg.base) if cfg.base is not None else None
+    names = [_model_name(m.path, cfg.names) for m in cfg.models]
+    base = _model_name(cfg.base, cfg.names) if cfg.base is not None else None
     hub_ids = [n for n, hub in ([base] if base else []) + names if hub]
     lines = ["---"]
     if hub_ids:
