@@ -14,6 +14,7 @@ Accepted (the ``models`` form of mergekit's YAML)::
     dtype: float32                    # compute dtype: every input is converted to it
     out_dtype: bfloat16               # storage dtype of the result (default: dtype)
     tokenizer_source: base            # or tokenizer: {source: base}; see below
+    chat_template: chatml             # or auto, alpaca, llama3, mistral, exaone, a Jinja text
 
 Each model is listed once (mergekit refuses duplicate inputs too; a second entry would count its
 task vector twice). ``dtype`` and ``out_dtype`` may carry torch's prefix (``torch.bfloat16``),
@@ -103,6 +104,13 @@ would not match the output. mergekit's
 ``union`` (a merged vocabulary, with the embeddings rebuilt over it), a tokenizer from a model
 outside the merge, and per-token ``tokens`` overrides are refused: they need embedding surgery,
 which meldkit does not do.
+
+``chat_template`` (mergekit's) sets the output tokenizer's chat template: a built-in one by name
+(``chatml``, ``llama3``, ``alpaca``, ``mistral``, ``exaone``), ``auto`` (the template most of the
+merged models' tokenizers have, the first of them on a tie; none found: the tokenizer keeps its
+own, with a warning), or a Jinja template given in full (at least 20 characters with a ``{``;
+shorter values are taken for misspelt names and refused). See
+:mod:`meldkit.merging.chat_templates`.
 """
 
 from __future__ import annotations
@@ -117,6 +125,7 @@ from typing import Any
 
 import torch
 
+from meldkit.merging import chat_templates
 from meldkit.merging.methods import MergeMethod, get_method
 
 TOP_LEVEL_KEYS = (
@@ -129,9 +138,10 @@ TOP_LEVEL_KEYS = (
     "tokenizer_source",
     "tokenizer",
     "slices",
+    "chat_template",
 )
 # mergekit keys that meldkit knows but does not implement yet: named in the error.
-UNSUPPORTED_KEYS = ("modules", "chat_template")
+UNSUPPORTED_KEYS = ("modules",)
 # Top-level parameters that may vary per tensor (gradients, filters), as in mergekit.
 NUMERIC_GLOBALS = ("lambda", "t")
 # Named rescalings of the sparsified task vectors (merge_tensors' ``rescale``), besides a bool.
@@ -188,6 +198,9 @@ class MergeConfig:
     # How the config names each model (its path as written, or its Hugging Face ID), by the
     # path it resolves to: the model card names the models so, not by this machine's paths.
     names: dict[Path, str] = dataclasses.field(default_factory=dict)
+    # The output tokenizer's chat template: "auto", a built-in name or a Jinja template
+    # (:mod:`meldkit.merging.chat_templates`); None keeps the tokenizer's own.
+    chat_template: str | None = None
 
     def model_param(
         self,
@@ -496,6 +509,7 @@ def parse_config(
         raise ConfigError(
             f"unknown keys: {', '.join(map(str, unknown))} (known: {', '.join(TOP_LEVEL_KEYS)})"
         )
+    chat_template = _chat_template(raw.get("chat_template"))
     if "merge_method" not in raw:
         raise ConfigError("merge_method is missing")
     try:
@@ -702,7 +716,18 @@ def parse_config(
         slice_layers=slice_layers,
         missing=missing,
         names=names,
+        chat_template=chat_template,
     )
+
+
+def _chat_template(value: Any) -> str | None:
+    """The config's ``chat_template``, checked (None where it gives none)."""
+    if value is None:
+        return None
+    try:
+        return chat_templates.check(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _numbers(setting: Any) -> list[float]:

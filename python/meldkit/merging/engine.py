@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from meldkit.merging import chat_templates
 from meldkit.merging.checkpoint import (
     TOKENIZER_FILES,
     Checkpoint,
@@ -641,9 +642,11 @@ def model_card(
     seed: int,
     trim_scope: str,
     tie: str = "keep_ties",
+    template: str | None = None,
 ) -> str:
     """The ``README.md`` written beside a merged model (as mergekit writes one): the method and
-    its paper, the models, the settings, and the YAML that produced it (when known)."""
+    its paper, the models, the settings (``template``: how the chat template was chosen), and
+    the YAML that produced it (when known)."""
     from meldkit import __version__
 
     names = [_model_name(m.path, cfg.names) for m in cfg.models]
@@ -683,6 +686,8 @@ def model_card(
             notes.append(
                 f"inputs {how} {dt} (the config's dtype), merged in float32, stored in {out}"
             )
+    if template is not None:
+        notes.append(f"chat template: {template}")
     lines += ["Settings: " + "; ".join(notes) + ".", ""]
     if config_text:
         lines += ["Configuration:", "", "```yaml", config_text.rstrip(), "```", ""]
@@ -721,6 +726,33 @@ def _check_tokenizer(source: Path | None, reference: Checkpoint) -> None:
         UserWarning,
         stacklevel=3,
     )
+
+
+def _chat_template(
+    cfg: MergeConfig, base: Checkpoint | None, models: list[Checkpoint], reference: Checkpoint
+) -> tuple[str | None, str | None]:
+    """The chat template the output's tokenizer gets (None: its own) and how it was chosen,
+    for the model card. Refuses a ``chat_template`` where the output has no tokenizer to carry
+    it (before any tensor is merged); warns when ``auto`` finds no template in the inputs."""
+    if cfg.chat_template is None:
+        return None, None
+    folder = aux_folder(cfg.tokenizer_source) if cfg.tokenizer_source else reference.aux_folder()
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise MergeError(
+            f"chat_template: the output has no tokenizer to carry it ({folder} has no tokenizer "
+            "files): set tokenizer_source to a model with a tokenizer, or leave chat_template out"
+        )
+    inputs = ([base] if base is not None else []) + models
+    folders = list(dict.fromkeys(c.aux_folder() for c in inputs))
+    template, how = chat_templates.resolve(cfg.chat_template, folders)
+    if template is None:
+        warnings.warn(
+            f"chat_template auto: {how}, so the output's tokenizer keeps its own (from {folder})",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None, None
+    return template, how
 
 
 def _warn_wider_inputs(reference: Checkpoint, models: list[Checkpoint], names: list[str]) -> None:
@@ -982,6 +1014,7 @@ def merge(
 
     reference = base if base is not None else models[0]
     model_config = _model_config(reference)
+    template, template_note = _chat_template(cfg, base, models, reference)
     _check_tokenizer(cfg.tokenizer_source, reference)
     if cfg.dtype is None:
         _warn_wider_inputs(reference, models, [n for n in names if n not in copied])
@@ -1141,7 +1174,9 @@ def merge(
             if bar is not None:
                 bar.update(nbytes[name])
                 bar.set_postfix_str(f"{i + 1}/{len(names)} tensors", refresh=False)
-        card = model_card(cfg, config_text, seed=seed, trim_scope=trim_scope, tie=tie)
+        card = model_card(
+            cfg, config_text, seed=seed, trim_scope=trim_scope, tie=tie, template=template_note
+        )
 
         def finish(folder: Path) -> None:
             # Edits of the copied files, made before the output folder moves into place.
@@ -1149,6 +1184,8 @@ def merge(
                 _set_config_dtype(folder, cfg.out_dtype or cfg.dtype)
             if reference.tied:  # the output stores the head the reference's config ties
                 _untie_config(folder)
+            if template is not None:
+                chat_templates.write(folder, template)
 
         # A model given as its .safetensors file brings the files of its folder.
         out = writer.commit(
