@@ -23,15 +23,15 @@ MESSAGES = [
 
 
 def render(template: str, messages=MESSAGES, add_generation_prompt=True) -> str:
-    return (
-        jinja2.Environment()
-        .from_string(template)
-        .render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token="<s>",
-            eos_token="</s>",
-        )
+    # as transformers renders chat templates
+    env = jinja2.Environment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    return env.from_string(template).render(
+        messages=messages,
+        add_generation_prompt=add_generation_prompt,
+        bos_token="<s>",
+        eos_token="</s>",
     )
 
 
