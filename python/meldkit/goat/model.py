@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Iterator
 
@@ -534,9 +533,9 @@ def wrap(
     set_saved_modules(model, saved, keep_original=keep_original)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from meldkit._progress import progress_bar
 
-        bar = tqdm(total=len(names), desc="goat wrap", unit="layer", file=sys.stderr)
+        bar = progress_bar(total=len(names), desc="goat wrap", unit="layer")
     try:
         for name in names:
             linear = model.get_submodule(name)

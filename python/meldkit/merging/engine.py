@@ -19,7 +19,6 @@ import operator
 import os
 import re
 import shutil
-import sys
 import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -1103,13 +1102,12 @@ def merge(
                 )
             trim_bar = None
             if progress:  # two streaming passes over every model before the first tensor merges
-                from tqdm.auto import tqdm
+                from meldkit._progress import progress_bar
 
-                trim_bar = tqdm(
+                trim_bar = progress_bar(
                     total=2 * len(float_names),
                     unit="tensor",
                     desc="whole-model thresholds",
-                    file=sys.stderr,
                 )
             # Both passes read every model in name order: one read-ahead over the two.
             reading.append(ReadAhead(steps_of(float_names) * 2, ahead or 0))
@@ -1135,11 +1133,9 @@ def merge(
                 if trim_bar is not None:
                     trim_bar.close()
         if progress:  # created here, so its rate starts with the merge, not the trimming passes
-            from tqdm.auto import tqdm
+            from meldkit._progress import progress_bar
 
-            bar = tqdm(
-                total=writer.total_size, unit="B", unit_scale=True, desc="merge", file=sys.stderr
-            )
+            bar = progress_bar(total=writer.total_size, unit="B", unit_scale=True, desc="merge")
         # On the CPU the merge kernels submit the reads, as they run the writes.
         reading.append(ReadAhead(steps_of(names), ahead or 0, kernels=device.type == "cpu"))
         for i, name in enumerate(names):

@@ -644,9 +644,11 @@ def build(
         params["thresholds"] = _model_thresholds(merged, base_src, srcs, where, tasks, params)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from meldkit._progress import progress_bar
 
-        bar = tqdm(total=len(merged) + len(specific_names), desc="twin build", unit="tensor")
+        bar = progress_bar(
+            total=len(merged) + len(specific_names), desc="twin build", unit="tensor"
+        )
     try:
         for name in merged:
             base_t = base_src.get(name)

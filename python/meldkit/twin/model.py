@@ -1227,9 +1227,9 @@ def text_features(
     left = getattr(tokenizer, "padding_side", None) == "left"
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from meldkit._progress import progress_bar
 
-        bar = tqdm(total=len(texts), desc=desc, unit="text")
+        bar = progress_bar(total=len(texts), desc=desc, unit="text")
     out = []
     try:
         if left:
@@ -1361,9 +1361,9 @@ def train_router(
         losses, accs, val_losses = [], [], []
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from meldkit._progress import progress_bar
 
-            bar = tqdm(total=epochs, desc="twin router", unit="epoch")
+            bar = progress_bar(total=epochs, desc="twin router", unit="epoch")
         try:
             for epoch in range(epochs):
                 router.train()
