@@ -275,6 +275,35 @@ def test_plan_run_on_another_stream_then_dropped():
         assert torch.equal(o.cpu(), w)
 
 
+@pytest.mark.cuda
+def test_a_plan_made_on_a_busy_stream_runs_on_another():
+    """The plan's table and contiguous copies are queued on the stream it is made on: a run on
+    another stream, with no synchronisation by the caller, waits for them."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    bases, taus, keys = tensors(torch.float32, "cuda", seed=6)
+    outs = [torch.empty_like(b) for b in bases]
+    strided = [
+        t.new_empty(t.shape[::-1]).t().copy_(t) if t.dim() == 2 and t.numel() > 1 else t
+        for t in taus
+    ]
+    want = [
+        blend_ref(b.cpu(), t.cpu(), COEFFS[2], keep=(0.4, 0.6), seed=3, tensor_key=k)
+        for b, t, k in zip(bases, taus, keys, strict=True)
+    ]
+    made_on, run_on = torch.cuda.Stream(), torch.cuda.Stream()
+    made_on.wait_stream(torch.cuda.current_stream())
+    run_on.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(made_on):
+        torch.cuda._sleep(50_000_000)  # the plan's copies queue behind this
+        plan = BlendPlan(outs, bases, strided, tensor_keys=keys)
+    with torch.cuda.stream(run_on):
+        plan(COEFFS[2], keep=(0.4, 0.6), seed=3)
+    torch.cuda.synchronize()
+    for o, w in zip(outs, want, strict=True):
+        assert torch.equal(o.cpu(), w)
+
+
 def _shrink(t: torch.Tensor) -> None:
     t.resize_(2)  # same storage, fewer elements
 

@@ -341,6 +341,13 @@ class BlendPlan:
         self._copies = [
             (t, o) for t, o in zip(self._targets, outs, strict=True) if not o.is_contiguous()
         ]
+        # The table and the contiguous copies are written on the stream current now: the first
+        # run on another stream waits for them there (ordering; record_stream only guards the
+        # memory's reuse).
+        self._ready = None
+        if self.device.type == "cuda":
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(self.device))
 
     def _check_layout(self) -> None:
         """Refuses a call when a tensor the plan reads or writes moved or changed shape,
@@ -398,6 +405,7 @@ class BlendPlan:
             key = _stream_key(self.device)
             if key not in self._streams:
                 stream = torch.cuda.current_stream(self.device)
+                stream.wait_event(self._ready)
                 for t in self._used:
                     t.record_stream(stream)
                 self._streams.add(key)
