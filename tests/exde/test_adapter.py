@@ -95,6 +95,16 @@ def test_adapter_errors(unet):
         exde.add_text_adapter(unet, text_dim=10, num_heads=4)
 
 
+def test_the_frame_count_defaults_to_the_unets(unet):
+    # SVD-XT's UNet (and its pipeline's default) has 25 frames: the adapter gets 25 queries.
+    assert unet.config.num_frames > 14
+    adapter = exde.add_text_adapter(unet, text_dim=16, num_heads=4)
+    assert adapter.num_frames == adapter.queries.shape[0] == unet.config.num_frames
+    exde.remove_text_adapter(adapter)
+    with pytest.raises(exde.ExDeError, match="'num_frames' must be an int ≥ 1, got 0"):
+        exde.add_text_adapter(unet, text_dim=16, num_frames=0, num_heads=4)
+
+
 def test_motion_degree():
     still = torch.rand(1, 3, 32, 32).expand(4, -1, -1, -1)
     assert exde.motion_degree(still, method="frame_difference").value == 0.0

@@ -101,10 +101,14 @@ def _temporal_blocks(unet: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def add_text_adapter(
-    unet: nn.Module, text_dim: int, *, num_frames: int = 14, num_heads: int = 8
+    unet: nn.Module, text_dim: int, *, num_frames: int | None = None, num_heads: int = 8
 ) -> TemporalTextAdapter:
     """Attach a :class:`TemporalTextAdapter` to every temporal transformer block of ``unet``
     (``UNetSpatioTemporalConditionModel``) and return it (on the UNet's device and dtype).
+
+    ``num_frames`` is the most frames the adapter conditions (one learned query per frame);
+    default: the UNet's ``config.num_frames`` (14 for Stable Video Diffusion, 25 for SVD-XT,
+    the pipeline's default frame count), or 14 where its config has none.
 
     Call the UNet inside ``with adapter.text(embeddings):`` to condition it on text; outside, or
     at initialisation, the UNet computes exactly what it did before.
@@ -112,6 +116,11 @@ def add_text_adapter(
     blocks = _temporal_blocks(unet)
     if not blocks:
         raise ExDeError("add_text_adapter: the UNet has no TemporalBasicTransformerBlock")
+    if num_frames is None:
+        configured = getattr(getattr(unet, "config", None), "num_frames", None)
+        num_frames = configured if isinstance(configured, int) and configured > 0 else 14
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ExDeError(f"add_text_adapter: 'num_frames' must be an int ≥ 1, got {num_frames!r}")
     dims = {name: block.norm1.normalized_shape[0] for name, block in blocks}
     p = next(unet.parameters())
     adapter = TemporalTextAdapter(dims, text_dim, num_frames, num_heads).to(p.device, p.dtype)
