@@ -8,6 +8,7 @@ import contextlib
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -90,7 +91,7 @@ def test_decouple_is_seeded_dare():
     kept_dyn = params(dyn)[w] != b[w]
     kept_con = params(con)[w] != f[w]
     assert 0.2 < float(kept_dyn.float().mean()) < 0.4 and not torch.equal(kept_dyn, kept_con)
-    again, _ = exde.decouple(base, ft, seed=3)
+    again, _ = exde.decouple(base, ft, seed=np.int64(3))  # NumPy integers, as the blend op
     other, _ = exde.decouple(base, ft, seed=4)
     assert torch.equal(params(again)[w], params(dyn)[w])
     assert not torch.equal(params(other)[w], params(dyn)[w])
@@ -113,6 +114,9 @@ def test_errors():
         exde.extrapolate(base, ft, include="nothing")
     with pytest.raises(exde.ExDeError, match="'drop'"):
         exde.decouple(base, ft, drop=1.0)
+    for seed in (-1, 2**64, 1.0, True):
+        with pytest.raises(exde.ExDeError, match=r"'seed' must be an int in \[0, 2\*\*64\)"):
+            exde.decouple(base, ft, seed=seed)
     with pytest.raises(exde.ExDeError, match="'alpha'"):
         exde.extrapolate(base, ft, alpha=float("nan"))
     with pytest.raises(exde.ExDeError, match="'alpha' is 1e\\+39, beyond float32's range"):

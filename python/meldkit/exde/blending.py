@@ -17,7 +17,9 @@ Every blend is one native call over all tensors of a dtype (a :class:`meldkit.op
 dtype; ``attach`` keeps its plans, so a re-blend does no per-tensor host work), the masks
 regenerated from ``(seed, CRC-32 of the tensor name)``, never stored. Only θ_base and τ are kept
 (and, in ``attach``, what they cannot rebuild of the weights the denoiser held on entry).
-Only parameters are touched, never buffers; a tied parameter is blended once and stays tied.
+Only parameters are touched, never buffers (two plain state dicts cannot say which entries are
+buffers: there, only the norm layers' running statistics are known as such; see :func:`paired`);
+a tied parameter is blended once and stays tied.
 
 Precision: :func:`extrapolate` and :func:`decouple` form τ and the blend in float32 and round
 once to the model's dtype (in chunks of float32 copies); ``attach`` keeps θ_base and τ in the
@@ -376,9 +378,11 @@ def extrapolate(
 ) -> nn.Module | dict[str, torch.Tensor]:
     """θ = θ_base − α·(θ_ft − θ_base): extrapolate *away* from the fine-tune (the release's sign;
     its fine-tune lowered the motion degree). A negative ``alpha`` extrapolates past the fine-tune
-    instead. Parameters only (buffers are copied from ``base``); ``include``/``exclude`` are name
-    regexes (see :func:`paired`; tied parameters stay tied). Returns a copy of ``base`` (a module
-    or a state dict, as given).
+    instead. Parameters only (buffers are copied from ``base``; with two state dicts only the
+    norm layers' running statistics are known to be buffers: pass a module for either, or
+    ``exclude`` other buffers); ``include``/``exclude`` are name regexes (see :func:`paired`;
+    tied parameters stay tied). Returns a copy of ``base`` (a module or a state dict, as
+    given).
 
     τ and θ are computed in float32 whatever the dtypes of ``base`` and ``finetuned``, and each
     result is rounded once, to the dtype of ``base``'s tensor."""
@@ -410,8 +414,15 @@ class DecoupleConfig:
             _finite(key, getattr(self, key))
         if not 0.0 <= _finite("drop", self.drop) < 1.0:
             raise ExDeError(f"meldkit.exde: 'drop' must be in [0, 1), got {self.drop}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ExDeError(f"meldkit.exde: 'seed' must be an int ≥ 0, got {self.seed!r}")
+        # Any integer (NumPy's too, as blend_tensors takes them), kept as a Python int.
+        seed = self.seed
+        if (
+            isinstance(seed, bool)
+            or not isinstance(seed, numbers.Integral)
+            or not (0 <= int(seed) < 2**64)
+        ):
+            raise ExDeError(f"meldkit.exde: 'seed' must be an int in [0, 2**64), got {seed!r}")
+        object.__setattr__(self, "seed", int(seed))
 
     @property
     def keep(self) -> float:
@@ -441,7 +452,9 @@ def decouple(
     two masks are independent and reproducible from ``seed`` (keyed by tensor name, so the result
     does not depend on the order of the parameters or the device); 1-D tensors are never dropped.
     Returns copies of ``base`` (modules or state dicts, as given; tied parameters stay tied).
-    τ and θ are computed in float32 and rounded once, to the dtype of ``base``'s tensor.
+    Parameters only, as :func:`extrapolate` (with two state dicts, only the norm layers'
+    running statistics are known to be buffers). ``seed``: any integer in [0, 2⁶⁴) (NumPy's
+    too). τ and θ are computed in float32 and rounded once, to the dtype of ``base``'s tensor.
 
     The same masks drive :func:`attach`, so ``attach`` with the :func:`switch` schedule runs
     exactly these two models when the denoiser is float32; in bfloat16/float16 ``attach`` keeps τ
