@@ -340,6 +340,32 @@ def test_bad_arguments(models, tok, kwargs, match):
 
 
 @pytest.mark.parametrize(
+    ("prompts", "tokenizer", "kwargs", "match"),
+    [
+        ([[1, 5, 6]], None, {}, r"prompts\[0\] must be a str .*got list \(token ids: decode"),
+        (torch.tensor([[1, 5]]), None, {}, r"prompts must be a text or a list of texts, got Ten"),
+        (["a", None], None, {}, r"prompts\[1\] must be a str .*got NoneType"),
+        (None, "none", {}, r"tokenizer must be a Hugging Face tokenizer .*got NoneType"),
+        (None, "gpt2", {}, r"tokenizer must be a loaded tokenizer, got the name 'gpt2'"),
+        (None, None, dict(expert_prompts=[lambda x: None] * 2), r"expert_prompts\[0\] returned"),
+    ],
+)
+def test_prompts_and_tokenizer_are_checked_by_name(models, tok, prompts, tokenizer, kwargs, match):
+    large, small, experts = models
+    tokenizer = {None: tok, "none": None}.get(tokenizer, tokenizer)
+    with pytest.raises(TypeError, match=match):
+        dlf.generate(
+            large,
+            small,
+            experts,
+            tokenizer,
+            PROMPTS if prompts is None else prompts,
+            max_new_tokens=2,
+            **kwargs,
+        )
+
+
+@pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         (dict(do_sample=True, temperature="1"), "temperature"),

@@ -296,3 +296,13 @@ def test_processor_refuses_left_pads_without_a_mask(setup):
     proc = dlf.DynamicLogitFusionProcessor(small, experts, tok, prompts=PROMPTS)
     with pytest.raises(ValueError, match=r"start with the pad token.*attention_mask="):
         proc(enc["input_ids"], scores)
+
+
+def test_processor_checks_its_tokenizer_and_prompts_by_name(setup):
+    tok, _, small, experts = setup
+    with pytest.raises(TypeError, match="tokenizer must be a Hugging Face tokenizer"):
+        dlf.DynamicLogitFusionProcessor(small, experts, None)
+    with pytest.raises(TypeError, match=r"prompts\[1\] must be a str"):
+        dlf.DynamicLogitFusionProcessor(
+            small, experts, tok, prompts=["a", [3, 4]], expert_prompts=[None, "x "]
+        )

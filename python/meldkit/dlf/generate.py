@@ -16,6 +16,7 @@ from meldkit.dlf.streams import (
     BASE_ADAPTER,
     Ensemble,
     Member,
+    check_tokenizer,
     check_tokenizers,
     common_vocab_size,
     is_peft_model,
@@ -76,6 +77,30 @@ def _as_list(x, kind) -> list:
     if isinstance(x, kind):
         return [x]
     return list(x)
+
+
+def prompt_list(prompts, name: str = "prompts") -> list[str]:
+    """``prompts`` (a text or a sequence of texts) as a list of texts; TypeError naming the
+    first entry that is not a ``str`` (token ids, None, a tensor)."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, torch.Tensor) or not isinstance(prompts, Iterable):
+        raise TypeError(
+            f"dlf: {name} must be a text or a list of texts, got {type(prompts).__name__} "
+            "(token ids: decode them with the tokenizer first)"
+        )
+    texts = list(prompts)
+    for i, p in enumerate(texts):
+        if not isinstance(p, str):
+            raise TypeError(
+                f"dlf: {name}[{i}] must be a str (a prompt's text), got {type(p).__name__}"
+                + (
+                    " (token ids: decode them with the tokenizer first)"
+                    if isinstance(p, (list, tuple, torch.Tensor))
+                    else ""
+                )
+            )
+    return texts
 
 
 def fusion_members(
@@ -156,7 +181,14 @@ def expert_texts(prompts: list[str], expert_prompts, n_experts: int) -> list[lis
         elif isinstance(p, str):
             out.append([p + x for x in prompts])
         elif callable(p):
-            out.append([p(x) for x in prompts])
+            texts = [p(x) for x in prompts]
+            bad = next((i for i, x in enumerate(texts) if not isinstance(x, str)), None)
+            if bad is not None:
+                raise TypeError(
+                    f"dlf: expert_prompts[{len(out)}] returned {type(texts[bad]).__name__} for "
+                    f"prompts[{bad}], not a str"
+                )
+            out.append(texts)
         else:
             raise TypeError(f"dlf: an expert prompt must be a str, callable or None, not {type(p)}")
     return out
@@ -550,7 +582,8 @@ def generate(
     ):
         raise ValueError(f"dlf: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     max_new_tokens = int(max_new_tokens)
-    prompts = _as_list(prompts, str)
+    check_tokenizer(tokenizer)
+    prompts = prompt_list(prompts)
     if not prompts:
         raise ValueError("dlf: no prompts")
     experts = _as_list(experts, (nn.Module, str))

@@ -10,9 +10,17 @@ import torch
 from torch import nn
 
 from meldkit.dlf.fusion import check_mode, check_ranges, fuse_logits
-from meldkit.dlf.generate import Expert, ExpertPrompt, alpha_list, expert_texts, fusion_members
+from meldkit.dlf.generate import (
+    Expert,
+    ExpertPrompt,
+    alpha_list,
+    expert_texts,
+    fusion_members,
+    prompt_list,
+)
 from meldkit.dlf.streams import (
     Ensemble,
+    check_tokenizer,
     check_tokenizers,
     check_vocab_width,
     common_vocab_size,
@@ -122,13 +130,14 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         if not experts and mode != "contrastive":
             raise ValueError("dlf: at least one expert is needed")
         self.plausibility, self.amateur_temperature = plausibility, amateur_temperature
+        check_tokenizer(tokenizer)
         self._members = fusion_members(small_base, experts, expert_prompts)
         models = {"small_base": small_base}
         models.update({f"expert {t}": m.model for t, m in enumerate(self._members[1:])})
         self.vocab_size = common_vocab_size(tokenizer, models)
         if expert_prompts is not None and prompts is None:
             raise ValueError("dlf: expert_prompts needs prompts= (the texts of the prompt batch)")
-        self._prompts = list(prompts) if prompts is not None else None
+        self._prompts = prompt_list(prompts) if prompts is not None else None
         self._expert_texts = (
             expert_texts(self._prompts, expert_prompts, len(experts))
             if self._prompts is not None

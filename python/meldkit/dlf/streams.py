@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -151,6 +152,24 @@ def common_vocab_size(tokenizer, models: dict[str, nn.Module]) -> int:
 # Text the tokenizers compared by check_tokenizers must split alike: punctuation, digits, accents,
 # runs of spaces, tabs and newlines (where normalizers and pre-tokenizers differ).
 _PROBE = "Hello, world! It's 2026-11-29: 3.14 ünïcödé café  two  spaces\n\tand a tab."
+
+
+def check_tokenizer(tokenizer) -> None:
+    """Raise TypeError unless ``tokenizer`` looks like a loaded Hugging Face tokenizer
+    (callable on texts, with ``len``, ``decode`` and ``get_vocab``): a name or a path is
+    refused with a hint to load it."""
+    needs = ("__len__", "__call__", "decode", "get_vocab")
+    if isinstance(tokenizer, (str, bytes, os.PathLike)):
+        raise TypeError(
+            f"dlf: tokenizer must be a loaded tokenizer, got the name {str(tokenizer)!r}: load it "
+            "with transformers.AutoTokenizer.from_pretrained first"
+        )
+    missing = [a for a in needs if not hasattr(tokenizer, a)]
+    if tokenizer is None or missing:
+        raise TypeError(
+            f"dlf: tokenizer must be a Hugging Face tokenizer (with {', '.join(needs)}), got "
+            f"{type(tokenizer).__name__}"
+        )
 
 
 def check_tokenizers(tokenizer, others) -> None:
