@@ -598,3 +598,21 @@ def test_generate_returns_diagnostics(models, tok):
         large, small, tok, PROMPTS, max_new_tokens=2, return_diagnostics=True
     )
     assert cd.diagnostics[..., 2:].isnan().all()  # no experts, no targets
+
+
+def test_float64_logits_are_fused_in_float64():
+    # The solver's choice on float64 models is the float64 one (not rounded to float32 first).
+    from meldkit.dlf.fusion import fuse_logits
+    from meldkit.ops import logit_fusion
+
+    g = torch.Generator().manual_seed(0)
+    small = torch.randn(4, 50, generator=g, dtype=torch.float64)
+    experts = small + 1e-4 * torch.randn(2, 4, 50, generator=g, dtype=torch.float64)
+    large = small + 0.1 * torch.randn(4, 50, generator=g, dtype=torch.float64)
+    fused, a, e = fuse_logits(large, small, experts)
+    want = logit_fusion(large, small, experts)
+    assert fused.dtype == a.dtype == torch.float64
+    assert torch.equal(a, want.alpha) and torch.equal(e, want.expert)
+    assert torch.equal(fused, want.logits)
+    fused32, _, _ = fuse_logits(large.float(), small.float(), experts.float())
+    assert fused32.dtype == torch.float32

@@ -115,9 +115,10 @@ def fuse_logits(
     Returns
     -------
     logits : torch.Tensor
-        ``[B, V]`` float32 fused logits; −inf wherever any input logit is −inf.
+        ``[B, V]`` fused logits, float32 (float64 when every input is float64, as the solver
+        then searches in float64); −inf wherever any input logit is −inf.
     alpha : torch.Tensor
-        ``[B]`` float32, the α used per row.
+        ``[B]`` in the logits' dtype, the α used per row.
     expert : torch.Tensor
         ``[B]`` int64, the expert used per row (static mode: 0 for T = 1, −1 = all for T > 1;
         contrastive mode: −1, and α is 1).
@@ -127,7 +128,10 @@ def fuse_logits(
     ValueError
         In both modes, when an input holds NaN or +inf (−inf marks a masked token), naming it.
     """
-    large, small_base = large.float(), small_base.float()
+    # float32, or float64 when every model's logits are (the solver then runs in float64 too).
+    dtypes = {large.dtype, small_base.dtype} | ({experts.dtype} if experts is not None else set())
+    acc = torch.float64 if dtypes == {torch.float64} else torch.float32
+    large, small_base = large.to(acc), small_base.to(acc)
     rows = large.shape[0]
     if mode == "contrastive":
         experts = large.new_empty(0, *large.shape)
@@ -138,10 +142,10 @@ def fuse_logits(
             PLAUSIBILITY if plausibility is None else plausibility,
             AMATEUR_TEMPERATURE if amateur_temperature is None else amateur_temperature,
         )
-        a = torch.ones(rows, dtype=torch.float32, device=large.device)
+        a = torch.ones(rows, dtype=acc, device=large.device)
         e = torch.full((rows,), -1, dtype=torch.long, device=large.device)
         return fused, a, e
-    experts = experts.float()
+    experts = experts.to(acc)
     if mode == "dynamic":
         from meldkit import ops
 
@@ -156,7 +160,7 @@ def fuse_logits(
     fused = large + alpha * delta
     masked = large.isneginf() | small_base.isneginf() | experts.isneginf().any(0)
     fused = fused.masked_fill(masked, float("-inf"))
-    a = torch.full((rows,), float(alpha), dtype=torch.float32, device=large.device)
+    a = torch.full((rows,), float(alpha), dtype=acc, device=large.device)
     which = 0 if experts.shape[0] == 1 else -1
     e = torch.full((rows,), which, dtype=torch.long, device=large.device)
     return fused, a, e

@@ -54,8 +54,8 @@ class DLFOutput:
     finish_reasons : list[str]
         Per prompt: ``"eos"``, ``"stop"`` (a stop string) or ``"length"`` (max_new_tokens).
     logits : torch.Tensor or None
-        ``[B, S, V]`` float32 fused logits of every step (NaN after a row ended) when
-        ``return_logits=True``.
+        ``[B, S, V]`` fused logits of every step (float32; float64 when every model's are),
+        NaN after a row ended, when ``return_logits=True``.
     diagnostics : torch.Tensor or None
         ``[B, S, 4]`` float32 per step, when ``return_diagnostics=True``:
         ``KL(P̃‖P), KL(P‖P̃)`` (how far the fusion moved the large model) and the targets
