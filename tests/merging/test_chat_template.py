@@ -74,6 +74,10 @@ def test_the_builtin_templates_render_their_formats():
         ("{{ x }}", "is not a built-in template"),  # too short for a template: a typo
         ("a long value without any jinja tags", "not a built-in template"),
         (3, "expected a template name or a Jinja template, got 3"),
+        (
+            "{% for m in messages %}{{ m['content'] }}{% endfo %}",
+            r"does not parse: Encountered unknown tag 'endfo'.* \(line 1\)",
+        ),
     ],
 )
 def test_a_bad_chat_template_is_refused_by_name(value, match):
@@ -145,6 +149,24 @@ def test_auto_takes_the_template_most_models_have(models):
     with pytest.warns(UserWarning, match="chat_template auto: none of the merged models has one"):
         out = merge(cfg, tmp / "out_none", progress=False)
     assert ct.read_template(out) is None
+
+
+def test_transformers_generation_blocks_parse():
+    # transformers' {% generation %} marks the assistant's tokens (return_assistant_tokens_mask)
+    t = "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}"
+    assert ct.check(t) == t
+
+
+def test_a_tokenizer_without_tokenizer_config_gets_one(models):
+    # Older transformers read the template from tokenizer_config.json only.
+    tmp, paths = models
+    (paths["base"] / "tokenizer_config.json").unlink()
+    (paths["base"] / "tokenizer.json").write_text("{}")
+    out = merge(
+        {**config_for("ties", paths), "chat_template": "chatml"}, tmp / "out", progress=False
+    )
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config == {"chat_template": ct.BUILTIN["chatml"]}
 
 
 def test_a_template_given_in_full_from_a_yaml_file(models):

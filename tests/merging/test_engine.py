@@ -482,6 +482,36 @@ def test_the_output_has_a_model_card(zoo):
     assert "merge_method: ties" in card and "on the base model `someorg/tiny-llama`" in card
 
 
+def test_numbers_as_yaml_strings_and_numpy_scalars_are_numbers(zoo):
+    # YAML reads 5e-1 (no decimal point) as a string; mergekit takes it as 0.5. NumPy scalars
+    # in a Python config are numbers too.
+    import numpy as np
+
+    tmp, _, _, paths = zoo
+    cfg = config_for("ties", paths, n=2)
+    text = (
+        yaml.safe_dump(cfg)
+        .replace("weight: 0.5", "weight: 5e-1")
+        .replace("density: 0.4", "density: 4e-1")
+    )
+    assert "5e-1" in text and yaml.safe_load(text)["models"][0]["parameters"]["weight"] == "5e-1"
+    (tmp / "e.yml").write_text(text)
+    want = read(merge(cfg, tmp / "plain", progress=False))
+    assert read(merge(tmp / "e.yml", tmp / "strings", progress=False)).keys() == want.keys()
+    for name, t in read(tmp / "strings").items():
+        assert torch.equal(t, want[name]), name
+    numpy_cfg = config_for("ties", paths, n=2)
+    for m in numpy_cfg["models"]:
+        m["parameters"] = {"weight": np.float32(0.5), "density": [np.float64(0.4), "4e-1"]}
+    got = read(merge(numpy_cfg, tmp / "numpy", progress=False))
+    for name, t in got.items():
+        assert torch.equal(t, want[name]), name
+    with pytest.raises(ConfigError, match=r"weight: expected a number, got 'half'"):
+        parse_config(
+            {**cfg, "models": [{"model": str(paths["ft0"]), "parameters": {"weight": "half"}}]}
+        )
+
+
 def test_the_model_card_names_models_as_the_config_does(zoo, monkeypatch):
     # Relative paths stay relative in the card (it is published with the model): not this
     # machine's folders, as mergekit writes the names its YAML gives.

@@ -100,7 +100,42 @@ def check(value: object, where: str = "chat_template") -> str:
             f"{where}: {value!r} is not a built-in template ({', '.join(sorted(BUILTIN))}), "
             "'auto' (the template most of the merged models have), or a Jinja template"
         )
+    problem = syntax_error(value)
+    if problem is not None:
+        raise ValueError(f"{where}: the Jinja template does not parse: {problem}")
     return value
+
+
+def syntax_error(template: str) -> str | None:
+    """Why ``template`` does not parse as transformers compiles chat templates (a sandboxed
+    Jinja environment with trim_blocks, lstrip_blocks, the loop controls and the
+    ``{% generation %}`` block), or None where it parses (or jinja2 is not installed)."""
+    try:
+        import jinja2
+        import jinja2.ext
+        import jinja2.sandbox
+    except ImportError:  # pragma: no cover - jinja2 comes with torch
+        return None
+
+    class _Generation(jinja2.ext.Extension):
+        # transformers' {% generation %}...{% endgeneration %} (marks the assistant's tokens)
+        tags = frozenset({"generation"})
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body, lineno=lineno)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[_Generation, jinja2.ext.loopcontrols],
+    )
+    try:
+        env.parse(template)
+    except jinja2.TemplateSyntaxError as exc:
+        return f"{exc.message} (line {exc.lineno})"
+    return None
 
 
 def read_template(folder: Path) -> str | None:
@@ -143,9 +178,13 @@ def resolve(value: str, folders: Iterable[Path]) -> tuple[str | None, str]:
 def write(folder: Path, template: str) -> None:
     """Give the tokenizer in ``folder`` (a merge's output, not yet moved into place) the chat
     ``template``: ``chat_template.jinja``, and ``tokenizer_config.json``'s ``chat_template``
-    where that file exists (a list of named templates keeps the others, its ``default``
-    replaced), and a processor's ``chat_template.json`` where it exists."""
+    (a list of named templates keeps the others, its ``default`` replaced; a tokenizer without
+    that file gets one holding only the template, as transformers' ``save_pretrained`` always
+    writes it), and a processor's ``chat_template.json`` where it exists."""
     (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if not config.exists():
+        config.write_text(json.dumps({"chat_template": template}, indent=2) + "\n")
     for name, edit in (("tokenizer_config.json", _set_in_list), ("chat_template.json", None)):
         path = folder / name
         if not path.is_file():

@@ -116,6 +116,7 @@ shorter values are taken for misspelt names and refused). See
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import re
 import warnings
@@ -268,14 +269,33 @@ def _dtype(value: Any, key: str) -> torch.dtype | None:
     return DTYPES[name]
 
 
+def _number(value: Any) -> int | float | None:
+    """``value`` as a Python number where it is one: an int or float (not a bool), a NumPy
+    scalar, or a string that reads as a number (YAML reads ``5e-1``, without a decimal point,
+    as a string; mergekit takes it as 0.5); else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
 def _scalar(value: Any, where: str) -> Any:
     if isinstance(value, (list, tuple, dict)):
         raise ConfigError(f"{where}: expected one value here, not a list (no gradient)")
     if isinstance(value, bool) or value is None:
         return value
-    if not isinstance(value, (int, float)):
+    number = _number(value)
+    if number is None:
         raise ConfigError(f"{where}: expected a number, got {value!r}")
-    return value
+    return number
 
 
 def _check_della(density: float, epsilon: float, default_epsilon: bool, where: str) -> None:
@@ -343,8 +363,8 @@ def _setting(value: Any, where: str) -> Any:
         return _scalar(value, where)
     if not value:
         raise ConfigError(f"{where}: empty list")
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        return [float(v) for v in value]
+    if all(_number(v) is not None for v in value):
+        return [float(_number(v)) for v in value]
     entries = []
     for i, entry in enumerate(value):
         if not isinstance(entry, Mapping) or "value" not in entry:
