@@ -347,6 +347,16 @@ def test_yaml_errors_name_the_file_and_line(tmp_path, capsys):
     assert "<unicode string>" not in err and err.count("\n") == 1, err
 
 
+def test_a_config_that_is_a_folder_or_not_utf8_is_named(tmp_path, capsys):
+    assert main(["merge", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert f"config file {tmp_path} is a folder, not a YAML file" in capsys.readouterr().err
+    latin = tmp_path / "ties.yaml"
+    latin.write_bytes("merge_method: ties\n# caf\xe9\n".encode("latin-1"))
+    assert main(["merge", str(latin), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"meldkit merge: {latin}: not a UTF-8 text file (byte 24: 0xe9)"), err
+
+
 def test_bench_lists_the_cases_before_measuring_when_none_matches(capsys):
     args = ["bench", "--op", "merge", "--device", "cpu", "--quick", "--case", "tie_*"]
     assert main(args) == 2

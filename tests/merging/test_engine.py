@@ -512,6 +512,14 @@ def test_numbers_as_yaml_strings_and_numpy_scalars_are_numbers(zoo):
         )
 
 
+def test_a_base_without_config_json_warns_before_merging(zoo):
+    tmp, _, _, paths = zoo
+    (paths["base"] / "config.json").unlink()
+    with pytest.warns(UserWarning, match=r"base has no config.json: the merged model will have"):
+        out = merge(config_for("task_arithmetic", paths), tmp / "out", progress=False)
+    assert not (out / "config.json").exists()
+
+
 def test_the_model_card_names_models_as_the_config_does(zoo, monkeypatch):
     # Relative paths stay relative in the card (it is published with the model): not this
     # machine's folders, as mergekit writes the names its YAML gives.
@@ -2032,6 +2040,21 @@ def test_merge_state_dicts_names_the_tensor_of_another_dtype():
     other = {"a.weight": torch.ones(3, 2), "b.weight": torch.ones(2, dtype=torch.bfloat16)}
     with pytest.raises(MergeError, match=r"b\.weight: torch\.bfloat16 on cpu in model 1, but "):
         merge_state_dicts(base, [dict(base), other], "task_arithmetic")
+
+
+def test_merge_state_dicts_refuses_tensors_the_base_lacks():
+    base = {"a": torch.zeros(3)}
+    model = {
+        "a": torch.ones(3),
+        "lora_extra.weight": torch.ones(2),
+        "x.position_ids": torch.arange(2),
+    }
+    with pytest.raises(MergeError, match=r"model 0 has 1 \(lora_extra.weight\) tensors the base"):
+        merge_state_dicts(base, [model], "task_arithmetic", weights=[1.0])
+    del model["lora_extra.weight"]  # buffers (an integer one here) are not weights
+    assert torch.equal(
+        merge_state_dicts(base, [model], "task_arithmetic", weights=[1.0])["a"], model["a"]
+    )
 
 
 def test_merge_state_dicts_counts_per_model_values_in_models():

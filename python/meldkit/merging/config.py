@@ -511,12 +511,18 @@ def parse_config(
         import yaml
 
         path = Path(raw)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder, not a YAML file")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ConfigError(_yaml_problem(path, exc)) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.object[exc.start]:#04x})"
+            ) from None
         base_dir = base_dir or path.parent
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{path}: expected a mapping at the top level")

@@ -918,9 +918,10 @@ def merge(
         one shard of one given as a model, a PEFT adapter given as a model, a
         ``tokenizer_source`` without tokenizer files.
 
-    Warns when the reference's folder has no tokenizer files, when a model stores tensors in a
-    wider dtype than the reference's and the config sets no ``dtype`` (every input is converted
-    to the reference's dtype first), when models tie their head to their embeddings and
+    Warns when the reference's folder has no config.json or no tokenizer files, when a model
+    stores tensors in a wider dtype than the reference's and the config sets no ``dtype``
+    (every input is converted to the reference's dtype first), when models tie their head to
+    their embeddings and
     others do not, and when buffers are in some models only (skipped where the reference lacks
     them, copied from it where a model does: :func:`_validate`).
 
@@ -1015,6 +1016,14 @@ def merge(
     model_config = _model_config(reference)
     template, template_note = _chat_template(cfg, base, models, reference)
     _check_tokenizer(cfg.tokenizer_source, reference)
+    if not (reference.aux_folder() / "config.json").is_file():
+        warnings.warn(
+            f"{reference.aux_folder()} has no config.json: the merged model will have none "
+            "either (transformers cannot load it without one; copy the model's config.json "
+            "into the output)",
+            UserWarning,
+            stacklevel=2,
+        )
     if cfg.dtype is None:
         _warn_wider_inputs(reference, models, [n for n in names if n not in copied])
     layout = layer_layout(names, model_config)
@@ -1216,7 +1225,8 @@ def merge_state_dicts(
     ``params`` are :func:`~meldkit.ops.merge_tensors`'s keyword arguments (``weights``,
     ``densities``, ``lam``, ``tie``, ...); magnitude trimming defaults to ``tie="exact_k"``
     (mergekit's rule), as :func:`merge` does. Non-floating tensors are taken from the base (or
-    first model).
+    first model); a model's tensors the reference lacks are refused (buffers aside: see
+    :func:`_is_buffer`), as :func:`merge` refuses them.
     The floating tensors of one dtype and device are merged in one call. Random masks are keyed
     by tensor name, as in :func:`merge`, so both give the same result.
     """
@@ -1247,6 +1257,16 @@ def merge_state_dicts(
     if get_method(method).sparsify == "magnitude" and params.get("thresholds") is None:
         params.setdefault("tie", "exact_k")
     reference = base if base is not None else models[0]
+    for j, m in enumerate(models):
+        # As merge refuses them: a fine-tune's tensors the reference lacks would be dropped.
+        extra = [n for n, t in m.items() if n not in reference and not _is_buffer(n, t.dtype)]
+        if extra:
+            raise MergeError(
+                f"model {j} has {_listed(extra)} tensors the "
+                f"{'base' if base is not None else 'first model'} lacks: they would not be in "
+                "the merge (a different architecture, or adapter weights not merged into the "
+                "model?); remove them from the state dict to merge the rest"
+            )
     out: dict[str, torch.Tensor] = {}
     groups: dict[tuple, list[str]] = {}
     for name, ref_t in reference.items():

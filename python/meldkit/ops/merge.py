@@ -872,7 +872,8 @@ def merge_tensors(
         ``|τ_t| ≥ thresholds[t]`` whatever its density (which still sets ``inverse_density``'s
         factor).
     t : float
-        slerp's interpolation parameter (0: the base, 1: the model): a real number, finite.
+        slerp's interpolation parameter (0: the base, 1: the model; default 0.5, the midpoint:
+        mergekit's configs must give it): a real number, finite.
     out_dtype : torch.dtype, optional
         Dtype of the result (default: ``out``'s, else the inputs').
     out : Tensor, optional
