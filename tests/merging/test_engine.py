@@ -512,6 +512,20 @@ def test_numbers_as_yaml_strings_and_numpy_scalars_are_numbers(zoo):
         )
 
 
+def test_linear_weights_summing_to_zero_are_refused_before_merging(zoo):
+    tmp, _, _, paths = zoo
+    cfg = config_for("linear", paths, n=2)
+    for m in cfg["models"]:
+        m["parameters"] = {"weight": [{"filter": "mlp", "value": 0.0}, {"value": 0.5}]}
+    with pytest.raises(
+        ConfigError, match=r"model.layers.0.mlp.down_proj.weight: the models. weights sum to 0"
+    ):
+        merge(cfg, tmp / "out", progress=False)
+    assert not (tmp / "out").exists()
+    cfg["parameters"] = {"normalize": False}  # then it is a plain weighted sum
+    merge(cfg, tmp / "out", progress=False)
+
+
 def test_a_base_without_config_json_warns_before_merging(zoo):
     tmp, _, _, paths = zoo
     (paths["base"] / "config.json").unlink()

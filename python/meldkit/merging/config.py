@@ -232,7 +232,8 @@ class MergeConfig:
 
     def check_tensor(self, tensor_name: str, t: float = 0.0, layer: int | None = None) -> None:
         """Raise ConfigError if the parameters resolved for one tensor cannot merge it: a DELLA
-        keep probability outside (0, 1], slerp's ``t`` matched by no filter, or a required
+        keep probability outside (0, 1], slerp's ``t`` matched by no filter, linear weights
+        summing to 0 under ``normalize``, or a required
         per-model parameter (``weight``) that no filter, slice or top-level value gives this
         tensor. The engine calls it for every tensor before merging any."""
         method = self.method
@@ -251,6 +252,16 @@ class MergeConfig:
                         f"mergekit does (Missing required parameter {name}): add a last entry "
                         f"without a filter, {{value: V}}, or a top-level {name}"
                     )
+        if method.kind == "linear":
+            normalize = self.global_param("normalize", tensor_name, t, layer)
+            if (method.normalize if normalize is None else bool(normalize)) and sum(
+                self.model_param("weight", MODEL_DEFAULTS["weight"], tensor_name, t, layer)
+            ) == 0:
+                raise ConfigError(
+                    f"{tensor_name}: the models' weights sum to 0, which a linear merge with "
+                    "normalize cannot divide by (mergekit writes NaN there): give this tensor "
+                    "other weights, or set parameters: {normalize: false}"
+                )
         if method.sparsify != "della":
             return
         densities = self.model_param("density", MODEL_DEFAULTS["density"], tensor_name, t, layer)
