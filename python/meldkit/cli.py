@@ -96,6 +96,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             trim_scope=args.trim_scope,
             tie=args.tie,
             read_ahead=None if args.read_ahead.lower() == "none" else args.read_ahead,
+            fsync=args.fsync,
         )
     except (ConfigError, MergeError, CheckpointError) as exc:
         print(f"meldkit merge: {exc}", file=sys.stderr)
@@ -219,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how far past the next tensor a thread has the kernel read the inputs ahead of the "
         "merge (so inputs not yet cached arrive from every file at once): a size, 0 for only "
         "the next tensor, none for no read-ahead; default 32MB",
+    )
+    p.add_argument(
+        "--fsync",
+        action="store_true",
+        help="flush the output to the disk before moving it into place, so that a power loss "
+        "right after the merge cannot leave empty shards (waits for the disk)",
     )
     mk = p.add_argument_group(
         "mergekit-yaml's flags", "accepted so that mergekit commands run unchanged"

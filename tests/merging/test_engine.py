@@ -526,6 +526,29 @@ def test_linear_weights_summing_to_zero_are_refused_before_merging(zoo):
     merge(cfg, tmp / "out", progress=False)
 
 
+def test_fsync_flushes_every_file_and_folder_before_the_move(zoo, monkeypatch):
+    from meldkit.merging import checkpoint
+
+    tmp, _, _, paths = zoo
+    synced, moved = [], []
+    fsync, replace = checkpoint._fsync_path, os.replace
+
+    def spy_replace(src, dst):
+        moved.append(len(synced))
+        return replace(src, dst)
+
+    monkeypatch.setattr(checkpoint, "_fsync_path", lambda p: (synced.append(p), fsync(p)))
+    monkeypatch.setattr(os, "replace", spy_replace)
+    out = merge(config_for("task_arithmetic", paths), tmp / "out", progress=False)
+    assert synced == []  # off by default
+    out2 = merge(config_for("task_arithmetic", paths), tmp / "out2", progress=False, fsync=True)
+    before = {p.name for p in synced[: moved[-1]]}
+    assert {p.name for p in out2.iterdir()} <= before  # every file, before the move
+    assert synced[moved[-1] - 1].name.startswith(".out2")  # then the folder itself
+    assert synced[moved[-1] :] == [out2.parent]  # and the parent after it
+    assert {p.name for p in out.iterdir()} == {p.name for p in out2.iterdir()}
+
+
 def test_a_base_without_config_json_warns_before_merging(zoo):
     tmp, _, _, paths = zoo
     (paths["base"] / "config.json").unlink()

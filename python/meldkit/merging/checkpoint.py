@@ -720,6 +720,7 @@ class ShardedWriter:
         tokenizer_from: Path | None = None,
         card: str | None = None,
         finish: Callable[[Path], None] | None = None,
+        fsync: bool = False,
     ) -> Path:
         """Wait for the writes, write the index and auxiliary files, then move the folder into
         place. The model's files (``MODEL_FILES``, and the files its ``config.json`` names: see
@@ -728,7 +729,10 @@ class ShardedWriter:
         ``tokenizer_from`` (default: ``aux_from``); ``card`` becomes ``README.md``. ``finish``
         is called with the temporary folder once everything is in it, before the move: edits
         of the copied files (config.json's dtype, the chat template) land with the weights or
-        not at all."""
+        not at all. ``fsync``: flush every file and the folder to the disk before the move, and
+        the parent folder after it, so that a power loss or a system crash after the return
+        cannot leave a complete-looking folder with empty shards (the move alone guards against
+        an interrupted process only)."""
         self._drain()
         unwritten = [n for n in self._slot if n not in self._added]
         if unwritten:
@@ -762,7 +766,16 @@ class ShardedWriter:
         # mkdtemp made the folder private (0700); the output gets a new folder's mode, as
         # mkdir would give it: 0777 less the umask.
         os.chmod(self.tmp, 0o777 & ~_umask())
+        if fsync:
+            for path in sorted(self.tmp.rglob("*")):
+                if path.is_file():
+                    _fsync_path(path)
+            for path in sorted((p for p in self.tmp.rglob("*") if p.is_dir()), reverse=True):
+                _fsync_path(path)
+            _fsync_path(self.tmp)
         os.replace(self.tmp, self.out_dir)
+        if fsync:
+            _fsync_path(self.out_dir.parent)
         return self.out_dir
 
     def _close(self) -> None:
@@ -786,6 +799,15 @@ class ShardedWriter:
 # (START: its start time, /proc/PID/stat's field 22, "-" where unknown), so that a PID the
 # system has given to another process since does not keep a killed merge's folder forever.
 _PARTIAL = ".meldkit-partial"
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's data and metadata to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _start_time(pid: int) -> str | None:

@@ -839,6 +839,7 @@ def merge(
     tie: str | None = None,
     background_write: bool | None = None,
     read_ahead: str | int | None = "32MB",
+    fsync: bool = False,
 ) -> Path:
     """Merge the models of a mergekit-style ``config`` into ``out_dir``.
 
@@ -895,6 +896,12 @@ def merge(
         while the merge computes, not one page fault at a time. On the CPU the merge kernels'
         threads submit the reads, on CUDA a thread. Default 32 MB: reading further ahead made
         the tensor being merged wait behind later reads.
+    fsync : bool
+        Flush the output to the disk before moving it into place (and its parent folder
+        after), so that a power loss or system crash after the merge returns cannot leave a
+        complete-looking folder with empty shards. Off by default: the move into place already
+        guards against an interrupted merge, and flushing waits for the disk to write the
+        whole model (seconds per GB on a slow disk).
 
     Returns
     -------
@@ -1200,6 +1207,7 @@ def merge(
             ),
             card=card,
             finish=finish,
+            fsync=fsync,
         )
     except BaseException:
         writer.abort()
