@@ -6,6 +6,8 @@ fails with a clear error instead of giving a silently different model.
   relative L2 distance (:func:`sketch_distance`) against :func:`sketch_rtol`.
 * :func:`parameter_layout`: every parameter's name and shape, which tells a base with other
   layers or another vocabulary.
+* :func:`parameter_sketches`: a fingerprint of every other parameter (embeddings, norms,
+  biases, layers not adapted), which tells a base that differs only there.
 """
 
 from __future__ import annotations
@@ -64,4 +66,64 @@ def layout_difference(saved: dict[str, list[int]], now: dict[str, list[int]]) ->
     for name in now:
         if name not in saved:
             return f"has a parameter {name!r} the saved base did not have"
+    return None
+
+
+def parameter_sketch(p: torch.Tensor) -> torch.Tensor:
+    """A fingerprint of any parameter's values, fp32 on the CPU: :func:`base_sketch` of ``p``
+    viewed as ``[shape[0], -1]`` (2-D and more), the values themselves for a vector (norm
+    weights, biases: small), ``[1]`` for a scalar."""
+    p = p.detach()
+    if p.dim() >= 2:
+        return base_sketch(p.reshape(p.shape[0], -1))
+    return p.reshape(-1).float().cpu().clone()
+
+
+def parameter_sketches(
+    params: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(sketches, dtypes)`` of ``params`` (:func:`parameter_sketch`, and each one's dtype
+    name), for an adapter file: the base's parameters the adapter neither replaces nor
+    fingerprints otherwise, so that loading into a base that differs only there is refused."""
+    sketches = {name: parameter_sketch(p) for name, p in params.items()}
+    dtypes = {name: str(_held_dtype(p)).removeprefix("torch.") for name, p in params.items()}
+    return sketches, dtypes
+
+
+def _held_dtype(p: torch.Tensor) -> torch.dtype:
+    """The narrowest dtype that holds ``p``'s values exactly: bfloat16 or float16 for a wider
+    tensor whose values were rounded to one (a model loaded in bf16 and cast to fp32), so that
+    the same base loaded in another precision still passes; else ``p``'s own."""
+    if p.dtype in (torch.float32, torch.float64):
+        with torch.no_grad():
+            for narrow in (torch.bfloat16, torch.float16):
+                if torch.equal(p.to(narrow).to(p.dtype), p):
+                    return narrow
+    return p.dtype
+
+
+def sketches_difference(
+    saved: dict[str, torch.Tensor], dtypes: dict[str, str], now: dict[str, torch.Tensor]
+) -> str | None:
+    """The first parameter of ``now`` whose values differ from the ones ``saved`` fingerprints
+    (:func:`parameter_sketches`; ``dtypes``: the saved parameters' dtypes, a rounding to
+    another dtype passes), as a phrase whose subject is the model, or None. Parameters absent
+    from ``now`` are left to the layout check."""
+    for name, sketch in saved.items():
+        p = now.get(name)
+        if p is None:
+            continue
+        current = parameter_sketch(p)
+        saved_dtype = getattr(torch, dtypes.get(name, ""), p.dtype)
+        if not isinstance(saved_dtype, torch.dtype):
+            saved_dtype = p.dtype
+        rtol = sketch_rtol(saved_dtype, p.dtype)
+        if current.shape != sketch.shape:
+            return f"has parameter {name!r} of another shape than the saved base's"
+        distance = sketch_distance(sketch, current)
+        if not distance <= rtol:
+            return (
+                f"has other values in parameter {name!r} than the saved base (its fingerprint "
+                f"differs by {distance:.3g} relative, more than {rtol:.1g})"
+            )
     return None

@@ -784,8 +784,19 @@ def test_mismatched_adapters_are_refused(tmp_path):
         goat.load_adapter(other, path)
     assert not list(goat.goat_layers(other))  # untouched
     goat.load_adapter(other, path, check_base=False)
-    # A file from before the fingerprint loads without the check.
-    old = {k: v for k, v in load_file(str(path)).items() if not k.endswith("base_sketch")}
+    # Same weights, another bias of an adapted layer: refused by the other parameters' check.
+    biased = mlp()
+    with torch.no_grad():
+        biased[2].bias.add_(1.0)
+    with pytest.raises(goat.AdapterError, match=r"other values in parameter '2.bias' than the"):
+        goat.load_adapter(biased, path)
+    assert not list(goat.goat_layers(biased))  # untouched
+    # A file from before the fingerprints loads without the checks.
+    old = {
+        k: v
+        for k, v in load_file(str(path)).items()
+        if not k.endswith("base_sketch") and not k.startswith("base_other.")
+    }
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:

@@ -113,6 +113,8 @@ def test_a_builtin_template_is_written_for_every_transformers_version(models):
         {"name": "tools", "template": "{{ t }}"},
     ]
     assert json.loads((out / "chat_template.json").read_text())["chat_template"] == want
+    # where transformers that read chat_template.jinja look for the other named templates
+    assert (out / "additional_chat_templates" / "tools.jinja").read_text() == "{{ t }}"
     assert ct.read_template(out) == want
     assert "chat template: the built-in chatml template" in (out / "README.md").read_text()
     # the inputs are untouched
@@ -200,7 +202,10 @@ def test_transformers_applies_the_merged_template(models):
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=model, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
-    fast.chat_template = "{% for m in messages %}OLD{{ m['content'] }}{% endfor %}"
+    fast.chat_template = {
+        "default": "{% for m in messages %}OLD{{ m['content'] }}{% endfor %}",
+        "tool_use": "{% for m in messages %}TOOL{{ m['content'] }}{% endfor %}",
+    }
     fast.save_pretrained(paths["base"])
     out = merge(
         {**config_for("ties", paths), "chat_template": "llama3"}, tmp / "out", progress=False
@@ -211,3 +216,6 @@ def test_transformers_applies_the_merged_template(models):
         "<s><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
+    # the base tokenizer's other named template survives
+    tool = tok.apply_chat_template(MESSAGES[1:2], tokenize=False, chat_template="tool_use")
+    assert tool == "TOOLHi"

@@ -506,6 +506,10 @@ def test_numbers_as_yaml_strings_and_numpy_scalars_are_numbers(zoo):
     got = read(merge(numpy_cfg, tmp / "numpy", progress=False))
     for name, t in got.items():
         assert torch.equal(t, want[name]), name
+    for text in ("nan", "-inf", "1_000"):  # float() reads them; a config's number is finite
+        bad = {**cfg, "models": [{"model": str(paths["ft0"]), "parameters": {"weight": text}}]}
+        with pytest.raises(ConfigError, match=rf"weight: expected a number, got '{text}'"):
+            parse_config(bad)
     with pytest.raises(ConfigError, match=r"weight: expected a number, got 'half'"):
         parse_config(
             {**cfg, "models": [{"model": str(paths["ft0"]), "parameters": {"weight": "half"}}]}
@@ -2403,6 +2407,9 @@ def test_a_llama_config_without_tie_word_embeddings_is_untied(zoo, monkeypatch):
         assert engine._default_tie("gpt2") is True
         assert engine._default_tie("gemma") is True
         assert engine._default_tie(None) is True
+        # a multimodal config ties by its text model's default
+        assert engine._default_tie("llava", "gemma") is True
+        assert engine._default_tie("llava", "llama") is False
     engine._default_tie.cache_clear()
 
 

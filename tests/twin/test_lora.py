@@ -203,6 +203,17 @@ def test_load_refuses_another_base(adapters, tmp_path):
         weight = nudged.get_submodule("model.layers.1.self_attn.v_proj").weight
         weight.mul_(1.002)
     others.append((nudged, r"layer 'model\.layers\.1\.self_attn\.v_proj'.*check_base=False"))
+    # A base that differs only outside the adapted layers' weights (the LoRA twin adds to the
+    # whole model): a layer not adapted, the embeddings, the final norm.
+    for name, edit in (
+        ("model.layers.0.self_attn.k_proj.weight", lambda w: w.mul_(1.5)),
+        ("model.embed_tokens.weight", lambda w: w.add_(0.1)),
+        ("model.norm.weight", lambda w: w.mul_(2.0)),
+    ):
+        changed = copy.deepcopy(base)
+        with torch.no_grad():
+            edit(changed.get_parameter(name))
+        others.append((changed, rf"other values in parameter '{re.escape(name)}' than the saved"))
     for other, message in others:
         with pytest.raises(twin.TwinError, match=message):
             twin.load(folder, other)

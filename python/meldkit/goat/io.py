@@ -16,6 +16,12 @@ classification head), in its dtype::
 
     modules_to_save.MOD.P
 
+and, for every other parameter ``P`` of the base (embeddings, norms, the adapted layers' biases
+as ``LAYER.bias``, layers not adapted; older files have none), a fingerprint: ``W @ v`` of the
+parameter as ``[shape[0], -1]``, or a vector's values (fp32)::
+
+    base_other.P
+
 Metadata (strings): ``format = "pt"``, ``meldkit_goat`` (the layout version), ``config`` (the
 :class:`GoatConfig` as JSON) and ``layers`` (JSON: per layer ``in_features``, ``out_features``,
 ``base_dtype``, the dtype :func:`meldkit.goat.wrap` rounded W̃0 to (the base weight's when it
@@ -26,7 +32,7 @@ and ``modules_to_save`` (JSON: the saved modules' names; absent in older files) 
 ``architecture`` (JSON: the model config's :data:`ARCHITECTURE_FIELDS`, the settings that change
 the computation but no shape, and its RoPE settings as ``rope`` in one form whatever
 ``transformers`` version wrote them, :func:`rope_settings`; absent in older files and for models
-without a config).
+without a config) and ``base_other_dtypes`` (JSON: the fingerprinted parameters' dtypes).
 
 :func:`load_adapter` compares each layer's sketch with the model's base weight: an adapter
 loaded into a model of the same architecture but other weights (another checkpoint, another
@@ -51,14 +57,20 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from meldkit._fingerprint import base_sketch, sketch_distance, sketch_rtol
+from meldkit._fingerprint import (
+    base_sketch,
+    parameter_sketches,
+    sketch_distance,
+    sketch_rtol,
+    sketches_difference,
+)
 from meldkit.goat.config import GoatConfig
 from meldkit.goat.layer import GoatLinear
 from meldkit.goat.model import (
@@ -310,6 +322,35 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if _is_dtensor(t) else t
 
 
+# Prefix of the fingerprints of the base's other parameters in an adapter file.
+_OTHER_PREFIX = "base_other."
+
+
+def _other_parameters(
+    model: nn.Module, layers: Iterable[str], saved: Iterable[str]
+) -> dict[str, torch.Tensor]:
+    """The base's parameters that the adapter neither replaces nor fingerprints per layer, by
+    their names in the unwrapped base (FSDP1's parts left out): every parameter outside the
+    adapted ``layers`` and the ``saved`` modules, and each adapted layer's bias (named
+    ``LAYER.bias`` whether ``model`` is wrapped or not). FSDP2 shards are gathered."""
+    layers = set(layers)
+    saved = tuple(saved)
+    out: dict[str, torch.Tensor] = {}
+    for qualified, p in model.named_parameters():
+        name = _clean_name(qualified)
+        owner, _, rest = name.rpartition(".")
+        if owner.endswith(".base_layer") and owner.removesuffix(".base_layer") in layers:
+            owner = owner.removesuffix(".base_layer")
+        if owner in layers or any(name.startswith(f"{layer}.") for layer in layers):
+            if owner in layers and rest == "bias":
+                out.setdefault(f"{owner}.bias", _full(p))
+            continue
+        if any(name == m or name.startswith(f"{m}.") for m in saved):
+            continue
+        out.setdefault(name, _full(p))
+    return out
+
+
 def _layer_sketch(layer: GoatLinear) -> tuple[torch.Tensor, str, torch.dtype]:
     """``(sketch, of, dtype)``: the sketch of the layer's original W0 (``of = "W0"``) when the
     layer knows it exactly (the kept copy, or a base the init left alone), else of the adjusted
@@ -363,7 +404,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     A model sharded by FSDP (``fully_shard``, or ``FullyShardedDataParallel``) is gathered
     whole: call this on every rank (each takes part in the gathers), rank 0 writes the file and
     the others wait until it is written. Any other model is written by the process that calls
-    this (under DDP, call it on every rank or on rank 0 only: the ranks write the same bytes).
+    this (under DDP, call it on every rank or on rank 0 only: the ranks write the same
+    contents).
 
     Parameters
     ----------
@@ -443,6 +485,8 @@ def _adapter_contents(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
             params.setdefault(_clean_name(pname), p)
         for pname, p in params.items():
             tensors[f"{_SAVED_PREFIX}{mname}.{pname}"] = _full(p)
+    others, other_dtypes = parameter_sketches(_other_parameters(model, layers, saved))
+    tensors.update({f"{_OTHER_PREFIX}{name}": sketch for name, sketch in others.items()})
     # Copies: FSDP1 frees the gathered parameters when its summon_full_params context ends.
     tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     metadata = {
@@ -451,6 +495,7 @@ def _adapter_contents(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
         "config": config.to_json(),
         "layers": json.dumps(layers),
         "modules_to_save": json.dumps(saved),
+        "base_other_dtypes": json.dumps(other_dtypes),
     }
     fields = architecture(model)
     if fields is not None:
@@ -581,6 +626,8 @@ def _read_adapter(
             key.startswith(f"{_SAVED_PREFIX}{m}.") for m in saved or ()
         ):
             expected_keys.add(key)
+        elif key.startswith(_OTHER_PREFIX) and tensors[key].is_floating_point():
+            expected_keys.add(key)  # fingerprints of the base's other parameters
     for mname in saved or ():
         if not any(k.startswith(f"{_SAVED_PREFIX}{mname}.") for k in tensors):
             raise AdapterError(f"{file}: saved module {mname!r} has no tensors")
@@ -588,6 +635,20 @@ def _read_adapter(
     if extra:
         raise AdapterError(f"{file}: unexpected tensors {extra[:5]}")
     return config, layers, tensors, saved, arch
+
+
+def _other_dtypes(path: str | os.PathLike) -> dict[str, str]:
+    """The saved base's dtypes of the parameters an adapter file fingerprints besides its
+    layers' weights (``{}`` for files from before them)."""
+    from safetensors import safe_open
+
+    with safe_open(str(_resolve(path)), framework="pt") as f:
+        value = (f.metadata() or {}).get("base_other_dtypes", "{}")
+    try:
+        dtypes = json.loads(value)
+    except ValueError:
+        return {}
+    return dtypes if isinstance(dtypes, dict) else {}
 
 
 def load_adapter(
@@ -619,7 +680,9 @@ def load_adapter(
         As in :func:`meldkit.goat.wrap`: keep CPU copies of the base weights for a bit-exact
         :func:`meldkit.goat.unwrap`.
     check_base : bool
-        Compare every layer's base weight with the fingerprint the file holds (``base_sketch``)
+        Compare every layer's base weight with the fingerprint the file holds (``base_sketch``),
+        every other base parameter (embeddings, norms, the layers' biases, layers not adapted,
+        but not the saved modules: ``base_other.NAME``; files from before these have none)
         and the model's config with the saved one's (``architecture``: head counts, RoPE,
         norm epsilons, activation, … that change the computation but no shape), and refuse a
         model whose weights or config are not the ones the adapter was trained on. False
@@ -641,6 +704,7 @@ def load_adapter(
         The model is left untouched.
     """
     config, layers, tensors, saved, arch = _read_adapter(path)
+    other_dtypes = _other_dtypes(path)
     file = _resolve(path)
     if _is_sharded(model):
         raise AdapterError(
@@ -720,6 +784,22 @@ def load_adapter(
                     f"{distance:.3g} relative, more than {rtol:.1g}); load the base checkpoint it "
                     "was trained from, or pass check_base=False to apply it to this one anyway "
                     "(that also skips the config check)"
+                )
+        others = {
+            k.removeprefix(_OTHER_PREFIX): t
+            for k, t in tensors.items()
+            if k.startswith(_OTHER_PREFIX)
+        }
+        if others:  # files from before these fingerprints have none
+            difference = sketches_difference(
+                others, other_dtypes, _other_parameters(model, layers, saved)
+            )
+            if difference is not None:
+                raise AdapterError(
+                    f"{file}: base weight check: the model is not the base the adapter was "
+                    f"trained on: it {difference}; load the base checkpoint it was trained "
+                    "from, or pass check_base=False to apply it to this one anyway (that also "
+                    "skips the config check)"
                 )
     if not existing:
         try:

@@ -178,13 +178,16 @@ def resolve(value: str, folders: Iterable[Path]) -> tuple[str | None, str]:
 def write(folder: Path, template: str) -> None:
     """Give the tokenizer in ``folder`` (a merge's output, not yet moved into place) the chat
     ``template``: ``chat_template.jinja``, and ``tokenizer_config.json``'s ``chat_template``
-    (a list of named templates keeps the others, its ``default`` replaced; a tokenizer without
-    that file gets one holding only the template, as transformers' ``save_pretrained`` always
-    writes it), and a processor's ``chat_template.json`` where it exists."""
+    (a list of named templates keeps the others, its ``default`` replaced, and they are also
+    written to ``additional_chat_templates/NAME.jinja``, where transformers that read
+    ``chat_template.jinja`` look for them; a tokenizer without that file gets one holding only
+    the template, as transformers' ``save_pretrained`` always writes it), and a processor's
+    ``chat_template.json`` where it exists."""
     (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
     config = folder / "tokenizer_config.json"
     if not config.exists():
         config.write_text(json.dumps({"chat_template": template}, indent=2) + "\n")
+    _keep_named_templates(folder)
     for name, edit in (("tokenizer_config.json", _set_in_list), ("chat_template.json", None)):
         path = folder / name
         if not path.is_file():
@@ -200,6 +203,33 @@ def write(folder: Path, template: str) -> None:
             edit(old, template) if edit is not None and isinstance(old, list) else template
         )
         path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _keep_named_templates(folder: Path) -> None:
+    """Transformers that read ``chat_template.jinja`` (4.47 on) ignore the list of named
+    templates in ``tokenizer_config.json`` and read the others from
+    ``additional_chat_templates/NAME.jinja``: write the list's named templates there (those
+    the folder lacks), so that ``tool_use`` or ``rag`` templates survive the new default."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    named = config.get("chat_template") if isinstance(config, dict) else None
+    if not isinstance(named, list):
+        return
+    extra = folder / "additional_chat_templates"
+    for entry in named:
+        if not isinstance(entry, dict):
+            continue
+        name, text = entry.get("name"), entry.get("template")
+        if name == "default" or not isinstance(name, str) or not isinstance(text, str):
+            continue
+        if "/" in name or name.startswith("."):
+            continue  # not a file name
+        path = extra / f"{name}.jinja"
+        if not path.exists():
+            extra.mkdir(exist_ok=True)
+            path.write_text(text, encoding="utf-8")
 
 
 def _set_in_list(named: list, template: str) -> list:

@@ -116,6 +116,7 @@ shorter values are taken for misspelt names and refused). See
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 import re
@@ -290,11 +291,12 @@ def _number(value: Any) -> int | float | None:
         return int(value)
     if isinstance(value, numbers.Real):
         return float(value)
-    if isinstance(value, str):
+    if isinstance(value, str) and "_" not in value:  # float() reads "1_000" too: YAML does not
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             return None
+        return number if math.isfinite(number) else None  # "nan", "inf": not numbers here
     return None
 
 

@@ -11,6 +11,7 @@ the largest tensor; no shard is held in memory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -118,37 +119,66 @@ _UNTIED_BY_DEFAULT = frozenset(
 
 
 @functools.cache
-def _default_tie(model_type: str | None) -> bool:
+def _default_tie(model_type: str | None, text_type: str | None = None) -> bool:
     """What transformers takes for ``tie_word_embeddings`` when a config.json of
-    ``model_type`` leaves it out: its config class's default (False for Llama, Mistral, Qwen2,
-    ...; True for GPT-2, Gemma, BERT, and ``PretrainedConfig``). From the installed
-    transformers where it knows the type, else from ``_UNTIED_BY_DEFAULT``."""
+    ``model_type`` (with a ``text_config`` of ``text_type``, for a multimodal model) leaves it
+    out: its config class's default for the text model (transformers ties by the text
+    config's value; False for Llama, Mistral, Qwen2, ...; True for GPT-2, Gemma, BERT and
+    ``PretrainedConfig``). From the installed transformers where it knows the types, else
+    from ``_UNTIED_BY_DEFAULT``."""
     if isinstance(model_type, str):
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _quiet_transformers():
                 warnings.simplefilter("ignore")
-                from transformers import CONFIG_MAPPING
+                from transformers import AutoConfig
 
-                value = getattr(CONFIG_MAPPING[model_type](), "tie_word_embeddings", None)
+                kwargs = {"text_config": {"model_type": text_type}} if text_type else {}
+                config = AutoConfig.for_model(model_type, **kwargs)
+                text = (
+                    config.get_text_config(decoder=True)
+                    if hasattr(config, "get_text_config")
+                    else config
+                )
+                value = getattr(text, "tie_word_embeddings", None)
+                if not isinstance(value, bool):
+                    value = getattr(config, "tie_word_embeddings", None)
             if isinstance(value, bool):
                 return value
         except Exception:  # no transformers, an unknown type, a config that needs arguments
             pass
-    return model_type not in _UNTIED_BY_DEFAULT
+    return (text_type or model_type) not in _UNTIED_BY_DEFAULT
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' own log lines (a default config's remarks) silenced for the block."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except Exception:
+        yield
+        return
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _tie_word_embeddings(config: Mapping[str, Any] | None) -> bool | None:
     """config.json's ``tie_word_embeddings`` (a multimodal model's in its ``text_config``);
-    where the config gives none, the default of its model type's config class, as transformers
-    loads it (:func:`_default_tie`: ``save_pretrained`` leaves the key out where it equals both
-    defaults, as GPT-2's config.json does; a Llama config.json written by hand without it is
-    untied); None without a config.json."""
+    where the config gives none, the default of its model type's config class (its text
+    model's), as transformers loads it (:func:`_default_tie`: ``save_pretrained`` leaves the
+    key out where it equals both defaults, as GPT-2's config.json does; a Llama config.json
+    written by hand without it is untied); None without a config.json."""
     if config is None:
         return None
     for c in (config, config.get("text_config")):
         if isinstance(c, Mapping) and isinstance(c.get("tie_word_embeddings"), bool):
             return c["tie_word_embeddings"]
-    return _default_tie(config.get("model_type"))
+    text = config.get("text_config")
+    text_type = text.get("model_type") if isinstance(text, Mapping) else None
+    return _default_tie(config.get("model_type"), text_type if isinstance(text_type, str) else None)
 
 
 def _tie_heads(checkpoints: list[Checkpoint]) -> list[str]:
@@ -373,9 +403,13 @@ def _missing_hint(c: Checkpoint, lacking: list[str]) -> str:
         isinstance(x, Mapping) and "tie_word_embeddings" in x
         for x in (config, config.get("text_config"))
     ):
+        text = config.get("text_config")
+        kind = (text.get("model_type") if isinstance(text, Mapping) else None) or config.get(
+            "model_type"
+        )
         return (
             f" (its config.json leaves tie_word_embeddings out, which for model_type "
-            f"{config.get('model_type')!r} means false, as transformers loads it: the model "
+            f"{kind!r} means false, as transformers loads it: the model "
             f"stores {heads[0]} apart from its input embeddings, and the checkpoint is "
             "incomplete; set tie_word_embeddings: true in its config.json if the head is tied)"
         )

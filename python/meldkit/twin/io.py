@@ -8,8 +8,9 @@ base config's settings that change the computation without changing a shape (``a
 dtypes the saved model computed in (``dtypes``: a twin cast to bf16 reloads into a bf16 base as
 it was). Loading a full twin needs only the base model's architecture. A LoRA twin adds to the
 base's own weights, so its files also fingerprint that base: ``base_sketch/NAME`` (``W @ v`` for a
-fixed ``v``, see :mod:`meldkit._fingerprint`) of each adapted layer, and in the JSON every base
-parameter's name and shape and each adapted layer's dtype. :func:`load` refuses another base
+fixed ``v``, see :mod:`meldkit._fingerprint`) of each adapted layer, ``base_other/NAME`` of
+every other base parameter (embeddings, norms, biases, layers not adapted), and in the JSON
+every base parameter's name, shape and dtype. :func:`load` refuses another base
 (other layers, another vocabulary, other weights) unless told ``check_base=False``; files
 written before the fingerprint load without the check. Both files are written atomically
 (temporary name, then rename) and carry one random ``save_id`` (the JSON's, and the safetensors
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,10 @@ from meldkit._fingerprint import (
     base_sketch,
     layout_difference,
     parameter_layout,
+    parameter_sketches,
     sketch_distance,
     sketch_rtol,
+    sketches_difference,
 )
 from meldkit.goat.io import architecture, architecture_difference
 from meldkit.twin.build import TwinError, TwinExperts
@@ -42,8 +46,17 @@ from meldkit.twin.model import TwinModel, TwinRouter, _router_dtype
 FORMAT = "meldkit.twin/1"
 WEIGHTS = "twin.safetensors"
 CONFIG = "twin.json"
-# Prefix of a LoRA twin's base fingerprints in its safetensors file.
+# Prefix of a LoRA twin's base fingerprints in its safetensors file: the adapted layers'
+# weights, and every other parameter of the base (embeddings, norms, biases, other layers).
 _SKETCH = "base_sketch"
+_OTHER = "base_other"
+
+
+def _other_parameters(model: nn.Module, adapted: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The parameters of ``model`` other than the adapted layers' weights (those have their own
+    fingerprint), by name (tied ones once)."""
+    skip = {f"{name}.weight" for name in adapted}
+    return {n: p for n, p in model.named_parameters() if n not in skip}
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -83,12 +96,16 @@ def save(twin: TwinModel | TwinLoraModel, path: str | os.PathLike) -> Path:
         layers = {name: twin.model.get_submodule(name) for name in ex.shared_a}
         for name, layer in layers.items():
             tensors[f"{_SKETCH}/{name}"] = base_sketch(layer.weight)
+        others, other_dtypes = parameter_sketches(_other_parameters(twin.model, layers))
+        for name, sketch in others.items():
+            tensors[f"{_OTHER}/{name}"] = sketch
         extra: dict[str, Any] = {
             "kind": "lora",
             "scaling": ex.scaling,
             "base": {
                 "dtype": {n: str(m.weight.dtype).removeprefix("torch.") for n, m in layers.items()},
                 "parameters": parameter_layout(twin.model),
+                "other_dtypes": other_dtypes,
             },
         }
     else:
@@ -276,8 +293,11 @@ def load(
             for k in list(tensors)
             if k.startswith(f"{_SKETCH}/")
         }
+        others = {
+            k.partition("/")[2]: tensors.pop(k) for k in list(tensors) if k.startswith(f"{_OTHER}/")
+        }
         if check_base and "base" in meta:
-            _check_base(model, meta["base"], sketches, folder)
+            _check_base(model, meta["base"], sketches, folder, others)
         twin = TwinLoraModel(
             model, _lora_experts(meta, tensors, w_path), router=twin_router, copy=copy, **kwargs
         )
@@ -322,9 +342,15 @@ def load(
 
 
 def _check_base(
-    model: nn.Module, base: dict, sketches: dict[str, torch.Tensor], folder: Path
+    model: nn.Module,
+    base: dict,
+    sketches: dict[str, torch.Tensor],
+    folder: Path,
+    others: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Raise :class:`TwinError` unless ``model`` is the base a LoRA twin was saved over."""
+    """Raise :class:`TwinError` unless ``model`` is the base a LoRA twin was saved over: its
+    parameters' names and shapes, the adapted layers' weights (``sketches``) and every other
+    parameter (``others``; files from before them have none) match the saved ones."""
     hint = (
         "load the base the adapters were trained on, or pass check_base=False (that also "
         "skips the config check)"
@@ -348,6 +374,15 @@ def _check_base(
                 f"meldkit.twin.load: {folder}: base weight check: layer {name!r}: the model's "
                 f"weight is not the twin's base's (its fingerprint differs by {distance:.3g} "
                 f"relative, more than {rtol:.1g}); {hint}"
+            )
+    if others:
+        difference = sketches_difference(
+            others, base.get("other_dtypes", {}), dict(model.named_parameters())
+        )
+        if difference is not None:
+            raise TwinError(
+                f"meldkit.twin.load: {folder}: base weight check: the model is not the twin's "
+                f"base: it {difference}; {hint}"
             )
 
 
