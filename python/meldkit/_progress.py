@@ -58,20 +58,41 @@ class LogLines(_std_tqdm):
 
 
 def _in_notebook(cls: type) -> bool:
-    return any(c.__module__ == "tqdm.notebook" for c in cls.__mro__)
+    """In a Jupyter/IPython kernel (with or without ipywidgets: without them tqdm.auto draws
+    the plain bar, which the notebook redraws in place), or tqdm.auto picked its widget."""
+    if any(c.__module__ == "tqdm.notebook" for c in cls.__mro__):
+        return True
+    ipython = sys.modules.get("IPython")
+    get = getattr(ipython, "get_ipython", None)
+    try:
+        shell = get() if get is not None else None
+        return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+    except Exception:
+        return False
+
+
+def _log_interval() -> float:
+    """Seconds between a log's lines: ``TQDM_MININTERVAL`` where set (read now: tqdm reads it
+    only when it is imported), else :data:`LOG_INTERVAL`."""
+    value = os.environ.get("TQDM_MININTERVAL")
+    try:
+        return float(value) if value is not None else LOG_INTERVAL
+    except ValueError:
+        return LOG_INTERVAL
 
 
 def progress_bar(*, file: TextIO | None = None, **kwargs: Any) -> _std_tqdm:
     """A tqdm progress bar on ``file`` (default: stderr) with tqdm's ``kwargs`` (``total``,
-    ``desc``, ``unit``, ...): tqdm.auto's (a widget in a notebook, a bar on a terminal), or,
-    where ``file`` is not a terminal (a log), :class:`LogLines`: a line every 30 seconds
-    (``TQDM_MININTERVAL`` overrides) and one at the end."""
+    ``desc``, ``unit``, ...): tqdm.auto's on a terminal or in a notebook, or, where ``file`` is
+    not a terminal (a log), :class:`LogLines`: a line every 30 seconds at most
+    (``TQDM_MININTERVAL`` sets the interval) and one at the end."""
     from tqdm.auto import tqdm as auto_tqdm
 
     file = sys.stderr if file is None else file
     isatty = getattr(file, "isatty", None)
     if _in_notebook(auto_tqdm) or (isatty is not None and isatty()):
         return auto_tqdm(file=file, **kwargs)
-    if "TQDM_MININTERVAL" not in os.environ:
-        kwargs.setdefault("mininterval", LOG_INTERVAL)
+    interval = kwargs.setdefault("mininterval", _log_interval())
+    # tqdm's monitor thread refreshes a bar idle for maxinterval (10 s) whatever mininterval.
+    kwargs.setdefault("maxinterval", max(float(interval), 10.0))
     return LogLines(file=file, **kwargs)

@@ -616,3 +616,7 @@ def test_float64_logits_are_fused_in_float64():
     assert torch.equal(fused, want.logits)
     fused32, _, _ = fuse_logits(large.float(), small.float(), experts.float())
     assert fused32.dtype == torch.float32
+    for mode, kw in (("static", {"alpha": 0.5}), ("contrastive", {})):
+        e = None if mode == "contrastive" else experts
+        fused, a, _ = fuse_logits(large, small, e, mode=mode, **kw)
+        assert fused.dtype == a.dtype == torch.float64, mode

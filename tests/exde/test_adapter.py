@@ -88,7 +88,10 @@ def test_adapter_errors(unet):
         with adapter.text(torch.randn(2, 5, 8)):
             pass
     x, t, kw = unet_inputs()
-    with pytest.raises(exde.ExDeError, match="2 frames but 1 queries"):
+    with pytest.raises(
+        exde.ExDeError,
+        match=r"2 frames but 1 queries \(make the adapter with .*num_frames=2\) or more",
+    ):
         with adapter.text(torch.randn(2, 5, 16)):
             unet(x, t, **kw)
     with pytest.raises(exde.ExDeError, match="not a multiple"):

@@ -541,7 +541,9 @@ def test_fsync_flushes_every_file_and_folder_before_the_move(zoo, monkeypatch):
         moved.append(len(synced))
         return replace(src, dst)
 
-    monkeypatch.setattr(checkpoint, "_fsync_path", lambda p: (synced.append(p), fsync(p)))
+    monkeypatch.setattr(
+        checkpoint, "_fsync_path", lambda p, folder=False: (synced.append(p), fsync(p, folder))
+    )
     monkeypatch.setattr(os, "replace", spy_replace)
     out = merge(config_for("task_arithmetic", paths), tmp / "out", progress=False)
     assert synced == []  # off by default
@@ -551,6 +553,24 @@ def test_fsync_flushes_every_file_and_folder_before_the_move(zoo, monkeypatch):
     assert synced[moved[-1] - 1].name.startswith(".out2")  # then the folder itself
     assert synced[moved[-1] :] == [out2.parent]  # and the parent after it
     assert {p.name for p in out.iterdir()} == {p.name for p in out2.iterdir()}
+
+
+def test_fsync_skips_folders_a_file_system_cannot_flush(zoo, monkeypatch):
+    # Some FUSE and network mounts refuse fsync on a folder (EINVAL): skipped, not fatal.
+    import errno
+    import stat
+
+    tmp, _, _, paths = zoo
+    real = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = merge(config_for("task_arithmetic", paths), tmp / "out", progress=False, fsync=True)
+    assert (out / "model.safetensors").is_file()
 
 
 def test_a_base_without_config_json_warns_before_merging(zoo):

@@ -186,11 +186,13 @@ def contrastive_logits(
     Returns
     -------
     torch.Tensor
-        ``[B, V]`` float32 scores, their argmax the greedy CD token.
+        ``[B, V]`` scores, float32 (float64 when both inputs are), their argmax the greedy
+        CD token.
     """
+    acc = torch.float64 if expert.dtype == amateur.dtype == torch.float64 else torch.float32
     masked = expert.isneginf() | amateur.isneginf()
-    log_exp = expert.float().masked_fill(masked, float("-inf")).log_softmax(-1)
-    log_ama = (amateur.float() / amateur_temperature).masked_fill(masked, float("-inf"))
+    log_exp = expert.to(acc).masked_fill(masked, float("-inf")).log_softmax(-1)
+    log_ama = (amateur.to(acc) / amateur_temperature).masked_fill(masked, float("-inf"))
     log_ama = log_ama.log_softmax(-1)
     cut = log_exp.amax(-1, keepdim=True) + math.log(plausibility)
     keep = ~masked & (log_exp >= cut)

@@ -81,7 +81,9 @@ class TemporalTextAdapter(nn.Module):
             return hidden  # no text given: the base UNet's computation
         if num_frames > self.num_frames:
             raise ExDeError(
-                f"TemporalTextAdapter: {num_frames} frames but {self.num_frames} queries"
+                f"TemporalTextAdapter: {num_frames} frames but {self.num_frames} queries (make "
+                f"the adapter with add_text_adapter(..., num_frames={num_frames}) or more, or "
+                "generate fewer frames)"
             )
         bf, s, _c = hidden.shape
         b = bf // num_frames
@@ -108,7 +110,9 @@ def add_text_adapter(
 
     ``num_frames`` is the most frames the adapter conditions (one learned query per frame);
     default: the UNet's ``config.num_frames`` (14 for Stable Video Diffusion, 25 for SVD-XT,
-    the pipeline's default frame count), or 14 where its config has none.
+    the pipeline's default frame count), or 14 where its config has none. (Adapters made
+    before this default followed the UNet have 14 queries: to load such a state dict on
+    SVD-XT, pass ``num_frames=14``.)
 
     Call the UNet inside ``with adapter.text(embeddings):`` to condition it on text; outside, or
     at initialisation, the UNet computes exactly what it did before.

@@ -9,6 +9,7 @@ index, into a temporary folder that replaces the destination only once everythin
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -771,11 +772,19 @@ class ShardedWriter:
                 if path.is_file():
                     _fsync_path(path)
             for path in sorted((p for p in self.tmp.rglob("*") if p.is_dir()), reverse=True):
-                _fsync_path(path)
-            _fsync_path(self.tmp)
+                _fsync_path(path, folder=True)
+            _fsync_path(self.tmp, folder=True)
         os.replace(self.tmp, self.out_dir)
         if fsync:
-            _fsync_path(self.out_dir.parent)
+            try:  # the output is in place: a failure here must not report the merge failed
+                _fsync_path(self.out_dir.parent, folder=True)
+            except OSError as exc:
+                warnings.warn(
+                    f"the merged model is in {self.out_dir}, but its folder's entry could not "
+                    f"be flushed to the disk: {exc}",
+                    UserWarning,
+                    stacklevel=2,
+                )
         return self.out_dir
 
     def _close(self) -> None:
@@ -801,13 +810,20 @@ class ShardedWriter:
 _PARTIAL = ".meldkit-partial"
 
 
-def _fsync_path(path: Path) -> None:
-    """Flush a file's or a folder's data and metadata to the disk."""
-    fd = os.open(path, os.O_RDONLY)
+def _fsync_path(path: Path, folder: bool = False) -> None:
+    """Flush a file's or a folder's data and metadata to the disk; an error names the path.
+    Folders on file systems that cannot flush them (EINVAL, ENOTSUP: some FUSE and network
+    mounts) are skipped, as atomic-write libraries do."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if folder and exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+            return
+        raise OSError(exc.errno, f"cannot flush {path} to the disk: {exc.strerror}") from None
 
 
 def _start_time(pid: int) -> str | None:
