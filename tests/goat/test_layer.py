@@ -883,6 +883,68 @@ def test_data_parallel(wrapper):
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
+RANK0_SAVE = """
+import datetime, sys, time
+import torch
+import torch.distributed as dist
+import meldkit.goat as goat
+from tests.goat.tiny_models import mlp
+
+rank, store_path, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group(
+    "gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2,
+    timeout=datetime.timedelta(seconds=5),
+)
+try:
+    from torch.distributed.fsdp import fully_shard
+except ImportError:  # public from torch 2.6
+    print("skip: this torch has no torch.distributed.fsdp.fully_shard")
+    sys.exit(0)
+model = goat.wrap(mlp(), goat.GoatConfig(num_experts=4, top_k=2, rank=8))
+for layer in (model[0], model[2]):
+    fully_shard(layer)
+fully_shard(model)
+if rank == 0:  # the usual mistake: saving on rank 0 only
+    try:
+        goat.save_adapter(model, out)
+    except goat.AdapterError as exc:
+        print("refused:", exc)
+else:
+    time.sleep(12)
+print("done")
+"""
+
+
+def test_saving_a_sharded_model_on_rank_0_only_is_named(tmp_path):
+    """Under FSDP every rank takes part in save_adapter's gathers: rank 0 alone times out,
+    and the error says to call it on every rank (two gloo ranks on the CPU, 5 s timeout)."""
+    root = Path(__file__).resolve().parents[2]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    args = [str(tmp_path / "store"), str(tmp_path / "a.safetensors")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK0_SAVE, str(rank), *args],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outs = [p.communicate(timeout=180) for p in procs]
+    if outs[0][0].startswith("skip: "):
+        pytest.skip(outs[0][0].strip().removeprefix("skip: "))
+    assert "refused: save_adapter: gathering the FSDP-sharded parameters failed" in outs[0][0], (
+        outs[0][1][-3000:]
+    )
+    assert "call save_adapter on every rank, not on rank 0 only" in outs[0][0]
+    assert not (tmp_path / "a.safetensors").exists()
+
+
 def test_goat_s_adapter_with_bad_factors_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -432,8 +432,18 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         gathered = FullyShardedDataParallel.summon_full_params(model, writeback=False)
     else:
         gathered = contextlib.nullcontext()
-    with torch.no_grad(), gathered:
-        tensors, metadata = _adapter_contents(_unwrapped(model))
+    try:
+        with torch.no_grad(), gathered:
+            tensors, metadata = _adapter_contents(_unwrapped(model))
+    except RuntimeError as exc:
+        if not sharded:
+            raise
+        # A gather that timed out (or failed): most often the other ranks never called this.
+        raise AdapterError(
+            f"save_adapter: gathering the FSDP-sharded parameters failed ({exc}); under FSDP "
+            "call save_adapter on every rank, not on rank 0 only (each rank takes part in the "
+            "gathers; rank 0 writes the file)"
+        ) from exc
     distributed = sharded and torch.distributed.is_initialized()
     if not distributed or torch.distributed.get_rank() == 0:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -643,7 +643,9 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     the layers beneath them; see :class:`ForwardScope`): a layer that forward skipped
     (LayerDrop, a branch not taken) adds nothing, a layer it ran twice adds one term per call,
     and towers run one after the other each add their own. Add it to the task loss before
-    ``backward()``.
+    ``backward()``. Under DDP each rank computes it from its own batch (the routing statistics
+    are not all-reduced), so the averaged gradients are the mean of the ranks' losses, not
+    the loss of one process on the whole batch.
 
     Returns
     -------
