@@ -1210,3 +1210,19 @@ def test_an_untrained_router_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fresh(**x)
+
+
+def test_a_training_step_with_labels_is_refused_by_name(full_rank):
+    # Trainer.train's call (train mode, grad on, labels): the routing pass gives the task loss
+    # no gradient, which failed later as "element 0 of tensors does not require grad".
+    _, _, model = full_rank
+    x = batch()
+    labels = torch.zeros(x["input_ids"].shape[0], dtype=torch.long)
+    model.train()
+    try:
+        with pytest.raises(twin.TwinError, match=r"train it with meldkit\.twin\.train_router"):
+            model(**x, labels=labels)
+        with torch.no_grad():  # evaluation in train mode (gradients off) still runs
+            model(**x, labels=labels)
+    finally:
+        model.eval()

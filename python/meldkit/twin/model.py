@@ -872,6 +872,20 @@ class TwinModel(RoutedMixin, nn.Module):
         this model returned (``cache``/``past_key_values``) keeps the weights its sequences
         were routed with; a non-empty cache from elsewhere needs ``weights``.
         """
+        if (
+            self.training
+            and torch.is_grad_enabled()
+            and weights is None
+            and kwargs.get("labels") is not None
+        ):
+            # Trainer.train's call: the routing pass gives the task loss no gradient to train
+            # on (it would fail later as "element 0 of tensors does not require grad").
+            raise TwinError(
+                "TwinModel: a training step with labels: the router is not trained through "
+                "the task loss; train it with meldkit.twin.train_router (Trainer.evaluate and "
+                "predict work; call .eval() to compute a loss with gradients off), or pass "
+                "weights= to train merge coefficients of your own"
+            )
         device = next(self.model.parameters()).device
         b = _batch_size(args, kwargs)
         given = weights is not None
