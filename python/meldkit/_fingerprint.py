@@ -24,14 +24,25 @@ SKETCH_RTOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 SKETCH_RTOL_DEFAULT = 1e-4
 
 
+# Elements converted to fp32 at a time by the fingerprints (a 128K-token embedding matrix is
+# not copied whole).
+_CHUNK = 1 << 22
+
+
 def base_sketch(weight: torch.Tensor) -> torch.Tensor:
     """``W @ v`` in fp32 on the weight's device, returned on the CPU, for a fixed v ~ N(0, 1)
-    drawn from a generator seeded by W's width: a fingerprint of W ``[m, n]`` (``[m]``)."""
-    n = weight.shape[1]
+    drawn from a generator seeded by W's width: a fingerprint of W ``[m, n]`` (``[m]``),
+    computed a block of rows at a time."""
+    m, n = weight.shape
     generator = torch.Generator().manual_seed(0x60A7 + n)
     v = torch.randn(n, generator=generator, dtype=torch.float32).to(weight.device)
+    rows = max(1, _CHUNK // max(n, 1))
     with torch.no_grad():
-        return torch.mv(weight.detach().float(), v).cpu()
+        w = weight.detach()
+        out = torch.empty(m, dtype=torch.float32, device=weight.device)
+        for i in range(0, m, rows):
+            torch.mv(w[i : i + rows].float(), v, out=out[i : i + rows])
+        return out.cpu()
 
 
 def sketch_distance(saved: torch.Tensor, now: torch.Tensor) -> float:
@@ -96,8 +107,9 @@ def _held_dtype(p: torch.Tensor) -> torch.dtype:
     the same base loaded in another precision still passes; else ``p``'s own."""
     if p.dtype in (torch.float32, torch.float64):
         with torch.no_grad():
+            parts = p.detach().reshape(-1).split(_CHUNK)
             for narrow in (torch.bfloat16, torch.float16):
-                if torch.equal(p.to(narrow).to(p.dtype), p):
+                if all(torch.equal(c.to(narrow).to(c.dtype), c) for c in parts):
                     return narrow
     return p.dtype
 
