@@ -357,6 +357,11 @@ def test_a_config_that_is_a_folder_or_not_utf8_is_named(tmp_path, capsys):
     assert err.startswith(f"meldkit merge: {latin}: not a UTF-8 text file (byte 24: 0xe9)"), err
 
 
+def test_bench_names_the_script_that_measures_blend(capsys):
+    assert main(["bench", "--op", "blend", "--quick"]) == 2
+    assert "blend is measured by bench/bench_exde.py" in capsys.readouterr().err
+
+
 def test_bench_lists_the_cases_before_measuring_when_none_matches(capsys):
     args = ["bench", "--op", "merge", "--device", "cpu", "--quick", "--case", "tie_*"]
     assert main(args) == 2

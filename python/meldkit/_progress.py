@@ -10,8 +10,10 @@ from typing import Any, TextIO
 
 from tqdm import tqdm as _std_tqdm
 
-# How often a log gets a line, in seconds (tqdm's TQDM_MININTERVAL, where set, decides).
+# How often a log gets a line, in seconds (tqdm's TQDM_MININTERVAL, where set, decides), and
+# tqdm's delay before a bar's first line (none at 0 %: shorter work writes only its last).
 LOG_INTERVAL = 30.0
+LOG_DELAY = 2.0
 
 
 class _Discard:
@@ -39,6 +41,13 @@ class LogLines(_std_tqdm):
 
     def clear(self, nolock: bool = False) -> None:
         pass
+
+    def set_postfix(self, ordered_dict=None, refresh: bool = False, **kwargs) -> None:
+        # Shown with the next line, not as a line of its own (tqdm's default redraws).
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+    def set_postfix_str(self, s: str = "", refresh: bool = False) -> None:
+        super().set_postfix_str(s, refresh=False)
 
     def moveto(self, n: int) -> None:
         pass
@@ -85,7 +94,8 @@ def progress_bar(*, file: TextIO | None = None, **kwargs: Any) -> _std_tqdm:
     """A tqdm progress bar on ``file`` (default: stderr) with tqdm's ``kwargs`` (``total``,
     ``desc``, ``unit``, ...): tqdm.auto's on a terminal or in a notebook, or, where ``file`` is
     not a terminal (a log), :class:`LogLines`: a line every 30 seconds at most
-    (``TQDM_MININTERVAL`` sets the interval) and one at the end."""
+    (``TQDM_MININTERVAL`` sets the interval) and one at the end (no 0 % line: work done in
+    seconds gets one line)."""
     from tqdm.auto import tqdm as auto_tqdm
 
     file = sys.stderr if file is None else file
@@ -95,4 +105,6 @@ def progress_bar(*, file: TextIO | None = None, **kwargs: Any) -> _std_tqdm:
     interval = kwargs.setdefault("mininterval", _log_interval())
     # tqdm's monitor thread refreshes a bar idle for maxinterval (10 s) whatever mininterval.
     kwargs.setdefault("maxinterval", max(float(interval), 10.0))
+    # Work done within the first seconds gets one line, at the end, not a 0 % line too.
+    kwargs.setdefault("delay", min(float(interval), LOG_DELAY))
     return LogLines(file=file, **kwargs)

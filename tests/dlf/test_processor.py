@@ -214,6 +214,23 @@ def test_processor_reuse_needs_reset(setup):
     assert torch.equal(_run(large, proc, enc, do_sample=False), first)
 
 
+def test_a_processor_without_a_prompt_batch_serves_each_generate_call(setup):
+    # No prompts= or attention_mask= of its own: a new generate() call starts it over (the
+    # second call used to fail with "the rows are not the previous call's rows").
+    tok, large, small, experts = setup
+    enc = tok(PROMPTS, padding=True, return_tensors="pt")
+    proc = dlf.DynamicLogitFusionProcessor(small, experts, tok)
+    first = _run(large, proc, enc, do_sample=False)
+    steps = proc.alphas.shape[1]
+    other = tok(PROMPTS[:1], return_tensors="pt")
+    alone = _run(large, proc, other, do_sample=False)
+    assert proc.alphas.shape[0] == 1  # the trace is the second call's
+    assert torch.equal(_run(large, proc, enc, do_sample=False), first)
+    assert proc.alphas.shape == (len(PROMPTS), steps)
+    fresh = dlf.DynamicLogitFusionProcessor(small, experts, tok)
+    assert torch.equal(alone, _run(large, fresh, other, do_sample=False))  # as a fresh one
+
+
 def test_processor_with_ranges_equals_generate(setup):
     tok, large, small, experts = setup
     enc = tok(PROMPTS, padding=True, return_tensors="pt")

@@ -40,6 +40,7 @@ def test_threshold_is_exactly_the_kth_largest(device, dtype, shape, density):
     expected = mr.magnitude_threshold_ref(tau, density).item()
     assert magnitude_threshold(models, density, base) == expected
     assert magnitude_threshold([tau.to(device)], density) == expected
+    assert magnitude_threshold(tau.to(device), density) == expected  # one tensor alone
 
 
 @pytest.mark.parametrize("device", DEVICES)

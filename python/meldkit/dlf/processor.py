@@ -35,9 +35,9 @@ except ImportError:  # the processor is only useful with transformers; keep meld
 
 _DECODING_HINT = (
     "DynamicLogitFusionProcessor keeps KV caches of the small models that follow the rows of "
-    "one greedy or sampled generation: use it with num_beams=1, num_return_sequences=1, no "
-    "assistant_model / prompt_lookup_num_tokens, and a fresh processor (or reset()) per "
-    "generate() call"
+    "one greedy or sampled generation: use it with num_beams=1, no assistant_model / "
+    "prompt_lookup_num_tokens, and a fresh processor (or reset()) per generate() call when it "
+    "was given prompts= or attention_mask= (those belong to one prompt batch)"
 )
 
 
@@ -160,10 +160,20 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         self.adapter_batching = adapter_batching
         self.reset()
 
+    def _continues(self, input_ids: torch.Tensor) -> bool:
+        """Whether ``input_ids`` are the previous call's rows plus one token."""
+        prev = self._prev
+        return input_ids.shape == (prev.shape[0], prev.shape[1] + 1) and torch.equal(
+            input_ids[:, :-1], prev
+        )
+
     def reset(self) -> None:
-        """Forget the caches and the trace, to serve another ``generate`` call."""
+        """Forget the caches and the trace, to serve another ``generate`` call (done by itself
+        when a new ``generate`` call starts, unless the processor was given ``prompts`` or
+        ``attention_mask``, which belong to one prompt batch)."""
         self._ensemble: Ensemble | None = None
         self._prev: torch.Tensor | None = None
+        self._config: object | None = None  # the GenerationConfig of the generate() call served
         self._trace_alpha: list[torch.Tensor] = []
         self._trace_expert: list[torch.Tensor] = []
 
@@ -289,17 +299,23 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
             ``[B, V_large]`` fused logits in ``scores``' dtype; columns past ``len(tokenizer)``
             (padded embedding rows) are −inf.
         """
+        if self._prev is not None and not self._continues(input_ids):
+            # Another generate() call (generate copies its GenerationConfig per call): start
+            # over, as a fresh processor would, unless the processor holds one batch's prompts.
+            context = _generate_context(input_ids)
+            fresh = context.config is not None and context.config is not self._config
+            if fresh and self._prompts is None and self.attention_mask is None:
+                self.reset()
         if self._prev is None:
             # The large model is seen only through its scores: its vocabulary is checked here.
             check_vocab_width("the large model", scores.shape[-1], self.vocab_size)
             context = _generate_context(input_ids)
             self._refuse_beam_search(context)
             small = self._start(input_ids, scores.device, context)
+            self._config = context.config
         else:
             prev = self._prev
-            if input_ids.shape != (prev.shape[0], prev.shape[1] + 1) or not torch.equal(
-                input_ids[:, :-1], prev
-            ):
+            if not self._continues(input_ids):
                 raise ValueError(
                     f"dlf: the rows are not the previous call's rows plus one token (shape "
                     f"{tuple(prev.shape)} then {tuple(input_ids.shape)}): {_DECODING_HINT}"

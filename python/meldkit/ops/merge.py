@@ -57,9 +57,9 @@ def magnitude_threshold(
 
     Parameters
     ----------
-    tensors : sequence of Tensor
+    tensors : Tensor or sequence of Tensor
         Fine-tuned tensors θ (or task vectors τ when ``base`` is None), any shapes, one dtype
-        (float32, bfloat16, float16) and device.
+        (float32, bfloat16, float16) and device; one tensor alone is a list of one.
     density : float
         Fraction kept, in [0, 1].
     base : Tensor or sequence of Tensor, optional
@@ -76,6 +76,8 @@ def magnitude_threshold(
     ValueError
         If the task vectors contain NaN, or ``density`` is outside [0, 1].
     """
+    if isinstance(tensors, torch.Tensor):  # one tensor
+        tensors = [tensors]
     tensors = _checks.tensor_list("magnitude_threshold", "tensors", tensors, same_shape=False)
     if isinstance(density, bool) or not isinstance(density, numbers.Real):
         raise TypeError(
