@@ -891,9 +891,13 @@ import meldkit.goat as goat
 from tests.goat.tiny_models import mlp
 
 rank, store_path, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+store = dist.FileStore(store_path, 2)
+store.add("ready", 1)  # both ranks imported: the short timeout below is for the save only
+deadline = time.time() + 120
+while store.add("ready", 0) < 2 and time.time() < deadline:
+    time.sleep(0.05)
 dist.init_process_group(
-    "gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2,
-    timeout=datetime.timedelta(seconds=5),
+    "gloo", store=store, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=5)
 )
 try:
     from torch.distributed.fsdp import fully_shard
