@@ -2433,6 +2433,98 @@ def test_a_llama_config_without_tie_word_embeddings_is_untied(zoo, monkeypatch):
     engine._default_tie.cache_clear()
 
 
+def test_tied_heads_of_multimodal_bert_and_stored_tied_heads(zoo):
+    """Llava/Gemma-3 as transformers saves them (language_model.*), BERT's decoder bias, a
+    tied base that stores its head beside an untied fine-tune (the output config is untied),
+    and T5's tied head refused with its own reason."""
+    from meldkit.ops.merge import merge_tensors
+
+    tmp = zoo[0]
+    g = torch.Generator().manual_seed(7)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    def ta(b, m):
+        return {
+            "merge_method": "task_arithmetic",
+            "base_model": str(b),
+            "models": [{"model": str(m), "parameters": {"weight": 1.0}}],
+        }
+
+    def merged(b_head, m_head):
+        return merge_tensors(b_head, [m_head], "task_arithmetic", weights=[1.0])
+
+    # Llava: the untied base stores language_model.lm_head.weight, the tied fine-tune not.
+    llava = {
+        "language_model.model.embed_tokens.weight": r(VOCAB, HIDDEN),
+        "language_model.model.norm.weight": torch.ones(HIDDEN),
+        "language_model.lm_head.weight": r(VOCAB, HIDDEN),
+    }
+    text = {"model_type": "llama"}
+    base = write_checkpoint(
+        tmp / "llava", llava, config={"model_type": "llava", "text_config": text}
+    )
+    tied_ft = {k: v + 0.01 for k, v in llava.items() if "lm_head" not in k}
+    ft = write_checkpoint(
+        tmp / "llava_ft",
+        tied_ft,
+        config={"model_type": "llava", "text_config": {**text, "tie_word_embeddings": True}},
+    )
+    with pytest.warns(UserWarning, match="language_model.model.embed_tokens.weight read as"):
+        out = merge(ta(base, ft), tmp / "out_llava", progress=False)
+    want = merged(
+        llava["language_model.lm_head.weight"], tied_ft["language_model.model.embed_tokens.weight"]
+    )
+    assert torch.equal(read(out)["language_model.lm_head.weight"], want)
+
+    # BERT: an untied fine-tune stores decoder.weight and decoder.bias; a tied base neither.
+    bert = {
+        "bert.embeddings.word_embeddings.weight": r(VOCAB, HIDDEN),
+        "cls.predictions.bias": r(VOCAB),
+    }
+    untied = {
+        **{k: v + 0.01 for k, v in bert.items()},
+        "cls.predictions.decoder.weight": r(VOCAB, HIDDEN),
+        "cls.predictions.decoder.bias": r(VOCAB),
+    }
+    b = write_checkpoint(tmp / "bert", bert, config={"model_type": "bert"})
+    m = write_checkpoint(
+        tmp / "bert_ft", untied, config={"model_type": "bert", "tie_word_embeddings": False}
+    )
+    with pytest.warns(UserWarning, match="tie_word_embeddings"):
+        got = read(merge(ta(b, m), tmp / "out_bert", progress=False))
+    assert torch.equal(
+        got["cls.predictions.decoder.bias"],
+        merged(bert["cls.predictions.bias"], untied["cls.predictions.decoder.bias"]),
+    )
+
+    # A tied base that stores its head (= its embeddings) beside an untied fine-tune: the
+    # output's head is not its embeddings, so its config must not tie them.
+    gem = {"model.embed_tokens.weight": r(VOCAB, HIDDEN), "model.norm.weight": torch.ones(HIDDEN)}
+    gem["lm_head.weight"] = gem["model.embed_tokens.weight"].clone()
+    b = write_checkpoint(tmp / "gemma", gem, config={"model_type": "gemma2"})
+    own = {**gem, "lm_head.weight": r(VOCAB, HIDDEN)}
+    m = write_checkpoint(
+        tmp / "gemma_ft", own, config={"model_type": "gemma2", "tie_word_embeddings": False}
+    )
+    out = merge(ta(b, m), tmp / "out_gemma", progress=False)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    same = write_checkpoint(tmp / "gemma_same", gem, config={"model_type": "gemma2"})
+    out = merge(ta(b, same), tmp / "out_gemma_same", progress=False)  # all tied: stays tied
+    assert "tie_word_embeddings" not in json.loads((out / "config.json").read_text())
+
+    # T5: a tied head is the shared embeddings scaled, so it cannot be read as one.
+    t5 = {"shared.weight": r(VOCAB, HIDDEN), "encoder.final_layer_norm.weight": torch.ones(HIDDEN)}
+    t5_untied = {**t5, "lm_head.weight": r(VOCAB, HIDDEN)}
+    b = write_checkpoint(
+        tmp / "t5", t5_untied, config={"model_type": "t5", "tie_word_embeddings": False}
+    )
+    m = write_checkpoint(tmp / "t5_tied", t5, config={"model_type": "t5"})
+    with pytest.raises(MergeError, match=r"tied T5-style model stores no lm_head.weight"):
+        merge(ta(b, m), tmp / "out_t5", progress=False)
+
+
 def test_gradients_are_refused_where_no_layer_name_is_recognised(zoo):
     # XLM numbers its layers transformer.attentions.N / transformer.ffns.N: with a layer count
     # in config.json and no stack found, a gradient would otherwise use t = 0 on every layer.

@@ -70,7 +70,12 @@ _TIED_HEADS = {
         "model.language_model.embed_tokens.weight",
         "transformer.wte.weight",
     ),
+    # Multimodal models (Llava, Gemma-3) as transformers saves them: the text model under
+    # language_model.
+    "language_model.lm_head.weight": ("language_model.model.embed_tokens.weight",),
     "cls.predictions.decoder.weight": ("bert.embeddings.word_embeddings.weight",),
+    # BERT's decoder bias is its prediction head's bias (the same parameter when tied).
+    "cls.predictions.decoder.bias": ("cls.predictions.bias",),
 }
 
 
@@ -202,6 +207,21 @@ def _tie_heads(checkpoints: list[Checkpoint]) -> list[str]:
             c.tie(head, source)
             notes.append(f"{c.path} (its {source} read as its {head})")
     return notes
+
+
+def _untie_output(reference: Checkpoint, inputs: list[Checkpoint], names: list[str]) -> bool:
+    """Whether the output's config.json must say ``tie_word_embeddings: false``: it stores a
+    head (``_TIED_HEADS``) that its config, the reference's, ties, and that head is not its
+    embeddings: the reference's head was read from its embeddings because other models store
+    their own (:func:`_tie_heads`), or the reference stores one but some input's config is
+    untied (its head, merged in, differs from the merged embeddings)."""
+    if reference.tied:
+        return True
+    if not any(head in names for head in _TIED_HEADS):
+        return False
+    if not _tie_word_embeddings(_model_config(reference)):
+        return False
+    return any(_tie_word_embeddings(_model_config(c)) is False for c in inputs)
 
 
 def _validate(
@@ -386,6 +406,12 @@ def _missing_hint(c: Checkpoint, lacking: list[str]) -> str:
         )
     config = _model_config(c)
     tie = _tie_word_embeddings(config)
+    if tie and "shared.weight" in c:
+        return (
+            f" (a tied T5-style model stores no {heads[0]}: its head is its shared.weight "
+            "scaled by d_model^-0.5, not the embeddings as they are, so meldkit cannot read one "
+            "as the other; merge models whose configs tie the head alike)"
+        )
     if tie:
         return (
             " (its config.json ties the head to the input embeddings: tie_word_embeddings is "
@@ -1056,6 +1082,7 @@ def merge(
     reference = base if base is not None else models[0]
     model_config = _model_config(reference)
     template, template_note = _chat_template(cfg, base, models, reference)
+    untie = _untie_output(reference, ([base] if base is not None else []) + models, names)
     _check_tokenizer(cfg.tokenizer_source, reference)
     if not (reference.aux_folder() / "config.json").is_file():
         warnings.warn(
@@ -1228,7 +1255,7 @@ def merge(
             # Edits of the copied files, made before the output folder moves into place.
             if cfg.out_dtype is not None or cfg.dtype is not None:
                 _set_config_dtype(folder, cfg.out_dtype or cfg.dtype)
-            if reference.tied:  # the output stores the head the reference's config ties
+            if untie:  # the output stores a head its (reference's) config ties
                 _untie_config(folder)
             if template is not None:
                 chat_templates.write(folder, template)
