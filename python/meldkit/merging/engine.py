@@ -1083,6 +1083,15 @@ def merge(
     model_config = _model_config(reference)
     template, template_note = _chat_template(cfg, base, models, reference)
     untie = _untie_output(reference, ([base] if base is not None else []) + models, names)
+    if untie and not reference.tied:  # (a tied reference read as a head already warned)
+        warnings.warn(
+            f"{reference.path}'s config.json ties its output head to its input embeddings, but "
+            "some models store a head of their own: the output stores the merged head and its "
+            "config.json gets tie_word_embeddings: false (tied, transformers would replace the "
+            "merged head with the merged embeddings)",
+            UserWarning,
+            stacklevel=2,
+        )
     _check_tokenizer(cfg.tokenizer_source, reference)
     if not (reference.aux_folder() / "config.json").is_file():
         warnings.warn(
