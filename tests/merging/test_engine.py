@@ -2524,6 +2524,14 @@ def test_tied_heads_of_multimodal_bert_and_stored_tied_heads(zoo):
     m = write_checkpoint(tmp / "t5_tied", t5, config={"model_type": "t5"})
     with pytest.raises(MergeError, match=r"tied T5-style model stores no lm_head.weight"):
         merge(ta(b, m), tmp / "out_t5", progress=False)
+    # also when the tied one stores its (unscaled) head copy
+    stored = write_checkpoint(
+        tmp / "t5_tied_stored",
+        {**t5, "lm_head.weight": t5["shared.weight"].clone()},
+        config={"model_type": "t5"},
+    )
+    with pytest.raises(MergeError, match=r"t5_tied_stored ties its output head"):
+        merge(ta(b, stored), tmp / "out_t5_stored", progress=False)
 
 
 def test_gradients_are_refused_where_no_layer_name_is_recognised(zoo):

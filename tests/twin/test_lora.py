@@ -482,3 +482,17 @@ def test_load_refuses_another_config_and_keeps_a_cast(adapters, tmp_path):
     x = inputs()
     with torch.no_grad():
         assert torch.equal(loaded(**x).logits, cast(**x).logits)
+
+
+def test_a_training_step_with_labels_and_nothing_to_train_is_refused(adapters):
+    # Trainer.train's call on a LoRA twin whose base is frozen: a TwinError naming the way
+    # out, not "element 0 of tensors does not require grad" from backward.
+    base, folders = adapters
+    model = twin.TwinLoraModel(base, twin.build_lora(folders, rank=4), top_k=2)
+    model.router.trained = True
+    x = inputs()
+    model.train()
+    if any(p.requires_grad for p in model.model.parameters()):
+        pytest.skip("this base trains: nothing to refuse")
+    with pytest.raises(twin.TwinError, match=r"TwinLoraModel: a training step with labels"):
+        model(**x, labels=x["input_ids"])

@@ -1224,5 +1224,14 @@ def test_a_training_step_with_labels_is_refused_by_name(full_rank):
             model(**x, labels=labels)
         with torch.no_grad():  # evaluation in train mode (gradients off) still runs
             model(**x, labels=labels)
+        # with trainable parameters in the wrapped model, a training step trains them
+        trainable = [p for p in model.model.parameters() if p.is_floating_point()][:1]
+        for p in trainable:
+            p.requires_grad_(True)
+        try:
+            assert model(**x, labels=labels).loss.requires_grad
+        finally:
+            for p in trainable:
+                p.requires_grad_(False)
     finally:
         model.eval()

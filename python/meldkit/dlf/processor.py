@@ -170,7 +170,9 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
     def reset(self) -> None:
         """Forget the caches and the trace, to serve another ``generate`` call (done by itself
         when a new ``generate`` call starts, unless the processor was given ``prompts`` or
-        ``attention_mask``, which belong to one prompt batch)."""
+        ``attention_mask``, which belong to one prompt batch, or the new call's prompt is the
+        previous call's output: that continues the caches and the trace, as one generation
+        would; call it to count such a call's steps on their own)."""
         self._ensemble: Ensemble | None = None
         self._prev: torch.Tensor | None = None
         self._config: object | None = None  # the GenerationConfig of the generate() call served

@@ -436,9 +436,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         with torch.no_grad(), gathered:
             tensors, metadata = _adapter_contents(_unwrapped(model))
     except RuntimeError as exc:
-        if not sharded:
+        dist_error = getattr(torch.distributed, "DistError", ())
+        timed_out = "timed out" in str(exc).lower() or "timeout" in str(exc).lower()
+        if not sharded or isinstance(exc, torch.OutOfMemoryError):
             raise
-        # A gather that timed out (or failed): most often the other ranks never called this.
+        if not (timed_out or (dist_error and isinstance(exc, dist_error))):
+            raise
+        # A gather that timed out: most often the other ranks never called this.
         raise AdapterError(
             f"save_adapter: gathering the FSDP-sharded parameters failed ({exc}); under FSDP "
             "call save_adapter on every rank, not on rank 0 only (each rank takes part in the "

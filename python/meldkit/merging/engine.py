@@ -209,6 +209,25 @@ def _tie_heads(checkpoints: list[Checkpoint]) -> list[str]:
     return notes
 
 
+def _check_scaled_heads(inputs: list[Checkpoint]) -> None:
+    """Refuse T5-style models (``shared.weight``) whose configs tie the head and others whose
+    configs do not, whether or not the tied ones store ``lm_head.weight``: a tied T5 head is
+    the shared embeddings scaled by d_model^-0.5 (its stored copy unscaled), an untied one is
+    used as it is, so the two heads are not the same quantity."""
+    t5 = [c for c in inputs if "shared.weight" in c]
+    if len(t5) < 2:
+        return
+    ties = {c.path: _tie_word_embeddings(_model_config(c)) for c in t5}
+    if True in ties.values() and False in ties.values():
+        tied = next(p for p, t in ties.items() if t)
+        untied = next(p for p, t in ties.items() if t is False)
+        raise MergeError(
+            f"{tied} ties its output head to its shared embeddings (T5-style: the head is "
+            f"shared.weight scaled by d_model^-0.5) and {untied} does not: the two heads are "
+            "not the same quantity; merge models whose configs tie the head alike"
+        )
+
+
 def _untie_output(reference: Checkpoint, inputs: list[Checkpoint], names: list[str]) -> bool:
     """Whether the output's config.json must say ``tie_word_embeddings: false``: it stores a
     head (``_TIED_HEADS``) that its config, the reference's, ties, and that head is not its
@@ -1082,7 +1101,9 @@ def merge(
     reference = base if base is not None else models[0]
     model_config = _model_config(reference)
     template, template_note = _chat_template(cfg, base, models, reference)
-    untie = _untie_output(reference, ([base] if base is not None else []) + models, names)
+    inputs_all = ([base] if base is not None else []) + models
+    _check_scaled_heads(inputs_all)
+    untie = _untie_output(reference, inputs_all, names)
     if untie and not reference.tied:  # (a tied reference read as a head already warned)
         warnings.warn(
             f"{reference.path}'s config.json ties its output head to its input embeddings, but "

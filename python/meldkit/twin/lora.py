@@ -460,6 +460,7 @@ class TwinLoraModel(RoutedMixin, nn.Module):
         a cache this model returned (``cache``/``past_key_values``) keeps the weights its
         sequences were routed with (their prompt's, as :meth:`generate`); a non-empty cache
         from elsewhere needs ``weights``."""
+        self._refuse_untrainable_step(args, kwargs, weights)
         w = self._routed(args, kwargs, weights)
         r = self.routing
         r.mode, r.weights, r.task = "twin", w, w.argmax(-1)

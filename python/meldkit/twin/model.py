@@ -414,6 +414,25 @@ class RoutedMixin:
     (``self.model``, ``self.router``, ``self.routing``, ``self.features_fn``, ``self.tasks``,
     ``self.top_k``)."""
 
+    def _refuse_untrainable_step(self, args, kwargs, weights) -> None:
+        """Refuse ``Trainer.train``'s call (train mode, gradients on, labels, the router's
+        weights) when nothing in it can get a gradient: the routing pass gives the task loss
+        none (the router is trained by :func:`train_router`), and backward would fail with
+        "element 0 of tensors does not require grad". A wrapped model with trainable
+        parameters, or inputs or ``weights`` that require grad, train as before."""
+        if not (self.training and torch.is_grad_enabled()) or kwargs.get("labels") is None:
+            return
+        if weights is not None or any(p.requires_grad for p in self.model.parameters()):
+            return
+        if any(isinstance(v, torch.Tensor) and v.requires_grad for v in (*args, *kwargs.values())):
+            return
+        raise TwinError(
+            f"{type(self).__name__}: a training step with labels, but nothing in it can get a "
+            "gradient: the router is not trained through the task loss; train it with "
+            "meldkit.twin.train_router (Trainer.evaluate and predict work), unfreeze the "
+            "wrapped model's parameters to fine-tune them, or pass weights= that require grad"
+        )
+
     # ---- routing ------------------------------------------------------------------------------
 
     @one_at_a_time
@@ -872,20 +891,7 @@ class TwinModel(RoutedMixin, nn.Module):
         this model returned (``cache``/``past_key_values``) keeps the weights its sequences
         were routed with; a non-empty cache from elsewhere needs ``weights``.
         """
-        if (
-            self.training
-            and torch.is_grad_enabled()
-            and weights is None
-            and kwargs.get("labels") is not None
-        ):
-            # Trainer.train's call: the routing pass gives the task loss no gradient to train
-            # on (it would fail later as "element 0 of tensors does not require grad").
-            raise TwinError(
-                "TwinModel: a training step with labels: the router is not trained through "
-                "the task loss; train it with meldkit.twin.train_router (Trainer.evaluate and "
-                "predict work; call .eval() to compute a loss with gradients off), or pass "
-                "weights= to train merge coefficients of your own"
-            )
+        self._refuse_untrainable_step(args, kwargs, weights)
         device = next(self.model.parameters()).device
         b = _batch_size(args, kwargs)
         given = weights is not None
