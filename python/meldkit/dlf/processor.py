@@ -301,7 +301,9 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
             ``[B, V_large]`` fused logits in ``scores``' dtype; columns past ``len(tokenizer)``
             (padded embedding rows) are −inf.
         """
-        if self._prev is not None and not self._continues(input_ids):
+        # One comparison of the rows per step (a synchronisation on CUDA).
+        continues = self._prev is not None and self._continues(input_ids)
+        if self._prev is not None and not continues:
             # Another generate() call (generate copies its GenerationConfig per call): start
             # over, as a fresh processor would, unless the processor holds one batch's prompts.
             context = _generate_context(input_ids)
@@ -317,7 +319,7 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
             self._config = context.config
         else:
             prev = self._prev
-            if not self._continues(input_ids):
+            if not continues:
                 raise ValueError(
                     f"dlf: the rows are not the previous call's rows plus one token (shape "
                     f"{tuple(prev.shape)} then {tuple(input_ids.shape)}): {_DECODING_HINT}"

@@ -436,11 +436,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         with torch.no_grad(), gathered:
             tensors, metadata = _adapter_contents(_unwrapped(model))
     except RuntimeError as exc:
-        dist_error = getattr(torch.distributed, "DistError", ())
-        timed_out = "timed out" in str(exc).lower() or "timeout" in str(exc).lower()
+        text = str(exc).lower()
+        distributed = isinstance(exc, getattr(torch.distributed, "DistError", ()))
         if not sharded or isinstance(exc, torch.OutOfMemoryError):
             raise
-        if not (timed_out or (dist_error and isinstance(exc, dist_error))):
+        if not (distributed or "timed out" in text or "timeout" in text):
             raise
         # A gather that timed out: most often the other ranks never called this.
         raise AdapterError(
@@ -536,10 +536,18 @@ def read_adapter(
 
 def _read_adapter(
     path: str | os.PathLike,
-) -> tuple[GoatConfig, dict[str, dict], dict[str, torch.Tensor], list[str] | None, dict | None]:
+) -> tuple[
+    GoatConfig,
+    dict[str, dict],
+    dict[str, torch.Tensor],
+    list[str] | None,
+    dict | None,
+    dict[str, str],
+]:
     """:func:`read_adapter`, the names of the saved modules (None: a file from before
-    ``modules_to_save``) and the saved model's :func:`architecture` (None: a file from before
-    it, or of a model without a config).
+    ``modules_to_save``), the saved model's :func:`architecture` (None: a file from before
+    it, or of a model without a config) and the dtypes of the base parameters its
+    ``base_other.*`` tensors fingerprint (``{}`` for files from before them).
 
     Raises
     ------
@@ -648,21 +656,13 @@ def _read_adapter(
     extra = sorted(set(tensors) - expected_keys)
     if extra:
         raise AdapterError(f"{file}: unexpected tensors {extra[:5]}")
-    return config, layers, tensors, saved, arch
-
-
-def _other_dtypes(path: str | os.PathLike) -> dict[str, str]:
-    """The saved base's dtypes of the parameters an adapter file fingerprints besides its
-    layers' weights (``{}`` for files from before them)."""
-    from safetensors import safe_open
-
-    with safe_open(str(_resolve(path)), framework="pt") as f:
-        value = (f.metadata() or {}).get("base_other_dtypes", "{}")
     try:
-        dtypes = json.loads(value)
+        other_dtypes = json.loads(metadata.get("base_other_dtypes", "{}"))
     except ValueError:
-        return {}
-    return dtypes if isinstance(dtypes, dict) else {}
+        other_dtypes = {}
+    if not isinstance(other_dtypes, dict):
+        other_dtypes = {}
+    return config, layers, tensors, saved, arch, other_dtypes
 
 
 def load_adapter(
@@ -717,8 +717,7 @@ def load_adapter(
         the model is sharded by FSDP.
         The model is left untouched.
     """
-    config, layers, tensors, saved, arch = _read_adapter(path)
-    other_dtypes = _other_dtypes(path)
+    config, layers, tensors, saved, arch, other_dtypes = _read_adapter(path)
     file = _resolve(path)
     if _is_sharded(model):
         raise AdapterError(

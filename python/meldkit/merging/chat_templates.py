@@ -145,11 +145,7 @@ def read_template(folder: Path) -> str | None:
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8")
-    try:
-        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    template = config.get("chat_template") if isinstance(config, dict) else None
+    template = (_read_json(folder / "tokenizer_config.json") or {}).get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
@@ -184,39 +180,42 @@ def write(folder: Path, template: str) -> None:
     the template, as transformers' ``save_pretrained`` always writes it), and a processor's
     ``chat_template.json`` where it exists."""
     (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
-    config = folder / "tokenizer_config.json"
-    if not config.exists():
-        config.write_text(json.dumps({"chat_template": template}, indent=2) + "\n")
-    _keep_named_templates(folder)
-    for name, edit in (("tokenizer_config.json", _set_in_list), ("chat_template.json", None)):
-        path = folder / name
-        if not path.is_file():
-            continue
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError:
-            config = None
-        if not isinstance(config, dict):
-            continue  # not meldkit's to repair; chat_template.jinja takes precedence anyway
+    tokenizer_config = folder / "tokenizer_config.json"
+    if not tokenizer_config.exists():
+        _write_json(tokenizer_config, {"chat_template": template})
+    elif (config := _read_json(tokenizer_config)) is not None:
         old = config.get("chat_template")
-        config["chat_template"] = (
-            edit(old, template) if edit is not None and isinstance(old, list) else template
-        )
-        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if isinstance(old, list):
+            _keep_named_templates(folder, old)
+            config["chat_template"] = _set_in_list(old, template)
+        else:
+            config["chat_template"] = template
+        _write_json(tokenizer_config, config)
+    processor = folder / "chat_template.json"
+    if processor.is_file() and (config := _read_json(processor)) is not None:
+        config["chat_template"] = template
+        _write_json(processor, config)
 
 
-def _keep_named_templates(folder: Path) -> None:
-    """Transformers that read ``chat_template.jinja`` (4.47 on) ignore the list of named
+def _read_json(path: Path) -> dict | None:
+    """A JSON object file's contents; None where it is not one (not meldkit's to repair:
+    ``chat_template.jinja`` takes precedence anyway)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _write_json(path: Path, config: dict) -> None:
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _keep_named_templates(folder: Path, named: list) -> None:
+    """Transformers that read ``chat_template.jinja`` (4.47 on) ignore the list of ``named``
     templates in ``tokenizer_config.json`` and read the others from
     ``additional_chat_templates/NAME.jinja``: write the list's named templates there (those
     the folder lacks), so that ``tool_use`` or ``rag`` templates survive the new default."""
-    try:
-        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    named = config.get("chat_template") if isinstance(config, dict) else None
-    if not isinstance(named, list):
-        return
     extra = folder / "additional_chat_templates"
     for entry in named:
         if not isinstance(entry, dict):

@@ -767,13 +767,14 @@ class ShardedWriter:
         # mkdtemp made the folder private (0700); the output gets a new folder's mode, as
         # mkdir would give it: 0777 less the umask.
         os.chmod(self.tmp, 0o777 & ~_umask())
-        if fsync:
-            for path in sorted(self.tmp.rglob("*")):
+        if fsync:  # the files, then the folders, deepest first
+            entries = sorted(self.tmp.rglob("*"))
+            for path in entries:
                 if path.is_file():
                     _fsync_path(path)
-            for path in sorted((p for p in self.tmp.rglob("*") if p.is_dir()), reverse=True):
-                _fsync_path(path, folder=True)
-            _fsync_path(self.tmp, folder=True)
+            for path in [*reversed(entries), self.tmp]:
+                if path.is_dir():
+                    _fsync_path(path, folder=True)
         os.replace(self.tmp, self.out_dir)
         if fsync:
             try:  # the output is in place: a failure here must not report the merge failed

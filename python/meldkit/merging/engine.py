@@ -435,8 +435,8 @@ def _missing_hint(c: Checkpoint, lacking: list[str]) -> str:
         return (
             " (its config.json ties the head to the input embeddings: tie_word_embeddings is "
             "true, or left out, which is its model type's default; but meldkit reads the input "
-            "embeddings "
-            f"as {heads[0]} only where they are named {' or '.join(_TIED_HEADS[heads[0]])})"
+            f"embeddings as {heads[0]} only where they are named "
+            f"{' or '.join(_TIED_HEADS[heads[0]])})"
         )
     if tie is None:
         return (
@@ -807,7 +807,7 @@ def _check_tokenizer(source: Path | None, reference: Checkpoint) -> None:
 
 
 def _chat_template(
-    cfg: MergeConfig, base: Checkpoint | None, models: list[Checkpoint], reference: Checkpoint
+    cfg: MergeConfig, inputs: list[Checkpoint], reference: Checkpoint
 ) -> tuple[str | None, str | None]:
     """The chat template the output's tokenizer gets (None: its own) and how it was chosen,
     for the model card. Refuses a ``chat_template`` where the output has no tokenizer to carry
@@ -820,7 +820,6 @@ def _chat_template(
             f"chat_template: the output has no tokenizer to carry it ({folder} has no tokenizer "
             "files): set tokenizer_source to a model with a tokenizer, or leave chat_template out"
         )
-    inputs = ([base] if base is not None else []) + models
     folders = list(dict.fromkeys(c.aux_folder() for c in inputs))
     template, how = chat_templates.resolve(cfg.chat_template, folders)
     if template is None:
@@ -1007,9 +1006,8 @@ def merge(
     Warns when the reference's folder has no config.json or no tokenizer files, when a model
     stores tensors in a wider dtype than the reference's and the config sets no ``dtype``
     (every input is converted to the reference's dtype first), when models tie their head to
-    their embeddings and
-    others do not, and when buffers are in some models only (skipped where the reference lacks
-    them, copied from it where a model does: :func:`_validate`).
+    their embeddings and others do not, and when buffers are in some models only (skipped
+    where the reference lacks them, copied from it where a model does: :func:`_validate`).
 
     Notes
     -----
@@ -1100,10 +1098,10 @@ def merge(
 
     reference = base if base is not None else models[0]
     model_config = _model_config(reference)
-    template, template_note = _chat_template(cfg, base, models, reference)
-    inputs_all = ([base] if base is not None else []) + models
-    _check_scaled_heads(inputs_all)
-    untie = _untie_output(reference, inputs_all, names)
+    inputs = ([base] if base is not None else []) + models  # base first
+    template, template_note = _chat_template(cfg, inputs, reference)
+    _check_scaled_heads(inputs)
+    untie = _untie_output(reference, inputs, names)
     if untie and not reference.tied:  # (a tied reference read as a head already warned)
         warnings.warn(
             f"{reference.path}'s config.json ties its output head to its input embeddings, but "
@@ -1184,7 +1182,6 @@ def merge(
     buffers = _OutputBuffers(
         max((nbytes[n] for n in float_names), default=0), pin=device.type == "cuda"
     )
-    inputs = ([base] if base is not None else []) + models
     float_set = set(float_names)
 
     def steps_of(step_names: list[str]) -> list[list[tuple[Path, int, int]]]:
