@@ -673,3 +673,41 @@ def test_wrap_shows_a_progress_bar_over_the_layers_unless_asked_not_to(capsys):
     assert "goat wrap" in err and "2/2" in err and "layer" in err
     goat.wrap(mlp(), goat.GoatConfig(num_experts=2, top_k=1, rank=4), progress=False)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("container", ["encoder", "nested", "sequential"])
+def test_pytorch_encoder_layers_keep_their_experts_in_eval_mode(container):
+    # In eval mode, nn.TransformerEncoderLayer runs a fused kernel that reads linear1.weight and
+    # linear2.weight directly (the base alone) unless a module inside it has hooks, and
+    # nn.TransformerEncoder hands its layers nested tensors when given a padding mask.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, dropout=0.0, batch_first=True)
+    if container == "sequential":
+        model = nn.Sequential(layer)
+    else:
+        model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=container == "nested")
+    x = torch.randn(2, 10, 64)
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[1, 6:] = True
+    kwargs = {} if container == "sequential" else {"src_key_padding_mask": mask}
+    model.eval()
+    with torch.no_grad():
+        base = model(x, **kwargs)
+    goat.wrap(
+        model, goat.GoatConfig(rank=8, num_experts=4, dropout=0.0, init="lora"), progress=False
+    )
+    with torch.no_grad():
+        for _, g in goat.model.goat_layers(model):
+            g.lora_b.normal_()
+        model.train()
+        want = model(x, **kwargs)
+        model.eval()
+        got = model(x, **kwargs)
+    keep = ~mask.unsqueeze(-1) if kwargs else torch.ones(1, dtype=torch.bool)
+    assert (want - base).where(keep, 0).abs().max() > 0.1  # the experts change the output
+    torch.testing.assert_close(got.where(keep, 0), want.where(keep, 0), atol=1e-5, rtol=1e-5)
+    goat.unwrap(model)
+    if container == "nested":
+        assert model.use_nested_tensor  # put back by unwrap
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, **kwargs).nan_to_num(), base.nan_to_num())

@@ -24,6 +24,8 @@ _SAVED = "_meldkit_goat_modules_to_save"
 _SAVED_ORIGINALS = "_meldkit_goat_saved_originals"
 # Set on a model whose input-embedding hook (enable_input_require_grads) wrap put there.
 _INPUT_GRADS = "_meldkit_goat_input_grads"
+# On an nn.TransformerEncoder whose use_nested_tensor track_forwards turned off.
+_NESTED = "_meldkit_goat_use_nested_tensor"
 
 
 def goat_layers(model: nn.Module) -> Iterator[tuple[str, GoatLinear]]:
@@ -375,10 +377,25 @@ def track_forwards(model: nn.Module) -> None:
             hooked.setdefault(above, []).append(layer)
             if isinstance(module, nn.Sequential):
                 break  # its children are called by its forward
+        # PyTorch's encoder layers get the hooks wherever they sit: in eval mode their fused
+        # fast path reads linear1/linear2.weight directly (the base alone, without the experts)
+        # unless a module inside the layer has hooks.
+        for i in range(len(parts)):
+            above = ".".join(parts[:i])
+            if isinstance(model.get_submodule(above), nn.TransformerEncoderLayer):
+                if layer not in hooked.setdefault(above, []):
+                    hooked[above].append(layer)
     for name, layers in hooked.items():
         module = model.get_submodule(name)
         module.register_forward_pre_hook(_Entry(scope, layers))
         module.register_forward_hook(scope.leave, always_call=True)
+        if isinstance(module, nn.TransformerEncoder) and getattr(
+            module, "use_nested_tensor", False
+        ):
+            # Its eval fast path hands its layers nested tensors, meant for the fused layer
+            # kernel that the hooks above turn off; the layers' own forward cannot take them.
+            module.use_nested_tensor = False
+            module.__dict__[_NESTED] = True
     for _, layer in named:
         layer.scope = scope
         layer._probs.clear()
@@ -394,6 +411,8 @@ def untrack_forwards(model: nn.Module) -> None:
                 module._forward_hooks_always_called.pop(key, None)
         if isinstance(module, GoatLinear):
             module.scope = None
+        if module.__dict__.pop(_NESTED, False):
+            module.use_nested_tensor = True
 
 
 def remember_requires_grad(model: nn.Module) -> None:
