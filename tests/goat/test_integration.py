@@ -711,3 +711,16 @@ def test_pytorch_encoder_layers_keep_their_experts_in_eval_mode(container):
         assert model.use_nested_tensor  # put back by unwrap
     with torch.no_grad():
         torch.testing.assert_close(model(x, **kwargs).nan_to_num(), base.nan_to_num())
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ("base_layer",), ("q_proj",)])
+def test_wrap_refuses_the_layers_of_a_peft_adapter(targets):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    config = goat.GoatConfig(rank=8, num_experts=4, init="lora", target_modules=targets)
+    with pytest.raises(ValueError, match=r"PEFT|another adapter library") as err:
+        goat.wrap(model, config, progress=False)
+    assert "q_proj" in str(err.value)
+    assert not list(goat.model.goat_layers(model))
+    lora_a = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"]
+    assert lora_a.weight.requires_grad  # PEFT's own adapter still trains

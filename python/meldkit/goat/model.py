@@ -56,6 +56,10 @@ def _excluded_heads(model: nn.Module, head_names: tuple[str, ...] = HEAD_NAMES) 
     return [name for name, module in model.named_modules() if any(module is h for h in heads)]
 
 
+def _kind(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
 def find_targets(
     model: nn.Module,
     target_modules: str | tuple[str, ...],
@@ -90,10 +94,25 @@ def find_targets(
         weight_names.setdefault(id(p), []).append(name)
     inside_mha = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     excluded = _excluded_heads(model, head_names) if target_modules == ALL_LINEAR else []
+    tuners = [
+        name
+        for name, module in model.named_modules()
+        if name and any(c.__name__ == "BaseTunerLayer" for c in type(module).__mro__)
+    ]
     found, too_small = [], []
     for name, module in model.named_modules():
         if not name:
             continue
+        inside = [t for t in tuners if name.startswith(t + ".")]
+        if inside and isinstance(module, nn.Linear):
+            if target_modules != ALL_LINEAR and not _matches(name, target_modules):
+                continue
+            raise ValueError(
+                f"meldkit.goat.wrap: {name!r} is inside the PEFT adapter layer {inside[-1]!r} "
+                f"({_kind(model.get_submodule(inside[-1]))}); GOAT does not adapt "
+                "another adapter's layers. Wrap the model before PEFT, or merge the PEFT "
+                "adapter into it first (merge_and_unload)"
+            )
         if target_modules == ALL_LINEAR:
             if not isinstance(module, nn.Linear) or id(module) in inside_mha:
                 continue
@@ -105,11 +124,10 @@ def find_targets(
         elif not _matches(name, target_modules):
             continue
         elif not isinstance(module, nn.Linear) or id(module) in inside_mha:
-            kind = f"{type(module).__module__}.{type(module).__qualname__}"
             raise ValueError(
-                f"meldkit.goat.wrap: target {name!r} is a {kind}; GOAT adapts torch.nn.Linear "
-                "layers only (not GPT-2's Conv1D, nor a layer another adapter library already "
-                "replaced; check target_modules)"
+                f"meldkit.goat.wrap: target {name!r} is a {_kind(module)}; GOAT adapts "
+                "torch.nn.Linear layers only (not GPT-2's Conv1D, nor a layer another adapter "
+                "library already replaced; check target_modules)"
             )
         if len(shared[id(module)]) > 1:
             raise ValueError(
