@@ -306,3 +306,27 @@ def test_adapter_refuses_another_rope_whatever_version_saved_it(tmp_path):
     scaled = transformers.LlamaForCausalLM(config).eval()
     scaled.load_state_dict(tiny_llama().state_dict())
     goat.load_adapter(scaled, path)  # the last record: linear scaling, factor 4
+
+
+@pytest.mark.parametrize("where", ["layers", "others", "saved"])
+@pytest.mark.parametrize("check_base", [True, False])
+def test_load_adapter_refuses_weights_on_the_meta_device(tmp_path, where, check_base):
+    path = tmp_path / "adapter.safetensors"
+    saved = ["lm_head"] if where == "saved" else []
+    model = goat.wrap(tiny_llama(), llama_config(modules_to_save=saved), progress=False)
+    goat.save_adapter(model, path)
+    fresh = tiny_llama()
+    if where == "layers":
+        fresh.to("meta")
+    elif where == "others":
+        fresh.model.norm.to("meta")
+    else:
+        fresh.lm_head.to("meta")
+    if where == "others" and not check_base:
+        goat.load_adapter(fresh, path, check_base=False)  # the norm is not the adapter's
+        assert len(list(goat.goat_layers(fresh))) == 2 * len(LLAMA_TARGETS)
+        return
+    with pytest.raises(goat.AdapterError, match="meta device"):
+        goat.load_adapter(fresh, path, check_base=check_base, keep_original=False)
+    assert not list(goat.goat_layers(fresh))
+    assert not [k for k in vars(fresh) if k.startswith("_meldkit")]  # left untouched

@@ -759,6 +759,11 @@ def load_adapter(
             raise AdapterError(
                 f"{file}: {name!r} is a {type(linear).__name__} in the model, not an nn.Linear"
             )
+        if linear.weight.device.type == "meta":
+            raise AdapterError(
+                f"{file}: layer {name!r}: the model's weight is on the meta device (not loaded, "
+                "e.g. built under init_empty_weights); load the base model's weights first"
+            )
         want = (info["out_features"], info["in_features"])
         if tuple(linear.weight.shape) != want:
             raise AdapterError(
@@ -804,9 +809,16 @@ def load_adapter(
             if k.startswith(_OTHER_PREFIX)
         }
         if others:  # files from before these fingerprints have none
-            difference = sketches_difference(
-                others, other_dtypes, _other_parameters(model, layers, saved)
-            )
+            current = _other_parameters(model, layers, saved)
+            meta = [k for k, t in current.items() if t.device.type == "meta"]
+            if meta:
+                raise AdapterError(
+                    f"{file}: base weight check: the model's parameters {meta[:5]}"
+                    f"{' …' if len(meta) > 5 else ''} are on the meta device (not loaded); load "
+                    "the base model's weights first, or pass check_base=False to leave them out "
+                    "of the check"
+                )
+            difference = sketches_difference(others, other_dtypes, current)
             if difference is not None:
                 raise AdapterError(
                     f"{file}: base weight check: the model is not the base the adapter was "
@@ -840,6 +852,12 @@ def load_adapter(
         except AttributeError:
             raise AdapterError(f"{file}: saved module {mname!r} not found in the model") from None
         params = dict(module.named_parameters())
+        meta = [k for k, p in params.items() if p.device.type == "meta"]
+        if meta:
+            raise AdapterError(
+                f"{file}: saved module {mname!r}: the model's {meta} are on the meta device "
+                "(not loaded); load the base model's weights first"
+            )
         prefix = f"{_SAVED_PREFIX}{mname}."
         stored = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         if set(stored) != set(params):
