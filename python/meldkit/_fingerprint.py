@@ -22,6 +22,7 @@ from torch import nn
 SKETCH_RTOL_EXACT = 1e-5
 SKETCH_RTOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 SKETCH_RTOL_DEFAULT = 1e-4
+_NARROW = (torch.bfloat16, torch.float16)
 
 
 # Elements converted to fp32 at a time by the fingerprints (a 128K-token embedding matrix is
@@ -29,10 +30,10 @@ SKETCH_RTOL_DEFAULT = 1e-4
 _CHUNK = 1 << 22
 
 
-def base_sketch(weight: torch.Tensor) -> torch.Tensor:
+def base_sketch(weight: torch.Tensor, round_to: torch.dtype | None = None) -> torch.Tensor:
     """``W @ v`` in fp32 on the weight's device, returned on the CPU, for a fixed v ~ N(0, 1)
     drawn from a generator seeded by W's width: a fingerprint of W ``[m, n]`` (``[m]``),
-    computed a block of rows at a time."""
+    computed a block of rows at a time (each block first rounded to ``round_to`` if given)."""
     m, n = weight.shape
     generator = torch.Generator().manual_seed(0x60A7 + n)
     v = torch.randn(n, generator=generator, dtype=torch.float32).to(weight.device)
@@ -41,7 +42,10 @@ def base_sketch(weight: torch.Tensor) -> torch.Tensor:
         w = weight.detach()
         out = torch.empty(m, dtype=torch.float32, device=weight.device)
         for i in range(0, m, rows):
-            torch.mv(w[i : i + rows].float(), v, out=out[i : i + rows])
+            block = w[i : i + rows]
+            if round_to is not None:
+                block = block.to(round_to)
+            torch.mv(block.float(), v, out=out[i : i + rows])
         return out.cpu()
 
 
@@ -80,13 +84,16 @@ def layout_difference(saved: dict[str, list[int]], now: dict[str, list[int]]) ->
     return None
 
 
-def parameter_sketch(p: torch.Tensor) -> torch.Tensor:
+def parameter_sketch(p: torch.Tensor, round_to: torch.dtype | None = None) -> torch.Tensor:
     """A fingerprint of any parameter's values, fp32 on the CPU: :func:`base_sketch` of ``p``
     viewed as ``[shape[0], -1]`` (2-D and more), the values themselves for a vector (norm
-    weights, biases: small), ``[1]`` for a scalar."""
+    weights, biases: small), ``[1]`` for a scalar; of ``p``'s values rounded to ``round_to``
+    when given."""
     p = p.detach()
     if p.dim() >= 2:
-        return base_sketch(p.reshape(p.shape[0], -1))
+        return base_sketch(p.reshape(p.shape[0], -1), round_to)
+    if round_to is not None:
+        p = p.to(round_to)
     return p.reshape(-1).float().cpu().clone()
 
 
@@ -129,7 +136,13 @@ def sketches_difference(
         saved_dtype = getattr(torch, dtypes.get(name, ""), p.dtype)
         if not isinstance(saved_dtype, torch.dtype):
             saved_dtype = p.dtype
-        rtol = sketch_rtol(saved_dtype, p.dtype)
+        if saved_dtype in _NARROW and p.dtype.itemsize > saved_dtype.itemsize:
+            # The saved base held values of a narrower dtype (parameter_sketches): the same
+            # base, wider here, rounds to exactly those values, so compare the rounded values
+            # exactly (a bf16 tolerance would let a fine-tune's small changes pass).
+            current, rtol = parameter_sketch(p, round_to=saved_dtype), SKETCH_RTOL_EXACT
+        else:
+            rtol = sketch_rtol(saved_dtype, p.dtype)
         if current.shape != sketch.shape:
             return f"has parameter {name!r} of another shape than the saved base's"
         distance = sketch_distance(sketch, current)

@@ -330,3 +330,28 @@ def test_load_adapter_refuses_weights_on_the_meta_device(tmp_path, where, check_
         goat.load_adapter(fresh, path, check_base=check_base, keep_original=False)
     assert not list(goat.goat_layers(fresh))
     assert not [k for k in vars(fresh) if k.startswith("_meldkit")]  # left untouched
+
+
+def test_base_check_compares_a_bf16_base_held_in_fp32_exactly(tmp_path):
+    # A bf16 checkpoint loaded in fp32 (every value bf16-exact): the same base in fp32 or in
+    # bf16 loads; one whose other parameters a fine-tune moved by ~0.5 % is refused (a bf16
+    # rounding tolerance of 8e-3 let it pass: the file records the narrowest dtype holding the
+    # values, and the model's own dtype was compared with it).
+    def rounded():
+        model = tiny_llama()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(torch.bfloat16).float())
+        return model
+
+    path = tmp_path / "adapter.safetensors"
+    targets = ["q_proj", "v_proj"]
+    goat.save_adapter(goat.wrap(rounded(), llama_config(target_modules=targets)), path)
+    goat.load_adapter(rounded(), path)
+    goat.load_adapter(rounded().to(torch.bfloat16), path)
+    moved = rounded()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        moved.lm_head.weight.mul_(1 + 0.005 * torch.randn(moved.lm_head.weight.shape, generator=g))
+    with pytest.raises(goat.AdapterError, match=r"lm_head\.weight"):
+        goat.load_adapter(moved, path)
