@@ -1235,3 +1235,35 @@ def test_a_training_step_with_labels_is_refused_by_name(full_rank):
                 p.requires_grad_(False)
     finally:
         model.eval()
+
+
+@pytest.mark.parametrize("exclude", [None, (r"classification_head", r"\.bias$")])
+def test_t5_relative_position_tables_route_each_sample(exclude):
+    # T5 looks its relative-position table up with [query, key] bucket ids, no batch dimension:
+    # batched, a per-sample hook split the queries as if they were samples when L == B (wrong
+    # logits, silently) and failed otherwise.
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+        num_heads=4, num_labels=3, pad_token_id=0, decoder_start_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.T5ForSequenceClassification(config).eval()
+    experts = {f"t{i}": perturbed(base, i + 1, 0.2).eval() for i in range(2)}
+    kwargs = {} if exclude is None else {"exclude": exclude}
+    built = twin.build(base, experts, rank_ratio=1.0, progress=False, **kwargs)
+    with pytest.warns(UserWarning, match="relative_attention_bias"):
+        model = twin.TwinModel(base, built).eval()
+    for b, length in ((4, 4), (2, 5)):
+        ids = torch.randint(3, 64, (b, length), generator=torch.Generator().manual_seed(b))
+        ids[:, -1] = 1  # eos
+        routes = torch.arange(b) % 2
+        with torch.no_grad():
+            got = model(input_ids=ids, weights=torch.eye(2)[routes]).logits
+            want = torch.cat(
+                [
+                    experts[f"t{int(t)}"](input_ids=ids[i : i + 1]).logits
+                    for i, t in enumerate(routes)
+                ]
+            )
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -586,10 +586,11 @@ class TwinPerSample:
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
         dense: dict[str, torch.Tensor],
         specific: dict[str, list[torch.Tensor]],
+        warn: bool = True,
     ) -> None:
         self.name, self.routing = name, routing
         self.factors, self.dense, self.specific = factors, dense, specific
-        if factors:
+        if factors and warn:
             warnings.warn(
                 f"meldkit.twin: {type(module).__name__} {name!r} has 2-D exclusive parts "
                 f"({', '.join(factors)}): they are rebuilt densely per sample",

@@ -93,6 +93,9 @@ def _hidden_size(model: nn.Module) -> int | None:
     return None
 
 
+# Modules called with inputs that have no batch dimension (T5's and MPNet's relative-position
+# bias tables, looked up with [query, key] bucket ids): routed one sample at a time.
+_BATCH_FREE = ("relative_attention_bias",)
 # Keyword arguments of Hugging Face models that are batch-first whenever their first dimension is
 # the batch size (see BATCH_KWARGS); a routed model's forward also names them in its signature
 # (see declare_inputs).
@@ -669,7 +672,8 @@ class TwinModel(RoutedMixin, nn.Module):
     are cast to the router's dtype). Calls from several threads run one after the other (the
     routing is state every twin layer reads: :attr:`Routing.lock`). A model that cannot take
     the per-sample output of an input its batch shares (DeBERTa's relative-position embeddings)
-    runs one sample at a time, with a warning.
+    runs one sample at a time, with a warning; so does, from the start, a model whose routed
+    modules take inputs without a batch dimension (T5's and MPNet's relative-position tables).
 
     Parameters
     ----------
@@ -714,8 +718,19 @@ class TwinModel(RoutedMixin, nn.Module):
         self.routing = Routing()
         self._order_batches = True
         self._sample_by_sample = False  # see _routed
+        self._batch_free: list[str] = []
         self._load_shared()
         self.per_sample_modules = self._install()
+        if self._batch_free:
+            # T5's and MPNet's relative-position tables are looked up with [query, key] bucket
+            # ids, one result for the whole batch: no per-sample weights can reach it.
+            self._sample_by_sample = True
+            warnings.warn(
+                f"meldkit.twin: {self._batch_free} take position buckets without a batch "
+                "dimension (one lookup serves the whole batch), so each sample's merge cannot "
+                "reach them in a batch: this TwinModel runs one sample at a time (exact, slower)",
+                stacklevel=2,
+            )
         if router is None:
             d = _hidden_size(self.model)
             if d is None:
@@ -825,7 +840,11 @@ class TwinModel(RoutedMixin, nn.Module):
             if not full:
                 continue
             w, b = full.get("weight"), full.get("bias")
-            if type(module) is nn.Linear or is_conv1d(module):
+            batch_free = mod_name.endswith(_BATCH_FREE)
+            layer: nn.Module | None = None  # batch-free: TwinPerSample below
+            if batch_free:
+                pass
+            elif type(module) is nn.Linear or is_conv1d(module):
                 layer = TwinLinear(
                     module,
                     mod_name,
@@ -846,6 +865,8 @@ class TwinModel(RoutedMixin, nn.Module):
                     specific={k: ex.specific[f] for k, f in full.items() if f in ex.specific},
                 )
             else:
+                layer = None
+            if layer is None:
                 TwinPerSample(
                     module,
                     mod_name,
@@ -853,9 +874,12 @@ class TwinModel(RoutedMixin, nn.Module):
                     factors={k: ex.factors[f] for k, f in full.items() if f in ex.factors},
                     dense={k: ex.dense[f] for k, f in full.items() if f in ex.dense},
                     specific={k: ex.specific[f] for k, f in full.items() if f in ex.specific},
+                    warn=not batch_free,
                 )
                 per_sample.append(mod_name)
                 done[id(module)] = None
+                if batch_free:
+                    self._batch_free.append(mod_name)
                 continue
             replace_module(self.model, mod_name, layer)
             done[id(module)] = layer
