@@ -2610,25 +2610,36 @@ def test_a_tokenizer_source_without_tokenizer_files_is_refused(zoo):
         merge(config_for("ties", paths), tmp / "out", progress=False)
 
 
-def test_inputs_wider_than_the_reference_warn_and_the_card_says_what_ran(zoo):
-    # Without a dtype every input is converted to the base's dtype (as mergekit does): float32
-    # fine-tunes of a bfloat16 base lose their precision, which a warning and the card say.
+def test_inputs_wider_than_the_reference_are_merged_and_stored_at_their_precision(zoo):
+    # Without a dtype each tensor is merged from its inputs' widest dtype (mergekit 0.1.5's
+    # promote_types) and stored in it: float32 fine-tunes of a bfloat16 base keep their
+    # precision (they were rounded to bfloat16 first), with a warning that the output is wider.
     import warnings
+
+    from safetensors.torch import load_file
 
     tmp, _, tunes, paths = zoo
     cfg = config_for("task_arithmetic", paths, n=2)
-    del cfg["dtype"]
-    cfg["out_dtype"] = "float32"
+    del cfg["dtype"], cfg["out_dtype"]
     wide = write_checkpoint(tmp / "wide", tunes[0], config={}, dtype=torch.float32)
     cfg["models"][0]["model"] = str(wide)
-    with pytest.warns(UserWarning, match=r"wider dtype than .*wide \(\d+ tensors.*dtype: float32"):
+    with pytest.warns(UserWarning, match=r"wider dtype than .*wide \(\d+ tensors.*stored in it"):
         out = merge(cfg, tmp / "out", progress=False)
-    card = (out / "README.md").read_text()
-    assert "inputs converted to the base model's dtype of each tensor" in card
-    assert "read in their own dtype" not in card
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        merge({**cfg, "dtype": "float32"}, tmp / "out32", progress=False)
+        want = merge({**cfg, "dtype": "float32"}, tmp / "out32", progress=False)
+    got = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    ref = {k: v for f in sorted(want.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert got.keys() == ref.keys()
+    for k in got:
+        assert got[k].dtype == (torch.float32 if ref[k].is_floating_point() else ref[k].dtype), k
+        assert torch.equal(got[k], ref[k]), k
+    with pytest.warns(UserWarning, match=r"wider dtype than .*stored in out_dtype"):
+        out = merge({**cfg, "out_dtype": "bfloat16"}, tmp / "outbf", progress=False)
+    card = (out / "README.md").read_text()
+    assert "inputs converted to their widest dtype of each tensor" in card
+    stored = load_file(next(out.glob("*.safetensors")))
+    assert {str(v.dtype) for v in stored.values() if v.is_floating_point()} == {"torch.bfloat16"}
 
 
 def test_a_folder_with_both_weight_layouts_reads_model_safetensors(zoo):

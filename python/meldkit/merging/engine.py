@@ -752,10 +752,9 @@ def model_card(
         # rounds the inputs (bfloat16, float16) or widens them (float32).
         out = _dtype_name(cfg.out_dtype or cfg.dtype)
         if cfg.dtype is None:
-            # The merge converts every input to the reference's dtype, tensor by tensor.
-            which = "base model" if cfg.base is not None else "first model"
+            # The merge converts every input to the inputs' widest dtype, tensor by tensor.
             notes.append(
-                f"inputs converted to the {which}'s dtype of each tensor (the config sets no "
+                "inputs converted to their widest dtype of each tensor (the config sets no "
                 f"dtype), merged in float32, stored in {out}"
             )
         else:
@@ -832,12 +831,26 @@ def _chat_template(
     return template, how
 
 
-def _warn_wider_inputs(reference: Checkpoint, models: list[Checkpoint], names: list[str]) -> None:
+def _promoted_dtype(inputs: list[Checkpoint], name: str) -> torch.dtype:
+    """The dtype tensor ``name`` is merged from and stored in when the config sets no
+    ``dtype``: the widest of the inputs' (``torch.promote_types``; bfloat16 with float16 gives
+    float32), as mergekit (0.1.5) aligns each tensor group."""
+    dtype = inputs[0].dtype(name)
+    for c in inputs[1:]:
+        dtype = torch.promote_types(dtype, c.dtype(name))
+    return dtype
+
+
+def _warn_wider_inputs(
+    reference: Checkpoint, inputs: list[Checkpoint], names: list[str], stored: bool
+) -> None:
     """Warn when a model stores floating tensors wider than the reference's (float32 fine-tunes
-    of a bfloat16 base) and the config sets no ``dtype``: the merge converts every input to the
-    reference's dtype first (as mergekit does), so their extra precision is rounded away."""
+    of a bfloat16 base) and the config sets no ``dtype``: those tensors are merged from the
+    widest dtype (as mergekit does) and, unless ``out_dtype`` is set (``stored`` False), stored
+    in it, so the output is larger than the reference and its config.json's dtype (the
+    reference's) is not the tensors'."""
     wider = []
-    for m in models:
+    for m in inputs:
         if m is reference:
             continue
         found = [
@@ -845,7 +858,7 @@ def _warn_wider_inputs(reference: Checkpoint, models: list[Checkpoint], names: l
             for n in names
             if reference.dtype(n) in FLOAT_DTYPES
             and m.dtype(n) in FLOAT_DTYPES
-            and m.dtype(n).itemsize > reference.dtype(n).itemsize
+            and _promoted_dtype([reference, m], n) != reference.dtype(n)
         ]
         if found:
             n = found[0]
@@ -854,10 +867,15 @@ def _warn_wider_inputs(reference: Checkpoint, models: list[Checkpoint], names: l
                 f"{_dtype_name(reference.dtype(n))} in {reference.path})"
             )
     if wider:
+        store = (
+            "and stored in it (set out_dtype to store the reference's dtype)"
+            if stored
+            else "and stored in out_dtype"
+        )
         warnings.warn(
             f"models store tensors in a wider dtype than {reference.path}: {'; '.join(wider)}. "
-            "Without a dtype in the config every input is rounded to its dtype before merging, "
-            "as mergekit does: set dtype: float32 to merge them at their precision",
+            f"Without a dtype in the config those tensors are merged from the widest dtype, "
+            f"as mergekit does, {store}",
             UserWarning,
             stacklevel=3,
         )
@@ -1121,7 +1139,14 @@ def merge(
             stacklevel=2,
         )
     if cfg.dtype is None:
-        _warn_wider_inputs(reference, models, [n for n in names if n not in copied])
+        _warn_wider_inputs(
+            reference, inputs, [n for n in names if n not in copied], cfg.out_dtype is None
+        )
+
+    def work_dtype(n: str) -> torch.dtype:
+        """The dtype tensor ``n``'s inputs are converted to before merging."""
+        return cfg.dtype or _promoted_dtype(inputs, n)
+
     layout = layer_layout(names, model_config)
     if _uses_layers(cfg):
         # A gradient's value depends on each tensor's place in its stack: refused where that
@@ -1153,7 +1178,9 @@ def merge(
         if reference.dtype(n) in FLOAT_DTYPES and n not in copied:
             cfg.check_tensor(n, positions[n], layers[n])
     out_dtype_of = {
-        n: (cfg.out_dtype or cfg.dtype or reference.dtype(n))
+        n: (cfg.out_dtype or work_dtype(n))
+        if reference.dtype(n) in FLOAT_DTYPES and n not in copied
+        else (cfg.out_dtype or cfg.dtype or reference.dtype(n))
         if reference.dtype(n) in FLOAT_DTYPES
         else reference.dtype(n)
         for n in names
@@ -1219,16 +1246,14 @@ def merge(
 
             def load_base(n: str) -> torch.Tensor:  # each step of each pass loads the base first
                 reading[0].at(next(started))
-                return reference.get(n).to(cfg.dtype or reference.dtype(n))
+                return reference.get(n).to(work_dtype(n))
 
             try:
                 thresholds = global_thresholds(
                     float_names,
                     # Converted as the merge converts them, so the magnitudes are the same.
                     load_base,
-                    lambda n: [
-                        load(i, n).to(cfg.dtype or reference.dtype(n)) for i in range(len(models))
-                    ],
+                    lambda n: [load(i, n).to(work_dtype(n)) for i in range(len(models))],
                     cfg.model_param("density", 1.0),
                     progress=trim_bar.update if trim_bar is not None else None,
                 )
@@ -1248,7 +1273,7 @@ def merge(
                 # Integer buffers, and buffers some models lack: the reference's.
                 writer.add(name, reference.get(name).to(out_dtype_of[name]))
             else:
-                dt = cfg.dtype or reference.dtype(name)
+                dt = work_dtype(name)
                 b = reference.get(name).to(device, dt) if base is not None else None
                 ms = [load(i, name).to(device, dt) for i in range(len(models))]
                 params = _tensor_params(cfg, name, positions[name], layers[name])
