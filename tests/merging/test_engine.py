@@ -508,12 +508,19 @@ def test_numbers_as_yaml_strings_and_numpy_scalars_are_numbers(zoo):
         assert torch.equal(t, want[name]), name
     for text in ("nan", "-inf", "1_000"):  # float() reads them; a config's number is finite
         bad = {**cfg, "models": [{"model": str(paths["ft0"]), "parameters": {"weight": text}}]}
-        with pytest.raises(ConfigError, match=rf"weight: expected a number, got '{text}'"):
+        with pytest.raises(
+            ConfigError, match=rf"weight: expected a number or true/false, got '{text}'"
+        ):
             parse_config(bad)
-    with pytest.raises(ConfigError, match=r"weight: expected a number, got 'half'"):
+    with pytest.raises(ConfigError, match=r"weight: expected a number or true/false, got 'half'"):
         parse_config(
             {**cfg, "models": [{"model": str(paths["ft0"]), "parameters": {"weight": "half"}}]}
         )
+    # A quoted YAML boolean is a boolean, as mergekit reads it.
+    quoted = read(merge({**cfg, "parameters": {"normalize": "False"}}, tmp / "q", progress=False))
+    plain = read(merge({**cfg, "parameters": {"normalize": False}}, tmp / "p", progress=False))
+    assert all(torch.equal(quoted[k], plain[k]) for k in plain)
+    assert any(not torch.equal(quoted[k], want[k]) for k in want)  # normalize did change
 
 
 def test_linear_weights_summing_to_zero_are_refused_before_merging(zoo):

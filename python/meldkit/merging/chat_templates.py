@@ -17,11 +17,12 @@ from pathlib import Path
 # The built-in templates, by the names mergekit gives them. Each renders the conversation in the
 # model family's own format, as the family's published template does; ``add_generation_prompt``
 # opens the assistant's turn. chatml renders as mergekit 0.1.5's file does; the others differ
-# from mergekit's files in whitespace, where those differ from the families' formats: mergekit's
-# llama3 puts a newline after each <|eot_id|>, its mistral a space after <s> and before each
-# [INST] and each answer, its alpaca no newlines after a user turn and none after an answer,
-# its exaone indentation (rendered as transformers renders templates). A config that needs
-# mergekit's exact text can give it in full.
+# from mergekit's files where those differ from the families' formats: mergekit's llama3 puts a
+# newline after each <|eot_id|>, its mistral a space after <s> and before each [INST] and each
+# answer, its exaone indentation (rendered as transformers renders templates), and its alpaca
+# has no bos and eos tokens (this one opens with bos and ends each answer with eos, as
+# Alpaca fine-tunes were trained) and puts the blank line before each turn instead of after
+# it. A config that needs mergekit's exact text can give it in full.
 BUILTIN = {
     # OpenAI's ChatML (Qwen, Hermes, many community fine-tunes).
     "chatml": (

@@ -305,9 +305,11 @@ def _scalar(value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected one value here, not a list (no gradient)")
     if isinstance(value, bool) or value is None:
         return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"  # a quoted YAML boolean, as mergekit reads it
     number = _number(value)
     if number is None:
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        raise ConfigError(f"{where}: expected a number or true/false, got {value!r}")
     return number
 
 
