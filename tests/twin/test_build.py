@@ -3,6 +3,7 @@ checkpoint folders, and its errors."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -354,3 +355,39 @@ def test_shared_trim_scope_errors(shared, extra, match):
             exclude=None,
             progress=False,
         )
+
+
+@pytest.mark.parametrize("source", ["memory", "folders"])
+def test_experts_in_another_dtype_than_the_base(tmp_path, source):
+    # bfloat16 fine-tunes of a float32 base merge at their precision (bf16 -> fp32 is exact):
+    # the same twin as from the experts cast to float32. It was a MergeError naming "model 0".
+    base, experts = roberta_experts(2)
+    half = {k: copy.deepcopy(e).to(torch.bfloat16) for k, e in experts.items()}
+    want = twin.build(base, {k: copy.deepcopy(e).float() for k, e in half.items()}, progress=False)
+    for params in (
+        {},
+        {"shared": "ties", "shared_params": {"density": 0.5, "trim_scope": "model"}},
+    ):
+        if params:
+            want = twin.build(
+                base,
+                {k: copy.deepcopy(e).float() for k, e in half.items()},
+                progress=False,
+                **params,
+            )
+        if source == "folders":
+            base.save_pretrained(tmp_path / "base")
+            for k, e in half.items():
+                e.save_pretrained(tmp_path / k)
+            got = twin.build(
+                tmp_path / "base", {k: tmp_path / k for k in half}, progress=False, **params
+            )
+        else:
+            got = twin.build(base, half, progress=False, **params)
+        assert got.shared.keys() == want.shared.keys()
+        for k in want.shared:
+            assert got.shared[k].dtype == want.shared[k].dtype, k
+            assert torch.equal(got.shared[k], want.shared[k]), k
+        for k in want.factors:
+            for g, w in zip(got.factors[k], want.factors[k], strict=True):
+                assert torch.equal(g, w), k

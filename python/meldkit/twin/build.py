@@ -367,6 +367,20 @@ def _check_trim_scope(method: str, params: dict[str, Any]) -> str:
     return scope
 
 
+def _aligned(
+    base: torch.Tensor, thetas: list[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``base`` and ``thetas`` in their widest floating dtype (``torch.promote_types``), so that
+    experts stored in another dtype than the base (bfloat16 fine-tunes of a float32 base, or
+    the other way) merge at their precision, as ``meldkit merge`` merges them."""
+    if not base.is_floating_point() or all(t.dtype == base.dtype for t in thetas):
+        return base, thetas
+    dtype = base.dtype
+    for t in thetas:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return base.to(dtype), [t.to(dtype) for t in thetas]
+
+
 def _model_thresholds(
     names: Sequence[str],
     base_src: Any,
@@ -384,10 +398,20 @@ def _model_thresholds(
     if not isinstance(densities, Sequence):
         densities = [densities] * len(srcs)
     try:
+        last: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+
+        def inputs(n: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            # Each step asks for the base, then the experts, of one tensor: read them once.
+            if n not in last:
+                thetas = [src.get(found[n]) for src, found in zip(srcs, where, strict=True)]
+                last.clear()
+                last[n] = _aligned(base_src.get(n), thetas)
+            return last[n]
+
         return global_thresholds(
             names,
-            base_src.get,
-            lambda n: [src.get(found[n]) for src, found in zip(srcs, where, strict=True)],
+            lambda n: inputs(n)[0],
+            lambda n: inputs(n)[1],
             [float(d) for d in densities],
         )
     except ValueError as exc:  # a NaN in a task vector: name the expert
@@ -460,7 +484,9 @@ def build(
         storage) are one tensor, listed under the base's first name; the experts may hold it
         under any of its names, and must hold one value under all of them.
     experts : sequence or mapping of the same
-        The T fine-tuned experts θ_t; a mapping names the tasks (else ``"task0"``, …).
+        The T fine-tuned experts θ_t; a mapping names the tasks (else ``"task0"``, …). They
+        may store another floating dtype than the base (bfloat16 fine-tunes of a float32
+        base): each tensor merges in the widest of its dtypes, and θ_s is stored in the base's.
     shared : str
         The merge method for θ_s (any name of :func:`meldkit.merging.get_method` that
         :func:`meldkit.merging.merge_state_dicts` runs); default task arithmetic.
@@ -660,9 +686,10 @@ def build(
                     raise TwinError(
                         f"meldkit.twin.build: {name!r} of expert {task!r} holds NaN or inf"
                     )
+            base_w, thetas_w = _aligned(base_t, thetas)
             theta_s = merge_state_dicts(
-                {name: base_t}, [{name: t} for t in thetas], shared, seed=seed, **params
-            )[name]
+                {name: base_w}, [{name: t} for t in thetas_w], shared, seed=seed, **params
+            )[name].to(base_t.dtype)  # stored as the base stores it
             out.shared[name] = theta_s.cpu()
             store = factor_dtype or base_t.dtype
             if base_t.dim() == 2:
