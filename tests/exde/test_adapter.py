@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -42,6 +43,55 @@ def test_adapter_starts_as_the_identity(unet):
             got = unet(x, t, **kw)[0]
         plain = unet(x, t, **kw)[0]  # outside `text`: no adapter at all
     assert torch.equal(got, want) and torch.equal(plain, want)
+
+
+def test_float32_text_conditions_a_bfloat16_unet(unet):
+    # The text is cast to the adapter's dtype (was: the queries to the text's, then a raw
+    # "mat1 and mat2 must have the same dtype" in the cross-attention).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # diffusers: casting with .to() instead of torch_dtype
+        unet = unet.to(torch.bfloat16)
+    base = copy.deepcopy(unet)
+    adapter = exde.add_text_adapter(unet, text_dim=16, num_frames=4, num_heads=4)
+    assert adapter.queries.dtype == torch.bfloat16
+    x, t, kw = unet_inputs()
+    x, t = x.to(torch.bfloat16), t.to(torch.bfloat16)
+    kw = {**kw, "encoder_hidden_states": kw["encoder_hidden_states"].to(torch.bfloat16)}
+    kw["added_time_ids"] = kw["added_time_ids"].to(torch.bfloat16)
+    text = torch.randn(2, 5, 16)  # float32
+    assert adapter.frame_tokens(text).dtype == torch.bfloat16
+    with torch.no_grad():
+        want = base(x, t, **kw)[0]
+        with adapter.text(text):
+            got = unet(x, t, **kw)[0]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+def test_an_adapted_unet_pickles(unet, tmp_path):
+    # The hooks were closures local to add_text_adapter: torch.save(unet) could not pickle them.
+    adapter = exde.add_text_adapter(unet, text_dim=16, num_frames=4, num_heads=4)
+    with torch.no_grad():  # a text-dependent adapter, so that the round trip has work to show
+        for proj in adapter.projections:
+            proj.weight[:, -16:].normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
+    x, t, kw = unet_inputs()
+    text = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        plain = unet(x, t, **kw)[0]
+        with adapter.text(text):
+            want = unet(x, t, **kw)[0]
+    assert not torch.equal(want, plain)
+    torch.save(unet, tmp_path / "unet.pt")
+    torch.save({"unet": unet, "adapter": adapter}, tmp_path / "pair.pt")
+    alone = torch.load(tmp_path / "unet.pt", weights_only=False)
+    pair = torch.load(tmp_path / "pair.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(alone(x, t, **kw)[0], plain)
+        with pair["adapter"].text(text):
+            assert torch.equal(pair["unet"](x, t, **kw)[0], want)
+        assert torch.equal(pair["unet"](x, t, **kw)[0], plain)
+    exde.remove_text_adapter(pair["adapter"])  # the loaded adapter's hooks are the loaded UNet's
+    hooks = sum(len(m._forward_pre_hooks) for m in pair["unet"].modules())
+    assert hooks == 0
 
 
 def test_training_step_trains_every_adapter_parameter(unet):
@@ -153,3 +203,31 @@ def test_motion_degree_refuses_0_255_floats_and_batches():
     with pytest.raises(ValueError, match=r"batch of 2 videos.*pass one video \(frames\[i\]\)"):
         exde.motion_degree(batch)
     assert exde.motion_degree(batch[1]).method in ("farneback", "frame_difference")
+
+
+def test_motion_degree_refuses_a_single_image():
+    # One image without a frame axis was read as a video: [H, W, 3] uint8 as H frames of rows,
+    # [3, H, W] float as 3 frames of channels; a bare PIL image was a raw RuntimeError.
+    np = pytest.importorskip("numpy")
+    image = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    chw = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+    for one in (image, torch.from_numpy(image), chw, chw.numpy()):
+        with pytest.raises(
+            ValueError,
+            match=r"at least 2 frames .*got a single image of shape \[(24, 32, 3|3, 24, 32)\]",
+        ):
+            exde.motion_degree(one)
+    pil = pytest.importorskip("PIL.Image")
+    with pytest.raises(ValueError, match=r"at least 2 frames, got a single PIL image of size"):
+        exde.motion_degree(pil.fromarray(image))
+    # videos still work: [F, H, W, 3] uint8, [F, 3, H, W] float, lists of RGB and grey images
+    video = np.stack([np.roll(image, 2 * i, axis=1) for i in range(3)])
+    want = exde.motion_degree(video, method="frame_difference").value
+    assert want > 0
+    chw_video = torch.from_numpy(video).permute(0, 3, 1, 2).float() / 255
+    got = exde.motion_degree(chw_video, method="frame_difference").value
+    assert got == pytest.approx(want, rel=1e-6)
+    rgb = [pil.fromarray(f) for f in video]
+    assert exde.motion_degree(rgb, method="frame_difference").value == pytest.approx(want)
+    grey = [f.convert("L") for f in rgb]
+    assert exde.motion_degree(grey, method="frame_difference").value > 0

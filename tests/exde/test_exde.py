@@ -1121,6 +1121,41 @@ def test_a_schedule_returning_no_coefficients_is_named_with_its_step():
             blender.apply(None)
 
 
+def test_a_schedule_returning_a_dict_or_numbers_past_float32_is_named_with_its_step():
+    # {0: 0.0, 1: 1.0, 2: 0.0} iterated as its keys (0, 1, 2) and was blended; 1e39 and sums
+    # overflowing float32 were the blend op's ValueError, naming neither schedule nor step.
+    from types import SimpleNamespace
+
+    for value, want in [
+        ({0: 0.0, 1: 1.0, 2: 0.0}, r"returned \{0: 0.0, 1: 1.0, 2: 0.0\}, not 3 finite numbers"),
+        ({0.0, 1.0, 2.0}, r"returned \{0.0, 1.0, 2.0\}, not 3 finite numbers"),
+        ((1e39, 0.0, 0.0), r"returned \(1e\+39, 0.0, 0.0\), beyond float32's range"),
+        ((-1e39, 0.0, 0.0), r"returned \(-1e\+39, 0.0, 0.0\), beyond float32's range"),
+        ((3e38, 0.0, 3e38), r"returned \(3e\+38, 0.0, 3e\+38\), whose blend .* overflows"),
+    ]:
+
+        def schedule(step, num_steps, timestep, sigma, value=value):
+            return exde.CON if step < 2 else value
+
+        module = Denoiser()
+        timesteps = torch.tensor([999.0, 666.0, 333.0, 0.0])
+        pipe = SimpleNamespace(unet=module, scheduler=SimpleNamespace(timesteps=timesteps))
+        base, ft = one_pair()
+        with pytest.raises(exde.ExDeError, match=r"\.schedule at step 2 of 4 " + want):
+            with exde.attach(pipe, base, ft, schedule=schedule, drop=0.0):
+                for t in timesteps:
+                    module(torch.zeros(1), timestep=t)
+        assert module.seen == [1.25, 1.25]  # θ_con at steps 0 and 1, then the error
+        assert torch.equal(module.w, base["w"])
+    with exde.attach(pipe, base, ft, drop=0.0) as blender:
+        with pytest.raises(exde.ExDeError, match=r"a schedule returned \{0: 1.0\}, not 3"):
+            blender.apply({0: 1.0})
+        with pytest.raises(exde.ExDeError, match=r"a schedule returned .* overflows float32"):
+            blender.apply((3e38, 0.0, 3e38))
+        blender.apply(exde.DYN)  # a triple in range still blends
+        assert blender.current == exde.DYN
+
+
 def test_finetune_parameters_the_base_lacks_are_named_in_a_warning():
     base, ft = pair()
     extra = {f"adapter.{i}.weight": torch.ones(3) for i in range(7)}

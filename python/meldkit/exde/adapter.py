@@ -55,8 +55,11 @@ class TemporalTextAdapter(nn.Module):
         self._handles: list[Any] = []
 
     def frame_tokens(self, text: torch.Tensor) -> torch.Tensor:
-        """One text token per frame ``[B, F, d_text]`` from text embeddings ``[B, L, d_text]``."""
-        q = self.queries.unsqueeze(0).expand(text.shape[0], -1, -1).to(text.dtype)
+        """One text token per frame ``[B, F, d_text]`` from text embeddings ``[B, L, d_text]``,
+        in the adapter's dtype (the text is cast to the adapter's device and dtype: float32
+        embeddings condition a bfloat16 or float16 UNet)."""
+        text = text.to(self.queries.device, self.queries.dtype)
+        q = self.queries.unsqueeze(0).expand(text.shape[0], -1, -1)
         tokens, _ = self.cross_attention(q, text, text, need_weights=False)
         return tokens
 
@@ -96,6 +99,24 @@ class TemporalTextAdapter(nn.Module):
         return self.projections[index](torch.cat([hidden, tok], dim=-1))
 
 
+class _BlockHook:
+    """The forward pre-hook of temporal block ``index``: fuses the adapter's text token into
+    the block's ``hidden_states``. A module-level class, not a closure, so that the adapted UNet
+    pickles (``torch.save(unet)``), the adapter with it."""
+
+    def __init__(self, adapter: TemporalTextAdapter, index: int) -> None:
+        self.adapter, self.index = adapter, index
+
+    def __call__(self, module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        num = kwargs["num_frames"] if "num_frames" in kwargs else args[1]
+        fused = self.adapter._fuse(self.index, hidden, int(num))
+        if "hidden_states" in kwargs:
+            kwargs = {**kwargs, "hidden_states": fused}
+            return args, kwargs
+        return (fused, *args[1:]), kwargs
+
+
 def _temporal_blocks(unet: nn.Module) -> list[tuple[str, nn.Module]]:
     from diffusers.models.attention import TemporalBasicTransformerBlock
 
@@ -116,6 +137,11 @@ def add_text_adapter(
 
     Call the UNet inside ``with adapter.text(embeddings):`` to condition it on text; outside, or
     at initialisation, the UNet computes exactly what it did before.
+
+    The UNet's hooks hold the adapter, so the adapted UNet pickles (``torch.save(unet)``) and
+    deep-copies with a copy of it: save or copy the two together
+    (``torch.save({"unet": unet, "adapter": adapter}, path)``) to keep the adapter that
+    conditions the copied UNet.
     """
     blocks = _temporal_blocks(unet)
     if not blocks:
@@ -129,16 +155,7 @@ def add_text_adapter(
     p = next(unet.parameters())
     adapter = TemporalTextAdapter(dims, text_dim, num_frames, num_heads).to(p.device, p.dtype)
     for index, (_, block) in enumerate(blocks):
-
-        def hook(module, args, kwargs, index=index):
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            num = kwargs["num_frames"] if "num_frames" in kwargs else args[1]
-            fused = adapter._fuse(index, hidden, int(num))
-            if "hidden_states" in kwargs:
-                kwargs = {**kwargs, "hidden_states": fused}
-                return args, kwargs
-            return (fused, *args[1:]), kwargs
-
+        hook = _BlockHook(adapter, index)
         adapter._handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
     return adapter
 

@@ -37,6 +37,7 @@ import re
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,7 @@ from torch import nn
 from meldkit._storage import storage_key
 from meldkit.merging.engine import tensor_key
 from meldkit.ops import BlendPlan
+from meldkit.ops.blend_ref import blend_coefficients
 
 
 class ExDeError(ValueError):
@@ -583,9 +585,11 @@ class cosine(Schedule):
 def _coefficients(value: Any, source: str) -> Coefficients:
     """``value``, what ``source`` (a schedule, named for the message) returned, as
     ``(c_τ, c_dyn, c_con)`` floats, or an ExDeError: anything but 3 finite numbers (a tuple,
-    list, array or tensor of them)."""
+    list, array or tensor of them) within float32's range (where the blends run). A mapping
+    (``{0: 0.0, 1: 1.0, 2: 0.0}`` iterates as its keys) or a set (no order) is no triple."""
     coeffs = None
-    if not isinstance(value, (str, bytes)):  # a string iterates as characters: "101" is no triple
+    # A string iterates as characters ("101" is no triple), a dict as its keys, a set unordered.
+    if not isinstance(value, (str, bytes, Mapping, AbstractSet)):
         try:
             coeffs = tuple(float(c) for c in value)
         except (TypeError, ValueError, RuntimeError):  # not iterable, not numbers, or not scalars
@@ -594,6 +598,11 @@ def _coefficients(value: Any, source: str) -> Coefficients:
         shown = coeffs if coeffs is not None else value
         raise ExDeError(
             f"meldkit.exde: {source} returned {shown!r}, not 3 finite numbers (c_τ, c_dyn, c_con)"
+        )
+    if any(abs(c) > torch.finfo(torch.float32).max for c in coeffs):
+        raise ExDeError(
+            f"meldkit.exde: {source} returned {coeffs!r}, beyond float32's range (the blends run "
+            "in float32)"
         )
     return coeffs
 
@@ -889,18 +898,26 @@ class Blender:
         """Blend θ = θ_base + c_τ·τ + c_dyn·dyn_scale·τ_deg + c_con·con_scale·τ_ctl into the
         live parameters, for ``coeffs = (c_τ, c_dyn, c_con)``; nothing to do when they hold it
         (unless ``force``)."""
-        coeffs = _coefficients(coeffs, "a schedule")
+        self._apply(coeffs, "a schedule", force=force)
+
+    def _apply(self, coeffs: Any, source: str, *, force: bool = False) -> None:
+        """:meth:`apply` of what ``source`` (named in the errors: a schedule at a step) gave."""
+        coeffs = _coefficients(coeffs, source)
+        c_tau, c_dyn, c_con = coeffs
+        cfg = self.config
+        abc = cfg.blend_coeffs(c_tau, c_dyn * cfg.dyn_scale, c_con * cfg.con_scale)
+        # Each in range, their sums (with the scales and 1/keep) may still overflow float32.
+        table, dense = blend_coefficients(*abc, cfg.keep, cfg.keep)
+        if not all(math.isfinite(g) for g in (*table, dense)):
+            raise ExDeError(
+                f"meldkit.exde: {source} returned {coeffs!r}, whose blend (θ_base + c_τ·τ + "
+                "c_dyn·τ_deg + c_con·τ_ctl) overflows float32, where the blends run"
+            )
         # Storage that moved holds what was moved into it: blend again to be sure.
         moved = self._follow()
         if not force and not moved and coeffs == self.current and self._versions() == self._written:
             return
-        c_tau, c_dyn, c_con = coeffs
-        cfg = self.config
-        self.plan(
-            cfg.blend_coeffs(c_tau, c_dyn * cfg.dyn_scale, c_con * cfg.con_scale),
-            keep=(cfg.keep, cfg.keep),
-            seed=cfg.seed,
-        )
+        self.plan(abc, keep=(cfg.keep, cfg.keep), seed=cfg.seed)
         self.current = coeffs
         self._written = self._versions()
         self.blends += 1
@@ -1058,8 +1075,9 @@ def attach(
         Models that do not match the denoiser, an unusable setting, a parameter that an
         enclosing ``attach`` already blends, or a fine-tune equal to the base in every blended
         parameter (τ = 0: e.g. ``attach(pipe, None, pipe.unet)``, which would blend nothing);
-        while the block runs, a schedule's return that is not 3 finite numbers (the message
-        names the schedule and the step).
+        while the block runs, a schedule's return that is not 3 finite numbers (a dict or a set
+        included) within float32's range, or whose blend overflows float32 (the message names
+        the schedule and the step).
     """
     module = _denoiser(pipe, denoiser)
     cfg = DecoupleConfig(alpha, drop, dyn_scale, con_scale, seed)
@@ -1091,7 +1109,7 @@ def attach(
         t = float(known.values[start])
         sigma = sigma_of(pipe.scheduler, start, t)
         source = f"the schedule {_schedule_name(sched)} at step {step} of {known.num_steps}"
-        blender.apply(_coefficients(sched(step, known.num_steps, t, sigma), source))
+        blender._apply(sched(step, known.num_steps, t, sigma), source)
         return None
 
     # On the pipeline's module itself (a torch.compile wrapper included): a hook on the wrapped

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -19,16 +20,35 @@ class MotionDegree:
     method: str
 
 
+def _is_pil_image(x) -> bool:
+    image = sys.modules.get("PIL.Image")  # PIL made it only if it is imported
+    return image is not None and isinstance(x, image.Image)
+
+
 def _frames(frames) -> torch.Tensor:
     """``[F, H, W]`` grey levels in [0, 1] from ``[F, C, H, W]`` / ``[F, H, W, C]`` tensors or
-    arrays, or a list of PIL images (diffusers' outputs). Integer (uint8) frames are 0-255 and
-    are scaled by 1/255 whatever the container; float frames must be in [0, 1] (a ValueError
-    for a finite maximum above 1.5, i.e. 0-255 floats). A batch ``[B, F, ...]`` must hold one
-    video."""
+    arrays, or a list of PIL images (diffusers' outputs; grey ``"L"`` images too). Integer
+    (uint8) frames are 0-255 and are scaled by 1/255 whatever the container; float frames must
+    be in [0, 1] (a ValueError for a finite maximum above 1.5, i.e. 0-255 floats). A batch
+    ``[B, F, ...]`` must hold one video. A 3-D tensor or array (``[H, W, C]``, ``[C, H, W]``) is
+    one image, not a video: a ValueError, as is a bare PIL image."""
+    if _is_pil_image(frames):
+        raise ValueError(
+            f"motion_degree: expected at least 2 frames, got a single PIL image of size "
+            f"{frames.size}: pass a video, e.g. a list of PIL images"
+        )
     if isinstance(frames, (list, tuple)):
         import numpy as np
 
         frames = np.stack([np.asarray(f) for f in frames])
+        if frames.ndim == 3:  # grey images ("L"): [F, H, W] → [F, H, W, 1]
+            frames = frames[..., None]
+    elif getattr(frames, "ndim", None) == 3:
+        raise ValueError(
+            "motion_degree: expected at least 2 frames ([F, C, H, W] or [F, H, W, C]), got a "
+            f"single image of shape {list(frames.shape)} (no frame axis): pass a video; grey "
+            "frames are [F, 1, H, W] or [F, H, W, 1]"
+        )
     x = torch.as_tensor(frames).detach().cpu()
     if x.is_floating_point():
         x = x.float()
@@ -65,7 +85,10 @@ def motion_degree(frames, *, method: str = "auto") -> MotionDegree:
     ``frames`` is one video: ``[F, C, H, W]`` or ``[F, H, W, C]`` (or ``[1, F, ...]``) tensors
     or arrays, or a list of PIL images; uint8 frames are 0-255, float frames must be in [0, 1]
     (a ValueError for a maximum above 1.5). For a batch (``pipe(...).frames`` of several
-    videos) pass one video, ``frames[i]``."""
+    videos) pass one video, ``frames[i]``. A 3-D tensor or array is read as one image
+    (``[H, W, C]`` or ``[C, H, W]``), never as frames, and raises a ValueError, as does a bare
+    PIL image: a video needs at least 2 frames (grey frames: ``[F, 1, H, W]`` or
+    ``[F, H, W, 1]``)."""
     x = _frames(frames)
     if method not in ("auto", "farneback", "frame_difference"):
         raise ValueError(f"motion_degree: unknown method {method!r}")
