@@ -391,3 +391,17 @@ def test_experts_in_another_dtype_than_the_base(tmp_path, source):
         for k in want.factors:
             for g, w in zip(got.factors[k], want.factors[k], strict=True):
                 assert torch.equal(g, w), k
+
+
+def test_pickle_checkpoints_need_allow_pickle(tmp_path):
+    from meldkit.merging.checkpoint import CheckpointError
+
+    base, experts = roberta_experts(2)
+    (tmp_path / "e0").mkdir()
+    torch.save(experts["task0"].state_dict(), tmp_path / "e0" / "pytorch_model.bin")
+    given = [tmp_path / "e0", experts["task1"]]
+    with pytest.raises(CheckpointError, match=r"expert 'task0'.*pass allow_pickle=True$"):
+        twin.build(base, given, progress=False)
+    got = twin.build(base, given, progress=False, allow_pickle=True)
+    want = twin.build(base, list(experts.values()), progress=False)
+    assert all(torch.equal(got.shared[k], want.shared[k]) for k in want.shared)

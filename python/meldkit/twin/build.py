@@ -170,7 +170,7 @@ def _storage_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     return aliases
 
 
-def _source(obj: Any, label: str):
+def _source(obj: Any, label: str, allow_pickle: bool = False):
     if isinstance(obj, nn.Module):
         tensors, aliases = _named_tensors(obj)
         return _DictSource(tensors, label, aliases)
@@ -182,9 +182,13 @@ def _source(obj: Any, label: str):
         tensors = {k: v for k, v in obj.items() if k not in aliases}
         return _DictSource(tensors, label, aliases)
     if isinstance(obj, (str, os.PathLike)):
-        from meldkit.merging.checkpoint import Checkpoint
+        from meldkit.merging.checkpoint import Checkpoint, CheckpointError
 
-        src = Checkpoint(obj)
+        try:
+            src = Checkpoint(obj, allow_pickle=allow_pickle)
+        except CheckpointError as exc:  # its advice names meldkit merge's --allow-pickle
+            text = str(exc).replace("--allow-pickle (allow_pickle=True)", "allow_pickle=True")
+            raise type(exc)(f"meldkit.twin.build: {label}: {text}") from None
         src.label = f"{label} ({obj})"
         return src
     raise TypeError(
@@ -470,6 +474,7 @@ def build(
     factor_dtype: torch.dtype | None = None,
     seed: int = 0,
     progress: bool = True,
+    allow_pickle: bool = False,
 ) -> TwinExperts:
     """Build Twin-Merging's shared expert and compressed exclusive knowledge.
 
@@ -520,6 +525,9 @@ def build(
         Seed of the shared merge's random masks (DARE-based methods).
     progress : bool
         Show a progress bar (tqdm) over the tensors.
+    allow_pickle : bool
+        Read checkpoint folders that hold only pickle files (``pytorch_model.bin``), which can
+        run code when loaded; refused by default, as by ``meldkit merge``.
 
     Returns
     -------
@@ -568,8 +576,8 @@ def build(
     patterns = _compile(exclude)
     svd_device = torch.device(device) if device is not None else default_svd_device()
 
-    base_src = _source(base, "base")
-    srcs = [_source(e, f"expert {tasks[i]!r}") for i, e in enumerate(expert_list)]
+    base_src = _source(base, "base", allow_pickle)
+    srcs = [_source(e, f"expert {tasks[i]!r}", allow_pickle) for i, e in enumerate(expert_list)]
     # Tied tensors are one tensor under several names: the base's first name stands for all of
     # them, and each source may hold it under any of them.
     names_of = {n: [n] for n in base_src.names}
