@@ -496,3 +496,24 @@ def test_a_training_step_with_labels_and_nothing_to_train_is_refused(adapters):
         pytest.skip("this base trains: nothing to refuse")
     with pytest.raises(twin.TwinError, match=r"TwinLoraModel: a training step with labels"):
         model(**x, labels=x["input_ids"])
+
+
+def test_gpt2_conv1d_adapters_give_each_adapter(tmp_path):
+    # GPT-2's projections are transformers' Conv1D (weight [in, out]); PEFT's LoRA on them is
+    # the same x·Aᵀ·Bᵀ. TwinLoraModel refused them after build_lora had taken the adapters.
+    from tests.twin.models import gpt2
+
+    base = gpt2(0)
+    folders = {}
+    for t in range(2):
+        torch.manual_seed(20 + t)
+        config = peft.LoraConfig(r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=False)
+        folders[f"task{t}"] = tmp_path / f"a{t}"
+        peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(folders[f"task{t}"])
+    model = twin.TwinLoraModel(base, twin.build_lora(folders, rank=4)).eval()
+    ids = torch.randint(3, 64, (3, 6), generator=torch.Generator().manual_seed(0))
+    for t, folder in enumerate(folders.values()):
+        with torch.no_grad():
+            got = model(input_ids=ids, weights=one_hot(3, t, 2)).logits
+            want = peft_model(base, folder)(input_ids=ids).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -44,7 +44,7 @@ from meldkit.twin.build import (
     default_svd_device,
     task_names,
 )
-from meldkit.twin.layers import Routing, _broadcast
+from meldkit.twin.layers import Routing, _broadcast, is_conv1d
 from meldkit.twin.model import (
     RoutedMixin,
     TwinRouter,
@@ -328,8 +328,12 @@ class TwinLoraLinear(nn.Linear):
     def __init__(self, linear: nn.Linear, name: str, routing: Routing, ex: TwinLoraExperts) -> None:
         nn.Module.__init__(self)
         self.training = linear.training  # the replaced layer's train/eval mode
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
+        # A GPT-2 Conv1D holds weight [in, out] (y = x·W + b); PEFT's LoRA on it is the same
+        # x·Aᵀ·Bᵀ as on nn.Linear, so only the base product differs.
+        self.transposed = is_conv1d(linear)
+        w = self.weight.T if self.transposed else self.weight
+        self.out_features, self.in_features = w.shape
         self.name, self.routing, self.scaling = name, routing, ex.scaling[name]
         dev = linear.weight.device
         ua, va = ex.delta_a[name]
@@ -346,7 +350,7 @@ class TwinLoraLinear(nn.Linear):
             self.register_buffer(key, t.to(dev), False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight.T if self.transposed else self.weight, self.bias)
         xa = x.to(self.shared_a.dtype)
         h = F.linear(xa, self.shared_a)
         r = self.routing
@@ -427,12 +431,16 @@ class TwinLoraModel(RoutedMixin, nn.Module):
                 raise TwinError(
                     f"TwinLoraModel: the model has no module {name!r} that the adapters adapt"
                 ) from None
-            if type(module) is not nn.Linear:
+            if type(module) is not nn.Linear and not is_conv1d(module):
                 raise TwinError(
-                    f"TwinLoraModel: {name!r} is a {type(module).__name__}, not nn.Linear"
+                    f"TwinLoraModel: {name!r} is a {type(module).__name__}, not nn.Linear "
+                    "(or GPT-2's Conv1D)"
                 )
-            if experts.shared_a[name].shape[1] != module.in_features or (
-                experts.shared_b[name].shape[0] != module.out_features
+            out_features, in_features = (
+                module.weight.T.shape if is_conv1d(module) else module.weight.shape
+            )
+            if experts.shared_a[name].shape[1] != in_features or (
+                experts.shared_b[name].shape[0] != out_features
             ):
                 raise TwinError(f"TwinLoraModel: {name!r}: the adapters do not fit its shape")
             replace_module(self.model, name, TwinLoraLinear(module, name, self.routing, experts))
