@@ -405,3 +405,21 @@ def test_pickle_checkpoints_need_allow_pickle(tmp_path):
     got = twin.build(base, given, progress=False, allow_pickle=True)
     want = twin.build(base, list(experts.values()), progress=False)
     assert all(torch.equal(got.shared[k], want.shared[k]) for k in want.shared)
+
+
+def test_errors_are_those_of_the_factors_as_stored():
+    # bfloat16 factors rebuild v_t only up to their rounding: the reported error is theirs (it
+    # was the float32 SVD's, 0 at full rank).
+    base, experts = roberta_experts(2)
+    base = copy.deepcopy(base).to(torch.bfloat16)
+    experts = {k: copy.deepcopy(e).to(torch.bfloat16) for k, e in experts.items()}
+    built = twin.build(base, experts, rank_ratio=1.0, progress=False)
+    thetas = [dict(e.named_parameters()) for e in experts.values()]
+    worst = 0.0
+    for name, (a, b) in built.factors.items():
+        for t, theta in enumerate(thetas):
+            v = theta[name].float() - built.shared[name].float()
+            real = float((v - a[t].float() @ b[t].float().T).norm() / v.norm())
+            assert built.errors[name][t] == pytest.approx(real, rel=1e-3, abs=1e-7), name
+            worst = max(worst, real)
+    assert worst > 1e-4  # bfloat16 rounding, not 0

@@ -220,7 +220,8 @@ class TwinExperts:
         heads with different label counts).
     errors : dict of str to list of float
         Relative Frobenius error ‖v_t − a_t b_tᵀ‖ / ‖v_t‖ of each compressed tensor, per task (0
-        where v_t = 0).
+        where v_t = 0), of the factors as stored (rounded to bfloat16 or float16 with such a
+        base or ``factor_dtype``: full rank is then exact only up to that rounding).
     config : dict
         The settings :func:`build` ran with (JSON-serialisable).
     """
@@ -706,8 +707,14 @@ def build(
                 for theta in thetas:
                     v = theta.float() - theta_s.float()
                     a, b, err = compress(v, r, svd_device)
-                    a_all.append(a.cpu().to(store))
-                    b_all.append(b.cpu().to(store))
+                    a, b = a.cpu().to(store), b.cpu().to(store)
+                    if store.itemsize < 4:
+                        # The stored factors, rounded, are what rebuilds v_t: their error.
+                        norm = float(v.norm())
+                        rebuilt = a.float() @ b.float().T
+                        err = float((v.cpu() - rebuilt).norm()) / norm if norm > 0 else 0.0
+                    a_all.append(a)
+                    b_all.append(b)
                     errs.append(err)
                 out.factors[name] = (torch.stack(a_all), torch.stack(b_all))
                 out.errors[name] = errs
