@@ -355,3 +355,31 @@ def test_base_check_compares_a_bf16_base_held_in_fp32_exactly(tmp_path):
         moved.lm_head.weight.mul_(1 + 0.005 * torch.randn(moved.lm_head.weight.shape, generator=g))
     with pytest.raises(goat.AdapterError, match=r"lm_head\.weight"):
         goat.load_adapter(moved, path)
+
+
+def test_a_saved_head_tied_to_the_embeddings_loads_into_its_base(tmp_path):
+    # The trained head is the tied embeddings too: the base fingerprint left it out by the
+    # head's name but took it under the embeddings' (trained) name, so the adapter refused the
+    # base it was trained on. Wrapping warns that the tie trains the embeddings.
+    transformers = pytest.importorskip("transformers")
+
+    def tied():
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(
+            vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        )  # fmt: skip
+        return transformers.LlamaForCausalLM(config).eval()
+
+    config = llama_config(init="lora", target_modules=["q_proj"], modules_to_save=["lm_head"])
+    with pytest.warns(UserWarning, match=r"lm_head.weight is model.embed_tokens.weight"):
+        model = goat.wrap(tied(), config, progress=False)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.1)  # a training step on the head (and the embeddings)
+    ids = batch(96)
+    with torch.no_grad():
+        want = model(ids).logits
+    goat.save_adapter(model, tmp_path / "a.safetensors")
+    loaded = goat.load_adapter(tied(), tmp_path / "a.safetensors")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want)

@@ -335,8 +335,18 @@ def _other_parameters(
     ``LAYER.bias`` whether ``model`` is wrapped or not). FSDP2 shards are gathered."""
     layers = set(layers)
     saved = tuple(saved)
+    # A saved module's parameter tied to another name (a trained lm_head tied to the input
+    # embeddings, listed under the embeddings' name) is the saved module's, not the base's.
+    trained = {
+        id(p)
+        for qualified, module in model.named_modules()
+        if any(_clean_name(qualified) == m for m in saved)
+        for p in module.parameters()
+    }
     out: dict[str, torch.Tensor] = {}
     for qualified, p in model.named_parameters():
+        if id(p) in trained:
+            continue
         name = _clean_name(qualified)
         owner, _, rest = name.rpartition(".")
         if owner.endswith(".base_layer") and owner.removesuffix(".base_layer") in layers:

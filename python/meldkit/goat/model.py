@@ -219,7 +219,32 @@ def find_saved_modules(
                 f"meldkit.goat.wrap: {name!r} is in modules_to_save and overlaps the GOAT "
                 f"targets {clash[:3]}: a module is either adapted or trained in full"
             )
+    _warn_tied_saved(model, found)
     return found
+
+
+def _warn_tied_saved(model: nn.Module, saved: list[str]) -> None:
+    """Warn when a saved module's parameter is tied to a parameter outside the saved modules
+    (a language model's head tied to its input embeddings): training it trains that one too."""
+    inside: dict[int, str] = {}
+    for name in saved:
+        for pname, p in model.get_submodule(name).named_parameters():
+            inside.setdefault(id(p), f"{name}.{pname}")
+    ties = sorted(
+        {
+            f"{inside[id(p)]} is {qualified}"
+            for qualified, p in model.named_parameters(remove_duplicate=False)
+            if id(p) in inside
+            and not any(qualified == s or qualified.startswith(s + ".") for s in saved)
+        }
+    )
+    if ties:
+        warnings.warn(
+            f"meldkit.goat: modules_to_save share parameters with modules outside them ("
+            f"{'; '.join(ties[:3])}: tied weights): training them trains those too, and the "
+            "adapter holds the trained values",
+            stacklevel=4,  # the caller of wrap
+        )
 
 
 def saved_modules(model: nn.Module) -> list[str]:
