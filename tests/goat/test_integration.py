@@ -724,3 +724,23 @@ def test_wrap_refuses_the_layers_of_a_peft_adapter(targets):
     assert not list(goat.model.goat_layers(model))
     lora_a = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"]
     assert lora_a.weight.requires_grad  # PEFT's own adapter still trains
+
+
+def test_trainer_saves_the_adapter_beside_its_checkpoints(tmp_path):
+    # save_model (final and per checkpoint) writes goat_adapter.safetensors, which loads onto
+    # the base; the Trainer's own model file keeps the wrapped names it resumes from.
+    pytest.importorskip("transformers")
+    model = goat.wrap(tiny_llama(), llama_config())
+    ids = token_batch(96, rows=4)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = trainer_args(tmp_path, save_strategy="steps", save_steps=2, learning_rate=1e-2)
+    trainer = goat.GoatTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    out = tmp_path / "final"
+    trainer.save_model(str(out))
+    assert (tmp_path / "trainer" / "checkpoint-2" / "goat_adapter.safetensors").is_file()
+    model.eval()
+    with torch.no_grad():
+        want = model(ids).logits
+        got = goat.load_adapter(tiny_llama(), out)(ids).logits
+    assert torch.equal(got, want)

@@ -73,6 +73,20 @@ class GoatTrainerMixin:
             loss = loss + aux.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's save (the wrapped model's state dict, which a checkpoint resumes
+        from), plus the GOAT adapter as ``goat_adapter.safetensors`` in the same folder: the file
+        to give :func:`meldkit.goat.load_adapter` with the base model. (``from_pretrained`` on
+        the folder would not restore GOAT's layers: their names are not the base's.)"""
+        super().save_model(output_dir, _internal_call)
+        from meldkit.goat.io import _is_sharded, save_adapter
+
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save or _is_sharded(self.model):  # FSDP: every rank gathers
+            path = save_adapter(self.model, folder)
+            if self.args.should_save:
+                logger.info("GoatTrainer: GOAT adapter saved to %s", path)
+
     def _loss_scaled_for_accumulation(self, num_items_in_batch: Any) -> bool:
         """The Trainer's own rule (``training_step``) for a loss it will not divide further."""
         scaled = getattr(self, "loss_is_scaled_for_ga", None)
