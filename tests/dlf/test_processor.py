@@ -323,3 +323,20 @@ def test_processor_checks_its_tokenizer_and_prompts_by_name(setup):
         dlf.DynamicLogitFusionProcessor(
             small, experts, tok, prompts=["a", [3, 4]], expert_prompts=[None, "x "]
         )
+
+
+def test_processor_refuses_inputs_embeds(setup):
+    """generate(inputs_embeds=...) passes the processors no prompt ids: refused by name, not a
+    reshape error from inside a small model."""
+    tok, large, small, experts = setup
+    enc = tok(PROMPTS[:1], return_tensors="pt")
+    embeds = large.get_input_embeddings()(enc["input_ids"])
+    proc = dlf.DynamicLogitFusionProcessor(small, experts, tok)
+    with pytest.raises(ValueError, match=r"inputs_embeds=, which is not supported.*input_ids="):
+        large.generate(
+            inputs_embeds=embeds,
+            attention_mask=enc["attention_mask"],
+            logits_processor=transformers.LogitsProcessorList([proc]),
+            max_new_tokens=3,
+            pad_token_id=PAD,
+        )

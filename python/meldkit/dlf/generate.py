@@ -16,6 +16,7 @@ from meldkit.dlf.streams import (
     BASE_ADAPTER,
     Ensemble,
     Member,
+    check_materialized,
     check_tokenizer,
     check_tokenizers,
     common_vocab_size,
@@ -263,12 +264,14 @@ _UNAPPLIED = {
 }
 
 
-def _warn_unapplied(large: nn.Module) -> None:
+def _warn_unapplied(large: nn.Module, repetition_penalty: float | None = None) -> None:
     gen = getattr(large, "generation_config", None)
     if gen is None:
         return
     found = []
     for key, default in _UNAPPLIED.items():
+        if key == "repetition_penalty" and repetition_penalty is not None:
+            continue  # the caller chose its own
         value = getattr(gen, key, default)
         if value is not None and value != default and value != [] and value != {}:
             found.append(f"{key}={value!r}")
@@ -277,8 +280,58 @@ def _warn_unapplied(large: nn.Module) -> None:
             "dlf: the large model's generation_config sets "
             + ", ".join(found)
             + ", which meldkit.dlf.generate does not apply (it runs its own decoding loop): "
-            "pass the matching transformers logits processors as logits_processor= (they then "
-            "act on the fused logits), or clear these settings to silence this warning",
+            "pass repetition_penalty= for a repetition penalty, the matching transformers logits "
+            "processors as logits_processor= for the others (they then act on the fused "
+            "logits), or clear these settings to silence this warning",
+            stacklevel=3,
+        )
+
+
+# generation_config sampling fields and the values that leave transformers' generate() decoding
+# as with none set (top_k=50 is its default; 0 turns top-k off, as dlf's default None does).
+_SAMPLING_DEFAULTS = {"temperature": (1.0,), "top_p": (1.0,), "top_k": (50, 0)}
+
+
+def _warn_unused_sampling(
+    large: nn.Module,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    top_k: int | None,
+) -> None:
+    """Warn when the large model's ``generation_config`` asks for sampling settings
+    (``do_sample``, ``temperature``, ``top_p``, ``top_k``) that this call will not decode
+    with: ``generate``'s own arguments decide, so a model that ships sampling defaults (as
+    Llama-3-Instruct's ``do_sample=True, temperature=0.6, top_p=0.9``) would otherwise be
+    decoded greedily without a word. Only fields ``large.generate()`` would use are named: the
+    warpers when the config or this call samples, and then only values that differ from this
+    call's."""
+    gen = getattr(large, "generation_config", None)
+    if gen is None:
+        return
+    sampling = getattr(gen, "do_sample", None) is True
+    found = ["do_sample=True"] if sampling and not do_sample else []
+    if sampling or do_sample:
+        used = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
+        for key, defaults in _SAMPLING_DEFAULTS.items():
+            value = getattr(gen, key, None)
+            if value is None or value in defaults:
+                continue
+            if key in used and used[key] == value:
+                continue
+            found.append(f"{key}={value!r}")
+    if found:
+        now = (
+            f"do_sample=True, temperature={temperature}, top_p={top_p}, top_k={top_k}"
+            if do_sample
+            else "do_sample=False: greedy"
+        )
+        warnings.warn(
+            "dlf: the large model's generation_config sets "
+            + ", ".join(found)
+            + ", which meldkit.dlf.generate does not use: its own do_sample=, temperature=, "
+            f"top_p= and top_k= arguments decide how it decodes (this call: {now}); pass them "
+            "to decode as large.generate() would",
             stacklevel=3,
         )
 
@@ -383,11 +436,12 @@ def next_tokens(
 ) -> torch.Tensor:
     """Pick the next token of every row from fused logits ``[B, V]``: argmax, or a sample from
     softmax(logits / temperature) restricted to the ``top_k`` best tokens and then to the top-p
-    nucleus (transformers' order of warpers). Returns ``[B]`` int64."""
+    nucleus (transformers' order of warpers; ``top_k`` None or 0: no top-k filter). Returns
+    ``[B]`` int64."""
     if not do_sample:
         return logits.argmax(-1)
     scores = logits / temperature
-    if top_k is not None and top_k < scores.shape[-1]:
+    if top_k is not None and 0 < top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p < 1.0:
@@ -398,9 +452,11 @@ def next_tokens(
 
 def _check_sampling(do_sample, temperature, top_p, generator, seed, top_k=None) -> None:
     if top_k is not None and (
-        isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1
+        isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0
     ):
-        raise ValueError(f"dlf: top_k must be an int >= 1 or None, got {top_k!r}")
+        raise ValueError(
+            f"dlf: top_k must be an int >= 0 or None (0 or None: no top-k filter), got {top_k!r}"
+        )
     # As transformers' generate: temperature and top_p are only read (and checked) when
     # sampling; greedy decoding ignores them.
     if do_sample:
@@ -419,6 +475,51 @@ def _check_sampling(do_sample, temperature, top_p, generator, seed, top_k=None) 
         raise ValueError("dlf: give a generator or a seed, not both")
 
 
+def _check_repetition_penalty(penalty) -> float | None:
+    """``repetition_penalty`` as a float (None: no penalty); TypeError or ValueError naming it."""
+    if penalty is None:
+        return None
+    if isinstance(penalty, bool) or not isinstance(penalty, numbers.Real):
+        raise TypeError(f"dlf: repetition_penalty must be a number or None, got {penalty!r}")
+    if not (math.isfinite(penalty) and penalty > 0):
+        raise ValueError(
+            f"dlf: repetition_penalty must be a finite number > 0 (1.0: no penalty), got "
+            f"{penalty!r}"
+        )
+    return float(penalty)
+
+
+def _real_ids(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Left-padded ``ids`` with every pad position holding its row's last token instead: a
+    token the row really has, so that a repetition penalty over them sees the row's own tokens
+    only (each distinct token is penalised once however often it appears)."""
+    return torch.where(mask.bool(), ids, ids[:, -1:])
+
+
+def penalise_repetitions(scores: torch.Tensor, ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Transformers' repetition penalty (Keskar et al. 2019, ``RepetitionPenaltyLogitsProcessor``)
+    on the tokens of ``ids``: per row, the score of every distinct token in the row is
+    multiplied by ``penalty`` when negative and divided by it otherwise.
+
+    Parameters
+    ----------
+    scores : torch.Tensor
+        ``[B, V]`` logits.
+    ids : torch.Tensor
+        ``[B, L]`` int64 token ids (< V) of every row; repeats count once.
+    penalty : float
+        > 0; above 1 penalises the tokens, below 1 favours them.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, V]`` penalised scores (a new tensor).
+    """
+    picked = scores.gather(1, ids)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return scores.scatter(1, ids, picked)
+
+
 @torch.no_grad()
 def generate(
     large: nn.Module,
@@ -435,11 +536,12 @@ def generate(
     plausibility: float | None = None,
     amateur_temperature: float | None = None,
     do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
+    temperature: float | None = 1.0,
+    top_p: float | None = 1.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     seed: int | None = None,
+    repetition_penalty: float | None = None,
     logits_processor: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None,
     stop: str | Sequence[str] | None = None,
     eos_token_id: int | Sequence[int] | None = None,
@@ -504,18 +606,28 @@ def generate(
         ``mode="contrastive"`` only.
     do_sample : bool
         Sample instead of greedy argmax (the paper decodes greedily).
-    temperature, top_p : float
+    temperature, top_p : float, optional
         Sampling temperature (> 0) and nucleus mass (in (0, 1]), applied to the fused logits
         only; checked and used only when ``do_sample`` (greedy decoding ignores them, as
-        transformers' ``generate`` does).
+        transformers' ``generate`` does). None means the default, 1.0. The large model's
+        ``generation_config`` sampling settings are not read: a warning names those this call
+        does not decode with.
     top_k : int, optional
         When sampling, keep only the ``top_k`` best fused tokens (before top-p, as transformers
-        orders its warpers). Default: no top-k filter (transformers' ``generate`` defaults to
-        50; pass ``top_k=50`` to match it).
+        orders its warpers). Default: no top-k filter (None or 0, as in transformers;
+        transformers' ``generate`` defaults to 50: pass ``top_k=50`` to match it).
     generator : torch.Generator, optional
         Random generator on the large model's logits device, for reproducible sampling.
     seed : int, optional
         Seed of a fresh generator (instead of ``generator``).
+    repetition_penalty : float, optional
+        Transformers' repetition penalty (> 0; 1.0 changes nothing), applied to the fused
+        logits of every step before ``logits_processor``, temperature, top-k and top-p, as
+        ``large.generate(repetition_penalty=...)`` orders it: per row, every distinct token of
+        that row's prompt (the large model's) and of its generated tokens has its fused logit
+        multiplied by the penalty when negative and divided by it otherwise. The left padding
+        of a batch is not penalised (as in transformers), so a batch decodes as its prompts
+        one by one.
     logits_processor : sequence of callables, optional
         Processors ``f(input_ids, scores) -> scores`` applied in order to the fused logits of
         every step, before temperature, top-k and top-p: transformers' ``LogitsProcessor``
@@ -523,8 +635,12 @@ def generate(
         ...) work as they are. ``input_ids`` is ``[B, L + step]``: the large model's left-padded
         prompt ids and the tokens generated so far (the pad id after a row ended); ``scores``
         is ``[B, len(tokenizer)]``. Proxy-tuning applies such processors after the fusion, as
-        here. The large model's ``generation_config`` processors (``repetition_penalty``, ...)
-        are not applied on their own: a warning names them when no ``logits_processor`` is given.
+        here. ``input_ids`` holds the left padding as ``large.generate(logits_processor=...)``
+        passes it: a ``RepetitionPenaltyLogitsProcessor`` then penalises the pad token (often
+        the EOS token) in the shorter prompts of a batch; ``repetition_penalty=`` is the
+        padding-aware way. The large model's ``generation_config`` processors
+        (``repetition_penalty``, ...) are not applied on their own: a warning names them when no
+        ``logits_processor`` is given.
     stop : str or sequence of str, optional
         Stop strings: a row ends once its decoded continuation contains one, with special tokens
         skipped or kept (a special token's text, as "<|im_end|>", stops a row too); its text is
@@ -571,8 +687,9 @@ def generate(
     Raises
     ------
     ValueError
-        On a model whose vocabulary is smaller than the tokenizer's, unknown adapters, expert
-        prompts not matching the experts, or invalid sampling arguments.
+        On a model whose vocabulary is smaller than the tokenizer's, a model with parameters on
+        the meta device, unknown adapters, expert prompts not matching the experts, or invalid
+        sampling arguments.
     """
     check_mode(mode, alpha, alphas, ranges, plausibility, amateur_temperature)
     if (
@@ -601,7 +718,12 @@ def generate(
         raise TypeError(f"dlf: stop must be a string or a list of strings, got {stop!r}")
     if any(not s for s in stops):
         raise ValueError("dlf: empty stop string")
+    # As transformers' generate: None means the default, top_k=0 no top-k filter.
+    temperature = 1.0 if temperature is None else temperature
+    top_p = 1.0 if top_p is None else top_p
     _check_sampling(do_sample, temperature, top_p, generator, seed, top_k)
+    top_k = None if top_k is None or top_k == 0 else int(top_k)
+    repetition_penalty = _check_repetition_penalty(repetition_penalty)
     if not isinstance(add_special_tokens, bool):
         raise TypeError(f"dlf: add_special_tokens must be a bool, got {add_special_tokens!r}")
     processors = _check_processors(logits_processor)
@@ -616,12 +738,14 @@ def generate(
     members = [Member(large, None), *fusion_members(small_base, experts, expert_prompts)]
     models = {"large": large, "small_base": small_base}
     models.update({f"expert {t}": m.model for t, m in enumerate(members[2:])})
+    check_materialized(models)
     vocab = common_vocab_size(tokenizer, models)
     texts_per_member = [prompts, prompts, *expert_texts(prompts, expert_prompts, len(experts))]
     texts_per_member = [t if t is not None else prompts for t in texts_per_member]
     eos = _eos_ids(tokenizer, models, eos_token_id)
     if processors is None:
-        _warn_unapplied(large)
+        _warn_unapplied(large, repetition_penalty)
+    _warn_unused_sampling(large, do_sample, temperature, top_p, top_k)
 
     encoded = [tokenize(tokenizer, texts, add_special_tokens) for texts in texts_per_member]
     _check_positions(models, [ids.shape[1] for ids, _ in encoded], max_new_tokens)
@@ -636,6 +760,8 @@ def generate(
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     seen = encoded[0][0].to(device) if processors else None  # the large model's ids so far
+    # The large model's real ids so far (padding replaced by a real token of the row).
+    penalised = _real_ids(*encoded[0]).to(device) if repetition_penalty is not None else None
 
     pad = pad_token_id(tokenizer)
     rows = len(prompts)
@@ -656,6 +782,8 @@ def generate(
             plausibility=plausibility,
             amateur_temperature=amateur_temperature,
         )
+        if penalised is not None:
+            fused = penalise_repetitions(fused, penalised, repetition_penalty)
         if processors:
             for proc in processors:
                 fused = proc(seen, fused)
@@ -671,6 +799,9 @@ def generate(
         tokens = tokens.masked_fill(done, pad)
         if processors:
             seen = torch.cat([seen, tokens.to(device)[:, None]], dim=1)
+        if penalised is not None:
+            last = torch.where(done.to(device), penalised[:, -1], tokens.to(device))
+            penalised = torch.cat([penalised, last[:, None]], dim=1)
         trace_tokens.append(tokens)
         trace_alpha.append(a.float().cpu().masked_fill(done, float("nan")))
         trace_expert.append(e.long().cpu().masked_fill(done, -1))

@@ -20,6 +20,7 @@ from meldkit.dlf.generate import (
 )
 from meldkit.dlf.streams import (
     Ensemble,
+    check_materialized,
     check_tokenizer,
     check_tokenizers,
     check_vocab_width,
@@ -91,12 +92,15 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
     rows plus one token (assisted decoding and prompt lookup add several, or roll back) and
     raises ``ValueError`` otherwise. Use one processor per ``generate`` call, or call
     :meth:`reset`.
+    ``generate(inputs_embeds=...)`` is refused (``ValueError``): it passes the processors no
+    prompt ids, and the small models need them.
 
     The processors ``generate`` builds from its settings (``repetition_penalty``,
     ``no_repeat_ngram_size``, ...) run before this one when they are not warpers: they shape
     M_L only, the expert shift α·(M_t − M_S) is added unpenalised, and the solver's P is the
     penalised distribution. To apply such processors to the fused logits instead (as
-    proxy-tuning does), use :func:`meldkit.dlf.generate` with ``logits_processor=``.
+    proxy-tuning does), use :func:`meldkit.dlf.generate` with ``repetition_penalty=`` or
+    ``logits_processor=``.
     For speed (the large and small forwards batched and fused with sampling), prefer
     :func:`meldkit.dlf.generate`.
     """
@@ -134,6 +138,7 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
         self._members = fusion_members(small_base, experts, expert_prompts)
         models = {"small_base": small_base}
         models.update({f"expert {t}": m.model for t, m in enumerate(self._members[1:])})
+        check_materialized(models)
         self.vocab_size = common_vocab_size(tokenizer, models)
         if expert_prompts is not None and prompts is None:
             raise ValueError("dlf: expert_prompts needs prompts= (the texts of the prompt batch)")
@@ -310,6 +315,15 @@ class DynamicLogitFusionProcessor(_LogitsProcessor):
             fresh = context.config is not None and context.config is not self._config
             if fresh and self._prompts is None and self.attention_mask is None:
                 self.reset()
+        if self._prev is None and input_ids.shape[1] == 0:
+            # generate(inputs_embeds=...) of a decoder-only model passes the processors the
+            # generated ids only: there is no prompt for the small models to read.
+            raise ValueError(
+                f"dlf: DynamicLogitFusionProcessor got no prompt ids (input_ids of shape "
+                f"{tuple(input_ids.shape)}): generate() was called with inputs_embeds=, which "
+                "is not supported (the small models read the prompt's token ids): call "
+                "generate() with input_ids= instead"
+            )
         if self._prev is None:
             # The large model is seen only through its scores: its vocabulary is checked here.
             check_vocab_width("the large model", scores.shape[-1], self.vocab_size)

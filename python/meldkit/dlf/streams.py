@@ -149,6 +149,37 @@ def common_vocab_size(tokenizer, models: dict[str, nn.Module]) -> int:
     return vocab
 
 
+def check_materialized(models: dict[str, nn.Module]) -> None:
+    """Raise ``ValueError`` naming the first model with parameters or buffers on the ``meta``
+    device (built under ``torch.device("meta")`` or ``init_empty_weights()`` and never loaded):
+    its forward would fail deep inside with a raw torch error, after the other models ran.
+
+    A model that accelerate dispatches (``device_map`` with offloading to "cpu" or "disk": an
+    ``hf_device_map`` or ``_hf_hook``s) keeps offloaded weights on ``meta`` and loads them for
+    every forward; it is let through.
+
+    Parameters
+    ----------
+    models : dict[str, torch.nn.Module]
+        The models by role name ("large", "small_base", "expert 0", ...).
+    """
+    for name, model in models.items():
+        inner = hf_model(model)
+        if getattr(inner, "hf_device_map", None) or any(
+            hasattr(m, "_hf_hook") for m in model.modules()
+        ):
+            continue
+        tensors = [*model.named_parameters(), *model.named_buffers()]
+        on_meta = next((key for key, t in tensors if t.device.type == "meta"), None)
+        if on_meta is not None:
+            raise ValueError(
+                f"dlf: {name} has parameters on the meta device ({on_meta!r}, ...): its weights "
+                "were never loaded (a model built under torch.device('meta') or "
+                "init_empty_weights()); load them (from_pretrained, load_state_dict(..., "
+                "assign=True)) before decoding"
+            )
+
+
 # Text the tokenizers compared by check_tokenizers must split alike: punctuation, digits, accents,
 # runs of spaces, tabs and newlines (where normalizers and pre-tokenizers differ).
 _PROBE = "Hello, world! It's 2026-11-29: 3.14 ünïcödé café  two  spaces\n\tand a tab."
@@ -333,6 +364,43 @@ def pad_token_id(tokenizer) -> int:
 def unpad(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
     """Inverse of :func:`left_pad`: the masked-in ids of every row."""
     return [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu(), strict=True)]
+
+
+def cache_is_empty(cache) -> bool:
+    """Whether ``cache`` holds nothing after a forward that was given it (a model that returns
+    legacy tuple caches leaves it so).
+
+    Attention layers tell it by their sequence length. A cache with recurrent layers only (a
+    pure state-space model such as Mamba: transformers' ``LinearAttentionLayer``) has none, and
+    its ``get_seq_length`` raises ``ValueError``: such a cache is empty when no layer holds a
+    convolution or recurrent state. A cache that tells neither is taken as filled.
+
+    Parameters
+    ----------
+    cache
+        A transformers ``Cache`` (or None).
+
+    Returns
+    -------
+    bool
+        True only when the cache is known to be empty.
+    """
+    length = getattr(cache, "get_seq_length", None)
+    if not callable(length):
+        return False
+    try:
+        return length() == 0
+    except ValueError:  # "can only be called on Attention layers": recurrent layers only
+        pass
+    known = False
+    for layer in getattr(cache, "layers", None) or []:
+        for key in ("is_conv_states_initialized", "is_recurrent_states_initialized"):
+            flags = getattr(layer, key, None)
+            if isinstance(flags, dict):
+                known = True
+                if any(flags.values()):
+                    return False
+    return known
 
 
 @dataclass(frozen=True)
@@ -530,8 +598,7 @@ class ModelStream:
                 if returned is not None and not isinstance(returned, tuple):
                     self._cache = returned
                     break
-            length = getattr(self._cache, "get_seq_length", None)
-            if callable(length) and length() == 0:
+            if cache_is_empty(self._cache):
                 # A model that returns a legacy tuple cache (old remote code) and leaves the
                 # cache it was given empty: the next steps would run without the prompt.
                 raise RuntimeError(
