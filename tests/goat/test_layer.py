@@ -1006,3 +1006,17 @@ def test_shared_dropout_mode(tmp_path):
         torch.testing.assert_close(shared.eval()(x), per_expert.eval()(x))
     path = goat.save_adapter(shared, tmp_path / "shared.safetensors")
     assert goat.read_adapter(path)[0].dropout_mode == "shared"
+
+
+def test_a_float64_base_keeps_its_precision():
+    # The op computes the base product with fp32 accumulation: a float64 base runs as a module.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48).double())
+    x = torch.randn(200, 64, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+    config = goat.GoatConfig(rank=8, num_experts=4, init="lora", dropout=0.0, target_modules=["0"])
+    goat.wrap(model, config, progress=False)
+    with torch.no_grad():
+        got = model.eval()(x)  # init="lora": B = 0, the base alone
+    assert got.dtype == torch.float64 and torch.equal(got, want)

@@ -270,13 +270,15 @@ class GoatLinear(nn.Module):
     def _base_runs_in_the_op(self, x: torch.Tensor) -> bool:
         """Whether calling the base layer as a module would do exactly ``F.linear(x, W, b)``:
         a plain ``nn.Linear`` without hooks or a replaced ``forward`` (accelerate's offloading
-        wraps ``forward`` to bring its weights in), in ``x``'s dtype and device, autocast off."""
+        wraps ``forward`` to bring its weights in), in ``x``'s dtype and device, autocast off,
+        and not float64 (the op accumulates in fp32: a float64 base keeps its precision)."""
         base = self.base_layer
         return (
             type(base) is nn.Linear
             and not (base._forward_hooks or base._forward_pre_hooks)
             and "forward" not in base.__dict__
             and x.dtype == base.weight.dtype
+            and x.dtype != torch.float64  # the op's base product accumulates in fp32
             and (base.bias is None or base.bias.dtype == x.dtype)
             and x.device == base.weight.device
             and not torch.is_autocast_enabled(x.device.type)
