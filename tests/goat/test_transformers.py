@@ -383,3 +383,9 @@ def test_a_saved_head_tied_to_the_embeddings_loads_into_its_base(tmp_path):
     loaded = goat.load_adapter(tied(), tmp_path / "a.safetensors")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, want)
+
+
+def test_a_target_that_matches_nothing_is_named():
+    with pytest.warns(UserWarning, match=r"entries \['v_prj'\] match no layer"):
+        model = goat.wrap(tiny_llama(), llama_config(target_modules=["q_proj", "v_prj"]))
+    assert len(list(goat.goat_layers(model))) == 2

@@ -167,6 +167,14 @@ def find_targets(
     if skipped and warn_skipped:
         message = f"meldkit.goat: 'all-linear' skips {len(too_small)} layers, {skipped}"
         warnings.warn(message, stacklevel=3)  # the caller of wrap
+    if target_modules != ALL_LINEAR and warn_skipped:
+        unmatched = [t for t in target_modules if not any(_matches(n, (t,)) for n in found)]
+        if unmatched:
+            warnings.warn(
+                f"meldkit.goat: target_modules entries {unmatched} match no layer of the model "
+                f"(the others select {len(found)}); check their spelling",
+                stacklevel=3,  # the caller of wrap
+            )
     return found
 
 
