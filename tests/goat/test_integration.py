@@ -744,3 +744,12 @@ def test_trainer_saves_the_adapter_beside_its_checkpoints(tmp_path):
         want = model(ids).logits
         got = goat.load_adapter(tiny_llama(), out)(ids).logits
     assert torch.equal(got, want)
+
+
+def test_peft_lora_on_goat_routers_is_refused():
+    # GoatLinear reads router.weight directly: a PEFT LoRA on "router" would change nothing.
+    peft = pytest.importorskip("peft")
+    model = goat.wrap(tiny_llama(), llama_config())
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["router"]))
+    with pytest.raises(RuntimeError, match=r"router is a peft\.tuners\..*PEFT's LoRA on 'router'"):
+        model(token_batch(96, rows=2))

@@ -231,6 +231,14 @@ class GoatLinear(nn.Module):
                 "meldkit.goat.aux_loss would count one replica's tokens only; use "
                 "DistributedDataParallel (torchrun), or one device (eval mode runs)"
             )
+        if type(self.router) is not nn.Linear:
+            raise RuntimeError(
+                f"GoatLinear: its router is a {type(self.router).__module__}."
+                f"{type(self.router).__qualname__}, not the nn.Linear GOAT made: the layer reads "
+                "the router's weight directly, so another adapter on it (PEFT's LoRA on "
+                "'router') would change nothing. Leave GOAT's routers out of other adapters' "
+                "target_modules (GOAT trains them)"
+            )
         training_dropout = self.training and self.dropout > 0
         # A one-element tensor, never read here: under torch.compile the draw stays in the graph.
         seed = torch.randint(0, SEED_BOUND, (1,)) if training_dropout else None
