@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -369,3 +370,32 @@ def test_bench_lists_the_cases_before_measuring_when_none_matches(capsys):
     assert "copy ceiling" not in err  # nothing measured
     assert "no case matches" in err
     assert "ties_n3_1024x1024 (fp32), dare_ties_n3_1024x1024 (fp32)" in err
+
+
+def test_out_shard_sizes_that_are_no_sizes_are_one_line(tmp_path, capsys):
+    cfg = _merge_inputs(tmp_path)
+    for size, message in (
+        ("inf", "not a size: 'inf'"),
+        ("1e400", "not a size: '1e400'"),  # was an OverflowError traceback
+        ("0.5", "a size must be at least 1 byte, got '0.5'"),
+    ):
+        assert main(["merge", str(cfg), str(tmp_path / "out"), "--out-shard-size", size]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--out-shard-size", "1e30"]) == 0
+
+
+def test_a_merge_whose_stdout_is_closed_still_succeeds(tmp_path):
+    cfg = _merge_inputs(tmp_path)
+    code = "import sys; from meldkit.cli import main; sys.exit(main(sys.argv[1:]))"
+    read, write = os.pipe()
+    os.close(read)  # `| head -0`: the reader is gone before the merge prints
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "merge", str(cfg), str(tmp_path / "out"), "--no-progress"],
+        stdout=write,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(write)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and (tmp_path / "out" / "config.json").is_file()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import warnings
 
@@ -75,6 +77,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             print(f"meldkit merge: note: {flag} changes nothing: {why}", file=sys.stderr)
 
     def _terminated(signum, frame):  # unwinds through merge(), which removes its partial output
+        print(f"meldkit merge: {signal.Signals(signum).name}: stopped", file=sys.stderr)
         raise SystemExit(128 + signum)
 
     previous = {}
@@ -113,7 +116,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    print(f"merged model written to {out}")
+    try:
+        print(f"merged model written to {out}")
+    except BrokenPipeError:  # stdout closed (`| head -0`): the merge itself succeeded
+        # No second error when Python flushes stdout at exit (Python's documented recipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
@@ -136,7 +143,8 @@ def _bare_bytes(text: str) -> int | None:
         value = float(text)
     except ValueError:
         return None
-    return int(value) if value >= 1 else None  # below 1: parse_size's error says why
+    # below 1, or not finite: parse_size's error says why
+    return int(value) if math.isfinite(value) and value >= 1 else None
 
 
 def _device_arg(text: str) -> str:
@@ -191,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-shard-size",
         default="5GB",
         help="largest output shard in bytes: 5GB, 500MB, or 1B (B = billions, as in mergekit); "
-        "default 5GB",
+        "a number without a unit counts bytes; default 5GB",
     )
     p.add_argument(
         "--seed",

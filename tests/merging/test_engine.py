@@ -2699,3 +2699,33 @@ def test_bert_and_t5_vocabulary_tensors_are_trimmed_like_embeddings(zoo):
     with pytest.warns(UserWarning, match=r"cls.predictions.bias \(72 rows, not 64\)"):
         out = read(merge(cfg, tmp / "out", progress=False))
     assert out["cls.predictions.bias"].shape == (VOCAB,)
+
+
+def test_an_output_the_merge_cannot_rename_into_place_is_refused_up_front(zoo, monkeypatch):
+    # The output is written beside out_dir and renamed into its place: a mount point cannot be
+    # replaced (the finished merge was lost at the rename), and a parent without write access
+    # cannot hold the temporary folder (it was named in a raw PermissionError).
+    tmp, _, _, paths = zoo
+    cfg = config_for("ties", paths)
+    mount = tmp / "mounted"
+    mount.mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == mount)
+    with pytest.raises(MergeError, match=r"is a mount point.*e\.g\. .*mounted/merged"):
+        merge(cfg, mount, progress=False)
+    locked = tmp / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked and real_access(p, mode))
+    with pytest.raises(MergeError, match=r"parent folder .*locked is not writable"):
+        merge(cfg, locked / "out", progress=False)
+    assert not (locked / "out").exists()
+
+
+def test_a_hub_id_with_a_revision_is_downloaded_with_it(zoo, monkeypatch):
+    tmp, _, _, paths = zoo
+    monkeypatch.chdir(tmp)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    cfg = config_for("ties", paths)
+    cfg["base_model"] = "org/tiny-base@v2.0"
+    with pytest.raises(MergeError, match=r"hf download org/tiny-base --revision v2\.0"):
+        merge(cfg, tmp / "out", progress=False)

@@ -201,6 +201,11 @@ class Checkpoint:
     def _index_file(self, f: Path) -> None:
         from safetensors import safe_open
 
+        try:  # safetensors reports an unreadable file as "No such file or directory"
+            with open(f, "rb"):
+                pass
+        except OSError as exc:
+            raise CheckpointError(f"{f}: cannot be read ({exc.strerror})") from None
         try:
             handle = safe_open(str(f), framework="pt")
             for name in handle.keys():
@@ -532,9 +537,9 @@ def parse_size(text: str | int) -> int:
             raise ValueError(
                 f"not a size: {text!r} (examples: 5GB, 500MB, 1B = 10^9 as in mergekit, 1000000000)"
             )
-        size = int(value * scale)
+        size = int(min(value * scale, 2**62))  # larger than any file: one shard
     if size <= 0:
-        raise ValueError(f"a size must be positive, got {text!r}")
+        raise ValueError(f"a size must be at least 1 byte, got {text!r}")
     return size
 
 

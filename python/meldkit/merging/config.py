@@ -472,7 +472,9 @@ def hub_cache_folder(name: str) -> Path | None:
 def hub_missing_reason(name: str) -> str:
     """Why the Hugging Face model ID ``name`` has no local folder (for an error message):
     ``huggingface_hub`` not installed, or the model not in its cache."""
-    repo = name.partition("@")[0]
+    repo, _, revision = name.partition("@")
+    if revision:
+        repo = f"{repo} --revision {revision}"
     try:
         from huggingface_hub import constants
     except ImportError:

@@ -882,10 +882,10 @@ def _warn_wider_inputs(
 
 
 def _check_free_space(out_dir: Path, needed: int) -> None:
-    """A MergeError, before any tensor is merged, when the file system that will hold
-    ``out_dir`` has less free space than the merged tensors' ``needed`` bytes (a full disk
-    would otherwise stop the merge at the tensor that does not fit)."""
-    folder = next((f for f in (out_dir, *out_dir.parents) if f.exists()), Path.cwd())
+    """A MergeError, before any tensor is merged, when the file system that will hold the
+    output (its temporary folder, beside ``out_dir``) has less free space than ``needed``
+    bytes (a full disk would otherwise stop the merge at the tensor that does not fit)."""
+    folder = next((f for f in out_dir.parents if f.exists()), Path.cwd())
     try:
         free = shutil.disk_usage(folder).free
     except OSError:  # no answer from the file system: the writes report a full disk
@@ -1070,6 +1070,19 @@ def merge(
             "process and the shell it was started from in a removed folder: name a new folder, "
             "e.g. merged"
         )
+    if target.is_dir() and os.path.ismount(target):
+        raise MergeError(
+            f"out_dir {out_dir}: is a mount point, which the output cannot replace (the merge "
+            "writes a folder beside out_dir and renames it into its place): write into a new "
+            f"folder inside it, e.g. {out_dir / 'merged'}"
+        )
+    parent = next((f for f in target.parents if f.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise MergeError(
+            f"out_dir {out_dir}: its parent folder {parent} is not writable, and the merge "
+            "writes a folder beside out_dir and renames it into its place (an interrupted merge "
+            "leaves no half-written output): choose an out_dir in a folder you can write"
+        )
     if trim_scope not in ("tensor", "model"):
         raise MergeError(f"trim_scope must be 'tensor' or 'model', got {trim_scope!r}")
     if tie is None:
@@ -1186,7 +1199,18 @@ def merge(
         for n in names
     }
     plan = [(n, out_dtype_of[n], reference.shape(n)) for n in names]
-    _check_free_space(target, sum(math.prod(shape) * dt.itemsize for _, dt, shape in plan))
+    # The tensors, plus their shards' headers and the copied files (config, tokenizer, ...).
+    extra = (
+        sum(
+            f.stat().st_size
+            for f in reference.aux_folder().iterdir()
+            if f.is_file() and f.suffix in (".json", ".jinja", ".model", ".txt", ".tiktoken")
+        )
+        if reference.aux_folder().is_dir()
+        else 0
+    )
+    tensors = sum(math.prod(shape) * dt.itemsize for _, dt, shape in plan)
+    _check_free_space(target, tensors + extra + 256 * len(plan) + (1 << 20))
     if background_write is None:
         # A writer thread overlaps the writes with the merge when a core is free for it; on a
         # machine whose every core runs the merge it only slows the merge (measured on 2
