@@ -1225,3 +1225,32 @@ def test_shared_dropout_is_one_mask_for_every_expert():
     assert torch.equal(off, routed_lora(x, a, b, 2.0, gates=gates)[0])
     with pytest.raises(TypeError, match="argument 'shared_dropout'"):
         routed_lora(x, a, b, 2.0, gates=gates, dropout=0.25, seed=3, shared_dropout=1)
+
+
+@pytest.mark.parametrize("n", [63, 64, 512])
+@pytest.mark.parametrize("mode", ["router", "gates"])
+def test_autocast_regions_leave_the_arithmetic_in_float32(n, mode):
+    # From 64 tokens the matrix-product path ran inside the caller's bf16 autocast region: the
+    # output, the router softmax (and so the routing) and the gradients came out in bf16.
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 32, generator=g, requires_grad=True)
+    a = torch.randn(8, 4, 32, generator=g).mul_(0.2).requires_grad_()
+    b = torch.randn(8, 24, 4, generator=g).mul_(0.2).requires_grad_()
+    kw = (
+        {"router_weight": torch.randn(8, 32, generator=g), "top_k": 2}
+        if mode == "router"
+        else {"gates": torch.rand(n, 8, generator=g)}
+    )
+    want, want_p = routed_lora(x, a, b, 0.5, **kw)
+    grads = torch.autograd.grad(want.square().sum(), (x, a, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_p = routed_lora(x, a, b, 0.5, **kw)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if mode == "router":
+        assert got_p.dtype == torch.float32
+        torch.testing.assert_close(got_p, want_p, rtol=1e-5, atol=1e-6)
+    for got_g, want_g in zip(
+        torch.autograd.grad(got.square().sum(), (x, a, b)), grads, strict=True
+    ):
+        torch.testing.assert_close(got_g, want_g, rtol=1e-4, atol=1e-4)

@@ -41,6 +41,7 @@ the router weights or gates are all float64), and so is the ``scaling`` handed t
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -100,8 +101,24 @@ def _seed_value(seed: torch.Tensor | None, dropout: float) -> int:
 _CUDAGRAPH_UNSAFE = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
 
+def _without_autocast(fn):
+    """``fn`` run with autocast off: the op's arithmetic is float32 whatever the region (under
+    an autocast region the matrix products of the GEMM path and of the reference would run in
+    bf16/fp16 from 64 tokens on, and the router softmax with them)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
+            return fn(*args, **kwargs)
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def _custom_ops(plain: str, with_dropout: str, fn, schema: str):
     """``fn`` as the two custom ops ``meldkit::PLAIN`` and ``meldkit::WITH_DROPOUT`` (tagged)."""
+    fn = _without_autocast(fn)
     return (
         custom_op(f"meldkit::{plain}", fn, schema=schema),
         custom_op(f"meldkit::{with_dropout}", fn, schema=schema, tags=_CUDAGRAPH_UNSAFE),
@@ -812,6 +829,10 @@ def _backward(ctx, dy, dprobs, _dweights, _dh):
     dx, da, db, dw, dgates = (g if n else None for g, n in zip(grads, needs, strict=True))
     return (dx, da, db, None, dw, dgates, None, None, None, *base_grads)
 
+
+# The kernels, also called directly in plain eager calls (_native.call), run without autocast.
+_routed_lora_native = _without_autocast(_routed_lora_native)
+_routed_lora_backward_native = _without_autocast(_routed_lora_backward_native)
 
 _routed_lora_backward, _routed_lora_dropout_backward = _custom_ops(
     "routed_lora_backward",
