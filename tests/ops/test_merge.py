@@ -1440,3 +1440,28 @@ def test_consensus_argument_errors():
         merge_tensors(base, models, "ties", consensus="mass")
     with pytest.raises(TypeError, match="argument 'consensus'"):
         merge_tensor_list([base], [[x] for x in models], "ties", consensus=1)
+
+
+@pytest.mark.parametrize(
+    ("method", "kw"),
+    [("ties", {}), ("ties", {"tie": "keep_ties"}), ("breadcrumbs", {"gammas": 0.25})],
+)
+@pytest.mark.parametrize("how", ["float64", "reference"])
+@pytest.mark.filterwarnings("ignore::meldkit.MeldkitFallbackWarning")
+def test_the_reference_refuses_nan_where_magnitudes_are_ranked(method, kw, how, monkeypatch):
+    # The paths that run the reference (float64 inputs, MELDKIT_BACKEND=reference) merged NaN
+    # silently where the kernels refuse it; at density 1 (nothing ranked) NaN merges as NaN.
+    from meldkit.ops import magnitude_threshold
+
+    dtype = torch.float64 if how == "float64" else torch.float32
+    if how == "reference":
+        monkeypatch.setenv("MELDKIT_BACKEND", "reference")
+    base = torch.zeros(4, dtype=dtype)
+    models = [torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=dtype)]
+    models.append(torch.tensor([1.0, float("nan"), 3.0, 4.0], dtype=dtype))
+    with pytest.raises(ValueError, match=r"cannot rank NaN, and models\[1\] holds NaN"):
+        merge_tensors(base, models, method, densities=0.5, **kw)
+    with pytest.raises(ValueError, match="contain NaN"):
+        magnitude_threshold([models[1]], 0.5)
+    out = merge_tensors(base, models, method, densities=1.0, **kw)
+    assert torch.isnan(out[1]) and not torch.isnan(out[[0, 2, 3]]).any()

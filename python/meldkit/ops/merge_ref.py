@@ -92,7 +92,15 @@ def magnitude_threshold_ref(absval: torch.Tensor, density: float) -> torch.Tenso
         return torch.tensor(math.inf, dtype=absval.dtype)
     if keep >= n:
         return torch.tensor(-math.inf, dtype=absval.dtype)
+    _refuse_nan(flat)
     return flat.kthvalue(n - keep + 1).values
+
+
+def _refuse_nan(absval: torch.Tensor) -> None:
+    """Magnitude selection cannot rank NaN: a ValueError (the kernels' message), raised only
+    where entries are ranked (not when all or none are kept)."""
+    if torch.isnan(absval).any():
+        raise ValueError("magnitude_select: the task vectors contain NaN")
 
 
 def exact_k_count(numel: int, density: float) -> int:
@@ -110,6 +118,8 @@ def magnitude_mask_ref(tau: torch.Tensor, density: float, tie: str = "keep_ties"
     if tie == "keep_ties":
         return absval >= magnitude_threshold_ref(absval, density)
     k = exact_k_count(tau.numel(), density)
+    if 0 < k < tau.numel():
+        _refuse_nan(absval)
     mask = torch.zeros(tau.numel(), dtype=torch.bool, device=tau.device)
     mask[_stable_order(absval, descending=True)[:k]] = True
     return mask.view(tau.shape)
@@ -134,6 +144,8 @@ def breadcrumbs_mask_ref(tau: torch.Tensor, density: float, gamma: float) -> tor
     if n_bot < 0:
         n_top += n_bot
         n_bot = 0
+    if n_bot < n - n_top and (n_bot > 0 or n_top > 0):
+        _refuse_nan(tau.abs())
     mask = torch.zeros(n, dtype=torch.bool, device=tau.device)
     mask[_stable_order(tau.abs(), descending=False)[n_bot : n - n_top]] = True
     return mask.view(tau.shape)
