@@ -768,3 +768,14 @@ def test_native_candidate_masks_are_checked():
     # No candidate at all (a chunk of a split grid): alpha 0, expert 0.
     call(large, small, experts, [0.0, 0.5, 1.0], *out, 0, [0, 0])
     assert out[1].item() == 0.0 and out[2].item() == 0 and out[0].isinf().all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.filterwarnings("ignore::meldkit.MeldkitFallbackWarning")
+def test_the_reference_backend_names_nan_and_inf_inputs(bad, monkeypatch):
+    # The reference crashed on them (an IndexError) before the check that names the input.
+    monkeypatch.setenv("MELDKIT_BACKEND", "reference")
+    large, small = torch.randn(2, 8), torch.randn(2, 8)
+    large[0, 3] = bad
+    with pytest.raises(ValueError, match=r"argument 'large': contains (NaN|\+inf)"):
+        logit_fusion(large, small, torch.randn(1, 2, 8))

@@ -1465,3 +1465,15 @@ def test_the_reference_refuses_nan_where_magnitudes_are_ranked(method, kw, how, 
         magnitude_threshold([models[1]], 0.5)
     out = merge_tensors(base, models, method, densities=1.0, **kw)
     assert torch.isnan(out[1]) and not torch.isnan(out[[0, 2, 3]]).any()
+
+
+@pytest.mark.parametrize("rescale", ["l1", "none", "inverse_density"])
+@pytest.mark.filterwarnings("ignore::meldkit.MeldkitFallbackWarning")
+def test_della_on_a_tensor_with_an_empty_dimension(rescale, monkeypatch):
+    for backend in ("auto", "reference"):
+        monkeypatch.setenv("MELDKIT_BACKEND", backend)
+        base = torch.zeros(4, 0)
+        out = merge_tensors(
+            base, [base, base], "della", densities=0.5, epsilons=0.1, rescale=rescale
+        )
+        assert out.shape == (4, 0)

@@ -528,9 +528,16 @@ def logit_fusion(
     # such results are never returned.
     peaks = _peaks(large, small_base, experts) if large.shape[0] else None
     args = (large, small_base, experts, alphas, return_logits, flat_ranges)
-    alpha, expert, logits, loss = _native.call(
-        _logit_fusion, _logit_fusion_native, "meldkit::logit_fusion", large.device, args
-    )
+    try:
+        alpha, expert, logits, loss = _native.call(
+            _logit_fusion, _logit_fusion_native, "meldkit::logit_fusion", large.device, args
+        )
+    except Exception:
+        # The reference (MELDKIT_BACKEND=reference, or a dtype without a kernel) is not made
+        # for NaN or +inf and may fail on them: such inputs get their own named error.
+        if peaks is not None:
+            _check_peaks(peaks)
+        raise
     if peaks is not None:
         _check_peaks(peaks)
     return LogitFusionResult(alpha, expert, logits if return_logits else None, loss)

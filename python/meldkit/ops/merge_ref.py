@@ -175,6 +175,8 @@ def della_keep_prob_ref(tau: torch.Tensor, density: float, epsilon: float) -> to
     mean do not; DELLA's masks cannot match mergekit's generator anyway).
     """
     check_della(density, epsilon)
+    if tau.numel() == 0:  # no rows to rank (a 0-length dimension)
+        return torch.empty(tau.shape, dtype=torch.float32, device=tau.device)
     rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(-1, tau.shape[-1])
     n = rows.shape[1]
     # Every row at once: a stable ascending sort (equal magnitudes by index), rank r at each
