@@ -1060,7 +1060,6 @@ def test_merge_into_bad_out():
         (base, "shares memory with an input"),
         (models[2], "shares memory with an input"),
         (torch.empty(5, 8, device="meta"), "on meta, the inputs on cpu"),
-        (torch.empty(5, 8, requires_grad=True), "requires grad"),
     ]
     for out, message in bad:
         with pytest.raises(ValueError, match="argument 'out': " + message):
@@ -1477,3 +1476,19 @@ def test_della_on_a_tensor_with_an_empty_dimension(rescale, monkeypatch):
             base, [base, base], "della", densities=0.5, epsilons=0.1, rescale=rescale
         )
         assert out.shape == (4, 0)
+
+
+def test_parameters_that_require_grad_merge_into_a_plain_tensor():
+    # Merging makes new weights: a backward through the result failed with torch's "no
+    # autograd formula" error; the result now requires no grad.
+    base = torch.nn.Parameter(torch.zeros(6))
+    models = [torch.nn.Parameter(torch.randn(6)) for _ in range(2)]
+    out = merge_tensors(base, models, "ties", densities=0.5)
+    assert not out.requires_grad
+    want = merge_tensors(base.detach(), [m.detach() for m in models], "ties", densities=0.5)
+    assert torch.equal(out, want)
+    (listed,) = merge_tensor_list([base], [[m] for m in models], "ties", densities=0.5)
+    assert not listed.requires_grad and torch.equal(listed, want)
+    into = torch.nn.Parameter(torch.empty(6))  # a model's weight, merged into in place
+    assert merge_tensors(base, models, "ties", densities=0.5, out=into) is into
+    assert torch.equal(into.detach(), want) and into.requires_grad

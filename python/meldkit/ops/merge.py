@@ -21,6 +21,7 @@ models' pointers in a fixed-size array); ``linear`` runs on :func:`meldkit.ops.w
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 from collections.abc import Iterator, Sequence
@@ -807,6 +808,20 @@ def _check_consensus(m, consensus: object) -> str:
     return consensus
 
 
+def _no_autograd(fn):
+    """``fn`` under ``torch.no_grad()``: merging produces new weights, and a result of inputs
+    that require grad (a model's parameters) requires none (the custom ops have no gradient:
+    a backward through them failed with torch's "no autograd formula" error)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@_no_autograd
 def merge_tensors(
     base: torch.Tensor | None,
     models: Sequence[torch.Tensor],
@@ -883,6 +898,9 @@ def merge_tensors(
         kernels write into it directly (a streaming merge reuses one buffer instead of
         allocating each result); the other paths compute the result, then copy it. Runs
         eagerly, without autograd.
+
+    The merge is not differentiable: the result never requires grad, whatever the inputs, and
+    ``out`` may be a parameter that requires grad (a model's own weight, written in place).
 
     Returns
     -------
@@ -1003,8 +1021,6 @@ def _check_out(
         raise ValueError(f"{where}: dtype {out.dtype} is not a floating dtype")
     if not out.is_contiguous():
         raise ValueError(f"{where}: must be contiguous")
-    if out.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{where}: requires grad; merging into it runs without autograd")
     if _overlaps_any(out, inputs):
         # The kernels read each element before writing it, but the reference paths do not.
         raise ValueError(f"{where}: shares memory with an input")
@@ -1047,6 +1063,7 @@ def _span(x: torch.Tensor) -> tuple[int, int]:
     return x.data_ptr(), x.data_ptr() + (last + 1) * x.element_size()
 
 
+@_no_autograd
 def merge_tensor_list(
     bases: Sequence[torch.Tensor] | None,
     models: Sequence[Sequence[torch.Tensor]],
