@@ -80,6 +80,11 @@ def float_tensor(op: str, name: str, t: object, dim: int = -1) -> torch.Tensor:
             f"meldkit.{op}: argument '{name}': dtype {t.dtype} is not supported "
             "(float32, bfloat16, float16 or float64)"
         )
+    if t.layout != torch.strided:
+        raise TypeError(
+            f"meldkit.{op}: argument '{name}': layout {t.layout} is not supported "
+            "(dense tensors only: call .to_dense())"
+        )
     if dim >= 0 and t.dim() != dim:
         raise ValueError(
             f"meldkit.{op}: argument '{name}': expected {dim} dimensions, got shape {list(t.shape)}"
