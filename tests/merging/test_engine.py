@@ -2732,3 +2732,12 @@ def test_a_hub_id_with_a_revision_is_downloaded_with_it(zoo, monkeypatch):
     cfg["base_model"] = "org/tiny-base@v2.0"
     with pytest.raises(MergeError, match=r"hf download org/tiny-base --revision v2\.0"):
         merge(cfg, tmp / "out", progress=False)
+
+
+def test_a_path_with_a_tilde_says_it_is_not_expanded(zoo, monkeypatch):
+    tmp, _, _, paths = zoo
+    monkeypatch.chdir(tmp)
+    cfg = config_for("ties", paths)
+    cfg["models"][0]["model"] = "~/no-such-model"
+    with pytest.raises(MergeError, match=r"~ is not expanded, as in mergekit: write /"):
+        merge(cfg, tmp / "out", progress=False)

@@ -601,6 +601,8 @@ def parse_config(
         text = f"{where}: {p}: no such model folder or file: tried {' and '.join(lines)}"
         if isinstance(p, str) and _HUB_ID.match(p):
             text += f"; {hub_missing_reason(p)}"
+        elif str(p).startswith("~"):
+            text += f" (~ is not expanded, as in mergekit: write {Path(str(p)).expanduser()})"
         missing[tried[0][0]] = text
         return tried[0][0]
 
