@@ -132,7 +132,6 @@ def sketches_difference(
         p = now.get(name)
         if p is None:
             continue
-        current = parameter_sketch(p)
         saved_dtype = getattr(torch, dtypes.get(name, ""), p.dtype)
         if not isinstance(saved_dtype, torch.dtype):
             saved_dtype = p.dtype
@@ -142,7 +141,7 @@ def sketches_difference(
             # exactly (a bf16 tolerance would let a fine-tune's small changes pass).
             current, rtol = parameter_sketch(p, round_to=saved_dtype), SKETCH_RTOL_EXACT
         else:
-            rtol = sketch_rtol(saved_dtype, p.dtype)
+            current, rtol = parameter_sketch(p), sketch_rtol(saved_dtype, p.dtype)
         if current.shape != sketch.shape:
             return f"has parameter {name!r} of another shape than the saved base's"
         distance = sketch_distance(sketch, current)

@@ -31,6 +31,7 @@ import torch
 
 from meldkit.merging import chat_templates
 from meldkit.merging.checkpoint import (
+    AUX_FILES,
     TOKENIZER_FILES,
     Checkpoint,
     CheckpointError,
@@ -1200,15 +1201,8 @@ def merge(
     }
     plan = [(n, out_dtype_of[n], reference.shape(n)) for n in names]
     # The tensors, plus their shards' headers and the copied files (config, tokenizer, ...).
-    extra = (
-        sum(
-            f.stat().st_size
-            for f in reference.aux_folder().iterdir()
-            if f.is_file() and f.suffix in (".json", ".jinja", ".model", ".txt", ".tiktoken")
-        )
-        if reference.aux_folder().is_dir()
-        else 0
-    )
+    aux = reference.aux_folder()
+    extra = sum((aux / n).stat().st_size for n in AUX_FILES if (aux / n).is_file())
     tensors = sum(math.prod(shape) * dt.itemsize for _, dt, shape in plan)
     _check_free_space(target, tensors + extra + 256 * len(plan) + (1 << 20))
     if background_write is None:
