@@ -966,7 +966,10 @@ def merge_tensors(
                 f"meldkit.merge_tensors: argument 'weights': {a.weights} sum to 0, which "
                 "normalize=True cannot divide by (pass normalize=False)"
             )
-        res = weighted_sum(models, [w / total for w in a.weights], out_dtype=out_dtype)
+        scaled = [w / total for w in a.weights]
+        if out is not None:  # written in place: no result allocated, then copied
+            return weighted_sum(models, scaled, out=out)
+        res = weighted_sum(models, scaled, out_dtype=out_dtype)
     elif m.kind == "model_stock":
         res = ref.model_stock_ref(base, models, filter_wise=filter_wise, out_dtype=out_dtype)
     elif m.kind == "slerp":
