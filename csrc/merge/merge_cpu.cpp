@@ -210,7 +210,7 @@ MELDKIT_AVX512_BEGIN
 // store the result, instead of the sums going through the tile's arrays; and the tile's arrays
 // are zeroed only where the scalar loops add into them (zeroing whole tiles, GCC emitted
 // `rep stos`: a fifth of the task-arithmetic pass).
-template <typename TIn, Sparsify S, Acc A>
+template <typename TIn, Sparsify S>
 struct AvxModels {
   const TIn* x[kMergeMaxModels];
   __m512 weight[kMergeMaxModels], ws[kMergeMaxModels], thr[kMergeMaxModels];
@@ -242,21 +242,22 @@ MELDKIT_AVX512_TARGET inline void store16(bf16_t* o, __m512 r) {
 }
 MELDKIT_AVX512_TARGET inline void store16(float* o, __m512 r) { _mm512_storeu_ps(o, r); }
 
-template <int V, AvxFinish F, int kMul, typename TIn, Sparsify S, Acc A, typename TOut = float>
+// V vectors from element j through all models, keeping only pos and neg (Acc::kSums: the
+// elections that also sum weights or counts take accumulate_weighted_avx512).
+template <int V, AvxFinish F, int kMul, typename TIn, Sparsify S, typename TOut = float>
 MELDKIT_AVX512_TARGET MELDKIT_ALWAYS_INLINE void accumulate_step_avx512(
-    const AvxModels<TIn, S, A>& c, int64_t j, const float* __restrict b,
+    const AvxModels<TIn, S>& c, int64_t j, const float* __restrict b,
     const uint32_t* __restrict bits, float* __restrict pos, float* __restrict neg,
-    float* __restrict wpos, float* __restrict wneg, float* __restrict npos, float* __restrict nneg,
     TOut* __restrict out = nullptr) {
-  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
+  const __m512 zero = _mm512_setzero_ps();
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
-  __m512 bv[V], sp[V], sn[V], swp[V], swn[V], snp[V], snn[V];
+  __m512 bv[V], sp[V], sn[V];
   __m512i bitv[V];
   for (int v = 0; v < V; ++v) {
     bv[v] = _mm512_loadu_ps(b + j + 16 * v);
     bitv[v] = _mm512_setzero_si512();
     if constexpr (S == Sparsify::kRandom) bitv[v] = _mm512_loadu_si512(bits + j + 16 * v);
-    sp[v] = sn[v] = swp[v] = swn[v] = snp[v] = snn[v] = zero;
+    sp[v] = sn[v] = zero;
   }
   for (int t = 0; t < c.n; ++t) {
     for (int v = 0; v < V; ++v) {
@@ -274,74 +275,51 @@ MELDKIT_AVX512_TARGET MELDKIT_ALWAYS_INLINE void accumulate_step_avx512(
         keep = c.keep_all[t] | _mm512_cmp_ps_mask(mag, c.thr[t], _CMP_GE_OQ);
       }
       if constexpr (S == Sparsify::kRandom) keep = _mm512_test_epi32_mask(bitv[v], c.flag[t]);
-      const __mmask16 kn = _mm512_mask_cmp_ps_mask(keep, w, zero, _CMP_LT_OQ);
       // Kept NaN products, or all under a NaN scale, go into the positive sums
-      // (accumulate_tile's rule). Only the weight and count sums need kp without them.
-      if constexpr (A == Acc::kSums) {
-        // !(w <= 0): w > 0 or NaN, one compare.
-        const __mmask16 kpn = c.nan_all[t] | _mm512_mask_cmp_ps_mask(keep, w, zero, _CMP_NLE_UQ);
-        sp[v] = _mm512_mask_add_ps(sp[v], kpn, sp[v], w);
-        sn[v] = _mm512_mask_add_ps(sn[v], kn, sn[v], w);
-        continue;
-      }
-      const __mmask16 kp = _mm512_mask_cmp_ps_mask(keep, w, zero, _CMP_GT_OQ);
-      const __mmask16 nan_lanes = c.nan_all[t] | _mm512_mask_cmp_ps_mask(keep, w, w, _CMP_UNORD_Q);
-      sp[v] = _mm512_mask_add_ps(sp[v], __mmask16(kp | nan_lanes), sp[v], w);
+      // (accumulate_tile's rule): !(w <= 0) is w > 0 or NaN, one compare.
+      const __mmask16 kpn = c.nan_all[t] | _mm512_mask_cmp_ps_mask(keep, w, zero, _CMP_NLE_UQ);
+      const __mmask16 kn = _mm512_mask_cmp_ps_mask(keep, w, zero, _CMP_LT_OQ);
+      sp[v] = _mm512_mask_add_ps(sp[v], kpn, sp[v], w);
       sn[v] = _mm512_mask_add_ps(sn[v], kn, sn[v], w);
-      if constexpr (A != Acc::kSums) {
-        swp[v] = _mm512_mask_add_ps(swp[v], kp, swp[v], c.weight[t]);
-        swn[v] = _mm512_mask_add_ps(swn[v], kn, swn[v], c.weight[t]);
-      }
-      if constexpr (A == Acc::kCounts) {
-        snp[v] = _mm512_mask_add_ps(snp[v], kp, snp[v], one);
-        snn[v] = _mm512_mask_add_ps(snn[v], kn, snn[v], one);
-      }
     }
-  }
-  if constexpr (F != AvxFinish::kSums) {
-    for (int v = 0; v < V; ++v) {
-      __m512 d;
-      if constexpr (F == AvxFinish::kElect) {
-        // positive = (pos + neg) >= 0; a NaN positive sum is the result, elected or not.
-        const __mmask16 up = _mm512_cmp_ps_mask(_mm512_add_ps(sp[v], sn[v]), zero, _CMP_GE_OQ);
-        d = _mm512_mask_mov_ps(sn[v], up, sp[v]);
-        d = _mm512_mask_mov_ps(d, _mm512_cmp_ps_mask(sp[v], sp[v], _CMP_UNORD_Q), sp[v]);
-      } else {
-        d = _mm512_add_ps(sp[v], sn[v]);
-        if constexpr (F == AvxFinish::kNoneNorm) d = _mm512_div_ps(d, c.divisor);
-      }
-      store16(out + j + 16 * v, _mm512_add_ps(bv[v], _mm512_mul_ps(c.lambda, d)));
-    }
-    return;
   }
   for (int v = 0; v < V; ++v) {
     const int64_t k = j + 16 * v;
-    _mm512_storeu_ps(pos + k, sp[v]);
-    _mm512_storeu_ps(neg + k, sn[v]);
-    if constexpr (A != Acc::kSums) {
-      _mm512_storeu_ps(wpos + k, swp[v]);
-      _mm512_storeu_ps(wneg + k, swn[v]);
+    if constexpr (F == AvxFinish::kSums) {
+      _mm512_storeu_ps(pos + k, sp[v]);
+      _mm512_storeu_ps(neg + k, sn[v]);
+      continue;
     }
-    if constexpr (A == Acc::kCounts) {
-      _mm512_storeu_ps(npos + k, snp[v]);
-      _mm512_storeu_ps(nneg + k, snn[v]);
+    __m512 d;
+    if constexpr (F == AvxFinish::kElect) {
+      // positive = (pos + neg) >= 0; a NaN positive sum is the result, elected or not.
+      const __mmask16 up = _mm512_cmp_ps_mask(_mm512_add_ps(sp[v], sn[v]), zero, _CMP_GE_OQ);
+      d = _mm512_mask_mov_ps(sn[v], up, sp[v]);
+      d = _mm512_mask_mov_ps(d, _mm512_cmp_ps_mask(sp[v], sp[v], _CMP_UNORD_Q), sp[v]);
+    } else {
+      d = _mm512_add_ps(sp[v], sn[v]);
+      if constexpr (F == AvxFinish::kNoneNorm) d = _mm512_div_ps(d, c.divisor);
     }
+    store16(out + k, _mm512_add_ps(bv[v], _mm512_mul_ps(c.lambda, d)));
   }
 }
 
-// The tile's first m elements (a multiple of 16) through all models. F == kSums writes their
-// sums to the tile's arrays for finish_tile; the other F write the results to `out` (the
-// tile's first element), and `wall` is the weight sum kNoneNorm divides by.
-template <typename TIn, Sparsify S, Acc A, AvxFinish F = AvxFinish::kSums, typename TOut = float>
-MELDKIT_AVX512_TARGET void accumulate_models_avx512(
-    const TaskMergeParams& p, int64_t e0, const float* __restrict b,
-    const uint32_t* __restrict bits, int64_t m, float* __restrict pos, float* __restrict neg,
-    float* __restrict wpos, float* __restrict wneg, float* __restrict npos, float* __restrict nneg,
-    TOut* __restrict out = nullptr, float wall = 1.f) {
-  AvxModels<TIn, S, A> c;
+// The tile's first m elements (a multiple of 16) through all models, for the sums-only
+// elections. F == kSums writes their sums to the tile's pos and neg for finish_tile; the other
+// F write the results to `out` (the tile's first element), and `wall` is the weight sum
+// kNoneNorm divides by.
+template <typename TIn, Sparsify S, AvxFinish F = AvxFinish::kSums, typename TOut = float>
+MELDKIT_AVX512_TARGET void accumulate_models_avx512(const TaskMergeParams& p, int64_t e0,
+                                                    const float* __restrict b,
+                                                    const uint32_t* __restrict bits, int64_t m,
+                                                    float* __restrict pos, float* __restrict neg,
+                                                    TOut* __restrict out = nullptr,
+                                                    float wall = 1.f) {
+  AvxModels<TIn, S> c;
   c.n = p.num_models;
   c.lambda = _mm512_set1_ps(p.lambda);
   c.divisor = _mm512_set1_ps(wall == 0.f ? 1.f : wall);
+  bool unit_scales = true, unit_weights = true;
   for (int t = 0; t < c.n; ++t) {
     c.x[t] = static_cast<const TIn*>(p.models[t]) + e0;
     c.weight[t] = _mm512_set1_ps(p.weights[t]);
@@ -351,9 +329,6 @@ MELDKIT_AVX512_TARGET void accumulate_models_avx512(
     c.keep_all[t] = thr == -INFINITY ? __mmask16(0xffff) : __mmask16(0);
     c.nan_all[t] = p.scales[t] != p.scales[t] ? __mmask16(0xffff) : __mmask16(0);
     c.flag[t] = _mm512_set1_epi32(int(1u << (t & 31)));
-  }
-  bool unit_scales = true, unit_weights = true;
-  for (int t = 0; t < c.n; ++t) {
     unit_scales &= p.scales[t] == 1.f;
     unit_weights &= p.weights[t] == 1.f;
   }
@@ -363,11 +338,9 @@ MELDKIT_AVX512_TARGET void accumulate_models_avx512(
     constexpr int kMul = decltype(mul)::value;
     int64_t j = 0;
     for (; j + 16 * V <= m; j += 16 * V) {
-      accumulate_step_avx512<V, F, kMul>(c, j, b, bits, pos, neg, wpos, wneg, npos, nneg, out);
+      accumulate_step_avx512<V, F, kMul>(c, j, b, bits, pos, neg, out);
     }
-    for (; j < m; j += 16) {
-      accumulate_step_avx512<1, F, kMul>(c, j, b, bits, pos, neg, wpos, wneg, npos, nneg, out);
-    }
+    for (; j < m; j += 16) accumulate_step_avx512<1, F, kMul>(c, j, b, bits, pos, neg, out);
   };
   if (muls == 2) {
     steps(std::integral_constant<int, 2>());
@@ -461,30 +434,32 @@ MELDKIT_AVX512_TARGET void accumulate_finish_avx512(AvxFinish f, const TaskMerge
                                                     float* neg, float* wpos, float* wneg,
                                                     float* npos, float* nneg, TOut* out,
                                                     float wall) {
-  constexpr bool kOut = std::is_same<TOut, float>::value || std::is_same<TOut, bf16_t>::value;
-  if constexpr (kOut && A == Acc::kSums) {
-    switch (f) {
-      case AvxFinish::kNone:
-        accumulate_models_avx512<TIn, S, A, AvxFinish::kNone>(p, e0, b, bits, m, pos, neg, wpos,
-                                                              wneg, npos, nneg, out, wall);
-        return;
-      case AvxFinish::kNoneNorm:
-        accumulate_models_avx512<TIn, S, A, AvxFinish::kNoneNorm>(p, e0, b, bits, m, pos, neg, wpos,
-                                                                  wneg, npos, nneg, out, wall);
-        return;
-      case AvxFinish::kElect:
-        accumulate_models_avx512<TIn, S, A, AvxFinish::kElect>(p, e0, b, bits, m, pos, neg, wpos,
-                                                               wneg, npos, nneg, out, wall);
-        return;
-      default:
-        break;
-    }
-  }
-  (void)f, (void)out, (void)wall;
-  if constexpr (A == Acc::kSums) {
-    accumulate_models_avx512<TIn, S, A>(p, e0, b, bits, m, pos, neg, wpos, wneg, npos, nneg);
-  } else {
+  if constexpr (A != Acc::kSums) {
+    (void)f, (void)out, (void)wall;
     accumulate_weighted_avx512<TIn, S, A>(p, e0, b, bits, m, pos, neg, wpos, wneg, npos, nneg);
+  } else {
+    (void)wpos, (void)wneg, (void)npos, (void)nneg;
+    constexpr bool kOut = std::is_same<TOut, float>::value || std::is_same<TOut, bf16_t>::value;
+    if constexpr (kOut) {
+      switch (f) {
+        case AvxFinish::kNone:
+          accumulate_models_avx512<TIn, S, AvxFinish::kNone>(p, e0, b, bits, m, pos, neg, out,
+                                                             wall);
+          return;
+        case AvxFinish::kNoneNorm:
+          accumulate_models_avx512<TIn, S, AvxFinish::kNoneNorm>(p, e0, b, bits, m, pos, neg, out,
+                                                                 wall);
+          return;
+        case AvxFinish::kElect:
+          accumulate_models_avx512<TIn, S, AvxFinish::kElect>(p, e0, b, bits, m, pos, neg, out,
+                                                              wall);
+          return;
+        default:
+          break;
+      }
+    }
+    (void)f, (void)out, (void)wall;
+    accumulate_models_avx512<TIn, S>(p, e0, b, bits, m, pos, neg);
   }
 }
 
@@ -1007,10 +982,13 @@ MELDKIT_AVX512_TARGET uint32_t bracket_block_avx512(const T* __restrict a, const
   const __m512i one = _mm512_set1_epi32(1);
   __m512i at_hi = _mm512_setzero_si512(), at_lo = at_hi, top = at_hi;
   uint32_t inside = 0;
-  for (int64_t j = 0; j < m; j += 16) {
+  auto magnitude_bits16 = [&](int64_t j) MELDKIT_AVX512_TARGET {
     __m512 d = load16(a + j);
     if constexpr (kHasBase) d = _mm512_sub_ps(d, load16(b + j));
-    const __m512i bits = _mm512_and_si512(_mm512_castps_si512(d), abs_mask);
+    return _mm512_and_si512(_mm512_castps_si512(d), abs_mask);
+  };
+  for (int64_t j = 0; j < m; j += 16) {
+    const __m512i bits = magnitude_bits16(j);
     above += uint64_t(__builtin_popcount(unsigned(_mm512_cmpgt_epu32_mask(bits, hi))));
     top = _mm512_max_epu32(top, bits);
     at_hi = _mm512_mask_add_epi32(at_hi, _mm512_cmpeq_epu32_mask(bits, hi), at_hi, one);
@@ -1035,10 +1013,8 @@ MELDKIT_AVX512_TARGET uint32_t bracket_block_avx512(const T* __restrict a, const
   if (_mm512_cmpgt_epu32_mask(top, inf) != 0) {  // NaN in this block: count them
     uint64_t nans = 0;
     for (int64_t j = 0; j < m; j += 16) {
-      __m512 d = load16(a + j);
-      if constexpr (kHasBase) d = _mm512_sub_ps(d, load16(b + j));
-      const __m512i bits = _mm512_and_si512(_mm512_castps_si512(d), abs_mask);
-      nans += uint64_t(__builtin_popcount(unsigned(_mm512_cmpgt_epu32_mask(bits, inf))));
+      nans +=
+          uint64_t(__builtin_popcount(unsigned(_mm512_cmpgt_epu32_mask(magnitude_bits16(j), inf))));
     }
     counts[3] += nans;
   }
