@@ -1191,14 +1191,16 @@ def merge(
     for n in names:  # every tensor's resolved parameters, before any tensor is merged
         if reference.dtype(n) in FLOAT_DTYPES and n not in copied:
             cfg.check_tensor(n, positions[n], layers[n])
-    out_dtype_of = {
-        n: (cfg.out_dtype or work_dtype(n))
-        if reference.dtype(n) in FLOAT_DTYPES and n not in copied
-        else (cfg.out_dtype or cfg.dtype or reference.dtype(n))
-        if reference.dtype(n) in FLOAT_DTYPES
-        else reference.dtype(n)
-        for n in names
-    }
+
+    def stored_dtype(n: str) -> torch.dtype:
+        """The dtype tensor ``n`` is written in: integer tensors keep the reference's."""
+        if reference.dtype(n) not in FLOAT_DTYPES:
+            return reference.dtype(n)
+        if n in copied:
+            return cfg.out_dtype or cfg.dtype or reference.dtype(n)
+        return cfg.out_dtype or work_dtype(n)
+
+    out_dtype_of = {n: stored_dtype(n) for n in names}
     plan = [(n, out_dtype_of[n], reference.shape(n)) for n in names]
     # The tensors, plus their shards' headers and the copied files (config, tokenizer, ...).
     aux = reference.aux_folder()

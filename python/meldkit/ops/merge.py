@@ -21,7 +21,6 @@ models' pointers in a fixed-size array); ``linear`` runs on :func:`meldkit.ops.w
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import numbers
 from collections.abc import Iterator, Sequence
@@ -808,20 +807,10 @@ def _check_consensus(m, consensus: object) -> str:
     return consensus
 
 
-def _no_autograd(fn):
-    """``fn`` under ``torch.no_grad()``: merging produces new weights, and a result of inputs
-    that require grad (a model's parameters) requires none (the custom ops have no gradient:
-    a backward through them failed with torch's "no autograd formula" error)."""
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        with torch.no_grad():
-            return fn(*args, **kwargs)
-
-    return run
-
-
-@_no_autograd
+# Merging produces new weights: under no_grad, a result of inputs that require grad (a model's
+# parameters) requires none (the custom ops have no gradient: a backward through them failed
+# with torch's "no autograd formula" error).
+@torch.no_grad()
 def merge_tensors(
     base: torch.Tensor | None,
     models: Sequence[torch.Tensor],
@@ -1066,7 +1055,7 @@ def _span(x: torch.Tensor) -> tuple[int, int]:
     return x.data_ptr(), x.data_ptr() + (last + 1) * x.element_size()
 
 
-@_no_autograd
+@torch.no_grad()
 def merge_tensor_list(
     bases: Sequence[torch.Tensor] | None,
     models: Sequence[Sequence[torch.Tensor]],
