@@ -107,16 +107,17 @@ def _large_cases():
     parts = [torch.randn(s, generator=g) for s in [(0,), (3,), (700, 1000), (1, 400_001)]]
     yield "list", parts, None
     # Every sampled position holds 0, all the others are large: the bracket misses and the
-    # radix path answers. (The kernel samples m = clamp(numel / 256, 4096, 65536) elements, at
-    # (j + 0.5)·numel/m: here every 256th, from 128.)
+    # radix path answers. (The kernel samples m = clamp(numel / 1024, 4096, 65536) elements, at
+    # (j + 0.5)·numel/m: here every 1024th, from 512.)
     x = torch.randn(1 << 22, generator=g).abs() + 1.0
-    x[128::256] = 0.0
+    x[512::1024] = 0.0
     yield "sample misses", [x], None
-    # The sampled positions alternate 0 and 5, the others are uniform in [1, 2): the bracket
-    # [0, 5] holds nearly everything, more than the kept buffer, and the radix path answers.
+    # The sampled positions hold 5 (53.4 % of them) or 0, the others are uniform in [1, 2): at
+    # density 0.534 the bracket [0, 5] holds nearly everything, more than the kept buffer, and
+    # the radix path answers.
     w = torch.rand(1 << 22, generator=g) + 1.0
-    w[128::512] = 0.0
-    w[384::512] = 5.0
+    sampled = torch.arange(512, 1 << 22, 1024)
+    w[sampled] = torch.where(torch.arange(len(sampled)) % 1000 < 534, 5.0, 0.0)
     yield "sample straddles", [w], None
     # +-inf and zeros mixed in.
     y = torch.randn(1 << 20, generator=g)
