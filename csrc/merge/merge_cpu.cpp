@@ -61,6 +61,18 @@ inline void run_side_writes() {
 
 constexpr int64_t kTile = 256;  // elements whose running sums stay in L1 while models stream by
 
+// A hint to load the cache line `bytes` past p (integer arithmetic: the address may lie past
+// the end of the array, where the hint loads nothing and cannot fault). The merge and bracket
+// passes walk five or more streams at once; on Zen 4 the hardware prefetchers left them waiting
+// on memory. With these hints, a line 1024 elements ahead in every model and the base (4 models
+// of 4096^2, 2 threads): TIES 24.5 -> 17 ms in bf16, 46 -> 31 ms in fp32 (with the bracket pass's
+// other changes), task arithmetic in bf16 5.5 -> 4.5 ms.
+MELDKIT_ALWAYS_INLINE void prefetch_ahead(const void* p, int64_t bytes) {
+  __builtin_prefetch(
+      reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes)), 0, 3);
+}
+constexpr int64_t kAhead = 1024;  // elements
+
 // Model t's contribution to a tile, with the sparsify choice hoisted out of the element loop so
 // that each variant vectorises (selects instead of branches). Same arithmetic, in the same model
 // order, as merge_add: the result is bit-identical to the scalar definition.
@@ -260,6 +272,7 @@ MELDKIT_AVX512_TARGET MELDKIT_ALWAYS_INLINE void accumulate_step_avx512(
     sp[v] = sn[v] = zero;
   }
   for (int t = 0; t < c.n; ++t) {
+    prefetch_ahead(c.x[t] + j, kAhead * int64_t(sizeof(TIn)));
     for (int v = 0; v < V; ++v) {
       const __m512 tau = _mm512_sub_ps(load16(c.x[t] + j + 16 * v), bv[v]);
       // weight · (scale · tau), in this order: accumulate_tile's bits. A factor of 1 is left
@@ -370,6 +383,7 @@ MELDKIT_AVX512_TARGET void accumulate_weighted_avx512(
     __m512 sp = zero, sn = zero, swp = zero, swn = zero, snp = zero, snn = zero;
     for (int t = 0; t < p.num_models; ++t) {
       const TIn* x = static_cast<const TIn*>(p.models[t]) + e0 + j;
+      prefetch_ahead(x, kAhead * int64_t(sizeof(TIn)));
       const __m512 tau = _mm512_sub_ps(load16(x), bv);
       const __m512 weight = _mm512_set1_ps(p.weights[t]);
       const __m512 w = _mm512_mul_ps(weight, _mm512_mul_ps(_mm512_set1_ps(p.scales[t]), tau));
@@ -507,6 +521,9 @@ MELDKIT_CPU_CLONES_AVX512 void task_merge_range(const TaskMergeParams& p, const 
         }
       }
       tile_params.thresholds = tile_thr;
+    }
+    for (int64_t o = 0; o < n * int64_t(sizeof(TIn)); o += 64) {
+      prefetch_ahead(base + e0, kAhead * int64_t(sizeof(TIn)) + o);
     }
     for (int64_t j = 0; j < n; ++j) b[j] = widen(base[e0 + j]);
     if (cached) {  // widened once per tile: the model loops then test 32-bit lanes
@@ -1054,9 +1071,7 @@ MELDKIT_AVX512_TARGET void bracket_models_avx512(const T* const* a, const float*
     const __m512 bj = _mm512_loadu_ps(b + j);
     for (int t = 0; t < count; ++t) {
       FusedBracket& ft = f[t];
-      // A line 1024 elements ahead (a hint: past the end it loads nothing and cannot fault).
-      // fp32 inputs ran 15-20 % faster with it; bf16 the same.
-      _mm_prefetch(reinterpret_cast<const char*>(a[t] + j + 1024), _MM_HINT_T0);
+      prefetch_ahead(a[t] + j, kAhead * int64_t(sizeof(T)));
       const __m512i bits =
           _mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(load16(a[t] + j), bj)), abs_mask);
       ft.above += uint64_t(__builtin_popcount(unsigned(_mm512_cmpgt_epu32_mask(bits, hi[t]))));
@@ -1152,6 +1167,9 @@ BracketCounts bracket_pass(const MagnitudeSelectParams& p, const Bracket& br) {
 template <typename T>
 MELDKIT_CPU_CLONES_AVX512 void widen_block(const T* __restrict src, int64_t m,
                                            float* __restrict dst) {
+  for (int64_t o = 0; o < m * int64_t(sizeof(T)); o += 64) {  // the next block's lines
+    prefetch_ahead(src, m * int64_t(sizeof(T)) + o);
+  }
   for (int64_t j = 0; j < m; ++j) dst[j] = float(widen(src[j]));
 }
 
