@@ -236,7 +236,7 @@ struct AvxModels {
 // registers and store the result to `out` (finish_tile_as's arithmetic, then Store<TOut>):
 // kNone adds the parts (kNoneNorm then divides by the weight sum), kElect keeps the part of
 // the elected sign (consensus by mass).
-enum class AvxFinish { kSums, kNone, kNoneNorm, kElect };
+enum class AvxFinish { kSums, kNone, kNoneNorm, kElect, kElectNorm };
 
 // Store<bf16_t>::from for 16 lanes: round to nearest even, NaN quieted (float_to_bf16's bits).
 MELDKIT_AVX512_TARGET inline void store16(bf16_t* o, __m512 r) {
@@ -317,18 +317,11 @@ MELDKIT_AVX512_TARGET MELDKIT_ALWAYS_INLINE void accumulate_step_avx512(
   }
 }
 
-// The tile's first m elements (a multiple of 16) through all models, for the sums-only
-// elections. F == kSums writes their sums to the tile's pos and neg for finish_tile; the other
-// F write the results to `out` (the tile's first element), and `wall` is the weight sum
-// kNoneNorm divides by.
-template <typename TIn, Sparsify S, AvxFinish F = AvxFinish::kSums, typename TOut = float>
-MELDKIT_AVX512_TARGET void accumulate_models_avx512(const TaskMergeParams& p, int64_t e0,
-                                                    const float* __restrict b,
-                                                    const uint32_t* __restrict bits, int64_t m,
-                                                    float* __restrict pos, float* __restrict neg,
-                                                    TOut* __restrict out = nullptr,
-                                                    float wall = 1.f) {
-  AvxModels<TIn, S> c;
+// The per-model constants of a call, broadcast; returns how many factors the products need
+// (kMul: 2 with scales other than 1, 1 with weights other than 1, else 0).
+template <typename TIn, Sparsify S>
+MELDKIT_AVX512_TARGET int fill_avx_models(const TaskMergeParams& p, int64_t e0, float wall,
+                                          AvxModels<TIn, S>& c) {
   c.n = p.num_models;
   c.lambda = _mm512_set1_ps(p.lambda);
   c.divisor = _mm512_set1_ps(wall == 0.f ? 1.f : wall);
@@ -345,7 +338,87 @@ MELDKIT_AVX512_TARGET void accumulate_models_avx512(const TaskMergeParams& p, in
     unit_scales &= p.scales[t] == 1.f;
     unit_weights &= p.weights[t] == 1.f;
   }
-  const int muls = !unit_scales ? 2 : !unit_weights ? 1 : 0;
+  return !unit_scales ? 2 : !unit_weights ? 1 : 0;
+}
+
+// TIES's default (election by mass, normalised by the elected weights: Acc::kWeights) for the
+// tile's first m elements (a multiple of 16), finished in registers and stored to `out`:
+// accumulate_weighted_avx512 and finish_tile_as<kSum, true>'s arithmetic, the same bits. One
+// unordered compare gives "w > 0 or NaN" for the positive sums; the positive weight sum then
+// also takes a NaN lane's weight, which changes nothing: that lane's result is NaN either way.
+template <int kMul, typename TIn, Sparsify S, typename TOut>
+MELDKIT_AVX512_TARGET void elect_norm_steps_avx512(const AvxModels<TIn, S>& c,
+                                                   const float* __restrict b,
+                                                   const uint32_t* __restrict bits, int64_t m,
+                                                   TOut* __restrict out) {
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  for (int64_t j = 0; j < m; j += 16) {
+    const __m512 bv = _mm512_loadu_ps(b + j);
+    __m512i bitv = _mm512_setzero_si512();
+    if constexpr (S == Sparsify::kRandom) bitv = _mm512_loadu_si512(bits + j);
+    __m512 sp = zero, sn = zero, swp = zero, swn = zero;
+    for (int t = 0; t < c.n; ++t) {
+      prefetch_ahead(c.x[t] + j, kAhead * int64_t(sizeof(TIn)));
+      const __m512 tau = _mm512_sub_ps(load16(c.x[t] + j), bv);
+      __m512 w = tau;
+      if constexpr (kMul == 2) w = _mm512_mul_ps(c.ws[t], w);
+      if constexpr (kMul >= 1) w = _mm512_mul_ps(c.weight[t], w);
+      __mmask16 keep = 0xffff;
+      if constexpr (S == Sparsify::kMagnitude) {
+        const __m512 mag =
+            _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(tau), abs_mask));
+        keep = c.keep_all[t] | _mm512_cmp_ps_mask(mag, c.thr[t], _CMP_GE_OQ);
+      }
+      if constexpr (S == Sparsify::kRandom) keep = _mm512_test_epi32_mask(bitv, c.flag[t]);
+      const __mmask16 kpn = c.nan_all[t] | _mm512_mask_cmp_ps_mask(keep, w, zero, _CMP_NLE_UQ);
+      const __mmask16 kn = _mm512_mask_cmp_ps_mask(keep, w, zero, _CMP_LT_OQ);
+      sp = _mm512_mask_add_ps(sp, kpn, sp, w);
+      sn = _mm512_mask_add_ps(sn, kn, sn, w);
+      swp = _mm512_mask_add_ps(swp, kpn, swp, c.weight[t]);
+      swn = _mm512_mask_add_ps(swn, kn, swn, c.weight[t]);
+    }
+    // positive = (pos + neg) >= 0; the elected part over its weights (1 where they are 0); a
+    // NaN positive sum is the result, elected or not.
+    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_add_ps(sp, sn), zero, _CMP_GE_OQ);
+    __m512 d = _mm512_mask_mov_ps(sn, up, sp);
+    d = _mm512_mask_mov_ps(d, _mm512_cmp_ps_mask(sp, sp, _CMP_UNORD_Q), sp);
+    __m512 div = _mm512_mask_mov_ps(swn, up, swp);
+    div = _mm512_mask_mov_ps(div, _mm512_cmp_ps_mask(div, zero, _CMP_EQ_OQ), one);
+    d = _mm512_div_ps(d, div);
+    store16(out + j, _mm512_add_ps(bv, _mm512_mul_ps(c.lambda, d)));
+  }
+}
+
+template <typename TIn, Sparsify S, typename TOut>
+MELDKIT_AVX512_TARGET void elect_norm_avx512(const TaskMergeParams& p, int64_t e0,
+                                             const float* __restrict b,
+                                             const uint32_t* __restrict bits, int64_t m,
+                                             TOut* __restrict out) {
+  AvxModels<TIn, S> c;
+  const int muls = fill_avx_models(p, e0, 1.f, c);
+  if (muls == 2) {
+    elect_norm_steps_avx512<2>(c, b, bits, m, out);
+  } else if (muls == 1) {
+    elect_norm_steps_avx512<1>(c, b, bits, m, out);
+  } else {
+    elect_norm_steps_avx512<0>(c, b, bits, m, out);
+  }
+}
+
+// The tile's first m elements (a multiple of 16) through all models, for the sums-only
+// elections. F == kSums writes their sums to the tile's pos and neg for finish_tile; the other
+// F write the results to `out` (the tile's first element), and `wall` is the weight sum
+// kNoneNorm divides by.
+template <typename TIn, Sparsify S, AvxFinish F = AvxFinish::kSums, typename TOut = float>
+MELDKIT_AVX512_TARGET void accumulate_models_avx512(const TaskMergeParams& p, int64_t e0,
+                                                    const float* __restrict b,
+                                                    const uint32_t* __restrict bits, int64_t m,
+                                                    float* __restrict pos, float* __restrict neg,
+                                                    TOut* __restrict out = nullptr,
+                                                    float wall = 1.f) {
+  AvxModels<TIn, S> c;
+  const int muls = fill_avx_models(p, e0, wall, c);
   constexpr int V = 2;
   auto steps = [&](auto mul) MELDKIT_AVX512_TARGET {
     constexpr int kMul = decltype(mul)::value;
@@ -429,12 +502,14 @@ MELDKIT_AVX512_TARGET void accumulate_weighted_avx512(
   }
 }
 
-// The finishing the AVX-512 path can do in registers: the sums-only cases (Acc::kSums: no
-// consensus, or the election by mass without normalising), into a float or bf16 output.
+// The finishing the AVX-512 path can do in registers, into a float or bf16 output: the
+// sums-only cases (Acc::kSums: no consensus, or the election by mass without normalising) and
+// the normalised election by mass (Acc::kWeights, TIES's default).
 template <typename TOut, Acc A>
 inline AvxFinish avx_finish_for(const TaskMergeParams& p) {
   constexpr bool kOut = std::is_same<TOut, float>::value || std::is_same<TOut, bf16_t>::value;
   if (!kOut || A == Acc::kCounts) return AvxFinish::kSums;
+  if (A == Acc::kWeights) return AvxFinish::kElectNorm;
   if (A == Acc::kSums && p.consensus == Consensus::kNone) {
     return p.normalize ? AvxFinish::kNoneNorm : AvxFinish::kNone;
   }
@@ -449,7 +524,15 @@ MELDKIT_AVX512_TARGET void accumulate_finish_avx512(AvxFinish f, const TaskMerge
                                                     float* npos, float* nneg, TOut* out,
                                                     float wall) {
   if constexpr (A != Acc::kSums) {
-    (void)f, (void)out, (void)wall;
+    (void)wall;
+    if constexpr (A == Acc::kWeights &&
+                  (std::is_same<TOut, float>::value || std::is_same<TOut, bf16_t>::value)) {
+      if (f == AvxFinish::kElectNorm) {
+        elect_norm_avx512<TIn, S>(p, e0, b, bits, m, out);
+        return;
+      }
+    }
+    (void)f, (void)out;
     accumulate_weighted_avx512<TIn, S, A>(p, e0, b, bits, m, pos, neg, wpos, wneg, npos, nneg);
   } else {
     (void)wpos, (void)wneg, (void)npos, (void)nneg;
