@@ -320,8 +320,9 @@ MELDKIT_AVX512_TARGET MELDKIT_ALWAYS_INLINE void accumulate_step_avx512(
 // The per-model constants of a call, broadcast; returns how many factors the products need
 // (kMul: 2 with scales other than 1, 1 with weights other than 1, else 0).
 template <typename TIn, Sparsify S>
-MELDKIT_AVX512_TARGET int fill_avx_models(const TaskMergeParams& p, int64_t e0, float wall,
-                                          AvxModels<TIn, S>& c) {
+MELDKIT_AVX512_TARGET MELDKIT_ALWAYS_INLINE int fill_avx_models(const TaskMergeParams& p,
+                                                                int64_t e0, float wall,
+                                                                AvxModels<TIn, S>& c) {
   c.n = p.num_models;
   c.lambda = _mm512_set1_ps(p.lambda);
   c.divisor = _mm512_set1_ps(wall == 0.f ? 1.f : wall);
