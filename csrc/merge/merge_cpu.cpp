@@ -272,7 +272,11 @@ MELDKIT_AVX512_TARGET MELDKIT_ALWAYS_INLINE void accumulate_step_avx512(
     sp[v] = sn[v] = zero;
   }
   for (int t = 0; t < c.n; ++t) {
-    prefetch_ahead(c.x[t] + j, kAhead * int64_t(sizeof(TIn)));
+    for (int v = 0; v < V; ++v) {  // a hint for each cache line of the V vectors
+      if ((16 * v * int(sizeof(TIn))) % 64 == 0) {
+        prefetch_ahead(c.x[t] + j + 16 * v, kAhead * int64_t(sizeof(TIn)));
+      }
+    }
     for (int v = 0; v < V; ++v) {
       const __m512 tau = _mm512_sub_ps(load16(c.x[t] + j + 16 * v), bv[v]);
       // weight · (scale · tau), in this order: accumulate_tile's bits. A factor of 1 is left
