@@ -65,8 +65,8 @@ constexpr int64_t kTile = 256;  // elements whose running sums stay in L1 while 
 // the end of the array, where the hint loads nothing and cannot fault). The merge and bracket
 // passes walk five or more streams at once; on Zen 4 the hardware prefetchers left them waiting
 // on memory. With these hints, a line 1024 elements ahead in every model and the base (4 models
-// of 4096^2, 2 threads): TIES 24.5 -> 17 ms in bf16, 46 -> 31 ms in fp32 (with the bracket pass's
-// other changes), task arithmetic in bf16 5.5 -> 4.5 ms.
+// of 4096^2, 2 threads): the fp32 bracket pass 19-23 -> 16-17.5 ms, the TIES merge pass 9.0 ->
+// 7.1-7.9 ms in bf16 and 14.4 -> 11.8-12.4 ms in fp32, task arithmetic in bf16 5.5 -> 4.5 ms.
 MELDKIT_ALWAYS_INLINE void prefetch_ahead(const void* p, int64_t bytes) {
   __builtin_prefetch(
       reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes)), 0, 3);
@@ -1130,10 +1130,13 @@ MELDKIT_AVX512_TARGET uint32_t bracket_block_avx512(const T* __restrict a, const
 }
 
 // One block's bracket counts and inside values for several models against one base, the
-// models taken in turn for each 16 elements (bracket_block_avx512 took one model's whole block
-// at a time: on Zen 4 that pass ran at half the bandwidth of the merge pass, which walks its
-// streams together like this). The same counts and the same values, in the same order per model,
-// as bracket_block_avx512 over each model's block. m is a multiple of 16; count <= kMaxFused.
+// models taken in turn for each 16 elements, as the merge pass walks its streams. On Zen 4 the
+// pass that took one model's whole block at a time (bracket_block_avx512, still the single
+// selection's) ran at about half the merge pass's bandwidth: taking the models in turn gained
+// 10 %, storing the compressed inside values without a branch (it mispredicted in one vector
+// in five) and the prefetch hints the rest of 15-25 %. The same counts and the same values, in
+// the same order per model, as bracket_block_avx512 over each model's block. m is a multiple
+// of 16; count <= kMaxFused.
 constexpr int kMaxFused = 8;
 struct FusedBracket {
   uint32_t hi, lo, inner;

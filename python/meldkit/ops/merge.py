@@ -49,11 +49,11 @@ def magnitude_threshold(
     The k-th largest magnitude over all elements of all ``tensors`` (k = ``int(numel·density)``),
     the value ``torch.kthvalue(|τ|, numel − k + 1)`` gives, found without sorting: keep
     ``|τ| ≥ threshold``. On the CPU, inputs of 2^20 elements or more take one counting pass
-    inside a bracket given by a strided sample of 65536 magnitudes (rarely two; a sample that
-    misses falls back to the radix path), smaller ones two radix-histogram passes, and up to
-    16384 elements a selection among their bits in one buffer; CUDA uses three radix-histogram
-    passes. A list of many tensors gives the
-    global (whole-model) threshold of the TIES paper; one tensor, mergekit's per-tensor one.
+    inside a bracket given by a strided sample of one magnitude in 1024 (4096 to 65536 of
+    them; a sample that misses falls back to the radix path), smaller ones two radix-histogram
+    passes, and up to 16384 elements a selection among their bits in one buffer; CUDA uses
+    three radix-histogram passes. A list of many tensors gives the global (whole-model)
+    threshold of the TIES paper; one tensor, mergekit's per-tensor one.
 
     Parameters
     ----------
