@@ -278,6 +278,28 @@ def test_threshold_large_input_with_nan_off_the_sample():
         magnitude_threshold([x], 0.3)
 
 
+def test_threshold_of_nan_names_the_argument():
+    # The kernels' error knows no argument; magnitude_threshold finds the first that puts NaN
+    # among the magnitudes (a tensor, a base, or a tensor and its base both infinite).
+    x = torch.tensor([1.0, float("nan"), 3.0])
+    z = torch.zeros(3)
+    cases = [
+        (([z, x], 0.5), r"'tensors\[1\]' holds NaN"),
+        ((x, 0.5, z), r"'tensors\[0\]' holds NaN"),
+        (([z + 1, z + 1], 0.5, [z, x]), r"'base\[1\]' holds NaN"),
+        (
+            ([torch.tensor([1.0, float("inf")])], 0.5, torch.tensor([0.0, float("inf")])),
+            r"'tensors\[0\]' − 'base' holds NaN \(both are infinite",
+        ),
+    ]
+    big = torch.randn((1 << 20) + 5, generator=torch.Generator().manual_seed(6))
+    big[12345] = float("nan")  # the bracket pass finds it
+    cases.append((([big.clone().fill_(1.0), big], 0.3), r"'tensors\[1\]' holds NaN"))
+    for args, match in cases:
+        with pytest.raises(ValueError, match=r"^meldkit\.magnitude_threshold: " + match):
+            magnitude_threshold(*args)
+
+
 def test_threshold_edges_and_errors():
     x = torch.randn(10)
     assert magnitude_threshold([x], 0.0) == float("inf")
@@ -1461,7 +1483,7 @@ def test_the_reference_refuses_nan_where_magnitudes_are_ranked(method, kw, how, 
     models.append(torch.tensor([1.0, float("nan"), 3.0, 4.0], dtype=dtype))
     with pytest.raises(ValueError, match=r"cannot rank NaN, and models\[1\] holds NaN"):
         merge_tensors(base, models, method, densities=0.5, **kw)
-    with pytest.raises(ValueError, match="contain NaN"):
+    with pytest.raises(ValueError, match=r"magnitude_threshold: 'tensors\[0\]' holds NaN"):
         magnitude_threshold([models[1]], 0.5)
     out = merge_tensors(base, models, method, densities=1.0, **kw)
     assert torch.isnan(out[1]) and not torch.isnan(out[[0, 2, 3]]).any()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -117,14 +117,43 @@ def magnitude_threshold(
             (t.float() - (b.float() if bases else 0)).abs().flatten()
             for t, b in zip(tensors, bases or tensors, strict=True)
         ]
-        return float(ref.magnitude_threshold_ref(torch.cat(taus), density))
+        with _naming_threshold_nan(tensors, bases, one_base=isinstance(base, torch.Tensor)):
+            return float(ref.magnitude_threshold_ref(torch.cat(taus), density))
     a = [t.detach().contiguous() for t in tensors]
     b = [x.detach().contiguous() for x in bases] if bases else None
     workspace = None
     if device.type == "cuda":
         n = _native._C.MAGNITUDE_SELECT_CUDA_WORKSPACE
         workspace = torch.empty(n, dtype=torch.float64, device=device)
-    return _native._C.magnitude_select(a, b, k, workspace, _native.stream_of(device))
+    with _naming_threshold_nan(tensors, bases, one_base=isinstance(base, torch.Tensor)):
+        return _native._C.magnitude_select(a, b, k, workspace, _native.stream_of(device))
+
+
+@contextlib.contextmanager
+def _naming_threshold_nan(
+    tensors: Sequence[torch.Tensor], bases: Sequence[torch.Tensor] | None, *, one_base: bool
+) -> Iterator[None]:
+    """Re-raises the selection's NaN error (which knows no argument) naming the first argument
+    of :func:`magnitude_threshold` that puts NaN among the magnitudes, found only then."""
+    try:
+        yield
+    except ValueError as e:
+        if "contain NaN" not in str(e):
+            raise
+        if bases is None:
+            bad = [i for i, t in enumerate(tensors) if torch.isnan(t).any()]
+            where = f"'tensors[{bad[0]}]' holds NaN" if bad else "a magnitude is NaN"
+        else:
+
+            def labels(j: int, t: int | None) -> str:
+                if t is not None:
+                    return f"'tensors[{j}]'"
+                return "'base'" if one_base else f"'base[{j}]'"
+
+            where = _nan_source(bases, [tensors], labels)
+        raise ValueError(
+            f"meldkit.magnitude_threshold: {where}, and magnitudes cannot be ranked with NaN"
+        ) from e
 
 
 def _kth_largest(theta: torch.Tensor, base: torch.Tensor, k: int) -> float:
@@ -161,16 +190,28 @@ def _naming_nan(op: str, method: str, bases, models) -> Iterator[None]:
         ) from e
 
 
-def _nan_source(bases: Sequence[torch.Tensor], models: Sequence[Sequence[torch.Tensor]]) -> str:
+def _nan_source(
+    bases: Sequence[torch.Tensor],
+    models: Sequence[Sequence[torch.Tensor]],
+    labels: Callable[[int, int | None], str] | None = None,
+) -> str:
     """Says which input first makes a task vector ``models[t][j] − bases[j]`` hold NaN: a base
     holding NaN (every model's task vector then does), else a model holding NaN, else a model
     and its base both infinite, of one sign, at one entry (∞ − ∞; the kernels subtract in
     float32, which holds every finite value of their input dtypes, so nothing else makes NaN).
-    Checked without forming the task vectors: no float32 copy of any input."""
+    Checked without forming the task vectors: no float32 copy of any input. ``labels(j, t)``
+    names base ``j`` (t None) or model ``t``'s tensor ``j`` (default: merge_tensors' names)."""
     one = len(bases) == 1
+    if labels is None:
+
+        def labels(j: int, t: int | None) -> str:
+            if t is None:
+                return "base" if one else f"bases[{j}]"
+            return f"models[{t}]" if one else f"models[{t}][{j}]"
+
     for j, b in enumerate(bases):
-        base = "base" if one else f"bases[{j}]"
-        model = [f"models[{t}]" if one else f"models[{t}][{j}]" for t in range(len(models))]
+        base = labels(j, None)
+        model = [labels(j, t) for t in range(len(models))]
         if torch.isnan(b).any():
             return f"{base} holds NaN"
         for t, ms in enumerate(models):
