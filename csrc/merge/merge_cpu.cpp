@@ -254,6 +254,41 @@ MELDKIT_AVX512_TARGET inline void store16(bf16_t* o, __m512 r) {
 }
 MELDKIT_AVX512_TARGET inline void store16(float* o, __m512 r) { _mm512_storeu_ps(o, r); }
 
+// Model t's term of 16 elements: w = weight · (scale · tau), in this order (accumulate_tile's
+// bits; a factor of 1 is left out by kMul, which gives the same bits: 1·x is x), and the lanes
+// it goes to: kpn, the positive sums (kept NaN products, or all under a NaN scale, go there:
+// accumulate_tile's rule; !(w <= 0) is w > 0 or NaN, one compare), and kn, the negative ones.
+template <int kMul, typename TIn, Sparsify S>
+MELDKIT_AVX512_TARGET MELDKIT_ALWAYS_INLINE __m512 model_term_avx512(const AvxModels<TIn, S>& c,
+                                                                     int t, __m512 tau,
+                                                                     __m512i bitv, __mmask16* kpn,
+                                                                     __mmask16* kn) {
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 w = tau;
+  if constexpr (kMul == 2) w = _mm512_mul_ps(c.ws[t], w);
+  if constexpr (kMul >= 1) w = _mm512_mul_ps(c.weight[t], w);
+  __mmask16 keep = 0xffff;
+  if constexpr (S == Sparsify::kMagnitude) {
+    const __m512 mag = _mm512_castsi512_ps(
+        _mm512_and_si512(_mm512_castps_si512(tau), _mm512_set1_epi32(0x7fffffff)));
+    // density 1 (threshold -inf): NaN kept too
+    keep = c.keep_all[t] | _mm512_cmp_ps_mask(mag, c.thr[t], _CMP_GE_OQ);
+  }
+  if constexpr (S == Sparsify::kRandom) keep = _mm512_test_epi32_mask(bitv, c.flag[t]);
+  *kpn = c.nan_all[t] | _mm512_mask_cmp_ps_mask(keep, w, zero, _CMP_NLE_UQ);
+  *kn = _mm512_mask_cmp_ps_mask(keep, w, zero, _CMP_LT_OQ);
+  return w;
+}
+
+// The elected part of the sums by mass: positive = (pos + neg) >= 0 (set in *up); a NaN
+// positive sum is the result, elected or not.
+MELDKIT_AVX512_TARGET MELDKIT_ALWAYS_INLINE __m512 elected_avx512(__m512 sp, __m512 sn,
+                                                                  __mmask16* up) {
+  *up = _mm512_cmp_ps_mask(_mm512_add_ps(sp, sn), _mm512_setzero_ps(), _CMP_GE_OQ);
+  const __m512 d = _mm512_mask_mov_ps(sn, *up, sp);
+  return _mm512_mask_mov_ps(d, _mm512_cmp_ps_mask(sp, sp, _CMP_UNORD_Q), sp);
+}
+
 // V vectors from element j through all models, keeping only pos and neg (Acc::kSums: the
 // elections that also sum weights or counts take accumulate_weighted_avx512).
 template <int V, AvxFinish F, int kMul, typename TIn, Sparsify S, typename TOut = float>
@@ -262,7 +297,6 @@ MELDKIT_AVX512_TARGET MELDKIT_ALWAYS_INLINE void accumulate_step_avx512(
     const uint32_t* __restrict bits, float* __restrict pos, float* __restrict neg,
     TOut* __restrict out = nullptr) {
   const __m512 zero = _mm512_setzero_ps();
-  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   __m512 bv[V], sp[V], sn[V];
   __m512i bitv[V];
   for (int v = 0; v < V; ++v) {
@@ -279,23 +313,8 @@ MELDKIT_AVX512_TARGET MELDKIT_ALWAYS_INLINE void accumulate_step_avx512(
     }
     for (int v = 0; v < V; ++v) {
       const __m512 tau = _mm512_sub_ps(load16(c.x[t] + j + 16 * v), bv[v]);
-      // weight · (scale · tau), in this order: accumulate_tile's bits. A factor of 1 is left
-      // out (kMul), which gives the same bits: 1·x is x.
-      __m512 w = tau;
-      if constexpr (kMul == 2) w = _mm512_mul_ps(c.ws[t], w);
-      if constexpr (kMul >= 1) w = _mm512_mul_ps(c.weight[t], w);
-      __mmask16 keep = 0xffff;
-      if constexpr (S == Sparsify::kMagnitude) {
-        const __m512 mag =
-            _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(tau), abs_mask));
-        // density 1 (threshold -inf): NaN kept too
-        keep = c.keep_all[t] | _mm512_cmp_ps_mask(mag, c.thr[t], _CMP_GE_OQ);
-      }
-      if constexpr (S == Sparsify::kRandom) keep = _mm512_test_epi32_mask(bitv[v], c.flag[t]);
-      // Kept NaN products, or all under a NaN scale, go into the positive sums
-      // (accumulate_tile's rule): !(w <= 0) is w > 0 or NaN, one compare.
-      const __mmask16 kpn = c.nan_all[t] | _mm512_mask_cmp_ps_mask(keep, w, zero, _CMP_NLE_UQ);
-      const __mmask16 kn = _mm512_mask_cmp_ps_mask(keep, w, zero, _CMP_LT_OQ);
+      __mmask16 kpn, kn;
+      const __m512 w = model_term_avx512<kMul>(c, t, tau, bitv[v], &kpn, &kn);
       sp[v] = _mm512_mask_add_ps(sp[v], kpn, sp[v], w);
       sn[v] = _mm512_mask_add_ps(sn[v], kn, sn[v], w);
     }
@@ -309,10 +328,8 @@ MELDKIT_AVX512_TARGET MELDKIT_ALWAYS_INLINE void accumulate_step_avx512(
     }
     __m512 d;
     if constexpr (F == AvxFinish::kElect) {
-      // positive = (pos + neg) >= 0; a NaN positive sum is the result, elected or not.
-      const __mmask16 up = _mm512_cmp_ps_mask(_mm512_add_ps(sp[v], sn[v]), zero, _CMP_GE_OQ);
-      d = _mm512_mask_mov_ps(sn[v], up, sp[v]);
-      d = _mm512_mask_mov_ps(d, _mm512_cmp_ps_mask(sp[v], sp[v], _CMP_UNORD_Q), sp[v]);
+      __mmask16 up;
+      d = elected_avx512(sp[v], sn[v], &up);
     } else {
       d = _mm512_add_ps(sp[v], sn[v]);
       if constexpr (F == AvxFinish::kNoneNorm) d = _mm512_div_ps(d, c.divisor);
@@ -357,7 +374,6 @@ MELDKIT_AVX512_TARGET void elect_norm_steps_avx512(const AvxModels<TIn, S>& c,
                                                    const uint32_t* __restrict bits, int64_t m,
                                                    TOut* __restrict out) {
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
-  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   for (int64_t j = 0; j < m; j += 16) {
     const __m512 bv = _mm512_loadu_ps(b + j);
     __m512i bitv = _mm512_setzero_si512();
@@ -366,28 +382,16 @@ MELDKIT_AVX512_TARGET void elect_norm_steps_avx512(const AvxModels<TIn, S>& c,
     for (int t = 0; t < c.n; ++t) {
       prefetch_ahead(c.x[t] + j, kAhead * int64_t(sizeof(TIn)));
       const __m512 tau = _mm512_sub_ps(load16(c.x[t] + j), bv);
-      __m512 w = tau;
-      if constexpr (kMul == 2) w = _mm512_mul_ps(c.ws[t], w);
-      if constexpr (kMul >= 1) w = _mm512_mul_ps(c.weight[t], w);
-      __mmask16 keep = 0xffff;
-      if constexpr (S == Sparsify::kMagnitude) {
-        const __m512 mag =
-            _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(tau), abs_mask));
-        keep = c.keep_all[t] | _mm512_cmp_ps_mask(mag, c.thr[t], _CMP_GE_OQ);
-      }
-      if constexpr (S == Sparsify::kRandom) keep = _mm512_test_epi32_mask(bitv, c.flag[t]);
-      const __mmask16 kpn = c.nan_all[t] | _mm512_mask_cmp_ps_mask(keep, w, zero, _CMP_NLE_UQ);
-      const __mmask16 kn = _mm512_mask_cmp_ps_mask(keep, w, zero, _CMP_LT_OQ);
+      __mmask16 kpn, kn;
+      const __m512 w = model_term_avx512<kMul>(c, t, tau, bitv, &kpn, &kn);
       sp = _mm512_mask_add_ps(sp, kpn, sp, w);
       sn = _mm512_mask_add_ps(sn, kn, sn, w);
       swp = _mm512_mask_add_ps(swp, kpn, swp, c.weight[t]);
       swn = _mm512_mask_add_ps(swn, kn, swn, c.weight[t]);
     }
-    // positive = (pos + neg) >= 0; the elected part over its weights (1 where they are 0); a
-    // NaN positive sum is the result, elected or not.
-    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_add_ps(sp, sn), zero, _CMP_GE_OQ);
-    __m512 d = _mm512_mask_mov_ps(sn, up, sp);
-    d = _mm512_mask_mov_ps(d, _mm512_cmp_ps_mask(sp, sp, _CMP_UNORD_Q), sp);
+    // The elected part over its weights (1 where they are 0).
+    __mmask16 up;
+    __m512 d = elected_avx512(sp, sn, &up);
     __m512 div = _mm512_mask_mov_ps(swn, up, swp);
     div = _mm512_mask_mov_ps(div, _mm512_cmp_ps_mask(div, zero, _CMP_EQ_OQ), one);
     d = _mm512_div_ps(d, div);
@@ -1366,12 +1370,13 @@ bool sample_bracket(const MagnitudeSelectParams& p, int64_t total, Bracket* br) 
   std::vector<uint32_t> sample(static_cast<size_t>(m));
   std::vector<int64_t> starts(size_t(p.num_tensors) + 1, 0);  // global index of each first element
   for (int i = 0; i < p.num_tensors; ++i) starts[size_t(i) + 1] = starts[size_t(i)] + p.numels[i];
-  // In parallel: the sample touches every page of the inputs once (a page fault each on a fresh
-  // memory map) and misses the cache at every element, which one thread paid alone before. (On
-  // the sample's size, 4096 for inputs up to 4M elements, one thread faulted in a whole
-  // memory-mapped checkpoint tensor: `meldkit merge` of TIES 10-15 % slower end to end.)
+  // In parallel (every caller has at least kBracketMinNumel elements): the sample touches every
+  // page of the inputs once (a page fault each on a fresh memory map) and misses the cache at
+  // every element, which one thread paid alone before. (Parallel only from a sample of 8192,
+  // one thread faulted in whole memory-mapped checkpoint tensors of up to 4M elements:
+  // `meldkit merge` of TIES 10-15 % slower end to end.)
   int nan_found = 0;
-#pragma omp parallel for schedule(static) reduction(| : nan_found) if (total >= kBracketMinNumel)
+#pragma omp parallel for schedule(static) reduction(| : nan_found)
   for (int64_t j = 0; j < m; ++j) {
     const int64_t g = int64_t((double(j) + 0.5) * double(total) / double(m));
     // The last tensor starting at or before g (empty tensors share their start with the next).
