@@ -23,7 +23,8 @@
 #   GPU_MEMCHECK  pytest arguments run under compute-sanitizer memcheck
 #                 [tests/ops/test_blend.py tests/ops/test_merge.py tests/ops/test_routed_lora.py
 #                  -m cuda -k "not compile and not graph"]
-#   BENCH_OPS     benchmarks, in order [logit_fusion routed_lora_layer merge exde twin
+#   GPU_XDIST     pytest-xdist workers of the tests step, where xdist is installed (0: none) [4]
+#   BENCH_OPS     benchmarks, in order [exde twin routed_lora_layer logit_fusion merge
 #                 call_overhead routed_lora weighted_sum goat_compile]
 #   BENCH_ARGS    extra `meldkit bench` arguments, e.g. --quick (tiny cases: a smoke test) []
 set -uo pipefail
@@ -100,9 +101,13 @@ fi
 
 PYTEST=(-q -rfEs -p no:cacheprovider)
 $PY -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=120)
+# The suite is mostly launch- and host-bound: several worker processes share the one GPU (a file's
+# tests stay in one worker, so a module's fixtures are built once).
+XDIST=(-n "${GPU_XDIST:-4}" --dist loadfile)
+$PY -c "import xdist" 2>/dev/null && [ "${GPU_XDIST:-4}" != 0 ] || XDIST=()
 read -r -a TEST_ARGS <<<"${GPU_TESTS:-tests -m cuda}"
 step tests tests 300 "$OUT/tests.log" env MELDKIT_BACKEND=native $PY -m pytest "${TEST_ARGS[@]}" \
-  "${PYTEST[@]}" --junitxml="$OUT/junit.xml"
+  "${PYTEST[@]}" "${XDIST[@]}" --junitxml="$OUT/junit.xml"
 
 # memcheck: torch's caching allocator off, so that a write past a tensor lands outside any
 # allocation; compute-sanitizer does not run on every machine kind (gVisor H200s refuse it).
@@ -119,7 +124,7 @@ fi
 read -r -a EXTRA <<<"${BENCH_ARGS:-}"
 BJ="$OUT/bench.json"
 BL="$OUT/bench.log"
-for op in ${BENCH_OPS:-logit_fusion routed_lora_layer merge exde twin call_overhead routed_lora weighted_sum goat_compile}; do
+for op in ${BENCH_OPS:-exde twin routed_lora_layer logit_fusion merge call_overhead routed_lora weighted_sum goat_compile}; do
   run=(env MELDKIT_BACKEND=native)
   case $op in
     call_overhead) # each op's fixed per-call cost; direct eager calls vs torch.library's dispatch
