@@ -462,6 +462,31 @@ def test_base_linear_in_the_op(monkeypatch, device, dtype, n_tokens, dropout, pa
         check_against_loop_reference(x, a, b, 0.75, gates=gates, **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_tokens", [7, 131], ids=["kernel", "gemm"])
+def test_base_linear_added_on_its_own(monkeypatch, dtype, n_tokens):
+    """CUDA's way of adding a bf16/fp16 base layer's output (and dx part) to the adapter's
+    float32 one, forced on the CPU: the adapter on its own, then one add rounded once to x's
+    dtype (``_add_rounded``, the same bits as converting, adding and rounding); the op still
+    matches the loop reference, forward and backward, on the kernels and on the GEMMs."""
+    import importlib
+
+    rl = importlib.import_module("meldkit.ops.routed_lora")
+    gen = torch.Generator().manual_seed(64)
+    low, high = randn((33, 17), dtype, "cpu", gen), randn((33, 17), torch.float32, "cpu", gen)
+    assert torch.equal(rl._add_rounded(low, high), (low.float() + high).to(dtype))
+    calls = []
+    monkeypatch.setattr(rl, "_split_add", lambda base: calls.append(base.dtype) or True)
+    case = (n_tokens, 13, 9, 3, 4, 2, 0.0)
+    x, a, b, w = router_case(case, dtype, "cpu", seed=65, weight_dtype=torch.float32)
+    w0 = (randn((9, 13), dtype, "cpu", gen) / 4).requires_grad_()
+    b0 = randn((9,), dtype, "cpu", gen).requires_grad_()
+    check_against_loop_reference(
+        x, a, b, 0.75, router_weight=w, top_k=2, base_weight=w0, base_bias=b0
+    )
+    assert calls and set(calls) == {dtype}
+
+
 def test_base_linear_with_leading_dims_equals_adding_it():
     """x ``[2, 5, n]``: the fused base equals ``F.linear(x, W₀, b) + routed_lora(x)``, bit for
     bit in float32 (one GEMM accumulating into another's output adds the same products), with
