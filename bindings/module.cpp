@@ -2,6 +2,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <string>
+
 #include "meldkit/logit_fusion.h"
 #include "meldkit/merge.h"
 #include "meldkit/routed_lora.h"
@@ -20,15 +22,19 @@ PYBIND11_MODULE(_C, m) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const meldkit::Error& e) {
+      // The core names the op ("task_merge: ..."); users see it as meldkit's, like the Python
+      // layer's own errors ("meldkit.task_merge: ...").
+      std::string msg = e.what();
+      if (msg.rfind("meldkit.", 0) != 0) msg = "meldkit." + msg;
       switch (e.kind()) {
         case meldkit::ErrorKind::kValue:
-          PyErr_SetString(PyExc_ValueError, e.what());
+          PyErr_SetString(PyExc_ValueError, msg.c_str());
           break;
         case meldkit::ErrorKind::kType:
-          PyErr_SetString(PyExc_TypeError, e.what());
+          PyErr_SetString(PyExc_TypeError, msg.c_str());
           break;
         case meldkit::ErrorKind::kRuntime:
-          PyErr_SetString(PyExc_RuntimeError, e.what());
+          PyErr_SetString(PyExc_RuntimeError, msg.c_str());
           break;
       }
     }

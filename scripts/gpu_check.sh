@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build meldkit on a bare GPU machine and run what needs the GPU, in one call of the device tool:
-#   scripts/gpu_check.sh OUTDIR [STEP...]     (steps: build info tests memcheck bench; default all)
+#   scripts/gpu_check.sh OUTDIR [STEP...]  (steps: build info tests memcheck profile bench; default all)
 #
 # Sized for a 15-minute device session (machine start included): the steps share one time budget,
 # GPU_BUDGET seconds [540], so the whole call ends inside a 600 s command limit with a summary,
@@ -13,9 +13,10 @@
 # GPU benchmarks at the sizes of the issues' targets, most wanted first, for as long as the budget
 # lasts (a second call `scripts/gpu_check.sh OUTDIR bench` runs them alone).
 #
-# OUTDIR gets at most 7 files (the device tool returns 8): summary.txt (machine, versions, `meldkit
-# info`, step results), build.log (with ptxas's register/spill report), tests.log, junit.xml,
-# memcheck.log, bench.log (every benchmark's output) and bench.json (every benchmark's JSON rows).
+# OUTDIR gets at most 8 files (what the device tool returns): summary.txt (machine, versions,
+# `meldkit info`, step results), build.log (with ptxas's register/spill report), tests.log,
+# junit.xml, memcheck.log, ncu.log (Nsight Compute's per-kernel metrics of bench/gpu_profile.py,
+# CSV lines among ncu's own), bench.log (every benchmark's output) and bench.json (their JSON rows).
 #
 # Narrow or widen with (defaults in brackets):
 #   GPU_BUDGET    seconds for all steps together [540]
@@ -24,13 +25,14 @@
 #                 [tests/ops/test_blend.py tests/ops/test_merge.py tests/ops/test_routed_lora.py
 #                  -m cuda -k "not compile and not graph"]
 #   GPU_XDIST     pytest-xdist workers of the tests step, where xdist is installed (0: none) [4]
+#   GPU_PROFILE   bench/gpu_profile.py arguments of the profile step, e.g. --case ties_n8 []
 #   BENCH_OPS     benchmarks, in order [exde twin routed_lora_layer logit_fusion merge
 #                 call_overhead routed_lora weighted_sum goat_compile]
 #   BENCH_ARGS    extra `meldkit bench` arguments, e.g. --quick (tiny cases: a smoke test) []
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR [STEP...]}
 shift
-STEPS=" ${*:-build info tests memcheck bench} "
+STEPS=" ${*:-build info tests memcheck profile bench} "
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -119,6 +121,18 @@ if [[ "$STEPS" == *" memcheck "* ]] && command -v compute-sanitizer >/dev/null \
     $PY -m pytest $MEMCHECK -q -x -p no:cacheprovider"
 elif [[ "$STEPS" == *" memcheck "* ]]; then
   SUMMARY+=("memcheck                     not run (no usable compute-sanitizer)")
+fi
+
+# profile: Nsight Compute over one call of each kernel furthest from its target, clocks left
+# alone; the sections say whether DRAM or an SM pipe bounds it, and at what occupancy.
+if [[ "$STEPS" == *" profile "* ]] && command -v ncu >/dev/null; then
+  read -r -a PROFILE_ARGS <<<"${GPU_PROFILE:-}"
+  step profile profile 120 "$OUT/ncu.log" env MELDKIT_BACKEND=native ncu --profile-from-start off \
+    --clock-control none --launch-count 60 --section SpeedOfLight --section LaunchStats \
+    --section Occupancy --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    --csv --page details $PY bench/gpu_profile.py "${PROFILE_ARGS[@]}"
+elif [[ "$STEPS" == *" profile "* ]]; then
+  SUMMARY+=("profile                      not run (no ncu)")
 fi
 
 read -r -a EXTRA <<<"${BENCH_ARGS:-}"

@@ -128,3 +128,27 @@ def test_script_runs_and_writes_rows(script, tmp_path):
         assert all(r["exchange_table_us"] > 0 and r["dunder_dlpack_us"] > 0 for r in rows)
     else:
         assert all(r["median_s"] > 0 for r in rows)
+
+
+def test_gpu_profile_script_runs_every_case_on_the_cpu():
+    """``bench/gpu_profile.py`` (the GPU check's Nsight Compute step) builds and calls every
+    case; on the CPU, unprofiled, at 1 % of each dimension."""
+    script = str(ROOT / "bench" / "gpu_profile.py")
+    res = subprocess.run(
+        [sys.executable, script, "--device", "cpu", "--scale", "0.01"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    listed = subprocess.run(
+        [sys.executable, script, "--list"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split()
+    assert len(listed) >= 6
+    assert res.stdout.split("\n")[:-1] == [f"gpu_profile: {name} done" for name in listed]

@@ -183,12 +183,17 @@ def _state_queries():
 _STATE_QUERIES = _state_queries()
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def plain_eager_call(device: torch.device, args: tuple) -> bool:
     """Whether a call may go straight to an op's CPU/CUDA implementation instead of through
     ``torch.library``'s dispatch (0.05-0.2 ms a call, which a decoding step pays per layer
     and per step): an eager call on plain tensors that needs no autograd, with no compilation,
     functorch transform, or torch-function or dispatch mode active. Anything else (training,
-    fake tensors, ``torch.compile``, op counters, tensor subclasses) goes through the op."""
+    fake tensors, ``torch.compile``, op counters, tensor subclasses) goes through the op.
+    ``nn.Parameter`` counts as plain (it overrides no torch function): a module's weights passed
+    as they are, as GoatLinear and TwinLinear do at inference, take the direct call too."""
     if device.type not in ("cpu", "cuda") or _STATE_QUERIES is None:
         return False
     compiling, transforms, function_mode, dispatch_stack = _STATE_QUERIES
@@ -197,7 +202,7 @@ def plain_eager_call(device: torch.device, args: tuple) -> bool:
     grad = torch.is_grad_enabled()
     for t in args:
         if isinstance(t, torch.Tensor) and (
-            type(t) is not torch.Tensor or (grad and t.requires_grad)
+            type(t) not in _PLAIN_TYPES or (grad and t.requires_grad)
         ):
             return False
     return True
