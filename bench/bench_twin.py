@@ -2,7 +2,7 @@
 the shared model alone.
 
     python bench/bench_twin.py [--device cpu|cuda] [--batch 32 256] [--length 32] [--tasks 3]
-                               [--rank-ratio 0.1] [--json rows.jsonl]
+                               [--rank-ratio 0.1] [--json rows.jsonl] [--profile]
 
 A BERT encoder with all-MiniLM-L6-v2's shape (6 layers, hidden 384, 12 heads, vocabulary 30522;
 random weights from the config, nothing downloaded) and a 3-way classification head; T experts
@@ -95,6 +95,24 @@ def make_impls(model, ids, mask, w, n_rebuild):
     return {**impls, "twin+router": twin_routed}, rebuild
 
 
+def profile_table(call, device: str, rows: int = 25) -> str:
+    """torch.profiler's table of one ``call`` (after one untimed call), by host time: where a
+    forward that should be bound by the GPU waits on the host instead (op count, launches,
+    ``cudaStreamSynchronize``/``aten::item``: the synchronisations)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    activities = [ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        call()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -110,6 +128,12 @@ def main(argv=None) -> int:
         help="time the rebuild on this many samples and scale (default: all)",
     )
     ap.add_argument("--json", help="append one JSON row per implementation and batch here")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print, per batch, torch.profiler's op table of one shared and one twin "
+        "forward (host time per op, kernel launches, synchronisations)",
+    )
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_twin: no CUDA device", file=sys.stderr)
@@ -149,6 +173,10 @@ def main(argv=None) -> int:
                 f"  {name:<12} {s * 1e3:10.2f} ms  {s / base_s:6.2f}x shared  "
                 f"{b / s:9.1f} samples/s"
             )
+        if args.profile:
+            for name in ("shared", "twin"):
+                print(f"\n  torch.profiler, one {name} forward, batch {b}:")
+                print(profile_table(impls[name], args.device))
         rebuild_s = times["rebuild"].median_s * scale["rebuild"]
         print(
             f"  twin vs rebuild: {rebuild_s / twin_s:.1f}x faster (target ≥ 10x); twin / shared "

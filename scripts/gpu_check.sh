@@ -148,9 +148,9 @@ for op in ${BENCH_OPS:-exde twin routed_lora_layer logit_fusion merge call_overh
         --device cuda --compare dispatch --json "$BJ" ;;
     exde) # ExDe's per-step blend vs a per-tensor loop (issue 7)
       step "bench-$op" bench 90 "$BL" "${run[@]}" $PY bench/bench_exde.py --device cuda --json "$BJ" ;;
-    twin) # TwinModel vs the per-sample rebuild and the shared model (issue 6)
+    twin) # TwinModel vs the per-sample rebuild and the shared model (issue 6), with op tables
       step "bench-$op" bench 90 "$BL" "${run[@]}" $PY bench/bench_twin.py --device cuda \
-        --rebuild-samples 8 --json "$BJ" ;;
+        --rebuild-samples 8 --profile --json "$BJ" ;;
     routed_lora_layer) # the GOAT layer against the base linear (issue 4), without and with dropout
       step "bench-$op" bench 90 "$BL" "${run[@]}" $PY bench/bench_routed_lora.py --device cuda \
         --dtype bf16 --tokens 8192 --dim 4096 --json "$BJ"

@@ -27,7 +27,7 @@ SCRIPTS = {
         None,
     ),
     "bench_twin.py": (
-        ["--batch", "4", "--length", "8", "--repeats", "1"],
+        ["--batch", "4", "--length", "8", "--repeats", "1", "--profile"],
         "twin",
         {"shared", "twin", "twin+router", "twin_top1", "rebuild"},
     ),
