@@ -409,7 +409,7 @@ def test_many_tokens_with_dropout_by_gemms(monkeypatch, device, dtype, n_experts
     rl = importlib.import_module("meldkit.ops.routed_lora")  # the module, not the function
     taken = []
 
-    def use_gemm(n_tokens, dropout, dev, dense, n_experts, dtypes, shared=False):
+    def use_gemm(n_tokens, dropout, dev, dense, n_experts, dtypes, shared=False, *_):
         taken.append(dropout)
         return n_tokens >= rl._GEMM_TOKENS
 
@@ -1302,3 +1302,30 @@ def test_parameters_take_the_direct_call():
         y, _ = routed_lora(x, a, b, 1.0, gates=torch.ones(2, 2), base_weight=w)
     ref, _ = routed_lora(x, a, b, 1.0, gates=torch.ones(2, 2), base_weight=w.detach())
     assert torch.equal(y, ref)
+
+
+@pytest.mark.parametrize(("d", "expected"), [(48, "kernels"), (160, "gemm")])
+def test_large_gate_mode_calls_take_the_gemms_on_the_cpu(monkeypatch, d, expected):
+    """Gate mode without dropout, 8 tokens (below ``_GEMM_TOKENS``): on the CPU the GEMMs run
+    it once the experts' multiply-adds N·E·r·(n + m) reach ``_GATE_GEMM_WORK`` (8·4·32·320 =
+    327 680 at d 160; 98 304 at d 48 stays on the per-token kernels), forward and backward,
+    and the results match the loop reference either way."""
+    import importlib
+
+    rl = importlib.import_module("meldkit.ops.routed_lora")
+    taken = []
+    for name in ("_gemm_forward", "_gemm_backward"):
+        real = getattr(rl, name)
+        monkeypatch.setattr(
+            rl, name, lambda *a, _real=real, _name=name, **k: taken.append(_name) or _real(*a, **k)
+        )
+    gen = torch.Generator().manual_seed(66)
+    x = randn((8, d), torch.float32, "cpu", gen).requires_grad_()
+    a = (randn((4, 32, d), torch.float32, "cpu", gen) / d**0.5).requires_grad_()
+    b = (randn((4, d, 32), torch.float32, "cpu", gen) / 32**0.5).requires_grad_()
+    gates = randn((8, 4), torch.float32, "cpu", gen).requires_grad_()
+    check_against_loop_reference(x, a, b, 0.5, gates=gates)
+    if expected == "gemm":
+        assert taken == ["_gemm_forward", "_gemm_backward"]
+    else:
+        assert taken == []

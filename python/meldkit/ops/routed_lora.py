@@ -16,7 +16,8 @@ and fall back to the reference, with a warning naming the reason, when the nativ
 run (see :mod:`meldkit._native`). From 64 tokens, both run as a few GEMMs over the concatenated
 experts and router instead (see ``_GEMM_TOKENS``; with dropout on CUDA only, one GEMM per expert
 over its masked input), and so do calls the per-token kernels cannot take at any token count
-(more than 64 experts, float64 mixed with other dtypes). The forward saves the
+(more than 64 experts, float64 mixed with other dtypes), and, on the CPU, gate-mode calls
+without dropout whose experts have enough work (``_GATE_GEMM_WORK``). The forward saves the
 routing weights and the expert activations ``h`` (``[N, E·r]``, small) for the backward; dropout
 masks are regenerated from the seed, never stored. ``seed`` reaches the ops as a one-element
 int64 CPU tensor (read on the host, so no device synchronisation), so that a seed drawn per
@@ -170,6 +171,16 @@ _routed_lora, _routed_lora_dropout = _custom_ops(
 # CUDA, where the per-token kernels were the bottleneck, takes the GEMMs.
 _GEMM_TOKENS = 64
 
+# On the CPU, gate mode without dropout runs as GEMMs below _GEMM_TOKENS too once the experts'
+# multiply-adds, N·E·r·(n + m), reach this: every expert then works for every token, which the
+# GEMMs do at several times the per-token kernels' rate (Twin-Merging's layers, 3 experts of
+# rank 38 at d 384 with the base inside, no grad: 8 tokens 136 µs per-token against 106 µs by
+# GEMMs, 48 tokens 312 against 119 µs; 4 experts of rank 16 at d 1024, forward + backward, 4
+# tokens: 1064 against 586 µs). Below it the GEMMs' fixed cost wins (2 experts of rank 4 at
+# d 128, 48 tokens: 38 against 53 µs). Router mode keeps the per-token kernels, which form only
+# the k selected experts.
+_GATE_GEMM_WORK = 1 << 18
+
 
 # The per-token kernels keep per-expert arrays on the stack: at most this many experts
 # (kRoutedLoraMaxExperts in csrc/include/meldkit/routed_lora.h).
@@ -192,13 +203,28 @@ def _use_gemm(
     n_experts: int,
     dtypes: tuple[torch.dtype, ...],
     shared_dropout: bool = False,
+    gate_work: int = 0,
 ) -> bool:
-    """``dense``: every expert has work for every token (gate mode, or top_k = E). Calls the
-    per-token kernels cannot take run as GEMMs at every token count: too many experts, mixed
-    float64, or one dropout mask shared by the experts (the kernels draw one per expert)."""
+    """``dense``: every expert has work for every token (gate mode, or top_k = E);
+    ``gate_work``: in gate mode, the experts' multiply-adds N·E·r·(n + m) (0 in router mode).
+    Calls the per-token kernels cannot take run as GEMMs at every token count: too many
+    experts, mixed float64, or one dropout mask shared by the experts (the kernels draw one per
+    expert); so do large gate-mode calls on the CPU (``_GATE_GEMM_WORK``)."""
     if _per_token_unsupported(n_experts, dtypes) or (shared_dropout and dropout > 0.0):
         return True
+    if device.type == "cpu" and dropout == 0.0 and gate_work >= _GATE_GEMM_WORK:
+        return True
     return n_tokens >= _GEMM_TOKENS and (dropout == 0.0 or device.type == "cuda" or dense)
+
+
+def _gate_work(x, lora_a, lora_b, router_weight) -> int:
+    """``_use_gemm``'s ``gate_work``: N·E·r·(n + m) in gate mode, 0 in router mode and for
+    sizes past the kernels' int range (which they refuse, naming the argument)."""
+    n_experts, rank, d_in = lora_a.shape
+    d_out = lora_b.shape[1]
+    if router_weight is not None or max(rank, d_in, d_out) >= 2**31:
+        return 0
+    return x.shape[0] * n_experts * rank * (d_in + d_out)
 
 
 def _dropped(src: torch.Tensor, out: torch.Tensor, dropout: float, seed: int, expert: int):
@@ -534,7 +560,8 @@ def _routed_lora_native(
     n_tokens, n_experts, rank = x.shape[0], lora_a.shape[0], lora_a.shape[1]
     device = x.device
     dense = router_weight is None or top_k == n_experts
-    if _use_gemm(n_tokens, dropout, device, dense, n_experts, dtypes, shared_dropout):
+    work = _gate_work(x, lora_a, lora_b, router_weight)
+    if _use_gemm(n_tokens, dropout, device, dense, n_experts, dtypes, shared_dropout, work):
         return _gemm_forward(*args, base_weight, base_bias, acc=acc, shared=shared_dropout)
     x_in = x
     if base_weight is not None:
@@ -702,7 +729,9 @@ def _routed_lora_backward_native(
             shared_dropout,
         )
     dense = router_weight is None or top_k == lora_a.shape[0]
-    if _use_gemm(x.shape[0], dropout, x.device, dense, lora_a.shape[0], dtypes, shared_dropout):
+    work = _gate_work(x, lora_a, lora_b, router_weight)
+    n_experts = lora_a.shape[0]
+    if _use_gemm(x.shape[0], dropout, x.device, dense, n_experts, dtypes, shared_dropout, work):
         return _gemm_backward(
             dy,
             x,
@@ -1061,7 +1090,8 @@ def routed_lora(
     are not formed, so inf or NaN in x (or h) there never meets the 0, on every path and token
     count. A token whose every gate is 0 (padding) thus leaves y and every weight gradient as
     if it were absent; its gates still receive ``s_e⟨h_e, U_e⟩``, inf or NaN with such an x.
-    One exception, from 64 tokens without per-expert dropout (the experts' dA is one GEMM): a
+    One exception, on the GEMM path without per-expert dropout (from 64 tokens, or a large
+    gate-mode call on the CPU: the experts' dA is one GEMM there): a
     token with inf or NaN in x and some nonzero coefficient (so its own y is not finite)
     brings NaN into the dA of every expert, not only those with a nonzero coefficient.
 
