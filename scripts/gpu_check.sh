@@ -13,6 +13,13 @@
 # GPU benchmarks at the sizes of the issues' targets, most wanted first, for as long as the budget
 # lasts (a second call `scripts/gpu_check.sh OUTDIR bench` runs them alone).
 #
+# Everything does not fit one call: on an H200 (2026-11-29) the build took 84 s, the CUDA tests
+# 212 s in 4 workers, memcheck more than its 120 s, the benchmarks about 300 s. Within 15 minutes
+# of device time (the machine's start, a minute or more, included), call it twice back to back,
+# the second within the machine's 30 s of warmth:
+#   GPU_BUDGET=470 scripts/gpu_check.sh OUTDIR build info tests profile   [memcheck when CUDA
+#   GPU_BUDGET=330 scripts/gpu_check.sh OUTDIR bench                        code changed]
+#
 # OUTDIR gets at most 8 files (what the device tool returns): summary.txt (machine, versions,
 # `meldkit info`, step results), build.log (with ptxas's register/spill report), tests.log,
 # junit.xml, memcheck.log, ncu.log (Nsight Compute's per-kernel metrics of bench/gpu_profile.py,
