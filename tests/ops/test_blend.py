@@ -43,6 +43,20 @@ def test_equals_reference_bit_for_bit(device, dtype, coeffs):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("keep", [(0.0, 1.0), (1.0, 0.0), (0.0, 0.0), (1.0, 1.0), (0.0, 0.45)])
+def test_masks_that_keep_nothing_or_everything(device, keep):
+    """keep 0 (never kept: the CUDA kernel drops that draw) and keep 1 (always kept: the largest
+    integer threshold) give the reference's bits, alone and next to a drawn mask."""
+    bases, taus, keys = tensors(torch.bfloat16, device, seed=5)
+    outs = [torch.full_like(b, float("nan")) for b in bases]
+    coeffs = (0.25, -0.3, 0.7)
+    blend_tensors(outs, bases, taus, coeffs, keep=keep, seed=3, tensor_keys=keys)
+    for o, b, t, k in zip(outs, bases, taus, keys, strict=True):
+        want = blend_ref(b.cpu(), t.cpu(), coeffs, keep=keep, seed=3, tensor_key=k)
+        assert torch.equal(o.cpu(), want), keep
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_masks_at_the_draw_boundaries(device):
     # keeps exactly at, one float32 step above and one below draws that occur (kept when u < keep)
     g = torch.Generator().manual_seed(4)

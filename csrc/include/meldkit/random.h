@@ -10,15 +10,21 @@
 
 namespace meldkit {
 
-// Chris Wellons' lowbias32 integer hash.
-MELDKIT_INLINE uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
+// The first step of mix32, x ^ (x >> 16). It distributes over xor, fold16(a ^ b) =
+// fold16(a) ^ fold16(b), so a loop hashing a ^ b for a constant b folds b once.
+MELDKIT_INLINE uint32_t fold16(uint32_t x) { return x ^ (x >> 16); }
+
+// The steps of mix32 after fold16.
+MELDKIT_INLINE uint32_t mix32_tail(uint32_t x) {
   x *= 0x21f0aaadu;
   x ^= x >> 15;
   x *= 0x735a2d97u;
   x ^= x >> 15;
   return x;
 }
+
+// Chris Wellons' lowbias32 integer hash.
+MELDKIT_INLINE uint32_t mix32(uint32_t x) { return mix32_tail(fold16(x)); }
 
 // The key of one stream (one tensor of one model), computed once per launch.
 MELDKIT_INLINE uint32_t stream_key(uint64_t seed, uint32_t stream) {
