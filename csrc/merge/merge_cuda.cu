@@ -32,6 +32,11 @@ struct TaskMergeArgs {
   float lambda;
 };
 
+// Models whose vectors a thread loads before it adds any of them: a loop that loaded one model,
+// added it, then loaded the next kept one 16-byte load per thread in flight, too few to cover
+// the memory's latency (the H200 ran task arithmetic at 22-32 % of its copy bandwidth).
+constexpr int kMergeLoadsAhead = 4;
+
 template <typename TIn, typename TOut, int VEC>
 __device__ __forceinline__ void merge_elements(const TaskMergeArgs& a, int64_t e0) {
   using In = Packed<TIn, VEC>;
@@ -40,14 +45,25 @@ __device__ __forceinline__ void merge_elements(const TaskMergeArgs& a, int64_t e
   MergeAcc acc[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) bf[k] = widen(b.v[k]);
-  for (int t = 0; t < a.num_models; ++t) {
-    const In x = *reinterpret_cast<const In*>(static_cast<const TIn*>(a.models[t]) + e0);
+  for (int t0 = 0; t0 < a.num_models; t0 += kMergeLoadsAhead) {
+    In x[kMergeLoadsAhead];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const float tau = widen(x.v[k]) - bf[k];
-      const bool keep =
-          merge_keep(a.sparsify, tau, a.thresholds[t], a.densities[t], a.keys[t], uint64_t(e0 + k));
-      merge_add(acc[k], a.weights[t], a.scales[t], tau, keep);
+    for (int i = 0; i < kMergeLoadsAhead; ++i) {
+      if (t0 + i < a.num_models) {
+        x[i] = *reinterpret_cast<const In*>(static_cast<const TIn*>(a.models[t0 + i]) + e0);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kMergeLoadsAhead; ++i) {
+      const int t = t0 + i;
+      if (t >= a.num_models) break;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {  // models in index order, as before: the same sums
+        const float tau = widen(x[i].v[k]) - bf[k];
+        const bool keep = merge_keep(a.sparsify, tau, a.thresholds[t], a.densities[t], a.keys[t],
+                                     uint64_t(e0 + k));
+        merge_add(acc[k], a.weights[t], a.scales[t], tau, keep);
+      }
     }
   }
   Packed<TOut, VEC> o;
@@ -132,24 +148,62 @@ constexpr int kDigitBits[3] = {11, 11, 10};
 constexpr int kDigitShift[3] = {21, 10, 0};
 constexpr int kHistBins = 2048;
 
+// One histogram increment per lane whose `active` is set, aggregated over the warp: the lanes
+// that share a bin add once, with their count. The top digit of |tau| (sign, exponent, two
+// mantissa bits) puts most elements of a tensor in a few dozen bins, where one shared-memory
+// atomic per element serialised the warps on the same addresses. Every lane of the warp calls it.
+__device__ __forceinline__ void warp_hist_add(unsigned int* hist, uint32_t bin, bool active) {
+  const unsigned int lanes = __ballot_sync(0xffffffffu, active);
+  if (active) {
+    const unsigned int peers = __match_any_sync(lanes, bin);
+    if (int(threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[bin], unsigned(__popc(peers)));
+  }
+}
+
 // Histogram of the digit at `shift` among elements whose bits match `prefix` under `mask`; the
-// first pass also counts NaNs into counters[kHistBins].
-template <typename T>
+// first pass also counts NaNs into counters[kHistBins]. VEC elements per lane and step (16-byte
+// loads where the tensors allow): every warp steps through whole 32-lane groups, so the lanes of
+// a warp run the same number of steps (the warp-wide calls above need all 32), lanes past the
+// end inactive; the last n % VEC elements go to the first warp of block 0.
+template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     RadixHistogramKernel(const T* a, const T* b, int64_t n, int shift, uint32_t digit_mask,
                          uint32_t prefix, uint32_t prefix_mask, bool count_nans,
                          unsigned long long* counters) {
+  using In = Packed<T, VEC>;
   __shared__ unsigned int hist[kHistBins];
   __shared__ unsigned int nans;
   for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) hist[i] = 0;
   if (threadIdx.x == 0) nans = 0;
   __syncthreads();
+  const int lane = int(threadIdx.x & 31);
+  unsigned int my_nans = 0;
+  const auto add = [&](uint32_t bits, bool in_range) {
+    my_nans += (count_nans && in_range && bits > 0x7f800000u) ? 1u : 0u;
+    warp_hist_add(hist, (bits >> shift) & digit_mask, in_range && (bits & prefix_mask) == prefix);
+  };
+  const int64_t groups = n / VEC;  // whole vectors
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
-    const uint32_t bits = magnitude_bits(widen(a[e]), b ? widen(b[e]) : 0.f);
-    if (count_nans && bits > 0x7f800000u) atomicAdd(&nans, 1u);
-    if ((bits & prefix_mask) == prefix) atomicAdd(&hist[(bits >> shift) & digit_mask], 1u);
+  for (int64_t g0 = int64_t(blockIdx.x) * blockDim.x + (threadIdx.x & ~31u); g0 < groups;
+       g0 += stride) {
+    const int64_t g = g0 + lane;
+    const bool in_range = g < groups;
+    In x{}, y{};
+    if (in_range) {
+      x = reinterpret_cast<const In*>(a)[g];
+      if (b) y = reinterpret_cast<const In*>(b)[g];
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+      add(magnitude_bits(widen(x.v[k]), b ? widen(y.v[k]) : 0.f), in_range);
   }
+  if (VEC > 1 && blockIdx.x == 0 && threadIdx.x < 32) {  // the tail, fewer than VEC elements
+    const int64_t e = groups * VEC + lane;
+    const bool in_range = e < n;
+    const uint32_t bits = in_range ? magnitude_bits(widen(a[e]), b ? widen(b[e]) : 0.f) : 0u;
+    add(bits, in_range);
+  }
+  if (my_nans) atomicAdd(&nans, my_nans);
   __syncthreads();
   for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) {
     if (hist[i]) atomicAdd(&counters[i], (unsigned long long)hist[i]);
@@ -169,10 +223,21 @@ uint32_t magnitude_select_typed(const MagnitudeSelectParams& p, unsigned long lo
     for (int i = 0; i < p.num_tensors; ++i) {
       const int64_t n = p.numels[i];
       if (n == 0) continue;
-      const int blocks = int(std::min<int64_t>((n + kThreads - 1) / kThreads, 1024));
-      RadixHistogramKernel<T><<<blocks, kThreads, 0, stream>>>(
-          static_cast<const T*>(p.a[i]), p.b ? static_cast<const T*>(p.b[i]) : nullptr, n,
-          kDigitShift[pass], uint32_t(bins - 1), prefix, prefix_mask, pass == 0, counters);
+      const T* a = static_cast<const T*>(p.a[i]);
+      const T* b = p.b ? static_cast<const T*>(p.b[i]) : nullptr;
+      constexpr int kVec = 16 / int(sizeof(T));
+      const bool vec = is_aligned(a, 16) && (b == nullptr || is_aligned(b, 16));
+      const int64_t lanes = vec ? n / kVec : n;
+      const int blocks = int(std::clamp<int64_t>((lanes + kThreads - 1) / kThreads, 1, 1024));
+      if (vec) {
+        RadixHistogramKernel<T, kVec>
+            <<<blocks, kThreads, 0, stream>>>(a, b, n, kDigitShift[pass], uint32_t(bins - 1),
+                                              prefix, prefix_mask, pass == 0, counters);
+      } else {
+        RadixHistogramKernel<T, 1>
+            <<<blocks, kThreads, 0, stream>>>(a, b, n, kDigitShift[pass], uint32_t(bins - 1),
+                                              prefix, prefix_mask, pass == 0, counters);
+      }
       cuda_check(cudaGetLastError(), "magnitude_select", "kernel launch");
     }
     cuda_check(cudaMemcpyAsync(host, counters, sizeof(host), cudaMemcpyDeviceToHost, stream),
