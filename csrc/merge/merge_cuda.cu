@@ -153,11 +153,15 @@ constexpr int kHistBins = 2048;
 // mantissa bits) puts most elements of a tensor in a few dozen bins, where one shared-memory
 // atomic per element serialised the warps on the same addresses. Every lane of the warp calls it.
 __device__ __forceinline__ void warp_hist_add(unsigned int* hist, uint32_t bin, bool active) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700  // no __match_any_sync before Volta
+  if (active) atomicAdd(&hist[bin], 1u);
+#else
   const unsigned int lanes = __ballot_sync(0xffffffffu, active);
   if (active) {
     const unsigned int peers = __match_any_sync(lanes, bin);
     if (int(threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[bin], unsigned(__popc(peers)));
   }
+#endif
 }
 
 // Histogram of the digit at `shift` among elements whose bits match `prefix` under `mask`; the

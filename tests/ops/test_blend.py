@@ -57,6 +57,20 @@ def test_masks_that_keep_nothing_or_everything(device, keep):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("coeffs", [(-0.0, 0.0, 0.0), (-0.0, 0.0, -0.0), (0.0, -0.0, 0.0)])
+def test_signed_zero_coefficients_keep_their_masks(device, coeffs):
+    """a = -0.0, b = +0.0: g is -0.0 where mask 1 drops and +0.0 where it keeps, which decides
+    the sign of a zero output (base ±0); the masks are drawn although the coefficients compare
+    equal, as the reference draws them."""
+    base = torch.tensor([0.0, -0.0] * 2000, device=device).view(40, 100)  # 2-D: masked
+    tau = torch.tensor([1.0, -1.0, 2.0, -3.0] * 1000, device=device).view(40, 100)
+    out = torch.empty_like(base)
+    blend_tensors([out], [base], [tau], coeffs, keep=(0.5, 0.5), seed=9, tensor_keys=[7])
+    want = blend_ref(base.cpu(), tau.cpu(), coeffs, keep=(0.5, 0.5), seed=9, tensor_key=7)
+    assert torch.equal(out.cpu().view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_masks_at_the_draw_boundaries(device):
     # keeps exactly at, one float32 step above and one below draws that occur (kept when u < keep)
     g = torch.Generator().manual_seed(4)

@@ -417,8 +417,8 @@ class BlendPlan:
             g_dense,
             k1,
             k2,
-            table[1] != table[0] or table[3] != table[2],
-            table[2] != table[0] or table[3] != table[1],
+            _differ(table[1], table[0]) or _differ(table[3], table[2]),  # mask 1 matters
+            _differ(table[2], table[0]) or _differ(table[3], table[1]),  # mask 2 matters
             seed,
             _native.stream_of(self.device),
         )
@@ -426,6 +426,12 @@ class BlendPlan:
             with torch.no_grad():
                 o.copy_(t)
         _bump_versions(self._versioned)
+
+
+def _differ(x: float, y: float) -> bool:
+    """Whether two coefficients give different bits: -0.0 and +0.0 differ (a product with one
+    or the other can decide the sign of a zero output), which ``x != y`` would miss."""
+    return x != y or math.copysign(1.0, x) != math.copysign(1.0, y)
 
 
 def _stream_key(device: torch.device) -> int | None:
