@@ -198,8 +198,9 @@ int64_t merge_many_workspace_numel(int64_t num_models, int64_t max_numel) {
   if (num_models < 0 || max_numel < 0) {
     throw_value_error("merge_many_workspace_numel: num_models and max_numel must be >= 0");
   }
+  // The L1 pass's partial sums, or the magnitude selection's counters for every model.
   return std::max<int64_t>(task_l1_cuda_partials(max_numel, num_models),
-                           kMagnitudeSelectCudaWorkspace);
+                           std::max<int64_t>(num_models, 1) * kMagnitudeSelectCudaWorkspace);
 }
 
 void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle weights,
@@ -340,7 +341,8 @@ void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle
     p.seed = seed;
     if (p.numel == 0) continue;
     if (sp == Sparsify::kMagnitude) {
-      // The CPU selects for every model in one call (one fused pass reads the base once).
+      // Every model in one call: on the CPU one fused pass reads the base once; on CUDA each
+      // radix pass covers every model in one launch and one read-back.
       std::vector<const void*> sel_ptrs;
       std::vector<int64_t> sel_ks;
       std::vector<size_t> sel_models;
@@ -364,27 +366,23 @@ void merge_many(py::handle bases, py::handle models, py::handle outs, py::handle
           if (exact_k) cutoffs[t] = 0;
         } else if (k >= p.numel) {
           thr[t] = -INFINITY;
-        } else if (!cuda) {
+        } else {
           sel_ptrs.push_back(in.ptrs[t]);
           sel_ks.push_back(k);
           sel_models.push_back(t);
-        } else {
-          MagnitudeSelectParams ms;
-          ms.num_tensors = 1;
-          ms.a = &in.ptrs[t];
-          ms.b = &p.base;
-          ms.numels = &p.numel;
-          ms.dtype = p.in_dtype;
-          ms.k = k;
-          uint32_t bits = 0;
-#ifdef MELDKIT_WITH_CUDA
-          bits = magnitude_select_cuda(ms, static_cast<unsigned long long*>(ws.data),
-                                       in.base.device_id, reinterpret_cast<void*>(stream));
-#endif
-          std::memcpy(&thr[t], &bits, sizeof(float));
         }
       }
-      if (!sel_models.empty()) {
+      if (cuda && !sel_models.empty()) {  // every model's passes together: 3 synchronisations
+        const size_t m = sel_models.size();
+        std::vector<uint32_t> bits(m);
+#ifdef MELDKIT_WITH_CUDA
+        magnitude_select_models_cuda(p.base, sel_ptrs.data(), int(m), p.numel, p.in_dtype,
+                                     sel_ks.data(), bits.data(),
+                                     static_cast<unsigned long long*>(ws.data), in.base.device_id,
+                                     reinterpret_cast<void*>(stream));
+#endif
+        for (size_t i = 0; i < m; ++i) std::memcpy(&thr[sel_models[i]], &bits[i], sizeof(float));
+      } else if (!sel_models.empty()) {
         const size_t m = sel_models.size();
         std::vector<uint32_t> bits(m);
         std::vector<int64_t> sel_cut(m, -1);

@@ -168,18 +168,15 @@ __device__ __forceinline__ void warp_hist_add(unsigned int* hist, uint32_t bin, 
 // first pass also counts NaNs into counters[kHistBins]. VEC elements per lane and step (16-byte
 // loads where the tensors allow): every warp steps through whole 32-lane groups, so the lanes of
 // a warp run the same number of steps (the warp-wide calls above need all 32), lanes past the
-// end inactive; the last n % VEC elements go to the first warp of block 0.
+// end inactive; the last n % VEC elements go to the first warp of the grid's first block (of
+// its row, for the per-model kernel). `hist` is the block's shared histogram, zeroed.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
-    RadixHistogramKernel(const T* a, const T* b, int64_t n, int shift, uint32_t digit_mask,
-                         uint32_t prefix, uint32_t prefix_mask, bool count_nans,
-                         unsigned long long* counters) {
+__device__ __forceinline__ void radix_histogram_block(const T* a, const T* b, int64_t n, int shift,
+                                                      uint32_t digit_mask, uint32_t prefix,
+                                                      uint32_t prefix_mask, bool count_nans,
+                                                      unsigned int* hist, unsigned int* nans,
+                                                      unsigned long long* counters) {
   using In = Packed<T, VEC>;
-  __shared__ unsigned int hist[kHistBins];
-  __shared__ unsigned int nans;
-  for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) hist[i] = 0;
-  if (threadIdx.x == 0) nans = 0;
-  __syncthreads();
   const int lane = int(threadIdx.x & 31);
   unsigned int my_nans = 0;
   const auto add = [&](uint32_t bits, bool in_range) {
@@ -207,12 +204,50 @@ __global__ void __launch_bounds__(kThreads)
     const uint32_t bits = in_range ? magnitude_bits(widen(a[e]), b ? widen(b[e]) : 0.f) : 0u;
     add(bits, in_range);
   }
-  if (my_nans) atomicAdd(&nans, my_nans);
+  if (my_nans) atomicAdd(nans, my_nans);
   __syncthreads();
   for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) {
     if (hist[i]) atomicAdd(&counters[i], (unsigned long long)hist[i]);
   }
-  if (threadIdx.x == 0 && nans) atomicAdd(&counters[kHistBins], (unsigned long long)nans);
+  if (threadIdx.x == 0 && *nans) atomicAdd(&counters[kHistBins], (unsigned long long)*nans);
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    RadixHistogramKernel(const T* a, const T* b, int64_t n, int shift, uint32_t digit_mask,
+                         uint32_t prefix, uint32_t prefix_mask, bool count_nans,
+                         unsigned long long* counters) {
+  __shared__ unsigned int hist[kHistBins];
+  __shared__ unsigned int nans;
+  for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) hist[i] = 0;
+  if (threadIdx.x == 0) nans = 0;
+  __syncthreads();
+  radix_histogram_block<T, VEC>(a, b, n, shift, digit_mask, prefix, prefix_mask, count_nans, hist,
+                                &nans, counters);
+}
+
+// The models of one tensor (TIES's per-model thresholds), each pass for all of them in one
+// launch: row blockIdx.y histograms model y against the base with that model's prefix, into
+// counters[y * kMagnitudeSelectCudaWorkspace ...].
+struct ModelHistArgs {
+  const void* models[kMergeMaxModels];
+  uint32_t prefix[kMergeMaxModels];
+};
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    RadixHistogramModelsKernel(ModelHistArgs m, const T* base, int64_t n, int shift,
+                               uint32_t digit_mask, uint32_t prefix_mask, bool count_nans,
+                               unsigned long long* counters) {
+  __shared__ unsigned int hist[kHistBins];
+  __shared__ unsigned int nans;
+  for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) hist[i] = 0;
+  if (threadIdx.x == 0) nans = 0;
+  __syncthreads();
+  const int y = int(blockIdx.y);
+  radix_histogram_block<T, VEC>(static_cast<const T*>(m.models[y]), base, n, shift, digit_mask,
+                                m.prefix[y], prefix_mask, count_nans, hist, &nans,
+                                counters + int64_t(y) * kMagnitudeSelectCudaWorkspace);
 }
 
 template <typename T>
@@ -259,6 +294,58 @@ uint32_t magnitude_select_typed(const MagnitudeSelectParams& p, unsigned long lo
     prefix_mask |= uint32_t(bins - 1) << kDigitShift[pass];
   }
   return prefix;
+}
+
+template <typename T>
+void magnitude_select_models_typed(const void* base, const void* const* models, int num_models,
+                                   int64_t numel, const int64_t* ks, uint32_t* bits,
+                                   unsigned long long* counters, cudaStream_t stream) {
+  constexpr int kVec = 16 / int(sizeof(T));
+  const T* b = static_cast<const T*>(base);
+  bool vec = is_aligned(base, 16);
+  for (int t = 0; t < num_models; ++t) vec = vec && is_aligned(models[t], 16);
+  const int64_t lanes = vec ? numel / kVec : numel;
+  // Blocks per model: about the same total as one model's launch had.
+  const int64_t per_model = std::max<int64_t>(1024 / num_models, 64);
+  const int blocks = int(std::clamp<int64_t>((lanes + kThreads - 1) / kThreads, 1, per_model));
+  const size_t words = size_t(num_models) * kMagnitudeSelectCudaWorkspace;
+  std::vector<unsigned long long> host(words);
+  ModelHistArgs m{};
+  std::vector<int64_t> k(ks, ks + num_models);
+  for (int t = 0; t < num_models; ++t) m.models[t] = models[t];
+  uint32_t prefix_mask = 0;
+  for (int pass = 0; pass < 3; ++pass) {
+    const int bins = 1 << kDigitBits[pass];
+    cuda_check(cudaMemsetAsync(counters, 0, words * sizeof(unsigned long long), stream),
+               "magnitude_select", "memset");
+    const dim3 grid{unsigned(blocks), unsigned(num_models), 1u};
+    if (vec) {
+      RadixHistogramModelsKernel<T, kVec><<<grid, kThreads, 0, stream>>>(
+          m, b, numel, kDigitShift[pass], uint32_t(bins - 1), prefix_mask, pass == 0, counters);
+    } else {
+      RadixHistogramModelsKernel<T, 1><<<grid, kThreads, 0, stream>>>(
+          m, b, numel, kDigitShift[pass], uint32_t(bins - 1), prefix_mask, pass == 0, counters);
+    }
+    cuda_check(cudaGetLastError(), "magnitude_select", "kernel launch");
+    cuda_check(cudaMemcpyAsync(host.data(), counters, words * sizeof(unsigned long long),
+                               cudaMemcpyDeviceToHost, stream),
+               "magnitude_select", "histogram read-back");
+    cuda_check(cudaStreamSynchronize(stream), "magnitude_select", "stream synchronize");
+    for (int t = 0; t < num_models; ++t) {
+      const unsigned long long* h = host.data() + size_t(t) * kMagnitudeSelectCudaWorkspace;
+      if (pass == 0 && h[kHistBins] > 0) {
+        throw_value_error("magnitude_select: the task vectors contain NaN");
+      }
+      uint32_t digit = 0;
+      if (!radix_pick(h, bins, k[size_t(t)], &digit, &k[size_t(t)])) {
+        throw_value_error("magnitude_select: k = " + std::to_string(ks[t]) +
+                          " exceeds the element count");
+      }
+      m.prefix[t] |= digit << kDigitShift[pass];
+    }
+    prefix_mask |= uint32_t(bins - 1) << kDigitShift[pass];
+  }
+  for (int t = 0; t < num_models; ++t) bits[t] = m.prefix[t];
 }
 
 TaskMergeArgs make_args(const TaskMergeParams& p) {
@@ -320,6 +407,20 @@ void task_l1_cuda(const TaskMergeParams& p, double* partials, double* norms, int
   for (int64_t c = 0; c < num_chunks; ++c) {
     for (int i = 0; i < 2 * p.num_models; ++i) norms[i] += host[size_t(c * 2 * p.num_models + i)];
   }
+}
+
+void magnitude_select_models_cuda(const void* base, const void* const* models, int num_models,
+                                  int64_t numel, DType dtype, const int64_t* ks, uint32_t* bits,
+                                  unsigned long long* workspace, int device, void* stream) {
+  if (num_models <= 0) return;
+  if (num_models > kMergeMaxModels) {
+    throw_value_error("magnitude_select: at most " + std::to_string(kMergeMaxModels) + " models");
+  }
+  CudaDeviceGuard guard(device, "magnitude_select");
+  MELDKIT_DISPATCH_FLOAT(dtype, "magnitude_select", "models", T, {
+    magnitude_select_models_typed<T>(base, models, num_models, numel, ks, bits, workspace,
+                                     static_cast<cudaStream_t>(stream));
+  });
 }
 
 uint32_t magnitude_select_cuda(const MagnitudeSelectParams& p, unsigned long long* workspace,

@@ -227,6 +227,13 @@ void magnitude_tie_cutoffs_cpu(const void* base, const void* const* models, int 
 constexpr int kMagnitudeSelectCudaWorkspace = 2048 + 1;
 uint32_t magnitude_select_cuda(const MagnitudeSelectParams& p, unsigned long long* workspace,
                                int device, void* stream);
+// The per-tensor selections of num_models (<= kMergeMaxModels) models against one base, each
+// pass for all models in one launch and one read-back (3 synchronisations, not 3 per model):
+// bits[t] = the float32 bits of the ks[t]-th largest |models[t] - base| (1 <= ks[t] < numel).
+// `workspace`: num_models * kMagnitudeSelectCudaWorkspace uint64 counters.
+void magnitude_select_models_cuda(const void* base, const void* const* models, int num_models,
+                                  int64_t numel, DType dtype, const int64_t* ks, uint32_t* bits,
+                                  unsigned long long* workspace, int device, void* stream);
 
 // ---- band selection (Model Breadcrumbs) -------------------------------------------------------
 // out = theta where the ascending rank of |theta - base| (float32; equal magnitudes ordered by
