@@ -416,6 +416,12 @@ void magnitude_select_models_cuda(const void* base, const void* const* models, i
   if (num_models > kMergeMaxModels) {
     throw_value_error("magnitude_select: at most " + std::to_string(kMergeMaxModels) + " models");
   }
+  for (int t = 0; t < num_models; ++t) {
+    if (ks[t] < 1 || ks[t] > numel) {
+      throw_value_error("magnitude_select: k = " + std::to_string(ks[t]) + " is not in [1, " +
+                        std::to_string(numel) + "]");
+    }
+  }
   CudaDeviceGuard guard(device, "magnitude_select");
   MELDKIT_DISPATCH_FLOAT(dtype, "magnitude_select", "models", T, {
     magnitude_select_models_typed<T>(base, models, num_models, numel, ks, bits, workspace,
