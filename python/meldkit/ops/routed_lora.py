@@ -54,7 +54,6 @@ from meldkit.ops._library import custom_op
 from meldkit.ops.routed_lora_ref import (
     coefficient_product_ref,
     compute_dtype,
-    idle_rows_zeroed_ref,
     routed_lora_backward_ref,
     routed_lora_forward_ref,
     top_k_ref,
@@ -312,6 +311,12 @@ def _add_rounded(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     return torch.add(low, high, out=torch.empty_like(low))
 
 
+def _idle_rows_zeroed_(v: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """:func:`idle_rows_zeroed_ref` in place on ``v``, a scratch masked copy of x (per expert
+    with dropout: an out-of-place fill wrote one more ``[N, n]`` float32 tensor per expert)."""
+    return v.masked_fill_((grad == 0).all(-1, keepdim=True), 0.0)
+
+
 def _coefficient_product(v: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """:func:`coefficient_product_ref`: ``v ⊙ (coef ⊗ 1_r)``, exactly 0 where ``coef`` is 0.
     On the CPU, where reading a flag is no device synchronisation, the zeros are written only
@@ -463,7 +468,7 @@ def _gemm_backward(
         dh = _coefficient_product(u3, gs).view(n_tokens, er)
         xa = x.to(acc).contiguous()
         if need_da:
-            xd = idle_rows_zeroed_ref(_dropped(xa, torch.empty_like(xa), dropout, seed, 0), dh)
+            xd = _idle_rows_zeroed_(_dropped(xa, torch.empty_like(xa), dropout, seed, 0), dh)
             da = (dh.T @ xd).reshape(n_experts, rank, d_in).to(lora_a.dtype).contiguous()
         if need_dx:
             part = dh @ _cat_a(lora_a, acc)
@@ -490,7 +495,7 @@ def _gemm_backward(
             for e in range(n_experts):
                 dh_e = dh[:, e * rank : (e + 1) * rank]
                 if need_da:
-                    xd = idle_rows_zeroed_ref(_dropped(xa, buf, dropout, seed, e), dh_e)
+                    xd = _idle_rows_zeroed_(_dropped(xa, buf, dropout, seed, e), dh_e)
                     da_acc[e] = dh_e.T @ xd
                 if need_dx:
                     part = dh_e @ lora_a[e].to(acc)
