@@ -1343,6 +1343,24 @@ def test_exact_k_native_equals_reference_on_large_tied_tensors():
             assert torch.equal(_exact_k_model(base, x, d), torch.where(mask, x, base)), d
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_k_model_keeps_every_tie_or_the_first_ones(dtype):
+    """The path of other devices (CUDA) for ``tie="exact_k"``, on CPU tensors: when every entry
+    tied with the threshold is kept (no ties beyond it: continuous values) and when only the
+    first ones in index order are (many ties: bf16, or values on a grid), the reference's mask."""
+    from meldkit.ops.merge import _exact_k_model
+
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(6000, generator=g)
+    smooth = base + 0.01 * torch.randn(6000, generator=g)
+    grid = base + torch.round(torch.randn(6000, generator=g) * 8) / 64
+    for x in (smooth, grid):
+        b, x = base.to(dtype), x.to(dtype)
+        for d in (0.01, 0.3, 0.77):
+            mask = mr.magnitude_mask_ref(x.float() - b.float(), d, tie="exact_k")
+            assert torch.equal(_exact_k_model(b, x, d), torch.where(mask, x, b)), (d, dtype)
+
+
 @pytest.mark.parametrize("method", ["dare_ties", "ties"])
 def test_inverse_density_rescale_at_density_zero(method):
     base, models = models_like((31, 17), torch.float32, "cpu")

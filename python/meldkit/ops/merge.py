@@ -298,8 +298,10 @@ def _exact_k_model(base: torch.Tensor, theta: torch.Tensor, density: float) -> t
     """θ with all but its top ``k`` magnitudes (:func:`merge_ref.exact_k_count`) set back to
     θ₀, equal magnitudes ranked by index (lower first): :func:`merge_ref.magnitude_mask_ref` with
     ``tie="exact_k"``, by one native selection and a few tensor ops on the tensors' device (the
-    path of devices without the CPU's cutoff pass). It holds a float32 copy of ``|τ|`` and an
-    int64 running count of the ties for one tensor, and reads one count back to the host."""
+    path of devices without the CPU's cutoff pass). It holds a float32 copy of ``|τ|`` for one
+    tensor and reads two counts back to the host; only when some ties at the threshold are
+    dropped does it find the kept ones' positions (``nonzero`` over the ties), where a running
+    int64 count over the whole tensor used to be formed every time."""
     n = theta.numel()
     k = ref.exact_k_count(n, density)
     if k >= n:
@@ -310,8 +312,12 @@ def _exact_k_model(base: torch.Tensor, theta: torch.Tensor, density: float) -> t
     a = (theta.float() - base.float()).abs().flatten()  # float32 τ, as the kernels compute it
     above = a > t
     ties = a == t
-    r = k - int(above.sum())  # ties to keep, the first ones in index order
-    keep = above | (ties & (torch.cumsum(ties, 0) <= r))
+    n_above, n_ties = torch.stack([above.sum(), ties.sum()]).tolist()
+    r = k - n_above  # ties to keep, the first ones in index order: 1 <= r <= n_ties
+    if r >= n_ties:
+        keep = a >= t
+    else:
+        keep = above.index_fill_(0, ties.nonzero().flatten()[:r], True)
     return torch.where(keep.view(theta.shape), theta, base)
 
 
