@@ -169,14 +169,19 @@ __device__ __forceinline__ void warp_hist_add(unsigned int* hist, uint32_t bin, 
 // loads where the tensors allow): every warp steps through whole 32-lane groups, so the lanes of
 // a warp run the same number of steps (the warp-wide calls above need all 32), lanes past the
 // end inactive; the last n % VEC elements go to the first warp of the grid's first block (of
-// its row, for the per-model kernel). `hist` is the block's shared histogram, zeroed.
+// its row, for the per-model kernel). The block's histogram is in shared memory, added to
+// `counters` at the end.
 template <typename T, int VEC>
 __device__ __forceinline__ void radix_histogram_block(const T* a, const T* b, int64_t n, int shift,
                                                       uint32_t digit_mask, uint32_t prefix,
                                                       uint32_t prefix_mask, bool count_nans,
-                                                      unsigned int* hist, unsigned int* nans,
                                                       unsigned long long* counters) {
   using In = Packed<T, VEC>;
+  __shared__ unsigned int hist[kHistBins];
+  __shared__ unsigned int nans;
+  for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) hist[i] = 0;
+  if (threadIdx.x == 0) nans = 0;
+  __syncthreads();
   const int lane = int(threadIdx.x & 31);
   unsigned int my_nans = 0;
   const auto add = [&](uint32_t bits, bool in_range) {
@@ -204,12 +209,12 @@ __device__ __forceinline__ void radix_histogram_block(const T* a, const T* b, in
     const uint32_t bits = in_range ? magnitude_bits(widen(a[e]), b ? widen(b[e]) : 0.f) : 0u;
     add(bits, in_range);
   }
-  if (my_nans) atomicAdd(nans, my_nans);
+  if (my_nans) atomicAdd(&nans, my_nans);
   __syncthreads();
   for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) {
     if (hist[i]) atomicAdd(&counters[i], (unsigned long long)hist[i]);
   }
-  if (threadIdx.x == 0 && *nans) atomicAdd(&counters[kHistBins], (unsigned long long)*nans);
+  if (threadIdx.x == 0 && nans) atomicAdd(&counters[kHistBins], (unsigned long long)nans);
 }
 
 template <typename T, int VEC>
@@ -217,13 +222,8 @@ __global__ void __launch_bounds__(kThreads)
     RadixHistogramKernel(const T* a, const T* b, int64_t n, int shift, uint32_t digit_mask,
                          uint32_t prefix, uint32_t prefix_mask, bool count_nans,
                          unsigned long long* counters) {
-  __shared__ unsigned int hist[kHistBins];
-  __shared__ unsigned int nans;
-  for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) hist[i] = 0;
-  if (threadIdx.x == 0) nans = 0;
-  __syncthreads();
-  radix_histogram_block<T, VEC>(a, b, n, shift, digit_mask, prefix, prefix_mask, count_nans, hist,
-                                &nans, counters);
+  radix_histogram_block<T, VEC>(a, b, n, shift, digit_mask, prefix, prefix_mask, count_nans,
+                                counters);
 }
 
 // The models of one tensor (TIES's per-model thresholds), each pass for all of them in one
@@ -239,15 +239,33 @@ __global__ void __launch_bounds__(kThreads)
     RadixHistogramModelsKernel(ModelHistArgs m, const T* base, int64_t n, int shift,
                                uint32_t digit_mask, uint32_t prefix_mask, bool count_nans,
                                unsigned long long* counters) {
-  __shared__ unsigned int hist[kHistBins];
-  __shared__ unsigned int nans;
-  for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) hist[i] = 0;
-  if (threadIdx.x == 0) nans = 0;
-  __syncthreads();
   const int y = int(blockIdx.y);
   radix_histogram_block<T, VEC>(static_cast<const T*>(m.models[y]), base, n, shift, digit_mask,
-                                m.prefix[y], prefix_mask, count_nans, hist, &nans,
+                                m.prefix[y], prefix_mask, count_nans,
                                 counters + int64_t(y) * kMagnitudeSelectCudaWorkspace);
+}
+
+// Copies `words` counters to the host once the stream's work is done (one synchronisation).
+void read_counters(unsigned long long* host, const unsigned long long* counters, size_t words,
+                   cudaStream_t stream) {
+  cuda_check(cudaMemcpyAsync(host, counters, words * sizeof(unsigned long long),
+                             cudaMemcpyDeviceToHost, stream),
+             "magnitude_select", "histogram read-back");
+  cuda_check(cudaStreamSynchronize(stream), "magnitude_select", "stream synchronize");
+}
+
+// One radix pass's digit, shifted into place, from its histogram (and NaN count, pass 0); `k`
+// becomes the rank within that digit. `k_asked` names the selection in the error.
+uint32_t pick_digit(const unsigned long long* hist, int pass, int64_t* k, int64_t k_asked) {
+  if (pass == 0 && hist[kHistBins] > 0) {
+    throw_value_error("magnitude_select: the task vectors contain NaN");
+  }
+  uint32_t digit = 0;
+  if (!radix_pick(hist, 1 << kDigitBits[pass], *k, &digit, k)) {
+    throw_value_error("magnitude_select: k = " + std::to_string(k_asked) +
+                      " exceeds the element count");
+  }
+  return digit << kDigitShift[pass];
 }
 
 template <typename T>
@@ -279,18 +297,8 @@ uint32_t magnitude_select_typed(const MagnitudeSelectParams& p, unsigned long lo
       }
       cuda_check(cudaGetLastError(), "magnitude_select", "kernel launch");
     }
-    cuda_check(cudaMemcpyAsync(host, counters, sizeof(host), cudaMemcpyDeviceToHost, stream),
-               "magnitude_select", "histogram read-back");
-    cuda_check(cudaStreamSynchronize(stream), "magnitude_select", "stream synchronize");
-    if (pass == 0 && host[kHistBins] > 0) {
-      throw_value_error("magnitude_select: the task vectors contain NaN");
-    }
-    uint32_t digit = 0;
-    if (!radix_pick(host, bins, k, &digit, &k)) {
-      throw_value_error("magnitude_select: k = " + std::to_string(p.k) +
-                        " exceeds the element count");
-    }
-    prefix |= digit << kDigitShift[pass];
+    read_counters(host, counters, kHistBins + 1, stream);
+    prefix |= pick_digit(host, pass, &k, p.k);
     prefix_mask |= uint32_t(bins - 1) << kDigitShift[pass];
   }
   return prefix;
@@ -327,21 +335,10 @@ void magnitude_select_models_typed(const void* base, const void* const* models, 
           m, b, numel, kDigitShift[pass], uint32_t(bins - 1), prefix_mask, pass == 0, counters);
     }
     cuda_check(cudaGetLastError(), "magnitude_select", "kernel launch");
-    cuda_check(cudaMemcpyAsync(host.data(), counters, words * sizeof(unsigned long long),
-                               cudaMemcpyDeviceToHost, stream),
-               "magnitude_select", "histogram read-back");
-    cuda_check(cudaStreamSynchronize(stream), "magnitude_select", "stream synchronize");
+    read_counters(host.data(), counters, words, stream);
     for (int t = 0; t < num_models; ++t) {
       const unsigned long long* h = host.data() + size_t(t) * kMagnitudeSelectCudaWorkspace;
-      if (pass == 0 && h[kHistBins] > 0) {
-        throw_value_error("magnitude_select: the task vectors contain NaN");
-      }
-      uint32_t digit = 0;
-      if (!radix_pick(h, bins, k[size_t(t)], &digit, &k[size_t(t)])) {
-        throw_value_error("magnitude_select: k = " + std::to_string(ks[t]) +
-                          " exceeds the element count");
-      }
-      m.prefix[t] |= digit << kDigitShift[pass];
+      m.prefix[t] |= pick_digit(h, pass, &k[size_t(t)], ks[t]);
     }
     prefix_mask |= uint32_t(bins - 1) << kDigitShift[pass];
   }
