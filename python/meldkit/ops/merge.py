@@ -300,8 +300,7 @@ def _exact_k_model(base: torch.Tensor, theta: torch.Tensor, density: float) -> t
     ``tie="exact_k"``, by one native selection and a few tensor ops on the tensors' device (the
     path of devices without the CPU's cutoff pass). It holds a float32 copy of ``|τ|`` for one
     tensor and reads two counts back to the host; only when some ties at the threshold are
-    dropped does it find the kept ones' positions (``nonzero`` over the ties), where a running
-    int64 count over the whole tensor used to be formed every time."""
+    dropped does it find the kept ones' positions (``nonzero`` over the ties)."""
     n = theta.numel()
     k = ref.exact_k_count(n, density)
     if k >= n:
